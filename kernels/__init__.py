@@ -1,0 +1,1 @@
+"""Kernel images that boot on partitions. Each module holds one ``partition.Kernel`` subclass."""

@@ -1,0 +1,18 @@
+"""The idle kernel: boots, says so, and halts its CPU until something rings the doorbell.
+
+The smallest useful image: the boot benchmark runs it, and it is the control in isolation
+experiments (an instance that costs nothing while it waits).
+"""
+
+from partition import Kernel
+
+
+class IdleKernel(Kernel):
+    idle_timeout = 1.0
+
+    def boot(self) -> None:
+        self.printk(f"idle kernel up on CPUs {self.cpus} (physical {self.physical_cpus}), "
+                    f"{len(self.memory)} bytes at 0x{self.ctx.memory_base:x}")
+
+    def shutdown(self) -> None:
+        self.printk("idle kernel: shutdown requested, parking")

@@ -1,0 +1,119 @@
+"""The emulated physical memory: one sparse memfd, mapped whole by the host only.
+
+A memfd rather than a /dev/shm name because its lifetime is that of the last process holding it:
+a supervisor killed with SIGKILL cannot leak a multi-GiB object, and two machines never collide
+on a name. Instances receive the descriptor across fork, map just their own regions, and close it
+before any kernel code runs (see trampoline.py), so they cannot reach what they were not given.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import weakref
+
+from . import layout as L
+from . import linux
+from .units import PAGE_SIZE
+
+# Every whole-arena mapping alive in this process, by address: a forked instance unmaps them all.
+_HOST_MAPPINGS: "weakref.WeakValueDictionary[int, Arena]" = weakref.WeakValueDictionary()
+
+
+def inherited_mappings() -> list[tuple[int, int]]:
+    return [(addr, arena.layout.arena_bytes) for addr, arena in list(_HOST_MAPPINGS.items())]
+
+
+class Arena:
+    """Host view of the arena: header, instance table, control area, consoles, partitions."""
+
+    def __init__(self, layout: L.ArenaLayout, tag: str = "mk-arena", flags: int = 0) -> None:
+        layout.validate()
+        self.layout = layout
+        self.fd = os.memfd_create(tag, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, layout.arena_bytes)   # sparse: costs nothing until touched
+            self.map = mmap.mmap(self.fd, layout.arena_bytes)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.address = linux.buffer_address(self.map)
+        _HOST_MAPPINGS[self.address] = self
+        self._generation = 0
+        self._write_header(flags)
+
+    # -- header and table ------------------------------------------------------------------
+    def _write_header(self, flags: int) -> None:
+        lay = self.layout
+        L.HEADER.pack_into(
+            self.map, 0, L.MAGIC, L.VERSION, PAGE_SIZE, lay.arena_bytes, L.MAX_INSTANCES, flags,
+            lay.table_offset, L.TABLE_RECORD_BYTES, 0, lay.control_offset, L.CONTROL_SLOT_BYTES,
+            0, lay.console_offset, lay.console_bytes, lay.pool_offset, lay.pool_bytes,
+            self._generation, os.getpid(),
+        )
+
+    def header(self) -> dict[str, object]:
+        return dict(zip(L.HEADER_FIELDS, L.HEADER.unpack_from(self.map, 0)))
+
+    def write_record(self, instance_id: int, *, state: str, name: str, memory_base: int,
+                     memory_bytes: int, cpus: list[int], pid: int, boots: int,
+                     last_exit_ns: int, last_exit_signal: int, last_exit_code: int,
+                     kernel: str) -> None:
+        bitmap = bytearray(64)
+        for c in cpus:
+            if c < 512:
+                bitmap[c // 8] |= 1 << (c % 8)
+        off = self.layout.table_record_at(instance_id)
+        L.TABLE_RECORD.pack_into(
+            self.map, off, L.STATE_CODES[state], instance_id,
+            name.encode()[: L.NAME_BYTES], memory_base, memory_bytes, bytes(bitmap), pid, boots,
+            last_exit_ns, last_exit_signal, last_exit_code, kernel.encode()[: L.KERNEL_BYTES],
+        )
+        self._generation += 1
+        # generation lives at a fixed header offset; bump it so outside readers see changes
+        gen_off = L.HEADER.size - 16
+        self.map[gen_off:gen_off + 8] = self._generation.to_bytes(8, "little")
+
+    def clear_record(self, instance_id: int) -> None:
+        off = self.layout.table_record_at(instance_id)
+        self.map[off:off + L.TABLE_RECORD_BYTES] = bytes(L.TABLE_RECORD_BYTES)
+
+    def read_record(self, instance_id: int) -> dict[str, object]:
+        off = self.layout.table_record_at(instance_id)
+        return dict(zip(L.TABLE_FIELDS, L.TABLE_RECORD.unpack_from(self.map, off)))
+
+    # -- control slots ---------------------------------------------------------------------
+    def slot(self, instance_id: int) -> memoryview:
+        start = self.layout.control_offset + self.layout.control_slot_at(instance_id)
+        return memoryview(self.map)[start:start + L.CONTROL_SLOT_BYTES]
+
+    # -- memory ----------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        return self.map[offset:offset + size]
+
+    def scrub(self, offset: int, size: int) -> None:
+        """Zero a page-aligned range and return its pages to the kernel."""
+        linux.punch_hole(self.fd, offset, size)
+
+    def close(self) -> None:
+        _HOST_MAPPINGS.pop(self.address, None)
+        try:
+            self.map.close()
+        except BufferError:
+            # a memoryview is still alive somewhere; unmapping under it would make it dangle
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class InstanceMappings:
+    """What a booted instance maps: its partition, its console and the shared control area."""
+
+    def __init__(self, fd: int, layout: L.ArenaLayout, instance_id: int, memory_base: int,
+                 memory_bytes: int) -> None:
+        self.partition = mmap.mmap(fd, memory_bytes, offset=memory_base)
+        self.console = mmap.mmap(fd, layout.console_bytes, offset=layout.console_at(instance_id))
+        self.control = mmap.mmap(fd, layout.control_bytes, offset=layout.control_offset)
+        start = layout.control_slot_at(instance_id)
+        self.slot = memoryview(self.control)[start:start + L.CONTROL_SLOT_BYTES]

@@ -1,0 +1,113 @@
+"""Exceptions of the emulator, each carrying the errno the real multikernel would return.
+
+Every refusal a user can see is one of these. The message names the problem, ``hint`` names the
+fix, and ``errno``/``code`` let scripts branch on the kind of failure exactly as they would on the
+kernel's return value (EINVAL for a bad spec, EBUSY for a resource in use, ENOENT for no such
+instance, ...). They cross the supervisor socket as plain dicts and are rebuilt on the client side,
+so ``mkctl`` and the in-process ``Machine`` raise the same classes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Any
+
+
+class MKError(Exception):
+    """Base class: a refused or failed multikernel operation."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    @property
+    def code(self) -> str:
+        return _errno.errorcode.get(self.errno, str(self.errno))
+
+    def __str__(self) -> str:
+        text = f"{self.message} [{self.code}]"
+        if self.hint:
+            text += f"\n  fix: {self.hint}"
+        return text
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "message": self.message, "hint": self.hint}
+
+    @staticmethod
+    def from_wire(data: dict[str, Any]) -> "MKError":
+        cls = _CLASSES.get(str(data.get("class")), MKError)
+        return cls(str(data.get("message")), data.get("hint"))
+
+
+class InvalidSpec(MKError):
+    """A request that can never succeed as written (bad CPU list, size, name, ...)."""
+
+    errno = _errno.EINVAL
+
+
+class PermissionDenied(MKError):
+    """The request touches something reserved (the host's CPUs)."""
+
+    errno = _errno.EPERM
+
+
+class ResourceBusy(MKError):
+    """The resource exists but is taken, or the instance is in the wrong state."""
+
+    errno = _errno.EBUSY
+
+
+class NoSuchInstance(MKError):
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(MKError):
+    errno = _errno.EEXIST
+
+
+class OutOfMemory(MKError):
+    """The memory pool cannot hold the requested partition."""
+
+    errno = _errno.ENOMEM
+
+
+class NotLoaded(MKError):
+    """The instance has no image loaded or is not running."""
+
+    errno = _errno.ESRCH
+
+
+class BadKernelImage(MKError):
+    """The kernel spec does not import, or what it names is not a kernel."""
+
+    errno = _errno.ENOEXEC
+
+
+class BootTimeout(MKError):
+    """The boot CPU did not answer the spawn mailbox in time."""
+
+    errno = _errno.ETIMEDOUT
+
+
+class BootFailed(MKError):
+    """The instance died or refused during boot."""
+
+    errno = _errno.EIO
+
+
+class SupervisorUnavailable(MKError):
+    """No supervisor answers on the run directory's socket."""
+
+    errno = _errno.ECONNREFUSED
+
+
+_CLASSES: dict[str, type[MKError]] = {
+    c.__name__: c
+    for c in (
+        MKError, InvalidSpec, PermissionDenied, ResourceBusy, NoSuchInstance, AlreadyExists,
+        OutOfMemory, NotLoaded, BadKernelImage, BootTimeout, BootFailed, SupervisorUnavailable,
+    )
+}

@@ -1,0 +1,111 @@
+"""Byte layout of the physical-memory arena (documented in docs/arena.md; keep both in step).
+
+Everything is computed from a handful of sizes so that the host and a booting instance agree on
+where things are without exchanging anything but the header. All offsets are page-aligned, so each
+region can be mapped on its own with ``mmap(fd, offset=...)``: that is what lets an instance map
+only what it owns.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .units import PAGE_SIZE
+
+MAGIC = b"MKARENA\x00"
+VERSION = 1
+MAX_INSTANCES = 512          # ids 0..511; 0 is the host
+NAME_BYTES = 32
+KERNEL_BYTES = 64
+
+# Header (page 0). Little-endian, naturally aligned.
+HEADER = struct.Struct("<8sIIQIIQIIQIIQQQQQQ")
+HEADER_FIELDS = (
+    "magic", "version", "page_size", "arena_bytes", "max_instances", "flags",
+    "table_offset", "table_record_bytes", "_pad0",
+    "control_offset", "control_slot_bytes", "_pad1",
+    "console_offset", "console_bytes", "pool_offset", "pool_bytes", "generation", "host_pid",
+)
+FLAG_OVERSUBSCRIBE = 1 << 0
+
+# Instance table record (host-written; instances never map the table).
+TABLE_RECORD = struct.Struct(f"<II{NAME_BYTES}sQQ64sIIqii{KERNEL_BYTES}s")
+TABLE_FIELDS = (
+    "state", "id", "name", "memory_base", "memory_bytes", "cpu_bitmap", "pid", "boots",
+    "last_exit_ns", "last_exit_signal", "last_exit_code", "kernel",
+)
+TABLE_RECORD_BYTES = 256
+
+# Control slot, one per instance id, in the shared control area.
+# The first part is the spawn mailbox of the SMP INIT trampoline.
+CONTROL_SLOT_BYTES = 256
+SLOT_TARGET_CPU = 0       # u32 physical id of the boot CPU (host writes)
+SLOT_FLAGS = 4            # u32
+SLOT_READY = 8            # u32 host sets 1 last; boot CPU clears to 0
+SLOT_ACK_CPU = 12         # u32 physical id the trampoline found itself on
+SLOT_GENERATION = 16      # u64 boot generation (host writes)
+SLOT_FORCE_HALT = 32      # u32 host sets 1 to demand a halt
+SLOT_REASON_LEN = 36      # u32 bytes of halt/panic reason (instance writes)
+SLOT_PROGRESS = 40        # u64 main-loop iterations (instance writes)
+SLOT_REASON = 64          # 128 bytes: utf-8 halt/panic reason
+REASON_BYTES = 128
+
+# Console (kmsg) buffer, one per instance id.
+CONSOLE_HEADER = struct.Struct("<IIQ")   # magic, capacity, head (bytes ever written)
+CONSOLE_MAGIC = 0x4B4D5347               # 'KMSG'
+CONSOLE_DATA = 64
+
+STATE_CODES = {"empty": 0, "ready": 1, "loaded": 2, "active": 3, "failed": 4}
+
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class ArenaLayout:
+    """Offsets of every region, derived from the pool size and the console size."""
+
+    pool_bytes: int
+    console_bytes: int = 64 * 1024
+
+    @property
+    def table_offset(self) -> int:
+        return PAGE_SIZE
+
+    @property
+    def control_offset(self) -> int:
+        return _align(self.table_offset + MAX_INSTANCES * TABLE_RECORD_BYTES, PAGE_SIZE)
+
+    @property
+    def control_bytes(self) -> int:
+        return _align(MAX_INSTANCES * CONTROL_SLOT_BYTES, PAGE_SIZE)
+
+    @property
+    def console_offset(self) -> int:
+        return _align(self.control_offset + self.control_bytes, 1 << 20)
+
+    @property
+    def pool_offset(self) -> int:
+        return _align(self.console_offset + MAX_INSTANCES * self.console_bytes, 2 << 20)
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.pool_offset + self.pool_bytes
+
+    def console_at(self, instance_id: int) -> int:
+        return self.console_offset + instance_id * self.console_bytes
+
+    def control_slot_at(self, instance_id: int) -> int:
+        """Offset of a control slot relative to the start of the control area."""
+        return instance_id * CONTROL_SLOT_BYTES
+
+    def table_record_at(self, instance_id: int) -> int:
+        return self.table_offset + instance_id * TABLE_RECORD_BYTES
+
+    def validate(self) -> None:
+        if self.console_bytes % PAGE_SIZE or self.console_bytes < PAGE_SIZE:
+            raise ValueError("console size must be a positive multiple of 4 KiB")
+        if self.pool_bytes % PAGE_SIZE:
+            raise ValueError("pool size must be a multiple of 4 KiB")

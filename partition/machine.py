@@ -1,0 +1,584 @@
+"""The emulated machine: the host kernel (instance 0) and its kexec loader, in one object.
+
+``Machine`` is a single-threaded reactor. It owns the arena, the resource pool, one pidfd per
+running instance and the host's doorbell; nothing happens behind the caller's back on another
+thread. That is what makes it safe to fork instances straight from it (a fork from a
+multi-threaded process can inherit a lock held by a thread that no longer exists), and it is what
+a researcher wants from an instrument: events are handled when the machine is driven, by
+``poll()``, by any verb, or by the supervisor daemon's loop, which drives it continuously.
+
+Guarantees:
+- a verb either completes or raises an ``MKError`` and changes nothing;
+- a death is noticed the next time the machine is driven (at once in the daemon: the pidfd wakes
+  it); the exit is reaped, classified and recorded before any other verb runs;
+- ``close()`` halts every instance and leaves no process, mapping, descriptor or file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import tempfile
+import time
+from typing import Any, Callable
+
+from . import layout as L
+from . import linux, rundir
+from .arena import Arena
+from .console import ConsoleWriter, format_console, read_console
+from .errors import (BootFailed, BootTimeout, InvalidSpec, MKError, NoSuchInstance,
+                     NotLoaded)
+from .events import EventLog
+from .instance import ExitRecord, Instance, State, check_transition
+from .kimage import KIMAGE_TYPE, load_kimage
+from .resources import PoolConfig, ResourcePool
+from .trampoline import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, BootParams, enter
+from .views import ViewWriter
+
+HOST_ID = 0
+
+
+class Machine:
+    """One emulated multikernel machine. Use as a context manager so it is always torn down."""
+
+    def __init__(self, cpus: str | list[int] | None = None, memory: str | int = "1G",
+                 host_cpus: str | list[int] | None = "0", oversubscribe: bool = False,
+                 run_dir: str | None = None, console_bytes: int = 64 * 1024,
+                 kill_timeout: float = 5.0, boot_timeout: float = 1.0,
+                 pin_host: bool = False) -> None:
+        self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
+        if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
+            raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
+                              "use e.g. 65536")
+        if kill_timeout <= 0 or boot_timeout <= 0:
+            raise InvalidSpec("timeouts must be positive", "e.g. kill_timeout=5, boot_timeout=1")
+        self.kill_timeout = float(kill_timeout)
+        self.boot_timeout = float(boot_timeout)
+        self._closed = False
+        self._owns_run_dir = False
+        self.run_dir = self._claim_run_dir(run_dir)
+        try:
+            self._setup(console_bytes, pin_host)
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    # -- construction and teardown ---------------------------------------------------------
+    def _claim_run_dir(self, run_dir: str | None) -> str:
+        if run_dir is None:
+            path = tempfile.mkdtemp(prefix="mk-", dir="/tmp")
+            self._owns_run_dir = True
+        else:
+            path = os.path.abspath(run_dir)
+            owner = rundir.live_owner(path)
+            if owner is not None and owner != os.getpid():
+                raise MKError(f"run directory {path} belongs to running machine pid {owner}",
+                              "mkctl shutdown it first, or choose another --run-dir")
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o755)
+                self._owns_run_dir = True
+        with open(os.path.join(path, rundir.PIDFILE), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return path
+
+    def _setup(self, console_bytes: int, pin_host: bool) -> None:
+        cfg = self.config
+        if pin_host and cfg.host_cpus:
+            os.sched_setaffinity(0, cfg.host_cpus)
+        self.pool = ResourcePool(cfg)
+        self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes)
+        flags = L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0
+        self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
+                           flags=flags)
+        self.instances: dict[str, Instance] = {}
+        self._sel = selectors.EpollSelector()
+        self.host_doorbell = linux.eventfd()
+        self._sel.register(self.host_doorbell, selectors.EVENT_READ, None)
+        self.events = EventLog(os.path.join(self.run_dir, rundir.EVENTS), run_dir=self.run_dir)
+        self.views = ViewWriter(self.run_dir)
+        host_console = memoryview(self.arena.map)[self.layout.console_at(HOST_ID):
+                                                  self.layout.console_at(HOST_ID) + console_bytes]
+        format_console(host_console)
+        self._host_console = ConsoleWriter(host_console)
+        self.started = time.time()
+        self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
+                                memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
+                                last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
+        self.printk(f"multikernel: pool CPUs {cfg.cpus}, host CPUs {cfg.host_cpus}, memory "
+                    f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
+        self.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=self.layout.arena_bytes,
+                         mode="oversubscribed" if cfg.oversubscribe else "dedicated")
+        self._publish()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Halt every instance (gracefully, then by force) and remove everything created."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            running = [i for i in self.instances.values() if i.pid is not None]
+            self._halt_many(running, self.kill_timeout if timeout is None else timeout)
+            self.events.info("machine_shutdown", instances=len(self.instances))
+        finally:
+            for inst in self.instances.values():
+                self._forget_process(inst)
+            try:
+                self._sel.close()
+            finally:
+                os.close(self.host_doorbell)
+                self._host_console = None  # type: ignore[assignment]
+                self.arena.close()
+                self.events.close()
+                self._release_run_dir()
+
+    shutdown = close
+
+    def _release_run_dir(self) -> None:
+        if self._owns_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return
+        for sub in ("proc", "sys"):
+            shutil.rmtree(os.path.join(self.run_dir, sub), ignore_errors=True)
+        for f in (rundir.EVENTS, rundir.PIDFILE):
+            try:
+                os.unlink(os.path.join(self.run_dir, f))
+            except FileNotFoundError:
+                pass
+
+    # -- host services ---------------------------------------------------------------------
+    def printk(self, message: str) -> None:
+        """The host's own console (instance 0's kmsg)."""
+        if self._host_console is not None:
+            self._host_console.printk(message)
+
+    def fileno(self) -> int:
+        """Readable when the machine has events to handle; lets a daemon nest it in its loop."""
+        return self._sel.fileno()
+
+    # -- lookup ----------------------------------------------------------------------------
+    def _get(self, name: str | int) -> Instance:
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            iid = int(name)
+            for inst in self.instances.values():
+                if inst.id == iid:
+                    return inst
+            raise NoSuchInstance(f"no instance with id {iid}", "mkctl show lists the instances")
+        inst = self.instances.get(name)  # type: ignore[arg-type]
+        if inst is None:
+            known = ", ".join(sorted(self.instances)) or "none"
+            raise NoSuchInstance(f"no instance named {name!r} (instances: {known})",
+                                 "mkctl create NAME first, or check the spelling")
+        return inst
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MKError("the machine has been shut down", "create a new Machine")
+
+    # -- verbs -----------------------------------------------------------------------------
+    def create(self, name: str, memory: str | int, cpus: str | list[int] | None = None,
+               cpu_count: int | None = None, id: int | None = None) -> dict[str, Any]:
+        """Reserve CPUs and a partition (empty -> ready)."""
+        self._check_open()
+        self.poll(0)
+        r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
+        self.pool.commit(r)
+        inst = Instance(id=r.id, name=r.name, cpus=r.cpus,
+                        physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
+                        memory_base=self.layout.pool_offset + r.memory_offset,
+                        memory_bytes=r.memory_bytes)
+        self.instances[name] = inst
+        format_console(self._console_view(inst))
+        self._zero_slot(inst)
+        self.events.info("instance_created", instance=inst.id, name=name, cpus=inst.cpus,
+                         memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
+                         shared_cpus=self.pool.shared_cpus(name, inst.cpus))
+        self._transition(inst, State.READY, "create", old=State.EMPTY)
+        return self.describe(inst)
+
+    def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:
+        """Load a kernel image (ready -> loaded). A spec that is not a kernel leaves it ready."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("load", inst.name, inst.state)
+        inst.kimage = load_kimage(kernel, cmdline)
+        self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=inst.kimage.label,
+                         source=inst.kimage.source, cmdline=cmdline)
+        self._transition(inst, State.LOADED, "load")
+        return self.describe(inst)
+
+    def exec(self, name: str) -> dict[str, Any]:
+        """Boot the loaded image on the instance's CPUs (loaded|failed -> active)."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("exec", inst.name, inst.state)
+        assert inst.kimage is not None
+        self._boot(inst)
+        return self.describe(inst)
+
+    def kill(self, name: str, force: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Halt an instance: graceful (SIGTERM, then SIGKILL after ``timeout``) or forced."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("kill --force" if force else "kill", inst.name, inst.state)
+        if inst.state == State.ACTIVE:
+            t = self.kill_timeout if timeout is None else float(timeout)
+            if t <= 0:
+                raise InvalidSpec(f"kill timeout must be positive, got {timeout!r}", "e.g. --timeout 5")
+            if force:
+                self._force(inst)
+                self._wait(lambda: inst.pid is None, None)
+            else:
+                self._halt_many([inst], t)
+        return self.describe(inst)
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Drop the loaded image (loaded|failed -> ready)."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("unload", inst.name, inst.state)
+        inst.kimage = None
+        inst.failure = None
+        self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
+        self._transition(inst, State.READY, "unload")
+        return self.describe(inst)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        """Free the partition and CPUs (ready -> gone); the partition is scrubbed."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("delete", inst.name, inst.state)
+        out = self.describe(inst)
+        self.arena.scrub(inst.memory_base, inst.memory_bytes)
+        format_console(self._console_view(inst))
+        self._zero_slot(inst)
+        self.arena.clear_record(inst.id)
+        self.pool.release(inst.name, inst.id, inst.cpus)
+        del self.instances[inst.name]
+        self.events.info("state_change", instance=inst.id, name=inst.name, old="ready",
+                         new="empty", cause="delete")
+        self._publish()
+        out["state"] = State.EMPTY.value
+        return out
+
+    # -- observation -----------------------------------------------------------------------
+    def describe(self, inst: Instance) -> dict[str, Any]:
+        running = inst.pid is not None
+        return {
+            "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
+            "physical_cpus": list(inst.physical_cpus),
+            "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
+            "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
+            "kernel": inst.kimage.label if inst.kimage else None,
+            "kernel_spec": inst.kimage.spec if inst.kimage else None,
+            "cmdline": inst.kimage.cmdline if inst.kimage else None,
+            "kimage_type": KIMAGE_TYPE,
+            "segments": len(inst.kimage.segments) if inst.kimage else 0,
+            "pid": inst.pid if running else None,
+            "boots": inst.boots,
+            "progress": self._progress(inst),
+            "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
+            "failure": inst.failure,
+            "counters": dict(inst.counters),
+        }
+
+    def show(self, name: str | None = None) -> dict[str, Any]:
+        self._check_open()
+        self.poll(0)
+        if name is not None:
+            return self.describe(self._get(name))
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "machine": {
+                "run_dir": self.run_dir, "supervisor_pid": os.getpid(),
+                "host_cpus": list(cfg.host_cpus), "oversubscribe": cfg.oversubscribe,
+                "mode": "oversubscribed" if cfg.oversubscribe else "dedicated",
+                "arena_bytes": self.layout.arena_bytes, "started": self.started,
+                "events": dict(self.events.counts),
+            },
+            "pool": {
+                "cpus": list(cfg.cpus), "cpus_available": self.pool.cpus_available(),
+                "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
+                "memory_available": self.pool.memory_available,
+            },
+            "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
+            "instances": [self.describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
+        }
+
+    def console(self, name: str | int) -> str:
+        """The instance's kmsg; readable whatever its state, also after it died."""
+        self._check_open()
+        self.poll(0)
+        if name in ("host", 0, "0"):
+            off = self.layout.console_at(HOST_ID)
+            return read_console(self.arena.read(off, self.layout.console_bytes))
+        inst = self._get(name)
+        return read_console(self.arena.read(self.layout.console_at(inst.id), self.layout.console_bytes))
+
+    def read_memory(self, name: str, offset: int, size: int) -> bytes:
+        """Bytes of an instance's partition, as the host sees them."""
+        self._check_open()
+        inst = self._get(name)
+        if offset < 0 or size < 0 or offset + size > inst.memory_bytes:
+            raise InvalidSpec(f"range {offset}+{size} is outside the {inst.memory_bytes}-byte "
+                              f"partition of {inst.name!r}", "stay within 0..memory_bytes")
+        return self.arena.read(inst.memory_base + offset, size)
+
+    def pid_of(self, name: str) -> int:
+        inst = self._get(name)
+        if inst.pid is None:
+            raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}, no process runs",
+                            f"mkctl exec {inst.name}")
+        return inst.pid
+
+    def wait_for(self, name: str, state: str | State, timeout: float = 5.0) -> dict[str, Any]:
+        """Drive the machine until the instance reaches ``state``; TimeoutError otherwise."""
+        want = State(state)
+        inst = self._get(name)
+        if not self._wait(lambda: inst.state == want, time.monotonic() + timeout):
+            raise TimeoutError(f"instance {inst.name!r} is {inst.state.value}, not "
+                               f"{want.value}, after {timeout}s")
+        return self.describe(inst)
+
+    # -- the reactor -----------------------------------------------------------------------
+    def poll(self, timeout: float | None = 0) -> int:
+        """Handle pending events (deaths, doorbells); wait up to ``timeout`` for the first."""
+        if self._closed:
+            return 0
+        handled = 0
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                linux.eventfd_drain(self.host_doorbell)
+            else:
+                self._on_exit(key.data)
+            handled += 1
+        return handled
+
+    def _wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        while not done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return done()
+            self.poll(remaining)
+        return True
+
+    # -- boot ------------------------------------------------------------------------------
+    def _boot(self, inst: Instance) -> None:
+        assert inst.kimage is not None
+        slot = self.arena.slot(inst.id)
+        inst.generation += 1
+        slot[L.SLOT_READY:L.SLOT_READY + 4] = bytes(4)
+        slot[L.SLOT_FORCE_HALT:L.SLOT_FORCE_HALT + 4] = bytes(4)
+        slot[L.SLOT_REASON_LEN:L.SLOT_REASON_LEN + 4] = bytes(4)
+        slot[L.SLOT_ACK_CPU:L.SLOT_ACK_CPU + 4] = bytes(4)
+        slot[L.SLOT_TARGET_CPU:L.SLOT_TARGET_CPU + 4] = inst.physical_cpus[0].to_bytes(4, "little")
+        slot[L.SLOT_GENERATION:L.SLOT_GENERATION + 8] = inst.generation.to_bytes(8, "little")
+        slot[L.SLOT_READY:L.SLOT_READY + 4] = (1).to_bytes(4, "little")   # publish last
+        inst.doorbell_fd = linux.eventfd()
+        params = BootParams(
+            id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
+            cmdline=inst.kimage.cmdline, kernel_cls=inst.kimage.cls, arena_fd=self.arena.fd,
+            layout=self.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
+            doorbell_fd=inst.doorbell_fd, host_doorbell_fd=self.host_doorbell,
+            host_pid=os.getpid(), generation=inst.generation,
+            oversubscribed=bool(self.pool.shared_cpus(inst.name, inst.cpus)),
+        )
+        del slot
+        pid = os.fork()
+        if pid == 0:
+            enter(params)   # never returns
+        inst.pid = pid
+        inst.pidfd = linux.pidfd_open(pid)
+        inst.halt_requested = None
+        inst.failure = None
+        self._sel.register(inst.pidfd, selectors.EVENT_READ, inst)
+        deadline = time.monotonic() + self.boot_timeout
+        acked = self._wait(lambda: inst.pid is None or self._slot_u32(inst, L.SLOT_READY) == 0,
+                           deadline)
+        if inst.pid is None:              # died before answering: _on_exit recorded why
+            raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
+                             f"mkctl console {inst.name} shows the kernel's last words")
+        if not acked:
+            self._slot_put_u32(inst, L.SLOT_READY, 0)       # revoke the publication
+            inst.halt_requested = "boot-timeout"
+            os.kill(pid, signal.SIGKILL)
+            self._wait(lambda: inst.pid is None, None)
+            raise BootTimeout(
+                f"instance {inst.name!r}: boot CPU {inst.cpus[0]} did not answer the spawn "
+                f"mailbox within {self.boot_timeout:g} s; instance marked failed",
+                f"mkctl console {inst.name}; then mkctl exec {inst.name} to retry")
+        inst.boots += 1
+        inst.counters["boots"] += 1
+        inst.active_since = time.time()
+        self._transition(inst, State.ACTIVE, "exec", pid=pid,
+                         ack_cpu=self._slot_u32(inst, L.SLOT_ACK_CPU))
+
+    # -- halting ---------------------------------------------------------------------------
+    def _force(self, inst: Instance) -> None:
+        if inst.pid is None:
+            return
+        inst.halt_requested = "forced"
+        self._slot_put_u32(inst, L.SLOT_FORCE_HALT, 1)
+        try:
+            os.kill(inst.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _halt_many(self, insts: list[Instance], timeout: float) -> None:
+        """Ask all to halt at once, wait up to ``timeout`` together, then force the rest."""
+        asked = []
+        for inst in insts:
+            if inst.pid is None:
+                continue
+            inst.halt_requested = "graceful"
+            try:
+                os.kill(inst.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            asked.append(inst)
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: all(i.pid is None for i in asked), deadline)
+        for inst in asked:
+            if inst.pid is not None:
+                self.events.warning("halt_timeout", instance=inst.id, name=inst.name,
+                                    timeout_s=timeout)
+                self._force(inst)
+                inst.halt_requested = "forced-after-timeout"
+        self._wait(lambda: all(i.pid is None for i in asked), None)
+
+    def _on_exit(self, inst: Instance) -> None:
+        """The pidfd of ``inst`` became readable: reap, classify, record, return CPUs."""
+        if inst.pid is None:
+            return
+        detected = time.monotonic()
+        _, status = os.waitpid(inst.pid, 0)
+        booting = inst.state != State.ACTIVE
+        record = self._classify(inst, status)
+        pid = inst.pid
+        self._forget_process(inst)
+        inst.last_exit = record
+        inst.counters["halts"] += 1
+        if record.how in ("panic", "killed", "exited", "boot-failed"):
+            inst.counters["crashes"] += 1
+        self.events.info("instance_exit", instance=inst.id, name=inst.name, pid=pid,
+                         how=record.how, reason=record.reason, signal=record.signal,
+                         code=record.code, handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))
+        if booting:
+            inst.failure = f"boot failed: {record.reason}"
+            inst.counters["boot_failures"] += 1
+            self.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {record.reason}")
+            self._transition(inst, State.FAILED, "boot-failure", reason=record.reason)
+        else:
+            self.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
+            self._transition(inst, State.LOADED, record.how, reason=record.reason)
+
+    def _classify(self, inst: Instance, status: int) -> ExitRecord:
+        now = time.time()
+        asked = inst.halt_requested
+        slot_reason = self._slot_reason(inst)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            if sig == signal.SIGKILL and asked == "forced":
+                return ExitRecord("forced halt (SIGKILL)", "forced", sig, None, now)
+            if sig == signal.SIGKILL and asked == "forced-after-timeout":
+                return ExitRecord("forced halt: graceful halt not acknowledged in time",
+                                  "forced", sig, None, now)
+            if sig == signal.SIGKILL and asked == "boot-timeout":
+                return ExitRecord("boot CPU did not answer the spawn mailbox in time",
+                                  "boot-failed", sig, None, now)
+            return ExitRecord(f"killed by {name} (not sent by the host)", "killed", sig, None, now)
+        code = os.WEXITSTATUS(status)
+        if code == EXIT_HALTED:
+            how = "graceful" if asked == "graceful" else "voluntary"
+            return ExitRecord(slot_reason or "halted", how, None, code, now)
+        if code == EXIT_PANIC:
+            return ExitRecord(slot_reason or "panic (no reason recorded)", "panic", None, code, now)
+        if code == EXIT_TRAMPOLINE:
+            return ExitRecord(slot_reason or "trampoline failed", "boot-failed", None, code, now)
+        return ExitRecord(f"exit status {code}", "exited", None, code, now)
+
+    def _forget_process(self, inst: Instance) -> None:
+        """Close what the host held for a run of ``inst``; reap it if still there."""
+        if inst.pidfd is not None:
+            try:
+                self._sel.unregister(inst.pidfd)
+            except (KeyError, ValueError):
+                pass
+            os.close(inst.pidfd)
+            inst.pidfd = None
+        if inst.pid is not None:
+            try:
+                os.kill(inst.pid, signal.SIGKILL)
+                os.waitpid(inst.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            inst.pid = None
+        if inst.doorbell_fd is not None:
+            os.close(inst.doorbell_fd)
+            inst.doorbell_fd = None
+        inst.active_since = None
+
+    # -- arena helpers ---------------------------------------------------------------------
+    def _console_view(self, inst: Instance) -> memoryview:
+        off = self.layout.console_at(inst.id)
+        return memoryview(self.arena.map)[off:off + self.layout.console_bytes]
+
+    def _zero_slot(self, inst: Instance) -> None:
+        slot = self.arena.slot(inst.id)
+        slot[:] = bytes(len(slot))
+
+    def _slot_u32(self, inst: Instance, off: int) -> int:
+        base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + off
+        return int.from_bytes(self.arena.map[base:base + 4], "little")
+
+    def _slot_put_u32(self, inst: Instance, off: int, value: int) -> None:
+        base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + off
+        self.arena.map[base:base + 4] = value.to_bytes(4, "little")
+
+    def _progress(self, inst: Instance) -> int:
+        base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + L.SLOT_PROGRESS
+        return int.from_bytes(self.arena.map[base:base + 8], "little")
+
+    def _slot_reason(self, inst: Instance) -> str:
+        """The instance's own account of its halt. Untrusted: length clamped, bytes decoded."""
+        n = min(self._slot_u32(inst, L.SLOT_REASON_LEN), L.REASON_BYTES)
+        base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + L.SLOT_REASON
+        raw = self.arena.map[base:base + n]
+        return raw.decode("utf-8", "replace").replace("\x00", "").strip()
+
+    # -- state publication -----------------------------------------------------------------
+    def _transition(self, inst: Instance, new: State, cause: str, old: State | None = None,
+                    **fields: Any) -> None:
+        before = inst.state if old is None else old
+        inst.state = new
+        self.events.info("state_change", instance=inst.id, name=inst.name, old=before.value,
+                         new=new.value, cause=cause, **fields)
+        self._publish(inst)
+
+    def _publish(self, inst: Instance | None = None) -> None:
+        if inst is not None:
+            le = inst.last_exit
+            self.arena.write_record(
+                inst.id, state=inst.state.value, name=inst.name, memory_base=inst.memory_base,
+                memory_bytes=inst.memory_bytes, cpus=inst.cpus, pid=inst.pid or 0,
+                boots=inst.boots, last_exit_ns=int(le.time * 1e9) if le else 0,
+                last_exit_signal=(le.signal or 0) if le else 0,
+                last_exit_code=(le.code or 0) if le else 0,
+                kernel=inst.kimage.label if inst.kimage else "")
+        self.views.update(self.snapshot())

@@ -1,0 +1,45 @@
+"""Where a machine keeps its socket, views and event log, and how stale ones are recognised.
+
+Two machines side by side differ only in their run directory. The default is per user
+(``$XDG_RUNTIME_DIR/multikernel`` or ``/tmp/multikernel-<uid>``); ``--run-dir`` or ``MK_RUN_DIR``
+choose another.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+ENV = "MK_RUN_DIR"
+SOCKET = "mkctl.sock"
+PIDFILE = "machine.pid"
+EVENTS = "events.log"
+SUPERVISOR_LOG = "supervisor.log"
+
+
+def default_run_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "multikernel")
+    return f"/tmp/multikernel-{os.getuid()}"
+
+
+def resolve(run_dir: str | None) -> str:
+    return os.path.abspath(run_dir or os.environ.get(ENV) or default_run_dir())
+
+
+def live_owner(run_dir: str) -> int | None:
+    """PID of the machine that owns run_dir, if that process still runs; None otherwise."""
+    try:
+        with open(os.path.join(run_dir, PIDFILE)) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+    except psutil.Error:
+        return None
+    return pid

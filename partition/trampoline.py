@@ -1,0 +1,131 @@
+"""The SMP INIT trampoline: what runs in a freshly forked instance before any kernel code.
+
+In order, and each step before the next: pin to the instance's host cores; take the instance out
+of the host's session (Ctrl-C on the host's terminal is the host's business); die with the host;
+unmap every whole-arena mapping inherited from the host; map only the partition, the console and
+the control area; close every descriptor except the two doorbells; answer the spawn mailbox; then
+hand over to the kernel. Nothing here may return into the host's code: every path ends in
+``os._exit``, so the host's atexit handlers, buffered files and finalizers never run twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+from . import arena as arena_mod
+from . import layout as L
+from . import linux
+from .console import ConsoleWriter
+from .kernel import KernelContext, KernelPanic, parse_cmdline
+
+EXIT_HALTED = 0
+EXIT_PANIC = 77          # the kernel panicked; reason in the control slot
+EXIT_TRAMPOLINE = 78     # the trampoline itself failed (pinning, mapping); reason in the slot
+
+
+@dataclass
+class BootParams:
+    id: int
+    name: str
+    cpus: list[int]
+    physical_cpus: list[int]
+    cmdline: str
+    kernel_cls: type
+    arena_fd: int
+    layout: L.ArenaLayout
+    memory_base: int
+    memory_bytes: int
+    doorbell_fd: int
+    host_doorbell_fd: int
+    host_pid: int
+    generation: int
+    oversubscribed: bool
+
+
+def _write_reason(slot: memoryview, reason: str) -> None:
+    raw = reason.encode("utf-8", "replace")[: L.REASON_BYTES]
+    slot[L.SLOT_REASON:L.SLOT_REASON + L.REASON_BYTES] = raw.ljust(L.REASON_BYTES, b"\x00")
+    slot[L.SLOT_REASON_LEN:L.SLOT_REASON_LEN + 4] = len(raw).to_bytes(4, "little")
+
+
+def _close_all_except(keep: set[int]) -> None:
+    for fd in linux.open_fds():
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    """Child side of exec. Never returns."""
+    code = EXIT_TRAMPOLINE
+    slot: memoryview | None = None
+    console: ConsoleWriter | None = None
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        os.sched_setaffinity(0, boot.cpus)
+        os.setsid()
+        linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != boot.host_pid:      # the host died between fork and prctl
+            os._exit(EXIT_TRAMPOLINE)
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+        for addr, length in arena_mod.inherited_mappings():
+            linux.munmap(addr, length)
+        maps = arena_mod.InstanceMappings(boot.arena_fd, boot.layout, boot.id,
+                                          boot.memory_base, boot.memory_bytes)
+        slot = maps.slot
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(devnull, std)
+        _close_all_except({0, 1, 2, boot.doorbell_fd, boot.host_doorbell_fd})
+        console = ConsoleWriter(memoryview(maps.console))
+        sys.stdout = sys.stderr = console  # type: ignore[assignment]
+        # spawn mailbox: check it is addressed to us, then clear `ready` (the answer)
+        gen = int.from_bytes(slot[L.SLOT_GENERATION:L.SLOT_GENERATION + 8], "little")
+        ready = int.from_bytes(slot[L.SLOT_READY:L.SLOT_READY + 4], "little")
+        if ready != 1 or gen != boot.generation:
+            raise RuntimeError(f"spawn mailbox not published for generation {boot.generation}")
+        stall = parse_cmdline(boot.cmdline).get("mk_debug") == "stall_boot"
+        if stall:                              # test hook: a boot CPU that never answers
+            while True:
+                time.sleep(3600)
+        slot[L.SLOT_ACK_CPU:L.SLOT_ACK_CPU + 4] = linux.sched_getcpu().to_bytes(4, "little")
+        slot[L.SLOT_READY:L.SLOT_READY + 4] = (0).to_bytes(4, "little")
+        os.eventfd_write(boot.host_doorbell_fd, 1)
+        ctx = KernelContext(
+            id=boot.id, name=boot.name, cpus=list(boot.cpus),
+            physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,
+            memory_base=boot.memory_base, memory=memoryview(maps.partition), console=console,
+            slot=slot, doorbell_fd=boot.doorbell_fd, host_doorbell_fd=boot.host_doorbell_fd,
+            oversubscribed=boot.oversubscribed, boot_generation=boot.generation,
+        )
+        code = EXIT_PANIC                      # from here on, any escape is a kernel panic
+        kernel = boot.kernel_cls(ctx)
+        # install the kernel's SIGTERM handler, then let a pending halt request in
+        signal.signal(signal.SIGTERM, kernel._on_halt_request)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        reason = kernel._main()
+        _write_reason(slot, reason)
+        code = EXIT_HALTED
+    except KernelPanic as exc:
+        if console is not None:
+            console.printk(f"Kernel panic - not syncing: {exc.reason}")
+        if slot is not None:
+            _write_reason(slot, f"panic: {exc.reason}")
+        code = EXIT_PANIC
+    except BaseException as exc:  # noqa: BLE001 - everything escaping a kernel is a panic
+        what = "panic" if code == EXIT_PANIC else "trampoline"
+        if console is not None:
+            console.printk("Oops: " + "".join(traceback.format_exception(exc)).rstrip())
+            console.printk(f"Kernel panic - not syncing: {type(exc).__name__}: {exc}")
+        if slot is not None:
+            _write_reason(slot, f"{what}: {type(exc).__name__}: {exc}")
+    finally:
+        os._exit(code)
