@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import gc
 import os
 import selectors
 import shutil
@@ -68,7 +69,7 @@ class Machine:
     # -- construction and teardown ---------------------------------------------------------
     def _claim_run_dir(self, run_dir: str | None) -> str:
         if run_dir is None:
-            path = tempfile.mkdtemp(prefix="mk-", dir="/tmp")
+            path = tempfile.mkdtemp(prefix="mk-", dir=rundir.TMPFS_BASE)
             self._owns_run_dir = True
         else:
             path = os.path.abspath(run_dir)
@@ -399,17 +400,23 @@ class Machine:
             oversubscribed=bool(self.pool.shared_cpus(inst.name, inst.cpus)),
         )
         del slot
-        pid = os.fork()
-        if pid == 0:
-            enter(params)   # never returns
-        inst.pid = pid
-        inst.pidfd = linux.pidfd_open(pid)
-        inst.halt_requested = None
-        inst.failure = None
-        self._sel.register(inst.pidfd, selectors.EVENT_READ, inst)
-        deadline = time.monotonic() + self.boot_timeout
-        acked = self._wait(lambda: inst.pid is None or self._slot_u32(inst, L.SLOT_READY) == 0,
-                           deadline)
+        # Keep the collector off the pages parent and child still share: a collection walks
+        # every tracked object and would copy-on-write fault them all, in both processes.
+        gc.freeze()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                enter(params)   # never returns
+            inst.pid = pid
+            inst.pidfd = linux.pidfd_open(pid)
+            inst.halt_requested = None
+            inst.failure = None
+            self._sel.register(inst.pidfd, selectors.EVENT_READ, inst)
+            deadline = time.monotonic() + self.boot_timeout
+            acked = self._wait(lambda: inst.pid is None or self._slot_u32(inst, L.SLOT_READY) == 0,
+                               deadline)
+        finally:
+            gc.unfreeze()   # cyclic garbage made meanwhile must stay collectable
         if inst.pid is None:              # died before answering: _on_exit recorded why
             raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
                              f"mkctl console {inst.name} shows the kernel's last words")

@@ -18,11 +18,16 @@ EVENTS = "events.log"
 SUPERVISOR_LOG = "supervisor.log"
 
 
+# Views are rewritten (write + rename) on every state change: ~0.25 ms per file on ext4, ~0.02 ms
+# on tmpfs. Run directories therefore live on a tmpfs, like /run on a real system.
+TMPFS_BASE = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+
+
 def default_run_dir() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isdir(base):
         return os.path.join(base, "multikernel")
-    return f"/tmp/multikernel-{os.getuid()}"
+    return os.path.join(TMPFS_BASE, f"multikernel-{os.getuid()}")
 
 
 def resolve(run_dir: str | None) -> str:
