@@ -101,6 +101,9 @@ def load_kimage(spec: str, cmdline: str = "") -> KImage:
     if not (inspect.isclass(obj) and issubclass(obj, Kernel)):
         raise BadKernelImage(f"{spec!r} is not a kernel (not a subclass of partition.Kernel)",
                              "derive the class from partition.Kernel")
+    if obj is Kernel:
+        raise BadKernelImage(f"{spec!r} is the base class partition.Kernel itself, not a kernel image",
+                             "name the subclass that implements the kernel")
     if inspect.isabstract(obj):
         raise BadKernelImage(f"{spec!r} is abstract", "implement its abstract methods")
     source = getattr(module, "__file__", "") or ""

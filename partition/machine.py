@@ -58,6 +58,7 @@ class Machine:
         self.kill_timeout = float(kill_timeout)
         self.boot_timeout = float(boot_timeout)
         self._closed = False
+        self._closing = False
         self._owns_run_dir = False
         self.run_dir = self._claim_run_dir(run_dir)
         try:
@@ -121,14 +122,15 @@ class Machine:
 
     def close(self, timeout: float | None = None) -> None:
         """Halt every instance (gracefully, then by force) and remove everything created."""
-        if self._closed:
+        if self._closed or self._closing:
             return
-        self._closed = True
+        self._closing = True
         try:
             running = [i for i in self.instances.values() if i.pid is not None]
             self._halt_many(running, self.kill_timeout if timeout is None else timeout)
             self.events.info("machine_shutdown", instances=len(self.instances))
         finally:
+            self._closed = True
             for inst in self.instances.values():
                 self._forget_process(inst)
             try:
@@ -180,7 +182,7 @@ class Machine:
         return inst
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             raise MKError("the machine has been shut down", "create a new Machine")
 
     # -- verbs -----------------------------------------------------------------------------

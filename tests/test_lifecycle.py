@@ -1,0 +1,294 @@
+"""Life cycle of instances on an in-process machine, with real processes and real pinning."""
+
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from kernels.counter import read_count
+from partition import (BadKernelImage, BootTimeout, BootFailed, Machine, NoSuchInstance,
+                       ResourceBusy)
+
+
+def boot(m: Machine, name: str, kernel: str = "kernels.idle:IdleKernel", cmdline: str = "",
+         cpus: str | None = None, memory: str = "16M") -> dict:
+    m.create(name, cpus=cpus or str(m.config.cpus[-1]), memory=memory)
+    m.load(name, kernel, cmdline)
+    return m.exec(name)
+
+
+def test_exec_pins_process_to_instance_cores(machine):
+    for cpu in machine.config.cpus:
+        d = boot(machine, f"k{cpu}", cpus=str(cpu))
+        assert d["state"] == "active"
+        assert psutil.Process(d["pid"]).cpu_affinity() == [cpu]
+        assert d["cpus"] == [cpu]
+
+
+def test_full_state_machine_and_views(machine):
+    name = "a"
+    d = machine.create(name, cpus=str(machine.config.cpus[-1]), memory="16M")
+    assert d["state"] == "ready"
+    status = os.path.join(machine.run_dir, "sys/fs/multikernel/instances/a/status")
+    kimage = os.path.join(machine.run_dir, "proc/kimage")
+    assert open(status).read() == "ready\n"
+    assert open(kimage).read() == "No kimages loaded\n"
+    assert machine.load(name, "kernels.idle:IdleKernel")["state"] == "loaded"
+    lines = open(kimage).read().splitlines()
+    assert lines[0] == "MK_ID  Type        Start Address   Segments"
+    assert lines[1] == "%5d  %-10s  0x%012lx  %8lu" % (d["id"], "multikernel", d["memory_base"], 1)
+    a = machine.exec(name)
+    assert a["state"] == "active" and a["pid"]
+    assert open(status).read() == "active\n"
+    k = machine.kill(name)
+    assert k["state"] == "loaded" and k["pid"] is None
+    assert k["last_exit"]["how"] == "graceful"
+    assert machine.unload(name)["state"] == "ready"
+    assert machine.delete(name)["state"] == "empty"
+    assert not os.path.exists(os.path.dirname(status))
+    assert open(kimage).read() == "No kimages loaded\n"
+    events = [json.loads(l) for l in open(os.path.join(machine.run_dir, "events.log"))]
+    changes = [(e["old"], e["new"]) for e in events if e["event"] == "state_change"]
+    assert changes == [("empty", "ready"), ("ready", "loaded"), ("loaded", "active"),
+                       ("active", "loaded"), ("loaded", "ready"), ("ready", "empty")]
+
+
+@pytest.mark.parametrize("verb,state,prep", [
+    ("exec", "ready", []),
+    ("kill", "ready", []),
+    ("unload", "ready", []),
+    ("load", "loaded", ["load"]),
+    ("delete", "loaded", ["load"]),
+    ("delete", "active", ["load", "exec"]),
+    ("unload", "active", ["load", "exec"]),
+    ("exec", "active", ["load", "exec"]),
+])
+def test_illegal_transitions_are_refused_without_change(machine, verb, state, prep):
+    machine.create("x", cpus=str(machine.config.cpus[-1]), memory="16M")
+    for p in prep:
+        if p == "load":
+            machine.load("x", "kernels.idle:IdleKernel")
+        else:
+            machine.exec("x")
+    before = machine.show("x")
+    with pytest.raises(ResourceBusy) as ei:
+        if verb == "load":
+            machine.load("x", "kernels.idle:IdleKernel")
+        else:
+            getattr(machine, verb)("x")
+    assert f"is {state}" in str(ei.value) and "needs state" in str(ei.value)
+    assert ei.value.hint
+    after = machine.show("x")
+    assert after == before
+
+
+def test_outside_sigkill_is_detected_and_recorded(machine):
+    d = boot(machine, "victim")
+    os.kill(d["pid"], signal.SIGKILL)
+    rec = machine.wait_for("victim", "loaded", timeout=5)
+    assert rec["last_exit"]["how"] == "killed"
+    assert rec["last_exit"]["signal_name"] == "SIGKILL"
+    assert "not sent by the host" in rec["last_exit"]["reason"]
+    assert rec["pid"] is None
+    assert f"Instance {d['id']} (victim) halted, CPUs parking in pool" in machine.console("host")
+    assert not psutil.pid_exists(d["pid"]) or psutil.Process(d["pid"]).status() != "zombie"
+
+
+def test_console_readable_after_death(machine):
+    d = boot(machine, "c", kernel="kernels.counter:CounterKernel", cmdline="interval=0.001 report=10")
+    deadline = time.monotonic() + 5
+    while "count=10" not in machine.console("c") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(d["pid"], signal.SIGKILL)
+    machine.wait_for("c", "loaded")
+    text = machine.console("c")
+    assert "counter kernel: boot 1" in text and "count=10" in text
+
+
+def test_partition_survives_reboot_and_delete_scrubs(machine):
+    boot(machine, "c", kernel="kernels.counter:CounterKernel", cmdline="interval=0.001")
+    deadline = time.monotonic() + 5
+    while read_count(machine.read_memory("c", 0, 24)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    machine.kill("c")
+    n = read_count(machine.read_memory("c", 0, 24))
+    assert n >= 5
+    machine.exec("c")
+    assert f"resuming at count {n}" in machine.console("c")
+    machine.kill("c", force=True)
+    machine.unload("c")
+    base = machine.show("c")["memory_base"]
+    machine.delete("c")
+    assert machine.arena.read(base, 24) == bytes(24)
+
+
+def test_graceful_kill_falls_back_to_force_after_timeout(machine, misbehaving):
+    machine.create("s", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("s", misbehaving + ":Stubborn")
+    machine.exec("s")
+    t0 = time.monotonic()
+    r = machine.kill("s", timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+    assert r["state"] == "loaded"
+    assert r["last_exit"]["how"] == "forced"
+    assert "not acknowledged" in r["last_exit"]["reason"]
+
+
+def test_force_kill_is_immediate_and_idempotent(machine):
+    boot(machine, "f")
+    r = machine.kill("f", force=True)
+    assert r["last_exit"]["how"] == "forced" and r["state"] == "loaded"
+    again = machine.kill("f", force=True)     # loaded + --force: allowed, no-op
+    assert again["state"] == "loaded" and again["last_exit"] == r["last_exit"]
+
+
+def test_panic_is_recorded_with_reason_and_console(machine, misbehaving):
+    machine.create("p", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("p", misbehaving + ":CrashInTick")
+    machine.exec("p")
+    rec = machine.wait_for("p", "loaded")
+    assert rec["last_exit"]["how"] == "panic"
+    assert "ZeroDivisionError" in rec["last_exit"]["reason"]
+    text = machine.console("p")
+    assert "Oops" in text and "Traceback" in text and "Kernel panic - not syncing" in text
+
+
+def test_voluntary_halt(machine, misbehaving):
+    machine.create("h", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("h", misbehaving + ":Halter")
+    machine.exec("h")
+    rec = machine.wait_for("h", "loaded")
+    assert rec["last_exit"]["how"] == "voluntary"
+    assert rec["last_exit"]["reason"] == "work finished"
+
+
+def test_panic_during_boot_hook(machine, misbehaving):
+    machine.create("pb", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("pb", misbehaving + ":PanicAtBoot")
+    machine.exec("pb")       # the trampoline answered; the kernel's boot hook then panicked
+    rec = machine.wait_for("pb", "loaded")
+    assert rec["last_exit"]["reason"] == "panic: test panic at boot"
+
+
+def test_boot_cpu_that_never_answers_marks_failed(machine_factory):
+    m = machine_factory(cpus=sorted(os.sched_getaffinity(0)), host_cpus="0", oversubscribe=True,
+                        memory="64M", boot_timeout=0.3)
+    m.create("z", cpus=str(m.config.cpus[-1]), memory="16M")
+    m.load("z", "kernels.idle:IdleKernel", "mk_debug=stall_boot")
+    with pytest.raises(BootTimeout) as ei:
+        m.exec("z")
+    assert "did not answer the spawn mailbox" in str(ei.value)
+    d = m.show("z")
+    assert d["state"] == "failed" and d["pid"] is None
+    assert "spawn mailbox" in d["failure"]
+    # the instance can be retried once its image behaves: unload, load, exec
+    m.unload("z")
+    m.load("z", "kernels.idle:IdleKernel")
+    assert m.exec("z")["state"] == "active"
+
+
+def test_bad_kernel_specs_are_refused_at_load(machine, tmp_path):
+    machine.create("k", cpus=str(machine.config.cpus[-1]), memory="16M")
+    notkernel = tmp_path / "notkernel.py"
+    notkernel.write_text("class Foo:\n    pass\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import does_not_exist_anywhere\n")
+    for spec, words in [
+        ("no.such.module:K", "does not import"),
+        ("kernels.idle:NoSuchClass", "has no attribute"),
+        ("kernels.idle:Kernel", "base class"),
+        (str(notkernel) + ":Foo", "is not a kernel"),
+        (str(notkernel), "defines 0 kernel classes"),
+        (str(broken), "does not import"),
+        (str(tmp_path / "missing.py"), "does not exist"),
+        ("", "empty kernel spec"),
+    ]:
+        with pytest.raises(BadKernelImage) as ei:
+            machine.load("k", spec)
+        assert machine.show("k")["state"] == "ready", spec
+        assert words in str(ei.value), (spec, str(ei.value))
+
+
+def test_kernel_by_path_boots(machine, misbehaving):
+    machine.create("w", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("w", misbehaving + ":Scribbler")
+    machine.exec("w")
+    deadline = time.monotonic() + 5
+    while "scribbled" not in machine.console("w") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert machine.read_memory("w", 0, 8) == b"SCRIBBLE"
+    assert machine.read_memory("w", 16 * 2**20 - 4, 4) == b"TAIL"
+
+
+def test_instance_holds_only_its_own_handles_and_mappings(machine):
+    a = boot(machine, "a", memory="16M")
+    b = boot(machine, "b", memory="32M")
+    pid = a["pid"]
+    fds = os.listdir(f"/proc/{pid}/fd")
+    assert len(fds) == 5, fds      # stdin/out/err on /dev/null + own doorbell + host doorbell
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+    assert sum("eventfd" in t for t in targets) == 2
+    assert not any("memfd" in t or "socket" in t for t in targets), targets
+    arena_maps = []
+    for line in open(f"/proc/{pid}/maps"):
+        if "mk-arena" in line:
+            rng, _, off = line.split()[:3]
+            lo, hi = (int(x, 16) for x in rng.split("-"))
+            arena_maps.append((int(off, 16), hi - lo))
+    lay = machine.layout
+    expected = {(a["memory_base"], a["memory_bytes"]),
+                (lay.console_at(a["id"]), lay.console_bytes),
+                (lay.control_offset, lay.control_bytes)}
+    assert set(arena_maps) == expected
+    assert (b["memory_base"], b["memory_bytes"]) not in set(arena_maps)
+
+
+def test_unknown_instance(machine):
+    with pytest.raises(NoSuchInstance) as ei:
+        machine.exec("ghost")
+    assert "no instance named 'ghost'" in str(ei.value)
+
+
+def test_instances_die_with_their_host(machine_factory, tmp_path):
+    """A host killed with SIGKILL must not leave pinned instances behind (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    script = tmp_path / "host.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from partition import Machine\n"
+        "m = Machine(cpus=sorted(os.sched_getaffinity(0)), host_cpus='0', oversubscribe=True, memory='64M')\n"
+        "m.create('a', cpus='0', memory='16M'); m.load('a', 'kernels.idle:IdleKernel')\n"
+        "print(m.exec('a')['pid'], m.run_dir, flush=True)\n"
+        "time.sleep(60)\n")
+    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid, run_dir = host.stdout.readline().split()
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not psutil.pid_exists(int(pid))
+    finally:
+        host.kill()
+        host.wait()
+        host.stdout.close()
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_boot_failure_when_trampoline_cannot_pin(machine_factory):
+    """An instance whose CPU vanished from the host's reach fails at boot and says why."""
+    cpus = sorted(os.sched_getaffinity(0))
+    m = machine_factory(cpus=cpus, host_cpus=str(cpus[0]), oversubscribe=True, memory="64M")
+    m.create("gone", cpus=str(cpus[-1]), memory="16M")
+    m.load("gone", "kernels.idle:IdleKernel")
+    m.instances["gone"].cpus = [4095]          # white-box: simulate an offlined CPU
+    with pytest.raises(BootFailed):
+        m.exec("gone")
+    d = m.show("gone")
+    assert d["state"] == "failed" and "trampoline" in d["failure"]
