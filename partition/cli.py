@@ -130,13 +130,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run-dir", default=None,
-                        help=f"machine run directory (default: ${rundir.ENV} or "
-                             f"{rundir.default_run_dir()})")
-    common.add_argument("--format", choices=("text", "json"), default="text")
+    def options(default: bool) -> argparse.ArgumentParser:
+        # Sub-commands repeat the global options with SUPPRESS defaults, so that
+        # "mkctl --run-dir X show" and "mkctl show --run-dir X" both work and neither
+        # placement silently resets the other.
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--run-dir", default=None if default else argparse.SUPPRESS,
+                       help=f"machine run directory (default: ${rundir.ENV} or "
+                            f"{rundir.default_run_dir()})")
+        p.add_argument("--format", choices=("text", "json"),
+                       default="text" if default else argparse.SUPPRESS)
+        return p
+
+    common = options(default=False)
     ap = argparse.ArgumentParser(prog="mkctl", description="Multikernel partition emulator.",
-                                 parents=[common])
+                                 parents=[options(default=True)])
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("init", parents=[common], help="define the pool and start the supervisor")

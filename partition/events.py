@@ -24,7 +24,7 @@ class EventLog:
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 structlog.processors.JSONRenderer(sort_keys=False),
             ],
-        ).bind(pid=os.getpid(), **context)
+        ).bind(host_pid=os.getpid(), **context)
         self.counts: dict[str, int] = {}
 
     def info(self, event: str, **fields: Any) -> None:

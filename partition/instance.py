@@ -97,6 +97,7 @@ class Instance:
     pidfd: int | None = None
     doorbell_fd: int | None = None
     boots: int = 0
+    boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0
     halt_requested: str | None = None   # "graceful" | "forced" while a kill is in progress
     last_exit: ExitRecord | None = None

@@ -413,12 +413,15 @@ class Machine:
             inst.pidfd = linux.pidfd_open(pid)
             inst.halt_requested = None
             inst.failure = None
+            inst.boots_acked = False
             self._sel.register(inst.pidfd, selectors.EVENT_READ, inst)
             deadline = time.monotonic() + self.boot_timeout
             acked = self._wait(lambda: inst.pid is None or self._slot_u32(inst, L.SLOT_READY) == 0,
                                deadline)
         finally:
             gc.unfreeze()   # cyclic garbage made meanwhile must stay collectable
+        if inst.state == State.ACTIVE or (inst.pid is None and inst.boots_acked):
+            return                        # booted (and possibly already halted again)
         if inst.pid is None:              # died before answering: _on_exit recorded why
             raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
                              f"mkctl console {inst.name} shows the kernel's last words")
@@ -431,10 +434,15 @@ class Machine:
                 f"instance {inst.name!r}: boot CPU {inst.cpus[0]} did not answer the spawn "
                 f"mailbox within {self.boot_timeout:g} s; instance marked failed",
                 f"mkctl console {inst.name}; then mkctl exec {inst.name} to retry")
+        self._mark_booted(inst)
+
+    def _mark_booted(self, inst: Instance) -> None:
+        """The boot CPU cleared ``ready``: the instance is active."""
+        inst.boots_acked = True
         inst.boots += 1
         inst.counters["boots"] += 1
         inst.active_since = time.time()
-        self._transition(inst, State.ACTIVE, "exec", pid=pid,
+        self._transition(inst, State.ACTIVE, "exec", pid=inst.pid,
                          ack_cpu=self._slot_u32(inst, L.SLOT_ACK_CPU))
 
     # -- halting ---------------------------------------------------------------------------
@@ -475,6 +483,9 @@ class Machine:
         if inst.pid is None:
             return
         detected = time.monotonic()
+        if inst.state != State.ACTIVE and self._slot_u32(inst, L.SLOT_READY) == 0 \
+                and inst.halt_requested != "boot-timeout":
+            self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
         _, status = os.waitpid(inst.pid, 0)
         booting = inst.state != State.ACTIVE
         record = self._classify(inst, status)

@@ -131,9 +131,9 @@ class ResourcePool:
             if not free:
                 raise ResourceBusy("all 511 instance ids are in use", "delete an instance first")
             iid = free[0]
-        chosen = self._plan_cpus(cpus, cpu_count)
         nbytes = parse_size(memory, "memory")
         require_page_aligned(nbytes, "memory")
+        chosen = self._plan_cpus(cpus, cpu_count)
         if self.memory_used + nbytes > self.config.memory_bytes:
             raise OutOfMemory(
                 f"Total memory allocation ({format_size(self.memory_used + nbytes)}) exceeds "

@@ -1,0 +1,190 @@
+"""mkctl against a real supervisor daemon: the user's view, end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+
+CPUS = sorted(os.sched_getaffinity(0))
+MKCTL = [sys.executable, "-m", "partition.cli"]
+
+
+def mk(run_dir, *args, check=True):
+    p = subprocess.run(MKCTL + ["--run-dir", run_dir, *args], capture_output=True, text=True,
+                       timeout=60)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mkctl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def show(run_dir, name=None):
+    args = ["show"] + ([name] if name else []) + ["--format", "json"]
+    return json.loads(mk(run_dir, *args).stdout)
+
+
+@pytest.fixture
+def run_dir():
+    path = f"/dev/shm/mkt-{uuid.uuid4().hex[:8]}"
+    yield path
+    # whatever happened, leave nothing: shut the machine down, or remove a stale directory
+    if os.path.exists(path):
+        subprocess.run(MKCTL + ["--run-dir", path, "shutdown"], capture_output=True, timeout=60)
+    assert not os.path.exists(path)
+
+
+def events(run_dir):
+    with open(os.path.join(run_dir, "events.log")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_full_session(run_dir):
+    shm_before = set(os.listdir("/dev/shm"))
+    out = mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+             "--memory", "256M", "--oversubscribe").stdout
+    assert "OVERSUBSCRIBED" in out
+    sup = show(run_dir)["machine"]["supervisor_pid"]
+    assert psutil.Process(sup).cpu_affinity() == [CPUS[0]]      # the host sits on its CPU
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", "kernels.counter:CounterKernel",
+       "--cmdline", "interval=0.001 report=10")
+    mk(run_dir, "exec", "a")
+    a = show(run_dir, "a")
+    for key in ("id", "name", "state", "cpus", "memory_base", "memory_bytes", "kernel", "pid",
+                "last_exit"):
+        assert key in a
+    assert a["state"] == "active" and a["pid"]
+    assert psutil.Process(a["pid"]).cpu_affinity() == [CPUS[-1]]
+    pool = show(run_dir)["pool"]
+    assert set(pool) >= {"cpus", "cpus_available", "memory_bytes", "memory_available"}
+    assert pool["memory_available"] == 240 * 2**20
+    time.sleep(0.05)
+    # death from outside is noticed by the daemon by itself, no command needed
+    os.kill(a["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(e["event"] == "instance_exit" for e in events(run_dir)):
+        time.sleep(0.005)
+    exit_ev = [e for e in events(run_dir) if e["event"] == "instance_exit"]
+    assert exit_ev and exit_ev[0]["how"] == "killed" and exit_ev[0]["signal"] == 9
+    assert open(os.path.join(run_dir, "sys/fs/multikernel/instances/a/status")).read() == "loaded\n"
+    a2 = show(run_dir, "a")
+    assert a2["state"] == "loaded" and a2["pid"] is None
+    assert a2["last_exit"]["signal_name"] == "SIGKILL"
+    assert "counter kernel: boot 1" in mk(run_dir, "console", "a").stdout
+    assert "Instance 1 (a) halted, CPUs parking in pool" in mk(run_dir, "console", "host").stdout
+    kimage = open(os.path.join(run_dir, "proc/kimage")).read()
+    assert kimage.startswith("MK_ID  Type        Start Address   Segments\n    1  multikernel")
+    # every line of the event log is JSON with an event name and a timestamp
+    assert all("event" in e and "timestamp" in e for e in events(run_dir))
+    mk(run_dir, "exec", "a")
+    pid = show(run_dir, "a")["pid"]
+    r = mk(run_dir, "shutdown")
+    assert "1 instance(s) halted" in r.stdout and "removed" in r.stdout
+    assert not psutil.pid_exists(sup)
+    assert not psutil.pid_exists(pid)
+    assert not os.path.exists(run_dir)
+    assert set(os.listdir("/dev/shm")) == shm_before
+
+
+def test_refusals_exit_nonzero_and_change_nothing(run_dir):
+    mk(run_dir, "init", "--memory", "64M", "--host-cpus", str(CPUS[0]), "--cpus", str(CPUS[-1]),
+       *(["--oversubscribe"] if len(CPUS) == 1 else []))
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    before = show(run_dir)
+    cases = [
+        (["create", "b", "--cpus", str(CPUS[-1]), "--memory", "16M"], "CPU overlap detected"),
+        (["create", "b", "--cpu-count", "1", "--memory", "128M"], ""),
+        (["create", "b", "--cpus", "999", "--memory", "16M"], "not in the pool"),
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M"], "already exists"),
+        (["create", "c", "--cpus", str(CPUS[-1]), "--memory", "1000"], "4 KiB page"),
+        (["create", "c", "--cpus", str(CPUS[-1]), "--memory", "4K", "--id", "600"], "out of range"),
+        (["exec", "a"], "'exec' needs state loaded"),
+        (["delete", "nope"], "no instance named 'nope'"),
+        (["load", "a", "--kernel", "nosuch.mod:K"], "does not import"),
+        (["kill", "a"], "'kill' needs state active"),
+    ]
+    for args, words in cases:
+        p = mk(run_dir, *args, check=False)
+        assert p.returncode == 1, (args, p.stdout, p.stderr)
+        assert "error:" in p.stderr and "fix:" in p.stderr, p.stderr
+        assert words in p.stderr, (args, p.stderr)
+    after = show(run_dir)
+    before["machine"].pop("events"), after["machine"].pop("events")
+    assert after == before
+    # usage errors are argparse's: exit 2
+    assert mk(run_dir, "create", "x", check=False).returncode == 2
+    # a second init on the same run directory is refused while the first runs
+    p = mk(run_dir, "init", check=False)
+    assert p.returncode == 1 and "already running" in p.stderr
+
+
+def test_two_machines_side_by_side(run_dir):
+    other = run_dir + "-b"
+    try:
+        for rd in (run_dir, other):
+            mk(rd, "init", "--memory", "64M", "--cpus", ",".join(map(str, CPUS)),
+               "--host-cpus", str(CPUS[0]), "--oversubscribe")
+            mk(rd, "create", "same", "--cpus", str(CPUS[-1]), "--memory", "16M")
+            mk(rd, "load", "same", "--kernel", "kernels.idle:IdleKernel")
+            mk(rd, "exec", "same")
+        a, b = show(run_dir), show(other)
+        assert a["machine"]["supervisor_pid"] != b["machine"]["supervisor_pid"]
+        assert a["instances"][0]["pid"] != b["instances"][0]["pid"]
+        mk(other, "kill", "same", "--force")
+        assert show(run_dir, "same")["state"] == "active"
+        assert show(other, "same")["state"] == "loaded"
+    finally:
+        subprocess.run(MKCTL + ["--run-dir", other, "shutdown"], capture_output=True, timeout=60)
+    assert not os.path.exists(other)
+
+
+def test_no_machine_and_stale_machine(run_dir):
+    p = mk(run_dir, "show", check=False)
+    assert p.returncode == 1 and "no machine is running" in p.stderr and "mkctl init" in p.stderr
+    mk(run_dir, "init", "--memory", "64M", "--oversubscribe", "--cpus", ",".join(map(str, CPUS)))
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", "kernels.idle:IdleKernel")
+    mk(run_dir, "exec", "a")
+    inst_pid = show(run_dir, "a")["pid"]
+    sup = show(run_dir)["machine"]["supervisor_pid"]
+    os.kill(sup, signal.SIGKILL)                    # the host dies hard
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(inst_pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not psutil.pid_exists(inst_pid), "instances must die with their host"
+    p = mk(run_dir, "show", check=False)
+    assert p.returncode == 1 and "stale" in p.stderr
+    r = mk(run_dir, "shutdown")
+    assert "stale" in r.stdout
+    assert not os.path.exists(run_dir)
+
+
+def test_kernel_by_relative_path_via_cli(run_dir, tmp_path):
+    (tmp_path / "mykernel.py").write_text(
+        "from partition import Kernel\n"
+        "class Mine(Kernel):\n"
+        "    def boot(self):\n"
+        "        self.printk('mine booted with ' + self.cmdline)\n")
+    mk(run_dir, "init", "--memory", "64M", "--oversubscribe", "--cpus", ",".join(map(str, CPUS)))
+    mk(run_dir, "create", "m", "--cpu-count", "1", "--memory", "4K")
+    p = subprocess.run(MKCTL + ["--run-dir", run_dir, "load", "m", "--kernel", "mykernel.py",
+                                "--cmdline", "x=1"], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    mk(run_dir, "exec", "m")
+    deadline = time.monotonic() + 5
+    while "mine booted with x=1" not in mk(run_dir, "console", "m").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_init_refusals_leave_nothing(run_dir):
+    p = mk(run_dir, "init", "--cpus", "4000", check=False)
+    assert p.returncode == 1 and "not available" in p.stderr
+    p = mk(run_dir, "init", "--memory", "12345", check=False)
+    assert p.returncode == 1 and "4 KiB page" in p.stderr
+    assert not os.path.exists(run_dir)
