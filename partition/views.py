@@ -78,7 +78,7 @@ def render_counters(inst: dict[str, Any]) -> str:
 def render_show(snapshot: dict[str, Any]) -> str:
     m, pool = snapshot["machine"], snapshot["pool"]
     out = [
-        f"machine {m['run_dir']}  supervisor pid {m['supervisor_pid']}  host CPUs "
+        f"machine {m['run_dir']}  host pid {m['supervisor_pid']}  host CPUs "
         f"{format_cpulist(m['host_cpus']) or '-'}",
         f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
         f"{format_cpulist(pool['cpus_available']) or '-'})  memory "

@@ -6,6 +6,7 @@ carries CPU model, hypervisor flag, cpuidle driver, kernel and Python version.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -16,8 +17,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (q in 0..100)."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
+    rank = math.ceil(q / 100.0 * len(sorted_values))
+    return sorted_values[max(0, min(len(sorted_values), rank) - 1)]
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -1,0 +1,38 @@
+"""The boot benchmark's shape (not its speed: timing targets live in the benchmark itself)."""
+
+import json
+import subprocess
+import sys
+
+from partition.bench import boot
+from partition.bench.stats import percentile, summary
+
+
+def test_percentiles_are_nearest_rank():
+    v = list(range(1, 101))
+    assert percentile(v, 50) == 50 and percentile(v, 99) == 99 and percentile(v, 100) == 100
+    s = summary([3.0, 1.0, 2.0])
+    assert s["p50"] == 2.0 and s["max"] == 3.0 and s["min"] == 1.0 and s["n"] == 3
+
+
+def test_boot_bench_measures_both_sides():
+    res = boot.run(boots=5)
+    assert res["exec_to_active_ms"]["n"] == 5 and res["raw_fork_pin_handshake_ms"]["n"] == 5
+    assert res["exec_to_active_ms"]["p50"] > 0 and res["raw_fork_pin_handshake_ms"]["p50"] > 0
+    assert abs(res["ratio_p50"] - res["exec_to_active_ms"]["p50"] /
+               res["raw_fork_pin_handshake_ms"]["p50"]) < 1e-9
+    assert res["environment"]["python"]
+    assert "ratio p50" in boot.render(res)
+
+
+def test_bench_cli_refuses_too_few_boots():
+    p = subprocess.run([sys.executable, "-m", "partition.cli", "bench", "boot", "--boots", "10"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "at least 50" in p.stderr
+
+
+def test_demo_runs_and_checks_itself():
+    p = subprocess.run([sys.executable, "-m", "partition.cli", "demo"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "demo: all checks passed" in p.stdout
