@@ -49,7 +49,8 @@ class Arena:
             self.map, 0, L.MAGIC, L.VERSION, PAGE_SIZE, lay.arena_bytes, L.MAX_INSTANCES, flags,
             lay.table_offset, L.TABLE_RECORD_BYTES, 0, lay.control_offset, L.CONTROL_SLOT_BYTES,
             0, lay.console_offset, lay.console_bytes, lay.pool_offset, lay.pool_bytes,
-            self._generation, os.getpid(),
+            self._generation, os.getpid(), lay.ring_offset, lay.ring_bytes, lay.ring_slots,
+            lay.ring_slot_bytes,
         )
 
     def header(self) -> dict[str, object]:
@@ -71,7 +72,7 @@ class Arena:
         )
         self._generation += 1
         # generation lives at a fixed header offset; bump it so outside readers see changes
-        gen_off = L.HEADER.size - 16
+        gen_off = L.GENERATION_OFFSET
         self.map[gen_off:gen_off + 8] = self._generation.to_bytes(8, "little")
 
     def clear_record(self, instance_id: int) -> None:
@@ -108,7 +109,8 @@ class Arena:
 
 
 class InstanceMappings:
-    """What a booted instance maps: its partition, its console and the shared control area."""
+    """What a booted instance maps: its partition, its console, the shared control area and the
+    shared ring area (every instance writes into its peers' IPI rings)."""
 
     def __init__(self, fd: int, layout: L.ArenaLayout, instance_id: int, memory_base: int,
                  memory_bytes: int) -> None:
@@ -117,3 +119,4 @@ class InstanceMappings:
         self.control = mmap.mmap(fd, layout.control_bytes, offset=layout.control_offset)
         start = layout.control_slot_at(instance_id)
         self.slot = memoryview(self.control)[start:start + L.CONTROL_SLOT_BYTES]
+        self.rings = mmap.mmap(fd, layout.ring_area_bytes, offset=layout.ring_offset)

@@ -103,5 +103,7 @@ class Instance:
     last_exit: ExitRecord | None = None
     failure: str | None = None
     active_since: float | None = None
+    shutdown_acked: bool = False
+    last_heartbeat: float | None = None
     counters: dict[str, int] = field(default_factory=lambda: {
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0})

@@ -16,14 +16,20 @@ Guarantees the loop gives a kernel:
 
 from __future__ import annotations
 
+import errno
 import os
 import select
+import signal
 import time
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 from . import layout as L
+from . import message as M
 from .console import ConsoleWriter
+from .ring import Ring, RingError
+
+IPI_SIGNAL = signal.SIGRTMIN       # the doorbell of a busy instance: MULTIKERNEL_VECTOR
 
 
 class KernelPanic(BaseException):
@@ -52,6 +58,10 @@ class KernelContext:
     host_doorbell_fd: int
     oversubscribed: bool
     boot_generation: int
+    layout: Any = None                  # ArenaLayout
+    control: memoryview | None = None   # the whole control area (peer-state table)
+    rings: memoryview | None = None     # the whole ring area
+    rings_address: int = 0
 
 
 def parse_cmdline(cmdline: str) -> dict[str, str]:
@@ -68,11 +78,31 @@ class Kernel:
 
     #: longest idle wait between two ticks, in seconds (the kernel's timer tick when idle)
     idle_timeout: float = 0.5
+    #: IPI delivery: "interrupt" (block on the doorbell), "poll" (spin on the ring), "hybrid"
+    #: (spin ``spin_us`` then block); the cmdline's ``mk_mode=`` overrides it
+    mode: str = "interrupt"
+    spin_us: float = 50.0
+    #: seconds between HEARTBEAT messages to the host; None: none
+    heartbeat_interval: float | None = 1.0
 
     def __init__(self, ctx: KernelContext) -> None:
         self.ctx = ctx
         self._halting = False
         self._halt_reason = ""
+        self._graceful = False
+        self._in_drain = False
+        self._rings: dict[int, Ring] = {}
+        self.mode = self.params.get("mk_mode", self.mode)
+        if self.mode not in ("interrupt", "poll", "hybrid"):
+            raise ValueError(f"mk_mode must be interrupt, poll or hybrid, not {self.mode!r}")
+        self.messenger = M.Messenger(ctx.id, self._post)
+        self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
+        if ctx.rings is not None:
+            self.ring = self._ring_of(ctx.id)
+            self.ring.set_mode(self.mode)
+            self.ring.set_polling(self.mode != "interrupt")
+        self._next_heartbeat = time.monotonic()
+        self._cpu = ctx.physical_cpus[0]
 
     # -- identity and resources ------------------------------------------------------------
     @property
@@ -146,9 +176,120 @@ class Kernel:
             return True
         return False
 
+    # -- IPIs and messages -----------------------------------------------------------------
+    def register_handler(self, msg_type: int, handler: Callable[[M.Message], Any]) -> None:
+        """One handler per type; a second registration raises RingError(EEXIST). A handler's
+        return value is the response when the message was a request."""
+        self.messenger.register(msg_type, handler)
+
+    def send_ipi_data(self, target: int, msg_type: int, payload: Any = None,
+                      subtype: int = 0) -> int:
+        """Send one message to instance ``target`` (0 = host). Raises RingError with ENOSPC
+        (ring full), EMSGSIZE (too large) or ESRCH (target not active). Returns the msg_id."""
+        return self.messenger.send(target, msg_type, payload, subtype)
+
+    send = send_ipi_data
+
+    def request(self, target: int, msg_type: int, payload: Any = None,
+                timeout: float = 10.0) -> Any:
+        """Send a request and wait for its response (RingError ETIMEDOUT after ``timeout``)."""
+        return self.messenger.request(target, msg_type, payload, timeout, self._wait_ipi)
+
+    def poll_ipis(self, limit: int = 64) -> int:
+        """Deliver up to ``limit`` pending messages now; returns how many."""
+        if self._in_drain:
+            return 0
+        self._in_drain = True
+        try:
+            return self.ring.drain(self.messenger.deliver, limit, self._peer_alive)
+        finally:
+            self._in_drain = False
+
+    def _ring_of(self, target: int) -> Ring:
+        ring = self._rings.get(target)
+        if ring is None:
+            ring = Ring(self.ctx.rings, self.ctx.rings_address, self.ctx.layout, target)
+            self._rings[target] = ring
+        return ring
+
+    def _peer_u32(self, target: int, off: int) -> int:
+        base = target * L.CONTROL_SLOT_BYTES + off
+        return int.from_bytes(self.ctx.control[base:base + 4], "little")
+
+    def _peer_alive(self, target: int) -> bool:
+        return 0 <= target < L.MAX_INSTANCES and \
+            self._peer_u32(target, L.SLOT_PEER_STATE) == L.STATE_CODES["active"]
+
+    def _count(self, off: int) -> None:
+        slot = self.ctx.slot
+        slot[off:off + 8] = (int.from_bytes(slot[off:off + 8], "little") + 1).to_bytes(8, "little")
+
+    def _post(self, target: int, msg_type: int, data: bytes) -> None:
+        if not isinstance(target, int) or not self._peer_alive(target):
+            self._count(L.SLOT_IPI_ESRCH)
+            raise RingError(errno.ESRCH, f"instance {target} is not active")
+        ring = self._ring_of(target)
+        try:
+            ring.send(self.id, self._cpu, msg_type, data)
+        except RingError as exc:
+            if exc.errno == errno.ENOSPC:
+                self._count(L.SLOT_IPI_RING_FULL)
+            raise
+        self._count(L.SLOT_IPI_SENT)
+        if not ring.polling:
+            if target == 0:
+                os.eventfd_write(self.ctx.host_doorbell_fd, 1)
+            else:
+                try:
+                    os.kill(self._peer_u32(target, L.SLOT_PID), IPI_SIGNAL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _on_ipi(self, signum: int, frame: object) -> None:
+        """The interrupt: drain between two bytecodes, and wake an idle wait."""
+        self.poll_ipis()
+        try:
+            os.eventfd_write(self.ctx.doorbell_fd, 1)
+        except OSError:
+            pass
+
+    def _wait_ipi(self, timeout: float) -> None:
+        if self.poll_ipis():
+            return
+        if self.mode == "poll":
+            return
+        if self.mode == "hybrid":
+            end = time.monotonic() + self.spin_us / 1e6
+            while time.monotonic() < end:
+                if self.poll_ipis():
+                    return
+            self.ring.set_polling(False)
+            try:
+                if not self.ring.pending():
+                    self.idle(min(timeout, self.idle_timeout))
+            finally:
+                self.ring.set_polling(True)
+            return
+        self.idle(min(timeout, self.idle_timeout))
+
+    def _on_shutdown(self, msg: M.Message) -> None:
+        self._graceful = True
+        self._halting = True
+        self._halt_reason = "graceful halt requested by host"
+
+    def _heartbeat(self, now: float) -> None:
+        self._next_heartbeat = now + (self.heartbeat_interval or 0)
+        try:
+            self.send(0, M.MK_MSG_HEARTBEAT, {"progress": int.from_bytes(
+                self.ctx.slot[L.SLOT_PROGRESS:L.SLOT_PROGRESS + 8], "little")})
+            self._count(L.SLOT_HEARTBEATS)
+        except RingError:
+            pass
+
     # -- the loop (called by the trampoline) -----------------------------------------------
     def _on_halt_request(self, signum: int, frame: object) -> None:
         self._halting = True
+        self._graceful = True
         self._halt_reason = "graceful halt requested by host"
         try:
             os.eventfd_write(self.ctx.doorbell_fd, 1)   # wake the idle wait
@@ -164,18 +305,40 @@ class Kernel:
         return self.ctx.slot[L.SLOT_FORCE_HALT] != 0
 
     def run(self) -> None:
-        """Main loop. Overriding it is allowed, but then the kernel must watch ``halting``."""
+        """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and
+        call ``poll_ipis()``, or the host's SHUTDOWN is never seen and the halt is forced."""
+        hb = self.heartbeat_interval
         while not self._halting and not self._force_halt_requested():
             self._progress()
-            if not self.tick():
-                self.idle()
+            got = self.poll_ipis()
+            busy = self.tick()
+            if hb is not None:
+                now = time.monotonic()
+                if now >= self._next_heartbeat:
+                    self._heartbeat(now)
+            if busy or got:
+                continue
+            self._wait_ipi(self.idle_timeout)
 
     def _main(self) -> str:
         self.boot()
         self.run()
-        if self._halting and self._halt_reason == "graceful halt requested by host":
+        if self._graceful:
             self.shutdown()
+            try:
+                self.send(0, M.MK_MSG_SHUTDOWN_ACK, {"reason": self._halt_reason})
+            except RingError:
+                pass
+        elif self._halting:
+            self._tell_halted(self._halt_reason or "halted")
         return self._halt_reason or "halted"
+
+    def _tell_halted(self, reason: str) -> None:
+        """HALTED to the host while we can still talk; best effort."""
+        try:
+            self.send(0, M.MK_MSG_HALTED, {"reason": reason})
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def now_ns() -> int:

@@ -14,19 +14,21 @@ from dataclasses import dataclass
 from .units import PAGE_SIZE
 
 MAGIC = b"MKARENA\x00"
-VERSION = 1
+VERSION = 2
 MAX_INSTANCES = 512          # ids 0..511; 0 is the host
 NAME_BYTES = 32
 KERNEL_BYTES = 64
 
 # Header (page 0). Little-endian, naturally aligned.
-HEADER = struct.Struct("<8sIIQIIQIIQIIQQQQQQ")
+HEADER = struct.Struct("<8sIIQIIQIIQIIQQQQQQQQII")
 HEADER_FIELDS = (
     "magic", "version", "page_size", "arena_bytes", "max_instances", "flags",
     "table_offset", "table_record_bytes", "_pad0",
     "control_offset", "control_slot_bytes", "_pad1",
     "console_offset", "console_bytes", "pool_offset", "pool_bytes", "generation", "host_pid",
+    "ring_offset", "ring_bytes", "ring_slots", "ring_slot_bytes",
 )
+GENERATION_OFFSET = 96
 FLAG_OVERSUBSCRIBE = 1 << 0
 
 # Instance table record (host-written; instances never map the table).
@@ -45,9 +47,15 @@ SLOT_FLAGS = 4            # u32
 SLOT_READY = 8            # u32 host sets 1 last; boot CPU clears to 0
 SLOT_ACK_CPU = 12         # u32 physical id the trampoline found itself on
 SLOT_GENERATION = 16      # u64 boot generation (host writes)
+SLOT_PEER_STATE = 24      # u32 state code of this instance (host writes; the peer-state table)
+SLOT_PID = 28             # u32 pid of the running instance, 0 if none (host writes)
 SLOT_FORCE_HALT = 32      # u32 host sets 1 to demand a halt
 SLOT_REASON_LEN = 36      # u32 bytes of halt/panic reason (instance writes)
 SLOT_PROGRESS = 40        # u64 main-loop iterations (instance writes)
+SLOT_IPI_SENT = 48        # u64 messages this instance published (instance writes)
+SLOT_IPI_RING_FULL = 56   # u64 sends refused with ENOSPC (instance writes)
+SLOT_IPI_ESRCH = 192      # u64 sends refused because the target was not active
+SLOT_HEARTBEATS = 200     # u64 heartbeats sent to the host
 SLOT_REASON = 64          # 128 bytes: utf-8 halt/panic reason
 REASON_BYTES = 128
 
@@ -55,6 +63,10 @@ REASON_BYTES = 128
 CONSOLE_HEADER = struct.Struct("<IIQ")   # magic, capacity, head (bytes ever written)
 CONSOLE_MAGIC = 0x4B4D5347               # 'KMSG'
 CONSOLE_DATA = 64
+
+# IPI ring, one per receiving instance id (ring.py has the protocol).
+RING_HEADER_BYTES = 256
+RING_SLOT_HEADER = 32
 
 STATE_CODES = {"empty": 0, "ready": 1, "loaded": 2, "active": 3, "failed": 4}
 
@@ -69,6 +81,8 @@ class ArenaLayout:
 
     pool_bytes: int
     console_bytes: int = 64 * 1024
+    ring_slots: int = 64                 # MK_IPI_RING_SIZE
+    ring_slot_bytes: int = 4096          # MK_MAX_DATA_SIZE
 
     @property
     def table_offset(self) -> int:
@@ -87,8 +101,27 @@ class ArenaLayout:
         return _align(self.control_offset + self.control_bytes, 1 << 20)
 
     @property
+    def slot_stride(self) -> int:
+        return _align(RING_SLOT_HEADER + self.ring_slot_bytes, 64)
+
+    @property
+    def ring_bytes(self) -> int:
+        return _align(RING_HEADER_BYTES + self.ring_slots * self.slot_stride, PAGE_SIZE)
+
+    @property
+    def ring_offset(self) -> int:
+        return _align(self.console_offset + MAX_INSTANCES * self.console_bytes, 1 << 20)
+
+    @property
+    def ring_area_bytes(self) -> int:
+        return MAX_INSTANCES * self.ring_bytes
+
+    def ring_at(self, instance_id: int) -> int:
+        return self.ring_offset + instance_id * self.ring_bytes
+
+    @property
     def pool_offset(self) -> int:
-        return _align(self.console_offset + MAX_INSTANCES * self.console_bytes, 2 << 20)
+        return _align(self.ring_offset + self.ring_area_bytes, 2 << 20)
 
     @property
     def arena_bytes(self) -> int:
@@ -109,3 +142,7 @@ class ArenaLayout:
             raise ValueError("console size must be a positive multiple of 4 KiB")
         if self.pool_bytes % PAGE_SIZE:
             raise ValueError("pool size must be a multiple of 4 KiB")
+        if not 1 <= self.ring_slots <= 4096:
+            raise ValueError("ring slots must be 1..4096")
+        if not 64 <= self.ring_slot_bytes <= 1 << 20:
+            raise ValueError("ring slot size must be 64 bytes .. 1 MiB")

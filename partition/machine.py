@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import selectors
@@ -35,6 +36,10 @@ from .events import EventLog
 from .instance import ExitRecord, Instance, State, check_transition
 from .kimage import KIMAGE_TYPE, load_kimage
 from .resources import PoolConfig, ResourcePool
+from . import message as M
+from .kernel import IPI_SIGNAL
+from .message import Messenger
+from .ring import Ring, RingError
 from .trampoline import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, BootParams, enter
 from .views import ViewWriter
 
@@ -47,8 +52,9 @@ class Machine:
     def __init__(self, cpus: str | list[int] | None = None, memory: str | int = "1G",
                  host_cpus: str | list[int] | None = "0", oversubscribe: bool = False,
                  run_dir: str | None = None, console_bytes: int = 64 * 1024,
-                 kill_timeout: float = 5.0, boot_timeout: float = 1.0,
-                 pin_host: bool = False) -> None:
+                 kill_timeout: float = 30.0, boot_timeout: float = 1.0,
+                 pin_host: bool = False, ring_slots: int = 64,
+                 ring_slot_bytes: int = 4096) -> None:
         self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
         if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
             raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
@@ -62,7 +68,7 @@ class Machine:
         self._owns_run_dir = False
         self.run_dir = self._claim_run_dir(run_dir)
         try:
-            self._setup(console_bytes, pin_host)
+            self._setup(console_bytes, pin_host, ring_slots, ring_slot_bytes)
         except BaseException:
             self._release_run_dir()
             raise
@@ -85,12 +91,19 @@ class Machine:
             f.write(f"{os.getpid()}\n")
         return path
 
-    def _setup(self, console_bytes: int, pin_host: bool) -> None:
+    def _setup(self, console_bytes: int, pin_host: bool, ring_slots: int,
+               ring_slot_bytes: int) -> None:
         cfg = self.config
+        for what, v, lo, hi in (("ring_slots", ring_slots, 1, 4096),
+                                ("ring_slot_bytes", ring_slot_bytes, 64, 1 << 20)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise InvalidSpec(f"{what} must be an integer in {lo}..{hi}, got {v!r}",
+                                  f"e.g. {what}={64 if what == 'ring_slots' else 4096}")
         if pin_host and cfg.host_cpus:
             os.sched_setaffinity(0, cfg.host_cpus)
         self.pool = ResourcePool(cfg)
-        self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes)
+        self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes,
+                                    ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
         flags = L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0
         self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
                            flags=flags)
@@ -104,6 +117,18 @@ class Machine:
                                                   self.layout.console_at(HOST_ID) + console_bytes]
         format_console(host_console)
         self._host_console = ConsoleWriter(host_console)
+        lay = self.layout
+        self._rings_view = memoryview(self.arena.map)[lay.ring_offset:lay.ring_offset + lay.ring_area_bytes]
+        self._rings_address = self.arena.address + lay.ring_offset
+        self.host_ring = self.ring_of(HOST_ID)
+        self.host_ring.set_mode("interrupt")
+        self._host_cpu = self.config.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
+        self.messenger = Messenger(HOST_ID, self._post)
+        self.messenger.register(M.MK_MSG_HALTED, self._on_halted_msg)
+        self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
+        self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
+        self._slot_put_raw(HOST_ID, L.SLOT_PEER_STATE, L.STATE_CODES["active"])
+        self._slot_put_raw(HOST_ID, L.SLOT_PID, os.getpid())
         self.started = time.time()
         self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
                                 memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
@@ -137,6 +162,8 @@ class Machine:
                 self._sel.close()
             finally:
                 os.close(self.host_doorbell)
+                self.host_ring = None  # type: ignore[assignment]
+                self._rings_view.release()
                 self._host_console = None  # type: ignore[assignment]
                 self.arena.close()
                 self.events.close()
@@ -294,7 +321,8 @@ class Machine:
             "progress": self._progress(inst),
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
-            "counters": dict(inst.counters),
+            "counters": {**inst.counters, **self.ipi_counters(inst)},
+            "last_heartbeat": inst.last_heartbeat,
         }
 
     def show(self, name: str | None = None) -> dict[str, Any]:
@@ -367,6 +395,7 @@ class Machine:
         for key, _ in self._sel.select(timeout):
             if key.data is None:
                 linux.eventfd_drain(self.host_doorbell)
+                self._drain_host_ring()
             else:
                 self._on_exit(key.data)
             handled += 1
@@ -392,6 +421,7 @@ class Machine:
         slot[L.SLOT_TARGET_CPU:L.SLOT_TARGET_CPU + 4] = inst.physical_cpus[0].to_bytes(4, "little")
         slot[L.SLOT_GENERATION:L.SLOT_GENERATION + 8] = inst.generation.to_bytes(8, "little")
         slot[L.SLOT_READY:L.SLOT_READY + 4] = (1).to_bytes(4, "little")   # publish last
+        self.ring_of(inst.id).reset()       # stale messages and dead claims go with the old run
         inst.doorbell_fd = linux.eventfd()
         params = BootParams(
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
@@ -463,10 +493,17 @@ class Machine:
             if inst.pid is None:
                 continue
             inst.halt_requested = "graceful"
+            inst.shutdown_acked = False
             try:
-                os.kill(inst.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+                self.messenger.send(inst.id, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
+            except RingError as exc:
+                # the ring refused (full): fall back to the signal the kernel also honours
+                self.events.warning("shutdown_message_refused", instance=inst.id,
+                                    name=inst.name, error=exc.strerror)
+                try:
+                    os.kill(inst.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             asked.append(inst)
         deadline = time.monotonic() + timeout
         self._wait(lambda: all(i.pid is None for i in asked), deadline)
@@ -491,6 +528,7 @@ class Machine:
         record = self._classify(inst, status)
         pid = inst.pid
         self._forget_process(inst)
+        self._sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
         if record.how in ("panic", "killed", "exited", "boot-failed"):
@@ -554,7 +592,102 @@ class Machine:
             inst.doorbell_fd = None
         inst.active_since = None
 
+    # -- IPIs and messages ------------------------------------------------------------------
+    def ring_of(self, instance_id: int) -> Ring:
+        return Ring(self._rings_view, self._rings_address, self.layout, instance_id)
+
+    def register_handler(self, msg_type: int, handler: Callable[[M.Message], Any]) -> None:
+        """Host-side handler for messages instances send to instance 0."""
+        self.messenger.register(msg_type, handler)
+
+    def send(self, name: str | int, msg_type: int, payload: Any = None) -> int:
+        """Send a message from the host to an instance; RingError(ESRCH/ENOSPC/EMSGSIZE)."""
+        self._check_open()
+        return self.messenger.send(self._get(name).id, msg_type, payload)
+
+    def request(self, name: str | int, msg_type: int, payload: Any = None,
+                timeout: float = 10.0) -> Any:
+        self._check_open()
+        target = self._get(name).id
+        return self.messenger.request(target, msg_type, payload, timeout,
+                                      lambda left: self.poll(min(left, 0.05)))
+
+    def _post(self, target: int, msg_type: int, data: bytes) -> None:
+        inst = next((i for i in self.instances.values() if i.id == target), None)
+        if inst is None or inst.state != State.ACTIVE or inst.pid is None:
+            raise RingError(errno.ESRCH, f"instance {target} is not active")
+        ring = self.ring_of(target)
+        ring.send(HOST_ID, self._host_cpu, msg_type, data)
+        inst.counters["host_sent"] = inst.counters.get("host_sent", 0) + 1
+        if not ring.polling:
+            try:
+                os.kill(inst.pid, IPI_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def _drain_host_ring(self) -> None:
+        while self.host_ring.drain(self.messenger.deliver, 64, self._instance_alive):
+            pass
+
+    def _instance_alive(self, instance_id: int) -> bool:
+        return self._slot_u32_raw(instance_id, L.SLOT_PEER_STATE) == L.STATE_CODES["active"]
+
+    def _by_id(self, instance_id: int) -> Instance | None:
+        return next((i for i in self.instances.values() if i.id == instance_id), None)
+
+    def _on_halted_msg(self, msg: M.Message) -> None:
+        inst = self._by_id(msg.sender)
+        reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
+        self.events.info("halted_message", instance=msg.sender,
+                         name=inst.name if inst else None, reason=reason)
+        if inst is not None:
+            inst.counters["halted_msgs"] = inst.counters.get("halted_msgs", 0) + 1
+
+    def _on_shutdown_ack(self, msg: M.Message) -> None:
+        inst = self._by_id(msg.sender)
+        if inst is not None:
+            inst.shutdown_acked = True
+            self.events.info("shutdown_ack", instance=inst.id, name=inst.name)
+
+    def _on_heartbeat(self, msg: M.Message) -> None:
+        inst = self._by_id(msg.sender)
+        if inst is not None:
+            inst.counters["heartbeats"] = inst.counters.get("heartbeats", 0) + 1
+            inst.last_heartbeat = time.time()
+
+    def _sweep_claims_of(self, inst: Instance) -> None:
+        """A dead sender's unpublished claims would block its peers' rings: abandon them."""
+        n = self.host_ring.abandon_claims_of(inst.id)
+        for other in self.instances.values():
+            n += self.ring_of(other.id).abandon_claims_of(inst.id)
+        if n:
+            self.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
+            self._drain_host_ring()
+
+    def ipi_counters(self, inst: Instance) -> dict[str, int]:
+        """What the instance and its ring report (untrusted: plain integers, shown as read)."""
+        ring = self.ring_of(inst.id).counters()
+        base = self.layout.control_offset + self.layout.control_slot_at(inst.id)
+        def u64(off: int) -> int:
+            return int.from_bytes(self.arena.map[base + off:base + off + 8], "little")
+        return {
+            "ipi_sent": u64(L.SLOT_IPI_SENT), "ipi_received": ring["received"],
+            "ipi_ring_full": u64(L.SLOT_IPI_RING_FULL), "ipi_esrch": u64(L.SLOT_IPI_ESRCH),
+            "ipi_dropped_bad_size": ring["dropped_bad_size"],
+            "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
+            "ipi_dropped_abandoned": ring["dropped_abandoned"],
+            "heartbeats_sent": u64(L.SLOT_HEARTBEATS),
+        }
+
     # -- arena helpers ---------------------------------------------------------------------
+    def _slot_u32_raw(self, instance_id: int, off: int) -> int:
+        base = self.layout.control_offset + self.layout.control_slot_at(instance_id) + off
+        return int.from_bytes(self.arena.map[base:base + 4], "little")
+
+    def _slot_put_raw(self, instance_id: int, off: int, value: int) -> None:
+        base = self.layout.control_offset + self.layout.control_slot_at(instance_id) + off
+        self.arena.map[base:base + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+
     def _console_view(self, inst: Instance) -> memoryview:
         off = self.layout.console_at(inst.id)
         return memoryview(self.arena.map)[off:off + self.layout.console_bytes]
@@ -587,6 +720,8 @@ class Machine:
                     **fields: Any) -> None:
         before = inst.state if old is None else old
         inst.state = new
+        self._slot_put_raw(inst.id, L.SLOT_PEER_STATE, L.STATE_CODES[new.value])
+        self._slot_put_raw(inst.id, L.SLOT_PID, inst.pid or 0)
         self.events.info("state_change", instance=inst.id, name=inst.name, old=before.value,
                          new=new.value, cause=cause, **fields)
         self._publish(inst)

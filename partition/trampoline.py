@@ -21,7 +21,7 @@ from . import arena as arena_mod
 from . import layout as L
 from . import linux
 from .console import ConsoleWriter
-from .kernel import KernelContext, KernelPanic, parse_cmdline
+from .kernel import IPI_SIGNAL, KernelContext, KernelPanic, parse_cmdline
 
 EXIT_HALTED = 0
 EXIT_PANIC = 77          # the kernel panicked; reason in the control slot
@@ -67,8 +67,9 @@ def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa
     code = EXIT_TRAMPOLINE
     slot: memoryview | None = None
     console: ConsoleWriter | None = None
+    kernel = None
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, IPI_SIGNAL})
         os.sched_setaffinity(0, boot.cpus)
         os.setsid()
         linux.set_parent_death_signal(signal.SIGKILL)
@@ -105,12 +106,15 @@ def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa
             memory_base=boot.memory_base, memory=memoryview(maps.partition), console=console,
             slot=slot, doorbell_fd=boot.doorbell_fd, host_doorbell_fd=boot.host_doorbell_fd,
             oversubscribed=boot.oversubscribed, boot_generation=boot.generation,
+            layout=boot.layout, control=memoryview(maps.control), rings=memoryview(maps.rings),
+            rings_address=linux.buffer_address(maps.rings),
         )
         code = EXIT_PANIC                      # from here on, any escape is a kernel panic
         kernel = boot.kernel_cls(ctx)
-        # install the kernel's SIGTERM handler, then let a pending halt request in
+        # install the kernel's handlers, then let pending halt requests and IPIs in
         signal.signal(signal.SIGTERM, kernel._on_halt_request)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.signal(IPI_SIGNAL, kernel._on_ipi)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, IPI_SIGNAL})
         reason = kernel._main()
         _write_reason(slot, reason)
         code = EXIT_HALTED
@@ -119,6 +123,8 @@ def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa
             console.printk(f"Kernel panic - not syncing: {exc.reason}")
         if slot is not None:
             _write_reason(slot, f"panic: {exc.reason}")
+        if kernel is not None:
+            kernel._tell_halted(f"panic: {exc.reason}")
         code = EXIT_PANIC
     except BaseException as exc:  # noqa: BLE001 - everything escaping a kernel is a panic
         what = "panic" if code == EXIT_PANIC else "trampoline"
@@ -127,5 +133,7 @@ def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa
             console.printk(f"Kernel panic - not syncing: {type(exc).__name__}: {exc}")
         if slot is not None:
             _write_reason(slot, f"{what}: {type(exc).__name__}: {exc}")
+        if kernel is not None:
+            kernel._tell_halted(f"{what}: {type(exc).__name__}: {exc}")
     finally:
         os._exit(code)

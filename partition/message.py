@@ -1,0 +1,145 @@
+"""The messaging layer over IPI rings: ``mk_message`` headers, handlers, request/response.
+
+A message is one ring slot: the slot's ``type`` is ``msg_type`` and its bytes are the header
+``{u32 msg_type; u32 msg_subtype; u64 msg_id; u32 payload_len}`` followed by a msgpack payload
+(header + payload <= slot size, else EMSGSIZE). Type numbers are the real tree's. One handler per
+type (a second is refused with EEXIST); a message of a type nobody handles is dropped and counted.
+
+Request/response (emulator convention, the real tree keys its pending table by type, op and
+resource): a request carries ``SUB_REQUEST`` in its subtype; the handler's return value comes
+back as a message of the same type with ``SUB_RESPONSE`` and the same ``msg_id``; the requester
+waits for it with a timeout (ETIMEDOUT).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import msgpack
+
+from .ring import RingError
+
+HEADER = struct.Struct("<IIQI")
+
+# categories and types (include/linux/multikernel.h of the real tree)
+MK_MSG_IO = 0x1000
+MK_MSG_IRQ_FORWARD, MK_MSG_IRQ_BALANCE, MK_MSG_IRQ_MASK, MK_MSG_IRQ_UNMASK = 0x1001, 0x1002, 0x1003, 0x1004
+MK_MSG_RESOURCE = 0x2000
+MK_MSG_CPU_ADD, MK_MSG_CPU_REMOVE, MK_MSG_MEM_ADD, MK_MSG_MEM_REMOVE = 0x2001, 0x2002, 0x2003, 0x2004
+MK_MSG_QUERY, MK_MSG_DEVICE_ADD, MK_MSG_DEVICE_REMOVE = 0x2005, 0x2006, 0x2007
+MK_MSG_RES_ACK = 0x2100
+MK_MSG_SYSTEM = 0x3000
+MK_MSG_HEARTBEAT, MK_MSG_SHUTDOWN, MK_MSG_SHUTDOWN_ACK, MK_MSG_HALTED = 0x3001, 0x3002, 0x3003, 0x3004
+MK_MSG_USER = 0x4000
+MK_MSG_NETWORK = 0x5000
+
+SUB_REQUEST = 0x4000_0000
+SUB_RESPONSE = 0x8000_0000
+
+TYPE_NAMES = {v: k for k, v in globals().items() if k.startswith("MK_MSG_") and isinstance(v, int)}
+
+
+@dataclass
+class Message:
+    msg_type: int
+    msg_subtype: int
+    msg_id: int
+    payload: Any
+    sender: int          # instance id (0 = host)
+    sender_cpu: int      # physical id
+
+
+def encode(msg_type: int, subtype: int, msg_id: int, payload: Any) -> bytes:
+    body = msgpack.packb(payload, use_bin_type=True)
+    return HEADER.pack(msg_type, subtype, msg_id, len(body)) + body
+
+
+def decode(data: bytes, sender: int, cpu: int) -> Message | None:
+    """None for a slot whose header does not describe its bytes (dropped as bad size)."""
+    if len(data) < HEADER.size:
+        return None
+    mtype, sub, mid, plen = HEADER.unpack_from(data, 0)
+    if plen != len(data) - HEADER.size:
+        return None
+    try:
+        payload = msgpack.unpackb(data[HEADER.size:], raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - garbage from a faulty peer
+        return None
+    return Message(mtype, sub, mid, payload, sender, cpu)
+
+
+Handler = Callable[[Message], Any]
+
+
+class Messenger:
+    """Handlers and pending requests of one endpoint (an instance or the host)."""
+
+    def __init__(self, self_id: int, post: Callable[[int, int, bytes], None]) -> None:
+        self.self_id = self_id
+        self._post = post                   # post(target, msg_type, bytes): ring + doorbell
+        self.handlers: dict[int, Handler] = {}
+        self._ids = itertools.count((os.getpid() & 0xFFFF) << 40 | 1)
+        self.responses: dict[int, Message] = {}
+        self.waiting: set[int] = set()
+        self.bad = 0
+        self.unhandled = 0
+
+    def register(self, msg_type: int, handler: Handler) -> None:
+        if msg_type in self.handlers:
+            raise RingError(errno.EEXIST, f"a handler for message type {msg_type:#x} is already "
+                                          "registered")
+        self.handlers[msg_type] = handler
+
+    def unregister(self, msg_type: int) -> None:
+        self.handlers.pop(msg_type, None)
+
+    def send(self, target: int, msg_type: int, payload: Any = None, subtype: int = 0,
+             msg_id: int | None = None) -> int:
+        mid = next(self._ids) if msg_id is None else msg_id
+        self._post(target, msg_type, encode(msg_type, subtype, mid, payload))
+        return mid
+
+    def request(self, target: int, msg_type: int, payload: Any, timeout: float,
+                wait: Callable[[float], None]) -> Any:
+        mid = self.send(target, msg_type, payload, SUB_REQUEST)
+        self.waiting.add(mid)
+        deadline = time.monotonic() + timeout
+        try:
+            while mid not in self.responses:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RingError(errno.ETIMEDOUT, f"no response to message {mid:#x} "
+                                                     f"(type {msg_type:#x}) from instance "
+                                                     f"{target} within {timeout:g} s")
+                wait(left)
+            return self.responses.pop(mid).payload
+        finally:
+            self.waiting.discard(mid)
+
+    def deliver(self, msg_type: int, sender: int, cpu: int, data: bytes) -> bool:
+        """Ring callback. False means no handler took it (the ring counts the drop)."""
+        msg = decode(data, sender, cpu)
+        if msg is None or msg.msg_type != msg_type:
+            self.bad += 1
+            return True                     # consumed; counted here as malformed
+        if msg.msg_subtype & SUB_RESPONSE:
+            if msg.msg_id in self.waiting:
+                self.responses[msg.msg_id] = msg
+            return True
+        handler = self.handlers.get(msg_type)
+        if handler is None:
+            self.unhandled += 1
+            return False
+        result = handler(msg)
+        if msg.msg_subtype & SUB_REQUEST:
+            try:
+                self.send(sender, msg_type, result, SUB_RESPONSE, msg.msg_id)
+            except RingError:
+                pass                        # the requester will time out; nothing to undo
+        return True

@@ -1,0 +1,217 @@
+"""The IPI ring: one per receiving instance, many senders, one receiver, in shared memory.
+
+Protocol (the real tree's, plus what a user-space emulation needs to survive dead senders):
+
+- A sender claims slot ``head % nslots`` by compare-and-swap of ``head`` from h to h+1, refused
+  with ENOSPC when ``head - tail == nslots``. It writes ``sender_cpu``, ``type``, its id + 1 and
+  the payload, then publishes by storing ``data_size`` **last**. ``data_size == 0`` means claimed,
+  not yet written.
+- The receiver drains at most ``limit`` slots, in order, from ``tail``; it stops at the first
+  unpublished slot; a slot whose size is out of range is dropped and counted; every consumed
+  slot is zeroed before ``tail`` moves on, so a slot is free again exactly when ``tail`` passes it.
+- A sender that dies between claim and publish would block the ring for ever. The host, which
+  sees every death, marks that sender's unpublished slots ``ABANDONED``; the receiver drops them
+  (counted). As a fallback, a slot whose claimer never even wrote its id is dropped after
+  ``abandon_after`` seconds.
+- ``polling`` is set by a receiver that spins on its ring; senders then skip the doorbell, so a
+  polled send costs no system call (Linux's polling-idle flag). A receiver leaving the polling
+  state clears it with a full barrier and looks at the ring once more before it sleeps.
+
+Everything read from a ring is untrusted: sizes are range-checked, types are plain integers the
+dispatcher looks up, and no field is used as an index without a bound.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import time
+from typing import Callable
+
+from . import layout as L
+from . import linux
+
+# ring header offsets (head and tail on their own cache lines)
+HEAD = 0
+TAIL = 64
+POLLING = 128            # u32
+MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hybrid
+COUNTERS = 136           # u64 x 5
+COUNTER_NAMES = ("received", "dropped_bad_size", "dropped_unknown_type", "dropped_abandoned",
+                 "doorbells")
+_COUNTERS = struct.Struct("<5Q")
+
+# slot header
+S_CPU = 0                # u64 sender physical cpu
+S_TYPE = 8               # u32
+S_SENDER = 12            # u32 sender instance id + 1 (0: not written yet)
+S_SIZE = 16              # u64 data_size, published last
+S_TICKET = 24            # u64 claim ticket (the head value claimed)
+_SLOT_HDR = struct.Struct("<QIIQQ")
+ABANDONED = (1 << 64) - 1
+
+MODES = {"interrupt": 0, "poll": 1, "hybrid": 2}
+
+
+class RingError(OSError):
+    """A send refused by the ring; ``errno`` is ENOSPC, EMSGSIZE or ESRCH."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+
+
+class Ring:
+    """One instance's receive ring, seen from any process that maps the ring area."""
+
+    def __init__(self, area: memoryview, area_address: int, layout: L.ArenaLayout,
+                 instance_id: int) -> None:
+        off = instance_id * layout.ring_bytes
+        self.id = instance_id
+        self.buf = area[off:off + layout.ring_bytes]
+        self.addr = area_address + off
+        self.nslots = layout.ring_slots
+        self.slot_bytes = layout.ring_slot_bytes
+        self.stride = layout.slot_stride
+        self._pending_since: dict[int, float] = {}
+
+    # -- small accessors -------------------------------------------------------------------
+    def _u64(self, off: int) -> int:
+        return int.from_bytes(self.buf[off:off + 8], "little")
+
+    def _put_u64(self, off: int, v: int) -> None:
+        self.buf[off:off + 8] = v.to_bytes(8, "little")
+
+    @property
+    def head(self) -> int:
+        return self._u64(HEAD)
+
+    @property
+    def tail(self) -> int:
+        return self._u64(TAIL)
+
+    def _slot(self, ticket: int) -> int:
+        return L.RING_HEADER_BYTES + (ticket % self.nslots) * self.stride
+
+    @property
+    def polling(self) -> bool:
+        return self.buf[POLLING] != 0
+
+    def set_polling(self, on: bool) -> None:
+        if on:
+            self.buf[POLLING] = 1
+        else:
+            # full barrier: our "not polling" must be visible before we look at the ring again
+            word = self.addr + POLLING - (POLLING % 8)
+            cur = self._u64(POLLING - (POLLING % 8))
+            linux.exchange_u64(word, cur & ~0xFF)
+
+    def set_mode(self, mode: str) -> None:
+        self.buf[MODE:MODE + 4] = MODES[mode].to_bytes(4, "little")
+
+    def counters(self) -> dict[str, int]:
+        return dict(zip(COUNTER_NAMES, _COUNTERS.unpack_from(self.buf, COUNTERS)))
+
+    def _bump(self, index: int, n: int = 1) -> None:
+        off = COUNTERS + 8 * index
+        self._put_u64(off, self._u64(off) + n)
+
+    def reset(self) -> None:
+        """Host, before the owner (re)boots: stale messages and dead claims are dropped."""
+        self.buf[:] = bytes(len(self.buf))
+        self._pending_since.clear()
+
+    # -- sending ---------------------------------------------------------------------------
+    def claim(self) -> int:
+        while True:
+            h = self.head
+            if h - self.tail >= self.nslots:
+                raise RingError(errno.ENOSPC, f"IPI ring of instance {self.id} is full "
+                                              f"({self.nslots} slots)")
+            if linux.cas_u64(self.addr + HEAD, h, h + 1):
+                return h
+
+    def fill(self, ticket: int, sender_id: int, sender_cpu: int, msg_type: int,
+             data: bytes) -> int:
+        """Write a claimed slot; returns its offset (publish it with ``publish``)."""
+        off = self._slot(ticket)
+        _SLOT_HDR.pack_into(self.buf, off, sender_cpu, msg_type & 0xFFFFFFFF, sender_id + 1, 0,
+                            ticket)
+        p = off + L.RING_SLOT_HEADER
+        self.buf[p:p + len(data)] = data
+        return off
+
+    def publish(self, off: int, size: int) -> None:
+        self._put_u64(off + S_SIZE, size)
+
+    def send(self, sender_id: int, sender_cpu: int, msg_type: int, data: bytes) -> None:
+        if len(data) > self.slot_bytes or not data:
+            raise RingError(errno.EMSGSIZE, f"message of {len(data)} bytes does not fit a "
+                                            f"{self.slot_bytes}-byte IPI slot")
+        ticket = self.claim()
+        off = self.fill(ticket, sender_id, sender_cpu, msg_type, data)
+        self.publish(off, len(data))
+
+    # -- receiving -------------------------------------------------------------------------
+    def pending(self) -> bool:
+        t = self.tail
+        return t != self.head and self._u64(self._slot(t) + S_SIZE) != 0
+
+    def drain(self, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
+              sender_alive: Callable[[int], bool] | None = None,
+              abandon_after: float = 1.0) -> int:
+        """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
+        payload)``, which returns False for a type nobody handles (dropped, counted)."""
+        done = 0
+        buf = self.buf
+        while done < limit:
+            t = self.tail
+            if t == self.head:
+                break
+            off = self._slot(t)
+            size = self._u64(off + S_SIZE)
+            if size == 0:
+                if not self._abandoned(t, off, sender_alive, abandon_after):
+                    break
+                self._bump(3)
+            elif size == ABANDONED:
+                self._bump(3)
+            elif size > self.slot_bytes:
+                self._bump(1)
+            else:
+                cpu, mtype, sender, _, _ = _SLOT_HDR.unpack_from(buf, off)
+                p = off + L.RING_SLOT_HEADER
+                payload = bytes(buf[p:p + size])
+                buf[off:off + L.RING_SLOT_HEADER] = bytes(L.RING_SLOT_HEADER)
+                self._put_u64(TAIL, t + 1)
+                self._bump(0)
+                done += 1
+                if not deliver(mtype, sender - 1, cpu, payload):
+                    self._bump(2)
+                continue
+            buf[off:off + L.RING_SLOT_HEADER] = bytes(L.RING_SLOT_HEADER)
+            self._put_u64(TAIL, t + 1)
+            self._pending_since.pop(t, None)
+            done += 1
+        return done
+
+    def _abandoned(self, ticket: int, off: int, sender_alive: Callable[[int], bool] | None,
+                   abandon_after: float) -> bool:
+        sender = int.from_bytes(self.buf[off + S_SENDER:off + S_SENDER + 4], "little")
+        if sender and sender_alive is not None and not sender_alive(sender - 1):
+            return True
+        if sender == 0:
+            first = self._pending_since.setdefault(ticket, time.monotonic())
+            return time.monotonic() - first > abandon_after
+        return False
+
+    def abandon_claims_of(self, sender_id: int) -> int:
+        """Host, after ``sender_id`` died: mark its unpublished slots so receivers drop them."""
+        n = 0
+        t, h = self.tail, self.head
+        for ticket in range(t, min(h, t + self.nslots)):
+            off = self._slot(ticket)
+            if self._u64(off + S_SIZE) == 0 and \
+                    int.from_bytes(self.buf[off + S_SENDER:off + S_SENDER + 4], "little") == sender_id + 1:
+                self._put_u64(off + S_SIZE, ABANDONED)
+                n += 1
+        return n
