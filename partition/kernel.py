@@ -91,6 +91,7 @@ class Kernel:
         self._halt_reason = ""
         self._graceful = False
         self._in_drain = False
+        self._booted = False       # messages wait in the ring until boot() registered handlers
         self._rings: dict[int, Ring] = {}
         self.mode = self.params.get("mk_mode", self.mode)
         if self.mode not in ("interrupt", "poll", "hybrid"):
@@ -220,22 +221,22 @@ class Kernel:
         return 0 <= target < L.MAX_INSTANCES and \
             self._peer_u32(target, L.SLOT_PEER_STATE) == L.STATE_CODES["active"]
 
-    def _count(self, off: int) -> None:
+    def _mk_count(self, off: int) -> None:
         slot = self.ctx.slot
         slot[off:off + 8] = (int.from_bytes(slot[off:off + 8], "little") + 1).to_bytes(8, "little")
 
     def _post(self, target: int, msg_type: int, data: bytes) -> None:
         if not isinstance(target, int) or not self._peer_alive(target):
-            self._count(L.SLOT_IPI_ESRCH)
+            self._mk_count(L.SLOT_IPI_ESRCH)
             raise RingError(errno.ESRCH, f"instance {target} is not active")
         ring = self._ring_of(target)
         try:
             ring.send(self.id, self._cpu, msg_type, data)
         except RingError as exc:
             if exc.errno == errno.ENOSPC:
-                self._count(L.SLOT_IPI_RING_FULL)
+                self._mk_count(L.SLOT_IPI_RING_FULL)
             raise
-        self._count(L.SLOT_IPI_SENT)
+        self._mk_count(L.SLOT_IPI_SENT)
         if not ring.polling:
             if target == 0:
                 os.eventfd_write(self.ctx.host_doorbell_fd, 1)
@@ -247,7 +248,8 @@ class Kernel:
 
     def _on_ipi(self, signum: int, frame: object) -> None:
         """The interrupt: drain between two bytecodes, and wake an idle wait."""
-        self.poll_ipis()
+        if self._booted:
+            self.poll_ipis()
         try:
             os.eventfd_write(self.ctx.doorbell_fd, 1)
         except OSError:
@@ -282,7 +284,7 @@ class Kernel:
         try:
             self.send(0, M.MK_MSG_HEARTBEAT, {"progress": int.from_bytes(
                 self.ctx.slot[L.SLOT_PROGRESS:L.SLOT_PROGRESS + 8], "little")})
-            self._count(L.SLOT_HEARTBEATS)
+            self._mk_count(L.SLOT_HEARTBEATS)
         except RingError:
             pass
 
@@ -322,6 +324,7 @@ class Kernel:
 
     def _main(self) -> str:
         self.boot()
+        self._booted = True
         self.run()
         if self._graceful:
             self.shutdown()

@@ -1,0 +1,179 @@
+"""IPIs and messages between real instances and the host."""
+
+import errno
+import json
+import os
+import struct
+import time
+
+import pytest
+
+from partition import message as M
+from partition.ring import ABANDONED, RingError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IPI = os.path.join(HERE, "kernels", "ipi.py")
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def up(m, name, kernel, cmdline="", cpu=None, memory="4M"):
+    m.create(name, cpus=str(CPUS[-1] if cpu is None else cpu), memory=memory)
+    m.load(name, kernel, cmdline)
+    return m.exec(name)
+
+
+def wait_until(m, pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        m.poll(0.01)
+
+
+def collected(m, name):
+    raw = m.read_memory(name, 0, 8 + 8 * 4096)
+    n = struct.unpack_from("<I", raw, 0)[0]
+    return [struct.unpack_from("<II", raw, 8 + 8 * i) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "poll", "hybrid"])
+def test_request_response_in_every_mode(machine, mode):
+    up(machine, "echo", "kernels.echo:EchoKernel", f"mk_mode={mode}")
+    for i in range(20):
+        assert machine.request("echo", M.MK_MSG_USER, {"i": i}, timeout=5) == {"i": i}
+    d = machine.show("echo")
+    assert d["counters"]["ipi_received"] == 20 and d["counters"]["ipi_sent"] == 20
+
+
+def test_order_per_sender_and_no_loss_with_concurrent_senders(machine):
+    up(machine, "sink", IPI + ":Collector", cpu=CPUS[-1], memory="4M")
+    sink_id = machine.show("sink")["id"]
+    n = 300
+    senders = []
+    for k in range(3):
+        d = up(machine, f"s{k}", IPI + ":Sequencer", f"target={sink_id} count={n}",
+               cpu=CPUS[k % len(CPUS)])
+        senders.append(d["id"])
+    wait_until(machine, lambda: len(collected(machine, "sink")) >= 3 * n, timeout=30)
+    got = collected(machine, "sink")
+    assert len(got) == 3 * n
+    for sid in senders:
+        seqs = [seq for s, seq in got if s == sid]
+        assert seqs == list(range(n)), f"sender {sid} out of order or lossy"
+
+
+def test_back_pressure_on_full_ring_and_third_party_unaffected(machine):
+    up(machine, "deaf", IPI + ":Deaf")
+    up(machine, "echo", "kernels.echo:EchoKernel", cpu=CPUS[0])
+    sent = 0
+    with pytest.raises(RingError) as ei:
+        for _ in range(1000):
+            machine.send("deaf", M.MK_MSG_USER, b"x" * 64)
+            sent += 1
+    assert ei.value.errno == errno.ENOSPC
+    assert sent == machine.layout.ring_slots
+    # the flooded instance's full ring does not stop another from answering
+    assert machine.request("echo", M.MK_MSG_USER, "still here", timeout=5) == "still here"
+
+
+def test_oversize_and_bad_target(machine):
+    up(machine, "echo", "kernels.echo:EchoKernel")
+    with pytest.raises(RingError) as ei:
+        machine.send("echo", M.MK_MSG_USER, b"x" * 5000)
+    assert ei.value.errno == errno.EMSGSIZE
+    machine.create("idle", cpus=str(CPUS[-1]), memory="4M")
+    t0 = time.monotonic()
+    with pytest.raises(RingError) as ei:
+        machine.send("idle", M.MK_MSG_USER, 1)
+    assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 0.5
+
+
+def test_corrupted_slots_are_dropped_and_counted(machine):
+    up(machine, "echo", "kernels.echo:EchoKernel")
+    ring = machine.ring_of(machine.show("echo")["id"])
+    # a slot claiming more bytes than a slot holds
+    off = ring.fill(ring.claim(), 0, 0, M.MK_MSG_USER, b"garbage!")
+    ring.publish(off, machine.layout.ring_slot_bytes + 1)
+    # a slot whose bytes are not an mk_message
+    off = ring.fill(ring.claim(), 0, 0, M.MK_MSG_USER, b"\xff" * 40)
+    ring.publish(off, 40)
+    # a message of a type nobody handles
+    machine.send("echo", 0x7777, "nobody")
+    assert machine.request("echo", M.MK_MSG_USER, "ok", timeout=5) == "ok"
+    c = machine.show("echo")["counters"]
+    assert c["ipi_dropped_bad_size"] == 1
+    assert c["ipi_dropped_unknown_type"] == 1
+
+
+def test_sender_killed_mid_send_leaves_ring_usable(machine):
+    up(machine, "echo", "kernels.echo:EchoKernel")
+    echo_id = machine.show("echo")["id"]
+    d = up(machine, "dies", IPI + ":DiesMidSend", f"target={echo_id}", cpu=CPUS[0])
+    wait_until(machine, lambda: "stalling before publish" in machine.console("dies"))
+    ring = machine.ring_of(echo_id)
+    assert ring.head - ring.tail == 1         # the half-written claim blocks the ring's tail
+    os.kill(d["pid"], 9)
+    machine.wait_for("dies", "loaded")
+    assert machine.request("echo", M.MK_MSG_USER, "after", timeout=5) == "after"
+    assert machine.show("echo")["counters"]["ipi_dropped_abandoned"] == 1
+    events = [json.loads(l) for l in open(os.path.join(machine.run_dir, "events.log"))]
+    assert any(e["event"] == "claims_abandoned" and e["slots"] == 1 for e in events)
+
+
+def test_ring_is_reset_on_respawn(machine):
+    up(machine, "deaf", IPI + ":Deaf")
+    for _ in range(5):
+        machine.send("deaf", M.MK_MSG_USER, "stale")
+    machine.kill("deaf", force=True)
+    machine.exec("deaf")
+    ring = machine.ring_of(machine.show("deaf")["id"])
+    assert ring.head == ring.tail == 0
+
+
+def test_graceful_halt_is_acknowledged(machine):
+    up(machine, "echo", "kernels.echo:EchoKernel")
+    r = machine.kill("echo", timeout=5)
+    assert r["last_exit"]["how"] == "graceful"
+    events = [json.loads(l) for l in open(os.path.join(machine.run_dir, "events.log"))]
+    assert any(e["event"] == "shutdown_ack" for e in events)
+
+
+def test_graceful_halt_ignored_then_forced(machine):
+    up(machine, "deaf", IPI + ":Deaf")
+    t0 = time.monotonic()
+    r = machine.kill("deaf", timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+    assert r["last_exit"]["how"] == "forced"
+
+
+def test_halted_message_after_panic(machine):
+    up(machine, "c", "kernels.counter:CounterKernel", "interval=0.001 panic_at=3")
+    machine.wait_for("c", "loaded")
+    events = [json.loads(l) for l in open(os.path.join(machine.run_dir, "events.log"))]
+    halted = [e for e in events if e["event"] == "halted_message"]
+    assert halted and "panic_at=3" in halted[0]["reason"]
+
+
+def test_heartbeats_reach_the_host(machine):
+    up(machine, "idle", "kernels.idle:IdleKernel")
+    wait_until(machine, lambda: machine.show("idle")["counters"].get("heartbeats", 0) >= 2,
+               timeout=10)
+    assert machine.show("idle")["last_heartbeat"] is not None
+
+
+def test_second_handler_is_refused_and_request_times_out(machine):
+    machine.register_handler(0x4100, lambda msg: None)
+    with pytest.raises(RingError) as ei:
+        machine.register_handler(0x4100, lambda msg: None)
+    assert ei.value.errno == errno.EEXIST
+    up(machine, "echo", "kernels.echo:EchoKernel")
+    with pytest.raises(RingError) as ei:
+        machine.request("echo", 0x4999, None, timeout=0.3)     # nobody answers that type
+    assert ei.value.errno == errno.ETIMEDOUT
+
+
+def test_counters_in_sys_view(machine):
+    up(machine, "echo", "kernels.echo:EchoKernel")
+    machine.request("echo", M.MK_MSG_USER, 1, timeout=5)
+    machine.show()      # views follow state changes; show() refreshes nothing by itself
+    text = open(os.path.join(machine.run_dir, "sys/fs/multikernel/instances/echo/counters")).read()
+    assert "ipi_received" in text and "ipi_dropped_bad_size" in text
