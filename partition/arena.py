@@ -16,12 +16,21 @@ from . import layout as L
 from . import linux
 from .units import PAGE_SIZE
 
-# Every whole-arena mapping alive in this process, by address: a forked instance unmaps them all.
-_HOST_MAPPINGS: "weakref.WeakValueDictionary[int, Arena]" = weakref.WeakValueDictionary()
+# Every whole-arena mapping alive in this process, by address: a forked instance unmaps them
+# all. Keyed to the mmap object itself, not to the Arena: an arena whose close() could not unmap
+# (a memoryview of it still alive somewhere) stays mapped, and must still be unmapped in a child.
+_HOST_MAPPINGS: dict[int, tuple[int, "weakref.ref[mmap.mmap]"]] = {}
 
 
 def inherited_mappings() -> list[tuple[int, int]]:
-    return [(addr, arena.layout.arena_bytes) for addr, arena in list(_HOST_MAPPINGS.items())]
+    out = []
+    for addr, (length, ref) in list(_HOST_MAPPINGS.items()):
+        m = ref()
+        if m is None or m.closed:
+            _HOST_MAPPINGS.pop(addr, None)
+        else:
+            out.append((addr, length))
+    return out
 
 
 class Arena:
@@ -38,7 +47,7 @@ class Arena:
             os.close(self.fd)
             raise
         self.address = linux.buffer_address(self.map)
-        _HOST_MAPPINGS[self.address] = self
+        _HOST_MAPPINGS[self.address] = (layout.arena_bytes, weakref.ref(self.map))
         self._generation = 0
         self._write_header(flags)
 
@@ -97,11 +106,11 @@ class Arena:
         linux.punch_hole(self.fd, offset, size)
 
     def close(self) -> None:
-        _HOST_MAPPINGS.pop(self.address, None)
         try:
             self.map.close()
         except BufferError:
-            # a memoryview is still alive somewhere; unmapping under it would make it dangle
+            # a memoryview is still alive somewhere; unmapping under it would make it dangle.
+            # The mapping goes when the last view does (mmap's finalizer unmaps it).
             pass
         if self.fd >= 0:
             os.close(self.fd)

@@ -202,7 +202,7 @@ class Kernel:
             return 0
         self._in_drain = True
         try:
-            return self.ring.drain(self.messenger.deliver, limit, self._peer_alive)
+            return self.ring.drain(self.messenger.deliver, limit)
         finally:
             self._in_drain = False
 

@@ -626,11 +626,8 @@ class Machine:
                 pass
 
     def _drain_host_ring(self) -> None:
-        while self.host_ring.drain(self.messenger.deliver, 64, self._instance_alive):
+        while self.host_ring.drain(self.messenger.deliver, 64):
             pass
-
-    def _instance_alive(self, instance_id: int) -> bool:
-        return self._slot_u32_raw(instance_id, L.SLOT_PEER_STATE) == L.STATE_CODES["active"]
 
     def _by_id(self, instance_id: int) -> Instance | None:
         return next((i for i in self.instances.values() if i.id == instance_id), None)

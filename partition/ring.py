@@ -11,8 +11,12 @@ Protocol (the real tree's, plus what a user-space emulation needs to survive dea
   slot is zeroed before ``tail`` moves on, so a slot is free again exactly when ``tail`` passes it.
 - A sender that dies between claim and publish would block the ring for ever. The host, which
   sees every death, marks that sender's unpublished slots ``ABANDONED``; the receiver drops them
-  (counted). As a fallback, a slot whose claimer never even wrote its id is dropped after
-  ``abandon_after`` seconds.
+  (counted). A claimer that died before even writing its id (a window of a few hundred
+  nanoseconds after the claim) cannot be named: its slot is dropped after ``abandon_after``
+  seconds (1 s). A sender stopped for longer than that inside that same window loses its
+  message, and its late write could meet a later claim of the same slot: every slot carries the
+  ticket it was claimed with, and the receiver drops (and counts as bad) a slot whose ticket is
+  not the one it expects.
 - ``polling`` is set by a receiver that spins on its ring; senders then skip the doorbell, so a
   polled send costs no system call (Linux's polling-idle flag). A receiver leaving the polling
   state clears it with a full barrier and looks at the ring once more before it sleeps.
@@ -157,7 +161,6 @@ class Ring:
         return t != self.head and self._u64(self._slot(t) + S_SIZE) != 0
 
     def drain(self, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
-              sender_alive: Callable[[int], bool] | None = None,
               abandon_after: float = 1.0) -> int:
         """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
         payload)``, which returns False for a type nobody handles (dropped, counted)."""
@@ -170,12 +173,12 @@ class Ring:
             off = self._slot(t)
             size = self._u64(off + S_SIZE)
             if size == 0:
-                if not self._abandoned(t, off, sender_alive, abandon_after):
+                if not self._abandoned(t, off, abandon_after):
                     break
                 self._bump(3)
             elif size == ABANDONED:
                 self._bump(3)
-            elif size > self.slot_bytes:
+            elif size > self.slot_bytes or self._u64(off + S_TICKET) != t:
                 self._bump(1)
             else:
                 cpu, mtype, sender, _, _ = _SLOT_HDR.unpack_from(buf, off)
@@ -194,15 +197,15 @@ class Ring:
             done += 1
         return done
 
-    def _abandoned(self, ticket: int, off: int, sender_alive: Callable[[int], bool] | None,
-                   abandon_after: float) -> bool:
+    def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:
+        """Only for a claim whose claimer never wrote its id (it died within a few hundred
+        nanoseconds of claiming): nobody can name that claimer, so time decides. Claims with an
+        id are dropped only when the host, which knows who died, marks them ABANDONED."""
         sender = int.from_bytes(self.buf[off + S_SENDER:off + S_SENDER + 4], "little")
-        if sender and sender_alive is not None and not sender_alive(sender - 1):
-            return True
-        if sender == 0:
-            first = self._pending_since.setdefault(ticket, time.monotonic())
-            return time.monotonic() - first > abandon_after
-        return False
+        if sender:
+            return False
+        first = self._pending_since.setdefault(ticket, time.monotonic())
+        return time.monotonic() - first > abandon_after
 
     def abandon_claims_of(self, sender_id: int) -> int:
         """Host, after ``sender_id`` died: mark its unpublished slots so receivers drop them."""
