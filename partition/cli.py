@@ -120,6 +120,9 @@ def cmd_shutdown(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "ipi":
+        from .bench import ipi
+        return ipi.main(a)
     from .bench import boot
     return boot.main(a)
 
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", default=None if default else argparse.SUPPRESS,
                        help=f"machine run directory (default: ${rundir.ENV} or "
                             f"{rundir.default_run_dir()})")
-        p.add_argument("--format", choices=("text", "json"),
+        p.add_argument("--format", choices=("text", "json", "csv"),
                        default="text" if default else argparse.SUPPRESS)
         return p
 
@@ -200,8 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against raw baselines")
-    p.add_argument("what", choices=("boot",))
-    p.add_argument("--boots", type=int, default=100, help="boots to time (at least 50)")
+    p.add_argument("what", choices=("boot", "ipi"))
+    p.add_argument("--boots", type=int, default=100, help="boot: boots to time (at least 50)")
+    p.add_argument("--round-trips", type=int, default=10_000,
+                   help="ipi: round trips per pair and mode (at least 10000)")
+    p.add_argument("--stream", type=int, default=100_000, help="ipi: one-way messages to stream")
+    p.add_argument("--quick", action="store_true", help="ipi: allow fewer round trips (smoke run)")
     p.add_argument("--cpu", type=int, default=None, help="CPU to boot on (default: last pool CPU)")
     p.set_defaults(fn=cmd_bench)
 
@@ -213,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.format == "csv" and not (a.verb == "bench" and a.what == "ipi"):
+        ap.error("--format csv is only for 'bench ipi' (mkbench columns)")
     try:
         return a.fn(a)
     except MKError as exc:

@@ -107,10 +107,11 @@ class Messenger:
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
                 wait: Callable[[float], None]) -> Any:
-        mid = self.send(target, msg_type, payload, SUB_REQUEST)
-        self.waiting.add(mid)
+        mid = next(self._ids)
+        self.waiting.add(mid)     # before sending: the answer may come in an interrupt at once
         deadline = time.monotonic() + timeout
         try:
+            self.send(target, msg_type, payload, SUB_REQUEST, mid)
             while mid not in self.responses:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -121,6 +122,7 @@ class Messenger:
             return self.responses.pop(mid).payload
         finally:
             self.waiting.discard(mid)
+            self.responses.pop(mid, None)
 
     def deliver(self, msg_type: int, sender: int, cpu: int, data: bytes) -> bool:
         """Ring callback. False means no handler took it (the ring counts the drop)."""

@@ -98,6 +98,10 @@ def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa
             while True:
                 time.sleep(3600)
         slot[L.SLOT_ACK_CPU:L.SLOT_ACK_CPU + 4] = linux.sched_getcpu().to_bytes(4, "little")
+        # online in the peer-state table at once: peers may answer us before the host has
+        # processed our answer (the host writes the same values when it marks us active)
+        slot[L.SLOT_PID:L.SLOT_PID + 4] = os.getpid().to_bytes(4, "little")
+        slot[L.SLOT_PEER_STATE:L.SLOT_PEER_STATE + 4] = L.STATE_CODES["active"].to_bytes(4, "little")
         slot[L.SLOT_READY:L.SLOT_READY + 4] = (0).to_bytes(4, "little")
         os.eventfd_write(boot.host_doorbell_fd, 1)
         ctx = KernelContext(

@@ -24,7 +24,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def summary(values: list[float]) -> dict[str, float]:
     v = sorted(values)
     return {"n": len(v), "p50": percentile(v, 50), "p90": percentile(v, 90),
-            "p99": percentile(v, 99), "max": v[-1] if v else float("nan"),
+            "p99": percentile(v, 99), "p99.9": percentile(v, 99.9), "max": v[-1] if v else float("nan"),
             "min": v[0] if v else float("nan")}
 
 

@@ -1,0 +1,251 @@
+"""``mkctl bench ipi``: cross-instance round trips and streaming against raw baselines.
+
+For every ordered pair of distinct cores (a, b) and every delivery mode, a ``role=ping`` echo
+instance on a times ``--round-trips`` requests to an echo instance on b, and a ``role=stream``
+instance on a sends ``--stream`` one-way 64-byte messages to it. Between the same two cores, in
+the same run, two bare Python baselines: a shared-memory spin ping-pong and a blocking eventfd
+ping-pong. Poll mode is compared with the spin baseline, interrupt and hybrid modes with the
+eventfd baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import mmap
+import os
+import struct
+import sys
+import time
+from typing import Any
+
+from kernels.echo import RESULTS, read_results
+
+from ..machine import Machine
+from .stats import environment, environment_line, summary
+
+MODES = ("poll", "interrupt", "hybrid")
+BASELINE_OF = {"poll": "raw-spin", "interrupt": "raw-eventfd", "hybrid": "raw-eventfd"}
+TARGETS = {"poll_p50_us": 5.0, "poll_ratio": 20.0, "interrupt_ratio": 1.3,
+           "stream_msgs_per_s": 500_000}
+
+
+def tier(a: int, b: int) -> str:
+    if a == b:
+        return "T0"
+
+    def read(cpu: int, what: str) -> str:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/{what}") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    if read(a, "core_id") == read(b, "core_id") and read(a, "physical_package_id") == read(b, "physical_package_id"):
+        return "T1"
+    return "T2" if read(a, "physical_package_id") == read(b, "physical_package_id") else "T3"
+
+
+# -- raw baselines -------------------------------------------------------------------------
+def _pin_child(cpu: int) -> None:
+    os.sched_setaffinity(0, [cpu])
+
+
+def raw_spin(a: int, b: int, n: int) -> list[float]:
+    """Round trips by flipping one byte of shared memory, both sides spinning."""
+    shm = mmap.mmap(-1, 4096)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _pin_child(b)
+            shm[64] = 1                      # ready
+            for i in range(n):
+                want = (i & 0x7F) | 0x80
+                while shm[0] != want:
+                    pass
+                shm[1] = want
+        finally:
+            os._exit(0)
+    try:
+        os.sched_setaffinity(0, [a])
+        while shm[64] != 1:
+            pass
+        out = []
+        perf = time.perf_counter_ns
+        for i in range(n):
+            want = (i & 0x7F) | 0x80
+            t0 = perf()
+            shm[0] = want
+            while shm[1] != want:
+                pass
+            out.append((perf() - t0) / 1000.0)
+        return out
+    finally:
+        os.waitpid(pid, 0)
+        shm.close()
+
+
+def raw_eventfd(a: int, b: int, n: int) -> list[float]:
+    """Round trips through two eventfds with blocking reads: one wake-up per hop."""
+    ping, pong = os.eventfd(0), os.eventfd(0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _pin_child(b)
+            for _ in range(n):
+                os.eventfd_read(ping)
+                os.eventfd_write(pong, 1)
+        finally:
+            os._exit(0)
+    try:
+        os.sched_setaffinity(0, [a])
+        out = []
+        perf = time.perf_counter_ns
+        for _ in range(n):
+            t0 = perf()
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+            out.append((perf() - t0) / 1000.0)
+        return out
+    finally:
+        os.waitpid(pid, 0)
+        os.close(ping)
+        os.close(pong)
+
+
+# -- the emulator --------------------------------------------------------------------------
+def _wait_done(m: Machine, name: str, timeout: float) -> tuple[int, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, n, elapsed = read_results(m.read_memory(name, 0, RESULTS.size))
+        if done:
+            return n, elapsed
+        d = m.show(name)
+        if d["state"] != "active":
+            raise RuntimeError(f"{name} stopped: {d['last_exit']}; console:\n{m.console(name)[-1500:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not finish in {timeout:g} s")
+        m.poll(0.05)
+
+
+def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: int) -> dict[str, Any]:
+    memory = max(4 << 20, (RESULTS.size + 8 * n + 4095) // 4096 * 4096)
+    m.create("echo", cpus=[b], memory="4M")
+    m.create("ping", cpus=[a], memory=memory)
+    try:
+        echo = m.load("echo", "kernels.echo:EchoKernel", f"mk_mode={mode}")
+        m.exec("echo")
+        m.load("ping", "kernels.echo:EchoKernel",
+               f"role=ping target={echo['id']} count={n} size={size} mk_mode={mode}")
+        m.exec("ping")
+        count, _ = _wait_done(m, "ping", 120)
+        raw = m.read_memory("ping", RESULTS.size, 8 * count)
+        rtts = list(struct.unpack(f"<{count}d", raw))
+        m.kill("ping", force=True)
+        m.unload("ping")
+        m.load("ping", "kernels.echo:EchoKernel",
+               f"role=stream target={echo['id']} count={stream} size={size} mk_mode={mode}")
+        m.exec("ping")
+        got, elapsed = _wait_done(m, "ping", 300)
+        enospc = struct.unpack_from("<d", m.read_memory("ping", RESULTS.size, 8))[0]
+    finally:
+        for name in ("ping", "echo"):
+            if m.show(name)["state"] == "active":
+                m.kill(name, force=True)
+            if m.show(name)["state"] in ("loaded", "failed"):
+                m.unload(name)
+            m.delete(name)
+    return {"rtt_us": rtts, "stream_received": got, "stream_sent": stream,
+            "stream_seconds": elapsed, "stream_enospc": int(enospc),
+            "msgs_per_s": got / elapsed if elapsed > 0 else 0.0}
+
+
+def run(round_trips: int = 10_000, stream: int = 100_000, size: int = 64,
+        modes: tuple[str, ...] = MODES, progress: bool = False) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))
+    pairs = list(itertools.permutations(cpus, 2)) or [(cpus[0], cpus[0])]
+    results: list[dict[str, Any]] = []
+    saved = os.sched_getaffinity(0)
+    with Machine(cpus=cpus, host_cpus=[cpus[0]], oversubscribe=True, memory="512M",
+                 kill_timeout=5.0) as m:
+        for a, b in pairs:
+            base = {"raw-spin": summary(raw_spin(a, b, round_trips)),
+                    "raw-eventfd": summary(raw_eventfd(a, b, round_trips))}
+            os.sched_setaffinity(0, saved)
+            for variant, s in base.items():
+                results.append({"cpu_a": a, "cpu_b": b, "tier": tier(a, b), "variant": variant,
+                                "latency_us": s})
+            for mode in modes:
+                if progress:
+                    print(f"\rbench ipi: CPU {a} -> {b}, {mode} ...", end="", file=sys.stderr,
+                          flush=True)
+                e = emulated(m, a, b, mode, round_trips, stream, size)
+                lat = summary(e["rtt_us"])
+                ref = base[BASELINE_OF[mode]]
+                results.append({
+                    "cpu_a": a, "cpu_b": b, "tier": tier(a, b), "variant": mode,
+                    "latency_us": lat, "baseline": BASELINE_OF[mode],
+                    "ratio_p50": lat["p50"] / ref["p50"], "ratio_p99": lat["p99"] / ref["p99"],
+                    "msgs_per_s": e["msgs_per_s"], "stream_enospc": e["stream_enospc"],
+                    "stream_received": e["stream_received"]})
+    if progress:
+        print(file=sys.stderr)
+    return {"benchmark": "ipi", "round_trips": round_trips, "stream_messages": stream,
+            "payload_bytes": size, "environment": environment(), "host_cpu": cpus[0],
+            "oversubscribed": True, "results": results, "targets": TARGETS}
+
+
+def render(res: dict[str, Any]) -> str:
+    lines = [f"IPI round trips ({res['round_trips']} per cell, {res['payload_bytes']}-byte "
+             f"payload) and one-way streaming ({res['stream_messages']} messages)",
+             f"machine: {environment_line(res['environment'])}",
+             f"host on CPU {res['host_cpu']} (shared with an instance: oversubscribed)",
+             "{:<8}{:<13}{:>9}{:>9}{:>9}{:>9}{:>10}{:>10}{:>12}".format(
+                 "cpus", "variant", "p50 us", "p90", "p99", "p99.9", "max", "x base", "msgs/s")]
+    for r in res["results"]:
+        lat = r["latency_us"]
+        lines.append("{:<8}{:<13}{:>9.2f}{:>9.2f}{:>9.2f}{:>9.2f}{:>10.1f}{:>10}{:>12}".format(
+            f"{r['cpu_a']}->{r['cpu_b']}", r["variant"], lat["p50"], lat["p90"], lat["p99"],
+            lat["p99.9"], lat["max"],
+            f"{r['ratio_p50']:.2f}x" if "ratio_p50" in r else "-",
+            f"{r['msgs_per_s']:,.0f}" if "msgs_per_s" in r else "-"))
+    t = res["targets"]
+    lines.append(f"targets: poll p50 <= {t['poll_p50_us']} us and <= {t['poll_ratio']}x raw-spin; "
+                 f"interrupt p50 <= {t['interrupt_ratio']}x raw-eventfd; stream >= "
+                 f"{t['stream_msgs_per_s']:,} msgs/s")
+    return "\n".join(lines)
+
+
+def render_csv(res: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["test", "variant", "tier", "cpu_a", "cpu_b", "mem_node", "size", "repeat",
+                "metric", "value", "unit"])
+    for r in res["results"]:
+        for metric in ("p50", "p90", "p99", "p99.9", "max"):
+            w.writerow(["ipi_rtt", r["variant"], r["tier"], r["cpu_a"], r["cpu_b"], 0,
+                        res["payload_bytes"], res["round_trips"], metric,
+                        f"{r['latency_us'][metric]:.3f}", "us"])
+        if "msgs_per_s" in r:
+            w.writerow(["ipi_stream", r["variant"], r["tier"], r["cpu_a"], r["cpu_b"], 0,
+                        res["payload_bytes"], res["stream_messages"], "throughput",
+                        f"{r['msgs_per_s']:.0f}", "msgs/s"])
+    return buf.getvalue()
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.round_trips < 10_000 and not a.quick:
+        print("mkctl bench: error: --round-trips must be at least 10000 for a p99.9 worth quoting "
+              "[EINVAL]\n  fix: --round-trips 10000 or more (or --quick for a smoke run)",
+              file=sys.stderr)
+        return 1
+    res = run(a.round_trips, a.stream, 64, progress=sys.stderr.isatty())
+    if a.format == "json":
+        print(json.dumps(res, indent=2))
+    elif a.format == "csv":
+        sys.stdout.write(render_csv(res))
+    else:
+        print(render(res))
+    return 0
