@@ -20,6 +20,7 @@ import errno
 import os
 import select
 import signal
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn
@@ -27,9 +28,13 @@ from typing import Any, Callable, NoReturn
 from . import layout as L
 from . import message as M
 from .console import ConsoleWriter
+from .ring import POLLING as POLLING_BYTE
 from .ring import Ring, RingError
 
 IPI_SIGNAL = signal.SIGRTMIN       # the doorbell of a busy instance: MULTIKERNEL_VECTOR
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_ACTIVE = L.STATE_CODES["active"]
 
 
 class KernelPanic(BaseException):
@@ -214,30 +219,32 @@ class Kernel:
         return ring
 
     def _peer_u32(self, target: int, off: int) -> int:
-        base = target * L.CONTROL_SLOT_BYTES + off
-        return int.from_bytes(self.ctx.control[base:base + 4], "little")
+        return _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES + off)[0]
 
     def _peer_alive(self, target: int) -> bool:
         return 0 <= target < L.MAX_INSTANCES and \
-            self._peer_u32(target, L.SLOT_PEER_STATE) == L.STATE_CODES["active"]
+            self._peer_u32(target, L.SLOT_PEER_STATE) == _ACTIVE
 
     def _mk_count(self, off: int) -> None:
         slot = self.ctx.slot
-        slot[off:off + 8] = (int.from_bytes(slot[off:off + 8], "little") + 1).to_bytes(8, "little")
+        _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + 1)
 
     def _post(self, target: int, msg_type: int, data: bytes) -> None:
-        if not isinstance(target, int) or not self._peer_alive(target):
+        """Ring + doorbell: the send path of every message."""
+        if target.__class__ is not int or not 0 <= target < L.MAX_INSTANCES or \
+                _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES
+                                 + L.SLOT_PEER_STATE)[0] != _ACTIVE:
             self._mk_count(L.SLOT_IPI_ESRCH)
             raise RingError(errno.ESRCH, f"instance {target} is not active")
-        ring = self._ring_of(target)
+        ring = self._rings.get(target) or self._ring_of(target)
         try:
-            ring.send(self.id, self._cpu, msg_type, data)
+            ring.send(self.ctx.id, self._cpu, msg_type, data)
         except RingError as exc:
             if exc.errno == errno.ENOSPC:
                 self._mk_count(L.SLOT_IPI_RING_FULL)
             raise
         self._mk_count(L.SLOT_IPI_SENT)
-        if not ring.polling:
+        if not ring.buf[POLLING_BYTE]:
             if target == 0:
                 os.eventfd_write(self.ctx.host_doorbell_fd, 1)
             else:
@@ -300,8 +307,8 @@ class Kernel:
 
     def _progress(self) -> None:
         slot = self.ctx.slot
-        n = int.from_bytes(slot[L.SLOT_PROGRESS:L.SLOT_PROGRESS + 8], "little") + 1
-        slot[L.SLOT_PROGRESS:L.SLOT_PROGRESS + 8] = (n & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little")
+        _U64.pack_into(slot, L.SLOT_PROGRESS,
+                       (_U64.unpack_from(slot, L.SLOT_PROGRESS)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
 
     def _force_halt_requested(self) -> bool:
         return self.ctx.slot[L.SLOT_FORCE_HALT] != 0

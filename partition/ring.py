@@ -52,6 +52,8 @@ S_SENDER = 12            # u32 sender instance id + 1 (0: not written yet)
 S_SIZE = 16              # u64 data_size, published last
 S_TICKET = 24            # u64 claim ticket (the head value claimed)
 _SLOT_HDR = struct.Struct("<QIIQQ")
+_Q = struct.Struct("<Q")
+_ZERO_HDR = bytes(L.RING_SLOT_HEADER)
 ABANDONED = (1 << 64) - 1
 
 MODES = {"interrupt": 0, "poll": 1, "hybrid": 2}
@@ -148,12 +150,25 @@ class Ring:
         self._put_u64(off + S_SIZE, size)
 
     def send(self, sender_id: int, sender_cpu: int, msg_type: int, data: bytes) -> None:
-        if len(data) > self.slot_bytes or not data:
-            raise RingError(errno.EMSGSIZE, f"message of {len(data)} bytes does not fit a "
+        """Claim, fill, publish: the hot path, kept to a handful of buffer operations."""
+        n = len(data)
+        if n > self.slot_bytes or not n:
+            raise RingError(errno.EMSGSIZE, f"message of {n} bytes does not fit a "
                                             f"{self.slot_bytes}-byte IPI slot")
-        ticket = self.claim()
-        off = self.fill(ticket, sender_id, sender_cpu, msg_type, data)
-        self.publish(off, len(data))
+        buf = self.buf
+        unpack = _Q.unpack_from
+        while True:
+            h = unpack(buf, HEAD)[0]
+            if h - unpack(buf, TAIL)[0] >= self.nslots:
+                raise RingError(errno.ENOSPC, f"IPI ring of instance {self.id} is full "
+                                              f"({self.nslots} slots)")
+            if linux.cas_u64(self.addr + HEAD, h, h + 1):
+                break
+        off = L.RING_HEADER_BYTES + (h % self.nslots) * self.stride
+        _SLOT_HDR.pack_into(buf, off, sender_cpu, msg_type & 0xFFFFFFFF, sender_id + 1, 0, h)
+        p = off + L.RING_SLOT_HEADER
+        buf[p:p + n] = data
+        _Q.pack_into(buf, off + S_SIZE, n)          # publish last
 
     # -- receiving -------------------------------------------------------------------------
     def pending(self) -> bool:
@@ -164,37 +179,54 @@ class Ring:
               abandon_after: float = 1.0) -> int:
         """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
         payload)``, which returns False for a type nobody handles (dropped, counted)."""
-        done = 0
         buf = self.buf
-        while done < limit:
-            t = self.tail
-            if t == self.head:
-                break
-            off = self._slot(t)
-            size = self._u64(off + S_SIZE)
-            if size == 0:
-                if not self._abandoned(t, off, abandon_after):
-                    break
-                self._bump(3)
-            elif size == ABANDONED:
-                self._bump(3)
-            elif size > self.slot_bytes or self._u64(off + S_TICKET) != t:
-                self._bump(1)
-            else:
-                cpu, mtype, sender, _, _ = _SLOT_HDR.unpack_from(buf, off)
-                p = off + L.RING_SLOT_HEADER
-                payload = bytes(buf[p:p + size])
-                buf[off:off + L.RING_SLOT_HEADER] = bytes(L.RING_SLOT_HEADER)
-                self._put_u64(TAIL, t + 1)
-                self._bump(0)
+        unpack = _Q.unpack_from
+        t = unpack(buf, TAIL)[0]
+        head = unpack(buf, HEAD)[0]
+        if t == head:
+            return 0
+        done = received = bad = unknown = abandoned = 0
+        nslots, stride, cap = self.nslots, self.stride, self.slot_bytes
+        try:
+            while done < limit:
+                if t == head:
+                    head = unpack(buf, HEAD)[0]
+                    if t == head:
+                        break
+                off = L.RING_HEADER_BYTES + (t % nslots) * stride
+                cpu, mtype, sender, size, ticket = _SLOT_HDR.unpack_from(buf, off)
+                if size == 0:
+                    if not self._abandoned(t, off, abandon_after):
+                        break
+                    abandoned += 1
+                    payload = None
+                elif size == ABANDONED:
+                    abandoned += 1
+                    payload = None
+                elif size > cap or ticket != t:
+                    bad += 1
+                    payload = None
+                else:
+                    p = off + L.RING_SLOT_HEADER
+                    payload = bytes(buf[p:p + size])
+                buf[off:off + L.RING_SLOT_HEADER] = _ZERO_HDR
+                t += 1
+                _Q.pack_into(buf, TAIL, t)          # the slot is free from here on
                 done += 1
+                if payload is None:
+                    self._pending_since.pop(t - 1, None)
+                    continue
+                received += 1
                 if not deliver(mtype, sender - 1, cpu, payload):
-                    self._bump(2)
-                continue
-            buf[off:off + L.RING_SLOT_HEADER] = bytes(L.RING_SLOT_HEADER)
-            self._put_u64(TAIL, t + 1)
-            self._pending_since.pop(t, None)
-            done += 1
+                    unknown += 1
+        finally:
+            if done:
+                c = list(_COUNTERS.unpack_from(buf, COUNTERS))
+                c[0] += received
+                c[1] += bad
+                c[2] += unknown
+                c[3] += abandoned
+                _COUNTERS.pack_into(buf, COUNTERS, *c)
         return done
 
     def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:
