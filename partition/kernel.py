@@ -28,6 +28,8 @@ from typing import Any, Callable, NoReturn
 from . import layout as L
 from . import message as M
 from .console import ConsoleWriter
+from . import linux
+from .ring import IDLE as IDLE_BYTE
 from .ring import POLLING as POLLING_BYTE
 from .ring import Ring, RingError
 
@@ -98,6 +100,7 @@ class Kernel:
         self._in_drain = False
         self._booted = False       # messages wait in the ring until boot() registered handlers
         self._rings: dict[int, Ring] = {}
+        self._doorbells: dict[int, tuple[int, int]] = {}   # peer id -> (pid, its eventfd here)
         self.mode = self.params.get("mk_mode", self.mode)
         if self.mode not in ("interrupt", "poll", "hybrid"):
             raise ValueError(f"mk_mode must be interrupt, poll or hybrid, not {self.mode!r}")
@@ -173,7 +176,17 @@ class Kernel:
     def idle(self, timeout: float | None = None) -> bool:
         """The emulated HLT: block on the doorbell. Returns True if it was rung."""
         t = self.idle_timeout if timeout is None else timeout
-        r, _, _ = select.select([self.ctx.doorbell_fd], [], [], t)
+        buf = self.ring.buf if self.ctx.rings is not None else None
+        if buf is not None:
+            buf[IDLE_BYTE] = 1                      # halted: senders write our eventfd
+            if self.ring.pending():                 # re-check after announcing: no lost wake
+                buf[IDLE_BYTE] = 0
+                return True
+        try:
+            r, _, _ = select.select([self.ctx.doorbell_fd], [], [], t)
+        finally:
+            if buf is not None:
+                buf[IDLE_BYTE] = 0
         if r:
             try:
                 os.eventfd_read(self.ctx.doorbell_fd)
@@ -244,14 +257,48 @@ class Kernel:
                 self._mk_count(L.SLOT_IPI_RING_FULL)
             raise
         self._mk_count(L.SLOT_IPI_SENT)
-        if not ring.buf[POLLING_BYTE]:
+        buf = ring.buf
+        if not buf[POLLING_BYTE]:
             if target == 0:
                 os.eventfd_write(self.ctx.host_doorbell_fd, 1)
+            elif buf[IDLE_BYTE]:
+                self._wake_halted(target)
             else:
                 try:
                     os.kill(self._peer_u32(target, L.SLOT_PID), IPI_SIGNAL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+    def _wake_halted(self, target: int) -> None:
+        """The peer sleeps on its eventfd (HLT): write it directly, one wake-up, no signal.
+        Its descriptor is fetched once per peer boot with pidfd_getfd; if that is refused,
+        the signal doorbell does the job."""
+        pid = self._peer_u32(target, L.SLOT_PID)
+        cached = self._doorbells.get(target)
+        if cached is None or cached[0] != pid:
+            if cached is not None and cached[1] >= 0:
+                os.close(cached[1])
+            fd = -1
+            try:
+                pidfd = os.pidfd_open(pid)
+                try:
+                    fd = linux.pidfd_getfd(pidfd, self._peer_u32(target, L.SLOT_DOORBELL_FD))
+                finally:
+                    os.close(pidfd)
+            except OSError:
+                fd = -1
+            cached = (pid, fd)
+            self._doorbells[target] = cached
+        try:
+            if cached[1] >= 0:
+                os.eventfd_write(cached[1], 1)
+                return
+        except OSError:
+            pass
+        try:
+            os.kill(pid, IPI_SIGNAL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _on_ipi(self, signum: int, frame: object) -> None:
         """The interrupt: drain between two bytecodes, and wake an idle wait."""

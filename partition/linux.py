@@ -137,3 +137,19 @@ def cas_u64(address: int, expected: int, desired: int) -> bool:
 def exchange_u64(address: int, value: int) -> int:
     """Atomic store with a full barrier; returns the previous value."""
     return int(_xchg8(address, value, _SEQ_CST))
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+SYS_pidfd_getfd = 438
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """Duplicate descriptor ``targetfd`` of the process behind ``pidfd`` into this process
+    (Linux 5.6+, needs ptrace access to it: same user here)."""
+    fd = _syscall(ctypes.c_long(SYS_pidfd_getfd), ctypes.c_int(pidfd), ctypes.c_int(targetfd),
+                  ctypes.c_uint(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
+    return int(fd)

@@ -39,6 +39,7 @@ from .resources import PoolConfig, ResourcePool
 from . import message as M
 from .kernel import IPI_SIGNAL
 from .message import Messenger
+from .ring import IDLE as RING_IDLE
 from .ring import Ring, RingError
 from .trampoline import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, BootParams, enter
 from .views import ViewWriter
@@ -619,11 +620,15 @@ class Machine:
         ring = self.ring_of(target)
         ring.send(HOST_ID, self._host_cpu, msg_type, data)
         inst.counters["host_sent"] = inst.counters.get("host_sent", 0) + 1
-        if not ring.polling:
-            try:
-                os.kill(inst.pid, IPI_SIGNAL)
-            except ProcessLookupError:
-                pass
+        if ring.polling:
+            return
+        if ring.buf[RING_IDLE] and inst.doorbell_fd is not None:
+            os.eventfd_write(inst.doorbell_fd, 1)       # halted: wake its HLT directly
+            return
+        try:
+            os.kill(inst.pid, IPI_SIGNAL)
+        except ProcessLookupError:
+            pass
 
     def _drain_host_ring(self) -> None:
         while self.host_ring.drain(self.messenger.deliver, 64):

@@ -41,6 +41,7 @@ TAIL = 64
 POLLING = 128            # u32
 MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hybrid
 COUNTERS = 136           # u64 x 5
+IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring the eventfd
 COUNTER_NAMES = ("received", "dropped_bad_size", "dropped_unknown_type", "dropped_abandoned",
                  "doorbells")
 _COUNTERS = struct.Struct("<5Q")

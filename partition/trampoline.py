@@ -101,6 +101,7 @@ def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa
         # online in the peer-state table at once: peers may answer us before the host has
         # processed our answer (the host writes the same values when it marks us active)
         slot[L.SLOT_PID:L.SLOT_PID + 4] = os.getpid().to_bytes(4, "little")
+        slot[L.SLOT_DOORBELL_FD:L.SLOT_DOORBELL_FD + 4] = boot.doorbell_fd.to_bytes(4, "little")
         slot[L.SLOT_PEER_STATE:L.SLOT_PEER_STATE + 4] = L.STATE_CODES["active"].to_bytes(4, "little")
         slot[L.SLOT_READY:L.SLOT_READY + 4] = (0).to_bytes(4, "little")
         os.eventfd_write(boot.host_doorbell_fd, 1)
