@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversubscribe", action="store_true",
                    help="allow instances to share host cores (shown in every view)")
     p.add_argument("--console-size", type=int, default=64 * 1024, help="kmsg bytes per instance")
-    p.add_argument("--kill-timeout", type=float, default=5.0,
-                   help="seconds a graceful kill waits before forcing (default 5)")
+    p.add_argument("--kill-timeout", type=float, default=30.0,
+                   help="seconds a graceful kill waits before forcing (default 30)")
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("create", parents=[common], help="reserve CPUs and memory (-> ready)")

@@ -111,7 +111,15 @@ class Messenger:
         self.waiting.add(mid)     # before sending: the answer may come in an interrupt at once
         deadline = time.monotonic() + timeout
         try:
-            self.send(target, msg_type, payload, SUB_REQUEST, mid)
+            while True:      # a full ring is back pressure: retry until the deadline
+                try:
+                    self.send(target, msg_type, payload, SUB_REQUEST, mid)
+                    break
+                except RingError as exc:
+                    left = deadline - time.monotonic()
+                    if exc.errno != errno.ENOSPC or left <= 0:
+                        raise
+                    wait(min(left, 0.001))
             while mid not in self.responses:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -36,3 +36,30 @@ def test_demo_runs_and_checks_itself():
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "demo: all checks passed" in p.stdout
+
+
+def test_ipi_bench_shape_and_csv():
+    from partition.bench import ipi
+    res = ipi.run(round_trips=200, stream=500, modes=("poll", "interrupt"))
+    by = {(r["cpu_a"], r["cpu_b"], r["variant"]) for r in res["results"]}
+    pairs = {(r["cpu_a"], r["cpu_b"]) for r in res["results"]}
+    for a, b in pairs:
+        for v in ("raw-spin", "raw-eventfd", "poll", "interrupt"):
+            assert (a, b, v) in by
+    for r in res["results"]:
+        assert r["latency_us"]["n"] == 200 and r["latency_us"]["p50"] > 0
+        if r["variant"] in ("poll", "interrupt"):
+            assert r["stream_received"] == 500 and r["msgs_per_s"] > 0
+    text = ipi.render_csv(res).splitlines()
+    assert text[0] == "test,variant,tier,cpu_a,cpu_b,mem_node,size,repeat,metric,value,unit"
+    metrics = {line.split(",")[8] for line in text[1:]}
+    assert metrics == {"p50", "p90", "p99", "p99.9", "max", "throughput"}
+
+
+def test_ipi_bench_cli_refuses_few_round_trips():
+    p = subprocess.run([sys.executable, "-m", "partition.cli", "bench", "ipi", "--round-trips",
+                        "100"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "at least 10000" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "partition.cli", "show", "--format", "csv"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "only for 'bench ipi'" in p.stderr

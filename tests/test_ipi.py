@@ -75,6 +75,17 @@ def test_back_pressure_on_full_ring_and_third_party_unaffected(machine):
     assert machine.request("echo", M.MK_MSG_USER, "still here", timeout=5) == "still here"
 
 
+def test_flooded_peer_still_answers_a_third_party(machine):
+    """An instance flooding the echo gets ENOSPC back pressure; the host still gets answers."""
+    echo = up(machine, "echo", "kernels.echo:EchoKernel")
+    up(machine, "flood", "kernels.echo:EchoKernel",
+       f"role=stream target={echo['id']} count=200000", cpu=CPUS[0])
+    wait_until(machine, lambda: machine.show("flood")["counters"]["ipi_ring_full"] > 0, timeout=30)
+    for i in range(20):
+        assert machine.request("echo", M.MK_MSG_USER, i, timeout=10) == i
+    assert machine.show("flood")["state"] == "active"
+
+
 def test_oversize_and_bad_target(machine):
     up(machine, "echo", "kernels.echo:EchoKernel")
     with pytest.raises(RingError) as ei:

@@ -145,6 +145,8 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
         rtts = list(struct.unpack(f"<{count}d", raw))
         m.kill("ping", force=True)
         m.unload("ping")
+        m.delete("ping")              # scrubbed: the stream run starts from a zeroed partition
+        m.create("ping", cpus=[a], memory=memory)
         m.load("ping", "kernels.echo:EchoKernel",
                f"role=stream target={echo['id']} count={stream} size={size} mk_mode={mode}")
         m.exec("ping")
