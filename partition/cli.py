@@ -98,7 +98,12 @@ def cmd_kill(a: argparse.Namespace) -> int:
 
 def cmd_show(a: argparse.Namespace) -> int:
     r = Client(a.run_dir).call("show", name=a.name)
-    _emit(a, r, _one_line(r) if a.name else render_show(r).rstrip())
+    if a.name:
+        counters = " ".join(f"{k}={v}" for k, v in r["counters"].items())
+        text = f"{_one_line(r)}\n  counters: {counters}"
+    else:
+        text = render_show(r).rstrip()
+    _emit(a, r, text)
     return EXIT_OK
 
 

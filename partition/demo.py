@@ -19,6 +19,7 @@ import psutil
 
 from kernels.counter import read_count
 
+from . import message as M
 from .machine import Machine
 from .units import format_cpulist
 from .views import render_show
@@ -61,15 +62,15 @@ def main(a: argparse.Namespace | None = None) -> int:
     with Machine(cpus=pool, host_cpus=host, memory="256M", oversubscribe=oversub) as m:
         run_dir = m.run_dir
         print(f"   run directory {run_dir} (proc/kimage, sys/fs/multikernel/, events.log)")
-        d.step("create two partitions, load kernels, boot them")
+        d.step("create two partitions, load a counter and an echo kernel, boot them")
         m.create("counter", cpus=[pool[-1]], memory="64M")
-        m.create("idle", cpus=[pool[0]], memory="16M")
+        m.create("echo", cpus=[pool[0]], memory="16M")
         m.load("counter", "kernels.counter:CounterKernel", "interval=0.002 report=100")
-        m.load("idle", "kernels.idle:IdleKernel")
+        m.load("echo", "kernels.echo:EchoKernel")
         t0 = time.perf_counter()
         c = m.exec("counter")
         boot_ms = (time.perf_counter() - t0) * 1e3
-        i = m.exec("idle")
+        i = m.exec("echo")
         print(f"   counter booted in {boot_ms:.2f} ms (pid {c['pid']})")
         for inst in (c, i):
             aff = psutil.Process(inst["pid"]).cpu_affinity()
@@ -78,6 +79,18 @@ def main(a: argparse.Namespace | None = None) -> int:
         print("   proc/kimage:")
         with open(os.path.join(run_dir, "proc", "kimage")) as f:
             print("".join("     " + line for line in f))
+
+        d.step("IPIs: the host pings the echo instance through its ring")
+        rtts = []
+        for k in range(200):
+            t = time.perf_counter()
+            ok = m.request("echo", M.MK_MSG_USER, k, timeout=5) == k
+            rtts.append((time.perf_counter() - t) * 1e6)
+            if not ok:
+                break
+        rtts.sort()
+        d.check(len(rtts) == 200, f"200 request/response round trips, p50 {rtts[len(rtts) // 2]:.0f} us "
+                                  "(interrupt mode: the echo sleeps on its doorbell)")
 
         d.step("the counter works in its own partition")
         n = _wait_count(m, "counter", 200)
@@ -93,7 +106,7 @@ def main(a: argparse.Namespace | None = None) -> int:
         host_log = m.console("host").strip().splitlines()[-1]
         print(f"   host console: {host_log}")
         d.check("halted, CPUs parking in pool" in host_log, "host logged the halt")
-        d.check(m.show("idle")["state"] == "active", "the idle instance kept running")
+        d.check(m.show("echo")["state"] == "active", "the echo instance kept running")
         tail = m.console("counter").strip().splitlines()[-2:]
         print("   counter console after death:\n" + "\n".join("     " + t for t in tail))
         d.check(bool(tail), "console readable after death")
@@ -105,7 +118,7 @@ def main(a: argparse.Namespace | None = None) -> int:
         d.check(after > before, f"count resumed from {before} and reached {after}")
 
         d.step("graceful halt of everything, then teardown")
-        for name in ("counter", "idle"):
+        for name in ("counter", "echo"):
             r = m.kill(name)
             d.check(r["last_exit"]["how"] == "graceful", f"{name}: {r['last_exit']['reason']}")
         pids = [c["pid"], i["pid"]]
