@@ -16,12 +16,16 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
 from . import protocol, rundir
 from .errors import InvalidSpec, MKError
 from .machine import Machine
+
+VIEW_REFRESH_S = 1.0      # counters in sys/ views are at most this old
+
 
 # op -> (argument names allowed, handler)
 def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
@@ -75,8 +79,13 @@ class Supervisor:
         self.stopping = False
 
     def loop(self) -> None:
+        next_refresh = time.monotonic() + VIEW_REFRESH_S
         while not self.stopping:
-            for key, _ in self.sel.select():
+            events = self.sel.select(max(0.0, next_refresh - time.monotonic()))
+            if time.monotonic() >= next_refresh:
+                self.m.refresh_views()
+                next_refresh = time.monotonic() + VIEW_REFRESH_S
+            for key, _ in events:
                 if key.data == "machine":
                     self.m.poll(0)
                 elif key.data == "listen":

@@ -106,4 +106,5 @@ class Instance:
     shutdown_acked: bool = False
     last_heartbeat: float | None = None
     counters: dict[str, int] = field(default_factory=lambda: {
-        "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0})
+        "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
+        "heartbeats": 0, "halted_msgs": 0})

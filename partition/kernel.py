@@ -234,10 +234,6 @@ class Kernel:
     def _peer_u32(self, target: int, off: int) -> int:
         return _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES + off)[0]
 
-    def _peer_alive(self, target: int) -> bool:
-        return 0 <= target < L.MAX_INSTANCES and \
-            self._peer_u32(target, L.SLOT_PEER_STATE) == _ACTIVE
-
     def _mk_count(self, off: int) -> None:
         slot = self.ctx.slot
         _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + 1)
@@ -397,6 +393,3 @@ class Kernel:
         except Exception:  # noqa: BLE001
             pass
 
-
-def now_ns() -> int:
-    return time.monotonic_ns()

@@ -128,8 +128,8 @@ class Machine:
         self.messenger.register(M.MK_MSG_HALTED, self._on_halted_msg)
         self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
         self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
-        self._slot_put_raw(HOST_ID, L.SLOT_PEER_STATE, L.STATE_CODES["active"])
-        self._slot_put_raw(HOST_ID, L.SLOT_PID, os.getpid())
+        self._slot_put_u32(HOST_ID, L.SLOT_PEER_STATE, L.STATE_CODES["active"])
+        self._slot_put_u32(HOST_ID, L.SLOT_PID, os.getpid())
         self.started = time.time()
         self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
                                 memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
@@ -189,6 +189,11 @@ class Machine:
         """The host's own console (instance 0's kmsg)."""
         if self._host_console is not None:
             self._host_console.printk(message)
+
+    def refresh_views(self) -> None:
+        """Rewrite the views whose content changed (counters move between state changes)."""
+        if not (self._closed or self._closing):
+            self.views.update(self.snapshot())
 
     def fileno(self) -> int:
         """Readable when the machine has events to handle; lets a daemon nest it in its loop."""
@@ -329,9 +334,11 @@ class Machine:
     def show(self, name: str | None = None) -> dict[str, Any]:
         self._check_open()
         self.poll(0)
+        snap = self.snapshot()
+        self.views.update(snap)       # counters move without state changes: refresh on look
         if name is not None:
             return self.describe(self._get(name))
-        return self.snapshot()
+        return snap
 
     def snapshot(self) -> dict[str, Any]:
         cfg = self.config
@@ -447,7 +454,7 @@ class Machine:
             inst.boots_acked = False
             self._sel.register(inst.pidfd, selectors.EVENT_READ, inst)
             deadline = time.monotonic() + self.boot_timeout
-            acked = self._wait(lambda: inst.pid is None or self._slot_u32(inst, L.SLOT_READY) == 0,
+            acked = self._wait(lambda: inst.pid is None or self._slot_u32(inst.id, L.SLOT_READY) == 0,
                                deadline)
         finally:
             gc.unfreeze()   # cyclic garbage made meanwhile must stay collectable
@@ -457,7 +464,7 @@ class Machine:
             raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
                              f"mkctl console {inst.name} shows the kernel's last words")
         if not acked:
-            self._slot_put_u32(inst, L.SLOT_READY, 0)       # revoke the publication
+            self._slot_put_u32(inst.id, L.SLOT_READY, 0)       # revoke the publication
             inst.halt_requested = "boot-timeout"
             os.kill(pid, signal.SIGKILL)
             self._wait(lambda: inst.pid is None, None)
@@ -474,14 +481,14 @@ class Machine:
         inst.counters["boots"] += 1
         inst.active_since = time.time()
         self._transition(inst, State.ACTIVE, "exec", pid=inst.pid,
-                         ack_cpu=self._slot_u32(inst, L.SLOT_ACK_CPU))
+                         ack_cpu=self._slot_u32(inst.id, L.SLOT_ACK_CPU))
 
     # -- halting ---------------------------------------------------------------------------
     def _force(self, inst: Instance) -> None:
         if inst.pid is None:
             return
         inst.halt_requested = "forced"
-        self._slot_put_u32(inst, L.SLOT_FORCE_HALT, 1)
+        self._slot_put_u32(inst.id, L.SLOT_FORCE_HALT, 1)
         try:
             os.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -521,7 +528,7 @@ class Machine:
         if inst.pid is None:
             return
         detected = time.monotonic()
-        if inst.state != State.ACTIVE and self._slot_u32(inst, L.SLOT_READY) == 0 \
+        if inst.state != State.ACTIVE and self._slot_u32(inst.id, L.SLOT_READY) == 0 \
                 and inst.halt_requested != "boot-timeout":
             self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
         _, status = os.waitpid(inst.pid, 0)
@@ -619,7 +626,7 @@ class Machine:
             raise RingError(errno.ESRCH, f"instance {target} is not active")
         ring = self.ring_of(target)
         ring.send(HOST_ID, self._host_cpu, msg_type, data)
-        inst.counters["host_sent"] = inst.counters.get("host_sent", 0) + 1
+        inst.counters["host_sent"] += 1
         if ring.polling:
             return
         if ring.buf[RING_IDLE] and inst.doorbell_fd is not None:
@@ -643,7 +650,7 @@ class Machine:
         self.events.info("halted_message", instance=msg.sender,
                          name=inst.name if inst else None, reason=reason)
         if inst is not None:
-            inst.counters["halted_msgs"] = inst.counters.get("halted_msgs", 0) + 1
+            inst.counters["halted_msgs"] += 1
 
     def _on_shutdown_ack(self, msg: M.Message) -> None:
         inst = self._by_id(msg.sender)
@@ -654,7 +661,7 @@ class Machine:
     def _on_heartbeat(self, msg: M.Message) -> None:
         inst = self._by_id(msg.sender)
         if inst is not None:
-            inst.counters["heartbeats"] = inst.counters.get("heartbeats", 0) + 1
+            inst.counters["heartbeats"] += 1
             inst.last_heartbeat = time.time()
 
     def _sweep_claims_of(self, inst: Instance) -> None:
@@ -682,11 +689,11 @@ class Machine:
         }
 
     # -- arena helpers ---------------------------------------------------------------------
-    def _slot_u32_raw(self, instance_id: int, off: int) -> int:
+    def _slot_u32(self, instance_id: int, off: int) -> int:
         base = self.layout.control_offset + self.layout.control_slot_at(instance_id) + off
         return int.from_bytes(self.arena.map[base:base + 4], "little")
 
-    def _slot_put_raw(self, instance_id: int, off: int, value: int) -> None:
+    def _slot_put_u32(self, instance_id: int, off: int, value: int) -> None:
         base = self.layout.control_offset + self.layout.control_slot_at(instance_id) + off
         self.arena.map[base:base + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
 
@@ -698,21 +705,13 @@ class Machine:
         slot = self.arena.slot(inst.id)
         slot[:] = bytes(len(slot))
 
-    def _slot_u32(self, inst: Instance, off: int) -> int:
-        base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + off
-        return int.from_bytes(self.arena.map[base:base + 4], "little")
-
-    def _slot_put_u32(self, inst: Instance, off: int, value: int) -> None:
-        base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + off
-        self.arena.map[base:base + 4] = value.to_bytes(4, "little")
-
     def _progress(self, inst: Instance) -> int:
         base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + L.SLOT_PROGRESS
         return int.from_bytes(self.arena.map[base:base + 8], "little")
 
     def _slot_reason(self, inst: Instance) -> str:
         """The instance's own account of its halt. Untrusted: length clamped, bytes decoded."""
-        n = min(self._slot_u32(inst, L.SLOT_REASON_LEN), L.REASON_BYTES)
+        n = min(self._slot_u32(inst.id, L.SLOT_REASON_LEN), L.REASON_BYTES)
         base = self.layout.control_offset + self.layout.control_slot_at(inst.id) + L.SLOT_REASON
         raw = self.arena.map[base:base + n]
         return raw.decode("utf-8", "replace").replace("\x00", "").strip()
@@ -722,8 +721,8 @@ class Machine:
                     **fields: Any) -> None:
         before = inst.state if old is None else old
         inst.state = new
-        self._slot_put_raw(inst.id, L.SLOT_PEER_STATE, L.STATE_CODES[new.value])
-        self._slot_put_raw(inst.id, L.SLOT_PID, inst.pid or 0)
+        self._slot_put_u32(inst.id, L.SLOT_PEER_STATE, L.STATE_CODES[new.value])
+        self._slot_put_u32(inst.id, L.SLOT_PID, inst.pid or 0)
         self.events.info("state_change", instance=inst.id, name=inst.name, old=before.value,
                          new=new.value, cause=cause, **fields)
         self._publish(inst)

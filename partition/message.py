@@ -42,8 +42,6 @@ MK_MSG_NETWORK = 0x5000
 SUB_REQUEST = 0x4000_0000
 SUB_RESPONSE = 0x8000_0000
 
-TYPE_NAMES = {v: k for k, v in globals().items() if k.startswith("MK_MSG_") and isinstance(v, int)}
-
 
 @dataclass
 class Message:

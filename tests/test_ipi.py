@@ -184,7 +184,10 @@ def test_second_handler_is_refused_and_request_times_out(machine):
 
 def test_counters_in_sys_view(machine):
     up(machine, "echo", "kernels.echo:EchoKernel")
-    machine.request("echo", M.MK_MSG_USER, 1, timeout=5)
-    machine.show()      # views follow state changes; show() refreshes nothing by itself
-    text = open(os.path.join(machine.run_dir, "sys/fs/multikernel/instances/echo/counters")).read()
-    assert "ipi_received" in text and "ipi_dropped_bad_size" in text
+    for i in range(3):
+        machine.request("echo", M.MK_MSG_USER, i, timeout=5)
+    path = os.path.join(machine.run_dir, "sys/fs/multikernel/instances/echo/counters")
+    machine.show()      # a look refreshes the views (the daemon also does it every second)
+    lines = dict(line.split() for line in open(path))
+    assert lines["ipi_received"] == "3" and lines["ipi_sent"] == "3"
+    assert lines["ipi_dropped_bad_size"] == "0"
