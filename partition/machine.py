@@ -16,7 +16,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import errno
 import gc
 import os
 import selectors
@@ -33,18 +32,16 @@ from .console import ConsoleWriter, format_console, read_console
 from .errors import (BootFailed, BootTimeout, InvalidSpec, MKError, NoSuchInstance,
                      NotLoaded)
 from .events import EventLog
-from .instance import ExitRecord, Instance, State, check_transition
+from .instance import Instance, State, check_transition
 from .kimage import KIMAGE_TYPE, load_kimage
 from .resources import PoolConfig, ResourcePool
 from . import message as M
-from .kernel import IPI_SIGNAL
-from .message import Messenger
-from .ring import IDLE as RING_IDLE
+from .exits import classify_exit
+from .hostipc import HOST_ID, HostIPC
 from .ring import Ring, RingError
-from .trampoline import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, BootParams, enter
+from .trampoline import BootParams, enter
 from .views import ViewWriter
 
-HOST_ID = 0
 
 
 class Machine:
@@ -118,16 +115,7 @@ class Machine:
                                                   self.layout.console_at(HOST_ID) + console_bytes]
         format_console(host_console)
         self._host_console = ConsoleWriter(host_console)
-        lay = self.layout
-        self._rings_view = memoryview(self.arena.map)[lay.ring_offset:lay.ring_offset + lay.ring_area_bytes]
-        self._rings_address = self.arena.address + lay.ring_offset
-        self.host_ring = self.ring_of(HOST_ID)
-        self.host_ring.set_mode("interrupt")
-        self._host_cpu = self.config.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
-        self.messenger = Messenger(HOST_ID, self._post)
-        self.messenger.register(M.MK_MSG_HALTED, self._on_halted_msg)
-        self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
-        self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
+        self.ipc = HostIPC(self)
         self._slot_put_u32(HOST_ID, L.SLOT_PEER_STATE, L.STATE_CODES["active"])
         self._slot_put_u32(HOST_ID, L.SLOT_PID, os.getpid())
         self.started = time.time()
@@ -163,8 +151,7 @@ class Machine:
                 self._sel.close()
             finally:
                 os.close(self.host_doorbell)
-                self.host_ring = None  # type: ignore[assignment]
-                self._rings_view.release()
+                self.ipc.close()
                 self._host_console = None  # type: ignore[assignment]
                 self.arena.close()
                 self.events.close()
@@ -327,7 +314,7 @@ class Machine:
             "progress": self._progress(inst),
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
-            "counters": {**inst.counters, **self.ipi_counters(inst)},
+            "counters": {**inst.counters, **self.ipc.counters(inst)},
             "last_heartbeat": inst.last_heartbeat,
         }
 
@@ -403,7 +390,7 @@ class Machine:
         for key, _ in self._sel.select(timeout):
             if key.data is None:
                 linux.eventfd_drain(self.host_doorbell)
-                self._drain_host_ring()
+                self.ipc.drain()
             else:
                 self._on_exit(key.data)
             handled += 1
@@ -503,7 +490,7 @@ class Machine:
             inst.halt_requested = "graceful"
             inst.shutdown_acked = False
             try:
-                self.messenger.send(inst.id, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
+                self.ipc.messenger.send(inst.id, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
             except RingError as exc:
                 # the ring refused (full): fall back to the signal the kernel also honours
                 self.events.warning("shutdown_message_refused", instance=inst.id,
@@ -533,10 +520,10 @@ class Machine:
             self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
         _, status = os.waitpid(inst.pid, 0)
         booting = inst.state != State.ACTIVE
-        record = self._classify(inst, status)
+        record = classify_exit(status, inst.halt_requested, self._slot_reason(inst))
         pid = inst.pid
         self._forget_process(inst)
-        self._sweep_claims_of(inst)
+        self.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
         if record.how in ("panic", "killed", "exited", "boot-failed"):
@@ -552,32 +539,6 @@ class Machine:
         else:
             self.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
             self._transition(inst, State.LOADED, record.how, reason=record.reason)
-
-    def _classify(self, inst: Instance, status: int) -> ExitRecord:
-        now = time.time()
-        asked = inst.halt_requested
-        slot_reason = self._slot_reason(inst)
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            if sig == signal.SIGKILL and asked == "forced":
-                return ExitRecord("forced halt (SIGKILL)", "forced", sig, None, now)
-            if sig == signal.SIGKILL and asked == "forced-after-timeout":
-                return ExitRecord("forced halt: graceful halt not acknowledged in time",
-                                  "forced", sig, None, now)
-            if sig == signal.SIGKILL and asked == "boot-timeout":
-                return ExitRecord("boot CPU did not answer the spawn mailbox in time",
-                                  "boot-failed", sig, None, now)
-            return ExitRecord(f"killed by {name} (not sent by the host)", "killed", sig, None, now)
-        code = os.WEXITSTATUS(status)
-        if code == EXIT_HALTED:
-            how = "graceful" if asked == "graceful" else "voluntary"
-            return ExitRecord(slot_reason or "halted", how, None, code, now)
-        if code == EXIT_PANIC:
-            return ExitRecord(slot_reason or "panic (no reason recorded)", "panic", None, code, now)
-        if code == EXIT_TRAMPOLINE:
-            return ExitRecord(slot_reason or "trampoline failed", "boot-failed", None, code, now)
-        return ExitRecord(f"exit status {code}", "exited", None, code, now)
 
     def _forget_process(self, inst: Instance) -> None:
         """Close what the host held for a run of ``inst``; reap it if still there."""
@@ -600,93 +561,26 @@ class Machine:
             inst.doorbell_fd = None
         inst.active_since = None
 
-    # -- IPIs and messages ------------------------------------------------------------------
+    # -- IPIs and messages (the host's side lives in hostipc.py) ---------------------------
     def ring_of(self, instance_id: int) -> Ring:
-        return Ring(self._rings_view, self._rings_address, self.layout, instance_id)
+        return self.ipc.ring_of(instance_id)
 
     def register_handler(self, msg_type: int, handler: Callable[[M.Message], Any]) -> None:
         """Host-side handler for messages instances send to instance 0."""
-        self.messenger.register(msg_type, handler)
+        self.ipc.messenger.register(msg_type, handler)
 
     def send(self, name: str | int, msg_type: int, payload: Any = None) -> int:
         """Send a message from the host to an instance; RingError(ESRCH/ENOSPC/EMSGSIZE)."""
         self._check_open()
-        return self.messenger.send(self._get(name).id, msg_type, payload)
+        return self.ipc.messenger.send(self._get(name).id, msg_type, payload)
 
     def request(self, name: str | int, msg_type: int, payload: Any = None,
                 timeout: float = 10.0) -> Any:
+        """Send a request and drive the machine until its response arrives (ETIMEDOUT)."""
         self._check_open()
         target = self._get(name).id
-        return self.messenger.request(target, msg_type, payload, timeout,
-                                      lambda left: self.poll(min(left, 0.05)))
-
-    def _post(self, target: int, msg_type: int, data: bytes) -> None:
-        inst = next((i for i in self.instances.values() if i.id == target), None)
-        if inst is None or inst.state != State.ACTIVE or inst.pid is None:
-            raise RingError(errno.ESRCH, f"instance {target} is not active")
-        ring = self.ring_of(target)
-        ring.send(HOST_ID, self._host_cpu, msg_type, data)
-        inst.counters["host_sent"] += 1
-        if ring.polling:
-            return
-        if ring.buf[RING_IDLE] and inst.doorbell_fd is not None:
-            os.eventfd_write(inst.doorbell_fd, 1)       # halted: wake its HLT directly
-            return
-        try:
-            os.kill(inst.pid, IPI_SIGNAL)
-        except ProcessLookupError:
-            pass
-
-    def _drain_host_ring(self) -> None:
-        while self.host_ring.drain(self.messenger.deliver, 64):
-            pass
-
-    def _by_id(self, instance_id: int) -> Instance | None:
-        return next((i for i in self.instances.values() if i.id == instance_id), None)
-
-    def _on_halted_msg(self, msg: M.Message) -> None:
-        inst = self._by_id(msg.sender)
-        reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
-        self.events.info("halted_message", instance=msg.sender,
-                         name=inst.name if inst else None, reason=reason)
-        if inst is not None:
-            inst.counters["halted_msgs"] += 1
-
-    def _on_shutdown_ack(self, msg: M.Message) -> None:
-        inst = self._by_id(msg.sender)
-        if inst is not None:
-            inst.shutdown_acked = True
-            self.events.info("shutdown_ack", instance=inst.id, name=inst.name)
-
-    def _on_heartbeat(self, msg: M.Message) -> None:
-        inst = self._by_id(msg.sender)
-        if inst is not None:
-            inst.counters["heartbeats"] += 1
-            inst.last_heartbeat = time.time()
-
-    def _sweep_claims_of(self, inst: Instance) -> None:
-        """A dead sender's unpublished claims would block its peers' rings: abandon them."""
-        n = self.host_ring.abandon_claims_of(inst.id)
-        for other in self.instances.values():
-            n += self.ring_of(other.id).abandon_claims_of(inst.id)
-        if n:
-            self.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
-            self._drain_host_ring()
-
-    def ipi_counters(self, inst: Instance) -> dict[str, int]:
-        """What the instance and its ring report (untrusted: plain integers, shown as read)."""
-        ring = self.ring_of(inst.id).counters()
-        base = self.layout.control_offset + self.layout.control_slot_at(inst.id)
-        def u64(off: int) -> int:
-            return int.from_bytes(self.arena.map[base + off:base + off + 8], "little")
-        return {
-            "ipi_sent": u64(L.SLOT_IPI_SENT), "ipi_received": ring["received"],
-            "ipi_ring_full": u64(L.SLOT_IPI_RING_FULL), "ipi_esrch": u64(L.SLOT_IPI_ESRCH),
-            "ipi_dropped_bad_size": ring["dropped_bad_size"],
-            "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
-            "ipi_dropped_abandoned": ring["dropped_abandoned"],
-            "heartbeats_sent": u64(L.SLOT_HEARTBEATS),
-        }
+        return self.ipc.messenger.request(target, msg_type, payload, timeout,
+                                          lambda left: self.poll(min(left, 0.05)))
 
     # -- arena helpers ---------------------------------------------------------------------
     def _slot_u32(self, instance_id: int, off: int) -> int:

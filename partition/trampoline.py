@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import NoReturn
 
 from . import arena as arena_mod
 from . import layout as L
@@ -62,7 +63,7 @@ def _close_all_except(keep: set[int]) -> None:
         low = fd + 1
 
 
-def enter(boot: BootParams) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def enter(boot: BootParams) -> NoReturn:
     """Child side of exec. Never returns."""
     code = EXIT_TRAMPOLINE
     slot: memoryview | None = None

@@ -1,6 +1,5 @@
 """The boot benchmark's shape (not its speed: timing targets live in the benchmark itself)."""
 
-import json
 import subprocess
 import sys
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from partition import message as M
-from partition.ring import ABANDONED, RingError
+from partition.ring import RingError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IPI = os.path.join(HERE, "kernels", "ipi.py")

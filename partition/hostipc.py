@@ -1,0 +1,122 @@
+"""The host's side of inter-kernel messaging: its ring, its handlers, its doorbells.
+
+Instance 0 receives HALTED, SHUTDOWN_ACK and HEARTBEAT here, sends to instances through their
+rings, and cleans up after dead senders. Kept apart from the machine so that the machine is
+about life cycles and this is about messages.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from . import layout as L
+from . import message as M
+from .instance import Instance, State
+from .kernel import IPI_SIGNAL
+from .message import Messenger
+from .ring import IDLE as RING_IDLE
+from .ring import Ring, RingError
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+HOST_ID = 0
+_U64 = struct.Struct("<Q")
+
+
+class HostIPC:
+    def __init__(self, machine: "Machine") -> None:
+        self.m = machine
+        lay = machine.layout
+        self._view = memoryview(machine.arena.map)[lay.ring_offset:lay.ring_offset + lay.ring_area_bytes]
+        self._address = machine.arena.address + lay.ring_offset
+        self.ring = self.ring_of(HOST_ID)
+        self.ring.set_mode("interrupt")
+        cfg = machine.config
+        self.cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
+        self.messenger = Messenger(HOST_ID, self._post)
+        self.messenger.register(M.MK_MSG_HALTED, self._on_halted)
+        self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
+        self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
+
+    def close(self) -> None:
+        self.ring = None  # type: ignore[assignment]
+        self._view.release()
+
+    def ring_of(self, instance_id: int) -> Ring:
+        return Ring(self._view, self._address, self.m.layout, instance_id)
+
+    def _by_id(self, instance_id: int) -> Instance | None:
+        return next((i for i in self.m.instances.values() if i.id == instance_id), None)
+
+    def _post(self, target: int, msg_type: int, data: bytes) -> None:
+        inst = self._by_id(target)
+        if inst is None or inst.state != State.ACTIVE or inst.pid is None:
+            raise RingError(errno.ESRCH, f"instance {target} is not active")
+        ring = self.ring_of(target)
+        ring.send(HOST_ID, self.cpu, msg_type, data)
+        inst.counters["host_sent"] += 1
+        if ring.polling:
+            return
+        if ring.buf[RING_IDLE] and inst.doorbell_fd is not None:
+            os.eventfd_write(inst.doorbell_fd, 1)       # halted: wake its HLT directly
+            return
+        try:
+            os.kill(inst.pid, IPI_SIGNAL)
+        except ProcessLookupError:
+            pass
+
+    def drain(self) -> None:
+        while self.ring.drain(self.messenger.deliver, 64):
+            pass
+
+    def _on_halted(self, msg: M.Message) -> None:
+        inst = self._by_id(msg.sender)
+        reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
+        self.m.events.info("halted_message", instance=msg.sender,
+                           name=inst.name if inst else None, reason=reason)
+        if inst is not None:
+            inst.counters["halted_msgs"] += 1
+
+    def _on_shutdown_ack(self, msg: M.Message) -> None:
+        inst = self._by_id(msg.sender)
+        if inst is not None:
+            inst.shutdown_acked = True
+            self.m.events.info("shutdown_ack", instance=inst.id, name=inst.name)
+
+    def _on_heartbeat(self, msg: M.Message) -> None:
+        inst = self._by_id(msg.sender)
+        if inst is not None:
+            inst.counters["heartbeats"] += 1
+            inst.last_heartbeat = time.time()
+
+    def sweep_claims_of(self, inst: Instance) -> None:
+        """A dead sender's unpublished claims would block its peers' rings: abandon them."""
+        n = self.ring.abandon_claims_of(inst.id)
+        for other in self.m.instances.values():
+            n += self.ring_of(other.id).abandon_claims_of(inst.id)
+        if n:
+            self.m.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
+            self.drain()
+
+    def counters(self, inst: Instance) -> dict[str, int]:
+        """What the instance and its ring report (untrusted: plain integers, shown as read)."""
+        ring = self.ring_of(inst.id).counters()
+        lay = self.m.layout
+        base = lay.control_offset + lay.control_slot_at(inst.id)
+        amap = self.m.arena.map
+
+        def u64(off: int) -> int:
+            return _U64.unpack_from(amap, base + off)[0]
+        return {
+            "ipi_sent": u64(L.SLOT_IPI_SENT), "ipi_received": ring["received"],
+            "ipi_ring_full": u64(L.SLOT_IPI_RING_FULL), "ipi_esrch": u64(L.SLOT_IPI_ESRCH),
+            "ipi_dropped_bad_size": ring["dropped_bad_size"],
+            "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
+            "ipi_dropped_abandoned": ring["dropped_abandoned"],
+            "heartbeats_sent": u64(L.SLOT_HEARTBEATS),
+        }
