@@ -59,7 +59,7 @@ def _kernel_spec(spec: str) -> str:
 def cmd_init(a: argparse.Namespace) -> int:
     cfg = {"cpus": a.cpus, "memory": a.memory, "host_cpus": a.host_cpus,
            "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
-           "kill_timeout": a.kill_timeout}
+           "kill_timeout": a.kill_timeout, "protection": a.protection}
     PoolConfig.build(a.cpus, a.memory, a.host_cpus, a.oversubscribe)   # refuse early, in the CLI
     info = start_supervisor(a.run_dir, cfg)
     snap = Client(a.run_dir).call("show")
@@ -72,8 +72,26 @@ def cmd_init(a: argparse.Namespace) -> int:
 
 def cmd_create(a: argparse.Namespace) -> int:
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
-                               cpu_count=a.cpu_count, id=a.id)
+                               cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
+                               max_restarts=a.max_restarts, restart_window=a.restart_window,
+                               watchdog=a.watchdog)
     _emit(a, r, _one_line(r))
+    return EXIT_OK
+
+
+def cmd_update(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call("update", name=a.name, recovery=a.recovery,
+                               max_restarts=a.max_restarts, restart_window=a.restart_window,
+                               watchdog=a.watchdog)
+    _emit(a, r, _one_line(r) + f"\n  recovery: {r['recovery']}")
+    return EXIT_OK
+
+
+def cmd_fault(a: argparse.Namespace) -> int:
+    opts = {k: getattr(a, k) for k in ("address", "bytes", "target", "count", "seconds")
+            if getattr(a, k) is not None}
+    r = Client(a.run_dir).call("fault", name=a.name, kind=a.kind, options=opts)
+    _emit(a, r, f"fault {a.kind} injected into {r['name']} (id {r['id']})")
     return EXIT_OK
 
 
@@ -137,6 +155,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return demo.main(a)
 
 
+def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--recovery", choices=("none", "restart"), default=d("none"),
+                   help="what the host does when the instance fails (default none)")
+    p.add_argument("--max-restarts", type=int, default=d(3), help="restart intensity: at most N ...")
+    p.add_argument("--restart-window", type=float, default=d(5.0), help="... in T seconds")
+    p.add_argument("--watchdog", type=float, default=d(0.0),
+                   help="seconds without progress before the instance is declared hung (0: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     def options(default: bool) -> argparse.ArgumentParser:
         # Sub-commands repeat the global options with SUPPRESS defaults, so that
@@ -162,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversubscribe", action="store_true",
                    help="allow instances to share host cores (shown in every view)")
     p.add_argument("--console-size", type=int, default=64 * 1024, help="kmsg bytes per instance")
+    p.add_argument("--no-protection", dest="protection", action="store_false",
+                   help="map the whole arena into every instance (wild writes land)")
     p.add_argument("--kill-timeout", type=float, default=30.0,
                    help="seconds a graceful kill waits before forcing (default 30)")
     p.set_defaults(fn=cmd_init)
@@ -173,7 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu-count", type=int, help="number of CPUs, picked from the free pool")
     p.add_argument("--memory", required=True, help="partition size, multiple of 4K, e.g. 64M")
     p.add_argument("--id", type=int, default=None, help="instance id 1..511 (default: lowest free)")
+    _recovery_options(p, defaults=True)
     p.set_defaults(fn=cmd_create)
+
+    p = sub.add_parser("update", parents=[common], help="change recovery policy or watchdog")
+    p.add_argument("name")
+    _recovery_options(p, defaults=False)
+    p.set_defaults(fn=cmd_update)
+
+    p = sub.add_parser("fault", parents=[common], help="inject a fault into an active instance")
+    p.add_argument("name")
+    p.add_argument("kind", help="kill, hang-stop, panic, hang-spin, wild-write, ipi-storm, "
+                                "cpu-hog, mem-hog")
+    p.add_argument("--address", type=lambda t: int(t, 0), help="wild-write: physical address")
+    p.add_argument("--bytes", type=int, help="wild-write / mem-hog: how many bytes")
+    p.add_argument("--target", type=int, help="ipi-storm: instance id to flood")
+    p.add_argument("--count", type=int, help="ipi-storm: messages to send")
+    p.add_argument("--seconds", type=float, help="cpu-hog: how long")
+    p.set_defaults(fn=cmd_fault)
 
     p = sub.add_parser("load", parents=[common], help="load a kernel image (ready -> loaded)")
     p.add_argument("name")

@@ -32,7 +32,11 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
     return {
         "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
         "show": ({"name"}, m.show),
-        "create": ({"name", "memory", "cpus", "cpu_count", "id"}, m.create),
+        "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
+                    "restart_window", "watchdog"}, m.create),
+        "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog"}, m.update),
+        "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
+                  m.fault(name, kind, **(options or {}))),
         "load": ({"name", "kernel", "cmdline", "cwd"}, None),    # special-cased: cwd
         "exec": ({"name"}, m.exec),
         "kill": ({"name", "force", "timeout"}, m.kill),

@@ -10,6 +10,10 @@ from .instance import ExitRecord
 from .trampoline import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE
 
 
+# how -> failure kind; the other ways out (graceful, forced, voluntary) are not failures
+FAILURE_KINDS = {"killed": "crash", "exited": "crash", "panic": "panic", "hang": "hang"}
+
+
 def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecord:
     """``asked`` is the halt the host requested (graceful, forced, forced-after-timeout,
     boot-timeout) or None; ``slot_reason`` is the instance's own, untrusted, account."""
@@ -22,6 +26,9 @@ def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecor
         if sig == signal.SIGKILL and asked == "forced-after-timeout":
             return ExitRecord("forced halt: graceful halt not acknowledged in time",
                               "forced", sig, None, now)
+        if sig == signal.SIGKILL and asked == "watchdog":
+            return ExitRecord("hung: no progress within its watchdog period; forced halt",
+                              "hang", sig, None, now)
         if sig == signal.SIGKILL and asked == "boot-timeout":
             return ExitRecord("boot CPU did not answer the spawn mailbox in time",
                               "boot-failed", sig, None, now)

@@ -50,11 +50,8 @@ class HostIPC:
     def ring_of(self, instance_id: int) -> Ring:
         return Ring(self._view, self._address, self.m.layout, instance_id)
 
-    def _by_id(self, instance_id: int) -> Instance | None:
-        return next((i for i in self.m.instances.values() if i.id == instance_id), None)
-
     def _post(self, target: int, msg_type: int, data: bytes) -> None:
-        inst = self._by_id(target)
+        inst = self.m._by_id(target)
         if inst is None or inst.state != State.ACTIVE or inst.pid is None:
             raise RingError(errno.ESRCH, f"instance {target} is not active")
         ring = self.ring_of(target)
@@ -75,7 +72,7 @@ class HostIPC:
             pass
 
     def _on_halted(self, msg: M.Message) -> None:
-        inst = self._by_id(msg.sender)
+        inst = self.m._by_id(msg.sender)
         reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
         self.m.events.info("halted_message", instance=msg.sender,
                            name=inst.name if inst else None, reason=reason)
@@ -83,13 +80,13 @@ class HostIPC:
             inst.counters["halted_msgs"] += 1
 
     def _on_shutdown_ack(self, msg: M.Message) -> None:
-        inst = self._by_id(msg.sender)
+        inst = self.m._by_id(msg.sender)
         if inst is not None:
             inst.shutdown_acked = True
             self.m.events.info("shutdown_ack", instance=inst.id, name=inst.name)
 
     def _on_heartbeat(self, msg: M.Message) -> None:
-        inst = self._by_id(msg.sender)
+        inst = self.m._by_id(msg.sender)
         if inst is not None:
             inst.counters["heartbeats"] += 1
             inst.last_heartbeat = time.time()

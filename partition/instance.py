@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import ResourceBusy
 from .kimage import KImage
+from .recovery import RecoveryPolicy
 
 
 class State(str, enum.Enum):
@@ -105,6 +106,10 @@ class Instance:
     active_since: float | None = None
     shutdown_acked: bool = False
     last_heartbeat: float | None = None
+    recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    pending_fault: tuple[str, float] | None = None     # kind, monotonic time injected
+    progress_seen: tuple[int, float] = (0, 0.0)       # watchdog: last value, when it changed
     counters: dict[str, int] = field(default_factory=lambda: {
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
-        "heartbeats": 0, "halted_msgs": 0})
+        "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0})

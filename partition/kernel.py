@@ -69,6 +69,7 @@ class KernelContext:
     control: memoryview | None = None   # the whole control area (peer-state table)
     rings: memoryview | None = None     # the whole ring area
     rings_address: int = 0
+    arena_all: memoryview | None = None  # the whole arena: only on machines without protection
 
 
 def parse_cmdline(cmdline: str) -> dict[str, str]:
@@ -106,6 +107,7 @@ class Kernel:
             raise ValueError(f"mk_mode must be interrupt, poll or hybrid, not {self.mode!r}")
         self.messenger = M.Messenger(ctx.id, self._post)
         self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
+        self.messenger.register(M.MK_EMU_FAULT, self._on_fault)
         if ctx.rings is not None:
             self.ring = self._ring_of(ctx.id)
             self.ring.set_mode(self.mode)
@@ -323,6 +325,24 @@ class Kernel:
                 self.ring.set_polling(True)
             return
         self.idle(min(timeout, self.idle_timeout))
+
+    def _on_fault(self, msg: M.Message) -> None:
+        from . import faults
+        p = msg.payload if isinstance(msg.payload, dict) else {}
+        faults.carry_out(self, str(p.get("kind")), dict(p.get("options") or {}))
+
+    def poke(self, phys: int, data: bytes) -> None:
+        """Write ``data`` at physical address ``phys``, through this kernel's page tables: its
+        own partition always; any address when the machine runs without protection; anything
+        else is a page fault, which, in a kernel, is an oops."""
+        base, size = self.ctx.memory_base, len(self.ctx.memory)
+        if base <= phys and phys + len(data) <= base + size:
+            self.ctx.memory[phys - base:phys - base + len(data)] = data
+        elif self.ctx.arena_all is not None and 0 <= phys and phys + len(data) <= len(self.ctx.arena_all):
+            self.ctx.arena_all[phys:phys + len(data)] = data
+        else:
+            raise KernelPanic(f"BUG: unable to handle page fault for address {phys:#x} "
+                              "(not mapped: outside this instance's partition)")
 
     def _on_shutdown(self, msg: M.Message) -> None:
         self._graceful = True

@@ -30,6 +30,7 @@ HEADER_FIELDS = (
 )
 GENERATION_OFFSET = 96
 FLAG_OVERSUBSCRIBE = 1 << 0
+FLAG_UNPROTECTED = 1 << 1     # every instance maps the whole arena (wild writes land)
 
 # Instance table record (host-written; instances never map the table).
 TABLE_RECORD = struct.Struct(f"<II{NAME_BYTES}sQQ64sIIqii{KERNEL_BYTES}s")

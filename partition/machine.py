@@ -23,6 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
+import zlib
 from typing import Any, Callable
 
 from . import layout as L
@@ -32,11 +33,13 @@ from .console import ConsoleWriter, format_console, read_console
 from .errors import (BootFailed, BootTimeout, InvalidSpec, MKError, NoSuchInstance,
                      NotLoaded)
 from .events import EventLog
-from .instance import Instance, State, check_transition
+from .instance import ExitRecord, Instance, State, check_transition
+from .recovery import RecoveryPolicy
 from .kimage import KIMAGE_TYPE, load_kimage
 from .resources import PoolConfig, ResourcePool
 from . import message as M
-from .exits import classify_exit
+from . import faults
+from .exits import FAILURE_KINDS, classify_exit
 from .hostipc import HOST_ID, HostIPC
 from .ring import Ring, RingError
 from .trampoline import BootParams, enter
@@ -52,7 +55,7 @@ class Machine:
                  run_dir: str | None = None, console_bytes: int = 64 * 1024,
                  kill_timeout: float = 30.0, boot_timeout: float = 1.0,
                  pin_host: bool = False, ring_slots: int = 64,
-                 ring_slot_bytes: int = 4096) -> None:
+                 ring_slot_bytes: int = 4096, protection: bool = True) -> None:
         self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
         if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
             raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
@@ -60,6 +63,7 @@ class Machine:
         if kill_timeout <= 0 or boot_timeout <= 0:
             raise InvalidSpec("timeouts must be positive", "e.g. kill_timeout=5, boot_timeout=1")
         self.kill_timeout = float(kill_timeout)
+        self.protection = bool(protection)
         self.boot_timeout = float(boot_timeout)
         self._closed = False
         self._closing = False
@@ -102,10 +106,13 @@ class Machine:
         self.pool = ResourcePool(cfg)
         self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes,
                                     ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
-        flags = L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0
+        flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
+            (0 if self.protection else L.FLAG_UNPROTECTED)
         self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
                            flags=flags)
         self.instances: dict[str, Instance] = {}
+        self._restart_queue: list[Instance] = []
+        self._restarting = False
         self._sel = selectors.EpollSelector()
         self.host_doorbell = linux.eventfd()
         self._sel.register(self.host_doorbell, selectors.EVENT_READ, None)
@@ -207,16 +214,19 @@ class Machine:
 
     # -- verbs -----------------------------------------------------------------------------
     def create(self, name: str, memory: str | int, cpus: str | list[int] | None = None,
-               cpu_count: int | None = None, id: int | None = None) -> dict[str, Any]:
+               cpu_count: int | None = None, id: int | None = None, recovery: str = "none",
+               max_restarts: int = 3, restart_window: float = 5.0,
+               watchdog: float = 0.0) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready)."""
         self._check_open()
         self.poll(0)
         r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
+        policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog)
         self.pool.commit(r)
         inst = Instance(id=r.id, name=r.name, cpus=r.cpus,
                         physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
                         memory_base=self.layout.pool_offset + r.memory_offset,
-                        memory_bytes=r.memory_bytes)
+                        memory_bytes=r.memory_bytes, recovery=policy)
         self.instances[name] = inst
         format_console(self._console_view(inst))
         self._zero_slot(inst)
@@ -264,6 +274,57 @@ class Machine:
             else:
                 self._halt_many([inst], t)
         return self.describe(inst)
+
+    def update(self, name: str, recovery: str | None = None, max_restarts: int | None = None,
+               restart_window: float | None = None,
+               watchdog: float | None = None) -> dict[str, Any]:
+        """Change an instance's recovery policy or watchdog, in any state (all or nothing)."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        inst.recovery.update(policy=recovery, max_restarts=max_restarts,
+                             restart_window=restart_window, watchdog=watchdog)
+        inst.progress_seen = (self._progress(inst), time.monotonic())
+        self.events.info("instance_updated", instance=inst.id, name=inst.name,
+                         recovery=inst.recovery.to_dict())
+        self._publish(inst)
+        return self.describe(inst)
+
+    def fault(self, name: str, kind: str, **options: Any) -> dict[str, Any]:
+        """Inject a fault into an active instance (see faults.py for the kinds)."""
+        self._check_open()
+        self.poll(0)
+        opts = faults.validate(kind, options)
+        inst = self._get(name)
+        if inst.state != State.ACTIVE or inst.pid is None:
+            raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
+                            f"mkctl exec {inst.name} first")
+        if kind == "ipi-storm" and self._by_id(opts["target"]) is None:
+            raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
+                              "give the id of an instance (mkctl show)")
+        inst.pending_fault = (kind, time.monotonic())
+        inst.counters["faults_injected"] += 1
+        self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
+                            options=opts)
+        if kind == "kill":
+            os.kill(inst.pid, signal.SIGKILL)
+        elif kind == "hang-stop":
+            os.kill(inst.pid, signal.SIGSTOP)
+        else:
+            self.ipc.messenger.send(inst.id, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
+        return self.describe(inst)
+
+    def checksum(self, name: str) -> int:
+        """CRC32 of an instance's whole partition, as the host reads it."""
+        inst = self._get(name)
+        view = memoryview(self.arena.map)[inst.memory_base:inst.memory_base + inst.memory_bytes]
+        try:
+            return zlib.crc32(view)
+        finally:
+            view.release()
+
+    def _by_id(self, instance_id: int) -> Instance | None:
+        return next((i for i in self.instances.values() if i.id == instance_id), None)
 
     def unload(self, name: str) -> dict[str, Any]:
         """Drop the loaded image (loaded|failed -> ready)."""
@@ -316,6 +377,9 @@ class Machine:
             "failure": inst.failure,
             "counters": {**inst.counters, **self.ipc.counters(inst)},
             "last_heartbeat": inst.last_heartbeat,
+            "recovery": inst.recovery.to_dict(),
+            "failures": len(inst.failures),
+            "last_failure": inst.failures[-1] if inst.failures else None,
         }
 
     def show(self, name: str | None = None) -> dict[str, Any]:
@@ -334,6 +398,7 @@ class Machine:
                 "run_dir": self.run_dir, "supervisor_pid": os.getpid(),
                 "host_cpus": list(cfg.host_cpus), "oversubscribe": cfg.oversubscribe,
                 "mode": "oversubscribed" if cfg.oversubscribe else "dedicated",
+                "protection": self.protection,
                 "arena_bytes": self.layout.arena_bytes, "started": self.started,
                 "events": dict(self.events.counts),
             },
@@ -351,10 +416,12 @@ class Machine:
         self._check_open()
         self.poll(0)
         if name in ("host", 0, "0"):
-            off = self.layout.console_at(HOST_ID)
-            return read_console(self.arena.read(off, self.layout.console_bytes))
-        inst = self._get(name)
-        return read_console(self.arena.read(self.layout.console_at(inst.id), self.layout.console_bytes))
+            return self._console_text(HOST_ID)
+        return self._console_text(self._get(name).id)
+
+    def _console_text(self, instance_id: int) -> str:
+        off = self.layout.console_at(instance_id)
+        return read_console(self.arena.read(off, self.layout.console_bytes))
 
     def read_memory(self, name: str, offset: int, size: int) -> bytes:
         """Bytes of an instance's partition, as the host sees them."""
@@ -387,14 +454,57 @@ class Machine:
         if self._closed:
             return 0
         handled = 0
+        watched = [i for i in self.instances.values()
+                   if i.recovery.watchdog > 0 and i.state == State.ACTIVE and i.pid is not None]
+        if watched:
+            period = min(i.recovery.watchdog for i in watched) / 4
+            timeout = period if timeout is None else min(timeout, period)
         for key, _ in self._sel.select(timeout):
             if key.data is None:
                 linux.eventfd_drain(self.host_doorbell)
                 self.ipc.drain()
-            else:
+            elif key.data.pidfd == key.fd:
                 self._on_exit(key.data)
             handled += 1
+        if watched:
+            self._watchdog(watched)
+        if self._restart_queue and not self._restarting:
+            self._run_restarts()
         return handled
+
+    def _watchdog(self, watched: list[Instance]) -> None:
+        """IHK's hang detection: an active instance whose progress counter stood still for
+        longer than its watchdog period is hung; it is force-halted and handled as a failure."""
+        now = time.monotonic()
+        for inst in watched:
+            value = self._progress(inst)
+            last, since = inst.progress_seen
+            if value != last or since == 0.0:
+                inst.progress_seen = (value, now)
+            elif now - since > inst.recovery.watchdog and inst.halt_requested is None:
+                self.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
+                                    stalled_s=round(now - since, 3), progress=value)
+                inst.halt_requested = "watchdog"
+                self._slot_put_u32(inst.id, L.SLOT_FORCE_HALT, 1)
+                os.kill(inst.pid, signal.SIGKILL)
+
+    def _run_restarts(self) -> None:
+        self._restarting = True
+        try:
+            while self._restart_queue:
+                inst = self._restart_queue.pop(0)
+                if inst.state != State.LOADED or self._closing or inst.name not in self.instances:
+                    continue
+                inst.counters["restarts"] += 1
+                self.events.info("restart", instance=inst.id, name=inst.name,
+                                 restarts=inst.counters["restarts"])
+                try:
+                    self._boot(inst)
+                except MKError as exc:
+                    self.events.warning("restart_failed", instance=inst.id, name=inst.name,
+                                        error=exc.message)
+        finally:
+            self._restarting = False
 
     def _wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
         while not done():
@@ -425,6 +535,7 @@ class Machine:
             doorbell_fd=inst.doorbell_fd, host_doorbell_fd=self.host_doorbell,
             host_pid=os.getpid(), generation=inst.generation,
             oversubscribed=bool(self.pool.shared_cpus(inst.name, inst.cpus)),
+            protection=self.protection,
         )
         del slot
         # Keep the collector off the pages parent and child still share: a collection walks
@@ -538,7 +649,39 @@ class Machine:
             self._transition(inst, State.FAILED, "boot-failure", reason=record.reason)
         else:
             self.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
+            failed = record.how in FAILURE_KINDS
+            if failed:
+                self._record_failure(inst, record, detected)
             self._transition(inst, State.LOADED, record.how, reason=record.reason)
+            if failed:
+                self._recover(inst)
+        inst.pending_fault = None
+
+    def _record_failure(self, inst: Instance, record: ExitRecord, detected: float) -> None:
+        fault = inst.pending_fault
+        failure = {
+            "kind": FAILURE_KINDS[record.how], "time": record.time, "reason": record.reason,
+            "fault": fault[0] if fault else None,
+            "detect_ms": round((detected - fault[1]) * 1e3, 3) if fault else None,
+            "exit": record.to_dict(),
+            "console_tail": self._console_text(inst.id).rstrip("\n").splitlines()[-8:],
+        }
+        inst.failures.append(failure)
+        del inst.failures[:-20]
+        inst.counters["failures"] += 1
+        self.events.warning("failure", instance=inst.id, name=inst.name, **failure)
+
+    def _recover(self, inst: Instance) -> None:
+        pol = inst.recovery
+        if pol.policy != "restart":
+            return
+        if pol.allow_restart(time.monotonic()):
+            self._restart_queue.append(inst)
+            return
+        inst.failure = (f"restart intensity exceeded: more than {pol.max_restarts} restarts in "
+                        f"{pol.restart_window:g} s")
+        self.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
+        self._transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
 
     def _forget_process(self, inst: Instance) -> None:
         """Close what the host held for a run of ``inst``; reap it if still there."""

@@ -37,6 +37,8 @@ MK_MSG_RES_ACK = 0x2100
 MK_MSG_SYSTEM = 0x3000
 MK_MSG_HEARTBEAT, MK_MSG_SHUTDOWN, MK_MSG_SHUTDOWN_ACK, MK_MSG_HALTED = 0x3001, 0x3002, 0x3003, 0x3004
 MK_MSG_USER = 0x4000
+# emulator inventions (no counterpart in the real tree): fault injection into a kernel
+MK_EMU_FAULT = 0x3F01
 MK_MSG_NETWORK = 0x5000
 
 SUB_REQUEST = 0x4000_0000

@@ -10,7 +10,9 @@ hand over to the kernel. Nothing here may return into the host's code: every pat
 
 from __future__ import annotations
 
+import mmap
 import os
+import resource
 import signal
 import sys
 import time
@@ -46,6 +48,7 @@ class BootParams:
     host_pid: int
     generation: int
     oversubscribed: bool
+    protection: bool = True
 
 
 def _write_reason(slot: memoryview, reason: str) -> None:
@@ -61,6 +64,23 @@ def _close_all_except(keep: set[int]) -> None:
         if fd > low:
             os.closerange(low, fd)
         low = fd + 1
+
+
+DEFAULT_HEAP = 256 << 20
+
+
+def _limit_heap(boot: BootParams) -> None:
+    """RLIMIT_AS = what is mapped now + the partition + a private heap (``mk_heap=``, 256M):
+    a kernel that allocates beyond it gets MemoryError (a panic) and fails alone."""
+    heap = DEFAULT_HEAP
+    text = parse_cmdline(boot.cmdline).get("mk_heap")
+    if text:
+        from .units import parse_size
+        heap = parse_size(text, "mk_heap")
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = mapped + heap
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def enter(boot: BootParams) -> NoReturn:
@@ -83,6 +103,8 @@ def enter(boot: BootParams) -> NoReturn:
         maps = arena_mod.InstanceMappings(boot.arena_fd, boot.layout, boot.id,
                                           boot.memory_base, boot.memory_bytes)
         slot = maps.slot
+        arena_all = None if boot.protection else \
+            memoryview(mmap.mmap(boot.arena_fd, boot.layout.arena_bytes))
         devnull = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(devnull, std)
@@ -106,6 +128,8 @@ def enter(boot: BootParams) -> NoReturn:
         slot[L.SLOT_PEER_STATE:L.SLOT_PEER_STATE + 4] = L.STATE_CODES["active"].to_bytes(4, "little")
         slot[L.SLOT_READY:L.SLOT_READY + 4] = (0).to_bytes(4, "little")
         os.eventfd_write(boot.host_doorbell_fd, 1)
+        _limit_heap(boot)                      # after the answer (off the boot-latency path),
+                                               # before any kernel code
         ctx = KernelContext(
             id=boot.id, name=boot.name, cpus=list(boot.cpus),
             physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,
@@ -113,7 +137,7 @@ def enter(boot: BootParams) -> NoReturn:
             slot=slot, doorbell_fd=boot.doorbell_fd, host_doorbell_fd=boot.host_doorbell_fd,
             oversubscribed=boot.oversubscribed, boot_generation=boot.generation,
             layout=boot.layout, control=memoryview(maps.control), rings=memoryview(maps.rings),
-            rings_address=linux.buffer_address(maps.rings),
+            rings_address=linux.buffer_address(maps.rings), arena_all=arena_all,
         )
         code = EXIT_PANIC                      # from here on, any escape is a kernel panic
         kernel = boot.kernel_cls(ctx)

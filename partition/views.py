@@ -84,6 +84,9 @@ def render_show(snapshot: dict[str, Any]) -> str:
         f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
         f"{format_size(pool['memory_bytes'])} (free {format_size(pool['memory_available']) if pool['memory_available'] else '0'})",
     ]
+    if not m.get("protection", True):
+        out.append("MEMORY  UNPROTECTED: every instance maps the whole arena; a wild write "
+                   "corrupts its victim")
     if m["oversubscribe"]:
         out.append("MODE    OVERSUBSCRIBED: instances may share host cores; a spinning instance "
                    "costs a peer on its core a scheduler timeslice per hop")
