@@ -188,3 +188,28 @@ def test_init_refusals_leave_nothing(run_dir):
     p = mk(run_dir, "init", "--memory", "12345", check=False)
     assert p.returncode == 1 and "4 KiB page" in p.stderr
     assert not os.path.exists(run_dir)
+
+
+def test_fault_and_update_through_the_supervisor(run_dir):
+    mk(run_dir, "init", "--memory", "64M", "--oversubscribe", "--cpus", ",".join(map(str, CPUS)))
+    mk(run_dir, "create", "db", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "update", "db", "--recovery", "restart", "--max-restarts", "1",
+       "--restart-window", "30")
+    mk(run_dir, "load", "db", "--kernel", "kernels.echo:EchoKernel")
+    mk(run_dir, "exec", "db")
+    mk(run_dir, "fault", "db", "kill")
+    deadline = time.monotonic() + 10
+    while show(run_dir, "db")["counters"]["restarts"] < 1 or show(run_dir, "db")["state"] != "active":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    mk(run_dir, "fault", "db", "panic")
+    deadline = time.monotonic() + 10
+    while show(run_dir, "db")["state"] != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    d = show(run_dir, "db")
+    assert d["failures"] == 2 and d["last_failure"]["kind"] == "panic"
+    p = mk(run_dir, "fault", "db", "kill", check=False)
+    assert p.returncode == 1 and "needs it active" in p.stderr
+    p = mk(run_dir, "update", "db", "--watchdog", "-3", check=False)
+    assert p.returncode == 1 and "watchdog" in p.stderr

@@ -1,0 +1,164 @@
+"""Fault injection, detection and recovery with real processes."""
+
+import json
+import os
+import time
+
+import pytest
+
+from partition import InvalidSpec, NotLoaded
+from partition import message as M
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def up(m, name, kernel="kernels.echo:EchoKernel", cmdline="", cpu=None, **policy):
+    m.create(name, cpus=str(CPUS[-1] if cpu is None else cpu), memory="4M", **policy)
+    m.load(name, kernel, cmdline)
+    return m.exec(name)
+
+
+def wait_until(m, pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        m.poll(0.01)
+
+
+def last_failure(m, name):
+    wait_until(m, lambda: m.show(name)["last_failure"] is not None)
+    return m.show(name)["last_failure"]
+
+
+def test_kill_is_detected_as_crash(machine):
+    up(machine, "v")
+    machine.fault("v", "kill")
+    f = last_failure(machine, "v")
+    assert f["kind"] == "crash" and f["fault"] == "kill"
+    assert f["detect_ms"] is not None and f["detect_ms"] >= 0
+    assert machine.show("v")["state"] == "loaded"      # policy none: the real system's behaviour
+
+
+def test_panic_is_detected_with_console_tail(machine):
+    up(machine, "v")
+    machine.fault("v", "panic")
+    f = last_failure(machine, "v")
+    assert f["kind"] == "panic" and "injected panic" in f["reason"]
+    assert any("Kernel panic" in line for line in f["console_tail"])
+    events = [json.loads(l) for l in open(os.path.join(machine.run_dir, "events.log"))]
+    assert any(e["event"] == "halted_message" for e in events)
+
+
+@pytest.mark.parametrize("kind", ["hang-stop", "hang-spin"])
+def test_hangs_are_found_by_the_watchdog(machine, kind):
+    up(machine, "v", watchdog=1.5)
+    machine.request("v", M.MK_MSG_USER, "alive", timeout=5)
+    machine.fault("v", kind)
+    f = last_failure(machine, "v")
+    assert f["kind"] == "hang" and f["fault"] == kind
+    assert f["detect_ms"] >= 1500
+    assert machine.show("v")["state"] == "loaded"
+
+
+def test_idle_instance_under_watchdog_is_not_declared_hung(machine):
+    up(machine, "v", watchdog=1.5)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:
+        machine.poll(0.05)
+    assert machine.show("v")["state"] == "active" and machine.show("v")["failures"] == 0
+
+
+def test_wild_write_with_protection_faults_in_the_offender(machine):
+    victim = up(machine, "victim")
+    up(machine, "bad", cpu=CPUS[0])
+    before = machine.checksum("victim")
+    machine.fault("bad", "wild-write", address=victim["memory_base"] + 128, bytes=64)
+    f = last_failure(machine, "bad")
+    assert f["kind"] == "panic" and "page fault" in f["reason"]
+    assert machine.checksum("victim") == before
+    assert machine.show("victim")["state"] == "active"
+
+
+def test_wild_write_without_protection_corrupts_and_is_detected(machine_factory):
+    m = machine_factory(cpus=CPUS, host_cpus=str(CPUS[0]), oversubscribe=True, memory="64M",
+                        protection=False)
+    victim = up(m, "victim")
+    up(m, "bad", cpu=CPUS[0])
+    before = m.checksum("victim")
+    m.fault("bad", "wild-write", address=victim["memory_base"] + 128, bytes=64)
+    wait_until(m, lambda: m.checksum("victim") != before)
+    assert m.read_memory("victim", 128, 4) == b"\xde\xad\xbe\xef"
+    assert m.show("bad")["state"] == "active"        # nothing stopped it: that is the point
+    assert m.snapshot()["machine"]["protection"] is False
+
+
+def test_ipi_storm_gets_back_pressure_and_victim_still_answers(machine):
+    victim = up(machine, "victim")
+    up(machine, "storm", cpu=CPUS[0])
+    machine.fault("storm", "ipi-storm", target=victim["id"], count=20000)
+    wait_until(machine, lambda: machine.show("storm")["counters"]["ipi_ring_full"] > 0, 30)
+    assert machine.request("victim", M.MK_MSG_USER, "still", timeout=10) == "still"
+    wait_until(machine, lambda: machine.show("victim")["counters"]["ipi_dropped_unknown_type"] > 0)
+
+
+def test_cpu_hog_is_not_a_failure(machine):
+    up(machine, "hog", watchdog=1.0)
+    machine.fault("hog", "cpu-hog", seconds=2)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.5:
+        machine.poll(0.05)
+    assert machine.show("hog")["state"] == "active" and machine.show("hog")["failures"] == 0
+
+
+def test_mem_hog_fails_alone(machine):
+    up(machine, "hog", cmdline="mk_heap=64M")
+    up(machine, "other", cpu=CPUS[0])
+    machine.fault("hog", "mem-hog")
+    f = last_failure(machine, "hog")
+    assert f["kind"] == "panic" and "MemoryError" in f["reason"]
+    assert machine.request("other", M.MK_MSG_USER, 1, timeout=5) == 1
+
+
+def test_restart_policy_brings_it_back(machine):
+    up(machine, "db", recovery="restart", max_restarts=3, restart_window=10)
+    machine.fault("db", "kill")
+    wait_until(machine, lambda: machine.show("db")["counters"]["restarts"] == 1
+               and machine.show("db")["state"] == "active")
+    assert machine.request("db", M.MK_MSG_USER, "back", timeout=5) == "back"
+    assert machine.show("db")["boots"] == 2
+
+
+def test_restart_intensity_limit_ends_in_failed(machine):
+    up(machine, "db", recovery="restart", max_restarts=2, restart_window=30)
+    for n in (1, 2):
+        machine.fault("db", "kill")
+        wait_until(machine, lambda: machine.show("db")["counters"]["restarts"] == n
+                   and machine.show("db")["state"] == "active")
+    machine.fault("db", "kill")
+    machine.wait_for("db", "failed", timeout=10)
+    d = machine.show("db")
+    assert "restart intensity exceeded" in d["failure"] and d["failures"] == 3
+
+
+def test_update_validates_everything_first(machine):
+    machine.create("db", cpus=str(CPUS[-1]), memory="4M")
+    before = machine.show("db")["recovery"]
+    for bad in ({"recovery": "pray"}, {"max_restarts": -1}, {"restart_window": 0},
+                {"watchdog": -1}, {"recovery": "restart", "max_restarts": "x"}):
+        with pytest.raises(InvalidSpec):
+            machine.update("db", **bad)
+        assert machine.show("db")["recovery"] == before
+    d = machine.update("db", recovery="restart", watchdog=2)
+    assert d["recovery"]["policy"] == "restart" and d["recovery"]["watchdog"] == 2.0
+
+
+def test_fault_refusals(machine):
+    machine.create("v", cpus=str(CPUS[-1]), memory="4M")
+    with pytest.raises(NotLoaded):
+        machine.fault("v", "kill")
+    with pytest.raises(InvalidSpec, match="unknown fault kind"):
+        machine.fault("v", "meteor")
+    with pytest.raises(InvalidSpec, match="needs address"):
+        machine.fault("v", "wild-write")
+    with pytest.raises(InvalidSpec, match="takes no option"):
+        machine.fault("v", "kill", seconds=1)
