@@ -146,6 +146,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "ipi":
         from .bench import ipi
         return ipi.main(a)
+    if a.what == "recovery":
+        from .bench import recovery
+        return recovery.main(a)
     from .bench import boot
     return boot.main(a)
 
@@ -255,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against raw baselines")
-    p.add_argument("what", choices=("boot", "ipi"))
+    p.add_argument("what", choices=("boot", "ipi", "recovery"))
+    p.add_argument("--kills", type=int, default=50, help="recovery: kills to time (at least 50)")
     p.add_argument("--boots", type=int, default=100, help="boot: boots to time (at least 50)")
     p.add_argument("--round-trips", type=int, default=10_000,
                    help="ipi: round trips per pair and mode (at least 10000)")

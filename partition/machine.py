@@ -302,17 +302,18 @@ class Machine:
         if kind == "ipi-storm" and self._by_id(opts["target"]) is None:
             raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
                               "give the id of an instance (mkctl show)")
-        inst.pending_fault = (kind, time.monotonic())
         inst.counters["faults_injected"] += 1
         self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
                             options=opts)
+        out = self.describe(inst)     # before the fault: nothing slow between it and detection
+        inst.pending_fault = (kind, time.monotonic())
         if kind == "kill":
             os.kill(inst.pid, signal.SIGKILL)
         elif kind == "hang-stop":
             os.kill(inst.pid, signal.SIGSTOP)
         else:
             self.ipc.messenger.send(inst.id, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
-        return self.describe(inst)
+        return out
 
     def checksum(self, name: str) -> int:
         """CRC32 of an instance's whole partition, as the host reads it."""

@@ -62,3 +62,12 @@ def test_ipi_bench_cli_refuses_few_round_trips():
     p = subprocess.run([sys.executable, "-m", "partition.cli", "show", "--format", "csv"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "only for 'bench ipi'" in p.stderr
+
+
+def test_recovery_bench_shape():
+    from partition.bench import recovery
+    res = recovery.run(kills=5)
+    for key in ("detect_ms", "recover_ms", "baseline_pidfd_ms"):
+        assert set(res[key]) == {"p50", "p99", "max"} and res[key]["p50"] > 0
+    assert res["recover_ms"]["p50"] >= res["detect_ms"]["p50"]
+    assert "kill -> detected" in recovery.render(res)
