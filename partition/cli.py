@@ -74,7 +74,7 @@ def cmd_create(a: argparse.Namespace) -> int:
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
                                cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
                                max_restarts=a.max_restarts, restart_window=a.restart_window,
-                               watchdog=a.watchdog)
+                               watchdog=a.watchdog, standby_for=a.standby_for)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 
@@ -160,7 +160,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
-    p.add_argument("--recovery", choices=("none", "restart"), default=d("none"),
+    p.add_argument("--recovery", choices=("none", "restart", "standby"), default=d("none"),
                    help="what the host does when the instance fails (default none)")
     p.add_argument("--max-restarts", type=int, default=d(3), help="restart intensity: at most N ...")
     p.add_argument("--restart-window", type=float, default=d(5.0), help="... in T seconds")
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", required=True, help="partition size, multiple of 4K, e.g. 64M")
     p.add_argument("--id", type=int, default=None, help="instance id 1..511 (default: lowest free)")
     _recovery_options(p, defaults=True)
+    p.add_argument("--standby-for", default=None,
+                   help="make this instance the pre-booted standby of that one")
     p.set_defaults(fn=cmd_create)
 
     p = sub.add_parser("update", parents=[common], help="change recovery policy or watchdog")

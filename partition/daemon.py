@@ -33,7 +33,7 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
         "show": ({"name"}, m.show),
         "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
-                    "restart_window", "watchdog"}, m.create),
+                    "restart_window", "watchdog", "standby_for"}, m.create),
         "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog"}, m.update),
         "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
                   m.fault(name, kind, **(options or {}))),

@@ -52,8 +52,11 @@ class HostIPC:
 
     def _post(self, target: int, msg_type: int, data: bytes) -> None:
         inst = self.m._by_id(target)
+        if inst is not None and inst.state != State.ACTIVE and inst.served_by is not None:
+            inst = self.m._by_id(inst.served_by)        # a standby took over the role
         if inst is None or inst.state != State.ACTIVE or inst.pid is None:
             raise RingError(errno.ESRCH, f"instance {target} is not active")
+        target = inst.id
         ring = self.ring_of(target)
         ring.send(HOST_ID, self.cpu, msg_type, data)
         inst.counters["host_sent"] += 1

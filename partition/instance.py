@@ -110,6 +110,8 @@ class Instance:
     failures: list[dict[str, Any]] = field(default_factory=list)
     pending_fault: tuple[str, float] | None = None     # kind, monotonic time injected
     progress_seen: tuple[int, float] = (0, 0.0)       # watchdog: last value, when it changed
+    standby_for: str | None = None      # this instance is the pre-booted standby of that one
+    served_by: int | None = None        # id of the standby that took over this role
     counters: dict[str, int] = field(default_factory=lambda: {
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0})

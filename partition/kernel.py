@@ -245,8 +245,7 @@ class Kernel:
         if target.__class__ is not int or not 0 <= target < L.MAX_INSTANCES or \
                 _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES
                                  + L.SLOT_PEER_STATE)[0] != _ACTIVE:
-            self._mk_count(L.SLOT_IPI_ESRCH)
-            raise RingError(errno.ESRCH, f"instance {target} is not active")
+            target = self._redirected(target)
         ring = self._rings.get(target) or self._ring_of(target)
         try:
             ring.send(self.ctx.id, self._cpu, msg_type, data)
@@ -266,6 +265,15 @@ class Kernel:
                     os.kill(self._peer_u32(target, L.SLOT_PID), IPI_SIGNAL)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+    def _redirected(self, target: int) -> int:
+        """A dead target whose role a standby took over: address the standby (one hop)."""
+        if target.__class__ is int and 0 <= target < L.MAX_INSTANCES:
+            via = self._peer_u32(target, L.SLOT_REDIRECT)
+            if 0 < via <= L.MAX_INSTANCES and self._peer_u32(via - 1, L.SLOT_PEER_STATE) == _ACTIVE:
+                return via - 1
+        self._mk_count(L.SLOT_IPI_ESRCH)
+        raise RingError(errno.ESRCH, f"instance {target} is not active")
 
     def _wake_halted(self, target: int) -> None:
         """The peer sleeps on its eventfd (HLT): write it directly, one wake-up, no signal.

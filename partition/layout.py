@@ -58,6 +58,7 @@ SLOT_IPI_RING_FULL = 56   # u64 sends refused with ENOSPC (instance writes)
 SLOT_IPI_ESRCH = 192      # u64 sends refused because the target was not active
 SLOT_HEARTBEATS = 200     # u64 heartbeats sent to the host
 SLOT_DOORBELL_FD = 208    # u32 descriptor number of the instance's doorbell in its own process
+SLOT_REDIRECT = 212       # u32 id + 1 of the standby now serving this id's role; 0: none (host)
 SLOT_REASON = 64          # 128 bytes: utf-8 halt/panic reason
 REASON_BYTES = 128
 

@@ -216,17 +216,20 @@ class Machine:
     def create(self, name: str, memory: str | int, cpus: str | list[int] | None = None,
                cpu_count: int | None = None, id: int | None = None, recovery: str = "none",
                max_restarts: int = 3, restart_window: float = 5.0,
-               watchdog: float = 0.0) -> dict[str, Any]:
+               watchdog: float = 0.0, standby_for: str | None = None) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready)."""
         self._check_open()
         self.poll(0)
         r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
         policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog)
+        if standby_for is not None and standby_for not in self.instances:
+            raise NoSuchInstance(f"standby_for names no instance: {standby_for!r}",
+                                 "create the primary first")
         self.pool.commit(r)
         inst = Instance(id=r.id, name=r.name, cpus=r.cpus,
                         physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
                         memory_base=self.layout.pool_offset + r.memory_offset,
-                        memory_bytes=r.memory_bytes, recovery=policy)
+                        memory_bytes=r.memory_bytes, recovery=policy, standby_for=standby_for)
         self.instances[name] = inst
         format_console(self._console_view(inst))
         self._zero_slot(inst)
@@ -379,6 +382,8 @@ class Machine:
             "counters": {**inst.counters, **self.ipc.counters(inst)},
             "last_heartbeat": inst.last_heartbeat,
             "recovery": inst.recovery.to_dict(),
+            "standby_for": inst.standby_for,
+            "served_by": inst.served_by,
             "failures": len(inst.failures),
             "last_failure": inst.failures[-1] if inst.failures else None,
         }
@@ -489,6 +494,24 @@ class Machine:
                 self._slot_put_u32(inst.id, L.SLOT_FORCE_HALT, 1)
                 os.kill(inst.pid, signal.SIGKILL)
 
+    def _takeover(self, primary: Instance) -> None:
+        """Active-backup: the first active standby of ``primary`` serves its role from now on."""
+        t0 = time.monotonic()
+        standby = next((i for i in self.instances.values() if i.standby_for == primary.name
+                        and i.state == State.ACTIVE and i.pid is not None), None)
+        if standby is None:
+            self.events.warning("takeover_failed", instance=primary.id, name=primary.name,
+                                reason="no active standby")
+            return
+        primary.served_by = standby.id
+        self._slot_put_u32(primary.id, L.SLOT_REDIRECT, standby.id + 1)
+        self.printk(f"Instance {primary.id} ({primary.name}) failed; standby {standby.id} "
+                    f"({standby.name}) takes over its role")
+        self.events.warning("takeover", instance=primary.id, name=primary.name,
+                            standby=standby.name, standby_id=standby.id,
+                            takeover_ms=round((time.monotonic() - t0) * 1e3, 3))
+        self._publish(primary)
+
     def _run_restarts(self) -> None:
         self._restarting = True
         try:
@@ -528,6 +551,8 @@ class Machine:
         slot[L.SLOT_GENERATION:L.SLOT_GENERATION + 8] = inst.generation.to_bytes(8, "little")
         slot[L.SLOT_READY:L.SLOT_READY + 4] = (1).to_bytes(4, "little")   # publish last
         self.ring_of(inst.id).reset()       # stale messages and dead claims go with the old run
+        inst.served_by = None                # it serves its own role again
+        self._slot_put_u32(inst.id, L.SLOT_REDIRECT, 0)
         inst.doorbell_fd = linux.eventfd()
         params = BootParams(
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
@@ -674,6 +699,9 @@ class Machine:
 
     def _recover(self, inst: Instance) -> None:
         pol = inst.recovery
+        if pol.policy == "standby":
+            self._takeover(inst)
+            return
         if pol.policy != "restart":
             return
         if pol.allow_restart(time.monotonic()):

@@ -3,7 +3,8 @@
 ``none``: a failed instance stays ``loaded`` (the real system's behaviour). ``restart``: the host
 re-execs it from its loaded image, at most ``max_restarts`` times in any ``restart_window``
 seconds; one more failure inside the window and the instance goes to ``failed`` and stays there.
-(``standby``, a pre-booted instance taking over, is not implemented yet.)
+``standby``: an active instance created with ``standby_for`` this one takes over its role:
+messages addressed to the failed instance's id reach the standby (active-backup).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidSpec
 
-POLICIES = ("none", "restart")
+POLICIES = ("none", "restart", "standby")
 
 
 @dataclass
@@ -40,9 +41,8 @@ class RecoveryPolicy:
             if v is not None:
                 new[k] = v
         if new["policy"] not in POLICIES:
-            hint = "standby is not implemented yet" if new["policy"] == "standby" else \
-                f"one of: {', '.join(POLICIES)}"
-            raise InvalidSpec(f"unknown recovery policy {new['policy']!r}", hint)
+            raise InvalidSpec(f"unknown recovery policy {new['policy']!r}",
+                              f"one of: {', '.join(POLICIES)}")
         mr = new["max_restarts"]
         if isinstance(mr, bool) or not isinstance(mr, int) or not 0 <= mr <= 1000:
             raise InvalidSpec(f"max_restarts must be an integer in 0..1000, got {mr!r}", "e.g. 3")

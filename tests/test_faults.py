@@ -162,3 +162,33 @@ def test_fault_refusals(machine):
         machine.fault("v", "wild-write")
     with pytest.raises(InvalidSpec, match="takes no option"):
         machine.fault("v", "kill", seconds=1)
+
+
+def test_standby_takes_over_the_role(machine):
+    primary = up(machine, "db", recovery="standby")
+    up(machine, "db2", cpu=CPUS[0], standby_for="db")
+    # a peer that addresses the primary's id: a ping instance sending requests to it
+    assert machine.request("db", M.MK_MSG_USER, "primary", timeout=5) == "primary"
+    machine.fault("db", "kill")
+    wait_until(machine, lambda: machine.show("db")["served_by"] is not None)
+    assert machine.show("db")["served_by"] == machine.show("db2")["id"]
+    assert machine.request("db", M.MK_MSG_USER, "via role", timeout=5) == "via role"
+    assert machine.show("db2")["counters"]["ipi_received"] >= 1
+    # an instance addressing the dead primary's id reaches the standby as well
+    machine.create("peer", cpus=str(CPUS[-1]), memory="4M")
+    machine.load("peer", "kernels.echo:EchoKernel", f"role=ping target={primary['id']} count=20")
+    machine.exec("peer")
+    from kernels.echo import RESULTS, read_results
+    wait_until(machine, lambda: read_results(machine.read_memory("peer", 0, RESULTS.size))[0])
+    assert read_results(machine.read_memory("peer", 0, RESULTS.size))[1] == 20
+    # the primary, booted again, serves its own role
+    machine.exec("db")
+    assert machine.show("db")["served_by"] is None
+
+
+def test_standby_for_must_name_an_instance(machine):
+    before = machine.snapshot()["pool"]
+    with pytest.raises(Exception, match="standby_for names no instance"):
+        machine.create("s", cpus=str(CPUS[-1]), memory="4M", standby_for="ghost")
+    assert [i["name"] for i in machine.snapshot()["instances"]] == []
+    assert machine.snapshot()["pool"] == before
