@@ -146,6 +146,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "ipi":
         from .bench import ipi
         return ipi.main(a)
+    if a.what == "isolation":
+        from .bench import isolation
+        return isolation.main(a)
     if a.what == "recovery":
         from .bench import recovery
         return recovery.main(a)
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against raw baselines")
-    p.add_argument("what", choices=("boot", "ipi", "recovery"))
+    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation"))
     p.add_argument("--kills", type=int, default=50, help="recovery: kills to time (at least 50)")
     p.add_argument("--boots", type=int, default=100, help="boot: boots to time (at least 50)")
     p.add_argument("--round-trips", type=int, default=10_000,

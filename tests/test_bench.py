@@ -71,3 +71,16 @@ def test_recovery_bench_shape():
         assert set(res[key]) == {"p50", "p99", "max"} and res[key]["p50"] > 0
     assert res["recover_ms"]["p50"] >= res["detect_ms"]["p50"]
     assert "kill -> detected" in recovery.render(res)
+
+
+def test_isolation_bench_shape():
+    from partition.bench import isolation
+    res = isolation.run(n=50, kinds=("kill", "wild-write"))
+    kinds = {r["kind"]: r for r in res["kinds"]}
+    assert set(kinds) == {"kill", "wild-write", "wild-write-unprotected"}
+    assert kinds["wild-write"]["bytes_intact"] is True           # protection: the offender faulted
+    assert kinds["wild-write-unprotected"]["bytes_intact"] is False
+    assert kinds["wild-write-unprotected"]["ok"] is True          # the corruption was caught
+    assert kinds["kill"]["victim_failure"] == "crash"
+    for r in res["kinds"]:
+        assert r["baseline"]["n"] == 50 and r["during"]["n"] == 50 and r["p99_ratio"] > 0

@@ -1,0 +1,152 @@
+"""``mkctl bench isolation``: does a fault in one instance reach the others?
+
+A bystander pair (a ``role=ping`` instance timing round trips to an echo instance) runs next to a
+victim. For each fault kind: the bystander's round trips are timed before (baseline) and right
+after the fault hits the victim, and the bystander echo's partition is checksummed before and
+after. A kind meets its target when the bystander's p99 stays within 1.5x its baseline and its
+bytes are unchanged; for a wild write on a machine without protection the target is the
+opposite: the corruption must be caught (the checksum must change, and the bench says so).
+
+On a 2-core machine the victim shares a core with a bystander (the mode is oversubscribed and
+the report says so): a victim that burns or spins on that core costs the bystander timeslices,
+and the figures show exactly that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+from typing import Any
+
+from kernels.echo import RESULTS, read_results
+
+from ..machine import Machine
+from .stats import environment, environment_line, summary
+
+KINDS = ("kill", "panic", "hang-stop", "hang-spin", "wild-write", "ipi-storm", "cpu-hog",
+         "mem-hog")
+P99_LIMIT = 1.5
+
+
+def _ping(m: Machine, a: int, target: int, n: int) -> list[float]:
+    """One measurement: a fresh ping instance (fresh partition) timing n round trips."""
+    memory = max(4 << 20, (RESULTS.size + 8 * n + 4095) // 4096 * 4096)
+    m.create("probe", cpus=[a], memory=memory)
+    try:
+        m.load("probe", "kernels.echo:EchoKernel", f"role=ping target={target} count={n}")
+        m.exec("probe")
+        deadline = time.monotonic() + 60
+        while True:
+            done, count, _ = read_results(m.read_memory("probe", 0, RESULTS.size))
+            if done:
+                break
+            if m.show("probe")["state"] != "active" or time.monotonic() > deadline:
+                raise RuntimeError(f"bystander probe stopped: {m.show('probe')['last_exit']}")
+            m.poll(0.01)
+        raw = m.read_memory("probe", RESULTS.size, 8 * count)
+        return list(struct.unpack(f"<{count}d", raw))
+    finally:
+        d = m.show("probe")
+        if d["state"] == "active":
+            m.kill("probe", force=True)
+        if m.show("probe")["state"] in ("loaded", "failed"):
+            m.unload("probe")
+        m.delete("probe")
+
+
+def _one_kind(m: Machine, kind: str, cpus: list[int], n: int) -> dict[str, Any]:
+    a, b = cpus[0], cpus[-1]
+    echo = m.show("bystander")
+    base = summary(_ping(m, a, echo["id"], n))
+    m.create("victim", cpus=[b], memory="4M", watchdog=1.0)
+    try:
+        m.load("victim", "kernels.echo:EchoKernel", "mk_heap=64M")
+        m.exec("victim")
+        before = m.checksum("bystander")
+        opts: dict[str, Any] = {}
+        if kind == "wild-write":
+            opts = {"address": echo["memory_base"] + 4096, "bytes": 64}
+        elif kind == "ipi-storm":
+            opts = {"target": echo["id"], "count": 200_000}
+        elif kind == "cpu-hog":
+            opts = {"seconds": 3.0}
+        m.fault("victim", kind, **opts)
+        during = summary(_ping(m, a, echo["id"], n))
+        deadline = time.monotonic() + 5           # let the victim's fate settle (watchdog etc.)
+        while m.show("victim")["state"] == "active" and kind in ("hang-stop", "hang-spin") \
+                and time.monotonic() < deadline:
+            m.poll(0.05)
+        intact = m.checksum("bystander") == before
+        victim = m.show("victim")
+    finally:
+        if m.show("victim")["state"] == "active":
+            m.kill("victim", force=True)
+        if m.show("victim")["state"] in ("loaded", "failed"):
+            m.unload("victim")
+        m.delete("victim")
+    ratio = during["p99"] / base["p99"] if base["p99"] else float("inf")
+    caught = not m.protection and kind == "wild-write"
+    ok = (not intact) if caught else (intact and ratio <= P99_LIMIT)
+    return {"kind": kind + ("-unprotected" if caught else ""), "baseline": base,
+            "during": during, "p99_ratio": ratio, "bytes_intact": intact, "ok": ok,
+            "victim_failure": (victim["last_failure"] or {}).get("kind"),
+            "corruption_caught": (not intact) if caught else None}
+
+
+def run(n: int = 2000, kinds: tuple[str, ...] = KINDS, progress: bool = False) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))
+    results = []
+    for protection in (True, False):
+        todo = kinds if protection else tuple(k for k in kinds if k == "wild-write")
+        if not todo:
+            continue
+        with Machine(cpus=cpus, host_cpus=[cpus[0]], oversubscribe=True, memory="256M",
+                     kill_timeout=5.0, protection=protection) as m:
+            m.create("bystander", cpus=[cpus[-1]], memory="4M")
+            m.load("bystander", "kernels.echo:EchoKernel")
+            m.exec("bystander")
+            for kind in todo:
+                if progress:
+                    print(f"\rbench isolation: {kind}{'' if protection else ' (unprotected)'}   ",
+                          end="", file=sys.stderr, flush=True)
+                results.append(_one_kind(m, kind, cpus, n))
+    if progress:
+        print(file=sys.stderr)
+    return {"benchmark": "isolation", "round_trips": n, "environment": environment(),
+            "oversubscribed": True, "p99_limit": P99_LIMIT, "kinds": results,
+            "all_ok": all(r["ok"] for r in results)}
+
+
+def render(res: dict[str, Any]) -> str:
+    lines = [f"isolation: bystander round trips ({res['round_trips']} per measurement) while a "
+             "fault hits a victim sharing its core (oversubscribed, 2-core machine)",
+             f"machine: {environment_line(res['environment'])}",
+             "{:<24}{:>10}{:>10}{:>10}{:>10}{:>9}{:>8}{:>6}".format(
+                 "fault", "base p50", "base p99", "p50 us", "p99 us", "p99 x", "intact", "ok")]
+    for r in res["kinds"]:
+        lines.append("{:<24}{:>10.1f}{:>10.1f}{:>10.1f}{:>10.1f}{:>9.2f}{:>8}{:>6}".format(
+            r["kind"], r["baseline"]["p50"], r["baseline"]["p99"], r["during"]["p50"],
+            r["during"]["p99"], r["p99_ratio"], "yes" if r["bytes_intact"] else "NO",
+            "ok" if r["ok"] else "MISS"))
+    lines.append(f"target: bystander p99 within {res['p99_limit']}x of its baseline and bytes "
+                 "intact; unprotected wild write: corruption caught")
+    return "\n".join(lines)
+
+
+def main(a: argparse.Namespace) -> int:
+    res = run(a.round_trips if a.round_trips != 10_000 else 2000, progress=sys.stderr.isatty())
+    if a.format == "json":
+        out = {k: v for k, v in res.items() if k != "kinds"}
+        out["kinds"] = {r["kind"]: {"p99_ratio": r["p99_ratio"], "bytes_intact": r["bytes_intact"],
+                                    "ok": r["ok"], "baseline_p99_us": r["baseline"]["p99"],
+                                    "p99_us": r["during"]["p99"],
+                                    "victim_failure": r["victim_failure"]}
+                        for r in res["kinds"]}
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(res))
+    return 0
