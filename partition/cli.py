@@ -74,7 +74,8 @@ def cmd_create(a: argparse.Namespace) -> int:
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
                                cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
                                max_restarts=a.max_restarts, restart_window=a.restart_window,
-                               watchdog=a.watchdog, standby_for=a.standby_for)
+                               watchdog=a.watchdog, standby_for=a.standby_for,
+                               preserve_memory=a.preserve_memory)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 
@@ -82,7 +83,7 @@ def cmd_create(a: argparse.Namespace) -> int:
 def cmd_update(a: argparse.Namespace) -> int:
     r = Client(a.run_dir).call("update", name=a.name, recovery=a.recovery,
                                max_restarts=a.max_restarts, restart_window=a.restart_window,
-                               watchdog=a.watchdog)
+                               watchdog=a.watchdog, preserve_memory=a.preserve_memory)
     _emit(a, r, _one_line(r) + f"\n  recovery: {r['recovery']}")
     return EXIT_OK
 
@@ -169,6 +170,8 @@ def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--restart-window", type=float, default=d(5.0), help="... in T seconds")
     p.add_argument("--watchdog", type=float, default=d(0.0),
                    help="seconds without progress before the instance is declared hung (0: off)")
+    p.add_argument("--preserve-memory", action=argparse.BooleanOptionalAction, default=d(False),
+                   help="a restart keeps the partition (default: scrubbed before reuse)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,8 +33,9 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
         "show": ({"name"}, m.show),
         "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
-                    "restart_window", "watchdog", "standby_for"}, m.create),
-        "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog"}, m.update),
+                    "restart_window", "watchdog", "standby_for", "preserve_memory"}, m.create),
+        "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog",
+                    "preserve_memory"}, m.update),
         "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
                   m.fault(name, kind, **(options or {}))),
         "load": ({"name", "kernel", "cmdline", "cwd"}, None),    # special-cased: cwd

@@ -216,12 +216,14 @@ class Machine:
     def create(self, name: str, memory: str | int, cpus: str | list[int] | None = None,
                cpu_count: int | None = None, id: int | None = None, recovery: str = "none",
                max_restarts: int = 3, restart_window: float = 5.0,
-               watchdog: float = 0.0, standby_for: str | None = None) -> dict[str, Any]:
+               watchdog: float = 0.0, standby_for: str | None = None,
+               preserve_memory: bool = False) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready)."""
         self._check_open()
         self.poll(0)
         r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
-        policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog)
+        policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog,
+                                      preserve_memory)
         if standby_for is not None and standby_for not in self.instances:
             raise NoSuchInstance(f"standby_for names no instance: {standby_for!r}",
                                  "create the primary first")
@@ -279,14 +281,15 @@ class Machine:
         return self.describe(inst)
 
     def update(self, name: str, recovery: str | None = None, max_restarts: int | None = None,
-               restart_window: float | None = None,
-               watchdog: float | None = None) -> dict[str, Any]:
+               restart_window: float | None = None, watchdog: float | None = None,
+               preserve_memory: bool | None = None) -> dict[str, Any]:
         """Change an instance's recovery policy or watchdog, in any state (all or nothing)."""
         self._check_open()
         self.poll(0)
         inst = self._get(name)
         inst.recovery.update(policy=recovery, max_restarts=max_restarts,
-                             restart_window=restart_window, watchdog=watchdog)
+                             restart_window=restart_window, watchdog=watchdog,
+                             preserve_memory=preserve_memory)
         inst.progress_seen = (self._progress(inst), time.monotonic())
         self.events.info("instance_updated", instance=inst.id, name=inst.name,
                          recovery=inst.recovery.to_dict())
@@ -520,8 +523,11 @@ class Machine:
                 if inst.state != State.LOADED or self._closing or inst.name not in self.instances:
                     continue
                 inst.counters["restarts"] += 1
+                scrub = not inst.recovery.preserve_memory
+                if scrub:   # reclaim before reuse: the failed run's memory is not trusted
+                    self.arena.scrub(inst.memory_base, inst.memory_bytes)
                 self.events.info("restart", instance=inst.id, name=inst.name,
-                                 restarts=inst.counters["restarts"])
+                                 restarts=inst.counters["restarts"], scrubbed=scrub)
                 try:
                     self._boot(inst)
                 except MKError as exc:

@@ -1,7 +1,7 @@
 """Recovery policy and restart intensity, as Erlang/OTP supervisors count it.
 
 ``none``: a failed instance stays ``loaded`` (the real system's behaviour). ``restart``: the host
-re-execs it from its loaded image, at most ``max_restarts`` times in any ``restart_window``
+scrubs its partition (unless ``preserve_memory``) and re-execs it from its loaded image, at most ``max_restarts`` times in any ``restart_window``
 seconds; one more failure inside the window and the instance goes to ``failed`` and stays there.
 ``standby``: an active instance created with ``standby_for`` this one takes over its role:
 messages addressed to the failed instance's id reach the standby (active-backup).
@@ -23,20 +23,22 @@ class RecoveryPolicy:
     max_restarts: int = 3
     restart_window: float = 5.0
     watchdog: float = 0.0               # seconds without progress before "hung"; 0: off
+    preserve_memory: bool = False       # restart keeps the partition instead of scrubbing it
     _restarts: deque = field(default_factory=deque, repr=False)
 
     @classmethod
     def build(cls, policy: str = "none", max_restarts: int = 3, restart_window: float = 5.0,
-              watchdog: float = 0.0) -> "RecoveryPolicy":
+              watchdog: float = 0.0, preserve_memory: bool = False) -> "RecoveryPolicy":
         p = cls()
         p.update(policy=policy, max_restarts=max_restarts, restart_window=restart_window,
-                 watchdog=watchdog)
+                 watchdog=watchdog, preserve_memory=preserve_memory)
         return p
 
     def update(self, **changes: object) -> None:
         """Validate every change first; apply all or none."""
         new = {"policy": self.policy, "max_restarts": self.max_restarts,
-               "restart_window": self.restart_window, "watchdog": self.watchdog}
+               "restart_window": self.restart_window, "watchdog": self.watchdog,
+               "preserve_memory": self.preserve_memory}
         for k, v in changes.items():
             if v is not None:
                 new[k] = v
@@ -51,6 +53,10 @@ class RecoveryPolicy:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= 86400:
                 raise InvalidSpec(f"{key} must be a number of seconds in {lo}..86400, got {v!r}",
                                   "e.g. 5" if key == "restart_window" else "e.g. 1 (0 disables it)")
+        if not isinstance(new["preserve_memory"], bool):
+            raise InvalidSpec(f"preserve_memory must be true or false, got {new['preserve_memory']!r}",
+                              "e.g. preserve_memory=true")
+        self.preserve_memory = new["preserve_memory"]
         self.policy, self.max_restarts = str(new["policy"]), int(mr)
         self.restart_window, self.watchdog = float(new["restart_window"]), float(new["watchdog"])
 
@@ -66,4 +72,4 @@ class RecoveryPolicy:
     def to_dict(self) -> dict[str, object]:
         return {"policy": self.policy, "max_restarts": self.max_restarts,
                 "restart_window": self.restart_window, "watchdog": self.watchdog,
-                "recent_restarts": len(self._restarts)}
+                "preserve_memory": self.preserve_memory, "recent_restarts": len(self._restarts)}

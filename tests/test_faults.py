@@ -192,3 +192,35 @@ def test_standby_for_must_name_an_instance(machine):
         machine.create("s", cpus=str(CPUS[-1]), memory="4M", standby_for="ghost")
     assert [i["name"] for i in machine.snapshot()["instances"]] == []
     assert machine.snapshot()["pool"] == before
+
+
+def test_restart_scrubs_the_partition_unless_preserved(machine):
+    from kernels.counter import read_count
+    for preserve in (False, True):
+        name = f"c{int(preserve)}"
+        up(machine, name, "kernels.counter:CounterKernel", "interval=0.001", recovery="restart",
+           preserve_memory=preserve)
+        wait_until(machine, lambda: read_count(machine.read_memory(name, 0, 24)) >= 20)
+        machine.fault(name, "kill")
+        wait_until(machine, lambda: machine.show(name)["counters"]["restarts"] == 1
+                   and machine.show(name)["state"] == "active")
+        wait_until(machine, lambda: "resuming at count" in machine.console(name).splitlines()[-1]
+                   or "count=" in machine.console(name).splitlines()[-1])
+        boots = [l for l in machine.console(name).splitlines() if "resuming at count" in l]
+        resumed = int(boots[-1].rsplit(" ", 1)[1])
+        assert (resumed >= 20) if preserve else (resumed == 0), (preserve, boots)
+        machine.kill(name, force=True)
+
+
+def test_messages_to_a_dead_peer_fail_at_once(machine):
+    import errno
+    from partition.ring import RingError
+    d = up(machine, "v")
+    machine.fault("v", "kill")
+    machine.wait_for("v", "loaded")
+    t0 = time.monotonic()
+    with pytest.raises(RingError) as ei:
+        machine.send("v", M.MK_MSG_USER, 1)
+    assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 0.1
+    peer_state = machine.arena.slot(d["id"])[24]
+    assert peer_state == 2        # the peer-state table says loaded: every peer sees it
