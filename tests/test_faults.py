@@ -5,24 +5,11 @@ import os
 import time
 
 import pytest
+from helpers import CPUS, up, wait_until
 
 from partition import InvalidSpec, NotLoaded
 from partition import message as M
 
-CPUS = sorted(os.sched_getaffinity(0))
-
-
-def up(m, name, kernel="kernels.echo:EchoKernel", cmdline="", cpu=None, **policy):
-    m.create(name, cpus=str(CPUS[-1] if cpu is None else cpu), memory="4M", **policy)
-    m.load(name, kernel, cmdline)
-    return m.exec(name)
-
-
-def wait_until(m, pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        m.poll(0.01)
 
 
 def last_failure(m, name):

@@ -7,26 +7,13 @@ import struct
 import time
 
 import pytest
+from helpers import CPUS, up, wait_until
 
 from partition import message as M
 from partition.ring import RingError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IPI = os.path.join(HERE, "kernels", "ipi.py")
-CPUS = sorted(os.sched_getaffinity(0))
-
-
-def up(m, name, kernel, cmdline="", cpu=None, memory="4M"):
-    m.create(name, cpus=str(CPUS[-1] if cpu is None else cpu), memory=memory)
-    m.load(name, kernel, cmdline)
-    return m.exec(name)
-
-
-def wait_until(m, pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        m.poll(0.01)
 
 
 def collected(m, name):

@@ -1,0 +1,21 @@
+"""Small helpers shared by the tests that drive an in-process machine."""
+
+import os
+import time
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def up(m, name, kernel="kernels.echo:EchoKernel", cmdline="", cpu=None, memory="4M", **create):
+    """Create, load and exec one instance (on the last CPU unless told)."""
+    m.create(name, cpus=str(CPUS[-1] if cpu is None else cpu), memory=memory, **create)
+    m.load(name, kernel, cmdline)
+    return m.exec(name)
+
+
+def wait_until(m, pred, timeout=10.0):
+    """Drive the machine until ``pred()`` holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        m.poll(0.01)
