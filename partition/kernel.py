@@ -353,6 +353,9 @@ class Kernel:
                               "(not mapped: outside this instance's partition)")
 
     def _on_shutdown(self, msg: M.Message) -> None:
+        self._request_graceful_halt()
+
+    def _request_graceful_halt(self) -> None:
         self._graceful = True
         self._halting = True
         self._halt_reason = "graceful halt requested by host"
@@ -368,9 +371,8 @@ class Kernel:
 
     # -- the loop (called by the trampoline) -----------------------------------------------
     def _on_halt_request(self, signum: int, frame: object) -> None:
-        self._halting = True
-        self._graceful = True
-        self._halt_reason = "graceful halt requested by host"
+        """SIGTERM: the fallback the host uses when SHUTDOWN cannot be queued."""
+        self._request_graceful_halt()
         try:
             os.eventfd_write(self.ctx.doorbell_fd, 1)   # wake the idle wait
         except OSError:

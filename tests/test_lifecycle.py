@@ -126,9 +126,7 @@ def test_partition_survives_reboot_and_delete_scrubs(machine):
 
 
 def test_graceful_kill_falls_back_to_force_after_timeout(machine, misbehaving):
-    machine.create("s", cpus=str(machine.config.cpus[-1]), memory="16M")
-    machine.load("s", misbehaving + ":Stubborn")
-    machine.exec("s")
+    boot(machine, "s", misbehaving + ":Stubborn")
     t0 = time.monotonic()
     r = machine.kill("s", timeout=0.3)
     assert time.monotonic() - t0 >= 0.3
@@ -146,9 +144,7 @@ def test_force_kill_is_immediate_and_idempotent(machine):
 
 
 def test_panic_is_recorded_with_reason_and_console(machine, misbehaving):
-    machine.create("p", cpus=str(machine.config.cpus[-1]), memory="16M")
-    machine.load("p", misbehaving + ":CrashInTick")
-    machine.exec("p")
+    boot(machine, "p", misbehaving + ":CrashInTick")
     rec = machine.wait_for("p", "loaded")
     assert rec["last_exit"]["how"] == "panic"
     assert "ZeroDivisionError" in rec["last_exit"]["reason"]
@@ -157,18 +153,15 @@ def test_panic_is_recorded_with_reason_and_console(machine, misbehaving):
 
 
 def test_voluntary_halt(machine, misbehaving):
-    machine.create("h", cpus=str(machine.config.cpus[-1]), memory="16M")
-    machine.load("h", misbehaving + ":Halter")
-    machine.exec("h")
+    boot(machine, "h", misbehaving + ":Halter")
     rec = machine.wait_for("h", "loaded")
     assert rec["last_exit"]["how"] == "voluntary"
     assert rec["last_exit"]["reason"] == "work finished"
 
 
 def test_panic_during_boot_hook(machine, misbehaving):
-    machine.create("pb", cpus=str(machine.config.cpus[-1]), memory="16M")
-    machine.load("pb", misbehaving + ":PanicAtBoot")
-    machine.exec("pb")       # the trampoline answered; the kernel's boot hook then panicked
+    # the trampoline answers the mailbox; the kernel's boot hook then panics
+    boot(machine, "pb", misbehaving + ":PanicAtBoot")
     rec = machine.wait_for("pb", "loaded")
     assert rec["last_exit"]["reason"] == "panic: test panic at boot"
 
@@ -213,9 +206,7 @@ def test_bad_kernel_specs_are_refused_at_load(machine, tmp_path):
 
 
 def test_kernel_by_path_boots(machine, misbehaving):
-    machine.create("w", cpus=str(machine.config.cpus[-1]), memory="16M")
-    machine.load("w", misbehaving + ":Scribbler")
-    machine.exec("w")
+    boot(machine, "w", misbehaving + ":Scribbler")
     deadline = time.monotonic() + 5
     while "scribbled" not in machine.console("w") and time.monotonic() < deadline:
         time.sleep(0.01)
