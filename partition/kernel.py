@@ -236,9 +236,9 @@ class Kernel:
     def _peer_u32(self, target: int, off: int) -> int:
         return _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES + off)[0]
 
-    def _mk_count(self, off: int) -> None:
+    def _mk_count(self, off: int, n: int = 1) -> None:
         slot = self.ctx.slot
-        _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + 1)
+        _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + n)
 
     def _post(self, target: int, msg_type: int, data: bytes) -> None:
         """Ring + doorbell: the send path of every message."""
@@ -247,13 +247,16 @@ class Kernel:
                                  + L.SLOT_PEER_STATE)[0] != _ACTIVE:
             target = self._redirected(target)
         ring = self._rings.get(target) or self._ring_of(target)
+        # counted before publishing: once the slot is visible the receiver may answer, and
+        # whoever reads our counters after that answer must find this send in them
+        self._mk_count(L.SLOT_IPI_SENT)
         try:
             ring.send(self.ctx.id, self._cpu, msg_type, data)
         except RingError as exc:
+            self._mk_count(L.SLOT_IPI_SENT, -1)
             if exc.errno == errno.ENOSPC:
                 self._mk_count(L.SLOT_IPI_RING_FULL)
             raise
-        self._mk_count(L.SLOT_IPI_SENT)
         buf = ring.buf
         if not buf[POLLING_BYTE]:
             if target == 0:

@@ -186,48 +186,51 @@ class Ring:
         head = unpack(buf, HEAD)[0]
         if t == head:
             return 0
-        done = received = bad = unknown = abandoned = 0
+        done = bad = abandoned = 0
+        batch: list[tuple[int, int, int, bytes]] = []
         nslots, stride, cap = self.nslots, self.stride, self.slot_bytes
-        try:
-            while done < limit:
+        while done < limit:
+            if t == head:
+                head = unpack(buf, HEAD)[0]
                 if t == head:
-                    head = unpack(buf, HEAD)[0]
-                    if t == head:
-                        break
-                off = L.RING_HEADER_BYTES + (t % nslots) * stride
-                cpu, mtype, sender, size, ticket = _SLOT_HDR.unpack_from(buf, off)
-                if size == 0:
-                    if not self._abandoned(t, off, abandon_after):
-                        break
-                    abandoned += 1
-                    payload = None
-                elif size == ABANDONED:
-                    abandoned += 1
-                    payload = None
-                elif size > cap or ticket != t:
-                    bad += 1
-                    payload = None
-                else:
-                    p = off + L.RING_SLOT_HEADER
-                    payload = bytes(buf[p:p + size])
-                buf[off:off + L.RING_SLOT_HEADER] = _ZERO_HDR
-                t += 1
-                _Q.pack_into(buf, TAIL, t)          # the slot is free from here on
-                done += 1
-                if payload is None:
-                    self._pending_since.pop(t - 1, None)
-                    continue
-                received += 1
-                if not deliver(mtype, sender - 1, cpu, payload):
-                    unknown += 1
-        finally:
-            if done:
-                c = list(_COUNTERS.unpack_from(buf, COUNTERS))
-                c[0] += received
-                c[1] += bad
-                c[2] += unknown
-                c[3] += abandoned
-                _COUNTERS.pack_into(buf, COUNTERS, *c)
+                    break
+            off = L.RING_HEADER_BYTES + (t % nslots) * stride
+            cpu, mtype, sender, size, ticket = _SLOT_HDR.unpack_from(buf, off)
+            if size == 0:
+                if not self._abandoned(t, off, abandon_after):
+                    break
+                abandoned += 1
+            elif size == ABANDONED:
+                abandoned += 1
+            elif size > cap or ticket != t:
+                bad += 1
+            else:
+                p = off + L.RING_SLOT_HEADER
+                batch.append((mtype, sender - 1, cpu, bytes(buf[p:p + size])))
+            buf[off:off + L.RING_SLOT_HEADER] = _ZERO_HDR
+            if self._pending_since:
+                self._pending_since.pop(t, None)
+            t += 1
+            _Q.pack_into(buf, TAIL, t)              # the slot is free from here on
+            done += 1
+        if not done:
+            return 0
+        # Counters move before any handler runs: a handler's reply can reach the host before
+        # this function returns, and whoever acts on that reply must see the counts behind it.
+        c = list(_COUNTERS.unpack_from(buf, COUNTERS))
+        c[0] += len(batch)
+        c[1] += bad
+        c[3] += abandoned
+        _COUNTERS.pack_into(buf, COUNTERS, *c)
+        failure: BaseException | None = None
+        for mtype, sender, cpu, payload in batch:
+            try:
+                if not deliver(mtype, sender, cpu, payload):
+                    self._bump(2)           # counted now: a later message's reply may be seen
+            except Exception as exc:      # the slots are already free: deliver the rest first
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return done
 
     def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:
