@@ -256,9 +256,15 @@ def test_instances_die_with_their_host(machine_factory, tmp_path):
         "m.create('a', cpus='0', memory='16M'); m.load('a', 'kernels.idle:IdleKernel')\n"
         "print(m.exec('a')['pid'], m.run_dir, flush=True)\n"
         "time.sleep(60)\n")
-    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    host = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = None
     try:
-        pid, run_dir = host.stdout.readline().split()
+        line = host.stdout.readline().split()
+        if len(line) != 2:
+            host.wait(30)
+            pytest.fail(f"host script failed: {host.stderr.read()}")
+        pid, run_dir = line
         host.kill()
         host.wait()
         deadline = time.monotonic() + 5
@@ -269,8 +275,10 @@ def test_instances_die_with_their_host(machine_factory, tmp_path):
         host.kill()
         host.wait()
         host.stdout.close()
-        import shutil
-        shutil.rmtree(run_dir, ignore_errors=True)
+        host.stderr.close()
+        if run_dir:
+            import shutil
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_boot_failure_when_trampoline_cannot_pin(machine_factory):
