@@ -39,6 +39,7 @@ class Arena:
     def __init__(self, layout: L.ArenaLayout, tag: str = "mk-arena", flags: int = 0) -> None:
         layout.validate()
         self.layout = layout
+        self.tag = tag                  # the memfd's name: /proc/PID/maps shows "/memfd:<tag>"
         self.fd = os.memfd_create(tag, os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, layout.arena_bytes)   # sparse: costs nothing until touched

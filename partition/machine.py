@@ -44,6 +44,7 @@ from .hostipc import HOST_ID, HostIPC
 from .ring import Ring, RingError
 from .trampoline import BootParams, enter
 from .views import ViewWriter
+from .writewatch import WriteWatch
 
 
 
@@ -123,6 +124,7 @@ class Machine:
         format_console(host_console)
         self._host_console = ConsoleWriter(host_console)
         self.ipc = HostIPC(self)
+        self.writes = None if self.protection else WriteWatch(self)
         self._slot_put_u32(HOST_ID, L.SLOT_PEER_STATE, L.STATE_CODES["active"])
         self._slot_put_u32(HOST_ID, L.SLOT_PID, os.getpid())
         self.started = time.time()
@@ -312,6 +314,8 @@ class Machine:
         self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
                             options=opts)
         out = self.describe(inst)     # before the fault: nothing slow between it and detection
+        if self.writes is not None:
+            self.writes.scan(only=inst)       # what it wrote so far, before its page tables go
         inst.pending_fault = (kind, time.monotonic())
         if kind == "kill":
             os.kill(inst.pid, signal.SIGKILL)
@@ -389,6 +393,7 @@ class Machine:
             "served_by": inst.served_by,
             "failures": len(inst.failures),
             "last_failure": inst.failures[-1] if inst.failures else None,
+            "foreign_writes": dict(inst.foreign_writes),
         }
 
     def show(self, name: str | None = None) -> dict[str, Any]:
@@ -477,6 +482,8 @@ class Machine:
             handled += 1
         if watched:
             self._watchdog(watched)
+        if self.writes is not None and self.writes.due(time.monotonic()):
+            self.writes.scan()
         if self._restart_queue and not self._restarting:
             self._run_restarts()
         return handled
@@ -495,6 +502,8 @@ class Machine:
                                     stalled_s=round(now - since, 3), progress=value)
                 inst.halt_requested = "watchdog"
                 self._slot_put_u32(inst.id, L.SLOT_FORCE_HALT, 1)
+                if self.writes is not None:
+                    self.writes.scan(only=inst)
                 os.kill(inst.pid, signal.SIGKILL)
 
     def _takeover(self, primary: Instance) -> None:
@@ -619,6 +628,8 @@ class Machine:
             return
         inst.halt_requested = "forced"
         self._slot_put_u32(inst.id, L.SLOT_FORCE_HALT, 1)
+        if self.writes is not None:
+            self.writes.scan(only=inst)
         try:
             os.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -728,6 +739,8 @@ class Machine:
             os.close(inst.pidfd)
             inst.pidfd = None
         if inst.pid is not None:
+            if self.writes is not None:
+                self.writes.forget(inst.pid)
             try:
                 os.kill(inst.pid, signal.SIGKILL)
                 os.waitpid(inst.pid, 0)

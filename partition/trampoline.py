@@ -69,6 +69,19 @@ def _close_all_except(keep: set[int]) -> None:
 DEFAULT_HEAP = 256 << 20
 
 
+def _watch_foreign_writes(arena_all: memoryview, layout: L.ArenaLayout,
+                          console: ConsoleWriter) -> None:
+    """Write-protect the pool through the whole-arena mapping (asynchronously: writes still
+    land, the page tables remember them) so that the host can tell who wrote where. The
+    userfaultfd stays open for the life of the process; its number is not needed again."""
+    try:
+        addr = linux.buffer_address(arena_all.obj) + layout.pool_offset   # type: ignore[arg-type]
+        linux.watch_writes(addr, layout.pool_bytes)
+    except OSError as exc:
+        console.printk(f"multikernel: write watch unavailable ({exc}); foreign writes into other "
+                       "partitions will not be attributed")
+
+
 def _limit_heap(boot: BootParams) -> None:
     """RLIMIT_AS = what is mapped now + the partition + a private heap (``mk_heap=``, 256M):
     a kernel that allocates beyond it gets MemoryError (a panic) and fails alone."""
@@ -130,6 +143,8 @@ def enter(boot: BootParams) -> NoReturn:
         os.eventfd_write(boot.host_doorbell_fd, 1)
         _limit_heap(boot)                      # after the answer (off the boot-latency path),
                                                # before any kernel code
+        if arena_all is not None:              # unprotected: the host attributes foreign writes
+            _watch_foreign_writes(arena_all, boot.layout, console)
         ctx = KernelContext(
             id=boot.id, name=boot.name, cpus=list(boot.cpus),
             physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,

@@ -77,6 +77,26 @@ def test_wild_write_without_protection_corrupts_and_is_detected(machine_factory)
     assert m.read_memory("victim", 128, 4) == b"\xde\xad\xbe\xef"
     assert m.show("bad")["state"] == "active"        # nothing stopped it: that is the point
     assert m.snapshot()["machine"]["protection"] is False
+    # and the host knows who did it: the writer's page tables remember the write
+    wait_until(m, lambda: m.show("victim")["foreign_writes"] == {"bad": 1})
+    assert m.show("bad")["counters"]["wild_pages"] == 1
+    assert m.show("victim")["counters"]["foreign_pages"] == 1
+
+
+def test_own_writes_are_not_charged_and_a_multi_page_write_is(machine_factory):
+    m = machine_factory(cpus=CPUS, host_cpus=str(CPUS[0]), oversubscribe=True, memory="64M",
+                        protection=False)
+    victim = up(m, "victim")
+    bad = up(m, "bad", cpu=CPUS[0])
+    m.fault("bad", "wild-write", address=bad["memory_base"] + 4096, bytes=3 * 4096)  # its own
+    m.fault("bad", "wild-write", address=victim["memory_base"] + 4000, bytes=200)    # 2 pages
+    wait_until(m, lambda: m.show("victim")["foreign_writes"].get("bad") == 2)
+    m.kill("bad", force=True)         # the host scans a writer before it kills it
+    assert m.show("bad")["foreign_writes"] == {}
+    assert m.show("bad")["counters"]["wild_pages"] == 2
+    events = [json.loads(line) for line in open(os.path.join(m.run_dir, "events.log"))]
+    hits = [e for e in events if e["event"] == "foreign_write"]
+    assert hits and all(e["victim"] == "victim" and e["name"] == "bad" for e in hits)
 
 
 def test_ipi_storm_gets_back_pressure_and_victim_still_answers(machine):
