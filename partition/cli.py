@@ -157,6 +157,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return boot.main(a)
 
 
+def cmd_run(a: argparse.Namespace) -> int:
+    from .scenario import command
+    return command.main(a)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from . import demo
     return demo.main(a)
@@ -275,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="ipi: allow fewer round trips (smoke run)")
     p.add_argument("--cpu", type=int, default=None, help="CPU to boot on (default: last pool CPU)")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("run", parents=[common],
+                       help="run a scenario file: a verdict, a report, a plot (docs/scenarios.md)")
+    p.add_argument("file", nargs="?", default=None,
+                   help="scenario TOML (default: scenarios/quickstart.toml)")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--plot", default=None, help="write a PNG of latency over time here "
+                                                "(needs matplotlib: pip install -e '.[plot]')")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("demo", parents=[common], help="the built-in default demonstration")
     p.set_defaults(fn=cmd_demo)

@@ -8,7 +8,11 @@ itself, never mix their streams.
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+import time
+from typing import IO, Any, Callable
+
+#: ``listener(event, fields, monotonic_time)``; called in the machine's thread, must be quick
+Listener = Callable[[str, dict[str, Any], float], None]
 
 import structlog
 
@@ -26,16 +30,27 @@ class EventLog:
             ],
         ).bind(host_pid=os.getpid(), **context)
         self.counts: dict[str, int] = {}
+        self.listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """In-process observers (a scenario's timeline) get each event with a monotonic time,
+        which the ISO wall-clock stamp in the file cannot give them precisely."""
+        self.listeners.append(listener)
 
     def info(self, event: str, **fields: Any) -> None:
-        self.counts[event] = self.counts.get(event, 0) + 1
-        if not self._file.closed:
-            self._log.info(event, **fields)
+        self._emit("info", event, fields)
 
     def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         self.counts[event] = self.counts.get(event, 0) + 1
+        if self.listeners:
+            now = time.monotonic()
+            for listener in self.listeners:
+                listener(event, fields, now)
         if not self._file.closed:
-            self._log.warning(event, **fields)
+            getattr(self._log, level)(event, **fields)
 
     def close(self) -> None:
         self._file.close()

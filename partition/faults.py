@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidSpec
-from .message import MK_EMU_FAULT
+from .message import MK_EMU_STORM
 from .ring import RingError
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def carry_out(kernel: "Kernel", kind: str, options: dict[str, Any]) -> None:
         sent = full = 0
         while sent + full < count:
             try:
-                kernel.send(target, MK_EMU_FAULT + 1, b"storm")
+                kernel.send(target, MK_EMU_STORM, b"storm")
                 sent += 1
             except RingError as exc:
                 if exc.errno != errno.ENOSPC:

@@ -38,7 +38,7 @@ class HostIPC:
         self.ring.set_mode("interrupt")
         cfg = machine.config
         self.cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
-        self.messenger = Messenger(HOST_ID, self._post)
+        self.messenger = Messenger(HOST_ID, self._post, self._liveness)
         self.messenger.register(M.MK_MSG_HALTED, self._on_halted)
         self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
         self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
@@ -50,7 +50,13 @@ class HostIPC:
     def ring_of(self, instance_id: int) -> Ring:
         return Ring(self._view, self._address, self.m.layout, instance_id)
 
-    def _post(self, target: int, msg_type: int, data: bytes) -> None:
+    def _liveness(self, target: int):  # type: ignore[no-untyped-def]
+        """Alive while the run we sent to is the one running (the pidfd tells us of deaths)."""
+        inst = self.m._by_id(target)
+        pid = inst.pid if inst is not None else None
+        return lambda: inst is not None and inst.pid == pid and inst.state == State.ACTIVE
+
+    def _post(self, target: int, msg_type: int, data: bytes) -> int:
         inst = self.m._by_id(target)
         if inst is not None and inst.state != State.ACTIVE and inst.served_by is not None:
             inst = self.m._by_id(inst.served_by)        # a standby took over the role
@@ -61,14 +67,15 @@ class HostIPC:
         ring.send(HOST_ID, self.cpu, msg_type, data)
         inst.counters["host_sent"] += 1
         if ring.polling:
-            return
+            return target
         if ring.buf[RING_IDLE] and inst.doorbell_fd is not None:
             os.eventfd_write(inst.doorbell_fd, 1)       # halted: wake its HLT directly
-            return
+            return target
         try:
             os.kill(inst.pid, IPI_SIGNAL)
         except ProcessLookupError:
             pass
+        return target
 
     def drain(self) -> None:
         while self.ring.drain(self.messenger.deliver, 64):

@@ -27,6 +27,8 @@ from typing import Any, Callable, NoReturn
 
 from . import layout as L
 from . import message as M
+from . import probes as P
+from .probes import ProbeAgent
 from .console import ConsoleWriter
 from . import linux
 from .ring import IDLE as IDLE_BYTE
@@ -105,9 +107,14 @@ class Kernel:
         self.mode = self.params.get("mk_mode", self.mode)
         if self.mode not in ("interrupt", "poll", "hybrid"):
             raise ValueError(f"mk_mode must be interrupt, poll or hybrid, not {self.mode!r}")
-        self.messenger = M.Messenger(ctx.id, self._post)
+        self.messenger = M.Messenger(ctx.id, self._post, self._liveness)
         self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
         self.messenger.register(M.MK_EMU_FAULT, self._on_fault)
+        self._agent: ProbeAgent | None = None       # created by the first probe message
+        self.messenger.register(P.MK_EMU_PROBE_START, self._on_probe_start)
+        self.messenger.register(P.MK_EMU_PROBE_PING, lambda msg: msg.payload)
+        self.messenger.register(P.MK_EMU_PROBE_DATA, self._on_probe_data)
+        self.messenger.register(P.MK_EMU_PROBE_FLUSH, self._on_probe_flush)
         if ctx.rings is not None:
             self.ring = self._ring_of(ctx.id)
             self.ring.set_mode(self.mode)
@@ -240,7 +247,15 @@ class Kernel:
         slot = self.ctx.slot
         _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + n)
 
-    def _post(self, target: int, msg_type: int, data: bytes) -> None:
+    def _liveness(self, target: int) -> Callable[[], bool]:
+        """The peer-state table says whether the incarnation we sent to is still there."""
+        if target == 0:
+            return lambda: True
+        pid = self._peer_u32(target, L.SLOT_PID)
+        return lambda: (self._peer_u32(target, L.SLOT_PEER_STATE) == _ACTIVE
+                        and self._peer_u32(target, L.SLOT_PID) == pid)
+
+    def _post(self, target: int, msg_type: int, data: bytes) -> int:
         """Ring + doorbell: the send path of every message."""
         if target.__class__ is not int or not 0 <= target < L.MAX_INSTANCES or \
                 _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES
@@ -268,6 +283,7 @@ class Kernel:
                     os.kill(self._peer_u32(target, L.SLOT_PID), IPI_SIGNAL)
                 except (ProcessLookupError, PermissionError):
                     pass
+        return target
 
     def _redirected(self, target: int) -> int:
         """A dead target whose role a standby took over: address the standby (one hop)."""
@@ -342,6 +358,30 @@ class Kernel:
         p = msg.payload if isinstance(msg.payload, dict) else {}
         faults.carry_out(self, str(p.get("kind")), dict(p.get("options") or {}))
 
+    # -- the probe agent (partition/probes.py) ---------------------------------------------
+    def _probe_agent(self) -> ProbeAgent:
+        if self._agent is None:
+            self._agent = ProbeAgent(self.request, self.send, P.reporter(self.send))
+        return self._agent
+
+    def _on_probe_start(self, msg: M.Message) -> Any:
+        try:
+            spec = P.ProbeSpec.from_wire(msg.payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            return {"error": f"bad probe spec: {exc}"}
+        self._probe_agent().start(spec)
+        return {"ok": True}
+
+    def _on_probe_data(self, msg: M.Message) -> None:
+        p = msg.payload
+        if isinstance(p, list) and p:
+            self._probe_agent().on_data(p[0])
+
+    def _on_probe_flush(self, msg: M.Message) -> Any:
+        if self._agent is not None:
+            self._agent.flush()
+        return {"ok": True}
+
     def poke(self, phys: int, data: bytes) -> None:
         """Write ``data`` at physical address ``phys``, through this kernel's page tables: its
         own partition always; any address when the machine runs without protection; anything
@@ -401,6 +441,13 @@ class Kernel:
                 now = time.monotonic()
                 if now >= self._next_heartbeat:
                     self._heartbeat(now)
+            agent = self._agent
+            if agent is not None and agent.active():
+                busy = agent.step() or busy
+                if busy or got:
+                    continue
+                self._wait_ipi(agent.wait_hint(self.idle_timeout))
+                continue
             if busy or got:
                 continue
             self._wait_ipi(self.idle_timeout)

@@ -37,8 +37,11 @@ MK_MSG_RES_ACK = 0x2100
 MK_MSG_SYSTEM = 0x3000
 MK_MSG_HEARTBEAT, MK_MSG_SHUTDOWN, MK_MSG_SHUTDOWN_ACK, MK_MSG_HALTED = 0x3001, 0x3002, 0x3003, 0x3004
 MK_MSG_USER = 0x4000
-# emulator inventions (no counterpart in the real tree): fault injection into a kernel
+# emulator inventions (no counterpart in the real tree), all in 0x3Fxx: fault injection into a
+# kernel; the probes of partition/probes.py take 0x3F02-0x3F06; an ipi-storm floods with a type
+# no kernel handles, so that every storm message is dropped and counted at the victim
 MK_EMU_FAULT = 0x3F01
+MK_EMU_STORM = 0x3F0F
 MK_MSG_NETWORK = 0x5000
 
 SUB_REQUEST = 0x4000_0000
@@ -80,9 +83,14 @@ Handler = Callable[[Message], Any]
 class Messenger:
     """Handlers and pending requests of one endpoint (an instance or the host)."""
 
-    def __init__(self, self_id: int, post: Callable[[int, int, bytes], None]) -> None:
+    def __init__(self, self_id: int, post: Callable[[int, int, bytes], int],
+                 liveness: Callable[[int], Callable[[], bool]] | None = None) -> None:
         self.self_id = self_id
-        self._post = post                   # post(target, msg_type, bytes): ring + doorbell
+        self._post = post          # post(target, msg_type, bytes) -> id it reached (a standby's)
+        # liveness(id) -> alive(): is the incarnation that got our request still there? A
+        # request to a peer that dies meanwhile then fails with ESRCH at once, not at timeout.
+        self._liveness = liveness
+        self.last_target = -1
         self.handlers: dict[int, Handler] = {}
         self._ids = itertools.count((os.getpid() & 0xFFFF) << 40 | 1)
         self.responses: dict[int, Message] = {}
@@ -102,7 +110,7 @@ class Messenger:
     def send(self, target: int, msg_type: int, payload: Any = None, subtype: int = 0,
              msg_id: int | None = None) -> int:
         mid = next(self._ids) if msg_id is None else msg_id
-        self._post(target, msg_type, encode(msg_type, subtype, mid, payload))
+        self.last_target = self._post(target, msg_type, encode(msg_type, subtype, mid, payload))
         return mid
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
@@ -120,12 +128,22 @@ class Messenger:
                     if exc.errno != errno.ENOSPC or left <= 0:
                         raise
                     wait(min(left, 0.001))
+            alive = self._liveness(self.last_target) if self._liveness else None
+            next_look = 0.0
             while mid not in self.responses:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     raise RingError(errno.ETIMEDOUT, f"no response to message {mid:#x} "
                                                      f"(type {msg_type:#x}) from instance "
                                                      f"{target} within {timeout:g} s")
+                if alive is not None:
+                    if now >= next_look:         # every 2 ms, off the polling fast path
+                        next_look = now + 0.002
+                        if not alive():
+                            raise RingError(errno.ESRCH, f"instance {self.last_target} halted "
+                                                         f"while request {mid:#x} was pending")
+                    left = min(left, 0.01)       # look again soon: a death rings no doorbell
                 wait(left)
             return self.responses.pop(mid).payload
         finally:

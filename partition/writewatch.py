@@ -121,3 +121,22 @@ class WriteWatch:
             if inst.memory_base <= arena_offset < inst.memory_base + inst.memory_bytes:
                 return inst
         return None
+
+
+def foreign_mappers(machine: "Machine", name: str) -> list[str]:
+    """Running instances other than ``name`` that map any byte of its partition, from the
+    kernel's own account (/proc/PID/maps). With protection this must be empty: it is how a
+    protected run shows its partitions were out of reach, rather than assuming it."""
+    victim = machine.instances[name]
+    lo, hi = victim.memory_base, victim.memory_base + victim.memory_bytes
+    out = []
+    for inst in machine.instances.values():
+        if inst is victim or inst.pid is None:
+            continue
+        try:
+            maps = linux.mappings_of(inst.pid, machine.arena.tag)
+        except OSError:
+            continue
+        if any(off < hi and off + (end - start) > lo for start, end, off in maps):
+            out.append(inst.name)
+    return out

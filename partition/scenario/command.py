@@ -1,0 +1,90 @@
+"""``mkctl run [FILE] [--report out.json] [--plot out.png]``: exit 0 when every expectation
+holds, 1 when one fails, 2 when the file (or an option) is invalid, 130 on Ctrl-C. An invalid
+scenario is refused before anything boots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..errors import MKError
+from .report import Progress, report, summary, write_report
+from .runner import Runner
+from .schema import ScenarioInvalid, load
+
+EXIT_PASS, EXIT_FAIL, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT = os.path.join("scenarios", "quickstart.toml")
+
+
+def default_scenario() -> str:
+    """scenarios/quickstart.toml here, or in the checkout this package was installed from."""
+    if os.path.isfile(DEFAULT):
+        return DEFAULT
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(repo, DEFAULT)
+
+
+def _check_output(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return f"{what} {path}: directory {parent} does not exist or is not writable"
+    return None
+
+
+def main(a: argparse.Namespace) -> int:
+    path = a.file or default_scenario()
+    problems = [p for p in (_check_output(a.report, "--report"), _check_output(a.plot, "--plot"))
+                if p]
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the run, not after it)
+        except ImportError:
+            problems.append("--plot needs matplotlib: pip install -e '.[plot]'")
+    if problems:
+        for p in problems:
+            print(f"mkctl run: error: {p}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        sc = load(path)
+    except ScenarioInvalid as exc:
+        print(f"mkctl run: invalid scenario {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    as_json = getattr(a, "format", "text") == "json"
+    progress = None if a.quiet else Progress(sys.stderr)
+    if not as_json:
+        print(f"scenario {sc.name} ({os.path.relpath(sc.path)}): {sc.duration:g} s, "
+              f"{len(sc.instances)} instance(s), {len(sc.probes)} probe(s), "
+              f"{len(sc.faults)} fault(s), {len(sc.actions)} action(s)", flush=True)
+    try:
+        result = Runner(sc, progress).run()
+    except ScenarioInvalid as exc:
+        if progress:
+            progress.done()
+        print(f"mkctl run: invalid scenario {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except MKError as exc:
+        if progress:
+            progress.done()
+        print(f"mkctl run: error during the run: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if progress:
+        progress.done()
+    if a.report:
+        write_report(result, a.report)
+    if a.plot:
+        from .plot import plot
+        plot(result, a.plot)
+    if as_json:
+        print(json.dumps(report(result), indent=1, default=str))
+    else:
+        print(summary(result))
+        for what, p in (("report", a.report), ("plot", a.plot)):
+            if p:
+                print(f"{what}: {p}")
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_PASS if result.passed else EXIT_FAIL

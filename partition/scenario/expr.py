@@ -1,0 +1,253 @@
+"""The expectation language: small expressions over a run's metrics, parsed, never ``eval``'d.
+
+Grammar (lowest precedence first)::
+
+    expr    := and ('or' and)*
+    and     := not ('and' not)*
+    not     := 'not' not | compare
+    compare := sum (('==' | '!=' | '<' | '<=' | '>' | '>=') sum)?
+    sum     := product ('+' product)*
+    product := atom ('*' atom)*
+    atom    := NUMBER | STRING | 'true' | 'false' | NAME '.' METRIC | '(' expr ')'
+
+Why a parser of our own: a scenario file is input from whoever wrote it, and the run happens as
+root with pinned processes. ``eval`` (even on a restricted namespace) executes attribute walks
+and calls; this language can only read metrics, add, multiply and compare.
+
+Values are numbers, strings, booleans, or None for a metric that has no value in this run (a
+fault that never fired has no ``detect_ms``). Any operation on None, and comparing a string with
+a number, is an ``EvalError`` that names the operand: the expectation then fails and says why,
+instead of quietly being False.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from ..errors import InvalidSpec
+
+
+class ExprError(InvalidSpec):
+    """The expression is not in the language (a scenario-file error, found before any boot)."""
+
+
+class EvalError(Exception):
+    """The expression is well formed but cannot be decided with this run's values."""
+
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<num>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)
+  | (?P<str>'[^'\\]*'|"[^"\\]*")
+  | (?P<ref>[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>==|!=|<=|>=|<|>|\*|\+|\(|\))
+""", re.X)
+_WORDS = {"and", "or", "not", "true", "false"}
+_COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+            "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str
+    metric: str
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.metric}"
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str
+    operand: "Node"
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str
+    left: "Node"
+    right: "Node"
+
+
+Node = Union[Const, Ref, Unary, Binary]
+
+
+def _tokens(text: str) -> list[tuple[str, str, int]]:
+    out, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise ExprError(f"expectation {text!r}: unexpected {text[pos]!r} at column {pos + 1}",
+                            "use numbers, 'strings', name.metric, == != < <= > >=, and or "
+                            "not, * + and parentheses")
+        kind = m.lastgroup
+        assert kind is not None
+        if kind == "word" and m.group() not in _WORDS:
+            raise ExprError(f"expectation {text!r}: {m.group()!r} at column {pos + 1} is not a "
+                            "metric reference", "write NAME.METRIC, e.g. db.restarts")
+        if kind != "ws":
+            out.append((kind, m.group(), pos))
+        pos = m.end()
+    return out
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokens(text)
+        self.i = 0
+
+    def _peek(self) -> str | None:
+        return self.toks[self.i][1] if self.i < len(self.toks) else None
+
+    def _take(self) -> tuple[str, str, int]:
+        if self.i >= len(self.toks):
+            raise ExprError(f"expectation {self.text!r} ends too early",
+                            "complete the expression")
+        t = self.toks[self.i]
+        self.i += 1
+        return t
+
+    def parse(self) -> Node:
+        node = self._or()
+        if self.i != len(self.toks):
+            _, tok, pos = self.toks[self.i]
+            raise ExprError(f"expectation {self.text!r}: unexpected {tok!r} at column {pos + 1}",
+                            "join conditions with 'and' / 'or'")
+        return node
+
+    def _or(self) -> Node:
+        node = self._and()
+        while self._peek() == "or":
+            self._take()
+            node = Binary("or", node, self._and())
+        return node
+
+    def _and(self) -> Node:
+        node = self._not()
+        while self._peek() == "and":
+            self._take()
+            node = Binary("and", node, self._not())
+        return node
+
+    def _not(self) -> Node:
+        if self._peek() == "not":
+            self._take()
+            return Unary("not", self._not())
+        return self._compare()
+
+    def _compare(self) -> Node:
+        node = self._sum()
+        if self._peek() in _COMPARE:
+            op = self._take()[1]
+            node = Binary(op, node, self._sum())
+            if self._peek() in _COMPARE:
+                raise ExprError(f"expectation {self.text!r}: chained comparison",
+                                "write a < b and b < c")
+        return node
+
+    def _sum(self) -> Node:
+        node = self._product()
+        while self._peek() == "+":
+            self._take()
+            node = Binary("+", node, self._product())
+        return node
+
+    def _product(self) -> Node:
+        node = self._atom()
+        while self._peek() == "*":
+            self._take()
+            node = Binary("*", node, self._atom())
+        return node
+
+    def _atom(self) -> Node:
+        kind, tok, pos = self._take()
+        if kind == "num":
+            return Const(float(tok) if any(c in tok for c in ".eE") else int(tok))
+        if kind == "str":
+            return Const(tok[1:-1])
+        if kind == "ref":
+            name, metric = tok.split(".")
+            return Ref(name, metric)
+        if tok in ("true", "false"):
+            return Const(tok == "true")
+        if tok == "(":
+            node = self._or()
+            if self._peek() != ")":
+                raise ExprError(f"expectation {self.text!r}: missing ')'", "close the parenthesis")
+            self._take()
+            return node
+        raise ExprError(f"expectation {self.text!r}: unexpected {tok!r} at column {pos + 1}",
+                        "an operand goes here: a number, a 'string' or name.metric")
+
+
+def parse(text: str) -> Node:
+    if not isinstance(text, str) or not text.strip():
+        raise ExprError(f"expectation {text!r} is empty or not a string",
+                        "write e.g. \"db.restarts == 1\"")
+    return _Parser(text).parse()
+
+
+def refs(node: Node) -> list[Ref]:
+    """Every metric the expression reads, in order (validation checks each one exists)."""
+    if isinstance(node, Ref):
+        return [node]
+    if isinstance(node, Unary):
+        return refs(node.operand)
+    if isinstance(node, Binary):
+        return refs(node.left) + refs(node.right)
+    return []
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def evaluate(node: Node, lookup: Callable[[Ref], Any]) -> Any:
+    """Value of ``node``; ``lookup`` gives a metric's value (None: no value in this run)."""
+    if isinstance(node, Const):
+        return node.value
+    if isinstance(node, Ref):
+        v = lookup(node)
+        if v is None:
+            raise EvalError(f"{node} has no value in this run")
+        return v
+    if isinstance(node, Unary):
+        return not _truth(evaluate(node.operand, lookup), node.operand)
+    left = evaluate(node.left, lookup)
+    if node.op == "and":
+        return _truth(left, node.left) and _truth(evaluate(node.right, lookup), node.right)
+    if node.op == "or":
+        return _truth(left, node.left) or _truth(evaluate(node.right, lookup), node.right)
+    right = evaluate(node.right, lookup)
+    if node.op in ("+", "*"):
+        if not (_is_number(left) and _is_number(right)):
+            raise EvalError(f"'{node.op}' needs numbers, got {left!r} and {right!r}")
+        return left + right if node.op == "+" else left * right
+    if node.op not in ("==", "!=") and not (
+            (_is_number(left) and _is_number(right))
+            or (isinstance(left, str) and isinstance(right, str))):
+        raise EvalError(f"cannot order {left!r} and {right!r} with '{node.op}'")
+    return _COMPARE[node.op](left, right)
+
+
+def _truth(value: Any, node: Node) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise EvalError(f"{_show(node)} is {value!r}, not true or false")
+
+
+def _show(node: Node) -> str:
+    if isinstance(node, Ref):
+        return str(node)
+    if isinstance(node, Const):
+        return repr(node.value)
+    return "the expression"

@@ -1,0 +1,418 @@
+"""Running a scenario: build the machine, boot, drive traffic and faults on a timeline, measure,
+tear down.
+
+Order of a run, and why:
+1. the machine is built and every instance created and loaded *before any boots*: a scenario
+   that does not fit this machine (CPUs, memory, an unloadable kernel) fails as invalid with
+   nothing started;
+2. instances with ``start = true`` boot (primaries before their standbys), the clock starts,
+   and the probes start;
+3. the loop fires faults and actions when due, steps the host's own probes, restarts a probe
+   whose source instance rebooted, and drives the machine (deaths, reports) in between;
+4. at ``duration`` every probe is flushed, metrics are read, the machine is closed. Teardown
+   happens whatever happened before, Ctrl-C included.
+
+Every time in the report is seconds from the start of the clock (step 2), taken from
+CLOCK_MONOTONIC, which instances and host share.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import message as M
+from .. import probes as P
+from ..errors import MKError
+from ..machine import Machine
+from ..ring import RingError
+from ..writewatch import foreign_mappers
+from . import expr as E
+from .measure import Collector, ProbeRecord
+from .schema import Scenario, ScenarioInvalid
+
+#: events the timeline keeps (the full stream is in the run directory's events.log)
+TIMELINE_EVENTS = {"state_change", "fault_injected", "failure", "restart", "takeover",
+                   "takeover_failed", "watchdog_expired", "foreign_write", "restart_failed",
+                   "halt_timeout", "claims_abandoned"}
+
+
+@dataclass
+class Expectation:
+    text: str
+    passed: bool
+    value: Any
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expect": self.text, "passed": self.passed, "value": self.value,
+                "detail": self.detail}
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    machine: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+    timeline: list[dict[str, Any]]
+    expectations: list[Expectation]
+    records: dict[str, ProbeRecord]
+    t0_ns: int
+    elapsed_s: float
+    interrupted: bool = False
+    bad_reports: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.interrupted and all(e.passed for e in self.expectations)
+
+    @property
+    def verdict(self) -> str:
+        return "interrupted" if self.interrupted else ("pass" if self.passed else "fail")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario.to_dict(), "machine": self.machine,
+                "metrics": self.metrics, "timeline": self.timeline,
+                "expectations": [e.to_dict() for e in self.expectations],
+                "verdict": self.verdict, "elapsed_s": round(self.elapsed_s, 3),
+                "bad_reports": self.bad_reports}
+
+
+class Runner:
+    def __init__(self, scenario: Scenario,
+                 progress: Callable[["Runner", float], None] | None = None) -> None:
+        self.sc = scenario
+        self.progress = progress
+        self.m: Machine | None = None
+        self.collector = Collector()
+        self.timeline: list[dict[str, Any]] = []
+        self.t0 = 0.0
+        self.fired: dict[str, dict[str, Any]] = {}      # fault/action name -> what happened
+        self._host_agent: P.ProbeAgent | None = None
+        self._probe_pids: dict[str, int | None] = {}    # probe name -> pid that runs it
+        self._probe_ids: dict[str, int] = {}
+        self._finished = False
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        interrupted = False
+        try:
+            self._build()
+            assert self.m is not None
+            self._boot()
+            self.t0 = time.monotonic()
+            self._start_probes()
+            try:
+                self._loop()
+            except KeyboardInterrupt:
+                interrupted = True
+            stopped = time.monotonic_ns()
+            for rec in self.collector.records.values():
+                rec.stopped_ns = stopped
+            self._flush()
+            return self._result(interrupted)
+        finally:
+            if self.m is not None:
+                self.m.close(timeout=5.0)
+
+    def _build(self) -> None:
+        mc = self.sc.machine
+        cpus = mc["cpus"] if mc["cpus"] is not None else sorted(os.sched_getaffinity(0))
+        host = mc["host_cpus"] if mc["host_cpus"] is not None else cpus[:1]
+        try:
+            self.m = Machine(cpus=cpus, memory=mc["memory"], host_cpus=host,
+                             oversubscribe=mc["oversubscribe"], protection=mc["protection"],
+                             kill_timeout=5.0)
+        except MKError as exc:
+            raise ScenarioInvalid(self.sc.path, [f"[machine]: {exc.message}"
+                                                 + (f" ({exc.hint})" if exc.hint else "")]) from None
+        m = self.m
+        m.events.subscribe(self._on_event)
+        m.register_handler(P.MK_EMU_PROBE_REPORT,
+                           lambda msg: self.collector.on_report(msg.sender, msg.payload) and None)
+        m.register_handler(P.MK_EMU_PROBE_PING, lambda msg: msg.payload)
+        m.register_handler(P.MK_EMU_PROBE_DATA, self._host_data)
+        problems = []
+        order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
+        for i in order:
+            try:
+                m.create(i["name"], memory=i["memory"], cpus=i["cpus"],
+                         cpu_count=None if i["cpus"] is not None else i["cpu_count"],
+                         recovery=i["recovery"], max_restarts=i["max_restarts"],
+                         restart_window=i["restart_window"], watchdog=i["watchdog"],
+                         standby_for=i["standby_for"], preserve_memory=i["preserve_memory"])
+                m.load(i["name"], i["kernel"], _cmdline(i))
+            except MKError as exc:
+                problems.append(f"[[instance]] {i['name']!r}: {exc.message}"
+                                + (f" ({exc.hint})" if exc.hint else ""))
+        if problems:
+            raise ScenarioInvalid(self.sc.path, problems)
+
+    def _boot(self) -> None:
+        assert self.m is not None
+        order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
+        for i in order:
+            if i["start"]:
+                self.m.exec(i["name"])
+
+    def _on_event(self, event: str, fields: dict[str, Any], now: float) -> None:
+        if event in TIMELINE_EVENTS and not self._finished:
+            self.timeline.append({"t": now, "event": event, **fields})   # made relative at the end
+
+    # -- probes ----------------------------------------------------------------------------
+    def _id_of(self, name: str) -> int:
+        assert self.m is not None
+        return 0 if name == "host" else self.m.show(name)["id"]
+
+    def _start_probes(self) -> None:
+        assert self.m is not None
+        for n, p in enumerate(self.sc.probes, start=1):
+            target = self._id_of(p["to"])
+            served = {target} | {self._id_of(i["name"]) for i in self.sc.instances
+                                 if i["standby_for"] == p["to"]}
+            rec = ProbeRecord(id=n, name=p["name"], kind=p["kind"], source=p["from"],
+                              target=p["to"], source_ids={self._id_of(p["from"])},
+                              target_ids=served, started_ns=time.monotonic_ns())
+            self.collector.add(rec)
+            self._probe_ids[p["name"]] = n
+            self._probe_pids[p["name"]] = None
+            if p["from"] == "host":
+                if self._host_agent is None:
+                    m = self.m
+                    self._host_agent = P.ProbeAgent(
+                        lambda t, typ, data, timeout: m.request(t, typ, data, timeout),
+                        lambda t, typ, data: m.send(t, typ, data), self.collector.host_report)
+                self._host_agent.start(self._spec(p, n))
+                rec.starts += 1
+            else:
+                self._start_on_instance(p)
+
+    def _spec(self, p: dict[str, Any], n: int) -> P.ProbeSpec:
+        return P.ProbeSpec(id=n, target=self._id_of(p["to"]), kind=p["kind"], rate=p["rate"],
+                           payload=p["payload"], timeout=p["timeout"])
+
+    def _start_on_instance(self, p: dict[str, Any]) -> None:
+        """(Re)start a probe on its source instance if that runs a process we have not asked."""
+        assert self.m is not None
+        d = self.m.show(p["from"])
+        if d["state"] != "active" or d["pid"] == self._probe_pids[p["name"]]:
+            return
+        n = self._probe_ids[p["name"]]
+        try:
+            answer = self.m.request(p["from"], P.MK_EMU_PROBE_START,
+                                    self._spec(p, n).to_wire(), timeout=2.0)
+        except RingError as exc:
+            self._note("probe_start_failed", probe=p["name"], error=exc.strerror)
+            return
+        if not (isinstance(answer, dict) and answer.get("ok")):
+            self._note("probe_start_failed", probe=p["name"], error=repr(answer))
+            return
+        self._probe_pids[p["name"]] = d["pid"]
+        self.collector.records[n].starts += 1
+        self._note("probe_started", probe=p["name"], on=p["from"], pid=d["pid"])
+
+    def _host_data(self, msg: M.Message) -> None:
+        p = msg.payload
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            rec = self.collector.records.get(p[0])
+            if rec is not None and 0 in rec.target_ids:
+                rec.received += 1
+
+    def _note(self, event: str, **fields: Any) -> None:
+        self.timeline.append({"t": time.monotonic(), "event": event, **fields})
+
+    # -- the timeline ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        assert self.m is not None
+        m = self.m
+        due = sorted([("fault", f) for f in self.sc.faults] + [("action", a) for a in self.sc.actions],
+                     key=lambda x: x[1]["at"])
+        end = self.t0 + self.sc.duration
+        next_progress = 0.0
+        instance_probes = [p for p in self.sc.probes if p["from"] != "host"]
+        next_restart_check = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            while due and now - self.t0 >= due[0][1]["at"]:
+                kind, item = due.pop(0)
+                self._fire(kind, item)
+                now = time.monotonic()
+            busy = False
+            if self._host_agent is not None and self._host_agent.active():
+                busy = self._host_agent.step()
+            if instance_probes and now >= next_restart_check:
+                next_restart_check = now + 0.05
+                for p in instance_probes:
+                    self._start_on_instance(p)
+            if self.progress is not None and now >= next_progress:
+                next_progress = now + 0.25
+                self.progress(self, now - self.t0)
+            wait = 0.0 if busy else min(0.01, end - now)
+            if due:
+                wait = min(wait, max(0.0, self.t0 + due[0][1]["at"] - now))
+            if self._host_agent is not None and self._host_agent.active() and not busy:
+                wait = min(wait, self._host_agent.wait_hint(0.01))
+            m.poll(wait)
+
+    def _fire(self, kind: str, item: dict[str, Any]) -> None:
+        assert self.m is not None
+        name = item["name"]
+        at = round(time.monotonic() - self.t0, 6)
+        rec: dict[str, Any] = {"kind": kind, "at": at, "target": item["target"], "error": None}
+        self.fired[name] = rec
+        try:
+            if kind == "fault":
+                rec["mono"] = time.monotonic()
+                self.m.fault(item["target"], item["kind"], **self._fault_options(item))
+            else:
+                self._act(item)
+        except MKError as exc:
+            rec["error"] = exc.message
+        self._note(f"{kind}_fired", name=name, target=item["target"],
+                   what=item.get("kind") or item.get("do"), error=rec["error"])
+
+    def _fault_options(self, f: dict[str, Any]) -> dict[str, Any]:
+        assert self.m is not None
+        k = f["kind"]
+        if k == "wild-write":
+            addr = f["address"] if f["address"] is not None else \
+                self.m.show(f["victim"])["memory_base"] + f["offset"]
+            return {"address": addr, "bytes": f["bytes"] or 64}
+        if k == "ipi-storm":
+            return {"target": self._id_of(f["victim"]), "count": f["count"] or 100_000}
+        if k == "cpu-hog":
+            return {"seconds": f["seconds"] or 2.0}
+        if k == "mem-hog" and f["bytes"]:
+            return {"bytes": f["bytes"]}
+        return {}
+
+    def _act(self, a: dict[str, Any]) -> None:
+        assert self.m is not None
+        m, target, args = self.m, a["target"], a["args"]
+        if a["do"] == "exec":
+            m.exec(target)
+        elif a["do"] in ("kill", "kill --force"):
+            m.kill(target, force=a["do"] == "kill --force", timeout=args.get("timeout"))
+        elif a["do"] == "load":
+            m.load(target, str(args["kernel"]), str(args.get("cmdline", "")))
+        elif a["do"] == "unload":
+            m.unload(target)
+
+    # -- the end ---------------------------------------------------------------------------
+    def _flush(self) -> None:
+        assert self.m is not None
+        m = self.m
+        if self._host_agent is not None:
+            self._host_agent.flush()
+        for i in self.sc.instances:
+            if m.show(i["name"])["state"] == "active":
+                try:
+                    m.request(i["name"], P.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
+                except RingError as exc:
+                    self._note("probe_flush_failed", instance=i["name"], error=exc.strerror)
+        m.poll(0)
+
+    def _result(self, interrupted: bool) -> RunResult:
+        assert self.m is not None
+        m = self.m
+        self._finished = True          # teardown's halts are not part of the experiment
+        for ev in self.timeline:       # seconds from the start of the clock (boots are < 0)
+            ev["t"] = round(ev["t"] - self.t0, 6)
+        snap = m.show()
+        metrics: dict[str, dict[str, Any]] = {}
+        by_id = {d["id"]: d["name"] for d in snap["instances"]}
+        for i in self.sc.instances:
+            d = m.show(i["name"])
+            # protected: nobody else may map it (checked in /proc); unprotected: everybody
+            # maps it, and what counts is who wrote (the write watch, writewatch.py)
+            mappers = foreign_mappers(m, i["name"]) if m.protection else []
+            metrics[i["name"]] = {
+                "state": d["state"], "restarts": d["counters"]["restarts"],
+                "failures": d["failures"], "crashes": d["counters"]["crashes"],
+                "boots": d["boots"], "foreign_pages": d["counters"]["foreign_pages"],
+                "memory_intact": d["counters"]["foreign_pages"] == 0 and not mappers,
+                "foreign_writers": d["foreign_writes"], "foreign_mappers": mappers,
+                "served_by": by_id.get(d["served_by"]) if d["served_by"] is not None else None,
+                "cpus": d["cpus"], "shared_cpus": d["shared_cpus"],
+            }
+        first_fault = min((f["mono"] for f in self.fired.values() if "mono" in f), default=None)
+        first_ns = int(first_fault * 1e9) if first_fault is not None else None
+        for rec in self.collector.records.values():
+            metrics[rec.name] = rec.metrics(first_ns)
+        for f in self.sc.faults:
+            metrics[f["name"]] = self._fault_metrics(f)
+        for a in self.sc.actions:
+            fired = self.fired.get(a["name"])
+            metrics[a["name"]] = {"done": bool(fired) and fired["error"] is None,
+                                  "error": fired["error"] if fired else "never fired"}
+        machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
+                   "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
+                                       if isinstance(v, dict))}
+        return RunResult(scenario=self.sc, machine=machine, metrics=metrics,
+                         timeline=self.timeline,
+                         expectations=evaluate(self.sc, metrics),
+                         records={r.name: r for r in self.collector.records.values()},
+                         t0_ns=int(self.t0 * 1e9), elapsed_s=time.monotonic() - self.t0,
+                         interrupted=interrupted, bad_reports=self.collector.bad_reasons)
+
+    def _fault_metrics(self, f: dict[str, Any]) -> dict[str, Any]:
+        fired = self.fired.get(f["name"])
+        out: dict[str, Any] = {"fired": bool(fired) and fired["error"] is None,
+                               "detected": False, "detect_ms": None, "recover_ms": None,
+                               "failure_kind": None,
+                               "error": fired["error"] if fired else "never fired"}
+        if not out["fired"]:
+            return out
+        assert fired is not None
+        t_fault = fired["at"]
+        target = f["target"]
+        detected_at = None
+        for ev in self.timeline:
+            if ev["t"] < t_fault or ev.get("name") != target:
+                continue
+            if detected_at is None and ev["event"] == "failure":
+                detected_at = ev["t"]
+                out.update(detected=True, failure_kind=ev.get("kind"),
+                           detect_ms=ev.get("detect_ms"))
+            elif detected_at is None and ev["event"] == "foreign_write":
+                detected_at = ev["t"]
+                out.update(detected=True, failure_kind="foreign-write",
+                           detect_ms=round((ev["t"] - t_fault) * 1e3, 3))
+            elif detected_at is not None and (
+                    ev["event"] == "takeover"
+                    or (ev["event"] == "state_change" and ev.get("new") == "active")):
+                out["recover_ms"] = round((ev["t"] - t_fault) * 1e3, 3)
+                break
+        return out
+
+
+def _cmdline(i: dict[str, Any]) -> str:
+    words = i["cmdline"].split()
+    if not any(w.startswith("mk_mode=") for w in words):
+        words.append(f"mk_mode={i['mode']}")
+    return " ".join(words)
+
+
+def evaluate(sc: Scenario, metrics: dict[str, dict[str, Any]]) -> list[Expectation]:
+    out = []
+    for text, node in sc.expect:
+        used = {str(r): metrics.get(r.name, {}).get(r.metric) for r in E.refs(node)}
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in used.items())
+        try:
+            value = E.evaluate(node, lambda r: metrics.get(r.name, {}).get(r.metric))
+        except E.EvalError as exc:
+            out.append(Expectation(text, False, None, f"{exc} ({shown})" if shown else str(exc)))
+            continue
+        passed = value is True
+        detail = shown if isinstance(value, bool) else f"{shown}; the expression is {value!r}, " \
+                                                       "not true or false"
+        out.append(Expectation(text, passed, value, detail))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}".rstrip("0").rstrip(".") if isinstance(v, float) else repr(v)
