@@ -42,8 +42,10 @@ def plot(result: RunResult, path: str) -> None:
                               "pip install -e '.[plot]' (or pip install matplotlib)") from None
     pings = [r for r in result.records.values() if r.kind == "ping"]
     streams = [r for r in result.records.values() if r.kind == "stream"]
-    rows = (1 if pings else 0) + (1 if streams else 0) or 1
-    fig, axes = plt.subplots(rows, 1, figsize=(11, 4.2 * rows), squeeze=False, sharex=True)
+    names = [i["name"] for i in result.scenario.instances]
+    heights = [4.0] * ((1 if pings else 0) + (1 if streams else 0)) + [max(2.2, 0.5 + 0.35 * len(names))]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(11, sum(heights) + 0.8), squeeze=False,
+                             sharex=True, gridspec_kw={"height_ratios": heights})
     ax_list = [a for a in axes[:, 0]]
     t0 = result.t0_ns
     if pings:
@@ -63,7 +65,7 @@ def plot(result: RunResult, path: str) -> None:
         ax.set_yscale("log")
         ax.set_ylabel("round trip (us, log)")
     if streams:
-        ax = ax_list[-1]
+        ax = ax_list[-2]
         for rec in streams:
             pts = sorted(((at - t0) / 1e9, n) for at, n in rec.throughput)
             rate = []
@@ -74,10 +76,12 @@ def plot(result: RunResult, path: str) -> None:
                 ax.plot([x for x, _ in rate], [y for _, y in rate], lw=1.2,
                         label=f"{rec.name} sent/s")
         ax.set_ylabel("stream messages/s")
+    _states(ax_list[-1], result, names)
     for ax in ax_list:
-        _marks(ax, result)
+        _marks(ax, result, labels=ax is ax_list[0])     # labels once, lines on every panel
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="upper right", fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=7)
     ax_list[-1].set_xlabel("seconds from start")
     ax_list[-1].set_xlim(0, result.scenario.duration)
     mode = "oversubscribed" if result.machine.get("oversubscribe") else "dedicated cores"
@@ -88,15 +92,45 @@ def plot(result: RunResult, path: str) -> None:
     plt.close(fig)
 
 
-def _marks(ax: Any, result: RunResult) -> None:
-    top = 0.97
+def _marks(ax: Any, result: RunResult, labels: bool) -> None:
     for ev in result.timeline:
         if ev["event"] in ("fault_fired", "action_fired"):
-            fault = ev["event"] == "fault_fired"
-            ax.axvline(ev["t"], color="red" if fault else "gray", ls="--", lw=1)
-            ax.text(ev["t"], top, f" {ev['name']} ({ev.get('what')})", rotation=90, va="top",
-                    fontsize=7, color="red" if fault else "gray", transform=ax.get_xaxis_transform())
+            color = "red" if ev["event"] == "fault_fired" else "gray"
+            ax.axvline(ev["t"], color=color, ls="--", lw=1)
+            if labels:
+                ax.text(ev["t"], 0.97, f" {ev['name']} ({ev.get('what')})", rotation=90,
+                        va="top", fontsize=7, color=color, transform=ax.get_xaxis_transform())
     for t, label in _recoveries(result):
         ax.axvline(t, color="green", ls="-", lw=1)
-        ax.text(t, 0.03, f" {label}", rotation=90, va="bottom", fontsize=7, color="green",
-                transform=ax.get_xaxis_transform())
+        if labels:
+            ax.text(t, 0.03, f" {label}", rotation=90, va="bottom", fontsize=7, color="green",
+                    transform=ax.get_xaxis_transform())
+
+
+STATE_COLORS = {"active": "#3a9d4a", "loaded": "#b0b0b0", "failed": "#d62728",
+                "ready": "#e8e8e8", "empty": "#ffffff"}
+
+
+def _states(ax: Any, result: RunResult, names: list[str]) -> None:
+    """One lane per instance: its state over the run (from the timeline's state changes)."""
+    end = result.scenario.duration
+    for lane, name in enumerate(names):
+        changes = [(ev["t"], ev["new"]) for ev in result.timeline
+                   if ev["event"] == "state_change" and ev.get("name") == name]
+        for k, (t, state) in enumerate(changes):
+            t_next = changes[k + 1][0] if k + 1 < len(changes) else end
+            start = max(t, 0.0)
+            if t_next > start:
+                ax.broken_barh([(start, t_next - start)], (lane - 0.35, 0.7),
+                               color=STATE_COLORS.get(state, "#888888"))
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.invert_yaxis()
+    handles = [plt_patch(c, s) for s, c in STATE_COLORS.items() if s in ("active", "loaded", "failed")]
+    ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=3)
+    ax.set_ylabel("state")
+
+
+def plt_patch(color: str, label: str) -> Any:
+    from matplotlib.patches import Patch
+    return Patch(color=color, label=label)

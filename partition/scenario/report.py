@@ -104,17 +104,18 @@ def summary(result: RunResult) -> str:
                          _v(v["detect_ms"]), _v(v["recover_ms"]), _v(v["failure_kind"])])
         out += [""] + _table(rows)
     if sc.actions:
-        rows = [["action", "do", "target", "done", "error"]]
+        rows = [["action", "do", "target", "done", "took ms", "error"]]
         for a in sc.actions:
             v = mt[a["name"]]
             rows.append([a["name"], a["do"], a["target"], "yes" if v["done"] else "no",
-                         _v(v["error"])])
+                         _v(v["duration_ms"]), _v(v["error"])])
         out += [""] + _table(rows)
     rows = [["instance", "state", "cpus", "boots", "restarts", "failures", "memory"]]
     for i in sc.instances:
         v = mt[i["name"]]
         mem = "intact" if v["memory_intact"] else (
-            "written by " + ", ".join(f"{k} ({n} pages)" for k, n in v["foreign_writers"].items())
+            "written by " + ", ".join(f"{k} ({n} page{'s' if n != 1 else ''})"
+                                      for k, n in v["foreign_writers"].items())
             if v["foreign_writers"] else "mapped by " + ", ".join(v["foreign_mappers"]))
         rows.append([i["name"], v["state"], ",".join(map(str, v["cpus"]))
                      + (" (shared)" if v["shared_cpus"] else ""), _v(v["boots"]),

@@ -264,14 +264,16 @@ class Runner:
         at = round(time.monotonic() - self.t0, 6)
         rec: dict[str, Any] = {"kind": kind, "at": at, "target": item["target"], "error": None}
         self.fired[name] = rec
+        t = time.monotonic()
         try:
             if kind == "fault":
-                rec["mono"] = time.monotonic()
+                rec["mono"] = t
                 self.m.fault(item["target"], item["kind"], **self._fault_options(item))
             else:
                 self._act(item)
         except MKError as exc:
             rec["error"] = exc.message
+        rec["duration_ms"] = round((time.monotonic() - t) * 1e3, 3)
         self._note(f"{kind}_fired", name=name, target=item["target"],
                    what=item.get("kind") or item.get("do"), error=rec["error"])
 
@@ -306,14 +308,17 @@ class Runner:
     def _flush(self) -> None:
         assert self.m is not None
         m = self.m
-        if self._host_agent is not None:
-            self._host_agent.flush()
-        for i in self.sc.instances:
-            if m.show(i["name"])["state"] == "active":
-                try:
-                    m.request(i["name"], P.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
-                except RingError as exc:
-                    self._note("probe_flush_failed", instance=i["name"], error=exc.strerror)
+        # Round 1 stops every source; round 2 collects what targets counted since. One round
+        # would lose the messages a source sent after its target had already been flushed.
+        for _ in range(2):
+            if self._host_agent is not None:
+                self._host_agent.flush()
+            for i in self.sc.instances:
+                if m.show(i["name"])["state"] == "active":
+                    try:
+                        m.request(i["name"], P.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
+                    except RingError as exc:
+                        self._note("probe_flush_failed", instance=i["name"], error=exc.strerror)
         m.poll(0)
 
     def _result(self, interrupted: bool) -> RunResult:
@@ -337,6 +342,11 @@ class Runner:
                 "memory_intact": d["counters"]["foreign_pages"] == 0 and not mappers,
                 "foreign_writers": d["foreign_writes"], "foreign_mappers": mappers,
                 "served_by": by_id.get(d["served_by"]) if d["served_by"] is not None else None,
+                "last_exit": (d["last_exit"] or {}).get("how"),
+                "ipi_received": d["counters"]["ipi_received"],
+                "ipi_dropped": sum(d["counters"][k] for k in (
+                    "ipi_dropped_bad_size", "ipi_dropped_unknown_type", "ipi_dropped_abandoned")),
+                "ipi_ring_full": d["counters"]["ipi_ring_full"],
                 "cpus": d["cpus"], "shared_cpus": d["shared_cpus"],
             }
         first_fault = min((f["mono"] for f in self.fired.values() if "mono" in f), default=None)
@@ -348,7 +358,8 @@ class Runner:
         for a in self.sc.actions:
             fired = self.fired.get(a["name"])
             metrics[a["name"]] = {"done": bool(fired) and fired["error"] is None,
-                                  "error": fired["error"] if fired else "never fired"}
+                                  "error": fired["error"] if fired else "never fired",
+                                  "duration_ms": fired["duration_ms"] if fired else None}
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
                    "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
                                        if isinstance(v, dict))}
@@ -362,7 +373,8 @@ class Runner:
     def _fault_metrics(self, f: dict[str, Any]) -> dict[str, Any]:
         fired = self.fired.get(f["name"])
         out: dict[str, Any] = {"fired": bool(fired) and fired["error"] is None,
-                               "detected": False, "detect_ms": None, "recover_ms": None,
+                               "detected": False, "detect_ms": None, "recovered": False,
+                               "recover_ms": None,
                                "failure_kind": None,
                                "error": fired["error"] if fired else "never fired"}
         if not out["fired"]:
@@ -387,6 +399,7 @@ class Runner:
                     or (ev["event"] == "state_change" and ev.get("new") == "active")):
                 out["recover_ms"] = round((ev["t"] - t_fault) * 1e3, 3)
                 break
+        out["recovered"] = out["recover_ms"] is not None
         return out
 
 

@@ -212,11 +212,12 @@ TOP_KEYS = ("scenario", "machine", "instance", "probe", "fault", "action", "expe
 # metrics each kind of named thing offers to expectations (documented in docs/scenarios.md)
 METRICS = {
     "instance": ("state", "restarts", "failures", "crashes", "boots", "memory_intact",
-                 "foreign_pages", "served_by"),
+                 "foreign_pages", "served_by", "last_exit", "ipi_received", "ipi_dropped",
+                 "ipi_ring_full"),
     "probe": ("p50_us", "p99_us", "max_us", "mean_us", "lost", "sent", "received",
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),
-    "fault": ("fired", "detected", "detect_ms", "recover_ms", "failure_kind"),
-    "action": ("done", "error"),
+    "fault": ("fired", "detected", "detect_ms", "recovered", "recover_ms", "failure_kind"),
+    "action": ("done", "error", "duration_ms"),
 }
 
 
