@@ -27,6 +27,7 @@ that is what they are for, and the report says which mode the machine ran in.
 from __future__ import annotations
 
 import errno
+import random
 import time
 from array import array
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class ProbeSpec:
     rate: float = 1000.0         # per second; 0: as fast as possible
     payload: int = 64
     timeout: float = 1.0
+    seed: int = 0                # the payload's bytes: random.Random(seed + id), reproducible
 
     @classmethod
     def from_wire(cls, d: Any) -> "ProbeSpec":
@@ -62,7 +64,8 @@ class ProbeSpec:
         if not isinstance(d, dict):
             raise ValueError("probe spec is not a map")
         spec = cls(id=int(d["id"]), target=int(d["target"]), kind=str(d["kind"]),
-                   rate=float(d["rate"]), payload=int(d["payload"]), timeout=float(d["timeout"]))
+                   rate=float(d["rate"]), payload=int(d["payload"]), timeout=float(d["timeout"]),
+                   seed=int(d.get("seed", 0)))
         if spec.kind not in KINDS or spec.rate < 0 or not 0 <= spec.payload <= MAX_PAYLOAD \
                 or spec.timeout <= 0 or spec.id < 0:
             raise ValueError(f"bad probe spec {d!r}")
@@ -70,13 +73,13 @@ class ProbeSpec:
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "target": self.target, "kind": self.kind, "rate": self.rate,
-                "payload": self.payload, "timeout": self.timeout}
+                "payload": self.payload, "timeout": self.timeout, "seed": self.seed}
 
 
 class _Probe:
     def __init__(self, spec: ProbeSpec, now: int) -> None:
         self.spec = spec
-        self.data = bytes(spec.payload)
+        self.data = random.Random(spec.seed + spec.id).randbytes(spec.payload)
         self.interval = int(1e9 / spec.rate) if spec.rate > 0 else 0
         self.next_due = now
         self.t = array("Q")

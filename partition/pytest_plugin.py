@@ -5,6 +5,9 @@ Fixtures:
   **oversubscribed** (instances may share cores; on a 2-core workstation there is no other way to
   run two instances). Torn down after the test, whatever happened in it.
 - ``machine_factory``: build machines with your own arguments; all are torn down.
+- ``run_scenario``: run a scenario (a path, or TOML text) and get its ``RunResult``; assert on
+  ``result.passed``, ``result.metrics[...]`` or ``result.expectations``. The machine it builds
+  is torn down before the result is returned.
 
 Teardown also checks that nothing leaked: no child process of the test is left behind.
 """
@@ -45,3 +48,17 @@ def machine_factory() -> Iterator[Callable[..., Machine]]:
 def machine(machine_factory: Callable[..., Machine]) -> Machine:
     cpus = sorted(os.sched_getaffinity(0))
     return machine_factory(cpus=cpus, memory="256M", host_cpus=[cpus[0]], oversubscribe=True)
+
+
+@pytest.fixture
+def run_scenario(tmp_path: Any) -> Callable[..., Any]:
+    from . import scenario
+
+    def run(source: str) -> Any:
+        """``source``: a scenario file, or TOML text (anything containing a newline)."""
+        if "\n" in source:
+            path = tmp_path / "scenario.toml"
+            path.write_text(source)
+            source = str(path)
+        return scenario.run(scenario.load(source))
+    return run

@@ -191,7 +191,7 @@ class Runner:
 
     def _spec(self, p: dict[str, Any], n: int) -> P.ProbeSpec:
         return P.ProbeSpec(id=n, target=self._id_of(p["to"]), kind=p["kind"], rate=p["rate"],
-                           payload=p["payload"], timeout=p["timeout"])
+                           payload=p["payload"], timeout=p["timeout"], seed=self.sc.seed)
 
     def _start_on_instance(self, p: dict[str, Any]) -> None:
         """(Re)start a probe on its source instance if that runs a process we have not asked."""

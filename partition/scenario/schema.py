@@ -325,7 +325,7 @@ def check(doc: dict[str, Any], path: str = "<scenario>") -> Scenario:
     probes = c.array(doc, "probe", PROBE_KEYS)
     faults = c.array(doc, "fault", FAULT_KEYS)
     actions = c.array(doc, "action", ACTION_KEYS)
-    if not instances and "instance" not in doc:
+    if not instances:
         c.problems.append("[[instance]]: at least one instance is needed")
     _check_references(c, instances, probes, faults, actions, sc.get("duration", 5.0))
     scenario = Scenario(path=os.path.abspath(path) if path != "<scenario>" else path,

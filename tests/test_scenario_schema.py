@@ -1,0 +1,130 @@
+"""Scenario files: every problem is found before anything boots, and named precisely."""
+
+import os
+import re
+
+import pytest
+
+from partition.scenario import schema
+from partition.scenario.schema import ScenarioInvalid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINIMAL = {"scenario": {"name": "t"},
+           "instance": [{"name": "a", "kernel": "kernels.idle:IdleKernel"}]}
+
+
+def problems(doc):
+    with pytest.raises(ScenarioInvalid) as ei:
+        schema.check(doc, "t.toml")
+    assert ei.value.errno == 22
+    return ei.value.problems
+
+
+def with_(**tables):
+    doc = {k: (list(v) if isinstance(v, list) else dict(v)) for k, v in MINIMAL.items()}
+    doc.update(tables)
+    return doc
+
+
+def test_minimal_scenario_gets_every_default():
+    sc = schema.check(MINIMAL)
+    assert sc.duration == 5.0 and sc.seed == 0
+    assert sc.machine == {"cpus": None, "memory": 256 << 20, "host_cpus": None,
+                          "oversubscribe": False, "protection": True}
+    a = sc.instances[0]
+    assert (a["memory"], a["cpu_count"], a["mode"], a["recovery"], a["start"]) == \
+        (4 << 20, 1, "interrupt", "none", True)
+
+
+@pytest.mark.parametrize("doc, says", [
+    (with_(scenario={"name": "t", "duraton": "5s"}),
+     "[scenario]: unknown key 'duraton' (did you mean 'duration'?)"),
+    (with_(scenario={"name": "t", "duration": "five"}),
+     "[scenario]: key 'duration' is 'five'; expected a duration like \"5s\""),
+    (with_(scenario={"name": "t", "duration": 0}), "expected a duration > 0"),
+    (with_(scenario={}), "[scenario]: key 'name' is required"),
+    (with_(machine={"protection": "yes"}), "[machine]: key 'protection' is 'yes'; expected true or false"),
+    (with_(machine={"memory": "lots"}), "[machine]: key 'memory' is 'lots'; expected a size"),
+    (with_(instance=[{"name": "a", "kernel": "k", "cpu_count": 0}]),
+     "[[instance]] 'a': key 'cpu_count' is 0; expected an integer in 1..4096"),
+    (with_(instance=[{"name": "a", "kernel": "k", "mode": "fast"}]),
+     "key 'mode' is 'fast'; expected one of 'interrupt', 'poll', 'hybrid'"),
+    (with_(instance=[{"name": "1a", "kernel": "k"}]), "key 'name' is '1a'; expected a name"),
+    (with_(instance=[{"name": "a"}]), "[[instance]] 'a': key 'kernel' is required"),
+    (with_(probe=[{"name": "p", "to": "nobody"}]),
+     "[[probe]] 'p' key 'to': 'nobody' is no instance of this scenario (instances: a, host)"),
+    (with_(probe=[{"name": "p", "from": "a", "to": "a"}]), "from and to are both 'a'"),
+    (with_(probe=[{"name": "p", "payload": 5000}]), "key 'payload' is 5000; expected an integer in 0..3900"),
+    (with_(fault=[{"name": "f", "kind": "explode"}]), "key 'kind' is 'explode'; expected one of 'kill'"),
+    (with_(fault=[{"name": "f", "at": "9s"}]), "at = 9s is not before the end of the run (5s)"),
+    (with_(fault=[{"name": "f", "kind": "kill", "seconds": 2}]),
+     "key 'seconds' is not used by a 'kill' fault (only by cpu-hog)"),
+    (with_(fault=[{"name": "f", "kind": "wild-write"}]), "a wild-write needs 'victim'"),
+    (with_(fault=[{"name": "f", "kind": "ipi-storm"}]), "an ipi-storm needs 'victim'"),
+    (with_(action=[{"name": "x", "do": "reboot"}]), "key 'do' is 'reboot'; expected one of 'exec'"),
+    (with_(action=[{"name": "x", "do": "load"}]), "load needs args.kernel"),
+    (with_(action=[{"name": "x", "do": "exec", "args": {"force": True}}]),
+     "args key 'force' is not used by 'exec'"),
+    (with_(fault=[{"name": "a"}]), "'a': the name is already used by an instance"),
+    (with_(probe=[{"name": "host"}]), "'host' is instance 0"),
+    (with_(expect="a.state == 'active'"), "expect: must be a list of strings"),
+    (with_(expect=["a.restart == 1"]), "expect[0]: a.restart: an instance has no metric 'restart'"),
+    (with_(expect=["b.state == 'active'"]), "expect[0]: b.state names nothing in this scenario"),
+    (with_(expect=["a.state == "]), "expect[0]: expectation 'a.state == ' ends too early"),
+    (with_(probe=[{"name": "p"}], expect=["p.baseline_p99_us < 100"]),
+     "measured before the first fault, and this scenario has none"),
+    (with_(experiment={}), "unknown table 'experiment'"),
+    (with_(instance=[]), "[[instance]]: at least one instance is needed"),
+])
+def test_each_problem_is_named(doc, says):
+    found = problems(doc)
+    assert any(says in p for p in found), found
+
+
+def test_all_problems_come_at_once():
+    doc = with_(scenario={"name": "t", "duraton": 1},
+                instance=[{"name": "a", "kernel": "k", "memroy": "4M"}],
+                expect=["a.nope == 1"])
+    assert len(problems(doc)) == 3
+
+
+def test_expect_written_after_a_table_gets_a_toml_hint(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[scenario]\nname = "t"\n[[instance]]\nname = "a"\nkernel = "k"\n'
+                 'expect = ["a.state == \'active\'"]\n')
+    with pytest.raises(ScenarioInvalid) as ei:
+        schema.load(str(f))
+    assert "'expect' belongs at the top of the file" in ei.value.problems[0]
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ScenarioInvalid) as ei:
+        schema.load(str(tmp_path / "missing.toml"))
+    assert "no such file" in ei.value.problems[0]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scenario\nname=1")
+    with pytest.raises(ScenarioInvalid) as ei:
+        schema.load(str(bad))
+    assert "not valid TOML" in ei.value.problems[0]
+
+
+def test_every_shipped_scenario_is_valid():
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "scenarios")) if f.endswith(".toml"))
+    assert len(files) >= 10
+    for f in files:
+        sc = schema.load(os.path.join(ROOT, "scenarios", f))
+        assert sc.expect, f"{f} asserts nothing"
+
+
+def test_docs_describe_every_key_and_metric():
+    text = open(os.path.join(ROOT, "docs", "scenarios.md")).read()
+    tables = {"[scenario]": schema.SCENARIO_KEYS, "[machine]": schema.MACHINE_KEYS,
+              "[[instance]]": schema.INSTANCE_KEYS, "[[probe]]": schema.PROBE_KEYS,
+              "[[fault]]": schema.FAULT_KEYS, "[[action]]": schema.ACTION_KEYS}
+    for table, keys in tables.items():
+        section = text.split(f"### `{table}`")[1].split("###")[0]
+        for key in keys:
+            assert re.search(rf"^\| `{key}` \|", section, re.M), f"{table} key {key} undocumented"
+    for kind, metrics in schema.METRICS.items():
+        for m in metrics:
+            assert f"`{m}`" in text, f"{kind} metric {m} undocumented"

@@ -1,0 +1,237 @@
+"""Running scenarios: the shipped ones pass here, verdicts map to exit codes, invalid files boot
+nothing, Ctrl-C tears down, and the report and plot hold what they promise."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "scenarios")) if f.endswith(".toml"))
+MKCTL = [sys.executable, "-m", "partition.cli"]
+
+SHORT = """
+expect = [{expect}]
+
+[scenario]
+name = "short"
+duration = "{duration}"
+
+[machine]
+oversubscribe = true
+
+[[instance]]
+name = "a"
+kernel = "kernels.echo:EchoKernel"
+recovery = "restart"
+
+[[probe]]
+name = "rtt"
+to = "a"
+rate = 200
+
+[[fault]]
+name = "k"
+at = "0.3s"
+target = "a"
+kind = "kill"
+"""
+
+
+def arenas():
+    """memfd arenas and run directories this process tree could have left."""
+    shm = {f for f in os.listdir("/dev/shm") if f.startswith("mk-")}
+    return shm
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_scenario_passes(run_scenario, name):
+    r = run_scenario(os.path.join(ROOT, "scenarios", name + ".toml"))
+    failed = [f"{e.text}: {e.detail}" for e in r.expectations if not e.passed]
+    assert r.passed and not failed, failed
+    assert r.machine["oversubscribe"] is True          # the mode is stated, not implied
+    assert not r.bad_reports
+
+
+def test_quickstart_measures_what_it_claims(run_scenario):
+    r = run_scenario(os.path.join(ROOT, "scenarios", "quickstart.toml"))
+    rtt = r.metrics["rtt"]
+    assert rtt["sent"] > 1000 and rtt["received"] == rtt["sent"] - rtt["lost"]
+    assert rtt["baseline_samples"] > 500
+    assert 0 < rtt["p50_us"] <= rtt["p99_us"] <= rtt["max_us"]
+    kinds = [e["event"] for e in r.timeline]
+    for ev in ("fault_fired", "failure", "restart", "probe_started"):
+        assert ev in kinds
+    fault_t = next(e["t"] for e in r.timeline if e["event"] == "fault_fired")
+    assert 1.4 < fault_t < 2.5                           # at = "1.5s", on a loaded machine
+    assert r.records["rtt"].starts == 1
+
+
+def test_a_probe_source_that_restarts_gets_its_probe_back(run_scenario):
+    r = run_scenario("""
+expect = ["k.recovered"]
+[scenario]
+name = "src"
+duration = "2s"
+[machine]
+oversubscribe = true
+[[instance]]
+name = "a"
+kernel = "kernels.echo:EchoKernel"
+recovery = "restart"
+[[instance]]
+name = "b"
+kernel = "kernels.echo:EchoKernel"
+[[probe]]
+name = "rtt"
+from = "a"
+to = "b"
+rate = 200
+[[fault]]
+name = "k"
+at = "0.5s"
+target = "a"
+kind = "kill"
+""")
+    assert r.passed
+    rec = r.records["rtt"]
+    assert rec.starts == 2                               # once per incarnation of the source
+    t0 = r.t0_ns
+    after = [t for t in rec.t if (t - t0) / 1e9 > 0.6]
+    assert len(after) > 100                              # it kept measuring after the restart
+
+
+def test_pending_ping_to_a_halted_target_fails_fast(run_scenario):
+    # the target is stopped (no answer), then killed; the probe's timeout is 30 s, the run 2 s:
+    # the pending ping can only be counted lost if the halt ended it early
+    r = run_scenario("""
+expect = ["rtt.lost >= 1"]
+[scenario]
+name = "fast-fail"
+duration = "2s"
+[machine]
+oversubscribe = true
+[[instance]]
+name = "a"
+kernel = "kernels.echo:EchoKernel"
+[[instance]]
+name = "b"
+kernel = "kernels.echo:EchoKernel"
+[[probe]]
+name = "rtt"
+from = "a"
+to = "b"
+rate = 100
+timeout = "30s"
+[[fault]]
+name = "stop"
+at = "0.5s"
+target = "b"
+kind = "hang-stop"
+[[action]]
+name = "halt"
+at = "1s"
+do = "kill --force"
+target = "b"
+""")
+    assert r.passed, [e.detail for e in r.expectations]
+
+
+def test_failing_expectation_exits_1_and_says_why(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="1.2s",
+                              expect='"a.restarts == 1", "a.restarts == 5", "k.detect_ms < 0"'))
+    p = subprocess.run(MKCTL + ["run", str(f), "--quiet"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "PASS  a.restarts == 1" in p.stdout
+    assert "FAIL  a.restarts == 5    [a.restarts=1]" in p.stdout
+    assert "FAIL  k.detect_ms < 0" in p.stdout
+    assert "scenario short: FAIL" in p.stdout
+
+
+def test_invalid_scenario_exits_2_and_boots_nothing(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="1s", expect='"a.restart == 1"').replace(
+        'rate = 200', 'rate = 200\nsped = 3'))
+    before = arenas()
+    p = subprocess.Popen(MKCTL + ["run", str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    children = set()
+    while p.poll() is None:                     # watch for any instance it might fork
+        try:
+            children |= {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert not children
+    assert "unknown key 'sped' (did you mean 'seed'?)" in err or "unknown key 'sped'" in err
+    assert "a.restart: an instance has no metric 'restart'" in err
+    assert str(f) in err                                 # the file is named
+    assert arenas() == before
+
+
+def test_scenario_that_does_not_fit_this_machine_is_invalid(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="1s", expect='"a.restarts == 1"').replace(
+        '[[instance]]\nname = "a"', '[[instance]]\nname = "a"\ncpus = "0-4095"'))
+    p = subprocess.run(MKCTL + ["run", str(f), "--quiet"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert "[[instance]] 'a'" in p.stderr
+
+
+def test_report_and_plot(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="1.5s", expect='"a.restarts == 1", "k.recovered"'))
+    rep, png = tmp_path / "r.json", tmp_path / "p.png"
+    p = subprocess.run(MKCTL + ["run", str(f), "--report", str(rep), "--plot", str(png)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "[  " in p.stderr and "faults" in p.stderr          # the progress line
+    data = json.loads(rep.read_text())
+    assert data["verdict"] == "pass"
+    assert data["scenario"]["probes"][0]["rate"] == 200
+    assert data["machine"]["oversubscribe"] is True and data["machine"]["pool_cpus"]
+    assert data["metrics"]["rtt"]["sent"] > 0
+    assert any(e["event"] == "restart" for e in data["timeline"])
+    assert [e["passed"] for e in data["expectations"]] == [True, True]
+    assert data["series"]["rtt"]["windows"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_bad_output_path_is_refused_before_the_run(tmp_path):
+    p = subprocess.run(MKCTL + ["run", os.path.join(ROOT, "scenarios", "quickstart.toml"),
+                                "--report", "/nonexistent/dir/r.json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "/nonexistent/dir" in p.stderr
+
+
+def test_ctrl_c_tears_down(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="30s", expect='"a.restarts == 1"'))
+    before = arenas()
+    p = subprocess.Popen(MKCTL + ["run", str(f)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    pids = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(pids) < 1:
+        try:
+            pids = {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    time.sleep(0.8)                                       # into the run, past the fault
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, out + err
+    assert "interrupted" in out
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert arenas() == before
