@@ -36,7 +36,8 @@ from .schema import Scenario, ScenarioInvalid
 #: events the timeline keeps (the full stream is in the run directory's events.log)
 TIMELINE_EVENTS = {"state_change", "fault_injected", "failure", "restart", "takeover",
                    "takeover_failed", "watchdog_expired", "foreign_write", "restart_failed",
-                   "halt_timeout", "claims_abandoned"}
+                   "halt_timeout", "claims_abandoned", "probe_started", "probe_start_failed",
+                   "probe_flush_failed", "fault_fired", "action_fired", "scenario_clock_start"}
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Runner:
             assert self.m is not None
             self._boot()
             self.t0 = time.monotonic()
+            self._note("scenario_clock_start", duration_s=self.sc.duration)
             self._start_probes()
             try:
                 self._loop()
@@ -221,7 +223,9 @@ class Runner:
                 rec.received += 1
 
     def _note(self, event: str, **fields: Any) -> None:
-        self.timeline.append({"t": time.monotonic(), "event": event, **fields})
+        """A scenario event: to the machine's events.log like any other, and so to the timeline."""
+        assert self.m is not None
+        self.m.events.info(event, scenario=self.sc.name, **fields)
 
     # -- the timeline ----------------------------------------------------------------------
     def _loop(self) -> None:
