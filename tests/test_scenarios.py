@@ -72,53 +72,19 @@ def test_quickstart_measures_what_it_claims(run_scenario):
     assert r.records["rtt"].starts == 1
 
 
-def test_a_probe_source_that_restarts_gets_its_probe_back(run_scenario):
-    r = run_scenario("""
-expect = ["k.recovered"]
+def pair(expect, a_extra="", probe_extra="", events=""):
+    """A 2 s scenario: echo instances a and b, a probe a -> b at 100/s, and ``events``."""
+    return f"""
+expect = {expect}
 [scenario]
-name = "src"
+name = "pair"
 duration = "2s"
 [machine]
 oversubscribe = true
 [[instance]]
 name = "a"
 kernel = "kernels.echo:EchoKernel"
-recovery = "restart"
-[[instance]]
-name = "b"
-kernel = "kernels.echo:EchoKernel"
-[[probe]]
-name = "rtt"
-from = "a"
-to = "b"
-rate = 200
-[[fault]]
-name = "k"
-at = "0.5s"
-target = "a"
-kind = "kill"
-""")
-    assert r.passed
-    rec = r.records["rtt"]
-    assert rec.starts == 2                               # once per incarnation of the source
-    t0 = r.t0_ns
-    after = [t for t in rec.t if (t - t0) / 1e9 > 0.6]
-    assert len(after) > 100                              # it kept measuring after the restart
-
-
-def test_pending_ping_to_a_halted_target_fails_fast(run_scenario):
-    # the target is stopped (no answer), then killed; the probe's timeout is 30 s, the run 2 s:
-    # the pending ping can only be counted lost if the halt ended it early
-    r = run_scenario("""
-expect = ["rtt.lost >= 1"]
-[scenario]
-name = "fast-fail"
-duration = "2s"
-[machine]
-oversubscribe = true
-[[instance]]
-name = "a"
-kernel = "kernels.echo:EchoKernel"
+{a_extra}
 [[instance]]
 name = "b"
 kernel = "kernels.echo:EchoKernel"
@@ -127,7 +93,30 @@ name = "rtt"
 from = "a"
 to = "b"
 rate = 100
-timeout = "30s"
+{probe_extra}
+{events}
+"""
+
+
+def test_a_probe_source_that_restarts_gets_its_probe_back(run_scenario):
+    r = run_scenario(pair('["k.recovered"]', a_extra='recovery = "restart"', events="""
+[[fault]]
+name = "k"
+at = "0.5s"
+target = "a"
+kind = "kill"
+"""))
+    assert r.passed
+    rec = r.records["rtt"]
+    assert rec.starts == 2                               # once per incarnation of the source
+    after = [t for t in rec.t if (t - r.t0_ns) / 1e9 > 0.6]
+    assert len(after) > 50                               # it kept measuring after the restart
+
+
+def test_pending_ping_to_a_halted_target_fails_fast(run_scenario):
+    # the target is stopped (no answer), then killed; the probe's timeout is 30 s, the run 2 s:
+    # the pending ping can only be counted lost if the halt ended it early
+    r = run_scenario(pair('["rtt.lost >= 1"]', probe_extra='timeout = "30s"', events="""
 [[fault]]
 name = "stop"
 at = "0.5s"
@@ -138,7 +127,7 @@ name = "halt"
 at = "1s"
 do = "kill --force"
 target = "b"
-""")
+"""))
     assert r.passed, [e.detail for e in r.expectations]
 
 

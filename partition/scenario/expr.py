@@ -124,19 +124,19 @@ class _Parser:
                             "join conditions with 'and' / 'or'")
         return node
 
-    def _or(self) -> Node:
-        node = self._and()
-        while self._peek() == "or":
-            self._take()
-            node = Binary("or", node, self._and())
+    def _chain(self, ops: tuple[str, ...], operand: Callable[[], Node]) -> Node:
+        """One left-associative precedence level: operand (op operand)*."""
+        node = operand()
+        while self._peek() in ops:
+            op = self._take()[1]
+            node = Binary(op, node, operand())
         return node
 
+    def _or(self) -> Node:
+        return self._chain(("or",), self._and)
+
     def _and(self) -> Node:
-        node = self._not()
-        while self._peek() == "and":
-            self._take()
-            node = Binary("and", node, self._not())
-        return node
+        return self._chain(("and",), self._not)
 
     def _not(self) -> Node:
         if self._peek() == "not":
@@ -155,18 +155,10 @@ class _Parser:
         return node
 
     def _sum(self) -> Node:
-        node = self._product()
-        while self._peek() == "+":
-            self._take()
-            node = Binary("+", node, self._product())
-        return node
+        return self._chain(("+",), self._product)
 
     def _product(self) -> Node:
-        node = self._atom()
-        while self._peek() == "*":
-            self._take()
-            node = Binary("*", node, self._atom())
-        return node
+        return self._chain(("*",), self._atom)
 
     def _atom(self) -> Node:
         kind, tok, pos = self._take()
