@@ -13,7 +13,10 @@ import os
 import re
 import signal
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:        # by its soname: find_library would run ldconfig in a child on every import
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - not glibc
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
