@@ -147,6 +147,8 @@ class ProbeAgent:
             did = False
             now = time.monotonic_ns()
             for p in list(self.probes.values()):
+                if p.spec.id not in self.probes:      # flushed by a message meanwhile
+                    continue
                 if now >= p.next_due and now >= p.errors_until:
                     self._one(p, now)
                     did = True
@@ -172,14 +174,17 @@ class ProbeAgent:
             p.next_due = now
         if s.kind == "ping":
             t0 = time.monotonic_ns()
-            p.sent += 1
+            # counted once its outcome is known: a FLUSH handled while this ping waits must
+            # not report it as sent without either an answer or a loss
             try:
                 self._request(s.target, MK_EMU_PROBE_PING, p.data, s.timeout)
             except RingError as exc:
+                p.sent += 1
                 p.lost += 1
                 if exc.errno != errno.ETIMEDOUT:
                     p.errors_until = time.monotonic_ns() + 1_000_000
                 return
+            p.sent += 1
             p.t.append(t0)
             p.r.append(min(time.monotonic_ns() - t0, U32_MAX))
         else:
