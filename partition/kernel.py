@@ -121,6 +121,7 @@ class Kernel:
             self.ring.set_polling(self.mode != "interrupt")
         self._next_heartbeat = time.monotonic()
         self._cpu = ctx.physical_cpus[0]
+        self._sent_counter = (ctx.slot, L.SLOT_IPI_SENT)
 
     # -- identity and resources ------------------------------------------------------------
     @property
@@ -262,13 +263,9 @@ class Kernel:
                                  + L.SLOT_PEER_STATE)[0] != _ACTIVE:
             target = self._redirected(target)
         ring = self._rings.get(target) or self._ring_of(target)
-        # counted before publishing: once the slot is visible the receiver may answer, and
-        # whoever reads our counters after that answer must find this send in them
-        self._mk_count(L.SLOT_IPI_SENT)
-        try:
-            ring.send(self.ctx.id, self._cpu, msg_type, data)
+        try:        # ipi_sent is counted by the ring just before it publishes (see Ring.send)
+            ring.send(self.ctx.id, self._cpu, msg_type, data, self._sent_counter)
         except RingError as exc:
-            self._mk_count(L.SLOT_IPI_SENT, -1)
             if exc.errno == errno.ENOSPC:
                 self._mk_count(L.SLOT_IPI_RING_FULL)
             raise
@@ -338,12 +335,15 @@ class Kernel:
         if self.poll_ipis():
             return
         if self.mode == "poll":
+            # spin on the ring's head, bounded so that the caller's loop (deadlines, halting,
+            # heartbeats) still comes round at least every 50 us
+            if self.ring.spin(min(50.0, timeout * 1e6)):
+                self.poll_ipis()
             return
         if self.mode == "hybrid":
-            end = time.monotonic() + self.spin_us / 1e6
-            while time.monotonic() < end:
-                if self.poll_ipis():
-                    return
+            if self.ring.spin(self.spin_us):
+                self.poll_ipis()
+                return
             self.ring.set_polling(False)
             try:
                 if not self.ring.pending():

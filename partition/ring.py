@@ -28,6 +28,7 @@ dispatcher looks up, and no field is used as an index without a bound.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import time
 from typing import Callable
@@ -58,6 +59,20 @@ _ZERO_HDR = bytes(L.RING_SLOT_HEADER)
 ABANDONED = (1 << 64) - 1
 
 MODES = {"interrupt": 0, "poll": 1, "hybrid": 2}
+
+# The hot paths in C (partition/_fastring.c), when it was built and agrees with this file on the
+# layout; MK_PURE_RING=1 forces the pure-Python paths below, which stay the reference.
+try:
+    from . import _fastring as _fast
+except ImportError:  # pragma: no cover - no compiler at install time
+    _fast = None
+if _fast is not None and (os.environ.get("MK_PURE_RING") == "1" or _fast.LAYOUT != {
+        "HEAD": HEAD, "TAIL": TAIL, "COUNTERS": COUNTERS, "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
+        "S_SIZE": S_SIZE, "S_TICKET": S_TICKET, "RING_HEADER_BYTES": L.RING_HEADER_BYTES,
+        "RING_SLOT_HEADER": L.RING_SLOT_HEADER}):
+    _fast = None
+#: which implementation this process uses ("c" or "python"); benchmarks report it
+IMPLEMENTATION = "c" if _fast is not None else "python"
 
 
 class RingError(OSError):
@@ -150,28 +165,60 @@ class Ring:
     def publish(self, off: int, size: int) -> None:
         self._put_u64(off + S_SIZE, size)
 
-    def send(self, sender_id: int, sender_cpu: int, msg_type: int, data: bytes) -> None:
-        """Claim, fill, publish: the hot path, kept to a handful of buffer operations."""
+    def send(self, sender_id: int, sender_cpu: int, msg_type: int, data: bytes,
+             counter: tuple[memoryview, int] | None = None) -> None:
+        """Claim, fill, publish: the hot path, kept to a handful of buffer operations.
+        ``counter`` (buffer, offset of a u64) counts the send just before it is published: the
+        receiver may answer at once, and the answer must not be seen before the count."""
+        if _fast is not None:
+            if counter is None:
+                rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
+                                sender_cpu, msg_type & 0xFFFFFFFF, data)
+            else:
+                rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
+                                sender_cpu, msg_type & 0xFFFFFFFF, data, counter[0], counter[1])
+            if rc:
+                self._refuse(rc, len(data))
+            return
         n = len(data)
         if n > self.slot_bytes or not n:
-            raise RingError(errno.EMSGSIZE, f"message of {n} bytes does not fit a "
-                                            f"{self.slot_bytes}-byte IPI slot")
+            self._refuse(errno.EMSGSIZE, n)
         buf = self.buf
         unpack = _Q.unpack_from
         while True:
             h = unpack(buf, HEAD)[0]
             if h - unpack(buf, TAIL)[0] >= self.nslots:
-                raise RingError(errno.ENOSPC, f"IPI ring of instance {self.id} is full "
-                                              f"({self.nslots} slots)")
+                self._refuse(errno.ENOSPC, n)
             if linux.cas_u64(self.addr + HEAD, h, h + 1):
                 break
         off = L.RING_HEADER_BYTES + (h % self.nslots) * self.stride
         _SLOT_HDR.pack_into(buf, off, sender_cpu, msg_type & 0xFFFFFFFF, sender_id + 1, 0, h)
         p = off + L.RING_SLOT_HEADER
         buf[p:p + n] = data
+        if counter is not None:
+            cbuf, coff = counter
+            _Q.pack_into(cbuf, coff, _Q.unpack_from(cbuf, coff)[0] + 1)
         _Q.pack_into(buf, off + S_SIZE, n)          # publish last
 
+    def _refuse(self, code: int, n: int) -> None:
+        if code == errno.ENOSPC:
+            raise RingError(errno.ENOSPC, f"IPI ring of instance {self.id} is full "
+                                          f"({self.nslots} slots)")
+        raise RingError(errno.EMSGSIZE, f"message of {n} bytes does not fit a "
+                                        f"{self.slot_bytes}-byte IPI slot")
+
     # -- receiving -------------------------------------------------------------------------
+    def spin(self, usec: float) -> bool:
+        """Busy-wait up to ``usec`` microseconds for a claimed slot (a poller's wait)."""
+        if _fast is not None:
+            return _fast.spin(self.buf, float(usec))
+        end = time.monotonic() + usec / 1e6
+        buf, unpack = self.buf, _Q.unpack_from
+        while unpack(buf, HEAD)[0] == unpack(buf, TAIL)[0]:
+            if time.monotonic() >= end:
+                return False
+        return True
+
     def pending(self) -> bool:
         t = self.tail
         return t != self.head and self._u64(self._slot(t) + S_SIZE) != 0
@@ -179,23 +226,57 @@ class Ring:
     def drain(self, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
               abandon_after: float = 1.0) -> int:
         """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
-        payload)``, which returns False for a type nobody handles (dropped, counted)."""
+        payload)``, which returns False for a type nobody handles (dropped, counted). Returns
+        how many slots were consumed, dropped ones included."""
+        if _fast is not None:
+            # C consumed (and counted) the well-formed prefix; it says when there is more
+            batch, more = _fast.drain(self.buf, self.nslots, self.stride, self.slot_bytes, limit)
+            consumed = len(batch)
+            if more:
+                consumed += self._careful(batch, limit, abandon_after)
+        else:
+            batch = []
+            consumed = self._careful(batch, limit, abandon_after)
+        if not batch:
+            return consumed
+        failure: BaseException | None = None
+        for mtype, sender, cpu, payload in batch:
+            try:
+                if not deliver(mtype, sender, cpu, payload):
+                    self._bump(2)           # counted now: a later message's reply may be seen
+            except Exception as exc:      # the slots are already free: deliver the rest first
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return consumed
+
+    def _careful(self, batch: list[tuple[int, int, int, bytes]], limit: int,
+                 abandon_after: float) -> int:
+        """The reference drain: every case of the protocol (unpublished, abandoned, bad size,
+        stale ticket). Appends good slots to ``batch``, counts everything before returning
+        (before any handler runs: a handler's reply can reach the host before drain returns,
+        and whoever acts on it must see the counts behind it). Returns slots consumed."""
         buf = self.buf
         unpack = _Q.unpack_from
+        nslots, stride, cap = self.nslots, self.stride, self.slot_bytes
         t = unpack(buf, TAIL)[0]
         head = unpack(buf, HEAD)[0]
-        if t == head:
-            return 0
-        done = bad = abandoned = 0
-        batch: list[tuple[int, int, int, bytes]] = []
-        nslots, stride, cap = self.nslots, self.stride, self.slot_bytes
+        if self._pending_since:               # claims seen unpublished, consumed since
+            for k in [k for k in self._pending_since if k < t]:
+                del self._pending_since[k]
+        done = len(batch)
+        first = done
+        bad = abandoned = 0
         while done < limit:
             if t == head:
                 head = unpack(buf, HEAD)[0]
                 if t == head:
                     break
             off = L.RING_HEADER_BYTES + (t % nslots) * stride
-            cpu, mtype, sender, size, ticket = _SLOT_HDR.unpack_from(buf, off)
+            # size first, the rest after: a sender may be writing this slot right now, and
+            # only fields read *after* a published size are the ones it wrote before it
+            size = unpack(buf, off + S_SIZE)[0]
+            cpu, mtype, sender, _, ticket = _SLOT_HDR.unpack_from(buf, off)
             if size == 0:
                 if not self._abandoned(t, off, abandon_after):
                     break
@@ -213,25 +294,13 @@ class Ring:
             t += 1
             _Q.pack_into(buf, TAIL, t)              # the slot is free from here on
             done += 1
-        if not done:
-            return 0
-        # Counters move before any handler runs: a handler's reply can reach the host before
-        # this function returns, and whoever acts on that reply must see the counts behind it.
-        c = list(_COUNTERS.unpack_from(buf, COUNTERS))
-        c[0] += len(batch)
-        c[1] += bad
-        c[3] += abandoned
-        _COUNTERS.pack_into(buf, COUNTERS, *c)
-        failure: BaseException | None = None
-        for mtype, sender, cpu, payload in batch:
-            try:
-                if not deliver(mtype, sender, cpu, payload):
-                    self._bump(2)           # counted now: a later message's reply may be seen
-            except Exception as exc:      # the slots are already free: deliver the rest first
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return done
+        if done > first:
+            c = list(_COUNTERS.unpack_from(buf, COUNTERS))
+            c[0] += len(batch) - first
+            c[1] += bad
+            c[3] += abandoned
+            _COUNTERS.pack_into(buf, COUNTERS, *c)
+        return done - first
 
     def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:
         """Only for a claim whose claimer never wrote its id (it died within a few hundred
