@@ -1,0 +1,123 @@
+"""The IPI ring protocol, in one process, against both implementations (the C hot paths of
+partition/_fastring.c and the pure-Python reference in ring.py): they must agree on every case."""
+
+import errno
+import importlib.util
+import mmap
+import struct
+
+import pytest
+
+from partition import layout as L
+from partition import linux, ring
+from partition.ring import ABANDONED, S_SIZE, S_TICKET, Ring, RingError
+
+
+@pytest.fixture(params=["c", "python"])
+def impl(request, monkeypatch):
+    if request.param == "c":
+        if ring._fast is None:
+            pytest.skip("the C extension is not built here")
+    else:
+        monkeypatch.setattr(ring, "_fast", None)
+    return request.param
+
+
+@pytest.fixture
+def rg(impl):
+    lay = L.ArenaLayout(pool_bytes=4 << 20, console_bytes=4096, ring_slots=8, ring_slot_bytes=256)
+    area = mmap.mmap(-1, lay.ring_area_bytes)
+    view = memoryview(area)
+    r = Ring(view, linux.buffer_address(area), lay, 1)
+    yield r
+    r.buf.release()
+    view.release()
+    area.close()
+
+
+def drain_all(r):
+    got = []
+    r.drain(lambda t, s, c, p: got.append((t, s, c, p)) or True, 64)
+    return got
+
+
+def test_the_extension_is_used_when_built():
+    if importlib.util.find_spec("partition._fastring") is None:
+        pytest.skip("no C extension in this install")
+    assert ring.IMPLEMENTATION == "c"         # its layout agrees with ring.py's
+
+
+def test_order_content_and_counts(rg):
+    for i in range(5):
+        rg.send(sender_id=i % 2, sender_cpu=7, msg_type=0x4000 + i, data=bytes([i]) * (i + 1))
+    got = drain_all(rg)
+    assert got == [(0x4000 + i, i % 2, 7, bytes([i]) * (i + 1)) for i in range(5)]
+    assert rg.counters()["received"] == 5 and rg.head == rg.tail == 5
+
+
+def test_full_and_oversize_are_refused(rg):
+    for _ in range(8):
+        rg.send(0, 0, 1, b"x")
+    with pytest.raises(RingError) as ei:
+        rg.send(0, 0, 1, b"x")
+    assert ei.value.errno == errno.ENOSPC
+    for bad in (b"", b"y" * 257):
+        with pytest.raises(RingError) as ei:
+            rg.send(0, 0, 1, bad)
+        assert ei.value.errno == errno.EMSGSIZE
+    assert len(drain_all(rg)) == 8
+    rg.send(0, 0, 1, b"again")                # the ring is usable after it was full
+    assert drain_all(rg)[0][3] == b"again"
+
+
+def test_send_counts_before_it_publishes(rg):
+    counters = bytearray(16)
+    rg.send(0, 0, 1, b"a", (memoryview(counters), 8))
+    rg.send(0, 0, 1, b"b", (memoryview(counters), 8))
+    assert struct.unpack_from("<Q", counters, 8)[0] == 2
+    with pytest.raises(RingError):
+        rg.send(0, 0, 1, b"", (memoryview(counters), 8))
+    assert struct.unpack_from("<Q", counters, 8)[0] == 2    # a refused send is not counted
+
+
+def test_bad_slots_are_dropped_and_counted_and_the_rest_delivered(rg):
+    rg.send(0, 0, 1, b"first")
+    off = rg.fill(rg.claim(), 0, 0, 1, b"junk")
+    rg.publish(off, 10_000)                   # a size no slot holds
+    off = rg.fill(rg.claim(), 0, 0, 1, b"stale")
+    struct.pack_into("<Q", rg.buf, off + S_TICKET, 999)       # not the ticket expected here
+    rg.publish(off, 5)
+    rg.send(0, 0, 1, b"last")
+    assert [g[3] for g in drain_all(rg)] == [b"first", b"last"]
+    c = rg.counters()
+    assert (c["received"], c["dropped_bad_size"]) == (2, 2)
+
+
+def test_an_unpublished_claim_holds_the_tail_until_published(rg):
+    rg.send(0, 0, 1, b"before")
+    ticket = rg.claim()
+    off = rg.fill(ticket, 3, 0, 1, b"late")
+    rg.send(0, 0, 1, b"after")
+    assert [g[3] for g in drain_all(rg)] == [b"before"]
+    assert rg.spin(10.0) is True              # something is claimed
+    rg.publish(off, 4)
+    assert [g[3] for g in drain_all(rg)] == [b"late", b"after"]
+    assert rg.spin(200.0) is False            # empty: the bounded wait gives up
+
+
+def test_abandoned_claims_are_dropped(rg):
+    off = rg.fill(rg.claim(), 4, 0, 1, b"never")
+    rg.send(0, 0, 1, b"next")
+    assert rg.abandon_claims_of(4) == 1
+    assert struct.unpack_from("<Q", rg.buf, off + S_SIZE)[0] == ABANDONED
+    assert [g[3] for g in drain_all(rg)] == [b"next"]
+    assert rg.counters()["dropped_abandoned"] == 1
+
+
+def test_drain_respects_its_limit(rg):
+    for i in range(6):
+        rg.send(0, 0, 1, bytes([i]))
+    got = []
+    assert rg.drain(lambda *a: got.append(a) or True, 4) == 4
+    assert len(got) == 4 and rg.tail == 4
+    assert rg.drain(lambda *a: got.append(a) or True, 4) == 2
