@@ -21,7 +21,10 @@
 
 #define HEAD 0
 #define TAIL 64
+#define POLLING 128             /* u8 (of a u32): the receiver spins on the ring */
 #define COUNTERS 136            /* u64 x 5; [0] is "received" */
+#define IDLE 176                /* u32: the receiver sleeps on its eventfd */
+#define SIGNALED 184            /* u64: a doorbell was rung since the receiver's last drain */
 #define S_CPU 0
 #define S_TYPE 8
 #define S_SENDER 12
@@ -53,7 +56,8 @@ static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, ui
 }
 
 /* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, msg_type, data
- *      [, counters, offset]) -> 0 or errno
+ *      [, counters, offset]) -> errno (> 0), or the doorbell to ring: 0 none, -1 wake (the
+ *      receiver is idle: write its eventfd), -2 interrupt (it is busy: signal it)
  * With ``counters`` (a writable buffer) the u64 at ``offset`` in it counts the send just before
  * it is published: once the slot is visible the receiver may answer, and whoever reads the
  * sender's counters after that answer must find this send in them. */
@@ -119,6 +123,17 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (count != NULL)
         *count += 1;
     __atomic_store_n((uint64_t *)(slot + S_SIZE), n, __ATOMIC_RELEASE);   /* publish last */
+    /* The doorbell decision, after a full barrier (our publish must be visible before we read
+     * the receiver's flags, as its flags are before it looks at the ring): none for a poller;
+     * none if someone rang since the receiver's last drain (it will see us in that drain or
+     * be rung by whoever finds the flag clear); else wake it if idle, interrupt it if busy. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (*(volatile uint8_t *)(base + POLLING))
+        rc = 0;
+    else if (__atomic_exchange_n((uint64_t *)(base + SIGNALED), 1, __ATOMIC_SEQ_CST) != 0)
+        rc = 0;
+    else
+        rc = *(volatile uint32_t *)(base + IDLE) ? -1 : -2;
 out:
     if (count != NULL)
         PyBuffer_Release(&counters);
@@ -154,6 +169,8 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     char *base = (char *)buf.buf;
     uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
+    /* doorbells rung from here on are for messages this drain may not see: let them ring */
+    __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
     uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
     int more = 0;
     long done;
@@ -237,7 +254,39 @@ static PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyBool_FromLong(got);
 }
 
+/* idle_enter(ring, nslots, stride) -> bool: announce "idle" with a full barrier, then say
+ * whether a published message is already waiting (then do not sleep). Paired with the
+ * barrier in send, no wake-up is lost between the announcement and the sleep. */
+static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "idle_enter takes 3 arguments");
+        return NULL;
+    }
+    uint64_t nslots = PyLong_AsUnsignedLongLong(args[1]);
+    uint64_t stride = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred() || PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (nslots == 0 || (uint64_t)buf.len < RING_HEADER_BYTES + nslots * stride) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "ring geometry does not fit the buffer");
+        return NULL;
+    }
+    char *base = (char *)buf.buf;
+    __atomic_store_n((uint32_t *)(base + IDLE), 1, __ATOMIC_SEQ_CST);
+    uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
+    int pending = 0;
+    if (t != __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE)) {
+        char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
+        pending = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
+    }
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(pending);
+}
+
 static PyMethodDef methods[] = {
+    {"idle_enter", (PyCFunction)(void (*)(void))fr_idle_enter, METH_FASTCALL, "announce idle"},
     {"spin", (PyCFunction)(void (*)(void))fr_spin, METH_FASTCALL, "wait for a claimed slot"},
     {"send", (PyCFunction)(void (*)(void))fr_send, METH_FASTCALL, "claim, fill, publish"},
     {"drain", (PyCFunction)(void (*)(void))fr_drain, METH_FASTCALL, "consume published slots"},
@@ -251,8 +300,9 @@ PyMODINIT_FUNC PyInit__fastring(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    PyObject *layout = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
-        "HEAD", HEAD, "TAIL", TAIL, "COUNTERS", COUNTERS, "S_CPU", S_CPU, "S_TYPE", S_TYPE, "S_SENDER", S_SENDER,
+    PyObject *layout = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+        "HEAD", HEAD, "TAIL", TAIL, "COUNTERS", COUNTERS, "POLLING", POLLING, "IDLE", IDLE,
+        "SIGNALED", SIGNALED, "S_CPU", S_CPU, "S_TYPE", S_TYPE, "S_SENDER", S_SENDER,
         "S_SIZE", S_SIZE, "S_TICKET", S_TICKET, "RING_HEADER_BYTES", RING_HEADER_BYTES,
         "RING_SLOT_HEADER", SLOT_HEADER);
     if (layout == NULL || PyModule_AddObject(m, "LAYOUT", layout) < 0) {

@@ -18,7 +18,7 @@ from . import message as M
 from .instance import Instance, State
 from .kernel import IPI_SIGNAL
 from .message import Messenger
-from .ring import IDLE as RING_IDLE
+from .ring import DOORBELL_WAKE
 from .ring import Ring, RingError
 
 if TYPE_CHECKING:
@@ -64,17 +64,15 @@ class HostIPC:
             raise RingError(errno.ESRCH, f"instance {target} is not active")
         target = inst.id
         ring = self.ring_of(target)
-        ring.send(HOST_ID, self.cpu, msg_type, data)
+        door = ring.send(HOST_ID, self.cpu, msg_type, data)
         inst.counters["host_sent"] += 1
-        if ring.polling:
-            return target
-        if ring.buf[RING_IDLE] and inst.doorbell_fd is not None:
+        if door == DOORBELL_WAKE and inst.doorbell_fd is not None:
             os.eventfd_write(inst.doorbell_fd, 1)       # halted: wake its HLT directly
-            return target
-        try:
-            os.kill(inst.pid, IPI_SIGNAL)
-        except ProcessLookupError:
-            pass
+        elif door:
+            try:
+                os.kill(inst.pid, IPI_SIGNAL)
+            except ProcessLookupError:
+                pass
         return target
 
     def drain(self) -> None:

@@ -31,8 +31,7 @@ from . import probes as P
 from .probes import ProbeAgent
 from .console import ConsoleWriter
 from . import linux
-from .ring import IDLE as IDLE_BYTE
-from .ring import POLLING as POLLING_BYTE
+from .ring import DOORBELL_WAKE
 from .ring import Ring, RingError
 
 IPI_SIGNAL = signal.SIGRTMIN       # the doorbell of a busy instance: MULTIKERNEL_VECTOR
@@ -193,20 +192,18 @@ class Kernel:
         a timeout can be (measured here: 47 us against 45 us per eventfd round trip)."""
         t = self.idle_timeout if timeout is None else timeout
         fd = self.ctx.doorbell_fd
-        buf = self.ring.buf if self.ctx.rings is not None else None
-        if buf is not None:
-            buf[IDLE_BYTE] = 1                      # halted: senders write our eventfd
-            if self.ring.pending():                 # re-check after announcing: no lost wake
-                buf[IDLE_BYTE] = 0
-                return True
+        ring = self.ring if self.ctx.rings is not None else None
+        if ring is not None and ring.idle_enter():  # halted: senders write our eventfd; a
+            ring.idle_leave()                       # message already there: no sleep
+            return True
         if self._hlt is None:
             self._hlt = select.poll()
             self._hlt.register(fd, select.POLLIN)
         try:
             rung = bool(self._hlt.poll(t * 1000.0))
         finally:
-            if buf is not None:
-                buf[IDLE_BYTE] = 0
+            if ring is not None:
+                ring.idle_leave()
         if rung:
             try:
                 os.eventfd_read(fd)
@@ -273,16 +270,15 @@ class Kernel:
             target = self._redirected(target)
         ring = self._rings.get(target) or self._ring_of(target)
         try:        # ipi_sent is counted by the ring just before it publishes (see Ring.send)
-            ring.send(self.ctx.id, self._cpu, msg_type, data, self._sent_counter)
+            door = ring.send(self.ctx.id, self._cpu, msg_type, data, self._sent_counter)
         except RingError as exc:
             if exc.errno == errno.ENOSPC:
                 self._mk_count(L.SLOT_IPI_RING_FULL)
             raise
-        buf = ring.buf
-        if not buf[POLLING_BYTE]:
+        if door:
             if target == 0:
-                os.eventfd_write(self.ctx.host_doorbell_fd, 1)
-            elif buf[IDLE_BYTE]:
+                os.eventfd_write(self.ctx.host_doorbell_fd, 1)    # the host's reactor wakes
+            elif door == DOORBELL_WAKE:
                 self._wake_halted(target)
             else:
                 try:

@@ -43,6 +43,10 @@ POLLING = 128            # u32
 MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hybrid
 COUNTERS = 136           # u64 x 5
 IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring the eventfd
+SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
+
+# what a sender must do after publishing (Ring.send's answer)
+DOORBELL_NONE, DOORBELL_WAKE, DOORBELL_SIGNAL = 0, 1, 2
 COUNTER_NAMES = ("received", "dropped_bad_size", "dropped_unknown_type", "dropped_abandoned",
                  "doorbells")
 _COUNTERS = struct.Struct("<5Q")
@@ -67,7 +71,8 @@ try:
 except ImportError:  # pragma: no cover - no compiler at install time
     _fast = None
 if _fast is not None and (os.environ.get("MK_PURE_RING") == "1" or _fast.LAYOUT != {
-        "HEAD": HEAD, "TAIL": TAIL, "COUNTERS": COUNTERS, "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
+        "HEAD": HEAD, "TAIL": TAIL, "COUNTERS": COUNTERS, "POLLING": POLLING, "IDLE": IDLE,
+        "SIGNALED": SIGNALED, "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
         "S_SIZE": S_SIZE, "S_TICKET": S_TICKET, "RING_HEADER_BYTES": L.RING_HEADER_BYTES,
         "RING_SLOT_HEADER": L.RING_SLOT_HEADER}):
     _fast = None
@@ -166,10 +171,15 @@ class Ring:
         self._put_u64(off + S_SIZE, size)
 
     def send(self, sender_id: int, sender_cpu: int, msg_type: int, data: bytes,
-             counter: tuple[memoryview, int] | None = None) -> None:
+             counter: tuple[memoryview, int] | None = None) -> int:
         """Claim, fill, publish: the hot path, kept to a handful of buffer operations.
         ``counter`` (buffer, offset of a u64) counts the send just before it is published: the
-        receiver may answer at once, and the answer must not be seen before the count."""
+        receiver may answer at once, and the answer must not be seen before the count.
+
+        Returns the doorbell the sender must ring: DOORBELL_NONE (the receiver polls, or was
+        already rung since its last drain: one doorbell per drain, as Linux raises one IPI for
+        a queue that was empty), DOORBELL_WAKE (it sleeps: write its eventfd) or
+        DOORBELL_SIGNAL (it is busy: interrupt it)."""
         if _fast is not None:
             if counter is None:
                 rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
@@ -177,9 +187,9 @@ class Ring:
             else:
                 rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
                                 sender_cpu, msg_type & 0xFFFFFFFF, data, counter[0], counter[1])
-            if rc:
+            if rc > 0:
                 self._refuse(rc, len(data))
-            return
+            return -rc
         n = len(data)
         if n > self.slot_bytes or not n:
             self._refuse(errno.EMSGSIZE, n)
@@ -199,6 +209,12 @@ class Ring:
             cbuf, coff = counter
             _Q.pack_into(cbuf, coff, _Q.unpack_from(cbuf, coff)[0] + 1)
         _Q.pack_into(buf, off + S_SIZE, n)          # publish last
+        # the doorbell decision, as in _fastring.c (the exchange is the full barrier)
+        if buf[POLLING]:
+            return DOORBELL_NONE
+        if linux.exchange_u64(self.addr + SIGNALED, 1):
+            return DOORBELL_NONE
+        return DOORBELL_WAKE if buf[IDLE] else DOORBELL_SIGNAL
 
     def _refuse(self, code: int, n: int) -> None:
         if code == errno.ENOSPC:
@@ -208,6 +224,17 @@ class Ring:
                                         f"{self.slot_bytes}-byte IPI slot")
 
     # -- receiving -------------------------------------------------------------------------
+    def idle_enter(self) -> bool:
+        """Announce "idle" (with a full barrier), then say whether a published message already
+        waits: paired with the barrier in ``send``, no wake-up is lost before the sleep."""
+        if _fast is not None:
+            return _fast.idle_enter(self.buf, self.nslots, self.stride)
+        linux.exchange_u64(self.addr + IDLE, 1)      # IDLE's u32 and the unused one after it
+        return self.pending()
+
+    def idle_leave(self) -> None:
+        self.buf[IDLE] = 0
+
     def spin(self, usec: float) -> bool:
         """Busy-wait up to ``usec`` microseconds for a claimed slot (a poller's wait)."""
         if _fast is not None:
@@ -235,6 +262,7 @@ class Ring:
             if more:
                 consumed += self._careful(batch, limit, abandon_after)
         else:
+            linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
             batch = []
             consumed = self._careful(batch, limit, abandon_after)
         if not batch:
