@@ -413,6 +413,14 @@ def _check_references(c: _Checker, instances: list[dict[str, Any]], probes: list
                                   f"{a.get('do')!r} (it takes: {', '.join(sorted(allowed)) or 'none'})")
         if a.get("do") == "load" and "kernel" not in args:
             c.problems.append(f"[[action]] {a.get('name')!r}: load needs args.kernel")
+        for k, want, ok in (("kernel", "a string like \"kernels.idle:IdleKernel\"",
+                             lambda v: isinstance(v, str) and v.strip()),
+                            ("cmdline", "a string", lambda v: isinstance(v, str)),
+                            ("timeout", "a number of seconds > 0", lambda v: not isinstance(
+                                v, bool) and isinstance(v, (int, float)) and v > 0)):
+            if k in args and k in allowed and not ok(args[k]):
+                c.problems.append(f"[[action]] {a.get('name')!r}: args.{k} is {args[k]!r}; "
+                                  f"expected {want}")
 
 
 def _check_expectations(c: _Checker, raw: Any, sc: Scenario) -> list[tuple[str, E.Node]]:
