@@ -254,25 +254,19 @@ static PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyBool_FromLong(got);
 }
 
-/* idle_enter(ring, nslots, stride) -> bool: announce "idle" with a full barrier, then say
- * whether a published message is already waiting (then do not sleep). Paired with the
+/* idle_enter(ring, nslots, stride, slot_bytes) -> bool: announce "idle" with a full barrier,
+ * then say whether a published message is already waiting (then do not sleep). Paired with the
  * barrier in send, no wake-up is lost between the announcement and the sleep. */
 static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer buf;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "idle_enter takes 3 arguments");
+    uint64_t nslots, stride, slot_bytes;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "idle_enter takes 4 arguments");
         return NULL;
     }
-    uint64_t nslots = PyLong_AsUnsignedLongLong(args[1]);
-    uint64_t stride = PyLong_AsUnsignedLongLong(args[2]);
-    if (PyErr_Occurred() || PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0)
+    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
-    if (nslots == 0 || (uint64_t)buf.len < RING_HEADER_BYTES + nslots * stride) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "ring geometry does not fit the buffer");
-        return NULL;
-    }
     char *base = (char *)buf.buf;
     __atomic_store_n((uint32_t *)(base + IDLE), 1, __ATOMIC_SEQ_CST);
     uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);

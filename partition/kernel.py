@@ -254,9 +254,9 @@ class Kernel:
     def _peer_u32(self, target: int, off: int) -> int:
         return _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES + off)[0]
 
-    def _mk_count(self, off: int, n: int = 1) -> None:
+    def _mk_count(self, off: int) -> None:
         slot = self.ctx.slot
-        _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + n)
+        _U64.pack_into(slot, off, _U64.unpack_from(slot, off)[0] + 1)
 
     def _liveness(self, target: int) -> Callable[[], bool]:
         """The peer-state table says whether the incarnation we sent to is still there."""

@@ -228,7 +228,7 @@ class Ring:
         """Announce "idle" (with a full barrier), then say whether a published message already
         waits: paired with the barrier in ``send``, no wake-up is lost before the sleep."""
         if _fast is not None:
-            return _fast.idle_enter(self.buf, self.nslots, self.stride)
+            return _fast.idle_enter(self.buf, self.nslots, self.stride, self.slot_bytes)
         linux.exchange_u64(self.addr + IDLE, 1)      # IDLE's u32 and the unused one after it
         return self.pending()
 
