@@ -44,6 +44,7 @@ MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hy
 COUNTERS = 136           # u64 x 5
 IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring the eventfd
 SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
+FENCE = 192              # u64 scratch: the pure-Python sender's full barrier is an exchange here
 
 # what a sender must do after publishing (Ring.send's answer)
 DOORBELL_NONE, DOORBELL_WAKE, DOORBELL_SIGNAL = 0, 1, 2
@@ -209,7 +210,9 @@ class Ring:
             cbuf, coff = counter
             _Q.pack_into(cbuf, coff, _Q.unpack_from(cbuf, coff)[0] + 1)
         _Q.pack_into(buf, off + S_SIZE, n)          # publish last
-        # the doorbell decision, as in _fastring.c (the exchange is the full barrier)
+        # the doorbell decision, as in _fastring.c: a full barrier first (an exchange on a
+        # word of its own), so that no flag is read before the publish is visible
+        linux.exchange_u64(self.addr + FENCE, 0)
         if buf[POLLING]:
             return DOORBELL_NONE
         if linux.exchange_u64(self.addr + SIGNALED, 1):

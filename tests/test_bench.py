@@ -39,20 +39,24 @@ def test_demo_runs_and_checks_itself():
 
 def test_ipi_bench_shape_and_csv():
     from partition.bench import ipi
-    res = ipi.run(round_trips=200, stream=500, modes=("poll", "interrupt"))
+    res = ipi.run(round_trips=200, stream=500, modes=("poll", "interrupt"), repeats=2)
     by = {(r["cpu_a"], r["cpu_b"], r["variant"]) for r in res["results"]}
     pairs = {(r["cpu_a"], r["cpu_b"]) for r in res["results"]}
     for a, b in pairs:
         for v in ("raw-spin", "raw-eventfd", "poll", "interrupt"):
             assert (a, b, v) in by
+    assert len(res["runs"]) == 2 * len(res["results"])            # every cell, every repeat
     for r in res["results"]:
-        assert r["latency_us"]["n"] == 200 and r["latency_us"]["p50"] > 0
+        assert r["repeats"] == 2 and r["latency_us"]["n"] == 400 and r["latency_us"]["p50"] > 0
+        lo, hi = r["p50_range_us"]
+        assert lo <= r["latency_us"]["p50"] <= hi                  # a median of the repeats
         if r["variant"] in ("poll", "interrupt"):
             assert r["stream_received"] == 500 and r["msgs_per_s"] > 0
     text = ipi.render_csv(res).splitlines()
     assert text[0] == "test,variant,tier,cpu_a,cpu_b,mem_node,size,repeat,metric,value,unit"
     metrics = {line.split(",")[8] for line in text[1:]}
     assert metrics == {"p50", "p90", "p99", "p99.9", "max", "throughput"}
+    assert {line.split(",")[7] for line in text[1:]} == {"1", "2"}  # rows per repeat
 
 
 def test_ipi_bench_cli_refuses_few_round_trips():

@@ -168,57 +168,109 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
             "msgs_per_s": got / elapsed if elapsed > 0 else 0.0}
 
 
+def _one_repeat(m: Machine, pairs: list[tuple[int, int]], modes: tuple[str, ...],
+                round_trips: int, stream: int, size: int, repeat: int,
+                progress: bool) -> list[dict[str, Any]]:
+    """Every cell once; ratios against the baselines measured in this same repeat."""
+    saved = os.sched_getaffinity(0)
+    out: list[dict[str, Any]] = []
+    for a, b in pairs:
+        base = {"raw-spin": summary(raw_spin(a, b, round_trips)),
+                "raw-eventfd": summary(raw_eventfd(a, b, round_trips))}
+        os.sched_setaffinity(0, saved)
+        for variant, s in base.items():
+            out.append({"repeat": repeat, "cpu_a": a, "cpu_b": b, "tier": tier(a, b),
+                        "variant": variant, "latency_us": s})
+        for mode in modes:
+            if progress:
+                print(f"\rbench ipi: repeat {repeat}, CPU {a} -> {b}, {mode} ...", end="",
+                      file=sys.stderr, flush=True)
+            e = emulated(m, a, b, mode, round_trips, stream, size)
+            lat = summary(e["rtt_us"])
+            ref = base[BASELINE_OF[mode]]
+            out.append({
+                "repeat": repeat, "cpu_a": a, "cpu_b": b, "tier": tier(a, b), "variant": mode,
+                "latency_us": lat, "baseline": BASELINE_OF[mode],
+                "ratio_p50": lat["p50"] / ref["p50"], "ratio_p99": lat["p99"] / ref["p99"],
+                "msgs_per_s": e["msgs_per_s"], "stream_enospc": e["stream_enospc"],
+                "stream_received": e["stream_received"]})
+    return out
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _combine(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's repeats -> the median of each figure (the VM's noise comes in runs, so a
+    median of interleaved repeats is what a figure can be trusted to be), and the range."""
+    first = cells[0]
+    out = {k: first[k] for k in ("cpu_a", "cpu_b", "tier", "variant")}
+    out["repeats"] = len(cells)
+    out["latency_us"] = {k: _median([c["latency_us"][k] for c in cells])
+                         for k in first["latency_us"] if k != "n"}
+    out["latency_us"]["n"] = sum(c["latency_us"]["n"] for c in cells)
+    out["p50_range_us"] = [min(c["latency_us"]["p50"] for c in cells),
+                           max(c["latency_us"]["p50"] for c in cells)]
+    for k in ("ratio_p50", "ratio_p99", "msgs_per_s", "stream_enospc"):
+        if k in first:
+            out[k] = _median([c[k] for c in cells])
+    if "baseline" in first:
+        out["baseline"] = first["baseline"]
+        out["stream_received"] = min(c["stream_received"] for c in cells)
+        out["ratio_p50_range"] = [min(c["ratio_p50"] for c in cells),
+                                  max(c["ratio_p50"] for c in cells)]
+    return out
+
+
 def run(round_trips: int = 10_000, stream: int = 100_000, size: int = 64,
-        modes: tuple[str, ...] = MODES, progress: bool = False) -> dict[str, Any]:
+        modes: tuple[str, ...] = MODES, progress: bool = False,
+        repeats: int = 3) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     pairs = list(itertools.permutations(cpus, 2)) or [(cpus[0], cpus[0])]
-    results: list[dict[str, Any]] = []
-    saved = os.sched_getaffinity(0)
+    runs: list[dict[str, Any]] = []
     with Machine(cpus=cpus, host_cpus=[cpus[0]], oversubscribe=True, memory="512M",
                  kill_timeout=5.0) as m:
-        for a, b in pairs:
-            base = {"raw-spin": summary(raw_spin(a, b, round_trips)),
-                    "raw-eventfd": summary(raw_eventfd(a, b, round_trips))}
-            os.sched_setaffinity(0, saved)
-            for variant, s in base.items():
-                results.append({"cpu_a": a, "cpu_b": b, "tier": tier(a, b), "variant": variant,
-                                "latency_us": s})
-            for mode in modes:
-                if progress:
-                    print(f"\rbench ipi: CPU {a} -> {b}, {mode} ...", end="", file=sys.stderr,
-                          flush=True)
-                e = emulated(m, a, b, mode, round_trips, stream, size)
-                lat = summary(e["rtt_us"])
-                ref = base[BASELINE_OF[mode]]
-                results.append({
-                    "cpu_a": a, "cpu_b": b, "tier": tier(a, b), "variant": mode,
-                    "latency_us": lat, "baseline": BASELINE_OF[mode],
-                    "ratio_p50": lat["p50"] / ref["p50"], "ratio_p99": lat["p99"] / ref["p99"],
-                    "msgs_per_s": e["msgs_per_s"], "stream_enospc": e["stream_enospc"],
-                    "stream_received": e["stream_received"]})
+        for r in range(1, repeats + 1):            # interleaved: every cell once per repeat
+            runs += _one_repeat(m, pairs, modes, round_trips, stream, size, r, progress)
     if progress:
         print(file=sys.stderr)
+    keys = []
+    for c in runs:
+        k = (c["cpu_a"], c["cpu_b"], c["variant"])
+        if k not in keys:
+            keys.append(k)
+    results = [_combine([c for c in runs if (c["cpu_a"], c["cpu_b"], c["variant"]) == k])
+               for k in keys]
     return {"benchmark": "ipi", "round_trips": round_trips, "stream_messages": stream,
-            "payload_bytes": size, "environment": environment(), "host_cpu": cpus[0],
-            "oversubscribed": True, "ring_implementation": ring_mod.IMPLEMENTATION,
-            "results": results, "targets": TARGETS}
+            "payload_bytes": size, "repeats": repeats, "environment": environment(),
+            "host_cpu": cpus[0], "oversubscribed": True,
+            "ring_implementation": ring_mod.IMPLEMENTATION, "results": results, "runs": runs,
+            "targets": TARGETS}
 
 
 def render(res: dict[str, Any]) -> str:
-    lines = [f"IPI round trips ({res['round_trips']} per cell, {res['payload_bytes']}-byte "
-             f"payload) and one-way streaming ({res['stream_messages']} messages)",
+    lines = [f"IPI round trips ({res['round_trips']} per cell and repeat, "
+             f"{res['payload_bytes']}-byte payload) and one-way streaming "
+             f"({res['stream_messages']} messages); each figure is the median of "
+             f"{res['repeats']} interleaved repeat(s), ratios taken within a repeat",
              f"machine: {environment_line(res['environment'])}",
              f"host on CPU {res['host_cpu']} (shared with an instance: oversubscribed); ring "
              f"hot paths in {'C (partition/_fastring.c)' if res.get('ring_implementation') == 'c' else 'pure Python (no C extension built, or MK_PURE_RING=1)'}",
              "{:<8}{:<13}{:>9}{:>9}{:>9}{:>9}{:>10}{:>10}{:>12}".format(
-                 "cpus", "variant", "p50 us", "p90", "p99", "p99.9", "max", "x base", "msgs/s")]
+                 "cpus", "variant", "p50 us", "p90", "p99", "p99.9", "max", "x base", "msgs/s")
+             + "   p50 range"]
     for r in res["results"]:
         lat = r["latency_us"]
+        lo, hi = r["p50_range_us"]
         lines.append("{:<8}{:<13}{:>9.2f}{:>9.2f}{:>9.2f}{:>9.2f}{:>10.1f}{:>10}{:>12}".format(
             f"{r['cpu_a']}->{r['cpu_b']}", r["variant"], lat["p50"], lat["p90"], lat["p99"],
             lat["p99.9"], lat["max"],
             f"{r['ratio_p50']:.2f}x" if "ratio_p50" in r else "-",
-            f"{r['msgs_per_s']:,.0f}" if "msgs_per_s" in r else "-"))
+            f"{r['msgs_per_s']:,.0f}" if "msgs_per_s" in r else "-")
+            + f"   {lo:.2f}-{hi:.2f}")
     t = res["targets"]
     lines.append(f"targets: poll p50 <= {t['poll_p50_us']} us and <= {t['poll_ratio']}x raw-spin; "
                  f"interrupt p50 <= {t['interrupt_ratio']}x raw-eventfd; stream >= "
@@ -231,14 +283,14 @@ def render_csv(res: dict[str, Any]) -> str:
     w = csv.writer(buf)
     w.writerow(["test", "variant", "tier", "cpu_a", "cpu_b", "mem_node", "size", "repeat",
                 "metric", "value", "unit"])
-    for r in res["results"]:
+    for r in res["runs"]:                # every repeat, numbered: the raw data, not medians
         for metric in ("p50", "p90", "p99", "p99.9", "max"):
             w.writerow(["ipi_rtt", r["variant"], r["tier"], r["cpu_a"], r["cpu_b"], 0,
-                        res["payload_bytes"], res["round_trips"], metric,
+                        res["payload_bytes"], r["repeat"], metric,
                         f"{r['latency_us'][metric]:.3f}", "us"])
         if "msgs_per_s" in r:
             w.writerow(["ipi_stream", r["variant"], r["tier"], r["cpu_a"], r["cpu_b"], 0,
-                        res["payload_bytes"], res["stream_messages"], "throughput",
+                        res["payload_bytes"], r["repeat"], "throughput",
                         f"{r['msgs_per_s']:.0f}", "msgs/s"])
     return buf.getvalue()
 
@@ -249,7 +301,12 @@ def main(a: argparse.Namespace) -> int:
               "[EINVAL]\n  fix: --round-trips 10000 or more (or --quick for a smoke run)",
               file=sys.stderr)
         return 1
-    res = run(a.round_trips, a.stream, 64, progress=sys.stderr.isatty())
+    repeats = a.repeat if a.repeat is not None else (1 if a.quick else 3)
+    if repeats < 1:
+        print("mkctl bench: error: --repeat must be at least 1 [EINVAL]\n  fix: --repeat 3",
+              file=sys.stderr)
+        return 1
+    res = run(a.round_trips, a.stream, 64, progress=sys.stderr.isatty(), repeats=repeats)
     if a.format == "json":
         print(json.dumps(res, indent=2))
     elif a.format == "csv":
