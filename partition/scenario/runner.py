@@ -166,7 +166,7 @@ class Runner:
     # -- probes ----------------------------------------------------------------------------
     def _id_of(self, name: str) -> int:
         assert self.m is not None
-        return 0 if name == "host" else self.m.show(name)["id"]
+        return 0 if name == "host" else self.m.instances[name].id
 
     def _start_probes(self) -> None:
         assert self.m is not None
@@ -198,8 +198,11 @@ class Runner:
     def _start_on_instance(self, p: dict[str, Any]) -> None:
         """(Re)start a probe on its source instance if that runs a process we have not asked."""
         assert self.m is not None
-        d = self.m.show(p["from"])
-        if d["state"] != "active" or d["pid"] == self._probe_pids[p["name"]]:
+        # the instance record, not show(): this runs every 50 ms during the experiment, and a
+        # snapshot (with its view files) would be host work on a core the instances share
+        inst = self.m.instances[p["from"]]
+        pid = inst.pid
+        if inst.state.value != "active" or pid is None or pid == self._probe_pids[p["name"]]:
             return
         n = self._probe_ids[p["name"]]
         try:
@@ -211,9 +214,9 @@ class Runner:
         if not (isinstance(answer, dict) and answer.get("ok")):
             self._note("probe_start_failed", probe=p["name"], error=repr(answer))
             return
-        self._probe_pids[p["name"]] = d["pid"]
+        self._probe_pids[p["name"]] = pid
         self.collector.records[n].starts += 1
-        self._note("probe_started", probe=p["name"], on=p["from"], pid=d["pid"])
+        self._note("probe_started", probe=p["name"], on=p["from"], pid=pid)
 
     def _host_data(self, msg: M.Message) -> None:
         p = msg.payload
@@ -286,7 +289,7 @@ class Runner:
         k = f["kind"]
         if k == "wild-write":
             addr = f["address"] if f["address"] is not None else \
-                self.m.show(f["victim"])["memory_base"] + f["offset"]
+                self.m.instances[f["victim"]].memory_base + f["offset"]
             return {"address": addr, "bytes": f["bytes"] or 64}
         if k == "ipi-storm":
             return {"target": self._id_of(f["victim"]), "count": f["count"] or 100_000}
