@@ -55,34 +55,35 @@ static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, ui
     return 0;
 }
 
-/* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, msg_type, data
- *      [, counters, offset]) -> errno (> 0), or the doorbell to ring: 0 none, -1 wake (the
- *      receiver is idle: write its eventfd), -2 interrupt (it is busy: signal it)
- * With ``counters`` (a writable buffer) the u64 at ``offset`` in it counts the send just before
- * it is published: once the slot is visible the receiver may answer, and whoever reads the
- * sender's counters after that answer must find this send in them. */
+/* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset, msg_type,
+ *      data) -> errno (> 0), or the doorbell to ring: 0 none, -1 wake (the receiver is idle:
+ *      write its eventfd), -2 interrupt (it is busy: signal it)
+ * The fixed arguments come first so that a sender can bind them once (functools.partial).
+ * With ``counters`` (a writable buffer; None: none) the u64 at ``offset`` in it counts the send
+ * just before it is published: once the slot is visible the receiver may answer, and whoever
+ * reads the sender's counters after that answer must find this send in them. */
 static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer buf, data, counters = {0};
     uint64_t nslots, stride, slot_bytes;
-    if (nargs != 8 && nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "send takes 8 or 10 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "send takes 10 arguments");
         return NULL;
     }
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
     uint64_t sender = PyLong_AsUnsignedLongLong(args[4]);
     uint64_t cpu = PyLong_AsUnsignedLongLong(args[5]);
-    uint64_t type = PyLong_AsUnsignedLongLong(args[6]);
-    if (PyErr_Occurred() || PyObject_GetBuffer(args[7], &data, PyBUF_SIMPLE) < 0) {
+    uint64_t type = PyLong_AsUnsignedLongLong(args[8]);
+    if (PyErr_Occurred() || PyObject_GetBuffer(args[9], &data, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&buf);
         return NULL;
     }
     uint64_t *count = NULL;
-    if (nargs == 10) {
-        Py_ssize_t off = PyLong_AsSsize_t(args[9]);
+    if (args[6] != Py_None) {
+        Py_ssize_t off = PyLong_AsSsize_t(args[7]);
         if ((off == -1 && PyErr_Occurred()) ||
-            PyObject_GetBuffer(args[8], &counters, PyBUF_WRITABLE) < 0) {
+            PyObject_GetBuffer(args[6], &counters, PyBUF_WRITABLE) < 0) {
             PyBuffer_Release(&data);
             PyBuffer_Release(&buf);
             return NULL;
@@ -104,12 +105,26 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     char *base = (char *)buf.buf;
     uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
-    uint64_t h;
+    uint64_t h, share = nslots - nslots / 8;
     for (;;) {
         h = __atomic_load_n(head, __ATOMIC_ACQUIRE);
-        if (h - __atomic_load_n(tail, __ATOMIC_ACQUIRE) >= nslots) {
+        uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        if (h - t >= nslots) {
             rc = ENOSPC;
             goto out;
+        }
+        if (h - t >= share && nslots >= 8) {
+            /* fair share: one sender may hold at most 7/8 of the slots, so that a flood
+             * never leaves the others without room (they get ENOSPC only when several
+             * senders fill the ring together). Counting is only needed past the share. */
+            uint64_t mine = 0;
+            for (uint64_t k = t; k < h; k++)
+                mine += *(volatile uint32_t *)(base + RING_HEADER_BYTES + (k % nslots) * stride
+                                               + S_SENDER) == (uint32_t)(sender + 1);
+            if (mine >= share) {
+                rc = ENOSPC;
+                goto out;
+            }
         }
         if (__atomic_compare_exchange_n(head, &h, h + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             break;
@@ -142,19 +157,34 @@ out:
     return PyLong_FromLong(rc);
 }
 
-/* drain(ring, nslots, stride, slot_bytes, limit) -> (list of (type, sender_id, cpu, bytes), more)
+/* drain(ring, nslots, stride, slot_bytes, limit[, handled])
+ *      -> (list of (type, sender_id, cpu, bytes), more, consumed)
  * Consumes published, well-formed slots in order; stops after ``limit``, at an empty ring, or at
  * the first slot that is not well formed, and then ``more`` is True: ring.py's careful path
  * takes over from there. Each consumed slot is zeroed, then tail moves; the ring's "received"
- * counter counts them before the caller delivers any (a handler's reply may be seen at once). */
+ * counter counts them before the caller delivers any (a handler's reply may be seen at once).
+ * With ``handled`` (a bitmap: bit t set = type t is handled; types past its end count as
+ * handled), a slot of a type not in it is consumed and
+ * counted as dropped_unknown_type here, without a Python object: a flood of junk costs its
+ * receiver tens of nanoseconds a message. The caller passes it only when no request of its own
+ * is pending (an awaited response may be of any type). */
 static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer buf;
     uint64_t nslots, stride, slot_bytes;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "drain takes 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 5 or 6 arguments");
         return NULL;
     }
+    Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
+    int filter = nargs == 6 && args[5] != Py_None;
+    if (filter && PyObject_GetBuffer(args[5], &handled, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    const uint8_t *bits = filter ? (const uint8_t *)handled.buf : NULL;
+    uint64_t nbits = filter ? (uint64_t)handled.len * 8 : 0;
+    uint64_t dropped = 0;
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
     long limit = PyLong_AsLong(args[4]);
@@ -185,13 +215,23 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
             more = 1;                        /* the careful path in ring.py decides */
             break;
         }
+        uint32_t type = *(volatile uint32_t *)(slot + S_TYPE);
+        if (bits != NULL && type < nbits && !(bits[type >> 3] & (1u << (type & 7)))) {
+            dropped++;                       /* nobody handles it: it dies in the ring */
+            memset(slot, 0, SLOT_HEADER);
+            t++;
+            __atomic_store_n(tail, t, __ATOMIC_RELEASE);
+            continue;
+        }
         PyObject *item = Py_BuildValue(
-            "(kkKy#)", (unsigned long)*(volatile uint32_t *)(slot + S_TYPE),
+            "(kkKy#)", (unsigned long)type,
             (unsigned long)(sender - 1), (unsigned long long)*(volatile uint64_t *)(slot + S_CPU),
             slot + SLOT_HEADER, (Py_ssize_t)size);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);
+            if (filter)
+                PyBuffer_Release(&handled);
             PyBuffer_Release(&buf);
             return NULL;
         }
@@ -202,10 +242,13 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     if (done == limit)
         more = 1;
-    *(uint64_t *)(base + COUNTERS) += (uint64_t)PyList_GET_SIZE(out);
+    /* received counts every well-formed message; dropped_unknown_type is a part of it */
+    *(uint64_t *)(base + COUNTERS) += (uint64_t)PyList_GET_SIZE(out) + dropped;
+    *(uint64_t *)(base + COUNTERS + 16) += dropped;
+    if (filter)
+        PyBuffer_Release(&handled);
     PyBuffer_Release(&buf);
-    PyObject *ret = Py_BuildValue("(Ni)", out, more);
-    return ret;
+    return Py_BuildValue("(Nil)", out, more, done);
 }
 
 /* spin(ring, usec) -> bool: busy-wait until the ring has a claimed slot, at most ``usec``

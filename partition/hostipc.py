@@ -76,7 +76,8 @@ class HostIPC:
         return target
 
     def drain(self) -> None:
-        while self.ring.drain(self.messenger.deliver, 64):
+        msgr = self.messenger
+        while self.ring.drain(msgr.deliver, 64, handled=None if msgr.waiting else msgr.handled):
             pass
 
     def _on_halted(self, msg: M.Message) -> None:

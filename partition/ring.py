@@ -28,6 +28,7 @@ dispatcher looks up, and no field is used as an index without a bound.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 import time
@@ -100,6 +101,8 @@ class Ring:
         self.nslots = layout.ring_slots
         self.slot_bytes = layout.ring_slot_bytes
         self.stride = layout.slot_stride
+        # fair share: one sender holds at most 7/8 of the slots (rings of 8 or more)
+        self.share = self.nslots - self.nslots // 8 if self.nslots >= 8 else self.nslots + 1
         self._pending_since: dict[int, float] = {}
 
     # -- small accessors -------------------------------------------------------------------
@@ -182,24 +185,23 @@ class Ring:
         a queue that was empty), DOORBELL_WAKE (it sleeps: write its eventfd) or
         DOORBELL_SIGNAL (it is busy: interrupt it)."""
         if _fast is not None:
-            if counter is None:
-                rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
-                                sender_cpu, msg_type & 0xFFFFFFFF, data)
-            else:
-                rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
-                                sender_cpu, msg_type & 0xFFFFFFFF, data, counter[0], counter[1])
+            cbuf, coff = counter if counter is not None else (None, 0)
+            rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
+                            sender_cpu, cbuf, coff, msg_type & 0xFFFFFFFF, data)
             if rc > 0:
-                self._refuse(rc, len(data))
+                self.refuse(rc, len(data))
             return -rc
         n = len(data)
         if n > self.slot_bytes or not n:
-            self._refuse(errno.EMSGSIZE, n)
+            self.refuse(errno.EMSGSIZE, n)
         buf = self.buf
         unpack = _Q.unpack_from
         while True:
             h = unpack(buf, HEAD)[0]
-            if h - unpack(buf, TAIL)[0] >= self.nslots:
-                self._refuse(errno.ENOSPC, n)
+            t = unpack(buf, TAIL)[0]
+            if h - t >= self.nslots or (h - t >= self.share and self._held_by(sender_id, t, h)
+                                        >= self.share):
+                self.refuse(errno.ENOSPC, n)
             if linux.cas_u64(self.addr + HEAD, h, h + 1):
                 break
         off = L.RING_HEADER_BYTES + (h % self.nslots) * self.stride
@@ -219,7 +221,32 @@ class Ring:
             return DOORBELL_NONE
         return DOORBELL_WAKE if buf[IDLE] else DOORBELL_SIGNAL
 
-    def _refuse(self, code: int, n: int) -> None:
+    def sender(self, sender_id: int, sender_cpu: int,
+               counter: tuple[memoryview, int] | None = None) -> Callable[[int, bytes], int]:
+        """``send`` with everything but the type and the bytes bound once, for a hot sender:
+        ``f(msg_type, data)`` returns the doorbell as a negative number (0, -1 wake,
+        -2 signal) or an errno (> 0: ENOSPC, EMSGSIZE) without raising; ``refuse(rc, n)``
+        turns the latter into the RingError ``send`` would have raised."""
+        cbuf, coff = counter if counter is not None else (None, 0)
+        if _fast is not None:
+            return functools.partial(_fast.send, self.buf, self.nslots, self.stride,
+                                     self.slot_bytes, sender_id, sender_cpu, cbuf, coff)
+
+        def send(msg_type: int, data: bytes) -> int:
+            try:
+                return -self.send(sender_id, sender_cpu, msg_type, data, counter)
+            except RingError as exc:
+                return exc.errno
+        return send
+
+    def _held_by(self, sender_id: int, t: int, h: int) -> int:
+        """Slots in [t, h) claimed by ``sender_id`` (for the fair share, as _fastring.c)."""
+        mark = (sender_id + 1).to_bytes(4, "little")
+        return sum(1 for k in range(t, h)
+                   if self.buf[self._slot(k) + S_SENDER:self._slot(k) + S_SENDER + 4] == mark)
+
+    def refuse(self, code: int, n: int) -> None:
+        """Raise the RingError for a refused send (``code``: ENOSPC or EMSGSIZE)."""
         if code == errno.ENOSPC:
             raise RingError(errno.ENOSPC, f"IPI ring of instance {self.id} is full "
                                           f"({self.nslots} slots)")
@@ -254,20 +281,23 @@ class Ring:
         return t != self.head and self._u64(self._slot(t) + S_SIZE) != 0
 
     def drain(self, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
-              abandon_after: float = 1.0) -> int:
+              abandon_after: float = 1.0, handled: bytes | bytearray | None = None) -> int:
         """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
         payload)``, which returns False for a type nobody handles (dropped, counted). Returns
-        how many slots were consumed, dropped ones included."""
+        how many slots were consumed, dropped ones included. ``handled``: a bitmap of the types
+        someone handles (bit t of byte t >> 3; types past its end count as handled), given when
+        nothing else can be awaited; other types are dropped and counted, not handed up."""
         if _fast is not None:
             # C consumed (and counted) the well-formed prefix; it says when there is more
-            batch, more = _fast.drain(self.buf, self.nslots, self.stride, self.slot_bytes, limit)
-            consumed = len(batch)
-            if more:
-                consumed += self._careful(batch, limit, abandon_after)
+            batch, more, consumed = _fast.drain(self.buf, self.nslots, self.stride,
+                                                self.slot_bytes, limit, handled)
+            if more and consumed < limit:
+                consumed += self._careful(batch, limit - consumed + len(batch), abandon_after,
+                                          handled)
         else:
             linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
             batch = []
-            consumed = self._careful(batch, limit, abandon_after)
+            consumed = self._careful(batch, limit, abandon_after, handled)
         if not batch:
             return consumed
         failure: BaseException | None = None
@@ -282,7 +312,7 @@ class Ring:
         return consumed
 
     def _careful(self, batch: list[tuple[int, int, int, bytes]], limit: int,
-                 abandon_after: float) -> int:
+                 abandon_after: float, handled: bytes | bytearray | None = None) -> int:
         """The reference drain: every case of the protocol (unpublished, abandoned, bad size,
         stale ticket). Appends good slots to ``batch``, counts everything before returning
         (before any handler runs: a handler's reply can reach the host before drain returns,
@@ -297,7 +327,7 @@ class Ring:
                 del self._pending_since[k]
         done = len(batch)
         first = done
-        bad = abandoned = 0
+        bad = abandoned = unknown = 0
         while done < limit:
             if t == head:
                 head = unpack(buf, HEAD)[0]
@@ -316,6 +346,9 @@ class Ring:
                 abandoned += 1
             elif size > cap or ticket != t:
                 bad += 1
+            elif handled is not None and mtype < 8 * len(handled) and \
+                    not handled[mtype >> 3] >> (mtype & 7) & 1:
+                unknown += 1
             else:
                 p = off + L.RING_SLOT_HEADER
                 batch.append((mtype, sender - 1, cpu, bytes(buf[p:p + size])))
@@ -327,8 +360,9 @@ class Ring:
             done += 1
         if done > first:
             c = list(_COUNTERS.unpack_from(buf, COUNTERS))
-            c[0] += len(batch) - first
+            c[0] += len(batch) - first + unknown     # received: every well-formed message
             c[1] += bad
+            c[2] += unknown
             c[3] += abandoned
             _COUNTERS.pack_into(buf, COUNTERS, *c)
         return done - first
@@ -354,3 +388,4 @@ class Ring:
                 self._put_u64(off + S_SIZE, ABANDONED)
                 n += 1
         return n
+

@@ -100,10 +100,17 @@ def test_own_writes_are_not_charged_and_a_multi_page_write_is(machine_factory):
 
 
 def test_ipi_storm_gets_back_pressure_and_victim_still_answers(machine):
+    import signal
     victim = up(machine, "victim")
     up(machine, "storm", cpu=CPUS[0])
-    machine.fault("storm", "ipi-storm", target=victim["id"], count=20000)
-    wait_until(machine, lambda: machine.show("storm")["counters"]["ipi_ring_full"] > 0, 30)
+    os.kill(victim["pid"], signal.SIGSTOP)     # a victim that cannot drain: the ring must fill
+    try:
+        machine.fault("storm", "ipi-storm", target=victim["id"], count=20000)
+        wait_until(machine, lambda: machine.show("storm")["counters"]["ipi_ring_full"] > 0, 30)
+        ring = machine.ring_of(victim["id"])
+        assert ring.head - ring.tail == ring.share       # the storm holds its fair share only
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
     assert machine.request("victim", M.MK_MSG_USER, "still", timeout=10) == "still"
     wait_until(machine, lambda: machine.show("victim")["counters"]["ipi_dropped_unknown_type"] > 0)
 

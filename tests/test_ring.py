@@ -59,10 +59,14 @@ def test_order_content_and_counts(rg):
 
 
 def test_full_and_oversize_are_refused(rg):
-    for _ in range(8):
+    for _ in range(7):                        # one sender: its fair share, 7 of 8 slots
         rg.send(0, 0, 1, b"x")
     with pytest.raises(RingError) as ei:
         rg.send(0, 0, 1, b"x")
+    assert ei.value.errno == errno.ENOSPC
+    rg.send(5, 0, 1, b"other")                # another sender still finds room
+    with pytest.raises(RingError) as ei:      # and now the ring is full for everyone
+        rg.send(6, 0, 1, b"x")
     assert ei.value.errno == errno.ENOSPC
     for bad in (b"", b"y" * 257):
         with pytest.raises(RingError) as ei:
@@ -140,3 +144,31 @@ def test_one_doorbell_per_drain(rg):
     drain_all(rg)
     rg.set_polling(True)
     assert rg.send(0, 0, 1, b"e") == ring.DOORBELL_NONE        # a poller needs no doorbell
+
+
+def test_unhandled_types_are_dropped_in_the_ring_when_nothing_is_awaited(rg):
+    for t in (1, 99, 1, 99, 99):
+        rg.send(0, 0, t, b"m")
+    got = []
+    handled = bytearray(8192)
+    handled[0] = 0b10                                      # type 1 only
+    assert rg.drain(lambda *a: got.append(a) or True, 64, handled=handled) == 5
+    assert [g[0] for g in got] == [1, 1]                  # only the handled type is handed up
+    c = rg.counters()
+    assert (c["received"], c["dropped_unknown_type"]) == (5, 3)   # dropped ones were received
+
+
+def test_a_bound_sender_answers_like_send_without_raising(rg):
+    counters = bytearray(16)
+    send = rg.sender(3, 9, (memoryview(counters), 8))
+    assert send(0x4000, b"one") == -ring.DOORBELL_SIGNAL    # the doorbell, as a negative number
+    assert send(0x4000, b"two") == -ring.DOORBELL_NONE
+    assert send(0x4000, b"") == errno.EMSGSIZE               # an errno, not an exception
+    for _ in range(5):
+        send(1, b"x")
+    assert send(1, b"x") == errno.ENOSPC                     # its fair share is 7 of 8
+    with pytest.raises(RingError) as ei:
+        rg.refuse(errno.ENOSPC, 1)
+    assert ei.value.errno == errno.ENOSPC
+    assert struct.unpack_from("<Q", counters, 8)[0] == 7     # refused sends are not counted
+    assert drain_all(rg)[0] == (0x4000, 3, 9, b"one")

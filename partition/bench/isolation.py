@@ -40,13 +40,14 @@ def _ping(m: Machine, a: int, target: int, n: int) -> list[float]:
         m.load("probe", "kernels.echo:EchoKernel", f"role=ping target={target} count={n}")
         m.exec("probe")
         deadline = time.monotonic() + 60
-        while True:
+        inst = m.instances["probe"]
+        while True:             # quietly: no snapshots or view files while the bystanders run
             done, count, _ = read_results(m.read_memory("probe", 0, RESULTS.size))
             if done:
                 break
-            if m.show("probe")["state"] != "active" or time.monotonic() > deadline:
+            if inst.state.value != "active" or time.monotonic() > deadline:
                 raise RuntimeError(f"bystander probe stopped: {m.show('probe')['last_exit']}")
-            m.poll(0.01)
+            m.poll(0.05)
         raw = m.read_memory("probe", RESULTS.size, 8 * count)
         return list(struct.unpack(f"<{count}d", raw))
     finally:
@@ -58,11 +59,23 @@ def _ping(m: Machine, a: int, target: int, n: int) -> list[float]:
         m.delete("probe")
 
 
-def _one_kind(m: Machine, kind: str, cpus: list[int], n: int) -> dict[str, Any]:
-    a, b = cpus[0], cpus[-1]
+def placement(cpus: list[int]) -> dict[str, int]:
+    """Partitions on disjoint cores, as a multikernel gives them, as far as the cores go: the
+    bystander pair (ping, echo) and the victim never share a core unless there is only one;
+    the host keeps the first. With 2 cores the bystanders share the second and the victim
+    shares the host's; with 4 or more, nobody shares."""
+    host = cpus[0]
+    if len(cpus) >= 4:
+        return {"host": host, "ping": cpus[-1], "echo": cpus[-2], "victim": cpus[1]}
+    if len(cpus) == 3:
+        return {"host": host, "ping": cpus[2], "echo": cpus[1], "victim": cpus[0]}
+    return {"host": host, "ping": cpus[-1], "echo": cpus[-1], "victim": cpus[0]}
+
+
+def _one_kind(m: Machine, kind: str, where: dict[str, int], n: int) -> dict[str, Any]:
     echo = m.show("bystander")
-    base = summary(_ping(m, a, echo["id"], n))
-    m.create("victim", cpus=[b], memory="4M", watchdog=1.0)
+    base = summary(_ping(m, where["ping"], echo["id"], n))
+    m.create("victim", cpus=[where["victim"]], memory="4M", watchdog=1.0)
     try:
         m.load("victim", "kernels.echo:EchoKernel", "mk_heap=64M")
         m.exec("victim")
@@ -75,7 +88,7 @@ def _one_kind(m: Machine, kind: str, cpus: list[int], n: int) -> dict[str, Any]:
         elif kind == "cpu-hog":
             opts = {"seconds": 3.0}
         m.fault("victim", kind, **opts)
-        during = summary(_ping(m, a, echo["id"], n))
+        during = summary(_ping(m, where["ping"], echo["id"], n))
         deadline = time.monotonic() + 5           # let the victim's fate settle (watchdog etc.)
         while m.show("victim")["state"] == "active" and kind in ("hang-stop", "hang-spin") \
                 and time.monotonic() < deadline:
@@ -99,6 +112,7 @@ def _one_kind(m: Machine, kind: str, cpus: list[int], n: int) -> dict[str, Any]:
 
 def run(n: int = 2000, kinds: tuple[str, ...] = KINDS, progress: bool = False) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
+    where = placement(cpus)
     results = []
     for protection in (True, False):
         todo = kinds if protection else tuple(k for k in kinds if k == "wild-write")
@@ -106,24 +120,27 @@ def run(n: int = 2000, kinds: tuple[str, ...] = KINDS, progress: bool = False) -
             continue
         with Machine(cpus=cpus, host_cpus=[cpus[0]], oversubscribe=True, memory="256M",
                      kill_timeout=5.0, protection=protection) as m:
-            m.create("bystander", cpus=[cpus[-1]], memory="4M")
+            m.create("bystander", cpus=[where["echo"]], memory="4M")
             m.load("bystander", "kernels.echo:EchoKernel")
             m.exec("bystander")
             for kind in todo:
                 if progress:
                     print(f"\rbench isolation: {kind}{'' if protection else ' (unprotected)'}   ",
                           end="", file=sys.stderr, flush=True)
-                results.append(_one_kind(m, kind, cpus, n))
+                results.append(_one_kind(m, kind, where, n))
     if progress:
         print(file=sys.stderr)
     return {"benchmark": "isolation", "round_trips": n, "environment": environment(),
-            "oversubscribed": True, "p99_limit": P99_LIMIT, "kinds": results,
+            "oversubscribed": True, "placement": where, "p99_limit": P99_LIMIT, "kinds": results,
             "all_ok": all(r["ok"] for r in results)}
 
 
 def render(res: dict[str, Any]) -> str:
+    w = res["placement"]
     lines = [f"isolation: bystander round trips ({res['round_trips']} per measurement) while a "
-             "fault hits a victim sharing its core (oversubscribed, 2-core machine)",
+             f"fault hits a victim; CPUs: host {w['host']}, bystander ping {w['ping']}, "
+             f"bystander echo {w['echo']}, victim {w['victim']}"
+             + (" (oversubscribed: shared where equal)" if len(set(w.values())) < 4 else ""),
              f"machine: {environment_line(res['environment'])}",
              "{:<24}{:>10}{:>10}{:>10}{:>10}{:>9}{:>8}{:>6}".format(
                  "fault", "base p50", "base p99", "p50 us", "p99 us", "p99 x", "intact", "ok")]
