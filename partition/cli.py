@@ -311,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mkctl {a.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (mkctl ... | head): stop quietly, as a pipe tool does; whatever
+        # ran has already been torn down by its own finally clauses
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13     # as if killed by SIGPIPE
 
 
 if __name__ == "__main__":

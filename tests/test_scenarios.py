@@ -231,3 +231,16 @@ def test_ctrl_c_tears_down(tmp_path):
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert arenas() == before
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="0.5s", expect='"a.state == \'active\'"').replace(
+        'at = "0.3s"', 'at = "0.2s"'))
+    p = subprocess.Popen(MKCTL + ["run", str(f), "--quiet"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                        # the reader goes away (mkctl run ... | head -0)
+    err = p.stderr.read()
+    p.stderr.close()
+    assert p.wait(timeout=60) == 141        # 128 + SIGPIPE, like any pipe tool
+    assert "Traceback" not in err
