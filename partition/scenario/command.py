@@ -5,6 +5,7 @@ scenario is refused before anything boots."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -39,11 +40,8 @@ def main(a: argparse.Namespace) -> int:
     path = a.file or default_scenario()
     problems = [p for p in (_check_output(a.report, "--report"), _check_output(a.plot, "--plot"))
                 if p]
-    if a.plot:
-        try:
-            import matplotlib  # noqa: F401  (checked before the run, not after it)
-        except ImportError:
-            problems.append("--plot needs matplotlib: pip install -e '.[plot]'")
+    if a.plot and importlib.util.find_spec("matplotlib") is None:   # before the run, not after
+        problems.append("--plot needs matplotlib: pip install -e '.[plot]'")
     if problems:
         for p in problems:
             print(f"mkctl run: error: {p}", file=sys.stderr)
