@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG of latency over time here "
                                                 "(needs matplotlib: pip install -e '.[plot]')")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--duration", default=None,
+                   help="override [scenario] duration, e.g. 30s (checked like the file's)")
+    p.add_argument("--seed", type=int, default=None, help="override [scenario] seed")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("demo", parents=[common], help="the built-in default demonstration")

@@ -244,3 +244,20 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     p.stderr.close()
     assert p.wait(timeout=60) == 141        # 128 + SIGPIPE, like any pipe tool
     assert "Traceback" not in err
+
+
+def test_duration_and_seed_overrides_are_checked_like_the_file(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SHORT.format(duration="5s", expect='"a.restarts == 1"'))
+    rep = tmp_path / "r.json"
+    p = subprocess.run(MKCTL + ["run", str(f), "--duration", "1s", "--seed", "7", "--quiet",
+                                "--report", str(rep)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads(rep.read_text())
+    assert data["scenario"]["duration_s"] == 1.0 and data["scenario"]["seed"] == 7
+    assert data["elapsed_s"] < 3
+    p = subprocess.run(MKCTL + ["run", str(f), "--duration", "0.2s", "--quiet"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2                       # the fault at 0.3 s no longer fits the run
+    assert "is not before the end of the run (0.2s)" in p.stderr
+    assert "checked with --duration 0.2s" in p.stderr

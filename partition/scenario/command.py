@@ -46,10 +46,14 @@ def main(a: argparse.Namespace) -> int:
         for p in problems:
             print(f"mkctl run: error: {p}", file=sys.stderr)
         return EXIT_INVALID
+    overrides = {k: v for k, v in (("duration", a.duration), ("seed", a.seed)) if v is not None}
     try:
-        sc = load(path)
+        sc = load(path, overrides)
     except ScenarioInvalid as exc:
-        print(f"mkctl run: invalid scenario {exc}", file=sys.stderr)
+        given = ", ".join(f"--{k} {v}" for k, v in overrides.items())
+        print(f"mkctl run: invalid scenario {exc}"
+              + (f"\n  (checked with {given} from the command line)" if given else ""),
+              file=sys.stderr)
         return EXIT_INVALID
     as_json = getattr(a, "format", "text") == "json"
     progress = None if a.quiet else Progress(sys.stderr)

@@ -296,8 +296,10 @@ class _Checker:
         return out
 
 
-def load(path: str) -> Scenario:
-    """Read and check a scenario file; ScenarioInvalid lists every problem."""
+def load(path: str, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read and check a scenario file; ScenarioInvalid lists every problem. ``overrides``
+    replace ``[scenario]`` keys (duration, seed) *before* the check, so that every rule (a
+    fault must come before the end, types, ranges) holds for the values actually used."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -307,6 +309,10 @@ def load(path: str) -> Scenario:
         raise ScenarioInvalid(path, [f"not valid TOML: {exc}"]) from None
     except OSError as exc:
         raise ScenarioInvalid(path, [f"cannot read it: {exc.strerror}"]) from None
+    if overrides:
+        table = doc.get("scenario")
+        if isinstance(table, dict):
+            table.update(overrides)
     return check(doc, path)
 
 
