@@ -312,6 +312,11 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     char *base = (char *)buf.buf;
     __atomic_store_n((uint32_t *)(base + IDLE), 1, __ATOMIC_SEQ_CST);
+    /* re-arm the doorbell: a sender may have set ``signalled`` after our last drain had
+     * already taken its message; left set, it would keep every later sender from ringing
+     * while we sleep. From here on a sender either finds it clear and rings, or published
+     * before this store, and then the look below sees its message. */
+    __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
     uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
     int pending = 0;
     if (t != __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE)) {

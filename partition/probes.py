@@ -14,7 +14,7 @@ Message types (emulator inventions, in the 0x3Fxx block next to MK_EMU_FAULT):
 - ``MK_EMU_PROBE_PING`` (source -> target, request): bytes; the response is the same bytes.
 - ``MK_EMU_PROBE_DATA`` (source -> target): ``[probe id, bytes]``; the target counts it.
 - ``MK_EMU_PROBE_REPORT`` (agent -> host): ``{"p": id, "t": send times, "r": round trips,
-  "sent": n, "lost": n, "recv": {id: n}, "at": ns}``; ``t`` is packed u64 CLOCK_MONOTONIC ns, ``r`` packed
+  "sent": n, "lost": n, "why": {errno: n}, "recv": {id: n}, "at": ns}``; ``t`` is packed u64 CLOCK_MONOTONIC ns, ``r`` packed
   u32 ns, each a delta since the previous report (the host checks every field: a report is
   written by a possibly faulty instance).
 - ``MK_EMU_PROBE_FLUSH`` (host -> agent, request): stop every probe, send what is pending,
@@ -86,6 +86,7 @@ class _Probe:
         self.r = array("I")
         self.sent = 0
         self.lost = 0
+        self.why: dict[int, int] = {}      # errno -> messages lost for that reason
         self.errors_until = 0     # back off after a refused send instead of spinning on it
 
 
@@ -181,6 +182,7 @@ class ProbeAgent:
             except RingError as exc:
                 p.sent += 1
                 p.lost += 1
+                p.why[exc.errno] = p.why.get(exc.errno, 0) + 1
                 if exc.errno != errno.ETIMEDOUT:
                     p.errors_until = time.monotonic_ns() + 1_000_000
                 return
@@ -196,6 +198,7 @@ class ProbeAgent:
                     return
                 p.sent += 1
                 p.lost += 1
+                p.why[exc.errno] = p.why.get(exc.errno, 0) + 1
                 p.errors_until = time.monotonic_ns() + 1_000_000
                 return
             p.sent += 1                 # streams report counts per period, not per message
@@ -205,12 +208,14 @@ class ProbeAgent:
     def _send_report(self, p: _Probe) -> bool:
         n = min(len(p.r), BATCH_SAMPLES)
         payload = {"p": p.spec.id, "at": time.monotonic_ns(), "t": p.t[:n].tobytes(),
-                   "r": p.r[:n].tobytes(), "sent": p.sent, "lost": p.lost, "recv": {}}
+                   "r": p.r[:n].tobytes(), "sent": p.sent, "lost": p.lost, "recv": {},
+                   "why": dict(p.why)}
         if not self._report(payload):
             return False
         del p.t[:n]
         del p.r[:n]
         p.sent = p.lost = 0
+        p.why.clear()
         return True
 
     def _send_received(self) -> bool:

@@ -260,6 +260,7 @@ class Ring:
         if _fast is not None:
             return _fast.idle_enter(self.buf, self.nslots, self.stride, self.slot_bytes)
         linux.exchange_u64(self.addr + IDLE, 1)      # IDLE's u32 and the unused one after it
+        linux.exchange_u64(self.addr + SIGNALED, 0)  # re-arm the doorbell (see _fastring.c)
         return self.pending()
 
     def idle_leave(self) -> None:

@@ -172,3 +172,13 @@ def test_a_bound_sender_answers_like_send_without_raising(rg):
     assert ei.value.errno == errno.ENOSPC
     assert struct.unpack_from("<Q", counters, 8)[0] == 7     # refused sends are not counted
     assert drain_all(rg)[0] == (0x4000, 3, 9, b"one")
+
+
+def test_a_stale_doorbell_flag_does_not_silence_the_next_sender(rg):
+    """A sender that set ``signalled`` after the drain took its message must not keep the next
+    sender from ringing a receiver that has gone to sleep since."""
+    rg.send(0, 0, 1, b"a")                    # rings (flag set)
+    drain_all(rg)                             # flag cleared, message taken
+    linux.exchange_u64(rg.addr + ring.SIGNALED, 1)    # a late sender's flag, its message gone
+    assert rg.idle_enter() is False           # nothing waits: the receiver sleeps ...
+    assert rg.send(0, 0, 1, b"b") == ring.DOORBELL_WAKE   # ... and the next sender wakes it

@@ -62,6 +62,8 @@ def test_quickstart_measures_what_it_claims(run_scenario):
     r = run_scenario(os.path.join(ROOT, "scenarios", "quickstart.toml"))
     rtt = r.metrics["rtt"]
     assert rtt["sent"] > 1000 and rtt["received"] == rtt["sent"] - rtt["lost"]
+    assert sum(rtt["lost_why"].values()) == rtt["lost"]      # every loss has its reason
+    assert set(rtt["lost_why"]) <= {"ESRCH", "ETIMEDOUT"}   # the server was down, or silent
     assert rtt["baseline_samples"] > 500
     assert 0 < rtt["p50_us"] <= rtt["p99_us"] <= rtt["max_us"]
     kinds = [e["event"] for e in r.timeline]

@@ -8,6 +8,7 @@ counted in ``bad_reports`` and dropped whole.
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from array import array
@@ -35,6 +36,7 @@ class ProbeRecord:
     r: array = field(default_factory=lambda: array("I"))    # round trips, ns
     sent: int = 0
     lost: int = 0
+    lost_why: dict[str, int] = field(default_factory=dict)   # errno name -> lost for it
     received: int = 0
     throughput: list[tuple[int, int]] = field(default_factory=list)   # (at ns, sent in period)
     started_ns: int | None = None
@@ -51,7 +53,7 @@ class ProbeRecord:
         rt = self.round_trips_us()
         span_s = ((self.stopped_ns or 0) - (self.started_ns or 0)) / 1e9
         out: dict[str, Any] = {
-            "sent": self.sent, "lost": self.lost,
+            "sent": self.sent, "lost": self.lost, "lost_why": dict(self.lost_why),
             "received": self.received if self.kind == "stream" else len(self.r),
         }
         if self.kind == "ping":
@@ -140,6 +142,11 @@ class Collector:
         for v in (sent, lost):
             if not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
                 return f"count {v!r} out of range"
+        why = p.get("why", {})
+        if not isinstance(why, dict) or not all(
+                isinstance(k, int) and isinstance(n, int) and 0 <= n for k, n in why.items()) \
+                or sum(why.values()) > lost:
+            return "loss reasons are malformed"
         ts, rs = array("Q"), array("I")
         ts.frombytes(t)
         rs.frombytes(r)
@@ -152,6 +159,9 @@ class Collector:
         rec.r.extend(rs)
         rec.sent += sent
         rec.lost += lost
+        for code, n in why.items():
+            name = errno.errorcode.get(code, str(code))
+            rec.lost_why[name] = rec.lost_why.get(name, 0) + n
         at = p.get("at")
         if isinstance(at, int) and rec.kind == "stream":
             rec.throughput.append((at, sent))

@@ -91,6 +91,11 @@ def summary(result: RunResult) -> str:
                          _v(v["lost"]), _v(v["msgs_per_s"]), _v(v["p50_us"]), _v(v["p99_us"]),
                          _v(v["max_us"]), _v(v["baseline_p50_us"]), _v(v["baseline_p99_us"])])
         out += [""] + _table(rows)
+        for p in sc.probes:
+            why = mt[p["name"]].get("lost_why") or {}
+            if why:     # ETIMEDOUT: no answer in time; ESRCH: the target was not active;
+                out.append(f"  {p['name']} lost: " + ", ".join(   # ENOSPC: its ring was full
+                    f"{n} {code}" for code, n in sorted(why.items())))
     if sc.faults:
         rows = [["fault", "kind", "target", "at s", "detected", "detect ms", "recover ms",
                  "recorded as"]]
