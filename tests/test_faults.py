@@ -218,9 +218,12 @@ def test_restart_scrubs_the_partition_unless_preserved(machine):
         machine.fault(name, "kill")
         wait_until(machine, lambda: machine.show(name)["counters"]["restarts"] == 1
                    and machine.show(name)["state"] == "active")
-        wait_until(machine, lambda: "resuming at count" in machine.console(name).splitlines()[-1]
-                   or "count=" in machine.console(name).splitlines()[-1])
-        boots = [l for l in machine.console(name).splitlines() if "resuming at count" in l]
+        # active means the boot CPU answered; boot() prints after that: wait for the second
+        # run's own line, not the first run's
+        def boot_lines():
+            return [l for l in machine.console(name).splitlines() if "resuming at count" in l]
+        wait_until(machine, lambda: len(boot_lines()) >= 2)
+        boots = boot_lines()
         resumed = int(boots[-1].rsplit(" ", 1)[1])
         assert (resumed >= 20) if preserve else (resumed == 0), (preserve, boots)
         machine.kill(name, force=True)

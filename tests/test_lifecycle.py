@@ -116,7 +116,10 @@ def test_partition_survives_reboot_and_delete_scrubs(machine):
     machine.kill("c")
     n = read_count(machine.read_memory("c", 0, 24))
     assert n >= 5
-    machine.exec("c")
+    machine.exec("c")     # returns once the boot CPU answered; boot() prints just after
+    deadline = time.monotonic() + 10
+    while f"resuming at count {n}" not in machine.console("c") and time.monotonic() < deadline:
+        machine.poll(0.01)
     assert f"resuming at count {n}" in machine.console("c")
     machine.kill("c", force=True)
     machine.unload("c")
