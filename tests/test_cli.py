@@ -63,7 +63,10 @@ def test_full_session(run_dir):
     pool = show(run_dir)["pool"]
     assert set(pool) >= {"cpus", "cpus_available", "memory_bytes", "memory_available"}
     assert pool["memory_available"] == 240 * 2**20
-    time.sleep(0.05)
+    deadline = time.monotonic() + 10     # boot() has printed (it runs after the boot answer)
+    while "counter kernel: boot 1" not in mk(run_dir, "console", "a").stdout:
+        assert time.monotonic() < deadline, "the kernel's boot line never came"
+        time.sleep(0.02)
     # death from outside is noticed by the daemon by itself, no command needed
     os.kill(a["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 5
