@@ -53,7 +53,8 @@ def arenas():
 def test_shipped_scenario_passes(run_scenario, name):
     r = run_scenario(os.path.join(ROOT, "scenarios", name + ".toml"))
     failed = [f"{e.text}: {e.detail}" for e in r.expectations if not e.passed]
-    assert r.passed and not failed, failed
+    why = {n: m["lost_why"] for n, m in r.metrics.items() if m.get("lost_why")}
+    assert r.passed and not failed, (failed, "losses by reason:", why)
     assert r.machine["oversubscribe"] is True          # the mode is stated, not implied
     assert not r.bad_reports
 
