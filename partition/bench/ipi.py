@@ -117,9 +117,10 @@ def raw_eventfd(a: int, b: int, n: int) -> list[float]:
 
 
 # -- the emulator --------------------------------------------------------------------------
-def _wait_done(m: Machine, name: str, timeout: float) -> tuple[int, float]:
-    # Quiet while it measures: the host shares CPU 0 with an instance, so it only looks at
-    # the result word and the instance's state (no snapshot, no view files) every 0.2 s.
+def wait_done(m: Machine, name: str, timeout: float, period: float = 0.2) -> tuple[int, float]:
+    """Wait for an echo kernel's results: (count, elapsed). Quiet while it measures: the host
+    shares a CPU with an instance, so it only looks at the result word and the instance's
+    state (no snapshot, no view files) every ``period`` seconds."""
     deadline = time.monotonic() + timeout
     inst = m.instances[name]
     while True:
@@ -131,7 +132,7 @@ def _wait_done(m: Machine, name: str, timeout: float) -> tuple[int, float]:
             raise RuntimeError(f"{name} stopped: {d['last_exit']}; console:\n{m.console(name)[-1500:]}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not finish in {timeout:g} s")
-        m.poll(0.2)
+        m.poll(period)
 
 
 def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: int) -> dict[str, Any]:
@@ -144,7 +145,7 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
         m.load("ping", "kernels.echo:EchoKernel",
                f"role=ping target={echo['id']} count={n} size={size} mk_mode={mode}")
         m.exec("ping")
-        count, _ = _wait_done(m, "ping", 120)
+        count, _ = wait_done(m, "ping", 120)
         raw = m.read_memory("ping", RESULTS.size, 8 * count)
         rtts = list(struct.unpack(f"<{count}d", raw))
         m.kill("ping", force=True)
@@ -154,7 +155,7 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
         m.load("ping", "kernels.echo:EchoKernel",
                f"role=stream target={echo['id']} count={stream} size={size} mk_mode={mode}")
         m.exec("ping")
-        got, elapsed = _wait_done(m, "ping", 300)
+        got, elapsed = wait_done(m, "ping", 300)
         enospc = struct.unpack_from("<d", m.read_memory("ping", RESULTS.size, 8))[0]
     finally:
         for name in ("ping", "echo"):

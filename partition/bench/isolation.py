@@ -22,9 +22,10 @@ import sys
 import time
 from typing import Any
 
-from kernels.echo import RESULTS, read_results
+from kernels.echo import RESULTS
 
 from ..machine import Machine
+from .ipi import wait_done
 from .stats import environment, environment_line, summary
 
 KINDS = ("kill", "panic", "hang-stop", "hang-spin", "wild-write", "ipi-storm", "cpu-hog",
@@ -39,15 +40,7 @@ def _ping(m: Machine, a: int, target: int, n: int) -> list[float]:
     try:
         m.load("probe", "kernels.echo:EchoKernel", f"role=ping target={target} count={n}")
         m.exec("probe")
-        deadline = time.monotonic() + 60
-        inst = m.instances["probe"]
-        while True:             # quietly: no snapshots or view files while the bystanders run
-            done, count, _ = read_results(m.read_memory("probe", 0, RESULTS.size))
-            if done:
-                break
-            if inst.state.value != "active" or time.monotonic() > deadline:
-                raise RuntimeError(f"bystander probe stopped: {m.show('probe')['last_exit']}")
-            m.poll(0.05)
+        count, _ = wait_done(m, "probe", 60, period=0.05)
         raw = m.read_memory("probe", RESULTS.size, 8 * count)
         return list(struct.unpack(f"<{count}d", raw))
     finally:
