@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", type=int, default=100_000, help="ipi: one-way messages to stream")
     p.add_argument("--quick", action="store_true", help="ipi: allow fewer round trips (smoke run)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="ipi: interleaved repeats, medians reported (default 3; 1 with --quick)")
+                   help="ipi, isolation: interleaved repeats, medians reported "
+                        "(default 3; ipi: 1 with --quick)")
     p.add_argument("--cpu", type=int, default=None, help="CPU to boot on (default: last pool CPU)")
     p.set_defaults(fn=cmd_bench)
 

@@ -201,9 +201,13 @@ class Kernel:
         except BlockingIOError:
             pass
         ring = self.ring if self.ctx.rings is not None else None
-        if ring is not None and ring.idle_enter():  # halted: senders write our eventfd; a
-            ring.idle_leave()                       # message already there: no sleep
-            return True
+        if ring is not None:        # halted: senders write our eventfd from here on
+            waiting, unmask_ms = ring.idle_enter()
+            if waiting:             # a message already there: no sleep
+                ring.idle_leave()
+                return True
+            if unmask_ms >= 0:      # a masked sender's leftovers: be up when its mask ends
+                t = min(t, unmask_ms / 1000.0)
         if self._hlt is None:
             self._hlt = select.poll()
             self._hlt.register(fd, select.POLLIN)

@@ -126,6 +126,9 @@ _cas8.restype = ctypes.c_bool
 _xchg8 = _libatomic.__atomic_exchange_8
 _xchg8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
 _xchg8.restype = ctypes.c_uint64
+_add8 = _libatomic.__atomic_fetch_add_8
+_add8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+_add8.restype = ctypes.c_uint64
 _SEQ_CST = 5
 _expected = ctypes.c_uint64(0)
 _expected_addr = ctypes.addressof(_expected)
@@ -135,6 +138,11 @@ def cas_u64(address: int, expected: int, desired: int) -> bool:
     """Atomically: if *address == expected, store desired and return True (a full barrier)."""
     _expected.value = expected
     return bool(_cas8(address, _expected_addr, desired, _SEQ_CST, _SEQ_CST))
+
+
+def add_u64(address: int, value: int) -> int:
+    """Atomic add (a counter several processes bump); returns the previous value."""
+    return int(_add8(address, value, _SEQ_CST))
 
 
 def exchange_u64(address: int, value: int) -> int:

@@ -79,8 +79,11 @@ def test_recovery_bench_shape():
 
 def test_isolation_bench_shape():
     from partition.bench import isolation
-    res = isolation.run(n=50, kinds=("kill", "wild-write"))
+    res = isolation.run(n=50, kinds=("kill", "wild-write"), repeats=2)
     kinds = {r["kind"]: r for r in res["kinds"]}
+    assert all(r["repeats"] == 2 and len(r["runs"]) == 2 for r in res["kinds"])
+    lo, hi = kinds["kill"]["p99_ratio_range"]
+    assert lo <= kinds["kill"]["p99_ratio"] <= hi
     assert set(kinds) == {"kill", "wild-write", "wild-write-unprotected"}
     assert kinds["wild-write"]["bytes_intact"] is True           # protection: the offender faulted
     assert kinds["wild-write-unprotected"]["bytes_intact"] is False

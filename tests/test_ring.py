@@ -136,10 +136,11 @@ def test_one_doorbell_per_drain(rg):
     assert rg.send(0, 0, 1, b"b") == ring.DOORBELL_NONE        # already rung, not yet drained
     assert len(drain_all(rg)) == 2
     assert rg.send(0, 0, 1, b"c") == ring.DOORBELL_SIGNAL      # the drain re-armed it
+    assert rg.counters()["doorbells"] == 2                     # rung twice, not three times
     drain_all(rg)
-    assert rg.idle_enter() is False                            # nothing waits: it may sleep
+    assert rg.idle_enter() == (False, -1)                      # nothing waits: it may sleep
     assert rg.send(0, 0, 1, b"d") == ring.DOORBELL_WAKE        # it sleeps: write its eventfd
-    assert rg.idle_enter() is True                             # something waits: do not sleep
+    assert rg.idle_enter() == (True, -1)                       # something waits: do not sleep
     rg.idle_leave()
     drain_all(rg)
     rg.set_polling(True)
@@ -180,5 +181,101 @@ def test_a_stale_doorbell_flag_does_not_silence_the_next_sender(rg):
     rg.send(0, 0, 1, b"a")                    # rings (flag set)
     drain_all(rg)                             # flag cleared, message taken
     linux.exchange_u64(rg.addr + ring.SIGNALED, 1)    # a late sender's flag, its message gone
-    assert rg.idle_enter() is False           # nothing waits: the receiver sleeps ...
+    assert rg.idle_enter() == (False, -1)     # nothing waits: the receiver sleeps ...
     assert rg.send(0, 0, 1, b"b") == ring.DOORBELL_WAKE   # ... and the next sender wakes it
+
+
+@pytest.fixture
+def big(impl):
+    lay = L.ArenaLayout(pool_bytes=4 << 20, console_bytes=4096, ring_slots=64, ring_slot_bytes=64)
+    area = mmap.mmap(-1, lay.ring_area_bytes)
+    view = memoryview(area)
+    r = Ring(view, linux.buffer_address(area), lay, 1)
+    yield r
+    r.buf.release()
+    view.release()
+    area.close()
+
+
+HANDLES_TYPE_1 = bytes([0b10]) + bytes(8191)
+
+
+def drain_handled(r):
+    got = []
+    r.drain(lambda t, s, c, p: got.append((t, s, c, p)) or True, 64, handled=HANDLES_TYPE_1)
+    return got
+
+
+def test_a_flood_of_unhandled_messages_masks_only_its_senders_doorbell(big):
+    """Linux disables an IRQ line that keeps firing for nobody; here a drain that drops
+    MUTE_AFTER unhandled messages from one sender masks that sender's doorbell for MUTE_MS."""
+    for _ in range(ring.MUTE_AFTER):
+        big.send(5, 0, 99, b"junk")
+    big.send(3, 0, 1, b"legit")
+    assert drain_handled(big) == [(1, 3, 0, b"legit")]
+    assert [s for s, _ in big.mutes()] == [5]
+    waiting, unmask_ms = big.idle_enter()
+    assert not waiting and 0 < unmask_ms <= ring.MUTE_MS
+    assert big.send(5, 0, 99, b"junk") == ring.DOORBELL_NONE   # masked: no wake-up ...
+    assert big.idle_enter()[0] is False                         # ... and no reason to stay up
+    assert big.send(3, 0, 1, b"legit") == ring.DOORBELL_WAKE    # others still ring
+    assert big.idle_enter()[0] is True
+    big.idle_leave()
+    c = big.counters()
+    assert c["doorbells_muted"] == 1
+    with pytest.raises(RingError) as ei:                        # a masked sender's share is
+        big.send(5, 0, 99, b"junk")                             # one slot
+    assert ei.value.errno == errno.ENOSPC
+    assert big.send(3, 0, 1, b"more") == ring.DOORBELL_SIGNAL   # others keep their share
+    assert drain_handled(big) == [(1, 3, 0, b"legit"), (1, 3, 0, b"more")]
+    assert big.counters()["dropped_unknown_type"] == ring.MUTE_AFTER + 1
+
+
+def test_a_few_unhandled_messages_do_not_mask_and_a_mask_ends(big):
+    for _ in range(ring.MUTE_AFTER - 1):
+        big.send(5, 0, 99, b"junk")
+    drain_handled(big)
+    assert big.mutes() == []
+    assert big.send(5, 0, 99, b"junk") != ring.DOORBELL_NONE    # it still rings
+    for _ in range(ring.MUTE_AFTER):
+        big.send(5, 0, 99, b"junk")
+    drain_handled(big)
+    assert [s for s, _ in big.mutes()] == [5]
+    import time
+    time.sleep(ring.MUTE_MS / 1000 + 0.005)
+    assert big.idle_enter() == (False, -1)                      # expired: nothing to wake for
+    assert big.mutes() == []
+    assert big.send(5, 0, 99, b"junk") == ring.DOORBELL_WAKE    # its doorbell is back
+
+
+def test_a_slow_flood_is_masked_too(big):
+    """One junk message per drain (a flood that wakes its receiver for every message) is
+    tallied across drains: MUTE_AFTER within MUTE_MS mask the sender."""
+    for attempt in range(5):          # a preemption of MUTE_MS in the loop restarts the tally
+        for _ in range(ring.MUTE_AFTER):
+            big.send(9, 0, 99, b"junk")
+            drain_handled(big)
+        if big.mutes():
+            break
+    assert [s for s, _ in big.mutes()] == [9]
+
+
+def test_a_mask_is_renewed_while_the_flood_goes_on(big):
+    """A masked sender's share is small, so any junk it still sends renews its mask."""
+    for _ in range(ring.MUTE_AFTER):
+        big.send(7, 0, 99, b"junk")
+    drain_handled(big)
+    struct.pack_into("<I", big.buf, ring.MUTED_UNTIL, (ring._now_ms() + 1) & 0xFFFFFFFF)
+    assert big.mutes()[0][1] <= 1                               # about to end ...
+    big.send(7, 0, 99, b"junk")
+    drain_handled(big)
+    assert big.mutes()[0][0] == 7 and big.mutes()[0][1] > 1     # ... renewed by more junk
+    assert big.counters()["dropped_unknown_type"] == ring.MUTE_AFTER + 1
+
+
+def test_garbage_in_the_mask_table_is_ignored(big):
+    """The table is in shared memory: a mask with a time we never wrote ends at once."""
+    struct.pack_into("<H", big.buf, ring.MUTED, 6)
+    struct.pack_into("<I", big.buf, ring.MUTED_UNTIL, 0x7FFFFFFF)
+    assert big.idle_enter() == (False, -1)
+    assert big.mutes() == []

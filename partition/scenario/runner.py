@@ -354,6 +354,8 @@ class Runner:
                 "ipi_dropped": sum(d["counters"][k] for k in (
                     "ipi_dropped_bad_size", "ipi_dropped_unknown_type", "ipi_dropped_abandoned")),
                 "ipi_ring_full": d["counters"]["ipi_ring_full"],
+                "ipi_doorbells": d["counters"]["ipi_doorbells"],
+                "ipi_doorbells_masked": d["counters"]["ipi_doorbells_masked"],
                 "cpus": d["cpus"], "shared_cpus": d["shared_cpus"],
             }
         first_fault = min((f["mono"] for f in self.fired.values() if "mono" in f), default=None)
