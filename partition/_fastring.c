@@ -26,12 +26,15 @@
 #define IDLE 176                /* u32: the receiver sleeps on its eventfd */
 #define SIGNALED 184            /* u64: a doorbell was rung since the receiver's last drain */
 #define DOORBELLS (COUNTERS + 32) /* u64: doorbells rung at this receiver (senders, atomic) */
-#define MUTED 200               /* u16 x NMUTE: senders (id + 1) whose doorbell is masked */
-#define MUTED_UNTIL 216         /* u32 x NMUTE: CLOCK_MONOTONIC ms (low 32 bits) it ends */
-#define DOORBELLS_MUTED 248     /* u64: doorbells a masked sender did not ring (atomic) */
-#define NMUTE 8
-#define MUTE_AFTER 16           /* unhandled messages from one sender in one drain */
-#define MUTE_MS 10              /* how long its doorbell stays masked */
+#define FILTERS 200             /* NFILTER x 16 bytes: drop filters the receiver set */
+#define F_SENDER 0              /*   u16 sender id + 1 (0: free entry) */
+#define F_TYPE 4                /*   u32 the type it sends that nobody here handles */
+#define F_UNTIL 8               /*   u32 CLOCK_MONOTONIC ms (low 32 bits) it lapses */
+#define F_HITS 12               /*   u32 messages it dropped since the receiver last looked */
+#define DROPPED_FILTERED 248    /* u64: messages the filters dropped at their senders */
+#define NFILTER 3
+#define FILTER_AFTER 16         /* unhandled (sender, type) messages within FILTER_MS */
+#define FILTER_MS 10            /* a filter lapses this long after the flood stops */
 #define S_CPU 0
 #define S_TYPE 8
 #define S_SENDER 12
@@ -62,11 +65,14 @@ static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, ui
     return 0;
 }
 
-/* Doorbell masking (an emulator invention, after Linux's spurious-interrupt detector, which
- * disables an IRQ line that keeps firing for nobody): a receiver whose drain drops MUTE_AFTER
- * or more unhandled messages from one sender masks that sender's doorbell for MUTE_MS. The
- * sender's messages still go into the ring (its fair share bounds them) and are consumed at the
- * receiver's next drain; they just no longer wake it or interrupt it. */
+/* Drop filters (an emulator invention, after Linux's spurious-interrupt detector, which
+ * disables an IRQ line that keeps firing for nobody, and a NIC's receive filters): a receiver
+ * that drops FILTER_AFTER messages of one type from one sender within FILTER_MS, unhandled,
+ * sets a filter for that (sender, type) in its ring header. While the filter is in force that
+ * sender's messages of that type are dropped inside its own send, counted here, and never
+ * touch a slot, the doorbell or ``signalled``: a flood of junk costs its receiver nothing.
+ * Renewed while the flood goes on (the receiver sees the filter's hits), it lapses FILTER_MS
+ * after the flood stops; its other types go through as before. */
 static uint32_t now_ms(void)
 {
     struct timespec ts;
@@ -74,88 +80,100 @@ static uint32_t now_ms(void)
     return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
 }
 
-static int is_muted(const char *base, uint32_t tag)
+static inline char *filter_at(char *base, int i)
 {
-    const volatile uint16_t *muted = (const volatile uint16_t *)(base + MUTED);
-    for (int i = 0; i < NMUTE; i++)
-        if (muted[i] == tag)
+    return base + FILTERS + 16 * i;
+}
+
+static inline int any_filter(const char *base)
+{
+    for (int i = 0; i < NFILTER; i++)
+        if (*(volatile uint16_t *)(base + FILTERS + 16 * i + F_SENDER))
             return 1;
     return 0;
 }
 
-/* receiver: end the masks whose time is up; returns ms until the next one ends, -1: none */
-static long expire_mutes(char *base, uint32_t now)
+/* sender: is (tag, type) filtered here? Then count the drop, there and in the total. */
+static int filtered(char *base, uint32_t tag, uint32_t type)
 {
-    volatile uint16_t *muted = (volatile uint16_t *)(base + MUTED);
-    volatile uint32_t *until = (volatile uint32_t *)(base + MUTED_UNTIL);
-    long next = -1;
-    for (int i = 0; i < NMUTE; i++) {
-        if (muted[i] == 0)
-            continue;
-        int32_t left = (int32_t)(until[i] - now);
-        if (left <= 0 || left > 100 * MUTE_MS) {    /* over, or a time we never wrote */
-            muted[i] = 0;
-            continue;
+    for (int i = 0; i < NFILTER; i++) {
+        char *f = filter_at(base, i);
+        if (*(volatile uint16_t *)(f + F_SENDER) == tag && *(volatile uint32_t *)(f + F_TYPE) == type) {
+            __atomic_fetch_add((uint32_t *)(f + F_HITS), 1, __ATOMIC_RELAXED);
+            __atomic_fetch_add((uint64_t *)(base + DROPPED_FILTERED), 1, __ATOMIC_RELAXED);
+            return 1;
         }
-        if (next < 0 || left < next)
-            next = left;
     }
-    return next;
+    return 0;
 }
 
-/* receiver: mask ``tag`` (sender id + 1) from now for MUTE_MS; full table: not masked */
-static void mute(char *base, uint32_t tag, uint32_t now)
+/* receiver: renew the filters that dropped something since the last look, clear those whose
+ * time is up (or whose time is one we never wrote: the header is shared memory) */
+static void review_filters(char *base, uint32_t now)
 {
-    volatile uint16_t *muted = (volatile uint16_t *)(base + MUTED);
-    volatile uint32_t *until = (volatile uint32_t *)(base + MUTED_UNTIL);
-    int free_at = -1;
-    for (int i = 0; i < NMUTE; i++) {
-        if (muted[i] == tag) {
-            until[i] = now + MUTE_MS;
-            return;
+    for (int i = 0; i < NFILTER; i++) {
+        char *f = filter_at(base, i);
+        if (*(volatile uint16_t *)(f + F_SENDER) == 0)
+            continue;
+        if (__atomic_exchange_n((uint32_t *)(f + F_HITS), 0, __ATOMIC_RELAXED) != 0) {
+            *(volatile uint32_t *)(f + F_UNTIL) = now + FILTER_MS;
+            continue;
         }
-        if (muted[i] == 0 && free_at < 0)
-            free_at = i;
-    }
-    if (free_at >= 0) {
-        until[free_at] = now + MUTE_MS;
-        __atomic_store_n((uint16_t *)(base + MUTED) + free_at, (uint16_t)tag, __ATOMIC_RELEASE);
+        int32_t left = (int32_t)(*(volatile uint32_t *)(f + F_UNTIL) - now);
+        if (left <= 0 || left > 100 * FILTER_MS)
+            __atomic_store_n((uint16_t *)(f + F_SENDER), 0, __ATOMIC_RELEASE);
     }
 }
 
-/* The receiver's private tally of unhandled messages per sender, across drains: a sender is
- * masked once MUTE_AFTER of its messages were dropped within MUTE_MS, however they were split
- * over drains (a slow flood wakes its receiver for every few messages). Private to this
- * process, as a receiver's bookkeeping should be; keyed by ring, since a test may drain
- * several rings in one process. */
+/* receiver: filter (tag, type) from now on; a full table filters nothing more */
+static void add_filter(char *base, uint32_t tag, uint32_t type, uint32_t now)
+{
+    for (int i = 0; i < NFILTER; i++) {
+        char *f = filter_at(base, i);
+        if (*(volatile uint16_t *)(f + F_SENDER) != 0)
+            continue;
+        *(volatile uint32_t *)(f + F_TYPE) = type;
+        *(volatile uint32_t *)(f + F_UNTIL) = now + FILTER_MS;
+        *(volatile uint32_t *)(f + F_HITS) = 0;
+        __atomic_store_n((uint16_t *)(f + F_SENDER), (uint16_t)tag, __ATOMIC_RELEASE);
+        return;
+    }
+}
+
+/* The receiver's private tally of unhandled messages per (sender, type), across drains: a slow
+ * flood wakes its receiver for every few messages, so one drain may never see FILTER_AFTER.
+ * Private to this process, as a receiver's bookkeeping should be; keyed by ring, since a test
+ * may drain several rings in one process. */
 static struct suspect {
     const char *ring;
-    uint32_t tag, n, since;
-} suspects[NMUTE];
+    uint32_t tag, type, n, since;
+} suspects[8];
 
-static int tally(const char *ring, uint32_t tag, uint32_t n, uint32_t now)
+static int tally(const char *ring, uint32_t tag, uint32_t type, uint32_t n, uint32_t now)
 {
-    struct suspect *slot = NULL, *oldest = &suspects[0];
-    for (int i = 0; i < NMUTE; i++) {
-        if (suspects[i].ring == ring && suspects[i].tag == tag) {
-            slot = &suspects[i];
+    struct suspect *slot = NULL, *victim = &suspects[0];
+    for (int i = 0; i < 8; i++) {
+        struct suspect *x = &suspects[i];
+        if (x->ring == ring && x->tag == tag && x->type == type) {
+            slot = x;
             break;
         }
-        if ((int32_t)(suspects[i].since - oldest->since) < 0 || suspects[i].ring == NULL)
-            oldest = &suspects[i];
+        if (x->ring == NULL || (victim->ring != NULL && (int32_t)(x->since - victim->since) < 0))
+            victim = x;
     }
-    if (slot == NULL || (uint32_t)(now - slot->since) > MUTE_MS) {
+    if (slot == NULL || (uint32_t)(now - slot->since) > FILTER_MS) {
         if (slot == NULL)
-            slot = oldest;
+            slot = victim;
         slot->ring = ring;
         slot->tag = tag;
+        slot->type = type;
         slot->n = 0;
         slot->since = now;
     }
     slot->n += n;
-    if (slot->n < MUTE_AFTER)
+    if (slot->n < FILTER_AFTER)
         return 0;
-    slot->ring = NULL;                  /* masked from here on: the tally starts again after */
+    slot->ring = NULL;
     return 1;
 }
 
@@ -209,9 +227,13 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     char *base = (char *)buf.buf;
     uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
+    if (filtered(base, (uint32_t)(sender + 1), (uint32_t)type)) {
+        if (count != NULL)          /* sent, as far as the sender can tell; dropped here */
+            *count += 1;
+        rc = 0;
+        goto out;
+    }
     uint64_t h, share = nslots - nslots / 8;
-    if (is_muted(base, (uint32_t)(sender + 1)))
-        share = 1;                  /* a masked flood keeps one slot */
     for (;;) {
         h = __atomic_load_n(head, __ATOMIC_ACQUIRE);
         uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
@@ -222,10 +244,7 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         if (h - t >= share) {
             /* fair share: one sender may hold at most 7/8 of the slots, so that a flood
              * never leaves the others without room (they get ENOSPC only when several
-             * senders fill the ring together); a sender whose doorbell is masked, one slot,
-             * so that a drain wades through one of its messages at most on the way to
-             * everyone else's (dropping a slot another core wrote is a cache miss or two).
-             * Counting is only needed past the share. */
+             * senders fill the ring together). Counting is only needed past the share. */
             uint64_t mine = 0;
             for (uint64_t k = t; k < h; k++)
                 mine += *(volatile uint32_t *)(base + RING_HEADER_BYTES + (k % nslots) * stride
@@ -254,12 +273,6 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (*(volatile uint8_t *)(base + POLLING))
         rc = 0;
-    else if (is_muted(base, (uint32_t)(sender + 1))) {
-        /* masked: never touch ``signalled`` either, or a masked flood would silence the
-         * doorbells of everyone else */
-        __atomic_fetch_add((uint64_t *)(base + DOORBELLS_MUTED), 1, __ATOMIC_RELAXED);
-        rc = 0;
-    }
     else if (__atomic_exchange_n((uint64_t *)(base + SIGNALED), 1, __ATOMIC_SEQ_CST) != 0)
         rc = 0;
     else {
@@ -304,7 +317,7 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     const uint8_t *bits = filter ? (const uint8_t *)handled.buf : NULL;
     uint64_t nbits = filter ? (uint64_t)handled.len * 8 : 0;
     uint64_t dropped = 0;
-    uint32_t drop_tag[NMUTE] = {0}, drop_n[NMUTE] = {0};   /* dropped per sender, this drain */
+    uint32_t drop_tag[8] = {0}, drop_type[8] = {0}, drop_n[8] = {0};  /* per (sender, type) */
     long limit = PyLong_AsLong(args[4]);
     PyObject *out = (limit < 0 && PyErr_Occurred()) ? NULL : PyList_New(0);
     if (out == NULL) {
@@ -334,9 +347,10 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         uint32_t type = *(volatile uint32_t *)(slot + S_TYPE);
         if (bits != NULL && type < nbits && !(bits[type >> 3] & (1u << (type & 7)))) {
             dropped++;                       /* nobody handles it: it dies in the ring */
-            for (int i = 0; i < NMUTE; i++) {
-                if (drop_tag[i] == sender || drop_tag[i] == 0) {
+            for (int i = 0; i < 8; i++) {
+                if ((drop_tag[i] == sender && drop_type[i] == type) || drop_tag[i] == 0) {
                     drop_tag[i] = sender;
+                    drop_type[i] = type;
                     drop_n[i]++;
                     break;
                 }
@@ -365,14 +379,12 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     if (done == limit)
         more = 1;
-    if (dropped || *(volatile uint64_t *)(base + MUTED) || *(volatile uint64_t *)(base + MUTED + 8)) {
-        /* mask a new flood; renew the mask of a masked sender still sending junk (its share
-         * is small now, so any junk counts); then end the masks whose time is up */
+    if (dropped || any_filter(base)) {
         uint32_t now = now_ms();
-        for (int i = 0; i < NMUTE && drop_tag[i]; i++)
-            if (is_muted(base, drop_tag[i]) || tally(base, drop_tag[i], drop_n[i], now))
-                mute(base, drop_tag[i], now);
-        expire_mutes(base, now);
+        review_filters(base, now);
+        for (int i = 0; i < 8 && drop_tag[i]; i++)
+            if (tally(base, drop_tag[i], drop_type[i], drop_n[i], now))
+                add_filter(base, drop_tag[i], drop_type[i], now);
     }
     /* received counts every well-formed message; dropped_unknown_type is a part of it */
     *(uint64_t *)(base + COUNTERS) += (uint64_t)PyList_GET_SIZE(out) + dropped;
@@ -429,11 +441,9 @@ static PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyBool_FromLong(got);
 }
 
-/* idle_enter(ring, nslots, stride, slot_bytes) -> (pending, wake_ms): announce "idle" with a
- * full barrier, then say whether a published message from a sender whose doorbell is not
- * masked already waits (then do not sleep), and in how many ms the next doorbell mask ends
- * (-1: none): a sleeper must be up by then to consume what the masked sender left. Paired with
- * the barrier in send, no wake-up is lost between the announcement and the sleep. */
+/* idle_enter(ring, nslots, stride, slot_bytes) -> bool: announce "idle" with a full barrier,
+ * then say whether a published message is already waiting (then do not sleep). Paired with the
+ * barrier in send, no wake-up is lost between the announcement and the sleep. */
 static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer buf;
@@ -451,23 +461,14 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
      * while we sleep. From here on a sender either finds it clear and rings, or published
      * before this store, and then the look below sees its message. */
     __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
-    long wake = -1;
-    if (*(volatile uint64_t *)(base + MUTED) || *(volatile uint64_t *)(base + MUTED + 8))
-        wake = expire_mutes(base, now_ms());
     uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
-    uint64_t h = __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE);
     int pending = 0;
-    for (uint64_t k = t; k != h && k - t < nslots; k++) {
-        char *slot = base + RING_HEADER_BYTES + (k % nslots) * stride;
-        if (__atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) == 0)
-            continue;                     /* its sender has yet to publish, then it rings */
-        if (wake < 0 || !is_muted(base, *(volatile uint32_t *)(slot + S_SENDER))) {
-            pending = 1;
-            break;
-        }
+    if (t != __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE)) {
+        char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
+        pending = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
     }
     PyBuffer_Release(&buf);
-    return Py_BuildValue("(Nl)", PyBool_FromLong(pending), wake);
+    return PyBool_FromLong(pending);
 }
 
 static PyMethodDef methods[] = {
@@ -486,11 +487,10 @@ PyMODINIT_FUNC PyInit__fastring(void)
     if (m == NULL)
         return NULL;
     PyObject *layout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
         "HEAD", HEAD, "TAIL", TAIL, "COUNTERS", COUNTERS, "POLLING", POLLING, "IDLE", IDLE,
-        "SIGNALED", SIGNALED, "MUTED", MUTED, "MUTED_UNTIL", MUTED_UNTIL,
-        "DOORBELLS_MUTED", DOORBELLS_MUTED, "NMUTE", NMUTE, "MUTE_AFTER", MUTE_AFTER,
-        "MUTE_MS", MUTE_MS, "S_CPU", S_CPU, "S_TYPE", S_TYPE, "S_SENDER", S_SENDER,
+        "SIGNALED", SIGNALED, "FILTERS", FILTERS, "DROPPED_FILTERED", DROPPED_FILTERED,
+        "NFILTER", NFILTER, "FILTER_AFTER", FILTER_AFTER, "FILTER_MS", FILTER_MS, "S_CPU", S_CPU, "S_TYPE", S_TYPE, "S_SENDER", S_SENDER,
         "S_SIZE", S_SIZE, "S_TICKET", S_TICKET, "RING_HEADER_BYTES", RING_HEADER_BYTES,
         "RING_SLOT_HEADER", SLOT_HEADER);
     if (layout == NULL || PyModule_AddObject(m, "LAYOUT", layout) < 0) {

@@ -109,9 +109,9 @@ class HostIPC:
             self.m.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
             self.drain()
 
-    def masked_senders(self, inst: Instance) -> list[int]:
-        """Senders whose doorbell this instance's ring masks now (a flood of junk)."""
-        return [sender for sender, _ in self.ring_of(inst.id).mutes()]
+    def filters(self, inst: Instance) -> list[dict[str, int]]:
+        """The drop filters this instance's ring has in force (floods of junk)."""
+        return self.ring_of(inst.id).filters()
 
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""
@@ -128,6 +128,6 @@ class HostIPC:
             "ipi_dropped_bad_size": ring["dropped_bad_size"],
             "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
             "ipi_dropped_abandoned": ring["dropped_abandoned"],
-            "ipi_doorbells": ring["doorbells"], "ipi_doorbells_masked": ring["doorbells_muted"],
+            "ipi_doorbells": ring["doorbells"], "ipi_dropped_filtered": ring["dropped_filtered"],
             "heartbeats_sent": u64(L.SLOT_HEARTBEATS),
         }

@@ -201,13 +201,9 @@ class Kernel:
         except BlockingIOError:
             pass
         ring = self.ring if self.ctx.rings is not None else None
-        if ring is not None:        # halted: senders write our eventfd from here on
-            waiting, unmask_ms = ring.idle_enter()
-            if waiting:             # a message already there: no sleep
-                ring.idle_leave()
-                return True
-            if unmask_ms >= 0:      # a masked sender's leftovers: be up when its mask ends
-                t = min(t, unmask_ms / 1000.0)
+        if ring is not None and ring.idle_enter():  # halted: senders write our eventfd; a
+            ring.idle_leave()                       # message already there: no sleep
+            return True
         if self._hlt is None:
             self._hlt = select.poll()
             self._hlt.register(fd, select.POLLIN)
@@ -226,6 +222,8 @@ class Kernel:
         """One handler per type; a second registration raises RingError(EEXIST). A handler's
         return value is the response when the message was a request."""
         self.messenger.register(msg_type, handler)
+        if self.ctx.rings is not None:      # a drop filter set while nobody handled it
+            self.ring.unfilter_type(msg_type)
 
     def send_ipi_data(self, target: int, msg_type: int, payload: Any = None,
                       subtype: int = 0) -> int:

@@ -129,6 +129,12 @@ _xchg8.restype = ctypes.c_uint64
 _add8 = _libatomic.__atomic_fetch_add_8
 _add8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
 _add8.restype = ctypes.c_uint64
+_add4 = _libatomic.__atomic_fetch_add_4
+_add4.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+_add4.restype = ctypes.c_uint32
+_xchg4 = _libatomic.__atomic_exchange_4
+_xchg4.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+_xchg4.restype = ctypes.c_uint32
 _SEQ_CST = 5
 _expected = ctypes.c_uint64(0)
 _expected_addr = ctypes.addressof(_expected)
@@ -143,6 +149,16 @@ def cas_u64(address: int, expected: int, desired: int) -> bool:
 def add_u64(address: int, value: int) -> int:
     """Atomic add (a counter several processes bump); returns the previous value."""
     return int(_add8(address, value, _SEQ_CST))
+
+
+def add_u32(address: int, value: int) -> int:
+    """Atomic add on a u32; returns the previous value."""
+    return int(_add4(address, value, _SEQ_CST))
+
+
+def exchange_u32(address: int, value: int) -> int:
+    """Atomic exchange on a u32; returns the previous value."""
+    return int(_xchg4(address, value, _SEQ_CST))
 
 
 def exchange_u64(address: int, value: int) -> int:

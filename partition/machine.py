@@ -387,7 +387,7 @@ class Machine:
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
             "counters": {**inst.counters, **self.ipc.counters(inst)},
-            "ipi_masked_senders": self.ipc.masked_senders(inst),
+            "ipi_filters": self.ipc.filters(inst),
             "last_heartbeat": inst.last_heartbeat,
             "recovery": inst.recovery.to_dict(),
             "standby_for": inst.standby_for,

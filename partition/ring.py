@@ -47,12 +47,11 @@ IDLE = 176               # u32 receiver is blocked on its doorbell (halted): rin
 SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
 FENCE = 192              # u64 scratch: the pure-Python sender's full barrier is an exchange here
 DOORBELLS = COUNTERS + 32  # u64 the 5th counter: doorbells senders rang here (atomic add)
-MUTED = 200              # u16 x NMUTE senders (id + 1) whose doorbell the receiver masked
-MUTED_UNTIL = 216        # u32 x NMUTE CLOCK_MONOTONIC ms (low 32 bits) each mask ends
-DOORBELLS_MUTED = 248    # u64 doorbells masked senders did not ring (atomic add)
-NMUTE = 8                # masks at once; past that a flooding sender is not masked
-MUTE_AFTER = 16          # unhandled messages from one sender in one drain that mask it
-MUTE_MS = 10             # how long a mask lasts (renewed while the flood goes on)
+FILTERS = 200            # NFILTER x 16: drop filters {u16 sender+1, u16, u32 type, u32 until, u32 hits}
+DROPPED_FILTERED = 248   # u64 messages the filters dropped at their senders (atomic add)
+NFILTER = 3              # filters at once; past that a flood is not filtered (only dropped)
+FILTER_AFTER = 16        # unhandled messages of one (sender, type) within FILTER_MS set one
+FILTER_MS = 10           # a filter lapses this long after its flood stops
 
 # what a sender must do after publishing (Ring.send's answer)
 DOORBELL_NONE, DOORBELL_WAKE, DOORBELL_SIGNAL = 0, 1, 2
@@ -68,12 +67,11 @@ S_SIZE = 16              # u64 data_size, published last
 S_TICKET = 24            # u64 claim ticket (the head value claimed)
 _SLOT_HDR = struct.Struct("<QIIQQ")
 _Q = struct.Struct("<Q")
-_MUTED = struct.Struct(f"<{NMUTE}H")
-_UNTIL = struct.Struct(f"<{NMUTE}I")
+_FILTER = struct.Struct("<HHIII")        # sender+1, 0, type, until ms, hits
 
 
 def _now_ms() -> int:
-    """CLOCK_MONOTONIC in ms, low 32 bits: the clock _fastring.c's masks are kept in."""
+    """CLOCK_MONOTONIC in ms, low 32 bits: the clock _fastring.c's filters are kept in."""
     return (time.monotonic_ns() // 1_000_000) & 0xFFFFFFFF
 _ZERO_HDR = bytes(L.RING_SLOT_HEADER)
 ABANDONED = (1 << 64) - 1
@@ -88,9 +86,9 @@ except ImportError:  # pragma: no cover - no compiler at install time
     _fast = None
 if _fast is not None and (os.environ.get("MK_PURE_RING") == "1" or _fast.LAYOUT != {
         "HEAD": HEAD, "TAIL": TAIL, "COUNTERS": COUNTERS, "POLLING": POLLING, "IDLE": IDLE,
-        "SIGNALED": SIGNALED, "MUTED": MUTED, "MUTED_UNTIL": MUTED_UNTIL,
-        "DOORBELLS_MUTED": DOORBELLS_MUTED, "NMUTE": NMUTE, "MUTE_AFTER": MUTE_AFTER,
-        "MUTE_MS": MUTE_MS, "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
+        "SIGNALED": SIGNALED, "FILTERS": FILTERS, "DROPPED_FILTERED": DROPPED_FILTERED,
+        "NFILTER": NFILTER, "FILTER_AFTER": FILTER_AFTER, "FILTER_MS": FILTER_MS,
+        "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
         "S_SIZE": S_SIZE, "S_TICKET": S_TICKET, "RING_HEADER_BYTES": L.RING_HEADER_BYTES,
         "RING_SLOT_HEADER": L.RING_SLOT_HEADER}):
     _fast = None
@@ -117,11 +115,10 @@ class Ring:
         self.nslots = layout.ring_slots
         self.slot_bytes = layout.ring_slot_bytes
         self.stride = layout.slot_stride
-        # fair share: one sender holds at most 7/8 of the slots (rings of 8 or more); one whose
-        # doorbell is masked, a single slot
+        # fair share: one sender holds at most 7/8 of the slots (rings of 8 or more)
         self.share = self.nslots - self.nslots // 8 if self.nslots >= 8 else self.nslots + 1
         self._pending_since: dict[int, float] = {}
-        self._suspects: dict[int, tuple[int, int]] = {}   # tag -> (first ms, unhandled count)
+        self._suspects: dict[tuple[int, int], tuple[int, int]] = {}  # (tag, type) -> (ms, n)
 
     # -- small accessors -------------------------------------------------------------------
     def _u64(self, off: int) -> int:
@@ -159,7 +156,7 @@ class Ring:
 
     def counters(self) -> dict[str, int]:
         out = dict(zip(COUNTER_NAMES, _COUNTERS.unpack_from(self.buf, COUNTERS)))
-        out["doorbells_muted"] = self._u64(DOORBELLS_MUTED)
+        out["dropped_filtered"] = self._u64(DROPPED_FILTERED)
         return out
 
     def _bump(self, index: int, n: int = 1) -> None:
@@ -217,12 +214,16 @@ class Ring:
             self.refuse(errno.EMSGSIZE, n)
         buf = self.buf
         unpack = _Q.unpack_from
-        share = self.share if sender_id + 1 not in self.muted() else 1
+        if self._filtered(sender_id + 1, msg_type & 0xFFFFFFFF):
+            if counter is not None:     # sent, as far as the sender can tell; dropped here
+                cbuf, coff = counter
+                _Q.pack_into(cbuf, coff, _Q.unpack_from(cbuf, coff)[0] + 1)
+            return DOORBELL_NONE
         while True:
             h = unpack(buf, HEAD)[0]
             t = unpack(buf, TAIL)[0]
-            if h - t >= self.nslots or (h - t >= share and self._held_by(sender_id, t, h)
-                                        >= share):
+            if h - t >= self.nslots or (h - t >= self.share and self._held_by(sender_id, t, h)
+                                        >= self.share):
                 self.refuse(errno.ENOSPC, n)
             if linux.cas_u64(self.addr + HEAD, h, h + 1):
                 break
@@ -238,9 +239,6 @@ class Ring:
         # word of its own), so that no flag is read before the publish is visible
         linux.exchange_u64(self.addr + FENCE, 0)
         if buf[POLLING]:
-            return DOORBELL_NONE
-        if sender_id + 1 in self.muted():       # masked: leave ``signalled`` alone too
-            linux.add_u64(self.addr + DOORBELLS_MUTED, 1)
             return DOORBELL_NONE
         if linux.exchange_u64(self.addr + SIGNALED, 1):
             return DOORBELL_NONE
@@ -279,83 +277,86 @@ class Ring:
         raise RingError(errno.EMSGSIZE, f"message of {n} bytes does not fit a "
                                         f"{self.slot_bytes}-byte IPI slot")
 
-    # -- doorbell masks (see _fastring.c: a flood of junk stops ringing its receiver) ---------
-    def muted(self) -> list[int]:
-        """Sender ids + 1 whose doorbell this ring's receiver has masked (untrusted values)."""
-        return [v for v in _MUTED.unpack_from(self.buf, MUTED) if v]
-
-    def mutes(self) -> list[tuple[int, int]]:
-        """(sender id, ms left) of each mask in force, for the views."""
-        now = _now_ms()
-        tags = _MUTED.unpack_from(self.buf, MUTED)
-        until = _UNTIL.unpack_from(self.buf, MUTED_UNTIL)
+    # -- drop filters (see _fastring.c: a flood of junk is dropped at its sender) -----------
+    def filters(self) -> list[dict[str, int]]:
+        """The filters in force: sender id, type, and the drops since the receiver last looked
+        (values as read from shared memory: for display only). A filter stays in force until
+        its receiver looks and finds it idle for FILTER_MS, so a sleeping receiver's filter
+        keeps dropping."""
         out = []
-        for tag, end in zip(tags, until):
-            left = (end - now + (1 << 31)) % (1 << 32) - (1 << 31)
-            if tag and 0 < left <= 100 * MUTE_MS:
-                out.append((tag - 1, left))
+        for i in range(NFILTER):
+            tag, _, mtype, _until, hits = _FILTER.unpack_from(self.buf, FILTERS + 16 * i)
+            if tag:
+                out.append({"sender": tag - 1, "type": mtype, "drops_unreviewed": hits})
         return out
 
-    def _expire_mutes(self, now: int) -> int:
-        """Receiver: end the masks whose time is up; ms until the next one ends, -1: none."""
-        tags = list(_MUTED.unpack_from(self.buf, MUTED))
-        until = _UNTIL.unpack_from(self.buf, MUTED_UNTIL)
-        nxt = -1
-        for i, (tag, end) in enumerate(zip(tags, until)):
-            if not tag:
-                continue
-            left = (end - now + (1 << 31)) % (1 << 32) - (1 << 31)
-            if left <= 0 or left > 100 * MUTE_MS:
-                tags[i] = 0
-            elif nxt < 0 or left < nxt:
-                nxt = left
-        _MUTED.pack_into(self.buf, MUTED, *tags)
-        return nxt
-
-    def _tally(self, tag: int, n: int, now: int) -> bool:
-        """Receiver: count ``n`` more unhandled messages from ``tag``; True when it reached
-        MUTE_AFTER within MUTE_MS (then its tally starts again)."""
-        since, count = self._suspects.get(tag, (now, 0))
-        if (now - since) & 0xFFFFFFFF > MUTE_MS:
-            since, count = now, 0
-        count += n
-        if count >= MUTE_AFTER:
-            self._suspects.pop(tag, None)
-            return True
-        if len(self._suspects) >= NMUTE and tag not in self._suspects:
-            self._suspects.pop(min(self._suspects, key=lambda k: self._suspects[k][0]))
-        self._suspects[tag] = (since, count)
+    def _filtered(self, tag: int, mtype: int) -> bool:
+        """Sender: is (tag, type) filtered here? Then count the drop (atomically)."""
+        for i in range(NFILTER):
+            off = FILTERS + 16 * i
+            ftag, _, ftype, _, _ = _FILTER.unpack_from(self.buf, off)
+            if ftag == tag and ftype == mtype:
+                linux.add_u32(self.addr + off + 12, 1)
+                linux.add_u64(self.addr + DROPPED_FILTERED, 1)
+                return True
         return False
 
-    def _mute(self, tag: int, now: int) -> None:
-        tags = list(_MUTED.unpack_from(self.buf, MUTED))
-        until = list(_UNTIL.unpack_from(self.buf, MUTED_UNTIL))
-        i = tags.index(tag) if tag in tags else (tags.index(0) if 0 in tags else -1)
-        if i >= 0:
-            until[i] = (now + MUTE_MS) & 0xFFFFFFFF
-            _UNTIL.pack_into(self.buf, MUTED_UNTIL, *until)
-            tags[i] = tag
-            _MUTED.pack_into(self.buf, MUTED, *tags)
+    def _review_filters(self, now: int) -> None:
+        """Receiver: renew the filters that dropped something since the last look; clear the
+        ones whose time is up (or is a time we never wrote)."""
+        for i in range(NFILTER):
+            off = FILTERS + 16 * i
+            tag, _, mtype, until, _ = _FILTER.unpack_from(self.buf, off)
+            if not tag:
+                continue
+            if linux.exchange_u32(self.addr + off + 12, 0):
+                struct.pack_into("<I", self.buf, off + 8, (now + FILTER_MS) & 0xFFFFFFFF)
+                continue
+            left = (until - now + (1 << 31)) % (1 << 32) - (1 << 31)
+            if left <= 0 or left > 100 * FILTER_MS:
+                struct.pack_into("<H", self.buf, off, 0)
+
+    def _add_filter(self, tag: int, mtype: int, now: int) -> None:
+        for i in range(NFILTER):
+            off = FILTERS + 16 * i
+            if not struct.unpack_from("<H", self.buf, off)[0]:
+                struct.pack_into("<III", self.buf, off + 4, mtype, (now + FILTER_MS) & 0xFFFFFFFF, 0)
+                struct.pack_into("<H", self.buf, off, tag)      # the entry is live from here
+                return
+
+    def _tally(self, tag: int, mtype: int, n: int, now: int) -> bool:
+        """Receiver: count ``n`` more unhandled messages of (tag, type); True when they reached
+        FILTER_AFTER within FILTER_MS (then the tally starts again)."""
+        key = (tag, mtype)
+        since, count = self._suspects.get(key, (now, 0))
+        if (now - since) & 0xFFFFFFFF > FILTER_MS:
+            since, count = now, 0
+        count += n
+        if count >= FILTER_AFTER:
+            self._suspects.pop(key, None)
+            return True
+        if len(self._suspects) >= 8 and key not in self._suspects:
+            self._suspects.pop(min(self._suspects, key=lambda k: self._suspects[k][0]))
+        self._suspects[key] = (since, count)
+        return False
+
+    def unfilter_type(self, mtype: int) -> None:
+        """Receiver: it handles ``mtype`` now; no filter may drop it any more."""
+        for i in range(NFILTER):
+            off = FILTERS + 16 * i
+            tag, _, ftype, _, _ = _FILTER.unpack_from(self.buf, off)
+            if tag and ftype == mtype:
+                struct.pack_into("<H", self.buf, off, 0)
 
     # -- receiving -------------------------------------------------------------------------
-    def idle_enter(self) -> tuple[bool, int]:
-        """Announce "idle" (with a full barrier), then say whether a published message from a
-        sender that is not masked already waits (paired with the barrier in ``send``, no
-        wake-up is lost before the sleep), and in how many ms the next mask ends (-1: none),
-        by when a sleeper must be up to consume what a masked sender left."""
+    def idle_enter(self) -> bool:
+        """Announce "idle" (with a full barrier), then say whether a published message already
+        waits: paired with the barrier in ``send``, no wake-up is lost before the sleep."""
         if _fast is not None:
             return _fast.idle_enter(self.buf, self.nslots, self.stride, self.slot_bytes)
         linux.exchange_u64(self.addr + IDLE, 1)      # IDLE's u32 and the unused one after it
         linux.exchange_u64(self.addr + SIGNALED, 0)  # re-arm the doorbell (see _fastring.c)
-        wake = self._expire_mutes(_now_ms()) if any(self.muted()) else -1
-        muted = set(self.muted()) if wake >= 0 else ()
-        t, h = self.tail, self.head
-        for k in range(t, t + min(h - t, self.nslots)):
-            off = self._slot(k)
-            if self._u64(off + S_SIZE) and int.from_bytes(
-                    self.buf[off + S_SENDER:off + S_SENDER + 4], "little") not in muted:
-                return True, wake
-        return False, wake
+        return self.pending()
 
     def idle_leave(self) -> None:
         self.buf[IDLE] = 0
@@ -423,7 +424,7 @@ class Ring:
         done = len(batch)
         first = done
         bad = abandoned = unknown = 0
-        per_sender: dict[int, int] = {}       # unhandled messages per sender (id + 1)
+        per_kind: dict[tuple[int, int], int] = {}   # unhandled messages per (sender + 1, type)
         while done < limit:
             if t == head:
                 head = unpack(buf, HEAD)[0]
@@ -445,7 +446,7 @@ class Ring:
             elif handled is not None and mtype < 8 * len(handled) and \
                     not handled[mtype >> 3] >> (mtype & 7) & 1:
                 unknown += 1
-                per_sender[sender] = per_sender.get(sender, 0) + 1
+                per_kind[(sender, mtype)] = per_kind.get((sender, mtype), 0) + 1
             else:
                 p = off + L.RING_SLOT_HEADER
                 batch.append((mtype, sender - 1, cpu, bytes(buf[p:p + size])))
@@ -462,13 +463,12 @@ class Ring:
             c[2] += unknown
             c[3] += abandoned
             _COUNTERS.pack_into(buf, COUNTERS, *c)
-        if unknown or any(self.muted()):
-            now = _now_ms()             # as _fastring.c: mask, renew, then expire
-            muted = self.muted()
-            for tag, n in per_sender.items():
-                if tag in muted or self._tally(tag, n, now):
-                    self._mute(tag, now)
-            self._expire_mutes(now)
+        if unknown or any(_FILTER.unpack_from(buf, FILTERS + 16 * i)[0] for i in range(NFILTER)):
+            now = _now_ms()             # as _fastring.c: review, then add
+            self._review_filters(now)
+            for (tag, mtype), n in per_kind.items():
+                if self._tally(tag, mtype, n, now):
+                    self._add_filter(tag, mtype, now)
         return done - first
 
     def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:

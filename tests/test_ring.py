@@ -138,9 +138,9 @@ def test_one_doorbell_per_drain(rg):
     assert rg.send(0, 0, 1, b"c") == ring.DOORBELL_SIGNAL      # the drain re-armed it
     assert rg.counters()["doorbells"] == 2                     # rung twice, not three times
     drain_all(rg)
-    assert rg.idle_enter() == (False, -1)                      # nothing waits: it may sleep
+    assert rg.idle_enter() is False                            # nothing waits: it may sleep
     assert rg.send(0, 0, 1, b"d") == ring.DOORBELL_WAKE        # it sleeps: write its eventfd
-    assert rg.idle_enter() == (True, -1)                       # something waits: do not sleep
+    assert rg.idle_enter() is True                             # something waits: do not sleep
     rg.idle_leave()
     drain_all(rg)
     rg.set_polling(True)
@@ -181,7 +181,7 @@ def test_a_stale_doorbell_flag_does_not_silence_the_next_sender(rg):
     rg.send(0, 0, 1, b"a")                    # rings (flag set)
     drain_all(rg)                             # flag cleared, message taken
     linux.exchange_u64(rg.addr + ring.SIGNALED, 1)    # a late sender's flag, its message gone
-    assert rg.idle_enter() == (False, -1)     # nothing waits: the receiver sleeps ...
+    assert rg.idle_enter() is False           # nothing waits: the receiver sleeps ...
     assert rg.send(0, 0, 1, b"b") == ring.DOORBELL_WAKE   # ... and the next sender wakes it
 
 
@@ -206,76 +206,88 @@ def drain_handled(r):
     return got
 
 
-def test_a_flood_of_unhandled_messages_masks_only_its_senders_doorbell(big):
+def filtered(r):
+    return [(f["sender"], f["type"]) for f in r.filters()]
+
+
+def test_a_flood_of_junk_is_filtered_at_its_sender(big):
     """Linux disables an IRQ line that keeps firing for nobody; here a drain that drops
-    MUTE_AFTER unhandled messages from one sender masks that sender's doorbell for MUTE_MS."""
-    for _ in range(ring.MUTE_AFTER):
+    FILTER_AFTER unhandled messages of one type from one sender sets a drop filter: from then
+    on that sender's messages of that type are dropped inside its send, counted, and never
+    reach a slot or the doorbell. Its other types, and other senders, go through."""
+    for _ in range(ring.FILTER_AFTER):
         big.send(5, 0, 99, b"junk")
     big.send(3, 0, 1, b"legit")
     assert drain_handled(big) == [(1, 3, 0, b"legit")]
-    assert [s for s, _ in big.mutes()] == [5]
-    waiting, unmask_ms = big.idle_enter()
-    assert not waiting and 0 < unmask_ms <= ring.MUTE_MS
-    assert big.send(5, 0, 99, b"junk") == ring.DOORBELL_NONE   # masked: no wake-up ...
-    assert big.idle_enter()[0] is False                         # ... and no reason to stay up
-    assert big.send(3, 0, 1, b"legit") == ring.DOORBELL_WAKE    # others still ring
-    assert big.idle_enter()[0] is True
+    assert filtered(big) == [(5, 99)]
+    assert big.idle_enter() is False
+    head = big.head
+    counters = bytearray(8)
+    send = big.sender(5, 0, (memoryview(counters), 0))
+    for _ in range(100):
+        assert send(99, b"junk") == 0                           # no doorbell, no error ...
+    assert big.head == head                                     # ... and no slot
+    assert struct.unpack_from("<Q", counters)[0] == 100         # the sender counted its sends
+    assert big.counters()["dropped_filtered"] == 100            # the receiver, their drops
+    assert big.send(5, 0, 1, b"other type") == ring.DOORBELL_WAKE   # the rest goes through
+    assert big.idle_enter() is True
     big.idle_leave()
-    c = big.counters()
-    assert c["doorbells_muted"] == 1
-    with pytest.raises(RingError) as ei:                        # a masked sender's share is
-        big.send(5, 0, 99, b"junk")                             # one slot
-    assert ei.value.errno == errno.ENOSPC
-    assert big.send(3, 0, 1, b"more") == ring.DOORBELL_SIGNAL   # others keep their share
-    assert drain_handled(big) == [(1, 3, 0, b"legit"), (1, 3, 0, b"more")]
-    assert big.counters()["dropped_unknown_type"] == ring.MUTE_AFTER + 1
+    assert drain_handled(big) == [(1, 5, 0, b"other type")]
+    assert filtered(big) == [(5, 99)]                           # renewed: it dropped meanwhile
 
 
-def test_a_few_unhandled_messages_do_not_mask_and_a_mask_ends(big):
-    for _ in range(ring.MUTE_AFTER - 1):
+def test_a_few_junk_messages_set_no_filter_and_a_filter_lapses(big):
+    for _ in range(ring.FILTER_AFTER - 1):
         big.send(5, 0, 99, b"junk")
     drain_handled(big)
-    assert big.mutes() == []
-    assert big.send(5, 0, 99, b"junk") != ring.DOORBELL_NONE    # it still rings
-    for _ in range(ring.MUTE_AFTER):
-        big.send(5, 0, 99, b"junk")
+    assert filtered(big) == []
+    for _ in range(ring.FILTER_AFTER):
+        big.send(6, 0, 98, b"junk")
     drain_handled(big)
-    assert [s for s, _ in big.mutes()] == [5]
+    assert filtered(big) == [(6, 98)]
     import time
-    time.sleep(ring.MUTE_MS / 1000 + 0.005)
-    assert big.idle_enter() == (False, -1)                      # expired: nothing to wake for
-    assert big.mutes() == []
-    assert big.send(5, 0, 99, b"junk") == ring.DOORBELL_WAKE    # its doorbell is back
+    time.sleep(ring.FILTER_MS / 1000 + 0.005)                   # the flood has stopped
+    drain_handled(big)                                          # the receiver looks: lapsed
+    assert filtered(big) == []
+    assert big.send(6, 0, 98, b"junk") != ring.DOORBELL_NONE    # it reaches the ring again
 
 
-def test_a_slow_flood_is_masked_too(big):
-    """One junk message per drain (a flood that wakes its receiver for every message) is
-    tallied across drains: MUTE_AFTER within MUTE_MS mask the sender."""
-    for attempt in range(5):          # a preemption of MUTE_MS in the loop restarts the tally
-        for _ in range(ring.MUTE_AFTER):
+def test_a_slow_flood_is_filtered_too(big):
+    """One junk message per drain (a flood that wakes its receiver for each message) is
+    tallied across drains: FILTER_AFTER within FILTER_MS set the filter."""
+    for attempt in range(5):          # a preemption of FILTER_MS in the loop restarts the tally
+        for _ in range(ring.FILTER_AFTER):
             big.send(9, 0, 99, b"junk")
             drain_handled(big)
-        if big.mutes():
+        if big.filters():
             break
-    assert [s for s, _ in big.mutes()] == [9]
+    assert filtered(big) == [(9, 99)]
 
 
-def test_a_mask_is_renewed_while_the_flood_goes_on(big):
-    """A masked sender's share is small, so any junk it still sends renews its mask."""
-    for _ in range(ring.MUTE_AFTER):
+def test_a_filter_is_renewed_while_its_flood_goes_on(big):
+    for _ in range(ring.FILTER_AFTER):
         big.send(7, 0, 99, b"junk")
     drain_handled(big)
-    struct.pack_into("<I", big.buf, ring.MUTED_UNTIL, (ring._now_ms() + 1) & 0xFFFFFFFF)
-    assert big.mutes()[0][1] <= 1                               # about to end ...
-    big.send(7, 0, 99, b"junk")
+    struct.pack_into("<I", big.buf, ring.FILTERS + 8, (ring._now_ms() - 1) & 0xFFFFFFFF)
+    big.send(7, 0, 99, b"junk")                   # its time is up, but the flood goes on ...
+    assert big.filters()[0]["drops_unreviewed"] == 1
     drain_handled(big)
-    assert big.mutes()[0][0] == 7 and big.mutes()[0][1] > 1     # ... renewed by more junk
-    assert big.counters()["dropped_unknown_type"] == ring.MUTE_AFTER + 1
+    assert filtered(big) == [(7, 99)]             # ... so the receiver's look renews it
+    assert big.filters()[0]["drops_unreviewed"] == 0
 
 
-def test_garbage_in_the_mask_table_is_ignored(big):
-    """The table is in shared memory: a mask with a time we never wrote ends at once."""
-    struct.pack_into("<H", big.buf, ring.MUTED, 6)
-    struct.pack_into("<I", big.buf, ring.MUTED_UNTIL, 0x7FFFFFFF)
-    assert big.idle_enter() == (False, -1)
-    assert big.mutes() == []
+def test_handling_a_type_lifts_its_filter(big):
+    for _ in range(ring.FILTER_AFTER):
+        big.send(7, 0, 99, b"junk")
+    drain_handled(big)
+    big.unfilter_type(99)
+    assert filtered(big) == []
+    assert big.send(7, 0, 99, b"now wanted") != ring.DOORBELL_NONE
+
+
+def test_garbage_in_the_filter_table_is_ignored(big):
+    """The table is shared memory: an entry with a time we never wrote ends at the next look."""
+    struct.pack_into("<HHIII", big.buf, ring.FILTERS, 6, 0, 99, 0x7FFFFFFF, 0)
+    big.send(2, 0, 1, b"x")
+    drain_handled(big)
+    assert big.filters() == []

@@ -352,10 +352,11 @@ class Runner:
                 "last_exit": (d["last_exit"] or {}).get("how"),
                 "ipi_received": d["counters"]["ipi_received"],
                 "ipi_dropped": sum(d["counters"][k] for k in (
-                    "ipi_dropped_bad_size", "ipi_dropped_unknown_type", "ipi_dropped_abandoned")),
+                    "ipi_dropped_bad_size", "ipi_dropped_unknown_type", "ipi_dropped_abandoned",
+                    "ipi_dropped_filtered")),
                 "ipi_ring_full": d["counters"]["ipi_ring_full"],
                 "ipi_doorbells": d["counters"]["ipi_doorbells"],
-                "ipi_doorbells_masked": d["counters"]["ipi_doorbells_masked"],
+                "ipi_dropped_filtered": d["counters"]["ipi_dropped_filtered"],
                 "cpus": d["cpus"], "shared_cpus": d["shared_cpus"],
             }
         first_fault = min((f["mono"] for f in self.fired.values() if "mono" in f), default=None)

@@ -213,7 +213,7 @@ TOP_KEYS = ("scenario", "machine", "instance", "probe", "fault", "action", "expe
 METRICS = {
     "instance": ("state", "restarts", "failures", "crashes", "boots", "memory_intact",
                  "foreign_pages", "served_by", "last_exit", "ipi_received", "ipi_dropped",
-                 "ipi_ring_full", "ipi_doorbells", "ipi_doorbells_masked"),
+                 "ipi_ring_full", "ipi_doorbells", "ipi_dropped_filtered"),
     "probe": ("p50_us", "p99_us", "max_us", "mean_us", "lost", "sent", "received",
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),
     "fault": ("fired", "detected", "detect_ms", "recovered", "recover_ms", "failure_kind"),
