@@ -31,13 +31,14 @@ from . import probes as P
 from .probes import ProbeAgent
 from .console import ConsoleWriter
 from . import linux
-from .ring import DOORBELL_WAKE
 from .ring import Ring, RingError
 
 IPI_SIGNAL = signal.SIGRTMIN       # the doorbell of a busy instance: MULTIKERNEL_VECTOR
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _ACTIVE = L.STATE_CODES["active"]
+_STATE_PID = struct.Struct("<II")          # SLOT_PEER_STATE, SLOT_PID: adjacent on purpose
+assert L.SLOT_PID == L.SLOT_PEER_STATE + 4
 
 
 class KernelPanic(BaseException):
@@ -102,7 +103,8 @@ class Kernel:
         self._in_drain = False
         self._booted = False       # messages wait in the ring until boot() registered handlers
         self._rings: dict[int, Ring] = {}
-        self._senders: dict[int, Callable[[int, bytes], int]] = {}   # peer id -> bound send
+        # peer id -> (bound send with its doorbell, the peer pid it was bound for)
+        self._senders: dict[int, tuple[Callable[[int, bytes], int], int]] = {}
         self._doorbells: dict[int, tuple[int, int]] = {}   # peer id -> (pid, its eventfd here)
         self.mode = self.params.get("mk_mode", self.mode)
         if self.mode not in ("interrupt", "poll", "hybrid"):
@@ -273,32 +275,66 @@ class Kernel:
                         and self._peer_u32(target, L.SLOT_PID) == pid)
 
     def _post(self, target: int, msg_type: int, data: bytes) -> int:
-        """Ring + doorbell: the send path of every message."""
-        if target.__class__ is not int or not 0 <= target < L.MAX_INSTANCES or \
-                _U32.unpack_from(self.ctx.control, target * L.CONTROL_SLOT_BYTES
-                                 + L.SLOT_PEER_STATE)[0] != _ACTIVE:
+        """Ring + doorbell: the send path of every message. The bound send rings the doorbell
+        itself (C), so nothing in Python stands between a publish and its doorbell."""
+        if target.__class__ is not int or not 0 <= target < L.MAX_INSTANCES:
             target = self._redirected(target)
-        send = self._senders.get(target)
-        if send is None:    # ipi_sent is counted by the ring just before it publishes
-            send = self._senders[target] = self._ring_of(target).sender(
-                self.ctx.id, self._cpu, self._sent_counter)
-        rc = send(msg_type & 0xFFFFFFFF, data)
-        if rc > 0:
-            if rc == errno.ENOSPC:
-                self._mk_count(L.SLOT_IPI_RING_FULL)
-            self._ring_of(target).refuse(rc, len(data))
-        door = -rc
-        if door:
-            if target == 0:
-                os.eventfd_write(self.ctx.host_doorbell_fd, 1)    # the host's reactor wakes
-            elif door == DOORBELL_WAKE:
-                self._wake_halted(target)
-            else:
-                try:
-                    os.kill(self._peer_u32(target, L.SLOT_PID), IPI_SIGNAL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        state, pid = _STATE_PID.unpack_from(self.ctx.control,
+                                            target * L.CONTROL_SLOT_BYTES + L.SLOT_PEER_STATE)
+        if state != _ACTIVE:
+            target = self._redirected(target)
+            pid = self._peer_u32(target, L.SLOT_PID)
+        bound = self._senders.get(target)
+        if bound is None or bound[1] != pid:        # first send to this incarnation
+            bound = self._bind_sender(target, pid)
+        rc = bound[0](msg_type & 0xFFFFFFFF, data)
+        if rc:
+            if rc > 0:
+                if rc == errno.ENOSPC:
+                    self._mk_count(L.SLOT_IPI_RING_FULL)
+                self._ring_of(target).refuse(rc, len(data))
+            self._ring_by_hand(target, pid, -rc)    # the bound send could not ring it
         return target
+
+    def _bind_sender(self, target: int, pid: int) -> tuple[Callable[[int, bytes], int], int]:
+        """A send bound to ``target``'s ring and doorbell, for the incarnation ``pid``: its
+        eventfd is fetched once per peer boot with pidfd_getfd (the host's we hold already);
+        ipi_sent is counted by the ring just before it publishes."""
+        old = self._doorbells.pop(target, None)
+        if old is not None and old[1] >= 0:
+            os.close(old[1])
+        if target == 0:
+            doorbell = (self.ctx.host_doorbell_fd, 0, 0)
+        elif pid <= 0:              # not running (yet): nobody to ring, ever (kill(0) is a
+            doorbell = (-1, -1, 0)  # process group)
+        else:
+            fd = -1
+            try:
+                pidfd = os.pidfd_open(pid)
+                try:
+                    fd = linux.pidfd_getfd(pidfd, self._peer_u32(target, L.SLOT_DOORBELL_FD))
+                finally:
+                    os.close(pidfd)
+            except OSError:
+                fd = -1             # refused: the signal doorbell does the job (_ring_by_hand)
+            self._doorbells[target] = (pid, fd)
+            doorbell = (fd, pid, int(IPI_SIGNAL))
+        send = self._ring_of(target).sender(self.ctx.id, self._cpu, self._sent_counter, doorbell)
+        bound = self._senders[target] = (send, pid)
+        return bound
+
+    def _ring_by_hand(self, target: int, pid: int, door: int) -> None:
+        """The doorbell the bound send could not ring (no descriptor for the peer's eventfd,
+        or the write failed): a signal reaches a halted peer as well as a busy one."""
+        if target == 0:
+            os.eventfd_write(self.ctx.host_doorbell_fd, 1)
+            return
+        if pid <= 0:
+            return
+        try:
+            os.kill(pid, IPI_SIGNAL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _redirected(self, target: int) -> int:
         """A dead target whose role a standby took over: address the standby (one hop)."""
@@ -308,37 +344,6 @@ class Kernel:
                 return via - 1
         self._mk_count(L.SLOT_IPI_ESRCH)
         raise RingError(errno.ESRCH, f"instance {target} is not active")
-
-    def _wake_halted(self, target: int) -> None:
-        """The peer sleeps on its eventfd (HLT): write it directly, one wake-up, no signal.
-        Its descriptor is fetched once per peer boot with pidfd_getfd; if that is refused,
-        the signal doorbell does the job."""
-        pid = self._peer_u32(target, L.SLOT_PID)
-        cached = self._doorbells.get(target)
-        if cached is None or cached[0] != pid:
-            if cached is not None and cached[1] >= 0:
-                os.close(cached[1])
-            fd = -1
-            try:
-                pidfd = os.pidfd_open(pid)
-                try:
-                    fd = linux.pidfd_getfd(pidfd, self._peer_u32(target, L.SLOT_DOORBELL_FD))
-                finally:
-                    os.close(pidfd)
-            except OSError:
-                fd = -1
-            cached = (pid, fd)
-            self._doorbells[target] = cached
-        try:
-            if cached[1] >= 0:
-                os.eventfd_write(cached[1], 1)
-                return
-        except OSError:
-            pass
-        try:
-            os.kill(pid, IPI_SIGNAL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _on_ipi(self, signum: int, frame: object) -> None:
         """The interrupt: drain between two bytecodes, and wake an idle wait."""
@@ -371,8 +376,19 @@ class Kernel:
             if rung:
                 self.poll_ipis()
             return
-        if self.idle(min(timeout, self.idle_timeout)):
-            self.poll_ipis()            # the doorbell brought work: take it before anything else
+        if self._in_drain:              # (a wait inside a handler inside a drain)
+            if self.idle(min(timeout, self.idle_timeout)):
+                self.poll_ipis()
+            return
+        # the emulated HLT and the drain after it in one call (Ring.halt): between a wake-up
+        # and the work it brings there is no Python but the handlers' own
+        self._in_drain = True
+        try:
+            msgr = self.messenger
+            self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout), self._deliver,
+                           64, None if msgr.waiting else msgr.handled)
+        finally:
+            self._in_drain = False
 
     def _on_fault(self, msg: M.Message) -> None:
         from . import faults

@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import select
 import struct
 import time
 from typing import Callable
@@ -246,21 +247,49 @@ class Ring:
         return DOORBELL_WAKE if buf[IDLE] else DOORBELL_SIGNAL
 
     def sender(self, sender_id: int, sender_cpu: int,
-               counter: tuple[memoryview, int] | None = None) -> Callable[[int, bytes], int]:
+               counter: tuple[memoryview, int] | None = None,
+               doorbell: tuple[int, int, int] | None = None) -> Callable[[int, bytes], int]:
         """``send`` with everything but the type and the bytes bound once, for a hot sender:
         ``f(msg_type, data)`` returns the doorbell as a negative number (0, -1 wake,
         -2 signal) or an errno (> 0: ENOSPC, EMSGSIZE) without raising; ``refuse(rc, n)``
-        turns the latter into the RingError ``send`` would have raised."""
+        turns the latter into the RingError ``send`` would have raised.
+
+        ``doorbell`` = (wake_fd, signal_pid, signo): the bound send rings the doorbell itself
+        (writes ``wake_fd`` for a halted receiver, sends ``signo`` to ``signal_pid`` for a busy
+        one; signal_pid 0: always ``wake_fd``, the host's way), and a negative answer then
+        means the doorbell could not be rung and is the caller's to ring."""
         cbuf, coff = counter if counter is not None else (None, 0)
         if _fast is not None:
+            if doorbell is not None:
+                return functools.partial(_fast.send, self.buf, self.nslots, self.stride,
+                                         self.slot_bytes, sender_id, sender_cpu, cbuf, coff,
+                                         *doorbell)
             return functools.partial(_fast.send, self.buf, self.nslots, self.stride,
                                      self.slot_bytes, sender_id, sender_cpu, cbuf, coff)
 
         def send(msg_type: int, data: bytes) -> int:
             try:
-                return -self.send(sender_id, sender_cpu, msg_type, data, counter)
+                door = self.send(sender_id, sender_cpu, msg_type, data, counter)
             except RingError as exc:
                 return exc.errno
+            if door and doorbell is not None:
+                wake_fd, pid, signo = doorbell
+                try:
+                    if door == DOORBELL_WAKE or pid == 0:
+                        if wake_fd < 0:
+                            return -door
+                        os.eventfd_write(wake_fd, 1)
+                    elif pid > 0:           # (never kill(0) or kill(-n): process groups)
+                        try:
+                            os.kill(pid, signo)
+                        except ProcessLookupError:
+                            pass
+                    else:
+                        return -door
+                except OSError:
+                    return -door
+                return 0
+            return -door
         return send
 
     def _held_by(self, sender_id: int, t: int, h: int) -> int:
@@ -396,6 +425,43 @@ class Ring:
             consumed = self._careful(batch, limit, abandon_after, handled)
         if not batch:
             return consumed
+        return self._hand_up(batch, deliver, consumed)
+
+    def halt(self, doorbell_fd: int, timeout: float,
+             deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
+             handled: bytes | bytearray | None = None, abandon_after: float = 1.0) -> int | None:
+        """The receiver's whole interrupt-mode wait: clear the doorbell, announce idle, sleep
+        on the doorbell (unless a message already waits) up to ``timeout`` seconds, leave
+        idle, drain as ``drain`` does. None: the wait timed out, nothing was taken. The
+        doorbell must be a non-blocking eventfd."""
+        if _fast is not None:
+            got = _fast.halt(self.buf, self.nslots, self.stride, self.slot_bytes, doorbell_fd,
+                             float(timeout), limit, handled)
+            if got is None:
+                return None
+            batch, more, consumed = got
+            if more and consumed < limit:
+                consumed += self._careful(batch, limit - consumed + len(batch), abandon_after,
+                                          handled)
+            return self._hand_up(batch, deliver, consumed) if batch else consumed
+        try:
+            os.eventfd_read(doorbell_fd)
+        except BlockingIOError:
+            pass
+        rung = self.idle_enter()
+        try:
+            if not rung:
+                rung = bool(select.select([doorbell_fd], [], [], max(0.0, timeout))[0])
+        except InterruptedError:            # (PEP 475 retries; a handler may raise instead)
+            rung = True
+        finally:
+            self.idle_leave()
+        return self.drain(deliver, limit, abandon_after, handled) if rung else None
+
+    def _hand_up(self, batch: list[tuple[int, int, int, bytes]],
+                 deliver: Callable[[int, int, int, bytes], bool], consumed: int) -> int:
+        """Deliver a drained batch. The slots are free already, so a handler's exception is
+        raised only after the rest of the batch was delivered."""
         failure: BaseException | None = None
         for mtype, sender, cpu, payload in batch:
             try:
