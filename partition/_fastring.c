@@ -37,6 +37,7 @@
 #define F_HITS 12               /*   u32 messages it dropped since the receiver last looked */
 #define DROPPED_FILTERED 248    /* u64: messages the filters dropped at their senders */
 #define NFILTER 3
+#define MAX_BATCH 256           /* messages one drain hands to a deliver callback */
 #define FILTER_AFTER 16         /* unhandled (sender, type) messages within FILTER_MS */
 #define FILTER_MS 10            /* a filter lapses this long after the flood stops */
 #define S_CPU 0
@@ -319,8 +320,11 @@ out:
     return PyLong_FromLong(rc);
 }
 
-/* drain(ring, nslots, stride, slot_bytes, limit[, handled])
- *      -> (list of (type, sender_id, cpu, bytes), more, consumed)
+/* drain(ring, nslots, stride, slot_bytes, limit[, handled[, deliver]])
+ *      -> (list of (type, sender_id, cpu, bytes), more, consumed), or with ``deliver``
+ *         (delivered, more, consumed) after calling deliver(type, sender_id, cpu, bytes) for
+ *         each message (no list, no tuples: the Python loop over a batch is the first thing
+ *         after a wake-up, on cold caches; a False answer counts as dropped_unknown_type)
  * Consumes published, well-formed slots in order; stops after ``limit``, at an empty ring, or at
  * the first slot that is not well formed, and then ``more`` is True: ring.py's careful path
  * takes over from there. Each consumed slot is zeroed, then tail moves; the ring's "received"
@@ -334,14 +338,15 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
 {
     Py_buffer buf;
     uint64_t nslots, stride, slot_bytes;
-    if (nargs != 5 && nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "drain takes 5 or 6 arguments");
+    if (nargs < 5 || nargs > 7) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 7 arguments");
         return NULL;
     }
+    PyObject *deliver = nargs == 7 && args[6] != Py_None ? args[6] : NULL;
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
     Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
-    int filter = nargs == 6 && args[5] != Py_None;
+    int filter = nargs >= 6 && args[5] != Py_None;
     if (filter && PyObject_GetBuffer(args[5], &handled, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&buf);
         return NULL;
@@ -351,6 +356,10 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     uint64_t dropped = 0;
     uint32_t drop_tag[8] = {0}, drop_type[8] = {0}, drop_n[8] = {0};  /* per (sender, type) */
     long limit = PyLong_AsLong(args[4]);
+    if (deliver != NULL && limit > MAX_BATCH)
+        limit = MAX_BATCH;                   /* (more is then True: the caller comes back) */
+    PyObject *items[MAX_BATCH][4];           /* deliver's arguments, one row per message */
+    long nitems = 0;
     PyObject *out = (limit < 0 && PyErr_Occurred()) ? NULL : PyList_New(0);
     if (out == NULL) {
         if (filter)
@@ -392,19 +401,38 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
             __atomic_store_n(tail, t, __ATOMIC_RELEASE);
             continue;
         }
-        PyObject *item = Py_BuildValue(
-            "(kkKy#)", (unsigned long)type,
-            (unsigned long)(sender - 1), (unsigned long long)*(volatile uint64_t *)(slot + S_CPU),
-            slot + SLOT_HEADER, (Py_ssize_t)size);
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(out);
-            if (filter)
-                PyBuffer_Release(&handled);
-            PyBuffer_Release(&buf);
-            return NULL;
+        if (deliver != NULL) {
+            PyObject **row = items[nitems];
+            row[0] = PyLong_FromUnsignedLong(type);
+            row[1] = PyLong_FromUnsignedLong(sender - 1);
+            row[2] = PyLong_FromUnsignedLongLong(*(volatile uint64_t *)(slot + S_CPU));
+            row[3] = PyBytes_FromStringAndSize(slot + SLOT_HEADER, (Py_ssize_t)size);
+            nitems++;
+            if (!row[0] || !row[1] || !row[2] || !row[3]) {
+                for (long i = 0; i < nitems; i++)
+                    for (int k = 0; k < 4; k++)
+                        Py_XDECREF(items[i][k]);
+                Py_DECREF(out);
+                if (filter)
+                    PyBuffer_Release(&handled);
+                PyBuffer_Release(&buf);
+                return NULL;
+            }
+        } else {
+            PyObject *item = Py_BuildValue(
+                "(kkKy#)", (unsigned long)type, (unsigned long)(sender - 1),
+                (unsigned long long)*(volatile uint64_t *)(slot + S_CPU),
+                slot + SLOT_HEADER, (Py_ssize_t)size);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                if (filter)
+                    PyBuffer_Release(&handled);
+                PyBuffer_Release(&buf);
+                return NULL;
+            }
+            Py_DECREF(item);
         }
-        Py_DECREF(item);
         memset(slot, 0, SLOT_HEADER);
         t++;
         __atomic_store_n(tail, t, __ATOMIC_RELEASE);         /* the slot is free from here on */
@@ -419,12 +447,55 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 add_filter(base, drop_tag[i], drop_type[i], now);
     }
     /* received counts every well-formed message; dropped_unknown_type is a part of it */
-    *(uint64_t *)(base + COUNTERS) += (uint64_t)PyList_GET_SIZE(out) + dropped;
+    *(uint64_t *)(base + COUNTERS) += (uint64_t)PyList_GET_SIZE(out) + (uint64_t)nitems + dropped;
     *(uint64_t *)(base + COUNTERS + 16) += dropped;
     if (filter)
         PyBuffer_Release(&handled);
+    if (deliver == NULL) {
+        PyBuffer_Release(&buf);
+        return Py_BuildValue("(Nil)", out, more, done);
+    }
+    Py_DECREF(out);
+    /* Deliver, now that every slot is consumed and counted (a handler's reply may be seen at
+     * once, and whoever acts on it must see these counts). A handler's Exception waits until
+     * the rest of the batch is delivered (their slots are free already), then is raised; a
+     * BaseException (a kernel panic, an exit) is raised at once. */
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    long i = 0;
+    for (; i < nitems; i++) {
+        PyObject *r = PyObject_Vectorcall(deliver, items[i], 4, NULL);
+        for (int k = 0; k < 4; k++)
+            Py_DECREF(items[i][k]);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                i++;
+                break;
+            }
+            if (et == NULL)
+                PyErr_Fetch(&et, &ev, &tb);
+            else
+                PyErr_Clear();
+            continue;
+        }
+        if (r == Py_False)                   /* nobody handled it: counted, as ring.py does */
+            *(uint64_t *)(base + COUNTERS + 16) += 1;
+        Py_DECREF(r);
+    }
     PyBuffer_Release(&buf);
-    return Py_BuildValue("(Nil)", out, more, done);
+    if (i < nitems || PyErr_Occurred()) {    /* a BaseException: drop the rest's references */
+        for (; i < nitems; i++)
+            for (int k = 0; k < 4; k++)
+                Py_DECREF(items[i][k]);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        return NULL;
+    }
+    if (et != NULL) {
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    return Py_BuildValue("(lil)", nitems, more, done);
 }
 
 /* spin(ring, usec) -> bool: busy-wait until the ring has a claimed slot, at most ``usec``
@@ -503,7 +574,7 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyBool_FromLong(pending);
 }
 
-/* halt(ring, nslots, stride, slot_bytes, doorbell_fd, timeout_s, limit, handled)
+/* halt(ring, nslots, stride, slot_bytes, doorbell_fd, timeout_s, limit, handled[, deliver])
  *      -> drain's answer, or None when the wait timed out with nothing to take
  * The interrupt-mode wait in one call: clear the doorbell (eventfd, non-blocking), announce
  * idle (the barrier of idle_enter), sleep on the doorbell unless a message is already waiting
@@ -515,8 +586,8 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 {
     Py_buffer buf;
     uint64_t nslots, stride, slot_bytes;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "halt takes 8 arguments");
+    if (nargs != 8 && nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "halt takes 8 or 9 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[4]);
@@ -571,8 +642,9 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyBuffer_Release(&buf);
     if (!rung)
         Py_RETURN_NONE;
-    PyObject *drain_args[6] = {args[0], args[1], args[2], args[3], args[6], args[7]};
-    return fr_drain(self, drain_args, 6);
+    PyObject *drain_args[7] = {args[0], args[1], args[2], args[3], args[6], args[7],
+                               nargs == 9 ? args[8] : Py_None};
+    return fr_drain(self, drain_args, 7);
 }
 
 static PyMethodDef methods[] = {

@@ -413,12 +413,16 @@ class Ring:
         someone handles (bit t of byte t >> 3; types past its end count as handled), given when
         nothing else can be awaited; other types are dropped and counted, not handed up."""
         if _fast is not None:
-            # C consumed (and counted) the well-formed prefix; it says when there is more
-            batch, more, consumed = _fast.drain(self.buf, self.nslots, self.stride,
-                                                self.slot_bytes, limit, handled)
+            # C consumed, counted and delivered the well-formed prefix; it says when there is
+            # more, and the careful path takes over from there
+            _, more, consumed = _fast.drain(self.buf, self.nslots, self.stride,
+                                            self.slot_bytes, limit, handled, deliver)
             if more and consumed < limit:
-                consumed += self._careful(batch, limit - consumed + len(batch), abandon_after,
-                                          handled)
+                batch = []
+                consumed += self._careful(batch, limit - consumed, abandon_after, handled)
+                if batch:
+                    return self._hand_up(batch, deliver, consumed)
+            return consumed
         else:
             linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
             batch = []
@@ -436,14 +440,16 @@ class Ring:
         doorbell must be a non-blocking eventfd."""
         if _fast is not None:
             got = _fast.halt(self.buf, self.nslots, self.stride, self.slot_bytes, doorbell_fd,
-                             float(timeout), limit, handled)
+                             float(timeout), limit, handled, deliver)
             if got is None:
                 return None
-            batch, more, consumed = got
+            _, more, consumed = got
             if more and consumed < limit:
-                consumed += self._careful(batch, limit - consumed + len(batch), abandon_after,
-                                          handled)
-            return self._hand_up(batch, deliver, consumed) if batch else consumed
+                batch: list[tuple[int, int, int, bytes]] = []
+                consumed += self._careful(batch, limit - consumed, abandon_after, handled)
+                if batch:
+                    return self._hand_up(batch, deliver, consumed)
+            return consumed
         try:
             os.eventfd_read(doorbell_fd)
         except BlockingIOError:

@@ -291,3 +291,40 @@ def test_garbage_in_the_filter_table_is_ignored(big):
     big.send(2, 0, 1, b"x")
     drain_handled(big)
     assert big.filters() == []
+
+
+def test_a_failing_handler_does_not_lose_the_rest_of_its_batch(rg):
+    """The batch's slots are free before any handler runs: an Exception waits until the rest
+    is delivered; a BaseException (a kernel panic) stops the delivery at once."""
+    for i in range(3):
+        rg.send(0, 0, 1, bytes([i]))
+    got = []
+
+    def deliver(t, s, c, p):
+        got.append(p)
+        if p == b"\x00":
+            raise ValueError("handler bug")
+        return True
+    with pytest.raises(ValueError):
+        rg.drain(deliver, 64)
+    assert got == [b"\x00", b"\x01", b"\x02"] and rg.head == rg.tail == 3
+    assert rg.counters()["received"] == 3
+
+    class Panic(BaseException):
+        pass
+    for i in range(3):
+        rg.send(0, 0, 1, bytes([i]))
+    got.clear()
+
+    def panicking(t, s, c, p):
+        got.append(p)
+        raise Panic()
+    with pytest.raises(Panic):
+        rg.drain(panicking, 64)
+    assert got == [b"\x00"]
+
+
+def test_an_unhandled_answer_from_deliver_is_counted(rg):
+    rg.send(0, 0, 7, b"x")
+    rg.drain(lambda *a: False, 64)
+    assert rg.counters()["dropped_unknown_type"] == 1
