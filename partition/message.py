@@ -81,10 +81,15 @@ def decode(data: bytes, sender: int, cpu: int) -> Message | None:
     mtype, sub, mid, plen = _unpack_header(data, 0)
     if plen != len(data) - _HEADER_SIZE:
         return None
-    try:
-        payload = _unpackb(data[_HEADER_SIZE:], raw=False, strict_map_key=False)
-    except Exception:  # noqa: BLE001 - garbage from a faulty peer
-        return None
+    if data[_HEADER_SIZE] == 0xC4 and data[_HEADER_SIZE + 1] == plen - 2:
+        # a msgpack bin 8 (bytes of up to 255): the commonest payload of a data message, read
+        # without msgpack's machinery, which costs 2 us on the caches a wake-up finds
+        payload = data[_HEADER_SIZE + 2:]
+    else:
+        try:
+            payload = _unpackb(data[_HEADER_SIZE:], raw=False, strict_map_key=False)
+        except Exception:  # noqa: BLE001 - garbage from a faulty peer
+            return None
     return _new(Message, (mtype, sub, mid, payload, sender, cpu))
 
 
