@@ -320,7 +320,7 @@ out:
     return PyLong_FromLong(rc);
 }
 
-/* drain(ring, nslots, stride, slot_bytes, limit[, handled[, deliver]])
+/* drain(ring, nslots, stride, slot_bytes, limit[, handled[, deliver[, hush]]])
  *      -> (list of (type, sender_id, cpu, bytes), more, consumed), or with ``deliver``
  *         (delivered, more, consumed) after calling deliver(type, sender_id, cpu, bytes) for
  *         each message (no list, no tuples: the Python loop over a batch is the first thing
@@ -330,93 +330,72 @@ out:
  * takes over from there. Each consumed slot is zeroed, then tail moves; the ring's "received"
  * counter counts them before the caller delivers any (a handler's reply may be seen at once).
  * With ``handled`` (a bitmap: bit t set = type t is handled; types past its end count as
- * handled), a slot of a type not in it is consumed and
- * counted as dropped_unknown_type here, without a Python object: a flood of junk costs its
- * receiver tens of nanoseconds a message. The caller passes it only when no request of its own
- * is pending (an awaited response may be of any type). */
-static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer buf;
+ * handled), a slot of a type not in it is consumed and counted as dropped_unknown_type here,
+ * without a Python object: a flood of junk costs its receiver tens of nanoseconds a message.
+ * The caller passes it only when no request of its own is pending (an awaited response may be
+ * of any type).
+ * ``hush`` (with ``deliver``): the receiver raises ``polling`` while it consumes and delivers,
+ * so senders ring no doorbell for messages it is about to take anyway (a signal during a drain
+ * was pure cost: its handler cannot drain then); it clears the flag with a full barrier and
+ * looks again, and drains on while messages keep coming, so nothing published meanwhile is
+ * left without either a doorbell or this drain. */
+struct drain_state {
+    char *base;
     uint64_t nslots, stride, slot_bytes;
-    if (nargs < 5 || nargs > 7) {
-        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 7 arguments");
-        return NULL;
-    }
-    PyObject *deliver = nargs == 7 && args[6] != Py_None ? args[6] : NULL;
-    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
-        return NULL;
-    Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
-    int filter = nargs >= 6 && args[5] != Py_None;
-    if (filter && PyObject_GetBuffer(args[5], &handled, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    const uint8_t *bits = filter ? (const uint8_t *)handled.buf : NULL;
-    uint64_t nbits = filter ? (uint64_t)handled.len * 8 : 0;
-    uint64_t dropped = 0;
-    uint32_t drop_tag[8] = {0}, drop_type[8] = {0}, drop_n[8] = {0};  /* per (sender, type) */
-    long limit = PyLong_AsLong(args[4]);
-    if (deliver != NULL && limit > MAX_BATCH)
-        limit = MAX_BATCH;                   /* (more is then True: the caller comes back) */
-    PyObject *items[MAX_BATCH][4];           /* deliver's arguments, one row per message */
-    long nitems = 0;
-    PyObject *out = (limit < 0 && PyErr_Occurred()) ? NULL : PyList_New(0);
-    if (out == NULL) {
-        if (filter)
-            PyBuffer_Release(&handled);
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    char *base = (char *)buf.buf;
+    const uint8_t *bits;
+    uint64_t nbits, dropped;
+    uint32_t drop_tag[8], drop_type[8], drop_n[8];      /* unhandled, per (sender, type) */
+};
+
+static void drop_rows(PyObject *items[][4], long from, long to)
+{
+    for (long i = from; i < to; i++)
+        for (int k = 0; k < 4; k++)
+            Py_XDECREF(items[i][k]);
+}
+
+/* One pass over the ring: up to ``room`` slots. List mode (out != NULL) appends tuples;
+ * callback mode fills ``items``. Returns slots consumed, or -1 with an exception set. */
+static long consume(struct drain_state *d, long room, PyObject *out, PyObject *items[][4],
+                    long *nitems, int *more)
+{
+    char *base = d->base;
     uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
-    /* doorbells rung from here on are for messages this drain may not see: let them ring */
-    __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
     uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
-    int more = 0;
     long done;
-    for (done = 0; done < limit; done++) {
+    for (done = 0; done < room; done++) {
         if (t == __atomic_load_n(head, __ATOMIC_ACQUIRE))
             break;
-        char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
+        char *slot = base + RING_HEADER_BYTES + (t % d->nslots) * d->stride;
         uint64_t size = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE);
         uint64_t ticket = *(volatile uint64_t *)(slot + S_TICKET);
         uint32_t sender = *(volatile uint32_t *)(slot + S_SENDER);
-        if (size == 0 || size == ABANDONED || size > slot_bytes || ticket != t || sender == 0) {
-            more = 1;                        /* the careful path in ring.py decides */
+        if (size == 0 || size == ABANDONED || size > d->slot_bytes || ticket != t || sender == 0) {
+            *more = 1;                       /* the careful path in ring.py decides */
             break;
         }
         uint32_t type = *(volatile uint32_t *)(slot + S_TYPE);
-        if (bits != NULL && type < nbits && !(bits[type >> 3] & (1u << (type & 7)))) {
-            dropped++;                       /* nobody handles it: it dies in the ring */
+        if (d->bits != NULL && type < d->nbits && !(d->bits[type >> 3] & (1u << (type & 7)))) {
+            d->dropped++;                    /* nobody handles it: it dies in the ring */
             for (int i = 0; i < 8; i++) {
-                if ((drop_tag[i] == sender && drop_type[i] == type) || drop_tag[i] == 0) {
-                    drop_tag[i] = sender;
-                    drop_type[i] = type;
-                    drop_n[i]++;
+                if ((d->drop_tag[i] == sender && d->drop_type[i] == type) || d->drop_tag[i] == 0) {
+                    d->drop_tag[i] = sender;
+                    d->drop_type[i] = type;
+                    d->drop_n[i]++;
                     break;
                 }
             }
-            memset(slot, 0, SLOT_HEADER);
-            t++;
-            __atomic_store_n(tail, t, __ATOMIC_RELEASE);
-            continue;
-        }
-        if (deliver != NULL) {
-            PyObject **row = items[nitems];
+        } else if (out == NULL) {
+            PyObject **row = items[*nitems];
             row[0] = PyLong_FromUnsignedLong(type);
             row[1] = PyLong_FromUnsignedLong(sender - 1);
             row[2] = PyLong_FromUnsignedLongLong(*(volatile uint64_t *)(slot + S_CPU));
             row[3] = PyBytes_FromStringAndSize(slot + SLOT_HEADER, (Py_ssize_t)size);
-            nitems++;
+            (*nitems)++;
             if (!row[0] || !row[1] || !row[2] || !row[3]) {
-                for (long i = 0; i < nitems; i++)
-                    for (int k = 0; k < 4; k++)
-                        Py_XDECREF(items[i][k]);
-                Py_DECREF(out);
-                if (filter)
-                    PyBuffer_Release(&handled);
-                PyBuffer_Release(&buf);
-                return NULL;
+                drop_rows(items, 0, *nitems);
+                *nitems = 0;
+                return -1;
             }
         } else {
             PyObject *item = Py_BuildValue(
@@ -425,11 +404,7 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
                 slot + SLOT_HEADER, (Py_ssize_t)size);
             if (item == NULL || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
-                Py_DECREF(out);
-                if (filter)
-                    PyBuffer_Release(&handled);
-                PyBuffer_Release(&buf);
-                return NULL;
+                return -1;
             }
             Py_DECREF(item);
         }
@@ -437,55 +412,129 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         t++;
         __atomic_store_n(tail, t, __ATOMIC_RELEASE);         /* the slot is free from here on */
     }
-    if (done == limit)
-        more = 1;
-    if (dropped || any_filter(base)) {
-        uint32_t now = now_ms();
-        review_filters(base, now);
-        for (int i = 0; i < 8 && drop_tag[i]; i++)
-            if (tally(base, drop_tag[i], drop_type[i], drop_n[i], now))
-                add_filter(base, drop_tag[i], drop_type[i], now);
+    return done;
+}
+
+/* is the slot at tail published (a reason to drain on)? */
+static int tail_published(struct drain_state *d)
+{
+    uint64_t t = __atomic_load_n((uint64_t *)(d->base + TAIL), __ATOMIC_ACQUIRE);
+    if (t == __atomic_load_n((uint64_t *)(d->base + HEAD), __ATOMIC_ACQUIRE))
+        return 0;
+    char *slot = d->base + RING_HEADER_BYTES + (t % d->nslots) * d->stride;
+    return __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
+}
+
+static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    struct drain_state d;
+    memset(&d, 0, sizeof d);
+    if (nargs < 5 || nargs > 8) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 8 arguments");
+        return NULL;
     }
-    /* received counts every well-formed message; dropped_unknown_type is a part of it */
-    *(uint64_t *)(base + COUNTERS) += (uint64_t)PyList_GET_SIZE(out) + (uint64_t)nitems + dropped;
-    *(uint64_t *)(base + COUNTERS + 16) += dropped;
-    if (filter)
-        PyBuffer_Release(&handled);
-    if (deliver == NULL) {
+    PyObject *deliver = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
+    int hush = deliver != NULL && nargs == 8 && PyObject_IsTrue(args[7]) == 1;
+    if (ring_args(args, &buf, &d.nslots, &d.stride, &d.slot_bytes) < 0)
+        return NULL;
+    Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
+    int filter = nargs >= 6 && args[5] != Py_None;
+    if (filter && PyObject_GetBuffer(args[5], &handled, PyBUF_SIMPLE) < 0) {
         PyBuffer_Release(&buf);
-        return Py_BuildValue("(Nil)", out, more, done);
+        return NULL;
     }
-    Py_DECREF(out);
-    /* Deliver, now that every slot is consumed and counted (a handler's reply may be seen at
-     * once, and whoever acts on it must see these counts). A handler's Exception waits until
-     * the rest of the batch is delivered (their slots are free already), then is raised; a
-     * BaseException (a kernel panic, an exit) is raised at once. */
+    d.bits = filter ? (const uint8_t *)handled.buf : NULL;
+    d.nbits = filter ? (uint64_t)handled.len * 8 : 0;
+    long limit = PyLong_AsLong(args[4]);
+    PyObject *out = NULL;
+    if (!(limit < 0 && PyErr_Occurred()) && deliver == NULL)
+        out = PyList_New(0);
+    if (PyErr_Occurred()) {
+        if (filter)
+            PyBuffer_Release(&handled);
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    char *base = d.base = (char *)buf.buf;
+    PyObject *items[MAX_BATCH][4];           /* deliver's arguments, one row per message */
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
-    long i = 0;
-    for (; i < nitems; i++) {
-        PyObject *r = PyObject_Vectorcall(deliver, items[i], 4, NULL);
-        for (int k = 0; k < 4; k++)
-            Py_DECREF(items[i][k]);
-        if (r == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                i++;
-                break;
-            }
-            if (et == NULL)
-                PyErr_Fetch(&et, &ev, &tb);
-            else
-                PyErr_Clear();
-            continue;
+    long total = 0, delivered = 0;
+    int more = 0, failed = 0;
+    volatile uint8_t *polling = (volatile uint8_t *)(base + POLLING);
+    int hushed = hush && *polling == 0;
+    if (hushed)
+        __atomic_store_n((uint8_t *)polling, 1, __ATOMIC_SEQ_CST);
+    /* doorbells rung from here on are for messages this drain may not see: let them ring */
+    __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
+    for (;;) {
+        long nitems = 0, room = limit - total;
+        if (deliver != NULL && room > MAX_BATCH)
+            room = MAX_BATCH;
+        uint64_t dropped_before = d.dropped;
+        Py_ssize_t listed_before = out ? PyList_GET_SIZE(out) : 0;
+        long n = consume(&d, room, out, items, &nitems, &more);
+        if (n < 0) {
+            failed = 1;
+            break;
         }
-        if (r == Py_False)                   /* nobody handled it: counted, as ring.py does */
-            *(uint64_t *)(base + COUNTERS + 16) += 1;
-        Py_DECREF(r);
-    }
-    PyBuffer_Release(&buf);
-    if (i < nitems || PyErr_Occurred()) {    /* a BaseException: drop the rest's references */
-        for (; i < nitems; i++)
+        total += n;
+        /* received counts every well-formed message; dropped_unknown_type is a part of it */
+        uint64_t dropped = d.dropped - dropped_before;
+        *(uint64_t *)(base + COUNTERS) += (uint64_t)(out ? PyList_GET_SIZE(out) - listed_before : 0)
+                                          + (uint64_t)nitems + dropped;
+        *(uint64_t *)(base + COUNTERS + 16) += dropped;
+        /* Deliver, now that the pass's slots are consumed and counted. A handler's Exception
+         * waits until the rest is delivered (their slots are free already), then is raised;
+         * a BaseException (a kernel panic, an exit) is raised at once. */
+        for (long i = 0; i < nitems; i++) {
+            PyObject *r = PyObject_Vectorcall(deliver, items[i], 4, NULL);
             for (int k = 0; k < 4; k++)
                 Py_DECREF(items[i][k]);
+            if (r == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                    drop_rows(items, i + 1, nitems);
+                    failed = 1;
+                    break;
+                }
+                if (et == NULL)
+                    PyErr_Fetch(&et, &ev, &tb);
+                else
+                    PyErr_Clear();
+                continue;
+            }
+            if (r == Py_False)               /* nobody handled it: counted, as ring.py does */
+                *(uint64_t *)(base + COUNTERS + 16) += 1;
+            Py_DECREF(r);
+        }
+        if (failed)
+            break;
+        delivered += nitems;
+        if (!hushed)
+            break;
+        /* lower the flag with a full barrier, then look: a sender that saw it raised
+         * published before it and is seen here; one that did not rings as usual */
+        __atomic_store_n((uint8_t *)polling, 0, __ATOMIC_SEQ_CST);
+        if (more || total >= limit || et != NULL || !tail_published(&d))
+            break;
+        __atomic_store_n((uint8_t *)polling, 1, __ATOMIC_SEQ_CST);
+    }
+    if (hushed && failed)
+        __atomic_store_n((uint8_t *)polling, 0, __ATOMIC_SEQ_CST);
+    if (total >= limit)
+        more = 1;
+    if (d.dropped || any_filter(base)) {
+        uint32_t now = now_ms();
+        review_filters(base, now);
+        for (int i = 0; i < 8 && d.drop_tag[i]; i++)
+            if (tally(base, d.drop_tag[i], d.drop_type[i], d.drop_n[i], now))
+                add_filter(base, d.drop_tag[i], d.drop_type[i], now);
+    }
+    if (filter)
+        PyBuffer_Release(&handled);
+    PyBuffer_Release(&buf);
+    if (failed) {
+        Py_XDECREF(out);
         Py_XDECREF(et);
         Py_XDECREF(ev);
         Py_XDECREF(tb);
@@ -495,7 +544,9 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_Restore(et, ev, tb);
         return NULL;
     }
-    return Py_BuildValue("(lil)", nitems, more, done);
+    if (out != NULL)
+        return Py_BuildValue("(Nil)", out, more, total);
+    return Py_BuildValue("(lil)", delivered, more, total);
 }
 
 /* spin(ring, usec) -> bool: busy-wait until the ring has a claimed slot, at most ``usec``
@@ -574,7 +625,8 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyBool_FromLong(pending);
 }
 
-/* halt(ring, nslots, stride, slot_bytes, doorbell_fd, timeout_s, limit, handled[, deliver])
+/* halt(ring, nslots, stride, slot_bytes, doorbell_fd, timeout_s, limit, handled[, deliver[,
+ *      hush]])
  *      -> drain's answer, or None when the wait timed out with nothing to take
  * The interrupt-mode wait in one call: clear the doorbell (eventfd, non-blocking), announce
  * idle (the barrier of idle_enter), sleep on the doorbell unless a message is already waiting
@@ -586,8 +638,8 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 {
     Py_buffer buf;
     uint64_t nslots, stride, slot_bytes;
-    if (nargs != 8 && nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "halt takes 8 or 9 arguments");
+    if (nargs < 8 || nargs > 10) {
+        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 10 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[4]);
@@ -642,9 +694,9 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyBuffer_Release(&buf);
     if (!rung)
         Py_RETURN_NONE;
-    PyObject *drain_args[7] = {args[0], args[1], args[2], args[3], args[6], args[7],
-                               nargs == 9 ? args[8] : Py_None};
-    return fr_drain(self, drain_args, 7);
+    PyObject *drain_args[8] = {args[0], args[1], args[2], args[3], args[6], args[7],
+                               nargs >= 9 ? args[8] : Py_None, nargs == 10 ? args[9] : Py_False};
+    return fr_drain(self, drain_args, 8);
 }
 
 static PyMethodDef methods[] = {

@@ -247,8 +247,10 @@ class Kernel:
         self._in_drain = True
         try:
             msgr = self.messenger       # no request pending: unhandled types die in the ring
+            # hush: no doorbells for what this drain takes anyway (it looks again before it
+            # returns, so nothing is left unrung)
             return self.ring.drain(self._deliver, limit, 1.0,
-                                   None if msgr.waiting else msgr.handled)
+                                   None if msgr.waiting else msgr.handled, True)
         finally:
             self._in_drain = False
 
@@ -386,7 +388,7 @@ class Kernel:
         try:
             msgr = self.messenger
             self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout), self._deliver,
-                           64, None if msgr.waiting else msgr.handled)
+                           64, None if msgr.waiting else msgr.handled, 1.0, True)
         finally:
             self._in_drain = False
 

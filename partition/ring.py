@@ -406,17 +406,20 @@ class Ring:
         return t != self.head and self._u64(self._slot(t) + S_SIZE) != 0
 
     def drain(self, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
-              abandon_after: float = 1.0, handled: bytes | bytearray | None = None) -> int:
+              abandon_after: float = 1.0, handled: bytes | bytearray | None = None,
+              hush: bool = False) -> int:
         """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
         payload)``, which returns False for a type nobody handles (dropped, counted). Returns
         how many slots were consumed, dropped ones included. ``handled``: a bitmap of the types
         someone handles (bit t of byte t >> 3; types past its end count as handled), given when
-        nothing else can be awaited; other types are dropped and counted, not handed up."""
+        nothing else can be awaited; other types are dropped and counted, not handed up.
+        ``hush``: no doorbells while this drain consumes and delivers (see _fastring.c; the
+        C path only: the Python ring rings as usual)."""
         if _fast is not None:
             # C consumed, counted and delivered the well-formed prefix; it says when there is
             # more, and the careful path takes over from there
             _, more, consumed = _fast.drain(self.buf, self.nslots, self.stride,
-                                            self.slot_bytes, limit, handled, deliver)
+                                            self.slot_bytes, limit, handled, deliver, hush)
             if more and consumed < limit:
                 batch = []
                 consumed += self._careful(batch, limit - consumed, abandon_after, handled)
@@ -433,14 +436,15 @@ class Ring:
 
     def halt(self, doorbell_fd: int, timeout: float,
              deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
-             handled: bytes | bytearray | None = None, abandon_after: float = 1.0) -> int | None:
+             handled: bytes | bytearray | None = None, abandon_after: float = 1.0,
+             hush: bool = False) -> int | None:
         """The receiver's whole interrupt-mode wait: clear the doorbell, announce idle, sleep
         on the doorbell (unless a message already waits) up to ``timeout`` seconds, leave
         idle, drain as ``drain`` does. None: the wait timed out, nothing was taken. The
         doorbell must be a non-blocking eventfd."""
         if _fast is not None:
             got = _fast.halt(self.buf, self.nslots, self.stride, self.slot_bytes, doorbell_fd,
-                             float(timeout), limit, handled, deliver)
+                             float(timeout), limit, handled, deliver, hush)
             if got is None:
                 return None
             _, more, consumed = got
@@ -462,7 +466,7 @@ class Ring:
             rung = True
         finally:
             self.idle_leave()
-        return self.drain(deliver, limit, abandon_after, handled) if rung else None
+        return self.drain(deliver, limit, abandon_after, handled, hush) if rung else None
 
     def _hand_up(self, batch: list[tuple[int, int, int, bytes]],
                  deliver: Callable[[int, int, int, bytes], bool], consumed: int) -> int:
