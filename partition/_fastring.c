@@ -37,7 +37,6 @@
 #define F_HITS 12               /*   u32 messages it dropped since the receiver last looked */
 #define DROPPED_FILTERED 248    /* u64: messages the filters dropped at their senders */
 #define NFILTER 3
-#define MAX_BATCH 256           /* messages one drain hands to a deliver callback */
 #define FILTER_AFTER 16         /* unhandled (sender, type) messages within FILTER_MS */
 #define FILTER_MS 10            /* a filter lapses this long after the flood stops */
 #define S_CPU 0
@@ -345,25 +344,25 @@ struct drain_state {
     const uint8_t *bits;
     uint64_t nbits, dropped;
     uint32_t drop_tag[8], drop_type[8], drop_n[8];      /* unhandled, per (sender, type) */
+    PyObject *deliver, *out;                 /* one of them: a callback, or a list to fill */
+    PyObject *et, *ev, *tb;                  /* the first Exception a handler raised */
+    long delivered;
 };
 
-static void drop_rows(PyObject *items[][4], long from, long to)
-{
-    for (long i = from; i < to; i++)
-        for (int k = 0; k < 4; k++)
-            Py_XDECREF(items[i][k]);
-}
-
-/* One pass over the ring: up to ``room`` slots. List mode (out != NULL) appends tuples;
- * callback mode fills ``items``. Returns slots consumed, or -1 with an exception set. */
-static long consume(struct drain_state *d, long room, PyObject *out, PyObject *items[][4],
-                    long *nitems, int *more)
+/* One pass over the ring: up to ``room`` slots, in order. Each slot is copied out, zeroed,
+ * tail moves past it and it is counted, and only then is it handed over (appended to the
+ * list, or delivered): a handler's reply may be seen at once, and whoever acts on it must see
+ * the count; and a handler that waits (a request from inside a handler) drains on from the
+ * ring in order, with nothing of this pass taken but not yet delivered. Returns slots
+ * consumed, or -1 with an exception set (a BaseException from a handler, or no memory). */
+static long consume(struct drain_state *d, long room, int *more)
 {
     char *base = d->base;
     uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
-    uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+    uint64_t *received = (uint64_t *)(base + COUNTERS), *unknown = (uint64_t *)(base + COUNTERS + 16);
     long done;
     for (done = 0; done < room; done++) {
+        uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
         if (t == __atomic_load_n(head, __ATOMIC_ACQUIRE))
             break;
         char *slot = base + RING_HEADER_BYTES + (t % d->nslots) * d->stride;
@@ -385,32 +384,55 @@ static long consume(struct drain_state *d, long room, PyObject *out, PyObject *i
                     break;
                 }
             }
-        } else if (out == NULL) {
-            PyObject **row = items[*nitems];
-            row[0] = PyLong_FromUnsignedLong(type);
-            row[1] = PyLong_FromUnsignedLong(sender - 1);
-            row[2] = PyLong_FromUnsignedLongLong(*(volatile uint64_t *)(slot + S_CPU));
-            row[3] = PyBytes_FromStringAndSize(slot + SLOT_HEADER, (Py_ssize_t)size);
-            (*nitems)++;
-            if (!row[0] || !row[1] || !row[2] || !row[3]) {
-                drop_rows(items, 0, *nitems);
-                *nitems = 0;
-                return -1;
-            }
-        } else {
-            PyObject *item = Py_BuildValue(
-                "(kkKy#)", (unsigned long)type, (unsigned long)(sender - 1),
-                (unsigned long long)*(volatile uint64_t *)(slot + S_CPU),
-                slot + SLOT_HEADER, (Py_ssize_t)size);
-            if (item == NULL || PyList_Append(out, item) < 0) {
+            memset(slot, 0, SLOT_HEADER);
+            __atomic_store_n(tail, t + 1, __ATOMIC_RELEASE);
+            *received += 1;
+            *unknown += 1;
+            continue;
+        }
+        PyObject *row[4];
+        row[0] = PyLong_FromUnsignedLong(type);
+        row[1] = PyLong_FromUnsignedLong(sender - 1);
+        row[2] = PyLong_FromUnsignedLongLong(*(volatile uint64_t *)(slot + S_CPU));
+        row[3] = PyBytes_FromStringAndSize(slot + SLOT_HEADER, (Py_ssize_t)size);
+        if (!row[0] || !row[1] || !row[2] || !row[3]) {
+            for (int k = 0; k < 4; k++)
+                Py_XDECREF(row[k]);
+            return -1;                       /* (left in the ring: nothing is lost) */
+        }
+        memset(slot, 0, SLOT_HEADER);
+        __atomic_store_n(tail, t + 1, __ATOMIC_RELEASE);     /* the slot is free from here on */
+        *received += 1;
+        if (d->out != NULL) {
+            PyObject *item = PyTuple_Pack(4, row[0], row[1], row[2], row[3]);
+            for (int k = 0; k < 4; k++)
+                Py_DECREF(row[k]);
+            if (item == NULL || PyList_Append(d->out, item) < 0) {
                 Py_XDECREF(item);
                 return -1;
             }
             Py_DECREF(item);
+            continue;
         }
-        memset(slot, 0, SLOT_HEADER);
-        t++;
-        __atomic_store_n(tail, t, __ATOMIC_RELEASE);         /* the slot is free from here on */
+        /* A handler's Exception waits until the rest of the pass is delivered, then is raised;
+         * a BaseException (a kernel panic, an exit) is raised at once, the rest left in the
+         * ring. */
+        PyObject *r = PyObject_Vectorcall(d->deliver, row, 4, NULL);
+        for (int k = 0; k < 4; k++)
+            Py_DECREF(row[k]);
+        if (r == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return -1;
+            if (d->et == NULL)
+                PyErr_Fetch(&d->et, &d->ev, &d->tb);
+            else
+                PyErr_Clear();
+            continue;
+        }
+        if (r == Py_False)                   /* nobody handled it: counted, as ring.py does */
+            *unknown += 1;
+        Py_DECREF(r);
+        d->delivered++;
     }
     return done;
 }
@@ -434,8 +456,8 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "drain takes 5 to 8 arguments");
         return NULL;
     }
-    PyObject *deliver = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
-    int hush = deliver != NULL && nargs == 8 && PyObject_IsTrue(args[7]) == 1;
+    d.deliver = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
+    int hush = d.deliver != NULL && nargs == 8 && PyObject_IsTrue(args[7]) == 1;
     if (ring_args(args, &buf, &d.nslots, &d.stride, &d.slot_bytes) < 0)
         return NULL;
     Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
@@ -447,9 +469,8 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     d.bits = filter ? (const uint8_t *)handled.buf : NULL;
     d.nbits = filter ? (uint64_t)handled.len * 8 : 0;
     long limit = PyLong_AsLong(args[4]);
-    PyObject *out = NULL;
-    if (!(limit < 0 && PyErr_Occurred()) && deliver == NULL)
-        out = PyList_New(0);
+    if (!(limit < 0 && PyErr_Occurred()) && d.deliver == NULL)
+        d.out = PyList_New(0);
     if (PyErr_Occurred()) {
         if (filter)
             PyBuffer_Release(&handled);
@@ -457,9 +478,7 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     char *base = d.base = (char *)buf.buf;
-    PyObject *items[MAX_BATCH][4];           /* deliver's arguments, one row per message */
-    PyObject *et = NULL, *ev = NULL, *tb = NULL;
-    long total = 0, delivered = 0;
+    long total = 0;
     int more = 0, failed = 0;
     volatile uint8_t *polling = (volatile uint8_t *)(base + POLLING);
     int hushed = hush && *polling == 0;
@@ -468,54 +487,18 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     /* doorbells rung from here on are for messages this drain may not see: let them ring */
     __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
     for (;;) {
-        long nitems = 0, room = limit - total;
-        if (deliver != NULL && room > MAX_BATCH)
-            room = MAX_BATCH;
-        uint64_t dropped_before = d.dropped;
-        Py_ssize_t listed_before = out ? PyList_GET_SIZE(out) : 0;
-        long n = consume(&d, room, out, items, &nitems, &more);
+        long n = consume(&d, limit - total, &more);
         if (n < 0) {
             failed = 1;
             break;
         }
         total += n;
-        /* received counts every well-formed message; dropped_unknown_type is a part of it */
-        uint64_t dropped = d.dropped - dropped_before;
-        *(uint64_t *)(base + COUNTERS) += (uint64_t)(out ? PyList_GET_SIZE(out) - listed_before : 0)
-                                          + (uint64_t)nitems + dropped;
-        *(uint64_t *)(base + COUNTERS + 16) += dropped;
-        /* Deliver, now that the pass's slots are consumed and counted. A handler's Exception
-         * waits until the rest is delivered (their slots are free already), then is raised;
-         * a BaseException (a kernel panic, an exit) is raised at once. */
-        for (long i = 0; i < nitems; i++) {
-            PyObject *r = PyObject_Vectorcall(deliver, items[i], 4, NULL);
-            for (int k = 0; k < 4; k++)
-                Py_DECREF(items[i][k]);
-            if (r == NULL) {
-                if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-                    drop_rows(items, i + 1, nitems);
-                    failed = 1;
-                    break;
-                }
-                if (et == NULL)
-                    PyErr_Fetch(&et, &ev, &tb);
-                else
-                    PyErr_Clear();
-                continue;
-            }
-            if (r == Py_False)               /* nobody handled it: counted, as ring.py does */
-                *(uint64_t *)(base + COUNTERS + 16) += 1;
-            Py_DECREF(r);
-        }
-        if (failed)
-            break;
-        delivered += nitems;
         if (!hushed)
             break;
         /* lower the flag with a full barrier, then look: a sender that saw it raised
          * published before it and is seen here; one that did not rings as usual */
         __atomic_store_n((uint8_t *)polling, 0, __ATOMIC_SEQ_CST);
-        if (more || total >= limit || et != NULL || !tail_published(&d))
+        if (more || total >= limit || d.et != NULL || !tail_published(&d))
             break;
         __atomic_store_n((uint8_t *)polling, 1, __ATOMIC_SEQ_CST);
     }
@@ -534,19 +517,19 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyBuffer_Release(&handled);
     PyBuffer_Release(&buf);
     if (failed) {
-        Py_XDECREF(out);
-        Py_XDECREF(et);
-        Py_XDECREF(ev);
-        Py_XDECREF(tb);
+        Py_XDECREF(d.out);
+        Py_XDECREF(d.et);
+        Py_XDECREF(d.ev);
+        Py_XDECREF(d.tb);
         return NULL;
     }
-    if (et != NULL) {
-        PyErr_Restore(et, ev, tb);
+    if (d.et != NULL) {
+        PyErr_Restore(d.et, d.ev, d.tb);
         return NULL;
     }
-    if (out != NULL)
-        return Py_BuildValue("(Nil)", out, more, total);
-    return Py_BuildValue("(lil)", delivered, more, total);
+    if (d.out != NULL)
+        return Py_BuildValue("(Nil)", d.out, more, total);
+    return Py_BuildValue("(lil)", d.delivered, more, total);
 }
 
 /* spin(ring, usec) -> bool: busy-wait until the ring has a claimed slot, at most ``usec``
@@ -654,6 +637,8 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyBuffer_Release(&buf);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
+    /* a wait from inside a hushed drain (a handler's request) must be rung: lower the flag */
+    __atomic_store_n((uint8_t *)(base + POLLING), 0, __ATOMIC_SEQ_CST);
     __atomic_store_n((uint32_t *)(base + IDLE), 1, __ATOMIC_SEQ_CST);
     __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);   /* as idle_enter */
     uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
@@ -722,6 +707,15 @@ PyMODINIT_FUNC PyInit__fastring(void)
         "NFILTER", NFILTER, "FILTER_AFTER", FILTER_AFTER, "FILTER_MS", FILTER_MS, "S_CPU", S_CPU, "S_TYPE", S_TYPE, "S_SENDER", S_SENDER,
         "S_SIZE", S_SIZE, "S_TICKET", S_TICKET, "RING_HEADER_BYTES", RING_HEADER_BYTES,
         "RING_SLOT_HEADER", SLOT_HEADER);
+#ifndef FASTRING_SOURCE_SHA256
+#define FASTRING_SOURCE_SHA256 ""
+#endif
+    /* the digest of the source this was built from (setup.py): ring.py refuses a stale build */
+    if (PyModule_AddStringConstant(m, "SOURCE_SHA256", FASTRING_SOURCE_SHA256) < 0) {
+        Py_XDECREF(layout);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (layout == NULL || PyModule_AddObject(m, "LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
         Py_DECREF(m);

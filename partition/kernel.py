@@ -358,17 +358,22 @@ class Kernel:
 
     def _wait_ipi(self, timeout: float) -> None:
         """Wait for messages and deliver them. Callers have just drained, and each branch looks
-        at the ring before it waits (spin returns at once on a claimed slot, idle on a
-        published one), so there is no drain up front."""
+        at the ring before it waits (spin returns at once on a claimed slot, halt on a
+        published one), so there is no drain up front.
+
+        A handler may wait too (a request from inside a handler): then this drains on from
+        inside the outer drain, in ring order, and other handlers may run meanwhile, as they
+        would on a kernel that takes interrupts while one of its handlers sleeps. Only the
+        IPI signal's own drain stays out of a drain (``_in_drain``)."""
         if self.mode == "poll":
             # spin on the ring's head, bounded so that the caller's loop (deadlines, halting,
             # heartbeats) still comes round at least every 50 us
             if self.ring.spin(min(50.0, timeout * 1e6)):
-                self.poll_ipis()
+                self._take()
             return
         if self.mode == "hybrid":
             if self.ring.spin(self.spin_us):
-                self.poll_ipis()
+                self._take()
                 return
             self.ring.set_polling(False)
             try:
@@ -376,21 +381,29 @@ class Kernel:
             finally:
                 self.ring.set_polling(True)
             if rung:
-                self.poll_ipis()
-            return
-        if self._in_drain:              # (a wait inside a handler inside a drain)
-            if self.idle(min(timeout, self.idle_timeout)):
-                self.poll_ipis()
+                self._take()
             return
         # the emulated HLT and the drain after it in one call (Ring.halt): between a wake-up
         # and the work it brings there is no Python but the handlers' own
+        outer = self._in_drain
         self._in_drain = True
         try:
             msgr = self.messenger
             self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout), self._deliver,
                            64, None if msgr.waiting else msgr.handled, 1.0, True)
         finally:
-            self._in_drain = False
+            self._in_drain = outer
+
+    def _take(self) -> int:
+        """A waiter's drain: like ``poll_ipis``, but also from inside a handler."""
+        outer = self._in_drain
+        self._in_drain = True
+        try:
+            msgr = self.messenger
+            return self.ring.drain(self._deliver, 64, 1.0,
+                                   None if msgr.waiting else msgr.handled, True)
+        finally:
+            self._in_drain = outer
 
     def _on_fault(self, msg: M.Message) -> None:
         from . import faults

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
 import select
 import struct
@@ -92,6 +93,23 @@ if _fast is not None and (os.environ.get("MK_PURE_RING") == "1" or _fast.LAYOUT 
         "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
         "S_SIZE": S_SIZE, "S_TICKET": S_TICKET, "RING_HEADER_BYTES": L.RING_HEADER_BYTES,
         "RING_SLOT_HEADER": L.RING_SLOT_HEADER}):
+    _fast = None
+
+def _stale(module: object) -> bool:
+    """Was the extension built from another version of _fastring.c than the one beside it? A
+    failed rebuild leaves the previous build in place (the extension is optional, so pip only
+    warns), and its layout may still match while its behaviour does not."""
+    src = os.path.join(os.path.dirname(__file__), "_fastring.c")
+    try:
+        with open(src, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError:             # an install without sources: nothing to compare with
+        return False
+    return getattr(module, "SOURCE_SHA256", "") != digest
+
+
+STALE = _fast is not None and _stale(_fast)
+if STALE:
     _fast = None
 #: which implementation this process uses ("c" or "python"); benchmarks report it
 IMPLEMENTATION = "c" if _fast is not None else "python"
@@ -421,18 +439,11 @@ class Ring:
             _, more, consumed = _fast.drain(self.buf, self.nslots, self.stride,
                                             self.slot_bytes, limit, handled, deliver, hush)
             if more and consumed < limit:
-                batch = []
-                consumed += self._careful(batch, limit - consumed, abandon_after, handled)
-                if batch:
-                    return self._hand_up(batch, deliver, consumed)
+                consumed += self._careful(limit - consumed, abandon_after, handled,
+                                          deliver)
             return consumed
-        else:
-            linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
-            batch = []
-            consumed = self._careful(batch, limit, abandon_after, handled)
-        if not batch:
-            return consumed
-        return self._hand_up(batch, deliver, consumed)
+        linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
+        return self._careful(limit, abandon_after, handled, deliver)
 
     def halt(self, doorbell_fd: int, timeout: float,
              deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
@@ -449,10 +460,8 @@ class Ring:
                 return None
             _, more, consumed = got
             if more and consumed < limit:
-                batch: list[tuple[int, int, int, bytes]] = []
-                consumed += self._careful(batch, limit - consumed, abandon_after, handled)
-                if batch:
-                    return self._hand_up(batch, deliver, consumed)
+                consumed += self._careful(limit - consumed, abandon_after, handled,
+                                          deliver)
             return consumed
         try:
             os.eventfd_read(doorbell_fd)
@@ -468,84 +477,80 @@ class Ring:
             self.idle_leave()
         return self.drain(deliver, limit, abandon_after, handled, hush) if rung else None
 
-    def _hand_up(self, batch: list[tuple[int, int, int, bytes]],
-                 deliver: Callable[[int, int, int, bytes], bool], consumed: int) -> int:
-        """Deliver a drained batch. The slots are free already, so a handler's exception is
-        raised only after the rest of the batch was delivered."""
-        failure: BaseException | None = None
-        for mtype, sender, cpu, payload in batch:
-            try:
-                if not deliver(mtype, sender, cpu, payload):
-                    self._bump(2)           # counted now: a later message's reply may be seen
-            except Exception as exc:      # the slots are already free: deliver the rest first
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return consumed
-
-    def _careful(self, batch: list[tuple[int, int, int, bytes]], limit: int,
-                 abandon_after: float, handled: bytes | bytearray | None = None) -> int:
+    def _careful(self, limit: int, abandon_after: float,
+                 handled: bytes | bytearray | None,
+                 deliver: Callable[[int, int, int, bytes], bool]) -> int:
         """The reference drain: every case of the protocol (unpublished, abandoned, bad size,
-        stale ticket). Appends good slots to ``batch``, counts everything before returning
-        (before any handler runs: a handler's reply can reach the host before drain returns,
-        and whoever acts on it must see the counts behind it). Returns slots consumed."""
+        stale ticket). Each slot is consumed and counted before it is given to ``deliver``:
+        a handler's reply can reach the host at once, and
+        whoever acts on it must see the count; and a handler that waits (a request from inside
+        a handler) drains on from the ring, in order. An Exception from ``deliver`` is raised
+        after the rest is delivered; a BaseException at once. Returns slots consumed."""
         buf = self.buf
         unpack = _Q.unpack_from
         nslots, stride, cap = self.nslots, self.stride, self.slot_bytes
         t = unpack(buf, TAIL)[0]
-        head = unpack(buf, HEAD)[0]
         if self._pending_since:               # claims seen unpublished, consumed since
             for k in [k for k in self._pending_since if k < t]:
                 del self._pending_since[k]
-        done = len(batch)
-        first = done
-        bad = abandoned = unknown = 0
+        done = 0
+        unknown = 0
         per_kind: dict[tuple[int, int], int] = {}   # unhandled messages per (sender + 1, type)
+        failure: Exception | None = None
         while done < limit:
-            if t == head:
-                head = unpack(buf, HEAD)[0]
-                if t == head:
-                    break
+            t = unpack(buf, TAIL)[0]            # (a handler's nested drain may have moved it)
+            if t == unpack(buf, HEAD)[0]:
+                break
             off = L.RING_HEADER_BYTES + (t % nslots) * stride
             # size first, the rest after: a sender may be writing this slot right now, and
             # only fields read *after* a published size are the ones it wrote before it
             size = unpack(buf, off + S_SIZE)[0]
             cpu, mtype, sender, _, ticket = _SLOT_HDR.unpack_from(buf, off)
+            item = None
             if size == 0:
                 if not self._abandoned(t, off, abandon_after):
                     break
-                abandoned += 1
+                counter = 3                                 # dropped_abandoned
             elif size == ABANDONED:
-                abandoned += 1
+                counter = 3
             elif size > cap or ticket != t:
-                bad += 1
+                counter = 1                                 # dropped_bad_size
             elif handled is not None and mtype < 8 * len(handled) and \
                     not handled[mtype >> 3] >> (mtype & 7) & 1:
+                counter = 2                                 # dropped_unknown_type
                 unknown += 1
                 per_kind[(sender, mtype)] = per_kind.get((sender, mtype), 0) + 1
             else:
+                counter = -1
                 p = off + L.RING_SLOT_HEADER
-                batch.append((mtype, sender - 1, cpu, bytes(buf[p:p + size])))
+                item = (mtype, sender - 1, cpu, bytes(buf[p:p + size]))
             buf[off:off + L.RING_SLOT_HEADER] = _ZERO_HDR
             if self._pending_since:
                 self._pending_since.pop(t, None)
-            t += 1
-            _Q.pack_into(buf, TAIL, t)              # the slot is free from here on
+            _Q.pack_into(buf, TAIL, t + 1)          # the slot is free from here on
             done += 1
-        if done > first:
             c = list(_COUNTERS.unpack_from(buf, COUNTERS))
-            c[0] += len(batch) - first + unknown     # received: every well-formed message
-            c[1] += bad
-            c[2] += unknown
-            c[3] += abandoned
+            if counter in (-1, 2):
+                c[0] += 1                           # received: every well-formed message
+            if counter > 0:
+                c[counter] += 1
             _COUNTERS.pack_into(buf, COUNTERS, *c)
+            if item is None:
+                continue
+            try:
+                if not deliver(*item):
+                    self._bump(2)
+            except Exception as exc:      # the rest first; a BaseException goes at once
+                failure = failure or exc
         if unknown or any(_FILTER.unpack_from(buf, FILTERS + 16 * i)[0] for i in range(NFILTER)):
             now = _now_ms()             # as _fastring.c: review, then add
             self._review_filters(now)
             for (tag, mtype), n in per_kind.items():
                 if self._tally(tag, mtype, n, now):
                     self._add_filter(tag, mtype, now)
-        return done - first
+        if failure is not None:
+            raise failure
+        return done
 
     def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:
         """Only for a claim whose claimer never wrote its id (it died within a few hundred

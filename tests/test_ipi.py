@@ -198,3 +198,14 @@ def test_counters_in_sys_view(machine):
     lines = dict(line.split() for line in open(path))
     assert lines["ipi_received"] == "3" and lines["ipi_sent"] == "3"
     assert lines["ipi_dropped_bad_size"] == "0"
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "poll", "hybrid"])
+def test_a_handler_can_make_a_request_of_its_own(machine, mode):
+    """A chained RPC: the relay's handler waits for the echo's answer from inside its own
+    drain (its response has to be delivered by a nested drain)."""
+    echo = up(machine, "echo")
+    relay = up(machine, "relay", kernel=os.path.join(HERE, "kernels", "relay.py") + ":Relay",
+               cmdline=f"next={echo['id']} mk_mode={mode}", cpu=CPUS[0])
+    for i in range(20):
+        assert machine.request("relay", M.MK_MSG_USER, i, timeout=10) == [relay["id"], i]

@@ -47,6 +47,8 @@ def test_the_extension_is_used_when_built():
         pytest.skip("no C extension in this install")
     if os.environ.get("MK_PURE_RING") == "1":
         pytest.skip("MK_PURE_RING=1 asks for the Python ring")
+    assert not ring.STALE, ("partition/_fastring.c changed since the extension was built, "
+                            "or its rebuild failed: pip install -e . and read its warnings")
     assert ring.IMPLEMENTATION == "c"         # its layout agrees with ring.py's
 
 
@@ -322,6 +324,7 @@ def test_a_failing_handler_does_not_lose_the_rest_of_its_batch(rg):
     with pytest.raises(Panic):
         rg.drain(panicking, 64)
     assert got == [b"\x00"]
+    assert rg.head - rg.tail == 2                 # the rest is still in the ring, not lost
 
 
 def test_an_unhandled_answer_from_deliver_is_counted(rg):

@@ -248,8 +248,17 @@ def run(round_trips: int = 10_000, stream: int = 100_000, size: int = 64,
     return {"benchmark": "ipi", "round_trips": round_trips, "stream_messages": stream,
             "payload_bytes": size, "repeats": repeats, "environment": environment(),
             "host_cpu": cpus[0], "oversubscribed": True,
-            "ring_implementation": ring_mod.IMPLEMENTATION, "results": results, "runs": runs,
+            "ring_implementation": ring_mod.IMPLEMENTATION, "ring_stale": ring_mod.STALE,
+            "results": results, "runs": runs,
             "targets": TARGETS}
+
+
+def _implementation(res: dict[str, Any]) -> str:
+    if res.get("ring_implementation") == "c":
+        return "C (partition/_fastring.c)"
+    if res.get("ring_stale"):
+        return "pure Python (the C extension is STALE, built from another source: pip install -e .)"
+    return "pure Python (no C extension built, or MK_PURE_RING=1)"
 
 
 def render(res: dict[str, Any]) -> str:
@@ -259,7 +268,7 @@ def render(res: dict[str, Any]) -> str:
              f"{res['repeats']} interleaved repeat(s), ratios taken within a repeat",
              f"machine: {environment_line(res['environment'])}",
              f"host on CPU {res['host_cpu']} (shared with an instance: oversubscribed); ring "
-             f"hot paths in {'C (partition/_fastring.c)' if res.get('ring_implementation') == 'c' else 'pure Python (no C extension built, or MK_PURE_RING=1)'}",
+             f"hot paths in {_implementation(res)}",
              "{:<8}{:<13}{:>9}{:>9}{:>9}{:>9}{:>10}{:>10}{:>12}".format(
                  "cpus", "variant", "p50 us", "p90", "p99", "p99.9", "max", "x base", "msgs/s")
              + "   p50 range"]
