@@ -129,9 +129,18 @@ static void review_filters(char *base, uint32_t now)
     }
 }
 
-/* receiver: filter (tag, type) from now on; a full table filters nothing more */
+/* receiver: filter (tag, type) from now on; a full table filters nothing more. Junk sent
+ * before the filter was visible to its sender still reaches the ring and may be tallied again:
+ * then the filter in force is renewed, not duplicated. */
 static void add_filter(char *base, uint32_t tag, uint32_t type, uint32_t now)
 {
+    for (int i = 0; i < NFILTER; i++) {
+        char *f = filter_at(base, i);
+        if (*(volatile uint16_t *)(f + F_SENDER) == tag && *(volatile uint32_t *)(f + F_TYPE) == type) {
+            *(volatile uint32_t *)(f + F_UNTIL) = now + FILTER_MS;
+            return;
+        }
+    }
     for (int i = 0; i < NFILTER; i++) {
         char *f = filter_at(base, i);
         if (*(volatile uint16_t *)(f + F_SENDER) != 0)

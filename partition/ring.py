@@ -364,6 +364,14 @@ class Ring:
                 struct.pack_into("<H", self.buf, off, 0)
 
     def _add_filter(self, tag: int, mtype: int, now: int) -> None:
+        """Receiver: filter (tag, type); one already in force is renewed, not duplicated (junk
+        sent before the filter was visible still reaches the ring and is tallied again)."""
+        for i in range(NFILTER):
+            off = FILTERS + 16 * i
+            ftag, _, ftype, _, _ = _FILTER.unpack_from(self.buf, off)
+            if ftag == tag and ftype == mtype:
+                struct.pack_into("<I", self.buf, off + 8, (now + FILTER_MS) & 0xFFFFFFFF)
+                return
         for i in range(NFILTER):
             off = FILTERS + 16 * i
             if not struct.unpack_from("<H", self.buf, off)[0]:

@@ -254,6 +254,21 @@ def test_a_few_junk_messages_set_no_filter_and_a_filter_lapses(big):
     assert big.send(6, 0, 98, b"junk") != ring.DOORBELL_NONE    # it reaches the ring again
 
 
+def test_junk_that_slipped_past_a_new_filter_renews_it_not_doubles_it(big):
+    """Senders that looked before the filter was set still put junk in the ring: tallied again,
+    it renews the filter in force instead of adding a second one."""
+    for _ in range(2 * ring.FILTER_AFTER):
+        big.send(5, 0, 99, b"junk")          # all in the ring before any drain
+    drain_handled(big)                       # one filter, from the first 16
+    for _ in range(ring.FILTER_AFTER):       # (a late sender's junk: bypass the filter)
+        big.buf[ring.FILTERS:ring.FILTERS + 2] = b"\0\0"
+        big.send(5, 0, 99, b"junk")
+    assert filtered(big) == []
+    struct.pack_into("<H", big.buf, ring.FILTERS, 6)            # the filter back in force
+    drain_handled(big)
+    assert filtered(big) == [(5, 99)]
+
+
 def test_a_slow_flood_is_filtered_too(big):
     """One junk message per drain (a flood that wakes its receiver for each message) is
     tallied across drains: FILTER_AFTER within FILTER_MS set the filter."""
