@@ -42,6 +42,7 @@ class HostIPC:
         self.messenger.register(M.MK_MSG_HALTED, self._on_halted)
         self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
         self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
+        self._filters_seen: dict[int, set[tuple[int, int]]] = {}   # instance id -> filters
 
     def close(self) -> None:
         self.ring = None  # type: ignore[assignment]
@@ -112,6 +113,25 @@ class HostIPC:
     def filters(self, inst: Instance) -> list[dict[str, int]]:
         """The drop filters this instance's ring has in force (floods of junk)."""
         return self.ring_of(inst.id).filters()
+
+    def watch_filters(self, instances: list[Instance]) -> None:
+        """A receiver sets and clears its drop filters itself, in shared memory, where the
+        event log cannot see it: the host looks now and then (Machine.poll, every 0.1 s) and
+        logs each change as ``ipi_filter_set`` / ``ipi_filter_cleared``. The values are what
+        the instance wrote: logged as read, never acted on."""
+        for inst in instances:
+            now = {(f["sender"], f["type"]) for f in self.ring_of(inst.id).filters()}
+            before = self._filters_seen.get(inst.id, set())
+            for sender, mtype in sorted(now - before):
+                self.m.events.warning("ipi_filter_set", instance=inst.id, name=inst.name,
+                                      sender=sender, msg_type=mtype)
+            for sender, mtype in sorted(before - now):
+                self.m.events.info("ipi_filter_cleared", instance=inst.id, name=inst.name,
+                                   sender=sender, msg_type=mtype)
+            if now:
+                self._filters_seen[inst.id] = now
+            else:
+                self._filters_seen.pop(inst.id, None)
 
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""

@@ -125,6 +125,7 @@ class Machine:
         self._host_console = ConsoleWriter(host_console)
         self.ipc = HostIPC(self)
         self.writes = None if self.protection else WriteWatch(self)
+        self._filters_due = 0.0               # next look at the rings' drop filters
         self._slot_put_u32(HOST_ID, L.SLOT_PEER_STATE, L.STATE_CODES["active"])
         self._slot_put_u32(HOST_ID, L.SLOT_PID, os.getpid())
         self.started = time.time()
@@ -483,6 +484,11 @@ class Machine:
             handled += 1
         if watched:
             self._watchdog(watched)
+        now = time.monotonic()
+        if now >= self._filters_due:
+            self._filters_due = now + 0.1
+            self.ipc.watch_filters([i for i in self.instances.values()
+                                    if i.state == State.ACTIVE and i.pid is not None])
         if self.writes is not None and self.writes.due(time.monotonic()):
             self.writes.scan()
         if self._restart_queue and not self._restarting:

@@ -131,6 +131,15 @@ def test_an_ipi_storm_of_junk_is_filtered_at_the_flooder(machine):
     assert c["ipi_doorbells"] < 100
     assert machine.request("victim", M.MK_MSG_USER, "still", timeout=10) == "still"
     machine.kill("storm", force=True)
+    wait_until(machine, lambda: any(e["event"] == "ipi_filter_set" for e in events(machine)))
+    seen = [e for e in events(machine) if e["event"] == "ipi_filter_set"]
+    assert [(e["name"], e["sender"], e["msg_type"]) for e in seen] == \
+        [("victim", storm["id"], M.MK_EMU_STORM)]
+
+
+def events(m):
+    with open(os.path.join(m.run_dir, "events.log")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_cpu_hog_is_not_a_failure(machine):
