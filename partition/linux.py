@@ -12,6 +12,7 @@ import ctypes.util
 import os
 import re
 import signal
+from typing import Callable
 
 try:        # by its soname: find_library would run ldconfig in a child on every import
     _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -120,21 +121,21 @@ try:
 except OSError as _exc:  # pragma: no cover - depends on the machine image
     raise ImportError("libatomic.so.1 is missing: install it (apt-get install libatomic1)") from _exc
 
-_cas8 = _libatomic.__atomic_compare_exchange_8
-_cas8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
-_cas8.restype = ctypes.c_bool
-_xchg8 = _libatomic.__atomic_exchange_8
-_xchg8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
-_xchg8.restype = ctypes.c_uint64
-_add8 = _libatomic.__atomic_fetch_add_8
-_add8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
-_add8.restype = ctypes.c_uint64
-_add4 = _libatomic.__atomic_fetch_add_4
-_add4.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
-_add4.restype = ctypes.c_uint32
-_xchg4 = _libatomic.__atomic_exchange_4
-_xchg4.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
-_xchg4.restype = ctypes.c_uint32
+
+
+def _atomic(name: str, restype: type, *argtypes: type) -> Callable[..., int]:
+    fn = getattr(_libatomic, name)
+    fn.argtypes = [ctypes.c_void_p, *argtypes]
+    fn.restype = restype
+    return fn
+
+
+_cas8 = _atomic("__atomic_compare_exchange_8", ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64,
+                ctypes.c_int, ctypes.c_int)
+_xchg8 = _atomic("__atomic_exchange_8", ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int)
+_add8 = _atomic("__atomic_fetch_add_8", ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int)
+_add4 = _atomic("__atomic_fetch_add_4", ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int)
+_xchg4 = _atomic("__atomic_exchange_4", ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int)
 _SEQ_CST = 5
 _expected = ctypes.c_uint64(0)
 _expected_addr = ctypes.addressof(_expected)

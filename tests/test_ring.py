@@ -24,9 +24,10 @@ def impl(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def rg(impl):
-    lay = L.ArenaLayout(pool_bytes=4 << 20, console_bytes=4096, ring_slots=8, ring_slot_bytes=256)
+def a_ring(slots, slot_bytes):
+    """A ring in an anonymous mapping (one process plays every side), and its clean-up."""
+    lay = L.ArenaLayout(pool_bytes=4 << 20, console_bytes=4096, ring_slots=slots,
+                        ring_slot_bytes=slot_bytes)
     area = mmap.mmap(-1, lay.ring_area_bytes)
     view = memoryview(area)
     r = Ring(view, linux.buffer_address(area), lay, 1)
@@ -34,6 +35,11 @@ def rg(impl):
     r.buf.release()
     view.release()
     area.close()
+
+
+@pytest.fixture
+def rg(impl):
+    yield from a_ring(8, 256)
 
 
 def drain_all(r):
@@ -189,14 +195,8 @@ def test_a_stale_doorbell_flag_does_not_silence_the_next_sender(rg):
 
 @pytest.fixture
 def big(impl):
-    lay = L.ArenaLayout(pool_bytes=4 << 20, console_bytes=4096, ring_slots=64, ring_slot_bytes=64)
-    area = mmap.mmap(-1, lay.ring_area_bytes)
-    view = memoryview(area)
-    r = Ring(view, linux.buffer_address(area), lay, 1)
-    yield r
-    r.buf.release()
-    view.release()
-    area.close()
+    """The default 64 slots: room for a flood past FILTER_AFTER."""
+    yield from a_ring(64, 64)
 
 
 HANDLES_TYPE_1 = bytes([0b10]) + bytes(8191)
