@@ -693,7 +693,97 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return fr_drain(self, drain_args, 8);
 }
 
+/* mk_message decoding (message.py's ``decode``, for the receive path). configure(Message,
+ * fallback) is called once: ``Message`` is the named tuple a delivered message is, ``fallback``
+ * decodes a msgpack payload that is not one of the forms read here (msgpack.unpackb with the
+ * emulator's options). On the caches a wake-up finds, the Python decode took 1.65-2 us of an
+ * echo kernel's 2.9-3.4 us from wake-up to answer. */
+static PyTypeObject *message_type = NULL;
+static PyObject *payload_fallback = NULL;
+
+static PyObject *fr_configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)
+            || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "configure(tuple subclass, callable)");
+        return NULL;
+    }
+    Py_XSETREF(message_type, (PyTypeObject *)Py_NewRef(args[0]));
+    Py_XSETREF(payload_fallback, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+/* decode(data, sender, cpu) -> Message, or None for bytes that are not one mk_message (a short
+ * header, a payload_len that does not match, a payload that is not msgpack) */
+static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || message_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "decode(data, sender, cpu), after configure()");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = (const unsigned char *)buf.buf;
+    Py_ssize_t n = buf.len;
+    uint32_t mtype, sub, plen;
+    uint64_t mid;
+    if (n < 20) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    memcpy(&mtype, p, 4);                    /* little-endian, as the host: x86 */
+    memcpy(&sub, p + 4, 4);
+    memcpy(&mid, p + 8, 8);
+    memcpy(&plen, p + 16, 4);
+    if ((Py_ssize_t)plen != n - 20) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    const unsigned char *body = p + 20;
+    PyObject *payload;
+    if (plen >= 2 && body[0] == 0xC4 && body[1] == plen - 2)        /* bin 8 */
+        payload = PyBytes_FromStringAndSize((const char *)body + 2, plen - 2);
+    else if (plen == 1 && body[0] == 0xC0)                            /* nil */
+        payload = Py_NewRef(Py_None);
+    else if (plen == 1 && body[0] <= 0x7F)                            /* positive fixint */
+        payload = PyLong_FromLong(body[0]);
+    else {
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)body, plen);
+        payload = raw ? PyObject_CallOneArg(payload_fallback, raw) : NULL;
+        Py_XDECREF(raw);
+        if (payload == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear();                   /* garbage from a faulty peer: not a message */
+            PyBuffer_Release(&buf);
+            Py_RETURN_NONE;
+        }
+    }
+    PyBuffer_Release(&buf);
+    if (payload == NULL)
+        return NULL;
+    PyObject *msg = message_type->tp_alloc(message_type, 6);
+    PyObject *a = PyLong_FromUnsignedLong(mtype), *b = PyLong_FromUnsignedLong(sub);
+    PyObject *c = PyLong_FromUnsignedLongLong(mid);
+    if (msg == NULL || a == NULL || b == NULL || c == NULL) {
+        Py_XDECREF(msg);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(c);
+        Py_DECREF(payload);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(msg, 0, a);
+    PyTuple_SET_ITEM(msg, 1, b);
+    PyTuple_SET_ITEM(msg, 2, c);
+    PyTuple_SET_ITEM(msg, 3, payload);
+    PyTuple_SET_ITEM(msg, 4, Py_NewRef(args[1]));
+    PyTuple_SET_ITEM(msg, 5, Py_NewRef(args[2]));
+    return msg;
+}
+
 static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))fr_configure, METH_FASTCALL, "set Message, fallback"},
+    {"decode", (PyCFunction)(void (*)(void))fr_decode, METH_FASTCALL, "one mk_message"},
     {"halt", (PyCFunction)(void (*)(void))fr_halt, METH_FASTCALL, "sleep on the doorbell, drain"},
     {"idle_enter", (PyCFunction)(void (*)(void))fr_idle_enter, METH_FASTCALL, "announce idle"},
     {"spin", (PyCFunction)(void (*)(void))fr_spin, METH_FASTCALL, "wait for a claimed slot"},

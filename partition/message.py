@@ -14,6 +14,7 @@ waits for it with a timeout (ETIMEDOUT).
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import struct
@@ -22,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import msgpack
 
+from . import ring as _ring
 from .ring import RingError
 
 HEADER = struct.Struct("<IIQI")
@@ -74,14 +76,15 @@ def encode(msg_type: int, subtype: int, msg_id: int, payload: Any) -> bytes:
     return HEADER.pack(msg_type, subtype, msg_id, len(body)) + body
 
 
-def decode(data: bytes, sender: int, cpu: int) -> Message | None:
-    """None for a slot whose header does not describe its bytes (dropped as bad size)."""
+def decode_py(data: bytes, sender: int, cpu: int) -> Message | None:
+    """None for a slot whose header does not describe its bytes (dropped as bad size). The
+    reference; ``decode`` is _fastring.c's copy of it when the extension is built."""
     if len(data) < _HEADER_SIZE:
         return None
     mtype, sub, mid, plen = _unpack_header(data, 0)
     if plen != len(data) - _HEADER_SIZE:
         return None
-    if data[_HEADER_SIZE] == 0xC4 and data[_HEADER_SIZE + 1] == plen - 2:
+    if plen >= 2 and data[_HEADER_SIZE] == 0xC4 and data[_HEADER_SIZE + 1] == plen - 2:
         # a msgpack bin 8 (bytes of up to 255): the commonest payload of a data message, read
         # without msgpack's machinery, which costs 2 us on the caches a wake-up finds
         payload = data[_HEADER_SIZE + 2:]
@@ -94,6 +97,12 @@ def decode(data: bytes, sender: int, cpu: int) -> Message | None:
 
 
 _unpackb = msgpack.unpackb
+
+decode = decode_py
+if _ring._fast is not None:          # (None also when the build is stale or MK_PURE_RING=1)
+    _ring._fast.configure(Message, functools.partial(msgpack.unpackb, raw=False,
+                                                     strict_map_key=False))
+    decode = _ring._fast.decode
 
 
 Handler = Callable[[Message], Any]
