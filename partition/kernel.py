@@ -241,18 +241,9 @@ class Kernel:
         return self.messenger.request(target, msg_type, payload, timeout, self._wait_ipi)
 
     def poll_ipis(self, limit: int = 64) -> int:
-        """Deliver up to ``limit`` pending messages now; returns how many."""
-        if self._in_drain:
-            return 0
-        self._in_drain = True
-        try:
-            msgr = self.messenger       # no request pending: unhandled types die in the ring
-            # hush: no doorbells for what this drain takes anyway (it looks again before it
-            # returns, so nothing is left unrung)
-            return self.ring.drain(self._deliver, limit, 1.0,
-                                   None if msgr.waiting else msgr.handled, True)
-        finally:
-            self._in_drain = False
+        """Deliver up to ``limit`` pending messages now; returns how many. Inside a drain (the
+        IPI signal arriving while handlers run) it does nothing: that drain goes on anyway."""
+        return 0 if self._in_drain else self._take(limit)
 
     def _ring_of(self, target: int) -> Ring:
         ring = self._rings.get(target)
@@ -394,13 +385,16 @@ class Kernel:
         finally:
             self._in_drain = outer
 
-    def _take(self) -> int:
-        """A waiter's drain: like ``poll_ipis``, but also from inside a handler."""
+    def _take(self, limit: int = 64) -> int:
+        """The drain: from the loop, from a waiter, also from inside a handler (a request a
+        handler makes drains on from there)."""
         outer = self._in_drain
         self._in_drain = True
         try:
-            msgr = self.messenger
-            return self.ring.drain(self._deliver, 64, 1.0,
+            msgr = self.messenger       # no request pending: unhandled types die in the ring
+            # hush: no doorbells for what this drain takes anyway (it looks again before it
+            # returns, so nothing is left unrung)
+            return self.ring.drain(self._deliver, limit, 1.0,
                                    None if msgr.waiting else msgr.handled, True)
         finally:
             self._in_drain = outer

@@ -190,8 +190,9 @@ class Messenger:
             self.responses.pop(mid, None)
 
     def deliver(self, msg_type: int, sender: int, cpu: int, data: bytes) -> bool:
-        """Ring callback. False means no handler took it (the ring counts the drop).
-        ``decode`` inlined: this runs once per message, first thing after a wake-up."""
+        """Ring callback. False means no handler took it (the ring counts the drop). Runs
+        once per message, first thing after a wake-up: a response is posted directly rather
+        than through ``send``, which would only add a call."""
         msg = decode(data, sender, cpu)     # (unhandled types mostly never get here: the ring
                                             # drops them with the ``handled`` bitmap)
         if msg is None or msg[0] != msg_type:
