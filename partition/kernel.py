@@ -103,9 +103,9 @@ class Kernel:
         self._in_drain = False
         self._booted = False       # messages wait in the ring until boot() registered handlers
         self._rings: dict[int, Ring] = {}
-        # peer id -> (bound send with its doorbell, the peer pid it was bound for)
-        self._senders: dict[int, tuple[Callable[[int, bytes], int], int]] = {}
-        self._doorbells: dict[int, tuple[int, int]] = {}   # peer id -> (pid, its eventfd here)
+        # peer id -> (bound send with its doorbell, the peer pid it was bound for, the peer's
+        # eventfd as fetched into this process: -1 if none, closed when the peer reboots)
+        self._senders: dict[int, tuple[Callable[[int, bytes], int], int, int]] = {}
         self.mode = self.params.get("mk_mode", self.mode)
         if self.mode not in ("interrupt", "poll", "hybrid"):
             raise ValueError(f"mk_mode must be interrupt, poll or hybrid, not {self.mode!r}")
@@ -289,19 +289,20 @@ class Kernel:
             self._ring_by_hand(target, pid, -rc)    # the bound send could not ring it
         return target
 
-    def _bind_sender(self, target: int, pid: int) -> tuple[Callable[[int, bytes], int], int]:
+    def _bind_sender(self, target: int,
+                     pid: int) -> tuple[Callable[[int, bytes], int], int, int]:
         """A send bound to ``target``'s ring and doorbell, for the incarnation ``pid``: its
         eventfd is fetched once per peer boot with pidfd_getfd (the host's we hold already);
         ipi_sent is counted by the ring just before it publishes."""
-        old = self._doorbells.pop(target, None)
-        if old is not None and old[1] >= 0:
-            os.close(old[1])
+        old = self._senders.pop(target, None)
+        if old is not None and old[2] >= 0:
+            os.close(old[2])
+        fd = -1
         if target == 0:
             doorbell = (self.ctx.host_doorbell_fd, 0, 0)
         elif pid <= 0:              # not running (yet): nobody to ring, ever (kill(0) is a
             doorbell = (-1, -1, 0)  # process group)
         else:
-            fd = -1
             try:
                 pidfd = os.pidfd_open(pid)
                 try:
@@ -310,10 +311,9 @@ class Kernel:
                     os.close(pidfd)
             except OSError:
                 fd = -1             # refused: the signal doorbell does the job (_ring_by_hand)
-            self._doorbells[target] = (pid, fd)
             doorbell = (fd, pid, int(IPI_SIGNAL))
         send = self._ring_of(target).sender(self.ctx.id, self._cpu, self._sent_counter, doorbell)
-        bound = self._senders[target] = (send, pid)
+        bound = self._senders[target] = (send, pid, fd)
         return bound
 
     def _ring_by_hand(self, target: int, pid: int, door: int) -> None:

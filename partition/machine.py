@@ -489,7 +489,7 @@ class Machine:
             self._filters_due = now + 0.1
             self.ipc.watch_filters([i for i in self.instances.values()
                                     if i.state == State.ACTIVE and i.pid is not None])
-        if self.writes is not None and self.writes.due(time.monotonic()):
+        if self.writes is not None and self.writes.due(now):
             self.writes.scan()
         if self._restart_queue and not self._restarting:
             self._run_restarts()

@@ -49,7 +49,7 @@ IDLE = 176               # u32 receiver is blocked on its doorbell (halted): rin
 SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
 FENCE = 192              # u64 scratch: the pure-Python sender's full barrier is an exchange here
 DOORBELLS = COUNTERS + 32  # u64 the 5th counter: doorbells senders rang here (atomic add)
-FILTERS = 200            # NFILTER x 16: drop filters {u16 sender+1, u16, u32 type, u32 until, u32 hits}
+FILTERS = 200            # NFILTER x 16: drop filters (u16 sender+1, u16, u32 type, until, hits)
 DROPPED_FILTERED = 248   # u64 messages the filters dropped at their senders (atomic add)
 NFILTER = 3              # filters at once; past that a flood is not filtered (only dropped)
 FILTER_AFTER = 16        # unhandled messages of one (sender, type) within FILTER_MS set one
@@ -70,13 +70,13 @@ S_TICKET = 24            # u64 claim ticket (the head value claimed)
 _SLOT_HDR = struct.Struct("<QIIQQ")
 _Q = struct.Struct("<Q")
 _FILTER = struct.Struct("<HHIII")        # sender+1, 0, type, until ms, hits
+_ZERO_HDR = bytes(L.RING_SLOT_HEADER)
+ABANDONED = (1 << 64) - 1
 
 
 def _now_ms() -> int:
     """CLOCK_MONOTONIC in ms, low 32 bits: the clock _fastring.c's filters are kept in."""
     return (time.monotonic_ns() // 1_000_000) & 0xFFFFFFFF
-_ZERO_HDR = bytes(L.RING_SLOT_HEADER)
-ABANDONED = (1 << 64) - 1
 
 MODES = {"interrupt": 0, "poll": 1, "hybrid": 2}
 
@@ -325,23 +325,26 @@ class Ring:
                                         f"{self.slot_bytes}-byte IPI slot")
 
     # -- drop filters (see _fastring.c: a flood of junk is dropped at its sender) -----------
+    def _filter_entries(self) -> list[tuple[int, int, int, int, int]]:
+        """(offset, sender + 1, type, until ms, hits) of each entry of the table, free ones
+        (sender + 1 == 0) included."""
+        out = []
+        for off in range(FILTERS, FILTERS + 16 * NFILTER, 16):
+            tag, _, mtype, until, hits = _FILTER.unpack_from(self.buf, off)
+            out.append((off, tag, mtype, until, hits))
+        return out
+
     def filters(self) -> list[dict[str, int]]:
         """The filters in force: sender id, type, and the drops since the receiver last looked
         (values as read from shared memory: for display only). A filter stays in force until
         its receiver looks and finds it idle for FILTER_MS, so a sleeping receiver's filter
         keeps dropping."""
-        out = []
-        for i in range(NFILTER):
-            tag, _, mtype, _until, hits = _FILTER.unpack_from(self.buf, FILTERS + 16 * i)
-            if tag:
-                out.append({"sender": tag - 1, "type": mtype, "drops_unreviewed": hits})
-        return out
+        return [{"sender": tag - 1, "type": mtype, "drops_unreviewed": hits}
+                for _, tag, mtype, _, hits in self._filter_entries() if tag]
 
     def _filtered(self, tag: int, mtype: int) -> bool:
         """Sender: is (tag, type) filtered here? Then count the drop (atomically)."""
-        for i in range(NFILTER):
-            off = FILTERS + 16 * i
-            ftag, _, ftype, _, _ = _FILTER.unpack_from(self.buf, off)
+        for off, ftag, ftype, _, _ in self._filter_entries():
             if ftag == tag and ftype == mtype:
                 linux.add_u32(self.addr + off + 12, 1)
                 linux.add_u64(self.addr + DROPPED_FILTERED, 1)
@@ -351,9 +354,7 @@ class Ring:
     def _review_filters(self, now: int) -> None:
         """Receiver: renew the filters that dropped something since the last look; clear the
         ones whose time is up (or is a time we never wrote)."""
-        for i in range(NFILTER):
-            off = FILTERS + 16 * i
-            tag, _, mtype, until, _ = _FILTER.unpack_from(self.buf, off)
+        for off, tag, _, until, _ in self._filter_entries():
             if not tag:
                 continue
             if linux.exchange_u32(self.addr + off + 12, 0):
@@ -366,16 +367,15 @@ class Ring:
     def _add_filter(self, tag: int, mtype: int, now: int) -> None:
         """Receiver: filter (tag, type); one already in force is renewed, not duplicated (junk
         sent before the filter was visible still reaches the ring and is tallied again)."""
-        for i in range(NFILTER):
-            off = FILTERS + 16 * i
-            ftag, _, ftype, _, _ = _FILTER.unpack_from(self.buf, off)
+        entries = self._filter_entries()
+        for off, ftag, ftype, _, _ in entries:
             if ftag == tag and ftype == mtype:
                 struct.pack_into("<I", self.buf, off + 8, (now + FILTER_MS) & 0xFFFFFFFF)
                 return
-        for i in range(NFILTER):
-            off = FILTERS + 16 * i
-            if not struct.unpack_from("<H", self.buf, off)[0]:
-                struct.pack_into("<III", self.buf, off + 4, mtype, (now + FILTER_MS) & 0xFFFFFFFF, 0)
+        for off, ftag, _, _, _ in entries:
+            if not ftag:
+                struct.pack_into("<III", self.buf, off + 4, mtype,
+                                 (now + FILTER_MS) & 0xFFFFFFFF, 0)
                 struct.pack_into("<H", self.buf, off, tag)      # the entry is live from here
                 return
 
@@ -397,9 +397,7 @@ class Ring:
 
     def unfilter_type(self, mtype: int) -> None:
         """Receiver: it handles ``mtype`` now; no filter may drop it any more."""
-        for i in range(NFILTER):
-            off = FILTERS + 16 * i
-            tag, _, ftype, _, _ = _FILTER.unpack_from(self.buf, off)
+        for off, tag, ftype, _, _ in self._filter_entries():
             if tag and ftype == mtype:
                 struct.pack_into("<H", self.buf, off, 0)
 
@@ -444,12 +442,9 @@ class Ring:
         if _fast is not None:
             # C consumed, counted and delivered the well-formed prefix; it says when there is
             # more, and the careful path takes over from there
-            _, more, consumed = _fast.drain(self.buf, self.nslots, self.stride,
-                                            self.slot_bytes, limit, handled, deliver, hush)
-            if more and consumed < limit:
-                consumed += self._careful(limit - consumed, abandon_after, handled,
-                                          deliver)
-            return consumed
+            return self._rest(_fast.drain(self.buf, self.nslots, self.stride, self.slot_bytes,
+                                          limit, handled, deliver, hush),
+                              limit, abandon_after, handled, deliver)
         linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
         return self._careful(limit, abandon_after, handled, deliver)
 
@@ -466,11 +461,7 @@ class Ring:
                              float(timeout), limit, handled, deliver, hush)
             if got is None:
                 return None
-            _, more, consumed = got
-            if more and consumed < limit:
-                consumed += self._careful(limit - consumed, abandon_after, handled,
-                                          deliver)
-            return consumed
+            return self._rest(got, limit, abandon_after, handled, deliver)
         try:
             os.eventfd_read(doorbell_fd)
         except BlockingIOError:
@@ -484,6 +475,16 @@ class Ring:
         finally:
             self.idle_leave()
         return self.drain(deliver, limit, abandon_after, handled, hush) if rung else None
+
+    def _rest(self, fast: tuple[int, int, int], limit: int, abandon_after: float,
+              handled: bytes | bytearray | None,
+              deliver: Callable[[int, int, int, bytes], bool]) -> int:
+        """After a C drain (delivered, more, consumed): where it stopped at a slot it leaves to
+        the reference (unpublished, abandoned, bad), the careful path goes on."""
+        _, more, consumed = fast
+        if more and consumed < limit:
+            consumed += self._careful(limit - consumed, abandon_after, handled, deliver)
+        return consumed
 
     def _careful(self, limit: int, abandon_after: float,
                  handled: bytes | bytearray | None,
@@ -502,7 +503,6 @@ class Ring:
             for k in [k for k in self._pending_since if k < t]:
                 del self._pending_since[k]
         done = 0
-        unknown = 0
         per_kind: dict[tuple[int, int], int] = {}   # unhandled messages per (sender + 1, type)
         failure: Exception | None = None
         while done < limit:
@@ -515,21 +515,20 @@ class Ring:
             size = unpack(buf, off + S_SIZE)[0]
             cpu, mtype, sender, _, ticket = _SLOT_HDR.unpack_from(buf, off)
             item = None
+            drop = 0                # the counter a dropped slot goes to (COUNTER_NAMES index)
             if size == 0:
                 if not self._abandoned(t, off, abandon_after):
                     break
-                counter = 3                                 # dropped_abandoned
+                drop = 3                                    # dropped_abandoned
             elif size == ABANDONED:
-                counter = 3
+                drop = 3
             elif size > cap or ticket != t:
-                counter = 1                                 # dropped_bad_size
+                drop = 1                                    # dropped_bad_size
             elif handled is not None and mtype < 8 * len(handled) and \
                     not handled[mtype >> 3] >> (mtype & 7) & 1:
-                counter = 2                                 # dropped_unknown_type
-                unknown += 1
+                drop = 2                                    # dropped_unknown_type
                 per_kind[(sender, mtype)] = per_kind.get((sender, mtype), 0) + 1
             else:
-                counter = -1
                 p = off + L.RING_SLOT_HEADER
                 item = (mtype, sender - 1, cpu, bytes(buf[p:p + size]))
             buf[off:off + L.RING_SLOT_HEADER] = _ZERO_HDR
@@ -537,12 +536,10 @@ class Ring:
                 self._pending_since.pop(t, None)
             _Q.pack_into(buf, TAIL, t + 1)          # the slot is free from here on
             done += 1
-            c = list(_COUNTERS.unpack_from(buf, COUNTERS))
-            if counter in (-1, 2):
-                c[0] += 1                           # received: every well-formed message
-            if counter > 0:
-                c[counter] += 1
-            _COUNTERS.pack_into(buf, COUNTERS, *c)
+            if drop in (0, 2):
+                self._bump(0)                       # received: every well-formed message
+            if drop:
+                self._bump(drop)
             if item is None:
                 continue
             try:
@@ -550,7 +547,7 @@ class Ring:
                     self._bump(2)
             except Exception as exc:      # the rest first; a BaseException goes at once
                 failure = failure or exc
-        if unknown or any(_FILTER.unpack_from(buf, FILTERS + 16 * i)[0] for i in range(NFILTER)):
+        if per_kind or any(tag for _, tag, _, _, _ in self._filter_entries()):
             now = _now_ms()             # as _fastring.c: review, then add
             self._review_filters(now)
             for (tag, mtype), n in per_kind.items():
