@@ -11,33 +11,63 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (AlreadyExists, BadKernelImage, BootFailed, BootTimeout, InvalidSpec, MKError,
-                     NoSuchInstance, NotLoaded, OutOfMemory, PermissionDenied, ResourceBusy,
-                     SupervisorUnavailable)
+from partition.errors import (
+    AlreadyExists,
+    BadKernelImage,
+    BootFailed,
+    BootTimeout,
+    InvalidSpec,
+    MKError,
+    NoSuchInstance,
+    NotLoaded,
+    OutOfMemory,
+    PermissionDenied,
+    ResourceBusy,
+    SupervisorUnavailable,
+)
 
 if TYPE_CHECKING:
-    from .instance import State
-    from .kernel import Kernel, KernelPanic
-    from .machine import Machine
+    from partition.abi.message import MK_MSG_USER, Message
+    from partition.abi.ring import RingError
+    from partition.guest.kernel import Kernel, KernelPanic
+    from partition.host.instance import State
+    from partition.host.machine import Machine
 
 # The machine and the kernel base pull in structlog, msgpack, ctypes and the rest; a `mkctl`
 # command only talks to the supervisor and needs none of it. They load on first use (PEP 562).
-_LAZY = {"Machine": ".machine", "Kernel": ".kernel", "KernelPanic": ".kernel",
-         "State": ".instance"}
+_LAZY = {"Machine": "partition.host.machine", "Kernel": "partition.guest.kernel",
+         "KernelPanic": "partition.guest.kernel", "State": "partition.host.instance",
+         "RingError": "partition.abi.ring", "Message": "partition.abi.message",
+         "MK_MSG_USER": "partition.abi.message"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'partition' has no attribute {name!r}")
 
 __all__ = [
-    "Machine", "Kernel", "KernelPanic", "State",
-    "MKError", "InvalidSpec", "PermissionDenied", "ResourceBusy", "NoSuchInstance",
-    "AlreadyExists", "OutOfMemory", "NotLoaded", "BadKernelImage", "BootTimeout", "BootFailed",
+    "MK_MSG_USER",
+    "AlreadyExists",
+    "BadKernelImage",
+    "BootFailed",
+    "BootTimeout",
+    "InvalidSpec",
+    "Kernel",
+    "KernelPanic",
+    "MKError",
+    "Machine",
+    "Message",
+    "NoSuchInstance",
+    "NotLoaded",
+    "OutOfMemory",
+    "PermissionDenied",
+    "ResourceBusy",
+    "RingError",
+    "State",
     "SupervisorUnavailable",
 ]
 __version__ = "0.1.0"

@@ -37,7 +37,7 @@ class MKError(Exception):
         return {"class": type(self).__name__, "message": self.message, "hint": self.hint}
 
     @staticmethod
-    def from_wire(data: dict[str, Any]) -> "MKError":
+    def from_wire(data: dict[str, Any]) -> MKError:
         cls = _CLASSES.get(str(data.get("class")), MKError)
         return cls(str(data.get("message")), data.get("hint"))
 

@@ -12,7 +12,7 @@ import ctypes.util
 import os
 import re
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 try:        # by its soname: find_library would run ldconfig in a child on every import
     _libc = ctypes.CDLL("libc.so.6", use_errno=True)

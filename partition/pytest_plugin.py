@@ -15,12 +15,13 @@ Teardown also checks that nothing leaked: no child process of the test is left b
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 
-from .machine import Machine
+from partition.host.machine import Machine
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def machine(machine_factory: Callable[..., Machine]) -> Machine:
 
 @pytest.fixture
 def run_scenario(tmp_path: Any) -> Callable[..., Any]:
-    from . import scenario
+    from partition import scenario
 
     def run(source: str) -> Any:
         """``source``: a scenario file, or TOML text (anything containing a newline)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidSpec
+from partition.errors import InvalidSpec
 
 PAGE_SIZE = 4096
 

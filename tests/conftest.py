@@ -52,4 +52,4 @@ def misbehaving() -> str:
 
 
 def mkctl_cmd() -> list[str]:
-    return [sys.executable, "-m", "partition.cli"]
+    return [sys.executable, "-m", "partition.control.cli"]

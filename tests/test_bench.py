@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from partition.bench import boot
-from partition.bench.stats import percentile, summary
+from partition.stats import percentile, summary
 
 
 def test_percentiles_are_nearest_rank():
@@ -25,13 +25,13 @@ def test_boot_bench_measures_both_sides():
 
 
 def test_bench_cli_refuses_too_few_boots():
-    p = subprocess.run([sys.executable, "-m", "partition.cli", "bench", "boot", "--boots", "10"],
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "bench", "boot", "--boots", "10"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "at least 50" in p.stderr
 
 
 def test_demo_runs_and_checks_itself():
-    p = subprocess.run([sys.executable, "-m", "partition.cli", "demo"], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "demo"], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "demo: all checks passed" in p.stdout
@@ -60,10 +60,10 @@ def test_ipi_bench_shape_and_csv():
 
 
 def test_ipi_bench_cli_refuses_few_round_trips():
-    p = subprocess.run([sys.executable, "-m", "partition.cli", "bench", "ipi", "--round-trips",
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "bench", "ipi", "--round-trips",
                         "100"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "at least 10000" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "partition.cli", "show", "--format", "csv"],
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "show", "--format", "csv"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "only for 'bench ipi'" in p.stderr
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 CPUS = sorted(os.sched_getaffinity(0))
-MKCTL = [sys.executable, "-m", "partition.cli"]
+MKCTL = [sys.executable, "-m", "partition.control.cli"]
 
 
 def mk(run_dir, *args, check=True):

@@ -8,7 +8,7 @@ import pytest
 from helpers import CPUS, up, wait_until
 
 from partition import InvalidSpec, NotLoaded
-from partition import message as M
+from partition.abi import message as M
 
 
 
@@ -258,7 +258,7 @@ def test_restart_scrubs_the_partition_unless_preserved(machine):
 
 def test_messages_to_a_dead_peer_fail_at_once(machine):
     import errno
-    from partition.ring import RingError
+    from partition.abi.ring import RingError
     d = up(machine, "v")
     machine.fault("v", "kill")
     machine.wait_for("v", "loaded")
@@ -266,5 +266,5 @@ def test_messages_to_a_dead_peer_fail_at_once(machine):
     with pytest.raises(RingError) as ei:
         machine.send("v", M.MK_MSG_USER, 1)
     assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 0.1
-    peer_state = machine.arena.slot(d["id"])[24]
+    peer_state = machine.arena.slot(d["id"]).peer_state
     assert peer_state == 2        # the peer-state table says loaded: every peer sees it

@@ -9,8 +9,9 @@ import time
 import pytest
 from helpers import CPUS, up, wait_until
 
-from partition import message as M
-from partition.ring import RingError
+from partition.abi import message as M
+from partition.abi.ring import RingError
+from ringtool import claim, fill, publish
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IPI = os.path.join(HERE, "kernels", "ipi.py")
@@ -109,11 +110,11 @@ def test_corrupted_slots_are_dropped_and_counted(machine):
     up(machine, "echo", "kernels.echo:EchoKernel")
     ring = machine.ring_of(machine.show("echo")["id"])
     # a slot claiming more bytes than a slot holds
-    off = ring.fill(ring.claim(), 0, 0, M.MK_MSG_USER, b"garbage!")
-    ring.publish(off, machine.layout.ring_slot_bytes + 1)
+    off = fill(ring, claim(ring), 0, 0, M.MK_MSG_USER, b"garbage!")
+    publish(ring, off, machine.layout.ring_slot_bytes + 1)
     # a slot whose bytes are not an mk_message
-    off = ring.fill(ring.claim(), 0, 0, M.MK_MSG_USER, b"\xff" * 40)
-    ring.publish(off, 40)
+    off = fill(ring, claim(ring), 0, 0, M.MK_MSG_USER, b"\xff" * 40)
+    publish(ring, off, 40)
     # a message of a type nobody handles
     machine.send("echo", 0x7777, "nobody")
     assert machine.request("echo", M.MK_MSG_USER, "ok", timeout=5) == "ok"

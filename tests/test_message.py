@@ -2,8 +2,8 @@
 
 import pytest
 
-from partition import message as M
-from partition import ring
+from partition.abi import message as M
+from partition.abi import ring
 
 
 @pytest.fixture(params=["c", "python"])

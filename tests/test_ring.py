@@ -9,9 +9,11 @@ import struct
 
 import pytest
 
-from partition import layout as L
-from partition import linux, ring
-from partition.ring import ABANDONED, S_SIZE, S_TICKET, Ring, RingError
+from partition.abi import layout as L
+from partition import linux
+from partition.abi import ring
+from partition.abi.ring import ABANDONED, S_SIZE, S_TICKET, Ring, RingError
+from ringtool import claim, fill, polling, publish
 
 
 @pytest.fixture(params=["c", "python"])
@@ -49,7 +51,7 @@ def drain_all(r):
 
 
 def test_the_extension_is_used_when_built():
-    if importlib.util.find_spec("partition._fastring") is None:
+    if importlib.util.find_spec("partition.abi._fastring") is None:
         pytest.skip("no C extension in this install")
     if os.environ.get("MK_PURE_RING") == "1":
         pytest.skip("MK_PURE_RING=1 asks for the Python ring")
@@ -97,11 +99,11 @@ def test_send_counts_before_it_publishes(rg):
 
 def test_bad_slots_are_dropped_and_counted_and_the_rest_delivered(rg):
     rg.send(0, 0, 1, b"first")
-    off = rg.fill(rg.claim(), 0, 0, 1, b"junk")
-    rg.publish(off, 10_000)                   # a size no slot holds
-    off = rg.fill(rg.claim(), 0, 0, 1, b"stale")
+    off = fill(rg, claim(rg), 0, 0, 1, b"junk")
+    publish(rg, off, 10_000)                   # a size no slot holds
+    off = fill(rg, claim(rg), 0, 0, 1, b"stale")
     struct.pack_into("<Q", rg.buf, off + S_TICKET, 999)       # not the ticket expected here
-    rg.publish(off, 5)
+    publish(rg, off, 5)
     rg.send(0, 0, 1, b"last")
     assert [g[3] for g in drain_all(rg)] == [b"first", b"last"]
     c = rg.counters()
@@ -110,18 +112,18 @@ def test_bad_slots_are_dropped_and_counted_and_the_rest_delivered(rg):
 
 def test_an_unpublished_claim_holds_the_tail_until_published(rg):
     rg.send(0, 0, 1, b"before")
-    ticket = rg.claim()
-    off = rg.fill(ticket, 3, 0, 1, b"late")
+    ticket = claim(rg)
+    off = fill(rg, ticket, 3, 0, 1, b"late")
     rg.send(0, 0, 1, b"after")
     assert [g[3] for g in drain_all(rg)] == [b"before"]
     assert rg.spin(10.0) is True              # something is claimed
-    rg.publish(off, 4)
+    publish(rg, off, 4)
     assert [g[3] for g in drain_all(rg)] == [b"late", b"after"]
     assert rg.spin(200.0) is False            # empty: the bounded wait gives up
 
 
 def test_abandoned_claims_are_dropped(rg):
-    off = rg.fill(rg.claim(), 4, 0, 1, b"never")
+    off = fill(rg, claim(rg), 4, 0, 1, b"never")
     rg.send(0, 0, 1, b"next")
     assert rg.abandon_claims_of(4) == 1
     assert struct.unpack_from("<Q", rg.buf, off + S_SIZE)[0] == ABANDONED
@@ -364,7 +366,7 @@ def test_a_hushed_drain_takes_what_arrives_during_it_without_a_doorbell(rg, impl
         return True
     assert rg.drain(deliver, 64, hush=True) == 2
     assert got == [b"first", b"during"] and doors == [ring.DOORBELL_NONE]
-    assert not rg.polling
+    assert not polling(rg)
     assert rg.send(1, 0, 1, b"after") == ring.DOORBELL_SIGNAL     # rings again
 
 
@@ -374,4 +376,4 @@ def test_a_hushed_drain_of_a_poller_leaves_its_flag_up(rg, impl):
     rg.set_polling(True)
     rg.send(0, 0, 1, b"x")
     rg.drain(lambda *a: True, 64, hush=True)
-    assert rg.polling
+    assert polling(rg)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "scenarios")) if f.endswith(".toml"))
-MKCTL = [sys.executable, "-m", "partition.cli"]
+MKCTL = [sys.executable, "-m", "partition.control.cli"]
 
 SHORT = """
 expect = [{expect}]

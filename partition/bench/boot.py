@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any
 
-from ..machine import Machine
-from .stats import environment, environment_line, summary
+from partition.host.machine import Machine
+from partition.stats import environment, environment_line, summary
 
 TARGET_RATIO = 3.0
 

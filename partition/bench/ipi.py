@@ -22,11 +22,10 @@ import sys
 import time
 from typing import Any
 
-from kernels.echo import RESULTS, read_results
-
-from .. import ring as ring_mod
-from ..machine import Machine
-from .stats import environment, environment_line, summary
+from partition.abi import ring as ring_mod
+from partition.bench.echo import RESULTS, read_results
+from partition.host.machine import Machine
+from partition.stats import environment, environment_line, summary
 
 MODES = ("poll", "interrupt", "hybrid")
 BASELINE_OF = {"poll": "raw-spin", "interrupt": "raw-eventfd", "hybrid": "raw-eventfd"}
@@ -44,7 +43,8 @@ def tier(a: int, b: int) -> str:
                 return f.read().strip()
         except OSError:
             return ""
-    if read(a, "core_id") == read(b, "core_id") and read(a, "physical_package_id") == read(b, "physical_package_id"):
+    if read(a, "core_id") == read(b, "core_id") \
+            and read(a, "physical_package_id") == read(b, "physical_package_id"):
         return "T1"
     return "T2" if read(a, "physical_package_id") == read(b, "physical_package_id") else "T3"
 
@@ -140,9 +140,9 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
     m.create("echo", cpus=[b], memory="4M")
     m.create("ping", cpus=[a], memory=memory)
     try:
-        echo = m.load("echo", "kernels.echo:EchoKernel", f"mk_mode={mode}")
+        echo = m.load("echo", "partition.bench.echo:EchoKernel", f"mk_mode={mode}")
         m.exec("echo")
-        m.load("ping", "kernels.echo:EchoKernel",
+        m.load("ping", "partition.bench.echo:EchoKernel",
                f"role=ping target={echo['id']} count={n} size={size} mk_mode={mode}")
         m.exec("ping")
         count, _ = wait_done(m, "ping", 120)
@@ -152,7 +152,7 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
         m.unload("ping")
         m.delete("ping")              # scrubbed: the stream run starts from a zeroed partition
         m.create("ping", cpus=[a], memory=memory)
-        m.load("ping", "kernels.echo:EchoKernel",
+        m.load("ping", "partition.bench.echo:EchoKernel",
                f"role=stream target={echo['id']} count={stream} size={size} mk_mode={mode}")
         m.exec("ping")
         got, elapsed = wait_done(m, "ping", 300)

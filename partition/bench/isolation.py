@@ -24,11 +24,10 @@ import sys
 import time
 from typing import Any
 
-from kernels.echo import RESULTS
-
-from ..machine import Machine
-from .ipi import wait_done
-from .stats import environment, environment_line, summary
+from partition.bench.echo import RESULTS
+from partition.bench.ipi import wait_done
+from partition.host.machine import Machine
+from partition.stats import environment, environment_line, summary
 
 KINDS = ("kill", "panic", "hang-stop", "hang-spin", "wild-write", "ipi-storm", "cpu-hog",
          "mem-hog")
@@ -40,7 +39,7 @@ def _ping(m: Machine, a: int, target: int, n: int) -> list[float]:
     memory = max(4 << 20, (RESULTS.size + 8 * n + 4095) // 4096 * 4096)
     m.create("probe", cpus=[a], memory=memory)
     try:
-        m.load("probe", "kernels.echo:EchoKernel", f"role=ping target={target} count={n}")
+        m.load("probe", "partition.bench.echo:EchoKernel", f"role=ping target={target} count={n}")
         m.exec("probe")
         count, _ = wait_done(m, "probe", 60, period=0.05)
         raw = m.read_memory("probe", RESULTS.size, 8 * count)
@@ -73,7 +72,7 @@ def _one_kind(m: Machine, kind: str, where: dict[str, int], n: int,
     base = summary(_ping(m, where["ping"], echo["id"], n))
     m.create("victim", cpus=[where["victim"]], memory="4M", watchdog=1.0)
     try:
-        m.load("victim", "kernels.echo:EchoKernel", "mk_heap=64M")
+        m.load("victim", "partition.bench.echo:EchoKernel", "mk_heap=64M")
         m.exec("victim")
         before = m.checksum("bystander")
         opts: dict[str, Any] = {}
@@ -146,7 +145,7 @@ def run(n: int = 2000, kinds: tuple[str, ...] = KINDS, progress: bool = False,
         with Machine(cpus=cpus, host_cpus=[cpus[0]], oversubscribe=True, memory="256M",
                      kill_timeout=5.0, protection=protection) as m:
             m.create("bystander", cpus=[where["echo"]], memory="4M")
-            m.load("bystander", "kernels.echo:EchoKernel")
+            m.load("bystander", "partition.bench.echo:EchoKernel")
             m.exec("bystander")
             for r in range(1, repeats + 1):         # interleaved: every kind once per repeat
                 for kind in todo:

@@ -16,9 +16,9 @@ import sys
 import time
 from typing import Any
 
-from .. import message as M
-from ..machine import Machine
-from .stats import environment, environment_line, summary
+from partition.abi import message as M
+from partition.host.machine import Machine
+from partition.stats import environment, environment_line, summary
 
 TARGETS = {"detect_p50_ms": 1.0, "recover_p50_ms": 10.0}
 
@@ -56,7 +56,7 @@ def run(kills: int = 50, progress: bool = False) -> dict[str, Any]:
                  kill_timeout=5.0) as m:
         m.create("victim", cpus=[cpu], memory="4M", recovery="restart",
                  max_restarts=kills + 1, restart_window=3600)
-        m.load("victim", "kernels.echo:EchoKernel")
+        m.load("victim", "partition.bench.echo:EchoKernel")
         m.exec("victim")
         m.request("victim", M.MK_MSG_USER, 0, timeout=5)
         for i in range(kills):
@@ -79,7 +79,7 @@ def run(kills: int = 50, progress: bool = False) -> dict[str, Any]:
     if progress:
         print(file=sys.stderr)
     keep = ("p50", "p99", "max")
-    res = {"benchmark": "recovery", "kills": kills, "cpu": cpu, "environment": environment(),
+    res: dict[str, Any] = {"benchmark": "recovery", "kills": kills, "cpu": cpu, "environment": environment(),
            "detect_ms": {k: summary(detect)[k] for k in keep},
            "recover_ms": {k: summary(recover)[k] for k in keep},
            "baseline_pidfd_ms": {k: summary(raw)[k] for k in keep}, "targets": TARGETS}

@@ -3,8 +3,8 @@
 Public API: ``load`` a file into a checked ``Scenario``, ``run`` it into a ``RunResult``.
 """
 
-from .runner import RunResult, Runner
-from .schema import Scenario, ScenarioInvalid, check, load
+from partition.scenario.runner import Runner, RunResult
+from partition.scenario.schema import Scenario, ScenarioInvalid, check, load
 
 
 def run(scenario: Scenario, progress=None) -> RunResult:   # type: ignore[no-untyped-def]

@@ -10,10 +10,10 @@ import json
 import os
 import sys
 
-from ..errors import MKError
-from .report import Progress, report, summary, write_report
-from .runner import Runner
-from .schema import ScenarioInvalid, load
+from partition.errors import MKError
+from partition.scenario.report import Progress, report, summary, write_report
+from partition.scenario.runner import Runner
+from partition.scenario.schema import ScenarioInvalid, load
 
 EXIT_PASS, EXIT_FAIL, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT = os.path.join("scenarios", "quickstart.toml")
@@ -78,7 +78,7 @@ def main(a: argparse.Namespace) -> int:
     if a.report:
         write_report(result, a.report)
     if a.plot:
-        from .plot import plot
+        from partition.scenario.plot import plot
         plot(result, a.plot)
     if as_json:
         print(json.dumps(report(result), indent=1, default=str))

@@ -23,10 +23,11 @@ instead of quietly being False.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
-from ..errors import InvalidSpec
+from partition.errors import InvalidSpec
 
 
 class ExprError(InvalidSpec):
@@ -67,17 +68,17 @@ class Ref:
 @dataclass(frozen=True)
 class Unary:
     op: str
-    operand: "Node"
+    operand: Node
 
 
 @dataclass(frozen=True)
 class Binary:
     op: str
-    left: "Node"
-    right: "Node"
+    left: Node
+    right: Node
 
 
-Node = Union[Const, Ref, Unary, Binary]
+Node = Const | Ref | Unary | Binary
 
 
 def _tokens(text: str) -> list[tuple[str, str, int]]:

@@ -15,8 +15,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bench.stats import percentile
-from ..probes import BATCH_SAMPLES
+from partition.guest.probes import BATCH_SAMPLES
+from partition.stats import percentile
 
 MAX_COUNT = 10**9          # no honest report carries more than this in one period
 
@@ -79,7 +79,7 @@ class ProbeRecord:
     def windows(self, origin_ns: int, width_ns: int = 100_000_000
                 ) -> list[tuple[float, float, float, int]]:
         """(start s from ``origin_ns``, p50 us, p99 us, n) per window: the plot's lines."""
-        buckets: dict[int, list[int]] = {}
+        buckets: dict[int, list[float]] = {}
         for t, r in zip(self.t, self.r):
             buckets.setdefault((t - origin_ns) // width_ns, []).append(r)
         out = []
@@ -142,9 +142,10 @@ class Collector:
         for v in (sent, lost):
             if not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
                 return f"count {v!r} out of range"
+        assert isinstance(sent, int) and isinstance(lost, int)
         why = p.get("why", {})
         if not isinstance(why, dict) or not all(
-                isinstance(k, int) and isinstance(n, int) and 0 <= n for k, n in why.items()) \
+                isinstance(k, int) and isinstance(n, int) and n >= 0 for k, n in why.items()) \
                 or sum(why.values()) > lost:
             return "loss reasons are malformed"
         ts, rs = array("Q"), array("I")

@@ -5,10 +5,11 @@ imported only here, only when a plot is asked for, with the Agg backend (no disp
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
-from ..errors import MKError
-from .runner import RunResult
+from partition.errors import MKError
+from partition.scenario.runner import RunResult
 
 MAX_POINTS = 20_000       # scatter points per probe; more are thinned evenly (lines use all)
 
@@ -69,7 +70,7 @@ def plot(result: RunResult, path: str) -> None:
         for rec in streams:
             pts = sorted(((at - t0) / 1e9, n) for at, n in rec.throughput)
             rate = []
-            for (t_a, _), (t_b, n_b) in zip(pts, pts[1:]):
+            for (t_a, _), (t_b, n_b) in itertools.pairwise(pts):
                 if t_b > t_a:
                     rate.append((t_b, n_b / (t_b - t_a)))
             if rate:

@@ -8,8 +8,8 @@ import sys
 import time
 from typing import IO, Any
 
-from ..bench.stats import environment, environment_line
-from .runner import Runner, RunResult
+from partition.scenario.runner import Runner, RunResult
+from partition.stats import environment, environment_line
 
 
 class Progress:
@@ -80,7 +80,8 @@ def summary(result: RunResult) -> str:
     mach = result.machine
     out = [f"scenario {sc.name}: {result.verdict.upper()} after {result.elapsed_s:.2f} s",
            f"machine: pool CPUs {mach['pool_cpus']}, host CPUs {mach['host_cpus']}, "
-           f"{'OVERSUBSCRIBED (instances share cores; latencies include the scheduler)' if mach['oversubscribe'] else 'dedicated cores'}, "
+           + ("OVERSUBSCRIBED (instances share cores; latencies include the scheduler)"
+              if mach["oversubscribe"] else "dedicated cores") + ", "
            f"protection {'on' if mach['protection'] else 'OFF'}"]
     if sc.probes:
         rows = [["probe", "kind", "from->to", "sent", "lost", "msgs/s", "p50 us", "p99 us",

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from .. import message as M
-from .. import probes as P
-from ..errors import MKError
-from ..machine import Machine
-from ..ring import RingError
-from ..writewatch import foreign_mappers
-from . import expr as E
-from .measure import Collector, ProbeRecord
-from .schema import Scenario, ScenarioInvalid
+from partition.abi import message as M
+from partition.abi.ring import RingError
+from partition.errors import MKError
+from partition.guest import probes as P
+from partition.host.machine import Machine
+from partition.host.writewatch import foreign_mappers
+from partition.scenario import expr as E
+from partition.scenario.measure import Collector, ProbeRecord
+from partition.scenario.schema import Scenario, ScenarioInvalid
 
 #: events the timeline keeps (the full stream is in the run directory's events.log)
 TIMELINE_EVENTS = {"state_change", "fault_injected", "failure", "restart", "takeover",
@@ -83,7 +84,7 @@ class RunResult:
 
 class Runner:
     def __init__(self, scenario: Scenario,
-                 progress: Callable[["Runner", float], None] | None = None) -> None:
+                 progress: Callable[[Runner, float], None] | None = None) -> None:
         self.sc = scenario
         self.progress = progress
         self.m: Machine | None = None
@@ -132,10 +133,10 @@ class Runner:
                                                  + (f" ({exc.hint})" if exc.hint else "")]) from None
         m = self.m
         m.events.subscribe(self._on_event)
-        m.register_handler(P.MK_EMU_PROBE_REPORT,
+        m.register_handler(M.MK_EMU_PROBE_REPORT,
                            lambda msg: self.collector.on_report(msg.sender, msg.payload) and None)
-        m.register_handler(P.MK_EMU_PROBE_PING, lambda msg: msg.payload)
-        m.register_handler(P.MK_EMU_PROBE_DATA, self._host_data)
+        m.register_handler(M.MK_EMU_PROBE_PING, lambda msg: msg.payload)
+        m.register_handler(M.MK_EMU_PROBE_DATA, self._host_data)
         problems = []
         order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
         for i in order:
@@ -182,10 +183,8 @@ class Runner:
             self._probe_pids[p["name"]] = None
             if p["from"] == "host":
                 if self._host_agent is None:
-                    m = self.m
-                    self._host_agent = P.ProbeAgent(
-                        lambda t, typ, data, timeout: m.request(t, typ, data, timeout),
-                        lambda t, typ, data: m.send(t, typ, data), self.collector.host_report)
+                    self._host_agent = P.ProbeAgent(self.m.request, self.m.send,
+                                                    self.collector.host_report)
                 self._host_agent.start(self._spec(p, n))
                 rec.starts += 1
             else:
@@ -206,7 +205,7 @@ class Runner:
             return
         n = self._probe_ids[p["name"]]
         try:
-            answer = self.m.request(p["from"], P.MK_EMU_PROBE_START,
+            answer = self.m.request(p["from"], M.MK_EMU_PROBE_START,
                                     self._spec(p, n).to_wire(), timeout=2.0)
         except RingError as exc:
             self._note("probe_start_failed", probe=p["name"], error=exc.strerror)
@@ -323,7 +322,7 @@ class Runner:
             for i in self.sc.instances:
                 if m.show(i["name"])["state"] == "active":
                     try:
-                        m.request(i["name"], P.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
+                        m.request(i["name"], M.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
                     except RingError as exc:
                         self._note("probe_flush_failed", instance=i["name"], error=exc.strerror)
         m.poll(0)
@@ -367,7 +366,7 @@ class Runner:
             metrics[f["name"]] = self._fault_metrics(f)
         for a in self.sc.actions:
             fired = self.fired.get(a["name"])
-            metrics[a["name"]] = {"done": bool(fired) and fired["error"] is None,
+            metrics[a["name"]] = {"done": fired is not None and fired["error"] is None,
                                   "error": fired["error"] if fired else "never fired",
                                   "duration_ms": fired["duration_ms"] if fired else None}
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
@@ -382,7 +381,7 @@ class Runner:
 
     def _fault_metrics(self, f: dict[str, Any]) -> dict[str, Any]:
         fired = self.fired.get(f["name"])
-        out: dict[str, Any] = {"fired": bool(fired) and fired["error"] is None,
+        out: dict[str, Any] = {"fired": fired is not None and fired["error"] is None,
                                "detected": False, "detect_ms": None, "recovered": False,
                                "recover_ms": None,
                                "failure_kind": None,

@@ -13,14 +13,16 @@ import difflib
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import InvalidSpec, MKError
-from ..faults import KINDS as FAULT_KINDS
-from ..probes import KINDS as PROBE_KINDS, MAX_PAYLOAD
-from ..units import parse_cpulist, parse_size
-from . import expr as E
+from partition.errors import InvalidSpec, MKError
+from partition.guest.probes import KINDS as PROBE_KINDS
+from partition.guest.probes import MAX_PAYLOAD
+from partition.host.faults import KINDS as FAULT_KINDS
+from partition.scenario import expr as E
+from partition.units import parse_cpulist, parse_size
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
 ACTIONS = ("exec", "kill", "kill --force", "load", "unload")

@@ -5,8 +5,9 @@ import struct
 import time
 
 from partition import Kernel
-from partition.message import MK_MSG_USER
-from partition.ring import RingError
+from partition import MK_MSG_USER
+from partition import RingError
+from ringtool import claim, fill
 
 SEQ = MK_MSG_USER + 0x10
 COLLECTED = MK_MSG_USER + 0x11
@@ -68,9 +69,9 @@ class DiesMidSend(Kernel):
     heartbeat_interval = None
 
     def boot(self):
-        ring = self._ring_of(int(self.params["target"]))
-        ticket = ring.claim()
-        ring.fill(ticket, self.id, self._cpu, SEQ, b"\x00" * 8)   # never published
+        ring = self.endpoint.ring_of(int(self.params["target"]))
+        ticket = claim(ring)
+        fill(ring, ticket, self.id, self.endpoint.cpu, SEQ, b"\x00" * 8)   # never published
         self.printk(f"claimed slot {ticket}, stalling before publish")
 
     def run(self):

@@ -2,7 +2,7 @@
 asking instance ``next=N`` and returning that answer (a chained RPC)."""
 
 from partition import Kernel
-from partition.message import MK_MSG_USER
+from partition import MK_MSG_USER
 
 
 class Relay(Kernel):

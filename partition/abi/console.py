@@ -1,0 +1,77 @@
+"""Per-instance console (kmsg) buffer: a byte ring in the arena, written by one instance.
+
+The host reads it at any time, also after the instance died, which is the point: the last lines
+of a crashed kernel are where the reason is. The reader treats the header as untrusted input,
+because a faulty kernel can scribble over its own console: a bad magic or a head beyond reason
+yields what can be salvaged, never an exception in the host.
+"""
+
+from __future__ import annotations
+
+import time
+
+from partition.abi import layout as L
+
+
+def format_console(buf: memoryview | bytearray) -> None:
+    """Host side: (re)initialise a console buffer to empty."""
+    cap = len(buf) - L.CONSOLE_DATA
+    buf[: L.CONSOLE_DATA] = bytes(L.CONSOLE_DATA)
+    L.CONSOLE_HEADER.pack_into(buf, 0, L.CONSOLE_MAGIC, cap, 0)
+
+
+class ConsoleWriter:
+    """Instance side: ``printk`` appends timestamped lines; the head is published last."""
+
+    def __init__(self, buf: memoryview, boot_ns: int | None = None) -> None:
+        self.buf = buf
+        self.cap = len(buf) - L.CONSOLE_DATA
+        self.boot_ns = time.monotonic_ns() if boot_ns is None else boot_ns
+        magic, cap, head = L.CONSOLE_HEADER.unpack_from(buf, 0)
+        if magic != L.CONSOLE_MAGIC or cap != self.cap:
+            format_console(buf)
+            head = 0
+        self.head = head
+        self.data = buf[L.CONSOLE_DATA:]
+
+    def write(self, text: str) -> int:
+        raw = text.encode("utf-8", "replace")
+        if len(raw) > self.cap:
+            raw = raw[-self.cap:]
+        pos = self.head % self.cap
+        first = min(len(raw), self.cap - pos)
+        self.data[pos:pos + first] = raw[:first]
+        if first < len(raw):
+            self.data[0:len(raw) - first] = raw[first:]
+        self.head += len(raw)
+        L.CONSOLE_HEADER.pack_into(self.buf, 0, L.CONSOLE_MAGIC, self.cap, self.head)
+        return len(text)
+
+    def printk(self, message: str) -> None:
+        t = (time.monotonic_ns() - self.boot_ns) / 1e9
+        lines = str(message).splitlines() or [""]
+        self.write("".join(f"[{t:12.6f}] {line}\n" for line in lines))
+
+    def flush(self) -> None:  # file-like, so sys.stdout can point here
+        pass
+
+
+def read_console(buf: memoryview | bytes) -> str:
+    """Host side: the retained text, oldest first, validated against the buffer's real size."""
+    if len(buf) < L.CONSOLE_DATA:
+        return ""
+    magic, cap, head = L.CONSOLE_HEADER.unpack_from(buf, 0)
+    real_cap = len(buf) - L.CONSOLE_DATA
+    if magic != L.CONSOLE_MAGIC or cap != real_cap:
+        return "<console header corrupted: magic or capacity overwritten; buffer shown raw>\n" + \
+            bytes(buf[L.CONSOLE_DATA:]).rstrip(b"\x00").decode("utf-8", "replace")
+    data = bytes(buf[L.CONSOLE_DATA:])
+    if head <= cap:
+        raw = data[:head]
+    else:
+        pos = head % cap
+        raw = data[pos:] + data[:pos]
+        nl = raw.find(b"\n")           # drop the partial first line the ring cut through
+        if 0 <= nl < len(raw) - 1:
+            raw = raw[nl + 1:]
+    return raw.decode("utf-8", "replace")

@@ -1,0 +1,327 @@
+"""``mkctl``: the kerf-like command line of the emulator.
+
+Verbs and their legal states follow kerf (init, create, load, exec, kill, unload, delete, show,
+console); ``shutdown``, ``bench`` and ``demo`` are the emulator's own. Every refusal prints what
+is wrong and how to fix it on stderr and exits 1; a usage error exits 2. Nothing is changed by a
+refused command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from partition.control.client import Client, start_supervisor, stop_supervisor
+from partition.errors import MKError
+from partition.host import rundir
+from partition.host.pool import PoolConfig
+from partition.host.views import render_show
+from partition.units import format_cpulist, format_size
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
+    if getattr(args, "format", "text") == "json":
+        print(json.dumps(result, indent=2, sort_keys=False))
+    else:
+        print(text)
+
+
+def _one_line(i: dict[str, Any]) -> str:
+    s = (f"instance {i['name']} (id {i['id']}): {i['state']}, CPUs {format_cpulist(i['cpus'])}"
+         f"{' (shared: ' + format_cpulist(i['shared_cpus']) + ')' if i['shared_cpus'] else ''}, "
+         f"{format_size(i['memory_bytes'])} at 0x{i['memory_base']:x}")
+    if i.get("kernel"):
+        s += f", kernel {i['kernel']}"
+    if i.get("pid"):
+        s += f", pid {i['pid']}"
+    if i.get("last_exit") and i["state"] != "active":
+        s += f"; last exit: {i['last_exit']['reason']}"
+    if i.get("failure"):
+        s += f"; FAILED: {i['failure']}"
+    return s
+
+
+def _kernel_spec(spec: str) -> str:
+    """A path is sent absolute: the supervisor runs in another directory."""
+    if os.path.isfile(spec) or spec.endswith(".py"):
+        return os.path.abspath(spec)
+    path, _, cls = spec.rpartition(":")
+    if path.endswith(".py"):
+        return os.path.abspath(path) + ":" + cls
+    return spec
+
+
+def cmd_init(a: argparse.Namespace) -> int:
+    cfg = {"cpus": a.cpus, "memory": a.memory, "host_cpus": a.host_cpus,
+           "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
+           "kill_timeout": a.kill_timeout, "protection": a.protection}
+    PoolConfig.build(a.cpus, a.memory, a.host_cpus, a.oversubscribe)   # refuse early, in the CLI
+    info = start_supervisor(a.run_dir, cfg)
+    snap = Client(a.run_dir).call("show")
+    text = (f"machine up in {info['run_dir']} (supervisor pid {info['pid']})"
+            + (" [removed a stale run directory first]" if info.get("cleaned_stale") else "")
+            + "\n" + render_show(snap).rstrip())
+    _emit(a, snap, text)
+    return EXIT_OK
+
+
+def cmd_create(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
+                               cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
+                               max_restarts=a.max_restarts, restart_window=a.restart_window,
+                               watchdog=a.watchdog, standby_for=a.standby_for,
+                               preserve_memory=a.preserve_memory)
+    _emit(a, r, _one_line(r))
+    return EXIT_OK
+
+
+def cmd_update(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call("update", name=a.name, recovery=a.recovery,
+                               max_restarts=a.max_restarts, restart_window=a.restart_window,
+                               watchdog=a.watchdog, preserve_memory=a.preserve_memory)
+    _emit(a, r, _one_line(r) + f"\n  recovery: {r['recovery']}")
+    return EXIT_OK
+
+
+def cmd_fault(a: argparse.Namespace) -> int:
+    opts = {k: getattr(a, k) for k in ("address", "bytes", "target", "count", "seconds")
+            if getattr(a, k) is not None}
+    r = Client(a.run_dir).call("fault", name=a.name, kind=a.kind, options=opts)
+    _emit(a, r, f"fault {a.kind} injected into {r['name']} (id {r['id']})")
+    return EXIT_OK
+
+
+def cmd_load(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call("load", name=a.name, kernel=_kernel_spec(a.kernel),
+                               cmdline=a.cmdline, cwd=os.getcwd())
+    _emit(a, r, _one_line(r))
+    return EXIT_OK
+
+
+def cmd_simple(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call(a.verb, name=a.name)
+    _emit(a, r, _one_line(r))
+    return EXIT_OK
+
+
+def cmd_kill(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call("kill", name=a.name, force=a.force, timeout=a.timeout)
+    _emit(a, r, _one_line(r))
+    return EXIT_OK
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    r = Client(a.run_dir).call("show", name=a.name)
+    if a.name:
+        counters = " ".join(f"{k}={v}" for k, v in r["counters"].items())
+        text = f"{_one_line(r)}\n  counters: {counters}"
+    else:
+        text = render_show(r).rstrip()
+    _emit(a, r, text)
+    return EXIT_OK
+
+
+def cmd_console(a: argparse.Namespace) -> int:
+    text = Client(a.run_dir).call("console", name=a.name)
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_shutdown(a: argparse.Namespace) -> int:
+    r = stop_supervisor(a.run_dir)
+    if r.get("stale_removed"):
+        text = f"removed stale run directory {r['run_dir']} (its supervisor was already gone)"
+    else:
+        text = (f"machine in {r['run_dir']} shut down: {r['halted']} instance(s) halted, "
+                f"run directory {'removed' if r['removed'] else 'NOT removed'}")
+    _emit(a, r, text)
+    return EXIT_OK if r.get("removed", True) else EXIT_REFUSED
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "ipi":
+        from partition.bench import ipi
+        return ipi.main(a)
+    if a.what == "isolation":
+        from partition.bench import isolation
+        return isolation.main(a)
+    if a.what == "recovery":
+        from partition.bench import recovery
+        return recovery.main(a)
+    from partition.bench import boot
+    return boot.main(a)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from partition.scenario import command
+    return command.main(a)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from partition.control import demo
+    return demo.main(a)
+
+
+def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--recovery", choices=("none", "restart", "standby"), default=d("none"),
+                   help="what the host does when the instance fails (default none)")
+    p.add_argument("--max-restarts", type=int, default=d(3), help="restart intensity: at most N ...")
+    p.add_argument("--restart-window", type=float, default=d(5.0), help="... in T seconds")
+    p.add_argument("--watchdog", type=float, default=d(0.0),
+                   help="seconds without progress before the instance is declared hung (0: off)")
+    p.add_argument("--preserve-memory", action=argparse.BooleanOptionalAction, default=d(False),
+                   help="a restart keeps the partition (default: scrubbed before reuse)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def options(default: bool) -> argparse.ArgumentParser:
+        # Sub-commands repeat the global options with SUPPRESS defaults, so that
+        # "mkctl --run-dir X show" and "mkctl show --run-dir X" both work and neither
+        # placement silently resets the other.
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--run-dir", default=None if default else argparse.SUPPRESS,
+                       help=f"machine run directory (default: ${rundir.ENV} or "
+                            f"{rundir.default_run_dir()})")
+        p.add_argument("--format", choices=("text", "json", "csv"),
+                       default="text" if default else argparse.SUPPRESS)
+        return p
+
+    common = options(default=False)
+    ap = argparse.ArgumentParser(prog="mkctl", description="Multikernel partition emulator.",
+                                 parents=[options(default=True)])
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("init", parents=[common], help="define the pool and start the supervisor")
+    p.add_argument("--cpus", default=None, help="pool CPUs, e.g. 1-3 (default: all but the host's)")
+    p.add_argument("--memory", default="1G", help="pool memory, e.g. 1G (default 1G)")
+    p.add_argument("--host-cpus", default="0", help="CPUs kept by the host, instance 0 (default 0; 'none')")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="allow instances to share host cores (shown in every view)")
+    p.add_argument("--console-size", type=int, default=64 * 1024, help="kmsg bytes per instance")
+    p.add_argument("--no-protection", dest="protection", action="store_false",
+                   help="map the whole arena into every instance (wild writes land)")
+    p.add_argument("--kill-timeout", type=float, default=30.0,
+                   help="seconds a graceful kill waits before forcing (default 30)")
+    p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("create", parents=[common], help="reserve CPUs and memory (-> ready)")
+    p.add_argument("name")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cpus", help="CPU list, e.g. 1 or 1-2")
+    g.add_argument("--cpu-count", type=int, help="number of CPUs, picked from the free pool")
+    p.add_argument("--memory", required=True, help="partition size, multiple of 4K, e.g. 64M")
+    p.add_argument("--id", type=int, default=None, help="instance id 1..511 (default: lowest free)")
+    _recovery_options(p, defaults=True)
+    p.add_argument("--standby-for", default=None,
+                   help="make this instance the pre-booted standby of that one")
+    p.set_defaults(fn=cmd_create)
+
+    p = sub.add_parser("update", parents=[common], help="change recovery policy or watchdog")
+    p.add_argument("name")
+    _recovery_options(p, defaults=False)
+    p.set_defaults(fn=cmd_update)
+
+    p = sub.add_parser("fault", parents=[common], help="inject a fault into an active instance")
+    p.add_argument("name")
+    p.add_argument("kind", help="kill, hang-stop, panic, hang-spin, wild-write, ipi-storm, "
+                                "cpu-hog, mem-hog")
+    p.add_argument("--address", type=lambda t: int(t, 0), help="wild-write: physical address")
+    p.add_argument("--bytes", type=int, help="wild-write / mem-hog: how many bytes")
+    p.add_argument("--target", type=int, help="ipi-storm: instance id to flood")
+    p.add_argument("--count", type=int, help="ipi-storm: messages to send")
+    p.add_argument("--seconds", type=float, help="cpu-hog: how long")
+    p.set_defaults(fn=cmd_fault)
+
+    p = sub.add_parser("load", parents=[common], help="load a kernel image (ready -> loaded)")
+    p.add_argument("name")
+    p.add_argument("--kernel", required=True, help="module:Class or path/to/kernel.py[:Class]")
+    p.add_argument("--cmdline", default="", help="kernel command line, e.g. 'interval=0.1'")
+    p.set_defaults(fn=cmd_load)
+
+    for verb, helptext in (("exec", "boot the loaded image (loaded -> active)"),
+                           ("unload", "drop the image (loaded -> ready)"),
+                           ("delete", "free the partition (ready -> gone)")):
+        p = sub.add_parser(verb, parents=[common], help=helptext)
+        p.add_argument("name")
+        p.set_defaults(fn=cmd_simple)
+
+    p = sub.add_parser("kill", parents=[common], help="halt an instance (active -> loaded)")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="SIGKILL at once")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="graceful wait before forcing (default: the machine's --kill-timeout)")
+    p.set_defaults(fn=cmd_kill)
+
+    p = sub.add_parser("show", parents=[common], help="the machine, or one instance")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("console", parents=[common], help="an instance's kmsg ('host' for instance 0)")
+    p.add_argument("name")
+    p.set_defaults(fn=cmd_console)
+
+    p = sub.add_parser("shutdown", parents=[common],
+                       help="halt everything, stop the supervisor, remove arena and run directory")
+    p.set_defaults(fn=cmd_shutdown)
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks against raw baselines")
+    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation"))
+    p.add_argument("--kills", type=int, default=50, help="recovery: kills to time (at least 50)")
+    p.add_argument("--boots", type=int, default=100, help="boot: boots to time (at least 50)")
+    p.add_argument("--round-trips", type=int, default=10_000,
+                   help="ipi: round trips per pair and mode (at least 10000)")
+    p.add_argument("--stream", type=int, default=100_000, help="ipi: one-way messages to stream")
+    p.add_argument("--quick", action="store_true", help="ipi: allow fewer round trips (smoke run)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="ipi, isolation: interleaved repeats, medians reported "
+                        "(default 3; ipi: 1 with --quick)")
+    p.add_argument("--cpu", type=int, default=None, help="CPU to boot on (default: last pool CPU)")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("run", parents=[common],
+                       help="run a scenario file: a verdict, a report, a plot (docs/scenarios.md)")
+    p.add_argument("file", nargs="?", default=None,
+                   help="scenario TOML (default: scenarios/quickstart.toml)")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--plot", default=None, help="write a PNG of latency over time here "
+                                                "(needs matplotlib: pip install -e '.[plot]')")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--duration", default=None,
+                   help="override [scenario] duration, e.g. 30s (checked like the file's)")
+    p.add_argument("--seed", type=int, default=None, help="override [scenario] seed")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", parents=[common], help="the built-in default demonstration")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.format == "csv" and not (a.verb == "bench" and a.what == "ipi"):
+        ap.error("--format csv is only for 'bench ipi' (mkbench columns)")
+    try:
+        return a.fn(a)
+    except MKError as exc:
+        print(f"mkctl {a.verb}: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"mkctl {a.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (mkctl ... | head): stop quietly, as a pipe tool does; whatever
+        # ran has already been torn down by its own finally clauses
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13     # as if killed by SIGPIPE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

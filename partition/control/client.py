@@ -1,0 +1,134 @@
+"""Client side of the supervisor socket, and starting/stopping the supervisor itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from partition.control import protocol
+from partition.errors import MKError, SupervisorUnavailable
+from partition.host import rundir
+
+
+class Client:
+    def __init__(self, run_dir: str | None = None, timeout: float = 120.0) -> None:
+        self.run_dir = rundir.resolve(run_dir)
+        self.path = os.path.join(self.run_dir, rundir.SOCKET)
+        self.timeout = timeout
+
+    def call(self, op: str, **args: Any) -> Any:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            try:
+                s.connect(self.path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                stale = " (stale run directory: its supervisor is gone)" if \
+                    os.path.exists(self.run_dir) and rundir.live_owner(self.run_dir) is None else ""
+                raise SupervisorUnavailable(
+                    f"no machine is running in {self.run_dir}{stale}",
+                    "start one with mkctl init, or point --run-dir / MK_RUN_DIR at a running one"
+                    + ("; mkctl shutdown clears the stale directory" if stale else "")) from None
+            protocol.send(s, {"op": op, "args": {k: v for k, v in args.items() if v is not None}})
+            reply = protocol.recv(s)
+        except protocol.ProtocolError as exc:
+            raise SupervisorUnavailable(f"supervisor in {self.run_dir} did not answer properly: {exc}",
+                                        "see supervisor.log and events.log in the run directory"
+                                        ) from exc
+        finally:
+            s.close()
+        if not reply.get("ok"):
+            raise MKError.from_wire(reply.get("error", {}))
+        return reply.get("result")
+
+
+def start_supervisor(run_dir: str | None, config: dict[str, Any], wait: float = 30.0) -> dict[str, Any]:
+    """Start the daemon in the background; return once it answers, or raise its error."""
+    path = rundir.resolve(run_dir)
+    owner = rundir.live_owner(path)
+    if owner is not None:
+        raise MKError(f"a machine is already running in {path} (supervisor pid {owner})",
+                      "mkctl shutdown first, or choose another --run-dir")
+    cleaned = False
+    if os.path.exists(path):
+        shutil.rmtree(path)          # stale: its owner is dead
+        cleaned = True
+    os.makedirs(path, mode=0o755)
+    r, w = os.pipe()
+    log = open(os.path.join(path, rundir.SUPERVISOR_LOG), "ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "partition.control.daemon", "--run-dir", path,
+             "--config", json.dumps(config), "--ready-fd", str(w)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(w,),
+            start_new_session=True, close_fds=True)
+    finally:
+        os.close(w)
+        log.close()
+    deadline = time.monotonic() + wait
+    data = b""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([r], [], [], remaining)[0]:
+                break
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+    text = data.decode(errors="replace")
+    if text.startswith("error:"):
+        proc.wait(timeout=10)
+        raise MKError.from_wire(json.loads(text[len("error:"):]))
+    if text != "ok":
+        try:
+            with open(os.path.join(path, rundir.SUPERVISOR_LOG), errors="replace") as f:
+                tail = f.read()[-2000:]
+        except OSError:
+            tail = ""
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(path, ignore_errors=True)
+        raise SupervisorUnavailable(f"supervisor did not start (exit {proc.returncode}): {tail}",
+                                    "run python -m partition.control.daemon by hand to see why")
+    info = Client(path).call("ping")
+    info["cleaned_stale"] = cleaned
+    return info
+
+
+def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any]:
+    """Shut the machine down and wait until its supervisor is gone and the directory removed."""
+    client = Client(run_dir)
+    path = client.run_dir
+    if not os.path.exists(path):
+        raise SupervisorUnavailable(f"no machine is running in {path}", "nothing to shut down")
+    owner = rundir.live_owner(path)
+    if owner is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return {"halted": 0, "stale_removed": True, "run_dir": path}
+    result = client.call("shutdown")
+    try:
+        psutil.Process(owner).wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        raise MKError(f"supervisor pid {owner} did not exit within {timeout} s",
+                      f"kill -9 {owner}; then mkctl shutdown again") from None
+    deadline = time.monotonic() + 5
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    result["run_dir"] = path
+    result["removed"] = not os.path.exists(path)
+    return result

@@ -1,0 +1,167 @@
+"""The host's end of inter-kernel messaging: its ring, its handlers, its doorbells.
+
+Instance 0 receives HALTED, SHUTDOWN_ACK and HEARTBEAT here, sends to instances through their
+rings, and cleans up after dead senders. It is the guest's ``Endpoint`` with a directory of its
+own: where an instance reads the shared peer-state table, the host reads its own records (the
+pid it forked, the eventfd it created, the standby it chose), so nothing an instance wrote
+decides where the host's messages go or whom it signals.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from partition.abi import message as M
+from partition.abi import slot as S
+from partition.abi.constants import HOST_ID, IPI_SIGNAL
+from partition.abi.ring import Ring, RingError
+from partition.guest.endpoint import Doorbell, Endpoint
+from partition.host.instance import Instance, State
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+_U64 = struct.Struct("<Q")
+
+
+class HostDirectory:
+    """The host's ``PeerDirectory``: its own records of each instance, never the slots."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+
+    def route(self, target: int) -> tuple[int, int]:
+        inst = self.m.by_id(target)
+        if inst is not None and inst.state != State.ACTIVE and inst.served_by is not None:
+            inst = self.m.by_id(inst.served_by)        # a standby took over the role
+        if inst is None or inst.state != State.ACTIVE or inst.pid is None:
+            raise RingError(errno.ESRCH, f"instance {target} is not active")
+        return inst.id, inst.pid
+
+    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, int]:
+        inst = self.m.by_id(target)
+        fd = inst.doorbell_fd if inst is not None and inst.doorbell_fd is not None else -1
+        return (fd, pid, int(IPI_SIGNAL)), -1          # the instance record owns the eventfd
+
+    def liveness(self, target: int) -> Callable[[], bool]:
+        """Alive while the run we sent to is the one running (the pidfd tells us of deaths)."""
+        inst = self.m.by_id(target)
+        pid = inst.pid if inst is not None else None
+        return lambda: inst is not None and inst.pid == pid and inst.state == State.ACTIVE
+
+    def refused(self, code: int) -> None:
+        pass
+
+
+class HostIPC:
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        lay = machine.layout
+        self._view = memoryview(machine.arena.map)[lay.ring_offset:
+                                                   lay.ring_offset + lay.ring_area_bytes]
+        cfg = machine.config
+        cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
+        own = machine.arena.slot(HOST_ID)
+        self.endpoint = Endpoint(HOST_ID, cpu, self._view, machine.arena.address + lay.ring_offset,
+                                 lay, HostDirectory(machine),
+                                 sent_counter=(own.buf, own.base + S.SLOT_IPI_SENT))
+        self.ring = self.endpoint.ring_of(HOST_ID)
+        self.ring.set_mode("interrupt")
+        self.messenger = self.endpoint.messenger
+        self.messenger.register(M.MK_MSG_HALTED, self._on_halted)
+        self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
+        self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
+        self._filters_seen: dict[int, set[tuple[int, int]]] = {}   # instance id -> filters
+
+    def close(self) -> None:
+        self.endpoint.close()
+        self._view.release()
+
+    def ring_of(self, instance_id: int) -> Ring:
+        return self.endpoint.ring_of(instance_id)
+
+    def forget(self, instance_id: int) -> None:
+        """The instance's run ended: drop the send bound to its doorbell."""
+        self.endpoint.forget(instance_id)
+
+    def send(self, target: int, msg_type: int, payload: Any = None) -> int:
+        """Send from the host; counted as ``host_sent`` on the instance it reached."""
+        mid = self.messenger.send(target, msg_type, payload)
+        inst = self.m.by_id(self.messenger.last_target)
+        if inst is not None:
+            inst.counters["host_sent"] += 1
+        return mid
+
+    def drain(self) -> None:
+        msgr = self.messenger
+        while self.ring.drain(msgr.deliver, 64, handled=None if msgr.waiting else msgr.handled):
+            pass
+
+    def _on_halted(self, msg: M.Message) -> None:
+        inst = self.m.by_id(msg.sender)
+        reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
+        self.m.events.info("halted_message", instance=msg.sender,
+                           name=inst.name if inst else None, reason=reason)
+        if inst is not None:
+            inst.counters["halted_msgs"] += 1
+
+    def _on_shutdown_ack(self, msg: M.Message) -> None:
+        inst = self.m.by_id(msg.sender)
+        if inst is not None:
+            self.m.events.info("shutdown_ack", instance=inst.id, name=inst.name)
+
+    def _on_heartbeat(self, msg: M.Message) -> None:
+        inst = self.m.by_id(msg.sender)
+        if inst is not None:
+            inst.counters["heartbeats"] += 1
+            inst.last_heartbeat = time.time()
+
+    def sweep_claims_of(self, inst: Instance) -> None:
+        """A dead sender's unpublished claims would block its peers' rings: abandon them."""
+        n = self.ring.abandon_claims_of(inst.id)
+        for other in self.m.instances.values():
+            n += self.ring_of(other.id).abandon_claims_of(inst.id)
+        if n:
+            self.m.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
+            self.drain()
+
+    def filters(self, inst: Instance) -> list[dict[str, int]]:
+        """The drop filters this instance's ring has in force (floods of junk)."""
+        return self.ring_of(inst.id).filters()
+
+    def watch_filters(self, instances: list[Instance]) -> None:
+        """A receiver sets and clears its drop filters itself, in shared memory, where the
+        event log cannot see it: the host looks now and then (Machine.poll, every 0.1 s) and
+        logs each change as ``ipi_filter_set`` / ``ipi_filter_cleared``. The values are what
+        the instance wrote: logged as read, never acted on."""
+        for inst in instances:
+            now = {(f["sender"], f["type"]) for f in self.ring_of(inst.id).filters()}
+            before = self._filters_seen.get(inst.id, set())
+            for sender, mtype in sorted(now - before):
+                self.m.events.warning("ipi_filter_set", instance=inst.id, name=inst.name,
+                                      sender=sender, msg_type=mtype)
+            for sender, mtype in sorted(before - now):
+                self.m.events.info("ipi_filter_cleared", instance=inst.id, name=inst.name,
+                                   sender=sender, msg_type=mtype)
+            if now:
+                self._filters_seen[inst.id] = now
+            else:
+                self._filters_seen.pop(inst.id, None)
+
+    def counters(self, inst: Instance) -> dict[str, int]:
+        """What the instance and its ring report (untrusted: plain integers, shown as read)."""
+        ring = self.ring_of(inst.id).counters()
+        slot = self.m.arena.slot(inst.id)
+        return {
+            "ipi_sent": slot.ipi_sent, "ipi_received": ring["received"],
+            "ipi_ring_full": slot.ipi_ring_full, "ipi_esrch": slot.ipi_esrch,
+            "ipi_dropped_bad_size": ring["dropped_bad_size"],
+            "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
+            "ipi_dropped_abandoned": ring["dropped_abandoned"],
+            "ipi_doorbells": ring["doorbells"], "ipi_dropped_filtered": ring["dropped_filtered"],
+            "heartbeats_sent": slot.heartbeats_sent,
+        }

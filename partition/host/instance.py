@@ -1,0 +1,119 @@
+"""An instance's record and its life cycle (``enum mk_instance_state``).
+
+The transition table is the single place that says which verb is legal in which state; every
+refusal quotes it, so a user learns both what the state is and what would make the verb legal.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from partition.errors import ResourceBusy
+from partition.host.kimage import KImage
+from partition.host.recovery import RecoveryPolicy
+
+
+class State(str, enum.Enum):
+    EMPTY = "empty"
+    READY = "ready"
+    LOADED = "loaded"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# verb -> states it is legal in
+ALLOWED: dict[str, tuple[State, ...]] = {
+    "load": (State.READY,),
+    "exec": (State.LOADED, State.FAILED),
+    "kill": (State.ACTIVE,),
+    "kill --force": (State.ACTIVE, State.LOADED),
+    "unload": (State.LOADED, State.FAILED),
+    "delete": (State.READY,),
+}
+
+# how to reach a state where the verb is legal, from the state the instance is in
+_PATHS: dict[tuple[str, State], str] = {
+    ("load", State.LOADED): "mkctl unload {n} first to replace the image",
+    ("load", State.ACTIVE): "mkctl kill {n}, then mkctl unload {n}",
+    ("load", State.FAILED): "mkctl unload {n} first",
+    ("exec", State.READY): "mkctl load {n} --kernel SPEC first",
+    ("exec", State.ACTIVE): "it is already running; mkctl kill {n} to halt it",
+    ("kill", State.READY): "nothing runs there; mkctl load and mkctl exec boot it",
+    ("kill", State.LOADED): "it is already halted (mkctl kill --force is allowed and a no-op)",
+    ("kill", State.FAILED): "it is not running; mkctl unload {n} to clear it",
+    ("kill --force", State.READY): "nothing is loaded there",
+    ("kill --force", State.FAILED): "it is not running; mkctl unload {n} to clear it",
+    ("unload", State.READY): "no image is loaded",
+    ("unload", State.ACTIVE): "mkctl kill {n} first",
+    ("delete", State.LOADED): "mkctl unload {n} first",
+    ("delete", State.ACTIVE): "mkctl kill {n}, then mkctl unload {n}",
+    ("delete", State.FAILED): "mkctl unload {n} first",
+}
+
+
+def check_transition(verb: str, name: str, state: State) -> None:
+    allowed = ALLOWED[verb]
+    if state in allowed:
+        return
+    need = " or ".join(s.value for s in allowed)
+    hint = _PATHS.get((verb, state), "").format(n=name) or None
+    raise ResourceBusy(f"instance {name!r} is {state.value}; {verb!r} needs state {need}", hint)
+
+
+@dataclass
+class ExitRecord:
+    """Why the last run of an instance ended."""
+
+    reason: str
+    how: str                 # graceful | forced | voluntary | panic | killed | exited | boot-failed
+    signal: int | None = None
+    code: int | None = None
+    time: float = 0.0        # wall clock, seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason, "how": self.how, "signal": self.signal,
+            "signal_name": signal.Signals(self.signal).name if self.signal else None,
+            "code": self.code, "time": self.time,
+        }
+
+
+@dataclass
+class Instance:
+    id: int
+    name: str
+    cpus: list[int]
+    physical_cpus: list[int]
+    memory_base: int
+    memory_bytes: int
+    state: State = State.READY
+    kimage: KImage | None = None
+    pid: int | None = None
+    pidfd: int | None = None
+    doorbell_fd: int | None = None
+    boots: int = 0
+    boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
+    generation: int = 0
+    halt_requested: str | None = None   # "graceful" | "forced" while a kill is in progress
+    last_exit: ExitRecord | None = None
+    failure: str | None = None
+    active_since: float | None = None
+    last_heartbeat: float | None = None
+    recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    pending_fault: tuple[str, float] | None = None     # kind, monotonic time injected
+    progress_seen: tuple[int, float] = (0, 0.0)       # watchdog: last value, when it changed
+    standby_for: str | None = None      # this instance is the pre-booted standby of that one
+    served_by: int | None = None        # id of the standby that took over this role
+    counters: dict[str, int] = field(default_factory=lambda: {
+        "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
+        "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
+        "foreign_pages": 0, "wild_pages": 0})
+    #: unprotected machines: pages of this partition written by others, by writer name
+    foreign_writes: dict[str, int] = field(default_factory=dict)

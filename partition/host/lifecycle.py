@@ -1,0 +1,212 @@
+"""The kexec loader's half of the host: boot an instance process, halt it, reap it.
+
+Boot is the real system's sequence in miniature: the host writes the spawn mailbox (target CPU,
+generation, then ``ready``), forks, and the child's trampoline answers by clearing ``ready``.
+Halting asks first (SHUTDOWN through the ring, SIGTERM if the ring refuses) and forces after a
+timeout (``force_halt``, then SIGKILL). Every exit is seen through the instance's pidfd, reaped
+at once, classified and recorded before any other verb runs; failures go to the supervisor.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import selectors
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from partition import linux
+from partition.abi import message as M
+from partition.abi.ring import RingError
+from partition.errors import BootFailed, BootTimeout
+from partition.guest.trampoline import BootParams, enter
+from partition.host.arena import inherited_mappings
+from partition.host.exits import classify_exit
+from partition.host.instance import Instance, State
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+
+class Lifecycle:
+    """Boots, halts and reaps the instance processes of one machine."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+
+    # -- boot ------------------------------------------------------------------------------
+    def boot(self, inst: Instance) -> None:
+        m = self.m
+        assert inst.kimage is not None
+        slot = m.arena.slot(inst.id)
+        inst.generation += 1
+        slot.ready = 0
+        slot.force_halt = 0
+        slot.reason_len = 0
+        slot.ack_cpu = 0
+        slot.target_cpu = inst.physical_cpus[0]
+        slot.generation = inst.generation
+        slot.ready = 1                       # publish last
+        m.ring_of(inst.id).reset()           # stale messages and dead claims go with the old run
+        inst.served_by = None                # it serves its own role again
+        slot.redirect = 0
+        inst.doorbell_fd = linux.eventfd()
+        params = BootParams(
+            id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
+            cmdline=inst.kimage.cmdline, kernel_cls=inst.kimage.cls, arena_fd=m.arena.fd,
+            layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
+            doorbell_fd=inst.doorbell_fd, host_doorbell_fd=m.host_doorbell,
+            host_pid=os.getpid(), generation=inst.generation,
+            oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
+            protection=m.protection, inherited=inherited_mappings(),
+        )
+        # Keep the collector off the pages parent and child still share: a collection walks
+        # every tracked object and would copy-on-write fault them all, in both processes.
+        gc.freeze()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                enter(params)   # never returns
+            inst.pid = pid
+            inst.pidfd = linux.pidfd_open(pid)
+            inst.halt_requested = None
+            inst.failure = None
+            inst.boots_acked = False
+            m.selector.register(inst.pidfd, selectors.EVENT_READ, inst)
+            deadline = time.monotonic() + m.boot_timeout
+            acked = m.wait(lambda: inst.pid is None or slot.ready == 0, deadline)
+        finally:
+            gc.unfreeze()   # cyclic garbage made meanwhile must stay collectable
+        if inst.state == State.ACTIVE or (inst.pid is None and inst.boots_acked):
+            return                        # booted (and possibly already halted again)
+        if inst.pid is None:              # died before answering: on_exit recorded why
+            raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
+                             f"mkctl console {inst.name} shows the kernel's last words")
+        if not acked:
+            slot.ready = 0                # revoke the publication
+            inst.halt_requested = "boot-timeout"
+            os.kill(pid, signal.SIGKILL)
+            m.wait(lambda: inst.pid is None, None)
+            raise BootTimeout(
+                f"instance {inst.name!r}: boot CPU {inst.cpus[0]} did not answer the spawn "
+                f"mailbox within {m.boot_timeout:g} s; instance marked failed",
+                f"mkctl console {inst.name}; then mkctl exec {inst.name} to retry")
+        self._mark_booted(inst)
+
+    def _mark_booted(self, inst: Instance) -> None:
+        """The boot CPU cleared ``ready``: the instance is active."""
+        inst.boots_acked = True
+        inst.boots += 1
+        inst.counters["boots"] += 1
+        inst.active_since = time.time()
+        self.m.transition(inst, State.ACTIVE, "exec", pid=inst.pid,
+                          ack_cpu=self.m.arena.slot(inst.id).ack_cpu)
+
+    # -- halting ---------------------------------------------------------------------------
+    def force(self, inst: Instance) -> None:
+        m = self.m
+        if inst.pid is None:
+            return
+        inst.halt_requested = "forced"
+        m.arena.slot(inst.id).force_halt = 1
+        if m.writes is not None:
+            m.writes.scan(only=inst)
+        try:
+            os.kill(inst.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def halt_many(self, insts: list[Instance], timeout: float) -> None:
+        """Ask all to halt at once, wait up to ``timeout`` together, then force the rest."""
+        m = self.m
+        asked = []
+        for inst in insts:
+            if inst.pid is None:
+                continue
+            inst.halt_requested = "graceful"
+            try:
+                m.ipc.send(inst.id, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
+            except RingError as exc:
+                # the ring refused (full): fall back to the signal the kernel also honours
+                m.events.warning("shutdown_message_refused", instance=inst.id,
+                                 name=inst.name, error=exc.strerror)
+                try:
+                    os.kill(inst.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            asked.append(inst)
+        deadline = time.monotonic() + timeout
+        m.wait(lambda: all(i.pid is None for i in asked), deadline)
+        for inst in asked:
+            if inst.pid is not None:
+                m.events.warning("halt_timeout", instance=inst.id, name=inst.name,
+                                 timeout_s=timeout)
+                self.force(inst)
+                inst.halt_requested = "forced-after-timeout"
+        m.wait(lambda: all(i.pid is None for i in asked), None)
+
+    # -- exits -----------------------------------------------------------------------------
+    def on_exit(self, inst: Instance) -> None:
+        """The pidfd of ``inst`` became readable: reap, classify, record, return CPUs."""
+        m = self.m
+        if inst.pid is None:
+            return
+        detected = time.monotonic()
+        slot = m.arena.slot(inst.id)
+        if inst.state != State.ACTIVE and slot.ready == 0 \
+                and inst.halt_requested != "boot-timeout":
+            self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
+        _, status = os.waitpid(inst.pid, 0)
+        booting = inst.state != State.ACTIVE
+        record = classify_exit(status, inst.halt_requested, slot.reason)
+        pid = inst.pid
+        self.forget_process(inst)
+        m.ipc.sweep_claims_of(inst)
+        inst.last_exit = record
+        inst.counters["halts"] += 1
+        if record.how in ("panic", "killed", "exited", "boot-failed"):
+            inst.counters["crashes"] += 1
+        m.events.info("instance_exit", instance=inst.id, name=inst.name, pid=pid,
+                      how=record.how, reason=record.reason, signal=record.signal,
+                      code=record.code,
+                      handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))
+        if booting:
+            inst.failure = f"boot failed: {record.reason}"
+            inst.counters["boot_failures"] += 1
+            m.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {record.reason}")
+            m.transition(inst, State.FAILED, "boot-failure", reason=record.reason)
+        else:
+            m.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
+            failed = m.supervisor.is_failure(record)
+            if failed:
+                m.supervisor.record_failure(inst, record, detected)
+            m.transition(inst, State.LOADED, record.how, reason=record.reason)
+            if failed:
+                m.supervisor.recover(inst)
+        inst.pending_fault = None
+
+    def forget_process(self, inst: Instance) -> None:
+        """Close what the host held for a run of ``inst``; reap it if still there."""
+        m = self.m
+        if inst.pidfd is not None:
+            try:
+                m.selector.unregister(inst.pidfd)
+            except (KeyError, ValueError):
+                pass
+            os.close(inst.pidfd)
+            inst.pidfd = None
+        if inst.pid is not None:
+            if m.writes is not None:
+                m.writes.forget(inst.pid)
+            try:
+                os.kill(inst.pid, signal.SIGKILL)
+                os.waitpid(inst.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            inst.pid = None
+        m.ipc.forget(inst.id)
+        if inst.doorbell_fd is not None:
+            os.close(inst.doorbell_fd)
+            inst.doorbell_fd = None
+        inst.active_since = None

@@ -1,0 +1,524 @@
+"""The emulated machine: the host kernel (instance 0) and its kexec loader, in one object.
+
+``Machine`` is a single-threaded reactor. It owns the arena, the resource pool, one pidfd per
+running instance and the host's doorbell; nothing happens behind the caller's back on another
+thread. That is what makes it safe to fork instances straight from it (a fork from a
+multi-threaded process can inherit a lock held by a thread that no longer exists), and it is what
+a researcher wants from an instrument: events are handled when the machine is driven, by
+``poll()``, by any verb, or by the supervisor daemon's loop, which drives it continuously.
+
+Guarantees:
+- a verb either completes or raises an ``MKError`` and changes nothing;
+- a death is noticed the next time the machine is driven (at once in the daemon: the pidfd wakes
+  it); the exit is reaped, classified and recorded before any other verb runs;
+- ``close()`` halts every instance and leaves no process, mapping, descriptor or file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from partition import linux
+from partition.abi import layout as L
+from partition.abi import message as M
+from partition.abi.console import ConsoleWriter, format_console, read_console
+from partition.abi.constants import HOST_ID, STATE_ACTIVE, STATE_CODES
+from partition.abi.ring import Ring
+from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded
+from partition.host import faults, rundir
+from partition.host.arena import Arena
+from partition.host.events import EventLog
+from partition.host.hostipc import HostIPC
+from partition.host.instance import Instance, State, check_transition
+from partition.host.kimage import KIMAGE_TYPE, load_kimage
+from partition.host.lifecycle import Lifecycle
+from partition.host.pool import PoolConfig, ResourcePool
+from partition.host.recovery import RecoveryPolicy
+from partition.host.supervision import Supervisor
+from partition.host.views import ViewWriter
+from partition.host.writewatch import WriteWatch
+
+
+class Machine:
+    """One emulated multikernel machine. Use as a context manager so it is always torn down."""
+
+    def __init__(self, cpus: str | list[int] | None = None, memory: str | int = "1G",
+                 host_cpus: str | list[int] | None = "0", oversubscribe: bool = False,
+                 run_dir: str | None = None, console_bytes: int = 64 * 1024,
+                 kill_timeout: float = 30.0, boot_timeout: float = 1.0,
+                 pin_host: bool = False, ring_slots: int = 64,
+                 ring_slot_bytes: int = 4096, protection: bool = True) -> None:
+        self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
+        if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
+            raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
+                              "use e.g. 65536")
+        if kill_timeout <= 0 or boot_timeout <= 0:
+            raise InvalidSpec("timeouts must be positive", "e.g. kill_timeout=5, boot_timeout=1")
+        self.kill_timeout = float(kill_timeout)
+        self.protection = bool(protection)
+        self.boot_timeout = float(boot_timeout)
+        self._closed = False
+        self._closing = False
+        self._run = rundir.claim(run_dir)
+        self.run_dir = self._run.path
+        try:
+            self._setup(console_bytes, pin_host, ring_slots, ring_slot_bytes)
+        except BaseException:
+            self._run.release()
+            raise
+
+    # -- construction and teardown ---------------------------------------------------------
+    def _setup(self, console_bytes: int, pin_host: bool, ring_slots: int,
+               ring_slot_bytes: int) -> None:
+        cfg = self.config
+        for what, v, lo, hi in (("ring_slots", ring_slots, 1, 4096),
+                                ("ring_slot_bytes", ring_slot_bytes, 64, 1 << 20)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise InvalidSpec(f"{what} must be an integer in {lo}..{hi}, got {v!r}",
+                                  f"e.g. {what}={64 if what == 'ring_slots' else 4096}")
+        if pin_host and cfg.host_cpus:
+            os.sched_setaffinity(0, cfg.host_cpus)
+        self.pool = ResourcePool(cfg)
+        self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes,
+                                    ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
+        flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
+            (0 if self.protection else L.FLAG_UNPROTECTED)
+        self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
+                           flags=flags)
+        self.instances: dict[str, Instance] = {}
+        self.selector = selectors.EpollSelector()
+        self.host_doorbell = linux.eventfd()
+        self.selector.register(self.host_doorbell, selectors.EVENT_READ, None)
+        self.events = EventLog(os.path.join(self.run_dir, rundir.EVENTS), run_dir=self.run_dir)
+        self.views = ViewWriter(self.run_dir)
+        host_console = memoryview(self.arena.map)[self.layout.console_at(HOST_ID):
+                                                  self.layout.console_at(HOST_ID) + console_bytes]
+        format_console(host_console)
+        self._host_console = ConsoleWriter(host_console)
+        self.ipc = HostIPC(self)
+        self.lifecycle = Lifecycle(self)
+        self.supervisor = Supervisor(self)
+        self.writes = None if self.protection else WriteWatch(self)
+        self._filters_due = 0.0               # next look at the rings' drop filters
+        host_slot = self.arena.slot(HOST_ID)
+        host_slot.peer_state = STATE_ACTIVE
+        host_slot.pid = os.getpid()
+        self.started = time.time()
+        self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
+                                memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
+                                last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
+        self.printk(f"multikernel: pool CPUs {cfg.cpus}, host CPUs {cfg.host_cpus}, memory "
+                    f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
+        self.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=self.layout.arena_bytes,
+                         mode="oversubscribed" if cfg.oversubscribe else "dedicated")
+        self.publish()
+
+    @property
+    def closing(self) -> bool:
+        return self._closed or self._closing
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Halt every instance (gracefully, then by force) and remove everything created."""
+        if self._closed or self._closing:
+            return
+        self._closing = True
+        try:
+            running = [i for i in self.instances.values() if i.pid is not None]
+            self.lifecycle.halt_many(running, self.kill_timeout if timeout is None else timeout)
+            self.events.info("machine_shutdown", instances=len(self.instances))
+        finally:
+            self._closed = True
+            for inst in self.instances.values():
+                self.lifecycle.forget_process(inst)
+            try:
+                self.selector.close()
+            finally:
+                os.close(self.host_doorbell)
+                self.ipc.close()
+                self._host_console = None  # type: ignore[assignment]
+                self.arena.close()
+                self.events.close()
+                self._run.release()
+
+    # -- host services ---------------------------------------------------------------------
+    def printk(self, message: str) -> None:
+        """The host's own console (instance 0's kmsg)."""
+        if self._host_console is not None:
+            self._host_console.printk(message)
+
+    def refresh_views(self) -> None:
+        """Rewrite the views whose content changed (counters move between state changes)."""
+        if not (self._closed or self._closing):
+            self.views.update(self.snapshot())
+
+    def fileno(self) -> int:
+        """Readable when the machine has events to handle; lets a daemon nest it in its loop."""
+        return self.selector.fileno()
+
+    # -- lookup ----------------------------------------------------------------------------
+    def _get(self, name: str | int) -> Instance:
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            iid = int(name)
+            for inst in self.instances.values():
+                if inst.id == iid:
+                    return inst
+            raise NoSuchInstance(f"no instance with id {iid}", "mkctl show lists the instances")
+        found = self.instances.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.instances)) or "none"
+            raise NoSuchInstance(f"no instance named {name!r} (instances: {known})",
+                                 "mkctl create NAME first, or check the spelling")
+        return found
+
+    def _check_open(self) -> None:
+        if self._closed or self._closing:
+            raise MKError("the machine has been shut down", "create a new Machine")
+
+    # -- verbs -----------------------------------------------------------------------------
+    def create(self, name: str, memory: str | int, cpus: str | list[int] | None = None,
+               cpu_count: int | None = None, id: int | None = None, recovery: str = "none",
+               max_restarts: int = 3, restart_window: float = 5.0,
+               watchdog: float = 0.0, standby_for: str | None = None,
+               preserve_memory: bool = False) -> dict[str, Any]:
+        """Reserve CPUs and a partition (empty -> ready)."""
+        self._check_open()
+        self.poll(0)
+        r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
+        policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog,
+                                      preserve_memory)
+        if standby_for is not None and standby_for not in self.instances:
+            raise NoSuchInstance(f"standby_for names no instance: {standby_for!r}",
+                                 "create the primary first")
+        self.pool.commit(r)
+        inst = Instance(id=r.id, name=r.name, cpus=r.cpus,
+                        physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
+                        memory_base=self.layout.pool_offset + r.memory_offset,
+                        memory_bytes=r.memory_bytes, recovery=policy, standby_for=standby_for)
+        self.instances[name] = inst
+        format_console(self._console_view(inst))
+        self.arena.slot(inst.id).clear()
+        self.events.info("instance_created", instance=inst.id, name=name, cpus=inst.cpus,
+                         memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
+                         shared_cpus=self.pool.shared_cpus(name, inst.cpus))
+        self.transition(inst, State.READY, "create", old=State.EMPTY)
+        return self.describe(inst)
+
+    def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:
+        """Load a kernel image (ready -> loaded). A spec that is not a kernel leaves it ready."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("load", inst.name, inst.state)
+        inst.kimage = load_kimage(kernel, cmdline)
+        self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=inst.kimage.label,
+                         source=inst.kimage.source, cmdline=cmdline)
+        self.transition(inst, State.LOADED, "load")
+        return self.describe(inst)
+
+    def exec(self, name: str) -> dict[str, Any]:
+        """Boot the loaded image on the instance's CPUs (loaded|failed -> active)."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("exec", inst.name, inst.state)
+        assert inst.kimage is not None
+        self.lifecycle.boot(inst)
+        return self.describe(inst)
+
+    def kill(self, name: str, force: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Halt an instance: graceful (SIGTERM, then SIGKILL after ``timeout``) or forced."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("kill --force" if force else "kill", inst.name, inst.state)
+        if inst.state == State.ACTIVE:
+            t = self.kill_timeout if timeout is None else float(timeout)
+            if t <= 0:
+                raise InvalidSpec(f"kill timeout must be positive, got {timeout!r}", "e.g. --timeout 5")
+            if force:
+                self.lifecycle.force(inst)
+                self.wait(lambda: inst.pid is None, None)
+            else:
+                self.lifecycle.halt_many([inst], t)
+        return self.describe(inst)
+
+    def update(self, name: str, recovery: str | None = None, max_restarts: int | None = None,
+               restart_window: float | None = None, watchdog: float | None = None,
+               preserve_memory: bool | None = None) -> dict[str, Any]:
+        """Change an instance's recovery policy or watchdog, in any state (all or nothing)."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        inst.recovery.update(policy=recovery, max_restarts=max_restarts,
+                             restart_window=restart_window, watchdog=watchdog,
+                             preserve_memory=preserve_memory)
+        inst.progress_seen = (self.arena.slot(inst.id).progress, time.monotonic())
+        self.events.info("instance_updated", instance=inst.id, name=inst.name,
+                         recovery=inst.recovery.to_dict())
+        self.publish(inst)
+        return self.describe(inst)
+
+    def fault(self, name: str, kind: str, **options: Any) -> dict[str, Any]:
+        """Inject a fault into an active instance (see faults.py for the kinds)."""
+        self._check_open()
+        self.poll(0)
+        opts = faults.validate(kind, options)
+        inst = self._get(name)
+        if inst.state != State.ACTIVE or inst.pid is None:
+            raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
+                            f"mkctl exec {inst.name} first")
+        if kind == "ipi-storm" and self.by_id(opts["target"]) is None:
+            raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
+                              "give the id of an instance (mkctl show)")
+        inst.counters["faults_injected"] += 1
+        self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
+                            options=opts)
+        out = self.describe(inst)     # before the fault: nothing slow between it and detection
+        if self.writes is not None:
+            self.writes.scan(only=inst)       # what it wrote so far, before its page tables go
+        inst.pending_fault = (kind, time.monotonic())
+        if kind == "kill":
+            os.kill(inst.pid, signal.SIGKILL)
+        elif kind == "hang-stop":
+            os.kill(inst.pid, signal.SIGSTOP)
+        else:
+            self.ipc.send(inst.id, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
+        return out
+
+    def checksum(self, name: str) -> int:
+        """CRC32 of an instance's whole partition, as the host reads it."""
+        inst = self._get(name)
+        view = memoryview(self.arena.map)[inst.memory_base:inst.memory_base + inst.memory_bytes]
+        try:
+            return zlib.crc32(view)
+        finally:
+            view.release()
+
+    def by_id(self, instance_id: int) -> Instance | None:
+        return next((i for i in self.instances.values() if i.id == instance_id), None)
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Drop the loaded image (loaded|failed -> ready)."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("unload", inst.name, inst.state)
+        inst.kimage = None
+        inst.failure = None
+        self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
+        self.transition(inst, State.READY, "unload")
+        return self.describe(inst)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        """Free the partition and CPUs (ready -> gone); the partition is scrubbed."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        check_transition("delete", inst.name, inst.state)
+        out = self.describe(inst)
+        self.arena.scrub(inst.memory_base, inst.memory_bytes)
+        format_console(self._console_view(inst))
+        self.arena.slot(inst.id).clear()
+        self.arena.clear_record(inst.id)
+        self.pool.release(inst.name, inst.id, inst.cpus)
+        del self.instances[inst.name]
+        self.events.info("state_change", instance=inst.id, name=inst.name, old="ready",
+                         new="empty", cause="delete")
+        self.publish()
+        out["state"] = State.EMPTY.value
+        return out
+
+    # -- observation -----------------------------------------------------------------------
+    def describe(self, inst: Instance) -> dict[str, Any]:
+        running = inst.pid is not None
+        return {
+            "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
+            "physical_cpus": list(inst.physical_cpus),
+            "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
+            "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
+            "kernel": inst.kimage.label if inst.kimage else None,
+            "kernel_spec": inst.kimage.spec if inst.kimage else None,
+            "cmdline": inst.kimage.cmdline if inst.kimage else None,
+            "kimage_type": KIMAGE_TYPE,
+            "segments": len(inst.kimage.segments) if inst.kimage else 0,
+            "pid": inst.pid if running else None,
+            "boots": inst.boots,
+            "progress": self.arena.slot(inst.id).progress,
+            "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
+            "failure": inst.failure,
+            "counters": {**inst.counters, **self.ipc.counters(inst)},
+            "ipi_filters": self.ipc.filters(inst),
+            "last_heartbeat": inst.last_heartbeat,
+            "recovery": inst.recovery.to_dict(),
+            "standby_for": inst.standby_for,
+            "served_by": inst.served_by,
+            "failures": len(inst.failures),
+            "last_failure": inst.failures[-1] if inst.failures else None,
+            "foreign_writes": dict(inst.foreign_writes),
+        }
+
+    def show(self, name: str | None = None) -> dict[str, Any]:
+        self._check_open()
+        self.poll(0)
+        snap = self.snapshot()
+        self.views.update(snap)       # counters move without state changes: refresh on look
+        if name is not None:
+            return self.describe(self._get(name))
+        return snap
+
+    def snapshot(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "machine": {
+                "run_dir": self.run_dir, "supervisor_pid": os.getpid(),
+                "host_cpus": list(cfg.host_cpus), "oversubscribe": cfg.oversubscribe,
+                "mode": "oversubscribed" if cfg.oversubscribe else "dedicated",
+                "protection": self.protection,
+                "arena_bytes": self.layout.arena_bytes, "started": self.started,
+                "events": dict(self.events.counts),
+            },
+            "pool": {
+                "cpus": list(cfg.cpus), "cpus_available": self.pool.cpus_available(),
+                "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
+                "memory_available": self.pool.memory_available,
+            },
+            "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
+            "instances": [self.describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
+        }
+
+    def console(self, name: str | int) -> str:
+        """The instance's kmsg; readable whatever its state, also after it died."""
+        self._check_open()
+        self.poll(0)
+        if name in ("host", 0, "0"):
+            return self.console_text(HOST_ID)
+        return self.console_text(self._get(name).id)
+
+    def console_text(self, instance_id: int) -> str:
+        off = self.layout.console_at(instance_id)
+        return read_console(self.arena.read(off, self.layout.console_bytes))
+
+    def read_memory(self, name: str, offset: int, size: int) -> bytes:
+        """Bytes of an instance's partition, as the host sees them."""
+        self._check_open()
+        inst = self._get(name)
+        if offset < 0 or size < 0 or offset + size > inst.memory_bytes:
+            raise InvalidSpec(f"range {offset}+{size} is outside the {inst.memory_bytes}-byte "
+                              f"partition of {inst.name!r}", "stay within 0..memory_bytes")
+        return self.arena.read(inst.memory_base + offset, size)
+
+    def pid_of(self, name: str) -> int:
+        inst = self._get(name)
+        if inst.pid is None:
+            raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}, no process runs",
+                            f"mkctl exec {inst.name}")
+        return inst.pid
+
+    def wait_for(self, name: str, state: str | State, timeout: float = 5.0) -> dict[str, Any]:
+        """Drive the machine until the instance reaches ``state``; TimeoutError otherwise."""
+        want = State(state)
+        inst = self._get(name)
+        if not self.wait(lambda: inst.state == want, time.monotonic() + timeout):
+            raise TimeoutError(f"instance {inst.name!r} is {inst.state.value}, not "
+                               f"{want.value}, after {timeout}s")
+        return self.describe(inst)
+
+    # -- the reactor -----------------------------------------------------------------------
+    def poll(self, timeout: float | None = 0) -> int:
+        """Handle pending events (deaths, doorbells); wait up to ``timeout`` for the first."""
+        if self._closed:
+            return 0
+        handled = 0
+        watched = self.supervisor.watched()
+        if watched:
+            period = min(i.recovery.watchdog for i in watched) / 4
+            timeout = period if timeout is None else min(timeout, period)
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                linux.eventfd_drain(self.host_doorbell)
+                self.ipc.drain()
+            elif key.data.pidfd == key.fd:
+                self.lifecycle.on_exit(key.data)
+            handled += 1
+        if watched:
+            self.supervisor.watchdog(watched)
+        now = time.monotonic()
+        if now >= self._filters_due:
+            self._filters_due = now + 0.1
+            self.ipc.watch_filters([i for i in self.instances.values()
+                                    if i.state == State.ACTIVE and i.pid is not None])
+        if self.writes is not None and self.writes.due(now):
+            self.writes.scan()
+        self.supervisor.run_restarts()
+        return handled
+
+    def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        while not done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return done()
+            self.poll(remaining)
+        return True
+
+    # -- IPIs and messages (the host's side lives in hostipc.py) ---------------------------
+    def ring_of(self, instance_id: int) -> Ring:
+        return self.ipc.ring_of(instance_id)
+
+    def register_handler(self, msg_type: int, handler: Callable[[M.Message], Any]) -> None:
+        """Host-side handler for messages instances send to instance 0."""
+        self.ipc.messenger.register(msg_type, handler)
+
+    def send(self, name: str | int, msg_type: int, payload: Any = None) -> int:
+        """Send a message from the host to an instance; RingError(ESRCH/ENOSPC/EMSGSIZE)."""
+        self._check_open()
+        return self.ipc.send(self._get(name).id, msg_type, payload)
+
+    def request(self, name: str | int, msg_type: int, payload: Any = None,
+                timeout: float = 10.0) -> Any:
+        """Send a request and drive the machine until its response arrives (ETIMEDOUT)."""
+        self._check_open()
+        target = self._get(name).id
+        def drive(left: float) -> None:
+            self.poll(min(left, 0.05))
+        return self.ipc.messenger.request(target, msg_type, payload, timeout, drive)
+
+    # -- arena helpers ---------------------------------------------------------------------
+    def _console_view(self, inst: Instance) -> memoryview:
+        off = self.layout.console_at(inst.id)
+        return memoryview(self.arena.map)[off:off + self.layout.console_bytes]
+
+    # -- state publication -----------------------------------------------------------------
+    def transition(self, inst: Instance, new: State, cause: str, old: State | None = None,
+                    **fields: Any) -> None:
+        before = inst.state if old is None else old
+        inst.state = new
+        slot = self.arena.slot(inst.id)
+        slot.peer_state = STATE_CODES[new.value]
+        slot.pid = inst.pid or 0
+        self.events.info("state_change", instance=inst.id, name=inst.name, old=before.value,
+                         new=new.value, cause=cause, **fields)
+        self.publish(inst)
+
+    def publish(self, inst: Instance | None = None) -> None:
+        if inst is not None:
+            le = inst.last_exit
+            self.arena.write_record(
+                inst.id, state=inst.state.value, name=inst.name, memory_base=inst.memory_base,
+                memory_bytes=inst.memory_bytes, cpus=inst.cpus, pid=inst.pid or 0,
+                boots=inst.boots, last_exit_ns=int(le.time * 1e9) if le else 0,
+                last_exit_signal=(le.signal or 0) if le else 0,
+                last_exit_code=(le.code or 0) if le else 0,
+                kernel=inst.kimage.label if inst.kimage else "")
+        self.views.update(self.snapshot())

@@ -1,0 +1,220 @@
+"""The resource pool (``/resources`` of the baseline device tree) and every check on it.
+
+All validation of a create request happens here, before anything changes: the caller gets either
+a complete reservation or an exception, never half of one. Messages follow kerf's wording where
+kerf has one ("CPU 2 is reserved for host kernel", "CPU overlap detected (CPUs 8-11)",
+"Total memory allocation (16G) exceeds memory pool (14G)").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from partition import linux
+from partition.abi.layout import MAX_INSTANCES
+from partition.errors import AlreadyExists, InvalidSpec, OutOfMemory, PermissionDenied, ResourceBusy
+from partition.units import (
+    format_cpulist,
+    format_size,
+    parse_cpulist,
+    parse_size,
+    require_page_aligned,
+)
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,30}$")
+RESERVED_NAMES = {"host"}
+
+
+@dataclass
+class PoolConfig:
+    """What ``mkctl init`` fixes for the machine's lifetime."""
+
+    cpus: list[int]
+    host_cpus: list[int]
+    memory_bytes: int
+    oversubscribe: bool
+    physical_ids: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cpus: str | list[int] | None = None, memory: str | int = "1G",
+              host_cpus: str | list[int] | None = "0", oversubscribe: bool = False) -> PoolConfig:
+        online = sorted(os.sched_getaffinity(0))
+        host = [] if host_cpus in (None, "", "none", []) else parse_cpulist(host_cpus, "host CPU list")
+        missing = [c for c in host if c not in online]
+        if missing:
+            raise InvalidSpec(f"host CPUs {format_cpulist(missing)} are not available to this "
+                              f"process (available: {format_cpulist(online)})",
+                              "choose --host-cpus from the available CPUs")
+        if cpus is None:
+            pool = [c for c in online if c not in host]
+            if not pool:
+                if not oversubscribe:
+                    raise InvalidSpec(
+                        f"no CPU left for the pool: available {format_cpulist(online)}, "
+                        f"all reserved for the host",
+                        "pass --oversubscribe to let instances share host cores, or fewer --host-cpus")
+                pool = list(online)
+        else:
+            pool = parse_cpulist(cpus, "pool CPU list")
+        absent = [c for c in pool if c not in online]
+        if absent:
+            raise InvalidSpec(f"CPUs {format_cpulist(absent)} are not available to this process "
+                              f"(available: {format_cpulist(online)})",
+                              f"choose pool CPUs from {format_cpulist(online)}")
+        taken = [c for c in pool if c in host]
+        if taken and not oversubscribe:
+            raise PermissionDenied(f"CPU {format_cpulist(taken)} is reserved for host kernel",
+                                   "leave host CPUs out of --cpus, or pass --oversubscribe")
+        nbytes = parse_size(memory, "memory pool")
+        require_page_aligned(nbytes, "memory pool")
+        phys = linux.physical_cpu_ids()
+        return cls(cpus=pool, host_cpus=host, memory_bytes=nbytes, oversubscribe=oversubscribe,
+                   physical_ids={c: phys.get(c, c) for c in set(pool) | set(host)})
+
+    def to_dict(self) -> dict[str, object]:
+        return {"cpus": self.cpus, "host_cpus": self.host_cpus, "memory_bytes": self.memory_bytes,
+                "oversubscribe": self.oversubscribe}
+
+
+@dataclass
+class Reservation:
+    id: int
+    name: str
+    cpus: list[int]
+    memory_offset: int       # within the pool
+    memory_bytes: int
+
+
+class ResourcePool:
+    """Tracks which CPUs, memory ranges, names and ids are taken."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.cpu_users: dict[int, list[str]] = {c: [] for c in config.cpus}
+        self.regions: dict[str, tuple[int, int]] = {}     # name -> (offset in pool, bytes)
+        self.ids: dict[int, str] = {}
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def memory_used(self) -> int:
+        return sum(n for _, n in self.regions.values())
+
+    @property
+    def memory_available(self) -> int:
+        return self.config.memory_bytes - self.memory_used
+
+    def cpus_available(self) -> list[int]:
+        return [c for c, users in self.cpu_users.items() if not users]
+
+    def shared_cpus(self, name: str, cpus: list[int]) -> list[int]:
+        """CPUs of ``name`` that another instance or the host also runs on."""
+        return [c for c in cpus if c in self.config.host_cpus
+                or any(u != name for u in self.cpu_users.get(c, []))]
+
+    # -- reservation -----------------------------------------------------------------------
+    def plan(self, name: str, memory: str | int, cpus: str | list[int] | None = None,
+             cpu_count: int | None = None, instance_id: int | None = None) -> Reservation:
+        """Validate a create request completely; change nothing."""
+        if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_NAMES:
+            raise InvalidSpec(f"invalid instance name {name!r}",
+                              "use 1-31 characters [A-Za-z0-9_.-], starting with a letter or _, "
+                              "not 'host'")
+        if name in self.regions:
+            raise AlreadyExists(f"an instance named {name!r} already exists", "choose another name")
+        if instance_id is not None:
+            if isinstance(instance_id, bool) or not isinstance(instance_id, int) or \
+                    not 1 <= instance_id < MAX_INSTANCES:
+                raise InvalidSpec(f"instance id {instance_id!r} is out of range 1..{MAX_INSTANCES - 1}",
+                                  "id 0 is the host; pick 1..511 or leave --id out")
+            if instance_id in self.ids:
+                raise AlreadyExists(f"instance id {instance_id} is taken by {self.ids[instance_id]!r}",
+                                    "pick another --id or leave it out")
+            iid = instance_id
+        else:
+            free = [i for i in range(1, MAX_INSTANCES) if i not in self.ids]
+            if not free:
+                raise ResourceBusy("all 511 instance ids are in use", "delete an instance first")
+            iid = free[0]
+        nbytes = parse_size(memory, "memory")
+        require_page_aligned(nbytes, "memory")
+        chosen = self._plan_cpus(cpus, cpu_count)
+        if self.memory_used + nbytes > self.config.memory_bytes:
+            raise OutOfMemory(
+                f"Total memory allocation ({format_size(self.memory_used + nbytes)}) exceeds "
+                f"memory pool ({format_size(self.config.memory_bytes)})",
+                f"{format_size(self.memory_available) if self.memory_available else 'nothing'} "
+                f"is free; ask for less or init a bigger --memory")
+        offset = self._first_fit(nbytes)
+        return Reservation(iid, name, chosen, offset, nbytes)
+
+    def _plan_cpus(self, cpus: str | list[int] | None, cpu_count: int | None) -> list[int]:
+        cfg = self.config
+        if (cpus is None) == (cpu_count is None):
+            raise InvalidSpec("give exactly one of --cpus LIST or --cpu-count N",
+                              "e.g. --cpus 1 or --cpu-count 1")
+        if cpus is not None:
+            chosen = parse_cpulist(cpus)
+            for c in chosen:
+                if c not in cfg.cpus:
+                    if c in cfg.host_cpus:
+                        raise PermissionDenied(f"CPU {c} is reserved for host kernel",
+                                               f"choose from the pool: {format_cpulist(cfg.cpus)}")
+                    raise InvalidSpec(f"CPU {c} is not in the pool ({format_cpulist(cfg.cpus)})",
+                                      f"choose from the pool: {format_cpulist(cfg.cpus)}")
+            if not cfg.oversubscribe:
+                overlap = [c for c in chosen if self.cpu_users[c]]
+                if overlap:
+                    owners = sorted({u for c in overlap for u in self.cpu_users[c]})
+                    raise ResourceBusy(
+                        f"CPU overlap detected (CPUs {format_cpulist(overlap)}) with "
+                        f"{', '.join(repr(o) for o in owners)}",
+                        f"free CPUs: {format_cpulist(self.cpus_available()) or 'none'}; or init "
+                        f"the machine with --oversubscribe to share cores")
+            return chosen
+        if isinstance(cpu_count, bool) or not isinstance(cpu_count, int) or cpu_count < 1:
+            raise InvalidSpec(f"--cpu-count must be a positive integer, got {cpu_count!r}",
+                              "e.g. --cpu-count 1")
+        if cpu_count > len(cfg.cpus):
+            raise InvalidSpec(f"--cpu-count {cpu_count} exceeds the pool's "
+                              f"{len(cfg.cpus)} CPUs ({format_cpulist(cfg.cpus)})",
+                              f"ask for at most {len(cfg.cpus)}")
+        free = self.cpus_available()
+        if len(free) >= cpu_count:
+            return free[:cpu_count]
+        if not cfg.oversubscribe:
+            raise ResourceBusy(f"only {len(free)} CPUs free in the pool "
+                               f"({format_cpulist(free) or 'none'}), {cpu_count} requested",
+                               "delete an instance, ask for fewer, or init with --oversubscribe")
+        by_load = sorted(cfg.cpus, key=lambda c: (len(self.cpu_users[c]), c))
+        return sorted(by_load[:cpu_count])
+
+    def _first_fit(self, nbytes: int) -> int:
+        taken = sorted(self.regions.values())
+        cursor = 0
+        largest = 0
+        for off, size in taken:
+            if off - cursor >= nbytes:
+                return cursor
+            largest = max(largest, off - cursor)
+            cursor = off + size
+        if self.config.memory_bytes - cursor >= nbytes:
+            return cursor
+        largest = max(largest, self.config.memory_bytes - cursor)
+        raise OutOfMemory(f"no contiguous free region of {format_size(nbytes)} in the pool "
+                          f"(largest hole {format_size(largest)}; fragmentation)",
+                          "ask for at most the largest hole, or delete instances")
+
+    def commit(self, r: Reservation) -> None:
+        for c in r.cpus:
+            self.cpu_users[c].append(r.name)
+        self.regions[r.name] = (r.memory_offset, r.memory_bytes)
+        self.ids[r.id] = r.name
+
+    def release(self, name: str, instance_id: int, cpus: list[int]) -> None:
+        for c in cpus:
+            if name in self.cpu_users.get(c, []):
+                self.cpu_users[c].remove(name)
+        self.regions.pop(name, None)
+        self.ids.pop(instance_id, None)

@@ -1,0 +1,136 @@
+"""Supervision: what the host does about an instance that failed or stopped making progress.
+
+IHK's hang detection (the watchdog), Erlang's restart intensity (the restart queue), and an
+active-backup takeover by a pre-booted standby; every failure is recorded with the fault that
+caused it (when one was injected) and the last lines of the failed kernel's console. Kept out of
+the machine's verbs because it acts on its own, from the reactor, never at a caller's request.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from partition.errors import MKError
+from partition.host.exits import FAILURE_KINDS
+from partition.host.instance import ExitRecord, Instance, State
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+
+class Supervisor:
+    """The watchdog, the restart queue and takeovers of one machine."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self._restart_queue: list[Instance] = []
+        self._restarting = False
+
+    # -- watchdog --------------------------------------------------------------------------
+    def watched(self) -> list[Instance]:
+        return [i for i in self.m.instances.values()
+                if i.recovery.watchdog > 0 and i.state == State.ACTIVE and i.pid is not None]
+
+    def watchdog(self, watched: list[Instance]) -> None:
+        """IHK's hang detection: an active instance whose progress counter stood still for
+        longer than its watchdog period is hung; it is force-halted and handled as a failure."""
+        now = time.monotonic()
+        m = self.m
+        for inst in watched:
+            value = m.arena.slot(inst.id).progress
+            last, since = inst.progress_seen
+            if value != last or since == 0.0:
+                inst.progress_seen = (value, now)
+            elif now - since > inst.recovery.watchdog and inst.halt_requested is None \
+                    and inst.pid is not None:
+                m.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
+                                 stalled_s=round(now - since, 3), progress=value)
+                inst.halt_requested = "watchdog"
+                m.arena.slot(inst.id).force_halt = 1
+                if m.writes is not None:
+                    m.writes.scan(only=inst)
+                os.kill(inst.pid, signal.SIGKILL)
+
+    # -- failures --------------------------------------------------------------------------
+    def is_failure(self, record: ExitRecord) -> bool:
+        return record.how in FAILURE_KINDS
+
+    def record_failure(self, inst: Instance, record: ExitRecord, detected: float) -> None:
+        fault = inst.pending_fault
+        failure: dict[str, Any] = {
+            "kind": FAILURE_KINDS[record.how], "time": record.time, "reason": record.reason,
+            "fault": fault[0] if fault else None,
+            "detect_ms": round((detected - fault[1]) * 1e3, 3) if fault else None,
+            "exit": record.to_dict(),
+            "console_tail": self.m.console_text(inst.id).rstrip("\n").splitlines()[-8:],
+        }
+        inst.failures.append(failure)
+        del inst.failures[:-20]
+        inst.counters["failures"] += 1
+        self.m.events.warning("failure", instance=inst.id, name=inst.name, **failure)
+
+    def recover(self, inst: Instance) -> None:
+        """Apply the instance's recovery policy to a failure just recorded."""
+        pol = inst.recovery
+        if pol.policy == "standby":
+            self.takeover(inst)
+            return
+        if pol.policy != "restart":
+            return
+        if pol.allow_restart(time.monotonic()):
+            self._restart_queue.append(inst)
+            return
+        inst.failure = (f"restart intensity exceeded: more than {pol.max_restarts} restarts in "
+                        f"{pol.restart_window:g} s")
+        self.m.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
+        self.m.transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
+
+    # -- takeover --------------------------------------------------------------------------
+    def takeover(self, primary: Instance) -> None:
+        """Active-backup: the first active standby of ``primary`` serves its role from now on."""
+        m = self.m
+        t0 = time.monotonic()
+        standby = next((i for i in m.instances.values() if i.standby_for == primary.name
+                        and i.state == State.ACTIVE and i.pid is not None), None)
+        if standby is None:
+            m.events.warning("takeover_failed", instance=primary.id, name=primary.name,
+                             reason="no active standby")
+            return
+        primary.served_by = standby.id
+        m.arena.slot(primary.id).redirect = standby.id + 1
+        m.printk(f"Instance {primary.id} ({primary.name}) failed; standby {standby.id} "
+                 f"({standby.name}) takes over its role")
+        m.events.warning("takeover", instance=primary.id, name=primary.name,
+                         standby=standby.name, standby_id=standby.id,
+                         takeover_ms=round((time.monotonic() - t0) * 1e3, 3))
+        m.publish(primary)
+
+    # -- restarts --------------------------------------------------------------------------
+    def run_restarts(self) -> None:
+        """Boot what the queue holds. Not re-entered: a restart that fails at once queues
+        itself again only through the next exit, handled by the next poll."""
+        if not self._restart_queue or self._restarting:
+            return
+        m = self.m
+        self._restarting = True
+        try:
+            while self._restart_queue:
+                inst = self._restart_queue.pop(0)
+                if inst.state != State.LOADED or m.closing or inst.name not in m.instances:
+                    continue
+                inst.counters["restarts"] += 1
+                scrub = not inst.recovery.preserve_memory
+                if scrub:   # reclaim before reuse: the failed run's memory is not trusted
+                    m.arena.scrub(inst.memory_base, inst.memory_bytes)
+                m.events.info("restart", instance=inst.id, name=inst.name,
+                              restarts=inst.counters["restarts"], scrubbed=scrub)
+                try:
+                    m.lifecycle.boot(inst)
+                except MKError as exc:
+                    m.events.warning("restart_failed", instance=inst.id, name=inst.name,
+                                     error=exc.message)
+        finally:
+            self._restarting = False
