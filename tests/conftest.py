@@ -53,3 +53,4 @@ def misbehaving() -> str:
 
 def mkctl_cmd() -> list[str]:
     return [sys.executable, "-m", "partition.control.cli"]
+

@@ -3,6 +3,8 @@
 import os
 import time
 
+import pytest
+
 CPUS = sorted(os.sched_getaffinity(0))
 
 
@@ -19,3 +21,12 @@ def wait_until(m, pred, timeout=10.0):
     while not pred():
         assert time.monotonic() < deadline, "condition not reached in time"
         m.poll(0.01)
+
+
+def without_c(why: str) -> None:
+    """The C half of the ring is missing: skipped on a user's machine, a failure where CI asks
+    for it (MK_REQUIRE_C=1, set by .ci/run)."""
+    if os.environ.get("MK_REQUIRE_C") == "1":
+        pytest.fail(f"{why}, and MK_REQUIRE_C=1 requires it: pip install -e . and read its "
+                    "warnings", pytrace=False)
+    pytest.skip(why)

@@ -3,8 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from partition.bench import boot
 from partition.stats import percentile, summary
+
+pytestmark = pytest.mark.slow      # scenarios and benchmarks: pytest -m "not slow" skips them
 
 
 def test_percentiles_are_nearest_rank():

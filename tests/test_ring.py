@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from helpers import without_c
 from partition.abi import layout as L
 from partition import linux
 from partition.abi import ring
@@ -20,7 +21,7 @@ from ringtool import claim, fill, polling, publish
 def impl(request, monkeypatch):
     if request.param == "c":
         if ring._fast is None:
-            pytest.skip("the C extension is not built here")
+            without_c("the C extension is not built here")
     else:
         monkeypatch.setattr(ring, "_fast", None)
     return request.param
@@ -52,10 +53,10 @@ def drain_all(r):
 
 def test_the_extension_is_used_when_built():
     if importlib.util.find_spec("partition.abi._fastring") is None:
-        pytest.skip("no C extension in this install")
+        without_c("no C extension in this install")
     if os.environ.get("MK_PURE_RING") == "1":
         pytest.skip("MK_PURE_RING=1 asks for the Python ring")
-    assert not ring.STALE, ("partition/_fastring.c changed since the extension was built, "
+    assert not ring.STALE, ("partition/abi/_fastring.c changed since the extension was built, "
                             "or its rebuild failed: pip install -e . and read its warnings")
     assert ring.IMPLEMENTATION == "c"         # its layout agrees with ring.py's
 
