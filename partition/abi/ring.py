@@ -23,6 +23,11 @@ Protocol (the real tree's, plus what a user-space emulation needs to survive dea
 
 Everything read from a ring is untrusted: sizes are range-checked, types are plain integers the
 dispatcher looks up, and no field is used as an index without a bound.
+
+Why over 400 lines: this is the reference implementation of the whole protocol (send, drain,
+the careful drain's recovery from abandoned and stale slots, the drop filters, the halt and
+spin waits), the one _fastring.c is checked against and the one that runs without it. Each part
+reads the same header fields; split, they would each re-derive them.
 """
 
 from __future__ import annotations

@@ -58,9 +58,12 @@ def _import_path(path: str) -> ModuleType:
 
 
 def _kernels_in(module: ModuleType) -> list[type[Kernel]]:
-    return [obj for obj in vars(module).values()
+    """The kernel classes a module defines, and those it publishes in ``__all__`` (a sample
+    image may be another module's kernel under its own name, as ``kernels.echo`` is)."""
+    public = set(getattr(module, "__all__", ()))
+    return [obj for name, obj in vars(module).items()
             if inspect.isclass(obj) and issubclass(obj, Kernel) and obj is not Kernel
-            and obj.__module__ == module.__name__]
+            and (obj.__module__ == module.__name__ or name in public)]
 
 
 def load_kimage(spec: str, cmdline: str = "") -> KImage:

@@ -12,6 +12,13 @@ Guarantees:
 - a death is noticed the next time the machine is driven (at once in the daemon: the pidfd wakes
   it); the exit is reaped, classified and recorded before any other verb runs;
 - ``close()`` halts every instance and leaves no process, mapping, descriptor or file behind.
+
+Why this module is longer than 400 lines: it is the machine's whole public surface, the verbs
+(create, load, exec, kill, update, fault, unload, delete, send, request), the views of its state
+(describe, snapshot, console, memory) and the reactor that drives it, each verb with its checks
+before its first change. Booting and reaping live in lifecycle.py, supervision in
+supervision.py, messaging in hostipc.py; what is left is one job, the API, and splitting it
+would scatter each verb's check-then-change order over files.
 """
 
 from __future__ import annotations

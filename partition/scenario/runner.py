@@ -14,6 +14,9 @@ Order of a run, and why:
 
 Every time in the report is seconds from the start of the clock (step 2), taken from
 CLOCK_MONOTONIC, which instances and host share.
+
+Slightly over 400 lines because a run is one timeline: its steps share the clock, the fired
+faults and the probe bookkeeping; metrics collection is measure.py's, the report report.py's.
 """
 
 from __future__ import annotations
