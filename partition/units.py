@@ -6,6 +6,7 @@ command lines move between the emulator and the real tool unchanged.
 
 from __future__ import annotations
 
+import math
 import re
 
 from partition.errors import InvalidSpec
@@ -53,13 +54,23 @@ def format_size(nbytes: int) -> str:
     return f"{nbytes}B"
 
 
+#: CPU numbers are below this (Linux's largest NR_CPUS); checked before a range is expanded
+MAX_CPUS = 8192
+
+
 def parse_cpulist(text: str | list[int] | tuple[int, ...], what: str = "CPU list") -> list[int]:
-    """Parse ``1-3,5`` (cpuset syntax) or a list of ints into a sorted list without repeats."""
+    """Parse ``1-3,5`` (cpuset syntax) or a list of ints into a sorted list without repeats.
+    Every number is checked against MAX_CPUS before any range is expanded: ``1-100000000``
+    is refused at once instead of building a list of a hundred million CPUs."""
     if isinstance(text, (list, tuple)):
+        if len(text) > MAX_CPUS:
+            raise InvalidSpec(f"{what} names {len(text)} CPUs, more than any machine has "
+                              f"({MAX_CPUS})", "give the CPUs of this machine (nproc)")
         cpus: set[int] = set()
         for c in text:
-            if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-                raise InvalidSpec(f"bad CPU number {c!r} in {what}", "CPU numbers are integers >= 0")
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < MAX_CPUS:
+                raise InvalidSpec(f"bad CPU number {c!r} in {what}",
+                                  f"CPU numbers are integers in 0..{MAX_CPUS - 1}")
             cpus.add(c)
     else:
         cpus = set()
@@ -72,8 +83,14 @@ def parse_cpulist(text: str | list[int] | tuple[int, ...], what: str = "CPU list
             if not m:
                 raise InvalidSpec(f"cannot parse {what} {text!r} at {part!r}",
                                   "use cpuset syntax, e.g. 1 or 1-3,5")
+            if len(m.group(1)) > 6 or len(m.group(2) or "") > 6:
+                raise InvalidSpec(f"CPU number in {part!r} of {what} is beyond any machine "
+                                  f"(CPUs are 0..{MAX_CPUS - 1})", "give the CPUs of this machine")
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi >= MAX_CPUS:
+                raise InvalidSpec(f"CPU {hi} in {what} is beyond any machine (CPUs are "
+                                  f"0..{MAX_CPUS - 1})", "give the CPUs of this machine (nproc)")
             if hi < lo:
                 raise InvalidSpec(f"descending range {part!r} in {what}", f"write {hi}-{lo}")
             cpus.update(range(lo, hi + 1))
@@ -94,3 +111,19 @@ def format_cpulist(cpus: list[int] | set[int] | tuple[int, ...]) -> str:
         out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def seconds(value: object, what: str, lo: float, hi: float, *, lo_open: bool = True) -> float:
+    """A time in seconds, checked: a real number (not a bool), finite, in ``(lo, hi]`` (or
+    ``[lo, hi]`` with ``lo_open=False``). NaN and the infinities are refused by name: a NaN
+    compares false with everything, so a plain range check would let it through."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSpec(f"{what} must be a number of seconds, got {value!r}", f"e.g. {what}=5")
+    v = float(value)
+    if not math.isfinite(v):
+        raise InvalidSpec(f"{what} must be a finite number of seconds, got {value!r}",
+                          f"e.g. {what}=5")
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise InvalidSpec(f"{what} must be in {bound} seconds, got {value!r}", f"e.g. {what}=5")
+    return v

@@ -163,8 +163,22 @@ def test_voluntary_halt(machine, misbehaving):
 
 
 def test_panic_during_boot_hook(machine, misbehaving):
-    # the trampoline answers the mailbox; the kernel's boot hook then panics
-    boot(machine, "pb", misbehaving + ":PanicAtBoot")
+    # the trampoline answers the mailbox; the kernel's boot hook then panics: exec waits for
+    # boot() and reports the panic, with its reason, as a failure
+    with pytest.raises(BootFailed) as ei:
+        boot(machine, "pb", misbehaving + ":PanicAtBoot")
+    assert "failed in boot(): panic: test panic at boot" in str(ei.value)
+    rec = machine.wait_for("pb", "loaded")
+    assert rec["last_exit"]["reason"] == "panic: test panic at boot"
+    assert rec["counters"]["failures"] == 1 and rec["last_failure"]["kind"] == "panic"
+
+
+def test_exec_without_wait_answers_at_the_mailbox(machine, misbehaving):
+    # the real system's semantics: active as soon as the boot CPU answered
+    machine.create("pb", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("pb", misbehaving + ":PanicAtBoot")
+    r = machine.exec("pb", wait=False)        # no BootFailed: the mailbox was answered
+    assert r["boots"] == 1            # (it may already be loaded again: boot() panics at once)
     rec = machine.wait_for("pb", "loaded")
     assert rec["last_exit"]["reason"] == "panic: test panic at boot"
 

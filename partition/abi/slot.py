@@ -52,6 +52,7 @@ FIELDS: dict[str, Field] = {
     "heartbeats_sent": Field(200, 8, "instance"),  # heartbeats sent to the host
     "doorbell_fd": Field(208, 4, "instance"),   # its doorbell's descriptor number
     "redirect": Field(212, 4, "host"),          # id + 1 of the standby serving this role; 0 none
+    "booted": Field(216, 8, "instance"),        # the generation whose boot() has returned
 }
 
 # offsets by name, for the hot paths and the pure-Python ring
@@ -119,6 +120,7 @@ class ControlSlot:
     heartbeats_sent = _Int("heartbeats_sent")
     doorbell_fd = _Int("doorbell_fd")
     redirect = _Int("redirect")
+    booted = _Int("booted")
 
     def __init__(self, buf: Any, base: int = 0) -> None:
         self.buf = buf

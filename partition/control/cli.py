@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -23,6 +24,17 @@ from partition.units import format_cpulist, format_size
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
+
+
+def finite(text: str) -> float:
+    """argparse type: a finite number (``float`` alone takes "nan" and "inf")."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give e.g. 5")
+    return v
 
 def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
     if getattr(args, "format", "text") == "json":
@@ -104,7 +116,8 @@ def cmd_load(a: argparse.Namespace) -> int:
 
 
 def cmd_simple(a: argparse.Namespace) -> int:
-    r = Client(a.run_dir).call(a.verb, name=a.name)
+    extra = {"wait": False} if getattr(a, "no_wait", False) else {}
+    r = Client(a.run_dir).call(a.verb, name=a.name, **extra)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 
@@ -172,8 +185,8 @@ def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--recovery", choices=("none", "restart", "standby"), default=d("none"),
                    help="what the host does when the instance fails (default none)")
     p.add_argument("--max-restarts", type=int, default=d(3), help="restart intensity: at most N ...")
-    p.add_argument("--restart-window", type=float, default=d(5.0), help="... in T seconds")
-    p.add_argument("--watchdog", type=float, default=d(0.0),
+    p.add_argument("--restart-window", type=finite, default=d(5.0), help="... in T seconds")
+    p.add_argument("--watchdog", type=finite, default=d(0.0),
                    help="seconds without progress before the instance is declared hung (0: off)")
     p.add_argument("--preserve-memory", action=argparse.BooleanOptionalAction, default=d(False),
                    help="a restart keeps the partition (default: scrubbed before reuse)")
@@ -206,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console-size", type=int, default=64 * 1024, help="kmsg bytes per instance")
     p.add_argument("--no-protection", dest="protection", action="store_false",
                    help="map the whole arena into every instance (wild writes land)")
-    p.add_argument("--kill-timeout", type=float, default=30.0,
+    p.add_argument("--kill-timeout", type=finite, default=30.0,
                    help="seconds a graceful kill waits before forcing (default 30)")
     p.set_defaults(fn=cmd_init)
 
@@ -235,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bytes", type=int, help="wild-write / mem-hog: how many bytes")
     p.add_argument("--target", type=int, help="ipi-storm: instance id to flood")
     p.add_argument("--count", type=int, help="ipi-storm: messages to send")
-    p.add_argument("--seconds", type=float, help="cpu-hog: how long")
+    p.add_argument("--seconds", type=finite, help="cpu-hog: how long")
     p.set_defaults(fn=cmd_fault)
 
     p = sub.add_parser("load", parents=[common], help="load a kernel image (ready -> loaded)")
@@ -249,12 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
                            ("delete", "free the partition (ready -> gone)")):
         p = sub.add_parser(verb, parents=[common], help=helptext)
         p.add_argument("name")
+        if verb == "exec":
+            p.add_argument("--no-wait", action="store_true",
+                           help="return when the boot CPU answers, before the kernel's boot() "
+                                "returns (the real system's answer)")
         p.set_defaults(fn=cmd_simple)
 
     p = sub.add_parser("kill", parents=[common], help="halt an instance (active -> loaded)")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=finite, default=None,
                    help="graceful wait before forcing (default: the machine's --kill-timeout)")
     p.set_defaults(fn=cmd_kill)
 

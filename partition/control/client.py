@@ -31,6 +31,10 @@ class Client:
         try:
             try:
                 s.connect(self.path)
+            except BlockingIOError:
+                raise SupervisorUnavailable(
+                    f"the supervisor in {self.run_dir} accepts no connection now (its queue "
+                    "is full)", "retry in a moment") from None
             except (FileNotFoundError, ConnectionRefusedError):
                 stale = " (stale run directory: its supervisor is gone)" if \
                     os.path.exists(self.run_dir) and rundir.live_owner(self.run_dir) is None else ""
@@ -52,24 +56,31 @@ class Client:
 
 
 def start_supervisor(run_dir: str | None, config: dict[str, Any], wait: float = 30.0) -> dict[str, Any]:
-    """Start the daemon in the background; return once it answers, or raise its error."""
+    """Start the daemon in the background; return once it answers, or raise its error.
+
+    The run directory's lock is taken here, before anything else, and handed to the daemon
+    (an inherited descriptor shares the lock): a second ``mkctl init`` racing this one is
+    refused at once and touches nothing, and a stale directory is cleared only by the one
+    that holds the lock."""
     path = rundir.resolve(run_dir)
-    owner = rundir.live_owner(path)
-    if owner is not None:
-        raise MKError(f"a machine is already running in {path} (supervisor pid {owner})",
-                      "mkctl shutdown first, or choose another --run-dir")
-    cleaned = False
-    if os.path.exists(path):
-        shutil.rmtree(path)          # stale: its owner is dead
-        cleaned = True
-    os.makedirs(path, mode=0o755)
+    lock_fd = rundir.lock(path)
+    try:
+        cleaned = bool(os.listdir(path))
+        if cleaned:
+            rundir.clear(path)           # stale: its owner is dead (we hold its lock)
+        return _spawn(path, lock_fd, config, wait) | {"cleaned_stale": cleaned}
+    finally:
+        os.close(lock_fd)
+
+
+def _spawn(path: str, lock_fd: int, config: dict[str, Any], wait: float) -> dict[str, Any]:
     r, w = os.pipe()
     log = open(os.path.join(path, rundir.SUPERVISOR_LOG), "ab")
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "partition.control.daemon", "--run-dir", path,
-             "--config", json.dumps(config), "--ready-fd", str(w)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(w,),
+             "--config", json.dumps(config), "--ready-fd", str(w), "--lock-fd", str(lock_fd)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(w, lock_fd),
             start_new_session=True, close_fds=True)
     finally:
         os.close(w)
@@ -103,8 +114,7 @@ def start_supervisor(run_dir: str | None, config: dict[str, Any], wait: float = 
         shutil.rmtree(path, ignore_errors=True)
         raise SupervisorUnavailable(f"supervisor did not start (exit {proc.returncode}): {tail}",
                                     "run python -m partition.control.daemon by hand to see why")
-    info = Client(path).call("ping")
-    info["cleaned_stale"] = cleaned
+    info: dict[str, Any] = Client(path).call("ping")
     return info
 
 
@@ -116,7 +126,11 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
         raise SupervisorUnavailable(f"no machine is running in {path}", "nothing to shut down")
     owner = rundir.live_owner(path)
     if owner is None:
-        shutil.rmtree(path, ignore_errors=True)
+        lock_fd = rundir.lock(path)       # nobody else clears it meanwhile
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(lock_fd)
         return {"halted": 0, "stale_removed": True, "run_dir": path}
     result = client.call("shutdown")
     try:

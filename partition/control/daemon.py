@@ -1,28 +1,35 @@
 """The supervisor daemon: a Machine driven continuously, answering ``mkctl`` on a UNIX socket.
 
-Single-threaded: one epoll loop watches the listening socket, the machine's own epoll (pidfds,
-host doorbell) and a signal wake-up pipe. A death therefore wakes the daemon at once even when no
-command is being served. Requests are served one at a time, to completion; a verb that waits (a
-graceful kill) keeps driving the machine while it waits, so other deaths are still recorded.
+Single-threaded: one epoll loop watches the listening socket, every client connection, the
+machine's own epoll (pidfds, host doorbell) and a signal wake-up pipe, with the machine's timers
+(watchdog, write watch, restarts) as its timeout. A death therefore wakes the daemon at once,
+and a hang is declared on time, even when no command is being served. Verbs run one at a time;
+while one waits (a graceful kill), the loop keeps reading other clients, answers the read-only
+ones and queues the rest. The socket is 0600 and a client must be root or the machine's owner
+(SO_PEERCRED).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import selectors
 import shutil
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from partition.abi.constants import IPI_SIGNAL
 from partition.control import protocol
-from partition.errors import InvalidSpec, MKError
+from partition.errors import InvalidSpec, MKError, PermissionDenied, ResourceBusy
 from partition.host import rundir
 from partition.host.machine import Machine
 
@@ -42,7 +49,7 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
                   m.fault(name, kind, **(options or {}))),
         "load": ({"name", "kernel", "cmdline", "cwd"},
                  lambda **kw: _load_with_cwd(m, **kw)),
-        "exec": ({"name"}, m.exec),
+        "exec": ({"name", "wait"}, m.exec),
         "kill": ({"name", "force", "timeout"}, m.kill),
         "unload": ({"name"}, m.unload),
         "delete": ({"name"}, m.delete),
@@ -64,7 +71,31 @@ def _load_with_cwd(m: Machine, name: str, kernel: str, cmdline: str = "",
             sys.path.remove(added)
 
 
+#: what may be answered while another verb is still waiting (they change nothing)
+READ_ONLY_OPS = frozenset({"ping", "show", "console"})
+MAX_CLIENTS = 16          # connections at once; one more is answered EBUSY and closed
+REQUEST_DEADLINE_S = 5.0  # a client must have sent its whole request by then
+REPLY_DEADLINE_S = 30.0   # and must have read its reply by then
+
+
+@dataclass
+class Conn:
+    """One client connection: a request read, a reply written, both without blocking."""
+
+    sock: socket.socket
+    deadline: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytes = b""
+    request: Any = None       # decoded, waiting to be dispatched
+    uid: int = -1
+
+
 class Daemon:
+    """One machine behind a socket, never blind: every connection is non-blocking inside the
+    one event loop, with a byte budget and a deadline; the machine's own timers (watchdog,
+    write watch, restarts) set the loop's timeout; a verb that waits (a graceful kill) lets the
+    loop go on answering ``ping``/``show``/``console`` and queues other verbs behind it."""
+
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.ops = _ops(machine)
@@ -73,51 +104,162 @@ class Daemon:
             raise InvalidSpec(f"socket path {self.path!r} is longer than 107 bytes",
                               "choose a shorter --run-dir")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(self.path)
-        self.sock.listen(16)
+        old = os.umask(0o177)          # the socket is born 0600, whatever the caller's umask
+        try:
+            self.sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        self.owner = os.getuid()
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.sock, selectors.EVENT_READ, "listen")
         self.sel.register(machine.fileno(), selectors.EVENT_READ, "machine")
-        self.wake_r, self.wake_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self.wake_w, False)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "signal")
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)
+        self.conns: dict[int, Conn] = {}
+        self.queue: list[Conn] = []     # complete requests waiting for the verb in progress
+        self.busy = False               # a verb is being dispatched (and may be waiting)
         self.stopping = False
+        self.next_refresh = time.monotonic() + VIEW_REFRESH_S
+        machine.waiter = self.step
 
+    # -- the loop --------------------------------------------------------------------------
     def loop(self) -> None:
-        next_refresh = time.monotonic() + VIEW_REFRESH_S
         while not self.stopping:
-            events = self.sel.select(max(0.0, next_refresh - time.monotonic()))
-            if time.monotonic() >= next_refresh:
-                self.m.refresh_views()
-                next_refresh = time.monotonic() + VIEW_REFRESH_S
-            for key, _ in events:
-                if key.data == "machine":
-                    self.m.poll(0)
-                elif key.data == "listen":
-                    self.serve_one()
-                elif key.data == "signal":
-                    os.read(self.wake_r, 512)
-                    self.m.events.info("supervisor_signal", action="shutdown")
-                    self.stopping = True
+            self.step(None)
+            while self.queue and not self.stopping and not self.busy:
+                self._dispatch(self.queue.pop(0))
 
-    def serve_one(self) -> None:
-        conn, _ = self.sock.accept()
-        with conn:
-            conn.settimeout(5.0)
+    def step(self, limit: float | None) -> None:
+        """One turn of the loop: wait for the first event or timer (at most ``limit``), then
+        handle what is ready. Also the machine's ``waiter`` while a verb waits."""
+        now = time.monotonic()
+        timeout = max(0.0, self.next_refresh - now)
+        for t in (limit, self.m.next_timer(),
+                  *(c.deadline - now for c in self.conns.values())):
+            if t is not None:
+                timeout = min(timeout, max(0.0, t))
+        events = self.sel.select(timeout)
+        self.m.poll(0)                  # deaths, doorbells and the machine's timers
+        for key, mask in events:
+            if key.data == "listen":
+                self._accept()
+            elif key.data == "signal":
+                os.read(self.wake_r, 512)
+                self.m.events.info("supervisor_signal", action="shutdown")
+                self.stopping = True
+            elif isinstance(key.data, Conn):
+                if mask & selectors.EVENT_READ:
+                    self._read(key.data)
+                if mask & selectors.EVENT_WRITE and key.data.sock.fileno() in self.conns:
+                    self._write(key.data)
+        now = time.monotonic()
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            self.m.events.warning("client_timeout", uid=conn.uid,
+                                  stage="reply" if conn.outbuf else "request")
+            self._close(conn)
+        if now >= self.next_refresh:
+            self.m.refresh_views()
+            self.next_refresh = now + VIEW_REFRESH_S
+
+    # -- connections -----------------------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
             try:
-                req = protocol.recv(conn)
-            except (protocol.ProtocolError, OSError) as exc:
-                self.m.events.warning("bad_request", error=str(exc))
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            reply = self.dispatch(req)
-            try:
-                protocol.send(conn, reply)
-            except OSError:
-                pass
+            sock.setblocking(False)
+            conn = Conn(sock, time.monotonic() + REQUEST_DEADLINE_S)
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET,
+                                                              socket.SO_PEERCRED, 12))
+            conn.uid = uid
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            if uid not in (0, self.owner):
+                self.m.events.warning("client_refused", uid=uid, pid=pid, reason="credentials")
+                self._reply(conn, _error(PermissionDenied(
+                    f"uid {uid} may not use this machine (owner uid {self.owner})",
+                    "run mkctl as the machine's owner or as root")))
+            elif len(self.conns) > MAX_CLIENTS:
+                self.m.events.warning("client_refused", uid=uid, pid=pid, reason="too many")
+                self._reply(conn, _error(ResourceBusy(
+                    f"the supervisor already serves {MAX_CLIENTS} clients",
+                    "retry in a moment; a client that holds a connection open is what fills it")))
 
+    def _read(self, conn: Conn) -> None:
+        if conn.request is not None or conn.outbuf:
+            return                      # one request per connection; the rest is ignored
+        try:
+            chunk = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close(conn)
+            return
+        conn.inbuf += chunk
+        try:
+            req = protocol.parse(conn.inbuf)
+        except protocol.ProtocolError as exc:
+            self.m.events.warning("bad_request", uid=conn.uid, error=str(exc))
+            self._reply(conn, _error(InvalidSpec(f"bad request frame: {exc}",
+                                                 "use mkctl, or follow docs/architecture.md")))
+            return
+        if req is protocol.INCOMPLETE:
+            return
+        conn.request = req
+        op = req.get("op") if isinstance(req, dict) else None
+        if not self.busy or op in READ_ONLY_OPS:
+            self._dispatch(conn)
+        else:
+            self.queue.append(conn)     # served when the verb in progress is done
+
+    def _dispatch(self, conn: Conn) -> None:
+        outer = self.busy
+        self.busy = True
+        try:
+            reply = self.dispatch(conn.request)
+        finally:
+            self.busy = outer
+        if conn.sock.fileno() in self.conns:
+            self._reply(conn, reply)
+
+    def _reply(self, conn: Conn, reply: dict[str, Any]) -> None:
+        conn.outbuf = protocol.frame(reply)
+        conn.deadline = time.monotonic() + REPLY_DEADLINE_S
+        self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+        self._write(conn)
+
+    def _write(self, conn: Conn) -> None:
+        try:
+            n = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.outbuf = conn.outbuf[n:]
+        if not conn.outbuf:
+            self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd in self.conns:
+            del self.conns[fd]
+            self.sel.unregister(conn.sock)
+        if conn in self.queue:
+            self.queue.remove(conn)
+        conn.sock.close()
+
+    # -- requests --------------------------------------------------------------------------
     def dispatch(self, req: Any) -> dict[str, Any]:
         try:
             if not isinstance(req, dict) or not isinstance(req.get("op"), str) or \
@@ -125,6 +267,7 @@ class Daemon:
                 raise InvalidSpec("malformed request: expected {op: str, args: map}",
                                   "use mkctl, or follow docs/architecture.md")
             op, args = req["op"], req.get("args", {})
+            check_numbers(args)
             if op == "shutdown":
                 halted = sum(1 for i in self.m.instances.values() if i.pid is not None)
                 self.m.close()
@@ -140,16 +283,18 @@ class Daemon:
                                   f"allowed: {sorted(allowed)}")
             return {"ok": True, "result": fn(**args)}
         except MKError as exc:
-            return {"ok": False, "error": exc.to_wire()}
+            return _error(exc)
         except TypeError as exc:
-            return {"ok": False, "error": InvalidSpec(f"bad arguments: {exc}").to_wire()}
+            return _error(InvalidSpec(f"bad arguments: {exc}"))
         except Exception as exc:
             self.m.events.warning("request_failed", error=repr(exc),
                                   traceback=traceback.format_exc())
-            return {"ok": False, "error": MKError(f"internal error: {exc!r}",
-                                                  "see events.log in the run directory").to_wire()}
+            return _error(MKError(f"internal error: {exc!r}", "see events.log in the run directory"))
 
     def close(self) -> None:
+        self.m.waiter = None
+        for conn in list(self.conns.values()):
+            self._close(conn)
         signal.set_wakeup_fd(-1)
         self.sel.close()
         self.sock.close()
@@ -157,11 +302,30 @@ class Daemon:
         os.close(self.wake_w)
 
 
+def _error(exc: MKError) -> dict[str, Any]:
+    return {"ok": False, "error": exc.to_wire()}
+
+
+def check_numbers(value: Any, where: str = "arguments") -> None:
+    """NaN and the infinities are refused anywhere in a request, before any verb sees them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidSpec(f"{where} holds {value!r}, which is not a finite number",
+                          "give a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_numbers(v, f"argument {k!r}")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            check_numbers(v, where)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m partition.control.daemon")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--config", required=True, help="JSON machine arguments")
     ap.add_argument("--ready-fd", type=int, default=-1)
+    ap.add_argument("--lock-fd", type=int, default=-1,
+                    help="the run directory's lock, taken by mkctl init")
     a = ap.parse_args(argv)
     cfg = json.loads(a.config)
 
@@ -170,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             os.write(a.ready_fd, text.encode())
             os.close(a.ready_fd)
 
+    signal.signal(IPI_SIGNAL, signal.SIG_IGN)   # an instance's doorbell is never the host's
     try:
-        machine = Machine(run_dir=a.run_dir, pin_host=True, **cfg)
+        run = rundir.claim(a.run_dir, a.lock_fd) if a.lock_fd >= 0 else a.run_dir
+        machine = Machine(run_dir=run, pin_host=True, **cfg)
     except MKError as exc:
         tell("error:" + json.dumps(exc.to_wire()))
         shutil.rmtree(a.run_dir, ignore_errors=True)

@@ -22,10 +22,7 @@ class ProtocolError(Exception):
 
 
 def send(sock: socket.socket, obj: Any) -> None:
-    data = msgpack.packb(obj, use_bin_type=True)
-    if len(data) > MAX_FRAME:
-        raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
-    sock.sendall(_LEN.pack(len(data)) + data)
+    sock.sendall(frame(obj))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -42,7 +39,36 @@ def recv(sock: socket.socket) -> Any:
     (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
     if n > MAX_FRAME:
         raise ProtocolError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+    return _decode(_recv_exact(sock, n))
+
+
+#: ``parse`` of a buffer that does not hold a whole frame yet
+INCOMPLETE: Any = object()
+
+
+def frame(obj: Any) -> bytes:
+    """One whole frame: length and msgpack bytes."""
+    data = msgpack.packb(obj, use_bin_type=True)
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(data)) + data
+
+
+def parse(buf: bytes | bytearray) -> Any:
+    """The object in the first frame of ``buf``, or ``INCOMPLETE``; ProtocolError for a frame
+    that is too large (said as soon as its length is read) or undecodable."""
+    if len(buf) < _LEN.size:
+        return INCOMPLETE
+    (n,) = _LEN.unpack_from(buf, 0)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+    if len(buf) < _LEN.size + n:
+        return INCOMPLETE
+    return _decode(bytes(buf[_LEN.size:_LEN.size + n]))
+
+
+def _decode(data: bytes) -> Any:
     try:
-        return msgpack.unpackb(_recv_exact(sock, n), raw=False, strict_map_key=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise ProtocolError(f"undecodable frame: {exc}") from None

@@ -368,6 +368,8 @@ class Kernel:
     def _main(self) -> str:
         self.boot()
         self._booted = True
+        self.ctx.slot.booted = self.ctx.boot_generation     # exec waits for this:
+        os.eventfd_write(self.ctx.host_doorbell_fd, 1)      # ring, or it waits for a timer
         self.run()
         if self._graceful:
             self.shutdown()

@@ -104,6 +104,10 @@ def enter(boot: BootParams) -> NoReturn:
     kernel = None
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, IPI_SIGNAL})
+        # a host that set a signal wake-up fd (the daemon does) passes it on across fork;
+        # the descriptors are closed below, and every signal would then print an
+        # "Exception ignored ... Bad file descriptor" on the console
+        signal.set_wakeup_fd(-1)
         os.sched_setaffinity(0, boot.cpus)
         os.setsid()
         linux.set_parent_death_signal(signal.SIGKILL)

@@ -10,7 +10,8 @@ from partition.abi.constants import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE
 from partition.host.instance import ExitRecord
 
 # how -> failure kind; the other ways out (graceful, forced, voluntary) are not failures
-FAILURE_KINDS = {"killed": "crash", "exited": "crash", "panic": "panic", "hang": "hang"}
+FAILURE_KINDS = {"killed": "crash", "exited": "crash", "panic": "panic", "hang": "hang",
+                 "boot-failed": "boot"}
 
 
 def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecord:

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from partition.host.machine import Machine
 
 
+#: how long ``exec`` waits for a kernel's boot() to return
+BOOT_RETURN_S = 30.0
+
+
 class Lifecycle:
     """Boots, halts and reaps the instance processes of one machine."""
 
@@ -36,7 +40,10 @@ class Lifecycle:
         self.m = machine
 
     # -- boot ------------------------------------------------------------------------------
-    def boot(self, inst: Instance) -> None:
+    def boot(self, inst: Instance, wait_boot: bool = False) -> None:
+        """Boot ``inst``: returns when its boot CPU answered the spawn mailbox (the real
+        system's answer), or with ``wait_boot`` when its kernel's ``boot()`` has returned too;
+        raises BootFailed (with the kernel's reason) when it died before that."""
         m = self.m
         assert inst.kimage is not None
         slot = m.arena.slot(inst.id)
@@ -79,6 +86,8 @@ class Lifecycle:
         finally:
             gc.unfreeze()   # cyclic garbage made meanwhile must stay collectable
         if inst.state == State.ACTIVE or (inst.pid is None and inst.boots_acked):
+            if wait_boot:
+                self._wait_boot_return(inst)
             return                        # booted (and possibly already halted again)
         if inst.pid is None:              # died before answering: on_exit recorded why
             raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
@@ -93,6 +102,27 @@ class Lifecycle:
                 f"mailbox within {m.boot_timeout:g} s; instance marked failed",
                 f"mkctl console {inst.name}; then mkctl exec {inst.name} to retry")
         self._mark_booted(inst)
+        if wait_boot:
+            self._wait_boot_return(inst)
+
+    def _wait_boot_return(self, inst: Instance) -> None:
+        """Drive the machine until the kernel's ``boot()`` returned (it says so in its slot)
+        or the run ended; a run that ended first failed in ``boot()``."""
+        m = self.m
+        slot = m.arena.slot(inst.id)
+        gen = inst.generation
+        returned = m.wait(lambda: inst.pid is None or slot.booted == gen,
+                          time.monotonic() + BOOT_RETURN_S)
+        if slot.booted == gen:
+            return                    # boot() returned (the run may have ended since)
+        if inst.pid is None or inst.generation != gen:
+            why = inst.last_exit.reason if inst.last_exit else "it halted"
+            raise BootFailed(f"instance {inst.name!r} failed in boot(): {why}",
+                             f"mkctl console {inst.name} shows the kernel's last words")
+        if not returned:
+            raise BootTimeout(f"instance {inst.name!r} is active but its boot() has not "
+                              f"returned within {BOOT_RETURN_S:g} s",
+                              f"mkctl console {inst.name}; exec --no-wait does not wait")
 
     def _mark_booted(self, inst: Instance) -> None:
         """The boot CPU cleared ``ready``: the instance is active."""
@@ -175,6 +205,7 @@ class Lifecycle:
             inst.failure = f"boot failed: {record.reason}"
             inst.counters["boot_failures"] += 1
             m.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {record.reason}")
+            m.supervisor.record_failure(inst, record, detected)
             m.transition(inst, State.FAILED, "boot-failure", reason=record.reason)
         else:
             m.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")

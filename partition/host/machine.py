@@ -36,8 +36,8 @@ from partition.abi import layout as L
 from partition.abi import message as M
 from partition.abi.console import ConsoleWriter, format_console, read_console
 from partition.abi.constants import HOST_ID, STATE_ACTIVE, STATE_CODES
-from partition.abi.ring import Ring
-from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded
+from partition.abi.ring import Ring, RingError
+from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
 from partition.host import faults, rundir
 from partition.host.arena import Arena
 from partition.host.events import EventLog
@@ -50,6 +50,7 @@ from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
+from partition.units import seconds
 
 
 class Machine:
@@ -57,7 +58,7 @@ class Machine:
 
     def __init__(self, cpus: str | list[int] | None = None, memory: str | int = "1G",
                  host_cpus: str | list[int] | None = "0", oversubscribe: bool = False,
-                 run_dir: str | None = None, console_bytes: int = 64 * 1024,
+                 run_dir: str | rundir.RunDir | None = None, console_bytes: int = 64 * 1024,
                  kill_timeout: float = 30.0, boot_timeout: float = 1.0,
                  pin_host: bool = False, ring_slots: int = 64,
                  ring_slot_bytes: int = 4096, protection: bool = True) -> None:
@@ -65,14 +66,12 @@ class Machine:
         if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
             raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
                               "use e.g. 65536")
-        if kill_timeout <= 0 or boot_timeout <= 0:
-            raise InvalidSpec("timeouts must be positive", "e.g. kill_timeout=5, boot_timeout=1")
-        self.kill_timeout = float(kill_timeout)
+        self.kill_timeout = seconds(kill_timeout, "kill_timeout", 0, 86400)
+        self.boot_timeout = seconds(boot_timeout, "boot_timeout", 0, 3600)
         self.protection = bool(protection)
-        self.boot_timeout = float(boot_timeout)
         self._closed = False
         self._closing = False
-        self._run = rundir.claim(run_dir)
+        self._run = run_dir if isinstance(run_dir, rundir.RunDir) else rundir.claim(run_dir)
         self.run_dir = self._run.path
         try:
             self._setup(console_bytes, pin_host, ring_slots, ring_slot_bytes)
@@ -99,6 +98,8 @@ class Machine:
         self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
                            flags=flags)
         self.instances: dict[str, Instance] = {}
+        #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
+        self.waiter: Callable[[float | None], None] | None = None
         self.selector = selectors.EpollSelector()
         self.host_doorbell = linux.eventfd()
         self.selector.register(self.host_doorbell, selectors.EVENT_READ, None)
@@ -234,14 +235,16 @@ class Machine:
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
 
-    def exec(self, name: str) -> dict[str, Any]:
-        """Boot the loaded image on the instance's CPUs (loaded|failed -> active)."""
+    def exec(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Boot the loaded image on the instance's CPUs (loaded|failed -> active). Returns once
+        the kernel's ``boot()`` returned; ``wait=False`` returns at the spawn mailbox's answer,
+        the real system's semantics. A kernel that dies in ``boot()`` raises BootFailed."""
         self._check_open()
         self.poll(0)
         inst = self._get(name)
         check_transition("exec", inst.name, inst.state)
         assert inst.kimage is not None
-        self.lifecycle.boot(inst)
+        self.lifecycle.boot(inst, wait_boot=bool(wait))
         return self.describe(inst)
 
     def kill(self, name: str, force: bool = False, timeout: float | None = None) -> dict[str, Any]:
@@ -251,9 +254,7 @@ class Machine:
         inst = self._get(name)
         check_transition("kill --force" if force else "kill", inst.name, inst.state)
         if inst.state == State.ACTIVE:
-            t = self.kill_timeout if timeout is None else float(timeout)
-            if t <= 0:
-                raise InvalidSpec(f"kill timeout must be positive, got {timeout!r}", "e.g. --timeout 5")
+            t = self.kill_timeout if timeout is None else seconds(timeout, "timeout", 0, 86400)
             if force:
                 self.lifecycle.force(inst)
                 self.wait(lambda: inst.pid is None, None)
@@ -289,19 +290,25 @@ class Machine:
         if kind == "ipi-storm" and self.by_id(opts["target"]) is None:
             raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
                               "give the id of an instance (mkctl show)")
-        inst.counters["faults_injected"] += 1
-        self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
-                            options=opts)
         out = self.describe(inst)     # before the fault: nothing slow between it and detection
         if self.writes is not None:
             self.writes.scan(only=inst)       # what it wrote so far, before its page tables go
-        inst.pending_fault = (kind, time.monotonic())
+        injected = time.monotonic()
         if kind == "kill":
             os.kill(inst.pid, signal.SIGKILL)
         elif kind == "hang-stop":
             os.kill(inst.pid, signal.SIGSTOP)
         else:
-            self.ipc.send(inst.id, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
+            try:
+                self.ipc.send(inst.id, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
+            except RingError as exc:       # nothing was injected: nothing is recorded
+                raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
+                                   f"{exc.strerror}", "its IPI ring is full or it is not "
+                                   "answering; retry, or inject kill or hang-stop") from None
+        inst.pending_fault = (kind, injected)
+        inst.counters["faults_injected"] += 1
+        self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
+                            options=opts)
         return out
 
     def checksum(self, name: str) -> int:
@@ -471,12 +478,31 @@ class Machine:
         self.supervisor.run_restarts()
         return handled
 
+    def next_timer(self) -> float | None:
+        """Seconds until the machine has timed work of its own (a watchdog look, a write-watch
+        scan, a queued restart), None if none: a loop that nests the machine (the daemon)
+        wakes by then and calls ``poll``, so that no timer depends on outside traffic."""
+        due: list[float] = []
+        watched = self.supervisor.watched()
+        if watched:
+            due.append(min(i.recovery.watchdog for i in watched) / 4)
+        if self.writes is not None:
+            due.append(max(0.0, self.writes.next_due - time.monotonic()))
+        if self.supervisor.pending():
+            due.append(0.0)
+        return min(due) if due else None
+
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Drive the machine until ``done()`` or ``deadline``. With a ``waiter`` set (the
+        daemon's), each step is the waiter's, which serves its own clients meanwhile."""
         while not done():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return done()
-            self.poll(remaining)
+            if self.waiter is not None:
+                self.waiter(remaining)
+            else:
+                self.poll(remaining)
         return True
 
     # -- IPIs and messages (the host's side lives in hostipc.py) ---------------------------

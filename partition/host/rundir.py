@@ -7,14 +7,16 @@ choose another.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 
 import psutil
 
-from partition.errors import MKError
+from partition.errors import PermissionDenied, ResourceBusy
 
 ENV = "MK_RUN_DIR"
 SOCKET = "mkctl.sock"
@@ -40,57 +42,123 @@ def resolve(run_dir: str | None) -> str:
 
 
 def live_owner(run_dir: str) -> int | None:
-    """PID of the machine that owns run_dir, if that process still runs; None otherwise."""
+    """PID of the live machine that owns ``run_dir``, None if none. Ownership is the lock on
+    the directory (``lock``), held for the machine's life by its process and, while it starts,
+    by the ``mkctl init`` that starts it (then the pid file may not exist yet: -1)."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held = True
+    else:
+        held = False
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    if not held:
+        return None
     try:
         with open(os.path.join(run_dir, PIDFILE)) as f:
             pid = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return None
+        return -1
     try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return -1
     except psutil.Error:
-        return None
+        return -1
     return pid
 
 
-@dataclass
-class RunDir:
-    """A run directory a machine holds: ``owned`` when the machine made it (and removes it
-    whole), else only what the machine put there goes."""
+def lock(path: str) -> int:
+    """Create ``path`` safely if it is missing (mode 0700, whatever the umask) and take its
+    lock; returns the locked descriptor. Refused: a path that is a symbolic link or not a
+    directory, one owned by another user (somebody may have made it to catch our socket),
+    and one whose lock a live machine holds."""
+    try:
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PermissionDenied(f"run directory {path} is not a directory (a link or a file)",
+                               "remove it, or choose another --run-dir")
+    if st.st_uid not in (os.getuid(), 0) or (st.st_uid == 0 and os.getuid() != 0):
+        raise PermissionDenied(f"run directory {path} belongs to uid {st.st_uid}, not to you "
+                               f"(uid {os.getuid()})",
+                               "someone else made it: remove it as root, or choose another "
+                               "--run-dir")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        owner = live_owner(path)
+        who = f"supervisor pid {owner}" if owner and owner > 0 else "one is starting"
+        raise ResourceBusy(f"a machine is already running in {path} ({who})",
+                           "mkctl shutdown it first, or choose another --run-dir") from None
+    return fd
 
-    path: str
-    owned: bool
 
-    def release(self) -> None:
-        if self.owned:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        for sub in ("proc", "sys"):
-            shutil.rmtree(os.path.join(self.path, sub), ignore_errors=True)
-        for f in (EVENTS, PIDFILE):
+def clear(path: str) -> None:
+    """Remove what a dead machine left in ``path`` (its lock is ours), keeping the directory."""
+    for entry in os.listdir(path):
+        full = os.path.join(path, entry)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
             try:
-                os.unlink(os.path.join(self.path, f))
+                os.unlink(full)
             except FileNotFoundError:
                 pass
 
 
-def claim(run_dir: str | None) -> RunDir:
-    """Take ``run_dir`` for a machine of this process (a fresh private one when None): refused
-    while another live machine owns it; the pid file names the new owner."""
+@dataclass
+class RunDir:
+    """A run directory a machine holds, with its lock: ``owned`` when the machine made it (and
+    removes it whole), else only what the machine put there goes."""
+
+    path: str
+    owned: bool
+    lock_fd: int
+
+    def release(self) -> None:
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for sub in ("proc", "sys"):
+                shutil.rmtree(os.path.join(self.path, sub), ignore_errors=True)
+            for f in (EVENTS, PIDFILE):
+                try:
+                    os.unlink(os.path.join(self.path, f))
+                except FileNotFoundError:
+                    pass
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def claim(run_dir: str | None, lock_fd: int = -1) -> RunDir:
+    """Take ``run_dir`` for a machine of this process (a fresh private one when None), with its
+    lock: ``lock_fd`` when the caller holds it already (the daemon inherits the one ``mkctl
+    init`` took), else taken here. The pid file names the new owner."""
     if run_dir is None:
-        out = RunDir(tempfile.mkdtemp(prefix="mk-", dir=TMPFS_BASE), owned=True)
+        path = tempfile.mkdtemp(prefix="mk-", dir=TMPFS_BASE)
+        out = RunDir(path, owned=True, lock_fd=lock(path))
+    elif lock_fd >= 0:
+        out = RunDir(os.path.abspath(run_dir), owned=False, lock_fd=lock_fd)
     else:
         path = os.path.abspath(run_dir)
-        owner = live_owner(path)
-        if owner is not None and owner != os.getpid():
-            raise MKError(f"run directory {path} belongs to running machine pid {owner}",
-                          "mkctl shutdown it first, or choose another --run-dir")
-        owned = not os.path.isdir(path)
-        if owned:
-            os.makedirs(path, mode=0o755)
-        out = RunDir(path, owned)
+        existed = os.path.isdir(path)
+        out = RunDir(path, owned=not existed, lock_fd=lock(path))
     with open(os.path.join(out.path, PIDFILE), "w") as f:
         f.write(f"{os.getpid()}\n")
     return out

@@ -108,6 +108,10 @@ class Supervisor:
                          takeover_ms=round((time.monotonic() - t0) * 1e3, 3))
         m.publish(primary)
 
+    def pending(self) -> bool:
+        """A restart is queued and not yet running."""
+        return bool(self._restart_queue) and not self._restarting
+
     # -- restarts --------------------------------------------------------------------------
     def run_restarts(self) -> None:
         """Boot what the queue holds. Not re-entered: a restart that fails at once queues

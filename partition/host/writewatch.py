@@ -50,6 +50,11 @@ class WriteWatch:
     def due(self, now: float) -> bool:
         return now >= self._next
 
+    @property
+    def next_due(self) -> float:
+        """When the next periodic scan is due (CLOCK_MONOTONIC)."""
+        return self._next
+
     def scan(self, only: Instance | None = None) -> int:
         """Charge the pages written since the last scan; returns how many foreign pages."""
         self._next = time.monotonic() + self.period

@@ -140,21 +140,27 @@ class Runner:
                            lambda msg: self.collector.on_report(msg.sender, msg.payload) and None)
         m.register_handler(M.MK_EMU_PROBE_PING, lambda msg: msg.payload)
         m.register_handler(M.MK_EMU_PROBE_DATA, self._host_data)
-        problems = []
         order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
-        for i in order:
-            try:
-                m.create(i["name"], memory=i["memory"], cpus=i["cpus"],
-                         cpu_count=None if i["cpus"] is not None else i["cpu_count"],
-                         recovery=i["recovery"], max_restarts=i["max_restarts"],
-                         restart_window=i["restart_window"], watchdog=i["watchdog"],
-                         standby_for=i["standby_for"], preserve_memory=i["preserve_memory"])
-                m.load(i["name"], i["kernel"], _cmdline(i))
-            except MKError as exc:
-                problems.append(f"[[instance]] {i['name']!r}: {exc.message}"
-                                + (f" ({exc.hint})" if exc.hint else ""))
-        if problems:
-            raise ScenarioInvalid(self.sc.path, problems)
+        # every instance must fit before any kernel image is loaded: a file found invalid
+        # has run no kernel code at all
+        for step in ("create", "load"):
+            problems = []
+            for i in order:
+                try:
+                    if step == "create":
+                        m.create(i["name"], memory=i["memory"], cpus=i["cpus"],
+                                 cpu_count=None if i["cpus"] is not None else i["cpu_count"],
+                                 recovery=i["recovery"], max_restarts=i["max_restarts"],
+                                 restart_window=i["restart_window"], watchdog=i["watchdog"],
+                                 standby_for=i["standby_for"],
+                                 preserve_memory=i["preserve_memory"])
+                    else:
+                        m.load(i["name"], i["kernel"], _cmdline(i))
+                except MKError as exc:
+                    problems.append(f"[[instance]] {i['name']!r}: {exc.message}"
+                                    + (f" ({exc.hint})" if exc.hint else ""))
+            if problems:
+                raise ScenarioInvalid(self.sc.path, problems)
 
     def _boot(self) -> None:
         assert self.m is not None

@@ -13,6 +13,7 @@ format, and the cross-table checks (names, references, timings) need them all in
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -59,8 +60,10 @@ def duration(v: Any) -> float:
                                        None: 1.0}[m.group(2)]
     else:
         raise ValueError("a duration like \"5s\" or \"250ms\"")
-    if seconds < 0:
-        raise ValueError("a duration >= 0")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("a finite duration >= 0")
+    if seconds > 86400:
+        raise ValueError("a duration of at most 24h")
     return seconds
 
 
