@@ -268,3 +268,26 @@ def test_messages_to_a_dead_peer_fail_at_once(machine):
     assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 0.1
     peer_state = machine.arena.slot(d["id"]).peer_state
     assert peer_state == 2        # the peer-state table says loaded: every peer sees it
+
+
+def test_a_fault_that_cannot_be_sent_changes_nothing(machine):
+    import errno
+
+    from partition import ResourceBusy
+    from partition.abi.ring import RingError
+    up(machine, "deaf", os.path.join(os.path.dirname(__file__), "kernels", "ipi.py") + ":Deaf")
+    while True:                         # fill its ring: it never drains
+        try:
+            machine.send("deaf", M.MK_MSG_USER, b"x")
+        except RingError as exc:
+            assert exc.errno == errno.ENOSPC
+            break
+    before = machine.show("deaf")
+    with pytest.raises(ResourceBusy) as ei:
+        machine.fault("deaf", "panic")
+    assert "could not be sent" in str(ei.value)
+    after = machine.show("deaf")
+    assert after["counters"]["faults_injected"] == before["counters"]["faults_injected"] == 0
+    assert machine.instances["deaf"].pending_fault is None
+    machine.kill("deaf", force=True)
+    assert machine.show("deaf")["failures"] == 0      # the forced halt is no injected fault

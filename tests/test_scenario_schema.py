@@ -131,3 +131,11 @@ def test_docs_describe_every_key_and_metric():
     for kind, metrics in schema.METRICS.items():
         for m in metrics:
             assert f"`{m}`" in text, f"{kind} metric {m} undocumented"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinite_times_are_refused(bad):
+    said = problems(with_(scenario={"name": "t", "duration": bad}))
+    assert any("key 'duration'" in p and "finite" in p for p in said)
+    said = problems(with_(fault=[{"name": "f", "kind": "kill", "target": "a", "at": bad}]))
+    assert any("key 'at'" in p for p in said)

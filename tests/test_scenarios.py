@@ -266,3 +266,35 @@ def test_duration_and_seed_overrides_are_checked_like_the_file(tmp_path):
     assert p.returncode == 2                       # the fault at 0.3 s no longer fits the run
     assert "is not before the end of the run (0.2s)" in p.stderr
     assert "checked with --duration 0.2s" in p.stderr
+
+
+def test_no_kernel_code_runs_for_a_scenario_found_invalid(tmp_path):
+    marker = tmp_path / "imported"
+    kernel = tmp_path / "k.py"
+    kernel.write_text(f"open({str(marker)!r}, 'w').close()\n"
+                      "from partition import Kernel\nclass K(Kernel):\n    pass\n")
+    f = tmp_path / "s.toml"
+    f.write_text(f"""
+[scenario]
+name = "unfit"
+duration = "1s"
+[machine]
+oversubscribe = true
+[[instance]]
+name = "a"
+kernel = "{kernel}:K"
+[[instance]]
+name = "b"
+kernel = "{kernel}:K"
+memory = "1G"
+""")
+    p = subprocess.run(MKCTL + ["run", str(f), "--quiet"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "[[instance]] 'b'" in p.stderr, p.stderr
+    assert not marker.exists()        # the kernel file was never imported
+
+
+def test_a_kernel_that_fails_to_boot_is_a_failure(run_scenario):
+    # mk_heap=bogus: the trampoline fails after answering the mailbox (exit boot-failed)
+    r = run_scenario(pair('["a.failures == 1", "b.failures == 0"]', a_extra='cmdline = "mk_heap=bogus"\nstart = true'))
+    assert r.metrics["a"]["failures"] == 1

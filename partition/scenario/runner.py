@@ -29,7 +29,7 @@ from typing import Any
 
 from partition.abi import message as M
 from partition.abi.ring import RingError
-from partition.errors import MKError
+from partition.errors import BootFailed, BootTimeout, MKError
 from partition.guest import probes as P
 from partition.host.machine import Machine
 from partition.host.writewatch import foreign_mappers
@@ -167,7 +167,11 @@ class Runner:
         order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
         for i in order:
             if i["start"]:
-                self.m.exec(i["name"])
+                try:
+                    self.m.exec(i["name"])
+                except (BootFailed, BootTimeout):
+                    pass    # a kernel that fails to boot is a measured failure (its failures
+                            # metric, the timeline), not the end of the experiment
 
     def _on_event(self, event: str, fields: dict[str, Any], now: float) -> None:
         if event in TIMELINE_EVENTS and not self._finished:
