@@ -5,6 +5,8 @@ import os
 import re
 import struct
 
+import pytest
+
 from partition.abi import layout as L
 from partition.abi import message as M
 from partition.abi import ring as R
@@ -66,15 +68,18 @@ def test_arena_table_record_matches_the_struct():
     assert f"{L.TABLE_RECORD_BYTES} bytes" in _section(_doc("arena.md"), "## Instance table record")
 
 
-def test_arena_control_slot_table_matches_slot_fields():
-    text = _section(_doc("arena.md"), "## Control slot")
+@pytest.mark.parametrize("heading, fields, size", [
+    ("### Peer table entry", S.PEER_FIELDS, f"{S.PEER_BYTES} bytes"),
+    ("### Own page", S.OWN_FIELDS, "4 KiB")])
+def test_arena_control_tables_match_the_fields(heading, fields, size):
+    text = _section(_doc("arena.md"), heading)
     rows = _table(text)
     doc = {r[2]: (int(r[0]), int(r[1]), r[3]) for r in rows if r[2] != "reserved"}
     assert {k: v[:2] for k, v in doc.items()} == \
-        {name: (f.offset, f.width) for name, f in S.FIELDS.items()}
-    for name, f in S.FIELDS.items():      # the writer column agrees with the code's
+        {name: (f.offset, f.width) for name, f in fields.items()}
+    for name, f in fields.items():        # the writer column agrees with the code's
         assert doc[name][2] == f.writer, name
-    assert f"{S.SLOT_BYTES} bytes" in text
+    assert size in text
 
 
 def test_arena_regions_at_the_documented_offsets():

@@ -266,7 +266,7 @@ def test_messages_to_a_dead_peer_fail_at_once(machine):
     with pytest.raises(RingError) as ei:
         machine.send("v", M.MK_MSG_USER, 1)
     assert ei.value.errno == errno.ESRCH and time.monotonic() - t0 < 0.1
-    peer_state = machine.arena.slot(d["id"]).peer_state
+    peer_state = machine.arena.peer(d["id"]).peer_state
     assert peer_state == 2        # the peer-state table says loaded: every peer sees it
 
 

@@ -236,22 +236,25 @@ def test_instance_holds_only_its_own_handles_and_mappings(machine):
     b = boot(machine, "b", memory="32M")
     pid = a["pid"]
     fds = os.listdir(f"/proc/{pid}/fd")
-    assert len(fds) == 5, fds      # stdin/out/err on /dev/null + own doorbell + host doorbell
+    # stdin/out/err on /dev/null + own doorbell + host doorbell + its doorbell channel
+    assert len(fds) == 6, fds
     targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
     assert sum("eventfd" in t for t in targets) == 2
-    assert not any("memfd" in t or "socket" in t for t in targets), targets
-    arena_maps = []
+    assert sum("socket" in t for t in targets) == 1
+    assert not any("memfd" in t for t in targets), targets
+    arena_maps = {}
     for line in open(f"/proc/{pid}/maps"):
         if "mk-arena" in line:
-            rng, _, off = line.split()[:3]
+            rng, perms, off = line.split()[:3]
             lo, hi = (int(x, 16) for x in rng.split("-"))
-            arena_maps.append((int(off, 16), hi - lo))
+            arena_maps[(int(off, 16), hi - lo)] = perms[:2]
     lay = machine.layout
-    expected = {(a["memory_base"], a["memory_bytes"]),
-                (lay.console_at(a["id"]), lay.console_bytes),
-                (lay.control_offset, lay.control_bytes),
-                (lay.ring_offset, lay.ring_area_bytes)}      # IPI rings: shared by design
-    assert set(arena_maps) == expected
+    expected = {(a["memory_base"], a["memory_bytes"]): "rw",
+                (lay.console_at(a["id"]), lay.console_bytes): "rw",
+                (lay.control_offset, lay.peer_table_bytes): "r-",   # the host's word: read only
+                (lay.own_at(a["id"]), 4096): "rw",                  # its own page, nobody else's
+                (lay.ring_offset, lay.ring_area_bytes): "rw"}       # IPI rings: shared by design
+    assert arena_maps == expected
     assert (b["memory_base"], b["memory_bytes"]) not in set(arena_maps)
 
 

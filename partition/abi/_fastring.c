@@ -26,6 +26,7 @@
 #include <signal.h>
 #include <unistd.h>
 #include <poll.h>
+#include <sys/syscall.h>
 
 #define HEAD 0
 #define TAIL 64
@@ -195,7 +196,7 @@ static int tally(const char *ring, uint32_t tag, uint32_t type, uint32_t n, uint
 }
 
 /* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset,
- *      [wake_fd, signal_pid, signo,] msg_type, data) -> errno (> 0), or the doorbell still to
+ *      [wake_fd, signal_pidfd, signo,] msg_type, data) -> errno (> 0), or the doorbell still to
  *      ring: 0 none (or rung here), -1 wake (the receiver is idle: write its eventfd),
  *      -2 interrupt (it is busy: signal it). With the doorbell arguments the doorbell is rung
  *      here, and a negative answer means it could not be.
@@ -211,7 +212,7 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "send takes 10 or 13 arguments");
         return NULL;
     }
-    /* the 13-argument form carries the doorbell: wake_fd, signal_pid, signo */
+    /* the 13-argument form carries the doorbell: wake_fd, signal_pidfd (in signal_pid), signo */
     int ring_it = nargs == 13;
     long wake_fd = -1, signal_pid = 0, signo = 0;
     if (ring_it) {
@@ -325,8 +326,9 @@ out:
         if (rc == -1 || signal_pid == 0) {
             if (wake_fd >= 0 && write((int)wake_fd, &one, sizeof one) == (ssize_t)sizeof one)
                 rc = 0;
-        } else if (signal_pid > 0 && (kill((pid_t)signal_pid, (int)signo) == 0 || errno == ESRCH)) {
-            rc = 0;         /* (never a pid <= 0: kill() would take it for a process group) */
+        } else if (signal_pid > 0 && (syscall(SYS_pidfd_send_signal, (int)signal_pid, (int)signo,
+                                              NULL, 0) == 0 || errno == ESRCH)) {
+            rc = 0;         /* signal_pid is a pidfd the host gave: it names one process */
         }
     }
     return PyLong_FromLong(rc);

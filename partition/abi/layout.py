@@ -13,11 +13,11 @@ import struct
 from dataclasses import dataclass
 
 from partition.abi.constants import MAX_INSTANCES
-from partition.abi.slot import SLOT_BYTES
+from partition.abi.slot import OWN_BYTES, PEER_BYTES
 from partition.units import PAGE_SIZE
 
 MAGIC = b"MKARENA\x00"
-VERSION = 2
+VERSION = 3
 NAME_BYTES = 32
 KERNEL_BYTES = 64
 
@@ -26,7 +26,7 @@ HEADER = struct.Struct("<8sIIQIIQIIQIIQQQQQQQQII")
 HEADER_FIELDS = (
     "magic", "version", "page_size", "arena_bytes", "max_instances", "flags",
     "table_offset", "table_record_bytes", "_pad0",
-    "control_offset", "control_slot_bytes", "_pad1",
+    "control_offset", "peer_entry_bytes", "own_page_bytes",
     "console_offset", "console_bytes", "pool_offset", "pool_bytes", "generation", "host_pid",
     "ring_offset", "ring_bytes", "ring_slots", "ring_slot_bytes",
 )
@@ -42,7 +42,8 @@ TABLE_FIELDS = (
 )
 TABLE_RECORD_BYTES = 256
 
-# Control slot (SLOT_BYTES), one per instance id, in the shared control area: slot.py has its fields.
+# The control area: the host's peer table (PEER_BYTES an id, read-only to instances), then one
+# own page (OWN_BYTES) an id, each writable by its instance alone; slot.py has their fields.
 
 # Console (kmsg) buffer, one per instance id.
 CONSOLE_HEADER = struct.Struct("<IIQ")   # magic, capacity, head (bytes ever written)
@@ -76,8 +77,20 @@ class ArenaLayout:
         return _align(self.table_offset + MAX_INSTANCES * TABLE_RECORD_BYTES, PAGE_SIZE)
 
     @property
+    def peer_table_bytes(self) -> int:
+        return _align(MAX_INSTANCES * PEER_BYTES, PAGE_SIZE)
+
+    @property
+    def own_pages_offset(self) -> int:
+        return self.control_offset + self.peer_table_bytes
+
+    def own_at(self, instance_id: int) -> int:
+        """Offset of an instance's own page (page-aligned: it maps it alone)."""
+        return self.own_pages_offset + instance_id * OWN_BYTES
+
+    @property
     def control_bytes(self) -> int:
-        return _align(MAX_INSTANCES * SLOT_BYTES, PAGE_SIZE)
+        return self.peer_table_bytes + MAX_INSTANCES * OWN_BYTES
 
     @property
     def console_offset(self) -> int:

@@ -37,6 +37,7 @@ import functools
 import hashlib
 import os
 import select
+import signal
 import struct
 import time
 from collections.abc import Callable
@@ -253,10 +254,11 @@ class Ring:
         -2 signal) or an errno (> 0: ENOSPC, EMSGSIZE) without raising; ``refuse(rc, n)``
         turns the latter into the RingError ``send`` would have raised.
 
-        ``doorbell`` = (wake_fd, signal_pid, signo): the bound send rings the doorbell itself
-        (writes ``wake_fd`` for a halted receiver, sends ``signo`` to ``signal_pid`` for a busy
-        one; signal_pid 0: always ``wake_fd``, the host's way), and a negative answer then
-        means the doorbell could not be rung and is the caller's to ring."""
+        ``doorbell`` = (wake_fd, signal_pidfd, signo): the bound send rings the doorbell itself
+        (writes ``wake_fd`` for a halted receiver, sends ``signo`` through the pidfd
+        ``signal_pidfd`` for a busy one; 0: always ``wake_fd``, the host's way; below 0: no
+        signal), and a negative answer then means the doorbell could not be rung and is the
+        caller's to ring."""
         cbuf, coff = counter if counter is not None else (None, 0)
         if _fast is not None:
             if doorbell is not None:
@@ -272,15 +274,15 @@ class Ring:
             except RingError as exc:
                 return exc.errno
             if door and doorbell is not None:
-                wake_fd, pid, signo = doorbell
+                wake_fd, pidfd, signo = doorbell
                 try:
-                    if door == DOORBELL_WAKE or pid == 0:
+                    if door == DOORBELL_WAKE or pidfd == 0:
                         if wake_fd < 0:
                             return -door
                         os.eventfd_write(wake_fd, 1)
-                    elif pid > 0:           # (never kill(0) or kill(-n): process groups)
+                    elif pidfd > 0:         # a pidfd from the host: one process, for good
                         try:
-                            os.kill(pid, signo)
+                            signal.pidfd_send_signal(pidfd, signo)
                         except ProcessLookupError:
                             pass
                     else:

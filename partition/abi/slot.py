@@ -1,15 +1,21 @@
-"""The control slot: one 256-byte record per instance id in the shared control area, and the
-one implementation of every field's offset, width and encoding (docs/arena.md has the table).
+"""The control area: who may write what, field by field (docs/arena.md has the tables).
 
-The first 24 bytes are the spawn mailbox of the SMP INIT trampoline; after them come the
-peer-state table entry other instances read before sending, the halt handshake, and the
-counters an instance keeps about itself. Every field has one writer (``FIELDS`` says which);
-whatever an instance wrote is an untrusted value to everyone else.
+Two records per instance id, each with one writer, because a shared field is a field any
+instance can forge:
 
-``ControlSlot`` is the typed accessor the host, the trampoline and the endpoint use; the hot
-paths of a kernel (the main loop's progress counter, a send's peer-state check) use the
-precompiled ``STATE_PID`` and ``bump`` below, which read the same offsets without a descriptor
-call per access.
+- the **peer entry** (64 bytes, in the peer table): the spawn mailbox and the peer-state table
+  every instance reads before sending (state, pid, generation, redirect, force_halt). Only the
+  host writes it; instances map the peer table read-only, so what they read there is the
+  host's word and may be acted on (a route, a halt request);
+- the **own page** (4 KiB): what an instance says about itself (its answer to the mailbox, its
+  halt reason, counters, boot() done). Only that instance maps it writable; no peer maps it;
+  the host reads it as untrusted input: a number it shows, a reason it clamps and decodes,
+  never a pid, a descriptor, a route or a verdict.
+
+``PeerEntry`` and ``OwnPage`` are the typed accessors the host, the trampoline and the endpoint
+use; the hot paths of a kernel (the main loop's progress counter, a send's peer-state check)
+use the precompiled ``STATE_PID`` and ``bump``, which read the same offsets without a
+descriptor call per access.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any, NamedTuple
 
 from partition.abi.constants import MAX_INSTANCES
 
-SLOT_BYTES = 256
+PEER_BYTES = 64            # one entry of the peer table
+OWN_BYTES = 4096           # one page: each instance maps its own, and nobody else's
 REASON_BYTES = 128
 
 _U32 = struct.Struct("<I")
@@ -27,52 +34,54 @@ _U64 = struct.Struct("<Q")
 
 
 class Field(NamedTuple):
-    """One field: where it is, how wide, and who writes it."""
+    """One field: where it is in its record, how wide, and who writes it."""
     offset: int
     width: int            # 4 or 8 bytes (u32/u64); the reason is bytes of REASON_BYTES
-    writer: str           # "host", "instance", or "both" (documented in docs/arena.md)
+    writer: str           # "host" or "instance"
 
 
-# name -> (offset, width, writer); the order is the table of docs/arena.md
-FIELDS: dict[str, Field] = {
+#: the peer table entry of one id: host-written, read-only to every instance
+PEER_FIELDS: dict[str, Field] = {
     "target_cpu": Field(0, 4, "host"),          # physical id of the boot CPU
     "flags": Field(4, 4, "host"),               # reserved, 0
-    "ready": Field(8, 4, "both"),               # host sets 1 last; the boot CPU clears it
-    "ack_cpu": Field(12, 4, "instance"),        # physical id the trampoline found itself on
+    "ready": Field(8, 4, "host"),               # the mailbox is published for ``generation``
+    "force_halt": Field(12, 4, "host"),         # the host demands a halt
     "generation": Field(16, 8, "host"),         # boot generation
-    "peer_state": Field(24, 4, "both"),         # state code; the trampoline writes "active"
-    "pid": Field(28, 4, "both"),                # pid of the running instance
-    "force_halt": Field(32, 4, "host"),         # host sets 1 to demand a halt
-    "reason_len": Field(36, 4, "instance"),     # bytes used in reason
-    "progress": Field(40, 8, "instance"),       # main-loop iterations
-    "ipi_sent": Field(48, 8, "instance"),       # messages this instance published
-    "ipi_ring_full": Field(56, 8, "instance"),  # sends refused with ENOSPC
-    "reason": Field(64, REASON_BYTES, "instance"),  # utf-8 halt/panic reason
-    "ipi_esrch": Field(192, 8, "instance"),     # sends refused: target not active
-    "heartbeats_sent": Field(200, 8, "instance"),  # heartbeats sent to the host
-    "doorbell_fd": Field(208, 4, "instance"),   # its doorbell's descriptor number
-    "redirect": Field(212, 4, "host"),          # id + 1 of the standby serving this role; 0 none
-    "booted": Field(216, 8, "instance"),        # the generation whose boot() has returned
+    "peer_state": Field(24, 4, "host"),         # state code, as in the instance table
+    "pid": Field(28, 4, "host"),                # pid of the running incarnation, 0 if none
+    "redirect": Field(32, 4, "host"),           # id + 1 of the standby serving this role; 0 none
 }
 
-# offsets by name, for the hot paths and the pure-Python ring
-SLOT_TARGET_CPU = FIELDS["target_cpu"].offset
-SLOT_READY = FIELDS["ready"].offset
-SLOT_ACK_CPU = FIELDS["ack_cpu"].offset
-SLOT_GENERATION = FIELDS["generation"].offset
-SLOT_PEER_STATE = FIELDS["peer_state"].offset
-SLOT_PID = FIELDS["pid"].offset
-SLOT_FORCE_HALT = FIELDS["force_halt"].offset
-SLOT_PROGRESS = FIELDS["progress"].offset
-SLOT_IPI_SENT = FIELDS["ipi_sent"].offset
-SLOT_IPI_RING_FULL = FIELDS["ipi_ring_full"].offset
-SLOT_IPI_ESRCH = FIELDS["ipi_esrch"].offset
-SLOT_HEARTBEATS = FIELDS["heartbeats_sent"].offset
-SLOT_REDIRECT = FIELDS["redirect"].offset
+#: the own page of one id: written by that instance only, untrusted to everyone else
+OWN_FIELDS: dict[str, Field] = {
+    "ack_cpu": Field(0, 4, "instance"),         # physical id the trampoline found itself on
+    "reason_len": Field(4, 4, "instance"),      # bytes used in reason
+    "ack_generation": Field(8, 8, "instance"),  # the mailbox answer: the generation it boots
+    "progress": Field(16, 8, "instance"),       # main-loop iterations
+    "ipi_sent": Field(24, 8, "instance"),       # messages this instance published
+    "ipi_ring_full": Field(32, 8, "instance"),  # sends refused with ENOSPC
+    "ipi_esrch": Field(40, 8, "instance"),      # sends refused: target not active
+    "heartbeats_sent": Field(48, 8, "instance"),  # heartbeats sent to the host
+    "booted": Field(56, 8, "instance"),         # the generation whose boot() has returned
+    "ring_resets": Field(64, 8, "instance"),    # times it reset its own ring (a bad header)
+    "reason": Field(128, REASON_BYTES, "instance"),  # utf-8 halt/panic reason
+}
+
+# offsets by name, for the hot paths
+PEER_STATE = PEER_FIELDS["peer_state"].offset
+PEER_PID = PEER_FIELDS["pid"].offset
+PEER_REDIRECT = PEER_FIELDS["redirect"].offset
+PEER_FORCE_HALT = PEER_FIELDS["force_halt"].offset
+OWN_PROGRESS = OWN_FIELDS["progress"].offset
+OWN_IPI_SENT = OWN_FIELDS["ipi_sent"].offset
+OWN_IPI_RING_FULL = OWN_FIELDS["ipi_ring_full"].offset
+OWN_IPI_ESRCH = OWN_FIELDS["ipi_esrch"].offset
+OWN_HEARTBEATS = OWN_FIELDS["heartbeats_sent"].offset
+OWN_RING_RESETS = OWN_FIELDS["ring_resets"].offset
 
 #: (peer_state, pid) in one read: adjacent on purpose, a send checks both
 STATE_PID = struct.Struct("<II")
-assert SLOT_PID == SLOT_PEER_STATE + 4
+assert PEER_PID == PEER_STATE + 4
 
 
 def bump(buf: Any, offset: int) -> None:
@@ -81,81 +90,99 @@ def bump(buf: Any, offset: int) -> None:
 
 
 class _Int:
-    """Descriptor of one integer field of a ``ControlSlot``."""
+    """Descriptor of one integer field of a record."""
 
-    __slots__ = ("codec", "offset")
+    __slots__ = ("codec", "mask", "offset")
 
-    def __init__(self, name: str) -> None:
-        f = FIELDS[name]
+    def __init__(self, fields: dict[str, Field], name: str) -> None:
+        f = fields[name]
         self.offset = f.offset
         self.codec = _U32 if f.width == 4 else _U64
+        self.mask = (1 << (8 * f.width)) - 1
 
-    def __get__(self, slot: ControlSlot, owner: type | None = None) -> int:
-        return int(self.codec.unpack_from(slot.buf, slot.base + self.offset)[0])
+    def __get__(self, rec: _Record, owner: type | None = None) -> int:
+        return int(self.codec.unpack_from(rec.buf, rec.base + self.offset)[0])
 
-    def __set__(self, slot: ControlSlot, value: int) -> None:
-        mask = 0xFFFFFFFF if self.codec is _U32 else 0xFFFFFFFFFFFFFFFF
-        self.codec.pack_into(slot.buf, slot.base + self.offset, value & mask)
+    def __set__(self, rec: _Record, value: int) -> None:
+        self.codec.pack_into(rec.buf, rec.base + self.offset, value & self.mask)
 
 
-class ControlSlot:
-    """Typed fields of the control slot of one instance id, over any buffer holding it (the
-    host's whole-arena map, an instance's control-area map)."""
+class _Record:
+    """A record at ``base`` of any buffer holding it (the host's whole-arena map, an
+    instance's mapping of its own page or of the peer table)."""
 
     __slots__ = ("base", "buf")
-
-    target_cpu = _Int("target_cpu")
-    flags = _Int("flags")
-    ready = _Int("ready")
-    ack_cpu = _Int("ack_cpu")
-    generation = _Int("generation")
-    peer_state = _Int("peer_state")
-    pid = _Int("pid")
-    force_halt = _Int("force_halt")
-    reason_len = _Int("reason_len")
-    progress = _Int("progress")
-    ipi_sent = _Int("ipi_sent")
-    ipi_ring_full = _Int("ipi_ring_full")
-    ipi_esrch = _Int("ipi_esrch")
-    heartbeats_sent = _Int("heartbeats_sent")
-    doorbell_fd = _Int("doorbell_fd")
-    redirect = _Int("redirect")
-    booted = _Int("booted")
+    SIZE = 0
 
     def __init__(self, buf: Any, base: int = 0) -> None:
         self.buf = buf
         self.base = base
+
+    def clear(self) -> None:
+        self.buf[self.base:self.base + self.SIZE] = bytes(self.SIZE)
+
+
+class PeerEntry(_Record):
+    """The host's entry for one instance id in the peer table."""
+
+    __slots__ = ()
+    SIZE = PEER_BYTES
+    target_cpu = _Int(PEER_FIELDS, "target_cpu")
+    flags = _Int(PEER_FIELDS, "flags")
+    ready = _Int(PEER_FIELDS, "ready")
+    force_halt = _Int(PEER_FIELDS, "force_halt")
+    generation = _Int(PEER_FIELDS, "generation")
+    peer_state = _Int(PEER_FIELDS, "peer_state")
+    pid = _Int(PEER_FIELDS, "pid")
+    redirect = _Int(PEER_FIELDS, "redirect")
+
+
+class OwnPage(_Record):
+    """What one instance writes about itself."""
+
+    __slots__ = ()
+    SIZE = OWN_BYTES
+    ack_cpu = _Int(OWN_FIELDS, "ack_cpu")
+    reason_len = _Int(OWN_FIELDS, "reason_len")
+    ack_generation = _Int(OWN_FIELDS, "ack_generation")
+    progress = _Int(OWN_FIELDS, "progress")
+    ipi_sent = _Int(OWN_FIELDS, "ipi_sent")
+    ipi_ring_full = _Int(OWN_FIELDS, "ipi_ring_full")
+    ipi_esrch = _Int(OWN_FIELDS, "ipi_esrch")
+    heartbeats_sent = _Int(OWN_FIELDS, "heartbeats_sent")
+    booted = _Int(OWN_FIELDS, "booted")
+    ring_resets = _Int(OWN_FIELDS, "ring_resets")
 
     @property
     def reason(self) -> str:
         """The instance's own account of its halt. Untrusted: length clamped, bytes decoded
         with replacement, NULs dropped."""
         n = min(self.reason_len, REASON_BYTES)
-        start = self.base + FIELDS["reason"].offset
+        start = self.base + OWN_FIELDS["reason"].offset
         raw = bytes(self.buf[start:start + n])
         return raw.decode("utf-8", "replace").replace("\x00", "").strip()
 
     @reason.setter
     def reason(self, text: str) -> None:
         raw = text.encode("utf-8", "replace")[:REASON_BYTES]
-        start = self.base + FIELDS["reason"].offset
+        start = self.base + OWN_FIELDS["reason"].offset
         self.buf[start:start + REASON_BYTES] = raw.ljust(REASON_BYTES, b"\x00")
         self.reason_len = len(raw)
 
-    def clear(self) -> None:
-        """Zero the whole slot (a new instance, a deleted one)."""
-        self.buf[self.base:self.base + SLOT_BYTES] = bytes(SLOT_BYTES)
 
-    def to_dict(self) -> dict[str, int | str]:
-        out: dict[str, int | str] = {name: getattr(self, name) for name in FIELDS
-                                     if name != "reason"}
-        out["reason"] = self.reason
-        return out
-
-
-def slot_of(control: Any, instance_id: int, control_base: int = 0) -> ControlSlot:
-    """The slot of ``instance_id`` in a control area starting at ``control_base`` of
-    ``control``. The id is checked: it indexes shared memory."""
+def _check_id(instance_id: int) -> None:
     if not 0 <= instance_id < MAX_INSTANCES:
         raise ValueError(f"instance id {instance_id} is outside 0..{MAX_INSTANCES - 1}")
-    return ControlSlot(control, control_base + instance_id * SLOT_BYTES)
+
+
+def peer_of(table: Any, instance_id: int, table_base: int = 0) -> PeerEntry:
+    """The entry of ``instance_id`` in a peer table starting at ``table_base`` of ``table``.
+    The id is checked: it indexes shared memory."""
+    _check_id(instance_id)
+    return PeerEntry(table, table_base + instance_id * PEER_BYTES)
+
+
+def own_of(pages: Any, instance_id: int, pages_base: int = 0) -> OwnPage:
+    """The own page of ``instance_id`` among pages starting at ``pages_base`` of ``pages``."""
+    _check_id(instance_id)
+    return OwnPage(pages, pages_base + instance_id * OWN_BYTES)

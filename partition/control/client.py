@@ -42,7 +42,10 @@ class Client:
                     f"no machine is running in {self.run_dir}{stale}",
                     "start one with mkctl init, or point --run-dir / MK_RUN_DIR at a running one"
                     + ("; mkctl shutdown clears the stale directory" if stale else "")) from None
-            protocol.send(s, {"op": op, "args": {k: v for k, v in args.items() if v is not None}})
+            try:
+                protocol.send(s, {"op": op, "args": {k: v for k, v in args.items() if v is not None}})
+            except (BrokenPipeError, ConnectionResetError):
+                pass    # refused before it read us (too many clients): its answer is waiting
             reply = protocol.recv(s)
         except protocol.ProtocolError as exc:
             raise SupervisorUnavailable(f"supervisor in {self.run_dir} did not answer properly: {exc}",

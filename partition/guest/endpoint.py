@@ -19,21 +19,25 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from partition import linux
+from partition.abi import doorbell
 from partition.abi import slot as S
 from partition.abi.constants import HOST_ID, IPI_SIGNAL, MAX_INSTANCES, STATE_ACTIVE
 from partition.abi.layout import ArenaLayout
 from partition.abi.message import SUB_REQUEST, SUB_RESPONSE, Message, decode, encode
 from partition.abi.ring import Ring, RingError
 
-#: (wake_fd, signal_pid, signo) as Ring.sender takes it, and whether the endpoint owns wake_fd
+#: (wake_fd, signal_pidfd, signo) as Ring.sender takes it: signal_pidfd 0 means "the host:
+#: always its eventfd", below 0 "no signal possible"
 Doorbell = tuple[int, int, int]
-#: a bound send, the pid it was bound for, its doorbell, and the wake_fd to close (-1: none)
-Bound = tuple[Callable[[int, bytes], int], int, Doorbell, int]
+NO_DOORBELL: Doorbell = (-1, -1, 0)
+#: a bound send, the pid it was bound for, its doorbell, and the descriptors it owns
+Bound = tuple[Callable[[int, bytes], int], int, Doorbell, list[int]]
 
 
 class PeerDirectory(Protocol):
@@ -43,9 +47,12 @@ class PeerDirectory(Protocol):
         """(id, pid) of the instance that serves ``target`` now (a standby after a takeover);
         RingError(ESRCH) when none is active."""
 
-    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, int]:
-        """The doorbell of incarnation ``pid`` of ``target``, and the descriptor the endpoint
-        must close when it lets go of it (-1: none of its own)."""
+    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, list[int]]:
+        """The doorbell of incarnation ``pid`` of ``target``, and the descriptors the endpoint
+        must close when it lets go of it."""
+
+    def retry(self, target: int) -> bool:
+        """Whether a binding without a doorbell should be made again now."""
 
     def liveness(self, target: int) -> Callable[[], bool]:
         """A test: is the incarnation of ``target`` that got our request still running?"""
@@ -190,8 +197,8 @@ class Endpoint:
         the id the message reached (a standby's after a takeover)."""
         target, pid = self.directory.route(target)
         bound = self._senders.get(target)
-        if bound is None or bound[1] != pid:        # first send to this incarnation
-            bound = self._bind(target, pid)
+        if bound is None or bound[1] != pid or (bound[2][1] < 0 and self.directory.retry(target)):
+            bound = self._bind(target, pid)         # first send to this incarnation
         rc = bound[0](msg_type & 0xFFFFFFFF, data)
         if rc:
             if rc > 0:
@@ -212,8 +219,9 @@ class Endpoint:
     def forget(self, target: int) -> None:
         """Drop the binding to ``target`` and close what the endpoint held for it."""
         old = self._senders.pop(target, None)
-        if old is not None and old[3] >= 0:
-            os.close(old[3])
+        if old is not None:
+            for fd in old[3]:
+                os.close(fd)
 
     def close(self) -> None:
         for target in list(self._senders):
@@ -225,74 +233,76 @@ def ring_by_hand(doorbell: Doorbell) -> None:
     """The doorbell a bound send could not ring (no descriptor for the peer's eventfd, or the
     write failed): a signal reaches a halted peer as well as a busy one; the host's doorbell
     (signal_pid 0) is always its eventfd."""
-    wake_fd, pid, _ = doorbell
-    if pid == 0:
+    wake_fd, pidfd, _ = doorbell
+    if pidfd == 0:
         if wake_fd >= 0:
             os.eventfd_write(wake_fd, 1)
         return
-    if pid < 0:                 # nobody to ring, ever (kill(-n) is a process group)
+    if pidfd < 0:               # nobody to ring
         return
     try:
-        os.kill(pid, IPI_SIGNAL)
+        signal.pidfd_send_signal(pidfd, IPI_SIGNAL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
 class PeerTable:
-    """An instance's directory: the peer-state table in the shared control area, which the
-    host keeps and every peer's trampoline writes its own entry of. What it reads there was
-    written by peers: a pid is only ever signalled or pidfd-opened, never trusted further."""
+    """An instance's directory: the host's peer table (mapped read-only: what it says is the
+    host's word) for states, pids and redirects, and the host, over the instance's doorbell
+    channel, for doorbells. Nothing another instance wrote is used here."""
 
-    def __init__(self, control: memoryview, own: S.ControlSlot, host_doorbell_fd: int) -> None:
-        self.control = control
+    #: a doorbell the host did not give (it was not driven in time) is asked again after this
+    RETRY_S = 0.1
+
+    def __init__(self, peers: memoryview, own: S.OwnPage, host_doorbell_fd: int,
+                 channel: socket.socket | None) -> None:
+        self.peers = peers
         self.own = own
         self.host_doorbell_fd = host_doorbell_fd
-
-    def _u32(self, target: int, off: int) -> int:
-        return int.from_bytes(self.control[target * S.SLOT_BYTES + off:
-                                           target * S.SLOT_BYTES + off + 4], "little")
+        self.channel = channel
+        self._missing: dict[int, float] = {}       # target -> when the host last failed us
 
     def route(self, target: int) -> tuple[int, int]:
         if target.__class__ is int and 0 <= target < MAX_INSTANCES:
-            state, pid = S.STATE_PID.unpack_from(self.control,
-                                                 target * S.SLOT_BYTES + S.SLOT_PEER_STATE)
+            state, pid = S.STATE_PID.unpack_from(self.peers, target * S.PEER_BYTES + S.PEER_STATE)
             if state == STATE_ACTIVE:
                 return target, pid
             # a dead target whose role a standby took over: address the standby (one hop)
-            via = self._u32(target, S.SLOT_REDIRECT)
+            via = S.peer_of(self.peers, target).redirect
             if 0 < via <= MAX_INSTANCES:
-                state, pid = S.STATE_PID.unpack_from(self.control,
-                                                     (via - 1) * S.SLOT_BYTES + S.SLOT_PEER_STATE)
+                state, pid = S.STATE_PID.unpack_from(self.peers,
+                                                     (via - 1) * S.PEER_BYTES + S.PEER_STATE)
                 if state == STATE_ACTIVE:
                     return via - 1, pid
-        S.bump(self.own.buf, self.own.base + S.SLOT_IPI_ESRCH)
+        S.bump(self.own.buf, self.own.base + S.OWN_IPI_ESRCH)
         raise RingError(errno.ESRCH, f"instance {target} is not active")
 
-    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, int]:
-        """The peer's eventfd, fetched once per peer boot with pidfd_getfd (the host's we hold
-        already); a refusal leaves the signal doorbell to do the job."""
+    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, list[int]]:
         if target == HOST_ID:
-            return (self.host_doorbell_fd, 0, 0), -1
-        if pid <= 0:                 # not running (yet): nobody to ring
-            return (-1, -1, 0), -1
-        fd = -1
-        try:
-            pidfd = os.pidfd_open(pid)
-            try:
-                fd = linux.pidfd_getfd(pidfd, S.slot_of(self.control, target).doorbell_fd)
-            finally:
-                os.close(pidfd)
-        except OSError:
-            fd = -1
-        return (fd, pid, int(IPI_SIGNAL)), fd
+            return (self.host_doorbell_fd, 0, 0), []
+        if pid <= 0 or self.channel is None:
+            return NO_DOORBELL, []
+        status, got_pid, _, fds = doorbell.ask(self.channel, target, 2.0)
+        if status or got_pid != pid:     # gone, or rebooted since we read the table
+            for fd in fds:
+                os.close(fd)
+            self._missing[target] = time.monotonic()
+            return NO_DOORBELL, []
+        self._missing.pop(target, None)
+        return (fds[0], fds[1], int(IPI_SIGNAL)), fds
+
+    def retry(self, target: int) -> bool:
+        """Ask the host again for a doorbell it could not give a moment ago."""
+        since = self._missing.get(target)
+        return since is not None and time.monotonic() - since > self.RETRY_S
 
     def liveness(self, target: int) -> Callable[[], bool]:
         if target == HOST_ID:
             return lambda: True
-        peer = S.slot_of(self.control, target)
+        peer = S.peer_of(self.peers, target)
         pid = peer.pid
         return lambda: peer.peer_state == STATE_ACTIVE and peer.pid == pid
 
     def refused(self, code: int) -> None:
         if code == errno.ENOSPC:
-            S.bump(self.own.buf, self.own.base + S.SLOT_IPI_RING_FULL)
+            S.bump(self.own.buf, self.own.base + S.OWN_IPI_RING_FULL)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,13 +56,14 @@ class KernelContext:
     memory_base: int
     memory: memoryview
     console: ConsoleWriter
-    slot: S.ControlSlot                 # its own control slot
+    own: S.OwnPage                      # its own page of the control area
     doorbell_fd: int
     host_doorbell_fd: int
     oversubscribed: bool
     boot_generation: int
     layout: Any = None                  # ArenaLayout
-    control: memoryview | None = None   # the whole control area (peer-state table)
+    peers: memoryview | None = None     # the host's peer table, read-only
+    channel: socket.socket | None = None  # asks the host for peers' doorbells
     rings: memoryview | None = None     # the whole ring area
     rings_address: int = 0
     arena_all: memoryview | None = None  # the whole arena: only on machines without protection
@@ -98,11 +100,11 @@ class Kernel:
         self.mode = self.params.get("mk_mode", self.mode)
         if self.mode not in ("interrupt", "poll", "hybrid"):
             raise ValueError(f"mk_mode must be interrupt, poll or hybrid, not {self.mode!r}")
-        assert ctx.control is not None and ctx.rings is not None
+        assert ctx.peers is not None and ctx.rings is not None
         self.endpoint = Endpoint(
             ctx.id, ctx.physical_cpus[0], ctx.rings, ctx.rings_address, ctx.layout,
-            PeerTable(ctx.control, ctx.slot, ctx.host_doorbell_fd),
-            sent_counter=(ctx.slot.buf, ctx.slot.base + S.SLOT_IPI_SENT))
+            PeerTable(ctx.peers, ctx.own, ctx.host_doorbell_fd, ctx.channel),
+            sent_counter=(ctx.own.buf, ctx.own.base + S.OWN_IPI_SENT))
         self.messenger = self.endpoint.messenger
         self._deliver = self.messenger.deliver       # bound once: poll_ipis is the hot loop
         self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
@@ -113,8 +115,8 @@ class Kernel:
         self.ring.set_polling(self.mode != "interrupt")
         self._next_heartbeat = time.monotonic()
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
-        self._progress_at = ctx.slot.base + S.SLOT_PROGRESS      # the loop's two slot fields
-        self._force_halt_at = ctx.slot.base + S.SLOT_FORCE_HALT
+        self._progress_at = ctx.own.base + S.OWN_PROGRESS       # the loop's two fields: its own
+        self._force_halt_at = ctx.id * S.PEER_BYTES + S.PEER_FORCE_HALT  # and the host's word
 
     # -- identity and resources ------------------------------------------------------------
     @property
@@ -322,8 +324,8 @@ class Kernel:
     def _heartbeat(self, now: float) -> None:
         self._next_heartbeat = now + (self.heartbeat_interval or 0)
         try:
-            self.send(0, M.MK_MSG_HEARTBEAT, {"progress": self.ctx.slot.progress})
-            S.bump(self.ctx.slot.buf, self.ctx.slot.base + S.SLOT_HEARTBEATS)
+            self.send(0, M.MK_MSG_HEARTBEAT, {"progress": self.ctx.own.progress})
+            S.bump(self.ctx.own.buf, self.ctx.own.base + S.OWN_HEARTBEATS)
         except RingError:
             pass
 
@@ -337,10 +339,11 @@ class Kernel:
             pass
 
     def _progress(self) -> None:
-        S.bump(self.ctx.slot.buf, self._progress_at)
+        S.bump(self.ctx.own.buf, self._progress_at)
 
     def _force_halt_requested(self) -> bool:
-        return self.ctx.slot.buf[self._force_halt_at] != 0
+        peers = self.ctx.peers
+        return peers is not None and peers[self._force_halt_at] != 0
 
     def run(self) -> None:
         """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and
@@ -368,7 +371,7 @@ class Kernel:
     def _main(self) -> str:
         self.boot()
         self._booted = True
-        self.ctx.slot.booted = self.ctx.boot_generation     # exec waits for this:
+        self.ctx.own.booted = self.ctx.boot_generation      # exec waits for this:
         os.eventfd_write(self.ctx.host_doorbell_fd, 1)      # ring, or it waits for a timer
         self.run()
         if self._graceful:

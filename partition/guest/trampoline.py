@@ -14,6 +14,7 @@ import mmap
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -23,14 +24,8 @@ from typing import NoReturn
 from partition import linux
 from partition.abi import layout as L
 from partition.abi.console import ConsoleWriter
-from partition.abi.constants import (
-    EXIT_HALTED,
-    EXIT_PANIC,
-    EXIT_TRAMPOLINE,
-    IPI_SIGNAL,
-    STATE_ACTIVE,
-)
-from partition.abi.slot import ControlSlot
+from partition.abi.constants import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, IPI_SIGNAL
+from partition.abi.slot import OwnPage, peer_of
 from partition.guest.kernel import KernelContext, KernelPanic, parse_cmdline
 from partition.guest.mappings import InstanceMappings
 
@@ -49,6 +44,7 @@ class BootParams:
     memory_bytes: int
     doorbell_fd: int
     host_doorbell_fd: int
+    channel_fd: int                  # the instance's end of its doorbell channel
     host_pid: int
     generation: int
     oversubscribed: bool
@@ -99,7 +95,7 @@ def _limit_heap(boot: BootParams) -> None:
 def enter(boot: BootParams) -> NoReturn:
     """Child side of exec. Never returns."""
     code = EXIT_TRAMPOLINE
-    slot: ControlSlot | None = None
+    slot: OwnPage | None = None
     console: ConsoleWriter | None = None
     kernel = None
     try:
@@ -119,29 +115,25 @@ def enter(boot: BootParams) -> NoReturn:
             linux.munmap(addr, length)
         maps = InstanceMappings(boot.arena_fd, boot.layout, boot.id,
                                           boot.memory_base, boot.memory_bytes)
-        slot = maps.slot
+        slot = maps.own
+        mailbox = peer_of(maps.peers, boot.id)
         arena_all = None if boot.protection else \
             memoryview(mmap.mmap(boot.arena_fd, boot.layout.arena_bytes))
         devnull = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(devnull, std)
-        _close_all_except({0, 1, 2, boot.doorbell_fd, boot.host_doorbell_fd})
+        _close_all_except({0, 1, 2, boot.doorbell_fd, boot.host_doorbell_fd, boot.channel_fd})
         console = ConsoleWriter(memoryview(maps.console))
         sys.stdout = sys.stderr = console
         # spawn mailbox: check it is addressed to us, then clear `ready` (the answer)
-        if slot.ready != 1 or slot.generation != boot.generation:
+        if mailbox.ready != 1 or mailbox.generation != boot.generation:
             raise RuntimeError(f"spawn mailbox not published for generation {boot.generation}")
         stall = parse_cmdline(boot.cmdline).get("mk_debug") == "stall_boot"
         if stall:                              # test hook: a boot CPU that never answers
             while True:
                 time.sleep(3600)
         slot.ack_cpu = linux.sched_getcpu()
-        # online in the peer-state table at once: peers may answer us before the host has
-        # processed our answer (the host writes the same values when it marks us active)
-        slot.pid = os.getpid()
-        slot.doorbell_fd = boot.doorbell_fd
-        slot.peer_state = STATE_ACTIVE
-        slot.ready = 0
+        slot.ack_generation = boot.generation      # the answer; the host marks us active
         os.eventfd_write(boot.host_doorbell_fd, 1)
         _limit_heap(boot)                      # after the answer (off the boot-latency path),
                                                # before any kernel code
@@ -151,9 +143,11 @@ def enter(boot: BootParams) -> NoReturn:
             id=boot.id, name=boot.name, cpus=list(boot.cpus),
             physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,
             memory_base=boot.memory_base, memory=memoryview(maps.partition), console=console,
-            slot=slot, doorbell_fd=boot.doorbell_fd, host_doorbell_fd=boot.host_doorbell_fd,
+            own=slot, peers=memoryview(maps.peers), doorbell_fd=boot.doorbell_fd,
+            host_doorbell_fd=boot.host_doorbell_fd,
+            channel=socket.socket(fileno=boot.channel_fd),
             oversubscribed=boot.oversubscribed, boot_generation=boot.generation,
-            layout=boot.layout, control=memoryview(maps.control), rings=memoryview(maps.rings),
+            layout=boot.layout, rings=memoryview(maps.rings),
             rings_address=linux.buffer_address(maps.rings), arena_all=arena_all,
         )
         code = EXIT_PANIC                      # from here on, any escape is a kernel panic

@@ -8,6 +8,7 @@ before any kernel code runs (see guest/trampoline.py), so they cannot reach what
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import weakref
@@ -15,7 +16,7 @@ import weakref
 from partition import linux
 from partition.abi import layout as L
 from partition.abi.constants import MAX_INSTANCES, STATE_CODES
-from partition.abi.slot import SLOT_BYTES, ControlSlot, slot_of
+from partition.abi.slot import OWN_BYTES, PEER_BYTES, OwnPage, PeerEntry, own_of, peer_of
 from partition.units import PAGE_SIZE
 
 # Every whole-arena mapping alive in this process, by address: a forked instance unmaps them
@@ -44,9 +45,13 @@ class Arena:
         layout.validate()
         self.layout = layout
         self.tag = tag                  # the memfd's name: /proc/PID/maps shows "/memfd:<tag>"
-        self.fd = os.memfd_create(tag, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(tag, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, layout.arena_bytes)   # sparse: costs nothing until touched
+            # its size is final: whoever reaches the memfd can neither cut it short (every
+            # mapping past the new end would SIGBUS, the host's first) nor grow it
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_SEAL)
             self.map = mmap.mmap(self.fd, layout.arena_bytes)
         except BaseException:
             os.close(self.fd)
@@ -61,8 +66,8 @@ class Arena:
         lay = self.layout
         L.HEADER.pack_into(
             self.map, 0, L.MAGIC, L.VERSION, PAGE_SIZE, lay.arena_bytes, MAX_INSTANCES, flags,
-            lay.table_offset, L.TABLE_RECORD_BYTES, 0, lay.control_offset, SLOT_BYTES,
-            0, lay.console_offset, lay.console_bytes, lay.pool_offset, lay.pool_bytes,
+            lay.table_offset, L.TABLE_RECORD_BYTES, 0, lay.control_offset, PEER_BYTES,
+            OWN_BYTES, lay.console_offset, lay.console_bytes, lay.pool_offset, lay.pool_bytes,
             self._generation, os.getpid(), lay.ring_offset, lay.ring_bytes, lay.ring_slots,
             lay.ring_slot_bytes,
         )
@@ -98,8 +103,13 @@ class Arena:
         return dict(zip(L.TABLE_FIELDS, L.TABLE_RECORD.unpack_from(self.map, off)))
 
     # -- control slots ---------------------------------------------------------------------
-    def slot(self, instance_id: int) -> ControlSlot:
-        return slot_of(self.map, instance_id, self.layout.control_offset)
+    def peer(self, instance_id: int) -> PeerEntry:
+        """The host's entry for ``instance_id`` in the peer table (the host writes it)."""
+        return peer_of(self.map, instance_id, self.layout.control_offset)
+
+    def own(self, instance_id: int) -> OwnPage:
+        """What instance ``instance_id`` wrote about itself (untrusted)."""
+        return own_of(self.map, instance_id, self.layout.own_pages_offset)
 
     # -- memory ----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

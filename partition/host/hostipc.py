@@ -10,16 +10,18 @@ decides where the host's messages go or whom it signals.
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from partition.abi import doorbell
 from partition.abi import message as M
 from partition.abi import slot as S
-from partition.abi.constants import HOST_ID, IPI_SIGNAL
+from partition.abi.constants import HOST_ID, IPI_SIGNAL, MAX_INSTANCES
 from partition.abi.ring import Ring, RingError
-from partition.guest.endpoint import Doorbell, Endpoint
+from partition.guest.endpoint import NO_DOORBELL, Doorbell, Endpoint
 from partition.host.instance import Instance, State
 
 if TYPE_CHECKING:
@@ -42,10 +44,15 @@ class HostDirectory:
             raise RingError(errno.ESRCH, f"instance {target} is not active")
         return inst.id, inst.pid
 
-    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, int]:
+    def doorbell(self, target: int, pid: int) -> tuple[Doorbell, list[int]]:
         inst = self.m.by_id(target)
-        fd = inst.doorbell_fd if inst is not None and inst.doorbell_fd is not None else -1
-        return (fd, pid, int(IPI_SIGNAL)), -1          # the instance record owns the eventfd
+        if inst is None or inst.pid != pid or inst.doorbell_fd is None or inst.pidfd is None:
+            return NO_DOORBELL, []
+        # the instance record owns both descriptors: nothing for the endpoint to close
+        return (inst.doorbell_fd, inst.pidfd, int(IPI_SIGNAL)), []
+
+    def retry(self, target: int) -> bool:
+        return False
 
     def liveness(self, target: int) -> Callable[[], bool]:
         """Alive while the run we sent to is the one running (the pidfd tells us of deaths)."""
@@ -65,10 +72,10 @@ class HostIPC:
                                                    lay.ring_offset + lay.ring_area_bytes]
         cfg = machine.config
         cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
-        own = machine.arena.slot(HOST_ID)
+        own = machine.arena.own(HOST_ID)
         self.endpoint = Endpoint(HOST_ID, cpu, self._view, machine.arena.address + lay.ring_offset,
                                  lay, HostDirectory(machine),
-                                 sent_counter=(own.buf, own.base + S.SLOT_IPI_SENT))
+                                 sent_counter=(own.buf, own.base + S.OWN_IPI_SENT))
         self.ring = self.endpoint.ring_of(HOST_ID)
         self.ring.set_mode("interrupt")
         self.messenger = self.endpoint.messenger
@@ -95,6 +102,35 @@ class HostIPC:
         if inst is not None:
             inst.counters["host_sent"] += 1
         return mid
+
+    def serve_doorbells(self, inst: Instance) -> None:
+        """Answer ``inst``'s doorbell requests (abi/doorbell.py) from the host's own records:
+        the eventfd it made and the pidfd it holds for the target's running incarnation. At
+        most 16 a turn, so a chatty instance cannot keep the reactor to itself."""
+        chan = inst.channel
+        if chan is None:
+            return
+        for _ in range(16):
+            try:
+                data = chan.recv(64, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(data) != doorbell.REQUEST.size:
+                inst.counters["bad_doorbell_requests"] += 1
+                if not data:
+                    return
+                continue
+            (target,) = doorbell.REQUEST.unpack(data)
+            peer = self.m.by_id(target) if target < MAX_INSTANCES else None
+            if peer is None or peer.state != State.ACTIVE or peer.pid is None \
+                    or peer.doorbell_fd is None or peer.pidfd is None or peer is inst:
+                doorbell.answer(chan, target, errno.ESRCH)
+                continue
+            inst.counters["doorbells_given"] += 1
+            doorbell.answer(chan, target, 0, peer.pid, peer.generation,
+                            (peer.doorbell_fd, peer.pidfd))
 
     def drain(self) -> None:
         msgr = self.messenger
@@ -155,7 +191,7 @@ class HostIPC:
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""
         ring = self.ring_of(inst.id).counters()
-        slot = self.m.arena.slot(inst.id)
+        slot = self.m.arena.own(inst.id)
         return {
             "ipi_sent": slot.ipi_sent, "ipi_received": ring["received"],
             "ipi_ring_full": slot.ipi_ring_full, "ipi_esrch": slot.ipi_esrch,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,7 @@ class Instance:
     pid: int | None = None
     pidfd: int | None = None
     doorbell_fd: int | None = None
+    channel: socket.socket | None = None  # host end of the instance's doorbell channel
     boots: int = 0
     boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0
@@ -114,6 +116,6 @@ class Instance:
     counters: dict[str, int] = field(default_factory=lambda: {
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
-        "foreign_pages": 0, "wild_pages": 0})
+        "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0})
     #: unprotected machines: pages of this partition written by others, by writer name
     foreign_writes: dict[str, int] = field(default_factory=dict)

@@ -13,11 +13,13 @@ import gc
 import os
 import selectors
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING
 
 from partition import linux
 from partition.abi import message as M
+from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
 from partition.errors import BootFailed, BootTimeout
 from partition.guest.trampoline import BootParams, enter
@@ -46,24 +48,28 @@ class Lifecycle:
         raises BootFailed (with the kernel's reason) when it died before that."""
         m = self.m
         assert inst.kimage is not None
-        slot = m.arena.slot(inst.id)
+        peer, own = m.arena.peer(inst.id), m.arena.own(inst.id)
         inst.generation += 1
-        slot.ready = 0
-        slot.force_halt = 0
-        slot.reason_len = 0
-        slot.ack_cpu = 0
-        slot.target_cpu = inst.physical_cpus[0]
-        slot.generation = inst.generation
-        slot.ready = 1                       # publish last
+        gen = inst.generation
+        peer.ready = 0
+        peer.force_halt = 0
+        own.reason_len = own.ack_cpu = own.ack_generation = own.booted = 0
+        peer.target_cpu = inst.physical_cpus[0]
+        peer.generation = gen
+        peer.redirect = 0
+        peer.ready = 1                       # publish last
         m.ring_of(inst.id).reset()           # stale messages and dead claims go with the old run
         inst.served_by = None                # it serves its own role again
-        slot.redirect = 0
         inst.doorbell_fd = linux.eventfd()
+        host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inst.channel = host_end
+        host_end.setblocking(False)
         params = BootParams(
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
             cmdline=inst.kimage.cmdline, kernel_cls=inst.kimage.cls, arena_fd=m.arena.fd,
             layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
             doorbell_fd=inst.doorbell_fd, host_doorbell_fd=m.host_doorbell,
+            channel_fd=guest_end.fileno(),
             host_pid=os.getpid(), generation=inst.generation,
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited_mappings(),
@@ -72,17 +78,21 @@ class Lifecycle:
         # every tracked object and would copy-on-write fault them all, in both processes.
         gc.freeze()
         try:
-            pid = os.fork()
-            if pid == 0:
-                enter(params)   # never returns
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    enter(params)   # never returns
+            finally:
+                guest_end.close()   # (in the child, enter() has its own copy by number)
             inst.pid = pid
             inst.pidfd = linux.pidfd_open(pid)
             inst.halt_requested = None
             inst.failure = None
             inst.boots_acked = False
             m.selector.register(inst.pidfd, selectors.EVENT_READ, inst)
+            m.selector.register(host_end, selectors.EVENT_READ, inst)
             deadline = time.monotonic() + m.boot_timeout
-            acked = m.wait(lambda: inst.pid is None or slot.ready == 0, deadline)
+            acked = m.wait(lambda: inst.pid is None or own.ack_generation == gen, deadline)
         finally:
             gc.unfreeze()   # cyclic garbage made meanwhile must stay collectable
         if inst.state == State.ACTIVE or (inst.pid is None and inst.boots_acked):
@@ -93,7 +103,7 @@ class Lifecycle:
             raise BootFailed(f"instance {inst.name!r} died during boot: {inst.failure}",
                              f"mkctl console {inst.name} shows the kernel's last words")
         if not acked:
-            slot.ready = 0                # revoke the publication
+            peer.ready = 0                # revoke the publication
             inst.halt_requested = "boot-timeout"
             os.kill(pid, signal.SIGKILL)
             m.wait(lambda: inst.pid is None, None)
@@ -109,11 +119,11 @@ class Lifecycle:
         """Drive the machine until the kernel's ``boot()`` returned (it says so in its slot)
         or the run ended; a run that ended first failed in ``boot()``."""
         m = self.m
-        slot = m.arena.slot(inst.id)
+        own = m.arena.own(inst.id)
         gen = inst.generation
-        returned = m.wait(lambda: inst.pid is None or slot.booted == gen,
+        returned = m.wait(lambda: inst.pid is None or own.booted == gen,
                           time.monotonic() + BOOT_RETURN_S)
-        if slot.booted == gen:
+        if own.booted == gen:
             return                    # boot() returned (the run may have ended since)
         if inst.pid is None or inst.generation != gen:
             why = inst.last_exit.reason if inst.last_exit else "it halted"
@@ -130,8 +140,9 @@ class Lifecycle:
         inst.boots += 1
         inst.counters["boots"] += 1
         inst.active_since = time.time()
+        self.m.arena.peer(inst.id).ready = 0          # answered: the mailbox is closed
         self.m.transition(inst, State.ACTIVE, "exec", pid=inst.pid,
-                          ack_cpu=self.m.arena.slot(inst.id).ack_cpu)
+                          ack_cpu=self.m.arena.own(inst.id).ack_cpu)
 
     # -- halting ---------------------------------------------------------------------------
     def force(self, inst: Instance) -> None:
@@ -139,7 +150,7 @@ class Lifecycle:
         if inst.pid is None:
             return
         inst.halt_requested = "forced"
-        m.arena.slot(inst.id).force_halt = 1
+        m.arena.peer(inst.id).force_halt = 1
         if m.writes is not None:
             m.writes.scan(only=inst)
         try:
@@ -183,13 +194,16 @@ class Lifecycle:
         if inst.pid is None:
             return
         detected = time.monotonic()
-        slot = m.arena.slot(inst.id)
-        if inst.state != State.ACTIVE and slot.ready == 0 \
+        own, peer = m.arena.own(inst.id), m.arena.peer(inst.id)
+        if inst.state != State.ACTIVE and own.ack_generation == inst.generation \
                 and inst.halt_requested != "boot-timeout":
             self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
+        # off the peer table before the reap: until waitpid the pid cannot be reused, so a
+        # peer that read this pid as active was never pointed at another process
+        peer.peer_state, peer.pid = STATE_CODES["loaded"], 0
         _, status = os.waitpid(inst.pid, 0)
         booting = inst.state != State.ACTIVE
-        record = classify_exit(status, inst.halt_requested, slot.reason)
+        record = classify_exit(status, inst.halt_requested, own.reason)
         pid = inst.pid
         self.forget_process(inst)
         m.ipc.sweep_claims_of(inst)
@@ -237,6 +251,13 @@ class Lifecycle:
                 pass
             inst.pid = None
         m.ipc.forget(inst.id)
+        if inst.channel is not None:
+            try:
+                m.selector.unregister(inst.channel)
+            except (KeyError, ValueError):
+                pass
+            inst.channel.close()
+            inst.channel = None
         if inst.doorbell_fd is not None:
             os.close(inst.doorbell_fd)
             inst.doorbell_fd = None

@@ -114,9 +114,9 @@ class Machine:
         self.supervisor = Supervisor(self)
         self.writes = None if self.protection else WriteWatch(self)
         self._filters_due = 0.0               # next look at the rings' drop filters
-        host_slot = self.arena.slot(HOST_ID)
-        host_slot.peer_state = STATE_ACTIVE
-        host_slot.pid = os.getpid()
+        host = self.arena.peer(HOST_ID)
+        host.peer_state = STATE_ACTIVE
+        host.pid = os.getpid()
         self.started = time.time()
         self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
                                 memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
@@ -216,7 +216,8 @@ class Machine:
                         memory_bytes=r.memory_bytes, recovery=policy, standby_for=standby_for)
         self.instances[name] = inst
         format_console(self._console_view(inst))
-        self.arena.slot(inst.id).clear()
+        self.arena.peer(inst.id).clear()
+        self.arena.own(inst.id).clear()
         self.events.info("instance_created", instance=inst.id, name=name, cpus=inst.cpus,
                          memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
                          shared_cpus=self.pool.shared_cpus(name, inst.cpus))
@@ -272,7 +273,7 @@ class Machine:
         inst.recovery.update(policy=recovery, max_restarts=max_restarts,
                              restart_window=restart_window, watchdog=watchdog,
                              preserve_memory=preserve_memory)
-        inst.progress_seen = (self.arena.slot(inst.id).progress, time.monotonic())
+        inst.progress_seen = (self.arena.own(inst.id).progress, time.monotonic())
         self.events.info("instance_updated", instance=inst.id, name=inst.name,
                          recovery=inst.recovery.to_dict())
         self.publish(inst)
@@ -344,7 +345,8 @@ class Machine:
         out = self.describe(inst)
         self.arena.scrub(inst.memory_base, inst.memory_bytes)
         format_console(self._console_view(inst))
-        self.arena.slot(inst.id).clear()
+        self.arena.peer(inst.id).clear()
+        self.arena.own(inst.id).clear()
         self.arena.clear_record(inst.id)
         self.pool.release(inst.name, inst.id, inst.cpus)
         del self.instances[inst.name]
@@ -369,7 +371,7 @@ class Machine:
             "segments": len(inst.kimage.segments) if inst.kimage else 0,
             "pid": inst.pid if running else None,
             "boots": inst.boots,
-            "progress": self.arena.slot(inst.id).progress,
+            "progress": self.arena.own(inst.id).progress,
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
             "counters": {**inst.counters, **self.ipc.counters(inst)},
@@ -465,6 +467,8 @@ class Machine:
                 self.ipc.drain()
             elif key.data.pidfd == key.fd:
                 self.lifecycle.on_exit(key.data)
+            else:                           # the instance's doorbell channel
+                self.ipc.serve_doorbells(key.data)
             handled += 1
         if watched:
             self.supervisor.watchdog(watched)
@@ -537,9 +541,9 @@ class Machine:
                     **fields: Any) -> None:
         before = inst.state if old is None else old
         inst.state = new
-        slot = self.arena.slot(inst.id)
-        slot.peer_state = STATE_CODES[new.value]
-        slot.pid = inst.pid or 0
+        peer = self.arena.peer(inst.id)
+        peer.peer_state = STATE_CODES[new.value]
+        peer.pid = inst.pid or 0
         self.events.info("state_change", instance=inst.id, name=inst.name, old=before.value,
                          new=new.value, cause=cause, **fields)
         self.publish(inst)

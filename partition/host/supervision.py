@@ -40,7 +40,7 @@ class Supervisor:
         now = time.monotonic()
         m = self.m
         for inst in watched:
-            value = m.arena.slot(inst.id).progress
+            value = m.arena.own(inst.id).progress
             last, since = inst.progress_seen
             if value != last or since == 0.0:
                 inst.progress_seen = (value, now)
@@ -49,7 +49,7 @@ class Supervisor:
                 m.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
                                  stalled_s=round(now - since, 3), progress=value)
                 inst.halt_requested = "watchdog"
-                m.arena.slot(inst.id).force_halt = 1
+                m.arena.peer(inst.id).force_halt = 1
                 if m.writes is not None:
                     m.writes.scan(only=inst)
                 os.kill(inst.pid, signal.SIGKILL)
@@ -100,7 +100,7 @@ class Supervisor:
                              reason="no active standby")
             return
         primary.served_by = standby.id
-        m.arena.slot(primary.id).redirect = standby.id + 1
+        m.arena.peer(primary.id).redirect = standby.id + 1
         m.printk(f"Instance {primary.id} ({primary.name}) failed; standby {standby.id} "
                  f"({standby.name}) takes over its role")
         m.events.warning("takeover", instance=primary.id, name=primary.name,
