@@ -280,3 +280,69 @@ def mappings_of(pid: int, name_part: str) -> list[tuple[int, int, int]]:
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             out.append((lo, hi, int(fields[2], 16)))
     return out
+
+
+# -- containment: mount namespace, capabilities, seccomp (guest/containment.py decides) ------
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+_NR = {"x86_64": {"mount_setattr": 442, "capset": 126, "seccomp": 317},
+       "aarch64": {"mount_setattr": 442, "capset": 91, "seccomp": 277}}.get(os.uname().machine, {})
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    def enc(s: str | None) -> bytes | None:
+        return s.encode() if s is not None else None
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
+                       enc(data)), f"mount {target}")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def remount_tree_readonly(path: str = "/") -> None:
+    """mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY): every mount under ``path``, in this
+    mount namespace only."""
+    attr = _MountAttr(1, 0, 0, 0)                 # MOUNT_ATTR_RDONLY
+    rc = _syscall(ctypes.c_long(_NR["mount_setattr"]), ctypes.c_int(-100), path.encode(),
+                  ctypes.c_uint(0x8000), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    _check(0 if rc == 0 else -1, "mount_setattr(AT_RECURSIVE, RDONLY)")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    _check(_prctl(option, arg2, arg3, 0, 0), f"prctl({option})")
+
+
+def drop_capabilities() -> None:
+    """Empty effective, permitted and inheritable sets (capset, header version 3)."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    rc = _syscall(ctypes.c_long(_NR["capset"]), ctypes.byref(header), ctypes.byref(data))
+    _check(0 if rc == 0 else -1, "capset")
+
+
+def install_seccomp(program: bytes) -> None:
+    """seccomp(SECCOMP_SET_MODE_FILTER) with a classic BPF program (8 bytes an instruction);
+    needs no_new_privs or CAP_SYS_ADMIN."""
+    class _Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _Fprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    rc = _syscall(ctypes.c_long(_NR["seccomp"]), ctypes.c_uint(1), ctypes.c_uint(0),
+                  ctypes.byref(prog))
+    _check(0 if rc == 0 else -1, "seccomp(SET_MODE_FILTER)")
+
+
+def containment_supported() -> bool:
+    """The system calls above are known for this architecture."""
+    return bool(_NR)

@@ -33,17 +33,43 @@ def _foreign(entry: str) -> bool:
         return False
 
 
+def cgroup_entries() -> set[str]:
+    """The machines' cgroup directories (host/cgroups.py) in the pids hierarchy (or v2)."""
+    for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        if os.path.isdir(base):
+            return {e for e in os.listdir(base) if e.startswith("multikernel-")}
+    return set()
+
+
+def _foreign_cgroup(entry: str) -> bool:
+    """Owned by a live process that is not this test's (another test run)."""
+    try:
+        pid = int(entry.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid() or not psutil.pid_exists(pid):
+        return False
+    try:
+        return os.getpid() not in [p.pid for p in psutil.Process(pid).parents()]
+    except psutil.Error:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Every test must reap what it started and remove the shared-memory objects it made."""
+    """Every test must reap what it started and remove the shared-memory objects and the
+    cgroups it made."""
     before = shm_entries()
+    cg_before = cgroup_entries()
     yield
     kids = psutil.Process().children(recursive=True)
     for k in kids:
         k.kill()
     new = [e for e in shm_entries() - before if not _foreign(e)]
+    cg_new = [e for e in cgroup_entries() - cg_before if not _foreign_cgroup(e)]
     assert not kids, f"test left child processes: {[k.pid for k in kids]}"
     assert not new, f"test left /dev/shm entries: {sorted(new)}"
+    assert not cg_new, f"test left cgroups: {sorted(cg_new)}"
 
 
 @pytest.fixture

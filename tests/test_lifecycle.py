@@ -299,6 +299,8 @@ def test_instances_die_with_their_host(machine_factory, tmp_path):
         if run_dir:
             import shutil
             shutil.rmtree(run_dir, ignore_errors=True)
+        from partition.host import cgroups
+        cgroups.reap_stale()            # what mkctl shutdown of a stale machine does too
 
 
 def test_boot_failure_when_trampoline_cannot_pin(machine_factory):

@@ -20,6 +20,10 @@ EXIT_HALTED = 0
 EXIT_PANIC = 77                  # the kernel panicked; reason in the control slot
 EXIT_TRAMPOLINE = 78             # the trampoline itself failed (pinning, mapping); reason in the slot
 
+#: an instance's private heap unless its cmdline says ``mk_heap=``: RLIMIT_AS in the
+#: trampoline, and part of its memory cgroup's limit in the host
+DEFAULT_HEAP = 256 << 20
+
 #: state codes of the instance table and the peer-state table (the real system's names)
 STATE_CODES = {"empty": 0, "ready": 1, "loaded": 2, "active": 3, "failed": 4}
 STATE_ACTIVE = STATE_CODES["active"]

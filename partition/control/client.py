@@ -16,7 +16,7 @@ import psutil
 
 from partition.control import protocol
 from partition.errors import MKError, SupervisorUnavailable
-from partition.host import rundir
+from partition.host import cgroups, rundir
 
 
 class Client:
@@ -134,7 +134,8 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(lock_fd)
-        return {"halted": 0, "stale_removed": True, "run_dir": path}
+        killed = cgroups.reap_stale()     # and what its instances forked, if anything lives
+        return {"halted": killed, "stale_removed": True, "run_dir": path}
     result = client.call("shutdown")
     try:
         psutil.Process(owner).wait(timeout=timeout)

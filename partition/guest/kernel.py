@@ -113,7 +113,7 @@ class Kernel:
         self.ring = self.endpoint.ring_of(ctx.id)
         self.ring.set_mode(self.mode)
         self.ring.set_polling(self.mode != "interrupt")
-        self._next_heartbeat = time.monotonic()
+        self._next_heartbeat = time.monotonic() + (self.heartbeat_interval or 0)  # one interval in
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._progress_at = ctx.own.base + S.OWN_PROGRESS       # the loop's two fields: its own
         self._force_halt_at = ctx.id * S.PEER_BYTES + S.PEER_FORCE_HALT  # and the host's word

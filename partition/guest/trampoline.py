@@ -24,8 +24,9 @@ from typing import NoReturn
 from partition import linux
 from partition.abi import layout as L
 from partition.abi.console import ConsoleWriter
-from partition.abi.constants import EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, IPI_SIGNAL
+from partition.abi.constants import DEFAULT_HEAP, EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, IPI_SIGNAL
 from partition.abi.slot import OwnPage, peer_of
+from partition.guest.containment import contain
 from partition.guest.kernel import KernelContext, KernelPanic, parse_cmdline
 from partition.guest.mappings import InstanceMappings
 
@@ -51,6 +52,8 @@ class BootParams:
     protection: bool = True
     #: (address, length) of every whole-arena mapping the host holds: the child unmaps them
     inherited: list[tuple[int, int]] = field(default_factory=list)
+    #: the ``cgroup.procs`` files of the instance's cgroups (host/cgroups.py), joined first
+    cgroups: list[str] = field(default_factory=list)
 
 
 def _close_all_except(keep: set[int]) -> None:
@@ -60,9 +63,6 @@ def _close_all_except(keep: set[int]) -> None:
         if fd > low:
             os.closerange(low, fd)
         low = fd + 1
-
-
-DEFAULT_HEAP = 256 << 20
 
 
 def _watch_foreign_writes(arena_all: memoryview, layout: L.ArenaLayout,
@@ -139,6 +139,9 @@ def enter(boot: BootParams) -> NoReturn:
                                                # before any kernel code
         if arena_all is not None:              # unprotected: the host attributes foreign writes
             _watch_foreign_writes(arena_all, boot.layout, console)
+        missing = contain(boot.cgroups)        # guest/containment.py: the last step before
+        if missing:                            # any kernel code
+            console.printk(f"multikernel: not contained here: {', '.join(missing)}")
         ctx = KernelContext(
             id=boot.id, name=boot.name, cpus=list(boot.cpus),
             physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,

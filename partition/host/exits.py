@@ -32,6 +32,9 @@ def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecor
         if sig == signal.SIGKILL and asked == "boot-timeout":
             return ExitRecord("boot CPU did not answer the spawn mailbox in time",
                               "boot-failed", sig, None, now)
+        if sig == signal.SIGSYS:
+            return ExitRecord("killed by SIGSYS: a system call no instance may make (seccomp; "
+                              "see docs/architecture.md, containment)", "killed", sig, None, now)
         return ExitRecord(f"killed by {name} (not sent by the host)", "killed", sig, None, now)
     code = os.WEXITSTATUS(status)
     if code == EXIT_HALTED:

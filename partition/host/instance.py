@@ -99,6 +99,7 @@ class Instance:
     pidfd: int | None = None
     doorbell_fd: int | None = None
     channel: socket.socket | None = None  # host end of the instance's doorbell channel
+    oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
     boots: int = 0
     boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0

@@ -19,13 +19,16 @@ from typing import TYPE_CHECKING
 
 from partition import linux
 from partition.abi import message as M
-from partition.abi.constants import STATE_CODES
+from partition.abi.constants import DEFAULT_HEAP, STATE_CODES
 from partition.abi.ring import RingError
-from partition.errors import BootFailed, BootTimeout
+from partition.errors import BootFailed, BootTimeout, MKError
+from partition.guest.kernel import parse_cmdline
 from partition.guest.trampoline import BootParams, enter
+from partition.host import cgroups
 from partition.host.arena import inherited_mappings
 from partition.host.exits import classify_exit
 from partition.host.instance import Instance, State
+from partition.units import parse_size
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -73,6 +76,7 @@ class Lifecycle:
             host_pid=os.getpid(), generation=inst.generation,
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited_mappings(),
+            cgroups=m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst)),
         )
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
@@ -134,9 +138,24 @@ class Lifecycle:
                               f"returned within {BOOT_RETURN_S:g} s",
                               f"mkctl console {inst.name}; exec --no-wait does not wait")
 
+    @staticmethod
+    def _memory_limit(inst: Instance) -> int:
+        """The memory cgroup's limit: the partition, the kernel's heap, the allowance."""
+        heap = DEFAULT_HEAP
+        assert inst.kimage is not None
+        text = parse_cmdline(inst.kimage.cmdline).get("mk_heap")
+        if text:
+            try:
+                heap = parse_size(text, "mk_heap")
+            except MKError:
+                pass                   # the trampoline refuses it, with the reason
+        return inst.memory_bytes + heap + cgroups.ALLOWANCE
+
     def _mark_booted(self, inst: Instance) -> None:
         """The boot CPU cleared ``ready``: the instance is active."""
         inst.boots_acked = True
+        # the watchdog times a stall from this boot, not from the last run's final progress
+        inst.progress_seen = (self.m.arena.own(inst.id).progress, time.monotonic())
         inst.boots += 1
         inst.counters["boots"] += 1
         inst.active_since = time.time()
@@ -202,8 +221,19 @@ class Lifecycle:
         # peer that read this pid as active was never pointed at another process
         peer.peer_state, peer.pid = STATE_CODES["loaded"], 0
         _, status = os.waitpid(inst.pid, 0)
+        ooms = m.cgroups.oom_kills(inst.id)
+        orphans = m.cgroups.kill(inst.id)     # whatever it forked goes with it
+        if orphans:
+            m.events.warning("orphans_killed", instance=inst.id, name=inst.name, count=orphans)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+            m.events.warning("forbidden_syscall", instance=inst.id, name=inst.name, pid=inst.pid)
         booting = inst.state != State.ACTIVE
         record = classify_exit(status, inst.halt_requested, own.reason)
+        if ooms > inst.oom_kills and record.signal == signal.SIGKILL and record.how == "killed":
+            record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
+                             "its partition, heap and allowance")
+            m.events.warning("memory_limit_exceeded", instance=inst.id, name=inst.name)
+        inst.oom_kills = ooms
         pid = inst.pid
         self.forget_process(inst)
         m.ipc.sweep_claims_of(inst)
@@ -249,6 +279,7 @@ class Lifecycle:
                 os.waitpid(inst.pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+            m.cgroups.kill(inst.id)
             inst.pid = None
         m.ipc.forget(inst.id)
         if inst.channel is not None:

@@ -40,6 +40,7 @@ from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
 from partition.host import faults, rundir
 from partition.host.arena import Arena
+from partition.host.cgroups import Cgroups
 from partition.host.events import EventLog
 from partition.host.hostipc import HostIPC
 from partition.host.instance import Instance, State, check_transition
@@ -113,6 +114,7 @@ class Machine:
         self.lifecycle = Lifecycle(self)
         self.supervisor = Supervisor(self)
         self.writes = None if self.protection else WriteWatch(self)
+        self.cgroups = Cgroups(os.path.basename(self.run_dir))
         self._filters_due = 0.0               # next look at the rings' drop filters
         host = self.arena.peer(HOST_ID)
         host.peer_state = STATE_ACTIVE
@@ -123,7 +125,12 @@ class Machine:
                                 last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
         self.printk(f"multikernel: pool CPUs {cfg.cpus}, host CPUs {cfg.host_cpus}, memory "
                     f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
+        if self.cgroups.mode is None:
+            self.events.warning("containment_unavailable", what="cgroups", why=self.cgroups.why)
+        if self.cgroups.reaped:
+            self.events.warning("stale_instances_killed", count=self.cgroups.reaped)
         self.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=self.layout.arena_bytes,
+                         cgroups=self.cgroups.mode,
                          mode="oversubscribed" if cfg.oversubscribe else "dedicated")
         self.publish()
 
@@ -150,6 +157,7 @@ class Machine:
             self._closed = True
             for inst in self.instances.values():
                 self.lifecycle.forget_process(inst)
+            self.cgroups.close()
             try:
                 self.selector.close()
             finally:
@@ -343,6 +351,7 @@ class Machine:
         inst = self._get(name)
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
+        self.cgroups.remove(inst.id)
         self.arena.scrub(inst.memory_base, inst.memory_bytes)
         format_console(self._console_view(inst))
         self.arena.peer(inst.id).clear()

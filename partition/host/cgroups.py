@@ -1,0 +1,269 @@
+"""One cgroup per instance: the CPUs it may run on, the memory it may use, the processes it may
+have, and a way to kill every one of them at once.
+
+An instance's kernel is untrusted code running as a process: without this it could re-pin
+itself onto the host's CPU, allocate far past its partition through a memfd, and fork children
+that outlive its halt. Its cgroup is made by the host before the boot (``prepare``), joined by
+the trampoline before any kernel code runs, and killed whole when the instance halts, so that
+nothing it forked survives it.
+
+Where: under the host's own cgroup in each hierarchy (so that whatever limits the host lives
+under still count), in ``multikernel-<run>/i<id>``. cgroup v1 (cpuset, memory, pids, freezer:
+what this project's machines have) and v2 (cpuset, memory, pids and ``cgroup.kill``) are both
+supported; a machine with neither runs its instances uncontained and says so
+(``containment_unavailable``).
+
+Limits: ``cpuset.cpus`` = the instance's CPUs; memory = the partition + the kernel's heap limit
+(``mk_heap``, 256M by default) + ``ALLOWANCE`` for the interpreter and its mappings; ``pids`` =
+``PIDS_MAX``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ALLOWANCE = 96 << 20       # the interpreter, its libraries and page tables, beyond the heap
+PIDS_MAX = 64              # processes and threads of one instance
+V1_CONTROLLERS = ("cpuset", "memory", "pids", "freezer")
+_MOUNT = "/sys/fs/cgroup"
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _own_paths() -> dict[str, str]:
+    """controller (or "" for v2) -> this process's cgroup path, from /proc/self/cgroup."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                out[c] = path
+    return out
+
+
+class Cgroups:
+    """The cgroups of one machine's instances."""
+
+    def __init__(self, run_name: str) -> None:
+        self.mode: str | None = None
+        self.bases: dict[str, str] = {}         # controller -> the machine's directory
+        self.reaped = 0                          # processes left by dead machines, killed here
+        own = _own_paths()
+        run_name = f"{os.getpid()}-{run_name}"  # a dead owner's directories are recognisable
+        try:
+            self.reaped = reap_stale()
+        except OSError:
+            pass
+        try:
+            if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
+                self._setup_v2(own.get("", "/"), run_name)
+            elif all(os.path.isdir(os.path.join(_MOUNT, c)) for c in V1_CONTROLLERS):
+                self._setup_v1(own, run_name)
+        except OSError as exc:
+            self.why = f"{exc}"
+            self.close()
+            self.mode = None
+        else:
+            self.why = "" if self.mode else "no cgroup v1 or v2 controllers at /sys/fs/cgroup"
+
+    # -- the machine's directories ---------------------------------------------------------
+    def _setup_v1(self, own: dict[str, str], run_name: str) -> None:
+        for c in V1_CONTROLLERS:
+            parent = os.path.join(_MOUNT, c, own.get(c, "/").lstrip("/"))
+            base = os.path.join(parent, f"multikernel-{run_name}")
+            os.makedirs(base, exist_ok=True)
+            self.bases[c] = base
+            if c == "cpuset":              # a v1 cpuset starts empty: inherit the parent's
+                parent = os.path.dirname(base)
+                _write(os.path.join(base, "cpuset.cpus"), _read(os.path.join(parent, "cpuset.cpus")))
+                _write(os.path.join(base, "cpuset.mems"), _read(os.path.join(parent, "cpuset.mems")))
+        self.mode = "v1"
+
+    def _setup_v2(self, own: str, run_name: str) -> None:
+        parent = os.path.join(_MOUNT, own.lstrip("/"))
+        base = os.path.join(parent, f"multikernel-{run_name}")
+        os.makedirs(base, exist_ok=True)
+        _write(os.path.join(base, "cgroup.subtree_control"), "+cpuset +memory +pids")
+        self.bases[""] = base
+        self.mode = "v2"
+
+    # -- one instance ----------------------------------------------------------------------
+    def _dirs(self, instance_id: int) -> dict[str, str]:
+        return {c: os.path.join(b, f"i{instance_id}") for c, b in self.bases.items()}
+
+    def prepare(self, instance_id: int, cpus: list[int], memory_limit: int) -> list[str]:
+        """Make (or reset) the instance's cgroups; returns the ``cgroup.procs`` files the
+        trampoline writes itself into."""
+        if self.mode is None:
+            return []
+        cpulist = ",".join(str(c) for c in cpus)
+        dirs = self._dirs(instance_id)
+        for c, d in dirs.items():
+            os.makedirs(d, exist_ok=True)
+            if self.mode == "v1":
+                if c == "cpuset":
+                    base = self.bases[c]
+                    _write(os.path.join(d, "cpuset.mems"), _read(os.path.join(base, "cpuset.mems")))
+                    self._cpus(d, cpulist, _read(os.path.join(base, "cpuset.cpus")))
+                elif c == "memory":
+                    _write(os.path.join(d, "memory.limit_in_bytes"), str(memory_limit))
+                elif c == "pids":
+                    _write(os.path.join(d, "pids.max"), str(PIDS_MAX))
+            else:
+                self._cpus(d, cpulist, "")
+                _write(os.path.join(d, "memory.max"), str(memory_limit))
+                _write(os.path.join(d, "pids.max"), str(PIDS_MAX))
+        return [os.path.join(d, "cgroup.procs") for d in dirs.values()]
+
+    @staticmethod
+    def _cpus(d: str, cpulist: str, fallback: str) -> None:
+        """The instance's CPUs; CPUs this machine lacks are the trampoline's to refuse (it
+        fails to pin, with the reason), so the cgroup keeps the machine's meanwhile."""
+        try:
+            _write(os.path.join(d, "cpuset.cpus"), cpulist)
+        except OSError:
+            _write(os.path.join(d, "cpuset.cpus"), fallback)
+
+    def members(self, instance_id: int) -> list[int]:
+        """Every process in the instance's cgroup (its kernel and whatever it forked)."""
+        if self.mode is None:
+            return []
+        d = self._dirs(instance_id)["pids" if self.mode == "v1" else ""]
+        try:
+            return [int(p) for p in _read(os.path.join(d, "cgroup.procs")).split()]
+        except (OSError, ValueError):
+            return []
+
+    def oom_kills(self, instance_id: int) -> int:
+        """How many processes the instance's memory limit has killed (its OOM killer)."""
+        if self.mode is None:
+            return 0
+        d = self._dirs(instance_id)["memory" if self.mode == "v1" else ""]
+        name = "memory.oom_control" if self.mode == "v1" else "memory.events"
+        try:
+            for line in _read(os.path.join(d, name)).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def kill(self, instance_id: int) -> int:
+        """SIGKILL every process of the instance; returns how many there were. Frozen first
+        (v1), so that none forks while the others are being killed."""
+        if self.mode is None:
+            return 0
+        pids = self.members(instance_id)
+        if not pids:
+            return 0
+        if self.mode == "v2":
+            _write(os.path.join(self._dirs(instance_id)[""], "cgroup.kill"), "1")
+            return len(pids)
+        freezer = os.path.join(self._dirs(instance_id)["freezer"], "freezer.state")
+        try:
+            _write(freezer, "FROZEN")
+            pids = self.members(instance_id)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finally:
+            _write(freezer, "THAWED")
+        return len(pids)
+
+    def remove(self, instance_id: int) -> None:
+        """Kill what is left and remove the instance's cgroups (delete, shutdown)."""
+        if self.mode is None:
+            return
+        self.kill(instance_id)
+        for d in self._dirs(instance_id).values():
+            _rmdir(d)
+
+    def close(self) -> None:
+        for base in self.bases.values():
+            if not os.path.isdir(base):
+                continue
+            for entry in os.listdir(base):
+                sub = os.path.join(base, entry)
+                if os.path.isdir(sub):
+                    _rmdir(sub)
+            _rmdir(base)
+        self.bases = {}
+
+
+def _reap_stale_in(parent: str) -> int:
+    """Remove the cgroups of machines whose host died (``multikernel-<pid>-...`` with no
+    such process), killing what still runs in them: a kernel's children outlive a host
+    that was SIGKILLed, and this is where they end."""
+    reaped = 0
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.startswith("multikernel-"):
+            continue
+        try:
+            owner = int(entry.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if owner == os.getpid() or os.path.exists(f"/proc/{owner}"):
+            continue
+        stale = os.path.join(parent, entry)
+        for sub in os.listdir(stale):
+            path = os.path.join(stale, sub)
+            if not os.path.isdir(path):
+                continue
+            try:
+                for pid in _read(os.path.join(path, "cgroup.procs")).split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                        reaped += 1
+                    except ProcessLookupError:
+                        pass
+            except OSError:
+                pass
+            _rmdir(path)
+        _rmdir(stale)
+    return reaped
+
+
+def reap_stale() -> int:
+    """Clear every hierarchy of the cgroups that dead hosts left; returns the processes killed
+    (``mkctl shutdown`` of a stale machine, and every new machine, call this)."""
+    reaped = 0
+    own = _own_paths()
+    if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
+        parents = [os.path.join(_MOUNT, own.get("", "/").lstrip("/"))]
+    else:
+        parents = [os.path.join(_MOUNT, c, own.get(c, "/").lstrip("/")) for c in V1_CONTROLLERS]
+    for parent in parents:
+        reaped += _reap_stale_in(parent)
+    return reaped
+
+
+def _rmdir(path: str, patience: float = 2.0) -> None:
+    """rmdir a cgroup; its last processes may take a moment to leave after SIGKILL."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)

@@ -1,0 +1,132 @@
+"""A kernel that attacks: each ``attack=`` on its cmdline is something a hostile or buggy kernel
+author would try against the host, its peers or unrelated processes. It records in its own
+partition how far each step got ("ok" or the exception), so that a test can tell a blocked
+attack from one that was never tried. Loaded by path in tests/test_hostile.py."""
+
+import ctypes
+import mmap
+import os
+import signal
+import time
+
+from partition import Kernel
+
+
+class Hostile(Kernel):
+    heartbeat_interval = None
+
+    def note(self, text: str) -> None:
+        data = (text + "\n").encode()
+        at = int.from_bytes(self.memory[0:4], "little") + 4
+        self.memory[at:at + len(data)] = data
+        self.memory[0:4] = (at - 4 + len(data)).to_bytes(4, "little")
+        self.printk(f"hostile: {text}")
+
+    def step(self, what: str, fn) -> object:
+        try:
+            out = fn()
+        except BaseException as exc:  # noqa: BLE001 - what stopped it is the result
+            self.note(f"{what}: {type(exc).__name__}: {exc}")
+            return None
+        self.note(f"{what}: ok")
+        return out
+
+    def host_pid(self) -> int:
+        return int.from_bytes(self.ctx.peers[28:32], "little")      # the host's peer entry
+
+    def boot(self) -> None:
+        self.attack = self.params.get("attack", "")
+        self.target = int(self.params.get("target", "0"))
+        self.note(f"attack {self.attack}")
+
+    def tick(self) -> bool:
+        if self.attack:
+            attack, self.attack = self.attack, ""
+            getattr(self, "attack_" + attack.replace("-", "_"))()
+        return False
+
+    # -- the attacks -----------------------------------------------------------------------
+    def attack_signal_host(self) -> None:
+        self.step("kill host", lambda: os.kill(self.host_pid(), signal.SIGKILL))
+
+    def attack_ipi_signal_host(self) -> None:
+        self.step("kill host IPI", lambda: os.kill(self.host_pid(), signal.SIGRTMIN))
+
+    def attack_forge_peer(self) -> None:
+        off = self.target * 64
+        self.step("peer_state", lambda: self.ctx.peers.__setitem__(slice(off + 24, off + 28),
+                                                                    (3).to_bytes(4, "little")))
+        self.step("force_halt", lambda: self.ctx.peers.__setitem__(slice(off + 12, off + 16),
+                                                                    (1).to_bytes(4, "little")))
+        self.step("redirect", lambda: self.ctx.peers.__setitem__(
+            slice(off + 32, off + 36), (self.id + 1).to_bytes(4, "little")))
+
+    def attack_forge_peer_raw(self) -> None:
+        # below Python's read-only memoryview: a raw store into the read-only mapping
+        addr = _ro_address(self.ctx.peers) + self.target * 64 + 12
+        self.step("raw store", lambda: ctypes.memmove(addr, b"\x01", 1))
+
+    def attack_garbage_own_page(self) -> None:
+        own = self.ctx.own
+        def scribble():
+            own.reason_len = 0xFFFFFFFF
+            own.buf[own.base + 128:own.base + 256] = b"\xff" * 128
+            own.progress = 2 ** 64 - 1
+            own.ack_generation = 12345
+        self.step("scribble own page", scribble)
+        self.halt("scribbled")
+
+    def attack_host_fds(self) -> None:
+        host = self.host_pid()
+        self.step("list host fds", lambda: os.listdir(f"/proc/{host}/fd"))
+        self.step("open host fd", lambda: os.open(f"/proc/{host}/fd/3", os.O_RDWR))
+
+    def attack_write_files(self) -> None:
+        self.step("write /etc", lambda: open("/etc/mk-hostile", "w").close())
+        self.step("write run dir", lambda: open(os.environ.get("MK_VICTIM_FILE",
+                                                               "/dev/shm/mk-hostile"), "w"))
+
+    def attack_fork_and_exit(self) -> None:
+        pid = os.fork()
+        if pid == 0:                        # the child outlives its kernel, or tries to
+            while True:
+                time.sleep(1)
+        self.note(f"child {pid}")
+        self.halt("forked and left")
+
+    def attack_repin(self) -> None:
+        self.step("sched_setaffinity", lambda: os.sched_setaffinity(0, {0}))
+
+    def attack_sched_fifo(self) -> None:
+        self.step("SCHED_FIFO", lambda: os.sched_setscheduler(0, os.SCHED_FIFO,
+                                                             os.sched_param(50)))
+
+    def attack_pidfd_getfd(self) -> None:
+        self.step("pidfd_open host", lambda: os.pidfd_open(self.host_pid()))
+
+    def attack_memfd_hog(self) -> None:
+        chunk = b"\x01" * (1 << 20)
+
+        def hog():                 # page cache, not address space: RLIMIT_AS does not see it
+            fd = os.memfd_create("hog")
+            for i in range(1024):
+                os.write(fd, chunk)
+                if i % 64 == 0:
+                    self.note(f"wrote {i} MiB")
+        self.step("memfd 1 GiB", hog)
+
+
+def _ro_address(view: memoryview) -> int:
+    """The address of a read-only mapping, through the buffer protocol's pointer."""
+    class Py_buffer(ctypes.Structure):
+        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                    ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int),
+                    ("ndim", ctypes.c_int), ("format", ctypes.c_char_p),
+                    ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                    ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+    b = Py_buffer()
+    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(view), ctypes.byref(b), 0)
+    try:
+        return int(b.buf)
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(b))

@@ -1,0 +1,152 @@
+"""A hostile kernel attacks the host, a bystander and unrelated processes; each attack harms
+nothing but its author and is visible (an event, a failure record, or a refusal that names it).
+The kernel is tests/kernels/hostile.py; every test keeps a bystander echo instance and checks
+after the attack that it still answers, unchanged, and that the host process is whole."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from helpers import CPUS, up, wait_until
+
+from partition.abi import message as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HOSTILE = os.path.join(HERE, "kernels", "hostile.py") + ":Hostile"
+
+
+def notes(m, name):
+    raw = m.read_memory(name, 0, 4096)
+    n = int.from_bytes(raw[:4], "little")
+    return raw[4:4 + n].decode()
+
+
+def events(m):
+    with open(os.path.join(m.run_dir, "events.log")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture
+def pair(machine):
+    """A bystander that answers, and a hostile instance booted with ``attack=``."""
+    by = up(machine, "by", cpu=CPUS[-1])
+
+    def attack(what, **extra):
+        cmd = f"attack={what} " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return up(machine, "evil", HOSTILE, cmd, cpu=CPUS[-1])
+    yield attack, by
+    # the bystander answers, and is the same process it was
+    assert machine.request("by", M.MK_MSG_USER, "still here", timeout=5) == "still here"
+    assert machine.show("by")["pid"] == by["pid"] and machine.show("by")["boots"] == 1
+
+
+def dies_of_sigsys(machine):
+    rec = machine.wait_for("evil", "loaded", timeout=10)
+    assert rec["last_exit"]["signal_name"] == "SIGSYS"
+    assert "a system call no instance may make" in rec["last_exit"]["reason"]
+    assert any(e["event"] == "forbidden_syscall" for e in events(machine))
+    assert rec["last_failure"]["kind"] == "crash"
+
+
+def test_signalling_the_host_kills_the_signaller(machine, pair):
+    attack, _ = pair
+    attack("signal-host")
+    dies_of_sigsys(machine)
+    assert psutil.Process().is_running()           # the host (this process) is whole
+
+
+def test_even_the_ipi_signal_by_kill_is_refused(machine, pair):
+    attack, _ = pair
+    attack("ipi-signal-host")
+    dies_of_sigsys(machine)
+
+
+def test_the_peer_table_is_the_hosts_word(machine, pair):
+    attack, by = pair
+    attack("forge-peer", target=by["id"])
+    wait_until(machine, lambda: "redirect:" in notes(machine, "evil"))
+    said = notes(machine, "evil")
+    for field in ("peer_state", "force_halt", "redirect"):
+        assert f"{field}: TypeError: cannot modify read-only memory" in said
+    peer = machine.arena.peer(by["id"])
+    assert (peer.force_halt, peer.redirect) == (0, 0)
+
+
+def test_a_raw_store_into_the_peer_table_faults_in_its_author(machine, pair):
+    attack, by = pair
+    attack("forge-peer-raw", target=by["id"])
+    rec = machine.wait_for("evil", "loaded", timeout=10)
+    assert rec["last_exit"]["signal_name"] == "SIGSEGV"
+    assert machine.arena.peer(by["id"]).force_halt == 0
+
+
+def test_garbage_in_its_own_page_is_only_displayed(machine, pair):
+    attack, _ = pair
+    attack("garbage-own-page")
+    rec = machine.wait_for("evil", "loaded", timeout=10)
+    assert rec["last_exit"]["how"] == "voluntary"
+    assert len(rec["last_exit"]["reason"]) <= 128       # clamped, decoded with replacement
+    assert rec["progress"] == 2 ** 64 - 1               # shown as read, acted on by nobody
+
+
+def test_the_hosts_descriptors_are_out_of_reach(machine, pair):
+    attack, _ = pair
+    attack("host-fds")
+    wait_until(machine, lambda: "open host fd:" in notes(machine, "evil"))
+    said = notes(machine, "evil")
+    assert "list host fds: FileNotFoundError" in said     # /proc is an empty tmpfs in there
+    assert "open host fd: FileNotFoundError" in said
+
+
+def test_host_files_cannot_be_written(machine, pair):
+    attack, _ = pair
+    attack("write-files")
+    wait_until(machine, lambda: "write run dir:" in notes(machine, "evil"))
+    said = notes(machine, "evil")
+    assert "write /etc: OSError: [Errno 30] Read-only file system" in said
+    assert not os.path.exists("/etc/mk-hostile")
+
+
+def test_nothing_it_forked_survives_it(machine, pair):
+    attack, _ = pair
+    attack("fork-and-exit")
+    rec = machine.wait_for("evil", "loaded", timeout=10)
+    child = int(next(line for line in notes(machine, "evil").splitlines()
+                     if line.startswith("child")).split()[1])
+    assert rec["last_exit"]["how"] == "voluntary"
+    assert any(e["event"] == "orphans_killed" and e["count"] >= 1 for e in events(machine))
+    wait_until(machine, lambda: not psutil.pid_exists(child) or
+               psutil.Process(child).status() == psutil.STATUS_ZOMBIE)
+
+
+@pytest.mark.parametrize("what", ["repin", "sched-fifo", "pidfd-getfd"])
+def test_what_the_real_machine_forbids_kills_the_kernel(machine, pair, what):
+    attack, _ = pair
+    attack(what)
+    dies_of_sigsys(machine)
+    assert os.sched_getaffinity(0) == set(CPUS)        # nothing moved the host
+
+
+def test_memory_past_the_partition_is_bounded(machine, pair):
+    attack, _ = pair
+    attack("memfd-hog")
+    # the memory cgroup's OOM killer ends it: the partition (4M) + heap + allowance, not 1 GiB
+    rec = machine.wait_for("evil", "loaded", timeout=60)
+    assert rec["last_exit"]["signal_name"] == "SIGKILL"
+    assert "killed by its memory limit" in rec["last_exit"]["reason"]
+    assert any(e["event"] == "memory_limit_exceeded" for e in events(machine))
+    assert "memfd 1 GiB: ok" not in notes(machine, "evil")
+    assert rec["last_failure"]["kind"] == "crash"
+
+
+def test_the_arena_cannot_be_resized_by_anyone(machine):
+    import fcntl
+    with pytest.raises(PermissionError):
+        os.ftruncate(machine.arena.fd, 4096)
+    seals = fcntl.fcntl(machine.arena.fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
