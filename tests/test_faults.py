@@ -43,7 +43,10 @@ def test_hangs_are_found_by_the_watchdog(machine, kind):
     machine.fault("v", kind)
     f = last_failure(machine, "v")
     assert f["kind"] == "hang" and f["fault"] == kind
-    assert f["detect_ms"] >= 1500
+    # the watchdog times the stall from the kernel's last progress, which an idle kernel makes
+    # once per idle timeout (0.5 s): declared from watchdog - 0.5 s after the fault (the bound
+    # scenarios/hang-watchdog.toml documents), never sooner
+    assert f["detect_ms"] >= 1500 - 500
     assert machine.show("v")["state"] == "loaded"
 
 

@@ -150,3 +150,36 @@ def test_the_arena_cannot_be_resized_by_anyone(machine):
         os.ftruncate(machine.arena.fd, 4096)
     seals = fcntl.fcntl(machine.arena.fd, fcntl.F_GET_SEALS)
     assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+
+
+@pytest.mark.parametrize("victim", ["by", "host"])
+def test_a_claim_never_published_is_reclaimed(machine, pair, victim):
+    attack, by = pair
+    target = by["id"] if victim == "by" else 0
+    attack("jam-ring", target=target, **{"as": by["id"] if victim == "host" else 0})
+    wait_until(machine, lambda: "jam:" in notes(machine, "evil"))
+    assert "jam: ok" in notes(machine, "evil")
+    # the host asks the bystander: its question (ring "by") or its answer (ring 0) waits
+    # behind the jam, until the receiver drops the claim (abandon_after: 1 s)
+    assert machine.request("by", M.MK_MSG_USER, "through", timeout=5) == "through"
+    ring = machine.ring_of(target)
+    assert ring.counters()["dropped_abandoned"] == 1
+    wait_until(machine, lambda: any(e["event"] == "ring_unjammed" for e in events(machine)))
+    ev = [e for e in events(machine) if e["event"] in ("ring_jammed", "ring_unjammed")]
+    assert [e["event"] for e in ev] == ["ring_jammed", "ring_unjammed"]
+    assert ev[0]["instance"] == target
+
+
+@pytest.mark.parametrize("victim", ["by", "host"])
+def test_a_garbage_ring_header_is_reset_by_its_owner(machine, pair, victim):
+    attack, by = pair
+    target = by["id"] if victim == "by" else 0
+    attack("garbage-header", target=target)
+    wait_until(machine, lambda: "garbage header:" in notes(machine, "evil"))
+    wait_until(machine, lambda: any(e["event"] == "ring_reset" and e["instance"] == target
+                                    for e in events(machine)))
+    assert machine.request("by", M.MK_MSG_USER, "after", timeout=5) == "after"
+    if victim == "by":
+        assert machine.show("by")["counters"]["ipi_ring_resets"] == 1
+        assert "own ring reset, its header was garbage" in machine.console("by")
+    assert machine.ring_of(target).header_problem() is None

@@ -44,6 +44,7 @@ from collections.abc import Callable
 
 from partition import linux
 from partition.abi import layout as L
+from partition.abi.constants import MAX_INSTANCES
 
 # ring header offsets (head and tail on their own cache lines)
 HEAD = 0
@@ -63,6 +64,7 @@ FILTER_MS = 10           # a filter lapses this long after its flood stops
 
 # what a sender must do after publishing (Ring.send's answer)
 DOORBELL_NONE, DOORBELL_WAKE, DOORBELL_SIGNAL = 0, 1, 2
+COUNTER_LIMIT = 1 << 62      # a counter past this was written, not counted
 COUNTER_NAMES = ("received", "dropped_bad_size", "dropped_unknown_type", "dropped_abandoned",
                  "doorbells")
 _COUNTERS = struct.Struct("<5Q")
@@ -191,6 +193,47 @@ class Ring:
         self.buf[:] = bytes(len(self.buf))
         self._pending_since.clear()
         self._suspects.clear()
+
+    # -- healing: whoever can write a ring can write garbage into its header ---------------
+    def header_problem(self) -> str | None:
+        """What is wrong with the header, as its receiver checks it (None: nothing). Any
+        instance can write here: a ``head`` behind ``tail`` or more than a ring ahead would
+        refuse every sender (ENOSPC) or stall the drain for ever; counters near 2^64 and
+        impossible filters are garbage someone wrote."""
+        # tail first: only the receiver moves it (the caller is the receiver, with its own
+        # drains held off), while senders only ever move head on, and never past tail + nslots
+        tail = self._u64(TAIL)
+        head = self._u64(HEAD)
+        if head < tail or head - tail > self.nslots:
+            return f"head {head} and tail {tail} are not a ring of {self.nslots} slots"
+        mode = int.from_bytes(self.buf[MODE:MODE + 4], "little")
+        if mode not in MODES.values():
+            return f"mode {mode} is none of {sorted(MODES.values())}"
+        if any(v > COUNTER_LIMIT for v in _COUNTERS.unpack_from(self.buf, COUNTERS)) or \
+                self._u64(DROPPED_FILTERED) > COUNTER_LIMIT:
+            return "a counter beyond 2^62: not counted, written"
+        for _, tag, _, _, _ in self._filter_entries():
+            if tag > MAX_INSTANCES:
+                return f"a drop filter names sender {tag - 1}, which cannot exist"
+        return None
+
+    def heal(self, mode: str, polling: bool) -> None:
+        """The receiver's answer to a bad header: everything in the ring is dropped, the header
+        starts over (its mode and polling flag as the receiver set them). Senders in the middle
+        of a send lose that message (its ticket no longer matches); nobody stays stuck."""
+        self.reset()
+        self.set_mode(mode)
+        self.set_polling(polling)
+
+    def stalled(self) -> int | None:
+        """The ticket of an unpublished claim at the tail, where the drain waits (for at most
+        ``abandon_after``), or None. Seen from outside by the host, which reports a ticket that
+        stays there: on a busy ring a sender is often mid-write at the tail for a moment."""
+        tail = self._u64(TAIL)
+        head = self._u64(HEAD)
+        if head == tail or head < tail or head - tail > self.nslots:
+            return None
+        return tail if self._u64(self._slot(tail) + S_SIZE) == 0 else None
 
     # -- sending ---------------------------------------------------------------------------
     def send(self, sender_id: int, sender_cpu: int, msg_type: int, data: bytes,
@@ -541,12 +584,10 @@ class Ring:
         return done
 
     def _abandoned(self, ticket: int, off: int, abandon_after: float) -> bool:
-        """Only for a claim whose claimer never wrote its id (it died within a few hundred
-        nanoseconds of claiming): nobody can name that claimer, so time decides. Claims with an
-        id are dropped only when the host, which knows who died, marks them ABANDONED."""
-        sender = int.from_bytes(self.buf[off + S_SENDER:off + S_SENDER + 4], "little")
-        if sender:
-            return False
+        """A claim still unpublished ``abandon_after`` seconds after the drain first met it is
+        dropped, whoever claimed it: its claimer died, or is hostile and wrote some other
+        sender's id (a live one, whose claims the host never sweeps), or stalled. The host
+        sweeps the claims of senders it saw die at once (ABANDONED); time settles the rest."""
         first = self._pending_since.setdefault(ticket, time.monotonic())
         return time.monotonic() - first > abandon_after
 

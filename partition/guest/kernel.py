@@ -35,6 +35,10 @@ from partition.guest.endpoint import Endpoint, PeerTable
 __all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "parse_cmdline"]
 
 
+#: how often the main loop checks its own ring's header (check_ring)
+RING_CHECK_S = 0.1
+
+
 class KernelPanic(BaseException):
     """Raised by ``Kernel.panic``; BaseException so that a kernel's ``except Exception`` cannot
     swallow its own panic."""
@@ -115,6 +119,7 @@ class Kernel:
         self.ring.set_polling(self.mode != "interrupt")
         self._next_heartbeat = time.monotonic() + (self.heartbeat_interval or 0)  # one interval in
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
+        self._next_ring_check = 0.0
         self._progress_at = ctx.own.base + S.OWN_PROGRESS       # the loop's two fields: its own
         self._force_halt_at = ctx.id * S.PEER_BYTES + S.PEER_FORCE_HALT  # and the host's word
 
@@ -353,10 +358,11 @@ class Kernel:
             self._progress()
             got = self.poll_ipis()
             busy = self.tick()
-            if hb is not None:
-                now = time.monotonic()
-                if now >= self._next_heartbeat:
-                    self._heartbeat(now)
+            now = time.monotonic()
+            if hb is not None and now >= self._next_heartbeat:
+                self._heartbeat(now)
+            if now >= self._next_ring_check:
+                self.check_ring(now)
             agent = self.probes.agent
             if agent is not None and agent.active():
                 busy = agent.step() or busy
@@ -367,6 +373,25 @@ class Kernel:
             if busy or got:
                 continue
             self._wait_ipi(self.idle_timeout)
+
+    def check_ring(self, now: float | None = None) -> bool:
+        """Look at this instance's own ring header, which any peer can write: garbage there
+        would refuse every sender or stall every drain, so the ring is reset (its messages
+        dropped), counted in the own page and said on the console. The main loop does this
+        every ``RING_CHECK_S``; a kernel with its own ``run`` calls it now and then."""
+        self._next_ring_check = (time.monotonic() if now is None else now) + RING_CHECK_S
+        outer = self._in_drain
+        self._in_drain = True           # the IPI signal's drain must not move tail meanwhile
+        try:
+            problem = self.ring.header_problem()
+            if problem is None:
+                return False
+            self.ring.heal(self.mode, self.mode != "interrupt")
+        finally:
+            self._in_drain = outer
+        S.bump(self.ctx.own.buf, self.ctx.own.base + S.OWN_RING_RESETS)
+        self.printk(f"ipi: own ring reset, its header was garbage: {problem}")
+        return True
 
     def _main(self) -> str:
         self.boot()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from partition.host.machine import Machine
 
 _U64 = struct.Struct("<Q")
+STALL_REPORT_S = 0.5        # a claim unpublished this long at a ring's tail is reported
 
 
 class HostDirectory:
@@ -83,6 +84,10 @@ class HostIPC:
         self.messenger.register(M.MK_MSG_SHUTDOWN_ACK, self._on_shutdown_ack)
         self.messenger.register(M.MK_MSG_HEARTBEAT, self._on_heartbeat)
         self._filters_seen: dict[int, set[tuple[int, int]]] = {}   # instance id -> filters
+        self.ring_resets = 0                 # of the host's own ring
+        self._resets_seen: dict[int, int] = {}       # instance id -> own.ring_resets logged
+        #: ring id -> (the ticket waiting at its tail, since when, reported)
+        self._stalled: dict[int, tuple[int, float, bool]] = {}
 
     def close(self) -> None:
         self.endpoint.close()
@@ -133,6 +138,11 @@ class HostIPC:
                             (peer.doorbell_fd, peer.pidfd))
 
     def drain(self) -> None:
+        problem = self.ring.header_problem()
+        if problem is not None:         # the host's ring is as writable as any: heal it
+            self.ring.heal("interrupt", False)
+            self.ring_resets += 1
+            self.m.events.warning("ring_reset", instance=HOST_ID, name="host", reason=problem)
         msgr = self.messenger
         while self.ring.drain(msgr.deliver, 64, handled=None if msgr.waiting else msgr.handled):
             pass
@@ -188,6 +198,37 @@ class HostIPC:
             else:
                 self._filters_seen.pop(inst.id, None)
 
+    def watch_rings(self, instances: list[Instance]) -> None:
+        """Every 0.1 s (Machine.poll): the host's ring is drained if anything waits in it (a
+        claim that was never published is reclaimed by the drain after its bound, and only a
+        drain gets there); each instance's own resets and every stalled ring are logged. What
+        an instance reports is logged as read."""
+        if self.ring.head != self.ring.tail:
+            self.drain()
+        now = time.monotonic()
+        for iid, name, ring in [(HOST_ID, "host", self.ring)] + \
+                [(i.id, i.name, self.ring_of(i.id)) for i in instances]:
+            ticket = ring.stalled()
+            seen = self._stalled.get(iid)
+            if ticket is not None and seen is not None and seen[0] == ticket:
+                if not seen[2] and now - seen[1] > STALL_REPORT_S:
+                    self.m.events.warning("ring_jammed", instance=iid, name=name, ticket=ticket,
+                                          waiting_s=round(now - seen[1], 3))
+                    self._stalled[iid] = (ticket, seen[1], True)     # once per episode
+            elif ticket is not None:
+                self._stalled[iid] = (ticket, now, False)
+            elif seen is not None:
+                del self._stalled[iid]
+                if seen[2]:
+                    self.m.events.info("ring_unjammed", instance=iid, name=name)
+        for inst in instances:
+            resets = self.m.arena.own(inst.id).ring_resets
+            logged = self._resets_seen.get(inst.id, 0)
+            if resets != logged:
+                self._resets_seen[inst.id] = resets
+                self.m.events.warning("ring_reset", instance=inst.id, name=inst.name,
+                                      resets=resets)
+
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""
         ring = self.ring_of(inst.id).counters()
@@ -199,5 +240,5 @@ class HostIPC:
             "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
             "ipi_dropped_abandoned": ring["dropped_abandoned"],
             "ipi_doorbells": ring["doorbells"], "ipi_dropped_filtered": ring["dropped_filtered"],
-            "heartbeats_sent": slot.heartbeats_sent,
+            "heartbeats_sent": slot.heartbeats_sent, "ipi_ring_resets": slot.ring_resets,
         }

@@ -484,8 +484,10 @@ class Machine:
         now = time.monotonic()
         if now >= self._filters_due:
             self._filters_due = now + 0.1
-            self.ipc.watch_filters([i for i in self.instances.values()
-                                    if i.state == State.ACTIVE and i.pid is not None])
+            running = [i for i in self.instances.values()
+                       if i.state == State.ACTIVE and i.pid is not None]
+            self.ipc.watch_filters(running)
+            self.ipc.watch_rings(running)
         if self.writes is not None and self.writes.due(now):
             self.writes.scan()
         self.supervisor.run_restarts()

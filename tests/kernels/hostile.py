@@ -104,6 +104,21 @@ class Hostile(Kernel):
     def attack_pidfd_getfd(self) -> None:
         self.step("pidfd_open host", lambda: os.pidfd_open(self.host_pid()))
 
+    def attack_jam_ring(self) -> None:
+        # a claim in the target's ring, written with another sender's id, never published
+        from ringtool import claim, fill
+        ring = self.endpoint.ring_of(self.target)
+        forged = int(self.params.get("as", "0"))
+        self.step("jam", lambda: fill(ring, claim(ring), forged, 0, 0x4000, b"never"))
+
+    def attack_garbage_header(self) -> None:
+        ring = self.endpoint.ring_of(self.target)
+        def scribble():
+            tail = int.from_bytes(ring.buf[64:72], "little")
+            ring.buf[0:8] = (tail + 1000).to_bytes(8, "little")       # head far past the ring
+            ring.buf[136:144] = (2 ** 64 - 5).to_bytes(8, "little")   # "received"
+        self.step("garbage header", scribble)
+
     def attack_memfd_hog(self) -> None:
         chunk = b"\x01" * (1 << 20)
 
