@@ -183,3 +183,32 @@ def test_a_garbage_ring_header_is_reset_by_its_owner(machine, pair, victim):
         assert machine.show("by")["counters"]["ipi_ring_resets"] == 1
         assert "own ring reset, its header was garbage" in machine.console("by")
     assert machine.ring_of(target).header_problem() is None
+
+
+def test_import_time_code_never_runs_in_the_host(machine, tmp_path):
+    import sys as _sys
+    k = tmp_path / "sly.py"
+    k.write_text("import os, signal\n"
+                 "IMPORTED_IN = os.getpid()\n"
+                 "from partition import Kernel\n"
+                 "class Sly(Kernel):\n    pass\n")
+    machine.create("sly", cpus=str(CPUS[-1]), memory="4M")
+    r = machine.load("sly", f"{k}:Sly")
+    assert r["state"] == "loaded" and r["kernel"].endswith(":Sly")
+    assert not any(getattr(mod, "IMPORTED_IN", None) is not None
+                   for mod in list(_sys.modules.values()))        # not imported here
+
+
+def test_hostile_import_time_code_fails_the_load_alone(machine, tmp_path):
+    k = tmp_path / "assassin.py"
+    k.write_text("import os, signal\n"
+                 "os.kill(os.getppid(), signal.SIGKILL)\n"     # the host, at import time
+                 "from partition import Kernel\n"
+                 "class K(Kernel):\n    pass\n")
+    machine.create("a", cpus=str(CPUS[-1]), memory="4M")
+    with pytest.raises(Exception) as ei:
+        machine.load("a", f"{k}:K")
+    assert "did not load" in str(ei.value) or "loader" in str(ei.value)
+    assert machine.show("a")["state"] == "ready"
+    assert any(e["event"] == "loader_exit" for e in events(machine))
+    assert psutil.Process().is_running()

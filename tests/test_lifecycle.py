@@ -309,7 +309,9 @@ def test_boot_failure_when_trampoline_cannot_pin(machine_factory):
     m = machine_factory(cpus=cpus, host_cpus=str(cpus[0]), oversubscribe=True, memory="64M")
     m.create("gone", cpus=str(cpus[-1]), memory="16M")
     m.load("gone", "kernels.idle:IdleKernel")
-    m.instances["gone"].cpus = [4095]          # white-box: simulate an offlined CPU
+    # white-box: simulate an offlined CPU, which took the parked process with it
+    m.lifecycle.forget_parked(m.instances["gone"])
+    m.instances["gone"].cpus = [4095]
     with pytest.raises(BootFailed):
         m.exec("gone")
     d = m.show("gone")

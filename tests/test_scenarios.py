@@ -295,6 +295,18 @@ memory = "1G"
 
 
 def test_a_kernel_that_fails_to_boot_is_a_failure(run_scenario):
-    # mk_heap=bogus: the trampoline fails after answering the mailbox (exit boot-failed)
-    r = run_scenario(pair('["a.failures == 1", "b.failures == 0"]', a_extra='cmdline = "mk_heap=bogus"\nstart = true'))
-    assert r.metrics["a"]["failures"] == 1
+    # its boot() panics: exec reports it, and the run counts it (it used to pass, 0 failures)
+    misbehaving = os.path.join(os.path.dirname(__file__), "kernels", "misbehaving.py")
+    r = run_scenario(pair('["a.failures == 1", "b.failures == 0"]').replace(
+        'name = "a"\nkernel = "kernels.echo:EchoKernel"',
+        f'name = "a"\nkernel = "{misbehaving}:PanicAtBoot"'))
+    assert r.metrics["a"]["failures"] == 1 and r.passed
+
+
+def test_a_cmdline_the_loader_refuses_makes_the_scenario_invalid(tmp_path):
+    # mk_heap=bogus: refused at load, in the instance's loader, before anything boots
+    f = tmp_path / "s.toml"
+    f.write_text(pair('["b.failures == 0"]', a_extra='cmdline = "mk_heap=bogus"'))
+    p = subprocess.run(MKCTL + ["run", str(f), "--quiet"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "cannot parse mk_heap size 'bogus'" in p.stderr, p.stderr

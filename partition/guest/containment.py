@@ -6,9 +6,9 @@ In order:
 
 1. **cgroups**: it writes itself into the cgroups the host made for it (host/cgroups.py):
    its CPUs, a memory limit, a process limit, and one switch that kills all it forked;
-2. **a private mount namespace**: every mount read-only; ``/proc`` covered by an empty tmpfs
-   (no other process, and no host descriptor under ``/proc/<pid>/fd``, is reachable from it),
-   ``/tmp`` and ``/dev/shm`` private tmpfs of 16 MiB;
+2. **a private mount namespace**: every mount read-only (a kernel's scratch space is its
+   partition); ``/proc`` covered by an empty tmpfs (no other process, and no host descriptor
+   under ``/proc/<pid>/fd``, is reachable from it);
 3. **no privileges**: no real-time priority (``RLIMIT_RTPRIO`` 0), the securebits that stop
    uid 0 from meaning anything, every capability dropped from every set, ``no_new_privs``;
 4. **seccomp**: a filter that kills the process (SIGSYS) on any system call an instance of the
@@ -110,18 +110,12 @@ def join_cgroups(procs_files: list[str]) -> None:
 
 
 def private_mounts() -> None:
+    """Every mount read-only (a kernel's scratch space is its partition), and /proc hidden."""
     linux.unshare(linux.CLONE_NEWNS)
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    flags = linux.MS_NOSUID | linux.MS_NODEV
-    for target, mode in (("/tmp", "1777"), ("/dev/shm", "1777")):
-        if os.path.isdir(target):
-            linux.mount("tmpfs", target, "tmpfs", flags | linux.MS_NOEXEC,
-                        f"size=16m,mode={mode}")
     linux.remount_tree_readonly("/")
-    for target in ("/tmp", "/dev/shm"):       # these two stay writable, and private
-        if os.path.isdir(target):
-            linux.mount(None, target, None, 0x20 | flags | linux.MS_NOEXEC)   # MS_REMOUNT
-    linux.mount("tmpfs", "/proc", "tmpfs", flags | linux.MS_NOEXEC | linux.MS_RDONLY,
+    linux.mount("tmpfs", "/proc", "tmpfs",
+                linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY,
                 "size=4k,mode=555")
 
 

@@ -1,18 +1,25 @@
-"""The SMP INIT trampoline: what runs in a freshly forked instance before any kernel code.
+"""The SMP INIT trampoline: an instance's process from fork to kernel, in two halves.
 
-In order, and each step before the next: pin to the instance's host cores; take the instance out
-of the host's session (Ctrl-C on the host's terminal is the host's business); die with the host;
-unmap every whole-arena mapping inherited from the host; map only the partition, the console and
-the control area; close every descriptor except the two doorbells; answer the spawn mailbox; then
-hand over to the kernel. Nothing here may return into the host's code: every path ends in
+At ``load`` (the host forks it then), in order, each step before the next: pin to the
+instance's host cores; take it out of the host's session (Ctrl-C on the host's terminal is the
+host's business); die with the host; unmap every whole-arena mapping inherited from the host;
+map only the partition, the console, the host's peer table (read-only), its own control page
+and the ring area; close every descriptor but its doorbells and channels; contain it
+(guest/containment.py); import the kernel image (guest/loader.py) and report to the host; then
+park on its doorbell, loaded, as a CPU waits in the real system's holding pen.
+
+At ``exec``: the host publishes the spawn mailbox and rings; the process answers it, makes the
+kernel and hands over. Nothing here may return into the host's code: every path ends in
 ``os._exit``, so the host's atexit handlers, buffered files and finalizers never run twice.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -24,10 +31,19 @@ from typing import NoReturn
 from partition import linux
 from partition.abi import layout as L
 from partition.abi.console import ConsoleWriter
-from partition.abi.constants import DEFAULT_HEAP, EXIT_HALTED, EXIT_PANIC, EXIT_TRAMPOLINE, IPI_SIGNAL
-from partition.abi.slot import OwnPage, peer_of
+from partition.abi.constants import (
+    DEFAULT_HEAP,
+    EXIT_HALTED,
+    EXIT_PANIC,
+    EXIT_TRAMPOLINE,
+    IPI_SIGNAL,
+    STATE_ACTIVE,
+)
+from partition.abi.slot import OwnPage, PeerEntry, peer_of
+from partition.errors import BadKernelImage
 from partition.guest.containment import contain
 from partition.guest.kernel import KernelContext, KernelPanic, parse_cmdline
+from partition.guest.loader import resolve
 from partition.guest.mappings import InstanceMappings
 
 
@@ -38,7 +54,7 @@ class BootParams:
     cpus: list[int]
     physical_cpus: list[int]
     cmdline: str
-    kernel_cls: type
+    spec: str                        # the kernel image, imported here (guest/loader.py)
     arena_fd: int
     layout: L.ArenaLayout
     memory_base: int
@@ -46,8 +62,8 @@ class BootParams:
     doorbell_fd: int
     host_doorbell_fd: int
     channel_fd: int                  # the instance's end of its doorbell channel
+    report_fd: int                   # the loader's report to the host (a pipe), then closed
     host_pid: int
-    generation: int
     oversubscribed: bool
     protection: bool = True
     #: (address, length) of every whole-arena mapping the host holds: the child unmaps them
@@ -92,12 +108,51 @@ def _limit_heap(boot: BootParams) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _report(fd: int, **fields: object) -> None:
+    """The loader's one message to the host: JSON, then the pipe is closed."""
+    try:
+        os.write(fd, json.dumps(fields).encode())
+    finally:
+        os.close(fd)
+
+
+def _park(doorbell_fd: int, mailbox: PeerEntry) -> int:
+    """Loaded and parked: sleep on the doorbell until the host publishes the spawn mailbox for
+    a generation (``exec``); returns it. Like a CPU in the real system's holding pen."""
+    while True:
+        if mailbox.ready == 1 and mailbox.generation:
+            return mailbox.generation
+        select.select([doorbell_fd], [], [])
+        try:
+            os.eventfd_read(doorbell_fd)
+        except BlockingIOError:
+            pass
+
+
+def _online(doorbell_fd: int, mailbox: PeerEntry, generation: int) -> None:
+    """Wait until the host has marked this incarnation active in the peer table (it rings when
+    it has): before that, a peer could not answer a message the kernel sends, since peers
+    route by the host's table only."""
+    while not (mailbox.peer_state == STATE_ACTIVE and mailbox.ready == 0):
+        if mailbox.generation != generation:
+            raise RuntimeError(f"the host revoked generation {generation}")
+        select.select([doorbell_fd], [], [], 0.05)
+        try:
+            os.eventfd_read(doorbell_fd)
+        except BlockingIOError:
+            pass
+
+
 def enter(boot: BootParams) -> NoReturn:
-    """Child side of exec. Never returns."""
+    """The instance's process, from fork to exit. Never returns.
+
+    At ``load``: pin, map, contain, import the kernel image, report to the host, park. At
+    ``exec``: answer the spawn mailbox, make the kernel, run it."""
     code = EXIT_TRAMPOLINE
     slot: OwnPage | None = None
     console: ConsoleWriter | None = None
     kernel = None
+    report_fd = boot.report_fd
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, IPI_SIGNAL})
         # a host that set a signal wake-up fd (the daemon does) passes it on across fork;
@@ -114,7 +169,7 @@ def enter(boot: BootParams) -> NoReturn:
         for addr, length in boot.inherited:
             linux.munmap(addr, length)
         maps = InstanceMappings(boot.arena_fd, boot.layout, boot.id,
-                                          boot.memory_base, boot.memory_bytes)
+                                boot.memory_base, boot.memory_bytes)
         slot = maps.own
         mailbox = peer_of(maps.peers, boot.id)
         arena_all = None if boot.protection else \
@@ -122,26 +177,32 @@ def enter(boot: BootParams) -> NoReturn:
         devnull = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):
             os.dup2(devnull, std)
-        _close_all_except({0, 1, 2, boot.doorbell_fd, boot.host_doorbell_fd, boot.channel_fd})
+        _close_all_except({0, 1, 2, boot.doorbell_fd, boot.host_doorbell_fd, boot.channel_fd,
+                           report_fd})
         console = ConsoleWriter(memoryview(maps.console))
         sys.stdout = sys.stderr = console
-        # spawn mailbox: check it is addressed to us, then clear `ready` (the answer)
-        if mailbox.ready != 1 or mailbox.generation != boot.generation:
-            raise RuntimeError(f"spawn mailbox not published for generation {boot.generation}")
-        stall = parse_cmdline(boot.cmdline).get("mk_debug") == "stall_boot"
-        if stall:                              # test hook: a boot CPU that never answers
-            while True:
-                time.sleep(3600)
-        slot.ack_cpu = linux.sched_getcpu()
-        slot.ack_generation = boot.generation      # the answer; the host marks us active
-        os.eventfd_write(boot.host_doorbell_fd, 1)
-        _limit_heap(boot)                      # after the answer (off the boot-latency path),
-                                               # before any kernel code
+        _limit_heap(boot)
         if arena_all is not None:              # unprotected: the host attributes foreign writes
             _watch_foreign_writes(arena_all, boot.layout, console)
-        missing = contain(boot.cgroups)        # guest/containment.py: the last step before
-        if missing:                            # any kernel code
+        missing = contain(boot.cgroups)        # guest/containment.py: before any kernel code,
+        if missing:                            # the image's import-time code included
             console.printk(f"multikernel: not contained here: {', '.join(missing)}")
+        try:
+            kernel_cls, label, source = resolve(boot.spec)
+        except BadKernelImage as exc:
+            _report(report_fd, ok=False, message=exc.message, hint=exc.hint)
+            report_fd = -1
+            os._exit(EXIT_TRAMPOLINE)
+        _report(report_fd, ok=True, label=label, source=source)
+        report_fd = -1
+        generation = _park(boot.doorbell_fd, mailbox)
+        if parse_cmdline(boot.cmdline).get("mk_debug") == "stall_boot":
+            while True:                        # test hook: a boot CPU that never answers
+                time.sleep(3600)
+        slot.ack_cpu = linux.sched_getcpu()
+        slot.ack_generation = generation       # the answer; the host marks us active
+        os.eventfd_write(boot.host_doorbell_fd, 1)
+        _online(boot.doorbell_fd, mailbox, generation)
         ctx = KernelContext(
             id=boot.id, name=boot.name, cpus=list(boot.cpus),
             physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,
@@ -149,12 +210,12 @@ def enter(boot: BootParams) -> NoReturn:
             own=slot, peers=memoryview(maps.peers), doorbell_fd=boot.doorbell_fd,
             host_doorbell_fd=boot.host_doorbell_fd,
             channel=socket.socket(fileno=boot.channel_fd),
-            oversubscribed=boot.oversubscribed, boot_generation=boot.generation,
+            oversubscribed=boot.oversubscribed, boot_generation=generation,
             layout=boot.layout, rings=memoryview(maps.rings),
             rings_address=linux.buffer_address(maps.rings), arena_all=arena_all,
         )
         code = EXIT_PANIC                      # from here on, any escape is a kernel panic
-        kernel = boot.kernel_cls(ctx)
+        kernel = kernel_cls(ctx)
         # install the kernel's handlers, then let pending halt requests and IPIs in
         signal.signal(signal.SIGTERM, kernel._on_halt_request)
         signal.signal(IPI_SIGNAL, kernel._on_ipi)
@@ -172,6 +233,9 @@ def enter(boot: BootParams) -> NoReturn:
         code = EXIT_PANIC
     except BaseException as exc:
         what = "panic" if code == EXIT_PANIC else "trampoline"
+        if report_fd >= 0:                     # before the image was resolved: tell the host
+            _report(report_fd, ok=False, message=f"trampoline: {type(exc).__name__}: {exc}",
+                    hint=None)
         if console is not None:
             console.printk("Oops: " + "".join(traceback.format_exception(exc)).rstrip())
             console.printk(f"Kernel panic - not syncing: {type(exc).__name__}: {exc}")

@@ -85,6 +85,25 @@ class ExitRecord:
         }
 
 
+#: what a descriptor in the machine's selector is, with the instance it belongs to
+EXIT, CHANNEL, REPORT, PARKED_EXIT = "exit", "channel", "report", "parked-exit"
+
+
+@dataclass
+class Parked:
+    """An instance's process between ``load`` and ``exec``: contained, its image imported (or
+    being imported), waiting on its doorbell for the spawn mailbox."""
+
+    pid: int
+    pidfd: int
+    doorbell_fd: int
+    channel: socket.socket           # host end of its doorbell channel
+    report_fd: int                   # the loader's report pipe; -1 once read
+    raw: bytes = b""
+    report: dict[str, Any] | None = None
+    status: int | None = None        # its wait status, once reaped
+
+
 @dataclass
 class Instance:
     id: int
@@ -100,6 +119,7 @@ class Instance:
     doorbell_fd: int | None = None
     channel: socket.socket | None = None  # host end of the instance's doorbell channel
     oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
+    parked: Parked | None = None        # its loaded process, before exec
     boots: int = 0
     boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0

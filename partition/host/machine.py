@@ -43,8 +43,8 @@ from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
 from partition.host.events import EventLog
 from partition.host.hostipc import HostIPC
-from partition.host.instance import Instance, State, check_transition
-from partition.host.kimage import KIMAGE_TYPE, load_kimage
+from partition.host.instance import CHANNEL, EXIT, PARKED_EXIT, REPORT, Instance, State, check_transition
+from partition.host.kimage import KIMAGE_TYPE, check_spec
 from partition.host.lifecycle import Lifecycle
 from partition.host.pool import PoolConfig, ResourcePool
 from partition.host.recovery import RecoveryPolicy
@@ -238,7 +238,14 @@ class Machine:
         self.poll(0)
         inst = self._get(name)
         check_transition("load", inst.name, inst.state)
-        inst.kimage = load_kimage(kernel, cmdline)
+        inst.kimage = check_spec(kernel, cmdline)
+        try:
+            report = self.lifecycle.await_loaded(inst)  # imported in its own process, not here
+        except BaseException:
+            inst.kimage = None
+            raise
+        inst.kimage.label = str(report.get("label") or "")
+        inst.kimage.source = str(report.get("source") or "")
         self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=inst.kimage.label,
                          source=inst.kimage.source, cmdline=cmdline)
         self.transition(inst, State.LOADED, "load")
@@ -338,6 +345,7 @@ class Machine:
         self.poll(0)
         inst = self._get(name)
         check_transition("unload", inst.name, inst.state)
+        self.lifecycle.forget_parked(inst)
         inst.kimage = None
         inst.failure = None
         self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
@@ -474,10 +482,17 @@ class Machine:
             if key.data is None:
                 linux.eventfd_drain(self.host_doorbell)
                 self.ipc.drain()
-            elif key.data.pidfd == key.fd:
-                self.lifecycle.on_exit(key.data)
-            else:                           # the instance's doorbell channel
-                self.ipc.serve_doorbells(key.data)
+                handled += 1
+                continue
+            kind, inst = key.data
+            if kind == EXIT:
+                self.lifecycle.on_exit(inst)
+            elif kind == CHANNEL:
+                self.ipc.serve_doorbells(inst)
+            elif kind == REPORT:
+                self.lifecycle.on_report(inst)
+            elif kind == PARKED_EXIT:
+                self.lifecycle.on_parked_exit(inst)
             handled += 1
         if watched:
             self.supervisor.watchdog(watched)
