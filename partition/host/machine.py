@@ -387,6 +387,8 @@ class Machine:
             "kimage_type": KIMAGE_TYPE,
             "segments": len(inst.kimage.segments) if inst.kimage else 0,
             "pid": inst.pid if running else None,
+            # loaded image resident: its process imported it and waits for exec
+            "resident": inst.parked is not None and bool((inst.parked.report or {}).get("ok")),
             "boots": inst.boots,
             "progress": self.arena.own(inst.id).progress,
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
