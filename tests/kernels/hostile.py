@@ -94,6 +94,13 @@ class Hostile(Kernel):
         self.note(f"child {pid}")
         self.halt("forked and left")
 
+    def attack_fork_and_stay(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                time.sleep(1)
+        self.note(f"child {pid}")
+
     def attack_repin(self) -> None:
         self.step("sched_setaffinity", lambda: os.sched_setaffinity(0, {0}))
 
