@@ -81,7 +81,8 @@ def test_full_session(run_dir):
     assert "counter kernel: boot 1" in mk(run_dir, "console", "a").stdout
     assert "Instance 1 (a) halted, CPUs parking in pool" in mk(run_dir, "console", "host").stdout
     kimage = open(os.path.join(run_dir, "proc/kimage")).read()
-    assert kimage.startswith("MK_ID  Type        Start Address   Segments\n    1  multikernel")
+    assert kimage.startswith("MK_ID  Type        Start Address   Segments\n"
+                             "-----  ----------  --------------  --------\n    1  multikernel")
     # every line of the event log is JSON with an event name and a timestamp
     assert all("event" in e and "timestamp" in e for e in events(run_dir))
     mk(run_dir, "exec", "a")

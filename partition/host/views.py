@@ -15,16 +15,36 @@ from typing import Any
 from partition.units import format_cpulist, format_size
 
 KIMAGE_HEADER = "MK_ID  Type        Start Address   Segments\n"
+#: the dashes kerf 0.4 finds its columns by (show/main.py: each block of dashes is a column)
+KIMAGE_SEPARATOR = "-----  ----------  --------------  --------\n"
+POOL_RESOURCE = "Multikernel Memory Pool"
 
 
 def render_kimage(snapshot: dict[str, Any]) -> str:
     rows = [i for i in snapshot["instances"] if i["kernel"]]
     if not rows:
         return "No kimages loaded\n"
-    out = [KIMAGE_HEADER]
+    out = [KIMAGE_HEADER, KIMAGE_SEPARATOR]
     for i in sorted(rows, key=lambda r: r["id"]):
         out.append(f"{i['id']:5d}  {i['kimage_type']:<10s}  0x{i['memory_base']:012x}  "
                    f"{i['segments']:8d}\n")
+    return "".join(out)
+
+
+def render_iomem(snapshot: dict[str, Any]) -> str:
+    """``/proc/iomem`` as far as the machine goes: the pool, registered as one resource named
+    as the real kernel names its pool chunks, and each instance's partition nested in it as
+    ``mk-instance-<id>-<name>-region-<n>`` (one region each: partitions are contiguous here).
+    Addresses are arena offsets (the emulator's physical addresses), ends inclusive."""
+    pool = snapshot["pool"]
+    base, size = pool["memory_base"], pool["memory_bytes"]
+    if not size:
+        return ""
+    out = [f"{base:08x}-{base + size - 1:08x} : {POOL_RESOURCE}\n"]
+    for i in sorted(snapshot["instances"], key=lambda r: r["memory_base"]):
+        lo = i["memory_base"]
+        out.append(f"  {lo:08x}-{lo + i['memory_bytes'] - 1:08x} : "
+                   f"mk-instance-{i['id']}-{i['name']}-region-0\n")
     return "".join(out)
 
 
@@ -136,6 +156,7 @@ class ViewWriter:
 
     def update(self, snapshot: dict[str, Any]) -> None:
         self._put(os.path.join(self.proc, "kimage"), render_kimage(snapshot))
+        self._put(os.path.join(self.proc, "iomem"), render_iomem(snapshot))
         self._put(os.path.join(self.sys, "device_tree"), render_pool_tree(snapshot))
         names = set()
         for inst in snapshot["instances"]:
