@@ -217,3 +217,18 @@ def test_fault_and_update_through_the_supervisor(run_dir):
     assert p.returncode == 1 and "needs it active" in p.stderr
     p = mk(run_dir, "update", "db", "--watchdog", "-3", check=False)
     assert p.returncode == 1 and "watchdog" in p.stderr
+
+
+def test_start_boots_and_exec_is_its_deprecated_name(run_dir):
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", "kernels.idle:IdleKernel")
+    assert "active" in mk(run_dir, "start", "a").stdout
+    mk(run_dir, "kill", "a", "--force")
+    p = mk(run_dir, "exec", "a")
+    assert "deprecated: booting is 'mkctl start NAME'" in p.stderr and "active" in p.stdout
+    mk(run_dir, "kill", "a", "--force")
+    p = mk(run_dir, "exec", "a", "--", "ls", check=False)
+    assert p.returncode == 2 and "not supported yet" in p.stderr
+    assert show(run_dir, "a")["state"] == "loaded"        # nothing was done

@@ -117,7 +117,16 @@ def cmd_load(a: argparse.Namespace) -> int:
 
 def cmd_simple(a: argparse.Namespace) -> int:
     extra = {"wait": False} if getattr(a, "no_wait", False) else {}
-    r = Client(a.run_dir).call(a.verb, name=a.name, **extra)
+    op = a.verb
+    if a.verb == "exec":
+        if a.command:
+            print("mkctl exec: running a command inside an instance (kerf 0.4's exec NAME -- "
+                  "CMD) is not supported yet; mkctl start NAME boots", file=sys.stderr)
+            return 2
+        print("mkctl exec: deprecated: booting is 'mkctl start NAME' (kerf 0.4); 'exec NAME' "
+              "still boots in this release", file=sys.stderr)
+        op = "start"
+    r = Client(a.run_dir).call(op, name=a.name, **extra)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 
@@ -257,15 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", default="", help="kernel command line, e.g. 'interval=0.1'")
     p.set_defaults(fn=cmd_load)
 
-    for verb, helptext in (("exec", "boot the loaded image (loaded -> active)"),
+    for verb, helptext in (("start", "boot the loaded image (loaded -> active)"),
+                           ("exec", "deprecated spelling of start (kerf 0.4: start boots)"),
                            ("unload", "drop the image (loaded -> ready)"),
                            ("delete", "free the partition (ready -> gone)")):
         p = sub.add_parser(verb, parents=[common], help=helptext)
         p.add_argument("name")
-        if verb == "exec":
+        if verb in ("start", "exec"):
             p.add_argument("--no-wait", action="store_true",
                            help="return when the boot CPU answers, before the kernel's boot() "
                                 "returns (the real system's answer)")
+        if verb == "exec":
+            p.add_argument("command", nargs=argparse.REMAINDER,
+                           help="(kerf 0.4: -- CMD runs a command inside the instance; not "
+                                "supported yet)")
         p.set_defaults(fn=cmd_simple)
 
     p = sub.add_parser("kill", parents=[common], help="halt an instance (active -> loaded)")

@@ -49,7 +49,8 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
                   m.fault(name, kind, **(options or {}))),
         "load": ({"name", "kernel", "cmdline", "cwd"},
                  lambda **kw: _load_with_cwd(m, **kw)),
-        "exec": ({"name", "wait"}, m.exec),
+        "start": ({"name", "wait"}, m.start),
+        "exec": ({"name", "wait"}, m.start),          # the wire's old name for start
         "kill": ({"name", "force", "timeout"}, m.kill),
         "unload": ({"name"}, m.unload),
         "delete": ({"name"}, m.delete),

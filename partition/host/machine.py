@@ -251,10 +251,15 @@ class Machine:
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
 
+    def start(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """Boot the loaded image on the instance's CPUs (loaded|failed -> active): kerf 0.4's
+        ``start``. Returns once the kernel's ``boot()`` returned; ``wait=False`` returns at the
+        spawn mailbox's answer, the real system's semantics. A kernel that dies in ``boot()``
+        raises BootFailed. ``exec`` is the same verb under its older name."""
+        return self.exec(name, wait)
+
     def exec(self, name: str, wait: bool = True) -> dict[str, Any]:
-        """Boot the loaded image on the instance's CPUs (loaded|failed -> active). Returns once
-        the kernel's ``boot()`` returned; ``wait=False`` returns at the spawn mailbox's answer,
-        the real system's semantics. A kernel that dies in ``boot()`` raises BootFailed."""
+        """Boot the loaded image: the name the real tree's first kerf used (``start`` now)."""
         self._check_open()
         self.poll(0)
         inst = self._get(name)
