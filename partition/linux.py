@@ -287,6 +287,7 @@ _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 _NR = {"x86_64": {"mount_setattr": 442, "capset": 126, "seccomp": 317},

@@ -112,19 +112,9 @@ def test_host_files_cannot_be_written(machine, pair):
     assert not os.path.exists("/etc/mk-hostile")
 
 
-def test_nothing_it_forked_survives_it(machine, pair):
-    attack, _ = pair
-    attack("fork-and-exit")
-    rec = machine.wait_for("evil", "loaded", timeout=10)
-    child = int(next(line for line in notes(machine, "evil").splitlines()
-                     if line.startswith("child")).split()[1])
-    assert rec["last_exit"]["how"] == "voluntary"
-    assert any(e["event"] == "orphans_killed" and e["count"] >= 1 for e in events(machine))
-    wait_until(machine, lambda: not psutil.pid_exists(child) or
-               psutil.Process(child).status() == psutil.STATUS_ZOMBIE)
-
-
-@pytest.mark.parametrize("what", ["repin", "sched-fifo", "pidfd-getfd"])
+@pytest.mark.parametrize("what", ["repin", "sched-fifo", "pidfd-getfd", "fork-and-exit",
+                                  "setown-signal", "prlimit-host", "socket", "flock",
+                                  "clone-namespaces"])
 def test_what_the_real_machine_forbids_kills_the_kernel(machine, pair, what):
     attack, _ = pair
     attack(what)
@@ -212,3 +202,64 @@ def test_hostile_import_time_code_fails_the_load_alone(machine, tmp_path):
     assert machine.show("a")["state"] == "ready"
     assert any(e["event"] == "loader_exit" for e in events(machine))
     assert psutil.Process().is_running()
+
+
+def test_a_saturated_host_doorbell_harms_no_bystander(machine, pair):
+    attack, by = pair
+    attack("saturate-host-doorbell")
+    for i in range(20):            # the bystander answers (and rings the host) all the while
+        assert machine.request("by", M.MK_MSG_USER, i, timeout=5) == i
+    wait_until(machine, lambda: "saturate:" in notes(machine, "evil"))
+    assert machine.show("by")["failures"] == 0
+
+
+def test_a_channel_shut_by_its_instance_does_not_spin_the_host(machine, pair):
+    attack, _ = pair
+    attack("close-channel")
+    wait_until(machine, lambda: any(e["event"] == "channel_closed" for e in events(machine)))
+    t0 = time.process_time()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        machine.poll(0.05)
+    assert time.process_time() - t0 < 0.5          # the host is idle again, not spinning
+
+
+def test_a_flood_of_halted_messages_is_counted_not_logged(machine, pair):
+    attack, _ = pair
+    attack("halted-flood")
+    wait_until(machine, lambda: "halted flood:" in notes(machine, "evil"), timeout=15)
+    logged = [e for e in events(machine) if e["event"] == "halted_message"]
+    assert len(logged) <= 1
+    assert machine.show("evil")["counters"]["halted_msgs"] > 100
+    assert os.path.getsize(os.path.join(machine.run_dir, "events.log")) < 1 << 20
+
+
+def test_the_hosts_sysv_memory_is_out_of_reach(machine, pair):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x4D4B5400 + os.getpid() % 256
+    shm = libc.shmget(key, 4096, 0o600 | 0o1000)        # IPC_CREAT, as some host service would
+    assert shm >= 0
+    try:
+        attack, _ = pair
+        attack("sysv-shm", key=key)
+        wait_until(machine, lambda: "shmget:" in notes(machine, "evil"))
+        assert "shmget: FileNotFoundError: [Errno 2]" in notes(machine, "evil")  # its own IPC ns
+    finally:
+        libc.shmctl(shm, 0, None)                        # IPC_RMID
+
+
+def test_a_forged_loader_report_is_refused(machine, tmp_path):
+    k = tmp_path / "liar.py"
+    k.write_text("import os\n"
+                 "for fd in range(3, 64):\n"
+                 "    try:\n"
+                 "        os.write(fd, b'{\"ok\": true, \"label\": ' + b'[' * 5000 + b']' * 5000 + b'}')\n"
+                 "    except OSError:\n"
+                 "        pass\n"
+                 "os._exit(0)\n")
+    machine.create("l", cpus=str(CPUS[-1]), memory="4M")
+    with pytest.raises(Exception) as ei:
+        machine.load("l", f"{k}")
+    assert type(ei.value).__name__ == "BadKernelImage"
+    assert machine.show("l")["state"] == "ready"

@@ -226,24 +226,3 @@ def test_busy_instances_take_ipi_signals_without_console_noise(run_dir):
     assert "fault injected: cpu-hog" in console
     assert "Exception ignored" not in console and "Bad file descriptor" not in console
 
-
-def test_what_a_kernel_forked_is_reaped_after_its_host_died(run_dir):
-    hostile = os.path.join(HERE, "kernels", "hostile.py") + ":Hostile"
-    init(run_dir)
-    mk(run_dir, "create", "f", "--cpus", str(CPUS[-1]), "--memory", "16M")
-    mk(run_dir, "load", "f", "--kernel", hostile, "--cmdline", "attack=fork-and-stay")
-    mk(run_dir, "exec", "f")
-    deadline = time.monotonic() + 10
-    while "hostile: child" not in (console := mk(run_dir, "console", "f").stdout):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    child = int(console.split("hostile: child")[1].split()[0])
-    sup = json.loads(mk(run_dir, "show", "--format", "json").stdout)["machine"]["supervisor_pid"]
-    os.kill(sup, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(sup)], timeout=10)
-    assert psutil.pid_exists(child)              # its kernel died with the host; it did not
-    mk(run_dir, "shutdown")                      # the stale machine: its cgroups are reaped
-    deadline = time.monotonic() + 5
-    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "the kernel's child outlived the shutdown"
-        time.sleep(0.05)

@@ -183,7 +183,11 @@ class Daemon:
             conn.uid = uid
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
-            if uid not in (0, self.owner):
+            if self._is_instance(pid):
+                self.m.events.warning("client_refused", uid=uid, pid=pid, reason="an instance")
+                self._reply(conn, _error(PermissionDenied(
+                    "an instance may not drive its machine", "mkctl is for the operator")))
+            elif uid not in (0, self.owner):
                 self.m.events.warning("client_refused", uid=uid, pid=pid, reason="credentials")
                 self._reply(conn, _error(PermissionDenied(
                     f"uid {uid} may not use this machine (owner uid {self.owner})",
@@ -193,6 +197,14 @@ class Daemon:
                 self._reply(conn, _error(ResourceBusy(
                     f"the supervisor already serves {MAX_CLIENTS} clients",
                     "retry in a moment; a client that holds a connection open is what fills it")))
+
+    def _is_instance(self, pid: int) -> bool:
+        """The peer is one of this machine's instance processes (its credentials are root's
+        too: the uid alone cannot tell them from the operator)."""
+        for inst in self.m.instances.values():
+            if pid in (inst.pid, inst.parked.pid if inst.parked else None):
+                return True
+        return False
 
     def _read(self, conn: Conn) -> None:
         if conn.request is not None or conn.outbuf:

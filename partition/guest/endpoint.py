@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import random
 import signal
 import socket
 import time
@@ -82,8 +83,11 @@ class Messenger:
         # reach deliver): the C drain drops unhandled types with one load per message
         self.handled = bytearray(8192)
         self._ids = itertools.count((os.getpid() & 0xFFFF) << 40 | 1)
+        # a request's id is drawn at random: a peer that cannot see it cannot answer it
+        self._request_id = random.Random(os.urandom(16)).getrandbits
         self.responses: dict[int, Message] = {}
-        self.waiting: set[int] = set()
+        #: ids of the requests in flight -> the instance each was sent to (-1: not sent yet)
+        self.waiting: dict[int, int] = {}
 
     def register(self, msg_type: int, handler: Handler) -> None:
         if msg_type in self.handlers:
@@ -101,14 +105,15 @@ class Messenger:
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
                 wait: Callable[[float], None]) -> Any:
-        mid = next(self._ids)
-        self.waiting.add(mid)     # before sending: the answer may come in an interrupt at once
+        mid = self._request_id(63) | 1
+        self.waiting[mid] = -1    # before sending: the answer may come in an interrupt at once
         deadline = time.monotonic() + timeout
         try:
             backoff = 20e-6
             while True:      # a full ring is back pressure: retry until the deadline
                 try:
                     self.send(target, msg_type, payload, SUB_REQUEST, mid)
+                    self.waiting[mid] = self.last_target
                     break
                 except RingError as exc:
                     left = deadline - time.monotonic()
@@ -137,7 +142,7 @@ class Messenger:
                 wait(left)
             return self.responses.pop(mid).payload
         finally:
-            self.waiting.discard(mid)
+            self.waiting.pop(mid, None)
             self.responses.pop(mid, None)
 
     def deliver(self, msg_type: int, sender: int, cpu: int, data: bytes) -> bool:
@@ -150,9 +155,10 @@ class Messenger:
             return True                     # consumed: a slot that lies about its message
         sub = msg[1]
         if sub & SUB_RESPONSE:
-            if msg[2] in self.waiting:
-                self.responses[msg[2]] = msg
-            return True
+            to = self.waiting.get(msg[2])
+            if to is not None and (to == sender or to == -1):   # (the sender id is a claim:
+                self.responses[msg[2]] = msg                      # a peer could still forge
+            return True                                           # it, knowing the id)
         handler = self.handlers.get(msg_type)
         if handler is None:
             return False
@@ -236,7 +242,10 @@ def ring_by_hand(doorbell: Doorbell) -> None:
     wake_fd, pidfd, _ = doorbell
     if pidfd == 0:
         if wake_fd >= 0:
-            os.eventfd_write(wake_fd, 1)
+            try:
+                os.eventfd_write(wake_fd, 1)
+            except BlockingIOError:     # saturated (someone filled it): it is rung already
+                pass
         return
     if pidfd < 0:               # nobody to ring
         return

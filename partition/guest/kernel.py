@@ -397,7 +397,10 @@ class Kernel:
         self.boot()
         self._booted = True
         self.ctx.own.booted = self.ctx.boot_generation      # exec waits for this:
-        os.eventfd_write(self.ctx.host_doorbell_fd, 1)      # ring, or it waits for a timer
+        try:
+            os.eventfd_write(self.ctx.host_doorbell_fd, 1)  # ring, or it waits for a timer
+        except BlockingIOError:
+            pass                                            # saturated: rung already
         self.run()
         if self._graceful:
             self.shutdown()

@@ -70,6 +70,8 @@ class BootParams:
     inherited: list[tuple[int, int]] = field(default_factory=list)
     #: the ``cgroup.procs`` files of the instance's cgroups (host/cgroups.py), joined first
     cgroups: list[str] = field(default_factory=list)
+    #: directories covered in its mount namespace (the machine's run directory)
+    hide: list[str] = field(default_factory=list)
 
 
 def _close_all_except(keep: set[int]) -> None:
@@ -184,7 +186,7 @@ def enter(boot: BootParams) -> NoReturn:
         _limit_heap(boot)
         if arena_all is not None:              # unprotected: the host attributes foreign writes
             _watch_foreign_writes(arena_all, boot.layout, console)
-        missing = contain(boot.cgroups)        # guest/containment.py: before any kernel code,
+        missing = contain(boot.cgroups, boot.hide)  # guest/containment.py: before any kernel code,
         if missing:                            # the image's import-time code included
             console.printk(f"multikernel: not contained here: {', '.join(missing)}")
         try:
@@ -201,7 +203,10 @@ def enter(boot: BootParams) -> NoReturn:
                 time.sleep(3600)
         slot.ack_cpu = linux.sched_getcpu()
         slot.ack_generation = generation       # the answer; the host marks us active
-        os.eventfd_write(boot.host_doorbell_fd, 1)
+        try:
+            os.eventfd_write(boot.host_doorbell_fd, 1)
+        except BlockingIOError:                # saturated by some peer: rung already
+            pass
         _online(boot.doorbell_fd, mailbox, generation)
         ctx = KernelContext(
             id=boot.id, name=boot.name, cpus=list(boot.cpus),

@@ -120,6 +120,7 @@ class Instance:
     channel: socket.socket | None = None  # host end of the instance's doorbell channel
     oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
     parked: Parked | None = None        # its loaded process, before exec
+    shutdown_acked: bool = False        # this run answered the host's SHUTDOWN
     boots: int = 0
     boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0

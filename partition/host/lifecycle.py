@@ -69,6 +69,7 @@ class Lifecycle:
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited_mappings(),
             cgroups=m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst)),
+            hide=[m.run_dir],
         )
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
@@ -103,12 +104,14 @@ class Lifecycle:
         self._close_report(p)
         try:
             report = json.loads(p.raw) if len(p.raw) <= MAX_REPORT else None
-        except ValueError:
+        except (ValueError, RecursionError):     # garbage, or nesting meant to crash us
             report = None
         if not (isinstance(report, dict) and isinstance(report.get("ok"), bool)):
             report = {"ok": False, "message": UNREADABLE, "hint": None}
-        p.report = {k: (v[:400] if isinstance(v, str) else v) for k, v in report.items()
-                    if k in ("ok", "label", "source", "message", "hint")}
+        # only strings, clamped: whatever else is there was not written by our loader
+        p.report = {"ok": report["ok"]} | {
+            k: report[k][:400] for k in ("label", "source", "message", "hint")
+            if isinstance(report.get(k), str)}
 
     def _close_report(self, p: Parked) -> None:
         if p.report_fd >= 0:
@@ -221,6 +224,7 @@ class Lifecycle:
         m.selector.modify(p.pidfd, selectors.EVENT_READ, (EXIT, inst))
         m.selector.register(p.channel, selectors.EVENT_READ, (CHANNEL, inst))
         inst.halt_requested = None
+        inst.shutdown_acked = False
         inst.failure = None
         inst.boots_acked = False
         peer, own = m.arena.peer(inst.id), m.arena.own(inst.id)

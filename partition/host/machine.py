@@ -501,6 +501,8 @@ class Machine:
             elif kind == PARKED_EXIT:
                 self.lifecycle.on_parked_exit(inst)
             handled += 1
+        if self.ipc.pending():
+            self.ipc.drain()               # what a flood left over from the last turn
         if watched:
             self.supervisor.watchdog(watched)
         now = time.monotonic()
@@ -525,7 +527,7 @@ class Machine:
             due.append(min(i.recovery.watchdog for i in watched) / 4)
         if self.writes is not None:
             due.append(max(0.0, self.writes.next_due - time.monotonic()))
-        if self.supervisor.pending():
+        if self.supervisor.pending() or self.ipc.pending():
             due.append(0.0)
         return min(due) if due else None
 

@@ -94,12 +94,65 @@ class Hostile(Kernel):
         self.note(f"child {pid}")
         self.halt("forked and left")
 
-    def attack_fork_and_stay(self) -> None:
-        pid = os.fork()
-        if pid == 0:
-            while True:
-                time.sleep(1)
-        self.note(f"child {pid}")
+    def attack_setown_signal(self) -> None:
+        import fcntl
+        r, w = os.pipe()
+        def aim():
+            fcntl.fcntl(r, fcntl.F_SETOWN, self.host_pid())     # SIGIO at the host
+            fcntl.fcntl(r, 10, signal.SIGKILL)                   # F_SETSIG
+            fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC)
+            os.write(w, b"x")
+        self.step("F_SETOWN", aim)
+
+    def attack_prlimit_host(self) -> None:
+        import resource
+        self.step("prlimit host", lambda: resource.prlimit(self.host_pid(),
+                                                           resource.RLIMIT_NOFILE, (8, 8)))
+
+    def attack_socket(self) -> None:
+        import socket
+        self.step("socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+
+    def attack_flock(self) -> None:
+        import fcntl
+        fd = os.open("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd",
+                     os.O_RDONLY)
+        self.step("flock", lambda: fcntl.flock(fd, fcntl.LOCK_EX))
+
+    def attack_clone_namespaces(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # clone(CLONE_NEWUSER | CLONE_NEWNET | SIGCHLD): a fork with namespaces
+        self.step("clone", lambda: libc.syscall(56, 0x10000000 | 0x40000000 | 17, 0, 0, 0, 0))
+
+    def attack_saturate_host_doorbell(self) -> None:
+        def flood():
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                try:
+                    os.eventfd_write(self.ctx.host_doorbell_fd, 0xFFFFFFFFFFFFFFFE)
+                except BlockingIOError:
+                    pass
+        self.step("saturate", flood)
+
+    def attack_close_channel(self) -> None:
+        import socket
+        self.step("shutdown channel", lambda: self.ctx.channel.shutdown(socket.SHUT_WR))
+
+    def attack_halted_flood(self) -> None:
+        from partition.abi.message import MK_MSG_HALTED
+        def flood():
+            end = time.monotonic() + 2
+            while time.monotonic() < end:
+                try:
+                    self.send(0, MK_MSG_HALTED, {"reason": "x" * 100})
+                except Exception:  # noqa: BLE001 - a full ring: keep going
+                    pass
+        self.step("halted flood", flood)
+
+    def attack_sysv_shm(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        key = int(self.params.get("key", "0"))
+        self.step("shmget", lambda: _check(libc.shmget(key, 0, 0)))
 
     def attack_repin(self) -> None:
         self.step("sched_setaffinity", lambda: os.sched_setaffinity(0, {0}))
@@ -136,6 +189,12 @@ class Hostile(Kernel):
                 if i % 64 == 0:
                     self.note(f"wrote {i} MiB")
         self.step("memfd 1 GiB", hog)
+
+
+def _check(rc: int) -> int:
+    if rc < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return rc
 
 
 def _ro_address(view: memoryview) -> int:
