@@ -1,6 +1,8 @@
 import os
+import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -25,6 +27,11 @@ def _foreign(entry: str) -> bool:
             time.sleep(0.2)      # a foreign machine being set up writes its pidfile at once
     else:
         return not os.path.exists(os.path.join("/dev/shm", entry))
+    return _another_runs(pid)
+
+
+def _another_runs(pid: int) -> bool:
+    """``pid`` lives and is neither this test process nor one of its children."""
     if pid == os.getpid() or not psutil.pid_exists(pid):
         return False
     try:
@@ -47,12 +54,7 @@ def _foreign_cgroup(entry: str) -> bool:
         pid = int(entry.split("-")[1])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid() or not psutil.pid_exists(pid):
-        return False
-    try:
-        return os.getpid() not in [p.pid for p in psutil.Process(pid).parents()]
-    except psutil.Error:
-        return False
+    return _another_runs(pid)
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +82,14 @@ def misbehaving() -> str:
 def mkctl_cmd() -> list[str]:
     return [sys.executable, "-m", "partition.control.cli"]
 
+
+@pytest.fixture
+def run_dir():
+    """A run directory for a supervisor a test starts; whatever happened, nothing is left:
+    the machine is shut down, or a stale directory removed."""
+    path = f"/dev/shm/mkt-{uuid.uuid4().hex[:8]}"
+    yield path
+    if os.path.exists(path):
+        subprocess.run(mkctl_cmd() + ["--run-dir", path, "shutdown"], capture_output=True,
+                       timeout=60)
+    assert not os.path.exists(path)

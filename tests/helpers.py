@@ -1,6 +1,8 @@
 """Small helpers shared by the tests that drive an in-process machine."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -30,3 +32,15 @@ def without_c(why: str) -> None:
         pytest.fail(f"{why}, and MK_REQUIRE_C=1 requires it: pip install -e . and read its "
                     "warnings", pytrace=False)
     pytest.skip(why)
+
+
+MKCTL = [sys.executable, "-m", "partition.control.cli"]
+
+
+def mk(run_dir, *args, check=True, timeout=60, **kw):
+    """Run mkctl against ``run_dir``; fail the test (with its output) on a non-zero exit."""
+    p = subprocess.run(MKCTL + ["--run-dir", run_dir, *args], capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"mkctl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p

@@ -6,36 +6,17 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import psutil
-import pytest
+from helpers import mk
 
 CPUS = sorted(os.sched_getaffinity(0))
 MKCTL = [sys.executable, "-m", "partition.control.cli"]
 
 
-def mk(run_dir, *args, check=True):
-    p = subprocess.run(MKCTL + ["--run-dir", run_dir, *args], capture_output=True, text=True,
-                       timeout=60)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mkctl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
-
-
 def show(run_dir, name=None):
     args = ["show"] + ([name] if name else []) + ["--format", "json"]
     return json.loads(mk(run_dir, *args).stdout)
-
-
-@pytest.fixture
-def run_dir():
-    path = f"/dev/shm/mkt-{uuid.uuid4().hex[:8]}"
-    yield path
-    # whatever happened, leave nothing: shut the machine down, or remove a stale directory
-    if os.path.exists(path):
-        subprocess.run(MKCTL + ["--run-dir", path, "shutdown"], capture_output=True, timeout=60)
-    assert not os.path.exists(path)
 
 
 def events(run_dir):

@@ -9,24 +9,15 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
 
 import msgpack
 import psutil
-import pytest
+from helpers import mk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPUS = sorted(os.sched_getaffinity(0))
 MKCTL = [sys.executable, "-m", "partition.control.cli"]
 BUSY = os.path.join(HERE, "kernels", "busy.py")
-
-
-def mk(run_dir, *args, check=True, timeout=60, **kw):
-    p = subprocess.run(MKCTL + ["--run-dir", run_dir, *args], capture_output=True, text=True,
-                       timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"mkctl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 def init(run_dir, *extra, **kw):
@@ -47,15 +38,6 @@ def wait_event(run_dir, pred, timeout=10.0):
             return found[0]
         time.sleep(0.05)
     raise AssertionError("event not logged in time")
-
-
-@pytest.fixture
-def run_dir():
-    path = f"/dev/shm/mkt-{uuid.uuid4().hex[:8]}"
-    yield path
-    if os.path.exists(path):
-        subprocess.run(MKCTL + ["--run-dir", path, "shutdown"], capture_output=True, timeout=60)
-    assert not os.path.exists(path)
 
 
 def raw_call(run_dir, request):
