@@ -317,7 +317,7 @@ def test_boot_failure_when_trampoline_cannot_pin(machine_factory):
     m.create("gone", cpus=str(cpus[-1]), memory="16M")
     m.load("gone", "kernels.idle:IdleKernel")
     # white-box: simulate an offlined CPU, which took the parked process with it
-    m.lifecycle.forget_parked(m.instances["gone"])
+    m.loading.forget_parked(m.instances["gone"])
     m.instances["gone"].cpus = [4095]
     with pytest.raises(BootFailed):
         m.exec("gone")

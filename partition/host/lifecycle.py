@@ -1,7 +1,8 @@
-"""The kexec loader's half of the host: boot an instance process, halt it, reap it.
+"""Booting, halting and reaping instance processes (loading.py forks them at load).
 
 Boot is the real system's sequence in miniature: the host writes the spawn mailbox (target CPU,
-generation, then ``ready``), forks, and the child's trampoline answers by clearing ``ready``.
+generation, then ``ready``) and rings the instance's parked process, whose trampoline answers
+with the generation in its own page; no fork on this path.
 Halting asks first (SHUTDOWN through the ring, SIGTERM if the ring refuses) and forces after a
 timeout (``force_halt``, then SIGKILL). Every exit is seen through the instance's pidfd, reaped
 at once, classified and recorded before any other verb runs; failures go to the supervisor.
@@ -9,27 +10,18 @@ at once, classified and recorded before any other verb runs; failures go to the 
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 import selectors
 import signal
-import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from partition import linux
 from partition.abi import message as M
-from partition.abi.constants import DEFAULT_HEAP, STATE_CODES
+from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
-from partition.errors import BadKernelImage, BootFailed, BootTimeout, MKError
-from partition.guest.kernel import parse_cmdline
-from partition.guest.trampoline import BootParams, enter
-from partition.host import cgroups
-from partition.host.arena import inherited_mappings
+from partition.errors import BadKernelImage, BootFailed, BootTimeout
 from partition.host.exits import classify_exit
-from partition.host.instance import CHANNEL, EXIT, PARKED_EXIT, REPORT, Instance, Parked, State
-from partition.units import parse_size
+from partition.host.instance import CHANNEL, EXIT, Instance, State
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -37,10 +29,6 @@ if TYPE_CHECKING:
 
 #: how long ``exec`` waits for a kernel's boot() to return
 BOOT_RETURN_S = 30.0
-#: how long ``load`` waits for the instance's process to import its image and report
-LOAD_TIMEOUT_S = 30.0
-MAX_REPORT = 16 << 10
-UNREADABLE = "the loader's report is unreadable"
 
 
 class Lifecycle:
@@ -48,155 +36,6 @@ class Lifecycle:
 
     def __init__(self, machine: Machine) -> None:
         self.m = machine
-
-    # -- load: the instance's process, parked --------------------------------------------
-    def spawn(self, inst: Instance) -> None:
-        """Fork the instance's process for its loaded image: it contains itself, imports the
-        image, reports, and parks (guest/trampoline.py). Returns at once; the report comes
-        through the reactor (``on_report``)."""
-        m = self.m
-        assert inst.kimage is not None and inst.parked is None
-        doorbell_fd = linux.eventfd()
-        host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        host_end.setblocking(False)
-        report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        params = BootParams(
-            id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
-            cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=m.arena.fd,
-            layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
-            doorbell_fd=doorbell_fd, host_doorbell_fd=m.host_doorbell,
-            channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
-            oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
-            protection=m.protection, inherited=inherited_mappings(),
-            cgroups=m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst)),
-            hide=[m.run_dir],
-        )
-        # Keep the collector off the pages parent and child still share: a collection walks
-        # every tracked object and would copy-on-write fault them all, in both processes.
-        gc.freeze()
-        try:
-            pid = os.fork()
-            if pid == 0:
-                os.set_blocking(report_w, True)
-                enter(params)       # never returns
-        finally:
-            gc.unfreeze()           # cyclic garbage made meanwhile must stay collectable
-            guest_end.close()       # (the child has its own copies, by number)
-            os.close(report_w)
-        pidfd = linux.pidfd_open(pid)
-        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r)
-        m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))
-        m.selector.register(report_r, selectors.EVENT_READ, (REPORT, inst))
-
-    def on_report(self, inst: Instance) -> None:
-        """The loader's report arrived (or its pipe closed). Untrusted: the image's import-time
-        code ran in that process before it wrote; sizes and types are checked."""
-        p = inst.parked
-        if p is None or p.report_fd < 0:
-            return
-        try:
-            chunk = os.read(p.report_fd, MAX_REPORT + 1 - len(p.raw))
-        except BlockingIOError:
-            return
-        p.raw += chunk
-        if chunk and len(p.raw) <= MAX_REPORT:
-            return                   # more to come: the loader closes the pipe when done
-        self._close_report(p)
-        try:
-            report = json.loads(p.raw) if len(p.raw) <= MAX_REPORT else None
-        except (ValueError, RecursionError):     # garbage, or nesting meant to crash us
-            report = None
-        if not (isinstance(report, dict) and isinstance(report.get("ok"), bool)):
-            report = {"ok": False, "message": UNREADABLE, "hint": None}
-        # only strings, clamped: whatever else is there was not written by our loader
-        p.report = {"ok": report["ok"]} | {
-            k: report[k][:400] for k in ("label", "source", "message", "hint")
-            if isinstance(report.get(k), str)}
-
-    def _close_report(self, p: Parked) -> None:
-        if p.report_fd >= 0:
-            self.m.selector.unregister(p.report_fd)
-            os.close(p.report_fd)
-            p.report_fd = -1
-
-    def await_loaded(self, inst: Instance) -> dict[str, Any]:
-        """Drive the machine until the parked process reported (its report), or raise
-        BadKernelImage with the loader's reason; a failed loader is reaped here."""
-        m = self.m
-        if inst.parked is None:
-            self.spawn(inst)
-        p = inst.parked
-        assert p is not None
-        m.wait(lambda: p.report is not None or inst.parked is not p,
-               time.monotonic() + LOAD_TIMEOUT_S)
-        report = p.report
-        if report is not None and report.get("ok") and inst.parked is p:
-            return report
-        said = report is not None and isinstance(report.get("message"), str) \
-            and report.get("message") != UNREADABLE
-        timed_out = report is None and inst.parked is p and p.report_fd >= 0 \
-            and os.waitid(os.P_PIDFD, p.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-        if timed_out:
-            self.forget_parked(inst)
-            raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
-                                 f"did not load within {LOAD_TIMEOUT_S:g} s",
-                                 "its import-time code runs too long: keep work out of module "
-                                 "scope (docs/kernels.md)")
-        if inst.parked is p:
-            self.forget_parked(inst, kill=not said or report is None)
-        status = p.status
-        if not said and status is not None:
-            record = classify_exit(status, None, "")
-            m.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
-                             reason=record.reason)
-            raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
-                                 f"did not load: its loader was {record.reason}",
-                                 "its import-time code did what no instance may, or died: "
-                                 "mkctl console shows its last words")
-        if not said:
-            raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
-                                 "did not load (its loader said nothing)",
-                                 "check that it imports on its own (python -c 'import MODULE')")
-        assert report is not None
-        raise BadKernelImage(str(report.get("message") or "the image did not load"),
-                             report.get("hint") if isinstance(report.get("hint"), str) else None)
-
-    def on_parked_exit(self, inst: Instance) -> None:
-        """A parked process died before exec (killed from outside, or its loader failed)."""
-        p = inst.parked
-        if p is None:
-            return
-        if p.report is None and p.report_fd >= 0:
-            self.on_report(inst)             # what it said before it went
-        status = self.forget_parked(inst, kill=False)
-        if p.report is not None and p.report.get("ok"):     # (a loader that failed is told
-            reason = classify_exit(status, None, "").reason if status is not None else "?"
-            self.m.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
-                                  reason=reason)            # by await_loaded)
-
-    def forget_parked(self, inst: Instance, kill: bool = True) -> int | None:
-        """Kill (unless it is gone already) and reap the parked process; close what it held.
-        Returns its wait status (None: no parked process, or not ours to reap)."""
-        p = inst.parked
-        if p is None:
-            return None
-        inst.parked = None
-        self._close_report(p)
-        try:
-            self.m.selector.unregister(p.pidfd)
-        except (KeyError, ValueError):
-            pass
-        try:
-            if kill:
-                os.kill(p.pid, signal.SIGKILL)
-            p.status = os.waitpid(p.pid, 0)[1]
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(p.pidfd)
-        os.close(p.doorbell_fd)
-        p.channel.close()
-        self.m.cgroups.kill(inst.id)
-        return p.status
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self, inst: Instance, wait_boot: bool = False) -> None:
@@ -207,7 +46,7 @@ class Lifecycle:
         m = self.m
         assert inst.kimage is not None
         try:
-            self.await_loaded(inst)
+            self.m.loading.await_loaded(inst)
         except BadKernelImage as exc:
             inst.failure = f"boot failed: {exc.message}"
             inst.counters["boot_failures"] += 1
@@ -281,20 +120,6 @@ class Lifecycle:
             raise BootTimeout(f"instance {inst.name!r} is active but its boot() has not "
                               f"returned within {BOOT_RETURN_S:g} s",
                               f"mkctl console {inst.name}; exec --no-wait does not wait")
-
-    @staticmethod
-    def _memory_limit(inst: Instance) -> int:
-        """The memory cgroup's limit: the partition, the kernel's heap, the allowance."""
-        heap = DEFAULT_HEAP
-        assert inst.kimage is not None
-        text = parse_cmdline(inst.kimage.cmdline).get("mk_heap")
-        if text:
-            try:
-                heap = parse_size(text, "mk_heap")
-            except MKError:
-                pass                   # the trampoline refuses it, with the reason
-        return inst.memory_bytes + heap + cgroups.ALLOWANCE
-
     def _mark_booted(self, inst: Instance) -> None:
         """The boot CPU cleared ``ready``: the instance is active."""
         inst.boots_acked = True
@@ -405,7 +230,7 @@ class Lifecycle:
             m.transition(inst, State.LOADED, record.how, reason=record.reason)
             if not m.closing:
                 try:
-                    self.spawn(inst)      # the next incarnation imports and parks meanwhile
+                    self.m.loading.spawn(inst)      # the next incarnation imports and parks meanwhile
                 except OSError as exc:    # exec tries again, and says why if it fails too
                     m.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                      error=str(exc))
@@ -417,7 +242,7 @@ class Lifecycle:
         """Close what the host held for a run of ``inst`` (and its parked successor); reap
         it if still there."""
         m = self.m
-        self.forget_parked(inst)
+        self.m.loading.forget_parked(inst)
         if inst.pidfd is not None:
             try:
                 m.selector.unregister(inst.pidfd)

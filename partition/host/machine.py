@@ -46,6 +46,7 @@ from partition.host.hostipc import HostIPC
 from partition.host.instance import CHANNEL, EXIT, PARKED_EXIT, REPORT, Instance, State, check_transition
 from partition.host.kimage import KIMAGE_TYPE, check_spec
 from partition.host.lifecycle import Lifecycle
+from partition.host.loading import Loading
 from partition.host.pool import PoolConfig, ResourcePool
 from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
@@ -112,6 +113,7 @@ class Machine:
         self._host_console = ConsoleWriter(host_console)
         self.ipc = HostIPC(self)
         self.lifecycle = Lifecycle(self)
+        self.loading = Loading(self)
         self.supervisor = Supervisor(self)
         self.writes = None if self.protection else WriteWatch(self)
         self.cgroups = Cgroups(os.path.basename(self.run_dir))
@@ -240,7 +242,7 @@ class Machine:
         check_transition("load", inst.name, inst.state)
         inst.kimage = check_spec(kernel, cmdline)
         try:
-            report = self.lifecycle.await_loaded(inst)  # imported in its own process, not here
+            report = self.loading.await_loaded(inst)  # imported in its own process, not here
         except BaseException:
             inst.kimage = None
             raise
@@ -350,7 +352,7 @@ class Machine:
         self.poll(0)
         inst = self._get(name)
         check_transition("unload", inst.name, inst.state)
-        self.lifecycle.forget_parked(inst)
+        self.loading.forget_parked(inst)
         inst.kimage = None
         inst.failure = None
         self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
@@ -497,9 +499,9 @@ class Machine:
             elif kind == CHANNEL:
                 self.ipc.serve_doorbells(inst)
             elif kind == REPORT:
-                self.lifecycle.on_report(inst)
+                self.loading.on_report(inst)
             elif kind == PARKED_EXIT:
-                self.lifecycle.on_parked_exit(inst)
+                self.loading.on_parked_exit(inst)
             handled += 1
         if self.ipc.pending():
             self.ipc.drain()               # what a flood left over from the last turn

@@ -1,0 +1,206 @@
+"""The host's half of ``kexec load``: fork the instance's process for its image, read its
+loader's report, and keep the parked process until ``start`` takes it (lifecycle.py) or
+``unload`` drops it.
+
+The process contains itself before it imports the image (guest/trampoline.py), so the host
+never runs a kernel's module code; what it reports is read as untrusted input (size, JSON depth
+and types checked), and a loader that dies or hangs fails the load with the reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from partition import linux
+from partition.abi.constants import DEFAULT_HEAP
+from partition.errors import BadKernelImage, MKError
+from partition.guest.kernel import parse_cmdline
+from partition.guest.trampoline import BootParams, enter
+from partition.host import cgroups
+from partition.host.arena import inherited_mappings
+from partition.host.exits import classify_exit
+from partition.host.instance import PARKED_EXIT, REPORT, Instance, Parked
+from partition.units import parse_size
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+#: how long ``load`` waits for the instance's process to import its image and report
+LOAD_TIMEOUT_S = 30.0
+MAX_REPORT = 16 << 10
+UNREADABLE = "the loader's report is unreadable"
+
+
+class Loading:
+    """Spawns, watches and reaps the parked processes of one machine's loaded instances."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+
+    def spawn(self, inst: Instance) -> None:
+        """Fork the instance's process for its loaded image: it contains itself, imports the
+        image, reports, and parks (guest/trampoline.py). Returns at once; the report comes
+        through the reactor (``on_report``)."""
+        m = self.m
+        assert inst.kimage is not None and inst.parked is None
+        doorbell_fd = linux.eventfd()
+        host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        host_end.setblocking(False)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        params = BootParams(
+            id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
+            cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=m.arena.fd,
+            layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
+            doorbell_fd=doorbell_fd, host_doorbell_fd=m.host_doorbell,
+            channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
+            oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
+            protection=m.protection, inherited=inherited_mappings(),
+            cgroups=m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst)),
+            hide=[m.run_dir],
+        )
+        # Keep the collector off the pages parent and child still share: a collection walks
+        # every tracked object and would copy-on-write fault them all, in both processes.
+        gc.freeze()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.set_blocking(report_w, True)
+                enter(params)       # never returns
+        finally:
+            gc.unfreeze()           # cyclic garbage made meanwhile must stay collectable
+            guest_end.close()       # (the child has its own copies, by number)
+            os.close(report_w)
+        pidfd = linux.pidfd_open(pid)
+        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r)
+        m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))
+        m.selector.register(report_r, selectors.EVENT_READ, (REPORT, inst))
+
+    def on_report(self, inst: Instance) -> None:
+        """The loader's report arrived (or its pipe closed). Untrusted: the image's import-time
+        code ran in that process before it wrote; sizes and types are checked."""
+        p = inst.parked
+        if p is None or p.report_fd < 0:
+            return
+        try:
+            chunk = os.read(p.report_fd, MAX_REPORT + 1 - len(p.raw))
+        except BlockingIOError:
+            return
+        p.raw += chunk
+        if chunk and len(p.raw) <= MAX_REPORT:
+            return                   # more to come: the loader closes the pipe when done
+        self._close_report(p)
+        try:
+            report = json.loads(p.raw) if len(p.raw) <= MAX_REPORT else None
+        except (ValueError, RecursionError):     # garbage, or nesting meant to crash us
+            report = None
+        if not (isinstance(report, dict) and isinstance(report.get("ok"), bool)):
+            report = {"ok": False, "message": UNREADABLE, "hint": None}
+        # only strings, clamped: whatever else is there was not written by our loader
+        p.report = {"ok": report["ok"]} | {
+            k: report[k][:400] for k in ("label", "source", "message", "hint")
+            if isinstance(report.get(k), str)}
+
+    def _close_report(self, p: Parked) -> None:
+        if p.report_fd >= 0:
+            self.m.selector.unregister(p.report_fd)
+            os.close(p.report_fd)
+            p.report_fd = -1
+
+    def await_loaded(self, inst: Instance) -> dict[str, Any]:
+        """Drive the machine until the parked process reported (its report), or raise
+        BadKernelImage with the loader's reason; a failed loader is reaped here."""
+        m = self.m
+        if inst.parked is None:
+            self.spawn(inst)
+        p = inst.parked
+        assert p is not None
+        m.wait(lambda: p.report is not None or inst.parked is not p,
+               time.monotonic() + LOAD_TIMEOUT_S)
+        report = p.report
+        if report is not None and report.get("ok") and inst.parked is p:
+            return report
+        said = report is not None and isinstance(report.get("message"), str) \
+            and report.get("message") != UNREADABLE
+        timed_out = report is None and inst.parked is p and p.report_fd >= 0 \
+            and os.waitid(os.P_PIDFD, p.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        if timed_out:
+            self.forget_parked(inst)
+            raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
+                                 f"did not load within {LOAD_TIMEOUT_S:g} s",
+                                 "its import-time code runs too long: keep work out of module "
+                                 "scope (docs/kernels.md)")
+        if inst.parked is p:
+            self.forget_parked(inst, kill=not said or report is None)
+        status = p.status
+        if not said and status is not None:
+            record = classify_exit(status, None, "")
+            m.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
+                             reason=record.reason)
+            raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
+                                 f"did not load: its loader was {record.reason}",
+                                 "its import-time code did what no instance may, or died: "
+                                 "mkctl console shows its last words")
+        if not said:
+            raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
+                                 "did not load (its loader said nothing)",
+                                 "check that it imports on its own (python -c 'import MODULE')")
+        assert report is not None
+        raise BadKernelImage(str(report.get("message") or "the image did not load"),
+                             report.get("hint") if isinstance(report.get("hint"), str) else None)
+
+    def on_parked_exit(self, inst: Instance) -> None:
+        """A parked process died before exec (killed from outside, or its loader failed)."""
+        p = inst.parked
+        if p is None:
+            return
+        if p.report is None and p.report_fd >= 0:
+            self.on_report(inst)             # what it said before it went
+        status = self.forget_parked(inst, kill=False)
+        if p.report is not None and p.report.get("ok"):     # (a loader that failed is told
+            reason = classify_exit(status, None, "").reason if status is not None else "?"
+            self.m.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
+                                  reason=reason)            # by await_loaded)
+
+    def forget_parked(self, inst: Instance, kill: bool = True) -> int | None:
+        """Kill (unless it is gone already) and reap the parked process; close what it held.
+        Returns its wait status (None: no parked process, or not ours to reap)."""
+        p = inst.parked
+        if p is None:
+            return None
+        inst.parked = None
+        self._close_report(p)
+        try:
+            self.m.selector.unregister(p.pidfd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            if kill:
+                os.kill(p.pid, signal.SIGKILL)
+            p.status = os.waitpid(p.pid, 0)[1]
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(p.pidfd)
+        os.close(p.doorbell_fd)
+        p.channel.close()
+        self.m.cgroups.kill(inst.id)
+        return p.status
+
+    @staticmethod
+    def _memory_limit(inst: Instance) -> int:
+        """The memory cgroup's limit: the partition, the kernel's heap, the allowance."""
+        heap = DEFAULT_HEAP
+        assert inst.kimage is not None
+        text = parse_cmdline(inst.kimage.cmdline).get("mk_heap")
+        if text:
+            try:
+                heap = parse_size(text, "mk_heap")
+            except MKError:
+                pass                   # the trampoline refuses it, with the reason
+        return inst.memory_bytes + heap + cgroups.ALLOWANCE
