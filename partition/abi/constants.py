@@ -12,8 +12,12 @@ import signal
 HOST_ID = 0                      # the host kernel is instance 0
 MAX_INSTANCES = 512              # ids 0..511, as the real tree's MK_MAX_INSTANCES
 
-#: the doorbell of a busy instance (the real machine's MULTIKERNEL_VECTOR, 0xea)
-IPI_SIGNAL = signal.SIGRTMIN
+#: the doorbell of a busy instance (the real machine's MULTIKERNEL_VECTOR, 0xea). A standard
+#: signal, not a real-time one: a standard signal is pending at most once, as an interrupt line
+#: is, so a peer that rings a million times costs its receiver a few handler runs, where a
+#: queued real-time signal would be delivered a million times (a 4 s stall, measured). SIGURG's
+#: default action is to ignore it: one that arrives before the handler does no harm.
+IPI_SIGNAL = signal.SIGURG
 
 # how an instance process exits (the trampoline's ``os._exit`` codes)
 EXIT_HALTED = 0

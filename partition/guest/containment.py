@@ -46,6 +46,7 @@ PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_SET_NO_NEW_PRIVS = 24, 28
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECUREBITS_LOCKED_NOROOT = 0x2F     # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
 CAP_LAST = 63                        # dropping a cap the kernel does not know fails: stop there
+SIGPENDING = 256                     # RLIMIT_SIGPENDING of an instance
 
 # seccomp_data offsets and return actions; classic BPF opcodes
 _NR_OFF, _ARCH_OFF, _ARG0_OFF = 0, 4, 16
@@ -71,6 +72,9 @@ FORBIDDEN_X86_64 = {
     "migrate_pages": 256, "move_pages": 279,
     "sched_setaffinity": 203, "sched_setscheduler": 144, "sched_setparam": 142,
     "sched_setattr": 314, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    # the limits every root process shares (inotify instances, queued signals, message queue
+    # bytes are counted per user, and the uid is 0): a kernel needs none of these
+    "inotify_init": 253, "inotify_init1": 294, "timer_create": 222, "mq_open": 240,
     # a kernel is one process: no fork (a forked child's own violations would die unseen), and
     # no sockets of its own (its only socket is the doorbell channel the host gave it)
     "fork": 57, "vfork": 58, "socket": 41, "socketpair": 53, "connect": 42, "bind": 49,
@@ -80,6 +84,10 @@ FORBIDDEN_X86_64 = {
 SELF_ONLY_X86_64 = {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
                     "rt_tgsigqueueinfo": 297}
 PRLIMIT64, FCNTL, IOCTL, CLONE, CLONE3, PIDFD_SEND_SIGNAL = 302, 72, 16, 56, 435, 424
+#: allowed only on the process itself (0 or its own pid in argument 1, or 0 for
+#: get_robust_list): a peer shares uid 0 and no capabilities, so the kernel's own permission
+#: check would let it renice, re-prioritise or inspect another instance
+SETPRIORITY, IOPRIO_SET, GET_ROBUST_LIST = 141, 251, 274
 #: fcntl commands that reach other processes or lock others out: F_SETLK, F_SETLKW,
 #: F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY
 FCNTL_FORBIDDEN = (6, 7, 8, 10, 15, 37, 38, 1024, 1026)
@@ -126,6 +134,9 @@ def seccomp_program(own_pid: int) -> bytes:
     for nr in sorted(SELF_ONLY_X86_64.values()):
         prog += _block(nr, _one_of(0, (own_pid,), RET_ALLOW, RET_KILL_PROCESS))
     prog += _block(PRLIMIT64, _one_of(0, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
+    prog += _block(SETPRIORITY, _one_of(1, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
+    prog += _block(IOPRIO_SET, _one_of(1, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
+    prog += _block(GET_ROBUST_LIST, _one_of(0, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
     prog += _block(PIDFD_SEND_SIGNAL, _one_of(1, (int(IPI_SIGNAL),), RET_ALLOW,
                                               RET_KILL_PROCESS))
     prog += _block(FCNTL, _one_of(1, FCNTL_FORBIDDEN, RET_KILL_PROCESS, RET_ALLOW))
@@ -168,6 +179,8 @@ def private_mounts(hide: list[str]) -> None:
 
 def drop_privileges() -> None:
     resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+    # signals queued to it count against root's shared budget: a small one of its own
+    resource.setrlimit(resource.RLIMIT_SIGPENDING, (SIGPENDING, SIGPENDING))
     linux.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED_NOROOT)
     for cap in range(CAP_LAST + 1):
         try:

@@ -228,14 +228,14 @@ class Lifecycle:
             if failed:
                 m.supervisor.record_failure(inst, record, detected)
             m.transition(inst, State.LOADED, record.how, reason=record.reason)
-            if not m.closing:
+            if failed:
+                m.supervisor.recover(inst)      # a takeover first: the fork below takes time
+            if not m.closing and inst.parked is None and inst.state == State.LOADED:
                 try:
-                    self.m.loading.spawn(inst)      # the next incarnation imports and parks meanwhile
-                except OSError as exc:    # exec tries again, and says why if it fails too
+                    self.m.loading.spawn(inst)  # the next incarnation imports and parks meanwhile
+                except OSError as exc:          # start tries again, and says why if it fails too
                     m.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                      error=str(exc))
-            if failed:
-                m.supervisor.recover(inst)
         inst.pending_fault = None
 
     def forget_process(self, inst: Instance) -> None:

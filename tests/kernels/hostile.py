@@ -50,7 +50,7 @@ class Hostile(Kernel):
         self.step("kill host", lambda: os.kill(self.host_pid(), signal.SIGKILL))
 
     def attack_ipi_signal_host(self) -> None:
-        self.step("kill host IPI", lambda: os.kill(self.host_pid(), signal.SIGRTMIN))
+        self.step("kill host IPI", lambda: os.kill(self.host_pid(), signal.SIGURG))
 
     def attack_forge_peer(self) -> None:
         off = self.target * 64
