@@ -263,3 +263,17 @@ def test_a_forged_loader_report_is_refused(machine, tmp_path):
         machine.load("l", f"{k}")
     assert type(ei.value).__name__ == "BadKernelImage"
     assert machine.show("l")["state"] == "ready"
+
+
+def test_host_commands_from_a_peer_are_refused(machine, pair):
+    attack, by = pair
+    attack("forge-commands", target=by["id"], base=by["memory_base"])
+    wait_until(machine, lambda: "raw shutdown" in notes(machine, "evil").split("\n")[-2])
+    wait_until(machine, lambda: machine.show("by")["counters"]["forged_commands"] >= 5)
+    assert machine.request("by", M.MK_MSG_USER, "alive", timeout=5) == "alive"
+    d = machine.show("by")
+    assert d["state"] == "active" and d["boots"] == 1 and d["failures"] == 0
+    assert machine.read_memory("by", 0, 64) != b"\xde\xad\xbe\xef" * 16
+    assert "not from the host, ignored" in machine.console("by")
+    # the host's own commands still work: a graceful kill is a SHUTDOWN
+    assert machine.kill("evil", timeout=5)["last_exit"]["how"] == "graceful"

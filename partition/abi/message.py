@@ -14,6 +14,7 @@ waits for it with a timeout (ETIMEDOUT).
 from __future__ import annotations
 
 import functools
+import hashlib
 import struct
 from typing import Any, NamedTuple
 
@@ -69,6 +70,23 @@ _HEADER_SIZE = HEADER.size
 # payload. Reuse is safe against the IPI signal handler: it runs between bytecodes, never
 # inside this C call.
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def command_digest(seq: int, msg_type: int, body: Any) -> int:
+    """The 64-bit digest of a host command (seq, type, body), as both sides compute it: the host
+    publishes it in the peer table, which only the host can write, and a kernel obeys a host
+    command only when the message matches it, so a peer that forges the sender id of a host
+    command in a ring slot still cannot make it an order (guest/kernel.py)."""
+    raw = msgpack.packb([seq, msg_type, body], use_bin_type=True)
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+#: what ``Kernel.host_command`` answers for a command the host did not send
+NOT_FROM_HOST: Any = object()
+
+#: the message types a kernel accepts from the host only, and only as digested commands
+HOST_COMMANDS = frozenset({MK_MSG_SHUTDOWN, MK_EMU_FAULT, MK_EMU_PROBE_START,
+                           MK_EMU_PROBE_FLUSH})
 
 
 def encode(msg_type: int, subtype: int, msg_id: int, payload: Any) -> bytes:

@@ -50,7 +50,11 @@ PEER_FIELDS: dict[str, Field] = {
     "peer_state": Field(24, 4, "host"),         # state code, as in the instance table
     "pid": Field(28, 4, "host"),                # pid of the running incarnation, 0 if none
     "redirect": Field(32, 4, "host"),           # id + 1 of the standby serving this role; 0 none
+    "cmd_seq": Field(36, 4, "host"),            # the last host command's number
+    "cmd_digest": Field(40, 24, "host"),        # digests of the last COMMAND_WINDOW commands
 }
+COMMAND_WINDOW = 3
+CMD_DIGEST = PEER_FIELDS["cmd_digest"].offset
 
 #: the own page of one id: written by that instance only, untrusted to everyone else
 OWN_FIELDS: dict[str, Field] = {
@@ -64,6 +68,7 @@ OWN_FIELDS: dict[str, Field] = {
     "heartbeats_sent": Field(48, 8, "instance"),  # heartbeats sent to the host
     "booted": Field(56, 8, "instance"),         # the generation whose boot() has returned
     "ring_resets": Field(64, 8, "instance"),    # times it reset its own ring (a bad header)
+    "forged_commands": Field(72, 8, "instance"),  # host commands it refused as not the host's
     "reason": Field(128, REASON_BYTES, "instance"),  # utf-8 halt/panic reason
 }
 
@@ -78,6 +83,7 @@ OWN_IPI_RING_FULL = OWN_FIELDS["ipi_ring_full"].offset
 OWN_IPI_ESRCH = OWN_FIELDS["ipi_esrch"].offset
 OWN_HEARTBEATS = OWN_FIELDS["heartbeats_sent"].offset
 OWN_RING_RESETS = OWN_FIELDS["ring_resets"].offset
+OWN_FORGED_COMMANDS = OWN_FIELDS["forged_commands"].offset
 
 #: (peer_state, pid) in one read: adjacent on purpose, a send checks both
 STATE_PID = struct.Struct("<II")
@@ -135,6 +141,17 @@ class PeerEntry(_Record):
     peer_state = _Int(PEER_FIELDS, "peer_state")
     pid = _Int(PEER_FIELDS, "pid")
     redirect = _Int(PEER_FIELDS, "redirect")
+    cmd_seq = _Int(PEER_FIELDS, "cmd_seq")
+
+    def digest(self, seq: int) -> int:
+        """The digest the host published for its command ``seq`` (while in the window)."""
+        return int(_U64.unpack_from(self.buf, self.base + CMD_DIGEST
+                                    + 8 * (seq % COMMAND_WINDOW))[0])
+
+    def publish_command(self, seq: int, digest: int) -> None:
+        """Host: the digest first, then the number that makes it current."""
+        _U64.pack_into(self.buf, self.base + CMD_DIGEST + 8 * (seq % COMMAND_WINDOW), digest)
+        self.cmd_seq = seq
 
 
 class OwnPage(_Record):
@@ -152,6 +169,7 @@ class OwnPage(_Record):
     heartbeats_sent = _Int(OWN_FIELDS, "heartbeats_sent")
     booted = _Int(OWN_FIELDS, "booted")
     ring_resets = _Int(OWN_FIELDS, "ring_resets")
+    forged_commands = _Int(OWN_FIELDS, "forged_commands")
 
     @property
     def reason(self) -> str:

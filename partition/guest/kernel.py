@@ -39,6 +39,7 @@ __all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "parse_cmdlin
 RING_CHECK_S = 0.1
 
 
+
 class KernelPanic(BaseException):
     """Raised by ``Kernel.panic``; BaseException so that a kernel's ``except Exception`` cannot
     swallow its own panic."""
@@ -120,6 +121,7 @@ class Kernel:
         self._next_heartbeat = time.monotonic() + (self.heartbeat_interval or 0)  # one interval in
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
+        self._last_command = 0              # the last host command obeyed (host_command)
         self._progress_at = ctx.own.base + S.OWN_PROGRESS       # the loop's two fields: its own
         self._force_halt_at = ctx.id * S.PEER_BYTES + S.PEER_FORCE_HALT  # and the host's word
 
@@ -300,9 +302,33 @@ class Kernel:
         finally:
             self._in_drain = outer
 
+    def host_command(self, msg: M.Message) -> Any:
+        """The body of a host command (abi/message.py HOST_COMMANDS), or ``M.NOT_FROM_HOST``.
+
+        Any instance can write a message into this kernel's ring, the sender id included; the
+        host alone can write the peer table. So a command is obeyed only when the host's peer
+        entry for this instance publishes its digest: its number is new, within the last
+        ``COMMAND_WINDOW``, and type, number and body hash to what the host wrote. Anything
+        else is counted (``forged_commands`` in the own page) and said on the console."""
+        p = msg.payload
+        peer = S.peer_of(self.ctx.peers, self.ctx.id) if self.ctx.peers is not None else None
+        if msg.sender == 0 and peer is not None and isinstance(p, dict) and \
+                isinstance(p.get("seq"), int) and set(p) == {"seq", "body"}:
+            seq, last = p["seq"], peer.cmd_seq
+            if self._last_command < seq <= last and last - seq < S.COMMAND_WINDOW and \
+                    peer.digest(seq) == M.command_digest(seq, msg.msg_type, p["body"]):
+                self._last_command = seq
+                return p["body"]
+        S.bump(self.ctx.own.buf, self.ctx.own.base + S.OWN_FORGED_COMMANDS)
+        self.printk(f"ipi: a command of type {msg.msg_type:#x} not from the host, ignored "
+                    f"(claimed sender {msg.sender})")
+        return M.NOT_FROM_HOST
+
     def _on_fault(self, msg: M.Message) -> None:
         from partition.guest import faults
-        p = msg.payload if isinstance(msg.payload, dict) else {}
+        p = self.host_command(msg)
+        if p is M.NOT_FROM_HOST or not isinstance(p, dict):
+            return
         faults.carry_out(self, str(p.get("kind")), dict(p.get("options") or {}))
 
     def poke(self, phys: int, data: bytes) -> None:
@@ -319,7 +345,8 @@ class Kernel:
                               "(not mapped: outside this instance's partition)")
 
     def _on_shutdown(self, msg: M.Message) -> None:
-        self._request_graceful_halt()
+        if self.host_command(msg) is not M.NOT_FROM_HOST:
+            self._request_graceful_halt()
 
     def _request_graceful_halt(self) -> None:
         self._graceful = True

@@ -40,6 +40,7 @@ from partition.abi.message import (
     MK_EMU_PROBE_PING,
     MK_EMU_PROBE_REPORT,
     MK_EMU_PROBE_START,
+    NOT_FROM_HOST,
     Message,
 )
 from partition.abi.ring import RingError
@@ -265,8 +266,11 @@ class ProbeHandlers:
         return self.agent
 
     def _on_start(self, msg: Message) -> Any:
+        body = self.kernel.host_command(msg)
+        if body is NOT_FROM_HOST:
+            return {"error": "a probe is started by the host only"}
         try:
-            spec = ProbeSpec.from_wire(msg.payload)
+            spec = ProbeSpec.from_wire(body)
         except (KeyError, TypeError, ValueError) as exc:
             return {"error": f"bad probe spec: {exc}"}
         self._agent().start(spec)
@@ -278,6 +282,8 @@ class ProbeHandlers:
             self._agent().on_data(p[0])
 
     def _on_flush(self, msg: Message) -> Any:
+        if self.kernel.host_command(msg) is NOT_FROM_HOST:
+            return {"error": "a flush comes from the host only"}
         if self.agent is not None:
             self.agent.flush()
         return {"ok": True}

@@ -109,6 +109,19 @@ class HostIPC:
             inst.counters["host_sent"] += 1
         return mid
 
+    def command(self, inst: Instance, msg_type: int, body: Any = None, request: bool = False,
+                timeout: float = 10.0, wait: Callable[[float], None] | None = None) -> Any:
+        """A host command (abi/message.py HOST_COMMANDS) to ``inst``: numbered, its digest
+        published in the instance's peer entry first (only the host writes there), then sent;
+        the kernel obeys it only if the two match. ``request``: wait for the answer."""
+        seq = inst.cmd_seq = inst.cmd_seq + 1
+        self.m.arena.peer(inst.id).publish_command(seq, M.command_digest(seq, msg_type, body))
+        payload = {"seq": seq, "body": body}
+        if not request:
+            return self.send(inst.id, msg_type, payload)
+        assert wait is not None
+        return self.messenger.request(inst.id, msg_type, payload, timeout, wait)
+
     def serve_doorbells(self, inst: Instance) -> None:
         """Answer ``inst``'s doorbell requests (abi/doorbell.py) from the host's own records:
         the eventfd it made and the pidfd it holds for the target's running incarnation. At
@@ -259,4 +272,5 @@ class HostIPC:
             "ipi_dropped_abandoned": ring["dropped_abandoned"],
             "ipi_doorbells": ring["doorbells"], "ipi_dropped_filtered": ring["dropped_filtered"],
             "heartbeats_sent": slot.heartbeats_sent, "ipi_ring_resets": slot.ring_resets,
+            "forged_commands": slot.forged_commands,
         }

@@ -121,6 +121,7 @@ class Instance:
     oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
     parked: Parked | None = None        # its loaded process, before exec
     shutdown_acked: bool = False        # this run answered the host's SHUTDOWN
+    cmd_seq: int = 0                    # the host commands sent to it (HostIPC.command)
     boots: int = 0
     boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0

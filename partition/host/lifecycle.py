@@ -157,7 +157,7 @@ class Lifecycle:
                 continue
             inst.halt_requested = "graceful"
             try:
-                m.ipc.send(inst.id, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
+                m.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
             except RingError as exc:
                 # the ring refused (full): fall back to the signal the kernel also honours
                 m.events.warning("shutdown_message_refused", instance=inst.id,

@@ -323,7 +323,7 @@ class Machine:
             os.kill(inst.pid, signal.SIGSTOP)
         else:
             try:
-                self.ipc.send(inst.id, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
+                self.ipc.command(inst, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
             except RingError as exc:       # nothing was injected: nothing is recorded
                 raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
                                    f"{exc.strerror}", "its IPI ring is full or it is not "
@@ -558,6 +558,21 @@ class Machine:
         """Send a message from the host to an instance; RingError(ESRCH/ENOSPC/EMSGSIZE)."""
         self._check_open()
         return self.ipc.send(self._get(name).id, msg_type, payload)
+
+    def command(self, name: str | int, msg_type: int, body: Any = None,
+                timeout: float = 10.0) -> Any:
+        """A host command (SHUTDOWN, EMU_FAULT, PROBE_START, PROBE_FLUSH) as a request: the
+        kernel checks it came from the host (its digest is in the host's peer table) before
+        it obeys, and answers."""
+        self._check_open()
+        inst = self._get(name)
+        if msg_type not in M.HOST_COMMANDS:
+            raise InvalidSpec(f"message type {msg_type:#x} is not a host command",
+                              "send it with request()")
+
+        def drive(left: float) -> None:
+            self.poll(min(left, 0.05))
+        return self.ipc.command(inst, msg_type, body, request=True, timeout=timeout, wait=drive)
 
     def request(self, name: str | int, msg_type: int, payload: Any = None,
                 timeout: float = 10.0) -> Any:

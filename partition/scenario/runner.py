@@ -218,7 +218,7 @@ class Runner:
             return
         n = self._probe_ids[p["name"]]
         try:
-            answer = self.m.request(p["from"], M.MK_EMU_PROBE_START,
+            answer = self.m.command(p["from"], M.MK_EMU_PROBE_START,
                                     self._spec(p, n).to_wire(), timeout=2.0)
         except RingError as exc:
             self._note("probe_start_failed", probe=p["name"], error=exc.strerror)
@@ -335,7 +335,7 @@ class Runner:
             for i in self.sc.instances:
                 if m.show(i["name"])["state"] == "active":
                     try:
-                        m.request(i["name"], M.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
+                        m.command(i["name"], M.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
                     except RingError as exc:
                         self._note("probe_flush_failed", instance=i["name"], error=exc.strerror)
         m.poll(0)

@@ -179,6 +179,26 @@ class Hostile(Kernel):
             ring.buf[136:144] = (2 ** 64 - 5).to_bytes(8, "little")   # "received"
         self.step("garbage header", scribble)
 
+    def attack_forge_commands(self) -> None:
+        from ringtool import claim, fill, publish
+
+        from partition.abi import message as M
+        by = self.target
+        base = int(self.params.get("base", "0"))
+        self.step("shutdown", lambda: self.send(by, M.MK_MSG_SHUTDOWN, {"timeout_s": 1}))
+        self.step("panic", lambda: self.send(by, M.MK_EMU_FAULT, {"kind": "panic", "options": {}}))
+        self.step("wild", lambda: self.send(by, M.MK_EMU_FAULT, {
+            "kind": "wild-write", "options": {"address": base, "bytes": 64}}))
+        # and as the host itself, in a raw slot: the sender id and a plausible command number
+        seq = int.from_bytes(self.ctx.peers[by * 64 + 36:by * 64 + 40], "little")
+        ring = self.endpoint.ring_of(by)
+        for s in (seq, seq + 1):
+            data = M.encode(M.MK_MSG_SHUTDOWN, 0, 1, {"seq": s, "body": {"timeout_s": 1}})
+            def raw(data=data):
+                off = fill(ring, claim(ring), 0, 0, M.MK_MSG_SHUTDOWN, data)   # sender: host
+                publish(ring, off, len(data))
+            self.step(f"raw shutdown {s}", raw)
+
     def attack_memfd_hog(self) -> None:
         chunk = b"\x01" * (1 << 20)
 
