@@ -199,6 +199,20 @@ class Hostile(Kernel):
                 publish(ring, off, len(data))
             self.step(f"raw shutdown {s}", raw)
 
+    def attack_ipi_flood(self) -> None:
+        from partition.abi import doorbell
+        from partition.abi.constants import IPI_SIGNAL
+        st, _, _, fds = doorbell.ask(self.ctx.channel, self.target, 2.0)
+        def flood():
+            if st:
+                raise OSError(st, "no doorbell")
+            end, n = time.monotonic() + float(self.params.get("seconds", "3")), 0
+            while time.monotonic() < end:
+                signal.pidfd_send_signal(fds[1], IPI_SIGNAL)
+                n += 1
+            self.note(f"sent {n}")
+        self.step("flood", flood)
+
     def attack_memfd_hog(self) -> None:
         chunk = b"\x01" * (1 << 20)
 
