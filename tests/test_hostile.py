@@ -158,6 +158,8 @@ def test_a_claim_never_published_is_reclaimed(machine, pair, victim):
     ev = [e for e in events(machine) if e["event"] in ("ring_jammed", "ring_unjammed")]
     assert [e["event"] for e in ev] == ["ring_jammed", "ring_unjammed"]
     assert ev[0]["instance"] == target
+    if victim == "by":
+        assert machine.show("by")["counters"]["ring_jams"] == 1     # mkctl show says so too
 
 
 @pytest.mark.parametrize("victim", ["by", "host"])

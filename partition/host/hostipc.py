@@ -245,6 +245,9 @@ class HostIPC:
                 if not seen[2] and now - seen[1] > STALL_REPORT_S:
                     self.m.events.warning("ring_jammed", instance=iid, name=name, ticket=ticket,
                                           waiting_s=round(now - seen[1], 3))
+                    jammed = self.m.by_id(iid)
+                    if jammed is not None:
+                        jammed.counters["ring_jams"] += 1
                     self._stalled[iid] = (ticket, seen[1], True)     # once per episode
             elif ticket is not None:
                 self._stalled[iid] = (ticket, now, False)

@@ -139,6 +139,7 @@ class Instance:
     counters: dict[str, int] = field(default_factory=lambda: {
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
-        "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0})
+        "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0,
+        "ring_jams": 0})
     #: unprotected machines: pages of this partition written by others, by writer name
     foreign_writes: dict[str, int] = field(default_factory=dict)
