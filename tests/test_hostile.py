@@ -42,7 +42,8 @@ def pair(machine):
     yield attack, by
     # the bystander answers, and is the same process it was
     assert machine.request("by", M.MK_MSG_USER, "still here", timeout=5) == "still here"
-    assert machine.show("by")["pid"] == by["pid"] and machine.show("by")["boots"] == 1
+    assert machine.show("by")["pid"] == by["pid"] \
+        and machine.show("by")["boots"] == by.get("boots", 1)
 
 
 def dies_of_sigsys(machine):
@@ -292,3 +293,51 @@ def test_an_ipi_signal_flood_coalesces(machine, pair):
         assert machine.request("by", M.MK_MSG_USER, "x", timeout=2) == "x"
     wait_until(machine, lambda: "flood:" in notes(machine, "evil"))
     assert "flood: ok" in notes(machine, "evil")
+
+
+def test_a_host_command_replayed_into_the_next_run_is_refused(machine, pair):
+    attack, by = pair
+    machine.kill("by", timeout=5)              # the host's SHUTDOWN, command 1 of that run
+    machine.start("by")
+    by["pid"] = machine.show("by")["pid"]      # (the fixture's own check: same process after)
+    by["boots"] = 2
+    attack("replay-shutdown", target=by["id"])
+    wait_until(machine, lambda: machine.show("by")["counters"]["forged_commands"] >= 2)
+    assert machine.request("by", M.MK_MSG_USER, "still", timeout=5) == "still"
+    assert machine.show("by")["state"] == "active"
+
+
+@pytest.mark.parametrize("what", ["renice-all", "fanotify"])
+def test_shared_root_budgets_are_out_of_reach(machine, pair, what):
+    attack, _ = pair
+    attack(what)
+    dies_of_sigsys(machine)
+
+
+def test_a_forged_filter_never_holds_back_the_host(machine, pair):
+    attack, by = pair
+    attack("filter-host", target=by["id"])
+    wait_until(machine, lambda: "filter host:" in notes(machine, "evil"))
+    # the bystander resets the forged table, and the host's SHUTDOWN gets through meanwhile
+    d = machine.kill("by", timeout=5)
+    assert d["last_exit"]["how"] == "graceful"
+    machine.start("by")
+    by["pid"], by["boots"] = machine.show("by")["pid"], 2
+
+
+def test_a_forged_halted_does_not_make_a_bystander_look_halted(machine, pair):
+    attack, by = pair
+    attack("forge-halted", target=by["id"])
+    wait_until(machine, lambda: "halted as by:" in notes(machine, "evil"))
+    machine.poll(0.2)
+    assert not any(e["event"] == "halted_message" and e["name"] == "by" for e in events(machine))
+    assert machine.show("by")["state"] == "active"
+
+
+def test_garbage_in_the_hosts_ring_cannot_flood_the_event_log(machine, pair):
+    attack, _ = pair
+    attack("host-ring-garbage")
+    wait_until(machine, lambda: "host ring garbage:" in notes(machine, "evil"), timeout=15)
+    resets = [e for e in events(machine) if e["event"] == "ring_reset" and e["instance"] == 0]
+    assert 1 <= len(resets) <= 5                                # about one a second
+    assert os.path.getsize(os.path.join(machine.run_dir, "events.log")) < 256 << 10

@@ -72,12 +72,14 @@ _HEADER_SIZE = HEADER.size
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
-def command_digest(seq: int, msg_type: int, body: Any) -> int:
-    """The 64-bit digest of a host command (seq, type, body), as both sides compute it: the host
+def command_digest(seq: int, generation: int, msg_type: int, body: Any) -> int:
+    """The 64-bit digest of a host command to one run of an instance (seq, the run's boot
+    generation, type, body), as both sides compute it; with the generation in it, a command
+    replayed into the instance's next run matches nothing. The host
     publishes it in the peer table, which only the host can write, and a kernel obeys a host
     command only when the message matches it, so a peer that forges the sender id of a host
     command in a ring slot still cannot make it an order (guest/kernel.py)."""
-    raw = msgpack.packb([seq, msg_type, body], use_bin_type=True)
+    raw = msgpack.packb([seq, generation, msg_type, body], use_bin_type=True)
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 

@@ -215,6 +215,8 @@ class Ring:
         for _, tag, _, _, _ in self._filter_entries():
             if tag > MAX_INSTANCES:
                 return f"a drop filter names sender {tag - 1}, which cannot exist"
+            if tag == 1:
+                return "a drop filter names the host, which no receiver ever filters"
         return None
 
     def heal(self, mode: str, polling: bool) -> None:
@@ -369,7 +371,10 @@ class Ring:
                 for _, tag, mtype, _, hits in self._filter_entries() if tag]
 
     def _filtered(self, tag: int, mtype: int) -> bool:
-        """Sender: is (tag, type) filtered here? Then count the drop (atomically)."""
+        """Sender: is (tag, type) filtered here? Then count the drop (atomically). The host
+        (tag 1) never is: a filter naming it can only have been forged by a peer."""
+        if tag == 1:
+            return False
         for off, ftag, ftype, _, _ in self._filter_entries():
             if ftag == tag and ftype == mtype:
                 linux.add_u32(self.addr + off + 12, 1)

@@ -75,6 +75,7 @@ FORBIDDEN_X86_64 = {
     # the limits every root process shares (inotify instances, queued signals, message queue
     # bytes are counted per user, and the uid is 0): a kernel needs none of these
     "inotify_init": 253, "inotify_init1": 294, "timer_create": 222, "mq_open": 240,
+    "fanotify_init": 300, "fanotify_mark": 301,
     # a kernel is one process: no fork (a forked child's own violations would die unseen), and
     # no sockets of its own (its only socket is the doorbell channel the host gave it)
     "fork": 57, "vfork": 58, "socket": 41, "socketpair": 53, "connect": 42, "bind": 49,
@@ -88,6 +89,7 @@ PRLIMIT64, FCNTL, IOCTL, CLONE, CLONE3, PIDFD_SEND_SIGNAL = 302, 72, 16, 56, 435
 #: get_robust_list): a peer shares uid 0 and no capabilities, so the kernel's own permission
 #: check would let it renice, re-prioritise or inspect another instance
 SETPRIORITY, IOPRIO_SET, GET_ROBUST_LIST = 141, 251, 274
+PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 #: fcntl commands that reach other processes or lock others out: F_SETLK, F_SETLKW,
 #: F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY
 FCNTL_FORBIDDEN = (6, 7, 8, 10, 15, 37, 38, 1024, 1026)
@@ -119,6 +121,12 @@ def _one_of(arg: int, values: tuple[int, ...], hit: int, miss: int
     return [*out, (_RET_K, 0, 0, miss)]
 
 
+def _which_who(process: int, own_pid: int) -> list[tuple[int, int, int, int]]:
+    """Allow (which, who) = (``process``, 0 or ``own_pid``) only."""
+    return [(_LD_W_ABS, 0, 0, _arg(0)), (_JEQ_K, 1, 0, process), (_RET_K, 0, 0, RET_KILL_PROCESS),
+            *_one_of(1, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS)]
+
+
 def seccomp_program(own_pid: int) -> bytes:
     """The filter, as classic BPF: arch check, x32 check, the forbidden list, then the calls
     allowed with some arguments only; everything else is allowed. Every block returns, so no
@@ -134,8 +142,10 @@ def seccomp_program(own_pid: int) -> bytes:
     for nr in sorted(SELF_ONLY_X86_64.values()):
         prog += _block(nr, _one_of(0, (own_pid,), RET_ALLOW, RET_KILL_PROCESS))
     prog += _block(PRLIMIT64, _one_of(0, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
-    prog += _block(SETPRIORITY, _one_of(1, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
-    prog += _block(IOPRIO_SET, _one_of(1, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
+    # (which, who): PRIO_PROCESS (0) / IOPRIO_WHO_PROCESS (1) of itself; a process group or
+    # "every process of my uid" (PRIO_USER with who 0) would reach every other instance
+    prog += _block(SETPRIORITY, _which_who(PRIO_PROCESS, own_pid))
+    prog += _block(IOPRIO_SET, _which_who(IOPRIO_WHO_PROCESS, own_pid))
     prog += _block(GET_ROBUST_LIST, _one_of(0, (0, own_pid), RET_ALLOW, RET_KILL_PROCESS))
     prog += _block(PIDFD_SEND_SIGNAL, _one_of(1, (int(IPI_SIGNAL),), RET_ALLOW,
                                               RET_KILL_PROCESS))

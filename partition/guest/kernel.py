@@ -121,7 +121,8 @@ class Kernel:
         self._next_heartbeat = time.monotonic() + (self.heartbeat_interval or 0)  # one interval in
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
-        self._last_command = 0              # the last host command obeyed (host_command)
+        # the last host command obeyed (host_command): a run starts past its predecessors'
+        self._last_command = S.peer_of(ctx.peers, ctx.id).cmd_seq if ctx.peers is not None else 0
         self._progress_at = ctx.own.base + S.OWN_PROGRESS       # the loop's two fields: its own
         self._force_halt_at = ctx.id * S.PEER_BYTES + S.PEER_FORCE_HALT  # and the host's word
 
@@ -316,7 +317,8 @@ class Kernel:
                 isinstance(p.get("seq"), int) and set(p) == {"seq", "body"}:
             seq, last = p["seq"], peer.cmd_seq
             if self._last_command < seq <= last and last - seq < S.COMMAND_WINDOW and \
-                    peer.digest(seq) == M.command_digest(seq, msg.msg_type, p["body"]):
+                    peer.digest(seq) == M.command_digest(seq, self.ctx.boot_generation,
+                                                         msg.msg_type, p["body"]):
                 self._last_command = seq
                 return p["body"]
         S.bump(self.ctx.own.buf, self.ctx.own.base + S.OWN_FORGED_COMMANDS)

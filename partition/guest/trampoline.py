@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -191,6 +192,10 @@ def enter(boot: BootParams) -> NoReturn:
             console.printk(f"multikernel: not contained here: {', '.join(missing)}")
         try:
             kernel_cls, label, source = resolve(boot.spec)
+            if threading.active_count() > 1:   # a parked image must be inert until start
+                raise BadKernelImage(f"kernel {boot.spec!r} started "
+                                     f"{threading.active_count() - 1} thread(s) while it was "
+                                     "imported", "start threads in boot(), not at import")
         except BadKernelImage as exc:
             _report(report_fd, ok=False, message=exc.message, hint=exc.hint)
             report_fd = -1

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 _U64 = struct.Struct("<Q")
 STALL_REPORT_S = 0.5        # a claim unpublished this long at a ring's tail is reported
 DRAIN_TURN = 1024           # host messages handled per turn of the reactor
+LOG_INTERVAL_S = 1.0        # events a writer of shared memory can repeat: at most this often
 
 
 class HostDirectory:
@@ -87,6 +88,7 @@ class HostIPC:
         self._filters_seen: dict[int, set[tuple[int, int]]] = {}   # instance id -> filters
         self.ring_resets = 0                 # of the host's own ring
         self._resets_seen: dict[int, int] = {}       # instance id -> own.ring_resets logged
+        self._logged: dict[tuple[str, int], tuple[float, int]] = {}  # rate limit (_log)
         #: ring id -> (the ticket waiting at its tail, since when, reported)
         self._stalled: dict[int, tuple[int, float, bool]] = {}
 
@@ -115,7 +117,8 @@ class HostIPC:
         published in the instance's peer entry first (only the host writes there), then sent;
         the kernel obeys it only if the two match. ``request``: wait for the answer."""
         seq = inst.cmd_seq = inst.cmd_seq + 1
-        self.m.arena.peer(inst.id).publish_command(seq, M.command_digest(seq, msg_type, body))
+        self.m.arena.peer(inst.id).publish_command(
+            seq, M.command_digest(seq, inst.generation, msg_type, body))
         payload = {"seq": seq, "body": body}
         if not request:
             return self.send(inst.id, msg_type, payload)
@@ -161,7 +164,7 @@ class HostIPC:
         if problem is not None:         # the host's ring is as writable as any: heal it
             self.ring.heal("interrupt", False)
             self.ring_resets += 1
-            self.m.events.warning("ring_reset", instance=HOST_ID, name="host", reason=problem)
+            self._log("ring_reset", HOST_ID, "host", reason=problem)
         msgr = self.messenger
         for _ in range(DRAIN_TURN // 64):
             if not self.ring.drain(msgr.deliver, 64,
@@ -174,16 +177,16 @@ class HostIPC:
         return self.ring.head != self.ring.tail and self.ring.stalled() is None
 
     def _on_halted(self, msg: M.Message) -> None:
-        """Logged once per incarnation (a kernel halts once); more are counted, not logged, so
-        that a flood of them cannot fill the run directory's tmpfs with events."""
+        """Counted; its reason is logged once, when the run ends (lifecycle.on_exit), so that
+        neither a flood nor a forged one (under another instance's id) reaches the log."""
         inst = self.m.by_id(msg.sender)
         if inst is None:
             return
         inst.counters["halted_msgs"] += 1
-        if inst.counters["halted_msgs"] > inst.boots:
-            return
+        # the sender id is a claim: the reason is kept, and logged only if this instance's
+        # run really ends (lifecycle.on_exit), so a peer cannot make an active one look halted
         reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
-        self.m.events.info("halted_message", instance=msg.sender, name=inst.name, reason=reason)
+        inst.halted_said = reason
 
     def _on_shutdown_ack(self, msg: M.Message) -> None:
         inst = self.m.by_id(msg.sender)
@@ -219,11 +222,10 @@ class HostIPC:
             now = {(f["sender"], f["type"]) for f in self.ring_of(inst.id).filters()}
             before = self._filters_seen.get(inst.id, set())
             for sender, mtype in sorted(now - before):
-                self.m.events.warning("ipi_filter_set", instance=inst.id, name=inst.name,
-                                      sender=sender, msg_type=mtype)
+                self._log("ipi_filter_set", inst.id, inst.name, sender=sender, msg_type=mtype)
             for sender, mtype in sorted(before - now):
-                self.m.events.info("ipi_filter_cleared", instance=inst.id, name=inst.name,
-                                   sender=sender, msg_type=mtype)
+                self._log("ipi_filter_cleared", inst.id, inst.name, sender=sender,
+                          msg_type=mtype)
             if now:
                 self._filters_seen[inst.id] = now
             else:
@@ -243,8 +245,8 @@ class HostIPC:
             seen = self._stalled.get(iid)
             if ticket is not None and seen is not None and seen[0] == ticket:
                 if not seen[2] and now - seen[1] > STALL_REPORT_S:
-                    self.m.events.warning("ring_jammed", instance=iid, name=name, ticket=ticket,
-                                          waiting_s=round(now - seen[1], 3))
+                    self._log("ring_jammed", iid, name, ticket=ticket,
+                              waiting_s=round(now - seen[1], 3))
                     jammed = self.m.by_id(iid)
                     if jammed is not None:
                         jammed.counters["ring_jams"] += 1
@@ -254,14 +256,28 @@ class HostIPC:
             elif seen is not None:
                 del self._stalled[iid]
                 if seen[2]:
-                    self.m.events.info("ring_unjammed", instance=iid, name=name)
+                    self._log("ring_unjammed", iid, name)
         for inst in instances:
             resets = self.m.arena.own(inst.id).ring_resets
             logged = self._resets_seen.get(inst.id, 0)
             if resets != logged:
                 self._resets_seen[inst.id] = resets
-                self.m.events.warning("ring_reset", instance=inst.id, name=inst.name,
-                                      resets=resets)
+                self._log("ring_reset", inst.id, inst.name, resets=resets)
+
+    def _log(self, event: str, iid: int, name: str, **fields: Any) -> None:
+        """Log an event an instance's writes into shared memory can cause, at most once per
+        ``LOG_INTERVAL_S`` per (event, instance): what it could repeat as fast as it writes
+        must not fill the run directory's tmpfs. The next one says how many were held back."""
+        key = (event, iid)
+        now = time.monotonic()
+        last, held = self._logged.get(key, (-LOG_INTERVAL_S, 0))
+        if now - last < LOG_INTERVAL_S:
+            self._logged[key] = (last, held + 1)
+            return
+        self._logged[key] = (now, 0)
+        extra = {"suppressed": held} if held else {}
+        level = "info" if event in ("ipi_filter_cleared", "ring_unjammed") else "warning"
+        getattr(self.m.events, level)(event, instance=iid, name=name, **fields, **extra)
 
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""

@@ -122,6 +122,7 @@ class Instance:
     parked: Parked | None = None        # its loaded process, before exec
     shutdown_acked: bool = False        # this run answered the host's SHUTDOWN
     cmd_seq: int = 0                    # the host commands sent to it (HostIPC.command)
+    halted_said: str | None = None      # the reason of its last HALTED message, this run
     boots: int = 0
     boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
     generation: int = 0

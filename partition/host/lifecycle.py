@@ -63,6 +63,7 @@ class Lifecycle:
         m.selector.modify(p.pidfd, selectors.EVENT_READ, (EXIT, inst))
         m.selector.register(p.channel, selectors.EVENT_READ, (CHANNEL, inst))
         inst.halt_requested = None
+        inst.halted_said = None
         inst.shutdown_acked = False
         inst.failure = None
         inst.boots_acked = False
@@ -212,6 +213,10 @@ class Lifecycle:
         inst.counters["halts"] += 1
         if record.how in ("panic", "killed", "exited", "boot-failed"):
             inst.counters["crashes"] += 1
+        if inst.halted_said is not None:
+            m.events.info("halted_message", instance=inst.id, name=inst.name,
+                          reason=inst.halted_said)
+            inst.halted_said = None
         m.events.info("instance_exit", instance=inst.id, name=inst.name, pid=pid,
                       how=record.how, reason=record.reason, signal=record.signal,
                       code=record.code,

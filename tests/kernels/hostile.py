@@ -213,6 +213,58 @@ class Hostile(Kernel):
             self.note(f"sent {n}")
         self.step("flood", flood)
 
+    def _raw(self, ring_id: int, sender: int, mtype: int, payload: object) -> None:
+        from ringtool import claim, fill, publish
+
+        from partition.abi import message as M
+        ring = self.endpoint.ring_of(ring_id)
+        data = M.encode(mtype, 0, 1, payload)
+        off = fill(ring, claim(ring), sender, 0, mtype, data)
+        publish(ring, off, len(data))
+
+    def attack_replay_shutdown(self) -> None:
+        from partition.abi import message as M
+        by = self.target
+        seq = int.from_bytes(self.ctx.peers[by * 64 + 36:by * 64 + 40], "little")
+        for body in ({"timeout_s": 5.0}, {"timeout_s": 5}):      # the host's last command
+            self.step(f"replay {seq}", lambda body=body: self._raw(by, 0, M.MK_MSG_SHUTDOWN,
+                                                                  {"seq": seq, "body": body}))
+
+    def attack_renice_all(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.step("PRIO_USER", lambda: _check(libc.setpriority(2, 0, 19)))
+
+    def attack_fanotify(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.step("fanotify", lambda: _check(libc.fanotify_init(0, 0)))
+
+    def attack_filter_host(self) -> None:
+        from partition.abi import message as M
+        ring = self.endpoint.ring_of(self.target)
+        def forge():        # sender 0 + 1, type SHUTDOWN, until far ahead, as the table holds it
+            ring.buf[200:216] = (1).to_bytes(2, "little") + bytes(2) + \
+                M.MK_MSG_SHUTDOWN.to_bytes(4, "little") + (0xFFFFFFFF).to_bytes(4, "little") + bytes(4)
+        self.step("filter host", forge)
+
+    def attack_forge_halted(self) -> None:
+        from partition.abi import message as M
+        self.step("halted as by", lambda: self._raw(0, self.target, M.MK_MSG_HALTED,
+                                                    {"reason": "panic: forged by a peer"}))
+
+    def attack_host_ring_garbage(self) -> None:
+        def loop():
+            ring = self.endpoint.ring_of(0)
+            end = time.monotonic() + 2
+            while time.monotonic() < end:
+                tail = int.from_bytes(ring.buf[64:72], "little")
+                ring.buf[0:8] = (tail + 100000).to_bytes(8, "little")
+                try:
+                    os.eventfd_write(self.ctx.host_doorbell_fd, 1)
+                except BlockingIOError:
+                    pass
+                time.sleep(0.0002)
+        self.step("host ring garbage", loop)
+
     def attack_memfd_hog(self) -> None:
         chunk = b"\x01" * (1 << 20)
 
