@@ -208,3 +208,16 @@ def test_busy_instances_take_ipi_signals_without_console_noise(run_dir):
     assert "fault injected: cpu-hog" in console
     assert "Exception ignored" not in console and "Bad file descriptor" not in console
 
+
+
+def test_a_verb_longer_than_the_request_deadline_still_gets_its_answer(run_dir):
+    # the request arrives within its 5 s; the graceful kill then waits 6 s for a kernel that
+    # ignores SHUTDOWN, forces it, and the client must still get that answer
+    stubborn = os.path.join(HERE, "kernels", "misbehaving.py") + ":Stubborn"
+    init(run_dir)
+    mk(run_dir, "create", "s", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "s", "--kernel", stubborn)
+    mk(run_dir, "start", "s")
+    p = mk(run_dir, "kill", "s", "--timeout", "6", "--format", "json")
+    assert json.loads(p.stdout)["last_exit"]["how"] == "forced"
+    assert not any(e["event"] == "client_timeout" for e in events(run_dir))

@@ -85,6 +85,8 @@ OWN_HEARTBEATS = OWN_FIELDS["heartbeats_sent"].offset
 OWN_RING_RESETS = OWN_FIELDS["ring_resets"].offset
 OWN_FORGED_COMMANDS = OWN_FIELDS["forged_commands"].offset
 
+U32 = _U32                  # one field read on a hot path (PeerTable.route's redirect)
+
 #: (peer_state, pid) in one read: adjacent on purpose, a send checks both
 STATE_PID = struct.Struct("<II")
 assert PEER_PID == PEER_STATE + 4

@@ -229,6 +229,7 @@ class Daemon:
         if req is protocol.INCOMPLETE:
             return
         conn.request = req
+        conn.deadline = math.inf        # it asked in time: its verb may take as long as it needs
         op = req.get("op") if isinstance(req, dict) else None
         if not self.busy or op in READ_ONLY_OPS:
             self._dispatch(conn)

@@ -277,7 +277,7 @@ class PeerTable:
             if state == STATE_ACTIVE:
                 return target, pid
             # a dead target whose role a standby took over: address the standby (one hop)
-            via = S.peer_of(self.peers, target).redirect
+            via = S.U32.unpack_from(self.peers, target * S.PEER_BYTES + S.PEER_REDIRECT)[0]
             if 0 < via <= MAX_INSTANCES:
                 state, pid = S.STATE_PID.unpack_from(self.peers,
                                                      (via - 1) * S.PEER_BYTES + S.PEER_STATE)

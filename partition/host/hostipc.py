@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,6 @@ from partition.host.instance import Instance, State
 if TYPE_CHECKING:
     from partition.host.machine import Machine
 
-_U64 = struct.Struct("<Q")
 STALL_REPORT_S = 0.5        # a claim unpublished this long at a ring's tail is reported
 DRAIN_TURN = 1024           # host messages handled per turn of the reactor
 LOG_INTERVAL_S = 1.0        # events a writer of shared memory can repeat: at most this often

@@ -79,7 +79,7 @@ class Lifecycle:
         m.ring_of(inst.id).reset()           # stale messages and dead claims go with the old run
         inst.served_by = None                # it serves its own role again
         peer.ready = 1                       # publish last, then ring the parked CPU
-        os.eventfd_write(p.doorbell_fd, 1)
+        ring(p.doorbell_fd)
         deadline = time.monotonic() + m.boot_timeout
         acked = m.wait(lambda: inst.pid is None or own.ack_generation == gen, deadline)
         pid = p.pid
@@ -129,11 +129,15 @@ class Lifecycle:
         inst.boots += 1
         inst.counters["boots"] += 1
         inst.active_since = time.time()
-        self.m.arena.peer(inst.id).ready = 0          # answered: the mailbox is closed
+        peer = self.m.arena.peer(inst.id)
+        peer.ready = 0                                # answered: the mailbox is closed
+        # online in the peer table first, and rung: its kernel starts while the host does the
+        # rest of its bookkeeping (transition writes the same two fields again)
+        peer.peer_state, peer.pid = STATE_CODES["active"], inst.pid or 0
+        if inst.doorbell_fd is not None:
+            ring(inst.doorbell_fd)
         self.m.transition(inst, State.ACTIVE, "exec", pid=inst.pid,
                           ack_cpu=self.m.arena.own(inst.id).ack_cpu)
-        if inst.doorbell_fd is not None:
-            os.eventfd_write(inst.doorbell_fd, 1)      # online: its kernel may start
 
     # -- halting ---------------------------------------------------------------------------
     def force(self, inst: Instance) -> None:
@@ -207,7 +211,7 @@ class Lifecycle:
             m.events.warning("memory_limit_exceeded", instance=inst.id, name=inst.name)
         inst.oom_kills = ooms
         pid = inst.pid
-        self.forget_process(inst)
+        self.forget_process(inst, reaped=True)
         m.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
@@ -243,9 +247,9 @@ class Lifecycle:
                                      error=str(exc))
         inst.pending_fault = None
 
-    def forget_process(self, inst: Instance) -> None:
-        """Close what the host held for a run of ``inst`` (and its parked successor); reap
-        it if still there."""
+    def forget_process(self, inst: Instance, reaped: bool = False) -> None:
+        """Close what the host held for a run of ``inst`` (and its parked successor); kill and
+        reap it unless ``reaped`` (on_exit did: its pid may belong to someone else by now)."""
         m = self.m
         self.m.loading.forget_parked(inst)
         if inst.pidfd is not None:
@@ -258,12 +262,13 @@ class Lifecycle:
         if inst.pid is not None:
             if m.writes is not None:
                 m.writes.forget(inst.pid)
-            try:
-                os.kill(inst.pid, signal.SIGKILL)
-                os.waitpid(inst.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            m.cgroups.kill(inst.id)
+            if not reaped:
+                try:
+                    os.kill(inst.pid, signal.SIGKILL)
+                    os.waitpid(inst.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                m.cgroups.kill(inst.id)
             inst.pid = None
         m.ipc.forget(inst.id)
         if inst.channel is not None:
@@ -277,3 +282,12 @@ class Lifecycle:
             os.close(inst.doorbell_fd)
             inst.doorbell_fd = None
         inst.active_since = None
+
+
+def ring(doorbell_fd: int) -> None:
+    """Write an instance's doorbell eventfd. Peers hold it too (the host gives it to them), so
+    it may be saturated: then it is rung already, and the host must not fail for it."""
+    try:
+        os.eventfd_write(doorbell_fd, 1)
+    except BlockingIOError:
+        pass

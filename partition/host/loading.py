@@ -50,6 +50,9 @@ class Loading:
         through the reactor (``on_report``)."""
         m = self.m
         assert inst.kimage is not None and inst.parked is None
+        # what can fail without descriptors to close comes first
+        procs = m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst))
+        inherited = inherited_mappings()
         doorbell_fd = linux.eventfd()
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         host_end.setblocking(False)
@@ -61,9 +64,7 @@ class Loading:
             doorbell_fd=doorbell_fd, host_doorbell_fd=m.host_doorbell,
             channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
-            protection=m.protection, inherited=inherited_mappings(),
-            cgroups=m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst)),
-            hide=[m.run_dir],
+            protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],
         )
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
@@ -73,6 +74,11 @@ class Loading:
             if pid == 0:
                 os.set_blocking(report_w, True)
                 enter(params)       # never returns
+        except BaseException:
+            os.close(doorbell_fd)   # no child: nothing it would have had stays open here
+            host_end.close()
+            os.close(report_r)
+            raise
         finally:
             gc.unfreeze()           # cyclic garbage made meanwhile must stay collectable
             guest_end.close()       # (the child has its own copies, by number)
@@ -88,13 +94,14 @@ class Loading:
         p = inst.parked
         if p is None or p.report_fd < 0:
             return
-        try:
-            chunk = os.read(p.report_fd, MAX_REPORT + 1 - len(p.raw))
-        except BlockingIOError:
-            return
-        p.raw += chunk
-        if chunk and len(p.raw) <= MAX_REPORT:
-            return                   # more to come: the loader closes the pipe when done
+        while True:                  # to the end of the pipe (the loader closes it when done)
+            try:
+                chunk = os.read(p.report_fd, MAX_REPORT + 1 - len(p.raw))
+            except BlockingIOError:
+                return               # more to come
+            p.raw += chunk
+            if not chunk or len(p.raw) > MAX_REPORT:
+                break
         self._close_report(p)
         try:
             report = json.loads(p.raw) if len(p.raw) <= MAX_REPORT else None

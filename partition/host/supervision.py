@@ -8,8 +8,6 @@ the machine's verbs because it acts on its own, from the reactor, never at a cal
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -48,11 +46,8 @@ class Supervisor:
                     and inst.pid is not None:
                 m.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
                                  stalled_s=round(now - since, 3), progress=value)
+                m.lifecycle.force(inst)         # force_halt, the write scan, SIGKILL
                 inst.halt_requested = "watchdog"
-                m.arena.peer(inst.id).force_halt = 1
-                if m.writes is not None:
-                    m.writes.scan(only=inst)
-                os.kill(inst.pid, signal.SIGKILL)
 
     # -- failures --------------------------------------------------------------------------
     def is_failure(self, record: ExitRecord) -> bool:
