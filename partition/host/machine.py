@@ -188,11 +188,11 @@ class Machine:
     # -- lookup ----------------------------------------------------------------------------
     def _get(self, name: str | int) -> Instance:
         if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
-            iid = int(name)
-            for inst in self.instances.values():
-                if inst.id == iid:
-                    return inst
-            raise NoSuchInstance(f"no instance with id {iid}", "mkctl show lists the instances")
+            inst = self.by_id(int(name))
+            if inst is None:
+                raise NoSuchInstance(f"no instance with id {int(name)}",
+                                     "mkctl show lists the instances")
+            return inst
         found = self.instances.get(name)
         if found is None:
             known = ", ".join(sorted(self.instances)) or "none"
@@ -569,19 +569,19 @@ class Machine:
         if msg_type not in M.HOST_COMMANDS:
             raise InvalidSpec(f"message type {msg_type:#x} is not a host command",
                               "send it with request()")
-
-        def drive(left: float) -> None:
-            self.poll(min(left, 0.05))
-        return self.ipc.command(inst, msg_type, body, request=True, timeout=timeout, wait=drive)
+        return self.ipc.command(inst, msg_type, body, request=True, timeout=timeout,
+                                wait=self._drive)
 
     def request(self, name: str | int, msg_type: int, payload: Any = None,
                 timeout: float = 10.0) -> Any:
         """Send a request and drive the machine until its response arrives (ETIMEDOUT)."""
         self._check_open()
         target = self._get(name).id
-        def drive(left: float) -> None:
-            self.poll(min(left, 0.05))
-        return self.ipc.messenger.request(target, msg_type, payload, timeout, drive)
+        return self.ipc.messenger.request(target, msg_type, payload, timeout, self._drive)
+
+    def _drive(self, left: float) -> None:
+        """A request's wait: drive the machine, looking again at least every 50 ms."""
+        self.poll(min(left, 0.05))
 
     # -- arena helpers ---------------------------------------------------------------------
     def _console_view(self, inst: Instance) -> memoryview:
