@@ -27,10 +27,11 @@ from typing import Any, NoReturn
 from partition.abi import message as M
 from partition.abi import slot as S
 from partition.abi.console import ConsoleWriter
-from partition.abi.constants import IPI_SIGNAL
+from partition.abi.constants import DEFAULT_HEAP, IPI_SIGNAL
 from partition.abi.ring import RingError
 from partition.guest import probes as P
 from partition.guest.endpoint import Endpoint, PeerTable
+from partition.units import parse_size
 
 __all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "parse_cmdline"]
 
@@ -83,6 +84,14 @@ def parse_cmdline(cmdline: str) -> dict[str, str]:
     return out
 
 
+def heap_of(cmdline: str) -> int:
+    """The kernel's private heap: ``mk_heap=`` on its cmdline, else DEFAULT_HEAP (InvalidSpec
+    for a size that does not parse). The trampoline's RLIMIT_AS and the host's memory cgroup
+    limit both come from here."""
+    text = parse_cmdline(cmdline).get("mk_heap")
+    return parse_size(text, "mk_heap") if text else DEFAULT_HEAP
+
+
 class Kernel:
     """Base class of every kernel image."""
 
@@ -122,7 +131,8 @@ class Kernel:
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
         # the last host command obeyed (host_command): a run starts past its predecessors'
-        self._last_command = S.peer_of(ctx.peers, ctx.id).cmd_seq if ctx.peers is not None else 0
+        self._peers = ctx.peers             # the host's peer table (read-only)
+        self._last_command = S.peer_of(ctx.peers, ctx.id).cmd_seq
         self._progress_at = ctx.own.base + S.OWN_PROGRESS       # the loop's two fields: its own
         self._force_halt_at = ctx.id * S.PEER_BYTES + S.PEER_FORCE_HALT  # and the host's word
 
@@ -312,8 +322,8 @@ class Kernel:
         ``COMMAND_WINDOW``, and type, number and body hash to what the host wrote. Anything
         else is counted (``forged_commands`` in the own page) and said on the console."""
         p = msg.payload
-        peer = S.peer_of(self.ctx.peers, self.ctx.id) if self.ctx.peers is not None else None
-        if msg.sender == 0 and peer is not None and isinstance(p, dict) and \
+        peer = S.peer_of(self._peers, self.ctx.id)
+        if msg.sender == 0 and isinstance(p, dict) and \
                 isinstance(p.get("seq"), int) and set(p) == {"seq", "body"}:
             seq, last = p["seq"], peer.cmd_seq
             if self._last_command < seq <= last and last - seq < S.COMMAND_WINDOW and \
@@ -376,8 +386,7 @@ class Kernel:
         S.bump(self.ctx.own.buf, self._progress_at)
 
     def _force_halt_requested(self) -> bool:
-        peers = self.ctx.peers
-        return peers is not None and peers[self._force_halt_at] != 0
+        return self._peers[self._force_halt_at] != 0
 
     def run(self) -> None:
         """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and

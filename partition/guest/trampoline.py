@@ -33,7 +33,6 @@ from partition import linux
 from partition.abi import layout as L
 from partition.abi.console import ConsoleWriter
 from partition.abi.constants import (
-    DEFAULT_HEAP,
     EXIT_HALTED,
     EXIT_PANIC,
     EXIT_TRAMPOLINE,
@@ -43,7 +42,7 @@ from partition.abi.constants import (
 from partition.abi.slot import OwnPage, PeerEntry, peer_of
 from partition.errors import BadKernelImage
 from partition.guest.containment import contain
-from partition.guest.kernel import KernelContext, KernelPanic, parse_cmdline
+from partition.guest.kernel import KernelContext, KernelPanic, heap_of, parse_cmdline
 from partition.guest.loader import resolve
 from partition.guest.mappings import InstanceMappings
 
@@ -100,11 +99,7 @@ def _watch_foreign_writes(arena_all: memoryview, layout: L.ArenaLayout,
 def _limit_heap(boot: BootParams) -> None:
     """RLIMIT_AS = what is mapped now + the partition + a private heap (``mk_heap=``, 256M):
     a kernel that allocates beyond it gets MemoryError (a panic) and fails alone."""
-    heap = DEFAULT_HEAP
-    text = parse_cmdline(boot.cmdline).get("mk_heap")
-    if text:
-        from partition.units import parse_size
-        heap = parse_size(text, "mk_heap")
+    heap = heap_of(boot.cmdline)
     with open("/proc/self/statm") as f:
         mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = mapped + heap

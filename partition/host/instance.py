@@ -129,7 +129,6 @@ class Instance:
     halt_requested: str | None = None   # "graceful" | "forced" while a kill is in progress
     last_exit: ExitRecord | None = None
     failure: str | None = None
-    active_since: float | None = None
     last_heartbeat: float | None = None
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
     failures: list[dict[str, Any]] = field(default_factory=list)

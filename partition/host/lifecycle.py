@@ -128,7 +128,6 @@ class Lifecycle:
         inst.progress_seen = (self.m.arena.own(inst.id).progress, time.monotonic())
         inst.boots += 1
         inst.counters["boots"] += 1
-        inst.active_since = time.time()
         peer = self.m.arena.peer(inst.id)
         peer.ready = 0                                # answered: the mailbox is closed
         # online in the peer table first, and rung: its kernel starts while the host does the
@@ -281,7 +280,6 @@ class Lifecycle:
         if inst.doorbell_fd is not None:
             os.close(inst.doorbell_fd)
             inst.doorbell_fd = None
-        inst.active_since = None
 
 
 def ring(doorbell_fd: int) -> None:

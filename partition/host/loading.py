@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any
 from partition import linux
 from partition.abi.constants import DEFAULT_HEAP
 from partition.errors import BadKernelImage, MKError
-from partition.guest.kernel import parse_cmdline
+from partition.guest.kernel import heap_of
 from partition.guest.trampoline import BootParams, enter
 from partition.host import cgroups
 from partition.host.arena import inherited_mappings
 from partition.host.exits import classify_exit
 from partition.host.instance import PARKED_EXIT, REPORT, Instance, Parked
-from partition.units import parse_size
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -202,12 +201,9 @@ class Loading:
     @staticmethod
     def _memory_limit(inst: Instance) -> int:
         """The memory cgroup's limit: the partition, the kernel's heap, the allowance."""
-        heap = DEFAULT_HEAP
         assert inst.kimage is not None
-        text = parse_cmdline(inst.kimage.cmdline).get("mk_heap")
-        if text:
-            try:
-                heap = parse_size(text, "mk_heap")
-            except MKError:
-                pass                   # the trampoline refuses it, with the reason
+        try:
+            heap = heap_of(inst.kimage.cmdline)
+        except MKError:
+            heap = DEFAULT_HEAP        # the trampoline refuses it, with the reason
         return inst.memory_bytes + heap + cgroups.ALLOWANCE
