@@ -29,14 +29,15 @@ from partition.errors import (
 if TYPE_CHECKING:
     from partition.abi.message import MK_MSG_USER, Message
     from partition.abi.ring import RingError
-    from partition.guest.kernel import Kernel, KernelPanic
+    from partition.guest.kernel import Kernel, KernelPanic, RefuseResource
     from partition.host.instance import State
     from partition.host.machine import Machine
 
 # The machine and the kernel base pull in structlog, msgpack, ctypes and the rest; a `mkctl`
 # command only talks to the supervisor and needs none of it. They load on first use (PEP 562).
 _LAZY = {"Machine": "partition.host.machine", "Kernel": "partition.guest.kernel",
-         "KernelPanic": "partition.guest.kernel", "State": "partition.host.instance",
+         "KernelPanic": "partition.guest.kernel", "RefuseResource": "partition.guest.kernel",
+         "State": "partition.host.instance",
          "RingError": "partition.abi.ring", "Message": "partition.abi.message",
          "MK_MSG_USER": "partition.abi.message"}
 
@@ -65,6 +66,7 @@ __all__ = [
     "NotLoaded",
     "OutOfMemory",
     "PermissionDenied",
+    "RefuseResource",
     "ResourceBusy",
     "RingError",
     "State",

@@ -104,10 +104,24 @@ class SupervisorUnavailable(MKError):
     errno = _errno.ECONNREFUSED
 
 
+class NotSupported(MKError):
+    """Something the real system does that the emulator cannot (devices, a resizable pool)."""
+
+    errno = _errno.EOPNOTSUPP
+
+
+class ResourceRefused(MKError):
+    """A running kernel refused a runtime resource change (its RES_ACK said no, or it never
+    answered); the transaction was rolled back."""
+
+    errno = _errno.ECANCELED
+
+
 _CLASSES: dict[str, type[MKError]] = {
     c.__name__: c
     for c in (
         MKError, InvalidSpec, PermissionDenied, ResourceBusy, NoSuchInstance, AlreadyExists,
         OutOfMemory, NotLoaded, BadKernelImage, BootTimeout, BootFailed, SupervisorUnavailable,
+        NotSupported, ResourceRefused,
     )
 }

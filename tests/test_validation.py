@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from partition import (AlreadyExists, InvalidSpec, Machine, OutOfMemory, PermissionDenied,
-                       ResourceBusy)
+from partition import AlreadyExists, InvalidSpec, Machine, OutOfMemory, PermissionDenied, ResourceBusy
+from partition.host.devicetree import to_dts
 from partition.units import format_cpulist, format_size, parse_cpulist, parse_size
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -21,15 +21,16 @@ def dedicated(machine_factory):
 
 def refused(m: Machine, exc: type, words: str, **kw) -> Exception:
     before = m.snapshot()
-    views = open(os.path.join(m.run_dir, "sys/fs/multikernel/device_tree")).read()
+    views = open(os.path.join(m.run_dir, "sys/fs/multikernel/device_tree"), "rb").read()
     with pytest.raises(exc) as ei:
         m.create(**kw)
     assert words in ei.value.message, (ei.value.message, words)
     assert ei.value.hint, "every refusal names a fix"
     after = m.snapshot()
-    before["machine"].pop("events"); after["machine"].pop("events")
+    before["machine"].pop("events")
+    after["machine"].pop("events")
     assert after == before, "a refused create changed the machine"
-    assert open(os.path.join(m.run_dir, "sys/fs/multikernel/device_tree")).read() == views
+    assert open(os.path.join(m.run_dir, "sys/fs/multikernel/device_tree"), "rb").read() == views
     return ei.value
 
 
@@ -114,9 +115,10 @@ def test_oversubscription_is_visible(machine):
     assert b["shared_cpus"] == [CPUS[-1]]
     snap = machine.snapshot()
     assert snap["machine"]["mode"] == "oversubscribed"
-    tree = open(os.path.join(machine.run_dir, "sys/fs/multikernel/device_tree")).read()
-    assert "oversubscribe;" in tree
-    inst_tree = open(os.path.join(machine.run_dir, "sys/fs/multikernel/instances/b/device_tree")).read()
+    tree = to_dts(open(os.path.join(machine.run_dir, "sys/fs/multikernel/device_tree"), "rb").read())
+    assert "\toversubscribe;" in tree
+    inst_tree = to_dts(open(os.path.join(machine.run_dir,
+                                         "sys/fs/multikernel/instances/b/device_tree"), "rb").read())
     assert "shared-cpus" in inst_tree
 
 

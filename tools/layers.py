@@ -10,7 +10,8 @@ Layers, bottom up; a module may import its own layer and the layers below it, ne
     guest     partition.guest.*: what runs inside an instance
     host      partition.host.*: the host kernel and its loader
     tools     partition.scenario.*, partition.bench.*: experiments driving a machine
-    control   partition.control.*: mkctl, the daemon, the client, the wire
+    control   partition.control.*, partition.bridge.*: mkctl, the daemon, the client, the wire,
+              the kerf bridge
     top       partition (the public facade), partition.pytest_plugin: nothing inside imports them
 
 Every import counts, also one inside a function (a lazy import runs sooner or later); an import
@@ -39,7 +40,7 @@ def layer_of(module: str) -> str | None:
     if parts[0] != "partition" or len(parts) < 2:
         return None
     return {"abi": "abi", "guest": "guest", "host": "host", "scenario": "tools",
-            "bench": "tools", "control": "control"}.get(parts[1])
+            "bench": "tools", "control": "control", "bridge": "control"}.get(parts[1])
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,10 @@ NOT_FROM_HOST: Any = object()
 
 #: the message types a kernel accepts from the host only, and only as digested commands
 HOST_COMMANDS = frozenset({MK_MSG_SHUTDOWN, MK_EMU_FAULT, MK_EMU_PROBE_START,
-                           MK_EMU_PROBE_FLUSH})
+                           MK_EMU_PROBE_FLUSH, MK_MSG_CPU_ADD, MK_MSG_CPU_REMOVE, MK_MSG_MEM_ADD,
+                           MK_MSG_MEM_REMOVE, MK_MSG_QUERY})
+#: the runtime resource operations (RESOURCE category), in the order one overlay applies them
+RESOURCE_ORDER = (MK_MSG_MEM_REMOVE, MK_MSG_MEM_ADD, MK_MSG_CPU_REMOVE, MK_MSG_CPU_ADD)
 
 
 def encode(msg_type: int, subtype: int, msg_id: int, payload: Any) -> bytes:

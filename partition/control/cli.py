@@ -93,11 +93,44 @@ def cmd_create(a: argparse.Namespace) -> int:
 
 
 def cmd_update(a: argparse.Namespace) -> int:
-    r = Client(a.run_dir).call("update", name=a.name, recovery=a.recovery,
-                               max_restarts=a.max_restarts, restart_window=a.restart_window,
-                               watchdog=a.watchdog, preserve_memory=a.preserve_memory)
-    _emit(a, r, _one_line(r) + f"\n  recovery: {r['recovery']}")
+    client = Client(a.run_dir)
+    r: dict[str, Any] = {}
+    if a.cpus is not None or a.memory is not None:     # kerf update: one overlay transaction
+        r = client.call("resize", name=a.name, cpus=a.cpus, memory=a.memory)
+    policy = {"recovery": a.recovery, "max_restarts": a.max_restarts,
+              "restart_window": a.restart_window, "watchdog": a.watchdog,
+              "preserve_memory": a.preserve_memory}
+    if any(v is not None for v in policy.values()) or not r:
+        r = {**r, **client.call("update", name=a.name, **policy)}
+    text = _one_line(r) + f"\n  recovery: {r['recovery']}"
+    if r.get("transaction"):
+        tx = r["transaction"]
+        text += f"\n  transaction tx_{tx['id']} {tx['status']}: {'; '.join(tx['operations'])}"
+    _emit(a, r, text)
     return EXIT_OK
+
+
+def cmd_dump(a: argparse.Namespace) -> int:
+    """An instance's device tree (or the root tree) as DTS text, or the DTB with --output."""
+    from partition.host.devicetree import to_dts
+    blob = Client(a.run_dir).call("dump", name=a.name)
+    if a.output:
+        with open(a.output, "wb") as f:
+            f.write(blob)
+    else:
+        print(to_dts(blob), end="")
+    return EXIT_OK
+
+
+def cmd_kerf(a: argparse.Namespace) -> int:
+    """The real kerf, unmodified, against this machine (partition/bridge/)."""
+    from partition.bridge.session import run
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if not args:
+        print("mkctl kerf: give kerf's arguments after --, e.g. mkctl kerf -- show",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return run(args, a.run_dir, oversubscribe=a.oversubscribe)
 
 
 def cmd_fault(a: argparse.Namespace) -> int:
@@ -244,10 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make this instance the pre-booted standby of that one")
     p.set_defaults(fn=cmd_create)
 
-    p = sub.add_parser("update", parents=[common], help="change recovery policy or watchdog")
+    p = sub.add_parser("update", parents=[common],
+                       help="change CPUs or memory (an overlay transaction), recovery or watchdog")
     p.add_argument("name")
+    p.add_argument("--cpus", default=None, help="the CPUs it should hold, e.g. 1-2 (logical)")
+    p.add_argument("--memory", default=None,
+                   help="the memory it should hold, e.g. 64M: grows by a new region, shrinks by "
+                        "whole regions, newest first")
     _recovery_options(p, defaults=False)
     p.set_defaults(fn=cmd_update)
+
+    p = sub.add_parser("dump", parents=[common],
+                       help="an instance's device tree as DTS text (no name: the root tree)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--output", "-o", default=None, help="write the DTB here instead")
+    p.set_defaults(fn=cmd_dump)
+
+    p = sub.add_parser("kerf", parents=[common],
+                       help="run the real kerf against this machine: mkctl kerf -- ARGS")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="a pool kerf init defines may share the host's CPUs")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="kerf's arguments, after --")
+    p.set_defaults(fn=cmd_kerf)
 
     p = sub.add_parser("fault", parents=[common], help="inject a fault into an active instance")
     p.add_argument("name")

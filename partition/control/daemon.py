@@ -29,7 +29,7 @@ from typing import Any
 
 from partition.abi.constants import IPI_SIGNAL
 from partition.control import protocol
-from partition.errors import InvalidSpec, MKError, PermissionDenied, ResourceBusy
+from partition.errors import InvalidSpec, MKError, NotLoaded, PermissionDenied, ResourceBusy
 from partition.host import rundir
 from partition.host.machine import Machine
 
@@ -55,7 +55,45 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "unload": ({"name"}, m.unload),
         "delete": ({"name"}, m.delete),
         "console": ({"name"}, m.console),
+        # the real control plane (mkctl kerf: partition/bridge/)
+        "overlay": ({"data"}, m.apply_overlay),
+        "overlay_remove": ({"tx"}, m.remove_overlay),
+        "resize": ({"name", "cpus", "memory"}, m.resize),
+        "dump": ({"name"}, lambda name=None: _dump(m, name)),
+        "kexec_load": ({"id", "kernel", "cmdline"},
+                       lambda id, kernel, cmdline="": m.load(_by_id(m, id), kernel, cmdline)),
+        "kexec_unload": ({"id"}, lambda id: m.unload(_by_id(m, id))),
+        "mk_reboot": ({"cmd", "id"}, lambda cmd, id: _reboot(m, cmd, id)),
     }
+
+
+def _by_id(m: Machine, mk_id: Any) -> str:
+    """The instance a kexec or reboot names by id (the real calls carry only the id)."""
+    if isinstance(mk_id, bool) or not isinstance(mk_id, int) or not 1 <= mk_id <= 511:
+        raise InvalidSpec(f"multikernel id {mk_id!r} is out of range 1..511",
+                          "kerf encodes the id in the flags (id << 5)")
+    inst = m.by_id(mk_id)
+    if inst is None:
+        raise NotLoaded(f"no instance has id {mk_id}", "create it first (kerf create)")
+    return inst.name
+
+
+def _reboot(m: Machine, cmd: Any, mk_id: Any) -> Any:
+    """reboot(LINUX_REBOOT_CMD_MULTIKERNEL*): start, graceful halt, forced halt."""
+    name = _by_id(m, mk_id)
+    if cmd == "start":
+        return m.start(name)
+    if cmd in ("halt", "force"):
+        return m.kill(name, force=cmd == "force")
+    raise InvalidSpec(f"reboot command {cmd!r} is not start, halt or force", "kerf start/kill")
+
+
+def _dump(m: Machine, name: str | None) -> bytes:
+    """The DTB ``sys/fs/multikernel`` serves: the root tree, or an instance's."""
+    from partition.host.views import render_instance_tree, render_pool_tree
+    if name is None:
+        return render_pool_tree(m.snapshot())
+    return render_instance_tree(m.show(name))
 
 
 def _load_with_cwd(m: Machine, name: str, kernel: str, cmdline: str = "",
@@ -73,7 +111,7 @@ def _load_with_cwd(m: Machine, name: str, kernel: str, cmdline: str = "",
 
 
 #: what may be answered while another verb is still waiting (they change nothing)
-READ_ONLY_OPS = frozenset({"ping", "show", "console"})
+READ_ONLY_OPS = frozenset({"ping", "show", "console", "dump"})
 MAX_CLIENTS = 16          # connections at once; one more is answered EBUSY and closed
 REQUEST_DEADLINE_S = 5.0  # a client must have sent its whole request by then
 REPLY_DEADLINE_S = 30.0   # and must have read its reply by then

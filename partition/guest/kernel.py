@@ -33,7 +33,7 @@ from partition.guest import probes as P
 from partition.guest.endpoint import Endpoint, PeerTable
 from partition.units import parse_size
 
-__all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "parse_cmdline"]
+__all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "RefuseResource", "parse_cmdline"]
 
 
 #: how often the main loop checks its own ring's header (check_ring)
@@ -48,6 +48,11 @@ class KernelPanic(BaseException):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RefuseResource(Exception):
+    """Raised by an ``on_cpu_*``/``on_memory_*`` hook to refuse a runtime resource change; the
+    host rolls the whole transaction back. The message travels in the RES_ACK as the reason."""
 
 
 @dataclass
@@ -123,6 +128,11 @@ class Kernel:
         self._deliver = self.messenger.deliver       # bound once: poll_ipis is the hot loop
         self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
         self.messenger.register(M.MK_EMU_FAULT, self._on_fault)
+        for op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE, M.MK_MSG_MEM_ADD, M.MK_MSG_MEM_REMOVE,
+                   M.MK_MSG_QUERY):
+            self.messenger.register(op, self._on_resource)
+        #: memory added at run time (base, size): announced, not mapped (docs/kerf.md)
+        self.added_memory: list[tuple[int, int]] = []
         self.probes = P.ProbeHandlers(self)         # answers pings; runs probes it is given
         self.ring = self.endpoint.ring_of(ctx.id)
         self.ring.set_mode(self.mode)
@@ -183,6 +193,22 @@ class Kernel:
 
     def shutdown(self) -> None:
         """Graceful halt requested by the host: flush state, the process exits afterwards."""
+
+    # runtime resource changes (kerf update, mkctl update): each is asked before the host moves
+    # anything; return normally to accept, raise RefuseResource("why") to refuse (the host then
+    # rolls the whole change back). CPUs are physical (APIC) ids, as the messages carry them.
+    def on_cpu_add(self, cpus: list[int]) -> None:
+        """CPU_ADD: these CPUs join the instance (the host pins it to them after the ack)."""
+
+    def on_cpu_remove(self, cpus: list[int]) -> None:
+        """CPU_REMOVE: stop using these CPUs; the host unpins them after the ack."""
+
+    def on_memory_add(self, base: int, size: int) -> None:
+        """MEM_ADD: [base, base+size) becomes the instance's (reserved and accounted; a running
+        kernel cannot map it in the emulator: see docs/kerf.md)."""
+
+    def on_memory_remove(self, base: int, size: int) -> None:
+        """MEM_REMOVE: [base, base+size) leaves the instance; the host scrubs it."""
 
     # -- services --------------------------------------------------------------------------
     def printk(self, message: str) -> None:
@@ -355,6 +381,44 @@ class Kernel:
         else:
             raise KernelPanic(f"BUG: unable to handle page fault for address {phys:#x} "
                               "(not mapped: outside this instance's partition)")
+
+    def _on_resource(self, msg: M.Message) -> Any:
+        """A RESOURCE command: the hook decides; the answer is the RES_ACK (status 0 or
+        -errno, and a reason). A panic in the hook is a panic: the host sees the death."""
+        import errno
+        body = self.host_command(msg)
+        if body is M.NOT_FROM_HOST or not isinstance(body, dict):
+            return {"type": M.MK_MSG_RES_ACK, "status": -errno.EPERM, "reason": "not from host"}
+        op = msg.msg_type
+        if op == M.MK_MSG_QUERY:
+            return {"type": M.MK_MSG_RES_ACK, "status": 0, "cpus": self.physical_cpus,
+                    "logical": self.cpus, "memory_base": self.ctx.memory_base,
+                    "memory_bytes": len(self.ctx.memory), "added": self.added_memory}
+        try:
+            if op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE):
+                phys = [int(c) for c in body.get("cpus", [])]
+                logical = [int(c) for c in body.get("logical", [])]
+                (self.on_cpu_add if op == M.MK_MSG_CPU_ADD else self.on_cpu_remove)(phys)
+                pairs = dict(zip(self.ctx.cpus, self.ctx.physical_cpus))
+                if op == M.MK_MSG_CPU_ADD:
+                    pairs.update(zip(logical, phys))
+                else:
+                    for c in logical:
+                        pairs.pop(c, None)
+                self.ctx.cpus, self.ctx.physical_cpus = list(pairs), list(pairs.values())
+            else:
+                base, size = int(body.get("base", 0)), int(body.get("size", 0))
+                if op == M.MK_MSG_MEM_ADD:
+                    self.on_memory_add(base, size)
+                    self.added_memory.append((base, size))
+                else:
+                    self.on_memory_remove(base, size)
+                    if (base, size) in self.added_memory:
+                        self.added_memory.remove((base, size))
+        except RefuseResource as exc:
+            self.printk(f"multikernel: refused {msg.msg_type:#x}: {exc}")
+            return {"type": M.MK_MSG_RES_ACK, "status": -errno.ECANCELED, "reason": str(exc)}
+        return {"type": M.MK_MSG_RES_ACK, "status": 0}
 
     def _on_shutdown(self, msg: M.Message) -> None:
         if self.host_command(msg) is not M.NOT_FROM_HOST:

@@ -134,6 +134,16 @@ class Cgroups:
         except OSError:
             _write(os.path.join(d, "cpuset.cpus"), fallback)
 
+    def set_cpus(self, instance_id: int, cpus: list[int]) -> None:
+        """A runtime CPU change (host/resize.py): the cpuset follows; in v1 the kernel moves
+        every task of the cgroup onto the new set itself."""
+        if self.mode is None:
+            return
+        dirs = self._dirs(instance_id)
+        d = dirs.get("cpuset") or dirs.get("")
+        if d and os.path.isdir(d):
+            _write(os.path.join(d, "cpuset.cpus"), ",".join(str(c) for c in cpus))
+
     def members(self, instance_id: int) -> list[int]:
         """Every process in the instance's cgroup (its kernel and whatever it forked)."""
         if self.mode is None:

@@ -111,8 +111,9 @@ class Instance:
     cpus: list[int]
     physical_cpus: list[int]
     memory_base: int
-    memory_bytes: int
+    memory_bytes: int                   # the boot region; regions added at run time: extra
     state: State = State.READY
+    extra_regions: list[tuple[int, int]] = field(default_factory=list)  # (base, bytes), oldest first
     kimage: KImage | None = None
     pid: int | None = None
     pidfd: int | None = None
@@ -141,5 +142,13 @@ class Instance:
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
         "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0,
         "ring_jams": 0})
+    #: runtime resource changes (overlays): what the kernel answered, and how often
+    resource_changes: dict[str, int] = field(default_factory=lambda: {
+        "accepted": 0, "refused": 0, "unanswered": 0})
     #: unprotected machines: pages of this partition written by others, by writer name
     foreign_writes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def regions(self) -> list[tuple[int, int]]:
+        """Every region of the instance, boot region first (the /proc/iomem region-<n>)."""
+        return [(self.memory_base, self.memory_bytes), *self.extra_regions]

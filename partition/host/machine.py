@@ -41,18 +41,20 @@ from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, Re
 from partition.host import faults, rundir
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
+from partition.host.devicetree import MEMORY_GRANULE, Overlay, UpdateOp
 from partition.host.events import EventLog
 from partition.host.hostipc import HostIPC
 from partition.host.instance import CHANNEL, EXIT, PARKED_EXIT, REPORT, Instance, State, check_transition
 from partition.host.kimage import KIMAGE_TYPE, check_spec
 from partition.host.lifecycle import Lifecycle
 from partition.host.loading import Loading
+from partition.host.overlays import Overlays
 from partition.host.pool import PoolConfig, ResourcePool
 from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
-from partition.units import seconds
+from partition.units import format_size, parse_cpulist, parse_size, seconds
 
 
 class Machine:
@@ -115,6 +117,7 @@ class Machine:
         self.lifecycle = Lifecycle(self)
         self.loading = Loading(self)
         self.supervisor = Supervisor(self)
+        self.overlays = Overlays(self)
         self.writes = None if self.protection else WriteWatch(self)
         self.cgroups = Cgroups(os.path.basename(self.run_dir))
         self._filters_due = 0.0               # next look at the rings' drop filters
@@ -367,7 +370,8 @@ class Machine:
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
         self.cgroups.remove(inst.id)
-        self.arena.scrub(inst.memory_base, inst.memory_bytes)
+        for base, size in inst.regions:
+            self.arena.scrub(base, size)
         format_console(self._console_view(inst))
         self.arena.peer(inst.id).clear()
         self.arena.own(inst.id).clear()
@@ -380,6 +384,69 @@ class Machine:
         out["state"] = State.EMPTY.value
         return out
 
+    # -- the real control plane: overlays and runtime resources --------------------------------
+    def apply_overlay(self, data: bytes) -> dict[str, Any]:
+        """Apply a DTBO as one transaction (``overlays/new``); see host/overlays.py."""
+        self._check_open()
+        self.poll(0)
+        return self.overlays.apply(data).to_dict()
+
+    def remove_overlay(self, tx: int) -> dict[str, Any]:
+        """Roll a transaction back (``rmdir overlays/tx_<N>``)."""
+        self._check_open()
+        self.poll(0)
+        if isinstance(tx, bool) or not isinstance(tx, int):
+            raise InvalidSpec(f"transaction id {tx!r} is not an integer", "e.g. tx 3")
+        return self.overlays.remove(tx).to_dict()
+
+    def resize(self, name: str, cpus: str | list[int] | None = None,
+               memory: str | int | None = None) -> dict[str, Any]:
+        """Change a ready, loaded or running instance's CPUs or memory as ``kerf update`` does:
+        one overlay transaction (memory-remove, memory-add, cpu-remove, cpu-add), the running
+        kernel asked first (host/resize.py). Memory grows by a new region at the highest free,
+        granule-aligned range of the pool and shrinks by whole regions, newest first."""
+        self._check_open()
+        self.poll(0)
+        inst = self._get(name)
+        if cpus is None and memory is None:
+            raise InvalidSpec("give --cpus or --memory (or both)", "e.g. mkctl update a --cpus 1,2")
+        phys = self.config.physical_ids
+        op = UpdateOp(inst.name)
+        if cpus is not None:
+            want = parse_cpulist(cpus, "CPU list")
+            op.cpu_remove = [phys.get(c, c) for c in inst.cpus if c not in want]
+            op.cpu_add = [phys.get(c, c) for c in want if c not in inst.cpus]
+        if memory is not None:
+            nbytes = parse_size(memory, "memory")
+            have = sum(size for _, size in inst.regions)
+            if nbytes > have:
+                grow = nbytes - have
+                if grow % MEMORY_GRANULE:
+                    raise InvalidSpec(f"Cannot grow instance '{inst.name}' by {format_size(grow)}: "
+                                      f"memory is added in multiples of "
+                                      f"{format_size(MEMORY_GRANULE)}", "round the size")
+                base = self.pool.highest_free(grow, MEMORY_GRANULE, self.layout.pool_offset)
+                if base is None:
+                    raise ResourceBusy(f"Cannot grow instance '{inst.name}' by {format_size(grow)}: "
+                                       "no pool chunk has a free range that large",
+                                       "shrink or delete another instance")
+                op.memory_add = [(base, grow)]
+            elif nbytes < have:
+                take, total = [], 0
+                for region in reversed(inst.extra_regions):
+                    if total >= have - nbytes:
+                        break
+                    take.append(region)
+                    total += region[1]
+                if total != have - nbytes:
+                    raise InvalidSpec(f"Cannot shrink by {format_size(have - nbytes)}: memory "
+                                      "leaves an instance in whole regions, newest first "
+                                      f"(regions: {', '.join(format_size(s) for _, s in inst.regions)})",
+                                      "shrink to the size before a region was added")
+                op.memory_remove = take
+        tx = self.overlays.run(Overlay([op], f"/instances/{inst.name}"))
+        return {**self.describe(inst), "transaction": tx.to_dict()}
+
     # -- observation -----------------------------------------------------------------------
     def describe(self, inst: Instance) -> dict[str, Any]:
         running = inst.pid is not None
@@ -388,6 +455,9 @@ class Machine:
             "physical_cpus": list(inst.physical_cpus),
             "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
             "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
+            "regions": [list(r) for r in inst.regions],
+            "memory_total": sum(size for _, size in inst.regions),
+            "resource_changes": dict(inst.resource_changes),
             "kernel": inst.kimage.label if inst.kimage else None,
             "kernel_spec": inst.kimage.spec if inst.kimage else None,
             "cmdline": inst.kimage.cmdline if inst.kimage else None,
@@ -435,7 +505,10 @@ class Machine:
                 "cpus": list(cfg.cpus), "cpus_available": self.pool.cpus_available(),
                 "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
                 "memory_available": self.pool.memory_available,
+                "physical_ids": {str(c): p for c, p in sorted(cfg.physical_ids.items())},
+                "memory_granule": MEMORY_GRANULE,
             },
+            "overlays": [t.to_dict() for t in self.overlays.visible()],
             "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
             "instances": [self.describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
         }

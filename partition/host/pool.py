@@ -94,12 +94,21 @@ class ResourcePool:
         self.config = config
         self.cpu_users: dict[int, list[str]] = {c: [] for c in config.cpus}
         self.regions: dict[str, tuple[int, int]] = {}     # name -> (offset in pool, bytes)
+        #: regions added at run time (overlay memory-add), oldest first: name -> [(offset, bytes)]
+        self.extra: dict[str, list[tuple[int, int]]] = {}
         self.ids: dict[int, str] = {}
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def memory_used(self) -> int:
-        return sum(n for _, n in self.regions.values())
+        return sum(n for _, n in self.taken())
+
+    def taken(self) -> list[tuple[int, int]]:
+        """Every reserved range of the pool (pool-relative offset, bytes), sorted."""
+        out = list(self.regions.values())
+        for ranges in self.extra.values():
+            out += ranges
+        return sorted(out)
 
     @property
     def memory_available(self) -> int:
@@ -191,7 +200,7 @@ class ResourcePool:
         return sorted(by_load[:cpu_count])
 
     def _first_fit(self, nbytes: int) -> int:
-        taken = sorted(self.regions.values())
+        taken = self.taken()
         cursor = 0
         largest = 0
         for off, size in taken:
@@ -217,4 +226,52 @@ class ResourcePool:
             if name in self.cpu_users.get(c, []):
                 self.cpu_users[c].remove(name)
         self.regions.pop(name, None)
+        self.extra.pop(name, None)
         self.ids.pop(instance_id, None)
+
+    # -- runtime changes (host/resize.py): each checked by the caller's plan first ---------
+    def range_free(self, offset: int, nbytes: int) -> str | None:
+        """Why [offset, offset+nbytes) of the pool cannot be reserved, or None if it can."""
+        if offset < 0 or nbytes <= 0 or offset + nbytes > self.config.memory_bytes:
+            return (f"range {offset:#x}+{nbytes:#x} is outside the pool "
+                    f"(0..{self.config.memory_bytes:#x})")
+        for off, size in self.taken():
+            if off < offset + nbytes and offset < off + size:
+                owner = next((n for n, r in self.regions.items() if r == (off, size)), None) or \
+                    next((n for n, rs in self.extra.items() if (off, size) in rs), "?")
+                return f"range overlaps {owner!r}'s region {off:#x}+{size:#x}"
+        return None
+
+    def highest_free(self, nbytes: int, align: int, base: int) -> int | None:
+        """The highest free range of ``nbytes`` whose physical address (``base`` + offset) is
+        ``align``-aligned, as kerf picks where memory added to an instance goes; None if none."""
+        best = None
+        cursor = 0
+        gaps = []
+        for off, size in self.taken():
+            gaps.append((cursor, off))
+            cursor = max(cursor, off + size)
+        gaps.append((cursor, self.config.memory_bytes))
+        for lo, hi in gaps:
+            at = (base + hi - nbytes) // align * align
+            if at >= base + lo and (best is None or at > best):
+                best = at
+        return best
+
+    def add_range(self, name: str, offset: int, nbytes: int) -> None:
+        self.extra.setdefault(name, []).append((offset, nbytes))
+
+    def remove_range(self, name: str, offset: int, nbytes: int) -> None:
+        ranges = self.extra.get(name, [])
+        ranges.remove((offset, nbytes))
+        if not ranges:
+            self.extra.pop(name, None)
+
+    def add_cpus(self, name: str, cpus: list[int]) -> None:
+        for c in cpus:
+            self.cpu_users[c].append(name)
+
+    def remove_cpus(self, name: str, cpus: list[int]) -> None:
+        for c in cpus:
+            if name in self.cpu_users.get(c, []):
+                self.cpu_users[c].remove(name)

@@ -1,9 +1,11 @@
 """The proc/sys views: the real system's control surfaces, as files under the run directory.
 
-``proc/kimage`` keeps the v2 format byte for byte; ``sys/fs/multikernel/`` keeps its tree shape
-with readable device-tree text. Files are replaced atomically (write, then rename) so a reader
-never sees half a file, and only files whose content changed are rewritten, which keeps view
-maintenance off the boot path's critical cost.
+``proc/kimage`` and ``proc/iomem`` keep the real formats; ``sys/fs/multikernel/`` keeps the real
+tree: ``device_tree`` and ``instances/<name>/device_tree`` are binary DTBs in the shapes kerf 0.4
+reads (host/devicetree.py; ``mkctl dump`` prints them as text), ``overlays/tx_<N>/`` holds each
+transaction's ``status`` and ``instance``. Files are replaced atomically (write, then rename) so
+a reader never sees half a file, and only files whose content changed are rewritten, which keeps
+view maintenance off the boot path's critical cost.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import shutil
 from typing import Any
 
+from partition.host.devicetree import Chunk, instance_tree, pool_tree
 from partition.units import format_cpulist, format_size
 
 KIMAGE_HEADER = "MK_ID  Type        Start Address   Segments\n"
@@ -34,61 +37,37 @@ def render_kimage(snapshot: dict[str, Any]) -> str:
 def render_iomem(snapshot: dict[str, Any]) -> str:
     """``/proc/iomem`` as far as the machine goes: the pool, registered as one resource named
     as the real kernel names its pool chunks, and each instance's partition nested in it as
-    ``mk-instance-<id>-<name>-region-<n>`` (one region each: partitions are contiguous here).
-    Addresses are arena offsets (the emulator's physical addresses), ends inclusive."""
+    ``mk-instance-<id>-<name>-region-<n>`` (region 0 is where it boots, the others were added
+    at run time, numbered in the order they came). Addresses are arena offsets (the emulator's
+    physical addresses), ends inclusive, sorted by address as the kernel lists them."""
     pool = snapshot["pool"]
     base, size = pool["memory_base"], pool["memory_bytes"]
     if not size:
         return ""
     out = [f"{base:08x}-{base + size - 1:08x} : {POOL_RESOURCE}\n"]
-    for i in sorted(snapshot["instances"], key=lambda r: r["memory_base"]):
-        lo = i["memory_base"]
-        out.append(f"  {lo:08x}-{lo + i['memory_bytes'] - 1:08x} : "
-                   f"mk-instance-{i['id']}-{i['name']}-region-0\n")
+    rows = [(lo, n, i) for i in snapshot["instances"] for n, (lo, _) in enumerate(i["regions"])]
+    for lo, n, i in sorted(rows, key=lambda r: r[0]):
+        out.append(f"  {lo:08x}-{lo + i['regions'][n][1] - 1:08x} : "
+                   f"mk-instance-{i['id']}-{i['name']}-region-{n}\n")
     return "".join(out)
 
 
-def _cells(cpus: list[int]) -> str:
-    return "<" + " ".join(str(c) for c in cpus) + ">"
+def render_pool_tree(snapshot: dict[str, Any]) -> bytes:
+    """The root ``device_tree``: the pool as kerf reads it back (physical CPU ids)."""
+    pool = snapshot["pool"]
+    phys = {int(c): p for c, p in pool["physical_ids"].items()}
+    return pool_tree([phys.get(c, c) for c in pool["cpus"]],
+                     [phys.get(c, c) for c in pool["cpus_available"]],
+                     [Chunk(pool["memory_base"], pool["memory_bytes"])]
+                     if pool["memory_bytes"] else [], pool["memory_granule"],
+                     oversubscribe=snapshot["machine"]["oversubscribe"])
 
 
-def render_pool_tree(snapshot: dict[str, Any]) -> str:
-    pool, machine = snapshot["pool"], snapshot["machine"]
-    lines = [
-        "/ {",
-        '\tcompatible = "multikernel-v1";',
-        "\tresources {",
-        f"\t\tcpus = {_cells(pool['cpus'])};",
-        f"\t\tcpus-available = {_cells(pool['cpus_available'])};",
-        f"\t\thost-cpus = {_cells(machine['host_cpus'])};",
-        f"\t\tmemory@{pool['memory_base']:x} {{",
-        f"\t\t\tsize = <0x{pool['memory_bytes']:x}>;   /* {format_size(pool['memory_bytes'])} */",
-        f"\t\t\tavailable = <0x{pool['memory_available']:x}>;",
-        "\t\t\tnuma-node-id = <0>;",
-        "\t\t};",
-    ]
-    if machine["oversubscribe"]:
-        lines.append("\t\toversubscribe;   /* emulator: instances may share host cores */")
-    lines += ["\t};", "};", ""]
-    return "\n".join(lines)
-
-
-def render_instance_tree(inst: dict[str, Any]) -> str:
-    lines = [
-        "/ {",
-        '\tcompatible = "multikernel-v1";',
-        f'\tmodel = "{inst["kernel"] or ""}";',
-        f"\tid = <{inst['id']}>;",
-        "\tresources {",
-        f"\t\tmemory-base = <0x{inst['memory_base']:x}>;",
-        f"\t\tmemory-bytes = <0x{inst['memory_bytes']:x}>;",
-        f"\t\tcpus = {_cells(inst['cpus'])};",
-        f"\t\tphysical-cpus = {_cells(inst['physical_cpus'])};",
-    ]
-    if inst["shared_cpus"]:
-        lines.append(f"\t\tshared-cpus = {_cells(inst['shared_cpus'])};   /* oversubscribed */")
-    lines += ["\t};", "};", ""]
-    return "\n".join(lines)
+def render_instance_tree(inst: dict[str, Any]) -> bytes:
+    phys = dict(zip(inst["cpus"], inst["physical_cpus"]))
+    return instance_tree(inst["name"], inst["id"], inst["physical_cpus"],
+                         [(b, s) for b, s in inst["regions"]],
+                         shared=[phys.get(c, c) for c in inst["shared_cpus"]])
 
 
 def render_counters(inst: dict[str, Any]) -> str:
@@ -142,17 +121,20 @@ class ViewWriter:
         self.instances_dir = os.path.join(self.sys, "instances")
         os.makedirs(self.proc, exist_ok=True)
         os.makedirs(self.instances_dir, exist_ok=True)
-        self._cache: dict[str, str] = {}
+        self.overlays_dir = os.path.join(self.sys, "overlays")
+        os.makedirs(self.overlays_dir, exist_ok=True)
+        self._cache: dict[str, str | bytes] = {}
         self._names: set[str] = set()
+        self._txs: set[int] = set()
 
-    def _put(self, path: str, text: str) -> None:
-        if self._cache.get(path) == text:
+    def _put(self, path: str, content: str | bytes) -> None:
+        if self._cache.get(path) == content:
             return
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
         os.replace(tmp, path)
-        self._cache[path] = text
+        self._cache[path] = content
 
     def update(self, snapshot: dict[str, Any]) -> None:
         self._put(os.path.join(self.proc, "kimage"), render_kimage(snapshot))
@@ -174,3 +156,17 @@ class ViewWriter:
             for key in [k for k in self._cache if k.startswith(d + os.sep)]:
                 del self._cache[key]
         self._names = names
+        txs = set()
+        for tx in snapshot.get("overlays", []):
+            d = os.path.join(self.overlays_dir, f"tx_{tx['id']}")
+            if tx["id"] not in self._txs:
+                os.makedirs(d, exist_ok=True)
+            txs.add(tx["id"])
+            self._put(os.path.join(d, "status"), f"{tx['status']}\n")
+            self._put(os.path.join(d, "instance"), f"{tx['instance']}\n")
+        for old in self._txs - txs:
+            d = os.path.join(self.overlays_dir, f"tx_{old}")
+            shutil.rmtree(d, ignore_errors=True)
+            for key in [k for k in self._cache if k.startswith(d + os.sep)]:
+                del self._cache[key]
+        self._txs = txs

@@ -1,0 +1,480 @@
+"""Device trees, the resource language of ``/sys/fs/multikernel``: the DTBs the host serves and the
+DTBs and overlays (DTBO) it accepts, in the shapes kerf 0.4 writes and reads, built and parsed with
+pylibfdt (the library kerf itself uses, so the two can never disagree on the wire format).
+
+Every CPU in a tree is a physical (APIC) id in a 64-bit cell, as the current kernel tree writes
+them; memory is a physical address, which in the emulator is an offset into the arena. A written
+tree is an attacker's input (``mkctl kerf`` serves it from a filesystem any root process in the
+bridge can write): its size is bounded, every property is length-checked before it is decoded,
+and every problem is an ``InvalidSpec`` (EINVAL) that names the node and property.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import libfdt
+
+from partition.errors import InvalidSpec, NotSupported
+
+#: the largest tree or overlay the host parses (a real one is a few hundred bytes)
+MAX_TREE_BYTES = 1 << 20
+#: the unit memory moves into or out of an instance in (the root ``memory-granule``): kerf sizes
+#: and places memory it adds to an instance in it
+MEMORY_GRANULE = 2 << 20
+HOST_COMPATIBLE = "linux,multikernel-host"
+INSTANCE_COMPATIBLE = "linux,multikernel-instance"
+OVERLAY_COMPATIBLE = "linux,multikernel-overlay"
+INSTANCES_PATH = "/instances"
+POOL_PATH = "/resources"
+#: kerf's instance ids: 0 is the host
+MAX_ID = 511
+
+
+# -- building -------------------------------------------------------------------------------------
+def _cpus(ids: list[int]) -> bytes:
+    return struct.pack(f">{len(ids)}Q", *ids)
+
+
+def _finish(sw: Any) -> bytes:
+    fdt = sw.as_fdt()
+    fdt.pack()
+    return bytes(fdt.as_bytearray())
+
+
+def host_tree(online: list[int]) -> bytes:
+    """The root tree before any pool exists: it describes the host (its online CPUs) and has no
+    ``memory@`` node, which is how kerf tells "no pool yet" from a live one."""
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", HOST_COMPATIBLE)
+    sw.begin_node("resources")
+    sw.property("cpus", _cpus(sorted(online)))
+    sw.end_node()
+    sw.end_node()
+    return _finish(sw)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One pool chunk: a physical range and the NUMA node it sits on."""
+
+    base: int
+    size: int
+    node: int = 0
+
+
+def pool_tree(cpus: list[int], free: list[int], chunks: list[Chunk],
+              granule: int = MEMORY_GRANULE, oversubscribe: bool = False) -> bytes:
+    """The root tree once the pool is live: ``/resources`` lists the pool's CPUs (``cpus``), the
+    ones no instance holds (``cpus-available``) and every chunk as ``memory@<base>`` with
+    ``device_type`` and ``reg``; the root carries ``memory-granule``. Instances are not in it:
+    each is read from its own ``instances/<name>/device_tree``, as on the real kernel. Emulator
+    addition: an empty ``oversubscribe`` property when instances may share cores."""
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", HOST_COMPATIBLE)
+    sw.property_u64("memory-granule", granule)
+    sw.begin_node("resources")
+    sw.property("cpus", _cpus(sorted(cpus)))
+    sw.property("cpus-available", _cpus(sorted(free)))
+    if oversubscribe:
+        sw.property("oversubscribe", b"")
+    for c in chunks:
+        sw.begin_node(f"memory@{c.base:x}")
+        sw.property_string("device_type", "memory")
+        sw.property("reg", struct.pack(">QQ", c.base, c.size))
+        sw.property_u32("numa-node-id", c.node)
+        sw.end_node()
+    sw.end_node()
+    sw.end_node()
+    return _finish(sw)
+
+
+def instance_tree(name: str, instance_id: int, cpus: list[int],
+                  regions: list[tuple[int, int]], shared: list[int] | None = None) -> bytes:
+    """An instance's tree as ``instances/<name>/device_tree`` serves it and ``kerf dump`` writes
+    it: ``model`` is the name, ``id``, and ``resources`` with physical ``cpus``, ``memory-base``
+    (its first region), ``memory-bytes`` (all regions) and one ``memory@<base>`` per region.
+    Emulator addition: ``shared-cpus``, the CPUs it shares with the host or a peer."""
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+    sw.begin_node("")
+    sw.property_string("compatible", INSTANCE_COMPATIBLE)
+    sw.property_string("model", name)
+    sw.property_u32("id", instance_id)
+    sw.begin_node("resources")
+    sw.property("cpus", _cpus(sorted(cpus)))
+    sw.property_u64("memory-base", regions[0][0] if regions else 0)
+    sw.property_u64("memory-bytes", sum(size for _, size in regions))
+    if shared:
+        sw.property("shared-cpus", _cpus(sorted(shared)))
+    for base, size in regions:
+        sw.begin_node(f"memory@{base:x}")
+        sw.property_string("device_type", "memory")
+        sw.property("reg", struct.pack(">QQ", base, size))
+        sw.end_node()
+    sw.end_node()
+    sw.end_node()
+    return _finish(sw)
+
+
+# -- reading --------------------------------------------------------------------------------------
+class Tree:
+    """A bounded, checked view of a DTB: the accessors raise InvalidSpec naming node and
+    property, never a libfdt error code."""
+
+    def __init__(self, data: bytes, what: str = "device tree") -> None:
+        self.what = what
+        if not isinstance(data, bytes | bytearray):
+            raise InvalidSpec(f"the {what} must be bytes (a DTB)", "write a compiled tree")
+        if len(data) > MAX_TREE_BYTES:
+            raise InvalidSpec(f"the {what} is {len(data)} bytes, over the {MAX_TREE_BYTES}-byte "
+                              "limit", "a multikernel tree is a few hundred bytes")
+        if len(data) < 40:
+            raise InvalidSpec(f"the {what} is {len(data)} bytes, shorter than an FDT header",
+                              "write a whole DTB (dtc -O dtb), not DTS text")
+        magic, total = struct.unpack_from(">II", data, 0)
+        if magic != 0xD00DFEED:
+            raise InvalidSpec(f"the {what} is not a DTB (magic {magic:#x}, want 0xd00dfeed)",
+                              "compile DTS text with dtc -O dtb first")
+        if total != len(data):
+            raise InvalidSpec(f"the {what} says it is {total} bytes but {len(data)} arrived",
+                              "write the whole blob in one go")
+        try:
+            self.fdt = libfdt.Fdt(bytes(data))
+            self._walk_all()                    # a malformed structure fails here, not later
+        except libfdt.FdtException as exc:
+            raise InvalidSpec(f"the {what} is malformed: {exc}", "regenerate it") from None
+
+    def _walk_all(self) -> None:
+        off, depth = 0, 0
+        while True:
+            try:
+                off, depth = self.fdt.next_node(off, depth, libfdt.QUIET_NOTFOUND)
+            except libfdt.FdtException:
+                raise
+            if off < 0:
+                return
+
+    def path(self, path: str) -> int | None:
+        off = self.fdt.path_offset(path, libfdt.QUIET_NOTFOUND)
+        return None if off < 0 else int(off)
+
+    def children(self, node: int) -> list[tuple[str, int]]:
+        out = []
+        off = self.fdt.first_subnode(node, libfdt.QUIET_NOTFOUND)
+        while off >= 0:
+            out.append((str(self.fdt.get_name(off)), int(off)))
+            off = self.fdt.next_subnode(off, libfdt.QUIET_NOTFOUND)
+        return out
+
+    def child(self, node: int, name: str) -> int | None:
+        off = self.fdt.subnode_offset(node, name, libfdt.QUIET_NOTFOUND)
+        return None if off < 0 else int(off)
+
+    def where(self, node: int) -> str:
+        try:
+            return str(self.fdt.get_path(node))
+        except libfdt.FdtException:
+            return "?"
+
+    def raw(self, node: int, prop: str) -> bytes | None:
+        value = self.fdt.getprop(node, prop, libfdt.QUIET_NOTFOUND)
+        if isinstance(value, int):
+            return None
+        return bytes(value)
+
+    def _bad(self, node: int, prop: str, want: str) -> InvalidSpec:
+        return InvalidSpec(f"{self.what}: {self.where(node)}: '{prop}' must be {want}",
+                           "see docs/kerf.md for the shapes the host accepts")
+
+    def string(self, node: int, prop: str) -> str | None:
+        v = self.raw(node, prop)
+        if v is None:
+            return None
+        if not v.endswith(b"\0") or b"\0" in v[:-1] or len(v) > 256:
+            raise self._bad(node, prop, "one NUL-terminated string")
+        try:
+            return v[:-1].decode("ascii")
+        except UnicodeDecodeError:
+            raise self._bad(node, prop, "ASCII") from None
+
+    def u32(self, node: int, prop: str) -> int | None:
+        v = self.raw(node, prop)
+        if v is None:
+            return None
+        if len(v) != 4:
+            raise self._bad(node, prop, "one u32 cell")
+        return int(struct.unpack(">I", v)[0])
+
+    def u64(self, node: int, prop: str) -> int | None:
+        v = self.raw(node, prop)
+        if v is None:
+            return None
+        if len(v) != 8:
+            raise self._bad(node, prop, "a u64 (two cells)")
+        return int(struct.unpack(">Q", v)[0])
+
+    def cpus(self, node: int, prop: str = "cpus") -> list[int] | None:
+        """64-bit cells (current format); 32-bit cells from older trees are accepted, as kerf
+        accepts them."""
+        v = self.raw(node, prop)
+        if v is None:
+            return None
+        if len(v) % 8 == 0:
+            ids = list(struct.unpack(f">{len(v) // 8}Q", v))
+        elif len(v) % 4 == 0:
+            ids = list(struct.unpack(f">{len(v) // 4}I", v))
+        else:
+            raise self._bad(node, prop, "a list of CPU ids in 64-bit cells")
+        if len(ids) > 8192 or len(set(ids)) != len(ids):
+            raise self._bad(node, prop, "a list of distinct CPU ids (at most 8192)")
+        return ids
+
+    def reg(self, node: int) -> tuple[int, int]:
+        v = self.raw(node, "reg")
+        if v is None or len(v) != 16:
+            raise self._bad(node, "reg", "<base size> in two u64s")
+        base, size = struct.unpack(">QQ", v)
+        return int(base), int(size)
+
+
+@dataclass
+class Baseline:
+    """What a baseline write asks for: pool CPUs (physical ids) and memory per NUMA node."""
+
+    cpus: list[int]
+    memory: dict[int, int]
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(self.memory.values())
+
+
+def parse_baseline(data: bytes) -> Baseline:
+    """A baseline as ``kerf init`` writes it: ``/resources`` with ``cpus`` and one
+    ``memory@N { size; numa-node-id; }`` per node; no ``/instances``."""
+    t = Tree(data, "baseline device tree")
+    res = t.path(POOL_PATH)
+    if res is None:
+        raise InvalidSpec("baseline device tree has no /resources node",
+                          "a baseline is /resources { cpus; memory@0 { size; }; }")
+    if t.path(INSTANCES_PATH) is not None and t.children(t.path(INSTANCES_PATH) or 0):
+        raise InvalidSpec("Baseline device tree must not contain instances",
+                          "create instances with overlays (kerf create)")
+    for legacy in ("memory-base", "memory-bytes"):
+        if t.raw(res, legacy) is not None:
+            raise InvalidSpec("memory-base/memory-bytes are not supported; use memory@N "
+                              "{ size; numa-node-id; }", "rewrite the baseline's memory nodes")
+    cpus = t.cpus(res) or []
+    memory: dict[int, int] = {}
+    for name, node in t.children(res):
+        if not name.startswith("memory@"):
+            continue
+        size = t.u64(node, "size")
+        if size is None:
+            raise InvalidSpec(f"baseline device tree: /resources/{name} has no 'size'",
+                              "a baseline asks for memory by size: memory@0 { size = /bits/ 64 <N>; }")
+        numa = t.u32(node, "numa-node-id") or 0
+        memory[numa] = memory.get(numa, 0) + size
+    return Baseline(cpus=cpus, memory=memory)
+
+
+# -- overlays -------------------------------------------------------------------------------------
+@dataclass
+class CreateOp:
+    name: str
+    id: int | None
+    cpus: list[int]
+    memory_bytes: int
+
+
+@dataclass
+class RemoveOp:
+    name: str
+
+
+@dataclass
+class UpdateOp:
+    """One fragment aimed at ``/instances/<name>``: its operations, in the kernel's fixed order
+    (memory-remove, memory-add, cpu-remove, cpu-add)."""
+
+    name: str
+    memory_remove: list[tuple[int, int]] = field(default_factory=list)
+    memory_add: list[tuple[int, int]] = field(default_factory=list)
+    cpu_remove: list[int] = field(default_factory=list)
+    cpu_add: list[int] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.memory_remove or self.memory_add or self.cpu_remove or self.cpu_add)
+
+
+Operation = CreateOp | RemoveOp | UpdateOp
+
+
+@dataclass
+class Overlay:
+    operations: list[Operation]
+    target: str          # the first fragment's target path (kerf reads it as tx_N/instance)
+
+
+def _cpu_items(t: Tree, node: int) -> list[int]:
+    out = []
+    for name, item in t.children(node):
+        if not name.startswith("cpu@"):
+            raise InvalidSpec(f"overlay: {t.where(node)}/{name}: expected cpu@<id> nodes",
+                              "each CPU is cpu@<apic id> { reg = /bits/ 64 <id>; }")
+        v = t.raw(item, "reg")
+        if v is None or len(v) not in (4, 8):
+            raise InvalidSpec(f"overlay: {t.where(item)}: 'reg' must be one CPU id",
+                              "reg = /bits/ 64 <apic id>")
+        out.append(int.from_bytes(v, "big"))
+    return out
+
+
+def _memory_items(t: Tree, node: int) -> list[tuple[int, int]]:
+    out = []
+    for name, item in t.children(node):
+        if not name.startswith("memory@"):
+            raise InvalidSpec(f"overlay: {t.where(node)}/{name}: expected memory@<n> nodes",
+                              "each range is memory@<n> { reg = <base size>; }")
+        out.append(t.reg(item))
+    return out
+
+
+def parse_overlay(data: bytes) -> Overlay:
+    """An overlay as kerf writes it to ``overlays/new``: ``fragment@N`` nodes with a
+    ``target-path`` and an ``__overlay__`` holding ``instance-create``, ``instance-remove`` or,
+    aimed at ``/instances/<name>``, the resource operations. Device and pool (``/resources``)
+    operations are refused with EOPNOTSUPP: the emulator has no devices and a fixed pool."""
+    t = Tree(data, "overlay")
+    ops: list[Operation] = []
+    first_target = ""
+    fragments = [(n, o) for n, o in t.children(0) if n.startswith("fragment@")]
+    if not fragments:
+        raise InvalidSpec("overlay has no fragment@N node", "kerf writes one fragment per change")
+    if len(fragments) > 64:
+        raise InvalidSpec(f"overlay has {len(fragments)} fragments (at most 64)",
+                          "split the change into several overlays")
+    for _fname, frag in fragments:
+        target = t.string(frag, "target-path")
+        if target is None:
+            raise InvalidSpec(f"overlay: {t.where(frag)} has no target-path",
+                              "a fragment names its target with target-path")
+        first_target = first_target or target
+        body = t.child(frag, "__overlay__")
+        if body is None:
+            raise InvalidSpec(f"overlay: {t.where(frag)} has no __overlay__ node",
+                              "a fragment carries its change in __overlay__")
+        if target == POOL_PATH:
+            raise NotSupported("the emulator's pool is fixed once defined: /resources overlays "
+                               "(kerf init on a live pool) are not supported",
+                               "delete every instance and restart the machine with a new pool")
+        if target == INSTANCES_PATH:
+            for kind, node in t.children(body):
+                if kind == "instance-create":
+                    ops.append(_create(t, node))
+                elif kind == "instance-remove":
+                    name = t.string(node, "instance-name")
+                    if not name:
+                        raise InvalidSpec(f"overlay: {t.where(node)} has no instance-name",
+                                          "instance-remove { instance-name = \"NAME\"; }")
+                    ops.append(RemoveOp(name))
+                else:
+                    raise InvalidSpec(f"overlay: unknown operation {kind!r} under /instances",
+                                      "use instance-create or instance-remove")
+            continue
+        if not target.startswith(INSTANCES_PATH + "/") or target.count("/") != 2:
+            raise InvalidSpec(f"overlay: target-path {target!r} names nothing the host knows",
+                              "target /instances, /instances/<name> or /resources")
+        up = UpdateOp(target.rsplit("/", 1)[1])
+        for kind, node in t.children(body):
+            if kind == "memory-remove":
+                up.memory_remove += _memory_items(t, node)
+            elif kind == "memory-add":
+                up.memory_add += _memory_items(t, node)
+            elif kind == "cpu-remove":
+                up.cpu_remove += _cpu_items(t, node)
+            elif kind == "cpu-add":
+                up.cpu_add += _cpu_items(t, node)
+            elif kind in ("device-add", "device-remove"):
+                raise NotSupported("the emulator has no devices to hand to an instance",
+                                   "leave --devices out")
+            else:
+                raise InvalidSpec(f"overlay: unknown operation {kind!r} for {target}",
+                                  "use memory-add/-remove or cpu-add/-remove")
+        ops.append(up)
+    return Overlay(operations=ops, target=first_target)
+
+
+def _create(t: Tree, node: int) -> CreateOp:
+    name = t.string(node, "instance-name")
+    if not name:
+        raise InvalidSpec(f"overlay: {t.where(node)} has no instance-name",
+                          "instance-create { instance-name = \"NAME\"; resources { ... }; }")
+    iid = t.u32(node, "id")
+    if iid is not None and not 1 <= iid <= MAX_ID:
+        raise InvalidSpec(f"Instance ID must be in range 1-{MAX_ID}, got {iid}",
+                          "id 0 is the host")
+    res = t.child(node, "resources")
+    if res is None:
+        raise InvalidSpec(f"overlay: instance {name!r} has no resources node",
+                          "resources { cpus; memory-bytes; }")
+    cpus = t.cpus(res)
+    if not cpus:
+        raise InvalidSpec(f"overlay: instance {name!r} has no CPUs",
+                          "resources { cpus = /bits/ 64 <apic ids>; }")
+    size = t.u64(res, "memory-bytes")
+    if not size:
+        raise InvalidSpec(f"overlay: instance {name!r} has no memory-bytes",
+                          "resources { memory-bytes = /bits/ 64 <bytes>; }")
+    for _sub, _ in t.children(node):
+        if _sub not in ("resources", "options"):
+            raise InvalidSpec(f"overlay: instance {name!r}: unknown node {_sub!r}",
+                              "an instance-create holds resources (and options)")
+    if t.child(res, "uring") is not None:
+        raise NotSupported("the emulator has no io_uring shared ring", "leave --uring out")
+    return CreateOp(name=name, id=iid, cpus=cpus, memory_bytes=size)
+
+
+# -- text -----------------------------------------------------------------------------------------
+def to_dts(data: bytes) -> str:
+    """DTS text of a tree, as ``mkctl dump`` prints it: strings, cells (u64 for ``cpus``,
+    ``reg`` and sizes) and bytes."""
+    t = Tree(data)
+    lines = ["/dts-v1/;", ""]
+
+    def value(prop: str, v: bytes) -> str:
+        if not v:
+            return ""
+        if v.endswith(b"\0") and all(32 <= b < 127 for b in v[:-1].replace(b"\0", b"")) \
+                and len(v) > 1 and b"\0\0" not in v:
+            return " = " + ", ".join(f'"{s.decode()}"' for s in v[:-1].split(b"\0"))
+        if len(v) % 8 == 0 and (prop in ("cpus", "cpus-available", "reg") or len(v) == 8):
+            cells = struct.unpack(f">{len(v) // 8}Q", v)
+            return " = /bits/ 64 <" + " ".join(f"{c:#x}" for c in cells) + ">"
+        if len(v) % 4 == 0:
+            cells = struct.unpack(f">{len(v) // 4}I", v)
+            return " = <" + " ".join(f"{c:#x}" for c in cells) + ">"
+        return " = [" + " ".join(f"{b:02x}" for b in v) + "]"
+
+    def node(off: int, depth: int) -> None:
+        pad = "\t" * depth
+        name = t.fdt.get_name(off) or "/"
+        lines.append(f"{pad}{name} {{")
+        p = t.fdt.first_property_offset(off, libfdt.QUIET_NOTFOUND)
+        while p >= 0:
+            prop = t.fdt.get_property_by_offset(p)
+            lines.append(f"{pad}\t{prop.name}{value(prop.name, bytes(prop))};")
+            p = t.fdt.next_property_offset(p, libfdt.QUIET_NOTFOUND)
+        for _, child in t.children(off):
+            node(child, depth + 1)
+        lines.append(f"{pad}}};")
+
+    node(0, 0)
+    return "\n".join(lines) + "\n"

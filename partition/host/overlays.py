@@ -1,0 +1,164 @@
+"""Overlay transactions: ``overlays/new`` and ``overlays/tx_<N>/`` of the multikernel filesystem.
+
+A written overlay (devicetree.py parses it) becomes one transaction: every fragment is checked
+first, then applied in order; if one fails, those already applied are undone in reverse and the
+transaction is recorded as ``failed`` (the write fails with the first failure's errno). An applied
+transaction can be removed (``rmdir tx_<N>``), which undoes its operations in reverse order: an
+instance it created is deleted (it must be ready again), one it removed is created again with the
+same id, CPUs and memory, and a resource update is changed back, with the running kernel told.
+Ids count up from 1 for the machine's life; a removed transaction's directory goes away.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from partition.errors import InvalidSpec, MKError, NoSuchInstance, ResourceBusy
+from partition.host import resize
+from partition.host.devicetree import CreateOp, Overlay, RemoveOp, UpdateOp, parse_overlay
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+STATUSES = ("applied", "failed", "removed", "pending")
+#: transactions kept for reading back; older failed or removed ones are forgotten first
+MAX_KEPT = 1024
+
+
+@dataclass
+class Transaction:
+    id: int
+    status: str
+    target: str                      # the first fragment's target path (tx_N/instance)
+    operations: list[str]            # what it did, for the views and events
+    error: str = ""
+    created: float = field(default_factory=time.time)
+    undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "instance": self.target,
+                "operations": list(self.operations), "error": self.error}
+
+
+class Overlays:
+    """The transaction log of one machine."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.m = machine
+        self.transactions: dict[int, Transaction] = {}
+        self.next_id = 1
+
+    def visible(self) -> list[Transaction]:
+        """The ``tx_<N>`` directories: every transaction not removed."""
+        return [t for t in self.transactions.values() if t.status != "removed"]
+
+    def apply(self, data: bytes) -> Transaction:
+        return self.run(parse_overlay(data))      # EINVAL/EOPNOTSUPP: no transaction at all
+
+    def run(self, overlay: Overlay) -> Transaction:
+        tx = Transaction(self.next_id, "pending", overlay.target, [])
+        self.next_id += 1
+        self._remember(tx)
+        commits: list[Callable[[], None]] = []
+        try:
+            for op in overlay.operations:
+                if isinstance(op, CreateOp):
+                    self._create(tx, op)
+                elif isinstance(op, RemoveOp):
+                    self._remove(tx, op)
+                else:
+                    self._update(tx, op, commits)
+        except MKError as exc:
+            for undo in reversed(tx.undo):
+                undo()
+            tx.undo.clear()
+            tx.status, tx.error = "failed", f"{exc.message} [{exc.code}]"
+            self.m.events.warning("overlay_failed", tx=tx.id, target=tx.target, error=tx.error)
+            self.m.publish()
+            raise
+        for commit in commits:
+            commit()
+        tx.status = "applied"
+        self.m.events.info("overlay_applied", tx=tx.id, target=tx.target, operations=tx.operations)
+        self.m.publish()
+        return tx
+
+    def remove(self, tx_id: int) -> Transaction:
+        """Roll a transaction back (``rmdir tx_<N>``): its undo actions, newest first."""
+        tx = self.transactions.get(tx_id)
+        if tx is None or tx.status == "removed":
+            raise NoSuchInstance(f"no transaction tx_{tx_id}", "list overlays/ for the ids")
+        if tx.status == "applied":
+            for i in range(len(tx.undo) - 1, -1, -1):
+                tx.undo[i]()                # an undo that refuses leaves the rest in place
+                tx.undo.pop(i)
+        tx.status = "removed"
+        self.m.events.info("overlay_removed", tx=tx.id, target=tx.target)
+        self.m.publish()
+        return tx
+
+    def _remember(self, tx: Transaction) -> None:
+        self.transactions[tx.id] = tx
+        if len(self.transactions) > MAX_KEPT:
+            old = next((i for i, t in self.transactions.items() if t.status != "applied"), None)
+            if old is not None:
+                del self.transactions[old]
+
+    # -- operations ----------------------------------------------------------------------------
+    def _logical(self, cpus: list[int]) -> list[int]:
+        logical = {p: c for c, p in self.m.config.physical_ids.items()}
+        unknown = [p for p in cpus if p not in logical]
+        if unknown:
+            pool = sorted(self.m.config.physical_ids[c] for c in self.m.config.cpus)
+            raise InvalidSpec(f"Invalid APIC IDs requested: {unknown}. Available APIC IDs: {pool}",
+                              "name pool CPUs by their APIC id (/proc/cpuinfo apicid)")
+        return [logical[p] for p in cpus]
+
+    def _create(self, tx: Transaction, op: CreateOp) -> None:
+        m = self.m
+        m.create(op.name, op.memory_bytes, cpus=self._logical(op.cpus), id=op.id)
+        tx.operations.append(f"instance-create {op.name}")
+
+        def undo() -> None:
+            inst = m.instances.get(op.name)
+            if inst is None:
+                return
+            if inst.state.value != "ready":
+                raise ResourceBusy(f"transaction tx_{tx.id} created {op.name!r}, which is "
+                                   f"{inst.state.value} now", f"kerf unload {op.name} first")
+            m.delete(op.name)
+        tx.undo.append(undo)
+
+    def _remove(self, tx: Transaction, op: RemoveOp) -> None:
+        m = self.m
+        inst = m.instances.get(op.name)
+        if inst is None:
+            raise NoSuchInstance(f"Instance '{op.name}' does not exist",
+                                 "list instances/ for the names")
+        name, memory, cpus, iid = inst.name, inst.memory_bytes, list(inst.cpus), inst.id
+        if inst.extra_regions:
+            raise ResourceBusy(f"instance {op.name!r} holds memory added at run time",
+                               "take it back with kerf update --memory first")
+        m.delete(op.name)
+        tx.operations.append(f"instance-remove {op.name}")
+
+        def undo() -> None:
+            m.create(name, memory, cpus=cpus, id=iid)
+        tx.undo.append(undo)
+
+    def _update(self, tx: Transaction, op: UpdateOp, commits: list[Callable[[], None]]) -> None:
+        m = self.m
+        inst = m.instances.get(op.name)
+        if inst is None:
+            raise NoSuchInstance(f"Instance '{op.name}' does not exist",
+                                 "list instances/ for the names")
+        if op.empty():
+            return
+        steps = resize.plan(m, inst, op)
+        commits.append(resize.run(m, inst, steps))
+        tx.operations += [f"{s.describe()} on {op.name}" for s in steps]
+        tx.undo.append(lambda: resize.undo_steps(m, inst, steps))
+        m.publish(inst)

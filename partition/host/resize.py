@@ -1,0 +1,249 @@
+"""Runtime resource changes of one instance: the RESOURCE protocol of the real system.
+
+An update is a list of steps in the kernel's fixed order (memory-remove, memory-add, cpu-remove,
+cpu-add). The whole list is checked against a simulated state before anything changes; then each
+step runs: if the instance's kernel is running it is told first (CPU_ADD, CPU_REMOVE, MEM_ADD,
+MEM_REMOVE, sent as host commands it can verify) and must answer with a RES_ACK whose status is 0
+within ``ACK_TIMEOUT_S``; only then does the host move the resource (pool, cgroup cpuset,
+affinity of every thread). A refusal, a silence or a death undoes the steps already done, in
+reverse order, so the machine is exactly as it was; the kernel is told of each undo but nobody
+waits for its answer. Memory a step takes away is scrubbed only when the whole change commits.
+
+The RES_ACK is untrusted input: only a mapping whose ``status`` is the integer 0 accepts; any
+other answer refuses. Emulator convention: the RES_ACK rides as the response to the request
+(``abi/message.py``), with ``{"type": MK_MSG_RES_ACK, "status": 0 | -errno, "reason": str}``.
+
+Memory added at run time is reserved, announced and visible in every view, but a protected
+instance holds no arena descriptor after boot (by design: it could map its peers), so its kernel
+cannot map a region added while it runs; the region is its from the next boot on. Documented in
+docs/kerf.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from partition.abi import message as M
+from partition.abi.ring import RingError
+from partition.errors import InvalidSpec, PermissionDenied, ResourceBusy, ResourceRefused
+from partition.host.devicetree import MEMORY_GRANULE, UpdateOp
+from partition.host.instance import Instance, State
+from partition.units import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+#: how long a running kernel has to answer one resource change (the real system's RES_ACK wait)
+ACK_TIMEOUT_S = 10.0
+OP_NAMES = {M.MK_MSG_CPU_ADD: "cpu-add", M.MK_MSG_CPU_REMOVE: "cpu-remove",
+            M.MK_MSG_MEM_ADD: "memory-add", M.MK_MSG_MEM_REMOVE: "memory-remove"}
+INVERSE = {M.MK_MSG_CPU_ADD: M.MK_MSG_CPU_REMOVE, M.MK_MSG_CPU_REMOVE: M.MK_MSG_CPU_ADD,
+           M.MK_MSG_MEM_ADD: M.MK_MSG_MEM_REMOVE, M.MK_MSG_MEM_REMOVE: M.MK_MSG_MEM_ADD}
+
+
+@dataclass
+class Step:
+    op: int                       # MK_MSG_CPU_ADD ... MK_MSG_MEM_REMOVE
+    cpus: list[int]               # logical CPUs (cpu steps)
+    base: int = 0                 # arena offset (memory steps)
+    size: int = 0
+
+    def payload(self, m: Machine, op: int | None = None) -> dict[str, Any]:
+        if (op or self.op) in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE):
+            return {"cpus": [m.config.physical_ids.get(c, c) for c in self.cpus],
+                    "logical": list(self.cpus)}
+        return {"base": self.base, "size": self.size}
+
+    def describe(self) -> str:
+        if self.cpus:
+            return f"{OP_NAMES[self.op]} CPUs {self.cpus}"
+        return f"{OP_NAMES[self.op]} {self.base:#x}+{self.size:#x}"
+
+
+def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
+    """Check a whole update against the instance as it would be after each step; change
+    nothing. CPUs in ``op`` are physical ids; the steps carry logical ones."""
+    cfg = m.config
+    logical = {p: c for c, p in cfg.physical_ids.items()}
+    if inst.state not in (State.READY, State.LOADED, State.ACTIVE):
+        raise ResourceBusy(f"instance {inst.name!r} is {inst.state.value}; its resources can "
+                           "change when it is ready, loaded or active",
+                           f"wait for it to settle (mkctl show {inst.name})")
+    cpus = list(inst.cpus)
+    regions = list(inst.regions)
+    steps: list[Step] = []
+    pool_lo = m.layout.pool_offset
+    for base, size in op.memory_remove:
+        if (base, size) == regions[0]:
+            raise PermissionDenied(f"{inst.name}: memory-remove {base:#x}+{size:#x} is the "
+                                   "boot region (it holds the kernel image)",
+                                   "remove only regions added at run time, newest first")
+        if (base, size) not in regions:
+            raise InvalidSpec(f"{inst.name}: memory-remove {base:#x}+{size:#x} is not one of "
+                              f"its regions ({', '.join(f'{b:#x}+{s:#x}' for b, s in regions)})",
+                              "memory leaves an instance in whole regions")
+        regions.remove((base, size))
+        steps.append(Step(M.MK_MSG_MEM_REMOVE, [], base, size))
+    freed = [(s.base, s.size) for s in steps if s.op == M.MK_MSG_MEM_REMOVE]
+    for base, size in op.memory_add:
+        if size <= 0 or base % MEMORY_GRANULE or size % MEMORY_GRANULE or size % PAGE_SIZE:
+            raise InvalidSpec(f"{inst.name}: memory-add {base:#x}+{size:#x} is not aligned to "
+                              f"the {MEMORY_GRANULE >> 20} MB memory granule",
+                              "place and size added memory in whole granules (memory-granule)")
+        why = m.pool.range_free(base - pool_lo, size)
+        if why is not None and (base, size) not in freed:
+            raise ResourceBusy(f"{inst.name}: memory-add {base:#x}+{size:#x}: {why}",
+                               "pick a free range of the pool (/proc/iomem)")
+        if any(b < base + size and base < b + s for b, s in regions):
+            raise ResourceBusy(f"{inst.name}: memory-add {base:#x}+{size:#x} overlaps its own "
+                               "memory", "pick a free range of the pool (/proc/iomem)")
+        regions.append((base, size))
+        steps.append(Step(M.MK_MSG_MEM_ADD, [], base, size))
+    for step_op, ids in ((M.MK_MSG_CPU_REMOVE, op.cpu_remove), (M.MK_MSG_CPU_ADD, op.cpu_add)):
+        if not ids:
+            continue
+        unknown = [p for p in ids if p not in logical]
+        if unknown:
+            raise InvalidSpec(f"{inst.name}: APIC IDs {unknown} are no CPU of this machine",
+                              f"pool APIC IDs: {sorted(cfg.physical_ids[c] for c in cfg.cpus)}")
+        want = [logical[p] for p in ids]
+        if step_op == M.MK_MSG_CPU_REMOVE:
+            missing = [cfg.physical_ids[c] for c in want if c not in cpus]
+            if missing:
+                raise InvalidSpec(f"{inst.name}: cpu-remove of APIC IDs {missing} it does not "
+                                  "hold", "remove only its own CPUs")
+            cpus = [c for c in cpus if c not in want]
+        else:
+            for c in want:
+                if c not in cfg.cpus:
+                    if c in cfg.host_cpus:
+                        raise PermissionDenied(f"CPU {cfg.physical_ids[c]} is reserved for host "
+                                               "kernel", "add CPUs of the pool only")
+                    raise InvalidSpec(f"APIC ID {cfg.physical_ids[c]} is not in the pool",
+                                      "add CPUs of the pool only")
+                users = [u for u in m.pool.cpu_users[c] if u != inst.name]
+                if users and not cfg.oversubscribe:
+                    raise ResourceBusy(f"APIC IDs [{cfg.physical_ids[c]}] are not available "
+                                       f"(allocated to {', '.join(users)})",
+                                       "add a free CPU (cpus-available in the device tree)")
+                if c in cpus:
+                    raise InvalidSpec(f"{inst.name} already holds APIC ID {cfg.physical_ids[c]}",
+                                      "add CPUs it does not hold")
+            cpus += want
+        steps.append(Step(step_op, want))
+    if not cpus:
+        raise InvalidSpec(f"{inst.name}: the update would leave it no CPU",
+                          "keep at least one CPU")
+    return steps
+
+
+def run(m: Machine, inst: Instance, steps: list[Step]) -> Callable[[], None]:
+    """Do the steps; on any failure undo the done ones in reverse and raise. Returns the
+    commit action (scrubbing memory that left the instance) and the undo is kept by the
+    caller through ``undo_steps``."""
+    done: list[Step] = []
+    try:
+        for step in steps:
+            _tell(m, inst, step, step.op, wait=True)
+            _move(m, inst, step, step.op)
+            done.append(step)
+    except BaseException:
+        undo_steps(m, inst, done)
+        raise
+    removed = [s for s in steps if s.op == M.MK_MSG_MEM_REMOVE]
+
+    def commit() -> None:
+        for s in removed:
+            m.arena.scrub(s.base, s.size)
+    return commit
+
+
+def undo_steps(m: Machine, inst: Instance, done: list[Step]) -> None:
+    """Move every done step back, newest first; the kernel is told, nobody waits for it."""
+    for step in reversed(done):
+        inverse = INVERSE[step.op]
+        _move(m, inst, step, inverse)
+        try:
+            _tell(m, inst, step, inverse, wait=False)
+        except RingError:
+            pass
+    if done:
+        m.events.warning("resources_rolled_back", instance=inst.id, name=inst.name,
+                         steps=[s.describe() for s in reversed(done)])
+
+
+def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool) -> None:
+    """A running kernel hears of the change first and must accept it (RES_ACK status 0)."""
+    if inst.state != State.ACTIVE or inst.pid is None:
+        return
+    body = step.payload(m, op)
+    if not wait:
+        m.ipc.command(inst, op, body)
+        return
+    what = f"{OP_NAMES[op]} {body}"
+    try:
+        answer = m.ipc.command(inst, op, body, request=True, timeout=ACK_TIMEOUT_S,
+                               wait=m._drive)
+    except RingError as exc:
+        inst.resource_changes["unanswered"] += 1
+        m.events.warning("resource_unanswered", instance=inst.id, name=inst.name, op=what,
+                         errno=exc.errno)
+        why = "it died" if exc.errno == errno.ESRCH else \
+            f"no RES_ACK within {ACK_TIMEOUT_S:g} s" if exc.errno == errno.ETIMEDOUT else \
+            exc.strerror
+        raise ResourceRefused(f"instance {inst.name!r} did not accept {what}: {why}",
+                              "the change was rolled back; check its console") from None
+    status = answer.get("status") if isinstance(answer, dict) else None
+    if type(status) is not int or status != 0:
+        inst.resource_changes["refused"] += 1
+        reason = answer.get("reason") if isinstance(answer, dict) else None
+        reason = reason[:200] if isinstance(reason, str) else "no reason given"
+        m.events.warning("resource_refused", instance=inst.id, name=inst.name, op=what,
+                         reason=reason)
+        raise ResourceRefused(f"instance {inst.name!r} refused {what}: {reason}",
+                              "the change was rolled back; the kernel's on_* hook said no")
+    inst.resource_changes["accepted"] += 1
+
+
+def _move(m: Machine, inst: Instance, step: Step, op: int) -> None:
+    """The host's half: pool, instance record, cgroup cpuset, thread affinity."""
+    pool_lo = m.layout.pool_offset
+    if op == M.MK_MSG_MEM_ADD:
+        m.pool.add_range(inst.name, step.base - pool_lo, step.size)
+        inst.extra_regions.append((step.base, step.size))
+    elif op == M.MK_MSG_MEM_REMOVE:
+        m.pool.remove_range(inst.name, step.base - pool_lo, step.size)
+        inst.extra_regions.remove((step.base, step.size))
+    elif op == M.MK_MSG_CPU_ADD:
+        m.pool.add_cpus(inst.name, step.cpus)
+        inst.cpus = sorted(set(inst.cpus) | set(step.cpus))
+    else:
+        m.pool.remove_cpus(inst.name, step.cpus)
+        inst.cpus = sorted(set(inst.cpus) - set(step.cpus))
+    inst.physical_cpus = [m.config.physical_ids.get(c, c) for c in inst.cpus]
+    if op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE):
+        _pin(m, inst)
+    m.events.info("resources_changed", instance=inst.id, name=inst.name, op=OP_NAMES[op],
+                  cpus=inst.physical_cpus, regions=[list(r) for r in inst.regions])
+
+
+def _pin(m: Machine, inst: Instance) -> None:
+    """Every thread of the instance's process (running or parked) to its CPUs: the cgroup's
+    cpuset first (it bounds what affinity may name), then each thread's affinity."""
+    m.cgroups.set_cpus(inst.id, inst.cpus)
+    pid = inst.pid or (inst.parked.pid if inst.parked is not None else None)
+    if pid is None:
+        return
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, inst.cpus)
+        except OSError:
+            pass
