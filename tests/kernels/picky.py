@@ -1,6 +1,7 @@
 """A kernel with opinions about its resources, for the runtime-change tests (kerf update).
 
-Command line: ``refuse=memory`` or ``refuse=cpu`` refuses those changes with a reason;
+Command line: ``refuse=memory`` or ``refuse=cpu`` refuses those changes with a reason
+(``refuse=shrink``: only memory leaving it);
 ``panic=memory`` panics inside the memory hook; ``hang=memory`` stops answering (it spins in the
 hook past the host's RES_ACK wait). Without any, every change is accepted and remembered, and
 ``query`` answers what it saw.
@@ -23,7 +24,8 @@ class Picky(Kernel):
             self.panic(f"picky: {what} is more than I can take")
         if p.get("hang") == kind:
             time.sleep(3600)
-        if p.get("refuse") == kind:
+        if p.get("refuse") == kind or (p.get("refuse") == "shrink" and "remove" in what
+                                           and kind == "memory"):
             raise RefuseResource(f"picky: no {what}, thank you")
         self.seen.append(what)
         self.printk(f"picky: accepted {what}")
