@@ -68,7 +68,24 @@ def _kernel_spec(spec: str) -> str:
     return spec
 
 
+def _logical(apic_ids: list[int], what: str) -> list[int]:
+    """Physical (APIC) ids of a device tree -> this machine's logical CPU numbers."""
+    from partition import linux
+    from partition.errors import InvalidSpec
+    logical = {p: c for c, p in linux.physical_cpu_ids().items()}
+    unknown = [p for p in apic_ids if p not in logical]
+    if unknown:
+        raise InvalidSpec(f"{what}: Invalid APIC ID(s) {unknown}. Valid APIC IDs on this "
+                          f"system: {sorted(logical)}", "dump the tree on this machine")
+    return sorted(logical[p] for p in apic_ids)
+
+
 def cmd_init(a: argparse.Namespace) -> int:
+    if a.input:                       # a baseline DTB/DTS, as kerf init --input takes
+        from partition.host.devicetree import parse_baseline, read_tree_file
+        base = parse_baseline(read_tree_file(a.input))
+        a.cpus = ",".join(map(str, _logical(base.cpus, a.input)))
+        a.memory = base.memory_bytes
     cfg = {"cpus": a.cpus, "memory": a.memory, "host_cpus": a.host_cpus,
            "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
            "kill_timeout": a.kill_timeout, "protection": a.protection}
@@ -83,6 +100,17 @@ def cmd_init(a: argparse.Namespace) -> int:
 
 
 def cmd_create(a: argparse.Namespace) -> int:
+    if a.input:                       # an instance's dump (mkctl dump / kerf dump), DTB or DTS
+        from partition.host.devicetree import parse_instance, read_tree_file
+        dump = parse_instance(read_tree_file(a.input))
+        a.name = a.name or dump.name
+        a.id = dump.id if a.id is None else a.id
+        a.cpus = ",".join(map(str, _logical(dump.cpus, a.input)))
+        a.memory = dump.memory_bytes
+    elif a.name is None or a.memory is None or (a.cpus is None and a.cpu_count is None):
+        print("mkctl create: give NAME, --memory and --cpus or --cpu-count (or --input FILE)",
+              file=sys.stderr)
+        return EXIT_USAGE
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
                                cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
                                max_restarts=a.max_restarts, restart_window=a.restart_window,
@@ -253,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("init", parents=[common], help="define the pool and start the supervisor")
+    p.add_argument("--input", "-i", default=None,
+                   help="a baseline device tree (.dtb, or .dts text): its CPUs and memory")
     p.add_argument("--cpus", default=None, help="pool CPUs, e.g. 1-3 (default: all but the host's)")
     p.add_argument("--memory", default="1G", help="pool memory, e.g. 1G (default 1G)")
     p.add_argument("--host-cpus", default="0", help="CPUs kept by the host, instance 0 (default 0; 'none')")
@@ -266,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("create", parents=[common], help="reserve CPUs and memory (-> ready)")
-    p.add_argument("name")
-    g = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("name", nargs="?")
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--cpus", help="CPU list, e.g. 1 or 1-2")
     g.add_argument("--cpu-count", type=int, help="number of CPUs, picked from the free pool")
-    p.add_argument("--memory", required=True, help="partition size, multiple of 4K, e.g. 64M")
+    g.add_argument("--input", "-i", default=None,
+                   help="an instance's device tree (mkctl dump / kerf dump; .dtb or .dts)")
+    p.add_argument("--memory", default=None, help="partition size, multiple of 4K, e.g. 64M")
     p.add_argument("--id", type=int, default=None, help="instance id 1..511 (default: lowest free)")
     _recovery_options(p, defaults=True)
     p.add_argument("--standby-for", default=None,
