@@ -180,10 +180,10 @@ def cmd_simple(a: argparse.Namespace) -> int:
     extra = {"wait": False} if getattr(a, "no_wait", False) else {}
     op = a.verb
     if a.verb == "exec":
-        if a.command:
-            print("mkctl exec: running a command inside an instance (kerf 0.4's exec NAME -- "
-                  "CMD) is not supported yet; mkctl start NAME boots", file=sys.stderr)
-            return 2
+        command = a.command[1:] if a.command[:1] == ["--"] else a.command
+        if command:                   # kerf 0.4: exec NAME -- CMD runs a command inside it
+            from partition.control.inside import run
+            return run(a.run_dir, a.name, command)
         print("mkctl exec: deprecated: booting is 'mkctl start NAME' (kerf 0.4); 'exec NAME' "
               "still boots in this release", file=sys.stderr)
         op = "start"

@@ -134,6 +134,14 @@ class Cgroups:
         except OSError:
             _write(os.path.join(d, "cpuset.cpus"), fallback)
 
+    def procs_files(self, instance_id: int) -> list[str]:
+        """The ``cgroup.procs`` files of an instance's cgroups (a process that writes itself
+        there is under the instance: mkctl exec NAME -- CMD)."""
+        if self.mode is None:
+            return []
+        return [os.path.join(d, "cgroup.procs") for d in self._dirs(instance_id).values()
+                if os.path.isdir(d)]
+
     def set_cpus(self, instance_id: int, cpus: list[int]) -> None:
         """A runtime CPU change (host/resize.py): the cpuset follows; in v1 the kernel moves
         every task of the cgroup onto the new set itself."""
