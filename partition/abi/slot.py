@@ -69,7 +69,10 @@ OWN_FIELDS: dict[str, Field] = {
     "booted": Field(56, 8, "instance"),         # the generation whose boot() has returned
     "ring_resets": Field(64, 8, "instance"),    # times it reset its own ring (a bad header)
     "forged_commands": Field(72, 8, "instance"),  # host commands it refused as not the host's
+    "res_ack_seq": Field(80, 8, "instance"),    # the host command a RES_ACK below answers
+    "res_ack_status": Field(88, 8, "instance"),  # 0 accepted, else the errno it refused with
     "reason": Field(128, REASON_BYTES, "instance"),  # utf-8 halt/panic reason
+    "res_ack_reason": Field(256, REASON_BYTES, "instance"),  # utf-8: why it refused
 }
 
 # offsets by name, for the hot paths
@@ -172,6 +175,8 @@ class OwnPage(_Record):
     booted = _Int(OWN_FIELDS, "booted")
     ring_resets = _Int(OWN_FIELDS, "ring_resets")
     forged_commands = _Int(OWN_FIELDS, "forged_commands")
+    res_ack_seq = _Int(OWN_FIELDS, "res_ack_seq")
+    res_ack_status = _Int(OWN_FIELDS, "res_ack_status")
 
     @property
     def reason(self) -> str:
@@ -188,6 +193,23 @@ class OwnPage(_Record):
         start = self.base + OWN_FIELDS["reason"].offset
         self.buf[start:start + REASON_BYTES] = raw.ljust(REASON_BYTES, b"\x00")
         self.reason_len = len(raw)
+
+    @property
+    def res_ack_reason(self) -> str:
+        """Why the kernel refused a resource change. Untrusted: NUL-terminated within 128
+        bytes, decoded with replacement."""
+        start = self.base + OWN_FIELDS["res_ack_reason"].offset
+        raw = bytes(self.buf[start:start + REASON_BYTES]).split(b"\x00", 1)[0]
+        return raw.decode("utf-8", "replace").strip()
+
+    def res_ack(self, seq: int, status: int, reason: str = "") -> None:
+        """The kernel's RES_ACK for host command ``seq``: status and reason first, the number
+        last, so the host never reads a number without its status."""
+        raw = reason.encode("utf-8", "replace")[:REASON_BYTES - 1]
+        start = self.base + OWN_FIELDS["res_ack_reason"].offset
+        self.buf[start:start + REASON_BYTES] = raw.ljust(REASON_BYTES, b"\x00")
+        self.res_ack_status = status
+        self.res_ack_seq = seq
 
 
 def _check_id(instance_id: int) -> None:

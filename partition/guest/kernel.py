@@ -383,12 +383,15 @@ class Kernel:
                               "(not mapped: outside this instance's partition)")
 
     def _on_resource(self, msg: M.Message) -> Any:
-        """A RESOURCE command: the hook decides; the answer is the RES_ACK (status 0 or
-        -errno, and a reason). A panic in the hook is a panic: the host sees the death."""
+        """A RESOURCE command: the hook decides; the RES_ACK goes into this kernel's own
+        control page (the one place no peer can write), then the host's doorbell rings. QUERY
+        answers as a request's response (informational only). A panic in a hook is a panic:
+        the host sees the death."""
         import errno
         body = self.host_command(msg)
         if body is M.NOT_FROM_HOST or not isinstance(body, dict):
-            return {"type": M.MK_MSG_RES_ACK, "status": -errno.EPERM, "reason": "not from host"}
+            return None
+        seq = self._last_command
         op = msg.msg_type
         if op == M.MK_MSG_QUERY:
             return {"type": M.MK_MSG_RES_ACK, "status": 0, "cpus": self.physical_cpus,
@@ -417,8 +420,17 @@ class Kernel:
                         self.added_memory.remove((base, size))
         except RefuseResource as exc:
             self.printk(f"multikernel: refused {msg.msg_type:#x}: {exc}")
-            return {"type": M.MK_MSG_RES_ACK, "status": -errno.ECANCELED, "reason": str(exc)}
-        return {"type": M.MK_MSG_RES_ACK, "status": 0}
+            self._res_ack(seq, errno.ECANCELED, str(exc))
+            return None
+        self._res_ack(seq, 0)
+        return None
+
+    def _res_ack(self, seq: int, status: int, reason: str = "") -> None:
+        self.ctx.own.res_ack(seq, status, reason)
+        try:
+            os.eventfd_write(self.ctx.host_doorbell_fd, 1)
+        except OSError:
+            pass
 
     def _on_shutdown(self, msg: M.Message) -> None:
         if self.host_command(msg) is not M.NOT_FROM_HOST:

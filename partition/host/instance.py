@@ -102,6 +102,7 @@ class Parked:
     raw: bytes = b""
     report: dict[str, Any] | None = None
     status: int | None = None        # its wait status, once reaped
+    cpus: list[int] = field(default_factory=list)   # what it was told it runs on, at fork
 
 
 @dataclass

@@ -45,6 +45,10 @@ class Lifecycle:
         the reason) when it died before that, or when its image no longer loads."""
         m = self.m
         assert inst.kimage is not None
+        if inst.parked is not None and inst.parked.cpus != inst.cpus:
+            # its CPUs changed while it was parked (kerf update of a loaded instance): the
+            # kernel must boot knowing the new ones, so the image is loaded again
+            m.loading.forget_parked(inst)
         try:
             self.m.loading.await_loaded(inst)
         except BadKernelImage as exc:

@@ -83,7 +83,7 @@ class Loading:
             guest_end.close()       # (the child has its own copies, by number)
             os.close(report_w)
         pidfd = linux.pidfd_open(pid)
-        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r)
+        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus))
         m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))
         m.selector.register(report_r, selectors.EVENT_READ, (REPORT, inst))
 

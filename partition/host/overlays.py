@@ -37,6 +37,7 @@ class Transaction:
     error: str = ""
     created: float = field(default_factory=time.time)
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    on_commit: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "status": self.status, "instance": self.target,
@@ -71,16 +72,19 @@ class Overlays:
                     self._remove(tx, op)
                 else:
                     self._update(tx, op, commits)
-        except MKError as exc:
+        except BaseException as exc:
             for undo in reversed(tx.undo):
                 undo()
             tx.undo.clear()
-            tx.status, tx.error = "failed", f"{exc.message} [{exc.code}]"
+            tx.status = "failed"
+            tx.error = f"{exc.message} [{exc.code}]" if isinstance(exc, MKError) else repr(exc)
             self.m.events.warning("overlay_failed", tx=tx.id, target=tx.target, error=tx.error)
             self.m.publish()
             raise
         for commit in commits:
             commit()
+        for hook in tx.on_commit:
+            hook()
         tx.status = "applied"
         self.m.events.info("overlay_applied", tx=tx.id, target=tx.target, operations=tx.operations)
         self.m.publish()
@@ -160,5 +164,18 @@ class Overlays:
         steps = resize.plan(m, inst, op)
         commits.append(resize.run(m, inst, steps))
         tx.operations += [f"{s.describe()} on {op.name}" for s in steps]
-        tx.undo.append(lambda: resize.undo_steps(m, inst, steps))
+        done = [False]
+
+        def undo() -> None:
+            if not done[0]:             # the same transaction failed later: move it straight back
+                resize.undo_steps(m, inst, steps)
+                return
+            if m.instances.get(inst.name) is not inst:
+                raise ResourceBusy(f"transaction tx_{tx.id} changed {inst.name!r}, which was "
+                                   "deleted since", "nothing to roll back: leave it")
+            back = resize.inverse(inst.name, steps, m)
+            resize.run(m, inst, resize.plan(m, inst, back))()   # checked now, then committed
+            m.publish(inst)
+        tx.undo.append(undo)
+        tx.on_commit.append(lambda: done.__setitem__(0, True))
         m.publish(inst)

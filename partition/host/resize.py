@@ -9,9 +9,10 @@ affinity of every thread). A refusal, a silence or a death undoes the steps alre
 reverse order, so the machine is exactly as it was; the kernel is told of each undo but nobody
 waits for its answer. Memory a step takes away is scrubbed only when the whole change commits.
 
-The RES_ACK is untrusted input: only a mapping whose ``status`` is the integer 0 accepts; any
-other answer refuses. Emulator convention: the RES_ACK rides as the response to the request
-(``abi/message.py``), with ``{"type": MK_MSG_RES_ACK, "status": 0 | -errno, "reason": str}``.
+The RES_ACK is read where only the kernel itself can write it: its own control page
+(``res_ack_seq``, ``res_ack_status``, ``res_ack_reason``; docs/arena.md), keyed by the host
+command's number. A response in the host's ring would not do: any peer can write one there,
+claiming any sender, with a request id it read from the target's ring.
 
 Memory added at run time is reserved, announced and visible in every view, but a protected
 instance holds no arena descriptor after boot (by design: it could map its peers), so its kernel
@@ -21,8 +22,8 @@ docs/kerf.md.
 
 from __future__ import annotations
 
-import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,9 @@ def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
     for step_op, ids in ((M.MK_MSG_CPU_REMOVE, op.cpu_remove), (M.MK_MSG_CPU_ADD, op.cpu_add)):
         if not ids:
             continue
+        if len(set(ids)) != len(ids):
+            raise InvalidSpec(f"{inst.name}: {OP_NAMES[step_op]} names a CPU twice ({ids})",
+                              "name each CPU once")
         unknown = [p for p in ids if p not in logical]
         if unknown:
             raise InvalidSpec(f"{inst.name}: APIC IDs {unknown} are no CPU of this machine",
@@ -162,6 +166,23 @@ def run(m: Machine, inst: Instance, steps: list[Step]) -> Callable[[], None]:
     return commit
 
 
+def inverse(inst_name: str, steps: list[Step], m: Machine) -> UpdateOp:
+    """The update that takes ``steps`` back, as a new change (``rmdir tx_<N>`` of an update):
+    planned against the instance as it is then, and asked of its kernel like any other."""
+    phys = m.config.physical_ids
+    op = UpdateOp(inst_name)
+    for s in steps:
+        if s.op == M.MK_MSG_MEM_ADD:
+            op.memory_remove.append((s.base, s.size))
+        elif s.op == M.MK_MSG_MEM_REMOVE:
+            op.memory_add.append((s.base, s.size))
+        elif s.op == M.MK_MSG_CPU_ADD:
+            op.cpu_remove += [phys.get(c, c) for c in s.cpus]
+        else:
+            op.cpu_add += [phys.get(c, c) for c in s.cpus]
+    return op
+
+
 def undo_steps(m: Machine, inst: Instance, done: list[Step]) -> None:
     """Move every done step back, newest first; the kernel is told, nobody waits for it."""
     for step in reversed(done):
@@ -177,31 +198,42 @@ def undo_steps(m: Machine, inst: Instance, done: list[Step]) -> None:
 
 
 def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool) -> None:
-    """A running kernel hears of the change first and must accept it (RES_ACK status 0)."""
+    """A running kernel hears of the change first and must accept it. Its RES_ACK is read
+    from its own control page (written by it alone: a peer can post a response into the
+    host's ring claiming any sender, never write another instance's page), keyed by the
+    command's number; a death or ``ACK_TIMEOUT_S`` of silence is no answer."""
     if inst.state != State.ACTIVE or inst.pid is None:
         return
     body = step.payload(m, op)
-    if not wait:
-        m.ipc.command(inst, op, body)
-        return
-    what = f"{OP_NAMES[op]} {body}"
     try:
-        answer = m.ipc.command(inst, op, body, request=True, timeout=ACK_TIMEOUT_S,
-                               wait=m._drive)
+        m.ipc.command(inst, op, body)
     except RingError as exc:
-        inst.resource_changes["unanswered"] += 1
-        m.events.warning("resource_unanswered", instance=inst.id, name=inst.name, op=what,
-                         errno=exc.errno)
-        why = "it died" if exc.errno == errno.ESRCH else \
-            f"no RES_ACK within {ACK_TIMEOUT_S:g} s" if exc.errno == errno.ETIMEDOUT else \
-            exc.strerror
-        raise ResourceRefused(f"instance {inst.name!r} did not accept {what}: {why}",
-                              "the change was rolled back; check its console") from None
-    status = answer.get("status") if isinstance(answer, dict) else None
-    if type(status) is not int or status != 0:
+        if not wait:
+            return
+        raise ResourceRefused(f"instance {inst.name!r} could not be told of "
+                              f"{OP_NAMES[op]}: {exc.strerror}",
+                              "its IPI ring is full or it is not answering; retry") from None
+    if not wait:
+        return
+    seq, generation = inst.cmd_seq, inst.generation
+    own = m.arena.own(inst.id)
+    what = f"{OP_NAMES[op]} {body}"
+    deadline = time.monotonic() + ACK_TIMEOUT_S
+    while own.res_ack_seq != seq:
+        left = deadline - time.monotonic()
+        gone = inst.pid is None or inst.generation != generation
+        if gone or left <= 0:
+            inst.resource_changes["unanswered"] += 1
+            why = "it died" if gone else f"no RES_ACK within {ACK_TIMEOUT_S:g} s"
+            m.events.warning("resource_unanswered", instance=inst.id, name=inst.name, op=what,
+                             why=why)
+            raise ResourceRefused(f"instance {inst.name!r} did not accept {what}: {why}",
+                                  "the change was rolled back; check its console")
+        m._drive(min(left, 0.01))
+    status = own.res_ack_status
+    if status != 0:
         inst.resource_changes["refused"] += 1
-        reason = answer.get("reason") if isinstance(answer, dict) else None
-        reason = reason[:200] if isinstance(reason, str) else "no reason given"
+        reason = own.res_ack_reason or f"errno {status}"
         m.events.warning("resource_refused", instance=inst.id, name=inst.name, op=what,
                          reason=reason)
         raise ResourceRefused(f"instance {inst.name!r} refused {what}: {reason}",
@@ -234,6 +266,8 @@ def _move(m: Machine, inst: Instance, step: Step, op: int) -> None:
 def _pin(m: Machine, inst: Instance) -> None:
     """Every thread of the instance's process (running or parked) to its CPUs: the cgroup's
     cpuset first (it bounds what affinity may name), then each thread's affinity."""
+    if not inst.cpus:              # between a cpu-remove and the cpu-add of one change
+        return
     m.cgroups.set_cpus(inst.id, inst.cpus)
     pid = inst.pid or (inst.parked.pid if inst.parked is not None else None)
     if pid is None:

@@ -43,7 +43,7 @@ class Forger(Kernel):
             attack, self.attack = self.attack, ""
             try:
                 getattr(self, "attack_" + attack.replace("-", "_"))()
-            except Exception as exc:  # noqa: BLE001 - what stopped it is the result
+            except Exception as exc:
                 self.note(f"failed: {type(exc).__name__}: {exc}")
             self.note("done")
         return False
