@@ -513,9 +513,6 @@ def test_an_overlay_at_the_limits_is_accepted():
     assert empty.operations == [] and empty.target == "/instances"
 
 
-@pytest.mark.xfail(strict=True, reason="parse_overlay checks a resource target only by its "
-                   "prefix and slash count (devicetree.py, the target.count('/') != 2 test): "
-                   "'/instances/' passes as UpdateOp(name='') instead of 'names nothing'")
 def test_a_target_with_an_empty_instance_name_is_refused():
     _refused(dt.parse_overlay, overlay(("/instances/", {"cpu-add": CPU})), InvalidSpec,
              "names nothing")
@@ -677,18 +674,12 @@ def test_flipped_structure_bytes_never_crash_nor_raise_an_unknown_error(flip_sur
     assert not unknown, (unknown, {k: flip_survey["examples"][k] for k in unknown})
 
 
-@pytest.mark.xfail(strict=True, reason="Tree checks only the node walk (next_node); a corrupt "
-                   "property or name record raises libfdt.FdtException (BADSTRUCTURE, "
-                   "BADOFFSET) from Tree.path/child/raw instead of InvalidSpec")
 def test_flipped_structure_bytes_are_only_ever_invalid_spec_or_not_supported(flip_survey):
     counts = flip_survey["counts"]
     leaked = {k: v for k, v in counts.items() if k not in ("ok", "InvalidSpec", "NotSupported")}
     assert not leaked, (leaked, {k: flip_survey["examples"][k][:1] for k in leaked})
 
 
-@pytest.mark.xfail(strict=True, reason="Tree.__init__ walks nodes only: parse_baseline of a "
-                   "tree whose first BEGIN_NODE tag is corrupt raises libfdt.FdtException "
-                   "(-11 BADSTRUCTURE) from Tree.path, not InvalidSpec")
 def test_a_corrupt_begin_node_tag_is_invalid_spec():
     blob = kerf_baseline()
     off = struct.unpack_from(">I", blob, 8)[0]
@@ -711,9 +702,6 @@ def _bad_name_offset_dts():
     return ["ok", ""]
 
 
-@pytest.mark.xfail(strict=True, reason="to_dts walks properties with get_property_by_offset; "
-                   "Tree never validated name offsets (no fdt_check_full), so a property whose "
-                   "nameoff is out of range makes pylibfdt read a wild pointer: SIGSEGV")
 def test_to_dts_refuses_a_property_whose_name_is_out_of_bounds():
     kind, message = _in_child(_bad_name_offset_dts, timeout=60)
     assert kind == "InvalidSpec", message
@@ -800,8 +788,6 @@ def test_fuzzed_kerf_blobs_never_crash_nor_raise_an_unknown_error(fuzz_survey):
     assert not unknown, (unknown, {k: fuzz_survey["examples"][k] for k in unknown})
 
 
-@pytest.mark.xfail(strict=True, reason="the libfdt.FdtException leak of Tree's accessors (see "
-                   "test_flipped_structure_bytes_are_only_ever_invalid_spec_or_not_supported)")
 def test_fuzzed_kerf_blobs_are_parsed_or_refused_as_mkerrors(fuzz_survey):
     counts = fuzz_survey["counts"]
     leaked = {k: v for k, v in counts.items()

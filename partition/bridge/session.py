@@ -110,7 +110,7 @@ class Bridge:
             linux.mount(os.path.join(scratch, "run"), self.run_dir, None, MS_BIND | linux.MS_REC)
 
     # -- a run -----------------------------------------------------------------------------------
-    def run(self, args: list[str], timeout: float | None = None) -> int:
+    def run(self, args: list[str]) -> int:
         if rundir.live_owner(self.run_dir) is not None:
             os.makedirs(os.path.join(self.run_dir, "kerf"), mode=0o700, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix="mk-kerf-")

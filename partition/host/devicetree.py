@@ -148,7 +148,12 @@ class Tree:
                               "write the whole blob in one go")
         try:
             self.fdt = libfdt.Fdt(bytes(data))
-            self._walk_all()                    # a malformed structure fails here, not later
+            # the whole structure, properties' name offsets included (a wild one would make
+            # libfdt read past the strings block), then every node walked
+            rc = libfdt.fdt_check_full(self.fdt._fdt, len(data))
+            if rc < 0:
+                raise libfdt.FdtException(rc)
+            self._walk_all()
         except libfdt.FdtException as exc:
             raise InvalidSpec(f"the {what} is malformed: {exc}", "regenerate it") from None
 
@@ -162,20 +167,32 @@ class Tree:
             if off < 0:
                 return
 
+    def _malformed(self, exc: Exception) -> InvalidSpec:
+        return InvalidSpec(f"the {self.what} is malformed: {exc}", "regenerate it")
+
     def path(self, path: str) -> int | None:
-        off = self.fdt.path_offset(path, libfdt.QUIET_NOTFOUND)
+        try:
+            off = self.fdt.path_offset(path, libfdt.QUIET_NOTFOUND)
+        except libfdt.FdtException as exc:
+            raise self._malformed(exc) from None
         return None if off < 0 else int(off)
 
     def children(self, node: int) -> list[tuple[str, int]]:
         out = []
-        off = self.fdt.first_subnode(node, libfdt.QUIET_NOTFOUND)
-        while off >= 0:
-            out.append((str(self.fdt.get_name(off)), int(off)))
-            off = self.fdt.next_subnode(off, libfdt.QUIET_NOTFOUND)
+        try:
+            off = self.fdt.first_subnode(node, libfdt.QUIET_NOTFOUND)
+            while off >= 0:
+                out.append((str(self.fdt.get_name(off)), int(off)))
+                off = self.fdt.next_subnode(off, libfdt.QUIET_NOTFOUND)
+        except (libfdt.FdtException, UnicodeDecodeError) as exc:
+            raise self._malformed(exc) from None
         return out
 
     def child(self, node: int, name: str) -> int | None:
-        off = self.fdt.subnode_offset(node, name, libfdt.QUIET_NOTFOUND)
+        try:
+            off = self.fdt.subnode_offset(node, name, libfdt.QUIET_NOTFOUND)
+        except libfdt.FdtException as exc:
+            raise self._malformed(exc) from None
         return None if off < 0 else int(off)
 
     def where(self, node: int) -> str:
@@ -185,7 +202,10 @@ class Tree:
             return "?"
 
     def raw(self, node: int, prop: str) -> bytes | None:
-        value = self.fdt.getprop(node, prop, libfdt.QUIET_NOTFOUND)
+        try:
+            value = self.fdt.getprop(node, prop, libfdt.QUIET_NOTFOUND)
+        except libfdt.FdtException as exc:
+            raise self._malformed(exc) from None
         if isinstance(value, int):
             return None
         return bytes(value)
@@ -390,7 +410,8 @@ def parse_overlay(data: bytes) -> Overlay:
                     raise InvalidSpec(f"overlay: unknown operation {kind!r} under /instances",
                                       "use instance-create or instance-remove")
             continue
-        if not target.startswith(INSTANCES_PATH + "/") or target.count("/") != 2:
+        if not target.startswith(INSTANCES_PATH + "/") or target.count("/") != 2 or \
+                target.rsplit("/", 1)[1] in ("", ".", ".."):
             raise InvalidSpec(f"overlay: target-path {target!r} names nothing the host knows",
                               "target /instances, /instances/<name> or /resources")
         up = UpdateOp(target.rsplit("/", 1)[1])

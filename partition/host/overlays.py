@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from partition.errors import InvalidSpec, MKError, NoSuchInstance, ResourceBusy
+from partition.errors import InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
 from partition.host import resize
 from partition.host.devicetree import CreateOp, Overlay, RemoveOp, UpdateOp, parse_overlay
 
@@ -122,8 +122,24 @@ class Overlays:
         return [logical[p] for p in cpus]
 
     def _create(self, tx: Transaction, op: CreateOp) -> None:
+        """instance-create, checked in kerf's words and APIC ids first (a tree can come from
+        anything that writes overlays/new, not only kerf), then as ``mkctl create``."""
         m = self.m
-        m.create(op.name, op.memory_bytes, cpus=self._logical(op.cpus), id=op.id)
+        cfg = m.config
+        cpus = self._logical(op.cpus)
+        pairs = list(zip(op.cpus, cpus))
+        host = [p for p, c in pairs if c not in cfg.cpus and c in cfg.host_cpus]
+        if host:
+            raise PermissionDenied(f"{op.name}: CPUs {host} are reserved for host kernel",
+                                   f"Use available CPUs: {sorted(cfg.physical_ids[c] for c in cfg.cpus)}")
+        if not cfg.oversubscribe:
+            busy = {p: m.pool.cpu_users[c] for p, c in pairs if m.pool.cpu_users.get(c)}
+            if busy:
+                users = ", ".join(f"{u} uses APIC IDs {sorted(p for p, us in busy.items() if u in us)}"
+                                  for u in sorted({u for us in busy.values() for u in us}))
+                raise ResourceBusy(f"APIC IDs {sorted(busy)} are not available ({users})",
+                                   "pick CPUs from cpus-available (kerf show)")
+        m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id)
         tx.operations.append(f"instance-create {op.name}")
 
         def undo() -> None:
