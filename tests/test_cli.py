@@ -213,3 +213,46 @@ def test_start_boots_and_exec_is_its_deprecated_name(run_dir):
     p = mk(run_dir, "exec", "a", "--", "ls", check=False)    # a command: needs it running
     assert p.returncode == 1 and "exec runs a command inside a running instance" in p.stderr
     assert show(run_dir, "a")["state"] == "loaded"        # nothing was done
+
+
+def test_trees_in_and_out(run_dir, tmp_path):
+    """mkctl dump writes a tree (DTS text, or the DTB with -o); init --input and create --input
+    take either back; a malformed file is refused by name and changes nothing."""
+    from partition import linux
+    from partition.host.devicetree import from_dts, parse_baseline, to_dts
+    phys = linux.physical_cpu_ids()
+    apic = phys[CPUS[-1]]
+    base = tmp_path / "pool.dts"
+    base.write_text("/dts-v1/;\n/ {\n\tresources {\n\t\tcpus = /bits/ 64 <%d>;\n"
+                    "\t\tmemory@0 { size = /bits/ 64 <0x4000000>; numa-node-id = <0>; };\n"
+                    "\t};\n};\n" % apic)
+    assert parse_baseline(from_dts(base.read_text())).cpus == [apic]
+    mk(run_dir, "init", "--input", str(base), "--host-cpus",
+       ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+    pool = show(run_dir)["pool"]
+    assert pool["cpus"] == [CPUS[-1]] and pool["memory_bytes"] == 64 << 20
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M", "--id", "7")
+    text = mk(run_dir, "dump", "a").stdout
+    assert 'model = "a";' in text and f"cpus = /bits/ 64 <{apic:#x}>;" in text
+    mk(run_dir, "dump", "a", "-o", str(tmp_path / "a.dtb"))
+    blob = (tmp_path / "a.dtb").read_bytes()
+    assert to_dts(blob) == text and from_dts(text) == blob      # text and blob are one tree
+    mk(run_dir, "delete", "a")
+    mk(run_dir, "create", "--input", str(tmp_path / "a.dtb"))    # name, id, CPUs, size
+    a = show(run_dir, "a")
+    assert (a["id"], a["cpus"], a["memory_bytes"]) == (7, [CPUS[-1]], 16 << 20)
+    mk(run_dir, "delete", "a")
+    (tmp_path / "a.dts").write_text(text.replace('model = "a"', 'model = "b"'))
+    mk(run_dir, "create", "--input", str(tmp_path / "a.dts"))
+    assert show(run_dir, "b")["id"] == 7
+    before = show(run_dir)
+    (tmp_path / "bad.dts").write_text("/dts-v1/;\n/ { model = \"c\"; resources { cpus = <1>;")
+    p = mk(run_dir, "create", "--input", str(tmp_path / "bad.dts"), check=False)
+    assert p.returncode == 1 and "DTS: the text ends inside a node" in p.stderr
+    (tmp_path / "bad.dtb").write_bytes(blob[:40])
+    p = mk(run_dir, "create", "--input", str(tmp_path / "bad.dtb"), check=False)
+    assert p.returncode == 1 and "[EINVAL]" in p.stderr
+    after = show(run_dir)
+    before["machine"].pop("events")
+    after["machine"].pop("events")
+    assert after == before
