@@ -223,9 +223,9 @@ def test_trees_in_and_out(run_dir, tmp_path):
     phys = linux.physical_cpu_ids()
     apic = phys[CPUS[-1]]
     base = tmp_path / "pool.dts"
-    base.write_text("/dts-v1/;\n/ {\n\tresources {\n\t\tcpus = /bits/ 64 <%d>;\n"
+    base.write_text(f"/dts-v1/;\n/ {{\n\tresources {{\n\t\tcpus = /bits/ 64 <{apic}>;\n"
                     "\t\tmemory@0 { size = /bits/ 64 <0x4000000>; numa-node-id = <0>; };\n"
-                    "\t};\n};\n" % apic)
+                    "\t};\n};\n")
     assert parse_baseline(from_dts(base.read_text())).cpus == [apic]
     mk(run_dir, "init", "--input", str(base), "--host-cpus",
        ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
