@@ -101,6 +101,13 @@ def render_show(snapshot: dict[str, Any]) -> str:
         rows.append((str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
                      f"0x{i['memory_base']:x}", i["kernel"] or "-",
                      str(i["pid"]) if i["pid"] else "-", last))
+    txs = snapshot.get("overlays", [])
+    if txs:
+        counts = {st: sum(1 for t in txs if t["status"] == st) for st in ("applied", "failed")}
+        last = txs[-1]
+        out.append(f"overlays {counts['applied']} applied, {counts['failed']} failed; last "
+                   f"tx_{last['id']} {last['status']}: {'; '.join(last['operations']) or '-'}"
+                   + (f" ({last['error']})" if last["error"] else ""))
     if len(rows) == 1:
         out.append("no instances")
     else:
