@@ -131,7 +131,9 @@ def test_two_machines_side_by_side(run_dir):
 def test_no_machine_and_stale_machine(run_dir):
     p = mk(run_dir, "show", check=False)
     assert p.returncode == 1 and "no machine is running" in p.stderr and "mkctl init" in p.stderr
-    mk(run_dir, "init", "--memory", "64M", "--oversubscribe", "--cpus", ",".join(map(str, CPUS)))
+    # instances that die with their host (tests/test_survival.py: the default outlives it)
+    mk(run_dir, "init", "--memory", "64M", "--oversubscribe", "--cpus", ",".join(map(str, CPUS)),
+       "--no-survive-host")
     mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
     mk(run_dir, "load", "a", "--kernel", "kernels.idle:IdleKernel")
     mk(run_dir, "exec", "a")

@@ -76,7 +76,7 @@ class Bridge:
         start_supervisor(self.run_dir, {
             "cpus": cpus, "memory": base.memory_bytes, "host_cpus": host,
             "oversubscribe": self.oversubscribe or not host, "console_bytes": 64 * 1024,
-            "kill_timeout": 30.0, "protection": True})
+            "kill_timeout": 30.0, "protection": True, "survive_host": True})
 
     # -- kerf's namespace ----------------------------------------------------------------------
     def _namespace(self, scratch: str, fuse: FuseServer) -> None:

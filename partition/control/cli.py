@@ -88,13 +88,28 @@ def cmd_init(a: argparse.Namespace) -> int:
         a.memory = base.memory_bytes
     cfg = {"cpus": a.cpus, "memory": a.memory, "host_cpus": a.host_cpus,
            "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
-           "kill_timeout": a.kill_timeout, "protection": a.protection}
+           "kill_timeout": a.kill_timeout, "protection": a.protection,
+           "survive_host": a.survive_host}
     PoolConfig.build(a.cpus, a.memory, a.host_cpus, a.oversubscribe)   # refuse early, in the CLI
     info = start_supervisor(a.run_dir, cfg)
+    if info.get("adopted"):
+        print(f"mkctl init: a machine whose host died was left in {info['run_dir']}: adopted "
+              "it (its pool, not the one asked for; mkctl shutdown first for a new pool)",
+              file=sys.stderr)
     snap = Client(a.run_dir).call("show")
     text = (f"machine up in {info['run_dir']} (supervisor pid {info['pid']})"
             + (" [removed a stale run directory first]" if info.get("cleaned_stale") else "")
             + "\n" + render_show(snap).rstrip())
+    _emit(a, snap, text)
+    return EXIT_OK
+
+
+def cmd_adopt(a: argparse.Namespace) -> int:
+    """A new host for the instances a dead supervisor left running (host/adoption.py)."""
+    info = start_supervisor(a.run_dir, {"adopt": True})
+    snap = Client(a.run_dir).call("show")
+    text = (f"adopted the machine in {info['run_dir']} (supervisor pid {info['pid']}, "
+            f"{snap['machine']['adopt_ms']} ms)\n" + render_show(snap).rstrip())
     _emit(a, snap, text)
     return EXIT_OK
 
@@ -283,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", parents=[common], help="define the pool and start the supervisor")
     p.add_argument("--input", "-i", default=None,
                    help="a baseline device tree (.dtb, or .dts text): its CPUs and memory")
+    p.add_argument("--no-survive-host", dest="survive_host", action="store_false",
+                   help="instances die with the supervisor (default: they run on, and "
+                        "mkctl adopt gives them a new host)")
     p.add_argument("--cpus", default=None, help="pool CPUs, e.g. 1-3 (default: all but the host's)")
     p.add_argument("--memory", default="1G", help="pool memory, e.g. 1G (default 1G)")
     p.add_argument("--host-cpus", default="0", help="CPUs kept by the host, instance 0 (default 0; 'none')")
@@ -294,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-timeout", type=finite, default=30.0,
                    help="seconds a graceful kill waits before forcing (default 30)")
     p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("adopt", parents=[common],
+                       help="a new host for the instances a dead supervisor left running")
+    p.set_defaults(fn=cmd_adopt)
 
     p = sub.add_parser("create", parents=[common], help="reserve CPUs and memory (-> ready)")
     p.add_argument("name", nargs="?")

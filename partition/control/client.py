@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from partition.control import protocol
-from partition.errors import MKError, SupervisorUnavailable
+from partition.errors import MKError, NoSuchInstance, SupervisorUnavailable
 from partition.host import cgroups, rundir
 
 
@@ -38,6 +38,12 @@ class Client:
             except (FileNotFoundError, ConnectionRefusedError):
                 stale = " (stale run directory: its supervisor is gone)" if \
                     os.path.exists(self.run_dir) and rundir.live_owner(self.run_dir) is None else ""
+                if stale and os.path.exists(os.path.join(self.run_dir, "machine.json")):
+                    raise SupervisorUnavailable(
+                        f"the host of the machine in {self.run_dir} died (stale: its "
+                        "supervisor is gone); its instances may still run",
+                        "mkctl adopt gives them a new host; mkctl shutdown removes them and "
+                        "clears the stale directory") from None
                 raise SupervisorUnavailable(
                     f"no machine is running in {self.run_dir}{stale}",
                     "start one with mkctl init, or point --run-dir / MK_RUN_DIR at a running one"
@@ -65,9 +71,15 @@ def start_supervisor(run_dir: str | None, config: dict[str, Any], wait: float = 
     (an inherited descriptor shares the lock): a second ``mkctl init`` racing this one is
     refused at once and touches nothing, and a stale directory is cleared only by the one
     that holds the lock."""
+    from partition.host import adoption  # the host side: only when a machine starts
     path = rundir.resolve(run_dir)
     lock_fd = rundir.lock(path)
     try:
+        if adoption.abandoned(path):     # its host died, its instances run: adopt them
+            return _spawn(path, lock_fd, {"adopt": True}, wait) | {"adopted": True}
+        if config.get("adopt"):
+            raise NoSuchInstance(f"no machine to adopt in {path} (no state, or no arena)",
+                                 "mkctl init starts a new machine")
         cleaned = bool(os.listdir(path))
         if cleaned:
             rundir.clear(path)           # stale: its owner is dead (we hold its lock)
@@ -129,12 +141,15 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
         raise SupervisorUnavailable(f"no machine is running in {path}", "nothing to shut down")
     owner = rundir.live_owner(path)
     if owner is None:
+        from partition.host import adoption
         lock_fd = rundir.lock(path)       # nobody else clears it meanwhile
         try:
+            # an abandoned survivable machine: its instances (in its cgroups only) and its arena
+            killed = adoption.remove_abandoned(path)
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(lock_fd)
-        killed = cgroups.reap_stale()     # and what its instances forked, if anything lives
+        killed += cgroups.reap_stale()    # and what its instances forked, if anything lives
         return {"halted": killed, "stale_removed": True, "run_dir": path}
     result = client.call("shutdown")
     try:

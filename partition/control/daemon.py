@@ -29,8 +29,8 @@ from typing import Any
 
 from partition.abi.constants import IPI_SIGNAL
 from partition.control import protocol
-from partition.errors import InvalidSpec, MKError, NotLoaded, PermissionDenied, ResourceBusy
-from partition.host import rundir
+from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, PermissionDenied, ResourceBusy
+from partition.host import adoption, rundir
 from partition.host.machine import Machine
 
 VIEW_REFRESH_S = 1.0      # counters in sys/ views are at most this old
@@ -158,6 +158,11 @@ class Daemon:
             raise InvalidSpec(f"socket path {self.path!r} is longer than 107 bytes",
                               "choose a shorter --run-dir")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if machine.adopting:           # the dead host's socket; the run directory's lock is ours
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
         old = os.umask(0o177)          # the socket is born 0600, whatever the caller's umask
         try:
             self.sock.bind(self.path)
@@ -403,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(IPI_SIGNAL, signal.SIG_IGN)   # an instance's doorbell is never the host's
     try:
+        if cfg.get("adopt"):       # a new host for the instances a dead one left (adoption.py)
+            state = adoption.read_state(a.run_dir)
+            if state is None:
+                raise NoSuchInstance(f"no machine to adopt in {a.run_dir}",
+                                     "mkctl init starts a new one")
+            cfg = {**state["config"], "adopt": True}
         run = rundir.claim(a.run_dir, a.lock_fd) if a.lock_fd >= 0 else a.run_dir
         machine = Machine(run_dir=run, pin_host=True, **cfg)
     except MKError as exc:
@@ -420,11 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     tell("ok")
     try:
         sup.loop()
-    finally:
-        # the last reply ("shutdown") was already sent; now halt everything and clean up
-        sup.close()
-        machine.close()
-        shutil.rmtree(a.run_dir, ignore_errors=True)
+    except BaseException as exc:
+        if not machine.survive_host:
+            raise
+        # a crash of the host: its instances run on, for a new host to adopt (adoption.py)
+        machine.events.error("host_crashed", error=repr(exc), traceback=traceback.format_exc())
+        os._exit(70)
+    # the last reply ("shutdown") was already sent; now halt everything and clean up
+    sup.close()
+    machine.close()
+    shutil.rmtree(a.run_dir, ignore_errors=True)
     return 0
 
 

@@ -72,6 +72,8 @@ class BootParams:
     cgroups: list[str] = field(default_factory=list)
     #: directories covered in its mount namespace (the machine's run directory)
     hide: list[str] = field(default_factory=list)
+    #: the instance outlives its host (a supervisor's machine): no parent-death signal
+    survive_host: bool = False
 
 
 def _close_all_except(keep: set[int]) -> None:
@@ -159,8 +161,9 @@ def enter(boot: BootParams) -> NoReturn:
         signal.set_wakeup_fd(-1)
         os.sched_setaffinity(0, boot.cpus)
         os.setsid()
-        linux.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != boot.host_pid:      # the host died between fork and prctl
+        if not boot.survive_host:
+            linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != boot.host_pid:      # the host died between fork and here
             os._exit(EXIT_TRAMPOLINE)
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)

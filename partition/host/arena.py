@@ -1,9 +1,18 @@
-"""The emulated physical memory: one sparse memfd, mapped whole by the host only.
+"""The emulated physical memory: one sparse shared-memory object, mapped whole by the host only.
 
-A memfd rather than a /dev/shm name because its lifetime is that of the last process holding it:
-a supervisor killed with SIGKILL cannot leak a multi-GiB object, and two machines never collide
-on a name. Instances receive the descriptor across fork, map just their own regions, and close it
-before any kernel code runs (see guest/trampoline.py), so they cannot reach what they were not given.
+Two kinds, by what must outlive what:
+
+* an in-process machine (tests, scenarios) uses a memfd: its lifetime is that of the last
+  process holding it, so a crashed test cannot leak a multi-GiB object, and two machines never
+  collide on a name;
+* a supervisor's machine (``mkctl init``) uses a named POSIX shared-memory object
+  (``/dev/shm/mk-arena-<run>``, through ``posix_ipc``): its instances outlive a host that dies,
+  and a new host finds the arena again by that name and adopts them (host/adoption.py). The
+  name is removed at shutdown, and by ``mkctl shutdown`` of an abandoned machine. Instances
+  cannot reach it: their /dev holds five device nodes and no shm.
+
+Instances receive the descriptor across fork, map just their own regions, and close it before any
+kernel code runs (see guest/trampoline.py), so they cannot reach what they were not given.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ import fcntl
 import mmap
 import os
 import weakref
+
+import posix_ipc
 
 from partition import linux
 from partition.abi import layout as L
@@ -41,25 +52,60 @@ def inherited_mappings() -> list[tuple[int, int]]:
 class Arena:
     """Host view of the arena: header, instance table, control area, consoles, partitions."""
 
-    def __init__(self, layout: L.ArenaLayout, tag: str = "mk-arena", flags: int = 0) -> None:
+    def __init__(self, layout: L.ArenaLayout, tag: str = "mk-arena", flags: int = 0,
+                 shm_name: str | None = None, attach: bool = False) -> None:
         layout.validate()
         self.layout = layout
         self.tag = tag                  # the memfd's name: /proc/PID/maps shows "/memfd:<tag>"
-        self.fd = os.memfd_create(tag, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.shm_name = shm_name        # a named arena (survivable machines), else a memfd
+        if shm_name is None:
+            self.fd = os.memfd_create(tag, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        else:
+            shm = posix_ipc.SharedMemory(shm_name, 0 if attach else posix_ipc.O_CREX, mode=0o600)
+            self.fd = shm.fd
         try:
-            os.ftruncate(self.fd, layout.arena_bytes)   # sparse: costs nothing until touched
-            # its size is final: whoever reaches the memfd can neither cut it short (every
-            # mapping past the new end would SIGBUS, the host's first) nor grow it
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                        | fcntl.F_SEAL_SEAL)
+            if attach:
+                if os.fstat(self.fd).st_size != layout.arena_bytes:
+                    raise ValueError(f"arena {shm_name} is {os.fstat(self.fd).st_size} bytes, "
+                                     f"the machine's layout says {layout.arena_bytes}")
+            else:
+                os.ftruncate(self.fd, layout.arena_bytes)   # sparse: costs nothing until touched
+            if shm_name is None:
+                # its size is final: whoever reaches the memfd can neither cut it short (every
+                # mapping past the new end would SIGBUS, the host's first) nor grow it
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                            | fcntl.F_SEAL_SEAL)
+            os.set_inheritable(self.fd, False)
             self.map = mmap.mmap(self.fd, layout.arena_bytes)
         except BaseException:
             os.close(self.fd)
+            if shm_name is not None and not attach:
+                posix_ipc.unlink_shared_memory(shm_name)
             raise
         self.address = linux.buffer_address(self.map)
         _HOST_MAPPINGS[self.address] = (layout.arena_bytes, weakref.ref(self.map))
-        self._generation = 0
-        self._write_header(flags)
+        if attach:
+            head = self.header()
+            if head["magic"] != L.MAGIC or head["version"] != L.VERSION:
+                self.close()
+                raise ValueError(f"arena {shm_name} is not a version-{L.VERSION} arena")
+            self._generation = int(str(head["generation"]))
+        else:
+            self._generation = 0
+            self._write_header(flags)
+
+    def adopted(self) -> None:
+        """A new host took the arena over: the header names it."""
+        self._write_header(int(str(self.header()["flags"])))
+
+    def unlink(self) -> None:
+        """Remove the arena's name (a survivable machine's shutdown): the memory goes with the
+        last mapping."""
+        if self.shm_name is not None:
+            try:
+                posix_ipc.unlink_shared_memory(self.shm_name)
+            except posix_ipc.ExistentialError:
+                pass
 
     # -- header and table ------------------------------------------------------------------
     def _write_header(self, flags: int) -> None:

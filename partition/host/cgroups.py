@@ -54,16 +54,25 @@ def _own_paths() -> dict[str, str]:
 class Cgroups:
     """The cgroups of one machine's instances."""
 
-    def __init__(self, run_name: str) -> None:
+    def __init__(self, run_name: str, survivable: bool = False,
+                 adopt: dict[str, str] | None = None) -> None:
         self.mode: str | None = None
         self.bases: dict[str, str] = {}         # controller -> the machine's directory
         self.reaped = 0                          # processes left by dead machines, killed here
         own = _own_paths()
-        run_name = f"{os.getpid()}-{run_name}"  # a dead owner's directories are recognisable
+        # a dead owner's directories are recognisable by its pid, and reaped by the next
+        # machine; a survivable machine's ("s<pid>") are left for a host to adopt, or for
+        # mkctl shutdown of the abandoned machine
+        run_name = f"{'s' if survivable else ''}{os.getpid()}-{run_name}"
         try:
             self.reaped = reap_stale()
         except OSError:
             pass
+        if adopt:
+            self.bases = {c: b for c, b in adopt.items() if os.path.isdir(b)}
+            self.mode = ("v2" if "" in self.bases else "v1") if self.bases else None
+            self.why = "" if self.mode else "the adopted machine's cgroups are gone"
+            return
         try:
             if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
                 self._setup_v2(own.get("", "/"), run_name)
@@ -256,6 +265,31 @@ def _reap_stale_in(parent: str) -> int:
             _rmdir(path)
         _rmdir(stale)
     return reaped
+
+
+def kill_and_remove(bases: dict[str, str]) -> int:
+    """Kill every process in the instance cgroups under ``bases`` and remove them (an abandoned
+    survivable machine's, at mkctl shutdown); returns how many were killed."""
+    killed = 0
+    for base in bases.values():
+        if not os.path.isdir(base):
+            continue
+        for sub in os.listdir(base):
+            path = os.path.join(base, sub)
+            if not os.path.isdir(path):
+                continue
+            try:
+                for pid in _read(os.path.join(path, "cgroup.procs")).split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                        killed += 1
+                    except ProcessLookupError:
+                        pass
+            except OSError:
+                pass
+            _rmdir(path)
+        _rmdir(base)
+    return killed
 
 
 def reap_stale() -> int:

@@ -44,6 +44,9 @@ class EventLog:
     def warning(self, event: str, **fields: Any) -> None:
         self._emit("warning", event, fields)
 
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         self.counts[event] = self.counts.get(event, 0) + 1
         if self.listeners:

@@ -103,6 +103,7 @@ class Parked:
     report: dict[str, Any] | None = None
     status: int | None = None        # its wait status, once reaped
     cpus: list[int] = field(default_factory=list)   # what it was told it runs on, at fork
+    child_fds: tuple[int, int] = (-1, -1)           # its doorbell and host doorbell, in it
 
 
 @dataclass
@@ -115,6 +116,9 @@ class Instance:
     memory_bytes: int                   # the boot region; regions added at run time: extra
     state: State = State.READY
     extra_regions: list[tuple[int, int]] = field(default_factory=list)  # (base, bytes), oldest first
+    pid_start: float = 0.0              # its process's start time (adoption checks it)
+    child_fds: tuple[int, int] = (-1, -1)   # its doorbell and host doorbell, by number, in it
+    adopted: bool = False               # this run was adopted: not our child, no channel
     kimage: KImage | None = None
     pid: int | None = None
     pidfd: int | None = None

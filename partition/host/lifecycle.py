@@ -16,12 +16,14 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
+import psutil
+
 from partition.abi import message as M
 from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout
 from partition.host.exits import classify_exit
-from partition.host.instance import CHANNEL, EXIT, Instance, State
+from partition.host.instance import CHANNEL, EXIT, ExitRecord, Instance, State
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -64,6 +66,12 @@ class Lifecycle:
         # the parked process becomes the running one
         inst.pid, inst.pidfd, inst.doorbell_fd, inst.channel = p.pid, p.pidfd, p.doorbell_fd, \
             p.channel
+        inst.child_fds, inst.adopted = p.child_fds, False
+        if m.survive_host:                    # what a new host will check before adopting it
+            try:
+                inst.pid_start = psutil.Process(p.pid).create_time()
+            except psutil.Error:
+                inst.pid_start = 0.0
         m.selector.modify(p.pidfd, selectors.EVENT_READ, (EXIT, inst))
         m.selector.register(p.channel, selectors.EVENT_READ, (CHANNEL, inst))
         inst.halt_requested = None
@@ -199,7 +207,10 @@ class Lifecycle:
         # off the peer table before the reap: until waitpid the pid cannot be reused, so a
         # peer that read this pid as active was never pointed at another process
         peer.peer_state, peer.pid = STATE_CODES["loaded"], 0
-        _, status = os.waitpid(inst.pid, 0)
+        if inst.adopted:        # not our child: its status went to init (host/adoption.py)
+            status = -1
+        else:
+            _, status = os.waitpid(inst.pid, 0)
         ooms = m.cgroups.oom_kills(inst.id)
         orphans = m.cgroups.kill(inst.id)     # whatever it forked goes with it
         if orphans:
@@ -207,7 +218,12 @@ class Lifecycle:
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
             m.events.warning("forbidden_syscall", instance=inst.id, name=inst.name, pid=inst.pid)
         booting = inst.state != State.ACTIVE
-        record = classify_exit(status, inst.halt_requested, own.reason)
+        if status == -1:
+            how = {"graceful": "graceful", None: "exited"}.get(inst.halt_requested, "forced")
+            record = ExitRecord(own.reason or "exit status unknown (an adopted instance is not "
+                                "the new host's child)", how, time=time.time())
+        else:
+            record = classify_exit(status, inst.halt_requested, own.reason)
         if ooms > inst.oom_kills and record.signal == signal.SIGKILL and record.how == "killed":
             record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
                              "its partition, heap and allowance")
@@ -265,7 +281,14 @@ class Lifecycle:
         if inst.pid is not None:
             if m.writes is not None:
                 m.writes.forget(inst.pid)
-            if not reaped:
+            if not reaped and inst.adopted:   # by its pidfd: never a pid we did not fork
+                if inst.pidfd is not None:
+                    try:
+                        signal.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                m.cgroups.kill(inst.id)
+            elif not reaped:
                 try:
                     os.kill(inst.pid, signal.SIGKILL)
                     os.waitpid(inst.pid, 0)
@@ -273,6 +296,7 @@ class Lifecycle:
                     pass
                 m.cgroups.kill(inst.id)
             inst.pid = None
+            inst.adopted = False
         m.ipc.forget(inst.id)
         if inst.channel is not None:
             try:

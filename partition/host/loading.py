@@ -64,6 +64,7 @@ class Loading:
             channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],
+            survive_host=m.survive_host,
         )
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
@@ -83,7 +84,8 @@ class Loading:
             guest_end.close()       # (the child has its own copies, by number)
             os.close(report_w)
         pidfd = linux.pidfd_open(pid)
-        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus))
+        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
+                             child_fds=(doorbell_fd, m.host_doorbell))
         m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))
         m.selector.register(report_r, selectors.EVENT_READ, (REPORT, inst))
 

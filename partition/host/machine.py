@@ -38,7 +38,7 @@ from partition.abi.console import ConsoleWriter, format_console, read_console
 from partition.abi.constants import HOST_ID, STATE_ACTIVE, STATE_CODES
 from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
-from partition.host import faults, rundir
+from partition.host import adoption, faults, rundir
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
 from partition.host.devicetree import MEMORY_GRANULE, Overlay, UpdateOp
@@ -65,8 +65,13 @@ class Machine:
                  run_dir: str | rundir.RunDir | None = None, console_bytes: int = 64 * 1024,
                  kill_timeout: float = 30.0, boot_timeout: float = 1.0,
                  pin_host: bool = False, ring_slots: int = 64,
-                 ring_slot_bytes: int = 4096, protection: bool = True) -> None:
+                 ring_slot_bytes: int = 4096, protection: bool = True,
+                 survive_host: bool = False, adopt: bool = False) -> None:
         self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
+        #: instances outlive this host (no parent-death signal; a named arena; a state file a
+        #: new host adopts them from: host/adoption.py). The supervisor's machines do.
+        self.survive_host = bool(survive_host or adopt)
+        self.adopting = bool(adopt)
         if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
             raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
                               "use e.g. 65536")
@@ -99,8 +104,9 @@ class Machine:
                                     ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
         flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
             (0 if self.protection else L.FLAG_UNPROTECTED)
+        shm = adoption.arena_name(self.run_dir) if self.survive_host else None
         self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
-                           flags=flags)
+                           flags=flags, shm_name=shm, attach=self.adopting)
         self.instances: dict[str, Instance] = {}
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
@@ -111,7 +117,8 @@ class Machine:
         self.views = ViewWriter(self.run_dir)
         host_console = memoryview(self.arena.map)[self.layout.console_at(HOST_ID):
                                                   self.layout.console_at(HOST_ID) + console_bytes]
-        format_console(host_console)
+        if not self.adopting:               # an adopted machine keeps every console's lines
+            format_console(host_console)
         self._host_console = ConsoleWriter(host_console)
         self.ipc = HostIPC(self)
         self.lifecycle = Lifecycle(self)
@@ -119,12 +126,18 @@ class Machine:
         self.supervisor = Supervisor(self)
         self.overlays = Overlays(self)
         self.writes = None if self.protection else WriteWatch(self)
-        self.cgroups = Cgroups(os.path.basename(self.run_dir))
+        self.cgroups = Cgroups(os.path.basename(self.run_dir), survivable=self.survive_host,
+                               adopt=adoption.cgroup_bases(self.run_dir) if self.adopting else None)
         self._filters_due = 0.0               # next look at the rings' drop filters
         host = self.arena.peer(HOST_ID)
         host.peer_state = STATE_ACTIVE
         host.pid = os.getpid()
         self.started = time.time()
+        self.extra_host_doorbells: list[int] = []   # adopted instances ring these
+        self.adopt_ms: float | None = None
+        if self.adopting:
+            self.arena.adopted()
+            adoption.adopt(self)
         self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
                                 memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
                                 last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
@@ -167,8 +180,11 @@ class Machine:
                 self.selector.close()
             finally:
                 os.close(self.host_doorbell)
+                for fd in self.extra_host_doorbells:
+                    os.close(fd)
                 self.ipc.close()
                 self._host_console = None  # type: ignore[assignment]
+                self.arena.unlink()
                 self.arena.close()
                 self.events.close()
                 self._run.release()
@@ -499,6 +515,7 @@ class Machine:
                 "mode": "oversubscribed" if cfg.oversubscribe else "dedicated",
                 "protection": self.protection,
                 "arena_bytes": self.layout.arena_bytes, "started": self.started,
+                "survive_host": self.survive_host, "adopt_ms": self.adopt_ms,
                 "events": dict(self.events.counts),
             },
             "pool": {
@@ -684,3 +701,5 @@ class Machine:
                 last_exit_code=(le.code or 0) if le else 0,
                 kernel=inst.kimage.label if inst.kimage else "")
         self.views.update(self.snapshot())
+        if self.survive_host:
+            adoption.save_state(self)
