@@ -43,7 +43,7 @@ class Field(NamedTuple):
 #: the peer table entry of one id: host-written, read-only to every instance
 PEER_FIELDS: dict[str, Field] = {
     "target_cpu": Field(0, 4, "host"),          # physical id of the boot CPU
-    "flags": Field(4, 4, "host"),               # reserved, 0
+    "epoch": Field(4, 4, "host"),               # service epoch: kept across a live update
     "ready": Field(8, 4, "host"),               # the mailbox is published for ``generation``
     "force_halt": Field(12, 4, "host"),         # the host demands a halt
     "generation": Field(16, 8, "host"),         # boot generation
@@ -73,7 +73,22 @@ OWN_FIELDS: dict[str, Field] = {
     "res_ack_status": Field(88, 8, "instance"),  # 0 accepted, else the errno it refused with
     "reason": Field(128, REASON_BYTES, "instance"),  # utf-8 halt/panic reason
     "res_ack_reason": Field(256, REASON_BYTES, "instance"),  # utf-8: why it refused
+    "kho_count": Field(1024, 4, "host"),         # KHO: regions handed over to this run (table in)
+    "kho_declared": Field(1028, 4, "instance"),  # KHO: regions this run preserves (table out)
+    "kho_flags": Field(1032, 4, "instance"),     # KHO: bit 0, keep the rest of the partition
 }
+
+#: Kernel hand-over (KHO): tables of preserved regions of the partition, in the own page. A run
+#: declares its regions in the table out (kho_preserve); when the run ends the host checks them
+#: and computes each one's CRC32; before the next run boots the host writes the checked table in,
+#: CRCs filled, for the new kernel to find (kho_restore), and clears the table out. Entry: name
+#: (32 bytes, NUL-padded), offset and size within the partition (u64, page-aligned), crc32
+#: (u32), reserved (u32).
+KHO_TABLE_IN = 1040
+KHO_TABLE_OUT = 2048
+KHO_ENTRY = struct.Struct("<32sQQII")
+KHO_MAX = 16
+KHO_KEEP_REST = 1
 
 # offsets by name, for the hot paths
 PEER_STATE = PEER_FIELDS["peer_state"].offset
@@ -139,7 +154,7 @@ class PeerEntry(_Record):
     __slots__ = ()
     SIZE = PEER_BYTES
     target_cpu = _Int(PEER_FIELDS, "target_cpu")
-    flags = _Int(PEER_FIELDS, "flags")
+    epoch = _Int(PEER_FIELDS, "epoch")
     ready = _Int(PEER_FIELDS, "ready")
     force_halt = _Int(PEER_FIELDS, "force_halt")
     generation = _Int(PEER_FIELDS, "generation")
@@ -177,6 +192,26 @@ class OwnPage(_Record):
     forged_commands = _Int(OWN_FIELDS, "forged_commands")
     res_ack_seq = _Int(OWN_FIELDS, "res_ack_seq")
     res_ack_status = _Int(OWN_FIELDS, "res_ack_status")
+    kho_count = _Int(OWN_FIELDS, "kho_count")
+    kho_declared = _Int(OWN_FIELDS, "kho_declared")
+    kho_flags = _Int(OWN_FIELDS, "kho_flags")
+
+    def kho_entries(self, out: bool = False) -> list[tuple[bytes, int, int, int]]:
+        """A KHO table: (raw name, offset, size, crc), at most KHO_MAX entries whatever its
+        count says. The table out is the kernel's word (untrusted to the host)."""
+        n = min(self.kho_declared if out else self.kho_count, KHO_MAX)
+        at = self.base + (KHO_TABLE_OUT if out else KHO_TABLE_IN)
+        return [KHO_ENTRY.unpack_from(self.buf, at + i * KHO_ENTRY.size)[:4] for i in range(n)]
+
+    def write_kho(self, entries: list[tuple[str, int, int, int]], out: bool = False) -> None:
+        at = self.base + (KHO_TABLE_OUT if out else KHO_TABLE_IN)
+        for i, (name, offset, size, crc) in enumerate(entries[:KHO_MAX]):
+            KHO_ENTRY.pack_into(self.buf, at + i * KHO_ENTRY.size, name.encode()[:32], offset,
+                                size, crc, 0)
+        if out:
+            self.kho_declared = min(len(entries), KHO_MAX)
+        else:
+            self.kho_count = min(len(entries), KHO_MAX)
 
     @property
     def reason(self) -> str:

@@ -138,6 +138,17 @@ def cmd_create(a: argparse.Namespace) -> int:
 def cmd_update(a: argparse.Namespace) -> int:
     client = Client(a.run_dir)
     r: dict[str, Any] = {}
+    if a.kernel is not None:                            # a live update (host/liveupdate.py)
+        u = client.call("live_update", name=a.name, kernel=_kernel_spec(a.kernel),
+                        cmdline=a.cmdline)
+        if u["rolled_back"]:
+            print(f"mkctl update: {a.name}: ROLLED BACK to {u['kernel']}: {u['reason']}",
+                  file=sys.stderr)
+            return EXIT_REFUSED
+        _emit(a, u, f"instance {a.name}: live update {u['previous']} -> {u['kernel']} in "
+                    f"{u['gap_ms']} ms (load {u['load_ms']} ms before, not in the gap); "
+                    f"preserved: {', '.join(u['preserved']) or 'nothing'}")
+        return EXIT_OK
     if a.cpus is not None or a.memory is not None:     # kerf update: one overlay transaction
         r = client.call("resize", name=a.name, cpus=a.cpus, memory=a.memory)
     policy = {"recovery": a.recovery, "max_restarts": a.max_restarts,
@@ -338,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None,
                    help="the memory it should hold, e.g. 64M: grows by a new region, shrinks by "
                         "whole regions, newest first")
+    p.add_argument("--kernel", default=None,
+                   help="live update: replace the running kernel with this image (KHO state "
+                        "handed over; rolled back if it fails to boot)")
+    p.add_argument("--cmdline", default=None, help="live update: the new kernel's command line")
     _recovery_options(p, defaults=False)
     p.set_defaults(fn=cmd_update)
 

@@ -65,6 +65,7 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "kexec_unload": ({"id"}, lambda id: m.unload(_by_id(m, id))),
         "mk_reboot": ({"cmd", "id"}, lambda cmd, id: _reboot(m, cmd, id)),
         "exec_into": ({"name", "argv"}, lambda name, argv=(): _exec_into(m, name, argv)),
+        "live_update": ({"name", "kernel", "cmdline", "quiesce"}, m.live_update),
     }
 
 

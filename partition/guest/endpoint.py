@@ -309,8 +309,11 @@ class PeerTable:
         if target == HOST_ID:
             return lambda: True
         peer = S.peer_of(self.peers, target)
-        pid = peer.pid
-        return lambda: peer.peer_state == STATE_ACTIVE and peer.pid == pid
+        pid, epoch = peer.pid, peer.epoch
+        # the same incarnation, or its successor by a live update (same service epoch: the
+        # request waits in the ring for the new kernel, or the old one answered it)
+        return lambda: peer.peer_state == STATE_ACTIVE and (peer.pid == pid or
+                                                           peer.epoch == epoch)
 
     def refused(self, code: int) -> None:
         if code == errno.ENOSPC:

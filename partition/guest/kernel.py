@@ -133,6 +133,8 @@ class Kernel:
             self.messenger.register(op, self._on_resource)
         #: memory added at run time (base, size): announced, not mapped (docs/kerf.md)
         self.added_memory: list[tuple[int, int]] = []
+        #: this halt hands over to a new image (a live update): shutdown() may kho_preserve
+        self.handing_over = False
         self.probes = P.ProbeHandlers(self)         # answers pings; runs probes it is given
         self.ring = self.endpoint.ring_of(ctx.id)
         self.ring.set_mode(self.mode)
@@ -433,8 +435,52 @@ class Kernel:
             pass
 
     def _on_shutdown(self, msg: M.Message) -> None:
-        if self.host_command(msg) is not M.NOT_FROM_HOST:
+        body = self.host_command(msg)
+        if body is not M.NOT_FROM_HOST:
+            self.handing_over = isinstance(body, dict) and body.get("handover") is True
             self._request_graceful_halt()
+
+    # -- kernel hand-over (KHO): state that survives into the next run -------------------
+    def kho_preserve(self, name: str, offset: int, size: int) -> None:
+        """Keep ``size`` bytes at ``offset`` of the partition (both page-aligned) for the next
+        run of this instance, same image or a new one (a live update: ``handing_over``); it
+        finds them with ``kho_restore(name)``. At most 16 regions; a name is 1-31 ASCII."""
+        if not (isinstance(name, str) and 0 < len(name) < 32 and name.isascii()):
+            raise ValueError("a KHO name is 1-31 ASCII characters")
+        if offset % 4096 or size % 4096 or size <= 0 or offset < 0 or \
+                offset + size > len(self.ctx.memory):
+            raise ValueError(f"KHO region {offset:#x}+{size:#x} must be page-aligned and inside "
+                             f"the partition ({len(self.ctx.memory):#x} bytes)")
+        own = self.ctx.own
+        entries = [(n.rstrip(b"\0").decode(errors="replace"), o, z, 0)
+                   for n, o, z, _ in own.kho_entries(out=True)]
+        entries = [e for e in entries if e[0] != name] + [(name, offset, size, 0)]
+        if len(entries) > S.KHO_MAX:
+            raise ValueError(f"at most {S.KHO_MAX} KHO regions")
+        own.write_kho(entries, out=True)
+
+    def kho_keep_rest(self, keep: bool = True) -> None:
+        """Keep the rest of the partition too at the next run (by default it is scrubbed when
+        regions are preserved)."""
+        own = self.ctx.own
+        own.kho_flags = (own.kho_flags | S.KHO_KEEP_REST) if keep else \
+            (own.kho_flags & ~S.KHO_KEEP_REST)
+
+    def kho_restore(self, name: str) -> memoryview | None:
+        """The region preserved as ``name`` by the previous run, checked against the CRC the
+        host took when that run ended; None if there is none. A region whose bytes changed
+        since is a panic (KHO corruption), as on the real system."""
+        import zlib
+        for raw, offset, size, crc in self.ctx.own.kho_entries():
+            if raw.rstrip(b"\0").decode(errors="replace") != name:
+                continue
+            if offset + size > len(self.ctx.memory):
+                return None
+            view = self.ctx.memory[offset:offset + size]
+            if zlib.crc32(view) != crc:
+                self.panic(f"KHO: region {name!r} changed since it was handed over")
+            return view
+        return None
 
     def _request_graceful_halt(self) -> None:
         self._graceful = True

@@ -186,13 +186,15 @@ class Cgroups:
             pass
         return 0
 
-    def kill(self, instance_id: int) -> int:
-        """SIGKILL every process of the instance; returns how many there were. Frozen first
-        (v1), so that none forks while the others are being killed."""
+    def kill(self, instance_id: int, keep: int | None = None) -> int:
+        """SIGKILL every process of the instance (but ``keep``: a live update's loaded
+        successor); returns how many there were. Frozen first (v1), so that none forks while
+        the others are being killed. With ``keep``, v2 (no per-process freeze here) kills
+        nothing: a kernel cannot fork, so its run leaves nothing behind to kill."""
         if self.mode is None:
             return 0
-        pids = self.members(instance_id)
-        if not pids:
+        pids = [p for p in self.members(instance_id) if p != keep]
+        if not pids or (keep is not None and self.mode == "v2"):
             return 0
         if self.mode == "v2":
             _write(os.path.join(self._dirs(instance_id)[""], "cgroup.kill"), "1")
@@ -200,7 +202,7 @@ class Cgroups:
         freezer = os.path.join(self._dirs(instance_id)["freezer"], "freezer.state")
         try:
             _write(freezer, "FROZEN")
-            pids = self.members(instance_id)
+            pids = [p for p in self.members(instance_id) if p != keep]
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)

@@ -119,6 +119,10 @@ class Instance:
     pid_start: float = 0.0              # its process's start time (adoption checks it)
     child_fds: tuple[int, int] = (-1, -1)   # its doorbell and host doorbell, by number, in it
     adopted: bool = False               # this run was adopted: not our child, no channel
+    #: KHO: the regions the last run preserved, checked, with CRCs (host/kho.py); None: none
+    kho: list[tuple[str, int, int, int]] | None = None
+    kho_keep_rest: bool = False
+    handover: bool = False              # its kernel is quiescing for a live update
     kimage: KImage | None = None
     pid: int | None = None
     pidfd: int | None = None
@@ -146,7 +150,7 @@ class Instance:
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
         "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0,
-        "ring_jams": 0})
+        "ring_jams": 0, "live_updates": 0})
     #: runtime resource changes (overlays): what the kernel answered, and how often
     resource_changes: dict[str, int] = field(default_factory=lambda: {
         "accepted": 0, "refused": 0, "unanswered": 0})

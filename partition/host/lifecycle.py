@@ -22,6 +22,7 @@ from partition.abi import message as M
 from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout
+from partition.host import kho
 from partition.host.exits import classify_exit
 from partition.host.instance import CHANNEL, EXIT, ExitRecord, Instance, State
 
@@ -40,7 +41,7 @@ class Lifecycle:
         self.m = machine
 
     # -- boot ------------------------------------------------------------------------------
-    def boot(self, inst: Instance, wait_boot: bool = False) -> None:
+    def boot(self, inst: Instance, wait_boot: bool = False, handover: bool = False) -> None:
         """Boot ``inst`` from its parked process (spawned first if there is none): returns when
         its boot CPU answered the spawn mailbox (the real system's answer), or with
         ``wait_boot`` when its kernel's ``boot()`` has returned too; raises BootFailed (with
@@ -88,7 +89,12 @@ class Lifecycle:
         peer.target_cpu = inst.physical_cpus[0]
         peer.generation = gen
         peer.redirect = 0
-        m.ring_of(inst.id).reset()           # stale messages and dead claims go with the old run
+        kho.prepare(m, inst)                 # preserved regions handed in, the rest scrubbed
+        if not handover:
+            # (a live update keeps both: the messages sent meanwhile wait in the ring for the
+            # new kernel, and requests to the old one are still answered: same service epoch)
+            m.ring_of(inst.id).reset()       # stale messages and dead claims go with the old run
+            peer.epoch = (peer.epoch + 1) & 0xFFFFFFFF
         inst.served_by = None                # it serves its own role again
         peer.ready = 1                       # publish last, then ring the parked CPU
         ring(p.doorbell_fd)
@@ -160,7 +166,10 @@ class Lifecycle:
         if m.writes is not None:
             m.writes.scan(only=inst)
         try:
-            os.kill(inst.pid, signal.SIGKILL)
+            if inst.pidfd is not None:     # by the pidfd: never a reused pid
+                signal.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
+            else:
+                os.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -205,12 +214,19 @@ class Lifecycle:
                 and inst.halt_requested != "boot-timeout":
             self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
         # off the peer table before the reap: until waitpid the pid cannot be reused, so a
-        # peer that read this pid as active was never pointed at another process
-        peer.peer_state, peer.pid = STATE_CODES["loaded"], 0
+        # peer that read this pid as active was never pointed at another process. A live
+        # update keeps the entry: peers go on writing into the ring, for the new kernel (they
+        # reach a process only through the pidfd the host gave them, never by this pid)
+        if not inst.handover:
+            peer.peer_state, peer.pid = STATE_CODES["loaded"], 0
         if inst.adopted:        # not our child: its status went to init (host/adoption.py)
             status = -1
         else:
             _, status = os.waitpid(inst.pid, 0)
+        kho.capture(m, inst)                  # what it preserved, checked, CRCs of now
+        if inst.handover:
+            self._handed_over(inst, status, detected)
+            return
         ooms = m.cgroups.oom_kills(inst.id)
         orphans = m.cgroups.kill(inst.id)     # whatever it forked goes with it
         if orphans:
@@ -265,6 +281,31 @@ class Lifecycle:
                     m.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                      error=str(exc))
         inst.pending_fault = None
+
+    def _handed_over(self, inst: Instance, status: int, detected: float) -> None:
+        """The old kernel of a live update exited (host/liveupdate.py boots the new one): the
+        run is recorded, its descriptors closed; the loaded successor and the peer entry stay."""
+        m = self.m
+        own = m.arena.own(inst.id)
+        if status == -1:
+            record = ExitRecord(own.reason or "handed over", "graceful", time=time.time())
+        else:
+            record = classify_exit(status, inst.halt_requested, own.reason)
+        m.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
+        successor, inst.parked = inst.parked, None
+        pid = inst.pid
+        self.forget_process(inst, reaped=True)
+        inst.parked = successor
+        m.ipc.sweep_claims_of(inst)
+        inst.last_exit = record
+        inst.counters["halts"] += 1
+        if own.booted != inst.generation:     # its boot() never returned: a new image that
+            inst.failure = f"boot failed: {record.reason}"    # did not boot (a live update's)
+            inst.counters["boot_failures"] += 1
+        inst.state = State.LOADED             # quietly: the service stays up in the peer table
+        m.events.info("handover_exit", instance=inst.id, name=inst.name, pid=pid,
+                      how=record.how, reason=record.reason,
+                      handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))
 
     def forget_process(self, inst: Instance, reaped: bool = False) -> None:
         """Close what the host held for a run of ``inst`` (and its parked successor); kill and

@@ -38,7 +38,7 @@ from partition.abi.console import ConsoleWriter, format_console, read_console
 from partition.abi.constants import HOST_ID, STATE_ACTIVE, STATE_CODES
 from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
-from partition.host import adoption, faults, rundir
+from partition.host import adoption, faults, liveupdate, rundir
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
 from partition.host.devicetree import MEMORY_GRANULE, Overlay, UpdateOp
@@ -399,6 +399,15 @@ class Machine:
         self.publish()
         out["state"] = State.EMPTY.value
         return out
+
+    def live_update(self, name: str, kernel: str, cmdline: str | None = None,
+                    quiesce: float = 10.0) -> dict[str, Any]:
+        """Replace a running kernel with a new image, its state handed over (KHO), messages
+        kept; rolls back to the old image if the new one fails to boot (host/liveupdate.py)."""
+        self._check_open()
+        self.poll(0)
+        return liveupdate.update(self, self._get(name), kernel, cmdline,
+                                 seconds(quiesce, "quiesce", 0, 3600))
 
     # -- the real control plane: overlays and runtime resources --------------------------------
     def apply_overlay(self, data: bytes) -> dict[str, Any]:

@@ -121,7 +121,8 @@ class Supervisor:
                 if inst.state != State.LOADED or m.closing or inst.name not in m.instances:
                     continue
                 inst.counters["restarts"] += 1
-                scrub = not inst.recovery.preserve_memory
+                # preserved regions (KHO) survive: kho.prepare scrubs around them at boot
+                scrub = not inst.recovery.preserve_memory and inst.kho is None
                 if scrub:   # reclaim before reuse: the failed run's memory is not trusted
                     m.arena.scrub(inst.memory_base, inst.memory_bytes)
                 m.events.info("restart", instance=inst.id, name=inst.name,

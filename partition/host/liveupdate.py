@@ -1,0 +1,123 @@
+"""Live kernel update: replace a running instance's kernel with a new image, its state handed
+over (KHO), its service never down for long and no message lost.
+
+The order, and why:
+
+1. The new image is loaded first, beside the running kernel, in a parked process of the same
+   instance (its cgroup, its CPUs): a broken image is refused here and the old kernel never
+   noticed.
+2. The old kernel is asked to quiesce: a SHUTDOWN host command with ``handover`` (its
+   ``shutdown()`` hook sees ``handing_over`` and preserves its state with ``kho_preserve``). It
+   answers what it has taken from its ring and exits.
+3. Meanwhile the peer table keeps the instance active with the same service epoch: peers go on
+   writing into its ring (nothing is refused with ESRCH), and a request the old kernel did not
+   take is not given up by its sender. The host takes the old run's KHO table (kho.py).
+4. The new kernel boots on the same CPUs from the same ring: the messages that arrived during
+   the switch are its first, each delivered once (the ring's tail moved only for what the old
+   kernel took), and its preserved regions are where ``kho_restore`` finds them.
+5. If the new kernel dies in ``boot()``, the preserved bytes are put back and the old image
+   boots again with them (rollback); the command says so.
+
+The service gap (from the quiesce request to the new kernel's ``boot()`` returning) is measured
+and reported; ``mkctl bench update`` measures it under traffic.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from partition.abi import message as M
+from partition.abi.ring import RingError
+from partition.errors import BadKernelImage, BootFailed, BootTimeout, NotLoaded
+from partition.host.instance import Instance, State
+from partition.host.kimage import check_spec
+
+if TYPE_CHECKING:
+    from partition.host.machine import Machine
+
+#: how long the old kernel has to quiesce before it is forced (its state is then what it was)
+QUIESCE_S = 10.0
+
+
+def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
+           quiesce: float = QUIESCE_S) -> dict[str, Any]:
+    if inst.state != State.ACTIVE or inst.pid is None:
+        raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a live update replaces "
+                        "a running kernel", f"mkctl start {inst.name}, or load the new image")
+    old = inst.kimage
+    assert old is not None
+    new = check_spec(kernel, old.cmdline if cmdline is None else cmdline)
+    t0 = time.monotonic()
+    inst.kimage = new
+    try:
+        m.loading.await_loaded(inst)       # 1. the new image, checked in its own process
+    except BaseException:
+        inst.kimage = old
+        raise
+    report = inst.parked.report if inst.parked is not None else None
+    new.label = str((report or {}).get("label") or "")
+    new.source = str((report or {}).get("source") or "")
+    loaded = time.monotonic()
+
+    inst.handover = True                   # 2. the old kernel quiesces
+    inst.halt_requested = "graceful"
+    try:
+        try:
+            m.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": quiesce, "handover": True})
+        except RingError:
+            if inst.pidfd is not None:
+                signal.pidfd_send_signal(inst.pidfd, signal.SIGTERM)
+        if not m.wait(lambda: inst.pid is None, time.monotonic() + quiesce):
+            m.events.warning("handover_forced", instance=inst.id, name=inst.name,
+                             quiesce_s=quiesce)
+            inst.halt_requested = "forced"
+            m.lifecycle.force(inst)
+            m.wait(lambda: inst.pid is None, None)
+    finally:
+        inst.handover = False
+    quiet = time.monotonic()
+    kept = list(inst.kho or [])            # 3. what it preserved (checked, CRCs taken)
+    keep_rest = inst.kho_keep_rest
+    saved = [(off, bytes(m.arena.read(inst.memory_base + off, size)))
+             for _, off, size, _ in kept]
+
+    inst.handover = True                   # 4. the new kernel, same CPUs, same ring; a death
+    try:                                   #    in its boot() keeps the service up for the old
+        try:
+            m.lifecycle.boot(inst, wait_boot=True, handover=True)
+        except (BootFailed, BootTimeout, BadKernelImage) as exc:
+            return _roll_back(m, inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
+    finally:
+        inst.handover = False
+    done = time.monotonic()
+    out = {"instance": inst.name, "kernel": new.label, "previous": old.label,
+           "rolled_back": False, "load_ms": round((loaded - t0) * 1e3, 3),
+           "quiesce_ms": round((quiet - loaded) * 1e3, 3),
+           "gap_ms": round((done - loaded) * 1e3, 3),
+           "preserved": [n for n, _, _, _ in kept]}
+    inst.counters["live_updates"] += 1
+    m.events.info("live_update", **out)
+    return out
+
+
+def _roll_back(m: Machine, inst: Instance, old: Any, new: Any, kept: list[tuple[str, int, int, int]],
+               keep_rest: bool, saved: list[tuple[int, bytes]], exc: Exception, t0: float,
+               quiet: float) -> dict[str, Any]:
+    """5. The new kernel failed in boot(): the old image, the preserved bytes as they were."""
+    m.events.warning("live_update_failed", instance=inst.id, name=inst.name,
+                     kernel=new.label, reason=str(exc))
+    for off, data in saved:
+        m.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
+    inst.kho, inst.kho_keep_rest = kept, keep_rest
+    inst.kimage = old
+    if inst.parked is not None:
+        m.loading.forget_parked(inst)
+    m.lifecycle.boot(inst, wait_boot=True, handover=True)
+    out = {"instance": inst.name, "kernel": old.label, "previous": old.label,
+           "rolled_back": True, "reason": f"the new kernel failed to boot: {exc}",
+           "gap_ms": round((time.monotonic() - quiet) * 1e3, 3),
+           "preserved": [n for n, _, _, _ in kept]}
+    m.events.warning("live_update_rolled_back", **out)
+    return out
