@@ -95,3 +95,24 @@ def test_isolation_bench_shape():
     assert kinds["kill"]["victim_failure"] == "crash"
     for r in res["kinds"]:
         assert r["baseline"]["n"] == 50 and r["during"]["n"] == 50 and r["p99_ratio"] > 0
+
+
+def test_update_bench_shape_and_counts():
+    """Live updates under traffic: every update timed, the pinger's answers counted against
+    what it asked and what the service (its count handed over by KHO) says it served."""
+    from partition.bench import update
+    res = update.run(updates=6, colds=3)
+    assert res["service_gap_ms"]["n"] == 6 and res["cold_start_ms"]["n"] == 3
+    q = res["requests"]
+    assert q["asked"] > 50 and q["lost"] == 0 and q["duplicated"] == 0
+    assert q["served_by_service"] == q["answered"]       # KHO carried the count through all 6
+    assert res["rolled_back"] == 0
+    assert res["service_gap_ms"]["p50"] >= res["switch_ms"]["p50"] * 0.5
+    text = update.render(res)
+    assert "service gap" in text and "cold start" in text
+
+
+def test_update_bench_cli_refuses_few_updates():
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "bench", "update",
+                        "--updates", "10"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "at least 50" in p.stderr

@@ -262,6 +262,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "recovery":
         from partition.bench import recovery
         return recovery.main(a)
+    if a.what == "update":
+        from partition.bench import update
+        return update.main(a)
     from partition.bench import boot
     return boot.main(a)
 
@@ -422,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against raw baselines")
-    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation"))
+    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation", "update"))
+    p.add_argument("--updates", type=int, default=50,
+                   help="update: live updates to time under traffic (at least 50)")
     p.add_argument("--kills", type=int, default=50, help="recovery: kills to time (at least 50)")
     p.add_argument("--boots", type=int, default=100, help="boot: boots to time (at least 50)")
     p.add_argument("--round-trips", type=int, default=10_000,
