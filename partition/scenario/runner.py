@@ -289,7 +289,7 @@ class Runner:
                 rec["mono"] = t
                 self.m.fault(item["target"], item["kind"], **self._fault_options(item))
             else:
-                self._act(item)
+                rec.update(self._act(item))
         except MKError as exc:
             rec["error"] = exc.message
         rec["duration_ms"] = round((time.monotonic() - t) * 1e3, 3)
@@ -311,9 +311,13 @@ class Runner:
             return {"bytes": f["bytes"]}
         return {}
 
-    def _act(self, a: dict[str, Any]) -> None:
+    def _act(self, a: dict[str, Any]) -> dict[str, Any]:
         assert self.m is not None
         m, target, args = self.m, a["target"], a["args"]
+        if a["do"] == "update":              # a live update (host/liveupdate.py)
+            r = m.live_update(target, str(args["kernel"]),
+                              str(args["cmdline"]) if "cmdline" in args else None)
+            return {"update_gap_ms": r["gap_ms"], "rolled_back": r["rolled_back"]}
         if a["do"] == "exec":
             m.exec(target)
         elif a["do"] in ("kill", "kill --force"):
@@ -322,6 +326,7 @@ class Runner:
             m.load(target, str(args["kernel"]), str(args.get("cmdline", "")))
         elif a["do"] == "unload":
             m.unload(target)
+        return {}
 
     # -- the end ---------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -381,7 +386,9 @@ class Runner:
             fired = self.fired.get(a["name"])
             metrics[a["name"]] = {"done": fired is not None and fired["error"] is None,
                                   "error": fired["error"] if fired else "never fired",
-                                  "duration_ms": fired["duration_ms"] if fired else None}
+                                  "duration_ms": fired["duration_ms"] if fired else None,
+                                  "update_gap_ms": (fired or {}).get("update_gap_ms"),
+                                  "rolled_back": (fired or {}).get("rolled_back")}
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
                    "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
                                        if isinstance(v, dict))}

@@ -29,7 +29,7 @@ from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
-ACTIONS = ("exec", "kill", "kill --force", "load", "unload")
+ACTIONS = ("exec", "kill", "kill --force", "load", "unload", "update")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -213,7 +213,7 @@ ACTION_KEYS = {
     "at": Key(duration, 1.0, "when, from the start of the run"),
     "do": Key(_choice(ACTIONS), "exec", "the verb, as mkctl spells it"),
     "target": Key(_name, None, "the instance; default: the first instance"),
-    "args": Key(_args, {}, "load: kernel, cmdline; kill: timeout"),
+    "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout"),
 }
 TOP_KEYS = ("scenario", "machine", "instance", "probe", "fault", "action", "expect")
 
@@ -225,7 +225,7 @@ METRICS = {
     "probe": ("p50_us", "p99_us", "max_us", "mean_us", "lost", "sent", "received",
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),
     "fault": ("fired", "detected", "detect_ms", "recovered", "recover_ms", "failure_kind"),
-    "action": ("done", "error", "duration_ms"),
+    "action": ("done", "error", "duration_ms", "update_gap_ms", "rolled_back"),
 }
 
 
@@ -420,13 +420,14 @@ def _check_references(c: _Checker, instances: list[dict[str, Any]], probes: list
             c.problems.append(f"{where}: an ipi-storm needs 'victim' (the instance it floods)")
     for a in actions:
         args = a.get("args", {})
-        allowed = {"load": {"kernel", "cmdline"}, "kill": {"timeout"}}.get(a.get("do", ""), set())
+        allowed = {"load": {"kernel", "cmdline"}, "update": {"kernel", "cmdline"},
+                   "kill": {"timeout"}}.get(a.get("do", ""), set())
         for k in args:
             if k not in allowed:
                 c.problems.append(f"[[action]] {a.get('name')!r}: args key {k!r} is not used by "
                                   f"{a.get('do')!r} (it takes: {', '.join(sorted(allowed)) or 'none'})")
-        if a.get("do") == "load" and "kernel" not in args:
-            c.problems.append(f"[[action]] {a.get('name')!r}: load needs args.kernel")
+        if a.get("do") in ("load", "update") and "kernel" not in args:
+            c.problems.append(f"[[action]] {a.get('name')!r}: {a.get('do')} needs args.kernel")
         for k, want, ok in (("kernel", "a string like \"kernels.idle:IdleKernel\"",
                              lambda v: isinstance(v, str) and v.strip()),
                             ("cmdline", "a string", lambda v: isinstance(v, str)),
