@@ -38,6 +38,11 @@ class ConsoleWriter:
         raw = text.encode("utf-8", "replace")
         if len(raw) > self.cap:
             raw = raw[-self.cap:]
+        # the head as published, not as we last left it: a predecessor of this instance (a
+        # live update loads this image while the old kernel still writes) may have moved it
+        magic, cap, head = L.CONSOLE_HEADER.unpack_from(self.buf, 0)
+        if magic == L.CONSOLE_MAGIC and cap == self.cap and head > self.head:
+            self.head = head
         pos = self.head % self.cap
         first = min(len(raw), self.cap - pos)
         self.data[pos:pos + first] = raw[:first]

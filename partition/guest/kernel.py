@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -445,8 +446,9 @@ class Kernel:
         """Keep ``size`` bytes at ``offset`` of the partition (both page-aligned) for the next
         run of this instance, same image or a new one (a live update: ``handing_over``); it
         finds them with ``kho_restore(name)``. At most 16 regions; a name is 1-31 ASCII."""
-        if not (isinstance(name, str) and 0 < len(name) < 32 and name.isascii()):
-            raise ValueError("a KHO name is 1-31 ASCII characters")
+        if not (isinstance(name, str) and 0 < len(name) < 32
+                and all(32 < ord(ch) < 127 for ch in name)):
+            raise ValueError("a KHO name is 1-31 printable ASCII characters, no spaces")
         if offset % 4096 or size % 4096 or size <= 0 or offset < 0 or \
                 offset + size > len(self.ctx.memory):
             raise ValueError(f"KHO region {offset:#x}+{size:#x} must be page-aligned and inside "
@@ -562,6 +564,10 @@ class Kernel:
         except BlockingIOError:
             pass                                            # saturated: rung already
         self.run()
+        # the loop is over: no message is taken any more (an IPI signal would drain the ring
+        # from here on), so what is left waits in the ring, for a live update's new kernel
+        signal.pthread_sigmask(signal.SIG_BLOCK, {IPI_SIGNAL})
+        self._booted = False
         if self._graceful:
             self.shutdown()
             try:

@@ -38,7 +38,8 @@ def capture(m: Machine, inst: Instance) -> None:
         name_b = raw.rstrip(b"\0")
         name = name_b.decode("ascii", "replace")
         why = None
-        if not name_b or b"\0" in name_b or not all(32 < c < 127 for c in name_b):
+        if not name_b or len(name_b) > 31 or b"\0" in name_b or \
+                not all(32 < c < 127 for c in name_b):
             why = "its name is not 1-31 printable ASCII characters"
         elif offset % PAGE_SIZE or length % PAGE_SIZE or length <= 0 or offset + length > size:
             why = f"{offset:#x}+{length:#x} is not page-aligned inside the partition"

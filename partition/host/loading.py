@@ -197,7 +197,8 @@ class Loading:
         os.close(p.pidfd)
         os.close(p.doorbell_fd)
         p.channel.close()
-        self.m.cgroups.kill(inst.id)
+        # whatever it left in the instance's cgroup; a live update's running kernel shares it
+        self.m.cgroups.kill(inst.id, keep=inst.pid)
         return p.status
 
     @staticmethod

@@ -1,12 +1,18 @@
 """Kernels for the KHO and live-update tests (tests/test_liveupdate.py). Loaded by path.
 
 ``Keeper``: on a run with nothing handed over, writes a pattern in page 1 (``A``) and page 2
-(``B``) of its partition and preserves page 1 as ``a`` (``keep_rest=1``: keeps the rest too).
-On a run that finds ``a`` (``kho_restore``) it says so on the console with the first bytes, and
-writes nothing. Either way it says ``keeper: restored <hex>`` or ``keeper: fresh``.
+(``B``) of its partition and preserves page 1 as ``name=`` (URL-quoted; default ``a``), and with
+``keep_rest=1`` keeps the rest too. On a run that finds it (``kho_restore``) it says so on the
+console with the first bytes, and writes nothing: ``keeper: restored <hex>`` or ``keeper: fresh``.
 
 ``Lying``: writes a hostile KHO table out straight into its own page (bypassing
 ``kho_preserve``), the count set to ``declared=`` (default 1000), then idles.
+
+``LongName``: writes a table out of one entry whose name fills all 32 bytes (no NUL).
+
+``Slow``: the ``stateful.Counter`` service (same PING type, same state page, no console lines)
+whose ``shutdown()`` saves and preserves its state and then takes ``linger=`` seconds more (a
+flush, say) before it returns.
 
 ``Stuck``: the ``stateful.Counter`` service (same PING type, same state page), whose
 ``shutdown()`` preserves its state and then never returns: the halt must be forced.
@@ -37,14 +43,16 @@ class Keeper(Kernel):
     heartbeat_interval = None
 
     def boot(self) -> None:
-        got = self.kho_restore("a")
+        from urllib.parse import unquote
+        name = unquote(self.params.get("name", "a"))
+        got = self.kho_restore(name)
         if got is not None:
             self.printk(f"keeper: restored {bytes(got[:8]).hex()}")
             return
         self.printk("keeper: fresh")
         self.memory[PAGE:2 * PAGE] = PATTERN_A
         self.memory[2 * PAGE:3 * PAGE] = PATTERN_B
-        self.kho_preserve("a", PAGE, PAGE)
+        self.kho_preserve(name, PAGE, PAGE)
         if self.params.get("keep_rest") == "1":
             self.kho_keep_rest()
 
@@ -68,7 +76,7 @@ class Lying(Kernel):
             ("caf\u00e9", 5 * PAGE, PAGE, 0),           # not ASCII
             ("a\0b", 6 * PAGE, PAGE, 0),                # a NUL inside
             ("", 7 * PAGE, PAGE, 0),                    # no name
-            ("sp ace", 8 * PAGE, PAGE, 0),              # not printable-without-space
+            ("\x01ctl", 8 * PAGE, PAGE, 0),             # a control character
             ("second", 4 * PAGE, PAGE, 0),              # kept
         ]
         own = self.ctx.own
@@ -76,6 +84,35 @@ class Lying(Kernel):
         own.kho_declared = int(self.params.get("declared", "1000"))
         own.kho_flags = 0xFFFFFFFF if self.params.get("flags") == "all" else 0
         self.printk("lying: table written")
+
+
+class LongName(Kernel):
+    heartbeat_interval = None
+
+    def boot(self) -> None:
+        self.memory[0:PAGE] = PATTERN_A
+        self.ctx.own.write_kho([("x" * 32, 0, PAGE, 0)], out=True)
+
+
+class Slow(Kernel):
+    heartbeat_interval = None
+
+    def boot(self) -> None:
+        kept = self.kho_restore("state")
+        self.handled = STATE.unpack_from(kept, 0)[1] if kept is not None else 0
+        self.register_handler(PING, self._ping)
+
+    def _ping(self, msg):
+        self.handled += 1
+        return msg.payload
+
+    def shutdown(self) -> None:
+        STATE.pack_into(self.memory, 0, MAGIC, self.handled)
+        if self.handing_over:
+            self.kho_preserve("state", 0, PAGE)
+        end = time.monotonic() + float(self.params.get("linger", "0.3"))
+        while time.monotonic() < end:
+            time.sleep(0.01)
 
 
 class Stuck(Kernel):
@@ -126,18 +163,17 @@ class Spoiler(Kernel):
             return False
         t = self.target
         seq = int.from_bytes(self.ctx.peers[t * 64 + 36:t * 64 + 40], "little")
-        for s in (seq, seq + 1, seq + 2):
-            for body in ({"timeout_s": 1.0, "handover": True}, {"timeout_s": 10.0, "handover": True}):
-                try:
-                    self._raw({"seq": s, "body": body})
-                    self.forged += 1
-                except RingError:
-                    self.refused += 1
-        for _ in range(32):
+        for s in (seq, seq + 1):
+            try:
+                self._raw({"seq": s, "body": {"timeout_s": 10.0, "handover": True}})
+                self.forged += 1
+            except RingError:
+                self.refused += 1
+        for _ in range(16):
             try:
                 self.send(t, JUNK, b"x" * 64)
                 self.flooded += 1
             except RingError:
                 self.refused += 1
-        time.sleep(0.001)
+        time.sleep(0.005)
         return True
