@@ -80,6 +80,8 @@ def start_supervisor(run_dir: str | None, config: dict[str, Any], wait: float = 
         if config.get("adopt"):
             raise NoSuchInstance(f"no machine to adopt in {path} (no state, or no arena)",
                                  "mkctl init starts a new machine")
+        if adoption.leftovers(path):     # a dead machine that cannot be adopted: its instances
+            adoption.remove_abandoned(path)      # go first, then its directory
         cleaned = bool(os.listdir(path))
         if cleaned:
             rundir.clear(path)           # stale: its owner is dead (we hold its lock)
@@ -126,7 +128,8 @@ def _spawn(path: str, lock_fd: int, config: dict[str, Any], wait: float) -> dict
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-        shutil.rmtree(path, ignore_errors=True)
+        if not config.get("adopt"):      # what a dead host left stays, for mkctl shutdown
+            shutil.rmtree(path, ignore_errors=True)
         raise SupervisorUnavailable(f"supervisor did not start (exit {proc.returncode}): {tail}",
                                     "run python -m partition.control.daemon by hand to see why")
     info: dict[str, Any] = Client(path).call("ping")

@@ -408,25 +408,33 @@ def main(argv: list[str] | None = None) -> int:
             os.close(a.ready_fd)
 
     signal.signal(IPI_SIGNAL, signal.SIG_IGN)   # an instance's doorbell is never the host's
+    adopting = bool(cfg.get("adopt"))
     try:
-        if cfg.get("adopt"):       # a new host for the instances a dead one left (adoption.py)
+        if adopting:               # a new host for the instances a dead one left (adoption.py)
             state = adoption.read_state(a.run_dir)
             if state is None:
-                raise NoSuchInstance(f"no machine to adopt in {a.run_dir}",
-                                     "mkctl init starts a new one")
-            cfg = {**state["config"], "adopt": True}
+                raise NoSuchInstance(f"no machine to adopt in {a.run_dir}: its state file is "
+                                     "missing or unreadable",
+                                     "mkctl shutdown removes what it left; mkctl init starts anew")
+            known = {"cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
+                     "ring_slots", "ring_slot_bytes", "kill_timeout", "protection"}
+            cfg = {k: v for k, v in state["config"].items() if k in known} | {"adopt": True}
         run = rundir.claim(a.run_dir, a.lock_fd) if a.lock_fd >= 0 else a.run_dir
         machine = Machine(run_dir=run, pin_host=True, **cfg)
-    except MKError as exc:
-        tell("error:" + json.dumps(exc.to_wire()))
-        shutil.rmtree(a.run_dir, ignore_errors=True)
+    except Exception as exc:
+        err = exc if isinstance(exc, MKError) else MKError(
+            f"the machine could not be {'adopted' if adopting else 'started'}: {exc!r}",
+            "mkctl shutdown removes what a dead host left" if adopting else None)
+        tell("error:" + json.dumps(err.to_wire()))
+        if not adopting:           # an adoption that failed leaves everything for shutdown
+            shutil.rmtree(a.run_dir, ignore_errors=True)
         return 1
     try:
         sup = Daemon(machine)
     except BaseException as exc:
         machine.close()
-        err = exc.to_wire() if isinstance(exc, MKError) else MKError(repr(exc)).to_wire()
-        tell("error:" + json.dumps(err))
+        wire = exc.to_wire() if isinstance(exc, MKError) else MKError(repr(exc)).to_wire()
+        tell("error:" + json.dumps(wire))
         shutil.rmtree(a.run_dir, ignore_errors=True)
         return 1
     tell("ok")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import time
 from typing import TYPE_CHECKING, Any
@@ -39,10 +40,14 @@ import posix_ipc
 import psutil
 
 from partition import linux
+from partition.abi.constants import MAX_INSTANCES
+from partition.errors import MKError
+from partition.host import cgroups
 from partition.host.instance import EXIT, Instance, State
 from partition.host.kimage import check_spec
-from partition.host.pool import Reservation
+from partition.host.pool import NAME_RE, RESERVED_NAMES, Reservation
 from partition.host.recovery import RecoveryPolicy
+from partition.units import PAGE_SIZE
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -77,22 +82,32 @@ def read_state(run_dir: str) -> dict[str, Any] | None:
     return state
 
 
-def cgroup_bases(run_dir: str) -> dict[str, str] | None:
-    state = read_state(run_dir)
-    bases = state.get("cgroups") if state else None
-    return {str(k): str(v) for k, v in bases.items()} if isinstance(bases, dict) else None
+def cgroup_bases(run_dir: str) -> dict[str, str]:
+    """The machine's cgroup directories, found by name under this host's own cgroups (the
+    state file's word is not taken for where to kill)."""
+    out: dict[str, str] = {}
+    for c, path in cgroups.survivable_dirs(os.path.basename(run_dir)):
+        out.setdefault(c, path)
+    return out
+
+
+def _arena_exists(run_dir: str) -> bool:
+    try:
+        posix_ipc.SharedMemory(arena_name(run_dir), 0).close_fd()
+    except (posix_ipc.ExistentialError, ValueError):
+        return False
+    return True
 
 
 def abandoned(run_dir: str) -> bool:
     """A survivable machine whose host is gone: its state file and its arena remain."""
-    state = read_state(run_dir)
-    if state is None:
-        return False
-    try:
-        posix_ipc.SharedMemory(str(state.get("arena")), 0).close_fd()
-    except (posix_ipc.ExistentialError, ValueError):
-        return False
-    return True
+    return read_state(run_dir) is not None and _arena_exists(run_dir)
+
+
+def leftovers(run_dir: str) -> bool:
+    """Anything a survivable machine of this run directory left: its arena or its cgroups
+    (an unreadable state file included)."""
+    return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(os.path.basename(run_dir)))
 
 
 def _start_time(pid: int) -> float:
@@ -142,9 +157,10 @@ def adopt(m: Machine) -> None:
     t0 = time.monotonic()
     state = read_state(m.run_dir)
     assert state is not None
-    adopted, refused = [], []
+    adopted: list[str] = []
+    refused: list[dict[str, Any]] = []
     for rec in state["instances"]:
-        inst = _rebuild(m, rec)
+        inst = _rebuild(m, rec, refused)
         if inst is None:
             continue
         why = None
@@ -154,8 +170,8 @@ def adopt(m: Machine) -> None:
                 adopted.append(inst.name)
                 continue
             refused.append({"name": inst.name, "why": why})
-        elif rec.get("state") in ("loaded", "active", "failed"):
-            m.cgroups.kill(inst.id)            # a parked process: parked again at start
+        else:
+            m.cgroups.kill(inst.id)            # a parked process (or one the file lags behind)
         inst.state = State.LOADED if inst.kimage else State.READY
         if why is not None:
             inst.failure = f"not adopted: {why}"
@@ -163,6 +179,7 @@ def adopt(m: Machine) -> None:
             m.cgroups.kill(inst.id)
         m.arena.peer(inst.id).peer_state = 0
         m.arena.peer(inst.id).pid = 0
+    _kill_unnamed(m)
     ms = round((time.monotonic() - t0) * 1e3, 3)
     m.adopt_ms = ms
     m.events.info("adopted", instances=adopted, refused=refused, adopt_ms=ms,
@@ -171,33 +188,88 @@ def adopt(m: Machine) -> None:
              + (f", refused {len(refused)}" if refused else ""))
 
 
-def _rebuild(m: Machine, rec: dict[str, Any]) -> Instance | None:
+def _kill_unnamed(m: Machine) -> None:
+    """Every instance cgroup no adopted or rebuilt record names: what runs there (a process the
+    state file lagged behind) is killed, and the cgroup removed."""
+    known = {f"i{i.id}" for i in m.instances.values()}
+    for base in m.cgroups.bases.values():
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            continue
+        for entry in entries:
+            if re.fullmatch(r"i[0-9]{1,3}", entry) and entry not in known:
+                cgroups.kill_and_remove_one(os.path.join(base, entry))
+
+
+def _ints(v: Any) -> list[int]:
+    if not isinstance(v, list) or not all(type(x) is int for x in v):
+        raise ValueError(f"{v!r} is not a list of integers")
+    return list(v)
+
+
+def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | None:
+    """An instance record, checked as strictly as a create: id, name, CPUs of the pool, memory
+    inside the pool and free, no duplicate. A record that fails is refused (its cgroup, if its
+    id is sane, is killed) and named in the ``adopted`` event."""
+    cfg, pool_lo = m.config, m.layout.pool_offset
+    iid = rec.get("id") if isinstance(rec, dict) else None
     try:
-        iid, name = int(rec["id"]), str(rec["name"])
-        cpus = [int(c) for c in rec["cpus"]]
-        base, size = int(rec["memory_base"]), int(rec["memory_bytes"])
-        extra = [(int(b), int(s)) for b, s in rec.get("extra_regions") or []]
-    except (KeyError, TypeError, ValueError):
-        m.events.warning("adopt_bad_record", record=str(rec)[:200])
+        if not isinstance(rec, dict):
+            raise ValueError("not a record")
+        if type(iid) is not int or not 1 <= iid < MAX_INSTANCES:
+            raise ValueError(f"id {iid!r} is not 1..{MAX_INSTANCES - 1}")
+        name = rec.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_NAMES:
+            raise ValueError(f"name {name!r} is not an instance name")
+        if name in m.instances or m.by_id(iid) is not None:
+            raise ValueError(f"a second record for {name!r} / id {iid}")
+        cpus = _ints(rec.get("cpus"))
+        if not cpus or any(c not in cfg.cpus for c in cpus):
+            raise ValueError(f"CPUs {cpus} are not the pool's {cfg.cpus}")
+        base, size = rec.get("memory_base"), rec.get("memory_bytes")
+        if type(base) is not int or type(size) is not int:
+            raise ValueError(f"region {base!r}+{size!r} is not two integers")
+        extra: list[tuple[int, int]] = []
+        for r in rec.get("extra_regions") or []:
+            pair = _ints(r)
+            if len(pair) != 2:
+                raise ValueError(f"region {r!r} is not base and size")
+            extra.append((pair[0], pair[1]))
+        for b, z in [(base, size), *extra]:
+            if z <= 0 or b % PAGE_SIZE or z % PAGE_SIZE:
+                raise ValueError(f"region {b!r}+{z!r} is not page-aligned")
+            why = m.pool.range_free(b - pool_lo, z)
+            if why is not None:
+                raise ValueError(why)
+    except ValueError as exc:
+        refused.append({"name": str(rec.get("name"))[:40] if isinstance(rec, dict) else "?",
+                        "why": f"bad record: {exc}"})
+        if type(iid) is int and 1 <= iid < MAX_INSTANCES and m.by_id(iid) is None:
+            m.cgroups.kill(iid)
         return None
-    pool_lo = m.layout.pool_offset
     m.pool.commit(Reservation(iid, name, cpus, base - pool_lo, size))
-    for b, s in extra:
-        m.pool.add_range(name, b - pool_lo, s)
-    rp = rec.get("recovery") or {}
-    policy = RecoveryPolicy.build(str(rp.get("policy", "none")), int(rp.get("max_restarts", 3)),
-                                  float(rp.get("restart_window", 5.0)),
-                                  float(rp.get("watchdog", 0.0)),
-                                  bool(rp.get("preserve_memory", False)))
+    for b, z in extra:
+        m.pool.add_range(name, b - pool_lo, z)
+    rp = rec["recovery"] if isinstance(rec.get("recovery"), dict) else {}
+    try:
+        policy = RecoveryPolicy.build(str(rp.get("policy", "none")),
+                                      int(rp.get("max_restarts", 3)),
+                                      float(rp.get("restart_window", 5.0)),
+                                      float(rp.get("watchdog", 0.0)),
+                                      bool(rp.get("preserve_memory", False)))
+    except (MKError, TypeError, ValueError):
+        policy = RecoveryPolicy()
+    standby = rec.get("standby_for")
     inst = Instance(id=iid, name=name, cpus=cpus,
                     physical_cpus=[m.config.physical_ids.get(c, c) for c in cpus],
                     memory_base=base, memory_bytes=size, recovery=policy,
-                    standby_for=rec.get("standby_for"))
+                    standby_for=standby if isinstance(standby, str) else None)
     inst.extra_regions = extra
-    inst.boots = int(rec.get("boots", 0))
-    inst.generation = int(rec.get("generation", 0))
+    inst.boots = _int(rec.get("boots"))
+    inst.generation = _int(rec.get("generation"))
     # the host's command numbering goes on: a kernel obeys only numbers past its last
-    inst.cmd_seq = max(int(rec.get("cmd_seq", 0)), m.arena.peer(iid).cmd_seq)
+    inst.cmd_seq = max(_int(rec.get("cmd_seq")), m.arena.peer(iid).cmd_seq)
     counters = rec.get("counters")
     if isinstance(counters, dict):
         for k, v in counters.items():
@@ -205,16 +277,25 @@ def _rebuild(m: Machine, rec: dict[str, Any]) -> Instance | None:
                 inst.counters[k] = v
     k = rec.get("kimage")
     if isinstance(k, dict):
-        inst.kimage = check_spec(k.get("spec"), k.get("cmdline", ""))
-        inst.kimage.label = str(k.get("label", ""))
-        inst.kimage.source = str(k.get("source", ""))
+        try:
+            inst.kimage = check_spec(k.get("spec"), k.get("cmdline", ""))
+            inst.kimage.label = str(k.get("label", ""))[:200]
+            inst.kimage.source = str(k.get("source", ""))[:400]
+        except MKError:
+            inst.kimage = None
     m.instances[name] = inst
     return inst
 
 
+def _int(v: Any) -> int:
+    return v if type(v) is int and 0 <= v < 1 << 62 else 0
+
+
 def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     """Verify a running instance and take its descriptors; None when adopted, else why not."""
-    pid = int(rec["pid"])
+    pid = rec["pid"]
+    if type(pid) is not int or not 0 < pid < 1 << 22:
+        return f"pid {pid!r} is not a process id"
     start = _start_time(pid)
     if not start:
         return f"pid {pid} is gone"
@@ -230,13 +311,22 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         pidfd = linux.pidfd_open(pid)
     except OSError as exc:
         return f"pidfd_open: {exc.strerror}"
-    fds = rec.get("child_fds") or [-1, -1]
+    fds = rec.get("child_fds")
+    if not (isinstance(fds, list) and len(fds) == 2 and all(type(f) is int and 0 <= f < 1 << 20
+                                                             for f in fds)):
+        os.close(pidfd)
+        return f"its doorbell numbers {fds!r} are not descriptors"
     try:
-        doorbell = _eventfd_of(pidfd, int(fds[0]))
-        host_bell = _eventfd_of(pidfd, int(fds[1]))
+        doorbell = _eventfd_of(pidfd, fds[0])
     except OSError as exc:
         os.close(pidfd)
-        return f"its doorbells: {exc.strerror}"
+        return f"its doorbell: {exc.strerror}"
+    try:
+        host_bell = _eventfd_of(pidfd, fds[1])
+    except OSError as exc:
+        os.close(pidfd)
+        os.close(doorbell)
+        return f"its host doorbell: {exc.strerror}"
     if _start_time(pid) != start:                       # it died meanwhile: the fds are stale
         os.close(pidfd)
         os.close(doorbell)
@@ -247,8 +337,27 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     inst.adopted = True
     inst.state = State.ACTIVE
     m.selector.register(pidfd, selectors.EVENT_READ, (EXIT, inst))
-    m.selector.register(host_bell, selectors.EVENT_READ, None)
-    m.extra_host_doorbells.append(host_bell)
+    ident = _eventfd_id(host_bell)
+    if ident is not None and ident in m.extra_host_doorbell_ids:
+        os.close(host_bell)                    # the same old host doorbell: watched already
+    else:
+        m.selector.register(host_bell, selectors.EVENT_READ, None)
+        m.extra_host_doorbells.append(host_bell)
+        if ident is not None:
+            m.extra_host_doorbell_ids.add(ident)
+    return None
+
+
+def _eventfd_id(fd: int) -> int | None:
+    """The eventfd's identity (/proc/self/fdinfo ``eventfd-id``): descriptors of one object
+    share it, so an instance that planted its own eventfd is told apart from the host's."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("eventfd-id:"):
+                    return int(line.split(":", 1)[1].strip())
+    except (OSError, ValueError):
+        pass
     return None
 
 
@@ -274,15 +383,14 @@ def _read(path: str) -> str:
 
 
 def remove_abandoned(run_dir: str) -> int:
-    """``mkctl shutdown`` of a machine whose host is gone: kill what runs in its instances'
-    cgroups (nothing else), remove the cgroups and the arena's name; returns processes killed."""
-    from partition.host.cgroups import kill_and_remove
-    state = read_state(run_dir)
-    if state is None:
-        return 0
-    killed = kill_and_remove(cgroup_bases(run_dir) or {})
+    """``mkctl shutdown`` of a machine whose host is gone (or ``init`` over one that cannot be
+    adopted): kill what runs in its instances' cgroups, found by name (nothing else), remove
+    the cgroups and the arena's name; works without a readable state file. Returns the
+    processes killed."""
+    killed = cgroups.kill_and_remove([d for _, d in
+                                      cgroups.survivable_dirs(os.path.basename(run_dir))])
     try:
-        posix_ipc.unlink_shared_memory(str(state.get("arena")))
+        posix_ipc.unlink_shared_memory(arena_name(run_dir))
     except (posix_ipc.ExistentialError, ValueError):
         pass
     return killed

@@ -21,6 +21,7 @@ Limits: ``cpuset.cpus`` = the instance's CPUs; memory = the partition + the kern
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -269,11 +270,47 @@ def _reap_stale_in(parent: str) -> int:
     return reaped
 
 
-def kill_and_remove(bases: dict[str, str]) -> int:
+def survivable_dirs(run_name: str) -> list[tuple[str, str]]:
+    """(controller, directory) of every survivable machine's cgroup for run directory
+    ``run_name`` (``multikernel-s<pid>-<run>``), found by scanning the hierarchies this process
+    lives in, not by believing a file."""
+    out: list[tuple[str, str]] = []
+    own = _own_paths()
+    pattern = re.compile(rf"^multikernel-s\d+-{re.escape(run_name)}$")
+    if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
+        parents = {"": os.path.join(_MOUNT, own.get("", "/").lstrip("/"))}
+    else:
+        parents = {c: os.path.join(_MOUNT, c, own.get(c, "/").lstrip("/")) for c in V1_CONTROLLERS}
+    for c, parent in parents.items():
+        try:
+            entries = sorted(os.listdir(parent))
+        except OSError:
+            continue
+        out += [(c, os.path.join(parent, e)) for e in entries if pattern.match(e)]
+    return out
+
+
+def kill_and_remove_one(path: str) -> int:
+    """Kill what runs in one instance cgroup directory and remove it."""
+    killed = 0
+    try:
+        for pid in _read(os.path.join(path, "cgroup.procs")).split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    except OSError:
+        pass
+    _rmdir(path)
+    return killed
+
+
+def kill_and_remove(bases: list[str]) -> int:
     """Kill every process in the instance cgroups under ``bases`` and remove them (an abandoned
     survivable machine's, at mkctl shutdown); returns how many were killed."""
     killed = 0
-    for base in bases.values():
+    for base in bases:
         if not os.path.isdir(base):
             continue
         for sub in os.listdir(base):

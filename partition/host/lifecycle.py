@@ -317,8 +317,6 @@ class Lifecycle:
                 m.selector.unregister(inst.pidfd)
             except (KeyError, ValueError):
                 pass
-            os.close(inst.pidfd)
-            inst.pidfd = None
         if inst.pid is not None:
             if m.writes is not None:
                 m.writes.forget(inst.pid)
@@ -338,6 +336,9 @@ class Lifecycle:
                 m.cgroups.kill(inst.id)
             inst.pid = None
             inst.adopted = False
+        if inst.pidfd is not None:            # after the kill above, which may signal through it
+            os.close(inst.pidfd)
+            inst.pidfd = None
         m.ipc.forget(inst.id)
         if inst.channel is not None:
             try:

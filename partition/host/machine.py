@@ -134,6 +134,7 @@ class Machine:
         host.pid = os.getpid()
         self.started = time.time()
         self.extra_host_doorbells: list[int] = []   # adopted instances ring these
+        self.extra_host_doorbell_ids: set[int] = set()
         self.adopt_ms: float | None = None
         if self.adopting:
             self.arena.adopted()
@@ -587,8 +588,8 @@ class Machine:
             period = min(i.recovery.watchdog for i in watched) / 4
             timeout = period if timeout is None else min(timeout, period)
         for key, _ in self.selector.select(timeout):
-            if key.data is None:
-                linux.eventfd_drain(self.host_doorbell)
+            if key.data is None:           # the host doorbell (or an adopted run's old one)
+                linux.eventfd_drain(key.fd)
                 self.ipc.drain()
                 handled += 1
                 continue

@@ -14,7 +14,10 @@ the numbers the dead host wrote to machine.json as ``child_fds``):
 * ``leak``: an eventfd of its own, counter 0x5eed, where its doorbell was, and a pipe where the
   host doorbell was; then it sleeps in ``tick`` so that nothing reads that counter;
 * ``exit-at-adoption``: it watches the host's entry of the peer table, which a new host writes
-  just before it adopts, and exits at once when the pid there changes.
+  just before it adopts, and exits at once when the pid there changes;
+* ``fork``: it tries to fork (its seccomp filter kills it for that);
+* ``scribble``: garbage in its own page (reason, progress, mailbox answer) and in the header of
+  the host's ring, where the new host will look first.
 """
 
 import os
@@ -97,3 +100,24 @@ class Adoptee(Kernel):
         while int.from_bytes(peers[28:32], "little") == old:
             pass
         os._exit(0)
+
+    def attack_fork(self) -> None:
+        self.mark("armed")
+        if os.fork() == 0:
+            os._exit(0)
+        self.mark("forked")
+
+    def attack_scribble(self) -> None:
+        own = self.ctx.own
+        own.reason_len = 0xFFFFFFFF
+        own.buf[own.base + 128:own.base + 256] = b"\xff" * 128
+        own.progress = 2 ** 64 - 1
+        own.ack_generation = 0xFFFFFFFF
+        ring = self.endpoint.ring_of(0)
+        tail = int.from_bytes(ring.buf[64:72], "little")
+        ring.buf[0:8] = (tail + 100000).to_bytes(8, "little")      # head far past the ring
+        try:
+            os.eventfd_write(self.ctx.host_doorbell_fd, 1)
+        except OSError:
+            pass
+        self.mark("done")
