@@ -78,7 +78,9 @@ def render_show(snapshot: dict[str, Any]) -> str:
     m, pool = snapshot["machine"], snapshot["pool"]
     out = [
         f"machine {m['run_dir']}  host pid {m['supervisor_pid']}  host CPUs "
-        f"{format_cpulist(m['host_cpus']) or '-'}",
+        f"{format_cpulist(m['host_cpus']) or '-'}"
+        + (f"  (adopted from a dead host in {m['adopt_ms']} ms)" if m.get("adopt_ms") is not None
+           else "") + ("  [instances outlive this host]" if m.get("survive_host") else ""),
         f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
         f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
         f"{format_size(pool['memory_bytes'])} (free "
