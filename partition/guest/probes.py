@@ -102,6 +102,10 @@ class ProbeAgent:
     ``report`` takes a REPORT payload (sends it to the host, or, on the host, records it) and
     returns False when it could not be delivered now (the batch is kept for the next try)."""
 
+    def rebind(self, request: Callable[..., Any], send: Callable[..., Any]) -> None:
+        """Send through another endpoint from now on (a scenario's new host after a crash)."""
+        self._request, self._send = request, send
+
     def __init__(self, request: Callable[..., Any], send: Callable[..., Any],
                  report: Callable[[dict[str, Any]], bool]) -> None:
         self._request = request

@@ -171,12 +171,12 @@ def adopt(m: Machine) -> None:
                 continue
             refused.append({"name": inst.name, "why": why})
         else:
-            m.cgroups.kill(inst.id)            # a parked process (or one the file lags behind)
+            m.cgroups.kill(inst.id, reap=True)  # a parked process (or one the file lags behind)
         inst.state = State.LOADED if inst.kimage else State.READY
         if why is not None:
             inst.failure = f"not adopted: {why}"
             inst.state = State.FAILED if inst.kimage else State.READY
-            m.cgroups.kill(inst.id)
+            m.cgroups.kill(inst.id, reap=True)
         m.arena.peer(inst.id).peer_state = 0
         m.arena.peer(inst.id).pid = 0
     _kill_unnamed(m)

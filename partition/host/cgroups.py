@@ -187,7 +187,7 @@ class Cgroups:
             pass
         return 0
 
-    def kill(self, instance_id: int, keep: int | None = None) -> int:
+    def kill(self, instance_id: int, keep: int | None = None, reap: bool = False) -> int:
         """SIGKILL every process of the instance (but ``keep``: a live update's loaded
         successor); returns how many there were. Frozen first (v1), so that none forks while
         the others are being killed. With ``keep``, v2 (no per-process freeze here) kills
@@ -211,6 +211,12 @@ class Cgroups:
                     pass
         finally:
             _write(freezer, "THAWED")
+        if reap:                # those that are this process's children (a host in-process)
+            for pid in pids:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
         return len(pids)
 
     def remove(self, instance_id: int) -> None:

@@ -219,8 +219,11 @@ class Lifecycle:
         # reach a process only through the pidfd the host gave them, never by this pid)
         if not inst.handover:
             peer.peer_state, peer.pid = STATE_CODES["loaded"], 0
-        if inst.adopted:        # not our child: its status went to init (host/adoption.py)
-            status = -1
+        if inst.adopted:        # not our child, mostly: its status went to init (adoption.py)
+            try:
+                _, status = os.waitpid(inst.pid, 0)     # ours after all (a host in-process)
+            except ChildProcessError:
+                status = -1
         else:
             _, status = os.waitpid(inst.pid, 0)
         kho.capture(m, inst)                  # what it preserved, checked, CRCs of now
@@ -324,7 +327,8 @@ class Lifecycle:
                 if inst.pidfd is not None:
                     try:
                         signal.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
-                    except ProcessLookupError:
+                        os.waitpid(inst.pid, 0)   # reaped if it is our child after all
+                    except (ProcessLookupError, ChildProcessError):
                         pass
                 m.cgroups.kill(inst.id)
             elif not reaped:

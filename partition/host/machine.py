@@ -190,6 +190,47 @@ class Machine:
                 self.events.close()
                 self._run.release()
 
+    def abandon(self) -> dict[str, Any]:
+        """Throw this host away as its sudden death would: nothing is halted, signalled or
+        removed; its descriptors close (the instances' doorbell channels see their host go),
+        its lock goes, its state file and arena stay. The instances run on, for a
+        ``Machine(adopt=True)`` on the same run directory (a scenario's ``host-crash``).
+        Returns the machine arguments a new host adopts with."""
+        if not self.survive_host:
+            raise InvalidSpec("only a machine whose instances outlive their host can lose it",
+                              "Machine(survive_host=True)")
+        self._check_open()
+        adoption.save_state(self)
+        state = adoption.read_state(self.run_dir)
+        assert state is not None
+        self._closed = True
+        for inst in self.instances.values():
+            for fd in (inst.pidfd, inst.doorbell_fd):
+                if fd is not None:
+                    os.close(fd)
+            if inst.channel is not None:
+                inst.channel.close()
+            p = inst.parked
+            if p is not None:
+                for fd in (p.pidfd, p.doorbell_fd, p.report_fd):
+                    if fd >= 0:
+                        os.close(fd)
+                p.channel.close()
+        self.selector.close()
+        os.close(self.host_doorbell)
+        for fd in self.extra_host_doorbells:
+            os.close(fd)
+        self.ipc.close()
+        self._host_console = None  # type: ignore[assignment]
+        self.arena.close()
+        self.events.close()
+        if self._run.lock_fd >= 0:
+            os.close(self._run.lock_fd)
+            self._run.lock_fd = -1
+        return {k: v for k, v in state["config"].items()
+                if k in ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
+                         "ring_slots", "ring_slot_bytes", "kill_timeout", "protection")}
+
     # -- host services ---------------------------------------------------------------------
     def printk(self, message: str) -> None:
         """The host's own console (instance 0's kmsg)."""

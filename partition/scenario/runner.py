@@ -31,6 +31,7 @@ from partition.abi import message as M
 from partition.abi.ring import RingError
 from partition.errors import BootFailed, BootTimeout, MKError
 from partition.guest import probes as P
+from partition.host import rundir
 from partition.host.machine import Machine
 from partition.host.writewatch import foreign_mappers
 from partition.scenario import expr as E
@@ -127,19 +128,16 @@ class Runner:
         mc = self.sc.machine
         cpus = mc["cpus"] if mc["cpus"] is not None else sorted(os.sched_getaffinity(0))
         host = mc["host_cpus"] if mc["host_cpus"] is not None else cpus[:1]
+        crash = any(a["do"] == "host-crash" for a in self.sc.actions)
         try:
             self.m = Machine(cpus=cpus, memory=mc["memory"], host_cpus=host,
                              oversubscribe=mc["oversubscribe"], protection=mc["protection"],
-                             kill_timeout=5.0)
+                             kill_timeout=5.0, survive_host=crash)
         except MKError as exc:
             raise ScenarioInvalid(self.sc.path, [f"[machine]: {exc.message}"
                                                  + (f" ({exc.hint})" if exc.hint else "")]) from None
         m = self.m
-        m.events.subscribe(self._on_event)
-        m.register_handler(M.MK_EMU_PROBE_REPORT,
-                           lambda msg: self.collector.on_report(msg.sender, msg.payload) and None)
-        m.register_handler(M.MK_EMU_PROBE_PING, lambda msg: msg.payload)
-        m.register_handler(M.MK_EMU_PROBE_DATA, self._host_data)
+        self._attach(m)
         order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
         # every instance must fit before any kernel image is loaded: a file found invalid
         # has run no kernel code at all
@@ -161,6 +159,31 @@ class Runner:
                                     + (f" ({exc.hint})" if exc.hint else ""))
             if problems:
                 raise ScenarioInvalid(self.sc.path, problems)
+
+    def _attach(self, m: Machine) -> None:
+        """The run's hooks on a host: events to the timeline, the host's probe handlers."""
+        m.events.subscribe(self._on_event)
+        m.register_handler(M.MK_EMU_PROBE_REPORT,
+                           lambda msg: self.collector.on_report(msg.sender, msg.payload) and None)
+        m.register_handler(M.MK_EMU_PROBE_PING, lambda msg: msg.payload)
+        m.register_handler(M.MK_EMU_PROBE_DATA, self._host_data)
+
+    def _host_crash(self) -> dict[str, Any]:
+        """The host dies now: its state is thrown away, nothing halted (Machine.abandon); a new
+        host adopts the instances from the same run directory (host/adoption.py). The run
+        goes on with the new host."""
+        assert self.m is not None
+        old = self.m
+        running = {i.name: i.pid for i in old.instances.values() if i.pid is not None}
+        cfg = old.abandon()
+        run = rundir.claim(old.run_dir)
+        run.owned = True                  # the run's private directory: removed at the end
+        self.m = Machine(run_dir=run, adopt=True, **cfg)
+        self._attach(self.m)
+        if self._host_agent is not None:
+            self._host_agent.rebind(self.m.request, self.m.send)
+        kept = {i.name: i.pid for i in self.m.instances.values() if i.pid is not None}
+        return {"adopted": kept == running, "adopt_ms": self.m.adopt_ms}
 
     def _boot(self) -> None:
         assert self.m is not None
@@ -314,6 +337,8 @@ class Runner:
     def _act(self, a: dict[str, Any]) -> dict[str, Any]:
         assert self.m is not None
         m, target, args = self.m, a["target"], a["args"]
+        if a["do"] == "host-crash":
+            return self._host_crash()
         if a["do"] == "update":              # a live update (host/liveupdate.py)
             r = m.live_update(target, str(args["kernel"]),
                               str(args["cmdline"]) if "cmdline" in args else None)
@@ -388,7 +413,9 @@ class Runner:
                                   "error": fired["error"] if fired else "never fired",
                                   "duration_ms": fired["duration_ms"] if fired else None,
                                   "update_gap_ms": (fired or {}).get("update_gap_ms"),
-                                  "rolled_back": (fired or {}).get("rolled_back")}
+                                  "rolled_back": (fired or {}).get("rolled_back"),
+                                  "adopted": (fired or {}).get("adopted"),
+                                  "adopt_ms": (fired or {}).get("adopt_ms")}
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
                    "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
                                        if isinstance(v, dict))}

@@ -29,7 +29,7 @@ from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
-ACTIONS = ("exec", "kill", "kill --force", "load", "unload", "update")
+ACTIONS = ("exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -225,7 +225,8 @@ METRICS = {
     "probe": ("p50_us", "p99_us", "max_us", "mean_us", "lost", "sent", "received",
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),
     "fault": ("fired", "detected", "detect_ms", "recovered", "recover_ms", "failure_kind"),
-    "action": ("done", "error", "duration_ms", "update_gap_ms", "rolled_back"),
+    "action": ("done", "error", "duration_ms", "update_gap_ms", "rolled_back", "adopted",
+               "adopt_ms"),
 }
 
 
