@@ -103,4 +103,4 @@ def main(a: argparse.Namespace) -> int:
         return 1
     res = run(a.boots, a.cpu, progress=sys.stderr.isatty())
     print(json.dumps(res, indent=2) if a.format == "json" else render(res))
-    return 0
+    return 0 if res["meets_target"] else 1      # a missed target it printed is a failure

@@ -207,4 +207,4 @@ def main(a: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(render(res))
-    return 0
+    return 0 if res["all_ok"] else 1      # a missed target it printed is a failure

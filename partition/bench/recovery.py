@@ -109,4 +109,4 @@ def main(a: argparse.Namespace) -> int:
         return 1
     res = run(a.kills, progress=sys.stderr.isatty())
     print(json.dumps(res, indent=2) if a.format == "json" else render(res))
-    return 0
+    return 0 if res["meets_targets"] else 1      # a missed target it printed is a failure
