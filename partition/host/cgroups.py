@@ -257,22 +257,7 @@ def _reap_stale_in(parent: str) -> int:
             continue
         if owner == os.getpid() or os.path.exists(f"/proc/{owner}"):
             continue
-        stale = os.path.join(parent, entry)
-        for sub in os.listdir(stale):
-            path = os.path.join(stale, sub)
-            if not os.path.isdir(path):
-                continue
-            try:
-                for pid in _read(os.path.join(path, "cgroup.procs")).split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                        reaped += 1
-                    except ProcessLookupError:
-                        pass
-            except OSError:
-                pass
-            _rmdir(path)
-        _rmdir(stale)
+        reaped += kill_and_remove([os.path.join(parent, entry)])
     return reaped
 
 
@@ -321,18 +306,8 @@ def kill_and_remove(bases: list[str]) -> int:
             continue
         for sub in os.listdir(base):
             path = os.path.join(base, sub)
-            if not os.path.isdir(path):
-                continue
-            try:
-                for pid in _read(os.path.join(path, "cgroup.procs")).split():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                        killed += 1
-                    except ProcessLookupError:
-                        pass
-            except OSError:
-                pass
-            _rmdir(path)
+            if os.path.isdir(path):
+                killed += kill_and_remove_one(path)
         _rmdir(base)
     return killed
 
