@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 from partition.control.client import Client, start_supervisor, stop_supervisor
@@ -235,10 +236,44 @@ def cmd_show(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def new_console_text(shown: str, text: str) -> str:
+    """What ``text`` (a console read now) has that ``shown`` (read before) had not: the tail
+    past the old text, or past its last line once the console's ring has wrapped."""
+    if text.startswith(shown):
+        return text[len(shown):]
+    last = shown.rstrip("\n").rpartition("\n")[2]
+    if last:
+        at = text.rfind(last + "\n")
+        if at >= 0:
+            return text[at + len(last) + 1:]
+    return text
+
+
 def cmd_console(a: argparse.Namespace) -> int:
-    text = Client(a.run_dir).call("console", name=a.name)
+    client = Client(a.run_dir)
+    text = client.call("console", name=a.name)
     sys.stdout.write(text)
-    return EXIT_OK
+    sys.stdout.flush()
+    if not a.follow:
+        return EXIT_OK
+    try:                     # follow, as tail -f: reads only (the console op drives nothing)
+        while True:
+            time.sleep(a.interval)
+            try:
+                now = client.call("console", name=a.name)
+            except MKError as exc:
+                print(f"mkctl console: stopped following: {exc}", file=sys.stderr)
+                return EXIT_OK
+            sys.stdout.write(new_console_text(text, now))
+            sys.stdout.flush()
+            text = now
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_top(a: argparse.Namespace) -> int:
+    from partition.control import top
+    return top.main(a)
 
 
 def cmd_shutdown(a: argparse.Namespace) -> int:
@@ -418,7 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("console", parents=[common], help="an instance's kmsg ('host' for instance 0)")
     p.add_argument("name")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new lines as they come (Ctrl-C stops)")
+    p.add_argument("--interval", type=finite, default=0.2, help="-f: seconds between reads")
     p.set_defaults(fn=cmd_console)
+
+    p = sub.add_parser("top", parents=[common],
+                       help="a live view: one row per instance (state, CPU, IPI rates, progress)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit (for scripts)")
+    p.add_argument("--interval", type=finite, default=1.0, help="seconds between frames")
+    p.add_argument("--sort", default="id", choices=("id", "name", "state", "cpu%", "rx/s",
+                                                   "tx/s", "progress", "restarts"),
+                   help="the column rows are ordered by")
+    p.set_defaults(fn=cmd_top)
 
     p = sub.add_parser("shutdown", parents=[common],
                        help="halt everything, stop the supervisor, remove arena and run directory")

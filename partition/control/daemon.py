@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import setproctitle
+
 from partition.abi.constants import IPI_SIGNAL
 from partition.control import protocol
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, PermissionDenied, ResourceBusy
@@ -408,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             os.close(a.ready_fd)
 
     signal.signal(IPI_SIGNAL, signal.SIG_IGN)   # an instance's doorbell is never the host's
+    setproctitle.setproctitle(f"mk-host {a.run_dir}")   # not "python3 -m ... --config {...}"
     adopting = bool(cfg.get("adopt"))
     try:
         if adopting:               # a new host for the instances a dead one left (adoption.py)

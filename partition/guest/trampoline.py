@@ -29,6 +29,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+import setproctitle
+
 from partition import linux
 from partition.abi import layout as L
 from partition.abi.console import ConsoleWriter
@@ -74,6 +76,15 @@ class BootParams:
     hide: list[str] = field(default_factory=list)
     #: the instance outlives its host (a supervisor's machine): no parent-death signal
     survive_host: bool = False
+
+
+def readable_label(label: str, source: str) -> str:
+    """What to call an image in ps and top: ``module:Class``, or ``file.py:Class`` for an
+    image loaded by path (its module has a generated name)."""
+    module, _, cls = label.partition(":")
+    if module.startswith("mk_kimage_") and source:
+        return f"{os.path.basename(source)}:{cls}"
+    return label
 
 
 def _close_all_except(keep: set[int]) -> None:
@@ -200,6 +211,8 @@ def enter(boot: BootParams) -> NoReturn:
             os._exit(EXIT_TRAMPOLINE)
         _report(report_fd, ok=True, label=label, source=source)
         report_fd = -1
+        title = f"mk[{boot.id}:{boot.name}] {readable_label(label, source)}"
+        setproctitle.setproctitle(f"{title} (parked)")
         generation = _park(boot.doorbell_fd, mailbox)
         if parse_cmdline(boot.cmdline).get("mk_debug") == "stall_boot":
             while True:                        # test hook: a boot CPU that never answers
@@ -211,6 +224,7 @@ def enter(boot: BootParams) -> NoReturn:
         except BlockingIOError:                # saturated by some peer: rung already
             pass
         _online(boot.doorbell_fd, mailbox, generation)
+        setproctitle.setproctitle(title)       # after the answer: off the boot's clock
         ctx = KernelContext(
             id=boot.id, name=boot.name, cpus=list(boot.cpus),
             physical_cpus=list(boot.physical_cpus), cmdline=boot.cmdline,

@@ -123,6 +123,7 @@ class Instance:
     kho: list[tuple[str, int, int, int]] | None = None
     kho_keep_rest: bool = False
     handover: bool = False              # its kernel is quiescing for a live update
+    progress_mark: tuple[int, float] = (-1, 0.0)   # its loop counter, when it last moved (top)
     kimage: KImage | None = None
     pid: int | None = None
     pidfd: int | None = None

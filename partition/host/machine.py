@@ -535,6 +535,9 @@ class Machine:
             "resident": inst.parked is not None and bool((inst.parked.report or {}).get("ok")),
             "boots": inst.boots,
             "progress": self.arena.own(inst.id).progress,
+            # seconds since its main loop last moved: a stopped or wedged kernel shows here
+            "progress_age_s": round(time.monotonic() - inst.progress_mark[1], 1)
+            if running and inst.progress_mark[0] >= 0 else None,
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
             "counters": {**inst.counters, **self.ipc.counters(inst)},
@@ -653,6 +656,10 @@ class Machine:
             self._filters_due = now + 0.1
             running = [i for i in self.instances.values()
                        if i.state == State.ACTIVE and i.pid is not None]
+            for inst in running:           # when each kernel's loop last moved (mkctl top)
+                progress = self.arena.own(inst.id).progress
+                if progress != inst.progress_mark[0]:
+                    inst.progress_mark = (progress, now)
             self.ipc.watch_filters(running)
             self.ipc.watch_rings(running)
         if self.writes is not None and self.writes.due(now):
