@@ -259,6 +259,7 @@ def test_instance_holds_only_its_own_handles_and_mappings(machine):
     expected = {(a["memory_base"], a["memory_bytes"]): "rw",
                 (lay.console_at(a["id"]), lay.console_bytes): "rw",
                 (lay.control_offset, lay.peer_table_bytes): "r-",   # the host's word: read only
+                (lay.table_offset, 512 * 256): "r-",                # instance table: peer names
                 (lay.own_at(a["id"]), 4096): "rw",                  # its own page, nobody else's
                 (lay.ring_offset, lay.ring_area_bytes): "rw"}       # IPI rings: shared by design
     assert arena_maps == expected

@@ -310,3 +310,52 @@ def test_a_cmdline_the_loader_refuses_makes_the_scenario_invalid(tmp_path):
     p = subprocess.run(MKCTL + ["run", str(f), "--quiet"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "cannot parse mk_heap size 'bogus'" in p.stderr, p.stderr
+
+
+NAMED = """
+expect = ["client.errors == 0", "client.answered > 20", "echo.state == 'active'"]
+
+[scenario]
+name = "named"
+duration = "1s"
+
+[machine]
+oversubscribe = true
+
+[[instance]]
+name = "client"
+kernel = "{kernels}/named.py:Asker"
+cmdline = "peer=echo"
+metrics = ["answered", "errors"]
+
+[[instance]]
+name = "echo"
+kernel = "kernels.echo:EchoKernel"
+id = 9
+"""
+
+
+def test_kernels_find_peers_by_name_and_publish_metrics(run_scenario, tmp_path):
+    """The client finds "echo" by name though its id (9) is not the file-order one, publishes
+    its own counts, and expect reads them; the report carries every console's tail."""
+    path = tmp_path / "named.toml"
+    path.write_text(NAMED.format(kernels=os.path.join(ROOT, "tests", "kernels")))
+    r = run_scenario(str(path))
+    assert r.passed, [(e.text, e.detail) for e in r.expectations]
+    assert r.metrics["client"]["answered"] > 20 and r.metrics["client"]["errors"] == 0
+    assert any("echo is instance 9" in line for line in r.consoles["client"])
+    assert r.to_dict()["consoles"]["client"]
+
+
+def test_an_undeclared_kernel_metric_is_refused(tmp_path):
+    from partition.scenario.schema import ScenarioInvalid, load
+    bad = NAMED.replace('metrics = ["answered", "errors"]', 'metrics = ["answered"]')
+    path = tmp_path / "bad.toml"
+    path.write_text(bad.format(kernels="k"))
+    with pytest.raises(ScenarioInvalid) as ei:
+        load(str(path))
+    assert any("no metric 'errors'" in p for p in ei.value.problems)
+    path.write_text(bad.replace('metrics = ["answered"]', 'metrics = ["state"]').format(kernels="k"))
+    with pytest.raises(ScenarioInvalid) as ei:
+        load(str(path))
+    assert any("host's own metrics" in p for p in ei.value.problems)

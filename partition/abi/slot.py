@@ -90,6 +90,12 @@ KHO_ENTRY = struct.Struct("<32sQQII")
 KHO_MAX = 16
 KHO_KEEP_REST = 1
 
+#: a kernel's own metrics (Kernel.metric), in its own page: up to METRICS_MAX entries of a
+#: NUL-padded name (24 bytes) and an f64; untrusted to the host, which checks both
+METRICS_AT = 3072
+METRIC = struct.Struct("<24sd")
+METRICS_MAX = 16
+
 # offsets by name, for the hot paths
 PEER_STATE = PEER_FIELDS["peer_state"].offset
 PEER_PID = PEER_FIELDS["pid"].offset
@@ -195,6 +201,36 @@ class OwnPage(_Record):
     kho_count = _Int(OWN_FIELDS, "kho_count")
     kho_declared = _Int(OWN_FIELDS, "kho_declared")
     kho_flags = _Int(OWN_FIELDS, "kho_flags")
+
+    def set_metric(self, name: str, value: float) -> None:
+        raw = name.encode()[:24]
+        free = None
+        for i in range(METRICS_MAX):
+            at = self.base + METRICS_AT + i * METRIC.size
+            got = METRIC.unpack_from(self.buf, at)[0].rstrip(b"\0")
+            if got == raw:
+                METRIC.pack_into(self.buf, at, raw, value)
+                return
+            if not got and free is None:
+                free = at
+        if free is None:
+            raise ValueError(f"at most {METRICS_MAX} metrics")
+        METRIC.pack_into(self.buf, free, raw, value)
+
+    def clear_metrics(self) -> None:
+        at = self.base + METRICS_AT
+        self.buf[at:at + METRICS_MAX * METRIC.size] = bytes(METRICS_MAX * METRIC.size)
+
+    def metrics(self) -> dict[str, float]:
+        """The published metrics, checked: printable names, finite values."""
+        out: dict[str, float] = {}
+        for i in range(METRICS_MAX):
+            raw, value = METRIC.unpack_from(self.buf, self.base + METRICS_AT + i * METRIC.size)
+            name = raw.rstrip(b"\0")
+            if name and all(32 < c < 127 for c in name) and value == value \
+                    and abs(value) != float("inf"):
+                out[name.decode()] = value
+        return out
 
     def kho_entries(self, out: bool = False) -> list[tuple[bytes, int, int, int]]:
         """A KHO table: (raw name, offset, size, crc), at most KHO_MAX entries whatever its

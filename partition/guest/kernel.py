@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from partition.abi import layout as L
 from partition.abi import message as M
 from partition.abi import slot as S
 from partition.abi.console import ConsoleWriter
@@ -79,6 +80,7 @@ class KernelContext:
     rings: memoryview | None = None     # the whole ring area
     rings_address: int = 0
     arena_all: memoryview | None = None  # the whole arena: only on machines without protection
+    table: memoryview | None = None     # the host's instance table, read-only (peer names)
 
 
 def parse_cmdline(cmdline: str) -> dict[str, str]:
@@ -172,6 +174,34 @@ class Kernel:
     def memory(self) -> memoryview:
         """The instance's partition; offset 0 is physical address ``memory_base``."""
         return self.ctx.memory
+
+    def peer_id(self, name: str) -> int | None:
+        """The id of the instance called ``name`` (0 for "host"), from the host's instance
+        table; None if there is none. Ids are the host's to give (scenarios: ``id =``)."""
+        if name == "host":
+            return 0
+        table = self.ctx.table
+        if table is None:
+            return None
+        want = name.encode()[:L.NAME_BYTES]
+        for iid in range(1, len(table) // L.TABLE_RECORD_BYTES):
+            state, rid, raw = L.TABLE_RECORD.unpack_from(table, iid * L.TABLE_RECORD_BYTES)[:3]
+            if state and rid == iid and raw.rstrip(b"\0") == want:
+                return iid
+        return None
+
+    def metric(self, name: str, value: float) -> None:
+        """Publish a number: ``mkctl show``/``top``, a scenario's report and its ``expect``
+        read it (``client.errors == 0``). Up to 16 names of 1-23 printable characters; a name
+        published again is updated."""
+        import math
+        if not (isinstance(name, str) and 0 < len(name) < 24
+                and all(32 < ord(c) < 127 for c in name)):
+            raise ValueError("a metric name is 1-23 printable ASCII characters")
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"metric {name!r}: {value!r} is not a finite number")
+        self.ctx.own.set_metric(name, v)
 
     @property
     def cmdline(self) -> str:

@@ -1,5 +1,5 @@
 """What a booted instance maps of the arena, and nothing more: its partition, its console, the
-host's peer table read-only, its own control page, and the shared ring area.
+host's peer table and instance table read-only, its own control page, and the shared ring area.
 The trampoline makes these mappings after unmapping everything it inherited from the host."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 
 from partition.abi import layout as L
+from partition.abi.constants import MAX_INSTANCES
 from partition.abi.slot import OWN_BYTES, OwnPage
 
 
@@ -24,3 +25,6 @@ class InstanceMappings:
         self.own_map = mmap.mmap(fd, OWN_BYTES, offset=layout.own_at(instance_id))
         self.own = OwnPage(self.own_map, 0)
         self.rings = mmap.mmap(fd, layout.ring_area_bytes, offset=layout.ring_offset)
+        # the instance table, read-only: peers' names (Kernel.peer_id); the host writes it
+        self.table = mmap.mmap(fd, MAX_INSTANCES * L.TABLE_RECORD_BYTES,
+                               offset=layout.table_offset, prot=mmap.PROT_READ)

@@ -235,6 +235,7 @@ def enter(boot: BootParams) -> NoReturn:
             oversubscribed=boot.oversubscribed, boot_generation=generation,
             layout=boot.layout, rings=memoryview(maps.rings),
             rings_address=linux.buffer_address(maps.rings), arena_all=arena_all,
+            table=memoryview(maps.table),
         )
         code = EXIT_PANIC                      # from here on, any escape is a kernel panic
         kernel = kernel_cls(ctx)

@@ -86,6 +86,7 @@ class Lifecycle:
         peer.ready = 0
         peer.force_halt = 0
         own.reason_len = own.ack_cpu = own.ack_generation = own.booted = 0
+        own.clear_metrics()                  # each run publishes its own
         peer.target_cpu = inst.physical_cpus[0]
         peer.generation = gen
         peer.redirect = 0

@@ -535,6 +535,7 @@ class Machine:
             "resident": inst.parked is not None and bool((inst.parked.report or {}).get("ok")),
             "boots": inst.boots,
             "progress": self.arena.own(inst.id).progress,
+            "metrics": self.arena.own(inst.id).metrics(),      # what its kernel published
             # seconds since its main loop last moved: a stopped or wedged kernel shows here
             "progress_age_s": round(time.monotonic() - inst.progress_mark[1], 1)
             if running and inst.progress_mark[0] >= 0 else None,

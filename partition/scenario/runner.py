@@ -38,6 +38,8 @@ from partition.scenario import expr as E
 from partition.scenario.measure import Collector, ProbeRecord
 from partition.scenario.schema import Scenario, ScenarioInvalid
 
+#: console lines of each instance the JSON report keeps (the whole console is mkctl console's)
+CONSOLE_TAIL = 20
 #: events the timeline keeps (the full stream is in the run directory's events.log)
 TIMELINE_EVENTS = {"state_change", "fault_injected", "failure", "restart", "takeover",
                    "takeover_failed", "watchdog_expired", "foreign_write", "restart_failed",
@@ -69,6 +71,7 @@ class RunResult:
     elapsed_s: float
     interrupted: bool = False
     bad_reports: list[str] = field(default_factory=list)
+    consoles: dict[str, list[str]] = field(default_factory=dict)   # each instance's last lines
 
     @property
     def passed(self) -> bool:
@@ -83,7 +86,7 @@ class RunResult:
                 "metrics": self.metrics, "timeline": self.timeline,
                 "expectations": [e.to_dict() for e in self.expectations],
                 "verdict": self.verdict, "elapsed_s": round(self.elapsed_s, 3),
-                "bad_reports": self.bad_reports}
+                "bad_reports": self.bad_reports, "consoles": self.consoles}
 
 
 class Runner:
@@ -146,7 +149,7 @@ class Runner:
             for i in order:
                 try:
                     if step == "create":
-                        m.create(i["name"], memory=i["memory"], cpus=i["cpus"],
+                        m.create(i["name"], memory=i["memory"], cpus=i["cpus"], id=i["id"],
                                  cpu_count=None if i["cpus"] is not None else i["cpu_count"],
                                  recovery=i["recovery"], max_restarts=i["max_restarts"],
                                  restart_window=i["restart_window"], watchdog=i["watchdog"],
@@ -378,6 +381,7 @@ class Runner:
             ev["t"] = round(ev["t"] - self.t0, 6)
         snap = m.show()
         metrics: dict[str, dict[str, Any]] = {}
+        consoles: dict[str, list[str]] = {}
         by_id = {d["id"]: d["name"] for d in snap["instances"]}
         for i in self.sc.instances:
             d = m.show(i["name"])
@@ -400,7 +404,10 @@ class Runner:
                 "ipi_doorbells": d["counters"]["ipi_doorbells"],
                 "ipi_dropped_filtered": d["counters"]["ipi_dropped_filtered"],
                 "cpus": d["cpus"], "shared_cpus": d["shared_cpus"],
+                # what its kernel published (self.metric); None: never published
+                **{k: d["metrics"].get(k) for k in i.get("metrics", [])},
             }
+            consoles[i["name"]] = m.console(i["name"]).splitlines()[-CONSOLE_TAIL:]
         first_fault = min((f["mono"] for f in self.fired.values() if "mono" in f), default=None)
         first_ns = int(first_fault * 1e9) if first_fault is not None else None
         for rec in self.collector.records.values():
@@ -424,7 +431,8 @@ class Runner:
                          expectations=evaluate(self.sc, metrics),
                          records={r.name: r for r in self.collector.records.values()},
                          t0_ns=int(self.t0 * 1e9), elapsed_s=time.monotonic() - self.t0,
-                         interrupted=interrupted, bad_reports=self.collector.bad_reasons)
+                         interrupted=interrupted, bad_reports=self.collector.bad_reasons,
+                         consoles=consoles)
 
     def _fault_metrics(self, f: dict[str, Any]) -> dict[str, Any]:
         fired = self.fired.get(f["name"])

@@ -87,6 +87,17 @@ def _name(v: Any) -> str:
     return v
 
 
+def _metric_names(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(n, str) and NAME.match(n) and len(n) < 24
+                                          for n in v):
+        raise ValueError('a list of metric names, e.g. ["errors", "served"] (letters, digits, '
+                         "_; at most 23 characters)")
+    clash = [n for n in v if n in METRICS["instance"]]
+    if clash:
+        raise ValueError(f"names of the host's own metrics, {clash}: choose others")
+    return list(v)
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError("true or false")
@@ -181,6 +192,9 @@ INSTANCE_KEYS = {
     "standby_for": Key(_name, None, "this instance is the standby of that one"),
     "preserve_memory": Key(_bool, False, "restart without scrubbing the partition"),
     "start": Key(_bool, True, "boot at time 0; false: created and loaded, booted by an action"),
+    "id": Key(_int(1, 511), None, "instance id; default: the lowest free, in file order "
+                                  "(standbys last)"),
+    "metrics": Key(_metric_names, [], "metrics its kernel publishes (self.metric), for expect"),
 }
 PROBE_KEYS = {
     "name": Key(_name, REQUIRED, "probe name (also the name in expectations)"),
@@ -458,7 +472,9 @@ def _check_expectations(c: _Checker, raw: Any, sc: Scenario) -> list[tuple[str, 
                 c.problems.append(f"{where}: {ref} names nothing in this scenario (names: "
                                   f"{', '.join(_all_names(sc)) or 'none'})")
                 ok = False
-            elif ref.metric not in METRICS[kind]:
+            elif ref.metric not in METRICS[kind] and not (
+                    kind == "instance" and ref.metric in next(
+                        (i.get("metrics", []) for i in sc.instances if i["name"] == ref.name), [])):
                 c.problems.append(f"{where}: {ref}: an {kind} has no metric {ref.metric!r} "
                                   f"(it has: {', '.join(METRICS[kind])})")
                 ok = False
