@@ -42,7 +42,8 @@ def require_page_aligned(nbytes: int, what: str = "memory") -> None:
         lo = nbytes - nbytes % PAGE_SIZE
         raise InvalidSpec(
             f"{what} size {nbytes} bytes is not a multiple of the 4 KiB page size",
-            f"use {format_size(lo) if lo else '4K'} or {format_size(lo + PAGE_SIZE)}",
+            f"use {format_size(lo)} or {format_size(lo + PAGE_SIZE)}" if lo else
+            f"use {format_size(PAGE_SIZE)} (the smallest size), or a multiple of it",
         )
 
 

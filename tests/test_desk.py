@@ -95,3 +95,71 @@ def test_top_shows_every_instance_and_a_stopped_kernel(run_dir):
     assert out.index("stuck") < out.index("busy")       # longest without progress first
     assert "PROGRESS" in out and "RX/S" in out
     mk(run_dir, "kill", "stuck", "--force")             # a stopped kernel answers no SHUTDOWN
+
+
+def run_mk(*args, **kw):
+    return subprocess.run(MKCTL + list(args), capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_the_small_things_a_new_user_met(run_dir, tmp_path):
+    from partition import InvalidSpec, Machine, PermissionDenied
+    # a size under a page: the fix names a size that works, not "4K or 4K"
+    with Machine(memory="64M", run_dir=str(tmp_path / "m"), oversubscribe=True) as m:
+        try:
+            m.create("a", memory=1000, cpu_count=1)
+        except InvalidSpec as exc:
+            assert "4K or" not in exc.hint and "4K (the smallest size)" in exc.hint
+        else:
+            raise AssertionError("1000 bytes were taken")
+    # the host's CPU with --oversubscribe: the fix says how to share it
+    if len(CPUS) > 1:
+        with Machine(cpus=str(CPUS[-1]), host_cpus=str(CPUS[0]), memory="64M",
+                     oversubscribe=True, run_dir=str(tmp_path / "o")) as m:
+            try:
+                m.create("a", cpus=str(CPUS[0]), memory="4M")
+            except PermissionDenied as exc:
+                assert "--oversubscribe" in exc.hint and "mkctl init --cpus" in exc.hint
+            else:
+                raise AssertionError("the host's CPU was given")
+    # a second init is EBUSY, said as such; errors in JSON when JSON was asked for
+    mk(run_dir, "init", "--memory", "64M", "--oversubscribe", "--cpus", str(CPUS[-1]),
+       "--host-cpus", ",".join(map(str, CPUS[:-1])) or "none")
+    r = run_mk("init", "--run-dir", run_dir, "--memory", "64M")
+    assert r.returncode == 1 and "[EBUSY]" in r.stderr and "already running" in r.stderr
+    r = run_mk("show", "nosuch", "--run-dir", run_dir, "--format", "json")
+    import json
+    err = json.loads(r.stdout)
+    assert r.returncode == 1 and err["ok"] is False and err["error"]["code"] == "ENOENT"
+    # csv is bench's only
+    r = run_mk("show", "--run-dir", run_dir, "--format", "csv")
+    assert r.returncode == 2 and "invalid choice: 'csv'" in r.stderr
+    # a kernel loaded by path is named by its file, and an injected kill says it was one
+    kfile = tmp_path / "mine.py"
+    kfile.write_text("from partition import Kernel\nclass Mine(Kernel):\n    pass\n")
+    mk(run_dir, "create", "p", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "p", "--kernel", str(kfile))
+    out = mk(run_dir, "start", "p")
+    assert "mine.py:Mine" in out and "mk_kimage_" not in out
+    mk(run_dir, "fault", "p", "kill")
+    deadline = time.monotonic() + 10
+    while True:
+        shown = json.loads(mk(run_dir, "show", "p", "--format", "json"))
+        if shown["last_exit"]:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert "injected kill fault" in shown["last_exit"]["reason"]
+
+
+def test_run_list_and_scenario_paths_beside_the_file(tmp_path):
+    r = run_mk("run", "--list")
+    assert r.returncode == 0 and re.search(r"^quickstart\s+\S", r.stdout, re.M)
+    assert "live-update" in r.stdout and "host-crash" in r.stdout
+    from partition.scenario.schema import load
+    d = tmp_path / "exp"
+    d.mkdir()
+    (d / "k.py").write_text("from partition import Kernel\nclass K(Kernel):\n    pass\n")
+    (d / "s.toml").write_text('[scenario]\nname = "s"\nduration = "1s"\n[machine]\n'
+                              'oversubscribe = true\n[[instance]]\nname = "a"\nkernel = "k.py:K"\n')
+    sc = load(str(d / "s.toml"))
+    assert sc.instances[0]["kernel"] == f"{d / 'k.py'}:K"      # beside the file, not the cwd

@@ -327,7 +327,7 @@ def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    def options(default: bool) -> argparse.ArgumentParser:
+    def options(default: bool, formats: tuple[str, ...] = ("text", "json")) -> argparse.ArgumentParser:
         # Sub-commands repeat the global options with SUPPRESS defaults, so that
         # "mkctl --run-dir X show" and "mkctl show --run-dir X" both work and neither
         # placement silently resets the other.
@@ -335,13 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", default=None if default else argparse.SUPPRESS,
                        help=f"machine run directory (default: ${rundir.ENV} or "
                             f"{rundir.default_run_dir()})")
-        p.add_argument("--format", choices=("text", "json", "csv"),
-                       default="text" if default else argparse.SUPPRESS)
+        p.add_argument("--format", choices=formats,
+                       default="text" if default else argparse.SUPPRESS,
+                       help="output: " + ", ".join(formats) + (" (csv: bench ipi's mkbench "
+                                                              "columns)" if "csv" in formats else ""))
         return p
 
     common = options(default=False)
+    with_csv = options(default=False, formats=("text", "json", "csv"))
     ap = argparse.ArgumentParser(prog="mkctl", description="Multikernel partition emulator.",
-                                 parents=[options(default=True)])
+                                 parents=[options(default=True, formats=("text", "json", "csv"))])
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("init", parents=[common], help="define the pool and start the supervisor")
@@ -471,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="halt everything, stop the supervisor, remove arena and run directory")
     p.set_defaults(fn=cmd_shutdown)
 
-    p = sub.add_parser("bench", parents=[common], help="benchmarks against raw baselines")
+    p = sub.add_parser("bench", parents=[with_csv], help="benchmarks against raw baselines")
     p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation", "update"))
     p.add_argument("--updates", type=int, default=50,
                    help="update: live updates to time under traffic (at least 50)")
@@ -498,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", default=None,
                    help="override [scenario] duration, e.g. 30s (checked like the file's)")
     p.add_argument("--seed", type=int, default=None, help="override [scenario] seed")
+    p.add_argument("--list", action="store_true",
+                   help="list the shipped scenarios, each with its one-line purpose")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("demo", parents=[common], help="the built-in default demonstration")
@@ -513,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except MKError as exc:
+        if getattr(a, "format", "text") == "json":      # a script asked for JSON: it gets it
+            print(json.dumps({"ok": False, "error": {**exc.to_wire(), "errno": exc.errno,
+                                                     "code": exc.code}}, indent=2))
         print(f"mkctl {a.verb}: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:

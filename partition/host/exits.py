@@ -16,7 +16,8 @@ FAILURE_KINDS = {"killed": "crash", "exited": "crash", "panic": "panic", "hang":
 
 def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecord:
     """``asked`` is the halt the host requested (graceful, forced, forced-after-timeout,
-    boot-timeout) or None; ``slot_reason`` is the instance's own, untrusted, account."""
+    boot-timeout, or fault: a kill it injected on request) or None; ``slot_reason`` is the
+    instance's own, untrusted, account."""
     now = time.time()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -29,6 +30,9 @@ def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecor
         if sig == signal.SIGKILL and asked == "watchdog":
             return ExitRecord("hung: no progress within its watchdog period; forced halt",
                               "hang", sig, None, now)
+        if sig == signal.SIGKILL and asked == "fault":
+            return ExitRecord("killed by SIGKILL: an injected kill fault (mkctl fault)",
+                              "killed", sig, None, now)
         if sig == signal.SIGKILL and asked == "boot-timeout":
             return ExitRecord("boot CPU did not answer the spawn mailbox in time",
                               "boot-failed", sig, None, now)

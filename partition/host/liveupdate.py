@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from partition.abi import message as M
 from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, NotLoaded
+from partition.guest.trampoline import readable_label
 from partition.host.instance import Instance, State
 from partition.host.kimage import check_spec
 
@@ -57,7 +58,8 @@ def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
         inst.kimage = old
         raise
     report = inst.parked.report if inst.parked is not None else None
-    new.label = str((report or {}).get("label") or "")
+    new.label = readable_label(str((report or {}).get("label") or ""),
+                               str((report or {}).get("source") or ""))
     new.source = str((report or {}).get("source") or "")
     loaded = time.monotonic()
 

@@ -38,6 +38,7 @@ from partition.abi.console import ConsoleWriter, format_console, read_console
 from partition.abi.constants import HOST_ID, STATE_ACTIVE, STATE_CODES
 from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
+from partition.guest.trampoline import readable_label
 from partition.host import adoption, faults, liveupdate, rundir
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
@@ -307,7 +308,8 @@ class Machine:
         except BaseException:
             inst.kimage = None
             raise
-        inst.kimage.label = str(report.get("label") or "")
+        inst.kimage.label = readable_label(str(report.get("label") or ""),
+                                           str(report.get("source") or ""))
         inst.kimage.source = str(report.get("source") or "")
         self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=inst.kimage.label,
                          source=inst.kimage.source, cmdline=cmdline)
@@ -379,6 +381,7 @@ class Machine:
             self.writes.scan(only=inst)       # what it wrote so far, before its page tables go
         injected = time.monotonic()
         if kind == "kill":
+            inst.halt_requested = "fault"      # the record says so, and it is still a crash
             os.kill(inst.pid, signal.SIGKILL)
         elif kind == "hang-stop":
             os.kill(inst.pid, signal.SIGSTOP)

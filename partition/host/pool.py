@@ -168,8 +168,13 @@ class ResourcePool:
             for c in chosen:
                 if c not in cfg.cpus:
                     if c in cfg.host_cpus:
-                        raise PermissionDenied(f"CPU {c} is reserved for host kernel",
-                                               f"choose from the pool: {format_cpulist(cfg.cpus)}")
+                        every = format_cpulist(sorted(set(cfg.cpus) | set(cfg.host_cpus)))
+                        raise PermissionDenied(
+                            f"CPU {c} is reserved for host kernel",
+                            f"choose from the pool: {format_cpulist(cfg.cpus)}; to let instances "
+                            f"share the host's CPU, mkctl init --cpus {every} --oversubscribe"
+                            + (" (--oversubscribe alone shares only the pool's CPUs)"
+                               if cfg.oversubscribe else ""))
                     raise InvalidSpec(f"CPU {c} is not in the pool ({format_cpulist(cfg.cpus)})",
                                       f"choose from the pool: {format_cpulist(cfg.cpus)}")
             if not cfg.oversubscribe:

@@ -36,7 +36,26 @@ def _check_output(path: str | None, what: str) -> str | None:
     return None
 
 
+def shipped() -> list[tuple[str, str]]:
+    """(name, one-line purpose) of each shipped scenario, from its own [scenario] description."""
+    folder = os.path.dirname(default_scenario())
+    out = []
+    for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if f.endswith(".toml"):
+            try:
+                out.append((f[:-5], load(os.path.join(folder, f)).description))
+            except ScenarioInvalid as exc:
+                out.append((f[:-5], f"(invalid: {exc.problems[0] if exc.problems else exc})"))
+    return out
+
+
 def main(a: argparse.Namespace) -> int:
+    if getattr(a, "list", False):
+        rows = shipped()
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, purpose in rows:
+            print(f"{name:<{width}}  {purpose}")
+        return EXIT_PASS
     path = a.file or default_scenario()
     problems = [p for p in (_check_output(a.report, "--report"), _check_output(a.plot, "--plot"))
                 if p]

@@ -98,6 +98,19 @@ def _metric_names(v: Any) -> list[str]:
     return list(v)
 
 
+def resolve_kernel(spec: str, base: str) -> str:
+    """A kernel given by path (``dir/k.py`` or ``k.py:Class``) is the scenario file's
+    neighbour, not the current directory's: relative paths resolve from ``base`` (falling back
+    to the current directory when the file is not there). ``module:Class`` stays as it is."""
+    path, sep, cls = spec.partition(":")
+    if not (path.endswith(".py") or "/" in path) or os.path.isabs(path):
+        return spec
+    beside = os.path.join(base, path)
+    if os.path.exists(beside) or not os.path.exists(path):
+        return os.path.normpath(beside) + sep + cls
+    return spec
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError("true or false")
@@ -351,9 +364,17 @@ def check(doc: dict[str, Any], path: str = "<scenario>") -> Scenario:
     sc = c.table("[scenario]", doc.get("scenario", {}), SCENARIO_KEYS)
     machine = c.table("[machine]", doc.get("machine", {}), MACHINE_KEYS)
     instances = c.array(doc, "instance", INSTANCE_KEYS)
+    here = os.path.dirname(os.path.abspath(path))
+    for i in instances:
+        if isinstance(i.get("kernel"), str):
+            i["kernel"] = resolve_kernel(i["kernel"], here)
     probes = c.array(doc, "probe", PROBE_KEYS)
     faults = c.array(doc, "fault", FAULT_KEYS)
     actions = c.array(doc, "action", ACTION_KEYS)
+    for a in actions:
+        args = a.get("args")
+        if isinstance(args, dict) and isinstance(args.get("kernel"), str):
+            a["args"] = {**args, "kernel": resolve_kernel(args["kernel"], here)}
     if not instances:
         c.problems.append("[[instance]]: at least one instance is needed")
     _check_references(c, instances, probes, faults, actions, sc.get("duration", 5.0))
