@@ -163,3 +163,21 @@ def test_readme_names_only_folders_that_exist():
     assert folders, "the README's layout section names no folder"
     for folder in folders:
         assert os.path.isdir(os.path.join(ROOT, folder)), folder
+
+
+@pytest.mark.parametrize("cls_name", ["Machine", "Kernel"])
+def test_api_page_names_every_public_attribute(cls_name):
+    import partition
+    cls = getattr(partition, cls_name)
+    rows = _table(_section(_doc("api.md"), f"## {cls_name}"))
+    documented = {r[0].strip("`") for r in rows}
+    public = {n for n in dir(cls) if not n.startswith("_")}
+    assert sorted(public - documented) == []        # every public name has its row
+    assert sorted(documented - public) == []        # and every row names one that exists
+
+
+def test_api_page_example_runs():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the example pins the host to CPU 0 and db to CPU 1")
+    code = re.search(r"```python\n(.*?)```", _doc("api.md"), re.S).group(1)
+    exec(compile(code, "docs/api.md", "exec"), {})
