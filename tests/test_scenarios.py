@@ -205,6 +205,12 @@ def test_report_and_plot(tmp_path):
     assert [e["passed"] for e in data["expectations"]] == [True, True]
     assert data["series"]["rtt"]["windows"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    svg = tmp_path / "p.svg"
+    p = subprocess.run(MKCTL + ["run", str(f), "--quiet", "--plot", str(svg)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and svg.read_text().lstrip().startswith("<?xml")
+    text = svg.read_text()
+    assert "F1" in text and "detected +" in text and "active again +" in text   # the key
 
 
 def test_bad_output_path_is_refused_before_the_run(tmp_path):
@@ -359,3 +365,22 @@ def test_an_undeclared_kernel_metric_is_refused(tmp_path):
     with pytest.raises(ScenarioInvalid) as ei:
         load(str(path))
     assert any("host's own metrics" in p for p in ei.value.problems)
+
+
+def test_plot_bands_follow_the_timeline():
+    """Each fault's band: fired, detected by the host, active again; an action has none."""
+    from partition.scenario.plot import bands
+
+    from types import SimpleNamespace
+    result = SimpleNamespace(timeline=[
+            {"t": 1.0, "event": "fault_fired", "name": "k", "target": "a", "what": "kill"},
+            {"t": 1.001, "event": "failure", "name": "a"},
+            {"t": 1.009, "event": "state_change", "name": "a", "new": "active"},
+            {"t": 2.0, "event": "action_fired", "name": "u", "target": "a", "what": "update"},
+            {"t": 3.0, "event": "fault_fired", "name": "h", "target": "a", "what": "hang-stop"},
+    ])
+    got = bands(result)
+    assert [(b.tag, b.fired, b.detected, b.recovered) for b in got] == [
+        ("F1", 1.0, 1.001, 1.009), ("A2", 2.0, None, None), ("F3", 3.0, None, None)]
+    assert "detected +1.0 ms, active again +9.0 ms" in got[0].describe()
+    assert "not recovered" in got[2].describe()

@@ -39,6 +39,7 @@ class ProbeRecord:
     lost_why: dict[str, int] = field(default_factory=dict)   # errno name -> lost for it
     received: int = 0
     throughput: list[tuple[int, int]] = field(default_factory=list)   # (at ns, sent in period)
+    losses: list[tuple[int, int]] = field(default_factory=list)   # (report time ns, lost in it)
     started_ns: int | None = None
     stopped_ns: int | None = None
     starts: int = 0           # how many times the source (re)started it
@@ -160,6 +161,9 @@ class Collector:
         rec.r.extend(rs)
         rec.sent += sent
         rec.lost += lost
+        if lost:               # when, to a report period: the plot marks them
+            at_ns = p.get("at")
+            rec.losses.append((at_ns if isinstance(at_ns, int) else time.monotonic_ns(), lost))
         for code, n in why.items():
             name = errno.errorcode.get(code, str(code))
             rec.lost_why[name] = rec.lost_why.get(name, 0) + n
