@@ -163,3 +163,31 @@ def test_run_list_and_scenario_paths_beside_the_file(tmp_path):
                               'oversubscribe = true\n[[instance]]\nname = "a"\nkernel = "k.py:K"\n')
     sc = load(str(d / "s.toml"))
     assert sc.instances[0]["kernel"] == f"{d / 'k.py'}:K"      # beside the file, not the cwd
+
+
+def test_a_scenario_run_can_be_watched_not_changed(tmp_path):
+    """mkctl run serves its machine read-only: top, show and console -f see the experiment as
+    it runs; a verb that would change it is refused; the run is not disturbed."""
+    f = tmp_path / "w.toml"
+    f.write_text('expect = ["a.state == \'active\'"]\n[scenario]\nname = "w"\nduration = "3s"\n'
+                 '[machine]\noversubscribe = true\n[[instance]]\nname = "a"\n'
+                 'kernel = "kernels.counter:CounterKernel"\ncmdline = "interval=0.01"\n')
+    run = subprocess.Popen(MKCTL + ["run", str(f), "--quiet"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        line = run.stderr.readline()
+        while "watch it live" not in line:
+            assert line, "mkctl run never said where to watch it"
+            line = run.stderr.readline()
+        where = re.search(r"--run-dir (\S+)", line).group(1)
+        top = run_mk("top", "--run-dir", where, "--once", "--interval", "0.2")
+        assert top.returncode == 0 and re.search(r"^\s*1\s+a\s+active", top.stdout, re.M), top
+        r = run_mk("kill", "a", "--run-dir", where)
+        assert r.returncode == 1 and "[EPERM]" in r.stderr and "watched, not changed" in r.stderr
+        out, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.communicate()
+    assert run.returncode == 0 and "PASS" in out
+    assert not os.path.exists(where)

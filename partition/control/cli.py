@@ -305,8 +305,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    from partition.control.watch import Watcher
     from partition.scenario import command
-    return command.main(a)
+    return command.main(a, watch=Watcher)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

@@ -42,10 +42,7 @@ class Sampler:
             prev = self.last.get(i["id"])
             c = i["counters"]
             dt = now - prev["_t"] if prev else 0.0
-            rx = (c.get("ipi_received", 0) - prev["counters"].get("ipi_received", 0)) / dt \
-                if prev and dt > 0 else None
-            tx = (c.get("ipi_sent", 0) - prev["counters"].get("ipi_sent", 0)) / dt \
-                if prev and dt > 0 else None
+            rx, tx = (self._rate(c, prev, k, dt) for k in ("ipi_received", "ipi_sent"))
             age = i.get("progress_age_s")        # the host watches every kernel's loop
             rows.append({
                 "id": i["id"], "name": i["name"], "state": i["state"],
@@ -58,6 +55,15 @@ class Sampler:
             })
             self.last[i["id"]] = {**i, "_t": now}
         return snap, rows
+
+    @staticmethod
+    def _rate(c: dict[str, int], prev: dict[str, Any] | None, key: str, dt: float) -> float | None:
+        """Per second since the last read; None on the first read or across a restart (the
+        counters of a new run start again)."""
+        if not prev or dt <= 0:
+            return None
+        delta = c.get(key, 0) - prev["counters"].get(key, 0)
+        return delta / dt if delta >= 0 else None
 
     def _cpu(self, pid: int | None, now: float) -> float | None:
         if not pid:

@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from partition.errors import MKError
 from partition.scenario.report import Progress, report, summary, write_report
@@ -49,7 +51,7 @@ def shipped() -> list[tuple[str, str]]:
     return out
 
 
-def main(a: argparse.Namespace) -> int:
+def main(a: argparse.Namespace, watch: Callable[[Any], Any] | None = None) -> int:
     if getattr(a, "list", False):
         rows = shipped()
         width = max((len(n) for n, _ in rows), default=0)
@@ -80,8 +82,13 @@ def main(a: argparse.Namespace) -> int:
         print(f"scenario {sc.name} ({os.path.relpath(sc.path)}): {sc.duration:g} s, "
               f"{len(sc.instances)} instance(s), {len(sc.probes)} probe(s), "
               f"{len(sc.faults)} fault(s), {len(sc.actions)} action(s)", flush=True)
+    def watched(m: Any) -> Any:
+        if not as_json:
+            print(f"watch it live: mkctl top --run-dir {m.run_dir}   (or show, console -f)",
+                  file=sys.stderr, flush=True)
+        return watch(m) if watch is not None else None
     try:
-        result = Runner(sc, progress).run()
+        result = Runner(sc, progress, watch=watched if watch is not None else None).run()
     except ScenarioInvalid as exc:
         if progress:
             progress.done()

@@ -91,9 +91,14 @@ class RunResult:
 
 class Runner:
     def __init__(self, scenario: Scenario,
-                 progress: Callable[[Runner, float], None] | None = None) -> None:
+                 progress: Callable[[Runner, float], None] | None = None,
+                 watch: Callable[[Machine], Any] | None = None) -> None:
         self.sc = scenario
         self.progress = progress
+        #: makes a read-only server of the machine (``step()``, ``close()``), stepped each turn
+        #: of the loop, so that mkctl top / show / console -f can watch the run
+        self.watch = watch
+        self._watcher: Any = None
         self.m: Machine | None = None
         self.collector = Collector()
         self.timeline: list[dict[str, Any]] = []
@@ -124,6 +129,8 @@ class Runner:
             self._flush()
             return self._result(interrupted)
         finally:
+            if self._watcher is not None:
+                self._watcher.close()
             if self.m is not None:
                 self.m.close(timeout=5.0)
 
@@ -141,6 +148,8 @@ class Runner:
                                                  + (f" ({exc.hint})" if exc.hint else "")]) from None
         m = self.m
         self._attach(m)
+        if self.watch is not None:
+            self._watcher = self.watch(m)
         order = sorted(self.sc.instances, key=lambda i: i["standby_for"] is not None)
         # every instance must fit before any kernel image is loaded: a file found invalid
         # has run no kernel code at all
@@ -178,11 +187,16 @@ class Runner:
         assert self.m is not None
         old = self.m
         running = {i.name: i.pid for i in old.instances.values() if i.pid is not None}
+        if self._watcher is not None:       # the dead host's socket goes with it
+            self._watcher.close()
+            self._watcher = None
         cfg = old.abandon()
         run = rundir.claim(old.run_dir)
         run.owned = True                  # the run's private directory: removed at the end
         self.m = Machine(run_dir=run, adopt=True, **cfg)
         self._attach(self.m)
+        if self.watch is not None:
+            self._watcher = self.watch(self.m)
         if self._host_agent is not None:
             self._host_agent.rebind(self.m.request, self.m.send)
         kept = {i.name: i.pid for i in self.m.instances.values() if i.pid is not None}
@@ -293,6 +307,8 @@ class Runner:
                 next_restart_check = now + 0.05
                 for p in instance_probes:
                     self._start_on_instance(p)
+            if self._watcher is not None:
+                self._watcher.step()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + 0.25
                 self.progress(self, now - self.t0)
