@@ -54,13 +54,13 @@ def phys(m, *cpus):
 
 def stable(m):
     """The snapshot without what moves on its own or by design on every attempt: event counts,
-    the transaction list, and per-instance message counters, loop progress and the tally of
+    the transaction list, and per-instance message counters, loop progress (and its age), the tally of
     kernel answers (asserted separately where it matters)."""
     snap = m.snapshot()
     snap["machine"].pop("events")
     snap.pop("overlays")
     for i in snap["instances"]:
-        for k in ("counters", "progress", "resource_changes"):
+        for k in ("counters", "progress", "progress_age_s", "resource_changes"):
             i.pop(k)
     return snap
 

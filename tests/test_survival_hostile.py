@@ -599,10 +599,9 @@ def test_adoption_is_exclusive_and_repeatable(machines):
     with open(os.path.join(m.run_dir, "events.log")) as f:
         events = [json.loads(line) for line in f]
     assert [sorted(e["instances"]) for e in events if e["event"] == "adopted"] == [["a", "b"]]
-    daemons = [p.pid for p in psutil.process_iter(["cmdline"])
-               if "partition.control.daemon" in " ".join(p.info["cmdline"] or ())
-               and m.run_dir in (p.info["cmdline"] or ()) and p.pid not in m.pids.values()
-               and alive(p.pid)]
+    daemons = [p.pid for p in psutil.process_iter(["cmdline"])      # titled mk-host <run>
+               if " ".join(p.info["cmdline"] or ()).strip() == f"mk-host {m.run_dir}"
+               and p.pid not in m.pids.values() and alive(p.pid)]
     assert len(daemons) == 1, f"supervisors of {m.run_dir}: {daemons}"
 
     def pids():
