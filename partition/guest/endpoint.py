@@ -124,7 +124,9 @@ class Messenger:
                     wait(min(left, backoff))
                     backoff = min(backoff * 2, 0.001)
             alive = self._liveness(self.last_target) if self._liveness else None
-            next_look = 0.0
+            # the first look after 2 ms, not at once: a request answered within a few
+            # microseconds (the poll-mode case) never pays for the liveness check
+            next_look = time.monotonic() + 0.002
             while mid not in self.responses:
                 now = time.monotonic()
                 left = deadline - now
