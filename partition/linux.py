@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import re
+import select
 import signal
 from collections.abc import Callable
 
@@ -105,6 +106,22 @@ def eventfd_drain(fd: int) -> int:
         return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
+
+
+#: select(2) takes descriptors below this only; a host of hundreds of instances has more
+FD_SETSIZE = 1024
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """Whether ``fd`` became readable within ``timeout`` seconds (None: no limit). select(2)
+    where it can (microsecond timeouts), poll(2) for a descriptor above FD_SETSIZE, which
+    select cannot take (poll counts whole milliseconds, rounded up)."""
+    if fd < FD_SETSIZE:
+        return bool(select.select([fd], [], [], None if timeout is None
+                                  else max(0.0, timeout))[0])
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0.0, timeout) * 1000.0))
 
 
 def pidfd_open(pid: int) -> int:

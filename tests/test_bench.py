@@ -1,5 +1,6 @@
 """The boot benchmark's shape (not its speed: timing targets live in the benchmark itself)."""
 
+import os
 import subprocess
 import sys
 
@@ -61,6 +62,17 @@ def test_ipi_bench_shape_and_csv():
     metrics = {line.split(",")[8] for line in text[1:]}
     assert metrics == {"p50", "p90", "p99", "p99.9", "max", "throughput"}
     assert {line.split(",")[7] for line in text[1:]} == {"1", "2"}  # rows per repeat
+    # the candidate doorbells measured beside the eventfd, and every target judged
+    for a, b in pairs:
+        for v in ("raw-af-unix", "raw-pipe"):
+            assert (a, b, v) in by
+    j = res["judgement"]
+    assert set(j["wake_p50_us"]) == {"raw-eventfd", "raw-af-unix", "raw-pipe"}
+    assert j["doorbell"] == "raw-eventfd" and j["fastest_wake"] in j["wake_p50_us"]
+    assert {k.split()[0] for k in j["verdicts"]} == {"poll", "interrupt"}
+    assert j["met"] == all(j["verdicts"].values())
+    text = ipi.render(res)
+    assert ("all met" in text) == j["met"] and ("MISSED" in text) != j["met"]
 
 
 def test_ipi_bench_cli_refuses_few_round_trips():
@@ -75,10 +87,41 @@ def test_ipi_bench_cli_refuses_few_round_trips():
 def test_recovery_bench_shape():
     from partition.bench import recovery
     res = recovery.run(kills=5)
-    for key in ("detect_ms", "recover_ms", "baseline_pidfd_ms"):
+    for key in ("detect_ms", "recover_ms", "baseline_pidfd_ms", "baseline_boot_ms"):
         assert set(res[key]) == {"p50", "p99", "max"} and res[key]["p50"] > 0
     assert res["recover_ms"]["p50"] >= res["detect_ms"]["p50"]
-    assert "kill -> detected" in recovery.render(res)
+    # targets are ratios to the baselines of the same run
+    assert res["recover_ratio"] == pytest.approx(res["recover_ms"]["p50"] / (
+        res["baseline_pidfd_ms"]["p50"] + res["baseline_boot_ms"]["p50"]))
+    assert res["meets_targets"] == (res["detect_ratio"] <= recovery.TARGETS["detect_ratio"]
+                                    and res["recover_ratio"] <= recovery.TARGETS["recover_ratio"])
+    text = recovery.render(res)
+    assert "kill -> detected" in text and ("MISSED" in text) != res["meets_targets"]
+
+
+def test_scale_bench_shape_and_cleanup():
+    """Small sizes, one repeat: every figure is there, every machine is gone afterwards."""
+    from partition.control import scale
+    before = set(os.listdir("/dev/shm"))
+    res = scale.run(sizes=(2, 4), repeats=1, idle_s=0.5)
+    assert [r["n"] for r in res["results"]] == [2, 4]
+    for r in res["results"]:
+        assert r["boot_ms_last"] > 0 and r["show_cli_ms"] > r["show_wire_ms"] > 0
+        assert r["uss_mb"] > 0 and r["shutdown_s"] > 0 and r["idle_host_cpu_pct"] >= 0
+    assert res["baselines"]["python_startup_ms"] > 0 and res["baselines"]["raw_fork_uss_mb"] > 0
+    assert set(res["verdicts"]) == set(scale.TARGETS)
+    text = scale.render(res)
+    assert "targets at N=4" in text
+    assert ("MISSED" in text) == (not all(res["verdicts"].values()))
+    left = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith(("mk-scale", "mk-arena"))}
+    assert not left, left
+
+
+def test_scale_bench_refuses_bad_sizes():
+    for bad in ("0,16", "16,8", "600", "x", "nan"):
+        p = subprocess.run([sys.executable, "-m", "partition.control.cli", "bench", "scale",
+                            "--sizes", bad], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "--sizes" in p.stderr and "fix:" in p.stderr, bad
 
 
 def test_isolation_bench_shape():

@@ -36,7 +36,6 @@ import errno
 import functools
 import hashlib
 import os
-import select
 import signal
 import struct
 import time
@@ -500,7 +499,7 @@ class Ring:
         rung = self.idle_enter()
         try:
             if not rung:
-                rung = bool(select.select([doorbell_fd], [], [], max(0.0, timeout))[0])
+                rung = linux.wait_readable(doorbell_fd, timeout)
         except InterruptedError:            # (PEP 475 retries; a handler may raise instead)
             rung = True
         finally:

@@ -21,7 +21,7 @@ from typing import Any
 from partition.host.machine import Machine
 from partition.stats import environment, environment_line, summary
 
-TARGET_RATIO = 3.0
+TARGET_RATIO = 1.5
 
 
 def raw_boot_once(cpu: int, efd: int) -> float:

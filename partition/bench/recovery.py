@@ -1,8 +1,11 @@
 """``mkctl bench recovery``: kill a restarting echo instance again and again.
 
 For each kill: kill -> detected (the host's pidfd handler starts), and kill -> active again and
-answering an IPI. Baseline in the same run: SIGKILL of a bare forked Python child -> its pidfd
-readable. Targets on the project machine: detection p50 <= 1 ms, full recovery p50 <= 10 ms.
+answering an IPI. Baselines in the same run, alternating with the kills: SIGKILL of a bare
+forked Python child -> its pidfd readable, and a raw boot (fork + pin + handshake, as ``bench
+boot`` measures it). Targets, as ratios to them (an absolute figure on a shared VM measures the
+VM): detection p50 <= 2x the raw pidfd notice; kill -> answering again p50 <= 1.5x (raw pidfd
+notice + raw boot).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import time
 from typing import Any
 
 from partition.abi import message as M
+from partition.bench.boot import raw_boot_once
 from partition.host.machine import Machine
 from partition.stats import environment, environment_line, summary
 
-TARGETS = {"detect_p50_ms": 1.0, "recover_p50_ms": 10.0}
+TARGETS = {"detect_ratio": 2.0, "recover_ratio": 1.5}
 
 
 def raw_pidfd_once(cpu: int) -> float:
@@ -51,7 +55,8 @@ def raw_pidfd_once(cpu: int) -> float:
 def run(kills: int = 50, progress: bool = False) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     cpu = cpus[-1]
-    detect, recover, raw = [], [], []
+    detect, recover, raw, raw_boot = [], [], [], []
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
     with Machine(cpus=cpus, host_cpus=[cpus[0]], oversubscribe=True, memory="64M",
                  kill_timeout=5.0) as m:
         m.create("victim", cpus=[cpu], memory="4M", recovery="restart",
@@ -61,6 +66,7 @@ def run(kills: int = 50, progress: bool = False) -> dict[str, Any]:
         m.request("victim", M.MK_MSG_USER, 0, timeout=5)
         for i in range(kills):
             raw.append(raw_pidfd_once(cpu))
+            raw_boot.append(raw_boot_once(cpu, efd))
             before = m.show("victim")["counters"]["restarts"]
             t0 = time.perf_counter()
             m.fault("victim", "kill")
@@ -76,15 +82,20 @@ def run(kills: int = 50, progress: bool = False) -> dict[str, Any]:
             detect.append(m.instances["victim"].failures[-1]["detect_ms"])
             if progress:
                 print(f"\rbench recovery: {i + 1}/{kills}", end="", file=sys.stderr, flush=True)
+    os.close(efd)
     if progress:
         print(file=sys.stderr)
     keep = ("p50", "p99", "max")
     res: dict[str, Any] = {"benchmark": "recovery", "kills": kills, "cpu": cpu, "environment": environment(),
            "detect_ms": {k: summary(detect)[k] for k in keep},
            "recover_ms": {k: summary(recover)[k] for k in keep},
-           "baseline_pidfd_ms": {k: summary(raw)[k] for k in keep}, "targets": TARGETS}
-    res["meets_targets"] = (res["detect_ms"]["p50"] <= TARGETS["detect_p50_ms"]
-                            and res["recover_ms"]["p50"] <= TARGETS["recover_p50_ms"])
+           "baseline_pidfd_ms": {k: summary(raw)[k] for k in keep},
+           "baseline_boot_ms": {k: summary(raw_boot)[k] for k in keep}, "targets": TARGETS}
+    res["detect_ratio"] = res["detect_ms"]["p50"] / res["baseline_pidfd_ms"]["p50"]
+    res["recover_ratio"] = res["recover_ms"]["p50"] / (res["baseline_pidfd_ms"]["p50"]
+                                                       + res["baseline_boot_ms"]["p50"])
+    res["meets_targets"] = (res["detect_ratio"] <= TARGETS["detect_ratio"]
+                            and res["recover_ratio"] <= TARGETS["recover_ratio"])
     return res
 
 
@@ -95,10 +106,13 @@ def render(res: dict[str, Any]) -> str:
         f"machine: {environment_line(res['environment'])}",
         "{:<34}{:>9}{:>9}{:>9}".format("ms", "p50", "p99", "max"),
         row.format("raw SIGKILL -> pidfd readable", *res["baseline_pidfd_ms"].values()),
+        row.format("raw fork + pin + handshake", *res["baseline_boot_ms"].values()),
         row.format("kill -> detected by the host", *res["detect_ms"].values()),
         row.format("kill -> active and answering", *res["recover_ms"].values()),
-        f"targets: detection p50 <= {TARGETS['detect_p50_ms']} ms, recovery p50 <= "
-        f"{TARGETS['recover_p50_ms']} ms: {'met' if res['meets_targets'] else 'MISSED'}",
+        f"detection p50 {res['detect_ratio']:.2f}x the raw pidfd notice (target <= "
+        f"{TARGETS['detect_ratio']:g}x); recovery p50 {res['recover_ratio']:.2f}x raw pidfd + "
+        f"raw boot (target <= {TARGETS['recover_ratio']:g}x): "
+        f"{'met' if res['meets_targets'] else 'MISSED'}",
     ])
 
 

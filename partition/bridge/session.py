@@ -139,7 +139,10 @@ class Bridge:
     def _serve(self, fuse: FuseServer, trap: Trap, pidfd: int) -> None:
         while True:
             served = [] if fuse.closed else [fuse.fileno()]
-            ready, _, _ = select.select([*served, trap.fileno(), pidfd], [], [], 1.0)
+            watch = select.poll()        # not select(2): a big host's descriptors pass 1024
+            for fd in (*served, trap.fileno(), pidfd):
+                watch.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in watch.poll(1000)]
             if served and served[0] in ready:
                 fuse.serve_pending()
             if trap.fileno() in ready:

@@ -19,7 +19,6 @@ from typing import Any
 from partition.control.client import Client, start_supervisor, stop_supervisor
 from partition.errors import MKError
 from partition.host import rundir
-from partition.host.pool import PoolConfig
 from partition.host.views import render_show
 from partition.units import format_cpulist, format_size
 
@@ -91,6 +90,7 @@ def cmd_init(a: argparse.Namespace) -> int:
            "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
            "kill_timeout": a.kill_timeout, "protection": a.protection,
            "survive_host": a.survive_host}
+    from partition.host.pool import PoolConfig  # (not imported for the verbs that only ask)
     PoolConfig.build(a.cpus, a.memory, a.host_cpus, a.oversubscribe)   # refuse early, in the CLI
     info = start_supervisor(a.run_dir, cfg)
     if info.get("adopted"):
@@ -300,6 +300,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "update":
         from partition.bench import update
         return update.main(a)
+    if a.what == "scale":
+        from partition.control import scale
+        return scale.main(a)
     from partition.bench import boot
     return boot.main(a)
 
@@ -476,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser("bench", parents=[with_csv], help="benchmarks against raw baselines")
-    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation", "update"))
+    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation", "update", "scale"))
+    p.add_argument("--sizes", default=None,
+                   help="scale: machine sizes, increasing (default 16,64,256,511)")
     p.add_argument("--updates", type=int, default=50,
                    help="update: live updates to time under traffic (at least 50)")
     p.add_argument("--kills", type=int, default=50, help="recovery: kills to time (at least 50)")
@@ -486,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", type=int, default=100_000, help="ipi: one-way messages to stream")
     p.add_argument("--quick", action="store_true", help="ipi: allow fewer round trips (smoke run)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="ipi, isolation: interleaved repeats, medians reported "
+                   help="ipi, isolation, scale: interleaved repeats, medians reported "
                         "(default 3; ipi: 1 with --quick)")
     p.add_argument("--cpu", type=int, default=None, help="CPU to boot on (default: last pool CPU)")
     p.set_defaults(fn=cmd_bench)

@@ -35,8 +35,6 @@ from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, Pe
 from partition.host import adoption, rundir
 from partition.host.machine import Machine
 
-VIEW_REFRESH_S = 1.0      # counters in sys/ views are at most this old
-
 
 # op -> (argument names allowed, handler)
 def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
@@ -188,7 +186,6 @@ class Daemon:
         self.queue: list[Conn] = []     # complete requests waiting for the verb in progress
         self.busy = False               # a verb is being dispatched (and may be waiting)
         self.stopping = False
-        self.next_refresh = time.monotonic() + VIEW_REFRESH_S
         machine.waiter = self.step
 
     # -- the loop --------------------------------------------------------------------------
@@ -202,11 +199,11 @@ class Daemon:
         """One turn of the loop: wait for the first event or timer (at most ``limit``), then
         handle what is ready. Also the machine's ``waiter`` while a verb waits."""
         now = time.monotonic()
-        timeout = max(0.0, self.next_refresh - now)
+        timeout: float | None = None   # the machine's sweep keeps the counters views fresh
         for t in (limit, self.m.next_timer(),
                   *(c.deadline - now for c in self.conns.values())):
             if t is not None:
-                timeout = min(timeout, max(0.0, t))
+                timeout = max(0.0, t) if timeout is None else min(timeout, max(0.0, t))
         events = self.sel.select(timeout)
         self.m.poll(0)                  # deaths, doorbells and the machine's timers
         for key, mask in events:
@@ -226,9 +223,6 @@ class Daemon:
             self.m.events.warning("client_timeout", uid=conn.uid,
                                   stage="reply" if conn.outbuf else "request")
             self._close(conn)
-        if now >= self.next_refresh:
-            self.m.refresh_views()
-            self.next_refresh = now + VIEW_REFRESH_S
 
     # -- connections -----------------------------------------------------------------------
     def _accept(self) -> None:

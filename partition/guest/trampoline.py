@@ -19,7 +19,6 @@ import json
 import mmap
 import os
 import resource
-import select
 import signal
 import socket
 import sys
@@ -133,7 +132,7 @@ def _park(doorbell_fd: int, mailbox: PeerEntry) -> int:
     while True:
         if mailbox.ready == 1 and mailbox.generation:
             return mailbox.generation
-        select.select([doorbell_fd], [], [])
+        linux.wait_readable(doorbell_fd, None)
         try:
             os.eventfd_read(doorbell_fd)
         except BlockingIOError:
@@ -147,7 +146,7 @@ def _online(doorbell_fd: int, mailbox: PeerEntry, generation: int) -> None:
     while not (mailbox.peer_state == STATE_ACTIVE and mailbox.ready == 0):
         if mailbox.generation != generation:
             raise RuntimeError(f"the host revoked generation {generation}")
-        select.select([doorbell_fd], [], [], 0.05)
+        linux.wait_readable(doorbell_fd, 0.05)
         try:
             os.eventfd_read(doorbell_fd)
         except BlockingIOError:

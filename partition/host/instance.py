@@ -145,6 +145,7 @@ class Instance:
     failures: list[dict[str, Any]] = field(default_factory=list)
     pending_fault: tuple[str, float] | None = None     # kind, monotonic time injected
     progress_seen: tuple[int, float] = (0, 0.0)       # watchdog: last value, when it changed
+    heartbeats_seen: int = -1                         # own page's count at the last sweep
     standby_for: str | None = None      # this instance is the pre-booted standby of that one
     served_by: int | None = None        # id of the standby that took over this role
     counters: dict[str, int] = field(default_factory=lambda: {

@@ -24,6 +24,7 @@ would scatter each verb's check-then-change order over files.
 from __future__ import annotations
 
 import os
+import resource
 import selectors
 import signal
 import time
@@ -56,6 +57,12 @@ from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
 from partition.units import format_size, parse_cpulist, parse_size, seconds
+
+#: the host's sweep (``Machine._sweep``): its period, and how many instances it looks at each
+SWEEP_PERIOD_S = 0.25
+SWEEP_BATCH = 32
+#: counters views rewritten per sweep: each every 0.25 s up to 8 instances, every 16 s at 511
+COUNTERS_BATCH = 8
 
 
 class Machine:
@@ -100,6 +107,12 @@ class Machine:
                                   f"e.g. {what}={64 if what == 'ring_slots' else 4096}")
         if pin_host and cfg.host_cpus:
             os.sched_setaffinity(0, cfg.host_cpus)
+        # the host holds about six descriptors per instance: 511 need more than the usual
+        # soft limit of 1024 (the hard limit is the administrator's, and stays)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         self.pool = ResourcePool(cfg)
         self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes,
                                     ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
@@ -109,6 +122,10 @@ class Machine:
         self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
                            flags=flags, shm_name=shm, attach=self.adopting)
         self.instances: dict[str, Instance] = {}
+        self._ids: dict[int, Instance] = {}
+        self.changes = 0                      # published changes so far (caches key on it)
+        #: each instance's record in machine.json as of its last change (adoption.save_state)
+        self.state_records: dict[str, str] = {}
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.selector = selectors.EpollSelector()
@@ -129,7 +146,9 @@ class Machine:
         self.writes = None if self.protection else WriteWatch(self)
         self.cgroups = Cgroups(os.path.basename(self.run_dir), survivable=self.survive_host,
                                adopt=adoption.cgroup_bases(self.run_dir) if self.adopting else None)
-        self._filters_due = 0.0               # next look at the rings' drop filters
+        self._filters_due = 0.0               # next sweep (see _sweep)
+        self._sweep_at = self._counters_at = 0
+        self._running: tuple[int, list[Instance]] = (-1, [])
         host = self.arena.peer(HOST_ID)
         host.peer_state = STATE_ACTIVE
         host.pid = os.getpid()
@@ -239,9 +258,11 @@ class Machine:
             self._host_console.printk(message)
 
     def refresh_views(self) -> None:
-        """Rewrite the views whose content changed (counters move between state changes)."""
+        """Rewrite the counters views that moved (counters move between state changes; the
+        rest of the views follow each change as it is published)."""
         if not (self._closed or self._closing):
-            self.views.update(self.snapshot())
+            for inst in self.instances.values():
+                self.views.counters(inst.name, {**inst.counters, **self.ipc.counters(inst)})
 
     def fileno(self) -> int:
         """Readable when the machine has events to handle; lets a daemon nest it in its loop."""
@@ -408,7 +429,13 @@ class Machine:
             view.release()
 
     def by_id(self, instance_id: int) -> Instance | None:
-        return next((i for i in self.instances.values() if i.id == instance_id), None)
+        """The instance with this id (an index, checked against ``instances`` on each use and
+        rebuilt when it disagrees, so that no path that adds or removes one can stale it)."""
+        inst = self._ids.get(instance_id)
+        if inst is not None and self.instances.get(inst.name) is inst:
+            return inst
+        self._ids = {i.id: i for i in self.instances.values()}
+        return self._ids.get(instance_id)
 
     def unload(self, name: str) -> dict[str, Any]:
         """Drop the loaded image (loaded|failed -> ready)."""
@@ -558,10 +585,13 @@ class Machine:
     def show(self, name: str | None = None) -> dict[str, Any]:
         self._check_open()
         self.poll(0)
-        snap = self.snapshot()
-        self.views.update(snap)       # counters move without state changes: refresh on look
         if name is not None:
-            return self.describe(self._get(name))
+            d = self.describe(self._get(name))
+            self.views.counters(d["name"], d["counters"])   # counters move: refresh on look
+            return d
+        snap = self.snapshot()
+        for d in snap["instances"]:
+            self.views.counters(d["name"], d["counters"])
         return snap
 
     def snapshot(self) -> dict[str, Any]:
@@ -657,19 +687,50 @@ class Machine:
             self.supervisor.watchdog(watched)
         now = time.monotonic()
         if now >= self._filters_due:
-            self._filters_due = now + 0.1
-            running = [i for i in self.instances.values()
-                       if i.state == State.ACTIVE and i.pid is not None]
-            for inst in running:           # when each kernel's loop last moved (mkctl top)
-                progress = self.arena.own(inst.id).progress
-                if progress != inst.progress_mark[0]:
-                    inst.progress_mark = (progress, now)
-            self.ipc.watch_filters(running)
-            self.ipc.watch_rings(running)
+            self._filters_due = now + SWEEP_PERIOD_S
+            self._sweep(now)
         if self.writes is not None and self.writes.due(now):
             self.writes.scan()
         self.supervisor.run_restarts()
         return handled
+
+    def _sweep(self, now: float) -> None:
+        """The host's look at what instances write where no event tells it: when each loop
+        last moved (mkctl top), heartbeats, drop filters, stalled rings, and the counters
+        views (COUNTERS_BATCH at a time). Every SWEEP_PERIOD_S
+        it looks at the next SWEEP_BATCH running instances in turn, so its cost stays flat as
+        a machine grows: each instance is seen every 0.25 s up to 32 instances, every 4 s at
+        511. What it reads is the instances' own words: counted and shown, never acted on."""
+        if self._running[0] != self.changes:
+            self._running = (self.changes, [i for i in self.instances.values()
+                                            if i.state == State.ACTIVE and i.pid is not None])
+        running = self._running[1]
+        if len(running) > SWEEP_BATCH:
+            start = self._sweep_at % len(running)
+            batch = (running + running)[start:start + SWEEP_BATCH]
+            self._sweep_at = start + SWEEP_BATCH
+        else:
+            batch = running
+        wall = time.time()
+        for inst in batch:
+            own = self.arena.own(inst.id)
+            progress = own.progress
+            if progress != inst.progress_mark[0]:
+                inst.progress_mark = (progress, now)
+            beats = own.heartbeats_sent
+            if beats != inst.heartbeats_seen:
+                if inst.heartbeats_seen >= 0:
+                    moved = beats - inst.heartbeats_seen
+                    inst.counters["heartbeats"] += moved if 0 < moved < 1 << 20 else 1
+                    inst.last_heartbeat = wall
+                inst.heartbeats_seen = beats
+        if running:                 # the counters views, fewer at a time: each is a file write
+            start = self._counters_at % len(running)
+            for inst in (running + running)[start:start + min(COUNTERS_BATCH, len(running))]:
+                self.views.counters(inst.name, {**inst.counters, **self.ipc.counters(inst)})
+            self._counters_at = start + COUNTERS_BATCH
+        self.ipc.watch_filters(batch)
+        self.ipc.watch_rings(batch)
 
     def next_timer(self) -> float | None:
         """Seconds until the machine has timed work of its own (a watchdog look, a write-watch
@@ -683,6 +744,8 @@ class Machine:
             due.append(max(0.0, self.writes.next_due - time.monotonic()))
         if self.supervisor.pending() or self.ipc.pending():
             due.append(0.0)
+        if self.instances:
+            due.append(max(0.0, self._filters_due - time.monotonic()))
         return min(due) if due else None
 
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
@@ -753,6 +816,7 @@ class Machine:
         self.publish(inst)
 
     def publish(self, inst: Instance | None = None) -> None:
+        self.changes += 1
         if inst is not None:
             le = inst.last_exit
             self.arena.write_record(
@@ -762,6 +826,37 @@ class Machine:
                 last_exit_signal=(le.signal or 0) if le else 0,
                 last_exit_code=(le.code or 0) if le else 0,
                 kernel=inst.kimage.label if inst.kimage else "")
-        self.views.update(self.snapshot())
+        self._publish_views(inst)
         if self.survive_host:
-            adoption.save_state(self)
+            adoption.save_state(self, inst)
+
+    def _view_fields(self, inst: Instance) -> dict[str, Any]:
+        """What the views say of an instance: describe()'s fields, without its reads of the
+        instance's pages (those are for a look, not for every change)."""
+        return {"id": inst.id, "name": inst.name, "state": inst.state.value,
+                "cpus": inst.cpus, "physical_cpus": inst.physical_cpus,
+                "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
+                "regions": inst.regions, "memory_base": inst.memory_base,
+                "kernel": inst.kimage.label if inst.kimage else None,
+                "kimage_type": KIMAGE_TYPE,
+                "segments": len(inst.kimage.segments) if inst.kimage else 0}
+
+    def _publish_views(self, inst: Instance | None) -> None:
+        """The views follow one change: the changed instance alone, unless the set of
+        instances or of their CPUs moved (then every instance is looked at, and only those
+        whose files differ are written: who shares a CPU may have changed)."""
+        v = self.views
+        cfg = self.config
+        v.pool({"cpus": cfg.cpus, "cpus_available": self.pool.cpus_available(),
+                "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
+                "physical_ids": {str(c): p for c, p in cfg.physical_ids.items()},
+                "memory_granule": MEMORY_GRANULE}, cfg.oversubscribe)
+        if inst is not None and inst.name in self.instances and v.has(inst.name, inst.cpus):
+            v.instance(self._view_fields(inst))
+        else:
+            for gone in v.names - set(self.instances):
+                v.remove(gone)
+            for i in self.instances.values():
+                v.instance(self._view_fields(i))
+        v.overlays([t.to_dict() for t in self.overlays.visible()])
+        v.flush()

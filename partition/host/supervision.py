@@ -26,11 +26,18 @@ class Supervisor:
         self.m = machine
         self._restart_queue: list[Instance] = []
         self._restarting = False
+        self._watched: tuple[int, list[Instance]] = (-1, [])
 
     # -- watchdog --------------------------------------------------------------------------
     def watched(self) -> list[Instance]:
-        return [i for i in self.m.instances.values()
-                if i.recovery.watchdog > 0 and i.state == State.ACTIVE and i.pid is not None]
+        """The active instances with a watchdog; computed again only after a published
+        change (every poll asks, and a machine may hold 511 instances)."""
+        m = self.m
+        if self._watched[0] != m.changes:
+            self._watched = (m.changes, [
+                i for i in m.instances.values()
+                if i.recovery.watchdog > 0 and i.state == State.ACTIVE and i.pid is not None])
+        return self._watched[1]
 
     def watchdog(self, watched: list[Instance]) -> None:
         """IHK's hang detection: an active instance whose progress counter stood still for

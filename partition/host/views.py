@@ -14,7 +14,6 @@ import os
 import shutil
 from typing import Any
 
-from partition.host.devicetree import Chunk, instance_tree, pool_tree
 from partition.units import format_cpulist, format_size
 
 KIMAGE_HEADER = "MK_ID  Type        Start Address   Segments\n"
@@ -23,15 +22,30 @@ KIMAGE_SEPARATOR = "-----  ----------  --------------  --------\n"
 POOL_RESOURCE = "Multikernel Memory Pool"
 
 
+def kimage_row(inst: dict[str, Any]) -> str | None:
+    """An instance's ``/proc/kimage`` row, None when it holds no image."""
+    if not inst["kernel"]:
+        return None
+    return (f"{inst['id']:5d}  {inst['kimage_type']:<10s}  0x{inst['memory_base']:012x}  "
+            f"{inst['segments']:8d}\n")
+
+
+def iomem_rows(inst: dict[str, Any]) -> list[tuple[int, str]]:
+    """An instance's ``/proc/iomem`` lines, by address."""
+    return [(lo, f"  {lo:08x}-{lo + size - 1:08x} : "
+             f"mk-instance-{inst['id']}-{inst['name']}-region-{n}\n")
+            for n, (lo, size) in enumerate(inst["regions"])]
+
+
 def render_kimage(snapshot: dict[str, Any]) -> str:
-    rows = [i for i in snapshot["instances"] if i["kernel"]]
+    rows = sorted((i["id"], kimage_row(i)) for i in snapshot["instances"] if i["kernel"])
+    return join_kimage([r for _, r in rows])  # type: ignore[misc]
+
+
+def join_kimage(rows: list[str]) -> str:
     if not rows:
         return "No kimages loaded\n"
-    out = [KIMAGE_HEADER, KIMAGE_SEPARATOR]
-    for i in sorted(rows, key=lambda r: r["id"]):
-        out.append(f"{i['id']:5d}  {i['kimage_type']:<10s}  0x{i['memory_base']:012x}  "
-                   f"{i['segments']:8d}\n")
-    return "".join(out)
+    return "".join([KIMAGE_HEADER, KIMAGE_SEPARATOR] + rows)
 
 
 def render_iomem(snapshot: dict[str, Any]) -> str:
@@ -40,20 +54,20 @@ def render_iomem(snapshot: dict[str, Any]) -> str:
     ``mk-instance-<id>-<name>-region-<n>`` (region 0 is where it boots, the others were added
     at run time, numbered in the order they came). Addresses are arena offsets (the emulator's
     physical addresses), ends inclusive, sorted by address as the kernel lists them."""
-    pool = snapshot["pool"]
+    return join_iomem(snapshot["pool"], [r for i in snapshot["instances"] for r in iomem_rows(i)])
+
+
+def join_iomem(pool: dict[str, Any], rows: list[tuple[int, str]]) -> str:
     base, size = pool["memory_base"], pool["memory_bytes"]
     if not size:
         return ""
-    out = [f"{base:08x}-{base + size - 1:08x} : {POOL_RESOURCE}\n"]
-    rows = [(lo, n, i) for i in snapshot["instances"] for n, (lo, _) in enumerate(i["regions"])]
-    for lo, n, i in sorted(rows, key=lambda r: r[0]):
-        out.append(f"  {lo:08x}-{lo + i['regions'][n][1] - 1:08x} : "
-                   f"mk-instance-{i['id']}-{i['name']}-region-{n}\n")
-    return "".join(out)
+    return "".join([f"{base:08x}-{base + size - 1:08x} : {POOL_RESOURCE}\n"]
+                   + [r for _, r in sorted(rows)])
 
 
 def render_pool_tree(snapshot: dict[str, Any]) -> bytes:
     """The root ``device_tree``: the pool as kerf reads it back (physical CPU ids)."""
+    from partition.host.devicetree import Chunk, pool_tree  # pylibfdt: not for mkctl show
     pool = snapshot["pool"]
     phys = {int(c): p for c, p in pool["physical_ids"].items()}
     return pool_tree([phys.get(c, c) for c in pool["cpus"]],
@@ -64,14 +78,11 @@ def render_pool_tree(snapshot: dict[str, Any]) -> bytes:
 
 
 def render_instance_tree(inst: dict[str, Any]) -> bytes:
+    from partition.host.devicetree import instance_tree
     phys = dict(zip(inst["cpus"], inst["physical_cpus"]))
     return instance_tree(inst["name"], inst["id"], inst["physical_cpus"],
                          [(b, s) for b, s in inst["regions"]],
                          shared=[phys.get(c, c) for c in inst["shared_cpus"]])
-
-
-def render_counters(inst: dict[str, Any]) -> str:
-    return "".join(f"{k} {v}\n" for k, v in inst["counters"].items())
 
 
 def render_show(snapshot: dict[str, Any]) -> str:
@@ -122,7 +133,14 @@ def render_show(snapshot: dict[str, Any]) -> str:
 
 
 class ViewWriter:
-    """Keeps proc/ and sys/ under a run directory in step with the machine."""
+    """Keeps proc/ and sys/ under a run directory in step with the machine, per change.
+
+    A state change touches what it changed: its instance's files, its row of ``kimage`` and
+    ``iomem`` (those two are joined again only when a row differs), and the root tree only
+    when the pool's free CPUs or memory moved. A device tree is rendered only when what it
+    says (CPUs, regions, shared CPUs) changed, since pylibfdt is the costly part. So booting
+    the 511th instance costs what booting the first did (``mkctl bench scale``).
+    """
 
     def __init__(self, run_dir: str) -> None:
         self.proc = os.path.join(run_dir, "proc")
@@ -135,6 +153,23 @@ class ViewWriter:
         self._cache: dict[str, str | bytes] = {}
         self._names: set[str] = set()
         self._txs: set[int] = set()
+        self._tree_key: dict[str, tuple[Any, ...]] = {}
+        self._kimage_rows: dict[str, tuple[int, str]] = {}
+        self._iomem_rows: dict[str, list[tuple[int, str]]] = {}
+        self._rows_dirty = True
+        self._pool_key: tuple[Any, ...] | None = None
+        self._pool: dict[str, Any] | None = None
+        self.writes = 0                       # files rewritten: what a change cost (tests)
+        self.trees_rendered = 0               # device trees built (pylibfdt: the costly part)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def has(self, name: str, cpus: list[int]) -> bool:
+        """Whether ``name``'s files are up with these CPUs (else sharing may have moved)."""
+        key = self._tree_key.get(name)
+        return key is not None and key[2] == tuple(cpus)
 
     def _put(self, path: str, content: str | bytes) -> None:
         if self._cache.get(path) == content:
@@ -144,29 +179,67 @@ class ViewWriter:
             f.write(content.encode() if isinstance(content, str) else content)
         os.replace(tmp, path)
         self._cache[path] = content
+        self.writes += 1
 
-    def update(self, snapshot: dict[str, Any]) -> None:
-        self._put(os.path.join(self.proc, "kimage"), render_kimage(snapshot))
-        self._put(os.path.join(self.proc, "iomem"), render_iomem(snapshot))
-        self._put(os.path.join(self.sys, "device_tree"), render_pool_tree(snapshot))
-        names = set()
-        for inst in snapshot["instances"]:
-            d = os.path.join(self.instances_dir, inst["name"])
-            if inst["name"] not in self._names:
-                os.makedirs(d, exist_ok=True)
-            names.add(inst["name"])
-            self._put(os.path.join(d, "id"), f"{inst['id']}\n")
-            self._put(os.path.join(d, "status"), f"{inst['state']}\n")
+    # -- per change ------------------------------------------------------------------------
+    def pool(self, pool: dict[str, Any], oversubscribe: bool) -> None:
+        """The root tree, rendered again only when what it says moved."""
+        key = (tuple(pool["cpus"]), tuple(pool["cpus_available"]), pool["memory_base"],
+               pool["memory_bytes"], oversubscribe)
+        self._pool = pool
+        if key != self._pool_key:
+            self._put(os.path.join(self.sys, "device_tree"),
+                      render_pool_tree({"pool": pool,
+                                        "machine": {"oversubscribe": oversubscribe}}))
+            self._pool_key = key
+            self._rows_dirty = True
+
+    def instance(self, inst: dict[str, Any]) -> None:
+        """One instance's files and rows; ``inst`` carries describe()'s view fields."""
+        name = inst["name"]
+        d = os.path.join(self.instances_dir, name)
+        if name not in self._names:
+            os.makedirs(d, exist_ok=True)
+            self._names.add(name)
+        self._put(os.path.join(d, "id"), f"{inst['id']}\n")
+        self._put(os.path.join(d, "status"), f"{inst['state']}\n")
+        key = (inst["id"], tuple(inst["physical_cpus"]), tuple(inst["cpus"]),
+               tuple(tuple(r) for r in inst["regions"]), tuple(inst["shared_cpus"]))
+        if self._tree_key.get(name) != key:
+            self.trees_rendered += 1
             self._put(os.path.join(d, "device_tree"), render_instance_tree(inst))
-            self._put(os.path.join(d, "counters"), render_counters(inst))
-        for gone in self._names - names:
-            d = os.path.join(self.instances_dir, gone)
-            shutil.rmtree(d, ignore_errors=True)
-            for key in [k for k in self._cache if k.startswith(d + os.sep)]:
-                del self._cache[key]
-        self._names = names
+            self._tree_key[name] = key
+        row = kimage_row(inst)
+        if row is None:
+            if self._kimage_rows.pop(name, None) is not None:
+                self._rows_dirty = True
+        elif self._kimage_rows.get(name) != (inst["id"], row):
+            self._kimage_rows[name] = (inst["id"], row)
+            self._rows_dirty = True
+        regions = iomem_rows(inst)
+        if self._iomem_rows.get(name) != regions:
+            self._iomem_rows[name] = regions
+            self._rows_dirty = True
+
+    def counters(self, name: str, counters: dict[str, Any]) -> None:
+        if name in self._names:
+            self._put(os.path.join(self.instances_dir, name, "counters"),
+                      "".join(f"{k} {v}\n" for k, v in counters.items()))
+
+    def remove(self, name: str) -> None:
+        d = os.path.join(self.instances_dir, name)
+        shutil.rmtree(d, ignore_errors=True)
+        for key in [k for k in self._cache if k.startswith(d + os.sep)]:
+            del self._cache[key]
+        self._names.discard(name)
+        self._tree_key.pop(name, None)
+        self._kimage_rows.pop(name, None)
+        self._iomem_rows.pop(name, None)
+        self._rows_dirty = True
+
+    def overlays(self, overlays: list[dict[str, Any]]) -> None:
         txs = set()
-        for tx in snapshot.get("overlays", []):
+        for tx in overlays:
             d = os.path.join(self.overlays_dir, f"tx_{tx['id']}")
             if tx["id"] not in self._txs:
                 os.makedirs(d, exist_ok=True)
@@ -179,3 +252,27 @@ class ViewWriter:
             for key in [k for k in self._cache if k.startswith(d + os.sep)]:
                 del self._cache[key]
         self._txs = txs
+
+    def flush(self) -> None:
+        """``kimage`` and ``iomem`` joined again from their rows, if a row changed."""
+        if not self._rows_dirty or self._pool is None:
+            return
+        self._put(os.path.join(self.proc, "kimage"),
+                  join_kimage([r for _, r in sorted(self._kimage_rows.values())]))
+        self._put(os.path.join(self.proc, "iomem"),
+                  join_iomem(self._pool, [r for rs in self._iomem_rows.values() for r in rs]))
+        self._rows_dirty = False
+
+    # -- whole -----------------------------------------------------------------------------
+    def update(self, snapshot: dict[str, Any]) -> None:
+        """Everything from a snapshot (a full resync; per-change callers use the above)."""
+        self.pool(snapshot["pool"], snapshot["machine"]["oversubscribe"])
+        names = set()
+        for inst in snapshot["instances"]:
+            self.instance(inst)
+            self.counters(inst["name"], inst["counters"])
+            names.add(inst["name"])
+        for gone in self._names - names:
+            self.remove(gone)
+        self.overlays(snapshot.get("overlays", []))
+        self.flush()

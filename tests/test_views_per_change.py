@@ -1,0 +1,93 @@
+"""The views follow each change without re-rendering the machine (issue 13): a change writes
+what it changed, and what is on disk is always what a full render of the machine says."""
+
+import os
+
+from helpers import CPUS, wait_until
+
+from partition.host.views import render_instance_tree, render_iomem, render_kimage, render_pool_tree
+
+IDLE = "kernels.idle:IdleKernel"
+
+
+def _read(path, binary=False):
+    with open(path, "rb" if binary else "r") as f:
+        return f.read()
+
+
+def assert_views_match(m):
+    """Every view file equals a full render from the machine's snapshot."""
+    snap = m.snapshot()
+    proc = os.path.join(m.run_dir, "proc")
+    sysfs = os.path.join(m.run_dir, "sys", "fs", "multikernel")
+    assert _read(os.path.join(proc, "kimage")) == render_kimage(snap)
+    assert _read(os.path.join(proc, "iomem")) == render_iomem(snap)
+    assert _read(os.path.join(sysfs, "device_tree"), True) == render_pool_tree(snap)
+    names = sorted(os.listdir(os.path.join(sysfs, "instances")))
+    assert names == sorted(i["name"] for i in snap["instances"])
+    for i in snap["instances"]:
+        d = os.path.join(sysfs, "instances", i["name"])
+        assert _read(os.path.join(d, "status")) == f"{i['state']}\n"
+        assert _read(os.path.join(d, "id")) == f"{i['id']}\n"
+        assert _read(os.path.join(d, "device_tree"), True) == render_instance_tree(i), i["name"]
+
+
+def _boot(m, name, cpu):
+    m.create(name, cpus=[cpu], memory="1M")
+    m.load(name, IDLE)
+    wait_until(m, lambda: m.show(name)["resident"], timeout=30)
+    before = m.views.writes, m.views.trees_rendered
+    m.exec(name, wait=False)
+    return m.views.writes - before[0], m.views.trees_rendered - before[1]
+
+
+def test_a_boot_writes_the_same_few_files_at_any_size(machine):
+    cost = []
+    for k in range(12):
+        cost.append(_boot(machine, f"k{k}", CPUS[k % len(CPUS)]))
+    assert_views_match(machine)
+    # the boot changes one instance's status and nothing else machine-wide: no device tree
+    # is built again (a full re-render built one per instance on every change)
+    assert max(w for w, _ in cost) <= 2, cost
+    assert all(t == 0 for _, t in cost), cost
+    before = machine.views.trees_rendered
+    machine.create("late", cpus=[CPUS[-1]], memory="1M")
+    # its own tree, and none of the others': they shared that CPU already
+    assert machine.views.trees_rendered - before == 1
+
+
+def test_sharing_a_cpu_changes_the_older_instances_tree(machine):
+    cpu = CPUS[-1]
+    machine.create("first", cpus=[cpu], memory="1M")
+    machine.create("second", cpus=[cpu], memory="1M")       # now both share that CPU
+    assert machine.show("first")["shared_cpus"] == [cpu]
+    assert_views_match(machine)
+    machine.delete("second")
+    assert_views_match(machine)
+
+
+def test_load_unload_resize_and_delete_keep_the_views_whole(machine):
+    _boot(machine, "a", CPUS[-1])
+    _boot(machine, "b", CPUS[0])
+    assert_views_match(machine)
+    machine.kill("a", force=True)
+    machine.unload("a")
+    assert_views_match(machine)                 # its kimage row is gone
+    machine.resize("a", memory="3M")
+    assert_views_match(machine)                 # a second region in iomem
+    machine.delete("a")
+    assert_views_match(machine)
+    assert not os.path.exists(os.path.join(machine.run_dir, "sys", "fs", "multikernel",
+                                           "instances", "a"))
+
+
+def test_counters_views_follow_the_sweep(machine):
+    _boot(machine, "c", CPUS[-1])
+    path = os.path.join(machine.run_dir, "sys", "fs", "multikernel", "instances", "c",
+                        "counters")
+
+    def beats():
+        text = _read(path) if os.path.exists(path) else ""
+        return dict(line.split() for line in text.splitlines()).get("heartbeats_sent", "0")
+
+    wait_until(machine, lambda: int(beats()) >= 2, timeout=10)
