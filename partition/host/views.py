@@ -38,8 +38,9 @@ def iomem_rows(inst: dict[str, Any]) -> list[tuple[int, str]]:
 
 
 def render_kimage(snapshot: dict[str, Any]) -> str:
-    rows = sorted((i["id"], kimage_row(i)) for i in snapshot["instances"] if i["kernel"])
-    return join_kimage([r for _, r in rows])  # type: ignore[misc]
+    rows = sorted((i["id"], row) for i in snapshot["instances"]
+                  if (row := kimage_row(i)) is not None)
+    return join_kimage([r for _, r in rows])
 
 
 def join_kimage(rows: list[str]) -> str:
