@@ -145,12 +145,6 @@ WAKE_MECHANISMS: dict[str, tuple[Any, tuple[Any, Any]]] = {
 }
 
 
-def raw_eventfd(a: int, b: int, n: int) -> list[float]:
-    """Round trips through two eventfds with blocking reads: one wake-up per hop."""
-    make, hop = WAKE_MECHANISMS["raw-eventfd"]
-    return _raw_blocking(a, b, n, make, hop)
-
-
 # -- the emulator --------------------------------------------------------------------------
 def wait_done(m: Machine, name: str, timeout: float, period: float = 0.2) -> tuple[int, float]:
     """Wait for an echo kernel's results: (count, elapsed). Quiet while it measures: the host

@@ -65,6 +65,15 @@ SWEEP_BATCH = 32
 COUNTERS_BATCH = 8
 
 
+def _turn(items: list[Instance], at: int, size: int) -> tuple[list[Instance], int]:
+    """The next ``size`` of ``items`` from position ``at``, wrapping round, and where the turn
+    after it starts: all of them when they are no more than ``size``."""
+    if len(items) <= size:
+        return items, 0
+    start = at % len(items)
+    return (items + items)[start:start + size], start + size
+
+
 class Machine:
     """One emulated multikernel machine. Use as a context manager so it is always torn down."""
 
@@ -262,7 +271,7 @@ class Machine:
         rest of the views follow each change as it is published)."""
         if not (self._closed or self._closing):
             for inst in self.instances.values():
-                self.views.counters(inst.name, {**inst.counters, **self.ipc.counters(inst)})
+                self.views.counters(inst.name, self._counters(inst))
 
     def fileno(self) -> int:
         """Readable when the machine has events to handle; lets a daemon nest it in its loop."""
@@ -571,7 +580,7 @@ class Machine:
             if running and inst.progress_mark[0] >= 0 else None,
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
-            "counters": {**inst.counters, **self.ipc.counters(inst)},
+            "counters": self._counters(inst),
             "ipi_filters": self.ipc.filters(inst),
             "last_heartbeat": inst.last_heartbeat,
             "recovery": inst.recovery.to_dict(),
@@ -606,13 +615,7 @@ class Machine:
                 "survive_host": self.survive_host, "adopt_ms": self.adopt_ms,
                 "events": dict(self.events.counts),
             },
-            "pool": {
-                "cpus": list(cfg.cpus), "cpus_available": self.pool.cpus_available(),
-                "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
-                "memory_available": self.pool.memory_available,
-                "physical_ids": {str(c): p for c, p in sorted(cfg.physical_ids.items())},
-                "memory_granule": MEMORY_GRANULE,
-            },
+            "pool": self._pool_fields(),
             "overlays": [t.to_dict() for t in self.overlays.visible()],
             "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
             "instances": [self.describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
@@ -697,20 +700,15 @@ class Machine:
     def _sweep(self, now: float) -> None:
         """The host's look at what instances write where no event tells it: when each loop
         last moved (mkctl top), heartbeats, drop filters, stalled rings, and the counters
-        views (COUNTERS_BATCH at a time). Every SWEEP_PERIOD_S
-        it looks at the next SWEEP_BATCH running instances in turn, so its cost stays flat as
-        a machine grows: each instance is seen every 0.25 s up to 32 instances, every 4 s at
-        511. What it reads is the instances' own words: counted and shown, never acted on."""
+        views (COUNTERS_BATCH at a time). Every SWEEP_PERIOD_S it looks at the next
+        SWEEP_BATCH running instances in turn, so its cost stays flat as a machine grows: each
+        instance is seen every 0.25 s up to 32 instances, every 4 s at 511. What it reads is
+        the instances' own words: counted and shown, never acted on."""
         if self._running[0] != self.changes:
             self._running = (self.changes, [i for i in self.instances.values()
                                             if i.state == State.ACTIVE and i.pid is not None])
         running = self._running[1]
-        if len(running) > SWEEP_BATCH:
-            start = self._sweep_at % len(running)
-            batch = (running + running)[start:start + SWEEP_BATCH]
-            self._sweep_at = start + SWEEP_BATCH
-        else:
-            batch = running
+        batch, self._sweep_at = _turn(running, self._sweep_at, SWEEP_BATCH)
         wall = time.time()
         for inst in batch:
             own = self.arena.own(inst.id)
@@ -724,11 +722,10 @@ class Machine:
                     inst.counters["heartbeats"] += moved if 0 < moved < 1 << 20 else 1
                     inst.last_heartbeat = wall
                 inst.heartbeats_seen = beats
-        if running:                 # the counters views, fewer at a time: each is a file write
-            start = self._counters_at % len(running)
-            for inst in (running + running)[start:start + min(COUNTERS_BATCH, len(running))]:
-                self.views.counters(inst.name, {**inst.counters, **self.ipc.counters(inst)})
-            self._counters_at = start + COUNTERS_BATCH
+        # the counters views, fewer at a time: each is a file write
+        written, self._counters_at = _turn(running, self._counters_at, COUNTERS_BATCH)
+        for inst in written:
+            self.views.counters(inst.name, self._counters(inst))
         self.ipc.watch_filters(batch)
         self.ipc.watch_rings(batch)
 
@@ -830,6 +827,20 @@ class Machine:
         if self.survive_host:
             adoption.save_state(self, inst)
 
+    def _pool_fields(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "cpus": list(cfg.cpus), "cpus_available": self.pool.cpus_available(),
+            "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
+            "memory_available": self.pool.memory_available,
+            "physical_ids": {str(c): p for c, p in sorted(cfg.physical_ids.items())},
+            "memory_granule": MEMORY_GRANULE,
+        }
+
+    def _counters(self, inst: Instance) -> dict[str, int]:
+        """The host's counters of an instance and what it and its ring report."""
+        return {**inst.counters, **self.ipc.counters(inst)}
+
     def _view_fields(self, inst: Instance) -> dict[str, Any]:
         """What the views say of an instance: describe()'s fields, without its reads of the
         instance's pages (those are for a look, not for every change)."""
@@ -846,11 +857,7 @@ class Machine:
         instances or of their CPUs moved (then every instance is looked at, and only those
         whose files differ are written: who shares a CPU may have changed)."""
         v = self.views
-        cfg = self.config
-        v.pool({"cpus": cfg.cpus, "cpus_available": self.pool.cpus_available(),
-                "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
-                "physical_ids": {str(c): p for c, p in cfg.physical_ids.items()},
-                "memory_granule": MEMORY_GRANULE}, cfg.oversubscribe)
+        v.pool(self._pool_fields(), self.config.oversubscribe)
         if inst is not None and inst.name in self.instances and v.has(inst.name, inst.cpus):
             v.instance(self._view_fields(inst))
         else:

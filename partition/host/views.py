@@ -139,8 +139,8 @@ class ViewWriter:
     A state change touches what it changed: its instance's files, its row of ``kimage`` and
     ``iomem`` (those two are joined again only when a row differs), and the root tree only
     when the pool's free CPUs or memory moved. A device tree is rendered only when what it
-    says (CPUs, regions, shared CPUs) changed, since pylibfdt is the costly part. So booting
-    the 511th instance costs what booting the first did (``mkctl bench scale``).
+    says (CPUs, regions, shared CPUs) changed, since pylibfdt is the costly part. So the views'
+    share of booting the 511th instance is what it was for the first (``mkctl bench scale``).
     """
 
     def __init__(self, run_dir: str) -> None:
@@ -228,10 +228,7 @@ class ViewWriter:
                       "".join(f"{k} {v}\n" for k, v in counters.items()))
 
     def remove(self, name: str) -> None:
-        d = os.path.join(self.instances_dir, name)
-        shutil.rmtree(d, ignore_errors=True)
-        for key in [k for k in self._cache if k.startswith(d + os.sep)]:
-            del self._cache[key]
+        self._drop_dir(os.path.join(self.instances_dir, name))
         self._names.discard(name)
         self._tree_key.pop(name, None)
         self._kimage_rows.pop(name, None)
@@ -248,11 +245,13 @@ class ViewWriter:
             self._put(os.path.join(d, "status"), f"{tx['status']}\n")
             self._put(os.path.join(d, "instance"), f"{tx['instance']}\n")
         for old in self._txs - txs:
-            d = os.path.join(self.overlays_dir, f"tx_{old}")
-            shutil.rmtree(d, ignore_errors=True)
-            for key in [k for k in self._cache if k.startswith(d + os.sep)]:
-                del self._cache[key]
+            self._drop_dir(os.path.join(self.overlays_dir, f"tx_{old}"))
         self._txs = txs
+
+    def _drop_dir(self, d: str) -> None:
+        shutil.rmtree(d, ignore_errors=True)
+        for key in [k for k in self._cache if k.startswith(d + os.sep)]:
+            del self._cache[key]
 
     def flush(self) -> None:
         """``kimage`` and ``iomem`` joined again from their rows, if a row changed."""
@@ -263,17 +262,3 @@ class ViewWriter:
         self._put(os.path.join(self.proc, "iomem"),
                   join_iomem(self._pool, [r for rs in self._iomem_rows.values() for r in rs]))
         self._rows_dirty = False
-
-    # -- whole -----------------------------------------------------------------------------
-    def update(self, snapshot: dict[str, Any]) -> None:
-        """Everything from a snapshot (a full resync; per-change callers use the above)."""
-        self.pool(snapshot["pool"], snapshot["machine"]["oversubscribe"])
-        names = set()
-        for inst in snapshot["instances"]:
-            self.instance(inst)
-            self.counters(inst["name"], inst["counters"])
-            names.add(inst["name"])
-        for gone in self._names - names:
-            self.remove(gone)
-        self.overlays(snapshot.get("overlays", []))
-        self.flush()
