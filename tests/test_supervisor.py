@@ -12,7 +12,7 @@ import time
 
 import msgpack
 import psutil
-from helpers import mk
+from helpers import CPUS, mk, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPUS = sorted(os.sched_getaffinity(0))
@@ -221,3 +221,30 @@ def test_a_verb_longer_than_the_request_deadline_still_gets_its_answer(run_dir):
     p = mk(run_dir, "kill", "s", "--timeout", "6", "--format", "json")
     assert json.loads(p.stdout)["last_exit"]["how"] == "forced"
     assert not any(e["event"] == "client_timeout" for e in events(run_dir))
+
+
+def test_a_restarting_instance_runs_with_its_successor_parked(machine):
+    """Its next incarnation is forked and parked while it runs, and the restart boots that
+    process; an instance without the restart policy has none, and unload kills it."""
+    machine.create("r", cpus=[CPUS[-1]], memory="4M", recovery="restart")
+    machine.load("r", "kernels.echo:EchoKernel")
+    machine.exec("r")
+    wait_until(machine, lambda: machine.show("r")["resident"], timeout=30)
+    successor = machine.instances["r"].parked.pid
+    first = machine.pid_of("r")
+    assert successor != first
+    machine.fault("r", "kill")
+    wait_until(machine, lambda: machine.show("r")["state"] == "active"
+               and machine.show("r")["pid"] not in (None, first), timeout=10)
+    assert machine.pid_of("r") == successor
+    machine.create("plain", cpus=[CPUS[-1]], memory="4M")
+    machine.load("plain", "kernels.echo:EchoKernel")
+    machine.exec("plain")
+    machine.poll(0.2)
+    assert machine.instances["plain"].parked is None
+    wait_until(machine, lambda: machine.show("r")["resident"], timeout=30)
+    spare = machine.instances["r"].parked.pid
+    machine.kill("r", force=True)
+    machine.unload("r")
+    assert machine.instances["r"].parked is None
+    assert not os.path.exists(f"/proc/{spare}")

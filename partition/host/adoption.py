@@ -346,6 +346,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     inst.child_fds = (int(fds[0]), int(fds[1]))
     inst.adopted = True
     inst.state = State.ACTIVE
+    m.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
     m.selector.register(pidfd, selectors.EVENT_READ, (EXIT, inst))
     ident = _eventfd_id(host_bell)
     if ident is not None and ident in m.extra_host_doorbell_ids:

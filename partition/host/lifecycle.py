@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 #: how long ``exec`` waits for a kernel's boot() to return
 BOOT_RETURN_S = 30.0
+#: a restarting instance's next incarnation is forked this long after its boot
+SUCCESSOR_DELAY_S = 0.05
 
 
 class Lifecycle:
@@ -39,6 +41,7 @@ class Lifecycle:
 
     def __init__(self, machine: Machine) -> None:
         self.m = machine
+        self.successors_due: list[tuple[float, Instance]] = []    # (when, instance)
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self, inst: Instance, wait_boot: bool = False, handover: bool = False) -> None:
@@ -156,6 +159,28 @@ class Lifecycle:
             ring(inst.doorbell_fd)
         self.m.transition(inst, State.ACTIVE, "exec", pid=inst.pid,
                           ack_cpu=self.m.arena.own(inst.id).ack_cpu)
+        if inst.recovery.policy == "restart":     # forked a moment later, off this boot
+            self.successors_due.append((time.monotonic() + SUCCESSOR_DELAY_S, inst))
+
+    def spawn_successors(self) -> None:
+        """An instance that restarts on failure gets its next incarnation forked, contained
+        and parked with its image while it runs, so that a restart is a boot and not a load
+        (``bench recovery``). Done from the poll loop SUCCESSOR_DELAY_S after the boot: the fork
+        takes the host a millisecond or two, which the new run's first requests should not
+        wait for."""
+        now = time.monotonic()
+        due = [inst for t, inst in self.successors_due if t <= now]
+        self.successors_due = [(t, inst) for t, inst in self.successors_due if t > now]
+        m = self.m
+        for inst in due:
+            if m.closing or inst.state != State.ACTIVE or inst.parked is not None \
+                    or inst.handover or inst.kimage is None or inst.name not in m.instances:
+                continue
+            try:
+                m.loading.spawn(inst)
+            except OSError as exc:          # a restart loads it then, and says why if it fails
+                m.events.warning("spawn_failed", instance=inst.id, name=inst.name,
+                                 error=str(exc))
 
     # -- halting ---------------------------------------------------------------------------
     def force(self, inst: Instance) -> None:
@@ -232,7 +257,8 @@ class Lifecycle:
             self._handed_over(inst, status, detected)
             return
         ooms = m.cgroups.oom_kills(inst.id)
-        orphans = m.cgroups.kill(inst.id)     # whatever it forked goes with it
+        # whatever it forked goes with it; not a successor parked while it ran (a restart's)
+        orphans = m.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
         if orphans:
             m.events.warning("orphans_killed", instance=inst.id, name=inst.name, count=orphans)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
@@ -250,7 +276,7 @@ class Lifecycle:
             m.events.warning("memory_limit_exceeded", instance=inst.id, name=inst.name)
         inst.oom_kills = ooms
         pid = inst.pid
-        self.forget_process(inst, reaped=True)
+        self.forget_process(inst, reaped=True, keep_parked=True)
         m.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
@@ -296,10 +322,8 @@ class Lifecycle:
         else:
             record = classify_exit(status, inst.halt_requested, own.reason)
         m.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
-        successor, inst.parked = inst.parked, None
         pid = inst.pid
-        self.forget_process(inst, reaped=True)
-        inst.parked = successor
+        self.forget_process(inst, reaped=True, keep_parked=True)
         m.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
@@ -311,11 +335,14 @@ class Lifecycle:
                       how=record.how, reason=record.reason,
                       handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))
 
-    def forget_process(self, inst: Instance, reaped: bool = False) -> None:
-        """Close what the host held for a run of ``inst`` (and its parked successor); kill and
-        reap it unless ``reaped`` (on_exit did: its pid may belong to someone else by now)."""
+    def forget_process(self, inst: Instance, reaped: bool = False,
+                       keep_parked: bool = False) -> None:
+        """Close what the host held for a run of ``inst`` (and its parked successor, unless
+        ``keep_parked``: the next run boots it); kill and reap it unless ``reaped`` (on_exit
+        did: its pid may belong to someone else by now)."""
         m = self.m
-        self.m.loading.forget_parked(inst)
+        if not keep_parked:
+            self.m.loading.forget_parked(inst)
         if inst.pidfd is not None:
             try:
                 m.selector.unregister(inst.pidfd)

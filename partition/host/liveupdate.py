@@ -51,6 +51,8 @@ def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
     assert old is not None
     new = check_spec(kernel, old.cmdline if cmdline is None else cmdline)
     t0 = time.monotonic()
+    if inst.parked is not None:            # a successor of the old image (restart policy)
+        m.loading.forget_parked(inst)
     inst.kimage = new
     try:
         m.loading.await_loaded(inst)       # 1. the new image, checked in its own process

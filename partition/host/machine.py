@@ -695,6 +695,8 @@ class Machine:
         if self.writes is not None and self.writes.due(now):
             self.writes.scan()
         self.supervisor.run_restarts()
+        if self.lifecycle.successors_due:
+            self.lifecycle.spawn_successors()
         return handled
 
     def _sweep(self, now: float) -> None:
@@ -741,6 +743,9 @@ class Machine:
             due.append(max(0.0, self.writes.next_due - time.monotonic()))
         if self.supervisor.pending() or self.ipc.pending():
             due.append(0.0)
+        if self.lifecycle.successors_due:
+            due.append(max(0.0, min(t for t, _ in self.lifecycle.successors_due)
+                           - time.monotonic()))
         if self.instances:
             due.append(max(0.0, self._filters_due - time.monotonic()))
         return min(due) if due else None

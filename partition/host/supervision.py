@@ -87,6 +87,7 @@ class Supervisor:
             return
         inst.failure = (f"restart intensity exceeded: more than {pol.max_restarts} restarts in "
                         f"{pol.restart_window:g} s")
+        self.m.loading.forget_parked(inst)      # its successor will not be booted
         self.m.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
         self.m.transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
 
