@@ -378,3 +378,98 @@ def test_a_hushed_drain_of_a_poller_leaves_its_flag_up(rg, impl):
     rg.send(0, 0, 1, b"x")
     rg.drain(lambda *a: True, 64, hush=True)
     assert polling(rg)
+
+
+# -- Port: a send bound to one ring and one incarnation (C only) -----------------------------
+
+_PORTS = []
+
+
+@pytest.fixture
+def big_ring():
+    """A ring whose receiver polls (no doorbell to ring), and the ports made on it closed
+    before the mapping goes, also when a test fails."""
+    if ring._fast is None:
+        without_c("Port is part of the C extension")
+    for r in a_ring(8, 4096):
+        r.set_polling(True)
+        try:
+            yield r
+        finally:
+            while _PORTS:
+                _PORTS.pop().close()
+
+
+def a_port(r, peers=None, state=5, pid=4242, counters=None):
+    entry = None if peers is None else (peers, 8, state, pid)
+    port = r.port(3, 9, counters, (-1, -1, 0), entry)
+    _PORTS.append(port)
+    return port
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"x", b"y" * 255, b"z" * 256, b"w" * 3000, None, True, False, 0, 1, 127, 128, -1,
+    2 ** 40, "text", {"a": [1, 2.5, None]}, [b"nested", "list"], 1.5])
+def test_a_port_writes_the_bytes_encode_writes(big_ring, payload):
+    from partition.abi.message import decode, encode
+    port = a_port(big_ring)
+    assert port.message(0x4001, 2, 0xDEADBEEF12345, payload) == 0
+    got = drain_all(big_ring)
+    assert got == [(0x4001, 3, 9, encode(0x4001, 2, 0xDEADBEEF12345, payload))]
+    assert decode(got[0][3], 3, 9).payload == payload
+    port.close()
+
+
+def test_a_port_refuses_what_encode_refuses(big_ring):
+    from partition.abi.message import encode
+    port = a_port(big_ring)
+    for bad in (2 ** 70, object()):
+        with pytest.raises(Exception) as want:
+            encode(1, 0, 1, bad)
+        with pytest.raises(want.type):
+            port.message(1, 0, 1, bad)
+    with pytest.raises(OverflowError):
+        port.message(2 ** 32, 0, 1, None)
+    assert port.message(1, 0, 1, b"q" * 4096) == errno.EMSGSIZE        # over the slot
+    assert port(1, b"") == errno.EMSGSIZE
+    assert drain_all(big_ring) == []
+    port.close()
+
+
+def test_a_port_checks_the_peer_entry_before_every_send(big_ring):
+    peers = bytearray(64)
+    struct.pack_into("<II", peers, 8, 5, 4242)          # (state, pid) the port was made for
+    counters = bytearray(8)
+    port = a_port(big_ring, memoryview(peers).toreadonly(), counters=(memoryview(counters), 0))
+    assert port.current and port(7, b"one") == 0
+    for state, pid in ((5, 4243), (6, 4242), (0, 0)):  # restarted, stopped, gone
+        struct.pack_into("<II", peers, 8, state, pid)
+        assert not port.current
+        assert port(7, b"no") == ring.REROUTE
+        assert port.message(7, 0, 1, b"no") == ring.REROUTE
+    struct.pack_into("<II", peers, 8, 5, 4242)
+    assert port.message(7, 0, 1, None) == 0
+    assert [g[0] for g in drain_all(big_ring)] == [7, 7]      # nothing sent while stale
+    assert struct.unpack("<Q", counters)[0] == 2
+    port.close()
+
+
+def test_a_closed_port_refuses_and_lets_the_mapping_go(big_ring):
+    port = a_port(big_ring)
+    port.close()
+    port.close()                              # twice is fine
+    with pytest.raises(ValueError):
+        port(1, b"x")
+    with pytest.raises(ValueError):
+        port.message(1, 0, 1, b"x")
+    assert not port.current
+
+
+def test_a_port_refuses_bad_geometry_and_offsets(big_ring):
+    with pytest.raises(ValueError):
+        ring._fast.Port(big_ring.buf, 10 ** 6, big_ring.stride, big_ring.slot_bytes, 0, 0,
+                        None, 0, -1, -1, 0, None, 0, 0, 0)
+    with pytest.raises(ValueError):
+        big_ring.port(0, 0, (memoryview(bytearray(8)), 4), (-1, -1, 0), None)
+    with pytest.raises(ValueError):
+        big_ring.port(0, 0, None, (-1, -1, 0), (bytearray(16), 12, 5, 1))

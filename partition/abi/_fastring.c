@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <string.h>
 #include <time.h>
 #include <signal.h>
@@ -197,6 +198,87 @@ static int tally(const char *ring, uint32_t tag, uint32_t type, uint32_t n, uint
     return 1;
 }
 
+/* The claim-fill-publish of one message and the doorbell decision after it: send's body, and
+ * Port's. The message is ``head`` (hlen bytes, may be 0) then ``body``: a Port writes the
+ * mk_message header and the payload straight into the slot, with no bytes object between.
+ * Returns an errno (> 0), 0 (no doorbell needed), -1 (wake: the receiver is idle) or -2
+ * (interrupt: it is busy). */
+static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_bytes,
+                    uint64_t sender, uint64_t cpu, uint64_t *count, uint64_t type,
+                    const void *head, uint64_t hlen, const void *body, uint64_t blen)
+{
+    uint64_t n = hlen + blen;
+    if (n == 0 || n > slot_bytes)
+        return EMSGSIZE;
+    uint64_t *headp = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
+    if (filtered(base, (uint32_t)(sender + 1), (uint32_t)type)) {
+        if (count != NULL)          /* sent, as far as the sender can tell; dropped here */
+            *count += 1;
+        return 0;
+    }
+    uint64_t h, share = nslots - nslots / 8;
+    for (;;) {
+        h = __atomic_load_n(headp, __ATOMIC_ACQUIRE);
+        uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        if (h - t >= nslots)
+            return ENOSPC;
+        if (h - t >= share) {
+            /* fair share: one sender may hold at most 7/8 of the slots, so that a flood
+             * never leaves the others without room (they get ENOSPC only when several
+             * senders fill the ring together). Counting is only needed past the share. */
+            uint64_t mine = 0;
+            for (uint64_t k = t; k < h; k++)
+                mine += *(volatile uint32_t *)(base + RING_HEADER_BYTES + (k % nslots) * stride
+                                               + S_SENDER) == (uint32_t)(sender + 1);
+            if (mine >= share)
+                return ENOSPC;
+        }
+        if (__atomic_compare_exchange_n(headp, &h, h + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            break;
+    }
+    char *slot = base + RING_HEADER_BYTES + (h % nslots) * stride;
+    *(uint64_t *)(slot + S_CPU) = cpu;
+    *(uint32_t *)(slot + S_TYPE) = (uint32_t)type;
+    *(uint32_t *)(slot + S_SENDER) = (uint32_t)(sender + 1);
+    *(uint64_t *)(slot + S_TICKET) = h;
+    if (hlen)
+        memcpy(slot + SLOT_HEADER, head, hlen);
+    memcpy(slot + SLOT_HEADER + hlen, body, blen);
+    if (count != NULL)
+        *count += 1;
+    __atomic_store_n((uint64_t *)(slot + S_SIZE), n, __ATOMIC_RELEASE);   /* publish last */
+    /* The doorbell decision, after a full barrier (our publish must be visible before we read
+     * the receiver's flags, as its flags are before it looks at the ring): none for a poller;
+     * none if someone rang since the receiver's last drain (it will see us in that drain or
+     * be rung by whoever finds the flag clear); else wake it if idle, interrupt it if busy. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (*(volatile uint8_t *)(base + POLLING))
+        return 0;
+    if (__atomic_exchange_n((uint64_t *)(base + SIGNALED), 1, __ATOMIC_SEQ_CST) != 0)
+        return 0;
+    __atomic_fetch_add((uint64_t *)(base + DOORBELLS), 1, __ATOMIC_RELAXED);
+    return *(volatile uint32_t *)(base + IDLE) ? -1 : -2;
+}
+
+/* Ring the doorbell publish() asked for (rc < 0), here: the Python between a send and its
+ * doorbell is on the critical path of every interrupt-mode round trip (measured: 3 us of a
+ * 61 us round trip, cold caches after a vCPU halt). A halted receiver: write its eventfd; a
+ * busy one: signal it (signal_pid 0: the receiver is the host, whose doorbell is always its
+ * eventfd; below 0: no signal possible). What cannot be rung here is left to the caller: the
+ * answer stays negative. */
+static long ring_doorbell(long rc, long wake_fd, long signal_pid, long signo)
+{
+    uint64_t one = 1;
+    if (rc == -1 || signal_pid == 0) {
+        if (wake_fd >= 0 && write((int)wake_fd, &one, sizeof one) == (ssize_t)sizeof one)
+            return 0;
+    } else if (signal_pid > 0 && (syscall(SYS_pidfd_send_signal, (int)signal_pid, (int)signo,
+                                          NULL, 0) == 0 || errno == ESRCH)) {
+        return 0;           /* signal_pid is a pidfd the host gave: it names one process */
+    }
+    return rc;
+}
+
 /* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset,
  *      [wake_fd, signal_pidfd, signo,] msg_type, data) -> errno (> 0), or the doorbell still to
  *      ring: 0 none (or rung here), -1 wake (the receiver is idle: write its eventfd),
@@ -252,87 +334,14 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         }
         count = (uint64_t *)((char *)counters.buf + off);
     }
-    long rc = 0;
-    uint64_t n = (uint64_t)data.len;
-    if (n == 0 || n > slot_bytes) {
-        rc = EMSGSIZE;
-        goto out;
-    }
-    char *base = (char *)buf.buf;
-    uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
-    if (filtered(base, (uint32_t)(sender + 1), (uint32_t)type)) {
-        if (count != NULL)          /* sent, as far as the sender can tell; dropped here */
-            *count += 1;
-        rc = 0;
-        goto out;
-    }
-    uint64_t h, share = nslots - nslots / 8;
-    for (;;) {
-        h = __atomic_load_n(head, __ATOMIC_ACQUIRE);
-        uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
-        if (h - t >= nslots) {
-            rc = ENOSPC;
-            goto out;
-        }
-        if (h - t >= share) {
-            /* fair share: one sender may hold at most 7/8 of the slots, so that a flood
-             * never leaves the others without room (they get ENOSPC only when several
-             * senders fill the ring together). Counting is only needed past the share. */
-            uint64_t mine = 0;
-            for (uint64_t k = t; k < h; k++)
-                mine += *(volatile uint32_t *)(base + RING_HEADER_BYTES + (k % nslots) * stride
-                                               + S_SENDER) == (uint32_t)(sender + 1);
-            if (mine >= share) {
-                rc = ENOSPC;
-                goto out;
-            }
-        }
-        if (__atomic_compare_exchange_n(head, &h, h + 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            break;
-    }
-    char *slot = base + RING_HEADER_BYTES + (h % nslots) * stride;
-    *(uint64_t *)(slot + S_CPU) = cpu;
-    *(uint32_t *)(slot + S_TYPE) = (uint32_t)type;
-    *(uint32_t *)(slot + S_SENDER) = (uint32_t)(sender + 1);
-    *(uint64_t *)(slot + S_TICKET) = h;
-    memcpy(slot + SLOT_HEADER, data.buf, n);
-    if (count != NULL)
-        *count += 1;
-    __atomic_store_n((uint64_t *)(slot + S_SIZE), n, __ATOMIC_RELEASE);   /* publish last */
-    /* The doorbell decision, after a full barrier (our publish must be visible before we read
-     * the receiver's flags, as its flags are before it looks at the ring): none for a poller;
-     * none if someone rang since the receiver's last drain (it will see us in that drain or
-     * be rung by whoever finds the flag clear); else wake it if idle, interrupt it if busy. */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (*(volatile uint8_t *)(base + POLLING))
-        rc = 0;
-    else if (__atomic_exchange_n((uint64_t *)(base + SIGNALED), 1, __ATOMIC_SEQ_CST) != 0)
-        rc = 0;
-    else {
-        __atomic_fetch_add((uint64_t *)(base + DOORBELLS), 1, __ATOMIC_RELAXED);
-        rc = *(volatile uint32_t *)(base + IDLE) ? -1 : -2;
-    }
-out:
+    long rc = publish((char *)buf.buf, nslots, stride, slot_bytes, sender, cpu,
+                      count, type, NULL, 0, data.buf, (uint64_t)data.len);
     if (count != NULL)
         PyBuffer_Release(&counters);
     PyBuffer_Release(&data);
     PyBuffer_Release(&buf);
-    if (ring_it && rc < 0) {
-        /* ring it here: the Python between a send and its doorbell is on the critical path of
-         * every interrupt-mode round trip (measured: 3 us of a 61 us round trip, cold caches
-         * after a vCPU halt). A halted receiver: write its eventfd; a busy one: signal it
-         * (signal_pid 0: the receiver is the host, whose doorbell is always its eventfd; below 0:
-         * no signal possible).
-         * What cannot be rung here is left to the caller: rc stays negative. */
-        uint64_t one = 1;
-        if (rc == -1 || signal_pid == 0) {
-            if (wake_fd >= 0 && write((int)wake_fd, &one, sizeof one) == (ssize_t)sizeof one)
-                rc = 0;
-        } else if (signal_pid > 0 && (syscall(SYS_pidfd_send_signal, (int)signal_pid, (int)signo,
-                                              NULL, 0) == 0 || errno == ESRCH)) {
-            rc = 0;         /* signal_pid is a pidfd the host gave: it names one process */
-        }
-    }
+    if (ring_it && rc < 0)
+        rc = ring_doorbell(rc, wake_fd, signal_pid, signo);
     return PyLong_FromLong(rc);
 }
 
@@ -595,6 +604,31 @@ static PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyBool_FromLong(got);
 }
 
+
+/* poll(ring, nslots, stride, slot_bytes, usec, limit, handled, deliver, hush)
+ *      -> drain's answer, or None when nothing came within ``usec``
+ * A poll-mode receiver's wait and the drain after it in one call: spin as ``spin`` does, then
+ * drain as ``drain`` does. Two calls from Python were two trips through the interpreter
+ * between a message's arrival and its handler. */
+static PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "poll takes 9 arguments");
+        return NULL;
+    }
+    PyObject *spin_args[2] = {args[0], args[4]};
+    PyObject *got = fr_spin(self, spin_args, 2);
+    if (got == NULL)
+        return NULL;
+    int any = got == Py_True;
+    Py_DECREF(got);
+    if (!any)
+        Py_RETURN_NONE;
+    PyObject *drain_args[8] = {args[0], args[1], args[2], args[3], args[5], args[6], args[7],
+                               args[8]};
+    return fr_drain(self, drain_args, 8);
+}
+
 /* idle_enter(ring, nslots, stride, slot_bytes) -> bool: announce "idle" with a full barrier,
  * then say whether a published message is already waiting (then do not sleep). Paired with the
  * barrier in send, no wake-up is lost between the announcement and the sleep. */
@@ -708,16 +742,20 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
  * echo kernel's 2.9-3.4 us from wake-up to answer. */
 static PyTypeObject *message_type = NULL;
 static PyObject *payload_fallback = NULL;
+static PyObject *payload_pack = NULL;       /* Port.message: a payload not encoded here */
 
 static PyObject *fr_configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)
-            || !PyCallable_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "configure(tuple subclass, callable)");
+    if ((nargs != 2 && nargs != 3) || !PyType_Check(args[0])
+            || !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)
+            || !PyCallable_Check(args[1]) || (nargs == 3 && !PyCallable_Check(args[2]))) {
+        PyErr_SetString(PyExc_TypeError, "configure(tuple subclass, callable[, callable])");
         return NULL;
     }
     Py_XSETREF(message_type, (PyTypeObject *)Py_NewRef(args[0]));
     Py_XSETREF(payload_fallback, Py_NewRef(args[1]));
+    if (nargs == 3)
+        Py_XSETREF(payload_pack, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
 
@@ -789,6 +827,308 @@ static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return msg;
 }
 
+
+/* Port: a send bound to one peer's ring, for the peer's current incarnation (message.py's
+ * ``encode`` and ring.py's ``Ring.sender`` in one object). What a bound send re-did on every
+ * call, it does once: the ring, counter and peer-table buffers are held (so the mapping cannot
+ * go while a Port uses it; ``close`` lets go), the geometry and the doorbell are C fields.
+ *
+ * With a peer table (an instance's Port; the host's have none: its own records route), each
+ * send first checks the target's entry, which only the host writes: unless it still says
+ * ``state`` and ``pid`` (the incarnation the Port was made for), nothing is sent and the answer
+ * is REROUTE (-3), and the caller routes afresh (a death, a restart, a takeover). That check was
+ * PeerTable.route in Python on every send.
+ *
+ * ``port(type, data)`` sends bytes; ``port.message(type, sub, id, payload)`` writes the
+ * mk_message header and the payload straight into the slot: bytes as msgpack bin, None, small
+ * ints and booleans here, anything else through the configured packer. Answers as send: an
+ * errno, 0, or the doorbell it could not ring (-1, -2), or REROUTE. */
+#define REROUTE (-3)
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Py_buffer ring, counters, peers;
+    int open, has_counters, has_peers;
+    uint64_t nslots, stride, slot_bytes, sender, cpu, *count;
+    long wake_fd, signal_pid, signo;
+    Py_ssize_t peer_at;
+    uint32_t want_state, want_pid;
+} Port;
+
+static PyObject *port_call(Port *p, PyObject *const *args, size_t nargsf, PyObject *kwnames);
+
+static void port_release(Port *p)
+{
+    if (!p->open)
+        return;
+    p->open = 0;
+    PyBuffer_Release(&p->ring);
+    if (p->has_counters)
+        PyBuffer_Release(&p->counters);
+    if (p->has_peers)
+        PyBuffer_Release(&p->peers);
+    p->has_counters = p->has_peers = 0;
+}
+
+static void port_dealloc(Port *p)
+{
+    port_release(p);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+/* Port(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset, wake_fd,
+ *      signal_pidfd, signo, peers, peer_offset, state, pid); peers None: no entry check */
+static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *ring, *counters, *peers;
+    unsigned long long nslots, stride, slot_bytes, sender, cpu;
+    Py_ssize_t off, peer_at;
+    long wake_fd, signal_pid, signo;
+    unsigned int state, pid;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Port takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OKKKKKOnlllOnII", &ring, &nslots, &stride, &slot_bytes, &sender,
+                          &cpu, &counters, &off, &wake_fd, &signal_pid, &signo, &peers, &peer_at,
+                          &state, &pid))
+        return NULL;
+    Port *p = (Port *)type->tp_alloc(type, 0);
+    if (p == NULL)
+        return NULL;
+    if (PyObject_GetBuffer(ring, &p->ring, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    p->open = 1;
+    if (nslots == 0 || stride < SLOT_HEADER + slot_bytes ||
+            (uint64_t)p->ring.len < RING_HEADER_BYTES + nslots * stride) {
+        Py_DECREF(p);
+        PyErr_SetString(PyExc_ValueError, "ring geometry does not fit the buffer");
+        return NULL;
+    }
+    if (counters != Py_None) {
+        if (PyObject_GetBuffer(counters, &p->counters, PyBUF_WRITABLE) < 0) {
+            Py_DECREF(p);
+            return NULL;
+        }
+        p->has_counters = 1;
+        if (off < 0 || off % 8 || off + 8 > p->counters.len) {
+            Py_DECREF(p);
+            PyErr_SetString(PyExc_ValueError, "counter offset outside the buffer");
+            return NULL;
+        }
+        p->count = (uint64_t *)((char *)p->counters.buf + off);
+    }
+    if (peers != Py_None) {
+        if (PyObject_GetBuffer(peers, &p->peers, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(p);
+            return NULL;
+        }
+        p->has_peers = 1;
+        if (peer_at < 0 || peer_at % 4 || peer_at + 8 > p->peers.len) {
+            Py_DECREF(p);
+            PyErr_SetString(PyExc_ValueError, "peer entry outside the table");
+            return NULL;
+        }
+        p->peer_at = peer_at;
+    }
+    p->nslots = nslots;
+    p->stride = stride;
+    p->slot_bytes = slot_bytes;
+    p->sender = sender;
+    p->cpu = cpu;
+    p->wake_fd = wake_fd;
+    p->signal_pid = signal_pid;
+    p->signo = signo;
+    p->want_state = state;
+    p->want_pid = pid;
+    p->vectorcall = (vectorcallfunc)port_call;
+    return (PyObject *)p;
+}
+
+/* the entry check: still the incarnation this Port was made for? (state, pid adjacent) */
+static inline int port_current(Port *p)
+{
+    if (!p->has_peers)
+        return 1;
+    const char *e = (const char *)p->peers.buf + p->peer_at;
+    return *(volatile uint32_t *)e == p->want_state && *(volatile uint32_t *)(e + 4) == p->want_pid;
+}
+
+static int port_open(Port *p)
+{
+    if (p->open)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, "the port is closed");
+    return 0;
+}
+
+static long port_send(Port *p, uint64_t type, const void *head, uint64_t hlen, const void *body,
+                      uint64_t blen)
+{
+    if (!port_current(p))
+        return REROUTE;
+    long rc = publish((char *)p->ring.buf, p->nslots, p->stride, p->slot_bytes, p->sender, p->cpu,
+                      p->count, type, head, hlen, body, blen);
+    return rc < 0 ? ring_doorbell(rc, p->wake_fd, p->signal_pid, p->signo) : rc;
+}
+
+static PyObject *port_call(Port *p, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "port(msg_type, data)");
+        return NULL;
+    }
+    if (!port_open(p))
+        return NULL;
+    uint64_t type = PyLong_AsUnsignedLongLong(args[0]);
+    Py_buffer data;
+    if ((type == (uint64_t)-1 && PyErr_Occurred()) ||
+            PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    long rc = port_send(p, type & 0xFFFFFFFFu, NULL, 0, data.buf, (uint64_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromLong(rc);
+}
+
+/* message(type, sub, id, payload): the mk_message (message.py HEADER "<IIQI", then the msgpack
+ * payload) written into the slot. The forms encoded here are byte for byte what msgpack's
+ * Packer(use_bin_type=True) writes; the decode in this file reads the same ones back. */
+static PyObject *port_message(Port *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "message(msg_type, subtype, msg_id, payload)");
+        return NULL;
+    }
+    if (!port_open(p))
+        return NULL;
+    unsigned long type = PyLong_AsUnsignedLong(args[0]);
+    if (type == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long sub = PyLong_AsUnsignedLong(args[1]);
+    if (sub == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (type > 0xFFFFFFFFul || sub > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "message type and subtype are u32");
+        return NULL;
+    }
+    unsigned char head[20 + 5];
+    uint32_t t32 = (uint32_t)type, s32 = (uint32_t)sub, plen;
+    uint64_t m64 = mid;
+    memcpy(head, &t32, 4);                   /* little-endian, as the host: x86 */
+    memcpy(head + 4, &s32, 4);
+    memcpy(head + 8, &m64, 8);
+    PyObject *payload = args[3], *packed = NULL;
+    const void *body = NULL;
+    uint64_t hlen = 20, blen = 0;
+    if (PyBytes_CheckExact(payload)) {
+        Py_ssize_t n = PyBytes_GET_SIZE(payload);
+        body = PyBytes_AS_STRING(payload);
+        blen = (uint64_t)n;
+        if (n <= 0xFF) {                     /* bin 8 */
+            head[20] = 0xC4;
+            head[21] = (unsigned char)n;
+            hlen = 22;
+        } else if (n <= 0xFFFF) {            /* bin 16, big-endian length */
+            head[20] = 0xC5;
+            head[21] = (unsigned char)(n >> 8);
+            head[22] = (unsigned char)n;
+            hlen = 23;
+        } else if ((uint64_t)n <= 0xFFFFFFFFu) {   /* bin 32 */
+            head[20] = 0xC6;
+            head[21] = (unsigned char)(n >> 24);
+            head[22] = (unsigned char)(n >> 16);
+            head[23] = (unsigned char)(n >> 8);
+            head[24] = (unsigned char)n;
+            hlen = 25;
+        } else
+            return PyLong_FromLong(EMSGSIZE);
+    } else if (payload == Py_None) {
+        head[20] = 0xC0;
+        hlen = 21;
+    } else if (payload == Py_True || payload == Py_False) {
+        head[20] = payload == Py_True ? 0xC3 : 0xC2;
+        hlen = 21;
+    } else if (PyLong_CheckExact(payload) && PyLong_AsLong(payload) >= 0
+               && PyLong_AsLong(payload) <= 0x7F) {
+        head[20] = (unsigned char)PyLong_AsLong(payload);    /* positive fixint */
+        hlen = 21;
+    } else {
+        PyErr_Clear();                       /* (a long too big for AsLong) */
+        if (payload_pack == NULL) {
+            PyErr_SetString(PyExc_TypeError, "configure() the packer first");
+            return NULL;
+        }
+        packed = PyObject_CallOneArg(payload_pack, payload);
+        if (packed == NULL)
+            return NULL;
+        if (!PyBytes_Check(packed)) {
+            Py_DECREF(packed);
+            PyErr_SetString(PyExc_TypeError, "the packer must return bytes");
+            return NULL;
+        }
+        body = PyBytes_AS_STRING(packed);
+        blen = (uint64_t)PyBytes_GET_SIZE(packed);
+    }
+    if (!port_open(p)) {                     /* (the packer ran Python: it may have closed us) */
+        Py_XDECREF(packed);
+        return NULL;
+    }
+    uint64_t payload_len = hlen - 20 + blen;
+    if (payload_len > 0xFFFFFFFFu) {
+        Py_XDECREF(packed);
+        return PyLong_FromLong(EMSGSIZE);
+    }
+    plen = (uint32_t)payload_len;
+    memcpy(head + 16, &plen, 4);
+    long rc = port_send(p, t32, head, hlen, body, blen);
+    Py_XDECREF(packed);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *port_close(Port *p, PyObject *unused)
+{
+    port_release(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *port_get_current(Port *p, void *closure)
+{
+    return PyBool_FromLong(p->open && port_current(p));
+}
+
+static PyMethodDef port_methods[] = {
+    {"message", (PyCFunction)(void (*)(void))port_message, METH_FASTCALL, "encode and send"},
+    {"close", (PyCFunction)port_close, METH_NOARGS, "let go of the buffers"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef port_getset[] = {
+    {"current", (getter)port_get_current, NULL, "the peer entry still names this incarnation",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PortType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "partition.abi._fastring.Port",
+    .tp_basicsize = sizeof(Port),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "a send bound to one peer's ring and incarnation",
+    .tp_new = port_new,
+    .tp_dealloc = (destructor)port_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Port, vectorcall),
+    .tp_methods = port_methods,
+    .tp_getset = port_getset,
+};
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))fr_configure, METH_FASTCALL, "set Message, fallback"},
     {"decode", (PyCFunction)(void (*)(void))fr_decode, METH_FASTCALL, "one mk_message"},
@@ -797,6 +1137,7 @@ static PyMethodDef methods[] = {
     {"spin", (PyCFunction)(void (*)(void))fr_spin, METH_FASTCALL, "wait for a claimed slot"},
     {"send", (PyCFunction)(void (*)(void))fr_send, METH_FASTCALL, "claim, fill, publish"},
     {"drain", (PyCFunction)(void (*)(void))fr_drain, METH_FASTCALL, "consume published slots"},
+    {"poll", (PyCFunction)(void (*)(void))fr_poll, METH_FASTCALL, "spin, then drain"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -804,9 +1145,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastring", NULL, -1
 
 PyMODINIT_FUNC PyInit__fastring(void)
 {
+    if (PyType_Ready(&PortType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) < 0 ||
+            PyModule_AddIntConstant(m, "REROUTE", REROUTE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyObject *layout = Py_BuildValue(
         "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}",
         "HEAD", HEAD, "TAIL", TAIL, "COUNTERS", COUNTERS, "POLLING", POLLING, "IDLE", IDLE,

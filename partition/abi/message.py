@@ -124,5 +124,5 @@ _unpackb = msgpack.unpackb
 decode = decode_py
 if _ring._fast is not None:          # (None also when the build is stale or MK_PURE_RING=1)
     _ring._fast.configure(Message, functools.partial(msgpack.unpackb, raw=False,
-                                                     strict_map_key=False))
+                                                     strict_map_key=False), _pack)
     decode = _ring._fast.decode

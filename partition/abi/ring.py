@@ -40,6 +40,7 @@ import signal
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from partition import linux
 from partition.abi import layout as L
@@ -118,6 +119,8 @@ def _stale(module: object) -> bool:
 STALE = _fast is not None and _stale(_fast)
 if STALE:
     _fast = None
+#: a Port's answer when the peer entry no longer names the incarnation it was made for
+REROUTE = _fast.REROUTE if _fast is not None else -3
 #: which implementation this process uses ("c" or "python"); benchmarks report it
 IMPLEMENTATION = "c" if _fast is not None else "python"
 
@@ -337,6 +340,19 @@ class Ring:
             return -door
         return send
 
+    def port(self, sender_id: int, sender_cpu: int, counter: tuple[memoryview, int] | None,
+             doorbell: tuple[int, int, int], entry: tuple[Any, int, int, int] | None) -> Any:
+        """A ``_fastring.Port`` to this ring (``sender`` as one C object that also encodes the
+        message in place, see _fastring.c), or None without the C ring. ``entry`` = (peer
+        table, offset of the target's (state, pid), state, pid): each send checks it first
+        and answers REROUTE instead of sending when it changed; None: no check."""
+        if _fast is None:
+            return None
+        cbuf, coff = counter if counter is not None else (None, 0)
+        peers, at, state, pid = entry if entry is not None else (None, 0, 0, 0)
+        return _fast.Port(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
+                          sender_cpu, cbuf, coff, *doorbell, peers, at, state, pid)
+
     def _held_by(self, sender_id: int, t: int, h: int) -> int:
         """Slots in [t, h) claimed by ``sender_id`` (for the fair share, as _fastring.c)."""
         mark = (sender_id + 1).to_bytes(4, "little")
@@ -454,6 +470,21 @@ class Ring:
             if time.monotonic() >= end:
                 return False
         return True
+
+    def poll(self, usec: float, deliver: Callable[[int, int, int, bytes], bool],
+             limit: int = 64, abandon_after: float = 1.0,
+             handled: bytes | bytearray | None = None, hush: bool = False) -> int | None:
+        """``spin`` then ``drain``, in one call with the C ring: None when nothing was claimed
+        within ``usec`` microseconds, else what ``drain`` returns."""
+        if _fast is not None:
+            got = _fast.poll(self.buf, self.nslots, self.stride, self.slot_bytes, float(usec),
+                             limit, handled, deliver, hush)
+            if got is None:
+                return None
+            return self._rest(got, limit, abandon_after, handled, deliver)
+        if not self.spin(usec):
+            return None
+        return self.drain(deliver, limit, abandon_after, handled, hush)
 
     def pending(self) -> bool:
         t = self.tail

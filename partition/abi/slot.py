@@ -113,6 +113,9 @@ U32 = _U32                  # one field read on a hot path (PeerTable.route's re
 
 #: (peer_state, pid) in one read: adjacent on purpose, a send checks both
 STATE_PID = struct.Struct("<II")
+#: a peer entry's (epoch, peer_state, pid) in one read, from the entry's start: which
+#: incarnation a request went to (guest/endpoint.py, PeerTable.incarnation)
+EPOCH_STATE_PID = struct.Struct("<4xI16xII")
 assert PEER_PID == PEER_STATE + 4
 
 

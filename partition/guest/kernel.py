@@ -332,9 +332,15 @@ class Kernel:
         IPI signal's own drain stays out of a drain (``_in_drain``)."""
         if self.mode == "poll":
             # spin on the ring's head, bounded so that the caller's loop (deadlines, halting,
-            # heartbeats) still comes round at least every 50 us
-            if self.ring.spin(min(50.0, timeout * 1e6)):
-                self._take()
+            # heartbeats) still comes round at least every 50 us; then drain, in the same call
+            outer = self._in_drain
+            self._in_drain = True
+            try:
+                msgr = self.messenger
+                self.ring.poll(min(50.0, timeout * 1e6), self._deliver, 64, 1.0,
+                               None if msgr.waiting else msgr.handled, True)
+            finally:
+                self._in_drain = outer
             return
         if self.mode == "hybrid":
             if self.ring.spin(self.spin_us):

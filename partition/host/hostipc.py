@@ -55,11 +55,18 @@ class HostDirectory:
     def retry(self, target: int) -> bool:
         return False
 
-    def liveness(self, target: int) -> Callable[[], bool]:
+    def entry(self, target: int, pid: int) -> None:
+        return None         # the host routes every send by its own records
+
+    def incarnation(self, target: int) -> Any:
+        inst = self.m.by_id(target)
+        return inst.pid if inst is not None else None
+
+    def alive(self, target: int, incarnation: Any) -> bool:
         """Alive while the run we sent to is the one running (the pidfd tells us of deaths)."""
         inst = self.m.by_id(target)
-        pid = inst.pid if inst is not None else None
-        return lambda: inst is not None and inst.pid == pid and inst.state == State.ACTIVE
+        return (inst is not None and incarnation is not None and inst.pid == incarnation
+                and inst.state == State.ACTIVE)
 
     def refused(self, code: int) -> None:
         pass
