@@ -158,8 +158,11 @@ def wait_done(m: Machine, name: str, timeout: float, period: float = 0.2) -> tup
             return n, elapsed
         if inst.state.value != "active":
             d = m.show(name)
-            others = "".join(f"\n{o} ({m.show(o)['state']}):\n{m.console(o)[-1500:]}" for o in m.instances if o != name)
-            raise RuntimeError(f"{name} stopped: {d['last_exit']}; console:\n{m.console(name)[-1500:]}{others}")
+            # the peer's console too: a failed request often began with the peer's panic
+            others = "".join(f"\n{o} ({m.show(o)['state']}):\n{m.console(o)[-1500:]}"
+                             for o in m.instances if o != name)
+            raise RuntimeError(f"{name} stopped: {d['last_exit']}; console:\n"
+                               f"{m.console(name)[-1500:]}{others}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} did not finish in {timeout:g} s")
         m.poll(period)
