@@ -473,3 +473,31 @@ def test_a_port_refuses_bad_geometry_and_offsets(big_ring):
         big_ring.port(0, 0, (memoryview(bytearray(8)), 4), (-1, -1, 0), None)
     with pytest.raises(ValueError):
         big_ring.port(0, 0, None, (-1, -1, 0), (bytearray(16), 12, 5, 1))
+
+
+def test_a_drain_matches_replies_as_deliver_would(rg, impl):
+    """``replies`` = (waiting, responses): the C drain takes a response to an awaited request
+    itself, only from the instance it was sent to (or from any, when that is not known yet:
+    -1), drops other responses and hands everything else to deliver; the Python ring hands all
+    to deliver, and Messenger.deliver does the same there."""
+    from partition.abi.message import SUB_REQUEST, SUB_RESPONSE, encode
+    from partition.guest.endpoint import Messenger
+    m = Messenger(9, lambda *a: 9)
+    m.register(0x4001, lambda msg: None)
+    m.waiting.update({11: 2, 12: -1, 13: 2})
+    rg.send(2, 0, 0x4001, encode(0x4001, SUB_RESPONSE, 11, b"from 2"))   # awaited from 2
+    rg.send(3, 0, 0x4001, encode(0x4001, SUB_RESPONSE, 12, b"any"))      # from anyone
+    rg.send(3, 0, 0x4001, encode(0x4001, SUB_RESPONSE, 13, b"forged"))   # 13 is 2's
+    rg.send(2, 0, 0x4001, encode(0x4001, SUB_RESPONSE, 99, b"unasked"))
+    rg.send(2, 0, 0x4002, encode(0x4001, SUB_RESPONSE, 11, b"lies"))     # slot type differs
+    rg.send(2, 0, 0x4001, encode(0x4001, SUB_REQUEST, 14, b"request"))
+    delivered = []
+
+    def deliver(t, s, c, p):
+        delivered.append(p)
+        return m.deliver(t, s, c, p)
+    assert rg.drain(deliver, 64, replies=(m.waiting, m.responses)) == 6
+    assert {k: v.payload for k, v in m.responses.items()} == {11: b"from 2", 12: b"any"}
+    assert m.responses[11].sender == 2
+    assert len(delivered) == (1 if impl == "c" else 6)      # only the request, in C
+    assert rg.counters()["received"] == 6

@@ -31,7 +31,8 @@
 
 #define HEAD 0
 #define TAIL 64
-#define POLLING 128             /* u8 (of a u32): the receiver spins on the ring */
+#define POLLING 192             /* u8 (of a u64): the receiver spins on the ring; not on the
+                                 * counters' line, which the receiver writes per message */
 #define COUNTERS 136            /* u64 x 5; [0] is "received" */
 #define IDLE 176                /* u32: the receiver sleeps on its eventfd */
 #define SIGNALED 184            /* u64: a doorbell was rung since the receiver's last drain */
@@ -204,8 +205,9 @@ static int tally(const char *ring, uint32_t tag, uint32_t type, uint32_t n, uint
  * Returns an errno (> 0), 0 (no doorbell needed), -1 (wake: the receiver is idle) or -2
  * (interrupt: it is busy). */
 static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_bytes,
-                    uint64_t sender, uint64_t cpu, uint64_t *count, uint64_t type,
-                    const void *head, uint64_t hlen, const void *body, uint64_t blen)
+                    uint64_t sender, uint64_t cpu, uint64_t *count, uint64_t *tail_hint,
+                    uint64_t type, const void *head, uint64_t hlen, const void *body,
+                    uint64_t blen)
 {
     uint64_t n = hlen + blen;
     if (n == 0 || n > slot_bytes)
@@ -219,7 +221,19 @@ static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_
     uint64_t h, share = nslots - nslots / 8;
     for (;;) {
         h = __atomic_load_n(headp, __ATOMIC_ACQUIRE);
+        /* A Port's tail hint is a tail it read before: the receiver only moves tail forward
+         * (or resets the ring to 0, and then h is below the hint and the hint is read
+         * afresh), so while h is within the share of it there is room, and the tail's cache
+         * line, which the receiver writes per message, stays where it is. */
+        if (tail_hint != NULL && h - *tail_hint < share) {
+            if (__atomic_compare_exchange_n(headp, &h, h + 1, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST))
+                break;
+            continue;
+        }
         uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        if (tail_hint != NULL)
+            *tail_hint = t;
         if (h - t >= nslots)
             return ENOSPC;
         if (h - t >= share) {
@@ -335,7 +349,7 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         count = (uint64_t *)((char *)counters.buf + off);
     }
     long rc = publish((char *)buf.buf, nslots, stride, slot_bytes, sender, cpu,
-                      count, type, NULL, 0, data.buf, (uint64_t)data.len);
+                      count, NULL, type, NULL, 0, data.buf, (uint64_t)data.len);
     if (count != NULL)
         PyBuffer_Release(&counters);
     PyBuffer_Release(&data);
@@ -345,7 +359,7 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLong(rc);
 }
 
-/* drain(ring, nslots, stride, slot_bytes, limit[, handled[, deliver[, hush]]])
+/* drain(ring, nslots, stride, slot_bytes, limit[, handled[, deliver[, hush[, replies]]]])
  *      -> (list of (type, sender_id, cpu, bytes), more, consumed), or with ``deliver``
  *         (delivered, more, consumed) after calling deliver(type, sender_id, cpu, bytes) for
  *         each message (no list, no tuples: the Python loop over a batch is the first thing
@@ -371,9 +385,17 @@ struct drain_state {
     uint64_t nbits, dropped;
     uint32_t drop_tag[8], drop_type[8], drop_n[8];      /* unhandled, per (sender, type) */
     PyObject *deliver, *out;                 /* one of them: a callback, or a list to fill */
+    PyObject *waiting, *responses;           /* replies: matched here, not delivered */
     PyObject *et, *ev, *tb;                  /* the first Exception a handler raised */
     long delivered;
 };
+
+static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+/* set by configure() (the mk_message section below) */
+static PyTypeObject *message_type = NULL;
+static PyObject *payload_fallback = NULL;
+static PyObject *payload_pack = NULL;       /* Port.message: a payload not encoded here */
+static int take_reply(struct drain_state *d, PyObject **row, uint32_t type);
 
 /* One pass over the ring: up to ``room`` slots, in order. Each slot is copied out, zeroed,
  * tail moves past it and it is counted, and only then is it handed over (appended to the
@@ -440,6 +462,17 @@ static long consume(struct drain_state *d, long room, int *more)
             Py_DECREF(item);
             continue;
         }
+        if (d->waiting != NULL) {
+            int taken = take_reply(d, row, type);
+            if (taken != 0) {
+                for (int k = 0; k < 4; k++)
+                    Py_DECREF(row[k]);
+                if (taken < 0)
+                    return -1;
+                d->delivered++;
+                continue;
+            }
+        }
         /* A handler's Exception waits until the rest of the pass is delivered, then is raised;
          * a BaseException (a kernel panic, an exit) is raised at once, the rest left in the
          * ring. */
@@ -463,6 +496,48 @@ static long consume(struct drain_state *d, long room, int *more)
     return done;
 }
 
+
+/* Replies, matched in C (endpoint.py's Messenger.deliver does the same for the careful path):
+ * with ``replies`` = (waiting, responses), a slot whose mk_message has SUB_RESPONSE is decoded
+ * here and, when its id is awaited from this sender (or from anyone: -1), stored in
+ * ``responses``; any other response is consumed and dropped, as deliver would. Calling deliver
+ * for a reply was a Python frame on every round trip's critical path.
+ * Returns 1 (taken), 0 (not a reply: deliver it), -1 (an exception). */
+#define SUB_RESPONSE 0x80000000u
+
+static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
+{
+    const char *p = PyBytes_AS_STRING(row[3]);
+    if (PyBytes_GET_SIZE(row[3]) < 20)
+        return 0;
+    uint32_t sub;
+    memcpy(&sub, p + 4, 4);
+    if (!(sub & SUB_RESPONSE))
+        return 0;
+    PyObject *dargs[3] = {row[3], row[1], row[2]};
+    PyObject *msg = fr_decode(NULL, dargs, 3);
+    if (msg == NULL)
+        return -1;
+    if (msg == Py_None || PyLong_AsUnsignedLong(PyTuple_GET_ITEM(msg, 0)) != type) {
+        Py_DECREF(msg);                      /* a slot that lies about its message */
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    PyObject *mid = PyTuple_GET_ITEM(msg, 2);
+    PyObject *to = PyDict_GetItemWithError(d->waiting, mid);
+    int rc = 1;
+    if (to != NULL) {
+        long want = PyLong_AsLong(to);
+        long from = PyLong_AsLong(row[1]);
+        if (PyErr_Occurred())
+            rc = -1;
+        else if ((want == from || want == -1) && PyDict_SetItem(d->responses, mid, msg) < 0)
+            rc = -1;                         /* (the sender id is a claim: a peer could still */
+    } else if (PyErr_Occurred())             /*  forge it, knowing the id) */
+        rc = -1;
+    Py_DECREF(msg);
+    return rc;
+}
+
 /* is the slot at tail published (a reason to drain on)? */
 static int tail_published(struct drain_state *d)
 {
@@ -478,12 +553,23 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_buffer buf;
     struct drain_state d;
     memset(&d, 0, sizeof d);
-    if (nargs < 5 || nargs > 8) {
-        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 8 arguments");
+    if (nargs < 5 || nargs > 9) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 9 arguments");
         return NULL;
     }
     d.deliver = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
-    int hush = d.deliver != NULL && nargs == 8 && PyObject_IsTrue(args[7]) == 1;
+    if (d.deliver != NULL && nargs == 9 && args[8] != Py_None) {
+        if (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 2
+                || !PyDict_Check(PyTuple_GET_ITEM(args[8], 0))
+                || !PyDict_Check(PyTuple_GET_ITEM(args[8], 1)) || message_type == NULL) {
+            PyErr_SetString(PyExc_TypeError, "replies: (waiting, responses), two dicts, after "
+                                             "configure()");
+            return NULL;
+        }
+        d.waiting = PyTuple_GET_ITEM(args[8], 0);
+        d.responses = PyTuple_GET_ITEM(args[8], 1);
+    }
+    int hush = d.deliver != NULL && nargs >= 8 && PyObject_IsTrue(args[7]) == 1;
     if (ring_args(args, &buf, &d.nslots, &d.stride, &d.slot_bytes) < 0)
         return NULL;
     Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
@@ -510,8 +596,11 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int hushed = hush && *polling == 0;
     if (hushed)
         __atomic_store_n((uint8_t *)polling, 1, __ATOMIC_SEQ_CST);
-    /* doorbells rung from here on are for messages this drain may not see: let them ring */
-    __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
+    /* doorbells rung from here on are for messages this drain may not see: let them ring
+     * (a store only when it was set: a poller's drains never find it set, and each store was
+     * a full barrier) */
+    if (__atomic_load_n((uint64_t *)(base + SIGNALED), __ATOMIC_ACQUIRE) != 0)
+        __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
     for (;;) {
         long n = consume(&d, limit - total, &more);
         if (n < 0) {
@@ -605,15 +694,15 @@ static PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 }
 
 
-/* poll(ring, nslots, stride, slot_bytes, usec, limit, handled, deliver, hush)
+/* poll(ring, nslots, stride, slot_bytes, usec, limit, handled, deliver, hush[, replies])
  *      -> drain's answer, or None when nothing came within ``usec``
  * A poll-mode receiver's wait and the drain after it in one call: spin as ``spin`` does, then
  * drain as ``drain`` does. Two calls from Python were two trips through the interpreter
  * between a message's arrival and its handler. */
 static PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "poll takes 9 arguments");
+    if (nargs != 9 && nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "poll takes 9 or 10 arguments");
         return NULL;
     }
     PyObject *spin_args[2] = {args[0], args[4]};
@@ -624,9 +713,9 @@ static PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_DECREF(got);
     if (!any)
         Py_RETURN_NONE;
-    PyObject *drain_args[8] = {args[0], args[1], args[2], args[3], args[5], args[6], args[7],
-                               args[8]};
-    return fr_drain(self, drain_args, 8);
+    PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[5], args[6], args[7],
+                               args[8], nargs == 10 ? args[9] : Py_None};
+    return fr_drain(self, drain_args, 9);
 }
 
 /* idle_enter(ring, nslots, stride, slot_bytes) -> bool: announce "idle" with a full barrier,
@@ -660,7 +749,7 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
 }
 
 /* halt(ring, nslots, stride, slot_bytes, doorbell_fd, timeout_s, limit, handled[, deliver[,
- *      hush]])
+ *      hush[, replies]]])
  *      -> drain's answer, or None when the wait timed out with nothing to take
  * The interrupt-mode wait in one call: clear the doorbell (eventfd, non-blocking), announce
  * idle (the barrier of idle_enter), sleep on the doorbell unless a message is already waiting
@@ -672,8 +761,8 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 {
     Py_buffer buf;
     uint64_t nslots, stride, slot_bytes;
-    if (nargs < 8 || nargs > 10) {
-        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 10 arguments");
+    if (nargs < 8 || nargs > 11) {
+        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 11 arguments");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[4]);
@@ -730,9 +819,10 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyBuffer_Release(&buf);
     if (!rung)
         Py_RETURN_NONE;
-    PyObject *drain_args[8] = {args[0], args[1], args[2], args[3], args[6], args[7],
-                               nargs >= 9 ? args[8] : Py_None, nargs == 10 ? args[9] : Py_False};
-    return fr_drain(self, drain_args, 8);
+    PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[6], args[7],
+                               nargs >= 9 ? args[8] : Py_None, nargs >= 10 ? args[9] : Py_False,
+                               nargs == 11 ? args[10] : Py_None};
+    return fr_drain(self, drain_args, 9);
 }
 
 /* mk_message decoding (message.py's ``decode``, for the receive path). configure(Message,
@@ -740,9 +830,6 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
  * decodes a msgpack payload that is not one of the forms read here (msgpack.unpackb with the
  * emulator's options). On the caches a wake-up finds, the Python decode took 1.65-2 us of an
  * echo kernel's 2.9-3.4 us from wake-up to answer. */
-static PyTypeObject *message_type = NULL;
-static PyObject *payload_fallback = NULL;
-static PyObject *payload_pack = NULL;       /* Port.message: a payload not encoded here */
 
 static PyObject *fr_configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -850,7 +937,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     Py_buffer ring, counters, peers;
     int open, has_counters, has_peers;
-    uint64_t nslots, stride, slot_bytes, sender, cpu, *count;
+    uint64_t nslots, stride, slot_bytes, sender, cpu, *count, tail_hint;
     long wake_fd, signal_pid, signo;
     Py_ssize_t peer_at;
     uint32_t want_state, want_pid;
@@ -971,7 +1058,7 @@ static long port_send(Port *p, uint64_t type, const void *head, uint64_t hlen, c
     if (!port_current(p))
         return REROUTE;
     long rc = publish((char *)p->ring.buf, p->nslots, p->stride, p->slot_bytes, p->sender, p->cpu,
-                      p->count, type, head, hlen, body, blen);
+                      p->count, &p->tail_hint, type, head, hlen, body, blen);
     return rc < 0 ? ring_doorbell(rc, p->wake_fd, p->signal_pid, p->signo) : rc;
 }
 

@@ -48,13 +48,16 @@ from partition.abi.constants import MAX_INSTANCES
 
 # ring header offsets (head and tail on their own cache lines)
 HEAD = 0
+FENCE = 8                # u64 scratch: the pure-Python sender's full barrier is an exchange here
 TAIL = 64
-POLLING = 128            # u32
 MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hybrid
 COUNTERS = 136           # u64 x 5
 IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring the eventfd
 SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
-FENCE = 192              # u64 scratch: the pure-Python sender's full barrier is an exchange here
+# polling: on the line senders only read (besides the filters' hit counts), not on the line of
+# the counters the receiver bumps for every message: a sender reads it after each publish, and
+# on the counters' line that read moved a cache line between the cores for every message
+POLLING = 192            # u8 (of a u64 of its own)
 DOORBELLS = COUNTERS + 32  # u64 the 5th counter: doorbells senders rang here (atomic add)
 FILTERS = 200            # NFILTER x 16: drop filters (u16 sender+1, u16, u32 type, until, hits)
 DROPPED_FILTERED = 248   # u64 messages the filters dropped at their senders (atomic add)
@@ -119,6 +122,8 @@ def _stale(module: object) -> bool:
 STALE = _fast is not None and _stale(_fast)
 if STALE:
     _fast = None
+#: a Messenger's (waiting, responses): what a drain may match replies against in C
+Replies = tuple[dict[int, int], dict[int, Any]]
 #: a Port's answer when the peer entry no longer names the incarnation it was made for
 REROUTE = _fast.REROUTE if _fast is not None else -3
 #: which implementation this process uses ("c" or "python"); benchmarks report it
@@ -473,15 +478,17 @@ class Ring:
 
     def poll(self, usec: float, deliver: Callable[[int, int, int, bytes], bool],
              limit: int = 64, abandon_after: float = 1.0,
-             handled: bytes | bytearray | None = None, hush: bool = False) -> int | None:
+             handled: bytes | bytearray | None = None, hush: bool = False,
+             replies: Replies | None = None) -> int | None:
         """``spin`` then ``drain``, in one call with the C ring: None when nothing was claimed
         within ``usec`` microseconds, else what ``drain`` returns."""
         if _fast is not None:
             got = _fast.poll(self.buf, self.nslots, self.stride, self.slot_bytes, float(usec),
-                             limit, handled, deliver, hush)
+                             limit, handled, deliver, hush, replies)
             if got is None:
                 return None
-            return self._rest(got, limit, abandon_after, handled, deliver)
+            return got[2] if not got[1] else self._rest(got, limit, abandon_after, handled,
+                                                        deliver)
         if not self.spin(usec):
             return None
         return self.drain(deliver, limit, abandon_after, handled, hush)
@@ -492,19 +499,20 @@ class Ring:
 
     def drain(self, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
               abandon_after: float = 1.0, handled: bytes | bytearray | None = None,
-              hush: bool = False) -> int:
+              hush: bool = False, replies: Replies | None = None) -> int:
         """Hand up to ``limit`` published slots to ``deliver(type, sender_id, sender_cpu,
         payload)``, which returns False for a type nobody handles (dropped, counted). Returns
         how many slots were consumed, dropped ones included. ``handled``: a bitmap of the types
         someone handles (bit t of byte t >> 3; types past its end count as handled), given when
         nothing else can be awaited; other types are dropped and counted, not handed up.
         ``hush``: no doorbells while this drain consumes and delivers (see _fastring.c; the
-        C path only: the Python ring rings as usual)."""
+        C path only: the Python ring rings as usual). ``replies`` = (waiting, responses), the
+        Messenger's: the C path matches responses itself, as ``deliver`` would."""
         if _fast is not None:
             # C consumed, counted and delivered the well-formed prefix; it says when there is
             # more, and the careful path takes over from there
             return self._rest(_fast.drain(self.buf, self.nslots, self.stride, self.slot_bytes,
-                                          limit, handled, deliver, hush),
+                                          limit, handled, deliver, hush, replies),
                               limit, abandon_after, handled, deliver)
         linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
         return self._careful(limit, abandon_after, handled, deliver)
@@ -512,14 +520,14 @@ class Ring:
     def halt(self, doorbell_fd: int, timeout: float,
              deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
              handled: bytes | bytearray | None = None, abandon_after: float = 1.0,
-             hush: bool = False) -> int | None:
+             hush: bool = False, replies: Replies | None = None) -> int | None:
         """The receiver's whole interrupt-mode wait: clear the doorbell, announce idle, sleep
         on the doorbell (unless a message already waits) up to ``timeout`` seconds, leave
         idle, drain as ``drain`` does. None: the wait timed out, nothing was taken. The
         doorbell must be a non-blocking eventfd."""
         if _fast is not None:
             got = _fast.halt(self.buf, self.nslots, self.stride, self.slot_bytes, doorbell_fd,
-                             float(timeout), limit, handled, deliver, hush)
+                             float(timeout), limit, handled, deliver, hush, replies)
             if got is None:
                 return None
             return self._rest(got, limit, abandon_after, handled, deliver)

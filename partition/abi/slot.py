@@ -110,6 +110,7 @@ OWN_RING_RESETS = OWN_FIELDS["ring_resets"].offset
 OWN_FORGED_COMMANDS = OWN_FIELDS["forged_commands"].offset
 
 U32 = _U32                  # one field read on a hot path (PeerTable.route's redirect)
+U64 = _U64                  # (Kernel._progress: many iterations added at once)
 
 #: (peer_state, pid) in one read: adjacent on purpose, a send checks both
 STATE_PID = struct.Struct("<II")

@@ -115,48 +115,70 @@ class Messenger:
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
                 wait: Callable[[float], None]) -> Any:
+        """Send a request and wait for its response. The first wait comes straight after the
+        send, with nothing between but the liveness token: in poll mode the answer is usually
+        there after it, and the clock, the deadline and the 2 ms liveness look are read only
+        when it is not."""
         mid = self._request_id(63) | 1
-        self.waiting[mid] = -1    # before sending: the answer may come in an interrupt at once
-        deadline = time.monotonic() + timeout
+        waiting, responses = self.waiting, self.responses
+        waiting[mid] = -1         # before sending: the answer may come in an interrupt at once
+        start = time.monotonic()
+        deadline = start + timeout
         try:
-            backoff = 20e-6
-            while True:      # a full ring is back pressure: retry until the deadline
-                try:
-                    self.send(target, msg_type, payload, SUB_REQUEST, mid)
-                    self.waiting[mid] = self.last_target
-                    break
-                except RingError as exc:
-                    left = deadline - time.monotonic()
-                    if exc.errno != errno.ENOSPC or left <= 0:
-                        raise
-                    # a receiver drains a slot in about a microsecond: look again soon, then
-                    # less often (20 us doubling to 1 ms), not a whole millisecond at once
-                    wait(min(left, backoff))
-                    backoff = min(backoff * 2, 0.001)
-            to, peers = self.last_target, self._directory
+            try:
+                to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
+            except RingError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                to = self._post_when_room(target, msg_type, mid, payload, deadline, wait)
+            self.last_target = waiting[mid] = to
+            peers = self._directory
             # which incarnation got it: one read now; compared every 2 ms from 2 ms on, so a
             # request answered within microseconds (the poll-mode case) pays nothing more
             incarnation = peers.incarnation(to) if peers is not None else None
-            next_look = time.monotonic() + 0.002
-            while mid not in self.responses:
-                now = time.monotonic()
-                left = deadline - now
+            next_look = start + 0.002
+            # look again soon when there is a peer to look at: a death rings no doorbell
+            left = timeout if peers is None else min(timeout, 0.01)
+            while mid not in responses:
                 if left <= 0:
                     raise RingError(errno.ETIMEDOUT, f"no response to message {mid:#x} "
                                                      f"(type {msg_type:#x}) from instance "
                                                      f"{target} within {timeout:g} s")
+                wait(left)
+                if mid in responses:
+                    break
+                now = time.monotonic()
+                left = deadline - now
                 if peers is not None:
                     if now >= next_look:         # every 2 ms, off the polling fast path
                         next_look = now + 0.002
                         if not peers.alive(to, incarnation):
                             raise RingError(errno.ESRCH, f"instance {to} halted while request "
                                                          f"{mid:#x} was pending")
-                    left = min(left, 0.01)       # look again soon: a death rings no doorbell
-                wait(left)
-            return self.responses.pop(mid).payload
+                    left = min(left, 0.01)
+            return responses.pop(mid).payload
         finally:
-            self.waiting.pop(mid, None)
-            self.responses.pop(mid, None)
+            waiting.pop(mid, None)
+            responses.pop(mid, None)
+
+    def _post_when_room(self, target: int, msg_type: int, mid: int, payload: Any,
+                        deadline: float, wait: Callable[[float], None]) -> int:
+        """A full ring is back pressure: send again until the deadline. A receiver drains a
+        slot in about a microsecond: look again soon, then less often (20 us doubling to
+        1 ms), not a whole millisecond at once."""
+        backoff = 20e-6
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RingError(errno.ENOSPC, f"instance {target}'s ring stayed full until the "
+                                              "request's deadline")
+            wait(min(left, backoff))
+            backoff = min(backoff * 2, 0.001)
+            try:
+                return self._post(target, msg_type, SUB_REQUEST, mid, payload)
+            except RingError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
 
     def deliver(self, msg_type: int, sender: int, cpu: int, data: bytes) -> bool:
         """Ring callback. False means no handler took it (the ring counts the drop). Runs

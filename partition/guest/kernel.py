@@ -41,6 +41,9 @@ __all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "RefuseResour
 
 #: how often the main loop checks its own ring's header (check_ring)
 RING_CHECK_S = 0.1
+#: the main loop's bookkeeping (its progress count, heartbeats, the ring check) runs at most
+#: this often: every iteration, it cost a poll-mode round trip a third of a microsecond
+CHORES_S = 0.001
 
 
 
@@ -130,6 +133,8 @@ class Kernel:
             sent_counter=(ctx.own.buf, ctx.own.base + S.OWN_IPI_SENT))
         self.messenger = self.endpoint.messenger
         self._deliver = self.messenger.deliver       # bound once: poll_ipis is the hot loop
+        # the C drain matches responses to our requests itself, as deliver would
+        self._replies = (self.messenger.waiting, self.messenger.responses)
         self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
         self.messenger.register(M.MK_EMU_FAULT, self._on_fault)
         for op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE, M.MK_MSG_MEM_ADD, M.MK_MSG_MEM_REMOVE,
@@ -321,10 +326,11 @@ class Kernel:
         except OSError:
             pass
 
-    def _wait_ipi(self, timeout: float) -> None:
-        """Wait for messages and deliver them. Callers have just drained, and each branch looks
-        at the ring before it waits (spin returns at once on a claimed slot, halt on a
-        published one), so there is no drain up front.
+    def _wait_ipi(self, timeout: float) -> int:
+        """Wait for messages and deliver them; returns how many slots it consumed (0: none
+        came). Callers have just drained, and each branch looks at the ring before it waits
+        (spin returns at once on a claimed slot, halt on a published one), so there is no
+        drain up front.
 
         A handler may wait too (a request from inside a handler): then this drains on from
         inside the outer drain, in ring order, and other handlers may run meanwhile, as they
@@ -337,31 +343,29 @@ class Kernel:
             self._in_drain = True
             try:
                 msgr = self.messenger
-                self.ring.poll(min(50.0, timeout * 1e6), self._deliver, 64, 1.0,
-                               None if msgr.waiting else msgr.handled, True)
+                return self.ring.poll(min(50.0, timeout * 1e6), self._deliver, 64, 1.0,
+                                      None if msgr.waiting else msgr.handled, True,
+                                      self._replies) or 0
             finally:
                 self._in_drain = outer
-            return
         if self.mode == "hybrid":
             if self.ring.spin(self.spin_us):
-                self._take()
-                return
+                return self._take()
             self.ring.set_polling(False)
             try:
                 rung = self.ring.pending() or self.idle(min(timeout, self.idle_timeout))
             finally:
                 self.ring.set_polling(True)
-            if rung:
-                self._take()
-            return
+            return self._take() if rung else 0
         # the emulated HLT and the drain after it in one call (Ring.halt): between a wake-up
         # and the work it brings there is no Python but the handlers' own
         outer = self._in_drain
         self._in_drain = True
         try:
             msgr = self.messenger
-            self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout), self._deliver,
-                           64, None if msgr.waiting else msgr.handled, 1.0, True)
+            return self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout),
+                                  self._deliver, 64, None if msgr.waiting else msgr.handled,
+                                  1.0, True, self._replies) or 0
         finally:
             self._in_drain = outer
 
@@ -375,7 +379,7 @@ class Kernel:
             # hush: no doorbells for what this drain takes anyway (it looks again before it
             # returns, so nothing is left unrung)
             return self.ring.drain(self._deliver, limit, 1.0,
-                                   None if msgr.waiting else msgr.handled, True)
+                                   None if msgr.waiting else msgr.handled, True, self._replies)
         finally:
             self._in_drain = outer
 
@@ -543,35 +547,53 @@ class Kernel:
         except OSError:
             pass
 
-    def _progress(self) -> None:
-        S.bump(self.ctx.own.buf, self._progress_at)
+    def _progress(self, laps: int = 1) -> None:
+        """Add ``laps`` main-loop iterations to the progress count in the own page (the
+        watchdog's sign of life; the loop adds its laps every ``CHORES_S``)."""
+        buf, at = self.ctx.own.buf, self._progress_at
+        S.U64.pack_into(buf, at, (S.U64.unpack_from(buf, at)[0] + laps) & 0xFFFFFFFFFFFFFFFF)
 
     def _force_halt_requested(self) -> bool:
         return self._peers[self._force_halt_at] != 0
 
     def run(self) -> None:
         """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and
-        call ``poll_ipis()``, or the host's SHUTDOWN is never seen and the halt is forced."""
+        call ``poll_ipis()``, or the host's SHUTDOWN is never seen and the halt is forced.
+
+        Each lap: deliver what waits, tick, the bookkeeping when due, then wait for messages
+        unless there is work. A wait that drained the ring (fewer than a batch) leaves
+        nothing for the next lap's drain, so that lap goes straight to ``tick``: in poll
+        mode an echo's lap is the wait, its handler and the tick."""
         hb = self.heartbeat_interval
-        while not self._halting and not self._force_halt_requested():
-            self._progress()
-            got = self.poll_ipis()
+        peers, force_at = self._peers, self._force_halt_at
+        laps = 0                    # iterations not yet added to the progress count
+        chores_at = 0.0
+        drained = False
+        while not self._halting and peers[force_at] == 0:
+            laps += 1
+            got = 0 if drained else self.poll_ipis()
+            drained = False
             busy = self.tick()
             now = time.monotonic()
-            if hb is not None and now >= self._next_heartbeat:
-                self._heartbeat(now)
-            if now >= self._next_ring_check:
-                self.check_ring(now)
+            if now >= chores_at:
+                chores_at = now + CHORES_S
+                self._progress(laps)
+                laps = 0
+                if hb is not None and now >= self._next_heartbeat:
+                    self._heartbeat(now)
+                if now >= self._next_ring_check:
+                    self.check_ring(now)
             agent = self.probes.agent
             if agent is not None and agent.active():
                 busy = agent.step() or busy
                 if busy or got:
                     continue
-                self._wait_ipi(agent.wait_hint(self.idle_timeout))
+                drained = 0 < self._wait_ipi(agent.wait_hint(self.idle_timeout)) < 64
                 continue
             if busy or got:
                 continue
-            self._wait_ipi(self.idle_timeout)
+            drained = 0 < self._wait_ipi(self.idle_timeout) < 64
+        self._progress(laps)
 
     def check_ring(self, now: float | None = None) -> bool:
         """Look at this instance's own ring header, which any peer can write: garbage there
