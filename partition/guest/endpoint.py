@@ -114,7 +114,7 @@ class Messenger:
         return mid
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
-                wait: Callable[[float], None]) -> Any:
+                wait: Callable[[float], object]) -> Any:
         """Send a request and wait for its response. The first wait comes straight after the
         send, with nothing between but the liveness token: in poll mode the answer is usually
         there after it, and the clock, the deadline and the 2 ms liveness look are read only
@@ -162,7 +162,7 @@ class Messenger:
             responses.pop(mid, None)
 
     def _post_when_room(self, target: int, msg_type: int, mid: int, payload: Any,
-                        deadline: float, wait: Callable[[float], None]) -> int:
+                        deadline: float, wait: Callable[[float], object]) -> int:
         """A full ring is back pressure: send again until the deadline. A receiver drains a
         slot in about a microsecond: look again soon, then less often (20 us doubling to
         1 ms), not a whole millisecond at once."""
