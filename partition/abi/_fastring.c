@@ -54,6 +54,7 @@
 #define RING_HEADER_BYTES 256
 #define SLOT_HEADER 32
 #define ABANDONED UINT64_MAX
+#define REROUTE (-3)            /* a Port's answer: its peer entry names another incarnation */
 
 static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, uint64_t *stride,
                      uint64_t *slot_bytes)
@@ -386,6 +387,7 @@ struct drain_state {
     uint32_t drop_tag[8], drop_type[8], drop_n[8];      /* unhandled, per (sender, type) */
     PyObject *deliver, *out;                 /* one of them: a callback, or a list to fill */
     PyObject *waiting, *responses;           /* replies: matched here, not delivered */
+    PyObject *handlers, *ports, *after;      /* requests: dispatched here (see dispatch) */
     PyObject *et, *ev, *tb;                  /* the first Exception a handler raised */
     long delivered;
 };
@@ -396,6 +398,7 @@ static PyTypeObject *message_type = NULL;
 static PyObject *payload_fallback = NULL;
 static PyObject *payload_pack = NULL;       /* Port.message: a payload not encoded here */
 static int take_reply(struct drain_state *d, PyObject **row, uint32_t type);
+static int dispatch(struct drain_state *d, PyObject **row, uint32_t type);
 
 /* One pass over the ring: up to ``room`` slots, in order. Each slot is copied out, zeroed,
  * tail moves past it and it is counted, and only then is it handed over (appended to the
@@ -411,10 +414,13 @@ static long consume(struct drain_state *d, long room, int *more)
     long done;
     for (done = 0; done < room; done++) {
         uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
-        if (t == __atomic_load_n(head, __ATOMIC_ACQUIRE))
-            break;
         char *slot = base + RING_HEADER_BYTES + (t % d->nslots) * d->stride;
+        /* the slot first, head only when it is not published: a receiver that read head for
+         * every message pulled the senders' line to its core between their claims (a stream
+         * ran at two thirds of its speed once the receiver kept up) */
         uint64_t size = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE);
+        if (size == 0 && t == __atomic_load_n(head, __ATOMIC_ACQUIRE))
+            break;
         uint64_t ticket = *(volatile uint64_t *)(slot + S_TICKET);
         uint32_t sender = *(volatile uint32_t *)(slot + S_SENDER);
         if (size == 0 || size == ABANDONED || size > d->slot_bytes || ticket != t || sender == 0) {
@@ -476,7 +482,9 @@ static long consume(struct drain_state *d, long room, int *more)
         /* A handler's Exception waits until the rest of the pass is delivered, then is raised;
          * a BaseException (a kernel panic, an exit) is raised at once, the rest left in the
          * ring. */
-        PyObject *r = PyObject_Vectorcall(d->deliver, row, 4, NULL);
+        int here = d->handlers != NULL ? dispatch(d, row, type) : 0;
+        PyObject *r = here > 0 ? Py_NewRef(Py_True) : here < 0 ? NULL
+                      : PyObject_Vectorcall(d->deliver, row, 4, NULL);
         for (int k = 0; k < 4; k++)
             Py_DECREF(row[k]);
         if (r == NULL) {
@@ -538,6 +546,74 @@ static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
     return rc;
 }
 
+
+/* Messages with a handler, dispatched in C (Messenger.deliver's body, which the careful path
+ * and every other case still use): with ``replies`` = (waiting, responses, handlers, ports,
+ * after), a well-formed message whose type has a handler is decoded here, the handler called,
+ * and a request's answer written by the sender's Port straight into its ring. Anything else
+ * (no handler, no Port for the sender) is left to deliver (0). A Port that cannot send the
+ * answer as it is (REROUTE, a refusal, a doorbell it could not ring) hands it to
+ * ``after(sender, rc, type, id, result)``, the Endpoint's slow path. Returns 1 (done), 0 (left
+ * to deliver), -1 (an exception, raised by the handler or its answer: as from deliver). */
+static PyObject *port_message(PyObject *p, PyObject *const *args, Py_ssize_t nargs);
+static PyTypeObject PortType;
+static PyObject *sub_response = NULL;       /* PyLong SUB_RESPONSE, made once */
+#define SUB_REQUEST 0x40000000u
+
+static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
+{
+    PyObject *handler = PyDict_GetItemWithError(d->handlers, row[0]);
+    if (handler == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *dargs[3] = {row[3], row[1], row[2]};
+    PyObject *msg = fr_decode(NULL, dargs, 3);
+    if (msg == NULL)
+        return -1;
+    if (msg == Py_None || PyLong_AsUnsignedLong(PyTuple_GET_ITEM(msg, 0)) != type) {
+        Py_DECREF(msg);                      /* a slot that lies about its message: consumed */
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    uint32_t sub = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(msg, 1));
+    Py_INCREF(handler);                      /* (the handler may unregister itself) */
+    PyObject *result = PyObject_CallOneArg(handler, msg);
+    Py_DECREF(handler);
+    if (result == NULL) {
+        Py_DECREF(msg);
+        return -1;
+    }
+    int rc = 1;
+    if (sub & SUB_REQUEST) {
+        PyObject *mid = PyTuple_GET_ITEM(msg, 2);
+        PyObject *port = PyDict_GetItemWithError(d->ports, row[1]);
+        long sent = REROUTE;
+        if (port != NULL && Py_IS_TYPE(port, &PortType)) {
+            PyObject *margs[4] = {row[0], sub_response, mid, result};
+            Py_INCREF(port);
+            PyObject *got = port_message(port, margs, 4);
+            Py_DECREF(port);
+            if (got == NULL)
+                rc = -1;                     /* the answer cannot be encoded: as from deliver */
+            else {
+                sent = PyLong_AsLong(got);
+                Py_DECREF(got);
+            }
+        } else if (PyErr_Occurred())
+            rc = -1;
+        if (rc > 0 && sent != 0) {
+            PyObject *code = PyLong_FromLong(sent);
+            PyObject *argv[5] = {row[1], code, row[0], mid, result};
+            PyObject *done = code != NULL ? PyObject_Vectorcall(d->after, argv, 5, NULL) : NULL;
+            Py_XDECREF(code);
+            if (done == NULL)
+                rc = -1;
+            Py_XDECREF(done);
+        }
+    }
+    Py_DECREF(result);
+    Py_DECREF(msg);
+    return rc;
+}
+
 /* is the slot at tail published (a reason to drain on)? */
 static int tail_published(struct drain_state *d)
 {
@@ -559,15 +635,24 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     d.deliver = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
     if (d.deliver != NULL && nargs == 9 && args[8] != Py_None) {
-        if (!PyTuple_Check(args[8]) || PyTuple_GET_SIZE(args[8]) != 2
-                || !PyDict_Check(PyTuple_GET_ITEM(args[8], 0))
-                || !PyDict_Check(PyTuple_GET_ITEM(args[8], 1)) || message_type == NULL) {
-            PyErr_SetString(PyExc_TypeError, "replies: (waiting, responses), two dicts, after "
-                                             "configure()");
+        PyObject *t = args[8];
+        Py_ssize_t n = PyTuple_Check(t) ? PyTuple_GET_SIZE(t) : 0;
+        if ((n != 2 && n != 5) || !PyDict_Check(PyTuple_GET_ITEM(t, 0))
+                || !PyDict_Check(PyTuple_GET_ITEM(t, 1)) || message_type == NULL
+                || (n == 5 && (!PyDict_Check(PyTuple_GET_ITEM(t, 2))
+                               || !PyDict_Check(PyTuple_GET_ITEM(t, 3))
+                               || !PyCallable_Check(PyTuple_GET_ITEM(t, 4))))) {
+            PyErr_SetString(PyExc_TypeError, "replies: (waiting, responses[, handlers, ports, "
+                                             "after]), dicts and a callable, after configure()");
             return NULL;
         }
-        d.waiting = PyTuple_GET_ITEM(args[8], 0);
-        d.responses = PyTuple_GET_ITEM(args[8], 1);
+        d.waiting = PyTuple_GET_ITEM(t, 0);
+        d.responses = PyTuple_GET_ITEM(t, 1);
+        if (n == 5) {
+            d.handlers = PyTuple_GET_ITEM(t, 2);
+            d.ports = PyTuple_GET_ITEM(t, 3);
+            d.after = PyTuple_GET_ITEM(t, 4);
+        }
     }
     int hush = d.deliver != NULL && nargs >= 8 && PyObject_IsTrue(args[7]) == 1;
     if (ring_args(args, &buf, &d.nslots, &d.stride, &d.slot_bytes) < 0)
@@ -694,6 +779,38 @@ static PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 }
 
 
+/* A poller's spin: until the slot at tail is published, at most ``usec`` microseconds. It
+ * watches the slot, not head: head's line is the senders', and a receiver reading it between
+ * their claims moved it to its own core and back for every message; the slot's line has to
+ * come over once anyway, with the message in it. A claim not yet published (or abandoned) also
+ * ends the spin, seen on the slower look at head every 64 turns, when the clock is read. */
+static int spin_published(char *base, uint64_t nslots, uint64_t stride, double usec)
+{
+    uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
+    uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+    volatile uint64_t *size = (volatile uint64_t *)(base + RING_HEADER_BYTES + (t % nslots) * stride
+                                                    + S_SIZE);
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_nsec += (long)(usec * 1000.0);
+    end.tv_sec += end.tv_nsec / 1000000000L;
+    end.tv_nsec %= 1000000000L;
+    for (unsigned i = 0;; i++) {
+        if (__atomic_load_n(size, __ATOMIC_ACQUIRE) != 0)
+            return 1;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if ((i & 63) == 63) {
+            if (__atomic_load_n(head, __ATOMIC_ACQUIRE) != t)
+                return 1;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
+                return 0;
+        }
+    }
+}
+
 /* poll(ring, nslots, stride, slot_bytes, usec, limit, handled, deliver, hush[, replies])
  *      -> drain's answer, or None when nothing came within ``usec``
  * A poll-mode receiver's wait and the drain after it in one call: spin as ``spin`` does, then
@@ -705,12 +822,15 @@ static PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "poll takes 9 or 10 arguments");
         return NULL;
     }
-    PyObject *spin_args[2] = {args[0], args[4]};
-    PyObject *got = fr_spin(self, spin_args, 2);
-    if (got == NULL)
+    double usec = PyFloat_AsDouble(args[4]);
+    if (usec == -1.0 && PyErr_Occurred())
         return NULL;
-    int any = got == Py_True;
-    Py_DECREF(got);
+    Py_buffer buf;
+    uint64_t nslots, stride, slot_bytes;
+    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
+        return NULL;
+    int any = spin_published((char *)buf.buf, nslots, stride, usec);
+    PyBuffer_Release(&buf);
     if (!any)
         Py_RETURN_NONE;
     PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[5], args[6], args[7],
@@ -930,7 +1050,6 @@ static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * mk_message header and the payload straight into the slot: bytes as msgpack bin, None, small
  * ints and booleans here, anything else through the configured packer. Answers as send: an
  * errno, 0, or the doorbell it could not ring (-1, -2), or REROUTE. */
-#define REROUTE (-3)
 
 typedef struct {
     PyObject_HEAD
@@ -1084,8 +1203,9 @@ static PyObject *port_call(Port *p, PyObject *const *args, size_t nargsf, PyObje
 /* message(type, sub, id, payload): the mk_message (message.py HEADER "<IIQI", then the msgpack
  * payload) written into the slot. The forms encoded here are byte for byte what msgpack's
  * Packer(use_bin_type=True) writes; the decode in this file reads the same ones back. */
-static PyObject *port_message(Port *p, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *port_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    Port *p = (Port *)self;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "message(msg_type, subtype, msg_id, payload)");
         return NULL;
@@ -1233,6 +1353,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastring", NULL, -1
 PyMODINIT_FUNC PyInit__fastring(void)
 {
     if (PyType_Ready(&PortType) < 0)
+        return NULL;
+    if (sub_response == NULL && (sub_response = PyLong_FromUnsignedLong(SUB_RESPONSE)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -493,6 +493,21 @@ class Ring:
             return None
         return self.drain(deliver, limit, abandon_after, handled, hush)
 
+    def poller(self) -> Callable[..., Any] | None:
+        """``poll``'s C half with the ring bound once, for a poller's hot wait:
+        ``f(usec, limit, handled, deliver, hush, replies)`` answers as _fastring.poll does (None,
+        or drain's (delivered, more, consumed); with ``more`` the caller goes on with
+        ``finish``). None without the C ring."""
+        if _fast is None:
+            return None
+        return functools.partial(_fast.poll, self.buf, self.nslots, self.stride, self.slot_bytes)
+
+    def finish(self, fast: tuple[int, int, int], limit: int, handled: bytes | bytearray | None,
+               deliver: Callable[[int, int, int, bytes], bool],
+               abandon_after: float = 1.0) -> int:
+        """After a C drain that stopped at a slot it leaves to the careful path: go on there."""
+        return self._rest(fast, limit, abandon_after, handled, deliver)
+
     def pending(self) -> bool:
         t = self.tail
         return t != self.head and self._u64(self._slot(t) + S_SIZE) != 0

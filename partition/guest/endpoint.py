@@ -259,6 +259,26 @@ class Endpoint:
             self.ring_of(target).refuse(rc, len(encode(msg_type, subtype, msg_id, payload)))
         ring_by_hand(self._senders[target][2])
 
+    def drain_state(self) -> tuple[Any, ...]:
+        """What a C drain needs to match replies and dispatch messages itself (_fastring.c,
+        take_reply and dispatch): the Messenger's waiting, responses and handlers, the Ports,
+        and the slow path for an answer a Port could not send."""
+        m = self.messenger
+        return (m.waiting, m.responses, m.handlers, self._ports, self._answer_after)
+
+    def _answer_after(self, target: int, rc: int, msg_type: int, msg_id: int,
+                      result: Any) -> None:
+        """An answer the C dispatch's Port could not send as it was: routed afresh (REROUTE),
+        or the refusal counted, or the doorbell rung by hand; as Messenger.deliver, a refused
+        answer is given up (the requester times out)."""
+        try:
+            if rc == REROUTE:
+                self.post(target, msg_type, encode(msg_type, SUB_RESPONSE, msg_id, result))
+            else:
+                self._settle(target, rc, msg_type, SUB_RESPONSE, msg_id, result)
+        except RingError:
+            pass
+
     def post(self, target: int, msg_type: int, data: bytes) -> int:
         """Route, bind if need be, send ``data``: the bound send rings the doorbell itself (C),
         so nothing in Python stands between a publish and its doorbell. Returns the id the

@@ -133,8 +133,9 @@ class Kernel:
             sent_counter=(ctx.own.buf, ctx.own.base + S.OWN_IPI_SENT))
         self.messenger = self.endpoint.messenger
         self._deliver = self.messenger.deliver       # bound once: poll_ipis is the hot loop
-        # the C drain matches responses to our requests itself, as deliver would
-        self._replies = (self.messenger.waiting, self.messenger.responses)
+        # the C drain matches responses to our requests and dispatches handled messages itself,
+        # as deliver would (deliver stays the careful path's)
+        self._replies = self.endpoint.drain_state()
         self.messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
         self.messenger.register(M.MK_EMU_FAULT, self._on_fault)
         for op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE, M.MK_MSG_MEM_ADD, M.MK_MSG_MEM_REMOVE,
@@ -148,6 +149,7 @@ class Kernel:
         self.ring = self.endpoint.ring_of(ctx.id)
         self.ring.set_mode(self.mode)
         self.ring.set_polling(self.mode != "interrupt")
+        self._poller = self.ring.poller()       # poll and hybrid: spin and drain, one C call
         self._next_heartbeat = time.monotonic() + (self.heartbeat_interval or 0)  # one interval in
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
@@ -339,18 +341,11 @@ class Kernel:
         if self.mode == "poll":
             # spin on the ring's head, bounded so that the caller's loop (deadlines, halting,
             # heartbeats) still comes round at least every 50 us; then drain, in the same call
-            outer = self._in_drain
-            self._in_drain = True
-            try:
-                msgr = self.messenger
-                return self.ring.poll(min(50.0, timeout * 1e6), self._deliver, 64, 1.0,
-                                      None if msgr.waiting else msgr.handled, True,
-                                      self._replies) or 0
-            finally:
-                self._in_drain = outer
+            return self._spin_take(min(50.0, timeout * 1e6)) or 0
         if self.mode == "hybrid":
-            if self.ring.spin(self.spin_us):
-                return self._take()
+            took = self._spin_take(self.spin_us)
+            if took is not None:
+                return took
             self.ring.set_polling(False)
             try:
                 rung = self.ring.pending() or self.idle(min(timeout, self.idle_timeout))
@@ -366,6 +361,24 @@ class Kernel:
             return self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout),
                                   self._deliver, 64, None if msgr.waiting else msgr.handled,
                                   1.0, True, self._replies) or 0
+        finally:
+            self._in_drain = outer
+
+    def _spin_take(self, usec: float) -> int | None:
+        """Spin up to ``usec`` microseconds for a message, then drain: None if none came."""
+        outer = self._in_drain
+        self._in_drain = True
+        try:
+            msgr = self.messenger
+            handled = None if msgr.waiting else msgr.handled
+            poller = self._poller
+            if poller is None:
+                return self.ring.poll(usec, self._deliver, 64, 1.0, handled, True,
+                                      self._replies)
+            got = poller(usec, 64, handled, self._deliver, True, self._replies)
+            if got is None or not got[1]:
+                return got and got[2]
+            return self.ring.finish(got, 64, handled, self._deliver)
         finally:
             self._in_drain = outer
 
