@@ -606,7 +606,8 @@ class Kernel:
             if busy or got:
                 continue
             drained = 0 < self._wait_ipi(self.idle_timeout) < 64
-        self._progress(laps)
+        # (the laps since the last bookkeeping are not added: the loop is over, and the count
+        # stays what it was last seen as, whatever the kernel wrote there)
 
     def check_ring(self, now: float | None = None) -> bool:
         """Look at this instance's own ring header, which any peer can write: garbage there
