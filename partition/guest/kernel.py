@@ -573,7 +573,7 @@ class Kernel:
         """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and
         call ``poll_ipis()``, or the host's SHUTDOWN is never seen and the halt is forced.
 
-        Each lap: deliver what waits, tick, the bookkeeping when due, then wait for messages
+        Each lap: deliver what waits, the bookkeeping when due, tick, then wait for messages
         unless there is work. A wait that drained the ring (fewer than a batch) leaves
         nothing for the next lap's drain, so that lap goes straight to ``tick``: in poll
         mode an echo's lap is the wait, its handler and the tick."""
@@ -586,7 +586,6 @@ class Kernel:
             laps += 1
             got = 0 if drained else self.poll_ipis()
             drained = False
-            busy = self.tick()
             now = time.monotonic()
             if now >= chores_at:
                 chores_at = now + CHORES_S
@@ -596,6 +595,7 @@ class Kernel:
                     self._heartbeat(now)
                 if now >= self._next_ring_check:
                     self.check_ring(now)
+            busy = self.tick()
             agent = self.probes.agent
             if agent is not None and agent.active():
                 busy = agent.step() or busy
