@@ -50,6 +50,23 @@ def test_thousands_of_round_trips_between_instances_lose_nothing(machine, mode):
     assert c["ipi_received"] == n and c["ipi_dropped_bad_size"] == 0
 
 
+@pytest.mark.parametrize("batch", [1, 32])
+def test_a_stream_arrives_whole_sent_one_by_one_or_in_batches(machine, batch):
+    """``send_many`` (a Port publishing a batch in one call) against a ring of 64 slots: 3001
+    messages, far more than fit, so batches are cut short by back pressure and resumed; the
+    echo counts every one."""
+    from kernels.echo import RESULTS, read_results
+    echo = up(machine, "echo", "kernels.echo:EchoKernel", "mk_mode=hybrid")
+    up(machine, "stream", "kernels.echo:EchoKernel",
+       f"role=stream target={echo['id']} count=3001 batch={batch} mk_mode=hybrid", cpu=CPUS[0])
+    wait_until(machine, lambda: read_results(machine.read_memory("stream", 0, RESULTS.size))[0]
+               or machine.show("stream")["state"] != "active", timeout=60)
+    assert read_results(machine.read_memory("stream", 0, RESULTS.size))[1] == 3001, \
+        machine.console("stream")[-600:]
+    c = machine.show("echo")["counters"]
+    assert c["ipi_received"] == 3002 and c["ipi_dropped_bad_size"] == 0   # and the COUNT
+
+
 def test_order_per_sender_and_no_loss_with_concurrent_senders(machine):
     up(machine, "sink", IPI + ":Collector", cpu=CPUS[-1], memory="4M")
     sink_id = machine.show("sink")["id"]

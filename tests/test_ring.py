@@ -501,3 +501,25 @@ def test_a_drain_matches_replies_as_deliver_would(rg, impl):
     assert m.responses[11].sender == 2
     assert len(delivered) == (1 if impl == "c" else 6)      # only the request, in C
     assert rg.counters()["received"] == 6
+
+
+def test_a_port_sends_a_batch_in_order_until_the_ring_is_full(big_ring):
+    from partition.abi.message import decode
+    port = a_port(big_ring)
+    assert port.messages(0x4001, 0, 100, [b"a", None, 7]) == (3, 0)
+    got = [decode(p, s, c) for _, s, c, p in drain_all(big_ring)]
+    assert [(m.msg_id, m.payload) for m in got] == [(100, b"a"), (101, None), (102, 7)]
+    sent, rc = port.messages(0x4001, 0, 200, [b"x"] * 20)     # 8 slots, 7 for one sender
+    assert (sent, rc) == (7, errno.ENOSPC)
+    assert len(drain_all(big_ring)) == 7
+    with pytest.raises(TypeError):
+        port.messages(0x4001, 0, 1, 5)                        # not a sequence
+    assert port.messages(0x4001, 0, 1, []) == (0, 0)
+
+
+def test_a_batch_to_a_stale_port_sends_nothing(big_ring):
+    peers = bytearray(64)
+    struct.pack_into("<II", peers, 8, 5, 1)
+    port = a_port(big_ring, memoryview(peers).toreadonly(), state=5, pid=2)
+    assert port.messages(0x4001, 0, 1, [b"a", b"b"]) == (0, ring.REROUTE)
+    assert drain_all(big_ring) == []

@@ -6,9 +6,10 @@ Roles (cmdline ``role=``):
   messages of type ``STREAM`` are counted; a ``COUNT`` request returns the count.
 - ``ping target=N count=K size=B``: K round trips to instance N, each timed; results go to the
   partition (see ``RESULTS``), then the kernel idles.
-- ``stream target=N count=K size=B``: K one-way messages as fast as the ring accepts them
-  (ENOSPC is back pressure: drain, then retry), then a COUNT request; the elapsed time and the
-  count go to the partition.
+- ``stream target=N count=K size=B batch=M``: K one-way messages as fast as the ring accepts
+  them, M to a ``send_many`` call (default 32; 1: a ``send`` each); a full ring is back
+  pressure (drain, then retry); then a COUNT request; the elapsed time and the count go to the
+  partition.
 
 Partition layout of a result: u32 magic 'ECHO', u32 done, u64 n, f64 elapsed_s, then n f64
 round-trip times in microseconds.
@@ -43,6 +44,7 @@ class EchoKernel(Kernel):
             self.target = int(p["target"])
             self.count = int(p.get("count", "10000"))
             self.payload = b"x" * int(p.get("size", "64"))
+            self.batch = max(1, int(p.get("batch", "32")))
         self.printk(f"echo kernel: role {self.role}, mode {self.mode}, CPUs {self.cpus}")
 
     def _on_stream(self, msg: Message) -> None:
@@ -70,18 +72,30 @@ class EchoKernel(Kernel):
         RESULTS.pack_into(out, 0, MAGIC, 1, self.count, time.perf_counter() - t_all)
 
     def _stream(self) -> None:
+        """``batch`` messages to a ``send_many`` call (cmdline ``batch=``, default 32; 1: one
+        ``send`` each); a full ring is back pressure: drain, then send the rest."""
         sent = 0
         full = 0
         t0 = time.perf_counter()
+        batch = [self.payload] * self.batch
         while sent < self.count:
-            try:
-                self.send(self.target, STREAM, self.payload)
-                sent += 1
-            except RingError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                full += 1
-                self.poll_ipis()
+            if self.batch == 1:
+                try:
+                    self.send(self.target, STREAM, self.payload)
+                    sent += 1
+                    continue
+                except RingError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+            else:
+                left = self.count - sent
+                n = self.send_many(self.target, STREAM, batch if left >= self.batch
+                                   else batch[:left])
+                sent += n
+                if n == min(left, self.batch):
+                    continue
+            full += 1
+            self.poll_ipis()
         got = self.request(self.target, COUNT, None, timeout=30.0)
         elapsed = time.perf_counter() - t0
         RESULTS.pack_into(self.memory, 0, MAGIC, 1, int(got), elapsed)

@@ -80,10 +80,14 @@ class Messenger:
     """Handlers and pending requests of one endpoint (an instance or the host)."""
 
     def __init__(self, self_id: int, post: Callable[[int, int, int, int, Any], int],
-                 directory: PeerDirectory | None = None) -> None:
+                 directory: PeerDirectory | None = None,
+                 post_many: Callable[[int, int, int, list[Any]], tuple[int, int]] | None = None
+                 ) -> None:
         self.self_id = self_id
         # post(target, msg_type, subtype, msg_id, payload) -> the id it reached (a standby's)
         self._post = post
+        # post_many(target, msg_type, first_id, payloads) -> (the id they reached, how many)
+        self._post_many = post_many or self.post_each
         # is the incarnation that got our request still there? A request to a peer that dies
         # meanwhile then fails with ESRCH at once, not at timeout.
         self._directory = directory
@@ -112,6 +116,25 @@ class Messenger:
         mid = next(self._ids) if msg_id is None else msg_id
         self.last_target = self._post(target, msg_type, subtype, mid, payload)
         return mid
+
+    def post_each(self, target: int, msg_type: int, first_id: int,
+                    payloads: list[Any]) -> tuple[int, int]:
+        to = target
+        for i, payload in enumerate(payloads):
+            try:
+                to = self._post(target, msg_type, 0, first_id + i, payload)
+            except RingError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return to, i
+        return to, len(payloads)
+
+    def send_many(self, target: int, msg_type: int, payloads: list[Any]) -> int:
+        """One-way messages, in order, until the ring is full: how many went."""
+        first = next(self._ids)
+        self._ids = itertools.count(first + max(1, len(payloads)))
+        self.last_target, sent = self._post_many(target, msg_type, first, payloads)
+        return sent
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
                 wait: Callable[[float], object]) -> Any:
@@ -225,7 +248,7 @@ class Endpoint:
         #: target -> its Port, for the sends that need no routing: the peer entry it checks
         #: still names the incarnation it was bound for (instances only; the host routes)
         self._ports: dict[int, Any] = {}
-        self.messenger = Messenger(self_id, self.post_message, directory)
+        self.messenger = Messenger(self_id, self.post_message, directory, self.post_many)
 
     def ring_of(self, target: int) -> Ring:
         ring = self._rings.get(target)
@@ -258,6 +281,30 @@ class Endpoint:
             self.directory.refused(rc)
             self.ring_of(target).refuse(rc, len(encode(msg_type, subtype, msg_id, payload)))
         ring_by_hand(self._senders[target][2])
+
+    def post_many(self, target: int, msg_type: int, first_id: int,
+                  payloads: list[Any]) -> tuple[int, int]:
+        """Send ``payloads`` as one-way messages with ids from ``first_id`` on, in order, until
+        the ring is full: (the id they reached, how many went). With a Port, one C call
+        publishes each in turn; otherwise (or when the target must be routed afresh) one
+        ``post_message`` each."""
+        port = self._ports.get(target)
+        sent = 0
+        if port is not None:
+            sent, rc = port.messages(msg_type, 0, first_id, payloads)
+            if rc == 0:
+                return target, sent
+            if rc == errno.ENOSPC:                  # back pressure: the caller sends the rest
+                self.directory.refused(rc)
+                return target, sent
+            if rc > 0:                              # raises, as a single send would
+                self._settle(target, rc, msg_type, 0, first_id + sent, payloads[sent])
+            if rc != REROUTE:                       # sent, but its doorbell was not rung
+                ring_by_hand(self._senders[target][2])
+                return target, sent
+        to, more = self.messenger.post_each(target, msg_type, first_id + sent,
+                                              payloads[sent:])
+        return to, sent + more
 
     def drain_state(self) -> tuple[Any, ...]:
         """What a C drain needs to match replies and dispatch messages itself (_fastring.c,

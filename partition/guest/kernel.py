@@ -309,6 +309,14 @@ class Kernel:
 
     send = send_ipi_data
 
+    def send_many(self, target: int, msg_type: int, payloads: list[Any]) -> int:
+        """Send one message per payload to ``target``, in order, as far as its ring has room;
+        returns how many went (the rest: retry them after draining, as after ENOSPC). Each
+        message is published as soon as it is written, as ``send`` would; the batch saves the
+        Python of a call per message (a stream's sender). Raises RingError with ESRCH
+        (target not active) or EMSGSIZE (a payload too large: those before it went)."""
+        return self.messenger.send_many(target, msg_type, payloads)
+
     def request(self, target: int, msg_type: int, payload: Any = None,
                 timeout: float = 10.0) -> Any:
         """Send a request and wait for its response (RingError ETIMEDOUT after ``timeout``)."""
