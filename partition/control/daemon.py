@@ -153,6 +153,7 @@ class Daemon:
 
     def __init__(self, machine: Machine) -> None:
         self.m = machine
+        machine.defer_state = True      # written after each verb and each turn (flush_state)
         self.ops = _ops(machine)
         self.path = os.path.join(machine.run_dir, rundir.SOCKET)
         if len(self.path.encode()) > 107:
@@ -206,6 +207,7 @@ class Daemon:
                 timeout = max(0.0, t) if timeout is None else min(timeout, max(0.0, t))
         events = self.sel.select(timeout)
         self.m.poll(0)                  # deaths, doorbells and the machine's timers
+        self.m.flush_state()
         for key, mask in events:
             if key.data == "listen":
                 self._accept()
@@ -298,6 +300,7 @@ class Daemon:
             reply = self.dispatch(conn.request)
         finally:
             self.busy = outer
+        self.m.flush_state()            # what the verb changed is on disk before its reply
         if conn.sock.fileno() in self.conns:
             self._reply(conn, reply)
 
@@ -442,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a crash of the host: its instances run on, for a new host to adopt (adoption.py)
         machine.events.error("host_crashed", error=repr(exc), traceback=traceback.format_exc())
+        try:
+            machine.flush_state()
+        except Exception:
+            pass
         os._exit(70)
     # the last reply ("shutdown") was already sent; now halt everything and clean up
     sup.close()

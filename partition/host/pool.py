@@ -97,11 +97,14 @@ class ResourcePool:
         #: regions added at run time (overlay memory-add), oldest first: name -> [(offset, bytes)]
         self.extra: dict[str, list[tuple[int, int]]] = {}
         self.ids: dict[int, str] = {}
+        # bytes reserved, kept as regions come and go: the pool's fields are in the views of
+        # every change, and summing the regions there made each change O(N log N)
+        self._used = 0
 
     # -- queries ---------------------------------------------------------------------------
     @property
     def memory_used(self) -> int:
-        return sum(n for _, n in self.taken())
+        return self._used
 
     def taken(self) -> list[tuple[int, int]]:
         """Every reserved range of the pool (pool-relative offset, bytes), sorted."""
@@ -223,6 +226,8 @@ class ResourcePool:
     def commit(self, r: Reservation) -> None:
         for c in r.cpus:
             self.cpu_users[c].append(r.name)
+        old = self.regions.get(r.name)
+        self._used += r.memory_bytes - (old[1] if old else 0)
         self.regions[r.name] = (r.memory_offset, r.memory_bytes)
         self.ids[r.id] = r.name
 
@@ -230,8 +235,8 @@ class ResourcePool:
         for c in cpus:
             if name in self.cpu_users.get(c, []):
                 self.cpu_users[c].remove(name)
-        self.regions.pop(name, None)
-        self.extra.pop(name, None)
+        region = self.regions.pop(name, None)
+        self._used -= (region[1] if region else 0) + sum(n for _, n in self.extra.pop(name, []))
         self.ids.pop(instance_id, None)
 
     # -- runtime changes (host/resize.py): each checked by the caller's plan first ---------
@@ -265,10 +270,12 @@ class ResourcePool:
 
     def add_range(self, name: str, offset: int, nbytes: int) -> None:
         self.extra.setdefault(name, []).append((offset, nbytes))
+        self._used += nbytes
 
     def remove_range(self, name: str, offset: int, nbytes: int) -> None:
         ranges = self.extra.get(name, [])
         ranges.remove((offset, nbytes))
+        self._used -= nbytes
         if not ranges:
             self.extra.pop(name, None)
 
