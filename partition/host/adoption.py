@@ -137,14 +137,17 @@ def _state_record(inst: Instance) -> str:
 def save_state(m: Machine, changed: list[Instance] | None = None) -> None:
     """Everything a new host needs to adopt this machine's instances, written atomically.
     With ``changed``, only those instances' records are encoded again (the others are as they
-    were at their last change); the file is written from the cached records in pieces."""
+    were at their last change; a deleted one's is dropped); the file is written from the cached
+    records in pieces."""
     cache = m.state_records
-    if changed is not None and all(i.name in m.instances and i.name in cache for i in changed):
-        for inst in changed:
+    if changed is None or len(cache) < len(m.instances) - len(changed):
+        cache.clear()                   # (a first write, or an adoption: every record)
+        changed = list(m.instances.values())
+    for inst in changed:
+        if m.instances.get(inst.name) is inst:
             cache[inst.name] = _state_record(inst)
-    else:
-        cache.clear()
-        cache.update((inst.name, _state_record(inst)) for inst in m.instances.values())
+        else:
+            cache.pop(inst.name, None)  # deleted
     cfg = m.config
     head = json.dumps({
         "version": STATE_VERSION, "arena": m.arena.shm_name, "host_pid": os.getpid(),

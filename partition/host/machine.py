@@ -839,14 +839,16 @@ class Machine:
                 adoption.save_state(self, [inst] if inst is not None else None)
 
     def flush_state(self) -> None:
-        """Write the state file for the changes published since the last write (with
-        ``defer_state``). The daemon calls it after each verb, before its reply goes out, and
-        after each turn of its loop: a boot publishes three or four changes, and at 511
-        instances each write of the file was half a megabyte."""
+        """Write the state file for the changes published since the last write, and the
+        ``kimage`` and ``iomem`` views (with ``defer_state``; all three are whole tables).
+        The daemon calls it after each verb, before its reply goes out, and after each turn
+        of its loop: a boot publishes three or four changes, and at 511 instances each write
+        of the state file was half a megabyte."""
+        self.views.flush()
         dirty, self._state_dirty = self._state_dirty, []
-        if dirty and self.survive_host:
-            adoption.save_state(self, None if None in dirty else
-                                list({i.name: i for i in dirty if i is not None}.values()))
+        if dirty and self.survive_host:     # (None: the machine itself changed; the head is
+            adoption.save_state(self, list({i.name: i for i in dirty    # written every time)
+                                            if i is not None}.values()))
 
     def _pool_fields(self) -> dict[str, Any]:
         cfg = self.config
@@ -887,4 +889,5 @@ class Machine:
             for i in self.instances.values():
                 v.instance(self._view_fields(i))
         v.overlays([t.to_dict() for t in self.overlays.visible()])
-        v.flush()
+        if not self.defer_state:        # (else once per verb and turn: flush_state)
+            v.flush()
