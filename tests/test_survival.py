@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 
+from partition.host import adoption
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINGPONG = os.path.join(HERE, "kernels", "pingpong.py")
 MKCTL = [sys.executable, "-m", "partition.control.cli"]
@@ -131,13 +133,12 @@ def test_adoption_never_takes_a_process_that_is_not_the_instance(run_dir):
     impostor = subprocess.Popen(["sleep", "60"])
     try:
         kill_supervisor(run_dir)
-        state_file = os.path.join(run_dir, "machine.json")
-        state = json.load(open(state_file))
+        state = adoption.read_state(run_dir)
         real = next(i for i in state["instances"] if i["name"] == "c")["pid"]
         for rec in state["instances"]:
             if rec["name"] == "c":
                 rec["pid"] = impostor.pid
-        json.dump(state, open(state_file, "w"))
+        adoption.write_state(run_dir, state)
         mk(run_dir, "adopt")
         c = next(i for i in show(run_dir)["instances"] if i["name"] == "c")
         assert c["state"] == "failed" and "not adopted" in c["failure"]

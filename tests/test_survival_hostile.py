@@ -126,9 +126,8 @@ class Abandoned:
         self.before = c.call("show")
         self.pids = {i["name"]: i["pid"] for i in self.before["instances"] if i["pid"]}
         self.crash()
-        if os.path.exists(self.state_file):
-            with open(self.state_file) as f:
-                self.state = json.load(f)
+        self.state = adoption.read_state(self.run_dir)
+        if self.state is not None:
             self.bases = dict(self.state["cgroups"])
         return self
 
@@ -143,8 +142,7 @@ class Abandoned:
         return pid
 
     def write_state(self, state):
-        with open(self.state_file, "w") as f:
-            json.dump(state, f)
+        adoption.write_state(self.run_dir, state)
 
     def copy(self):
         return json.loads(json.dumps(self.state))
@@ -421,6 +419,28 @@ def test_a_corrupt_record_is_refused_not_trusted(machines, n, mutate):
     m.assert_gone()
 
 
+def test_an_unreadable_record_is_refused_and_its_neighbours_adopted(machines):
+    """One record per instance (machine.d/<id>.json): a torn or garbage record refuses its
+    own instance (its cgroup's processes killed), not the machine; what else lies in the
+    directory is not a record."""
+    m = machines([("k0", IDLE, ""), ("k1", IDLE, "")])
+    rec = next(r for r in m.state["instances"] if r["name"] == "k1")
+    d = adoption.records_path(m.run_dir)
+    with open(os.path.join(d, f"{rec['id']}.json"), "w") as f:
+        f.write('{"id": ')
+    with open(os.path.join(d, "junk.txt"), "w") as f:
+        f.write("not a record")
+    r = mk(m.run_dir, "adopt")
+    no_traceback(r)
+    ok(r)
+    inst = m.by_name()
+    assert inst["k0"]["state"] == "active" and inst["k0"]["pid"] == m.pids["k0"]
+    assert "k1" not in inst
+    until(lambda: not alive(m.pids["k1"]), 5, "k1 killed with its cgroup")
+    ok(mk(m.run_dir, "shutdown"))
+    m.assert_gone()
+
+
 def test_a_name_in_the_state_file_is_never_a_path(machines):
     victim = tempfile.mkdtemp(prefix="mkt-victim-")
     try:
@@ -498,7 +518,7 @@ def _truncate(m):
 
 def _newer(m):
     st = m.copy()
-    st["version"] = 2
+    st["version"] = adoption.STATE_VERSION + 1
     m.write_state(st)
 
 

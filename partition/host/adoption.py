@@ -3,7 +3,8 @@
 On the real machine the spawned kernels keep their CPUs and memory when the host kernel fails.
 Here, a supervisor's machine (``survive_host``) gives its instances no parent-death signal, keeps
 its arena under a name (``/dev/shm/mk-arena-<run>``), leaves its cgroups where the next machine
-will not reap them, and writes what it knows to ``<run-dir>/machine.json`` on every change. If
+will not reap them, and writes what it knows to ``<run-dir>/machine.json`` (the machine) and
+``<run-dir>/machine.d/<id>.json`` (one record per instance) as things change. If
 the supervisor dies, the instances run on: pinned, contained, messaging each other with the
 doorbells they hold; messages to the host wait in its ring; consoles keep their lines.
 
@@ -53,7 +54,11 @@ if TYPE_CHECKING:
     from partition.host.machine import Machine
 
 STATE_FILE = "machine.json"
-STATE_VERSION = 1
+#: one record per instance, ``<id>.json``: a change rewrites its own instance's record alone
+#: (one file of the whole machine was 370 KB at 511 instances, 0.45 ms to write at every verb)
+RECORDS_DIR = "machine.d"
+STATE_VERSION = 2
+_RECORD = re.compile(r"([0-9]{1,3})\.json")
 #: how far the recorded start time of an adopted process may be from the one the kernel gives
 START_TOLERANCE_S = 0.01
 
@@ -68,18 +73,73 @@ def state_path(run_dir: str) -> str:
     return os.path.join(run_dir, STATE_FILE)
 
 
+def records_path(run_dir: str) -> str:
+    return os.path.join(run_dir, RECORDS_DIR)
+
+
 def read_state(run_dir: str) -> dict[str, Any] | None:
-    """The state a machine left, or None. Written by the host alone, in a directory only root
+    """The state a machine left, or None: the machine's file, with its instances' records
+    (in id order) under ``instances``. Written by the host alone, in a directory only root
     reads (and every instance has covered), yet still shape-checked before use."""
     try:
         with open(state_path(run_dir)) as f:
             state = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or \
-            not isinstance(state.get("instances"), list) or not isinstance(state.get("config"), dict):
+            not isinstance(state.get("config"), dict):
         return None
+    state["instances"] = _read_records(run_dir)
     return state
+
+
+def _read_records(run_dir: str) -> list[Any]:
+    """Every ``<id>.json`` of the records directory, parsed; one that does not parse is kept as
+    ``{"id": <id>, "unreadable": True}``, which adoption refuses (and kills its cgroup). A
+    torn write's ``.tmp`` and anything else there is not a record."""
+    d = records_path(run_dir)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    found: list[tuple[int, Any]] = []
+    for name in names:
+        match = _RECORD.fullmatch(name)
+        if match is None:
+            continue
+        iid = int(match.group(1))
+        try:
+            with open(os.path.join(d, name)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            rec = {"id": iid, "unreadable": True}
+        found.append((iid, rec))
+    return [rec for _, rec in sorted(found, key=lambda x: x[0])]
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_state(run_dir: str, state: dict[str, Any]) -> None:
+    """Write a whole state as ``read_state`` returns it: the machine's file and one record per
+    entry of ``instances`` (by its ``id``); records of other ids go. The host writes through
+    ``save_state``; this is for tools and tests that edit a state."""
+    d = records_path(run_dir)
+    os.makedirs(d, exist_ok=True)
+    keep = set()
+    for rec in state.get("instances", []):
+        name = f"{int(rec['id'])}.json"
+        keep.add(name)
+        _write_atomically(os.path.join(d, name), json.dumps(rec))
+    for name in os.listdir(d):
+        if name not in keep:
+            os.unlink(os.path.join(d, name))
+    _write_atomically(state_path(run_dir), json.dumps(
+        {k: v for k, v in state.items() if k != "instances"}))
 
 
 def cgroup_bases(run_dir: str) -> dict[str, str]:
@@ -135,19 +195,10 @@ def _state_record(inst: Instance) -> str:
 
 
 def save_state(m: Machine, changed: list[Instance] | None = None) -> None:
-    """Everything a new host needs to adopt this machine's instances, written atomically.
-    With ``changed``, only those instances' records are encoded again (the others are as they
-    were at their last change; a deleted one's is dropped); the file is written from the cached
-    records in pieces."""
-    cache = m.state_records
-    if changed is None or len(cache) < len(m.instances) - len(changed):
-        cache.clear()                   # (a first write, or an adoption: every record)
-        changed = list(m.instances.values())
-    for inst in changed:
-        if m.instances.get(inst.name) is inst:
-            cache[inst.name] = _state_record(inst)
-        else:
-            cache.pop(inst.name, None)  # deleted
+    """Everything a new host needs to adopt this machine's instances, each file written
+    atomically: with ``changed``, those instances' records alone (a deleted one's removed),
+    and the machine's file when it differs from the last one written; else all of it. A
+    change costs the same at 511 instances as at 16."""
     cfg = m.config
     head = json.dumps({
         "version": STATE_VERSION, "arena": m.arena.shm_name, "host_pid": os.getpid(),
@@ -157,13 +208,26 @@ def save_state(m: Machine, changed: list[Instance] | None = None) -> None:
                    "ring_slot_bytes": m.layout.ring_slot_bytes,
                    "kill_timeout": m.kill_timeout, "protection": m.protection},
         "cgroups": m.cgroups.bases})
-    path = state_path(m.run_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(head[:-1] + ', "instances": [')
-        f.write(", ".join([cache[name] for name in m.instances]))
-        f.write("]}")
-    os.replace(tmp, path)
+    d = records_path(m.run_dir)
+    if changed is None or m.state_head is None:
+        os.makedirs(d, exist_ok=True)
+        changed = list(m.instances.values())
+        current = {f"{inst.id}.json" for inst in changed}
+        for name in os.listdir(d):              # (records of instances gone meanwhile)
+            if name not in current:
+                os.unlink(os.path.join(d, name))
+    for inst in changed:
+        path = os.path.join(d, f"{inst.id}.json")
+        if m.instances.get(inst.name) is inst:
+            _write_atomically(path, _state_record(inst))
+        elif m.by_id(inst.id) is None:          # deleted (and its id not taken again)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    if head != m.state_head:
+        _write_atomically(state_path(m.run_dir), head)
+        m.state_head = head
 
 
 def adopt(m: Machine) -> None:

@@ -133,8 +133,8 @@ class Machine:
         self.instances: dict[str, Instance] = {}
         self._ids: dict[int, Instance] = {}
         self.changes = 0                      # published changes so far (caches key on it)
-        #: each instance's record in machine.json as of its last change (adoption.save_state)
-        self.state_records: dict[str, str] = {}
+        #: the machine's part of the state file as last written (adoption.save_state)
+        self.state_head: str | None = None
         #: write the state file when told (flush_state), not at every change: the daemon's way
         self.defer_state = False
         self._state_dirty: list[Instance | None] = []
