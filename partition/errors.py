@@ -110,6 +110,12 @@ class NotSupported(MKError):
     errno = _errno.EOPNOTSUPP
 
 
+class ZygoteError(MKError):
+    """The zygote (guest/zygote.py) could not fork an instance, or is gone."""
+
+    errno = _errno.ECHILD
+
+
 class ResourceRefused(MKError):
     """A running kernel refused a runtime resource change (its RES_ACK said no, or it never
     answered); the transaction was rolled back."""
@@ -122,6 +128,6 @@ _CLASSES: dict[str, type[MKError]] = {
     for c in (
         MKError, InvalidSpec, PermissionDenied, ResourceBusy, NoSuchInstance, AlreadyExists,
         OutOfMemory, NotLoaded, BadKernelImage, BootTimeout, BootFailed, SupervisorUnavailable,
-        NotSupported, ResourceRefused,
+        NotSupported, ResourceRefused, ZygoteError,
     )
 }

@@ -324,3 +324,40 @@ def test_boot_failure_when_trampoline_cannot_pin(machine_factory):
         m.exec("gone")
     d = m.show("gone")
     assert d["state"] == "failed" and "trampoline" in d["failure"]
+
+
+# -- the zygote (guest/zygote.py) -------------------------------------------------------------
+def events_of(m: Machine, kind: str) -> list[dict]:
+    with open(os.path.join(m.run_dir, "events.log")) as f:
+        return [e for e in map(json.loads, f) if e.get("event") == kind]
+
+
+def test_instances_come_from_the_zygote_as_children_of_the_host(machine):
+    """Forked by a small process, yet the host's children: the host reaps them and reads how
+    they died, as when it forked them itself."""
+    d = boot(machine, "a")
+    z = machine.zygote
+    assert z is not None and z.alive()
+    proc = psutil.Process(d["pid"])
+    assert proc.ppid() == os.getpid() != z.proc.pid
+    assert z.proc.pid not in [p.pid for p in proc.parents()]
+    machine.kill("a", force=True)
+    assert machine.show("a")["last_exit"]["signal_name"] == "SIGKILL"
+
+
+def test_a_zygote_that_died_is_replaced_at_the_next_load(machine):
+    boot(machine, "a")
+    first = machine.zygote
+    first.proc.kill()
+    first.proc.wait()
+    d = boot(machine, "b", cpus=str(machine.config.cpus[0]))
+    assert d["state"] == "active" and machine.zygote is not first and machine.zygote.alive()
+    assert events_of(machine, "zygote_died")
+
+
+def test_without_the_zygote_the_host_forks_instances_itself(machine_factory, monkeypatch):
+    monkeypatch.setenv("MK_ZYGOTE", "0")
+    m = machine_factory(cpus=sorted(os.sched_getaffinity(0)), host_cpus="0", oversubscribe=True,
+                        memory="64M")
+    d = boot(m, "a")
+    assert m.zygote is None and psutil.Process(d["pid"]).ppid() == os.getpid()

@@ -9,6 +9,7 @@ and types checked), and a loader that dies or hangs fails the load with the reas
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from partition import linux
 from partition.abi.constants import DEFAULT_HEAP
-from partition.errors import BadKernelImage, MKError
+from partition.errors import BadKernelImage, MKError, ZygoteError
 from partition.guest.kernel import heap_of
 from partition.guest.trampoline import BootParams, enter
+from partition.guest.zygote import Zygote
 from partition.host import cgroups
 from partition.host.arena import inherited_mappings
 from partition.host.exits import classify_exit
@@ -66,28 +68,52 @@ class Loading:
             protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],
             survive_host=m.survive_host,
         )
-        # Keep the collector off the pages parent and child still share: a collection walks
-        # every tracked object and would copy-on-write fault them all, in both processes.
-        gc.freeze()
         try:
-            pid = os.fork()
-            if pid == 0:
-                os.set_blocking(report_w, True)
-                enter(params)       # never returns
+            pid, child_fds = self._fork(params)
         except BaseException:
             os.close(doorbell_fd)   # no child: nothing it would have had stays open here
             host_end.close()
             os.close(report_r)
             raise
         finally:
-            gc.unfreeze()           # cyclic garbage made meanwhile must stay collectable
-            guest_end.close()       # (the child has its own copies, by number)
+            guest_end.close()       # (the child has its own copies)
             os.close(report_w)
         pidfd = linux.pidfd_open(pid)
         inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
-                             child_fds=(doorbell_fd, m.host_doorbell))
+                             child_fds=child_fds)
         m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))
         m.selector.register(report_r, selectors.EVENT_READ, (REPORT, inst))
+
+    def _fork(self, params: BootParams) -> tuple[int, tuple[int, int]]:
+        """The instance's process: forked by the machine's zygote (guest/zygote.py), a small
+        interpreter, so that it is no copy of this host's heap; by this process itself if no
+        zygote can run. Returns its pid and its numbers of the doorbell and host doorbell."""
+        m = self.m
+        if m.zygote is not None and not m.zygote.alive():
+            m.events.warning("zygote_died", pid=m.zygote.proc.pid,
+                             code=m.zygote.proc.returncode)
+            m.zygote.close()
+            m.zygote = None             # (a new one now)
+        if m.zygote is None and m.use_zygote:
+            try:
+                m.zygote = Zygote()
+                m.events.info("zygote_started", pid=m.zygote.proc.pid)
+            except (OSError, ZygoteError) as exc:
+                m.use_zygote = False
+                m.events.warning("zygote_unavailable", error=str(exc))
+        if m.zygote is not None:
+            return m.zygote.spawn(dataclasses.replace(params, inherited=[]))
+        # Keep the collector off the pages parent and child still share: a collection walks
+        # every tracked object and would copy-on-write fault them all, in both processes.
+        gc.freeze()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.set_blocking(params.report_fd, True)
+                enter(params)       # never returns
+        finally:
+            gc.unfreeze()           # cyclic garbage made meanwhile must stay collectable
+        return pid, (params.doorbell_fd, params.host_doorbell_fd)
 
     def on_report(self, inst: Instance) -> None:
         """The loader's report arrived (or its pipe closed). Untrusted: the image's import-time

@@ -40,6 +40,7 @@ from partition.abi.constants import HOST_ID, STATE_ACTIVE, STATE_CODES
 from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
 from partition.guest.trampoline import readable_label
+from partition.guest.zygote import Zygote
 from partition.host import adoption, faults, liveupdate, rundir
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
@@ -153,6 +154,10 @@ class Machine:
         self.ipc = HostIPC(self)
         self.lifecycle = Lifecycle(self)
         self.loading = Loading(self)
+        #: the process that forks this machine's instances (guest/zygote.py), made at the first
+        #: load; MK_ZYGOTE=0 forks them from this process instead (to compare)
+        self.zygote: Zygote | None = None
+        self.use_zygote = os.environ.get("MK_ZYGOTE", "1") != "0"
         self.supervisor = Supervisor(self)
         self.overlays = Overlays(self)
         self.writes = None if self.protection else WriteWatch(self)
@@ -208,6 +213,7 @@ class Machine:
             self._closed = True
             for inst in self.instances.values():
                 self.lifecycle.forget_process(inst)
+            self._close_zygote()
             self.cgroups.close()
             try:
                 self.selector.close()
@@ -221,6 +227,11 @@ class Machine:
                 self.arena.close()
                 self.events.close()
                 self._run.release()
+
+    def _close_zygote(self) -> None:
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
 
     def abandon(self) -> dict[str, Any]:
         """Throw this host away as its sudden death would: nothing is halted, signalled or
@@ -248,6 +259,7 @@ class Machine:
                     if fd >= 0:
                         os.close(fd)
                 p.channel.close()
+        self._close_zygote()
         self.selector.close()
         os.close(self.host_doorbell)
         for fd in self.extra_host_doorbells:
