@@ -47,6 +47,9 @@ def test_processes_are_named_for_what_they_are(run_dir):
     parked = [p for p in psutil.process_iter(["cmdline"])
               if "mk[1:db] kernels.idle:IdleKernel (parked)" in " ".join(p.info["cmdline"] or [])]
     assert len(parked) == 1
+    zygotes = [p for p in psutil.process_iter(["cmdline"])
+               if f"mk-zygote (host {sup})" in " ".join(p.info["cmdline"] or [])]
+    assert len(zygotes) == 1
     mk(run_dir, "start", "db")
     pid = pid_of(run_dir, "db")
     deadline = time.monotonic() + 5

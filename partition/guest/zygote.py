@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     linux.set_parent_death_signal(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the host's ^C is the host's
+    import setproctitle
+    # named, and the title machinery set up here, before any child changes its environment
+    # (which would leave a child's own title to the 15-character comm alone)
+    setproctitle.setproctitle(f"mk-zygote (host {os.getppid()})")
     sock = socket.socket(fileno=int(args[0]))
     serve(sock)
     return 0
