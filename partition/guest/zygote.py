@@ -123,7 +123,7 @@ class Zygote:
         try:
             socket.send_fds(self.sock, [raw], fds)
             answer = msgpack.unpackb(self.sock.recv(4096), raw=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, msgpack.UnpackException) as exc:
             raise ZygoteError(f"the zygote is gone: {exc}", "retry: a new one is made") from None
         if not isinstance(answer, dict) or "pid" not in answer:
             why = answer.get("error") if isinstance(answer, dict) else answer
