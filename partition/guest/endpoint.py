@@ -271,6 +271,8 @@ class Endpoint:
             if rc != REROUTE:
                 self._settle(target, rc, msg_type, subtype, msg_id, payload)
                 return target
+            del self._ports[target]     # that incarnation is gone: route from now on (a
+                                        # standby serves it) until a binding to it is made
         return self.post(target, msg_type, encode(msg_type, subtype, msg_id, payload))
 
     def _settle(self, target: int, rc: int, msg_type: int, subtype: int, msg_id: int,
