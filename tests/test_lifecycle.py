@@ -361,3 +361,56 @@ def test_without_the_zygote_the_host_forks_instances_itself(machine_factory, mon
                         memory="64M")
     d = boot(m, "a")
     assert m.zygote is None and psutil.Process(d["pid"]).ppid() == os.getpid()
+
+
+def test_a_zygote_that_cannot_fork_is_dropped_and_the_host_forks(machine, monkeypatch):
+    """A failed spawn closes that zygote (a late answer must never be read as the next
+    request's) and the load goes on with a fork of the host's own; the next load makes a new
+    zygote."""
+    from partition.errors import ZygoteError
+    from partition.guest import zygote
+
+    boot(machine, "a")
+    first = machine.zygote
+
+    def refuse(self, params):
+        raise ZygoteError("refused for the test")
+    monkeypatch.setattr(zygote.Zygote, "spawn", refuse)
+    d = boot(machine, "b", cpus=str(machine.config.cpus[0]))
+    assert d["state"] == "active" and psutil.Process(d["pid"]).ppid() == os.getpid()
+    assert machine.zygote is None and not first.alive()
+    assert events_of(machine, "zygote_failed")
+    monkeypatch.undo()
+    machine.create("c", cpus=str(machine.config.cpus[-1]), memory="16M")
+    machine.load("c", "kernels.idle:IdleKernel")
+    assert machine.zygote is not None and machine.zygote.alive()
+
+
+def test_the_zygote_passes_an_environment_that_is_not_utf8(machine_factory, monkeypatch):
+    monkeypatch.setenv(b"MK_TEST_BYTES".decode(), os.fsdecode(b"\xff\xfe"))
+    m = machine_factory(cpus=sorted(os.sched_getaffinity(0)), host_cpus="0", oversubscribe=True,
+                        memory="64M")
+    d = boot(m, "a")                   # (a title over the environment hides it from /proc)
+    assert d["state"] == "active" and m.zygote is not None and m.zygote.alive()
+    assert not events_of(m, "zygote_failed")
+
+
+def test_deferred_state_drops_the_record_of_an_instance_deleted_and_named_again(machine_factory):
+    """Under the daemon the state is written once per verb: a delete and a create of the same
+    name in one batch must still remove the deleted instance's record (a stale record would be
+    adopted in its place, and the live instance refused and killed)."""
+    from partition.host import adoption
+    m = machine_factory(cpus=sorted(os.sched_getaffinity(0)), host_cpus="0", oversubscribe=True,
+                        memory="64M", survive_host=True)
+    m.defer_state = True
+    m.create("a", cpus="1", memory="4M")
+    m.create("x", cpus="1", memory="4M")
+    m.flush_state()
+    ids = {name: m.show(name)["id"] for name in ("a", "x")}
+    m.delete("x")
+    m.delete("a")
+    m.create("x", cpus="1", memory="4M")
+    m.flush_state()
+    records = sorted(os.listdir(adoption.records_path(m.run_dir)))
+    assert records == [f"{m.show('x')['id']}.json"], (ids, records)
+    assert [r["name"] for r in adoption.read_state(m.run_dir)["instances"]] == ["x"]

@@ -206,9 +206,8 @@ static int tally(const char *ring, uint32_t tag, uint32_t type, uint32_t n, uint
  * Returns an errno (> 0), 0 (no doorbell needed), -1 (wake: the receiver is idle) or -2
  * (interrupt: it is busy). */
 static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_bytes,
-                    uint64_t sender, uint64_t cpu, uint64_t *count, uint64_t *tail_hint,
-                    uint64_t type, const void *head, uint64_t hlen, const void *body,
-                    uint64_t blen)
+                    uint64_t sender, uint64_t cpu, uint64_t *count, uint64_t type,
+                    const void *head, uint64_t hlen, const void *body, uint64_t blen)
 {
     uint64_t n = hlen + blen;
     if (n == 0 || n > slot_bytes)
@@ -222,19 +221,7 @@ static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_
     uint64_t h, share = nslots - nslots / 8;
     for (;;) {
         h = __atomic_load_n(headp, __ATOMIC_ACQUIRE);
-        /* A Port's tail hint is a tail it read before: the receiver only moves tail forward
-         * (or resets the ring to 0, and then h is below the hint and the hint is read
-         * afresh), so while h is within the share of it there is room, and the tail's cache
-         * line, which the receiver writes per message, stays where it is. */
-        if (tail_hint != NULL && h - *tail_hint < share) {
-            if (__atomic_compare_exchange_n(headp, &h, h + 1, 0, __ATOMIC_SEQ_CST,
-                                            __ATOMIC_SEQ_CST))
-                break;
-            continue;
-        }
         uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
-        if (tail_hint != NULL)
-            *tail_hint = t;
         if (h - t >= nslots)
             return ENOSPC;
         if (h - t >= share) {
@@ -350,7 +337,7 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         count = (uint64_t *)((char *)counters.buf + off);
     }
     long rc = publish((char *)buf.buf, nslots, stride, slot_bytes, sender, cpu,
-                      count, NULL, type, NULL, 0, data.buf, (uint64_t)data.len);
+                      count, type, NULL, 0, data.buf, (uint64_t)data.len);
     if (count != NULL)
         PyBuffer_Release(&counters);
     PyBuffer_Release(&data);
@@ -565,16 +552,19 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
     PyObject *handler = PyDict_GetItemWithError(d->handlers, row[0]);
     if (handler == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    PyObject *dargs[3] = {row[3], row[1], row[2]};
+    Py_INCREF(handler);                      /* ours: decoding may run Python (msgpack), and */
+    PyObject *dargs[3] = {row[3], row[1], row[2]};   /* the handler may unregister itself */
     PyObject *msg = fr_decode(NULL, dargs, 3);
-    if (msg == NULL)
+    if (msg == NULL) {
+        Py_DECREF(handler);
         return -1;
+    }
     if (msg == Py_None || PyLong_AsUnsignedLong(PyTuple_GET_ITEM(msg, 0)) != type) {
         Py_DECREF(msg);                      /* a slot that lies about its message: consumed */
+        Py_DECREF(handler);
         return PyErr_Occurred() ? -1 : 1;
     }
     uint32_t sub = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(msg, 1));
-    Py_INCREF(handler);                      /* (the handler may unregister itself) */
     PyObject *result = PyObject_CallOneArg(handler, msg);
     Py_DECREF(handler);
     if (result == NULL) {
@@ -596,6 +586,8 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
             else {
                 sent = PyLong_AsLong(got);
                 Py_DECREF(got);
+                if (sent == -1 && PyErr_Occurred())
+                    rc = -1;
             }
         } else if (PyErr_Occurred())
             rc = -1;
@@ -1056,7 +1048,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     Py_buffer ring, counters, peers;
     int open, has_counters, has_peers;
-    uint64_t nslots, stride, slot_bytes, sender, cpu, *count, tail_hint;
+    uint64_t nslots, stride, slot_bytes, sender, cpu, *count;
     long wake_fd, signal_pid, signo;
     Py_ssize_t peer_at;
     uint32_t want_state, want_pid;
@@ -1177,7 +1169,7 @@ static long port_send(Port *p, uint64_t type, const void *head, uint64_t hlen, c
     if (!port_current(p))
         return REROUTE;
     long rc = publish((char *)p->ring.buf, p->nslots, p->stride, p->slot_bytes, p->sender, p->cpu,
-                      p->count, &p->tail_hint, type, head, hlen, body, blen);
+                      p->count, type, head, hlen, body, blen);
     return rc < 0 ? ring_doorbell(rc, p->wake_fd, p->signal_pid, p->signo) : rc;
 }
 
@@ -1315,10 +1307,15 @@ static PyObject *port_messages(PyObject *self, PyObject *const *args, Py_ssize_t
     unsigned long long first = PyLong_AsUnsignedLongLong(args[2]);
     if (first == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    PyObject *seq = PySequence_Fast(args[3], "payloads must be a sequence");
+    if (!PySequence_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "payloads must be a sequence");
+        return NULL;
+    }
+    /* a tuple of our own: the packer runs Python, which must not shrink what we iterate */
+    PyObject *seq = PySequence_Tuple(args[3]);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), sent = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(seq), sent = 0;
     long rc = 0;
     for (; sent < n; sent++) {
         PyObject *id = PyLong_FromUnsignedLongLong(first + (unsigned long long)sent);
@@ -1326,7 +1323,7 @@ static PyObject *port_messages(PyObject *self, PyObject *const *args, Py_ssize_t
             Py_DECREF(seq);
             return NULL;
         }
-        PyObject *margs[4] = {args[0], args[1], id, PySequence_Fast_GET_ITEM(seq, sent)};
+        PyObject *margs[4] = {args[0], args[1], id, PyTuple_GET_ITEM(seq, sent)};
         PyObject *got = port_message(self, margs, 4);
         Py_DECREF(id);
         if (got == NULL) {

@@ -304,6 +304,7 @@ class Endpoint:
             if rc != REROUTE:                       # sent, but its doorbell was not rung
                 ring_by_hand(self._senders[target][2])
                 return target, sent
+            self._ports.pop(target, None)           # that incarnation is gone
         to, more = self.messenger.post_each(target, msg_type, first_id + sent,
                                               payloads[sent:])
         return to, sent + more
@@ -322,6 +323,7 @@ class Endpoint:
         answer is given up (the requester times out)."""
         try:
             if rc == REROUTE:
+                self._ports.pop(target, None)       # that incarnation is gone
                 self.post(target, msg_type, encode(msg_type, SUB_RESPONSE, msg_id, result))
             else:
                 self._settle(target, rc, msg_type, SUB_RESPONSE, msg_id, result)

@@ -69,18 +69,24 @@ def fork_as_sibling() -> int:
     return int(pid)
 
 
-def encode_params(params: Any) -> tuple[bytes, list[int]]:
+def encode_params(params: Any, seq: int) -> tuple[bytes, list[int]]:
     """BootParams -> (the message, the descriptors to send), descriptors in FD_FIELDS order.
     The host's ``sys.path`` and environment go with it: the child resolves the image as a
     child of the host would (the daemon puts the caller's directory on the path for a load)."""
     fields = dataclasses.asdict(params)
     fields["layout"] = dataclasses.asdict(params.layout)
     fds = [fields.pop(name) for name in FD_FIELDS]
-    request = {"params": fields, "path": list(sys.path), "env": dict(os.environ)}
-    return msgpack.packb(request, use_bin_type=True), fds
+    # as bytes: an environment or a path need not be UTF-8
+    request = {"params": fields, "path": [os.fsencode(p) for p in sys.path],
+               "env": dict(os.environb), "seq": seq}
+    raw = msgpack.packb(request, use_bin_type=True)
+    if len(raw) > MAX_REQUEST:
+        raise ZygoteError(f"a spawn request of {len(raw)} bytes is over {MAX_REQUEST}",
+                          "a smaller environment, or MK_ZYGOTE=0")
+    return raw, fds
 
 
-def decode_params(raw: bytes, fds: list[int]) -> tuple[Any, list[str], dict[str, str]]:
+def decode_params(raw: bytes, fds: list[int]) -> tuple[Any, list[str], dict[bytes, bytes], int]:
     from partition.guest.trampoline import BootParams
     request = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     fields = request["params"]
@@ -88,7 +94,8 @@ def decode_params(raw: bytes, fds: list[int]) -> tuple[Any, list[str], dict[str,
     fields["inherited"] = []                    # the zygote maps nothing of the arena
     fields["cpus"] = list(fields["cpus"])
     fields.update(zip(FD_FIELDS, fds, strict=True))
-    return BootParams(**fields), list(request["path"]), dict(request["env"])
+    return (BootParams(**fields), [os.fsdecode(p) for p in request["path"]],
+            dict(request["env"]), int(request["seq"]))
 
 
 class Zygote:
@@ -98,10 +105,14 @@ class Zygote:
     def __init__(self) -> None:
         host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = host_end
+        self.seq = 0
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "partition.guest.zygote", str(zygote_end.fileno())],
                 pass_fds=(zygote_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            host_end.close()
+            raise
         finally:
             zygote_end.close()
         # ready: it answers once it has imported what instances need
@@ -119,7 +130,13 @@ class Zygote:
         return self.proc.poll() is None
 
     def spawn(self, params: Any) -> tuple[int, tuple[int, int]]:
-        raw, fds = encode_params(params)
+        """Raises ZygoteError when it cannot answer for a fork: the caller closes this zygote
+        (a late answer must never be read as the next request's), and forks itself."""
+        self.seq += 1
+        try:
+            raw, fds = encode_params(params, self.seq)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ZygoteError(f"the boot parameters do not encode: {exc}", "MK_ZYGOTE=0") from None
         try:
             socket.send_fds(self.sock, [raw], fds)
             answer = msgpack.unpackb(self.sock.recv(4096), raw=False)
@@ -129,6 +146,9 @@ class Zygote:
             why = answer.get("error") if isinstance(answer, dict) else answer
             raise ZygoteError(f"the zygote could not fork: {why}",
                               "see the host's limits (processes, memory)")
+        if answer.get("seq") != self.seq:
+            raise ZygoteError(f"the zygote answered request {answer.get('seq')!r}, not "
+                              f"{self.seq}", "a new zygote is made")
         return int(answer["pid"]), (int(answer["doorbell_fd"]), int(answer["host_doorbell_fd"]))
 
     def close(self) -> None:
@@ -154,24 +174,24 @@ def serve(sock: socket.socket) -> None:
         if not raw:
             return                  # the host closed its end
         try:
-            params, path, env = decode_params(raw, fds)
+            params, path, env, seq = decode_params(raw, fds)
             pid = fork_as_sibling()
         except Exception as exc:     # (a bad request, or no fork: say so, go on)
             for fd in fds:
                 os.close(fd)
-            sock.send(msgpack.packb({"error": f"{type(exc).__name__}: {exc}"}))
+            sock.send(msgpack.packb({"error": f"{type(exc).__name__}: {exc}", "seq": None}))
             continue
         if pid == 0:
             sock.close()
             sys.path[:] = path
-            os.environ.clear()
-            os.environ.update(env)
+            os.environb.clear()
+            os.environb.update(env)
             os.set_blocking(params.report_fd, True)     # (shared with the host's end: set
             enter(params)           # never returns     #  here, as a forked child does)
         for fd in fds:
             os.close(fd)
         sock.send(msgpack.packb({"pid": pid, "doorbell_fd": params.doorbell_fd,
-                                 "host_doorbell_fd": params.host_doorbell_fd}))
+                                 "host_doorbell_fd": params.host_doorbell_fd, "seq": seq}))
 
 
 def main(argv: list[str] | None = None) -> int:

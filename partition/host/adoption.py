@@ -194,11 +194,12 @@ def _state_record(inst: Instance) -> str:
     })
 
 
-def save_state(m: Machine, changed: list[Instance] | None = None) -> None:
+def save_state(m: Machine, changed: list[Instance] | None = None, prune: bool = False) -> None:
     """Everything a new host needs to adopt this machine's instances, each file written
-    atomically: with ``changed``, those instances' records alone (a deleted one's removed),
-    and the machine's file when it differs from the last one written; else all of it. A
-    change costs the same at 511 instances as at 16."""
+    atomically: with ``changed``, those instances' records alone (a deleted one's removed;
+    ``prune``: and every record no instance has now), and the machine's file when it differs
+    from the last one written; else all of it. A change costs the same at 511 instances as
+    at 16."""
     cfg = m.config
     head = json.dumps({
         "version": STATE_VERSION, "arena": m.arena.shm_name, "host_pid": os.getpid(),
@@ -212,8 +213,10 @@ def save_state(m: Machine, changed: list[Instance] | None = None) -> None:
     if changed is None or m.state_head is None:
         os.makedirs(d, exist_ok=True)
         changed = list(m.instances.values())
-        current = {f"{inst.id}.json" for inst in changed}
-        for name in os.listdir(d):              # (records of instances gone meanwhile)
+        prune = True
+    if prune:                                   # (records of instances gone meanwhile)
+        current = {f"{inst.id}.json" for inst in m.instances.values()}
+        for name in os.listdir(d):
             if name not in current:
                 os.unlink(os.path.join(d, name))
     for inst in changed:

@@ -102,7 +102,15 @@ class Loading:
                 m.use_zygote = False
                 m.events.warning("zygote_unavailable", error=str(exc))
         if m.zygote is not None:
-            return m.zygote.spawn(dataclasses.replace(params, inherited=[]))
+            try:
+                return m.zygote.spawn(dataclasses.replace(params, inherited=[]))
+            except ZygoteError as exc:
+                # a zygote that did not answer for a fork is not asked again (its late answer
+                # would be read as the next one's): closed; this load forks here, the next
+                # one makes a new zygote
+                m.events.warning("zygote_failed", error=exc.message)
+                m.zygote.close()
+                m.zygote = None
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
         gc.freeze()

@@ -858,9 +858,12 @@ class Machine:
         of the state file was half a megabyte."""
         self.views.flush()
         dirty, self._state_dirty = self._state_dirty, []
-        if dirty and self.survive_host:     # (None: the machine itself changed; the head is
-            adoption.save_state(self, list({i.name: i for i in dirty    # written every time)
-                                            if i is not None}.values()))
+        if dirty and self.survive_host:
+            # by identity (a verb may delete an instance and create another of the same name);
+            # None is a change of the machine (a delete among them): records no instance has
+            # any more are removed
+            adoption.save_state(self, list({id(i): i for i in dirty if i is not None}.values()),
+                                prune=None in dirty)
 
     def _pool_fields(self) -> dict[str, Any]:
         cfg = self.config
