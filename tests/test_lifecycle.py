@@ -414,3 +414,24 @@ def test_deferred_state_drops_the_record_of_an_instance_deleted_and_named_again(
     records = sorted(os.listdir(adoption.records_path(m.run_dir)))
     assert records == [f"{m.show('x')['id']}.json"], (ids, records)
     assert [r["name"] for r in adoption.read_state(m.run_dir)["instances"]] == ["x"]
+
+
+def test_a_zygote_lost_after_a_request_fails_that_load_cleanly(machine, monkeypatch):
+    """When the zygote may have forked (it stopped answering after the request went), the load
+    fails with a clear error rather than forking a second process for the same instance; the
+    instance can be loaded again, through a new zygote."""
+    from partition.errors import ZygoteError
+    from partition.guest import zygote
+
+    boot(machine, "a")
+
+    def lost(self, params):
+        raise zygote._sent(ZygoteError("lost for the test", "retry"))
+    monkeypatch.setattr(zygote.Zygote, "spawn", lost)
+    machine.create("b", cpus=str(machine.config.cpus[0]), memory="16M")
+    with pytest.raises(ZygoteError):
+        machine.load("b", "kernels.idle:IdleKernel")
+    assert machine.zygote is None and machine.show("b")["state"] == "ready"
+    monkeypatch.undo()
+    machine.load("b", "kernels.idle:IdleKernel")
+    assert machine.exec("b")["state"] == "active" and machine.zygote.alive()

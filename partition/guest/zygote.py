@@ -51,7 +51,10 @@ def fork_as_sibling() -> int:
     """fork(2) whose child is our parent's child (``CLONE_PARENT``): 0 in the child, its pid
     here. Python's own fork bookkeeping (import lock, threads, at-fork hooks) around it, with
     the GIL held throughout (``ctypes.pythonapi`` and a PyDLL), as ``os.fork`` does; the
-    zygote has one thread, so no lock of the C library is held by another."""
+    zygote has one thread, so no lock of the C library is held by another. The raw system
+    call skips the C library's own fork handling (other libraries' ``pthread_atfork``
+    handlers, its random-number reseed): nothing the zygote loads registers any, and the
+    child execs nothing but the trampoline."""
     api = ctypes.pythonapi
     libc = ctypes.PyDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -98,6 +101,12 @@ def decode_params(raw: bytes, fds: list[int]) -> tuple[Any, list[str], dict[byte
             dict(request["env"]), int(request["seq"]))
 
 
+def _sent(exc: ZygoteError) -> ZygoteError:
+    """Mark an error that came after the request went: the zygote may have forked for it."""
+    exc.sent = True     # type: ignore[attr-defined]
+    return exc
+
+
 class Zygote:
     """The host's end: ``spawn(params)`` -> (pid, the child's numbers of the doorbell and the
     host doorbell)."""
@@ -130,25 +139,30 @@ class Zygote:
         return self.proc.poll() is None
 
     def spawn(self, params: Any) -> tuple[int, tuple[int, int]]:
-        """Raises ZygoteError when it cannot answer for a fork: the caller closes this zygote
-        (a late answer must never be read as the next request's), and forks itself."""
+        """Raises ZygoteError when it cannot answer for a fork; ``sent`` on it when that came
+        after the request went (the zygote may have forked: the caller closes this zygote, so
+        that a late answer is never read as the next request's, and ends what may have been
+        forked); without it nothing was forked, and the caller may fork itself."""
         self.seq += 1
         try:
             raw, fds = encode_params(params, self.seq)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ZygoteError(f"the boot parameters do not encode: {exc}", "MK_ZYGOTE=0") from None
+        except ZygoteError:
+            raise
         try:
             socket.send_fds(self.sock, [raw], fds)
             answer = msgpack.unpackb(self.sock.recv(4096), raw=False)
         except (OSError, ValueError, msgpack.UnpackException) as exc:
-            raise ZygoteError(f"the zygote is gone: {exc}", "retry: a new one is made") from None
+            raise _sent(ZygoteError(f"the zygote did not answer: {exc}",
+                                    "retry: a new zygote is made")) from None
         if not isinstance(answer, dict) or "pid" not in answer:
             why = answer.get("error") if isinstance(answer, dict) else answer
             raise ZygoteError(f"the zygote could not fork: {why}",
                               "see the host's limits (processes, memory)")
         if answer.get("seq") != self.seq:
-            raise ZygoteError(f"the zygote answered request {answer.get('seq')!r}, not "
-                              f"{self.seq}", "a new zygote is made")
+            raise _sent(ZygoteError(f"the zygote answered request {answer.get('seq')!r}, not "
+                                    f"{self.seq}", "retry: a new zygote is made"))
         return int(answer["pid"]), (int(answer["doorbell_fd"]), int(answer["host_doorbell_fd"]))
 
     def close(self) -> None:

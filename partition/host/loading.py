@@ -105,12 +105,16 @@ class Loading:
             try:
                 return m.zygote.spawn(dataclasses.replace(params, inherited=[]))
             except ZygoteError as exc:
-                # a zygote that did not answer for a fork is not asked again (its late answer
-                # would be read as the next one's): closed; this load forks here, the next
-                # one makes a new zygote
+                # a zygote that did not answer is not asked again (its late answer would be
+                # read as the next one's): closed; the next load makes a new one. If it may
+                # have forked, this load fails, and what runs in the instance's cgroup ends
+                # (the process may share this load's descriptors); else this load forks here
                 m.events.warning("zygote_failed", error=exc.message)
                 m.zygote.close()
                 m.zygote = None
+                if getattr(exc, "sent", False):
+                    m.cgroups.kill(params.id, reap=True)
+                    raise
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
         gc.freeze()
