@@ -574,9 +574,6 @@ class Kernel:
         buf, at = self.ctx.own.buf, self._progress_at
         S.U64.pack_into(buf, at, (S.U64.unpack_from(buf, at)[0] + laps) & 0xFFFFFFFFFFFFFFFF)
 
-    def _force_halt_requested(self) -> bool:
-        return self._peers[self._force_halt_at] != 0
-
     def run(self) -> None:
         """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and
         call ``poll_ipis()``, or the host's SHUTDOWN is never seen and the halt is forced.
