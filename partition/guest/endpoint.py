@@ -118,7 +118,9 @@ class Messenger:
         return mid
 
     def post_each(self, target: int, msg_type: int, first_id: int,
-                    payloads: list[Any]) -> tuple[int, int]:
+                  payloads: list[Any]) -> tuple[int, int]:
+        """One-way messages one ``post`` at a time, until a full ring: (the id they reached,
+        how many went). The way without a Port, and the rest of a batch after a REROUTE."""
         to = target
         for i, payload in enumerate(payloads):
             try:
@@ -269,19 +271,19 @@ class Endpoint:
             if not rc:
                 return target
             if rc != REROUTE:
-                self._settle(target, rc, msg_type, subtype, msg_id, payload)
+                self._settle(target, rc, len(encode(msg_type, subtype, msg_id, payload))
+                             if rc > 0 else 0)
                 return target
             del self._ports[target]     # that incarnation is gone: route from now on (a
                                         # standby serves it) until a binding to it is made
         return self.post(target, msg_type, encode(msg_type, subtype, msg_id, payload))
 
-    def _settle(self, target: int, rc: int, msg_type: int, subtype: int, msg_id: int,
-                payload: Any) -> None:
-        """A Port's answer other than done or REROUTE: a refusal (raised as ``send`` would), or
-        a doorbell it could not ring."""
+    def _settle(self, target: int, rc: int, size: int) -> None:
+        """A send's answer other than done or REROUTE: a refusal of a message of ``size``
+        bytes (counted, and raised as ``send`` would), or a doorbell it could not ring."""
         if rc > 0:
             self.directory.refused(rc)
-            self.ring_of(target).refuse(rc, len(encode(msg_type, subtype, msg_id, payload)))
+            self.ring_of(target).refuse(rc, size)
         ring_by_hand(self._senders[target][2])
 
     def post_many(self, target: int, msg_type: int, first_id: int,
@@ -299,10 +301,9 @@ class Endpoint:
             if rc == errno.ENOSPC:                  # back pressure: the caller sends the rest
                 self.directory.refused(rc)
                 return target, sent
-            if rc > 0:                              # raises, as a single send would
-                self._settle(target, rc, msg_type, 0, first_id + sent, payloads[sent])
-            if rc != REROUTE:                       # sent, but its doorbell was not rung
-                ring_by_hand(self._senders[target][2])
+            if rc != REROUTE:       # a refusal (raised, as a single send's), or a doorbell
+                self._settle(target, rc, len(encode(msg_type, 0, first_id + sent,  # to ring
+                                                    payloads[sent])) if rc > 0 else 0)
                 return target, sent
             self._ports.pop(target, None)           # that incarnation is gone
         to, more = self.messenger.post_each(target, msg_type, first_id + sent,
@@ -326,7 +327,8 @@ class Endpoint:
                 self._ports.pop(target, None)       # that incarnation is gone
                 self.post(target, msg_type, encode(msg_type, SUB_RESPONSE, msg_id, result))
             else:
-                self._settle(target, rc, msg_type, SUB_RESPONSE, msg_id, result)
+                self._settle(target, rc, len(encode(msg_type, SUB_RESPONSE, msg_id, result))
+                             if rc > 0 else 0)
         except RingError:
             pass
 
@@ -344,10 +346,7 @@ class Endpoint:
             if rc == REROUTE:
                 continue        # it died or was replaced since the route: route again
             if rc:
-                if rc > 0:
-                    self.directory.refused(rc)
-                    self.ring_of(routed).refuse(rc, len(data))
-                ring_by_hand(bound[2])                   # the bound send could not ring it
+                self._settle(routed, rc, len(data))
             return routed
         raise RingError(errno.ESRCH, f"instance {target} is not active")
 
