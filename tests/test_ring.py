@@ -523,3 +523,14 @@ def test_a_batch_to_a_stale_port_sends_nothing(big_ring):
     port = a_port(big_ring, memoryview(peers).toreadonly(), state=5, pid=2)
     assert port.messages(0x4001, 0, 1, [b"a", b"b"]) == (0, ring.REROUTE)
     assert drain_all(big_ring) == []
+
+
+def test_own_page_counts_read_in_one_go_agree_with_each_field():
+    from partition.abi import slot as S
+    buf = bytearray(S.OWN_BYTES * 2)
+    page = S.OwnPage(buf, S.OWN_BYTES)
+    for k, name in enumerate(S.OWN_COUNTS):
+        setattr(page, name, (k + 1) * 1000 + 7)
+    page.progress = 99                       # its neighbours are not counts
+    assert page.counts() == {name: getattr(page, name) for name in S.OWN_COUNTS}
+    assert page.counts()["ipi_sent"] == 1007 and not any(buf[:S.OWN_BYTES])

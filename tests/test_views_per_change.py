@@ -97,3 +97,52 @@ def test_counters_views_follow_the_sweep(machine):
         return dict(line.split() for line in text.splitlines()).get("heartbeats_sent", "0")
 
     wait_until(machine, lambda: int(beats()) >= 2, timeout=10)
+
+
+def test_a_look_rewrites_only_counters_that_moved(machine):
+    _boot(machine, "quiet", CPUS[-1])
+    machine.show()                              # every counters file says what it reads now
+    due, machine._filters_due = machine._filters_due, float("inf")
+    try:
+        before = machine.views.writes
+        snap = machine.show()
+        moved = machine.views.writes - before
+        # only a heartbeat that fell between the two looks can have moved a counter
+        assert moved <= len(snap["instances"])
+        machine.show()
+        machine.show()
+        assert machine.views.writes - before - moved <= 2
+    finally:
+        machine._filters_due = due
+    path = os.path.join(machine.run_dir, "sys", "fs", "multikernel", "instances", "quiet",
+                        "counters")
+    said = dict(line.split() for line in _read(path).splitlines())
+    assert said["boots"] == "1"
+
+
+def test_the_brief_look_is_the_table_and_agrees_with_the_whole_one(machine):
+    cpu = CPUS[-1]
+    _boot(machine, "one", cpu)
+    machine.create("two", cpus=[cpu], memory="1M")          # shares "one"'s CPU, not loaded
+    machine.create("three", cpus=[CPUS[0]], memory="1M")
+    whole, brief = machine.show(), machine.show(brief=True)
+    assert brief["machine"] == whole["machine"] and brief["pool"] == whole["pool"]
+    assert [i["name"] for i in brief["instances"]] == [i["name"] for i in whole["instances"]]
+    for b, w in zip(brief["instances"], whole["instances"]):
+        assert b == {k: w[k] for k in b}       # the same values, fewer fields
+        assert "counters" not in b and "metrics" not in b
+    by = {i["name"]: i for i in brief["instances"]}
+    assert by["one"]["shared_cpus"] == [cpu] == by["two"]["shared_cpus"]
+    three_shared = [cpu for cpu in [CPUS[0]] if cpu in machine.config.host_cpus]
+    assert by["three"]["shared_cpus"] == three_shared
+    from partition.control.show import render_show
+    assert render_show(brief) == render_show(whole)
+
+
+def test_a_brief_that_is_not_a_boolean_is_refused(machine):
+    import pytest
+
+    from partition.errors import InvalidSpec
+    for bad in ("yes", 1, None, float("nan")):
+        with pytest.raises(InvalidSpec, match="brief must be true or false"):
+            machine.show(brief=bad)

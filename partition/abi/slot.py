@@ -106,6 +106,13 @@ OWN_IPI_SENT = OWN_FIELDS["ipi_sent"].offset
 OWN_IPI_RING_FULL = OWN_FIELDS["ipi_ring_full"].offset
 OWN_IPI_ESRCH = OWN_FIELDS["ipi_esrch"].offset
 OWN_HEARTBEATS = OWN_FIELDS["heartbeats_sent"].offset
+#: the own page's counters, which lie side by side (OwnPage.counts reads them in one go)
+OWN_COUNTS = ("ipi_sent", "ipi_ring_full", "ipi_esrch", "heartbeats_sent", "booted",
+              "ring_resets", "forged_commands")
+_OWN_COUNTS_AT = OWN_FIELDS[OWN_COUNTS[0]].offset
+assert [OWN_FIELDS[k].offset for k in OWN_COUNTS] == \
+    list(range(_OWN_COUNTS_AT, _OWN_COUNTS_AT + 8 * len(OWN_COUNTS), 8))
+_OWN_COUNTS = struct.Struct(f"<{len(OWN_COUNTS)}Q")
 OWN_RING_RESETS = OWN_FIELDS["ring_resets"].offset
 OWN_FORGED_COMMANDS = OWN_FIELDS["forged_commands"].offset
 
@@ -206,6 +213,11 @@ class OwnPage(_Record):
     kho_declared = _Int(OWN_FIELDS, "kho_declared")
     kho_flags = _Int(OWN_FIELDS, "kho_flags")
 
+    def counts(self) -> dict[str, int]:
+        """The instance's counters (OWN_COUNTS), read at once: the host's ``show`` reads them
+        for every instance (untrusted: plain integers, shown as read)."""
+        return dict(zip(OWN_COUNTS, _OWN_COUNTS.unpack_from(self.buf, self.base + _OWN_COUNTS_AT)))
+
     def set_metric(self, name: str, value: float) -> None:
         raw = name.encode()[:24]
         free = None
@@ -228,8 +240,12 @@ class OwnPage(_Record):
     def metrics(self) -> dict[str, float]:
         """The published metrics, checked: printable names, finite values."""
         out: dict[str, float] = {}
-        for i in range(METRICS_MAX):
-            raw, value = METRIC.unpack_from(self.buf, self.base + METRICS_AT + i * METRIC.size)
+        buf = self.buf
+        for at in range(self.base + METRICS_AT, self.base + METRICS_AT + METRICS_MAX * METRIC.size,
+                        METRIC.size):
+            if not buf[at]:
+                continue            # no name (a name that starts with NUL is refused anyway)
+            raw, value = METRIC.unpack_from(buf, at)
             name = raw.rstrip(b"\0")
             if name and all(32 < c < 127 for c in name) and value == value \
                     and abs(value) != float("inf"):

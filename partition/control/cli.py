@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from partition.control.client import Client, start_supervisor, stop_supervisor
+from partition.control.show import render_show
 from partition.errors import MKError
 from partition.host import rundir
-from partition.host.views import render_show
 from partition.units import format_cpulist, format_size
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -226,7 +226,8 @@ def cmd_kill(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    r = Client(a.run_dir).call("show", name=a.name)
+    brief = not a.name and getattr(a, "format", "text") == "text"     # the table's fields
+    r = Client(a.run_dir).call("show", name=a.name, **({"brief": True} if brief else {}))
     if a.name:
         counters = " ".join(f"{k}={v}" for k, v in r["counters"].items())
         text = f"{_one_line(r)}\n  counters: {counters}"

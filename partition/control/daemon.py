@@ -40,7 +40,7 @@ from partition.host.machine import Machine
 def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
     return {
         "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
-        "show": ({"name"}, m.show),
+        "show": ({"name", "brief"}, m.show),
         "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
                     "restart_window", "watchdog", "standby_for", "preserve_memory"}, m.create),
         "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog",

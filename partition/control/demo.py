@@ -19,8 +19,8 @@ import psutil
 
 from kernels.counter import read_count
 from partition.abi import message as M
+from partition.control.show import render_show
 from partition.host.machine import Machine
-from partition.host.views import render_show
 from partition.units import format_cpulist
 
 

@@ -77,6 +77,8 @@ class Arena:
                             | fcntl.F_SEAL_SEAL)
             os.set_inheritable(self.fd, False)
             self.map = mmap.mmap(self.fd, layout.arena_bytes)
+            self._peers: dict[int, PeerEntry] = {}
+            self._owns: dict[int, OwnPage] = {}
         except BaseException:
             os.close(self.fd)
             if shm_name is not None and not attach:
@@ -151,11 +153,20 @@ class Arena:
     # -- control slots ---------------------------------------------------------------------
     def peer(self, instance_id: int) -> PeerEntry:
         """The host's entry for ``instance_id`` in the peer table (the host writes it)."""
-        return peer_of(self.map, instance_id, self.layout.control_offset)
+        entry = self._peers.get(instance_id)
+        if entry is None:
+            entry = self._peers[instance_id] = peer_of(self.map, instance_id,
+                                                        self.layout.control_offset)
+        return entry
 
     def own(self, instance_id: int) -> OwnPage:
-        """What instance ``instance_id`` wrote about itself (untrusted)."""
-        return own_of(self.map, instance_id, self.layout.own_pages_offset)
+        """What instance ``instance_id`` wrote about itself (untrusted). The record objects
+        are kept (they hold only the map and an offset): ``show`` asks for 511 of them."""
+        page = self._owns.get(instance_id)
+        if page is None:
+            page = self._owns[instance_id] = own_of(self.map, instance_id,
+                                                    self.layout.own_pages_offset)
+        return page
 
     # -- memory ----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

@@ -287,14 +287,14 @@ class HostIPC:
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""
         ring = self.ring_of(inst.id).counters()
-        slot = self.m.arena.own(inst.id)
+        slot = self.m.arena.own(inst.id).counts()
         return {
-            "ipi_sent": slot.ipi_sent, "ipi_received": ring["received"],
-            "ipi_ring_full": slot.ipi_ring_full, "ipi_esrch": slot.ipi_esrch,
+            "ipi_sent": slot["ipi_sent"], "ipi_received": ring["received"],
+            "ipi_ring_full": slot["ipi_ring_full"], "ipi_esrch": slot["ipi_esrch"],
             "ipi_dropped_bad_size": ring["dropped_bad_size"],
             "ipi_dropped_unknown_type": ring["dropped_unknown_type"],
             "ipi_dropped_abandoned": ring["dropped_abandoned"],
             "ipi_doorbells": ring["doorbells"], "ipi_dropped_filtered": ring["dropped_filtered"],
-            "heartbeats_sent": slot.heartbeats_sent, "ipi_ring_resets": slot.ring_resets,
-            "forged_commands": slot.forged_commands,
+            "heartbeats_sent": slot["heartbeats_sent"], "ipi_ring_resets": slot["ring_resets"],
+            "forged_commands": slot["forged_commands"],
         }

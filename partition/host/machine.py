@@ -606,20 +606,39 @@ class Machine:
             "foreign_writes": dict(inst.foreign_writes),
         }
 
-    def show(self, name: str | None = None) -> dict[str, Any]:
+    def describe_brief(self, inst: Instance) -> dict[str, Any]:
+        """What ``mkctl show``'s table says of an instance: describe()'s fields less those
+        read from the instance's pages and ring (a table of 511 asks only for these)."""
+        return {
+            "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
+            "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
+            "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
+            "kernel": inst.kimage.label if inst.kimage else None,
+            "pid": inst.pid, "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
+            "failure": inst.failure,
+        }
+
+    def show(self, name: str | None = None, brief: bool = False) -> dict[str, Any]:
+        """One instance (describe) or the machine (snapshot); ``brief``: the machine with
+        each instance as ``describe_brief`` says it, for a table."""
         self._check_open()
+        if not isinstance(brief, bool):
+            raise InvalidSpec(f"brief must be true or false, got {brief!r}",
+                              "leave it out for everything")
         self.poll(0)
         if name is not None:
             d = self.describe(self._get(name))
             self.views.counters(d["name"], d["counters"])   # counters move: refresh on look
             return d
-        snap = self.snapshot()
-        for d in snap["instances"]:
-            self.views.counters(d["name"], d["counters"])
+        snap = self.snapshot(brief)
+        if not brief:
+            for d in snap["instances"]:
+                self.views.counters(d["name"], d["counters"])
         return snap
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, brief: bool = False) -> dict[str, Any]:
         cfg = self.config
+        describe = self.describe_brief if brief else self.describe
         return {
             "machine": {
                 "run_dir": self.run_dir, "supervisor_pid": os.getpid(),
@@ -633,7 +652,7 @@ class Machine:
             "pool": self._pool_fields(),
             "overlays": [t.to_dict() for t in self.overlays.visible()],
             "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
-            "instances": [self.describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
+            "instances": [describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
         }
 
     def console(self, name: str | int) -> str:

@@ -14,8 +14,6 @@ import os
 import shutil
 from typing import Any
 
-from partition.units import format_cpulist, format_size
-
 KIMAGE_HEADER = "MK_ID  Type        Start Address   Segments\n"
 #: the dashes kerf 0.4 finds its columns by (show/main.py: each block of dashes is a column)
 KIMAGE_SEPARATOR = "-----  ----------  --------------  --------\n"
@@ -86,53 +84,6 @@ def render_instance_tree(inst: dict[str, Any]) -> bytes:
                          shared=[phys.get(c, c) for c in inst["shared_cpus"]])
 
 
-def render_show(snapshot: dict[str, Any]) -> str:
-    m, pool = snapshot["machine"], snapshot["pool"]
-    out = [
-        f"machine {m['run_dir']}  host pid {m['supervisor_pid']}  host CPUs "
-        f"{format_cpulist(m['host_cpus']) or '-'}"
-        + (f"  (adopted from a dead host in {m['adopt_ms']} ms)" if m.get("adopt_ms") is not None
-           else "") + ("  [instances outlive this host]" if m.get("survive_host") else ""),
-        f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
-        f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
-        f"{format_size(pool['memory_bytes'])} (free "
-        f"{format_size(pool['memory_available']) if pool['memory_available'] else '0'})",
-    ]
-    if not m.get("protection", True):
-        out.append("MEMORY  UNPROTECTED: every instance maps the whole arena; a wild write "
-                   "corrupts its victim")
-    if m["oversubscribe"]:
-        out.append("MODE    OVERSUBSCRIBED: instances may share host cores; a spinning instance "
-                   "costs a peer on its core a scheduler timeslice per hop")
-    else:
-        out.append("MODE    dedicated: every instance owns its cores")
-    rows = [("ID", "NAME", "STATE", "CPUS", "MEMORY", "BASE", "KERNEL", "PID", "LAST EXIT")]
-    for i in snapshot["instances"]:
-        cpus = format_cpulist(i["cpus"]) + ("*" if i["shared_cpus"] else "")
-        last = i["last_exit"]["reason"] if i["last_exit"] else "-"
-        if i["failure"]:
-            last = f"FAILED: {i['failure']}"
-        rows.append((str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
-                     f"0x{i['memory_base']:x}", i["kernel"] or "-",
-                     str(i["pid"]) if i["pid"] else "-", last))
-    txs = snapshot.get("overlays", [])
-    if txs:
-        counts = {st: sum(1 for t in txs if t["status"] == st) for st in ("applied", "failed")}
-        last = txs[-1]
-        out.append(f"overlays {counts['applied']} applied, {counts['failed']} failed; last "
-                   f"tx_{last['id']} {last['status']}: {'; '.join(last['operations']) or '-'}"
-                   + (f" ({last['error']})" if last["error"] else ""))
-    if len(rows) == 1:
-        out.append("no instances")
-    else:
-        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
-        for r in rows:
-            out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-        if any(i["shared_cpus"] for i in snapshot["instances"]):
-            out.append("* = CPU shared with another instance or the host (oversubscribed)")
-    return "\n".join(out) + "\n"
-
-
 class ViewWriter:
     """Keeps proc/ and sys/ under a run directory in step with the machine, per change.
 
@@ -152,6 +103,7 @@ class ViewWriter:
         self.overlays_dir = os.path.join(self.sys, "overlays")
         os.makedirs(self.overlays_dir, exist_ok=True)
         self._cache: dict[str, str | bytes] = {}
+        self._counted: dict[str, dict[str, Any]] = {}     # what each counters file says
         self._names: set[str] = set()
         self._txs: set[int] = set()
         self._tree_key: dict[str, tuple[Any, ...]] = {}
@@ -223,13 +175,17 @@ class ViewWriter:
             self._rows_dirty = True
 
     def counters(self, name: str, counters: dict[str, Any]) -> None:
-        if name in self._names:
+        """An instance's counters file; not even rendered when the counters are those it
+        says already (``show`` refreshes all of them, and most have not moved)."""
+        if name in self._names and self._counted.get(name) != counters:
             self._put(os.path.join(self.instances_dir, name, "counters"),
                       "".join(f"{k} {v}\n" for k, v in counters.items()))
+            self._counted[name] = dict(counters)
 
     def remove(self, name: str) -> None:
         self._drop_dir(os.path.join(self.instances_dir, name))
         self._names.discard(name)
+        self._counted.pop(name, None)
         self._tree_key.pop(name, None)
         self._kimage_rows.pop(name, None)
         self._iomem_rows.pop(name, None)

@@ -1,0 +1,60 @@
+"""What ``mkctl show`` prints: the machine as a table, one row per instance.
+
+Kept apart from the views (``partition.host.views``) and from the rest of the CLI: a ``show``
+runs in a fresh interpreter each time, and what it imports is most of what it costs (``mkctl
+bench scale`` times it against a bare interpreter at 511 instances). The table needs only the
+fields ``Machine.describe_brief`` gives, which is what the CLI asks the host for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from partition.units import format_cpulist, format_size
+
+
+def render_show(snapshot: dict[str, Any]) -> str:
+    m, pool = snapshot["machine"], snapshot["pool"]
+    out = [
+        f"machine {m['run_dir']}  host pid {m['supervisor_pid']}  host CPUs "
+        f"{format_cpulist(m['host_cpus']) or '-'}"
+        + (f"  (adopted from a dead host in {m['adopt_ms']} ms)" if m.get("adopt_ms") is not None
+           else "") + ("  [instances outlive this host]" if m.get("survive_host") else ""),
+        f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
+        f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
+        f"{format_size(pool['memory_bytes'])} (free "
+        f"{format_size(pool['memory_available']) if pool['memory_available'] else '0'})",
+    ]
+    if not m.get("protection", True):
+        out.append("MEMORY  UNPROTECTED: every instance maps the whole arena; a wild write "
+                   "corrupts its victim")
+    if m["oversubscribe"]:
+        out.append("MODE    OVERSUBSCRIBED: instances may share host cores; a spinning instance "
+                   "costs a peer on its core a scheduler timeslice per hop")
+    else:
+        out.append("MODE    dedicated: every instance owns its cores")
+    rows = [("ID", "NAME", "STATE", "CPUS", "MEMORY", "BASE", "KERNEL", "PID", "LAST EXIT")]
+    for i in snapshot["instances"]:
+        cpus = format_cpulist(i["cpus"]) + ("*" if i["shared_cpus"] else "")
+        last = i["last_exit"]["reason"] if i["last_exit"] else "-"
+        if i["failure"]:
+            last = f"FAILED: {i['failure']}"
+        rows.append((str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
+                     f"0x{i['memory_base']:x}", i["kernel"] or "-",
+                     str(i["pid"]) if i["pid"] else "-", last))
+    txs = snapshot.get("overlays", [])
+    if txs:
+        counts = {st: sum(1 for t in txs if t["status"] == st) for st in ("applied", "failed")}
+        last = txs[-1]
+        out.append(f"overlays {counts['applied']} applied, {counts['failed']} failed; last "
+                   f"tx_{last['id']} {last['status']}: {'; '.join(last['operations']) or '-'}"
+                   + (f" ({last['error']})" if last["error"] else ""))
+    if len(rows) == 1:
+        out.append("no instances")
+    else:
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
+        for r in rows:
+            out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if any(i["shared_cpus"] for i in snapshot["instances"]):
+            out.append("* = CPU shared with another instance or the host (oversubscribed)")
+    return "\n".join(out) + "\n"
