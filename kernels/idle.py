@@ -1,14 +1,16 @@
 """The idle kernel: boots, says so, and halts its CPU until something rings the doorbell.
 
 The smallest useful image: the boot benchmark runs it, and it is the control in isolation
-experiments (an instance that costs nothing while it waits).
+experiments (an instance that costs nothing while it waits). It is tickless: no timer wakes
+it, so it sends heartbeats only when something woke it, and a host watchdog rings it before it
+would call it hung (``mkctl bench scale`` fills a machine with 511 of these).
 """
 
 from partition import Kernel
 
 
 class IdleKernel(Kernel):
-    idle_timeout = 1.0
+    idle_timeout = None
 
     def boot(self) -> None:
         self.printk(f"idle kernel up on CPUs {self.cpus} (physical {self.physical_cpus}), "

@@ -128,6 +128,28 @@ def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
 
 
+_boot_time: float | None = None
+
+
+def process_start_time(pid: int) -> float:
+    """When ``pid`` started, in seconds since the epoch, as psutil's ``create_time`` says it
+    (boot time + the start tick in /proc/PID/stat), 0.0 if there is no such process. One read:
+    psutil's reads /proc/PID/stat twice and /proc/stat once, 0.2 ms of every boot. The boot
+    time is read once per process (it moves only if the wall clock is stepped)."""
+    global _boot_time
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        start_ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
+        if _boot_time is None:
+            with open("/proc/stat", "rb") as f:
+                _boot_time = float(next(line for line in f if line.startswith(b"btime "))
+                                   .split()[1])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return _boot_time + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 # -- atomics on shared memory ----------------------------------------------------------------
 # Several instances claim slots of one IPI ring at once: that needs a compare-and-swap, which
 # Python lacks. libatomic (the GCC runtime, present wherever gcc is) exports it as a plain C

@@ -58,6 +58,34 @@ def test_idle_instance_under_watchdog_is_not_declared_hung(machine):
     assert machine.show("v")["state"] == "active" and machine.show("v")["failures"] == 0
 
 
+def test_a_tickless_kernel_sleeps_until_rung_and_the_watchdog_rings_it_first(machine):
+    """IdleKernel has no timer (idle_timeout None): its loop stands still until a doorbell. A
+    watchdog rings it at half its period instead of calling it hung, and a stopped one is
+    still caught."""
+    up(machine, "t", "kernels.idle:IdleKernel")
+    own = machine.arena.own(machine.show("t")["id"])
+    wait_until(machine, lambda: machine.show("t")["waiting"], timeout=5)
+    before = own.progress
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:
+        machine.poll(0.05)
+    assert own.progress == before                       # no lap: nothing woke it
+    assert machine.show("t")["waiting"] and machine.show("t")["counters"]["watchdog_nudges"] == 0
+    machine.send("t", M.MK_MSG_USER, "wake up")         # a doorbell: one lap at least
+    wait_until(machine, lambda: own.progress != before, timeout=5)
+
+    machine.update("t", watchdog=0.8)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:
+        machine.poll(0.05)
+    d = machine.show("t")
+    assert d["state"] == "active" and d["failures"] == 0
+    assert d["counters"]["watchdog_nudges"] >= 2
+    machine.fault("t", "hang-stop")                     # rung, it cannot answer: hung
+    f = last_failure(machine, "t")
+    assert f["kind"] == "hang" and f["fault"] == "hang-stop"
+
+
 def test_wild_write_with_protection_faults_in_the_offender(machine):
     victim = up(machine, "victim")
     up(machine, "bad", cpu=CPUS[0])

@@ -190,7 +190,7 @@ def test_halted_message_after_panic(machine):
 
 
 def test_heartbeats_reach_the_host(machine):
-    up(machine, "idle", "kernels.idle:IdleKernel")
+    up(machine, "idle", "kernels.counter:CounterKernel", "interval=0.05")   # a loop that laps
     wait_until(machine, lambda: machine.show("idle")["counters"].get("heartbeats", 0) >= 2,
                timeout=10)
     assert machine.show("idle")["last_heartbeat"] is not None

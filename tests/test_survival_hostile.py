@@ -356,7 +356,7 @@ def test_an_instance_that_exits_while_it_is_being_adopted(machines):
 
 
 def test_the_new_host_sleeps_when_nothing_happens(machines):
-    m = machines([("idle", IDLE, "")])             # a heartbeat a second, to the host
+    m = machines([("idle", IDLE, "")])             # tickless: nothing rings anyone
     ok(mk(m.run_dir, "adopt"))
     sup = psutil.Process(m.show()["machine"]["supervisor_pid"])
     time.sleep(0.5)

@@ -32,9 +32,9 @@ def assert_views_match(m):
         assert _read(os.path.join(d, "device_tree"), True) == render_instance_tree(i), i["name"]
 
 
-def _boot(m, name, cpu):
+def _boot(m, name, cpu, kernel=IDLE, cmdline=""):
     m.create(name, cpus=[cpu], memory="1M")
-    m.load(name, IDLE)
+    m.load(name, kernel, cmdline)
     wait_until(m, lambda: m.show(name)["resident"], timeout=30)
     # the host's sweep (counters views of instances whose heartbeat moved) is held off
     # meanwhile: what is counted is what the boot writes, not what a sweep due by chance does
@@ -88,7 +88,7 @@ def test_load_unload_resize_and_delete_keep_the_views_whole(machine):
 
 
 def test_counters_views_follow_the_sweep(machine):
-    _boot(machine, "c", CPUS[-1])
+    _boot(machine, "c", CPUS[-1], "kernels.counter:CounterKernel", "interval=0.05")
     path = os.path.join(machine.run_dir, "sys", "fs", "multikernel", "instances", "c",
                         "counters")
 

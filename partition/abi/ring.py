@@ -465,6 +465,10 @@ class Ring:
     def idle_leave(self) -> None:
         self.buf[IDLE] = 0
 
+    def receiver_idle(self) -> bool:
+        """Whether the receiver says it sleeps on its doorbell (its word: for display)."""
+        return bool(self.buf[IDLE])
+
     def spin(self, usec: float) -> bool:
         """Busy-wait up to ``usec`` microseconds for a claimed slot (a poller's wait)."""
         if _fast is not None:

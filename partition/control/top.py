@@ -50,6 +50,9 @@ class Sampler:
                 "pid": i["pid"], "cpu%": self._cpu(i["pid"], now), "rx/s": rx, "tx/s": tx,
                 "ring-full": c.get("ipi_ring_full", 0),
                 "progress": age if i["state"] == "active" else None,
+                # its kernel's word that it sleeps on its doorbell, unless its process is
+                # stopped (a SIGSTOP in that sleep leaves the word set)
+                "idle": bool(i.get("waiting")) and not self._stopped(i["pid"]),
                 "restarts": c.get("restarts", 0), "failures": i["failures"],
                 "last-exit": (i["last_exit"] or {}).get("how") or "-",
             })
@@ -64,6 +67,14 @@ class Sampler:
             return None
         delta = c.get(key, 0) - prev["counters"].get(key, 0)
         return delta / dt if delta >= 0 else None
+
+    @staticmethod
+    def _stopped(pid: int | None) -> bool:
+        try:
+            return bool(pid) and psutil.Process(pid).status() in (psutil.STATUS_STOPPED,
+                                                                 psutil.STATUS_TRACING_STOP)
+        except psutil.Error:
+            return False
 
     def _cpu(self, pid: int | None, now: float) -> float | None:
         if not pid:
@@ -107,9 +118,13 @@ def frame(snap: dict[str, Any], rows: list[dict[str, Any]], sort: str) -> Table:
     if reverse:
         ordered = sorted(rows, key=lambda r: r[sort] if r[sort] is not None else -1, reverse=True)
     for r in ordered:
+        # a loop that stood still is yellow, unless its kernel sleeps on its doorbell: idle
         style = "bold red" if r["state"] == "failed" else \
-            ("yellow" if r["progress"] is not None and r["progress"] > 2 else None)
-        table.add_row(*(_cell(r[c], c) for c in COLUMNS), style=style)
+            ("yellow" if r["progress"] is not None and r["progress"] > 2 and not r["idle"]
+             else None)
+        table.add_row(*(_cell(r[c], c) + (" idle" if c == "progress" and r["idle"]
+                                          and r[c] is not None and r[c] >= 1.0 else "")
+                        for c in COLUMNS), style=style)
     return table
 
 

@@ -5,7 +5,10 @@ windows on the arena: its own partition (``self.memory``), its console (``printk
 control area. The main loop is deliberately simple so that what the emulator measures is the
 kernel's work and not a framework: ``tick`` does one unit of work and says whether there was any;
 when there was none, the instance idles on its doorbell (the emulated HLT) until something rings
-it or ``idle_timeout`` passes.
+it or ``idle_timeout`` passes. A kernel with ``idle_timeout = None`` is tickless: nothing but a
+doorbell wakes it, so an idle instance costs no CPU at all (511 of them on two CPUs once took a
+twelfth of the machine, waking once a second each); its heartbeats then come only while it runs,
+and a host watchdog rings it before it calls a quiet kernel hung (docs/faults.md).
 
 Guarantees the loop gives a kernel:
 - ``boot`` runs once, after pinning and mapping, before the first ``tick``;
@@ -41,6 +44,9 @@ __all__ = ["IPI_SIGNAL", "Kernel", "KernelContext", "KernelPanic", "RefuseResour
 
 #: how often the main loop checks its own ring's header (check_ring)
 RING_CHECK_S = 0.1
+#: a tickless kernel's wait (``idle_timeout = None``) as the wait calls take it: a safety net
+#: of an hour, never a tick
+TICKLESS_S = 3600.0
 #: the main loop's bookkeeping (its progress count, heartbeats, the ring check) runs at most
 #: this often: every iteration, it cost a poll-mode round trip a third of a microsecond
 CHORES_S = 0.001
@@ -107,8 +113,9 @@ def heap_of(cmdline: str) -> int:
 class Kernel:
     """Base class of every kernel image."""
 
-    #: longest idle wait between two ticks, in seconds (the kernel's timer tick when idle)
-    idle_timeout: float = 0.5
+    #: longest idle wait between two ticks, in seconds (the kernel's timer tick when idle);
+    #: None: tickless, only a doorbell ends the wait
+    idle_timeout: float | None = 0.5
     #: IPI delivery: "interrupt" (block on the doorbell), "poll" (spin on the ring), "hybrid"
     #: (spin ``spin_us`` then block); the cmdline's ``mk_mode=`` overrides it
     mode: str = "interrupt"
@@ -263,6 +270,11 @@ class Kernel:
         self._halting = True
         self._halt_reason = reason
 
+    def _idle_s(self) -> float:
+        """The idle wait in seconds: ``idle_timeout``, or TICKLESS_S for a tickless kernel."""
+        t = self.idle_timeout
+        return TICKLESS_S if t is None else t
+
     def idle(self, timeout: float | None = None) -> bool:
         """The emulated HLT: block on the doorbell. Returns True if it was rung.
 
@@ -272,7 +284,7 @@ class Kernel:
         wake-up to the work it brings (interrupt round trip, median of 3x2 cells: 1.27x the
         raw eventfd baseline against 1.32x). The poll object is made once; waits shorter than
         2 ms use select(2), since poll(2) rounds its timeout up to a whole millisecond."""
-        t = self.idle_timeout if timeout is None else timeout
+        t = self._idle_s() if timeout is None else timeout
         fd = self.ctx.doorbell_fd
         try:                    # clear the doorbell now, before sleeping, not after waking
             os.eventfd_read(fd)
@@ -356,7 +368,7 @@ class Kernel:
                 return took
             self.ring.set_polling(False)
             try:
-                rung = self.ring.pending() or self.idle(min(timeout, self.idle_timeout))
+                rung = self.ring.pending() or self.idle(min(timeout, self._idle_s()))
             finally:
                 self.ring.set_polling(True)
             return self._take() if rung else 0
@@ -366,7 +378,7 @@ class Kernel:
         self._in_drain = True
         try:
             msgr = self.messenger
-            return self.ring.halt(self.ctx.doorbell_fd, min(timeout, self.idle_timeout),
+            return self.ring.halt(self.ctx.doorbell_fd, min(timeout, self._idle_s()),
                                   self._deliver, 64, None if msgr.waiting else msgr.handled,
                                   1.0, True, self._replies) or 0
         finally:
@@ -606,11 +618,11 @@ class Kernel:
                 busy = agent.step() or busy
                 if busy or got:
                     continue
-                drained = 0 < self._wait_ipi(agent.wait_hint(self.idle_timeout)) < 64
+                drained = 0 < self._wait_ipi(agent.wait_hint(self._idle_s())) < 64
                 continue
             if busy or got:
                 continue
-            drained = 0 < self._wait_ipi(self.idle_timeout) < 64
+            drained = 0 < self._wait_ipi(self._idle_s()) < 64
         # (the laps since the last bookkeeping are not added: the loop is over, and the count
         # stays what it was last seen as, whatever the kernel wrote there)
 

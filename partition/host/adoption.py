@@ -12,8 +12,8 @@ A new host (``mkctl adopt``, or ``mkctl init`` on the same run directory) opens 
 name and rebuilds its tables from the state file, checked against the arena and the processes.
 Every instance that was running is verified before it is adopted:
 
-* its pid lives and started when the file says (``psutil`` create time, to the hundredth of a
-  second), so a reused pid is never taken for it;
+* its pid lives and started when the file says (its start time as psutil's ``create_time``
+  says it, to the hundredth of a second), so a reused pid is never taken for it;
 * the pid is in the instance's own cgroup, which the host made and the instance cannot leave
   (its cgroup filesystem is read-only in its namespace);
 * the arena's peer table names that pid and that generation.
@@ -38,7 +38,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import posix_ipc
-import psutil
 
 from partition import linux
 from partition.abi.constants import MAX_INSTANCES
@@ -171,10 +170,7 @@ def leftovers(run_dir: str) -> bool:
 
 
 def _start_time(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0
+    return linux.process_start_time(pid)
 
 
 def _state_record(inst: Instance) -> str:

@@ -16,8 +16,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-import psutil
-
+from partition import linux
 from partition.abi import message as M
 from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
@@ -72,10 +71,7 @@ class Lifecycle:
             p.channel
         inst.child_fds, inst.adopted = p.child_fds, False
         if m.survive_host:                    # what a new host will check before adopting it
-            try:
-                inst.pid_start = psutil.Process(p.pid).create_time()
-            except psutil.Error:
-                inst.pid_start = 0.0
+            inst.pid_start = linux.process_start_time(p.pid)
         m.selector.modify(p.pidfd, selectors.EVENT_READ, (EXIT, inst))
         m.selector.register(p.channel, selectors.EVENT_READ, (CHANNEL, inst))
         inst.halt_requested = None

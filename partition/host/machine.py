@@ -593,6 +593,9 @@ class Machine:
             # seconds since its main loop last moved: a stopped or wedged kernel shows here
             "progress_age_s": round(time.monotonic() - inst.progress_mark[1], 1)
             if running and inst.progress_mark[0] >= 0 else None,
+            # its kernel says it sleeps on its doorbell (the idle HLT): a still loop that is
+            # idle, not stuck (the ring's own word: shown, never acted on)
+            "waiting": running and self.ipc.ring_of(inst.id).receiver_idle(),
             "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
             "counters": self._counters(inst),

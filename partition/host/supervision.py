@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from partition.errors import MKError
 from partition.host.exits import FAILURE_KINDS
 from partition.host.instance import ExitRecord, Instance, State
+from partition.host.lifecycle import ring
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -41,15 +42,28 @@ class Supervisor:
 
     def watchdog(self, watched: list[Instance]) -> None:
         """IHK's hang detection: an active instance whose progress counter stood still for
-        longer than its watchdog period is hung; it is force-halted and handled as a failure."""
+        longer than its watchdog period is hung; it is force-halted and handled as a failure.
+
+        A kernel may be quiet rather than hung: a tickless one (``idle_timeout = None``)
+        sleeps until a doorbell, and a slow tick may be longer than the period. So when the
+        counter has stood still for half the period the host rings the instance's doorbell,
+        once per stall (``watchdog_nudges`` counts it): a kernel that is only idle runs a lap
+        of its loop and counts; a hung one does not, and is force-halted at the full period.
+        The ring is the same the host gives any sender; it is a wake-up, not a message."""
         now = time.monotonic()
         m = self.m
         for inst in watched:
             value = m.arena.own(inst.id).progress
             last, since = inst.progress_seen
+            stalled = now - since
             if value != last or since == 0.0:
                 inst.progress_seen = (value, now)
-            elif now - since > inst.recovery.watchdog and inst.halt_requested is None \
+            elif stalled > inst.recovery.watchdog / 2 and inst.nudged != since \
+                    and stalled <= inst.recovery.watchdog and inst.doorbell_fd is not None:
+                inst.nudged = since
+                inst.counters["watchdog_nudges"] += 1
+                ring(inst.doorbell_fd)
+            elif stalled > inst.recovery.watchdog and inst.halt_requested is None \
                     and inst.pid is not None:
                 m.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
                                  stalled_s=round(now - since, 3), progress=value)
