@@ -64,10 +64,10 @@ def test_ipi_bench_shape_and_csv():
     assert {line.split(",")[7] for line in text[1:]} == {"1", "2"}  # rows per repeat
     # the candidate doorbells measured beside the eventfd, and every target judged
     for a, b in pairs:
-        for v in ("raw-af-unix", "raw-pipe"):
+        for v in ("raw-af-unix", "raw-pipe", "raw-futex"):
             assert (a, b, v) in by
     j = res["judgement"]
-    assert set(j["wake_p50_us"]) == {"raw-eventfd", "raw-af-unix", "raw-pipe"}
+    assert set(j["wake_p50_us"]) == {"raw-eventfd", "raw-af-unix", "raw-pipe", "raw-futex"}
     assert j["doorbell"] == "raw-eventfd" and j["fastest_wake"] in j["wake_p50_us"]
     assert {k.split()[0] for k in j["verdicts"]} == {"poll", "interrupt"}
     assert j["met"] == all(j["verdicts"].values())

@@ -4,7 +4,8 @@ For every ordered pair of distinct cores (a, b) and every delivery mode, a ``rol
 instance on a times ``--round-trips`` requests to an echo instance on b, and a ``role=stream``
 instance on a sends ``--stream`` one-way 64-byte messages to it. Between the same two cores, in
 the same run, bare Python baselines: a shared-memory spin ping-pong, and a blocking ping-pong
-through each candidate wake mechanism for a doorbell (eventfd, an AF_UNIX socket pair, a pipe).
+through each candidate wake mechanism for a doorbell (eventfd, an AF_UNIX socket pair, a pipe,
+a futex on shared memory).
 Poll and hybrid modes are compared with the spin baseline, interrupt mode with the eventfd
 baseline, since the emulator's doorbell is an eventfd (the wake-up table says whether another
 mechanism would wake faster here).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import itertools
 import json
@@ -123,8 +125,58 @@ def _raw_blocking(a: int, b: int, n: int, pair: Any, hop: Any) -> list[float]:
         return out
     finally:
         os.waitpid(pid, 0)
-        for fd in {ping_r, ping_w, pong_r, pong_w}:
-            os.close(fd)
+        for end in {ping_r, ping_w, pong_r, pong_w}:
+            if isinstance(end, int):
+                os.close(end)
+            else:
+                end.close()
+
+
+class FutexWord:
+    """A futex on a word of shared memory (made before the fork, so both sides map it): the
+    one wake mechanism with no descriptor. Python reaches futex(2) through ctypes, which adds
+    about a microsecond a call to a wake-up that costs tens; ``bench ipi`` measures it beside
+    the eventfd to see whether the wake itself is cheaper here (it was not: docs/benchmarks.md).
+    One writer per word: ``ring`` counts it up and wakes, ``wait`` sleeps while it stands
+    where this side last saw it."""
+
+    FUTEX_WAIT, FUTEX_WAKE = 0, 1
+
+    def __init__(self) -> None:
+        import ctypes
+        self._map = mmap.mmap(-1, mmap.PAGESIZE)        # MAP_SHARED: the child sees it
+        self._word = ctypes.c_uint32.from_buffer(self._map)
+        self._addr = ctypes.addressof(self._word)
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        # typed: untyped, ctypes would pass the address as a C int, and every wait would
+        # fail at once (EFAULT) and spin
+        syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        syscall.restype = ctypes.c_long
+        self._syscall = syscall
+        self._errno = ctypes.get_errno
+        self._nr = 202 if os.uname().machine == "x86_64" else 98     # SYS_futex
+        self._seen = 0
+
+    def ring(self) -> None:
+        self._word.value = (self._word.value + 1) & 0xFFFFFFFF
+        self._syscall(self._nr, self._addr, self.FUTEX_WAKE, 1, None, None, 0)
+
+    def wait(self) -> None:
+        while self._word.value == self._seen:      # EAGAIN (it moved) and EINTR: look again
+            if self._syscall(self._nr, self._addr, self.FUTEX_WAIT, self._seen, None, None,
+                             0) < 0 and self._errno() not in (errno.EAGAIN, errno.EINTR):
+                raise OSError(self._errno(), "futex wait")      # never a silent spin
+        self._seen = self._word.value
+
+    def close(self) -> None:
+        del self._word
+        self._map.close()
+
+
+def _futex_pair() -> tuple[FutexWord, FutexWord]:
+    w = FutexWord()
+    return w, w
 
 
 def _eventfd_pair() -> tuple[int, int]:
@@ -142,6 +194,7 @@ WAKE_MECHANISMS: dict[str, tuple[Any, tuple[Any, Any]]] = {
     "raw-eventfd": (_eventfd_pair, (lambda fd: os.eventfd_write(fd, 1), os.eventfd_read)),
     "raw-af-unix": (_socket_pair, (lambda fd: os.write(fd, b"!"), lambda fd: os.read(fd, 1))),
     "raw-pipe": (os.pipe, (lambda fd: os.write(fd, b"!"), lambda fd: os.read(fd, 1))),
+    "raw-futex": (_futex_pair, (FutexWord.ring, FutexWord.wait)),
 }
 
 
