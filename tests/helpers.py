@@ -17,6 +17,18 @@ def up(m, name, kernel="kernels.echo:EchoKernel", cmdline="", cpu=None, memory="
     return m.exec(name)
 
 
+#: what an instance's record says that moves on its own while nothing is asked of it: how long
+#: ago its loop moved and whether its kernel sleeps on its doorbell right now
+MOVES_ON_ITS_OWN = ("progress_age_s", "waiting")
+
+
+def settled(record):
+    """An instance record (describe) or a whole snapshot, less what moves on its own."""
+    if "instances" in record:
+        return {**record, "instances": [settled(i) for i in record["instances"]]}
+    return {k: v for k, v in record.items() if k not in MOVES_ON_ITS_OWN}
+
+
 def wait_until(m, pred, timeout=10.0):
     """Drive the machine until ``pred()`` holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
