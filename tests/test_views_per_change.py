@@ -146,3 +146,12 @@ def test_a_brief_that_is_not_a_boolean_is_refused(machine):
     for bad in ("yes", 1, None, float("nan")):
         with pytest.raises(InvalidSpec, match="brief must be true or false"):
             machine.show(brief=bad)
+
+
+def test_the_sweep_backs_off_while_nothing_moves_and_comes_back_when_something_does(machine):
+    from partition.abi import message as M
+    from partition.host.machine import SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
+    _boot(machine, "still", CPUS[-1])                        # tickless: nothing moves
+    wait_until(machine, lambda: machine._sweep_period == SWEEP_IDLE_MAX_S, timeout=10)
+    machine.send("still", M.MK_MSG_USER, "move")             # its loop laps: progress moves
+    wait_until(machine, lambda: machine._sweep_period == SWEEP_PERIOD_S, timeout=5)

@@ -61,6 +61,11 @@ from partition.units import format_size, parse_cpulist, parse_size, seconds
 
 #: the host's sweep (``Machine._sweep``): its period, and how many instances it looks at each
 SWEEP_PERIOD_S = 0.25
+#: ... and its longest period: a sweep that finds nothing moved (no loop, heartbeat or counter,
+#: no event or change since the last one) doubles the period up to this; anything that moves
+#: brings it back to SWEEP_PERIOD_S (an idle machine of 511 tickless kernels: the host's CPU
+#: 0.7-1.0% -> see docs/benchmarks.md)
+SWEEP_IDLE_MAX_S = 1.0
 SWEEP_BATCH = 32
 #: counters views rewritten per sweep: each every 0.25 s up to 8 instances, every 16 s at 511
 COUNTERS_BATCH = 8
@@ -164,6 +169,9 @@ class Machine:
         self.cgroups = Cgroups(os.path.basename(self.run_dir), survivable=self.survive_host,
                                adopt=adoption.cgroup_bases(self.run_dir) if self.adopting else None)
         self._filters_due = 0.0               # next sweep (see _sweep)
+        self._sweep_period = SWEEP_PERIOD_S     # longer while nothing moves
+        self._handled = 0                       # events the reactor handled, ever
+        self._swept_at = (-1, -1)               # (changes, events handled) at the last sweep
         self._sweep_at = self._counters_at = 0
         self._running: tuple[int, list[Instance]] = (-1, [])
         host = self.arena.peer(HOST_ID)
@@ -726,9 +734,18 @@ class Machine:
         if watched:
             self.supervisor.watchdog(watched)
         now = time.monotonic()
+        if handled:
+            self._handled += handled
+            if self._sweep_period > SWEEP_PERIOD_S:     # something moves: look again soon
+                self._sweep_period = SWEEP_PERIOD_S
+                self._filters_due = min(self._filters_due, now + SWEEP_PERIOD_S)
         if now >= self._filters_due:
-            self._filters_due = now + SWEEP_PERIOD_S
-            self._sweep(now)
+            moved = self._sweep(now)
+            quiet = not moved and self._swept_at == (self.changes, self._handled)
+            self._sweep_period = min(2 * self._sweep_period, SWEEP_IDLE_MAX_S) if quiet \
+                else SWEEP_PERIOD_S
+            self._swept_at = (self.changes, self._handled)
+            self._filters_due = now + self._sweep_period
         if self.writes is not None and self.writes.due(now):
             self.writes.scan()
         self.supervisor.run_restarts()
@@ -736,29 +753,34 @@ class Machine:
             self.lifecycle.spawn_successors()
         return handled
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: float) -> bool:
         """The host's look at what instances write where no event tells it: when each loop
         last moved (mkctl top), heartbeats, drop filters, stalled rings, and the counters
         views (COUNTERS_BATCH at a time). Every SWEEP_PERIOD_S it looks at the next
         SWEEP_BATCH running instances in turn, so its cost stays flat as a machine grows: each
-        instance is seen every 0.25 s up to 32 instances, every 4 s at 511. What it reads is
-        the instances' own words: counted and shown, never acted on."""
+        instance is seen every 0.25 s up to 32 instances, every 4 s at 511 (longer while nothing
+        moves: SWEEP_IDLE_MAX_S). What it reads is the instances' own words: counted and shown,
+        never acted on. Returns whether anything it read had moved."""
         if self._running[0] != self.changes:
             self._running = (self.changes, [i for i in self.instances.values()
                                             if i.state == State.ACTIVE and i.pid is not None])
         running = self._running[1]
         batch, self._sweep_at = _turn(running, self._sweep_at, SWEEP_BATCH)
         wall = time.time()
+        moved = False
+        writes = self.views.writes
         for inst in batch:
             own = self.arena.own(inst.id)
             progress = own.progress
             if progress != inst.progress_mark[0]:
                 inst.progress_mark = (progress, now)
+                moved = True
             beats = own.heartbeats_sent
             if beats != inst.heartbeats_seen:
+                moved = True
                 if inst.heartbeats_seen >= 0:
-                    moved = beats - inst.heartbeats_seen
-                    inst.counters["heartbeats"] += moved if 0 < moved < 1 << 20 else 1
+                    beat = beats - inst.heartbeats_seen
+                    inst.counters["heartbeats"] += beat if 0 < beat < 1 << 20 else 1
                     inst.last_heartbeat = wall
                 inst.heartbeats_seen = beats
         # the counters views, fewer at a time: each is a file write
@@ -767,6 +789,7 @@ class Machine:
             self.views.counters(inst.name, self._counters(inst))
         self.ipc.watch_filters(batch)
         self.ipc.watch_rings(batch)
+        return moved or self.views.writes != writes
 
     def next_timer(self) -> float | None:
         """Seconds until the machine has timed work of its own (a watchdog look, a write-watch
