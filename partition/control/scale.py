@@ -16,7 +16,8 @@ the way ``bench boot`` times it (the boot CPU answered). Per N it prints:
   ``mkctl show`` as a process, end to end (its table asks only for the table's fields), beside
   the interpreter's own start-up (``python -c pass``, 35-110 ms on the project VM: that part
   belongs to the machine, not the emulator);
-- the supervisor's CPU while the machine idles (``--idle`` seconds, from its own CPU clock),
+- the supervisor's CPU while the machine idles (``--idle`` seconds, from its own CPU clock, once
+  the host has looked at every instance since its boot),
   and meanwhile the kernels' CPU and the rest of the machine's (busy time in /proc/stat that is
   neither the host's, the kernels' nor the bench's);
 - USS per instance (median of up to 32), beside a bare ``fork()`` of the bench's interpreter
@@ -45,6 +46,7 @@ import psutil
 
 from partition.bench.boot import raw_boot_once
 from partition.control.client import Client, start_supervisor, stop_supervisor
+from partition.host.machine import SWEEP_BATCH, SWEEP_PERIOD_S
 from partition.stats import environment, environment_line, summary
 
 SIZES = (16, 64, 256, 511)
@@ -132,7 +134,11 @@ def one_size(n: int, idle_s: float, progress: str | None) -> dict[str, Any]:
         out["boot_ms_last"] = summary(boots[-LAST:])["p50"]
         out["raw_boot_ms"] = summary(raw)["p50"]
         out["boot_ms_all"] = summary(boots)["p50"]
-        time.sleep(1.0)                 # the last boots' first looks settle
+        # idle begins once the host has looked at every instance since it booted: its sweep
+        # sees SWEEP_BATCH of them every SWEEP_PERIOD_S, and a first look always finds a loop
+        # that moved (16 sweeps at 511: measured from 1 s after the last boot, the host's
+        # first round was 0.5 points of its 1% at rest)
+        time.sleep(1.0 + SWEEP_PERIOD_S * -(-n // SWEEP_BATCH))
         if progress:
             print(f"\r{progress}: idle {idle_s:g} s ...      ", end="", file=sys.stderr,
                   flush=True)
