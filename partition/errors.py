@@ -111,9 +111,11 @@ class NotSupported(MKError):
 
 
 class ZygoteError(MKError):
-    """The zygote (guest/zygote.py) could not fork an instance, or is gone."""
+    """The zygote (guest/zygote.py) could not fork an instance, or is gone. ``sent``: it came
+    after the request went, so the zygote may have forked for it."""
 
     errno = _errno.ECHILD
+    sent = False
 
 
 class ResourceRefused(MKError):

@@ -20,6 +20,7 @@
 #define _GNU_SOURCE             /* ppoll */
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -56,6 +57,38 @@
 #define ABANDONED UINT64_MAX
 #define REROUTE (-3)            /* a Port's answer: its peer entry names another incarnation */
 
+/* does a ring of this geometry fit a buffer of ``len`` bytes? */
+static int ring_fits(uint64_t len, uint64_t nslots, uint64_t stride, uint64_t slot_bytes)
+{
+    return nslots != 0 && stride >= SLOT_HEADER + slot_bytes &&
+           len >= RING_HEADER_BYTES + nslots * stride;
+}
+
+/* a buffer held for the u64 (or two u32) at ``at``, ``align``-aligned: a pointer to it, or NULL
+ * with the exception set (``what``) and nothing held */
+static char *hold_at(PyObject *o, Py_buffer *view, int flags, Py_ssize_t at, Py_ssize_t align,
+                     const char *what)
+{
+    if (PyObject_GetBuffer(o, view, flags) < 0)
+        return NULL;
+    if (at < 0 || at % align || at + 8 > view->len) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, what);
+        return NULL;
+    }
+    return (char *)view->buf + at;
+}
+
+/* is the slot at tail published (a reason to drain on, or not to sleep)? */
+static int tail_published(const char *base, uint64_t nslots, uint64_t stride)
+{
+    uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
+    if (t == __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE))
+        return 0;
+    const char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
+    return __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
+}
+
 static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, uint64_t *stride,
                      uint64_t *slot_bytes)
 {
@@ -68,8 +101,7 @@ static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, ui
         PyBuffer_Release(buf);
         return -1;
     }
-    if (*nslots == 0 || *stride < SLOT_HEADER + *slot_bytes ||
-        (uint64_t)buf->len < RING_HEADER_BYTES + *nslots * *stride) {
+    if (!ring_fits((uint64_t)buf->len, *nslots, *stride, *slot_bytes)) {
         PyBuffer_Release(buf);
         PyErr_SetString(PyExc_ValueError, "ring geometry does not fit the buffer");
         return -1;
@@ -281,11 +313,10 @@ static long ring_doorbell(long rc, long wake_fd, long signal_pid, long signo)
     return rc;
 }
 
-/* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset,
- *      [wake_fd, signal_pidfd, signo,] msg_type, data) -> errno (> 0), or the doorbell still to
- *      ring: 0 none (or rung here), -1 wake (the receiver is idle: write its eventfd),
- *      -2 interrupt (it is busy: signal it). With the doorbell arguments the doorbell is rung
- *      here, and a negative answer means it could not be.
+/* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset, msg_type,
+ *      data) -> errno (> 0), or the doorbell still to ring: 0 none, -1 wake (the receiver is
+ *      idle: write its eventfd), -2 interrupt (it is busy: signal it). (A Port rings the
+ *      doorbell itself.)
  * The fixed arguments come first so that a sender can bind them once (functools.partial).
  * With ``counters`` (a writable buffer; None: none) the u64 at ``offset`` in it counts the send
  * just before it is published: once the slot is visible the receiver may answer, and whoever
@@ -294,21 +325,11 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 {
     Py_buffer buf, data, counters = {0};
     uint64_t nslots, stride, slot_bytes;
-    if (nargs != 10 && nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "send takes 10 or 13 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "send takes 10 arguments");
         return NULL;
     }
-    /* the 13-argument form carries the doorbell: wake_fd, signal_pidfd (in signal_pid), signo */
-    int ring_it = nargs == 13;
-    long wake_fd = -1, signal_pid = 0, signo = 0;
-    if (ring_it) {
-        wake_fd = PyLong_AsLong(args[8]);
-        signal_pid = PyLong_AsLong(args[9]);
-        signo = PyLong_AsLong(args[10]);
-        if (PyErr_Occurred())
-            return NULL;
-    }
-    PyObject *type_arg = args[nargs - 2], *data_arg = args[nargs - 1];
+    PyObject *type_arg = args[8], *data_arg = args[9];
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
     uint64_t sender = PyLong_AsUnsignedLongLong(args[4]);
@@ -322,19 +343,12 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (args[6] != Py_None) {
         Py_ssize_t off = PyLong_AsSsize_t(args[7]);
         if ((off == -1 && PyErr_Occurred()) ||
-            PyObject_GetBuffer(args[6], &counters, PyBUF_WRITABLE) < 0) {
+            (count = (uint64_t *)hold_at(args[6], &counters, PyBUF_WRITABLE, off, 8,
+                                         "counter offset outside the buffer")) == NULL) {
             PyBuffer_Release(&data);
             PyBuffer_Release(&buf);
             return NULL;
         }
-        if (off < 0 || off % 8 || off + 8 > counters.len) {
-            PyBuffer_Release(&counters);
-            PyBuffer_Release(&data);
-            PyBuffer_Release(&buf);
-            PyErr_SetString(PyExc_ValueError, "counter offset outside the buffer");
-            return NULL;
-        }
-        count = (uint64_t *)((char *)counters.buf + off);
     }
     long rc = publish((char *)buf.buf, nslots, stride, slot_bytes, sender, cpu,
                       count, type, NULL, 0, data.buf, (uint64_t)data.len);
@@ -342,8 +356,6 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyBuffer_Release(&counters);
     PyBuffer_Release(&data);
     PyBuffer_Release(&buf);
-    if (ring_it && rc < 0)
-        rc = ring_doorbell(rc, wake_fd, signal_pid, signo);
     return PyLong_FromLong(rc);
 }
 
@@ -542,9 +554,9 @@ static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
  * answer as it is (REROUTE, a refusal, a doorbell it could not ring) hands it to
  * ``after(sender, rc, type, id, result)``, the Endpoint's slow path. Returns 1 (done), 0 (left
  * to deliver), -1 (an exception, raised by the handler or its answer: as from deliver). */
-static PyObject *port_message(PyObject *p, PyObject *const *args, Py_ssize_t nargs);
+typedef struct Port Port;
+static long port_put(Port *p, uint32_t t32, uint32_t s32, uint64_t m64, PyObject *payload);
 static PyTypeObject PortType;
-static PyObject *sub_response = NULL;       /* PyLong SUB_RESPONSE, made once */
 #define SUB_REQUEST 0x40000000u
 
 static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
@@ -577,18 +589,13 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
         PyObject *port = PyDict_GetItemWithError(d->ports, row[1]);
         long sent = REROUTE;
         if (port != NULL && Py_IS_TYPE(port, &PortType)) {
-            PyObject *margs[4] = {row[0], sub_response, mid, result};
+            unsigned long long m64 = PyLong_AsUnsignedLongLong(mid);
             Py_INCREF(port);
-            PyObject *got = port_message(port, margs, 4);
+            if (!(m64 == (unsigned long long)-1 && PyErr_Occurred()))
+                sent = port_put((Port *)port, type, SUB_RESPONSE, m64, result);
             Py_DECREF(port);
-            if (got == NULL)
+            if (PyErr_Occurred())
                 rc = -1;                     /* the answer cannot be encoded: as from deliver */
-            else {
-                sent = PyLong_AsLong(got);
-                Py_DECREF(got);
-                if (sent == -1 && PyErr_Occurred())
-                    rc = -1;
-            }
         } else if (PyErr_Occurred())
             rc = -1;
         if (rc > 0 && sent != 0) {
@@ -606,25 +613,16 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
     return rc;
 }
 
-/* is the slot at tail published (a reason to drain on)? */
-static int tail_published(struct drain_state *d)
+/* drain's work on a ring already held in ``buf`` (released here), ``args`` as drain takes
+ * them: drain, and poll and halt after their wait, without parsing the ring again */
+static PyObject *drain_held(Py_buffer *buf, uint64_t nslots, uint64_t stride,
+                            uint64_t slot_bytes, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t t = __atomic_load_n((uint64_t *)(d->base + TAIL), __ATOMIC_ACQUIRE);
-    if (t == __atomic_load_n((uint64_t *)(d->base + HEAD), __ATOMIC_ACQUIRE))
-        return 0;
-    char *slot = d->base + RING_HEADER_BYTES + (t % d->nslots) * d->stride;
-    return __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
-}
-
-static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer buf;
     struct drain_state d;
     memset(&d, 0, sizeof d);
-    if (nargs < 5 || nargs > 9) {
-        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 9 arguments");
-        return NULL;
-    }
+    d.nslots = nslots;
+    d.stride = stride;
+    d.slot_bytes = slot_bytes;
     d.deliver = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
     if (d.deliver != NULL && nargs == 9 && args[8] != Py_None) {
         PyObject *t = args[8];
@@ -636,6 +634,7 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
                                || !PyCallable_Check(PyTuple_GET_ITEM(t, 4))))) {
             PyErr_SetString(PyExc_TypeError, "replies: (waiting, responses[, handlers, ports, "
                                              "after]), dicts and a callable, after configure()");
+            PyBuffer_Release(buf);
             return NULL;
         }
         d.waiting = PyTuple_GET_ITEM(t, 0);
@@ -647,12 +646,10 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
     }
     int hush = d.deliver != NULL && nargs >= 8 && PyObject_IsTrue(args[7]) == 1;
-    if (ring_args(args, &buf, &d.nslots, &d.stride, &d.slot_bytes) < 0)
-        return NULL;
     Py_buffer handled = {0};                 /* bitmap: bit t set = type t has a handler */
     int filter = nargs >= 6 && args[5] != Py_None;
     if (filter && PyObject_GetBuffer(args[5], &handled, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&buf);
+        PyBuffer_Release(buf);
         return NULL;
     }
     d.bits = filter ? (const uint8_t *)handled.buf : NULL;
@@ -663,10 +660,10 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (PyErr_Occurred()) {
         if (filter)
             PyBuffer_Release(&handled);
-        PyBuffer_Release(&buf);
+        PyBuffer_Release(buf);
         return NULL;
     }
-    char *base = d.base = (char *)buf.buf;
+    char *base = d.base = (char *)buf->buf;
     long total = 0;
     int more = 0, failed = 0;
     volatile uint8_t *polling = (volatile uint8_t *)(base + POLLING);
@@ -690,7 +687,8 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
         /* lower the flag with a full barrier, then look: a sender that saw it raised
          * published before it and is seen here; one that did not rings as usual */
         __atomic_store_n((uint8_t *)polling, 0, __ATOMIC_SEQ_CST);
-        if (more || total >= limit || d.et != NULL || !tail_published(&d))
+        if (more || total >= limit || d.et != NULL
+                || !tail_published(base, d.nslots, d.stride))
             break;
         __atomic_store_n((uint8_t *)polling, 1, __ATOMIC_SEQ_CST);
     }
@@ -707,7 +705,7 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     if (filter)
         PyBuffer_Release(&handled);
-    PyBuffer_Release(&buf);
+    PyBuffer_Release(buf);
     if (failed) {
         Py_XDECREF(d.out);
         Py_XDECREF(d.et);
@@ -722,6 +720,19 @@ static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (d.out != NULL)
         return Py_BuildValue("(Nil)", d.out, more, total);
     return Py_BuildValue("(lil)", d.delivered, more, total);
+}
+
+static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    uint64_t nslots, stride, slot_bytes;
+    if (nargs < 5 || nargs > 9) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 5 to 9 arguments");
+        return NULL;
+    }
+    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
+        return NULL;
+    return drain_held(&buf, nslots, stride, slot_bytes, args, nargs);
 }
 
 /* spin(ring, usec) -> bool: busy-wait until the ring has a claimed slot, at most ``usec``
@@ -821,13 +832,13 @@ static PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     uint64_t nslots, stride, slot_bytes;
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
-    int any = spin_published((char *)buf.buf, nslots, stride, usec);
-    PyBuffer_Release(&buf);
-    if (!any)
+    if (!spin_published((char *)buf.buf, nslots, stride, usec)) {
+        PyBuffer_Release(&buf);
         Py_RETURN_NONE;
+    }
     PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[5], args[6], args[7],
                                args[8], nargs == 10 ? args[9] : Py_None};
-    return fr_drain(self, drain_args, 9);
+    return drain_held(&buf, nslots, stride, slot_bytes, drain_args, 9);
 }
 
 /* idle_enter(ring, nslots, stride, slot_bytes) -> bool: announce "idle" with a full barrier,
@@ -850,12 +861,7 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
      * while we sleep. From here on a sender either finds it clear and rings, or published
      * before this store, and then the look below sees its message. */
     __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);
-    uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
-    int pending = 0;
-    if (t != __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE)) {
-        char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
-        pending = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
-    }
+    int pending = tail_published(base, nslots, stride);
     PyBuffer_Release(&buf);
     return PyBool_FromLong(pending);
 }
@@ -893,12 +899,7 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     __atomic_store_n((uint8_t *)(base + POLLING), 0, __ATOMIC_SEQ_CST);
     __atomic_store_n((uint32_t *)(base + IDLE), 1, __ATOMIC_SEQ_CST);
     __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);   /* as idle_enter */
-    uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
-    int rung = 0;
-    if (t != __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE)) {
-        char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
-        rung = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
-    }
+    int rung = tail_published(base, nslots, stride);
     if (!rung) {
         struct pollfd pfd = {fd, POLLIN, 0};
         struct timespec ts;
@@ -928,13 +929,14 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         }
     }
     __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-    PyBuffer_Release(&buf);
-    if (!rung)
+    if (!rung) {
+        PyBuffer_Release(&buf);
         Py_RETURN_NONE;
+    }
     PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[6], args[7],
                                nargs >= 9 ? args[8] : Py_None, nargs >= 10 ? args[9] : Py_False,
                                nargs == 11 ? args[10] : Py_None};
-    return fr_drain(self, drain_args, 9);
+    return drain_held(&buf, nslots, stride, slot_bytes, drain_args, 9);
 }
 
 /* mk_message decoding (message.py's ``decode``, for the receive path). configure(Message,
@@ -1043,7 +1045,7 @@ static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * ints and booleans here, anything else through the configured packer. Answers as send: an
  * errno, 0, or the doorbell it could not ring (-1, -2), or REROUTE. */
 
-typedef struct {
+struct Port {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     Py_buffer ring, counters, peers;
@@ -1052,7 +1054,7 @@ typedef struct {
     long wake_fd, signal_pid, signo;
     Py_ssize_t peer_at;
     uint32_t want_state, want_pid;
-} Port;
+};
 
 static PyObject *port_call(Port *p, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
@@ -1100,36 +1102,27 @@ static PyObject *port_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     p->open = 1;
-    if (nslots == 0 || stride < SLOT_HEADER + slot_bytes ||
-            (uint64_t)p->ring.len < RING_HEADER_BYTES + nslots * stride) {
+    if (!ring_fits((uint64_t)p->ring.len, nslots, stride, slot_bytes)) {
         Py_DECREF(p);
         PyErr_SetString(PyExc_ValueError, "ring geometry does not fit the buffer");
         return NULL;
     }
     if (counters != Py_None) {
-        if (PyObject_GetBuffer(counters, &p->counters, PyBUF_WRITABLE) < 0) {
+        p->count = (uint64_t *)hold_at(counters, &p->counters, PyBUF_WRITABLE, off, 8,
+                                       "counter offset outside the buffer");
+        if (p->count == NULL) {
             Py_DECREF(p);
             return NULL;
         }
         p->has_counters = 1;
-        if (off < 0 || off % 8 || off + 8 > p->counters.len) {
-            Py_DECREF(p);
-            PyErr_SetString(PyExc_ValueError, "counter offset outside the buffer");
-            return NULL;
-        }
-        p->count = (uint64_t *)((char *)p->counters.buf + off);
     }
     if (peers != Py_None) {
-        if (PyObject_GetBuffer(peers, &p->peers, PyBUF_SIMPLE) < 0) {
+        if (hold_at(peers, &p->peers, PyBUF_SIMPLE, peer_at, 4,
+                    "peer entry outside the table") == NULL) {
             Py_DECREF(p);
             return NULL;
         }
         p->has_peers = 1;
-        if (peer_at < 0 || peer_at % 4 || peer_at + 8 > p->peers.len) {
-            Py_DECREF(p);
-            PyErr_SetString(PyExc_ValueError, "peer entry outside the table");
-            return NULL;
-        }
         p->peer_at = peer_at;
     }
     p->nslots = nslots;
@@ -1195,35 +1188,20 @@ static PyObject *port_call(Port *p, PyObject *const *args, size_t nargsf, PyObje
 /* message(type, sub, id, payload): the mk_message (message.py HEADER "<IIQI", then the msgpack
  * payload) written into the slot. The forms encoded here are byte for byte what msgpack's
  * Packer(use_bin_type=True) writes; the decode in this file reads the same ones back. */
-static PyObject *port_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+#define PUT_FAILED LONG_MIN              /* port_put: a Python exception is set */
+
+/* one mk_message written into the ring by ``p``: send's answer (0, an errno, a doorbell it
+ * could not ring, REROUTE), or PUT_FAILED. message, messages and the C dispatch's answers */
+static long port_put(Port *p, uint32_t t32, uint32_t s32, uint64_t m64, PyObject *payload)
 {
-    Port *p = (Port *)self;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "message(msg_type, subtype, msg_id, payload)");
-        return NULL;
-    }
     if (!port_open(p))
-        return NULL;
-    unsigned long type = PyLong_AsUnsignedLong(args[0]);
-    if (type == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long sub = PyLong_AsUnsignedLong(args[1]);
-    if (sub == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
-    if (mid == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    if (type > 0xFFFFFFFFul || sub > 0xFFFFFFFFul) {
-        PyErr_SetString(PyExc_OverflowError, "message type and subtype are u32");
-        return NULL;
-    }
+        return PUT_FAILED;
     unsigned char head[20 + 5];
-    uint32_t t32 = (uint32_t)type, s32 = (uint32_t)sub, plen;
-    uint64_t m64 = mid;
+    uint32_t plen;
     memcpy(head, &t32, 4);                   /* little-endian, as the host: x86 */
     memcpy(head + 4, &s32, 4);
     memcpy(head + 8, &m64, 8);
-    PyObject *payload = args[3], *packed = NULL;
+    PyObject *packed = NULL;
     const void *body = NULL;
     uint64_t hlen = 20, blen = 0;
     if (PyBytes_CheckExact(payload)) {
@@ -1247,7 +1225,7 @@ static PyObject *port_message(PyObject *self, PyObject *const *args, Py_ssize_t 
             head[24] = (unsigned char)n;
             hlen = 25;
         } else
-            return PyLong_FromLong(EMSGSIZE);
+            return EMSGSIZE;
     } else if (payload == Py_None) {
         head[20] = 0xC0;
         hlen = 21;
@@ -1262,33 +1240,70 @@ static PyObject *port_message(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_Clear();                       /* (a long too big for AsLong) */
         if (payload_pack == NULL) {
             PyErr_SetString(PyExc_TypeError, "configure() the packer first");
-            return NULL;
+            return PUT_FAILED;
         }
         packed = PyObject_CallOneArg(payload_pack, payload);
         if (packed == NULL)
-            return NULL;
+            return PUT_FAILED;
         if (!PyBytes_Check(packed)) {
             Py_DECREF(packed);
             PyErr_SetString(PyExc_TypeError, "the packer must return bytes");
-            return NULL;
+            return PUT_FAILED;
         }
         body = PyBytes_AS_STRING(packed);
         blen = (uint64_t)PyBytes_GET_SIZE(packed);
     }
     if (!port_open(p)) {                     /* (the packer ran Python: it may have closed us) */
         Py_XDECREF(packed);
-        return NULL;
+        return PUT_FAILED;
     }
     uint64_t payload_len = hlen - 20 + blen;
     if (payload_len > 0xFFFFFFFFu) {
         Py_XDECREF(packed);
-        return PyLong_FromLong(EMSGSIZE);
+        return EMSGSIZE;
     }
     plen = (uint32_t)payload_len;
     memcpy(head + 16, &plen, 4);
     long rc = port_send(p, t32, head, hlen, body, blen);
     Py_XDECREF(packed);
-    return PyLong_FromLong(rc);
+    return rc;
+}
+
+/* a message's type and subtype, u32 each: 0, or -1 with an exception set */
+static int message_kind(PyObject *type_arg, PyObject *sub_arg, uint32_t *type, uint32_t *sub)
+{
+    unsigned long t = PyLong_AsUnsignedLong(type_arg);
+    if (t == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    unsigned long s = PyLong_AsUnsignedLong(sub_arg);
+    if (s == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (t > 0xFFFFFFFFul || s > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "message type and subtype are u32");
+        return -1;
+    }
+    *type = (uint32_t)t;
+    *sub = (uint32_t)s;
+    return 0;
+}
+
+static PyObject *port_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Port *p = (Port *)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "message(msg_type, subtype, msg_id, payload)");
+        return NULL;
+    }
+    if (!port_open(p))
+        return NULL;
+    uint32_t type, sub;
+    if (message_kind(args[0], args[1], &type, &sub) < 0)
+        return NULL;
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    long rc = port_put(p, type, sub, mid, args[3]);
+    return rc == PUT_FAILED ? NULL : PyLong_FromLong(rc);
 }
 
 /* messages(type, sub, first_id, payloads) -> (sent, rc): ``message`` for each payload in turn,
@@ -1317,21 +1332,18 @@ static PyObject *port_messages(PyObject *self, PyObject *const *args, Py_ssize_t
         return NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(seq), sent = 0;
     long rc = 0;
+    uint32_t type = 0, sub = 0;
+    if (n > 0 && message_kind(args[0], args[1], &type, &sub) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
     for (; sent < n; sent++) {
-        PyObject *id = PyLong_FromUnsignedLongLong(first + (unsigned long long)sent);
-        if (id == NULL) {
+        rc = port_put((Port *)self, type, sub, first + (unsigned long long)sent,
+                      PyTuple_GET_ITEM(seq, sent));
+        if (rc == PUT_FAILED) {
             Py_DECREF(seq);
             return NULL;
         }
-        PyObject *margs[4] = {args[0], args[1], id, PyTuple_GET_ITEM(seq, sent)};
-        PyObject *got = port_message(self, margs, 4);
-        Py_DECREF(id);
-        if (got == NULL) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        rc = PyLong_AsLong(got);
-        Py_DECREF(got);
         if (rc != 0) {
             if (rc < 0 && rc != REROUTE)
                 sent++;              /* published; its doorbell is the caller's to ring */
@@ -1397,8 +1409,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastring", NULL, -1
 PyMODINIT_FUNC PyInit__fastring(void)
 {
     if (PyType_Ready(&PortType) < 0)
-        return NULL;
-    if (sub_response == NULL && (sub_response = PyLong_FromUnsignedLong(SUB_RESPONSE)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

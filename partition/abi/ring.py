@@ -312,11 +312,8 @@ class Ring:
         signal), and a negative answer then means the doorbell could not be rung and is the
         caller's to ring."""
         cbuf, coff = counter if counter is not None else (None, 0)
-        if _fast is not None:
-            if doorbell is not None:
-                return functools.partial(_fast.send, self.buf, self.nslots, self.stride,
-                                         self.slot_bytes, sender_id, sender_cpu, cbuf, coff,
-                                         *doorbell)
+        if _fast is not None and doorbell is None:
+            # (the C send does not ring: with the C ring, a sender that rings takes a Port)
             return functools.partial(_fast.send, self.buf, self.nslots, self.stride,
                                      self.slot_bytes, sender_id, sender_cpu, cbuf, coff)
 
@@ -484,18 +481,12 @@ class Ring:
              limit: int = 64, abandon_after: float = 1.0,
              handled: bytes | bytearray | None = None, hush: bool = False,
              replies: Replies | None = None) -> int | None:
-        """``spin`` then ``drain``, in one call with the C ring: None when nothing was claimed
-        within ``usec`` microseconds, else what ``drain`` returns."""
-        if _fast is not None:
-            got = _fast.poll(self.buf, self.nslots, self.stride, self.slot_bytes, float(usec),
-                             limit, handled, deliver, hush, replies)
-            if got is None:
-                return None
-            return got[2] if not got[1] else self._rest(got, limit, abandon_after, handled,
-                                                        deliver)
+        """``spin`` then ``drain``: None when nothing was claimed within ``usec``
+        microseconds, else what ``drain`` returns. (With the C ring a poller takes
+        ``poller()``, both in one call.)"""
         if not self.spin(usec):
             return None
-        return self.drain(deliver, limit, abandon_after, handled, hush)
+        return self.drain(deliver, limit, abandon_after, handled, hush, replies)
 
     def poller(self) -> Callable[..., Any] | None:
         """``poll``'s C half with the ring bound once, for a poller's hot wait:

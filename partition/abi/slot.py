@@ -117,7 +117,6 @@ OWN_RING_RESETS = OWN_FIELDS["ring_resets"].offset
 OWN_FORGED_COMMANDS = OWN_FIELDS["forged_commands"].offset
 
 U32 = _U32                  # one field read on a hot path (PeerTable.route's redirect)
-U64 = _U64                  # (Kernel._progress: many iterations added at once)
 
 #: (peer_state, pid) in one read: adjacent on purpose, a send checks both
 STATE_PID = struct.Struct("<II")
@@ -127,9 +126,9 @@ EPOCH_STATE_PID = struct.Struct("<4xI16xII")
 assert PEER_PID == PEER_STATE + 4
 
 
-def bump(buf: Any, offset: int) -> None:
-    """Add one to the u64 counter at ``offset`` of ``buf`` (wrapping)."""
-    _U64.pack_into(buf, offset, (_U64.unpack_from(buf, offset)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+def bump(buf: Any, offset: int, n: int = 1) -> None:
+    """Add ``n`` to the u64 counter at ``offset`` of ``buf`` (wrapping)."""
+    _U64.pack_into(buf, offset, (_U64.unpack_from(buf, offset)[0] + n) & 0xFFFFFFFFFFFFFFFF)
 
 
 class _Int:

@@ -16,10 +16,9 @@ the way ``bench boot`` times it (the boot CPU answered). Per N it prints:
   ``mkctl show`` as a process, end to end (its table asks only for the table's fields), beside
   the interpreter's own start-up (``python -c pass``, 35-110 ms on the project VM: that part
   belongs to the machine, not the emulator);
-- the supervisor's CPU while the machine idles (``--idle`` seconds, from its own CPU clock, once
-  the host has looked at every instance since its boot),
-  and meanwhile the kernels' CPU and the rest of the machine's (busy time in /proc/stat that is
-  neither the host's, the kernels' nor the bench's);
+- the supervisor's CPU while the machine idles (``--idle`` seconds, once the host has looked at
+  every instance since its boot), and meanwhile the kernels' CPU and the rest of the machine's
+  (busy time in /proc/stat that is neither the host's, the kernels' nor the bench's);
 - USS per instance (median of up to 32), beside a bare ``fork()`` of the bench's interpreter
   (the floor any Python instance pays);
 - ``mkctl shutdown`` of the whole machine, end to end.
@@ -121,7 +120,7 @@ def one_size(n: int, idle_s: float, progress: str | None) -> dict[str, Any]:
         "cpus": ",".join(map(str, cpus)), "memory": f"{n + 16}M",
         "host_cpus": str(cpus[0]), "oversubscribe": True, "kill_timeout": 10.0,
         "protection": True, "survive_host": True})
-    host = psutil.Process(info["pid"])
+    host = info["pid"]
     out: dict[str, Any] = {"n": n}
     stopped = False
     try:
@@ -144,10 +143,10 @@ def one_size(n: int, idle_s: float, progress: str | None) -> dict[str, Any]:
                   flush=True)
         kernels = [i["pid"] for i in c.call("show", brief=True)["instances"] if i["pid"]]
         k0, m0, b0 = _cpu_of(kernels), _machine_busy(), _own_cpu()
-        h0 = _cpu_of([host.pid])
+        h0 = _cpu_of([host])
         t0 = time.monotonic()
         time.sleep(idle_s)
-        h1 = _cpu_of([host.pid])
+        h1 = _cpu_of([host])
         wall = time.monotonic() - t0
         k1, m1, b1 = _cpu_of(kernels), _machine_busy(), _own_cpu()
         host_s = h1 - h0
@@ -216,9 +215,10 @@ def _cpu_of(pids: list[int]) -> float:
 
 
 def _machine_busy() -> float:
-    """CPU seconds the whole machine has spent not idle (/proc/stat)."""
+    """CPU seconds the whole machine has run anything (/proc/stat): user time already holds
+    guest time, and steal is time the hypervisor ran someone else."""
     t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    return float(t.user + t.nice + t.system + t.irq + t.softirq)
 
 
 def _own_cpu() -> float:
@@ -248,8 +248,7 @@ def run(sizes: tuple[int, ...] = SIZES, repeats: int = 3, idle_s: float = 5.0,
         print(file=sys.stderr)
     keys = ("boot_ms_last", "raw_boot_ms", "boot_ms_all", "idle_host_cpu_pct",
             "idle_instances_cpu_pct", "idle_other_cpu_pct", "show_wire_ms", "show_cli_ms",
-            "python_ms",
-            "uss_mb", "shutdown_s")
+            "python_ms", "uss_mb", "shutdown_s")
     results = []
     for n in sizes:
         cells = [c for c in runs if c["n"] == n]
@@ -262,7 +261,7 @@ def run(sizes: tuple[int, ...] = SIZES, repeats: int = 3, idle_s: float = 5.0,
     res: dict[str, Any] = {
         "benchmark": "scale", "sizes": list(sizes), "repeats": repeats, "idle_s": idle_s,
         "kernel": KERNEL, "environment": environment(), "nofile_limit": [soft, hard],
-        "baselines": {                      "raw_fork_uss_mb": _median(uss_floor)},
+        "baselines": {"raw_fork_uss_mb": _median(uss_floor)},
         "results": results, "runs": runs, "targets": TARGETS}
     res["verdicts"] = judge(res)
     return res

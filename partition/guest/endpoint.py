@@ -271,18 +271,22 @@ class Endpoint:
             if not rc:
                 return target
             if rc != REROUTE:
-                self._settle(target, rc, len(encode(msg_type, subtype, msg_id, payload))
-                             if rc > 0 else 0)
+                self._settle(target, rc, (msg_type, subtype, msg_id, payload))
                 return target
             del self._ports[target]     # that incarnation is gone: route from now on (a
                                         # standby serves it) until a binding to it is made
         return self.post(target, msg_type, encode(msg_type, subtype, msg_id, payload))
 
-    def _settle(self, target: int, rc: int, size: int) -> None:
-        """A send's answer other than done or REROUTE: a refusal of a message of ``size``
-        bytes (counted, and raised as ``send`` would), or a doorbell it could not ring."""
+    def _settle(self, target: int, rc: int, message: bytes | tuple[int, int, int, Any]) -> None:
+        """A send's answer other than done or REROUTE: a refusal of ``message`` (its bytes, or
+        the parts a Port was to encode: counted, and raised as ``send`` would), or a doorbell
+        it could not ring. Only a full ring's error does not say the size, and only it is
+        retried (back pressure): it costs no encode."""
         if rc > 0:
             self.directory.refused(rc)
+            size = 0
+            if rc != errno.ENOSPC:
+                size = len(message if isinstance(message, bytes) else encode(*message))
             self.ring_of(target).refuse(rc, size)
         ring_by_hand(self._senders[target][2])
 
@@ -301,9 +305,8 @@ class Endpoint:
             if rc == errno.ENOSPC:                  # back pressure: the caller sends the rest
                 self.directory.refused(rc)
                 return target, sent
-            if rc != REROUTE:       # a refusal (raised, as a single send's), or a doorbell
-                self._settle(target, rc, len(encode(msg_type, 0, first_id + sent,  # to ring
-                                                    payloads[sent])) if rc > 0 else 0)
+            if rc != REROUTE:       # a refusal (raised, as a single send's), or a doorbell to ring
+                self._settle(target, rc, (msg_type, 0, first_id + sent, payloads[sent]))
                 return target, sent
             self._ports.pop(target, None)           # that incarnation is gone
         to, more = self.messenger.post_each(target, msg_type, first_id + sent,
@@ -327,8 +330,7 @@ class Endpoint:
                 self._ports.pop(target, None)       # that incarnation is gone
                 self.post(target, msg_type, encode(msg_type, SUB_RESPONSE, msg_id, result))
             else:
-                self._settle(target, rc, len(encode(msg_type, SUB_RESPONSE, msg_id, result))
-                             if rc > 0 else 0)
+                self._settle(target, rc, (msg_type, SUB_RESPONSE, msg_id, result))
         except RingError:
             pass
 
@@ -346,7 +348,7 @@ class Endpoint:
             if rc == REROUTE:
                 continue        # it died or was replaced since the route: route again
             if rc:
-                self._settle(routed, rc, len(data))
+                self._settle(routed, rc, data)
             return routed
         raise RingError(errno.ESRCH, f"instance {target} is not active")
 

@@ -583,8 +583,7 @@ class Kernel:
     def _progress(self, laps: int = 1) -> None:
         """Add ``laps`` main-loop iterations to the progress count in the own page (the
         watchdog's sign of life; the loop adds its laps every ``CHORES_S``)."""
-        buf, at = self.ctx.own.buf, self._progress_at
-        S.U64.pack_into(buf, at, (S.U64.unpack_from(buf, at)[0] + laps) & 0xFFFFFFFFFFFFFFFF)
+        S.bump(self.ctx.own.buf, self._progress_at, laps)
 
     def run(self) -> None:
         """Main loop. Overriding it is allowed, but then the kernel must watch ``halting`` and
@@ -622,7 +621,8 @@ class Kernel:
                 continue
             if busy or got:
                 continue
-            drained = 0 < self._wait_ipi(self._idle_s()) < 64
+            wait = self.idle_timeout        # (read each lap: a tick may change it)
+            drained = 0 < self._wait_ipi(TICKLESS_S if wait is None else wait) < 64
         # (the laps since the last bookkeeping are not added: the loop is over, and the count
         # stays what it was last seen as, whatever the kernel wrote there)
 

@@ -103,7 +103,7 @@ def decode_params(raw: bytes, fds: list[int]) -> tuple[Any, list[str], dict[byte
 
 def _sent(exc: ZygoteError) -> ZygoteError:
     """Mark an error that came after the request went: the zygote may have forked for it."""
-    exc.sent = True     # type: ignore[attr-defined]
+    exc.sent = True
     return exc
 
 
@@ -148,8 +148,6 @@ class Zygote:
             raw, fds = encode_params(params, self.seq)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ZygoteError(f"the boot parameters do not encode: {exc}", "MK_ZYGOTE=0") from None
-        except ZygoteError:
-            raise
         try:
             socket.send_fds(self.sock, [raw], fds)
             answer = msgpack.unpackb(self.sock.recv(4096), raw=False)

@@ -134,11 +134,16 @@ def write_state(run_dir: str, state: dict[str, Any]) -> None:
         name = f"{int(rec['id'])}.json"
         keep.add(name)
         _write_atomically(os.path.join(d, name), json.dumps(rec))
-    for name in os.listdir(d):
-        if name not in keep:
-            os.unlink(os.path.join(d, name))
+    _prune(d, keep)
     _write_atomically(state_path(run_dir), json.dumps(
         {k: v for k, v in state.items() if k != "instances"}))
+
+
+def _prune(records: str, keep: set[str]) -> None:
+    """Remove every record file in ``records`` not named in ``keep``."""
+    for name in os.listdir(records):
+        if name not in keep:
+            os.unlink(os.path.join(records, name))
 
 
 def cgroup_bases(run_dir: str) -> dict[str, str]:
@@ -167,10 +172,6 @@ def leftovers(run_dir: str) -> bool:
     """Anything a survivable machine of this run directory left: its arena or its cgroups
     (an unreadable state file included)."""
     return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(os.path.basename(run_dir)))
-
-
-def _start_time(pid: int) -> float:
-    return linux.process_start_time(pid)
 
 
 def _state_record(inst: Instance) -> str:
@@ -211,10 +212,7 @@ def save_state(m: Machine, changed: list[Instance] | None = None, prune: bool = 
         changed = list(m.instances.values())
         prune = True
     if prune:                                   # (records of instances gone meanwhile)
-        current = {f"{inst.id}.json" for inst in m.instances.values()}
-        for name in os.listdir(d):
-            if name not in current:
-                os.unlink(os.path.join(d, name))
+        _prune(d, {f"{inst.id}.json" for inst in m.instances.values()})
     for inst in changed:
         path = os.path.join(d, f"{inst.id}.json")
         if m.instances.get(inst.name) is inst:
@@ -373,7 +371,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     pid = rec["pid"]
     if type(pid) is not int or not 0 < pid < 1 << 22:
         return f"pid {pid!r} is not a process id"
-    start = _start_time(pid)
+    start = linux.process_start_time(pid)
     if not start:
         return f"pid {pid} is gone"
     if abs(start - float(rec.get("pid_start") or 0)) > START_TOLERANCE_S:
@@ -404,7 +402,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(pidfd)
         os.close(doorbell)
         return f"its host doorbell: {exc.strerror}"
-    if _start_time(pid) != start:                       # it died meanwhile: the fds are stale
+    if linux.process_start_time(pid) != start:                       # it died meanwhile: the fds are stale
         os.close(pidfd)
         os.close(doorbell)
         os.close(host_bell)

@@ -92,8 +92,7 @@ class Loading:
         if m.zygote is not None and not m.zygote.alive():
             m.events.warning("zygote_died", pid=m.zygote.proc.pid,
                              code=m.zygote.proc.returncode)
-            m.zygote.close()
-            m.zygote = None             # (a new one now)
+            m._close_zygote()            # (a new one now)
         if m.zygote is None and m.use_zygote:
             try:
                 m.zygote = Zygote()
@@ -110,9 +109,8 @@ class Loading:
                 # have forked, this load fails, and what runs in the instance's cgroup ends
                 # (the process may share this load's descriptors); else this load forks here
                 m.events.warning("zygote_failed", error=exc.message)
-                m.zygote.close()
-                m.zygote = None
-                if getattr(exc, "sent", False):
+                m._close_zygote()
+                if exc.sent:
                     m.cgroups.kill(params.id, reap=True)
                     raise
         # Keep the collector off the pages parent and child still share: a collection walks

@@ -237,6 +237,7 @@ class Machine:
                 self._run.release()
 
     def _close_zygote(self) -> None:
+        """Close the zygote, if any (the next load makes a new one)."""
         if self.zygote is not None:
             self.zygote.close()
             self.zygote = None
@@ -580,19 +581,15 @@ class Machine:
     def describe(self, inst: Instance) -> dict[str, Any]:
         running = inst.pid is not None
         return {
-            "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
+            **self.describe_brief(inst),
             "physical_cpus": list(inst.physical_cpus),
-            "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
-            "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
             "regions": [list(r) for r in inst.regions],
             "memory_total": sum(size for _, size in inst.regions),
             "resource_changes": dict(inst.resource_changes),
-            "kernel": inst.kimage.label if inst.kimage else None,
             "kernel_spec": inst.kimage.spec if inst.kimage else None,
             "cmdline": inst.kimage.cmdline if inst.kimage else None,
             "kimage_type": KIMAGE_TYPE,
             "segments": len(inst.kimage.segments) if inst.kimage else 0,
-            "pid": inst.pid if running else None,
             # loaded image resident: its process imported it and waits for exec
             "resident": inst.parked is not None and bool((inst.parked.report or {}).get("ok")),
             "boots": inst.boots,
@@ -604,8 +601,6 @@ class Machine:
             # its kernel says it sleeps on its doorbell (the idle HLT): a still loop that is
             # idle, not stuck (the ring's own word: shown, never acted on)
             "waiting": running and self.ipc.ring_of(inst.id).receiver_idle(),
-            "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
-            "failure": inst.failure,
             "counters": self._counters(inst),
             "ipi_filters": self.ipc.filters(inst),
             "last_heartbeat": inst.last_heartbeat,
@@ -618,8 +613,9 @@ class Machine:
         }
 
     def describe_brief(self, inst: Instance) -> dict[str, Any]:
-        """What ``mkctl show``'s table says of an instance: describe()'s fields less those
-        read from the instance's pages and ring (a table of 511 asks only for these)."""
+        """What ``mkctl show``'s table says of an instance: the part of describe() that needs
+        no read of the instance's pages and ring (a table of 511 asks only for these; describe
+        starts from it)."""
         return {
             "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
             "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),

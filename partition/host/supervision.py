@@ -66,7 +66,7 @@ class Supervisor:
             elif stalled > inst.recovery.watchdog and inst.halt_requested is None \
                     and inst.pid is not None:
                 m.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
-                                 stalled_s=round(now - since, 3), progress=value)
+                                 stalled_s=round(stalled, 3), progress=value)
                 m.lifecycle.force(inst)         # force_halt, the write scan, SIGKILL
                 inst.halt_requested = "watchdog"
 
