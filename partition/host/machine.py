@@ -61,23 +61,29 @@ from partition.units import format_size, parse_cpulist, parse_size, seconds
 
 #: the host's sweep (``Machine._sweep``): its period, and how many instances it looks at each
 SWEEP_PERIOD_S = 0.25
-#: ... and its longest period: a sweep that finds nothing moved (no loop, heartbeat or counter,
-#: no event or change since the last one) doubles the period up to this; anything that moves
-#: brings it back to SWEEP_PERIOD_S (an idle machine of 511 tickless kernels: the host's CPU
-#: 0.7-1.0% -> see docs/benchmarks.md)
-SWEEP_IDLE_MAX_S = 1.0
+#: ... and its longest period: a sweep that finds nothing moved (no loop or heartbeat, no event
+#: or change since the last one) doubles the period up to this; anything that moves brings it
+#: back to SWEEP_PERIOD_S. A turn of 32 instances costs its host about 4 ms on the caches an
+#: idle VM wakes up to: at 511 tickless kernels the host used 0.6-1.0% of a CPU at rest with
+#: 1 s here, 0.14-0.40% with 2 s (docs/benchmarks.md)
+SWEEP_IDLE_MAX_S = 2.0
 SWEEP_BATCH = 32
-#: counters views rewritten per sweep: each every 0.25 s up to 8 instances, every 16 s at 511
+#: counters views rewritten per sweep, when they moved: each every 0.25 s up to 8 instances,
+#: every 16 s at 511 (its first is written at the instance's first look)
 COUNTERS_BATCH = 8
 
 
 def _turn(items: list[Instance], at: int, size: int) -> tuple[list[Instance], int]:
     """The next ``size`` of ``items`` from position ``at``, wrapping round, and where the turn
     after it starts: all of them when they are no more than ``size``."""
-    if len(items) <= size:
+    n = len(items)
+    if n <= size:
         return items, 0
-    start = at % len(items)
-    return (items + items)[start:start + size], start + size
+    start = at % n
+    end = start + size
+    # (sliced, never the whole list copied: a copy touches every instance object, 511 cache
+    # misses a sweep on the caches an idle host wakes up to)
+    return (items[start:end] if end <= n else items[start:] + items[:end - n]), end
 
 
 class Machine:
@@ -764,7 +770,10 @@ class Machine:
         batch, self._sweep_at = _turn(running, self._sweep_at, SWEEP_BATCH)
         wall = time.time()
         moved = False
+        views = self.views
         for inst in batch:
+            if not views.counted(inst.name):    # its first look writes its counters file
+                views.counters(inst.name, self._counters(inst))
             own = self.arena.own(inst.id)
             progress = own.progress
             if progress != inst.progress_mark[0]:
@@ -778,14 +787,12 @@ class Machine:
                     inst.counters["heartbeats"] += beat if 0 < beat < 1 << 20 else 1
                     inst.last_heartbeat = wall
                 inst.heartbeats_seen = beats
-        # the counters views, fewer at a time: each is a file write
+        # the counters views then, fewer at a time: each that moved is a file write
         written, self._counters_at = _turn(running, self._counters_at, COUNTERS_BATCH)
         for inst in written:
-            self.views.counters(inst.name, self._counters(inst))
+            views.counters(inst.name, self._counters(inst))
         self.ipc.watch_filters(batch)
         self.ipc.watch_rings(batch)
-        # (a counters file written for the first time is not movement: a full machine's first
-        # round of them takes 64 sweeps at 511)
         return moved
 
     def next_timer(self) -> float | None:

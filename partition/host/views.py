@@ -182,6 +182,10 @@ class ViewWriter:
                       "".join(f"{k} {v}\n" for k, v in counters.items()))
             self._counted[name] = dict(counters)
 
+    def counted(self, name: str) -> bool:
+        """Whether ``name``'s counters file has been written (or it has no files at all)."""
+        return name in self._counted or name not in self._names
+
     def remove(self, name: str) -> None:
         self._drop_dir(os.path.join(self.instances_dir, name))
         self._names.discard(name)
