@@ -16,6 +16,7 @@ KHO names the host refuses); each is fixed.
 import json
 import os
 import re
+import signal
 import time
 import zlib
 
@@ -24,12 +25,15 @@ from helpers import CPUS, mk, settled
 
 from partition import BadKernelImage, BootFailed, InvalidSpec, NoSuchInstance, NotLoaded
 from partition.abi import slot as S
+from partition.host import lifecycle
+from partition.host.instance import EXIT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEEPER = os.path.join(HERE, "kernels", "keeper.py")
 STATEFUL = os.path.join(HERE, "kernels", "stateful.py")
 PINGPONG = os.path.join(HERE, "kernels", "pingpong.py")
-COUNTER, COUNTER_V2, BROKEN = (f"{STATEFUL}:{c}" for c in ("Counter", "CounterV2", "Broken"))
+COUNTER, COUNTER_V2, BROKEN, SLOWBOOT = (f"{STATEFUL}:{c}" for c in
+                                         ("Counter", "CounterV2", "Broken", "SlowBoot"))
 PAGE = 4096
 PATTERN_A = bytes(range(256)) * 16          # as tests/kernels/keeper.py writes them
 PATTERN_B = b"\xb5" * PAGE
@@ -290,6 +294,46 @@ def test_a_new_kernel_that_dies_in_boot_is_rolled_back(m):
     settle(m, 0.05)
     asked, answered, lost, wrong = stop_client(m)
     assert lost == 0 and wrong == 0 and answered == asked
+
+
+def test_a_new_kernel_whose_boot_outlasts_the_deadline_is_killed_before_the_rollback(
+        m, monkeypatch):
+    """Red team: the new kernel answered the mailbox, then its boot() outlasted the deadline;
+    the rollback booted the old image beside it (two processes of one instance, the host
+    knowing one), and a kill -9 of the lost one then hung the host in waitpid on the live
+    replacement. The new process is killed and reaped before the rollback boots."""
+    monkeypatch.setattr(lifecycle, "BOOT_RETURN_S", 1.0)
+    sid = service(m)
+    r = m.live_update("s", SLOWBOOT, "seconds=60")
+    assert r["rolled_back"] is True and "has not returned within 1 s" in r["reason"]
+    lost = int(re.search(r"slowboot: pid (\d+)", m.console("s")).group(1))
+    with pytest.raises(ProcessLookupError):      # killed and reaped (not even a zombie)
+        os.kill(lost, 0)
+    d = m.show("s")
+    assert d["state"] == "active" and d["pid"] != lost
+    assert RESUMED.search(m.console("s").strip().splitlines()[-1])
+    if m.cgroups.mode is not None:                # one process of the instance, the host's
+        assert m.cgroups.members(sid) == [d["pid"]]
+    said = [e for e in events(m) if e.get("name") == "s" or e.get("instance") == "s"]
+    gone = [e for e in said if e["event"] == "handover_exit" and e["pid"] == lost]
+    assert len(gone) == 1 and gone[0]["how"] == "boot-failed"
+    assert gone[0]["reason"] == "its boot() did not return in time; forced halt"
+    assert said.index(gone[0]) < said.index(
+        next(e for e in said if e["event"] == "live_update_rolled_back"))
+    assert m.show("s")["counters"]["boot_failures"] == 1
+    # every pidfd the host watches belongs to exactly one incarnation: the running one
+    exits = [k for k in m.selector.get_map().values()
+             if k.data is not None and k.data[0] == EXIT and k.data[1].name == "s"]
+    assert [k.fd for k in exits] == [m.instances["s"].pidfd]
+
+    # the running kernel's death is its own, recorded against it, and the host answers
+    # (the gap outlasts the client's 1 s request timeout by design: one request may time out)
+    asked, answered, lost_requests, wrong = stop_client(m)
+    assert wrong == 0 and lost_requests <= 1 and answered + lost_requests == asked
+    os.kill(d["pid"], signal.SIGKILL)
+    rec = m.wait_for("s", "loaded", timeout=5)
+    assert rec["last_exit"]["signal_name"] == "SIGKILL"
+    assert [e for e in events(m, "instance_exit") if e["name"] == "s"][-1]["pid"] == d["pid"]
 
 
 # -- 6. bad images --------------------------------------------------------------------------------

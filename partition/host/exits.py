@@ -16,8 +16,8 @@ FAILURE_KINDS = {"killed": "crash", "exited": "crash", "panic": "panic", "hang":
 
 def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecord:
     """``asked`` is the halt the host requested (graceful, forced, forced-after-timeout,
-    boot-timeout, or fault: a kill it injected on request) or None; ``slot_reason`` is the
-    instance's own, untrusted, account."""
+    boot-timeout, boot-return-timeout, or fault: a kill it injected on request) or None;
+    ``slot_reason`` is the instance's own, untrusted, account."""
     now = time.time()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -35,6 +35,9 @@ def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecor
                               "killed", sig, None, now)
         if sig == signal.SIGKILL and asked == "boot-timeout":
             return ExitRecord("boot CPU did not answer the spawn mailbox in time",
+                              "boot-failed", sig, None, now)
+        if sig == signal.SIGKILL and asked == "boot-return-timeout":
+            return ExitRecord("its boot() did not return in time; forced halt",
                               "boot-failed", sig, None, now)
         if sig == signal.SIGSYS:
             return ExitRecord("killed by SIGSYS: a system call no instance may make (seccomp; "

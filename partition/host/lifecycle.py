@@ -20,7 +20,7 @@ from partition import linux
 from partition.abi import message as M
 from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
-from partition.errors import BadKernelImage, BootFailed, BootTimeout
+from partition.errors import BadKernelImage, BootFailed, BootTimeout, ResourceBusy
 from partition.host import kho
 from partition.host.exits import classify_exit
 from partition.host.instance import CHANNEL, EXIT, ExitRecord, Instance, State
@@ -50,6 +50,11 @@ class Lifecycle:
         the reason) when it died before that, or when its image no longer loads."""
         m = self.m
         assert inst.kimage is not None
+        if inst.pid is not None:
+            # one process per incarnation: a second booted beside a live run would share its
+            # ring and cgroup, and the host, knowing one, would reap the wrong pid
+            raise ResourceBusy(f"instance {inst.name!r} still runs as pid {inst.pid}; it is "
+                               "not booted a second time", f"mkctl kill {inst.name} first")
         if inst.parked is not None and inst.parked.cpus != inst.cpus:
             # its CPUs changed while it was parked (kerf update of a loaded instance): the
             # kernel must boot knowing the new ones, so the image is loaded again

@@ -109,9 +109,18 @@ def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
 def _roll_back(m: Machine, inst: Instance, old: Any, new: Any, kept: list[tuple[str, int, int, int]],
                keep_rest: bool, saved: list[tuple[int, bytes]], exc: Exception, t0: float,
                quiet: float) -> dict[str, Any]:
-    """5. The new kernel failed in boot(): the old image, the preserved bytes as they were."""
+    """5. The new kernel failed in boot(): the old image, the preserved bytes as they were.
+
+    A new kernel whose boot() outlasted the deadline still runs, on the instance's CPUs, ring
+    and cgroup: it is killed and reaped first (recorded as its own exit, a boot failure), so
+    that the old image never boots beside it and each pidfd the host watches stays one
+    incarnation's."""
     m.events.warning("live_update_failed", instance=inst.id, name=inst.name,
                      kernel=new.label, reason=str(exc))
+    if inst.pid is not None:
+        m.lifecycle.force(inst)
+        inst.halt_requested = "boot-return-timeout"
+        m.wait(lambda: inst.pid is None, None)
     for off, data in saved:
         m.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
     inst.kho, inst.kho_keep_rest = kept, keep_rest

@@ -54,3 +54,16 @@ class Broken(Counter):
 
     def boot(self) -> None:
         self.panic("broken: this update does not boot")
+
+
+class SlowBoot(Counter):
+    """A new version whose ``boot()`` outlasts the host's deadline: it says its pid, then
+    sleeps. A live update to it times out and is rolled back; the host must kill it first."""
+    version = 4
+
+    def boot(self) -> None:
+        import os
+        import time
+        self.printk(f"slowboot: pid {os.getpid()}")
+        time.sleep(float(self.params.get("seconds", "60")))
+        super().boot()
