@@ -9,13 +9,16 @@ forges the protocol changes nothing (tests/kernels/forger.py).
 """
 
 import errno
+import json
 import os
+import signal
 import struct
+import subprocess
 import time
 
 import libfdt
 import pytest
-from helpers import CPUS, MOVES_ON_ITS_OWN, wait_until
+from helpers import CPUS, MKCTL, MOVES_ON_ITS_OWN, mk, wait_until
 
 from partition import AlreadyExists, InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
 from partition.abi import message as M
@@ -459,6 +462,62 @@ def test_a_kernel_that_never_answers_times_out_and_is_rolled_back(m):
     assert m.snapshot()["overlays"][0]["status"] == "failed"
     k = m.kill("p", force=True)
     assert k["state"] == "loaded" and k["last_exit"]["how"] == "forced"
+
+
+def test_the_supervisor_answers_read_verbs_while_a_silent_kernel_holds_a_change(run_dir):
+    """Red team: a kernel that never writes RES_ACK blinded the supervisor: ``mkctl show``
+    waited for the change's whole ACK_TIMEOUT_S (9 s instead of 43 ms). Read verbs are answered
+    while the change waits, as while a graceful kill waits; the change itself ends when its
+    kernel dies (killed here from outside, so the test does not wait the full timeout)."""
+    mk(run_dir, "init", "--memory", "96M", "--oversubscribe", "--cpus",
+       ",".join(map(str, CPUS[:2])), "--host-cpus", "none")
+    try:
+        mk(run_dir, "create", "p", "--cpus", str(CPUS[0]), "--memory", "16M")
+        mk(run_dir, "load", "p", "--kernel", PICKY, "--cmdline", "hang=memory")
+        mk(run_dir, "start", "p")
+        pid = json.loads(mk(run_dir, "show", "p", "--format", "json").stdout)["pid"]
+        change = subprocess.Popen(MKCTL + ["--run-dir", run_dir, "update", "p", "--memory", "20M"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            while "picky: hanging in memory-add" not in mk(run_dir, "console", "p").stdout:
+                assert time.monotonic() < deadline and change.poll() is None, \
+                    "the console was not answered while the change waited"
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            shown = json.loads(mk(run_dir, "show", "p", "--format", "json", timeout=30).stdout)
+            took = time.monotonic() - t0
+            assert change.poll() is None, "the change ended before show was answered"
+            assert took < resize.ACK_TIMEOUT_S / 2, f"show took {took:.1f} s"
+            assert shown["state"] == "active" and shown["pid"] == pid
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            out, err = change.communicate(timeout=30)
+        assert change.returncode != 0 and "it died" in err and "Traceback" not in err
+    finally:
+        mk(run_dir, "shutdown")
+
+
+def test_a_change_whose_steps_are_each_answered_late_is_bounded_as_a_whole(m, monkeypatch):
+    """Each RES_ACK in time, the change too long: an overlay's steps share one budget
+    (CHAIN_TIMEOUT_S), so a slow kernel cannot hold the machine's verbs for 64 step waits."""
+    monkeypatch.setattr(resize, "ACK_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(resize, "CHAIN_TIMEOUT_S", 1.5, raising=False)
+    p = boot_picky(m, "p", "slow=1.0")
+    before, lines = stable(m), iomem(m)
+    t0 = time.monotonic()
+    with pytest.raises(ResourceRefused) as ei:      # memory-add, then cpu-add: 2 s of answers
+        m.resize("p", cpus=[c0(m), c1(m)], memory="20M")
+    took = time.monotonic() - t0
+    assert "within the 1.5 s its update's steps have together" in ei.value.message
+    assert took < 2.5 and ei.value.errno == errno.ECANCELED
+    wait_until(m, lambda: "picky: accepted cpu-add" in m.console("p"))   # its late answer
+    settle_until = time.monotonic() + 1.5                   # and the undo it was told of
+    while time.monotonic() < settle_until:
+        m.poll(0.05)
+    assert stable(m) == before and iomem(m) == lines
+    assert m.show("p")["cpus"] == [c0(m)]
+    m.kill("p", force=True)
 
 
 # -- 7. overlay transactions ----------------------------------------------------------------------

@@ -38,6 +38,9 @@ class Transaction:
     created: float = field(default_factory=time.time)
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
     on_commit: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    #: when its resource changes stop waiting for RES_ACKs, all fragments together (resize.py)
+    ack_until: float = field(default_factory=lambda: time.monotonic() + resize.CHAIN_TIMEOUT_S,
+                             repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "status": self.status, "instance": self.target,
@@ -178,7 +181,7 @@ class Overlays:
         if op.empty():
             return
         steps = resize.plan(m, inst, op)
-        commits.append(resize.run(m, inst, steps))
+        commits.append(resize.run(m, inst, steps, tx.ack_until))
         tx.operations += [f"{s.describe()} on {op.name}" for s in steps]
         done = [False]
 

@@ -22,6 +22,7 @@ docs/kerf.md.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 
 #: how long a running kernel has to answer one resource change (the real system's RES_ACK wait)
 ACK_TIMEOUT_S = 10.0
+#: how long the steps of one change (an overlay transaction) wait for their RES_ACKs together:
+#: an overlay may chain 64 steps, and kernels answering each just before ACK_TIMEOUT_S would
+#: hold the machine's other verbs (queued behind the change) for ten minutes
+CHAIN_TIMEOUT_S = 30.0
 OP_NAMES = {M.MK_MSG_CPU_ADD: "cpu-add", M.MK_MSG_CPU_REMOVE: "cpu-remove",
             M.MK_MSG_MEM_ADD: "memory-add", M.MK_MSG_MEM_REMOVE: "memory-remove"}
 INVERSE = {M.MK_MSG_CPU_ADD: M.MK_MSG_CPU_REMOVE, M.MK_MSG_CPU_REMOVE: M.MK_MSG_CPU_ADD,
@@ -145,14 +150,19 @@ def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
     return steps
 
 
-def run(m: Machine, inst: Instance, steps: list[Step]) -> Callable[[], None]:
+def run(m: Machine, inst: Instance, steps: list[Step],
+        until: float | None = None) -> Callable[[], None]:
     """Do the steps; on any failure undo the done ones in reverse and raise. Returns the
     commit action (scrubbing memory that left the instance) and the undo is kept by the
-    caller through ``undo_steps``."""
+    caller through ``undo_steps``. ``until``: when the whole change's RES_ACK waits end (an
+    overlay's transaction shares one across its fragments); CHAIN_TIMEOUT_S from now if
+    not given."""
     done: list[Step] = []
+    if until is None:
+        until = time.monotonic() + CHAIN_TIMEOUT_S
     try:
         for step in steps:
-            _tell(m, inst, step, step.op, wait=True)
+            _tell(m, inst, step, step.op, wait=True, until=until)
             _move(m, inst, step, step.op)
             done.append(step)
     except BaseException:
@@ -197,11 +207,13 @@ def undo_steps(m: Machine, inst: Instance, done: list[Step]) -> None:
                          steps=[s.describe() for s in reversed(done)])
 
 
-def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool) -> None:
+def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool,
+          until: float = math.inf) -> None:
     """A running kernel hears of the change first and must accept it. Its RES_ACK is read
     from its own control page (written by it alone: a peer can post a response into the
     host's ring claiming any sender, never write another instance's page), keyed by the
-    command's number; a death or ``ACK_TIMEOUT_S`` of silence is no answer."""
+    command's number; a death, ``ACK_TIMEOUT_S`` of silence or the whole update's
+    ``until`` (CHAIN_TIMEOUT_S) passing is no answer."""
     if inst.state != State.ACTIVE or inst.pid is None:
         return
     body = step.payload(m, op)
@@ -218,18 +230,28 @@ def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool) -> None:
     seq, generation = inst.cmd_seq, inst.generation
     own = m.arena.own(inst.id)
     what = f"{OP_NAMES[op]} {body}"
-    deadline = time.monotonic() + ACK_TIMEOUT_S
+    step_deadline = time.monotonic() + ACK_TIMEOUT_S
+    deadline = min(step_deadline, until)
+
+    def answered() -> bool:
+        return own.res_ack_seq == seq or inst.pid is None or inst.generation != generation
     while own.res_ack_seq != seq:
         left = deadline - time.monotonic()
         gone = inst.pid is None or inst.generation != generation
         if gone or left <= 0:
             inst.resource_changes["unanswered"] += 1
-            why = "it died" if gone else f"no RES_ACK within {ACK_TIMEOUT_S:g} s"
+            why = "it died" if gone else f"no RES_ACK within {ACK_TIMEOUT_S:g} s" \
+                if deadline == step_deadline else \
+                f"no RES_ACK within the {CHAIN_TIMEOUT_S:g} s its update's steps have together"
             m.events.warning("resource_unanswered", instance=inst.id, name=inst.name, op=what,
                              why=why)
             raise ResourceRefused(f"instance {inst.name!r} did not accept {what}: {why}",
                                   "the change was rolled back; check its console")
-        m._drive(min(left, 0.01))
+        # through the machine's wait, as a graceful kill waits: under the daemon its waiter
+        # goes on answering read verbs (show, console) while a silent kernel holds the change
+        # (the kernel rings the host's doorbell with its RES_ACK; 50 ms looks catch one that
+        # does not)
+        m.wait(answered, time.monotonic() + min(left, 0.05))
     status = own.res_ack_status
     if status != 0:
         inst.resource_changes["refused"] += 1

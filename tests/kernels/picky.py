@@ -3,7 +3,8 @@
 Command line: ``refuse=memory`` or ``refuse=cpu`` refuses those changes with a reason
 (``refuse=shrink``: only memory leaving it);
 ``panic=memory`` panics inside the memory hook; ``hang=memory`` stops answering (it spins in the
-hook past the host's RES_ACK wait). Without any, every change is accepted and remembered, and
+hook past the host's RES_ACK wait); ``slow=SECONDS`` takes that long over every change (answers
+each, late). Without any, every change is accepted and remembered, and
 ``query`` answers what it saw.
 """
 
@@ -20,9 +21,11 @@ class Picky(Kernel):
 
     def _judge(self, kind: str, what: str) -> None:
         p = self.params
+        time.sleep(float(p.get("slow", "0")))
         if p.get("panic") == kind:
             self.panic(f"picky: {what} is more than I can take")
         if p.get("hang") == kind:
+            self.printk(f"picky: hanging in {what}")
             time.sleep(3600)
         if p.get("refuse") == kind or (p.get("refuse") == "shrink" and "remove" in what
                                            and kind == "memory"):
