@@ -3,6 +3,7 @@ nothing but its author and is visible (an event, a failure record, or a refusal 
 The kernel is tests/kernels/hostile.py; every test keeps a bystander echo instance and checks
 after the attack that it still answers, unchanged, and that the host process is whole."""
 
+import errno
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import psutil
 import pytest
 from helpers import CPUS, up, wait_until
 
+from partition import BadKernelImage
 from partition.abi import message as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -205,6 +207,62 @@ def test_hostile_import_time_code_fails_the_load_alone(machine, tmp_path):
     assert machine.show("a")["state"] == "ready"
     assert any(e["event"] == "loader_exit" for e in events(machine))
     assert psutil.Process().is_running()
+
+
+SPIN = "def spin(*_):\n    while True:\n        pass\n"
+RUNS_AT_IMPORT = {
+    "_thread": "import _thread\n_thread.start_new_thread(spin, ())\n",
+    "hidden-thread": "import threading\nthreading.Thread(target=spin, daemon=True).start()\n"
+                     "threading.active_count = lambda: 1\n",
+    "timer": "import signal\nsignal.signal(signal.SIGALRM, spin)\n"
+             "signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)\n",
+}
+
+
+@pytest.mark.parametrize("how", sorted(RUNS_AT_IMPORT))
+def test_an_image_that_runs_before_start_is_refused(machine, tmp_path, how):
+    """Red team: a thread started at import with ``_thread`` passed the loader's
+    ``threading.active_count()`` check; the instance showed ``loaded`` while its process burnt
+    99% of a CPU. The host counts the process's real threads, and the loader refuses timers."""
+    k = tmp_path / "early.py"
+    k.write_text(SPIN + RUNS_AT_IMPORT[how] + "from partition import Kernel\n"
+                 "class K(Kernel):\n    pass\n")
+    machine.create("e", cpus=str(CPUS[-1]), memory="4M")
+    with pytest.raises(BadKernelImage) as ei:
+        machine.load("e", f"{k}:K")
+    assert ei.value.errno == errno.ENOEXEC
+    assert ("armed a timer" if how == "timer" else "thread(s)") in ei.value.message
+    assert "not at import" in ei.value.hint
+    d = machine.show("e")
+    assert d["state"] == "ready" and d["pid"] is None and machine.instances["e"].parked is None
+    if how != "timer":
+        assert any(e["event"] == "image_not_inert" and e["name"] == "e" for e in events(machine))
+    if machine.cgroups.mode is not None:
+        assert machine.cgroups.members(d["id"]) == []
+
+
+def test_a_hook_set_at_import_does_not_run_the_parked_image(machine, tmp_path):
+    """A trace hook set at import would run the image's code under the loader's own, after
+    its checks (here: a thread started as the loader parks). It is taken back: the parked
+    process burns nothing, and the kernel starts as any other."""
+    k = tmp_path / "hooked.py"
+    k.write_text(SPIN + "import _thread, sys\n"
+                 "def hook(frame, event, arg):\n"
+                 "    if event == 'call' and frame.f_code.co_name == '_park':\n"
+                 "        _thread.start_new_thread(spin, ())\n"
+                 "sys.settrace(hook)\n"
+                 "from partition import Kernel\nclass K(Kernel):\n    pass\n")
+    machine.create("h", cpus=str(CPUS[-1]), memory="4M")
+    assert machine.load("h", f"{k}:K")["state"] == "loaded"
+    parked = psutil.Process(machine.instances["h"].parked.pid)
+    before = sum(parked.cpu_times()[:2])
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        machine.poll(0.05)
+    assert parked.num_threads() == 1
+    assert sum(parked.cpu_times()[:2]) - before < 0.1        # parked, not running
+    assert machine.start("h")["state"] == "active"
+    machine.kill("h", force=True)
 
 
 def test_a_saturated_host_doorbell_harms_no_bystander(machine, pair):

@@ -15,6 +15,7 @@ kernel and hands over. Nothing here may return into the host's code: every path 
 
 from __future__ import annotations
 
+import gc
 import json
 import mmap
 import os
@@ -26,7 +27,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import setproctitle
 
@@ -126,6 +127,27 @@ def _report(fd: int, **fields: object) -> None:
         os.close(fd)
 
 
+def _inert_until_start(spec: str, trace: Any, profile: Any, callbacks: list[Any]) -> None:
+    """A parked image must be inert until start: the host shows it ``loaded``, its CPUs may be
+    shared, and none of its code may run before ``exec``. Hooks its import set, which would run
+    its code under the trampoline's own (a trace or profile function, a collector callback),
+    are put back as they were; a thread or an interval timer it started refuses it. The host
+    counts the process's real threads too (host/loading.py): ``threading`` knows only its own,
+    and an image can lie to it."""
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    gc.callbacks[:] = callbacks
+    if threading.active_count() > 1:
+        raise BadKernelImage(f"kernel {spec!r} started {threading.active_count() - 1} "
+                             "thread(s) while it was imported",
+                             "start threads in boot(), not at import")
+    armed = [name for name in ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
+             if any(signal.getitimer(getattr(signal, name)))]
+    if armed:
+        raise BadKernelImage(f"kernel {spec!r} armed a timer ({', '.join(armed)}) while it "
+                             "was imported", "arm timers in boot(), not at import")
+
+
 def _park(doorbell_fd: int, mailbox: PeerEntry) -> int:
     """Loaded and parked: sleep on the doorbell until the host publishes the spawn mailbox for
     a generation (``exec``); returns it. Like a CPU in the real system's holding pen."""
@@ -199,11 +221,9 @@ def enter(boot: BootParams) -> NoReturn:
         if missing:                            # the image's import-time code included
             console.printk(f"multikernel: not contained here: {', '.join(missing)}")
         try:
+            hooks = (sys.gettrace(), sys.getprofile(), list(gc.callbacks))
             kernel_cls, label, source = resolve(boot.spec)
-            if threading.active_count() > 1:   # a parked image must be inert until start
-                raise BadKernelImage(f"kernel {boot.spec!r} started "
-                                     f"{threading.active_count() - 1} thread(s) while it was "
-                                     "imported", "start threads in boot(), not at import")
+            _inert_until_start(boot.spec, *hooks)
         except BadKernelImage as exc:
             _report(report_fd, ok=False, message=exc.message, hint=exc.hint)
             report_fd = -1

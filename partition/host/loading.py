@@ -150,6 +150,32 @@ class Loading:
         p.report = {"ok": report["ok"]} | {
             k: report[k][:400] for k in ("label", "source", "message", "hint")
             if isinstance(report.get(k), str)}
+        if p.report["ok"]:
+            self._check_inert(inst, p)
+
+    def _check_inert(self, inst: Instance, p: Parked) -> None:
+        """A loaded image must be inert until start: the process that reported is its loader
+        alone. Its threads are counted here, from outside (``/proc/PID/task``: the process is
+        not reaped, so the pid is still its own): the loader's own check knows only the threads
+        ``threading`` made, and an image's import-time code can start one with ``_thread`` or
+        hide one from it. One that runs more is killed, and its load refused."""
+        try:
+            threads = len(os.listdir(f"/proc/{p.pid}/task"))
+        except OSError:
+            return                   # gone already: on_parked_exit says why
+        if threads <= 1:
+            return
+        try:
+            signal.pidfd_send_signal(p.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        spec = inst.kimage.spec if inst.kimage else ""
+        self.m.events.warning("image_not_inert", instance=inst.id, name=inst.name, pid=p.pid,
+                              threads=threads)
+        p.report = {"ok": False,
+                    "message": f"kernel {spec!r} runs {threads - 1} thread(s) besides its "
+                               "loader while parked: its import started them",
+                    "hint": "start threads in boot(), not at import"}
 
     def _close_report(self, p: Parked) -> None:
         if p.report_fd >= 0:
