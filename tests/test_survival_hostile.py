@@ -441,6 +441,40 @@ def test_an_unreadable_record_is_refused_and_its_neighbours_adopted(machines):
     m.assert_gone()
 
 
+BAD_FIELDS = [
+    pytest.param({"pid_start": "soon"}, "pid_start", id="start-as-text"),
+    pytest.param({"pid_start": [1]}, "pid_start", id="start-as-list"),
+    pytest.param({"pid_start": float("nan")}, "pid_start", id="start-nan"),   # matched any start
+    pytest.param({"extra_regions": 5}, "extra_regions", id="regions-as-number"),
+    pytest.param({"recovery": {"max_restarts": float("inf")}}, "recovery", id="restarts-inf"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BAD_FIELDS)
+def test_one_bad_field_refuses_its_record_and_the_rest_is_adopted(machines, change, field):
+    """Red team: ``pid_start: "soon"`` (or ``[1]``) in one instance's record made ``mkctl
+    adopt`` fail EIO and adopt nobody. Every field is type-checked before use: that record is
+    refused, its instance killed through its cgroup, the rest adopted."""
+    m = machines([("k0", IDLE, ""), ("k1", IDLE, "")])
+    st = m.copy()
+    next(r for r in st["instances"] if r["name"] == "k1").update(change)
+    m.write_state(st)
+    r = mk(m.run_dir, "adopt")
+    no_traceback(r)
+    ok(r)
+    inst = m.by_name()
+    assert inst["k0"]["state"] == "active" and inst["k0"]["pid"] == m.pids["k0"]
+    assert "k1" not in inst
+    until(lambda: not alive(m.pids["k1"]), 5, "k1 killed with its cgroup")
+    with open(os.path.join(m.run_dir, rundir.EVENTS)) as f:
+        adopted = [json.loads(line) for line in f if '"adopted"' in line][-1]
+    assert adopted["instances"] == ["k0"]
+    assert [x["name"] for x in adopted["refused"]] == ["k1"]
+    assert adopted["refused"][0]["why"].startswith(f"bad record: {field} ")
+    ok(mk(m.run_dir, "shutdown"))
+    m.assert_gone()
+
+
 def test_a_name_in_the_state_file_is_never_a_path(machines):
     victim = tempfile.mkdtemp(prefix="mkt-victim-")
     try:

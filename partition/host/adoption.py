@@ -10,7 +10,9 @@ doorbells they hold; messages to the host wait in its ring; consoles keep their 
 
 A new host (``mkctl adopt``, or ``mkctl init`` on the same run directory) opens the arena by
 name and rebuilds its tables from the state file, checked against the arena and the processes.
-Every instance that was running is verified before it is adopted:
+Every field of a record is type-checked before any is used: a record with one bad field is
+refused alone (its cgroup killed), never the machine's adoption. Every instance that was running
+is verified before it is adopted:
 
 * its pid lives and started when the file says (its start time as psutil's ``create_time``
   says it, to the hundredth of a second), so a reused pid is never taken for it;
@@ -31,10 +33,12 @@ already know: messages to those still arrive, at its ring check (every 0.1 s).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import selectors
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import posix_ipc
@@ -279,8 +283,65 @@ def _kill_unnamed(m: Machine) -> None:
 
 def _ints(v: Any) -> list[int]:
     if not isinstance(v, list) or not all(type(x) is int for x in v):
-        raise ValueError(f"{v!r} is not a list of integers")
+        raise ValueError(f"{v!r} is not a list of integers"[:200])
     return list(v)
+
+
+def _number(v: Any) -> bool:
+    """An int or a finite float, not a bool (JSON gives NaN and Infinity too: a NaN start
+    time would compare as matching any process's)."""
+    return type(v) is int or (type(v) is float and math.isfinite(v))
+
+
+#: every field of a record (save_state writes them all), with the check its value must pass
+#: before any of it is used; a field missing takes its default, one not named here is not read
+#: (a field added to _state_record gets its check here)
+_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "id": ("an integer", lambda v: type(v) is int),
+    "name": ("text", lambda v: isinstance(v, str)),
+    "cpus": ("a list of integers", lambda v: isinstance(v, list)
+             and all(type(x) is int for x in v)),
+    "physical_cpus": ("a list of integers", lambda v: isinstance(v, list)
+                      and all(type(x) is int for x in v)),
+    "memory_base": ("an integer", lambda v: type(v) is int),
+    "memory_bytes": ("an integer", lambda v: type(v) is int),
+    "extra_regions": ("a list of [base, size]", lambda v: v is None or (
+        isinstance(v, list) and all(isinstance(r, list) and len(r) == 2
+                                    and all(type(x) is int for x in r) for r in v))),
+    "state": ("an instance state", lambda v: v in {s.value for s in State}),
+    "pid": ("an integer or null", lambda v: v is None or type(v) is int),
+    "pid_start": ("a finite number", _number),
+    "generation": ("an integer", lambda v: type(v) is int),
+    "cmd_seq": ("an integer", lambda v: type(v) is int),
+    "boots": ("an integer", lambda v: type(v) is int),
+    "child_fds": ("a list of integers", lambda v: isinstance(v, list)
+                  and all(type(x) is int for x in v)),
+    "kimage": ("null or an image's spec, cmdline, label and source", lambda v: v is None or (
+        isinstance(v, dict) and all(isinstance(v.get(k, ""), str)
+                                    for k in ("spec", "cmdline", "label", "source")))),
+    "recovery": ("a recovery policy", lambda v: isinstance(v, dict)
+                 and isinstance(v.get("policy", ""), str)
+                 and type(v.get("max_restarts", 0)) is int
+                 and all(_number(v.get(k, 0)) for k in ("restart_window", "watchdog"))
+                 and type(v.get("preserve_memory", False)) is bool
+                 and type(v.get("recent_restarts", 0)) is int),
+    "counters": ("a map of integers", lambda v: isinstance(v, dict)
+                 and all(type(x) is int for x in v.values())),
+    "standby_for": ("null or a name", lambda v: v is None or isinstance(v, str)),
+}
+
+
+def _check_fields(rec: dict[str, Any]) -> None:
+    """Every field of the record has its type before any is used (ValueError names the first
+    that does not): one bad value refuses its record, never the machine's adoption."""
+    if rec.get("unreadable") is True:           # (_read_records' mark for a torn file)
+        raise ValueError("its file is not JSON")
+    for key, (what, ok) in _FIELDS.items():
+        if key not in rec:
+            continue
+        value = rec[key]
+        if not ok(value):
+            raise ValueError(f"{key} {json.dumps(value)[:60]} is not {what}")
 
 
 def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | None:
@@ -294,6 +355,7 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
             raise ValueError("not a record")
         if type(iid) is not int or not 1 <= iid < MAX_INSTANCES:
             raise ValueError(f"id {iid!r} is not 1..{MAX_INSTANCES - 1}")
+        _check_fields(rec)
         name = rec.get("name")
         if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_NAMES:
             raise ValueError(f"name {name!r} is not an instance name")
