@@ -258,3 +258,87 @@ def test_trees_in_and_out(run_dir, tmp_path):
     before["machine"].pop("events")
     after["machine"].pop("events")
     assert settled(after) == settled(before)
+
+
+def test_kernel_text_reaches_the_terminal_escaped(run_dir, misbehaving):
+    """A kernel's printk and panic reason carry OSC 0 (title), OSC 52 (clipboard), a clear
+    screen, a bidi override and a C1 CSI: console, show (table and one
+    instance) and top print them escaped; console --raw alone gives the bytes as written."""
+    ESCAPES = ("\x1b]0;pwned\x07", "\x1b]52;c;cm0gLXJmIH4=\x07", "\x1b[2J", "\u202e",
+               "\x9b31m")                                 # as tests/kernels/misbehaving.py
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "a", "--kernel", f"{misbehaving}:Escaper")
+    mk(run_dir, "start", "a")
+    deadline = time.monotonic() + 10
+    while show(run_dir, "a")["state"] == "active":          # it panics at its first tick
+        assert time.monotonic() < deadline, "the escaper never panicked"
+        time.sleep(0.02)
+    raw = mk(run_dir, "console", "a", "--raw").stdout
+    assert all(e in raw for e in ESCAPES)                    # asked for: the kernel's bytes
+    controls = ("\x1b", "\x07", "\u202e", "\x9b")
+    outputs = {"console": mk(run_dir, "console", "a").stdout,
+               "show": mk(run_dir, "show").stdout, "show a": mk(run_dir, "show", "a").stdout,
+               "top": mk(run_dir, "top", "--once", "--interval", "0.05").stdout}
+    for what, out in outputs.items():
+        assert not any(c in out for c in controls), (what, out)
+    assert "escaper: \\x1b]0;pwned\\x07\\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\u202e" \
+           "\\x9b31m" in outputs["console"]
+    for what in ("show", "show a"):
+        assert "escaper panics: \\x1b]0;pwned\\x07" in outputs[what], outputs[what]
+    # the JSON view needs nothing: json.dumps escapes control characters itself
+    assert "\x1b" not in mk(run_dir, "show", "a", "--format", "json").stdout
+
+
+def test_options_before_dashes_are_mkctls_wherever_they_stand(run_dir):
+    """``mkctl exec web --run-dir X -- cmd`` targets X: the option is not swallowed into the
+    command (which would run on the default machine, or on none)."""
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "web", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "web", "--kernel", "kernels.idle:IdleKernel")
+    mk(run_dir, "start", "web")
+    elsewhere = {**os.environ, "MK_RUN_DIR": f"{run_dir}-absent"}     # not this machine
+    p = subprocess.run(MKCTL + ["exec", "web", "--run-dir", run_dir, "--", "echo", "--run-dir",
+                                "inside"], capture_output=True, text=True, timeout=60,
+                       env=elsewhere)
+    assert p.returncode == 0 and p.stdout == "--run-dir inside\n", p.stderr   # after --: its own
+    p = subprocess.run(MKCTL + ["exec", "web", "--format", "text", "--run-dir", run_dir, "--",
+                                "true"], capture_output=True, text=True, timeout=60,
+                       env=elsewhere)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(MKCTL + ["kerf", "--run-dir", f"{run_dir}-absent", "--"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "give kerf's arguments after --" in p.stderr
+
+
+def test_usage_errors_name_the_fix_and_exit_2(run_dir):
+    """What the wire or the terminal cannot carry is refused by the CLI, exit 2, with what to
+    type instead (no traceback); a mistyped verb or choice gets its nearest spelling."""
+    mk(run_dir, "init", "--memory", "64M", "--host-cpus", str(CPUS[0]), "--cpus", str(CPUS[-1]),
+       "--oversubscribe")
+    before = show(run_dir)
+    cases = [
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M", "--max-restarts",
+          "99999999999999999999"], "--max-restarts: 99999999999999999999 is out of range 0..1000"),
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M", "--id", "9" * 30],
+         "is out of range"),
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M", "--id", "9" * 5000],
+         "is not an integer"),
+        (["fault", "a", "wild-write", "--address", "0x" + "f" * 20], "is not an address"),
+        (["console", "\udcff\udcfe"], "holds bytes that are not text"),
+        (["console", "a\x1b]0;x\x07"], "holds bytes that are not text"),
+        (["satrt", "a"], "did you mean 'start'?"),
+        (["top", "--sort", "cpu"], "did you mean 'cpu%'?"),
+    ]
+    for args, says in cases:
+        p = subprocess.run(MKCTL + ["--run-dir", run_dir, *args], capture_output=True,
+                           timeout=60)
+        err = p.stderr.decode("utf-8", "replace")
+        assert p.returncode == 2 and says in err and "Traceback" not in err, (args, err)
+        assert b"\x1b" not in p.stderr
+    after = show(run_dir)
+    before["machine"].pop("events")
+    after["machine"].pop("events")
+    assert settled(after) == settled(before)
