@@ -26,7 +26,7 @@ from partition.guest.probes import KINDS as PROBE_KINDS
 from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
 from partition.scenario import expr as E
-from partition.units import parse_cpulist, parse_size
+from partition.units import parse_cpulist, parse_size, require_page_aligned
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
 ACTIONS = ("exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
@@ -145,9 +145,12 @@ def _size(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise ValueError("a size like \"4M\" or a number of bytes")
     try:
-        return parse_size(v)
+        n = parse_size(v)
+        require_page_aligned(n, typed=v)       # every size here is a partition's or a pool's
     except MKError as exc:
-        raise ValueError(f"a size like \"4M\" ({exc.message})") from None
+        raise ValueError(f"a size like \"4M\" ({exc.message}"
+                         + (f"; {exc.hint}" if exc.hint else "") + ")") from None
+    return n
 
 
 def _cpus(v: Any) -> list[int]:
