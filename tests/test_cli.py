@@ -342,3 +342,18 @@ def test_usage_errors_name_the_fix_and_exit_2(run_dir):
     before["machine"].pop("events")
     after["machine"].pop("events")
     assert settled(after) == settled(before)
+
+
+def test_a_deep_device_tree_is_refused_by_name(run_dir, tmp_path):
+    """A 20000-deep DTS given to init/create --input is an EINVAL refusal with its fix, not a
+    RecursionError; nothing is started. A tree of ordinary depth still compiles."""
+    from partition.host.devicetree import MAX_DTS_DEPTH, from_dts, to_dts
+    deep = tmp_path / "deep.dts"
+    deep.write_text("/dts-v1/;\n/ {" + " a {" * 20000 + " };" * 20000 + " };\n")
+    for verb in ("init", "create"):
+        p = mk(run_dir, verb, "--input", str(deep), check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert f"nodes nested more than {MAX_DTS_DEPTH} deep" in p.stderr and "fix:" in p.stderr
+    assert not os.path.exists(run_dir)
+    ok = "/dts-v1/;\n/ {" + " a {" * MAX_DTS_DEPTH + " };" * MAX_DTS_DEPTH + " };\n"
+    assert to_dts(from_dts(ok)).count("a {") == MAX_DTS_DEPTH
