@@ -88,7 +88,8 @@ def test_refusals_exit_nonzero_and_change_nothing(run_dir):
         (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M"], "already exists"),
         (["create", "c", "--cpus", str(CPUS[-1]), "--memory", "1000"], "4 KiB page"),
         (["create", "c", "--cpus", str(CPUS[-1]), "--memory", "4K", "--id", "600"], "out of range"),
-        (["exec", "a"], "'exec' needs state loaded"),
+        (["exec", "a"], "'start' needs state loaded"),      # boot's name, not exec's
+        (["start", "a"], "'start' needs state loaded"),
         (["delete", "nope"], "no instance named 'nope'"),
         (["load", "a", "--kernel", "nosuch.mod:K"], "does not import"),
         (["kill", "a"], "'kill' needs state active"),

@@ -63,7 +63,7 @@ def test_minimal_scenario_gets_every_default():
      "key 'seconds' is not used by a 'kill' fault (only by cpu-hog)"),
     (with_(fault=[{"name": "f", "kind": "wild-write"}]), "a wild-write needs 'victim'"),
     (with_(fault=[{"name": "f", "kind": "ipi-storm"}]), "an ipi-storm needs 'victim'"),
-    (with_(action=[{"name": "x", "do": "reboot"}]), "key 'do' is 'reboot'; expected one of 'exec'"),
+    (with_(action=[{"name": "x", "do": "reboot"}]), "key 'do' is 'reboot'; expected one of 'start'"),
     (with_(action=[{"name": "x", "do": "load"}]), "load needs args.kernel"),
     (with_(action=[{"name": "x", "do": "exec", "args": {"force": True}}]),
      "args key 'force' is not used by 'exec'"),

@@ -388,7 +388,7 @@ class Machine:
         self._check_open()
         self.poll(0)
         inst = self._get(name)
-        check_transition("exec", inst.name, inst.state)
+        check_transition("start", inst.name, inst.state)
         assert inst.kimage is not None
         self.lifecycle.boot(inst, wait_boot=bool(wait))
         return self.describe(inst)
@@ -432,7 +432,7 @@ class Machine:
         inst = self._get(name)
         if inst.state != State.ACTIVE or inst.pid is None:
             raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
-                            f"mkctl exec {inst.name} first")
+                            f"mkctl start {inst.name} first")
         if kind == "ipi-storm" and self.by_id(opts["target"]) is None:
             raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
                               "give the id of an instance (mkctl show)")
@@ -693,7 +693,7 @@ class Machine:
         inst = self._get(name)
         if inst.pid is None:
             raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}, no process runs",
-                            f"mkctl exec {inst.name}")
+                            f"mkctl start {inst.name}")
         return inst.pid
 
     def wait_for(self, name: str, state: str | State, timeout: float = 5.0) -> dict[str, Any]:

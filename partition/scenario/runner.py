@@ -363,7 +363,7 @@ class Runner:
             r = m.live_update(target, str(args["kernel"]),
                               str(args["cmdline"]) if "cmdline" in args else None)
             return {"update_gap_ms": r["gap_ms"], "rolled_back": r["rolled_back"]}
-        if a["do"] == "exec":
+        if a["do"] in ("start", "exec"):
             m.exec(target)
         elif a["do"] in ("kill", "kill --force"):
             m.kill(target, force=a["do"] == "kill --force", timeout=args.get("timeout"))

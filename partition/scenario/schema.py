@@ -29,7 +29,8 @@ from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size, require_page_aligned
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
-ACTIONS = ("exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
+#: ``start`` boots (kerf 0.4's verb); ``exec`` is its older spelling, still read
+ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -241,7 +242,7 @@ FAULT_OPTIONS = {"victim": ("wild-write", "ipi-storm"), "offset": ("wild-write",
 ACTION_KEYS = {
     "name": Key(_name, REQUIRED, "action name (also the name in expectations)"),
     "at": Key(duration, 1.0, "when, from the start of the run"),
-    "do": Key(_choice(ACTIONS), "exec", "the verb, as mkctl spells it"),
+    "do": Key(_choice(ACTIONS), "start", "the verb, as mkctl spells it"),
     "target": Key(_name, None, "the instance; default: the first instance"),
     "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout"),
 }
