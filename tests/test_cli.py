@@ -290,6 +290,23 @@ def test_kernel_text_reaches_the_terminal_escaped(run_dir, misbehaving):
         assert "escaper panics: \\x1b]0;pwned\\x07" in outputs[what], outputs[what]
     # the JSON view needs nothing: json.dumps escapes control characters itself
     assert "\x1b" not in mk(run_dir, "show", "a", "--format", "json").stdout
+    # a refusal that quotes the kernel (its boot() raised) is escaped on stderr too
+    mk(run_dir, "create", "b", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "b", "--kernel", f"{misbehaving}:EscaperAtBoot")
+    p = mk(run_dir, "start", "b", check=False)
+    assert p.returncode == 1 and "escaper at boot: \\x1b]0;pwned\\x07" in p.stderr, p.stderr
+    assert not any(c in p.stderr for c in controls)
+
+
+def test_printable_escapes_what_drives_a_terminal():
+    from partition.terminal import printable
+    assert printable("plain text, tabs\tand lines\n") == "plain text, tabs\tand lines\n"
+    assert printable("\x1b]52;c;eA==\x07\x9b2J\x7f\x00") == \
+        "\\x1b]52;c;eA==\\x07\\x9b2J\\x7f\\x00"
+    assert printable("\u202eevil\u2066") == "\\u202eevil\\u2066"       # bidi override, isolate
+    assert printable("\udcff") == "\\udcff"              # undecodable byte: printable on any stdout
+    assert printable("a\nb\tc\rd", one_line=True) == "a\\x0ab\\x09c\\x0dd"
+    assert printable("ünïcødé ✓ 日本") == "ünïcødé ✓ 日本"   # text is text
 
 
 def test_options_before_dashes_are_mkctls_wherever_they_stand(run_dir):

@@ -61,3 +61,10 @@ class Escaper(Kernel):
 
     def tick(self) -> bool:
         self.panic("escaper panics: " + "".join(ESCAPES))
+
+
+class EscaperAtBoot(Kernel):
+    """Its boot() raises with terminal control sequences: the refusal of start quotes it."""
+
+    def boot(self) -> None:
+        raise RuntimeError("escaper at boot: " + "".join(ESCAPES))
