@@ -88,6 +88,14 @@ def test_memory_hints_point_the_right_way(machine, memory, words, fix):
     assert fix in e.hint, e.hint
 
 
+def test_a_resize_to_a_unitless_size_is_hinted_too(machine):
+    machine.create("a", cpu_count=1, memory="16M")
+    with pytest.raises(InvalidSpec) as ei:
+        machine.resize("a", memory="64")
+    assert "did you mean 64M?" in ei.value.hint
+    assert machine.show("a")["memory_bytes"] == 16 << 20
+
+
 def test_pool_size_beyond_any_machine_is_refused_before_anything_starts(tmp_path):
     for memory, fix in (("99999999999999999999999999G", "at most 64T"), ("64", "64M")):
         with pytest.raises(InvalidSpec) as ei:

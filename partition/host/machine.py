@@ -57,7 +57,13 @@ from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
-from partition.units import format_size, parse_cpulist, parse_size, seconds
+from partition.units import (
+    format_size,
+    parse_cpulist,
+    parse_size,
+    require_page_aligned,
+    seconds,
+)
 
 #: the host's sweep (``Machine._sweep``): its period, and how many instances it looks at each
 SWEEP_PERIOD_S = 0.25
@@ -554,6 +560,7 @@ class Machine:
             op.cpu_add = [phys.get(c, c) for c in want if c not in inst.cpus]
         if memory is not None:
             nbytes = parse_size(memory, "memory")
+            require_page_aligned(nbytes, "memory", memory)      # 64 meant 64M: the hint says so
             have = sum(size for _, size in inst.regions)
             if nbytes > have:
                 grow = nbytes - have
