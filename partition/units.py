@@ -15,6 +15,13 @@ PAGE_SIZE = 4096
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_BYTES_RE = re.compile(r"^\s*\d+\s*$")
+
+#: the largest size a machine (its pool, an instance) may have: half of x86-64's 128 TiB of
+#: user address space, since the host maps the whole arena at once. Checked here, where a size
+#: is read, so that 10**30 G is refused by name instead of failing the arena's mmap, or
+#: overflowing the off_t of its ftruncate, far away in a supervisor being started.
+MAX_SIZE = 1 << 46
 
 
 def parse_size(text: str | int, what: str = "memory") -> int:
@@ -27,24 +34,41 @@ def parse_size(text: str | int, what: str = "memory") -> int:
         m = _SIZE_RE.match(str(text))
         if not m:
             raise InvalidSpec(
-                f"cannot parse {what} size {text!r}",
+                f"cannot parse {what} size {str(text)[:40]!r}",
                 "write a byte count with an optional unit, e.g. 4096, 64K, 256M, 8G",
             )
-        value = int(m.group(1)) * _UNITS[m.group(2).lower()]
+        # a number of more digits than any size has is refused before int() reads it (a
+        # 5000-digit one would be int()'s ValueError, not ours)
+        digits = m.group(1).lstrip("0") or "0"
+        value = int(digits) * _UNITS[m.group(2).lower()] if len(digits) <= 20 else MAX_SIZE + 1
     if value <= 0:
         raise InvalidSpec(f"{what} size must be greater than zero, got {text!r}",
                           "give at least one 4 KiB page, e.g. 4K")
+    if value > MAX_SIZE:
+        shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+        raise InvalidSpec(f"{what} size {shown} is beyond what one machine can map (at most "
+                          f"{format_size(MAX_SIZE)})", f"give at most {format_size(MAX_SIZE)}, "
+                                                       "e.g. 1G")
     return value
 
 
-def require_page_aligned(nbytes: int, what: str = "memory") -> None:
+def require_page_aligned(nbytes: int, what: str = "memory",
+                         typed: str | int | None = None) -> None:
+    """``typed``: the size as the user wrote it. A small number without a unit (``64``) is a
+    byte count that was almost always meant in MiB: the fix says so (64M), not "use 4K"."""
     if nbytes % PAGE_SIZE:
         lo = nbytes - nbytes % PAGE_SIZE
+        unitless = not isinstance(typed, bool) and (
+            isinstance(typed, int) or (isinstance(typed, str) and bool(_BYTES_RE.match(typed))))
+        if unitless and nbytes < 1 << 16:
+            hint = (f"a size without a unit is a number of bytes: did you mean {nbytes}M? "
+                    f"(write the unit: {nbytes}K, {nbytes}M or {nbytes}G)")
+        elif lo:
+            hint = f"use {format_size(lo)} or {format_size(lo + PAGE_SIZE)}"
+        else:
+            hint = f"use {format_size(PAGE_SIZE)} (the smallest size), or a multiple of it"
         raise InvalidSpec(
-            f"{what} size {nbytes} bytes is not a multiple of the 4 KiB page size",
-            f"use {format_size(lo)} or {format_size(lo + PAGE_SIZE)}" if lo else
-            f"use {format_size(PAGE_SIZE)} (the smallest size), or a multiple of it",
-        )
+            f"{what} size {nbytes} bytes is not a multiple of the 4 KiB page size", hint)
 
 
 def format_size(nbytes: int) -> str:

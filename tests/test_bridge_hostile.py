@@ -17,11 +17,13 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -433,3 +435,36 @@ def test_outside_the_namespace_nothing_is_left(attack):
     assert not os.path.exists(scratch)
     b_scratch, a_scratch = attack["scratch"]
     assert scratch not in a_scratch and scratch not in b_scratch
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare(1) to mount fusectl")
+def test_a_program_that_exits_holding_a_thousand_half_written_overlays(machine, program):
+    """A program holds 1000 descriptors of overlays/new, each half a tree, and its FUSE
+    connection is aborted (fusectl) before it exits: the bridge passes on its exit status with
+    no traceback, and the machine is as it was (no half tree was committed)."""
+    d, prog = program
+    abort_file = d / "abort-conn"
+    cfg = d / "hold.json"
+    cfg.write_text(json.dumps({"blobs": {k: v.hex() for k, v in blobs().items()}, "hold": 1000,
+                               "abort_file": str(abort_file)}))
+    before = settled(Client(machine).call("show"))
+
+    def abort() -> None:
+        deadline = time.monotonic() + 60
+        while not abort_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        conn = abort_file.read_text().strip()
+        assert conn.isdigit()
+        # fusectl in a mount namespace of its own: the host's mounts are not touched
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        "mount -t fusectl none /sys/fs/fuse/connections && "
+                        f"echo 1 > /sys/fs/fuse/connections/{conn}/abort"], check=True,
+                       timeout=30)
+
+    aborter = threading.Thread(target=abort, daemon=True)
+    aborter.start()
+    status, said, err, _ = bridge(machine, prog, str(cfg), "hold")
+    aborter.join(timeout=60)
+    assert status == 0 and "Traceback" not in err, err
+    assert said["held"] == 1000 and said["refused"] == {"after abort": "ENOTCONN"}, said
+    assert settled(Client(machine).call("show")) == before

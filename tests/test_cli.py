@@ -88,7 +88,8 @@ def test_refusals_exit_nonzero_and_change_nothing(run_dir):
         (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M"], "already exists"),
         (["create", "c", "--cpus", str(CPUS[-1]), "--memory", "1000"], "4 KiB page"),
         (["create", "c", "--cpus", str(CPUS[-1]), "--memory", "4K", "--id", "600"], "out of range"),
-        (["exec", "a"], "'exec' needs state loaded"),
+        (["exec", "a"], "'start' needs state loaded"),      # boot's name, not exec's
+        (["start", "a"], "'start' needs state loaded"),
         (["delete", "nope"], "no instance named 'nope'"),
         (["load", "a", "--kernel", "nosuch.mod:K"], "does not import"),
         (["kill", "a"], "'kill' needs state active"),
@@ -258,3 +259,119 @@ def test_trees_in_and_out(run_dir, tmp_path):
     before["machine"].pop("events")
     after["machine"].pop("events")
     assert settled(after) == settled(before)
+
+
+def test_kernel_text_reaches_the_terminal_escaped(run_dir, misbehaving):
+    """A kernel's printk and panic reason carry OSC 0 (title), OSC 52 (clipboard), a clear
+    screen, a bidi override and a C1 CSI: console, show (table and one
+    instance) and top print them escaped; console --raw alone gives the bytes as written."""
+    ESCAPES = ("\x1b]0;pwned\x07", "\x1b]52;c;cm0gLXJmIH4=\x07", "\x1b[2J", "\u202e",
+               "\x9b31m")                                 # as tests/kernels/misbehaving.py
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "a", "--kernel", f"{misbehaving}:Escaper")
+    mk(run_dir, "start", "a")
+    deadline = time.monotonic() + 10
+    while show(run_dir, "a")["state"] == "active":          # it panics at its first tick
+        assert time.monotonic() < deadline, "the escaper never panicked"
+        time.sleep(0.02)
+    raw = mk(run_dir, "console", "a", "--raw").stdout
+    assert all(e in raw for e in ESCAPES)                    # asked for: the kernel's bytes
+    controls = ("\x1b", "\x07", "\u202e", "\x9b")
+    outputs = {"console": mk(run_dir, "console", "a").stdout,
+               "show": mk(run_dir, "show").stdout, "show a": mk(run_dir, "show", "a").stdout,
+               "top": mk(run_dir, "top", "--once", "--interval", "0.05").stdout}
+    for what, out in outputs.items():
+        assert not any(c in out for c in controls), (what, out)
+    assert "escaper: \\x1b]0;pwned\\x07\\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\u202e" \
+           "\\x9b31m" in outputs["console"]
+    for what in ("show", "show a"):
+        assert "escaper panics: \\x1b]0;pwned\\x07" in outputs[what], outputs[what]
+    # the JSON view needs nothing: json.dumps escapes control characters itself
+    assert "\x1b" not in mk(run_dir, "show", "a", "--format", "json").stdout
+    # a refusal that quotes the kernel (its boot() raised) is escaped on stderr too
+    mk(run_dir, "create", "b", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "b", "--kernel", f"{misbehaving}:EscaperAtBoot")
+    p = mk(run_dir, "start", "b", check=False)
+    assert p.returncode == 1 and "escaper at boot: \\x1b]0;pwned\\x07" in p.stderr, p.stderr
+    assert not any(c in p.stderr for c in controls)
+
+
+def test_printable_escapes_what_drives_a_terminal():
+    from partition.terminal import printable
+    assert printable("plain text, tabs\tand lines\n") == "plain text, tabs\tand lines\n"
+    assert printable("\x1b]52;c;eA==\x07\x9b2J\x7f\x00") == \
+        "\\x1b]52;c;eA==\\x07\\x9b2J\\x7f\\x00"
+    assert printable("\u202eevil\u2066") == "\\u202eevil\\u2066"       # bidi override, isolate
+    assert printable("\udcff") == "\\udcff"              # undecodable byte: printable on any stdout
+    assert printable("a\nb\tc\rd", one_line=True) == "a\\x0ab\\x09c\\x0dd"
+    assert printable("ünïcødé ✓ 日本") == "ünïcødé ✓ 日本"   # text is text
+
+
+def test_options_before_dashes_are_mkctls_wherever_they_stand(run_dir):
+    """``mkctl exec web --run-dir X -- cmd`` targets X: the option is not swallowed into the
+    command (which would run on the default machine, or on none)."""
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "web", "--cpus", str(CPUS[-1]), "--memory", "4M")
+    mk(run_dir, "load", "web", "--kernel", "kernels.idle:IdleKernel")
+    mk(run_dir, "start", "web")
+    elsewhere = {**os.environ, "MK_RUN_DIR": f"{run_dir}-absent"}     # not this machine
+    p = subprocess.run(MKCTL + ["exec", "web", "--run-dir", run_dir, "--", "echo", "--run-dir",
+                                "inside"], capture_output=True, text=True, timeout=60,
+                       env=elsewhere)
+    assert p.returncode == 0 and p.stdout == "--run-dir inside\n", p.stderr   # after --: its own
+    p = subprocess.run(MKCTL + ["exec", "web", "--format", "text", "--run-dir", run_dir, "--",
+                                "true"], capture_output=True, text=True, timeout=60,
+                       env=elsewhere)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(MKCTL + ["kerf", "--run-dir", f"{run_dir}-absent", "--"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "give kerf's arguments after --" in p.stderr
+
+
+def test_usage_errors_name_the_fix_and_exit_2(run_dir):
+    """What the wire or the terminal cannot carry is refused by the CLI, exit 2, with what to
+    type instead (no traceback); a mistyped verb or choice gets its nearest spelling."""
+    mk(run_dir, "init", "--memory", "64M", "--host-cpus", str(CPUS[0]), "--cpus", str(CPUS[-1]),
+       "--oversubscribe")
+    before = show(run_dir)
+    cases = [
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M", "--max-restarts",
+          "99999999999999999999"], "--max-restarts: 99999999999999999999 is out of range 0..1000"),
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M", "--id", "9" * 30],
+         "is out of range"),
+        (["create", "a", "--cpus", str(CPUS[-1]), "--memory", "4M", "--id", "9" * 5000],
+         "is not an integer"),
+        (["fault", "a", "wild-write", "--address", "0x" + "f" * 20], "is not an address"),
+        (["console", "\udcff\udcfe"], "holds bytes that are not text"),
+        (["console", "a\x1b]0;x\x07"], "holds bytes that are not text"),
+        (["satrt", "a"], "did you mean 'start'?"),
+        (["top", "--sort", "cpu"], "did you mean 'cpu%'?"),
+    ]
+    for args, says in cases:
+        p = subprocess.run(MKCTL + ["--run-dir", run_dir, *args], capture_output=True,
+                           timeout=60)
+        err = p.stderr.decode("utf-8", "replace")
+        assert p.returncode == 2 and says in err and "Traceback" not in err, (args, err)
+        assert b"\x1b" not in p.stderr
+    after = show(run_dir)
+    before["machine"].pop("events")
+    after["machine"].pop("events")
+    assert settled(after) == settled(before)
+
+
+def test_a_deep_device_tree_is_refused_by_name(run_dir, tmp_path):
+    """A 20000-deep DTS given to init/create --input is an EINVAL refusal with its fix, not a
+    RecursionError; nothing is started. A tree of ordinary depth still compiles."""
+    from partition.host.devicetree import MAX_DTS_DEPTH, from_dts, to_dts
+    deep = tmp_path / "deep.dts"
+    deep.write_text("/dts-v1/;\n/ {" + " a {" * 20000 + " };" * 20000 + " };\n")
+    for verb in ("init", "create"):
+        p = mk(run_dir, verb, "--input", str(deep), check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert f"nodes nested more than {MAX_DTS_DEPTH} deep" in p.stderr and "fix:" in p.stderr
+    assert not os.path.exists(run_dir)
+    ok = "/dts-v1/;\n/ {" + " a {" * MAX_DTS_DEPTH + " };" * MAX_DTS_DEPTH + " };\n"
+    assert to_dts(from_dts(ok)).count("a {") == MAX_DTS_DEPTH

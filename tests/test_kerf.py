@@ -270,3 +270,22 @@ def _until(cond, timeout=5.0):
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_kerf_load_takes_a_file_and_its_class(run_dir, tmp_path):
+    """``kerf load --kernel=kv.py:Class``, as ``mkctl load`` takes it: kerf opens kv.py and the
+    instance gets that class (a file of two kernels needs its class named: mkctl's own hint)."""
+    ok(run_dir, "init", f"--cpus={PHYS[CPUS[-1]]}", "--memory=64MB")
+    ok(run_dir, "create", "a", f"--cpus={PHYS[CPUS[-1]]}", "--memory=16MB")
+    two = tmp_path / "kv.py"
+    two.write_text("from partition import Kernel\n\n\nclass KVService(Kernel):\n    pass\n\n\n"
+                   "class KVClient(Kernel):\n    pass\n")
+    r = refused(run_dir, "kexec_file_load failed", "load", "a", f"--kernel={two}")
+    assert f"name one: {two}:KVService" in r.stderr                  # mkctl's hint
+    for args, cls in (([f"--kernel={two}:KVClient"], "KVClient"),
+                      (["-k", f"{two}:KVService"], "KVService")):
+        ok(run_dir, "load", "a", *args)
+        assert show(run_dir, "a")["kernel"].endswith(f":{cls}"), show(run_dir, "a")
+        ok(run_dir, "unload", "a")
+    refused(run_dir, "does not exist", "load", "a", f"--kernel={tmp_path}/none.py:K", rc=3)
+    assert show(run_dir, "a")["state"] == "ready"

@@ -230,6 +230,29 @@ def test_bad_kernel_specs_are_refused_at_load(machine, tmp_path):
         assert words in str(ei.value), (spec, str(ei.value))
 
 
+def test_a_kernel_that_does_not_import_is_refused_with_its_line(machine, tmp_path):
+    """A SyntaxError names the file, the line and the line's text; an import that raises names
+    the kernel's own line, not importlib's; a file with two kernels says how to name one."""
+    machine.create("k", cpus=str(machine.config.cpus[-1]), memory="16M")
+    bad = tmp_path / "kv.py"
+    bad.write_text("from partition import Kernel\n\nclass KV(Kernel)\n    pass\n")
+    with pytest.raises(BadKernelImage) as ei:
+        machine.load("k", str(bad))
+    assert f"at {bad}:3: class KV(Kernel)" in ei.value.message, ei.value.message
+    assert ei.value.hint == f"correct line 3 of {bad}"
+    bad.write_text("from partition import Kernel\nimport does_not_exist_anywhere\n")
+    with pytest.raises(BadKernelImage) as ei:
+        machine.load("k", str(bad))
+    assert f"at {bad}:2: import does_not_exist_anywhere" in ei.value.message
+    two = tmp_path / "two.py"
+    two.write_text("from partition import Kernel\n\nclass A(Kernel):\n    pass\n\n"
+                   "class B(Kernel):\n    pass\n")
+    with pytest.raises(BadKernelImage) as ei:
+        machine.load("k", str(two))
+    assert ei.value.hint == f"name one: {two}:A"
+    assert machine.show("k")["state"] == "ready"
+
+
 def test_kernel_by_path_boots(machine, misbehaving):
     boot(machine, "w", misbehaving + ":Scribbler")
     deadline = time.monotonic() + 5

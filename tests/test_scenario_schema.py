@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -61,7 +63,7 @@ def test_minimal_scenario_gets_every_default():
      "key 'seconds' is not used by a 'kill' fault (only by cpu-hog)"),
     (with_(fault=[{"name": "f", "kind": "wild-write"}]), "a wild-write needs 'victim'"),
     (with_(fault=[{"name": "f", "kind": "ipi-storm"}]), "an ipi-storm needs 'victim'"),
-    (with_(action=[{"name": "x", "do": "reboot"}]), "key 'do' is 'reboot'; expected one of 'exec'"),
+    (with_(action=[{"name": "x", "do": "reboot"}]), "key 'do' is 'reboot'; expected one of 'start'"),
     (with_(action=[{"name": "x", "do": "load"}]), "load needs args.kernel"),
     (with_(action=[{"name": "x", "do": "exec", "args": {"force": True}}]),
      "args key 'force' is not used by 'exec'"),
@@ -139,3 +141,54 @@ def test_nan_and_infinite_times_are_refused(bad):
     assert any("key 'duration'" in p and "finite" in p for p in said)
     said = problems(with_(fault=[{"name": "f", "kind": "kill", "target": "a", "at": bad}]))
     assert any("key 'at'" in p for p in said)
+
+
+MINIMAL_TOML = '[scenario]\nname = "t"\nduration = "1s"\n\n[[instance]]\nname = "a"\n' \
+               'kernel = "kernels.idle:IdleKernel"\n'
+
+
+@pytest.mark.parametrize("expect,says", [
+    ("(" * 40 + "a.boots" + ")" * 40 + " == 1", "nests parentheses or 'not' more than 32 deep"),
+    ("not " * 40 + "a.state == 'active'", "nests parentheses or 'not' more than 32 deep"),
+    ("(" * 5000 + "a.boots" + ")" * 5000 + " == 1", "more than 400"),
+    (" + ".join(["a.boots"] * 3000) + " == 1", "more than 400"),     # a left-deep tree
+    ("a.boots == " + "9" * 5000, "has more than 30 digits"),
+], ids=["40 parentheses", "40 nots", "5000 parentheses", "3000 sums", "5000 digits"])
+def test_expectations_past_the_bounds_are_scenario_errors(expect, says):
+    """A deep or huge expectation is named as such (exit 2 in mkctl run), not Python's
+    RecursionError or int()'s ValueError."""
+    said = problems(with_(expect=[expect]))
+    assert any(says in p for p in said), said
+    assert all(len(p) < 400 for p in said)            # the expectation is quoted, cut short
+
+
+@pytest.mark.parametrize("text,says", [
+    ("x = " + "[" * 50000 + "]" * 50000 + "\n", "nested deeper than the TOML reader follows"),
+    ("seed = " + "9" * 5000 + "\n", "4300 digits"),
+], ids=["50000-deep array", "5000-digit integer"])
+def test_toml_past_the_readers_bounds_is_an_invalid_file(tmp_path, text, says):
+    f = tmp_path / "s.toml"
+    f.write_text(text + MINIMAL_TOML)
+    with pytest.raises(ScenarioInvalid) as ei:
+        schema.load(str(f))
+    assert says in ei.value.problems[0]
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "run", str(f), "--quiet"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hints_speak_the_scenarios_words(tmp_path):
+    """A unitless memory is taken for MiB in the hint; the machine's refusal on a 2-core box
+    names the scenario key (oversubscribe = true), not mkctl's flag."""
+    said = problems(with_(instance=[{"name": "a", "kernel": "k", "memory": 64}]))
+    assert any("did you mean 64M?" in p for p in said), said
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs: a pool that holds the host's")
+    f = tmp_path / "s.toml"
+    f.write_text(MINIMAL_TOML.replace('duration = "1s"\n', 'duration = "1s"\n\n[machine]\n'
+                                      f'cpus = {cpus[:2]}\nhost_cpus = [{cpus[0]}]\n'))
+    p = subprocess.run([sys.executable, "-m", "partition.control.cli", "run", str(f), "--quiet"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "set oversubscribe = true in [machine]" in p.stderr, p.stderr
+    assert "--oversubscribe" not in p.stderr and "--cpus" not in p.stderr

@@ -76,6 +76,34 @@ def test_bad_memory(machine, memory, words):
     refused(machine, InvalidSpec, words, name="a", cpu_count=1, memory=memory)
 
 
+@pytest.mark.parametrize("memory,words,fix", [
+    ("64", "64 bytes is not a multiple", "did you mean 64M?"),        # meant 64M: say so
+    (64, "64 bytes is not a multiple", "did you mean 64M?"),
+    ("1001K", "not a multiple", "use 1000K or 1004K"),               # a unit given: no guess
+    ("99999999999999999999999999G", "beyond what one machine can map", "at most 64T"),
+    ("9" * 5000, "beyond what one machine can map", "at most 64T"),   # not int()'s ValueError
+], ids=["64", "int 64", "1001K", "1e26G", "5000 digits"])
+def test_memory_hints_point_the_right_way(machine, memory, words, fix):
+    e = refused(machine, InvalidSpec, words, name="a", cpu_count=1, memory=memory)
+    assert fix in e.hint, e.hint
+
+
+def test_a_resize_to_a_unitless_size_is_hinted_too(machine):
+    machine.create("a", cpu_count=1, memory="16M")
+    with pytest.raises(InvalidSpec) as ei:
+        machine.resize("a", memory="64")
+    assert "did you mean 64M?" in ei.value.hint
+    assert machine.show("a")["memory_bytes"] == 16 << 20
+
+
+def test_pool_size_beyond_any_machine_is_refused_before_anything_starts(tmp_path):
+    for memory, fix in (("99999999999999999999999999G", "at most 64T"), ("64", "64M")):
+        with pytest.raises(InvalidSpec) as ei:
+            Machine(memory=memory, run_dir=str(tmp_path / "r"))
+        assert fix in ei.value.hint
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("name", ["", "1abc", "has space", "x" * 32, "host", "a/b"])
 def test_bad_names(machine, name):
     refused(machine, InvalidSpec, "invalid instance name", name=name, cpu_count=1, memory="16M")

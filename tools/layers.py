@@ -5,7 +5,8 @@
 
 Layers, bottom up; a module may import its own layer and the layers below it, never above:
 
-    base      partition.errors, .units, .linux, .stats: no partition import but each other
+    base      partition.errors, .units, .linux, .stats, .terminal: no partition import but each
+              other
     abi       partition.abi.*: what both sides share byte for byte
     guest     partition.guest.*: what runs inside an instance
     host      partition.host.*: the host kernel and its loader
@@ -27,7 +28,8 @@ import sys
 from dataclasses import dataclass
 
 LAYERS = ("base", "abi", "guest", "host", "tools", "control", "top")
-BASE = {"partition.errors", "partition.units", "partition.linux", "partition.stats"}
+BASE = {"partition.errors", "partition.units", "partition.linux", "partition.stats",
+        "partition.terminal"}
 
 
 def layer_of(module: str) -> str | None:

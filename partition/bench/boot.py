@@ -1,4 +1,4 @@
-"""``mkctl bench boot``: exec -> active latency against a raw fork + pin + handshake.
+"""``mkctl bench boot``: start -> active latency against a raw fork + pin + handshake.
 
 The baseline does the irreducible part of a boot in the same process, the same way: fork, pin
 the child to the target CPU, the child signals an eventfd, the parent wakes. The emulator's boot
@@ -57,7 +57,7 @@ def run(boots: int = 100, cpu: int | None = None, progress: bool = False) -> dic
             for i in range(boots):
                 raw.append(raw_boot_once(cpu, efd))
                 # the image is resident (its process imported it and parked) before the clock
-                # starts: what is timed is the boot, exec -> active, not the load
+                # starts: what is timed is the boot, start -> active, not the load
                 deadline = time.monotonic() + 30
                 while not m.show("bench")["resident"] and time.monotonic() < deadline:
                     m.poll(0.005)
@@ -89,7 +89,7 @@ def render(res: dict[str, Any]) -> str:
         f"machine: {environment_line(res['environment'])}",
         "{:<28}{:>9}{:>9}{:>9}{:>9}".format("ms", "p50", "p90", "p99", "max"),
         row.format("raw fork+pin+handshake", r["p50"], r["p90"], r["p99"], r["max"]),
-        row.format("mkctl exec -> active", e["p50"], e["p90"], e["p99"], e["max"]),
+        row.format("mkctl start -> active", e["p50"], e["p90"], e["p99"], e["max"]),
         f"ratio p50 {res['ratio_p50']:.2f}x, p99 {res['ratio_p99']:.2f}x "
         f"(target p50 <= {res['target_ratio_p50']:g}x: {'met' if res['meets_target'] else 'MISSED'})",
     ]

@@ -93,6 +93,7 @@ _DIRENT = struct.Struct("<QQII")                 # fuse_dirent before its name
 _KSTATFS = struct.Struct("<QQQQQIIII24x")        # fuse_kstatfs, 80 bytes
 
 DT_DIR, DT_REG = 4, 8
+_GONE = (errno.ENODEV, errno.ECONNABORTED)      # the connection is over: nothing more to serve
 _MAX_ERRNO = 511                                 # the kernel rejects a reply with error <= -512
 
 
@@ -492,7 +493,10 @@ class FuseServer:
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno == errno.ENODEV:    # unmounted, or the connection aborted
+                # unmounted (ENODEV), or the connection aborted (ECONNABORTED: an abort through
+                # fusectl once the kernel reports aborts as such): whatever the program left
+                # open is gone with it, and the bridge goes on to reap the program
+                if exc.errno in _GONE:
                     self._closed = True
                     break
                 raise
@@ -506,7 +510,7 @@ class FuseServer:
         try:
             os.write(self._fd, reply)
         except OSError as exc:
-            if exc.errno == errno.ENODEV:
+            if exc.errno in _GONE:
                 self._closed = True
             elif exc.errno == errno.EINVAL:      # a reply the kernel refused: the caller would
                 unique = _OUT_HEADER.unpack_from(reply)[2]          # hang, so tell it EIO

@@ -59,6 +59,34 @@ class Bridge:
         self.run_dir = rundir.resolve(run_dir)
         self.oversubscribe = oversubscribe
         self.backend = SysfsBackend(self.run_dir, self._start_machine)
+        self.kernel_classes: dict[str, str] = {}     # kernel file (real path) -> class named
+
+    def kerf_args(self, args: list[str]) -> list[str]:
+        """kerf's arguments, with ``load --kernel=path.py:Class`` made one kerf can open:
+        kerf opens the path it is given (``kv.py:KV`` "does not exist"), so it gets
+        ``path.py`` and the class is remembered for its kexec_file_load of that file, as
+        ``mkctl load`` takes ``path.py:Class``. Anything else passes unchanged."""
+        if "load" not in args:
+            return list(args)
+        out = []
+        take = False
+        for a in args:
+            for flag in ("--kernel=", "-k"):
+                if take or (a.startswith(flag) and len(a) > len(flag)):
+                    value = a if take else a[len(flag):]
+                    a = a[:len(a) - len(value)] + self._class_named(value)
+                    break
+            take = a in ("--kernel", "-k")
+            out.append(a)
+        return out
+
+    def _class_named(self, value: str) -> str:
+        path, sep, cls = value.rpartition(":")
+        if not sep or not path.endswith(".py") or not cls.isidentifier() or \
+                os.path.exists(value) or not os.path.isfile(path):
+            return value
+        self.kernel_classes[os.path.realpath(path)] = cls
+        return path
 
     # -- the baseline write, when no machine runs --------------------------------------------
     def _start_machine(self, base: devicetree.Baseline) -> None:
@@ -119,7 +147,7 @@ class Bridge:
         fuse = FuseServer(self.backend, MOUNTPOINT, mount=False)
         trap: Trap | None = None
         try:
-            proc, trap = spawn_trapped([kerf_program(), *args], TRAPPED,
+            proc, trap = spawn_trapped([kerf_program(), *self.kerf_args(args)], TRAPPED,
                                        preexec_fn=lambda: self._namespace(scratch, fuse))
             pidfd = linux.pidfd_open(proc.pid)
             try:
@@ -210,7 +238,8 @@ class Bridge:
             path = _image_path(fd)
         finally:
             os.close(fd)
-        client.call("kexec_load", id=mk_id, kernel=path,
+        cls = self.kernel_classes.get(os.path.realpath(path))
+        client.call("kexec_load", id=mk_id, kernel=f"{path}:{cls}" if cls else path,
                     cmdline=cmdline.decode("ascii", errors="replace"))
         return 0
 

@@ -27,6 +27,7 @@ from partition.bridge.fuse import Stat
 from partition.control.client import Client
 from partition.errors import MKError, NotLoaded, ResourceBusy
 from partition.host import devicetree, rundir
+from partition.terminal import printable
 
 SYS = ("sys", "fs", "multikernel")
 TX = re.compile(r"^/overlays/tx_([0-9]{1,9})$")
@@ -35,7 +36,8 @@ WRITABLE = ("/device_tree", "/overlays/new")
 
 def _say(exc: MKError) -> None:
     """The host's reason, on the bridge's stderr: kerf prints only the errno's name."""
-    print(f"mkctl kerf: the host refused: {exc}", file=sys.stderr, flush=True)
+    # a refusal may quote a kernel (the reason it refused a resize): escaped, as mkctl does
+    print(printable(f"mkctl kerf: the host refused: {exc}"), file=sys.stderr, flush=True)
 
 
 def refuse(exc: MKError) -> OSError:

@@ -1,6 +1,6 @@
 """``mkctl``: the kerf-like command line of the emulator.
 
-Verbs and their legal states follow kerf (init, create, load, exec, kill, unload, delete, show,
+Verbs and their legal states follow kerf (init, create, load, start, exec, kill, unload, delete, show,
 console); ``shutdown``, ``bench`` and ``demo`` are the emulator's own. Every refusal prints what
 is wrong and how to fix it on stderr and exits 1; a usage error exits 2. Nothing is changed by a
 refused command.
@@ -9,6 +9,7 @@ refused command.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -20,10 +21,49 @@ from partition.control.client import Client, start_supervisor, stop_supervisor
 from partition.control.show import render_show
 from partition.errors import MKError
 from partition.host import rundir
+from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
+
+
+#: the largest integer the wire carries (msgpack's int64); an option past it is a usage error
+#: here instead of an OverflowError in the client
+INT64_MAX = (1 << 63) - 1
+
+
+def integer(lo: int = -INT64_MAX - 1, hi: int = INT64_MAX, example: str = "1"
+            ) -> Any:
+    """argparse type: an integer in ``lo..hi``. ``int`` alone takes a thousand digits, which
+    the wire cannot carry (OverflowError); the bounds are checked before anything is sent."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10) if len(text) <= 40 else None
+        except ValueError:
+            v = None
+        if v is None:
+            raise argparse.ArgumentTypeError(f"{printable(text[:40], one_line=True)!r}"
+                                             f"{'...' if len(text) > 40 else ''} is not an "
+                                             f"integer in {lo}..{hi}: give e.g. {example}")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is out of range {lo}..{hi}: give e.g. "
+                                             f"{example}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def address(text: str) -> int:
+    """argparse type: an address, 0x... or decimal, that the wire can carry."""
+    try:
+        v = int(text, 0) if len(text) <= 40 else -1
+    except ValueError:
+        v = -1
+    if not 0 <= v <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"{printable(text[:40], one_line=True)!r} is not an "
+                                         f"address in 0..{INT64_MAX:#x}: give e.g. 0x100000")
+    return v
 
 
 def finite(text: str) -> float:
@@ -44,17 +84,18 @@ def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
 
 
 def _one_line(i: dict[str, Any]) -> str:
-    s = (f"instance {i['name']} (id {i['id']}): {i['state']}, CPUs {format_cpulist(i['cpus'])}"
+    s = (f"instance {printable(i['name'], one_line=True)} (id {i['id']}): {i['state']}, "
+         f"CPUs {format_cpulist(i['cpus'])}"
          f"{' (shared: ' + format_cpulist(i['shared_cpus']) + ')' if i['shared_cpus'] else ''}, "
          f"{format_size(i['memory_bytes'])} at 0x{i['memory_base']:x}")
     if i.get("kernel"):
-        s += f", kernel {i['kernel']}"
+        s += f", kernel {printable(i['kernel'], one_line=True)}"
     if i.get("pid"):
         s += f", pid {i['pid']}"
-    if i.get("last_exit") and i["state"] != "active":
-        s += f"; last exit: {i['last_exit']['reason']}"
+    if i.get("last_exit") and i["state"] != "active":        # the kernel's own words
+        s += f"; last exit: {printable(i['last_exit']['reason'], one_line=True)}"
     if i.get("failure"):
-        s += f"; FAILED: {i['failure']}"
+        s += f"; FAILED: {printable(i['failure'], one_line=True)}"
     return s
 
 
@@ -143,8 +184,8 @@ def cmd_update(a: argparse.Namespace) -> int:
         u = client.call("live_update", name=a.name, kernel=_kernel_spec(a.kernel),
                         cmdline=a.cmdline)
         if u["rolled_back"]:
-            print(f"mkctl update: {a.name}: ROLLED BACK to {u['kernel']}: {u['reason']}",
-                  file=sys.stderr)
+            print(printable(f"mkctl update: {a.name}: ROLLED BACK to {u['kernel']}: "
+                            f"{u['reason']}"), file=sys.stderr)
             return EXIT_REFUSED
         _emit(a, u, f"instance {a.name}: live update {u['previous']} -> {u['kernel']} in "
                     f"{u['gap_ms']} ms (load {u['load_ms']} ms before, not in the gap); "
@@ -252,8 +293,9 @@ def new_console_text(shown: str, text: str) -> str:
 
 def cmd_console(a: argparse.Namespace) -> int:
     client = Client(a.run_dir)
+    shown = (lambda t: t) if a.raw else printable       # the kernel's bytes: escaped unless asked
     text = client.call("console", name=a.name)
-    sys.stdout.write(text)
+    sys.stdout.write(shown(text))
     sys.stdout.flush()
     if not a.follow:
         return EXIT_OK
@@ -263,9 +305,9 @@ def cmd_console(a: argparse.Namespace) -> int:
             try:
                 now = client.call("console", name=a.name)
             except MKError as exc:
-                print(f"mkctl console: stopped following: {exc}", file=sys.stderr)
+                print(printable(f"mkctl console: stopped following: {exc}"), file=sys.stderr)
                 return EXIT_OK
-            sys.stdout.write(new_console_text(text, now))
+            sys.stdout.write(shown(new_console_text(text, now)))
             sys.stdout.flush()
             text = now
     except KeyboardInterrupt:
@@ -319,11 +361,31 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return demo.main(a)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a "did you mean" for a mistyped verb or choice: ``mkctl satrt a`` is
+    answered with the verb it was meant to be, not only the list of all of them."""
+
+    def error(self, message: str) -> Any:       # NoReturn in argparse
+        import re
+        m = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            near = difflib.get_close_matches(m.group(1), choices, n=2, cutoff=0.6)
+            if near:
+                message += "; did you mean " + " or ".join(repr(n) for n in near) + "?"
+        super().error(printable(message))
+
+
+#: verbs whose trailing command follows ``--`` (mkctl exec NAME -- CMD, mkctl kerf -- ARGS)
+TAKES_COMMAND = {"exec": "command", "kerf": "args"}
+
+
 def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
     p.add_argument("--recovery", choices=("none", "restart", "standby"), default=d("none"),
                    help="what the host does when the instance fails (default none)")
-    p.add_argument("--max-restarts", type=int, default=d(3), help="restart intensity: at most N ...")
+    p.add_argument("--max-restarts", type=integer(0, 1000, "3"), default=d(3),
+                   help="restart intensity: at most N ...")
     p.add_argument("--restart-window", type=finite, default=d(5.0), help="... in T seconds")
     p.add_argument("--watchdog", type=finite, default=d(0.0),
                    help="seconds without progress before the instance is declared hung (0: off)")
@@ -331,12 +393,14 @@ def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="a restart keeps the partition (default: scrubbed before reuse)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    def options(default: bool, formats: tuple[str, ...] = ("text", "json")) -> argparse.ArgumentParser:
+def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
+    """``command_after_dashes``: the parser of what stands before ``--`` (see ``parse``): the
+    verbs that take a command take it from after ``--`` only."""
+    def options(default: bool, formats: tuple[str, ...] = ("text", "json")) -> Parser:
         # Sub-commands repeat the global options with SUPPRESS defaults, so that
         # "mkctl --run-dir X show" and "mkctl show --run-dir X" both work and neither
         # placement silently resets the other.
-        p = argparse.ArgumentParser(add_help=False)
+        p = Parser(add_help=False)
         p.add_argument("--run-dir", default=None if default else argparse.SUPPRESS,
                        help=f"machine run directory (default: ${rundir.ENV} or "
                             f"{rundir.default_run_dir()})")
@@ -348,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = options(default=False)
     with_csv = options(default=False, formats=("text", "json", "csv"))
-    ap = argparse.ArgumentParser(prog="mkctl", description="Multikernel partition emulator.",
-                                 parents=[options(default=True, formats=("text", "json", "csv"))])
-    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+    ap = Parser(prog="mkctl", description="Multikernel partition emulator.",
+                parents=[options(default=True, formats=("text", "json", "csv"))])
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
 
     p = sub.add_parser("init", parents=[common], help="define the pool and start the supervisor")
     p.add_argument("--input", "-i", default=None,
@@ -363,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-cpus", default="0", help="CPUs kept by the host, instance 0 (default 0; 'none')")
     p.add_argument("--oversubscribe", action="store_true",
                    help="allow instances to share host cores (shown in every view)")
-    p.add_argument("--console-size", type=int, default=64 * 1024, help="kmsg bytes per instance")
+    p.add_argument("--console-size", type=integer(example="65536"), default=64 * 1024,
+                   help="kmsg bytes per instance")
     p.add_argument("--no-protection", dest="protection", action="store_false",
                    help="map the whole arena into every instance (wild writes land)")
     p.add_argument("--kill-timeout", type=finite, default=30.0,
@@ -378,11 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--cpus", help="CPU list, e.g. 1 or 1-2")
-    g.add_argument("--cpu-count", type=int, help="number of CPUs, picked from the free pool")
+    g.add_argument("--cpu-count", type=integer(1, 8192, "1"),
+                   help="number of CPUs, picked from the free pool")
     g.add_argument("--input", "-i", default=None,
                    help="an instance's device tree (mkctl dump / kerf dump; .dtb or .dts)")
     p.add_argument("--memory", default=None, help="partition size, multiple of 4K, e.g. 64M")
-    p.add_argument("--id", type=int, default=None, help="instance id 1..511 (default: lowest free)")
+    p.add_argument("--id", type=integer(example="1"), default=None,
+                   help="instance id 1..511 (default: lowest free)")
     _recovery_options(p, defaults=True)
     p.add_argument("--standby-for", default=None,
                    help="make this instance the pre-booted standby of that one")
@@ -412,17 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the real kerf against this machine: mkctl kerf -- ARGS")
     p.add_argument("--oversubscribe", action="store_true",
                    help="a pool kerf init defines may share the host's CPUs")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="kerf's arguments, after --")
+    if not command_after_dashes:
+        p.add_argument("args", nargs=argparse.REMAINDER, help="kerf's arguments, after --")
     p.set_defaults(fn=cmd_kerf)
 
     p = sub.add_parser("fault", parents=[common], help="inject a fault into an active instance")
     p.add_argument("name")
     p.add_argument("kind", help="kill, hang-stop, panic, hang-spin, wild-write, ipi-storm, "
                                 "cpu-hog, mem-hog")
-    p.add_argument("--address", type=lambda t: int(t, 0), help="wild-write: physical address")
-    p.add_argument("--bytes", type=int, help="wild-write / mem-hog: how many bytes")
-    p.add_argument("--target", type=int, help="ipi-storm: instance id to flood")
-    p.add_argument("--count", type=int, help="ipi-storm: messages to send")
+    p.add_argument("--address", type=address, help="wild-write: physical address")
+    p.add_argument("--bytes", type=integer(example="4096"), help="wild-write / mem-hog: how many bytes")
+    p.add_argument("--target", type=integer(example="2"), help="ipi-storm: instance id to flood")
+    p.add_argument("--count", type=integer(example="1000"), help="ipi-storm: messages to send")
     p.add_argument("--seconds", type=finite, help="cpu-hog: how long")
     p.set_defaults(fn=cmd_fault)
 
@@ -433,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_load)
 
     for verb, helptext in (("start", "boot the loaded image (loaded -> active)"),
-                           ("exec", "deprecated spelling of start (kerf 0.4: start boots)"),
+                           ("exec", "NAME -- CMD: run CMD inside the running instance (NAME "
+                                    "alone: the deprecated spelling of start)"),
                            ("unload", "drop the image (loaded -> ready)"),
                            ("delete", "free the partition (ready -> gone)")):
         p = sub.add_parser(verb, parents=[common], help=helptext)
@@ -442,10 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-wait", action="store_true",
                            help="return when the boot CPU answers, before the kernel's boot() "
                                 "returns (the real system's answer)")
-        if verb == "exec":
+        if verb == "exec" and not command_after_dashes:
             p.add_argument("command", nargs=argparse.REMAINDER,
-                           help="(kerf 0.4: -- CMD runs a command inside the instance; not "
-                                "supported yet)")
+                           help="-- CMD [ARGS...]: the command to run inside the instance "
+                                "(kerf 0.4); mkctl's options go before --")
         p.set_defaults(fn=cmd_simple)
 
     p = sub.add_parser("kill", parents=[common], help="halt an instance (active -> loaded)")
@@ -464,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing new lines as they come (Ctrl-C stops)")
     p.add_argument("--interval", type=finite, default=0.2, help="-f: seconds between reads")
+    p.add_argument("--raw", action="store_true",
+                   help="the kernel's bytes as written, terminal control sequences included "
+                        "(default: control characters shown escaped, e.g. \\x1b)")
     p.set_defaults(fn=cmd_console)
 
     p = sub.add_parser("top", parents=[common],
@@ -494,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=None,
                    help="ipi, isolation, scale: interleaved repeats, medians reported "
                         "(default 3; ipi: 1 with --quick)")
-    p.add_argument("--cpu", type=int, default=None, help="CPU to boot on (default: last pool CPU)")
+    p.add_argument("--cpu", type=integer(0, 8191, "1"), default=None,
+                   help="CPU to boot on (default: last pool CPU)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("run", parents=[common],
@@ -517,9 +590,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """mkctl's options are mkctl's wherever they stand before ``--``: ``mkctl exec web
+    --run-dir X -- cmd`` targets X and runs ``cmd`` (argparse's REMAINDER alone would take
+    ``--run-dir X`` into the command). What follows the first ``--`` is the command, as is."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:cut], argv[cut + 1:]
     ap = build_parser()
-    a = ap.parse_args(argv)
+    bad = next((t for t in head if printable(t) != t), None)
+    if bad is not None:                 # undecodable bytes (surrogates), or control characters
+        ap.error(f"argument '{printable(bad, one_line=True)}' holds bytes that are not "
+                 "text (not UTF-8, or control characters): names, sizes and CPU lists are "
+                 "plain text; retype it")
+    if cut < len(argv):
+        split = build_parser(command_after_dashes=True)
+        a = split.parse_args(head)
+        field = TAKES_COMMAND.get(a.verb)
+        if field is not None:
+            setattr(a, field, tail)
+            return split, a
+    return ap, ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, a = parse(sys.argv[1:] if argv is None else list(argv))
     if a.format == "csv" and not (a.verb == "bench" and a.what == "ipi"):
         ap.error("--format csv is only for 'bench ipi' (mkbench columns)")
     try:
@@ -528,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, "format", "text") == "json":      # a script asked for JSON: it gets it
             print(json.dumps({"ok": False, "error": {**exc.to_wire(), "errno": exc.errno,
                                                      "code": exc.code}}, indent=2))
-        print(f"mkctl {a.verb}: error: {exc}", file=sys.stderr)
+        # a refusal may quote the kernel (a boot() that raised, a resize it refused)
+        print(printable(f"mkctl {a.verb}: error: {exc}"), file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"mkctl {a.verb}: interrupted", file=sys.stderr)

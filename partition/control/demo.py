@@ -21,6 +21,7 @@ from kernels.counter import read_count
 from partition.abi import message as M
 from partition.control.show import render_show
 from partition.host.machine import Machine
+from partition.terminal import printable
 from partition.units import format_cpulist
 
 
@@ -103,11 +104,11 @@ def main(a: argparse.Namespace | None = None) -> int:
         d.check(rec["last_exit"]["signal_name"] == "SIGKILL",
                 f"recorded: {rec['last_exit']['reason']}; state {rec['state']}")
         host_log = m.console("host").strip().splitlines()[-1]
-        print(f"   host console: {host_log}")
+        print(printable(f"   host console: {host_log}"))
         d.check("halted, CPUs parking in pool" in host_log, "host logged the halt")
         d.check(m.show("echo")["state"] == "active", "the echo instance kept running")
         tail = m.console("counter").strip().splitlines()[-2:]
-        print("   counter console after death:\n" + "\n".join("     " + t for t in tail))
+        print(printable("   counter console after death:\n" + "\n".join("     " + t for t in tail)))
         d.check(bool(tail), "console readable after death")
 
         d.step("reboot the counter: its partition survived the halt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
 
@@ -33,22 +34,27 @@ def render_show(snapshot: dict[str, Any]) -> str:
                    "costs a peer on its core a scheduler timeslice per hop")
     else:
         out.append("MODE    dedicated: every instance owns its cores")
-    rows = [("ID", "NAME", "STATE", "CPUS", "MEMORY", "BASE", "KERNEL", "PID", "LAST EXIT")]
+    rows: list[tuple[str, ...]] = [("ID", "NAME", "STATE", "CPUS", "MEMORY", "BASE", "KERNEL",
+                                    "PID", "LAST EXIT")]
     for i in snapshot["instances"]:
         cpus = format_cpulist(i["cpus"]) + ("*" if i["shared_cpus"] else "")
         last = i["last_exit"]["reason"] if i["last_exit"] else "-"
         if i["failure"]:
             last = f"FAILED: {i['failure']}"
-        rows.append((str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
-                     f"0x{i['memory_base']:x}", i["kernel"] or "-",
-                     str(i["pid"]) if i["pid"] else "-", last))
+        # an exit reason and a failure are the kernel's own words: no control sequence of
+        # its reaches the terminal, no newline of its starts a row
+        rows.append(tuple(printable(c, one_line=True) for c in (
+            str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
+            f"0x{i['memory_base']:x}", i["kernel"] or "-", str(i["pid"]) if i["pid"] else "-",
+            last)))
     txs = snapshot.get("overlays", [])
     if txs:
         counts = {st: sum(1 for t in txs if t["status"] == st) for st in ("applied", "failed")}
         last = txs[-1]
-        out.append(f"overlays {counts['applied']} applied, {counts['failed']} failed; last "
-                   f"tx_{last['id']} {last['status']}: {'; '.join(last['operations']) or '-'}"
-                   + (f" ({last['error']})" if last["error"] else ""))
+        out.append(printable(f"overlays {counts['applied']} applied, {counts['failed']} failed; "
+                             f"last tx_{last['id']} {last['status']}: "
+                             f"{'; '.join(last['operations']) or '-'}"
+                             + (f" ({last['error']})" if last["error"] else ""), one_line=True))
     if len(rows) == 1:
         out.append("no instances")
     else:

@@ -17,8 +17,10 @@ import psutil
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from partition.control.client import Client
+from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
 COLUMNS = ("id", "name", "state", "cpus", "memory", "pid", "cpu%", "rx/s", "tx/s", "ring-full",
@@ -92,6 +94,11 @@ class Sampler:
 
 
 def _cell(v: Any, col: str) -> str:
+    """A cell as text; whatever a kernel may have written is escaped (terminal.py)."""
+    return printable(_text(v, col), one_line=True)
+
+
+def _text(v: Any, col: str) -> str:
     if v is None:
         return "-"
     if col in ("cpu%", "rx/s", "tx/s"):
@@ -122,8 +129,9 @@ def frame(snap: dict[str, Any], rows: list[dict[str, Any]], sort: str) -> Table:
         style = "bold red" if r["state"] == "failed" else \
             ("yellow" if r["progress"] is not None and r["progress"] > 2 and not r["idle"]
              else None)
-        table.add_row(*(_cell(r[c], c) + (" idle" if c == "progress" and r["idle"]
-                                          and r[c] is not None and r[c] >= 1.0 else "")
+        # Text, not str: a cell is never read as rich markup ("[link=...]" would be OSC 8)
+        table.add_row(*(Text(_cell(r[c], c) + (" idle" if c == "progress" and r["idle"]
+                                               and r[c] is not None and r[c] >= 1.0 else ""))
                         for c in COLUMNS), style=style)
     return table
 

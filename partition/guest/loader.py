@@ -53,6 +53,27 @@ def _import_path(path: str) -> ModuleType:
     return module
 
 
+_IMPORTLIB = os.path.dirname(importlib.__file__) + os.sep
+
+
+def _where(exc: BaseException) -> str:
+    """`` at FILE:LINE: the line`` that made an import fail: for a SyntaxError the line the
+    compiler stopped at, else the innermost frame (the kernel's own code, not importlib's).
+    Without it a new user reads "invalid syntax" and has to guess where."""
+    if isinstance(exc, SyntaxError):
+        if not exc.filename or not exc.lineno:
+            return ""
+        text = (exc.text or "").strip()
+        return f" at {exc.filename}:{exc.lineno}" + (f": {text[:120]}" if text else "")
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(("<frozen", _IMPORTLIB)) and f.filename != __file__]
+    if not frames:                      # the import machinery's own: no line of the kernel's
+        return ""
+    f = frames[-1]
+    line = (f.line or "").strip()
+    return f" at {f.filename}:{f.lineno}" + (f": {line[:120]}" if line else "")
+
+
 def _kernels_in(module: ModuleType) -> list[type[Kernel]]:
     """The kernel classes a module defines, and those it publishes in ``__all__`` (a sample
     image may be another module's kernel under its own name, as ``kernels.echo`` is)."""
@@ -74,8 +95,13 @@ def resolve(spec: str) -> tuple[type[Kernel], str, str]:
     except BadKernelImage:
         raise
     except BaseException as exc:
+        where = _where(exc)
+        if isinstance(exc, SyntaxError):
+            raise BadKernelImage(f"kernel {spec!r} does not import: {type(exc).__name__}: "
+                                 f"{exc.msg}{where}", f"correct line {exc.lineno} of "
+                                 f"{exc.filename}") from None
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        raise BadKernelImage(f"kernel {spec!r} does not import: {last}",
+        raise BadKernelImage(f"kernel {spec!r} does not import: {last}{where}",
                              "check the module path and that it imports on its own "
                              "(python -c 'import MODULE')") from None
     if clsname:
@@ -88,8 +114,9 @@ def resolve(spec: str) -> tuple[type[Kernel], str, str]:
         found_classes = _kernels_in(module)
         if len(found_classes) != 1:
             names = ", ".join(c.__name__ for c in found_classes) or "none"
+            first = found_classes[0].__name__ if found_classes else "Class"
             raise BadKernelImage(f"{target!r} defines {len(found_classes)} kernel classes ({names})",
-                                 "name one: MODULE:Class")
+                                 f"name one: {target}:{first}")
         obj = found_classes[0]
     if not (inspect.isclass(obj) and issubclass(obj, Kernel)):
         raise BadKernelImage(f"{spec!r} is not a kernel (not a subclass of partition.Kernel)",

@@ -507,6 +507,10 @@ _TOKEN = re.compile(r'\s*(?:(//[^\n]*|/\*.*?\*/)|("(?:[^"\\]|\\.)*")|(/bits/)|(/
                     r'([A-Za-z0-9_,.+@#?-]+)|(\[[0-9a-fA-F\s]*\])|(<[^>]*>)|([{};=/]))', re.S)
 
 
+#: how deep ``from_dts`` follows nested nodes (libfdt's own walks stop at 64)
+MAX_DTS_DEPTH = 32
+
+
 def from_dts(text: str) -> bytes:
     """Compile DTS text of the shape ``to_dts`` (and kerf's ``dump --dts``) prints into a DTB:
     nodes, string lists, cells (``/bits/ 64`` for 64-bit ones), byte strings. No labels,
@@ -567,7 +571,12 @@ def from_dts(text: str) -> bytes:
             if sep != ",":
                 raise InvalidSpec(f"DTS: expected , or ; after a value, found {sep!r}", "")
 
-    def node(name: str) -> None:
+    def node(name: str, depth: int = 0) -> None:
+        # the parser recurses once a level: a 20000-deep file is refused here by name, not
+        # by Python's RecursionError (a multikernel tree nests 4 deep)
+        if depth > MAX_DTS_DEPTH:
+            raise InvalidSpec(f"DTS: nodes nested more than {MAX_DTS_DEPTH} deep",
+                              "a multikernel tree nests a few levels: give mkctl dump's output")
         sw.begin_node(name)
         take("punct", "{")
         while toks[i:i + 1] != [("punct", "}")]:
@@ -577,7 +586,7 @@ def from_dts(text: str) -> bytes:
             nxt = take("punct")[1]
             if nxt == "{":
                 i_back()
-                node(word)
+                node(word, depth + 1)
             elif nxt == ";":
                 sw.property(word, b"")
             elif nxt == "=":

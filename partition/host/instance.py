@@ -31,7 +31,7 @@ class State(str, enum.Enum):
 # verb -> states it is legal in
 ALLOWED: dict[str, tuple[State, ...]] = {
     "load": (State.READY,),
-    "exec": (State.LOADED, State.FAILED),
+    "start": (State.LOADED, State.FAILED),      # kerf 0.4's boot ("exec" is its old name)
     "kill": (State.ACTIVE,),
     "kill --force": (State.ACTIVE, State.LOADED),
     "unload": (State.LOADED, State.FAILED),
@@ -43,9 +43,9 @@ _PATHS: dict[tuple[str, State], str] = {
     ("load", State.LOADED): "mkctl unload {n} first to replace the image",
     ("load", State.ACTIVE): "mkctl kill {n}, then mkctl unload {n}",
     ("load", State.FAILED): "mkctl unload {n} first",
-    ("exec", State.READY): "mkctl load {n} --kernel SPEC first",
-    ("exec", State.ACTIVE): "it is already running; mkctl kill {n} to halt it",
-    ("kill", State.READY): "nothing runs there; mkctl load and mkctl exec boot it",
+    ("start", State.READY): "mkctl load {n} --kernel SPEC first",
+    ("start", State.ACTIVE): "it is already running; mkctl kill {n} to halt it",
+    ("kill", State.READY): "nothing runs there; mkctl load and mkctl start boot it",
     ("kill", State.LOADED): "it is already halted (mkctl kill --force is allowed and a no-op)",
     ("kill", State.FAILED): "it is not running; mkctl unload {n} to clear it",
     ("kill --force", State.READY): "nothing is loaded there",

@@ -121,7 +121,7 @@ class Lifecycle:
             raise BootTimeout(
                 f"instance {inst.name!r}: boot CPU {inst.cpus[0]} did not answer the spawn "
                 f"mailbox within {m.boot_timeout:g} s; instance marked failed",
-                f"mkctl console {inst.name}; then mkctl exec {inst.name} to retry")
+                f"mkctl console {inst.name}; then mkctl start {inst.name} to retry")
         self._mark_booted(inst)
         if wait_boot:
             self._wait_boot_return(inst)
@@ -143,7 +143,7 @@ class Lifecycle:
         if not returned:
             raise BootTimeout(f"instance {inst.name!r} is active but its boot() has not "
                               f"returned within {BOOT_RETURN_S:g} s",
-                              f"mkctl console {inst.name}; exec --no-wait does not wait")
+                              f"mkctl console {inst.name}; start --no-wait does not wait")
     def _mark_booted(self, inst: Instance) -> None:
         """The boot CPU cleared ``ready``: the instance is active."""
         inst.boots_acked = True
@@ -158,7 +158,7 @@ class Lifecycle:
         peer.peer_state, peer.pid = STATE_CODES["active"], inst.pid or 0
         if inst.doorbell_fd is not None:
             ring(inst.doorbell_fd)
-        self.m.transition(inst, State.ACTIVE, "exec", pid=inst.pid,
+        self.m.transition(inst, State.ACTIVE, "start", pid=inst.pid,
                           ack_cpu=self.m.arena.own(inst.id).ack_cpu)
         if inst.recovery.policy == "restart":     # forked a moment later, off this boot
             self.successors_due.append((time.monotonic() + SUCCESSOR_DELAY_S, inst))

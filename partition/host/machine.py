@@ -57,7 +57,13 @@ from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
-from partition.units import format_size, parse_cpulist, parse_size, seconds
+from partition.units import (
+    format_size,
+    parse_cpulist,
+    parse_size,
+    require_page_aligned,
+    seconds,
+)
 
 #: the host's sweep (``Machine._sweep``): its period, and how many instances it looks at each
 SWEEP_PERIOD_S = 0.25
@@ -388,7 +394,7 @@ class Machine:
         self._check_open()
         self.poll(0)
         inst = self._get(name)
-        check_transition("exec", inst.name, inst.state)
+        check_transition("start", inst.name, inst.state)
         assert inst.kimage is not None
         self.lifecycle.boot(inst, wait_boot=bool(wait))
         return self.describe(inst)
@@ -432,7 +438,7 @@ class Machine:
         inst = self._get(name)
         if inst.state != State.ACTIVE or inst.pid is None:
             raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
-                            f"mkctl exec {inst.name} first")
+                            f"mkctl start {inst.name} first")
         if kind == "ipi-storm" and self.by_id(opts["target"]) is None:
             raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
                               "give the id of an instance (mkctl show)")
@@ -554,6 +560,7 @@ class Machine:
             op.cpu_add = [phys.get(c, c) for c in want if c not in inst.cpus]
         if memory is not None:
             nbytes = parse_size(memory, "memory")
+            require_page_aligned(nbytes, "memory", memory)      # 64 meant 64M: the hint says so
             have = sum(size for _, size in inst.regions)
             if nbytes > have:
                 grow = nbytes - have
@@ -693,7 +700,7 @@ class Machine:
         inst = self._get(name)
         if inst.pid is None:
             raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}, no process runs",
-                            f"mkctl exec {inst.name}")
+                            f"mkctl start {inst.name}")
         return inst.pid
 
     def wait_for(self, name: str, state: str | State, timeout: float = 5.0) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class PoolConfig:
             raise PermissionDenied(f"CPU {format_cpulist(taken)} is reserved for host kernel",
                                    "leave host CPUs out of --cpus, or pass --oversubscribe")
         nbytes = parse_size(memory, "memory pool")
-        require_page_aligned(nbytes, "memory pool")
+        require_page_aligned(nbytes, "memory pool", memory)
         phys = linux.physical_cpu_ids()
         return cls(cpus=pool, host_cpus=host, memory_bytes=nbytes, oversubscribe=oversubscribe,
                    physical_ids={c: phys.get(c, c) for c in set(pool) | set(host)})
@@ -158,7 +158,7 @@ class ResourcePool:
                 raise ResourceBusy("all 511 instance ids are in use", "delete an instance first")
             iid = free[0]
         nbytes = parse_size(memory, "memory")
-        require_page_aligned(nbytes, "memory")
+        require_page_aligned(nbytes, "memory", memory)
         chosen = self._plan_cpus(cpus, cpu_count)
         if self.memory_used + nbytes > self.config.memory_bytes:
             raise OutOfMemory(

@@ -16,6 +16,7 @@ from partition.errors import MKError
 from partition.scenario.report import Progress, report, summary, write_report
 from partition.scenario.runner import Runner
 from partition.scenario.schema import ScenarioInvalid, load
+from partition.terminal import printable
 
 EXIT_PASS, EXIT_FAIL, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT = os.path.join("scenarios", "quickstart.toml")
@@ -92,12 +93,12 @@ def main(a: argparse.Namespace, watch: Callable[[Any], Any] | None = None) -> in
     except ScenarioInvalid as exc:
         if progress:
             progress.done()
-        print(f"mkctl run: invalid scenario {exc}", file=sys.stderr)
+        print(printable(f"mkctl run: invalid scenario {exc}"), file=sys.stderr)
         return EXIT_INVALID
     except MKError as exc:
         if progress:
             progress.done()
-        print(f"mkctl run: error during the run: {exc}", file=sys.stderr)
+        print(printable(f"mkctl run: error during the run: {exc}"), file=sys.stderr)
         return EXIT_FAIL
     if progress:
         progress.done()
@@ -109,7 +110,7 @@ def main(a: argparse.Namespace, watch: Callable[[Any], Any] | None = None) -> in
     if as_json:
         print(json.dumps(report(result), indent=1, default=str))
     else:
-        print(summary(result))
+        print(printable(summary(result)))      # errors and rejected reports quote kernels
         for what, p in (("report", a.report), ("plot", a.plot)):
             if p:
                 print(f"{what}: {p}")

@@ -47,6 +47,13 @@ _TOKEN = re.compile(r"""
   | (?P<op>==|!=|<=|>=|<|>|\*|\+|\(|\))
 """, re.X)
 _WORDS = {"and", "or", "not", "true", "false"}
+#: an expectation is a line of a file, not a program: parentheses and 'not' nest at most this
+#: deep, and it holds at most this many tokens. The parser, ``refs`` and ``evaluate`` recurse
+#: once a level (a chain of '+' is a left-deep tree), so without the bounds a file of 5000
+#: '(' would be Python's RecursionError instead of a scenario error.
+MAX_DEPTH, MAX_TOKENS = 32, 400
+#: digits in a number: more than any metric has (int() refuses 4300 with a ValueError)
+MAX_DIGITS = 30
 _COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
             "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
 
@@ -105,6 +112,18 @@ class _Parser:
         self.text = text
         self.toks = _tokens(text)
         self.i = 0
+        self.depth = 0
+        if len(self.toks) > MAX_TOKENS:
+            raise ExprError(f"expectation {_brief(text)} has {len(self.toks)} tokens, more than "
+                            f"{MAX_TOKENS}", "split it into several expectations (each one a "
+                                             "line of expect)")
+
+    def _nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ExprError(f"expectation {_brief(self.text)} nests parentheses or 'not' more "
+                            f"than {MAX_DEPTH} deep", "write it flatter, or split it into "
+                                                      "several expectations")
 
     def _peek(self) -> str | None:
         return self.toks[self.i][1] if self.i < len(self.toks) else None
@@ -142,7 +161,10 @@ class _Parser:
     def _not(self) -> Node:
         if self._peek() == "not":
             self._take()
-            return Unary("not", self._not())
+            self._nest()
+            node = Unary("not", self._not())
+            self.depth -= 1
+            return node
         return self._compare()
 
     def _compare(self) -> Node:
@@ -164,6 +186,10 @@ class _Parser:
     def _atom(self) -> Node:
         kind, tok, pos = self._take()
         if kind == "num":
+            if sum(c.isdigit() for c in tok) > MAX_DIGITS:
+                raise ExprError(f"expectation {_brief(self.text)}: the number at column "
+                                f"{pos + 1} has more than {MAX_DIGITS} digits",
+                                "no metric is that large: write e.g. 1e30")
             return Const(float(tok) if any(c in tok for c in ".eE") else int(tok))
         if kind == "str":
             return Const(tok[1:-1])
@@ -173,13 +199,21 @@ class _Parser:
         if tok in ("true", "false"):
             return Const(tok == "true")
         if tok == "(":
+            self._nest()
             node = self._or()
+            self.depth -= 1
             if self._peek() != ")":
                 raise ExprError(f"expectation {self.text!r}: missing ')'", "close the parenthesis")
             self._take()
             return node
         raise ExprError(f"expectation {self.text!r}: unexpected {tok!r} at column {pos + 1}",
                         "an operand goes here: a number, a 'string' or name.metric")
+
+
+def _brief(text: str) -> str:
+    """The expectation, quoted, cut short if it is long (an error quotes it, a bound's error
+    must not quote 5000 parentheses)."""
+    return repr(text) if len(text) <= 80 else repr(text[:77] + "...")
 
 
 def parse(text: str) -> Node:

@@ -36,7 +36,7 @@ from partition.host.machine import Machine
 from partition.host.writewatch import foreign_mappers
 from partition.scenario import expr as E
 from partition.scenario.measure import Collector, ProbeRecord
-from partition.scenario.schema import Scenario, ScenarioInvalid
+from partition.scenario.schema import Scenario, ScenarioInvalid, in_scenario_words
 
 #: console lines of each instance the JSON report keeps (the whole console is mkctl console's)
 CONSOLE_TAIL = 20
@@ -144,8 +144,8 @@ class Runner:
                              oversubscribe=mc["oversubscribe"], protection=mc["protection"],
                              kill_timeout=5.0, survive_host=crash)
         except MKError as exc:
-            raise ScenarioInvalid(self.sc.path, [f"[machine]: {exc.message}"
-                                                 + (f" ({exc.hint})" if exc.hint else "")]) from None
+            raise ScenarioInvalid(self.sc.path, [in_scenario_words(
+                f"[machine]: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))]) from None
         m = self.m
         self._attach(m)
         if self.watch is not None:
@@ -167,8 +167,9 @@ class Runner:
                     else:
                         m.load(i["name"], i["kernel"], _cmdline(i))
                 except MKError as exc:
-                    problems.append(f"[[instance]] {i['name']!r}: {exc.message}"
-                                    + (f" ({exc.hint})" if exc.hint else ""))
+                    problems.append(in_scenario_words(
+                        f"[[instance]] {i['name']!r}: {exc.message}"
+                        + (f" ({exc.hint})" if exc.hint else "")))
             if problems:
                 raise ScenarioInvalid(self.sc.path, problems)
 
@@ -362,7 +363,7 @@ class Runner:
             r = m.live_update(target, str(args["kernel"]),
                               str(args["cmdline"]) if "cmdline" in args else None)
             return {"update_gap_ms": r["gap_ms"], "rolled_back": r["rolled_back"]}
-        if a["do"] == "exec":
+        if a["do"] in ("start", "exec"):
             m.exec(target)
         elif a["do"] in ("kill", "kill --force"):
             m.kill(target, force=a["do"] == "kill --force", timeout=args.get("timeout"))

@@ -26,10 +26,11 @@ from partition.guest.probes import KINDS as PROBE_KINDS
 from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
 from partition.scenario import expr as E
-from partition.units import parse_cpulist, parse_size
+from partition.units import parse_cpulist, parse_size, require_page_aligned
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
-ACTIONS = ("exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
+#: ``start`` boots (kerf 0.4's verb); ``exec`` is its older spelling, still read
+ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -145,9 +146,12 @@ def _size(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise ValueError("a size like \"4M\" or a number of bytes")
     try:
-        return parse_size(v)
+        n = parse_size(v)
+        require_page_aligned(n, typed=v)       # every size here is a partition's or a pool's
     except MKError as exc:
-        raise ValueError(f"a size like \"4M\" ({exc.message})") from None
+        raise ValueError(f"a size like \"4M\" ({exc.message}"
+                         + (f"; {exc.hint}" if exc.hint else "") + ")") from None
+    return n
 
 
 def _cpus(v: Any) -> list[int]:
@@ -238,7 +242,7 @@ FAULT_OPTIONS = {"victim": ("wild-write", "ipi-storm"), "offset": ("wild-write",
 ACTION_KEYS = {
     "name": Key(_name, REQUIRED, "action name (also the name in expectations)"),
     "at": Key(duration, 1.0, "when, from the start of the run"),
-    "do": Key(_choice(ACTIONS), "exec", "the verb, as mkctl spells it"),
+    "do": Key(_choice(ACTIONS), "start", "the verb, as mkctl spells it"),
     "target": Key(_name, None, "the instance; default: the first instance"),
     "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout"),
 }
@@ -332,6 +336,25 @@ class _Checker:
         return out
 
 
+#: mkctl's flags, as a scenario spells them (a hint from the machine speaks the CLI's words)
+_FLAG_KEYS = {"oversubscribe": "oversubscribe = true", "no-protection": "protection = false",
+              "host-cpus": "host_cpus", "cpu-count": "cpu_count", "max-restarts": "max_restarts",
+              "restart-window": "restart_window", "standby-for": "standby_for",
+              "preserve-memory": "preserve_memory = true"}
+_FLAG = re.compile(r"(\bpass |\binit(?: the machine)? with )?--([a-z][a-z-]*)")
+_INIT = re.compile(r"mkctl init --cpus (\S+) --oversubscribe")
+
+
+def in_scenario_words(text: str) -> str:
+    """A refusal's text with mkctl's flags turned into the scenario's keys: a scenario on a
+    2-core machine is told to set ``oversubscribe = true``, not to "pass --oversubscribe"."""
+    def key(m: re.Match[str]) -> str:
+        k = _FLAG_KEYS.get(m.group(2), m.group(2).replace("-", "_"))
+        return f"set {k} in [machine]" if m.group(1) else k
+    text = _INIT.sub(r'set cpus = "\1" and oversubscribe = true in [machine]', text)
+    return _FLAG.sub(key, text)
+
+
 def load(path: str, overrides: dict[str, Any] | None = None) -> Scenario:
     """Read and check a scenario file; ScenarioInvalid lists every problem. ``overrides``
     replace ``[scenario]`` keys (duration, seed) *before* the check, so that every rule (a
@@ -343,6 +366,13 @@ def load(path: str, overrides: dict[str, Any] | None = None) -> Scenario:
         raise ScenarioInvalid(path, ["no such file (scenarios/ holds the shipped ones)"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioInvalid(path, [f"not valid TOML: {exc}"]) from None
+    except RecursionError:              # tomllib recurses once per nested array or table
+        raise ScenarioInvalid(path, ["not valid here: arrays or inline tables nested deeper than "
+                                     "the TOML reader follows (a scenario nests 3 deep at "
+                                     "most)"]) from None
+    except ValueError as exc:           # int()'s bound: an integer of more than 4300 digits
+        raise ScenarioInvalid(path, [f"not valid here: {str(exc).partition(':')[0]} (no value "
+                                     "in a scenario has that many digits)"]) from None
     except OSError as exc:
         raise ScenarioInvalid(path, [f"cannot read it: {exc.strerror}"]) from None
     if overrides:
@@ -484,7 +514,7 @@ def _check_expectations(c: _Checker, raw: Any, sc: Scenario) -> list[tuple[str, 
         try:
             node = E.parse(text)
         except E.ExprError as exc:
-            c.problems.append(f"{where}: {exc.message}")
+            c.problems.append(f"{where}: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
             continue
         ok = True
         for ref in E.refs(node):

@@ -7,7 +7,7 @@ for every attempt, what came back (``"ok"`` or the errno's name, per step).
 
 Phases: ``fs`` attacks /sys/fs/multikernel, ``trap`` makes the trapped calls with hostile
 arguments through ctypes, ``ns`` reports what the namespace looks like from inside, ``sleep``
-outlives a timeout.
+outlives a timeout, ``hold`` exits holding descriptors of overlays/new half written.
 It never calls reboot with a real reboot, halt, power-off, restart or CAD command: only the
 multikernel commands (which the real kernel does not know) and 0x12345678.
 """
@@ -257,6 +257,33 @@ def phase_ns(cfg: dict) -> dict:
     return r
 
 
+def phase_hold(cfg: dict) -> dict:
+    """Exit holding ``cfg["hold"]`` descriptors of overlays/new, each with half a tree written
+    and never closed by the program: the kernel closes them all as the process dies."""
+    data = bytes.fromhex(cfg["blobs"]["invalid overlay"])
+    fds, said = [], {}
+    for _ in range(cfg["hold"]):
+        try:
+            fd = os.open(f"{ROOT}/overlays/new", os.O_WRONLY)
+        except OSError as exc:
+            said[err_name(exc)] = said.get(err_name(exc), 0) + 1
+            continue
+        fds.append(fd)
+        try:
+            os.write(fd, data[:len(data) // 2])
+        except OSError as exc:
+            said[err_name(exc)] = said.get(err_name(exc), 0) + 1
+    if cfg.get("abort_file"):            # the test aborts the FUSE connection from outside
+        with open(cfg["abort_file"] + ".tmp", "w") as f:
+            f.write(str(os.minor(os.stat(ROOT).st_dev)))
+        os.rename(cfg["abort_file"] + ".tmp", cfg["abort_file"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and attempt(lambda: os.stat(ROOT)) == "ok":
+            time.sleep(0.05)
+        said["after abort"] = attempt(lambda: os.stat(ROOT))
+    return {"held": len(fds), "refused": said}
+
+
 def phase_sleep(cfg: dict) -> dict:
     """Outlive the bridge's timeout, if it has one."""
     time.sleep(cfg["sleep"])
@@ -267,7 +294,8 @@ def main() -> int:
     with open(sys.argv[1]) as f:
         cfg = json.load(f)
     phase = sys.argv[2]
-    report = {"fs": phase_fs, "trap": phase_trap, "ns": phase_ns, "sleep": phase_sleep}[phase](cfg)
+    report = {"fs": phase_fs, "trap": phase_trap, "ns": phase_ns, "sleep": phase_sleep,
+              "hold": phase_hold}[phase](cfg)
     print(json.dumps({"phase": phase, "report": report}), flush=True)
     return 0
 

@@ -43,3 +43,28 @@ class Scribbler(Kernel):
         self.memory[0:8] = b"SCRIBBLE"
         self.memory[len(self.memory) - 4:] = b"TAIL"
         self.printk("scribbled")
+
+
+#: what a kernel that wants the operator's terminal writes: OSC 0 retitles the window, OSC 52
+#: sets the clipboard, CSI 2J clears the screen, U+202E reverses it,
+#: 0x9b is a one-byte CSI
+ESCAPES = ("\x1b]0;pwned\x07", "\x1b]52;c;cm0gLXJmIH4=\x07", "\x1b[2J", "\u202e",
+           "\x9b31m")
+
+
+class Escaper(Kernel):
+    """printk's and panics with terminal control sequences: the host's views must show them
+    escaped, never act on them."""
+
+    def boot(self) -> None:
+        self.printk("escaper: " + "".join(ESCAPES))
+
+    def tick(self) -> bool:
+        self.panic("escaper panics: " + "".join(ESCAPES))
+
+
+class EscaperAtBoot(Kernel):
+    """Its boot() raises with terminal control sequences: the refusal of start quotes it."""
+
+    def boot(self) -> None:
+        raise RuntimeError("escaper at boot: " + "".join(ESCAPES))
