@@ -178,6 +178,53 @@ def test_kerf_whole_life(run_dir, tmp_path):
     assert "No instances found" in out and "Available CPUs:  1 cpus" in out
 
 
+def _iomem(run_dir):
+    return open(os.path.join(run_dir, "proc", "iomem")).read()
+
+
+def test_kerf_whole_life_with_growth_ends_in_delete(run_dir):
+    """The real kerf's whole life of a grown instance (issue 20, items 1 and 2): init, create,
+    load, start, update --memory (grown by a region), kill, start, kill --force, unload, delete.
+    Every view says what it holds after the growth (show's table, show NAME, json, top, the
+    instance's tree, iomem), and delete destroys it with what it holds, as mkctl delete and
+    the real instance-remove do: its added region goes back to the pool."""
+    apic = PHYS[CPUS[-1]]
+    ok(run_dir, "init", f"--cpus={apic}", "--memory=64MB")
+    ok(run_dir, "create", "db", f"--cpus={apic}", "--memory=16MB")
+    ok(run_dir, "load", "db", f"--kernel={PICKY}")
+    ok(run_dir, "start", "db")
+    free0 = show(run_dir)["pool"]["memory_available"]
+    assert "Updated instance 'db'" in ok(run_dir, "update", "db", "--memory=32MB")
+    inst = agree(run_dir, "db")               # the tree's memory-bytes is what it holds
+    assert inst["memory_total"] == 32 << 20 and len(inst["regions"]) == 2
+    assert show(run_dir)["pool"]["memory_available"] == free0 - (16 << 20)
+    assert show(run_dir)["instances"][0]["memory_total"] == 32 << 20
+    table = subprocess.run(MKCTL + ["show", "--run-dir", run_dir], capture_output=True,
+                           text=True, timeout=60).stdout
+    row = next(line for line in table.splitlines() if " db " in line)
+    assert " 32M " in row and " 16M " not in row, table
+    one = subprocess.run(MKCTL + ["show", "db", "--run-dir", run_dir], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "32M at" in one and "boot region 16M, 1 added" in one, one
+    top = subprocess.run(MKCTL + ["top", "--once", "--run-dir", run_dir], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "32M" in top and "16M" not in top, top
+    assert _iomem(run_dir).count(f"mk-instance-{inst['id']}-db-region-") == 2
+
+    assert "Shutdown command executed successfully" in ok(run_dir, "kill", "db")
+    ok(run_dir, "start", "db")
+    assert status(run_dir, "db") == "active"
+    assert "(force)" in ok(run_dir, "kill", "--force", "db")
+    assert "Kernel unloaded successfully" in ok(run_dir, "unload", "db")
+    assert agree(run_dir, "db")["memory_total"] == 32 << 20      # still grown when ready
+    assert "Deleted instance 'db'" in ok(run_dir, "delete", "db")
+    snap = show(run_dir)
+    assert snap["instances"] == [] and snap["pool"]["memory_available"] == 64 << 20
+    assert "mk-instance-" not in _iomem(run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "sys", "fs", "multikernel", "instances", "db"))
+    ok(run_dir, "create", "db", f"--cpus={apic}", "--memory=64MB")   # all of it is free again
+
+
 def _baseline(tmp_path, cpus=None, memory=256 << 20):
     """A baseline as kerf makes it (its own generator), for kerf init --input."""
     from kerf.dtc.extractor import InstanceExtractor

@@ -514,17 +514,32 @@ def test_removing_a_create_whose_instance_is_loaded_is_busy(m):
 
 def test_overlay_instance_remove_refusals(m):
     boot_picky(m, "run")
-    m.create("grown", cpus=[c1(m)], memory="8M")
-    m.resize("grown", memory="10M")
     before = stable(m)
     with pytest.raises(ResourceBusy, match="'run' is active"):
         m.apply_overlay(dtbo(remove_op("run")))
-    with pytest.raises(ResourceBusy, match="memory added at run time"):
-        m.apply_overlay(dtbo(remove_op("grown")))
     with pytest.raises(NoSuchInstance):
         m.apply_overlay(dtbo(remove_op("nobody")))
     assert stable(m) == before
-    assert [t["status"] for t in m.snapshot()["overlays"]] == ["applied"] + ["failed"] * 3
+    assert [t["status"] for t in m.snapshot()["overlays"]] == ["failed"] * 2
+
+
+def test_instance_remove_of_a_grown_instance_frees_what_it_holds(m):
+    """The real instance-remove destroys an instance that is not running with whatever it holds
+    (as mkctl delete does): the regions added at run time go back to the pool. Undone, it comes
+    back with them."""
+    free0 = m.snapshot()["pool"]["memory_available"]
+    m.create("grown", cpus=[c1(m)], memory="8M", id=5)
+    m.resize("grown", memory="12M")
+    before = stable(m)
+    held = m.show("grown")["regions"]
+    tx = m.apply_overlay(dtbo(remove_op("grown")))
+    assert tx["operations"] == ["instance-remove grown"] and "grown" not in m.instances
+    assert m.snapshot()["pool"]["memory_available"] == free0
+    assert "mk-instance-5-grown" not in iomem(m)
+    m.remove_overlay(tx["id"])
+    back = m.show("grown")
+    assert back["regions"] == held and back["memory_total"] == 12 * MiB
+    assert stable(m) == before
 
 
 # -- 8. bad overlays ------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ def _emit(args: argparse.Namespace, result: Any, text: str) -> None:
 def _one_line(i: dict[str, Any]) -> str:
     s = (f"instance {i['name']} (id {i['id']}): {i['state']}, CPUs {format_cpulist(i['cpus'])}"
          f"{' (shared: ' + format_cpulist(i['shared_cpus']) + ')' if i['shared_cpus'] else ''}, "
-         f"{format_size(i['memory_bytes'])} at 0x{i['memory_base']:x}")
+         f"{format_size(i.get('memory_total', i['memory_bytes']))} at 0x{i['memory_base']:x}"
+         + (f" (boot region {format_size(i['memory_bytes'])}, {i['regions_added']} added at "
+            "run time)" if i.get("regions_added") else ""))
     if i.get("kernel"):
         s += f", kernel {i['kernel']}"
     if i.get("pid"):

@@ -13,6 +13,12 @@ from typing import Any
 from partition.units import format_cpulist, format_size
 
 
+def _held(i: dict[str, Any]) -> str:
+    """What an instance holds: its boot region and the regions added at run time (``+N``)."""
+    added = i.get("regions_added", 0)
+    return format_size(i.get("memory_total", i["memory_bytes"])) + (f" (+{added})" if added else "")
+
+
 def render_show(snapshot: dict[str, Any]) -> str:
     m, pool = snapshot["machine"], snapshot["pool"]
     out = [
@@ -39,7 +45,7 @@ def render_show(snapshot: dict[str, Any]) -> str:
         last = i["last_exit"]["reason"] if i["last_exit"] else "-"
         if i["failure"]:
             last = f"FAILED: {i['failure']}"
-        rows.append((str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
+        rows.append((str(i["id"]), i["name"], i["state"], cpus, _held(i),
                      f"0x{i['memory_base']:x}", i["kernel"] or "-",
                      str(i["pid"]) if i["pid"] else "-", last))
     txs = snapshot.get("overlays", [])

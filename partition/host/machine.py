@@ -590,7 +590,6 @@ class Machine:
             **self.describe_brief(inst),
             "physical_cpus": list(inst.physical_cpus),
             "regions": [list(r) for r in inst.regions],
-            "memory_total": sum(size for _, size in inst.regions),
             "resource_changes": dict(inst.resource_changes),
             "kernel_spec": inst.kimage.spec if inst.kimage else None,
             "cmdline": inst.kimage.cmdline if inst.kimage else None,
@@ -626,6 +625,10 @@ class Machine:
             "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
             "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
             "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
+            # what it holds: the boot region (memory_base/memory_bytes) and every region
+            # added at run time, which every view shows (the pool's free memory counts them)
+            "memory_total": inst.memory_bytes + sum(size for _, size in inst.extra_regions),
+            "regions_added": len(inst.extra_regions),
             "kernel": inst.kimage.label if inst.kimage else None,
             "pid": inst.pid, "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,

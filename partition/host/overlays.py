@@ -159,14 +159,25 @@ class Overlays:
             raise NoSuchInstance(f"Instance '{op.name}' does not exist",
                                  "list instances/ for the names")
         name, memory, cpus, iid = inst.name, inst.memory_bytes, list(inst.cpus), inst.id
-        if inst.extra_regions:
-            raise ResourceBusy(f"instance {op.name!r} holds memory added at run time",
-                               "take it back with kerf update --memory first")
+        added = list(inst.extra_regions)
+        # as the real instance-remove (and mkctl delete): an instance that is not running is
+        # destroyed with whatever it holds; regions added at run time go back to the pool too
         m.delete(op.name)
         tx.operations.append(f"instance-remove {op.name}")
 
         def undo() -> None:
             m.create(name, memory, cpus=cpus, id=iid)
+            back = m.instances[name]
+            lost = []
+            for base, size in added:        # free again unless a later change took them
+                if m.pool.range_free(base - m.layout.pool_offset, size) is None:
+                    m.pool.add_range(name, base - m.layout.pool_offset, size)
+                    back.extra_regions.append((base, size))
+                else:
+                    lost.append([base, size])
+            if lost:
+                m.events.warning("instance_recreated_smaller", tx=tx.id, name=name, lost=lost)
+            m.publish(back)
         tx.undo.append(undo)
 
     def _update(self, tx: Transaction, op: UpdateOp, commits: list[Callable[[], None]]) -> None:
