@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
-from partition.host import resize
-from partition.host.devicetree import CreateOp, Overlay, RemoveOp, UpdateOp, parse_overlay
+from partition.host import poolresize, resize
+from partition.host.devicetree import CreateOp, Overlay, PoolOp, RemoveOp, UpdateOp, parse_overlay
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -70,6 +70,8 @@ class Overlays:
                     self._create(tx, op)
                 elif isinstance(op, RemoveOp):
                     self._remove(tx, op)
+                elif isinstance(op, PoolOp):
+                    poolresize.run(self.m, tx, op)
                 else:
                     self._update(tx, op, commits)
         except BaseException as exc:
