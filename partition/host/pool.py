@@ -311,7 +311,8 @@ class ResourcePool:
         """Why [offset, offset+nbytes) of the pool cannot be reserved, or None if it can."""
         if offset < 0 or nbytes <= 0 or not any(lo <= offset and offset + nbytes <= lo + n
                                                 for lo, n in self.chunks):
-            return (f"range {offset:#x}+{nbytes:#x} lies in no pool chunk (chunks: "
+            return (f"the range is outside the pool: no chunk holds pool offset "
+                    f"{offset:#x}+{nbytes:#x} (chunks at pool offsets "
                     f"{', '.join(f'{lo:#x}+{n:#x}' for lo, n in self.chunks) or 'none'})")
         for off, size in self.taken():
             if off < offset + nbytes and offset < off + size:

@@ -106,6 +106,9 @@ class ViewWriter:
         os.makedirs(self.proc, exist_ok=True)
         os.makedirs(self.instances_dir, exist_ok=True)
         self.overlays_dir = os.path.join(self.sys, "overlays")
+        # a new host (adoption) starts its own transaction log: the dead host's tx_<N> would
+        # stay listed, and kerf, which reads the newest tx_<N> after each write, would read one
+        shutil.rmtree(self.overlays_dir, ignore_errors=True)
         os.makedirs(self.overlays_dir, exist_ok=True)
         self._cache: dict[str, str | bytes] = {}
         self._counted: dict[str, dict[str, Any]] = {}     # what each counters file says
