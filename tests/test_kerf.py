@@ -246,6 +246,9 @@ def test_kerf_init_on_a_live_pool_grows_and_shrinks_it(run_dir):
     assert sorted((r.base, r.size) for r in root.hardware.memory.regions) == \
         sorted(map(tuple, pool["chunks"]))
     assert _iomem(run_dir).count("Multikernel Memory Pool") == 2
+    table = subprocess.run(MKCTL + ["show", "--run-dir", run_dir], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "memory 96M in 2 chunks (free 96M)" in table, table
     events = [json.loads(line) for line in open(os.path.join(run_dir, "events.log"))]
     assert [e["op"] for e in events if e["event"] == "pool_changed"] == ["memory-add"]
 

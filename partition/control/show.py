@@ -28,7 +28,9 @@ def render_show(snapshot: dict[str, Any]) -> str:
            else "") + ("  [instances outlive this host]" if m.get("survive_host") else ""),
         f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
         f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
-        f"{format_size(pool['memory_bytes'])} (free "
+        f"{format_size(pool['memory_bytes'])}"
+        + (f" in {len(pool['chunks'])} chunks" if len(pool.get("chunks", ())) > 1 else "")
+        + " (free "
         f"{format_size(pool['memory_available']) if pool['memory_available'] else '0'})",
     ]
     if not m.get("protection", True):
