@@ -21,7 +21,7 @@ from helpers import CPUS, MOVES_ON_ITS_OWN, wait_until
 from partition import AlreadyExists, InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
 from partition.abi import message as M
 from partition.errors import NotSupported, ResourceRefused
-from partition.host import resize, rundir
+from partition.host import adoption, resize, rundir
 from partition.host.devicetree import MEMORY_GRANULE, Tree
 from partition.units import parse_cpulist
 
@@ -655,6 +655,8 @@ BAD = {
                                  "holds memory of instance 'a'", True),
     "pool cpu lent": (lambda m: dtbo(pool_op(cpu_remove=phys(m, c0(m)))), ResourceBusy,
                       "is lent to 'a'", True),
+    "pool too many chunks": (lambda m: dtbo(*[pool_op(add=[(None, 4096, None)] * 64)] * 5),
+                             MKError, "the most it keeps (256)", True),
     "pool cpu unknown": (lambda m: dtbo(pool_op(cpu_add=[4000])), InvalidSpec,
                          "APIC ID 4000 is no CPU of this host", True),
     "pool cpu in the pool": (lambda m: dtbo(pool_op(cpu_add=phys(m, c1(m)))), InvalidSpec,
@@ -966,6 +968,10 @@ def test_a_grown_pool_is_adopted_as_it_was(machine_factory):
     args = m.abandon()
     run = rundir.claim(m.run_dir)
     run.owned = True                     # the new host removes it at its end
-    n = machine_factory(run_dir=run, adopt=True, **args)
+    try:
+        n = machine_factory(run_dir=run, adopt=True, **args)
+    except BaseException:
+        adoption.remove_abandoned(m.run_dir)     # its arena and cgroups, whatever failed
+        raise
     assert chunks(n) == grown and n.show("a")["regions"] == held
     assert n.snapshot()["pool"]["memory_available"] == 48 * MiB - 24 * MiB

@@ -46,6 +46,11 @@ if TYPE_CHECKING:
     from partition.host.overlays import Transaction
 
 
+#: chunks the pool keeps at most: each is a line of /proc/iomem and a node of the root tree
+#: that every view renders again (kerf adds one per growing init)
+MAX_POOL_CHUNKS = 256
+
+
 @dataclass
 class PoolStep:
     kind: str                 # cpu-remove, memory-remove, memory-add, cpu-add
@@ -107,6 +112,10 @@ def plan(m: Machine, op: PoolOp) -> list[PoolStep]:
                                "keep a chunk")
         steps.append(PoolStep("memory-remove", offset=off, size=size))
     for size in op.memory_add:
+        if len(chunks) >= MAX_POOL_CHUNKS:
+            raise OutOfMemory(f"/resources memory-add: the pool holds {len(chunks)} chunks, the "
+                              f"most it keeps ({MAX_POOL_CHUNKS})",
+                              "grow it by fewer, larger chunks, or give small ones back first")
         room = pool.window - sum(n for _, n in chunks)
         at = place_chunk(chunks, pool.window, size, lo) if size <= room else None
         if at is None:
