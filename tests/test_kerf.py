@@ -287,6 +287,18 @@ def test_kerf_init_on_a_live_pool_grows_and_shrinks_it(run_dir):
     assert pool["chunks"] == first and pool["memory_available"] == 64 << 20
     assert _iomem(run_dir).count("Multikernel Memory Pool") == 1
 
+    # kerf init --cpus none --memory none returns the whole pool (its CPUs leave first, so
+    # the last chunk may go); kerf init fills it again, by overlay
+    out = ok(run_dir, "init", "--cpus=none", "--memory=none")
+    assert "CPUs to host" in out and "Memory to host" in out
+    pool = show(run_dir)["pool"]
+    assert (pool["cpus"], pool["chunks"], pool["memory_bytes"]) == ([], [], 0)
+    assert "Multikernel Memory Pool" not in _iomem(run_dir)
+    assert "Pool updated" in ok(run_dir, "init", f"--cpus={apic}", "--memory=32MB")
+    pool = show(run_dir)["pool"]
+    assert pool["cpus"] == [CPUS[-1]] and pool["memory_bytes"] == 32 << 20
+    ok(run_dir, "create", "again", f"--cpus={apic}", "--memory=32MB")
+
 
 def _baseline(tmp_path, cpus=None, memory=256 << 20):
     """A baseline as kerf makes it (its own generator), for kerf init --input."""

@@ -26,7 +26,7 @@ def render_show(snapshot: dict[str, Any]) -> str:
         f"{format_cpulist(m['host_cpus']) or '-'}"
         + (f"  (adopted from a dead host in {m['adopt_ms']} ms)" if m.get("adopt_ms") is not None
            else "") + ("  [instances outlive this host]" if m.get("survive_host") else ""),
-        f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
+        f"pool    CPUs {format_cpulist(pool['cpus']) or '-'} (available: "
         f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
         f"{format_size(pool['memory_bytes'])}"
         + (f" in {len(pool['chunks'])} chunks" if len(pool.get("chunks", ())) > 1 else "")
