@@ -975,3 +975,20 @@ def test_a_grown_pool_is_adopted_as_it_was(machine_factory):
         raise
     assert chunks(n) == grown and n.show("a")["regions"] == held
     assert n.snapshot()["pool"]["memory_available"] == 48 * MiB - 24 * MiB
+
+
+def test_the_hosts_last_cpu_joins_a_shared_pool_and_stays_the_hosts(machine_factory):
+    """On a machine whose instances share cores (--oversubscribe) the host's last CPU may join
+    the pool: it is then the host's and the pool's, and an instance on it is marked shared.
+    Rolled back, it is the host's alone again."""
+    m = machine_factory(cpus=[CPUS[1]], host_cpus=[CPUS[0]], oversubscribe=True, memory="32M")
+    p0 = m.config.physical_ids[CPUS[0]]
+    tx = m.apply_overlay(dtbo(pool_op(cpu_add=[p0])))
+    assert m.snapshot()["pool"]["cpus"] == sorted([CPUS[0], CPUS[1]])
+    assert m.config.host_cpus == [CPUS[0]]
+    assert m.create("s", cpus=[CPUS[0]], memory="8M")["shared_cpus"] == [CPUS[0]]
+    with pytest.raises(ResourceBusy, match="lent to s"):
+        m.remove_overlay(tx["id"])
+    m.delete("s")
+    m.remove_overlay(tx["id"])
+    assert m.snapshot()["pool"]["cpus"] == [CPUS[1]] and m.config.host_cpus == [CPUS[0]]
