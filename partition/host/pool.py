@@ -87,6 +87,10 @@ class Reservation:
     memory_bytes: int
 
 
+#: where the pool places a chunk it grows by (the instances' memory granule, 2 MiB)
+POOL_GRANULE = 2 << 20
+
+
 def host_memory_bytes() -> int:
     """The host's RAM (MemTotal), in whole granules: how far the pool's window reaches past
     what ``init`` asked for, so that the pool can grow at run time (``memory-add`` under
@@ -99,10 +103,6 @@ def host_memory_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
-
-
-#: where the pool places a chunk it grows by (the instances' memory granule, 2 MiB)
-POOL_GRANULE = 2 << 20
 
 
 def pool_window(memory_bytes: int) -> int:
