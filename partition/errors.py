@@ -105,7 +105,7 @@ class SupervisorUnavailable(MKError):
 
 
 class NotSupported(MKError):
-    """Something the real system does that the emulator cannot (devices, a resizable pool)."""
+    """Something the real system does that the emulator cannot (devices, io_uring rings)."""
 
     errno = _errno.EOPNOTSUPP
 

@@ -121,7 +121,9 @@ def blobs() -> dict[str, bytes]:
         "tiny header": magic + struct.pack(">I", 8) + bytes(32),
         "kerf baseline": bytes(InstanceExtractor().generate_global_dtb(_kerf_tree())),
         "invalid overlay": _kerf_create("evil", 0),                  # id 0 is the host's
-        "pool overlay": bytes(OverlayGenerator().generate_pool_overlay(PoolDiff(cpus_to_pool=[0]))),
+        # a device into the pool: refused as it is read (the emulator has none)
+        "pool overlay": bytes(OverlayGenerator().generate_pool_overlay(PoolDiff(
+            devices_to_pool=["0000:01:00.0"]))),
         "corrupt overlay": corrupt_overlay(),
         "corrupt baseline": corrupt_baseline(),
     }
@@ -297,7 +299,7 @@ def test_the_host_says_why_on_the_bridges_stderr(attack):
     err = attack["runs"]["fs"][2]
     assert "mkctl kerf: the host refused: the baseline device tree was written already" in err
     assert "Instance ID must be in range 1-511, got 0 [EINVAL]" in err
-    assert "/resources overlays" in err
+    assert "no devices to move into or out of the pool" in err
 
 
 def test_nothing_but_the_two_write_sides_can_be_changed(attack):

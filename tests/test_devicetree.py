@@ -32,6 +32,7 @@ from kerf.models import (
     Instance,
     InstanceResources,
     MemoryAllocation,
+    PoolMemoryRegion,
 )
 from kerf.pool_diff import ANY_NODE, PoolDiff
 
@@ -84,6 +85,10 @@ def u32(v):
 
 def u64(v):
     return struct.pack(">Q", v)
+
+
+def reg(base, size):
+    return struct.pack(">QQ", base, size)
 
 
 def cells64(*ids):
@@ -333,12 +338,23 @@ def test_kerf_overlays_the_emulator_cannot_serve_are_not_supported():
         "device removed": bytes(gen.generate_update_overlay(
             "web", _with(web, devices=["nvme0"]), web)),
         "uring": kerf_create(_with(web, uring=True, uring_sq_entries=64)),
-        "pool": bytes(gen.generate_pool_overlay(PoolDiff(cpus_to_pool=[5]))),
+        "pool devices": bytes(gen.generate_pool_overlay(PoolDiff(devices_to_pool=["0000:01:00.0"]))),
     }
     for what, blob in cases.items():
         with pytest.raises(NotSupported) as e:
             dt.parse_overlay(blob)
         assert e.value.errno == errno.EOPNOTSUPP, what
+
+
+def test_kerf_pool_overlays_are_read():
+    """kerf init on a live pool writes a /resources overlay from its PoolDiff: every part of it
+    reads back as the pool operation it asks for."""
+    diff = PoolDiff(cpus_to_pool=[5], cpus_to_host=[7], memory_to_pool=[(0, 64 * MB), (-1, 4096)],
+                    memory_to_host=[PoolMemoryRegion(base=0x10000000, size=32 * MB, node=0)])
+    ov = dt.parse_overlay(bytes(OverlayGenerator().generate_pool_overlay(diff)))
+    assert ov.target == "/resources"
+    assert ov.operations == [dt.PoolOp(cpu_remove=[7], memory_remove=[(0x10000000, 32 * MB)],
+                                       memory_add=[64 * MB, 4096], cpu_add=[5])]
 
 
 def test_kerf_reads_an_instance_tree_we_write_back_into_an_overlay_we_read():
@@ -474,9 +490,28 @@ CPU = {"cpu@1": {"reg": u64(1)}}
      NotSupported, ["no devices"]),
     (overlay(("/instances/web", {"device-remove": {"pci@0": {"pci-id": "0000:01:00.0"}}})),
      NotSupported, ["no devices"]),
-    (overlay(("/resources", {"cpu-add": CPU})), NotSupported, ["/resources overlays"]),
-    (overlay(("/resources", {"memory-add": {"memory@0": {"size": u64(MB)}}})), NotSupported,
-     ["/resources"]),
+    # the pool (/resources): the real kernel's rules for a chunk request
+    (overlay(("/resources", {"device-add": {"pci@0": {"pci-id": "0000:01:00.0"}}})),
+     NotSupported, ["no devices to move into or out of the pool"]),
+    (overlay(("/resources", {"memory-add": {"memory@0": {"reg": reg(0, MB)}}})), InvalidSpec,
+     ["/fragment@0/__overlay__/memory-add/memory@0", "names no 'reg' (the pool picks the base)"]),
+    (overlay(("/resources", {"memory-add": {"memory@0": {}}})), InvalidSpec,
+     ["'size' must be a non-zero multiple", "got None"]),
+    (overlay(("/resources", {"memory-add": {"memory@0": {"size": u64(0)}}})), InvalidSpec,
+     ["'size' must be a non-zero multiple", "got 0"]),
+    (overlay(("/resources", {"memory-add": {"memory@0": {"size": u64(MB + 1000)}}})), InvalidSpec,
+     ["'size' must be a non-zero multiple of the 4096-byte page"]),
+    (overlay(("/resources", {"memory-add": {"memory@0": {"size": u32(MB)}}})), InvalidSpec,
+     ["'size' must be a u64"]),
+    (overlay(("/resources", {"memory-add": {"memory@0": {"size": u64(MB),
+                                                         "numa-node-id": u32(1)}}})),
+     InvalidSpec, ["NUMA node 1 does not exist"]),
+    (overlay(("/resources", {"memory-remove": {"memory@0": {"size": u64(MB)}}})), InvalidSpec,
+     ["'reg' must be <base size>"]),
+    (overlay(("/resources", {"cpu-add": {"memory@1": {"reg": u64(1)}}})), InvalidSpec,
+     ["expected cpu@<id> nodes"]),
+    (overlay(("/resources", {"instance-create": {}})), InvalidSpec,
+     ["unknown operation 'instance-create' for /resources"]),
     (overlay(("/instances", {"instance-update": {}})), InvalidSpec,
      ["unknown operation 'instance-update' under /instances"]),
     (overlay(("/instances", {"cpu-add": CPU})), InvalidSpec, ["unknown operation 'cpu-add'"]),
@@ -493,8 +528,8 @@ CPU = {"cpu@1": {"reg": u64(1)}}
     (overlay((None, create_body())), InvalidSpec, ["/fragment@0 has no target-path"]),
     (overlay(("/instances", None)), InvalidSpec, ["/fragment@0 has no __overlay__ node"]),
     (overlay(*[("/instances", {})] * 65), InvalidSpec, ["65 fragments (at most 64)"]),
-    (overlay(("/instances", create_body()), ("/resources", {"cpu-add": CPU})), NotSupported,
-     ["/resources"]),
+    (overlay(("/instances", create_body()), ("/resources", {"cpu-frob": CPU})), InvalidSpec,
+     ["unknown operation 'cpu-frob' for /resources"]),
     (kerf_baseline(), InvalidSpec, ["no fragment@N"]),
 ], ids=_id)
 def test_an_overlay_breaking_a_rule_is_refused_naming_it(blob, cls, fragments):
@@ -511,6 +546,25 @@ def test_an_overlay_at_the_limits_is_accepted():
     assert ov.operations[0] == CreateOp("i0", 1, [1, 2], 8 * MB)
     empty = dt.parse_overlay(overlay(("/instances", {})))
     assert empty.operations == [] and empty.target == "/instances"
+
+
+def test_a_pool_fragment_is_parsed_in_the_real_order():
+    """A /resources fragment (kerf init on a live pool writes one): sizes asked for, whole
+    chunks named, CPUs by APIC id; whatever order the nodes come in, the operation keeps the
+    real order (cpu-remove, memory-remove, memory-add, cpu-add); in an /instances fragment
+    creates come before removes."""
+    ov = dt.parse_overlay(overlay(("/resources", {
+        "cpu-add": {"cpu@3": {"reg": u64(3)}},
+        "memory-add": {"memory@0": {"size": u64(64 * MB), "numa-node-id": u32(0)},
+                       "memory@1": {"size": u64(4096)}},
+        "memory-remove": {"memory@0": {"reg": reg(0x10000000, 32 * MB)}},
+        "cpu-remove": {"cpu@5": {"reg": u32(5)}}})))
+    assert ov.target == "/resources"
+    assert ov.operations == [dt.PoolOp(cpu_remove=[5], memory_remove=[(0x10000000, 32 * MB)],
+                                       memory_add=[64 * MB, 4096], cpu_add=[3])]
+    both = dt.parse_overlay(overlay(("/instances", {
+        "instance-remove": {"instance-name": "old"}, **create_body()})))
+    assert [type(o).__name__ for o in both.operations] == ["CreateOp", "RemoveOp"]
 
 
 def test_a_target_with_an_empty_instance_name_is_refused():

@@ -7,6 +7,7 @@ reading the trees with pylibfdt and with kerf's own parser.
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -104,9 +105,10 @@ def test_kerf_whole_life(run_dir, tmp_path):
     assert root.hardware.cpus.available == [apic] and root.hardware.cpus.available_free == [apic]
     assert [(r.base, r.size) for r in root.hardware.memory.regions] == \
         [(snap["pool"]["memory_base"], 256 << 20)]
-    # kerf changes a live pool with a /resources overlay: the emulator's pool is fixed
-    r = refused(run_dir, "Operation not supported", "init", "--input", str(_baseline(tmp_path)))
-    assert "pool is fixed" in r.stderr
+    # kerf init on a live pool reconciles it (a /resources overlay): the same request is
+    # nothing to do (growing and shrinking: test_kerf_init_on_a_live_pool_grows_and_shrinks_it)
+    assert "Pool already matches the request" in ok(run_dir, "init", f"--cpus={apic}",
+                                                    "--memory=256MB")
     assert show(run_dir)["pool"] == snap["pool"]
 
     # refusals with kerf's own exit codes, before and at the kernel
@@ -176,6 +178,126 @@ def test_kerf_whole_life(run_dir, tmp_path):
     assert snap["instances"] == [] and snap["pool"]["memory_available"] == 256 << 20
     out = ok(run_dir, "show")
     assert "No instances found" in out and "Available CPUs:  1 cpus" in out
+
+
+def _iomem(run_dir):
+    return open(os.path.join(run_dir, "proc", "iomem")).read()
+
+
+def test_kerf_whole_life_with_growth_ends_in_delete(run_dir):
+    """The real kerf's whole life of a grown instance (issue 20, items 1 and 2): init, create,
+    load, start, update --memory (grown by a region), kill, start, kill --force, unload, delete.
+    Every view says what it holds after the growth (show's table, show NAME, json, top, the
+    instance's tree, iomem), and delete destroys it with what it holds, as mkctl delete and
+    the real instance-remove do: its added region goes back to the pool."""
+    apic = PHYS[CPUS[-1]]
+    ok(run_dir, "init", f"--cpus={apic}", "--memory=64MB")
+    ok(run_dir, "create", "db", f"--cpus={apic}", "--memory=16MB")
+    ok(run_dir, "load", "db", f"--kernel={PICKY}")
+    ok(run_dir, "start", "db")
+    free0 = show(run_dir)["pool"]["memory_available"]
+    assert "Updated instance 'db'" in ok(run_dir, "update", "db", "--memory=32MB")
+    inst = agree(run_dir, "db")               # the tree's memory-bytes is what it holds
+    assert inst["memory_total"] == 32 << 20 and len(inst["regions"]) == 2
+    assert show(run_dir)["pool"]["memory_available"] == free0 - (16 << 20)
+    assert show(run_dir)["instances"][0]["memory_total"] == 32 << 20
+    table = subprocess.run(MKCTL + ["show", "--run-dir", run_dir], capture_output=True,
+                           text=True, timeout=60).stdout
+    row = next(line for line in table.splitlines() if " db " in line)
+    assert " 32M " in row and " 16M " not in row, table
+    one = subprocess.run(MKCTL + ["show", "db", "--run-dir", run_dir], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "32M at" in one and "boot region 16M, 1 added" in one, one
+    top = subprocess.run(MKCTL + ["top", "--once", "--run-dir", run_dir], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert "32M" in top and "16M" not in top, top
+    assert _iomem(run_dir).count(f"mk-instance-{inst['id']}-db-region-") == 2
+
+    assert "Shutdown command executed successfully" in ok(run_dir, "kill", "db")
+    ok(run_dir, "start", "db")
+    assert status(run_dir, "db") == "active"
+    assert "(force)" in ok(run_dir, "kill", "--force", "db")
+    assert "Kernel unloaded successfully" in ok(run_dir, "unload", "db")
+    assert agree(run_dir, "db")["memory_total"] == 32 << 20      # still grown when ready
+    assert "Deleted instance 'db'" in ok(run_dir, "delete", "db")
+    snap = show(run_dir)
+    assert snap["instances"] == [] and snap["pool"]["memory_available"] == 64 << 20
+    assert "mk-instance-" not in _iomem(run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "sys", "fs", "multikernel", "instances", "db"))
+    ok(run_dir, "create", "db", f"--cpus={apic}", "--memory=64MB")   # all of it is free again
+
+
+def test_kerf_init_on_a_live_pool_grows_and_shrinks_it(run_dir):
+    """kerf init on a live pool writes a /resources overlay (kerf 0.4's reconcile_pool): the pool
+    grows by a chunk the host places, kerf creates and grows instances in it, a chunk in use is
+    not asked back (kerf reads /proc/iomem), a CPU lent to an instance is EBUSY, sizes the host
+    cannot give are ENOMEM, bad sizes never reach the host, the grown pool is adopted by a new
+    host as it was, and once the chunk is free kerf shrinks the pool by it."""
+    apic = PHYS[CPUS[-1]]
+    ok(run_dir, "init", f"--cpus={apic}", "--memory=64MB")
+    first = show(run_dir)["pool"]["chunks"]
+    out = ok(run_dir, "init", f"--cpus={apic}", "--memory=96MB")
+    assert "Memory to pool: 32 MB on node 0" in out and "Pool updated" in out
+    pool = show(run_dir)["pool"]
+    assert pool["memory_bytes"] == pool["memory_available"] == 96 << 20
+    (new,) = [c for c in pool["chunks"] if c not in first]
+    assert new[1] == 32 << 20
+    root = DeviceTreeParser().parse_dtb_from_bytes(tree(run_dir, "device_tree"))
+    assert sorted((r.base, r.size) for r in root.hardware.memory.regions) == \
+        sorted(map(tuple, pool["chunks"]))
+    assert _iomem(run_dir).count("Multikernel Memory Pool") == 2
+    table = subprocess.run(MKCTL + ["show", "--run-dir", run_dir], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "memory 96M in 2 chunks (free 96M)" in table, table
+    events = [json.loads(line) for line in open(os.path.join(run_dir, "events.log"))]
+    assert [e["op"] for e in events if e["event"] == "pool_changed"] == ["memory-add"]
+
+    ok(run_dir, "create", "db", f"--cpus={apic}", "--memory=16MB")
+    ok(run_dir, "update", "db", "--memory=48MB")          # kerf places it at the top: new chunk
+    assert show(run_dir, "db")["regions"][1][0] >= new[0]
+    # the chunk holds db's memory: kerf does not ask for it (a busy chunk in iomem) and says so
+    r = run_kerf(run_dir, "init", f"--cpus={apic}", "--memory=64MB")
+    assert r.returncode == 0 and "still holds 32 MB more than requested" in r.stderr, r
+    assert show(run_dir)["pool"] == show(run_dir)["pool"] | {"chunks": pool["chunks"]}
+    before = show(run_dir)
+    if len(CPUS) > 1:                                      # the pool's CPU is lent to db
+        r = refused(run_dir, "Device or resource busy", "init", f"--cpus={PHYS[CPUS[0]]}",
+                    "--memory=96MB")
+        assert f"APIC ID {apic} is lent to 'db'" in r.stderr
+    r = refused(run_dir, "Cannot allocate memory", "init", f"--cpus={apic}",
+                "--memory=1000000GB")
+    assert "left to give the pool" in r.stderr
+    for bad in ("nanMB", "1000001KB", "-64MB"):             # kerf's own checks stop these
+        assert run_kerf(run_dir, "init", f"--cpus={apic}", f"--memory={bad}").returncode != 0
+    after = show(run_dir)
+    assert after["pool"] == before["pool"] and after["instances"][0]["regions"] == \
+        before["instances"][0]["regions"]
+
+    # a new host adopts the grown pool as it was (the state file records its chunks)
+    os.kill(after["machine"]["supervisor_pid"], signal.SIGKILL)
+    _until(lambda: subprocess.run(MKCTL + ["adopt", "--run-dir", run_dir], capture_output=True,
+                                  timeout=60).returncode == 0, timeout=20)
+    assert show(run_dir)["pool"]["chunks"] == pool["chunks"]
+    assert show(run_dir, "db")["regions"] == after["instances"][0]["regions"]
+
+    ok(run_dir, "delete", "db")
+    out = ok(run_dir, "init", f"--cpus={apic}", "--memory=64MB")
+    assert f"Memory to host: {hex(new[0])} (32 MB)" in out
+    pool = show(run_dir)["pool"]
+    assert pool["chunks"] == first and pool["memory_available"] == 64 << 20
+    assert _iomem(run_dir).count("Multikernel Memory Pool") == 1
+
+    # kerf init --cpus none --memory none returns the whole pool (its CPUs leave first, so
+    # the last chunk may go); kerf init fills it again, by overlay
+    out = ok(run_dir, "init", "--cpus=none", "--memory=none")
+    assert "CPUs to host" in out and "Memory to host" in out
+    pool = show(run_dir)["pool"]
+    assert (pool["cpus"], pool["chunks"], pool["memory_bytes"]) == ([], [], 0)
+    assert "Multikernel Memory Pool" not in _iomem(run_dir)
+    assert "Pool updated" in ok(run_dir, "init", f"--cpus={apic}", "--memory=32MB")
+    pool = show(run_dir)["pool"]
+    assert pool["cpus"] == [CPUS[-1]] and pool["memory_bytes"] == 32 << 20
+    ok(run_dir, "create", "again", f"--cpus={apic}", "--memory=32MB")
 
 
 def _baseline(tmp_path, cpus=None, memory=256 << 20):

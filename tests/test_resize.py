@@ -23,7 +23,7 @@ from helpers import CPUS, MKCTL, MOVES_ON_ITS_OWN, mk, wait_until
 from partition import AlreadyExists, InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
 from partition.abi import message as M
 from partition.errors import NotSupported, ResourceRefused
-from partition.host import resize
+from partition.host import adoption, resize, rundir
 from partition.host.devicetree import MEMORY_GRANULE, Tree
 from partition.units import parse_cpulist
 
@@ -141,6 +141,54 @@ def highest(m, size, below=None):
     pool's top is free, or the range just below ``below``)."""
     top = pool_end(m) if below is None else below
     return (top - size) // MEMORY_GRANULE * MEMORY_GRANULE
+
+
+def chunks(m):
+    return [tuple(c) for c in m.snapshot()["pool"]["chunks"]]
+
+
+def pool_room(m):
+    pool = m.snapshot()["pool"]
+    return pool["window_bytes"] - pool["memory_bytes"]
+
+
+def pool_op(add=(), remove=(), cpu_add=(), cpu_remove=()):
+    """A /resources fragment as kerf init writes one on a live pool: ``add`` is (node, size,
+    reg) requests (None leaves a property out), ``remove`` whole chunks."""
+    body = {}
+    if cpu_remove:
+        body["cpu-remove"] = {f"cpu@{p:x}": {"reg": u64(p)} for p in cpu_remove}
+    if remove:
+        body["memory-remove"] = {f"memory@{i}": {"reg": reg(b, n)} for i, (b, n) in enumerate(remove)}
+    if add:
+        items = {}
+        for i, (node, size, r) in enumerate(add):
+            item = {"size": u64(size)}
+            if node is not None:
+                item["numa-node-id"] = node
+            if r is not None:
+                item["reg"] = r
+            items[f"memory@{i}"] = item
+        body["memory-add"] = items
+    if cpu_add:
+        body["cpu-add"] = {f"cpu@{p:x}": {"reg": u64(p)} for p in cpu_add}
+    return ("/resources", body)
+
+
+def root_chunks(m):
+    """The root device_tree's memory@ nodes (base, size): what a pool memory-remove names."""
+    t = Tree(view(m, "sys", "fs", "multikernel", "device_tree"))
+    res = t.path("/resources")
+    return [t.reg(node) for sub, node in t.children(res) if sub.startswith("memory@")]
+
+
+def pool_lines(m):
+    return [line for line in iomem(m).splitlines() if line.endswith("Multikernel Memory Pool")]
+
+
+def events(m, name):
+    with open(os.path.join(m.run_dir, "events.log")) as f:
+        return [e for e in map(json.loads, f) if e["event"] == name]
 
 
 # -- DTBOs, in the shapes kerf writes ---------------------------------------------------------------
@@ -573,17 +621,32 @@ def test_removing_a_create_whose_instance_is_loaded_is_busy(m):
 
 def test_overlay_instance_remove_refusals(m):
     boot_picky(m, "run")
-    m.create("grown", cpus=[c1(m)], memory="8M")
-    m.resize("grown", memory="10M")
     before = stable(m)
     with pytest.raises(ResourceBusy, match="'run' is active"):
         m.apply_overlay(dtbo(remove_op("run")))
-    with pytest.raises(ResourceBusy, match="memory added at run time"):
-        m.apply_overlay(dtbo(remove_op("grown")))
     with pytest.raises(NoSuchInstance):
         m.apply_overlay(dtbo(remove_op("nobody")))
     assert stable(m) == before
-    assert [t["status"] for t in m.snapshot()["overlays"]] == ["applied"] + ["failed"] * 3
+    assert [t["status"] for t in m.snapshot()["overlays"]] == ["failed"] * 2
+
+
+def test_instance_remove_of_a_grown_instance_frees_what_it_holds(m):
+    """The real instance-remove destroys an instance that is not running with whatever it holds
+    (as mkctl delete does): the regions added at run time go back to the pool. Undone, it comes
+    back with them."""
+    free0 = m.snapshot()["pool"]["memory_available"]
+    m.create("grown", cpus=[c1(m)], memory="8M", id=5)
+    m.resize("grown", memory="12M")
+    before = stable(m)
+    held = m.show("grown")["regions"]
+    tx = m.apply_overlay(dtbo(remove_op("grown")))
+    assert tx["operations"] == ["instance-remove grown"] and "grown" not in m.instances
+    assert m.snapshot()["pool"]["memory_available"] == free0
+    assert "mk-instance-5-grown" not in iomem(m)
+    m.remove_overlay(tx["id"])
+    back = m.show("grown")
+    assert back["regions"] == held and back["memory_total"] == 12 * MiB
+    assert stable(m) == before
 
 
 # -- 8. bad overlays ------------------------------------------------------------------------------
@@ -606,8 +669,14 @@ BAD = {
                        InvalidSpec, "unknown operation 'memory-shuffle'", False),
     "device-add": (lambda m: dtbo(("/instances/a", {"device-add": {"eth0": {"reg": u64(1)}}})),
                    NotSupported, "no devices", False),
-    "pool target": (lambda m: dtbo(("/resources", {"cpus": u64(0)})),
-                    NotSupported, "/resources overlays", False),
+    "pool target": (lambda m: dtbo(("/resources", {"device-add": {"pci@0": {"pci-id": "0:1"}}})),
+                    NotSupported, "no devices to move", False),
+    "pool chunk by reg": (lambda m: dtbo(pool_op(add=[(None, 2 * MiB, reg(0, 2 * MiB))])),
+                          InvalidSpec, "names no 'reg'", False),
+    "pool size unaligned": (lambda m: dtbo(pool_op(add=[(None, 2 * MiB + 1000, None)])),
+                            InvalidSpec, "multiple of the 4096-byte page", False),
+    "pool size zero": (lambda m: dtbo(pool_op(add=[(None, 0, None)])), InvalidSpec,
+                       "non-zero", False),
     "odd target": (lambda m: dtbo(("/cpus", {"cpu-add": {}})), InvalidSpec,
                    "names nothing the host knows", False),
     "no target-path": (lambda m: fdt({"fragment@0": {"__overlay__": {}}}), InvalidSpec,
@@ -633,6 +702,26 @@ BAD = {
                          False),
     "not bytes": (lambda m: "fragment@0 {};", InvalidSpec, "must be bytes", False),
     # parsed, refused while planned: a failed transaction, nothing changed
+    "pool size absurd": (lambda m: dtbo(pool_op(add=[(None, 1 << 62, None)])), MKError,
+                         "left to give the pool", True),
+    "pool size past the window": (lambda m: dtbo(pool_op(add=[(None, pool_room(m) + 2 * MiB,
+                                                                None)])),
+                                  MKError, "left to give the pool", True),
+    "pool remove not a chunk": (lambda m: dtbo(pool_op(remove=[(pool_end(m), 2 * MiB)])),
+                                InvalidSpec, "is not a pool chunk", True),
+    "pool remove a busy chunk": (lambda m: dtbo(pool_op(remove=chunks(m))), ResourceBusy,
+                                 "holds memory of instance 'a'", True),
+    "pool cpu lent": (lambda m: dtbo(pool_op(cpu_remove=phys(m, c0(m)))), ResourceBusy,
+                      "is lent to 'a'", True),
+    "pool too many chunks": (lambda m: dtbo(*[pool_op(add=[(None, 4096, None)] * 64)] * 5),
+                             MKError, "the most it keeps (256)", True),
+    "pool cpu unknown": (lambda m: dtbo(pool_op(cpu_add=[4000])), InvalidSpec,
+                         "APIC ID 4000 is no CPU of this host", True),
+    "pool cpu in the pool": (lambda m: dtbo(pool_op(cpu_add=phys(m, c1(m)))), InvalidSpec,
+                             "in the pool already", True),
+    "pool grows then fails": (lambda m: dtbo(pool_op(add=[(None, 4 * MiB, None)]),
+                                             pool_op(cpu_add=[4000])), InvalidSpec,
+                              "APIC ID 4000", True),
     "cpu not in the pool": (lambda m: dtbo(update_op("a", cpu_add=[4000])), InvalidSpec,
                             "APIC IDs [4000]", True),
     "cpu it does not hold": (lambda m: dtbo(update_op("a", cpu_remove=phys(m, c1(m)))),
@@ -815,3 +904,149 @@ def test_a_cpu_change_while_loaded_reaches_the_booted_kernel(m):
     wait_allowed(m, d["pid"], [c1(m)])
     q = query(m, "p")
     assert (q["cpus"], q["logical"]) == (phys(m, c1(m)), [c1(m)])
+
+
+# -- 10. the pool grows and shrinks (/resources) ------------------------------------------------
+@pytest.fixture
+def hm(machine_factory):
+    """A pool of CPUS[1], the host on CPUS[0], its own cores (a CPU can move in and out)."""
+    return machine_factory(cpus=[CPUS[1]], host_cpus=[CPUS[0]], memory="64M")
+
+
+def test_the_pool_grows_by_a_chunk_it_places_and_shrinks_by_whole_chunks(hm):
+    m = hm
+    first = chunks(m)
+    assert len(first) == 1 and first[0][1] == 64 * MiB and root_chunks(m) == first
+    tx = m.apply_overlay(dtbo(pool_op(add=[(0, 32 * MiB, None)])))
+    grown = chunks(m)
+    new = [c for c in grown if c not in first]
+    assert len(new) == 1 and new[0][1] == 32 * MiB and new[0][0] % MEMORY_GRANULE == 0
+    assert tx["operations"] == [f"pool memory-add {new[0][0]:#x}+{32 * MiB:#x}"]
+    pool = m.snapshot()["pool"]
+    assert (pool["memory_bytes"], pool["memory_available"]) == (96 * MiB, 96 * MiB)
+    assert root_chunks(m) == grown                       # one memory@ per chunk, as kerf reads
+    assert pool_lines(m) == [f"{b:08x}-{b + n - 1:08x} : Multikernel Memory Pool" for b, n in grown]
+    assert [e["op"] for e in events(m, "pool_changed")] == ["memory-add"]
+
+    # an instance grows into the new chunk (kerf places added memory at the highest free
+    # range): that chunk is busy, the pool cannot give it back
+    m.create("a", cpus=[CPUS[1]], memory="16M")
+    m.resize("a", memory="32M")
+    assert m.show("a")["regions"][1][0] >= new[0][0]
+    lines = iomem(m).splitlines()
+    at = lines.index(pool_lines(m)[1])
+    assert lines[at + 1].strip().endswith(f"-a-region-1")     # nested under its chunk
+    before = stable(m)
+    with pytest.raises(ResourceBusy) as ei:
+        m.apply_overlay(dtbo(pool_op(remove=new)))
+    assert ei.value.errno == errno.EBUSY and "holds memory of instance 'a'" in ei.value.message
+    assert stable(m) == before and root_chunks(m) == grown
+
+    m.resize("a", memory="16M")
+    tx = m.apply_overlay(dtbo(pool_op(remove=new)))
+    assert chunks(m) == first and root_chunks(m) == first and len(pool_lines(m)) == 1
+    pool = m.snapshot()["pool"]
+    assert (pool["memory_bytes"], pool["memory_available"]) == (64 * MiB, 48 * MiB)
+    # the range went back to the host: its pages are gone from the arena
+    assert not m.arena.read(new[0][0], 4096).strip(b"\0")
+
+
+def test_pool_cpus_move_between_the_host_and_the_pool(hm):
+    m = hm
+    c0_, c1_ = CPUS[0], CPUS[1]
+    p0, p1 = m.config.physical_ids[c0_], m.config.physical_ids[c1_]
+    # the host's last CPU stays the host's (its own cores: no oversubscription)
+    with pytest.raises(ResourceBusy, match="the host kernel's last CPU"):
+        m.apply_overlay(dtbo(pool_op(cpu_add=[p0])))
+    m.create("a", cpus=[c1_], memory="8M")
+    with pytest.raises(ResourceBusy, match="is lent to 'a'"):
+        m.apply_overlay(dtbo(pool_op(cpu_remove=[p1])))
+    m.delete("a")
+    # a pool CPU goes back to the host and comes in again; the views follow
+    tx = m.apply_overlay(dtbo(pool_op(cpu_remove=[p1])))
+    pool = m.snapshot()["pool"]
+    assert pool["cpus"] == [] and m.config.host_cpus == sorted([c0_, c1_])
+    t = Tree(view(m, "sys", "fs", "multikernel", "device_tree"))
+    assert t.cpus(t.path("/resources")) == []
+    with pytest.raises(MKError):
+        m.create("b", cpus=[c1_], memory="8M")          # not a pool CPU any more
+    m.remove_overlay(tx["id"])                           # rolled back: it is the pool's again
+    assert m.snapshot()["pool"]["cpus"] == [c1_] and m.config.host_cpus == [c0_]
+    m.create("b", cpus=[c1_], memory="8M")
+    assert [e["op"] for e in events(m, "pool_changed")] == ["cpu-remove", "cpu-add"]
+
+
+def test_a_memory_remove_that_strands_parked_cpus_is_busy(hm):
+    """The pool's CPUs park in pool memory: its last chunk cannot go while it has CPUs; in one
+    fragment with the CPUs (which leave first) the pool empties, and rolled back, the memory
+    comes back as a chunk of the same size and the CPUs with it."""
+    m = hm
+    only = chunks(m)
+    before = stable(m)
+    with pytest.raises(ResourceBusy) as ei:
+        m.apply_overlay(dtbo(pool_op(remove=only)))
+    assert "would strand the pool's parked CPUs" in ei.value.message and ei.value.hint
+    assert stable(m) == before
+    tx = m.apply_overlay(dtbo(pool_op(remove=only, cpu_remove=phys(m, CPUS[1]))))
+    assert tx["operations"] == [f"pool cpu-remove APIC ID {phys(m, CPUS[1])[0]}",
+                                f"pool memory-remove {only[0][0]:#x}+{only[0][1]:#x}"]
+    pool = m.snapshot()["pool"]
+    assert (pool["cpus"], pool["chunks"], pool["memory_bytes"]) == ([], [], 0)
+    assert pool_lines(m) == [] and root_chunks(m) == []
+    m.remove_overlay(tx["id"])
+    pool = m.snapshot()["pool"]
+    assert pool["cpus"] == [CPUS[1]] and [n for _, n in pool["chunks"]] == [64 * MiB]
+
+
+def test_rolling_back_a_pool_growth_keeps_the_chunk_as_the_real_kernel_does(hm):
+    """rmdir of a /resources memory-add: the real kernel cannot name the chunk the pool chose,
+    so it keeps it and warns; a transaction that fails is undone exactly all the same."""
+    m = hm
+    first = chunks(m)
+    tx = m.apply_overlay(dtbo(pool_op(add=[(None, 8 * MiB, None)])))
+    grown = chunks(m)
+    assert m.remove_overlay(tx["id"])["status"] == "removed"
+    assert chunks(m) == grown
+    kept = events(m, "pool_rollback_kept")
+    assert len(kept) == 1 and kept[0]["size"] == 8 * MiB and kept[0]["tx"] == tx["id"]
+    before = stable(m)
+    with pytest.raises(InvalidSpec):
+        m.apply_overlay(dtbo(pool_op(add=[(None, 8 * MiB, None)]), pool_op(cpu_add=[4000])))
+    assert stable(m) == before and chunks(m) == grown != first
+
+
+def test_a_grown_pool_is_adopted_as_it_was(machine_factory):
+    """The state file records the chunks and the window: a new host rebuilds the same arena
+    and the instance whose memory lies in the grown chunk is adopted with it."""
+    m = machine_factory(cpus=[CPUS[1]], host_cpus=[CPUS[0]], memory="32M", survive_host=True)
+    m.apply_overlay(dtbo(pool_op(add=[(None, 16 * MiB, None)])))
+    m.create("a", cpus=[CPUS[1]], memory="8M")
+    m.resize("a", memory="24M")
+    held, grown = m.show("a")["regions"], chunks(m)
+    args = m.abandon()
+    run = rundir.claim(m.run_dir)
+    run.owned = True                     # the new host removes it at its end
+    try:
+        n = machine_factory(run_dir=run, adopt=True, **args)
+    except BaseException:
+        adoption.remove_abandoned(m.run_dir)     # its arena and cgroups, whatever failed
+        raise
+    assert chunks(n) == grown and n.show("a")["regions"] == held
+    assert n.snapshot()["pool"]["memory_available"] == 48 * MiB - 24 * MiB
+
+
+def test_the_hosts_last_cpu_joins_a_shared_pool_and_stays_the_hosts(machine_factory):
+    """On a machine whose instances share cores (--oversubscribe) the host's last CPU may join
+    the pool: it is then the host's and the pool's, and an instance on it is marked shared.
+    Rolled back, it is the host's alone again."""
+    m = machine_factory(cpus=[CPUS[1]], host_cpus=[CPUS[0]], oversubscribe=True, memory="32M")
+    p0 = m.config.physical_ids[CPUS[0]]
+    tx = m.apply_overlay(dtbo(pool_op(cpu_add=[p0])))
+    assert m.snapshot()["pool"]["cpus"] == sorted([CPUS[0], CPUS[1]])
+    assert m.config.host_cpus == [CPUS[0]]
+    assert m.create("s", cpus=[CPUS[0]], memory="8M")["shared_cpus"] == [CPUS[0]]
+    with pytest.raises(ResourceBusy, match="lent to s"):
+        m.remove_overlay(tx["id"])
+    m.delete("s")
+    m.remove_overlay(tx["id"])
+    assert m.snapshot()["pool"]["cpus"] == [CPUS[1]] and m.config.host_cpus == [CPUS[0]]

@@ -219,9 +219,9 @@ class SysfsBackend:
 
 
 def _busy() -> MKError:
-    return ResourceBusy("the baseline device tree was written already; the emulator's pool is "
-                        "fixed for the machine's life",
-                        "delete every instance and mkctl shutdown, then kerf init again")
+    return ResourceBusy("the baseline device tree was written already; a live pool changes "
+                        "by /resources overlay",
+                        "kerf init on a live pool writes one (it grows and shrinks the pool)")
 
 
 def _no_pool() -> MKError:

@@ -87,7 +87,9 @@ def _one_line(i: dict[str, Any]) -> str:
     s = (f"instance {printable(i['name'], one_line=True)} (id {i['id']}): {i['state']}, "
          f"CPUs {format_cpulist(i['cpus'])}"
          f"{' (shared: ' + format_cpulist(i['shared_cpus']) + ')' if i['shared_cpus'] else ''}, "
-         f"{format_size(i['memory_bytes'])} at 0x{i['memory_base']:x}")
+         f"{format_size(i.get('memory_total', i['memory_bytes']))} at 0x{i['memory_base']:x}"
+         + (f" (boot region {format_size(i['memory_bytes'])}, {i['regions_added']} added at "
+            "run time)" if i.get("regions_added") else ""))
     if i.get("kernel"):
         s += f", kernel {printable(i['kernel'], one_line=True)}"
     if i.get("pid"):

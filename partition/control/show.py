@@ -14,6 +14,12 @@ from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
 
+def _held(i: dict[str, Any]) -> str:
+    """What an instance holds: its boot region and the regions added at run time (``+N``)."""
+    added = i.get("regions_added", 0)
+    return format_size(i.get("memory_total", i["memory_bytes"])) + (f" (+{added})" if added else "")
+
+
 def render_show(snapshot: dict[str, Any]) -> str:
     m, pool = snapshot["machine"], snapshot["pool"]
     out = [
@@ -21,9 +27,11 @@ def render_show(snapshot: dict[str, Any]) -> str:
         f"{format_cpulist(m['host_cpus']) or '-'}"
         + (f"  (adopted from a dead host in {m['adopt_ms']} ms)" if m.get("adopt_ms") is not None
            else "") + ("  [instances outlive this host]" if m.get("survive_host") else ""),
-        f"pool    CPUs {format_cpulist(pool['cpus'])} (available: "
+        f"pool    CPUs {format_cpulist(pool['cpus']) or '-'} (available: "
         f"{format_cpulist(pool['cpus_available']) or '-'})  memory "
-        f"{format_size(pool['memory_bytes'])} (free "
+        f"{format_size(pool['memory_bytes'])}"
+        + (f" in {len(pool['chunks'])} chunks" if len(pool.get("chunks", ())) > 1 else "")
+        + " (free "
         f"{format_size(pool['memory_available']) if pool['memory_available'] else '0'})",
     ]
     if not m.get("protection", True):
@@ -44,7 +52,7 @@ def render_show(snapshot: dict[str, Any]) -> str:
         # an exit reason and a failure are the kernel's own words: no control sequence of
         # its reaches the terminal, no newline of its starts a row
         rows.append(tuple(printable(c, one_line=True) for c in (
-            str(i["id"]), i["name"], i["state"], cpus, format_size(i["memory_bytes"]),
+            str(i["id"]), i["name"], i["state"], cpus, _held(i),
             f"0x{i['memory_base']:x}", i["kernel"] or "-", str(i["pid"]) if i["pid"] else "-",
             last)))
     txs = snapshot.get("overlays", [])

@@ -208,7 +208,9 @@ def save_state(m: Machine, changed: list[Instance] | None = None, prune: bool = 
                    "oversubscribe": cfg.oversubscribe,
                    "console_bytes": m.layout.console_bytes, "ring_slots": m.layout.ring_slots,
                    "ring_slot_bytes": m.layout.ring_slot_bytes,
-                   "kill_timeout": m.kill_timeout, "protection": m.protection},
+                   "kill_timeout": m.kill_timeout, "protection": m.protection,
+                   "pool_chunks": [list(c) for c in m.pool.chunks],
+                   "pool_window": m.pool.window},
         "cgroups": m.cgroups.bases})
     d = records_path(m.run_dir)
     if changed is None or m.state_head is None:

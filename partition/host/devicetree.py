@@ -32,6 +32,8 @@ INSTANCES_PATH = "/instances"
 POOL_PATH = "/resources"
 #: kerf's instance ids: 0 is the host
 MAX_ID = 511
+#: a pool chunk's size is a whole number of pages (the real kernel's rule for /resources)
+PAGE_BYTES = 4096
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -335,7 +337,24 @@ class UpdateOp:
         return not (self.memory_remove or self.memory_add or self.cpu_remove or self.cpu_add)
 
 
-Operation = CreateOp | RemoveOp | UpdateOp
+@dataclass
+class PoolOp:
+    """One fragment aimed at ``/resources``: the pool grows or shrinks (Documentation/
+    multikernel/overlays.rst). CPUs are physical ids; ``memory_remove`` names whole chunks as
+    the root tree reports them; ``memory_add`` asks for sizes, the pool picks each base. They
+    run in the real kernel's order for the pool, resources leaving before any joins: cpu-remove,
+    memory-remove, memory-add, cpu-add (devices, which the emulator has none of, sit between)."""
+
+    cpu_remove: list[int] = field(default_factory=list)
+    memory_remove: list[tuple[int, int]] = field(default_factory=list)
+    memory_add: list[int] = field(default_factory=list)
+    cpu_add: list[int] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.cpu_remove or self.memory_remove or self.memory_add or self.cpu_add)
+
+
+Operation = CreateOp | RemoveOp | UpdateOp | PoolOp
 
 
 @dataclass
@@ -368,11 +387,58 @@ def _memory_items(t: Tree, node: int) -> list[tuple[int, int]]:
     return out
 
 
+def _pool_sizes(t: Tree, node: int) -> list[int]:
+    """``/resources`` memory-add items: ``size`` (u64, non-zero, page aligned) and an optional
+    ``numa-node-id``; the pool picks the base, so a ``reg`` is refused, as the real kernel
+    refuses it."""
+    out = []
+    for name, item in t.children(node):
+        where = f"overlay: {t.where(item)}"
+        if not name.startswith("memory@"):
+            raise InvalidSpec(f"overlay: {t.where(node)}/{name}: expected memory@<n> nodes",
+                              "each request is memory@<n> { size = /bits/ 64 <bytes>; }")
+        if t.raw(item, "reg") is not None:
+            raise InvalidSpec(f"{where}: a pool memory-add names no 'reg' (the pool picks the "
+                              "base)", "ask with size = /bits/ 64 <bytes> only")
+        size = t.u64(item, "size")
+        if not size or size % PAGE_BYTES:
+            raise InvalidSpec(f"{where}: 'size' must be a non-zero multiple of the "
+                              f"{PAGE_BYTES}-byte page, got {size!r}",
+                              "size = /bits/ 64 <bytes>, e.g. 0x4000000 for 64 MB")
+        node_id = t.u32(item, "numa-node-id")
+        if node_id not in (None, 0):
+            raise InvalidSpec(f"{where}: NUMA node {node_id} does not exist (the emulator has "
+                              "node 0 only)", "numa-node-id = <0>, or leave it out")
+        out.append(size)
+    return out
+
+
+def _pool_fragment(t: Tree, body: int) -> PoolOp:
+    op = PoolOp()
+    for kind, node in t.children(body):
+        if kind == "memory-add":
+            op.memory_add += _pool_sizes(t, node)
+        elif kind == "memory-remove":
+            op.memory_remove += _memory_items(t, node)
+        elif kind == "cpu-add":
+            op.cpu_add += _cpu_items(t, node)
+        elif kind == "cpu-remove":
+            op.cpu_remove += _cpu_items(t, node)
+        elif kind in ("device-add", "device-remove"):
+            raise NotSupported("the emulator has no devices to move into or out of the pool",
+                               "leave --devices out")
+        else:
+            raise InvalidSpec(f"overlay: unknown operation {kind!r} for {POOL_PATH}",
+                              "use memory-add/-remove or cpu-add/-remove")
+    return op
+
+
 def parse_overlay(data: bytes) -> Overlay:
     """An overlay as kerf writes it to ``overlays/new``: ``fragment@N`` nodes with a
     ``target-path`` and an ``__overlay__`` holding ``instance-create``, ``instance-remove`` or,
-    aimed at ``/instances/<name>``, the resource operations. Device and pool (``/resources``)
-    operations are refused with EOPNOTSUPP: the emulator has no devices and a fixed pool."""
+    aimed at ``/instances/<name>``, the resource operations, or, aimed at ``/resources``, the
+    pool's (PoolOp). Device operations are refused with EOPNOTSUPP: the emulator has no
+    devices. Within an ``/instances`` fragment creates run before removes (the real order)."""
     t = Tree(data, "overlay")
     ops: list[Operation] = []
     first_target = ""
@@ -393,10 +459,10 @@ def parse_overlay(data: bytes) -> Overlay:
             raise InvalidSpec(f"overlay: {t.where(frag)} has no __overlay__ node",
                               "a fragment carries its change in __overlay__")
         if target == POOL_PATH:
-            raise NotSupported("the emulator's pool is fixed once defined: /resources overlays "
-                               "(kerf init on a live pool) are not supported",
-                               "delete every instance and restart the machine with a new pool")
+            ops.append(_pool_fragment(t, body))
+            continue
         if target == INSTANCES_PATH:
+            removes: list[Operation] = []
             for kind, node in t.children(body):
                 if kind == "instance-create":
                     ops.append(_create(t, node))
@@ -405,10 +471,11 @@ def parse_overlay(data: bytes) -> Overlay:
                     if not name:
                         raise InvalidSpec(f"overlay: {t.where(node)} has no instance-name",
                                           "instance-remove { instance-name = \"NAME\"; }")
-                    ops.append(RemoveOp(name))
+                    removes.append(RemoveOp(name))
                 else:
                     raise InvalidSpec(f"overlay: unknown operation {kind!r} under /instances",
                                       "use instance-create or instance-remove")
+            ops += removes
             continue
         if not target.startswith(INSTANCES_PATH + "/") or target.count("/") != 2 or \
                 target.rsplit("/", 1)[1] in ("", ".", ".."):

@@ -52,12 +52,13 @@ from partition.host.kimage import KIMAGE_TYPE, check_spec
 from partition.host.lifecycle import Lifecycle
 from partition.host.loading import Loading
 from partition.host.overlays import Overlays
-from partition.host.pool import PoolConfig, ResourcePool
+from partition.host.pool import PoolConfig, ResourcePool, pool_window
 from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
 from partition.units import (
+    PAGE_SIZE,
     format_size,
     parse_cpulist,
     parse_size,
@@ -92,6 +93,26 @@ def _turn(items: list[Instance], at: int, size: int) -> tuple[list[Instance], in
     return (items[start:end] if end <= n else items[start:] + items[:end - n]), end
 
 
+def _pool_shape(memory: int, chunks: Any, window: Any) -> tuple[list[tuple[int, int]], int]:
+    """The pool's chunks (pool-relative) and window: fresh, or as a state file recorded them
+    (checked: a window of whole pages holding page-aligned chunks that do not overlap)."""
+    if chunks is None and window is None:
+        return ([(0, memory)] if memory else []), pool_window(memory)
+    try:
+        if type(window) is not int or window <= 0 or window % PAGE_SIZE:
+            raise ValueError(f"window {window!r}")
+        out = sorted((int(b), int(n)) for b, n in chunks or [])
+        end = 0
+        for b, n in out:
+            if b < end or n <= 0 or b % PAGE_SIZE or n % PAGE_SIZE or b + n > window:
+                raise ValueError(f"chunk {b:#x}+{n:#x}")
+            end = b + n
+    except (TypeError, ValueError) as exc:
+        raise InvalidSpec(f"the recorded pool is not one this host can rebuild ({exc})",
+                          "mkctl shutdown removes what the dead host left") from None
+    return out, window
+
+
 class Machine:
     """One emulated multikernel machine. Use as a context manager so it is always torn down."""
 
@@ -101,8 +122,14 @@ class Machine:
                  kill_timeout: float = 30.0, boot_timeout: float = 1.0,
                  pin_host: bool = False, ring_slots: int = 64,
                  ring_slot_bytes: int = 4096, protection: bool = True,
-                 survive_host: bool = False, adopt: bool = False) -> None:
+                 survive_host: bool = False, adopt: bool = False,
+                 pool_chunks: list[list[int]] | None = None,
+                 pool_window: int | None = None) -> None:
         self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
+        #: the pool's chunks and window as a dead host left them (adoption: the state file),
+        #: else one chunk of ``memory`` in a window with room to grow (host/poolresize.py)
+        self._pool_shape = _pool_shape(self.config.memory_bytes, pool_chunks, pool_window)
+        self.pin_host = bool(pin_host)
         #: instances outlive this host (no parent-death signal; a named arena; a state file a
         #: new host adopts them from: host/adoption.py). The supervisor's machines do.
         self.survive_host = bool(survive_host or adopt)
@@ -140,8 +167,10 @@ class Machine:
         want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
         if soft != resource.RLIM_INFINITY and soft < want:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        self.pool = ResourcePool(cfg)
-        self.layout = L.ArenaLayout(pool_bytes=cfg.memory_bytes, console_bytes=console_bytes,
+        chunks, window = self._pool_shape
+        cfg.memory_bytes = sum(n for _, n in chunks)
+        self.pool = ResourcePool(cfg, window, chunks)
+        self.layout = L.ArenaLayout(pool_bytes=window, console_bytes=console_bytes,
                                     ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
         flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
             (0 if self.protection else L.FLAG_UNPROTECTED)
@@ -294,7 +323,8 @@ class Machine:
             self._run.lock_fd = -1
         return {k: v for k, v in state["config"].items()
                 if k in ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
-                         "ring_slots", "ring_slot_bytes", "kill_timeout", "protection")}
+                         "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
+                         "pool_chunks", "pool_window")}
 
     # -- host services ---------------------------------------------------------------------
     def printk(self, message: str) -> None:
@@ -597,7 +627,6 @@ class Machine:
             **self.describe_brief(inst),
             "physical_cpus": list(inst.physical_cpus),
             "regions": [list(r) for r in inst.regions],
-            "memory_total": sum(size for _, size in inst.regions),
             "resource_changes": dict(inst.resource_changes),
             "kernel_spec": inst.kimage.spec if inst.kimage else None,
             "cmdline": inst.kimage.cmdline if inst.kimage else None,
@@ -633,6 +662,10 @@ class Machine:
             "id": inst.id, "name": inst.name, "state": inst.state.value, "cpus": list(inst.cpus),
             "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
             "memory_base": inst.memory_base, "memory_bytes": inst.memory_bytes,
+            # what it holds: the boot region (memory_base/memory_bytes) and every region
+            # added at run time, which every view shows (the pool's free memory counts them)
+            "memory_total": inst.memory_bytes + sum(size for _, size in inst.extra_regions),
+            "regions_added": len(inst.extra_regions),
             "kernel": inst.kimage.label if inst.kimage else None,
             "pid": inst.pid, "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
@@ -923,9 +956,14 @@ class Machine:
 
     def _pool_fields(self) -> dict[str, Any]:
         cfg = self.config
+        lo = self.layout.pool_offset
+        chunks = [[lo + b, n] for b, n in self.pool.chunks]
         return {
             "cpus": list(cfg.cpus), "cpus_available": self.pool.cpus_available(),
-            "memory_base": self.layout.pool_offset, "memory_bytes": cfg.memory_bytes,
+            "memory_base": chunks[0][0] if chunks else lo, "memory_bytes": cfg.memory_bytes,
+            # each chunk as the root tree's memory@<base> says it (what a pool memory-remove
+            # names), and the window they lie in (what the pool can grow into)
+            "chunks": chunks, "window_bytes": self.pool.window,
             "memory_available": self.pool.memory_available,
             "physical_ids": {str(c): p for c, p in sorted(cfg.physical_ids.items())},
             "memory_granule": MEMORY_GRANULE,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
-from partition.host import resize
-from partition.host.devicetree import CreateOp, Overlay, RemoveOp, UpdateOp, parse_overlay
+from partition.host import poolresize, resize
+from partition.host.devicetree import CreateOp, Overlay, PoolOp, RemoveOp, UpdateOp, parse_overlay
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -73,6 +73,8 @@ class Overlays:
                     self._create(tx, op)
                 elif isinstance(op, RemoveOp):
                     self._remove(tx, op)
+                elif isinstance(op, PoolOp):
+                    poolresize.run(self.m, tx, op)
                 else:
                     self._update(tx, op, commits)
         except BaseException as exc:
@@ -162,14 +164,25 @@ class Overlays:
             raise NoSuchInstance(f"Instance '{op.name}' does not exist",
                                  "list instances/ for the names")
         name, memory, cpus, iid = inst.name, inst.memory_bytes, list(inst.cpus), inst.id
-        if inst.extra_regions:
-            raise ResourceBusy(f"instance {op.name!r} holds memory added at run time",
-                               "take it back with kerf update --memory first")
+        added = list(inst.extra_regions)
+        # as the real instance-remove (and mkctl delete): an instance that is not running is
+        # destroyed with whatever it holds; regions added at run time go back to the pool too
         m.delete(op.name)
         tx.operations.append(f"instance-remove {op.name}")
 
         def undo() -> None:
             m.create(name, memory, cpus=cpus, id=iid)
+            back = m.instances[name]
+            lost = []
+            for base, size in added:        # free again unless a later change took them
+                if m.pool.range_free(base - m.layout.pool_offset, size) is None:
+                    m.pool.add_range(name, base - m.layout.pool_offset, size)
+                    back.extra_regions.append((base, size))
+                else:
+                    lost.append([base, size])
+            if lost:
+                m.events.warning("instance_recreated_smaller", tx=tx.id, name=name, lost=lost)
+            m.publish(back)
         tx.undo.append(undo)
 
     def _update(self, tx: Transaction, op: UpdateOp, commits: list[Callable[[], None]]) -> None:

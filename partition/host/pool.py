@@ -87,11 +87,59 @@ class Reservation:
     memory_bytes: int
 
 
-class ResourcePool:
-    """Tracks which CPUs, memory ranges, names and ids are taken."""
+#: where the pool places a chunk it grows by (the instances' memory granule, 2 MiB)
+POOL_GRANULE = 2 << 20
 
-    def __init__(self, config: PoolConfig) -> None:
+
+def host_memory_bytes() -> int:
+    """The host's RAM (MemTotal), in whole granules: how far the pool's window reaches past
+    what ``init`` asked for, so that the pool can grow at run time (``memory-add`` under
+    ``/resources``) without moving the arena. 0 when /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 // POOL_GRANULE * POOL_GRANULE
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def pool_window(memory_bytes: int) -> int:
+    """The arena's pool area for a pool of ``memory_bytes``: what it holds now and, beyond it,
+    the host's RAM as room to grow into. Address space only: the arena is sparse, a page costs
+    memory when it is written, and a chunk that leaves the pool has its pages punched out."""
+    return memory_bytes + host_memory_bytes()
+
+
+def place_chunk(chunks: list[tuple[int, int]], window: int, nbytes: int, base: int,
+                align: int = POOL_GRANULE) -> int | None:
+    """Where a chunk of ``nbytes`` the pool grows by goes, among ``chunks`` in a window of
+    ``window`` bytes: the lowest free range whose physical address (``base`` + offset) is
+    ``align``-aligned (the pool picks the base, as the real kernel does), or None."""
+    cursor = 0
+    for lo, size in sorted(chunks) + [(window, 0)]:
+        at = -(-(base + cursor) // align) * align - base
+        if at + nbytes <= lo:
+            return at
+        cursor = max(cursor, lo + size)
+    return None
+
+
+class ResourcePool:
+    """Tracks which CPUs, memory ranges, names and ids are taken.
+
+    The pool's memory is a set of chunks (pool-relative offset, bytes) inside the arena's pool
+    area (``window`` bytes, host/machine.py): one chunk at offset 0 at init, more as the pool
+    grows at run time (host/poolresize.py), fewer as whole chunks go back to the host. An
+    instance's region lies inside one chunk."""
+
+    def __init__(self, config: PoolConfig, window: int | None = None,
+                 chunks: list[tuple[int, int]] | None = None) -> None:
         self.config = config
+        self.window = config.memory_bytes if window is None else window
+        self.chunks: list[tuple[int, int]] = sorted(chunks) if chunks is not None else (
+            [(0, config.memory_bytes)] if config.memory_bytes else [])
         self.cpu_users: dict[int, list[str]] = {c: [] for c in config.cpus}
         self.regions: dict[str, tuple[int, int]] = {}     # name -> (offset in pool, bytes)
         #: regions added at run time (overlay memory-add), oldest first: name -> [(offset, bytes)]
@@ -215,18 +263,29 @@ class ResourcePool:
         by_load = sorted(cfg.cpus, key=lambda c: (len(self.cpu_users[c]), c))
         return sorted(by_load[:cpu_count])
 
-    def _first_fit(self, nbytes: int) -> int:
+    def gaps(self) -> list[tuple[int, int]]:
+        """Every free range of the pool (start, end), pool-relative, chunk by chunk: a region
+        never straddles two chunks."""
         taken = self.taken()
-        cursor = 0
+        out = []
+        for lo, size in self.chunks:
+            cursor, hi = lo, lo + size
+            for off, n in taken:
+                if off + n <= lo or off >= hi:
+                    continue
+                if off > cursor:
+                    out.append((cursor, off))
+                cursor = max(cursor, off + n)
+            if hi > cursor:
+                out.append((cursor, hi))
+        return out
+
+    def _first_fit(self, nbytes: int) -> int:
         largest = 0
-        for off, size in taken:
-            if off - cursor >= nbytes:
-                return cursor
-            largest = max(largest, off - cursor)
-            cursor = off + size
-        if self.config.memory_bytes - cursor >= nbytes:
-            return cursor
-        largest = max(largest, self.config.memory_bytes - cursor)
+        for lo, hi in self.gaps():
+            if hi - lo >= nbytes:
+                return lo
+            largest = max(largest, hi - lo)
         raise OutOfMemory(f"no contiguous free region of {format_size(nbytes)} in the pool "
                           f"(largest hole {format_size(largest)}; fragmentation)",
                           "ask for at most the largest hole, or delete instances")
@@ -250,9 +309,11 @@ class ResourcePool:
     # -- runtime changes (host/resize.py): each checked by the caller's plan first ---------
     def range_free(self, offset: int, nbytes: int) -> str | None:
         """Why [offset, offset+nbytes) of the pool cannot be reserved, or None if it can."""
-        if offset < 0 or nbytes <= 0 or offset + nbytes > self.config.memory_bytes:
-            return (f"range {offset:#x}+{nbytes:#x} is outside the pool "
-                    f"(0..{self.config.memory_bytes:#x})")
+        if offset < 0 or nbytes <= 0 or not any(lo <= offset and offset + nbytes <= lo + n
+                                                for lo, n in self.chunks):
+            return (f"the range is outside the pool: no chunk holds pool offset "
+                    f"{offset:#x}+{nbytes:#x} (chunks at pool offsets "
+                    f"{', '.join(f'{lo:#x}+{n:#x}' for lo, n in self.chunks) or 'none'})")
         for off, size in self.taken():
             if off < offset + nbytes and offset < off + size:
                 owner = next((n for n, r in self.regions.items() if r == (off, size)), None) or \
@@ -264,13 +325,7 @@ class ResourcePool:
         """The highest free range of ``nbytes`` whose physical address (``base`` + offset) is
         ``align``-aligned, as kerf picks where memory added to an instance goes; None if none."""
         best = None
-        cursor = 0
-        gaps = []
-        for off, size in self.taken():
-            gaps.append((cursor, off))
-            cursor = max(cursor, off + size)
-        gaps.append((cursor, self.config.memory_bytes))
-        for lo, hi in gaps:
+        for lo, hi in self.gaps():
             at = (base + hi - nbytes) // align * align
             if at >= base + lo and (best is None or at > best):
                 best = at
@@ -295,3 +350,43 @@ class ResourcePool:
         for c in cpus:
             if name in self.cpu_users.get(c, []):
                 self.cpu_users[c].remove(name)
+
+    # -- the pool itself grows and shrinks (host/poolresize.py checks first) ----------------
+    def chunk_owner(self, offset: int, nbytes: int) -> str | None:
+        """Who holds memory inside the chunk [offset, offset+nbytes), or None."""
+        for name, (off, size) in self.regions.items():
+            if off < offset + nbytes and offset < off + size:
+                return name
+        for name, ranges in self.extra.items():
+            if any(off < offset + nbytes and offset < off + size for off, size in ranges):
+                return name
+        return None
+
+    def place_chunk(self, nbytes: int, base: int) -> int | None:
+        return place_chunk(self.chunks, self.window, nbytes, base)
+
+    def add_chunk(self, offset: int, nbytes: int) -> None:
+        self.chunks = sorted(self.chunks + [(offset, nbytes)])
+        self.config.memory_bytes += nbytes
+
+    def remove_chunk(self, offset: int, nbytes: int) -> None:
+        self.chunks.remove((offset, nbytes))
+        self.config.memory_bytes -= nbytes
+
+    def add_pool_cpu(self, cpu: int, physical_id: int, keep_host: bool) -> None:
+        """A host CPU joins the pool; it stays the host's too only when ``keep_host``."""
+        cfg = self.config
+        cfg.cpus = sorted(cfg.cpus + [cpu])
+        self.cpu_users = {c: self.cpu_users.get(c, []) for c in cfg.cpus}   # in CPU order
+        cfg.physical_ids[cpu] = physical_id
+        if not keep_host and cpu in cfg.host_cpus:
+            cfg.host_cpus = [c for c in cfg.host_cpus if c != cpu]
+
+    def remove_pool_cpu(self, cpu: int, to_host: bool = True) -> None:
+        """A free pool CPU goes back to the host kernel (``to_host``: it runs the host's
+        work again; an undone cpu-add gives back only what it took)."""
+        cfg = self.config
+        cfg.cpus = [c for c in cfg.cpus if c != cpu]
+        self.cpu_users.pop(cpu, None)
+        if to_host and cpu not in cfg.host_cpus:
+            cfg.host_cpus = sorted(cfg.host_cpus + [cpu])

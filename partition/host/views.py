@@ -48,20 +48,26 @@ def join_kimage(rows: list[str]) -> str:
 
 
 def render_iomem(snapshot: dict[str, Any]) -> str:
-    """``/proc/iomem`` as far as the machine goes: the pool, registered as one resource named
-    as the real kernel names its pool chunks, and each instance's partition nested in it as
-    ``mk-instance-<id>-<name>-region-<n>`` (region 0 is where it boots, the others were added
+    """``/proc/iomem`` as far as the machine goes: the pool, each chunk registered as one
+    resource named as the real kernel names them, and each instance's partition nested in its
+    chunk as ``mk-instance-<id>-<name>-region-<n>`` (region 0 is where it boots, the others were added
     at run time, numbered in the order they came). Addresses are arena offsets (the emulator's
     physical addresses), ends inclusive, sorted by address as the kernel lists them."""
     return join_iomem(snapshot["pool"], [r for i in snapshot["instances"] for r in iomem_rows(i)])
 
 
+def pool_chunks(pool: dict[str, Any]) -> list[tuple[int, int]]:
+    """The pool's chunks (physical base, bytes): one at init, more as it grows at run time."""
+    if "chunks" in pool:
+        return [(b, n) for b, n in pool["chunks"]]
+    return [(pool["memory_base"], pool["memory_bytes"])] if pool["memory_bytes"] else []
+
+
 def join_iomem(pool: dict[str, Any], rows: list[tuple[int, str]]) -> str:
-    base, size = pool["memory_base"], pool["memory_bytes"]
-    if not size:
-        return ""
-    return "".join([f"{base:08x}-{base + size - 1:08x} : {POOL_RESOURCE}\n"]
-                   + [r for _, r in sorted(rows)])
+    """Each pool chunk as one ``Multikernel Memory Pool`` resource, the instances' regions
+    nested under the chunk they lie in (kerf tells a busy chunk by its children)."""
+    lines = [(b, 0, f"{b:08x}-{b + n - 1:08x} : {POOL_RESOURCE}\n") for b, n in pool_chunks(pool)]
+    return "".join(r for _, _, r in sorted(lines + [(at, 1, r) for at, r in rows]))
 
 
 def render_pool_tree(snapshot: dict[str, Any]) -> bytes:
@@ -71,8 +77,7 @@ def render_pool_tree(snapshot: dict[str, Any]) -> bytes:
     phys = {int(c): p for c, p in pool["physical_ids"].items()}
     return pool_tree([phys.get(c, c) for c in pool["cpus"]],
                      [phys.get(c, c) for c in pool["cpus_available"]],
-                     [Chunk(pool["memory_base"], pool["memory_bytes"])]
-                     if pool["memory_bytes"] else [], pool["memory_granule"],
+                     [Chunk(b, n) for b, n in pool_chunks(pool)], pool["memory_granule"],
                      oversubscribe=snapshot["machine"]["oversubscribe"])
 
 
@@ -101,6 +106,9 @@ class ViewWriter:
         os.makedirs(self.proc, exist_ok=True)
         os.makedirs(self.instances_dir, exist_ok=True)
         self.overlays_dir = os.path.join(self.sys, "overlays")
+        # a new host (adoption) starts its own transaction log: the dead host's tx_<N> would
+        # stay listed, and kerf, which reads the newest tx_<N> after each write, would read one
+        shutil.rmtree(self.overlays_dir, ignore_errors=True)
         os.makedirs(self.overlays_dir, exist_ok=True)
         self._cache: dict[str, str | bytes] = {}
         self._counted: dict[str, dict[str, Any]] = {}     # what each counters file says
@@ -138,7 +146,7 @@ class ViewWriter:
     def pool(self, pool: dict[str, Any], oversubscribe: bool) -> None:
         """The root tree, rendered again only when what it says moved."""
         key = (tuple(pool["cpus"]), tuple(pool["cpus_available"]), pool["memory_base"],
-               pool["memory_bytes"], oversubscribe)
+               pool["memory_bytes"], tuple(pool_chunks(pool)), oversubscribe)
         self._pool = pool
         if key != self._pool_key:
             self._put(os.path.join(self.sys, "device_tree"),
