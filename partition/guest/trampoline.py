@@ -75,6 +75,9 @@ class BootParams:
     hide: list[str] = field(default_factory=list)
     #: the instance outlives its host (a supervisor's machine): no parent-death signal
     survive_host: bool = False
+    #: the image's checked content (a signed or ELF image, host/signing.py): imported instead
+    #: of the spec's file
+    image: bytes = b""
 
 
 def readable_label(label: str, source: str) -> str:
@@ -199,7 +202,7 @@ def enter(boot: BootParams) -> NoReturn:
         if missing:                            # the image's import-time code included
             console.printk(f"multikernel: not contained here: {', '.join(missing)}")
         try:
-            kernel_cls, label, source = resolve(boot.spec)
+            kernel_cls, label, source = resolve(boot.spec, boot.image)
             if threading.active_count() > 1:   # a parked image must be inert until start
                 raise BadKernelImage(f"kernel {boot.spec!r} started "
                                      f"{threading.active_count() - 1} thread(s) while it was "

@@ -204,7 +204,9 @@ def save_state(m: Machine, changed: list[Instance] | None = None, prune: bool = 
                    "oversubscribe": cfg.oversubscribe,
                    "console_bytes": m.layout.console_bytes, "ring_slots": m.layout.ring_slots,
                    "ring_slot_bytes": m.layout.ring_slot_bytes,
-                   "kill_timeout": m.kill_timeout, "protection": m.protection},
+                   "kill_timeout": m.kill_timeout, "protection": m.protection,
+                   "llc_way_mask": m.llc_way_mask, "require_signed": m.require_signed,
+                   "keyring": m.keyring.path if m.keyring else None},
         "cgroups": m.cgroups.bases})
     d = records_path(m.run_dir)
     if changed is None or m.state_head is None:

@@ -139,7 +139,7 @@ class Overlays:
                                   for u in sorted({u for us in busy.values() for u in us}))
                 raise ResourceBusy(f"APIC IDs {sorted(busy)} are not available ({users})",
                                    "pick CPUs from cpus-available (kerf show)")
-        m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id)
+        m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id, llc_way_mask=op.llc_way_mask)
         tx.operations.append(f"instance-create {op.name}")
 
         def undo() -> None:
@@ -159,6 +159,7 @@ class Overlays:
             raise NoSuchInstance(f"Instance '{op.name}' does not exist",
                                  "list instances/ for the names")
         name, memory, cpus, iid = inst.name, inst.memory_bytes, list(inst.cpus), inst.id
+        llc_way_mask = inst.llc_way_mask or None
         if inst.extra_regions:
             raise ResourceBusy(f"instance {op.name!r} holds memory added at run time",
                                "take it back with kerf update --memory first")
@@ -166,7 +167,7 @@ class Overlays:
         tx.operations.append(f"instance-remove {op.name}")
 
         def undo() -> None:
-            m.create(name, memory, cpus=cpus, id=iid)
+            m.create(name, memory, cpus=cpus, id=iid, llc_way_mask=llc_way_mask)
         tx.undo.append(undo)
 
     def _update(self, tx: Transaction, op: UpdateOp, commits: list[Callable[[], None]]) -> None:
