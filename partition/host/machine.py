@@ -253,7 +253,11 @@ class Machine:
             self.cgroups.close()
             for inst in self.instances.values():
                 if inst.llc_way_mask:
-                    self.resctrl.remove_group(inst.id)
+                    try:
+                        self.resctrl.remove_group(inst.id)
+                    except OSError as exc:      # (the rest of the teardown still runs)
+                        self.events.warning("llc_group_left", instance=inst.id,
+                                            error=exc.strerror)
             try:
                 self.selector.close()
             finally:

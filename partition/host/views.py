@@ -83,7 +83,14 @@ def render_instance_tree(inst: dict[str, Any]) -> bytes:
     return instance_tree(inst["name"], inst["id"], inst["physical_cpus"],
                          [(b, s) for b, s in inst["regions"]],
                          shared=[phys.get(c, c) for c in inst["shared_cpus"]],
-                         llc_way_mask=inst.get("llc_way_mask") or 0)
+                         llc_way_mask=_mask(inst.get("llc_way_mask")))
+
+
+def _mask(value: object) -> int:
+    """An instance's ``llc_way_mask`` as the views get it (an int) or describe() says it (hex)."""
+    if isinstance(value, str):
+        return int(value, 16)
+    return value if isinstance(value, int) else 0
 
 
 class ViewWriter:
