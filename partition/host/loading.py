@@ -80,7 +80,7 @@ class Loading:
             os.close(report_w)
         pidfd = linux.pidfd_open(pid)
         if inst.llc_way_mask:
-            m.llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started
+            m._llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started
         inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
                              child_fds=child_fds)
         m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))

@@ -405,7 +405,7 @@ class Machine:
         inst = self._get(name)
         check_transition("load", inst.name, inst.state)
         kimage = check_spec(kernel, cmdline)
-        self.check_signature(inst, kimage)
+        self._check_signature(inst, kimage)
         inst.kimage = kimage
         try:
             report = self.loading.await_loaded(inst)  # imported in its own process, not here
@@ -420,7 +420,7 @@ class Machine:
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
 
-    def check_signature(self, inst: Instance, kimage: KImage) -> None:
+    def _check_signature(self, inst: Instance, kimage: KImage) -> None:
         """kexec_file_load's signature check (host/signing.py): a refusal leaves the instance
         as it was; the checked image goes to the loader."""
         try:
@@ -437,7 +437,7 @@ class Machine:
             self.events.info("kimage_signature_verified", instance=inst.id, name=inst.name,
                              kernel=kimage.spec, signer=checked.signature)
 
-    def llc_join(self, inst: Instance, pid: int) -> None:
+    def _llc_join(self, inst: Instance, pid: int) -> None:
         """Its process into its resctrl group (host/llc.py); a refusal is an event, not a
         failed load: the mask stays checked and shown, and the views say it is not held."""
         try:
