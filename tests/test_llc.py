@@ -233,3 +233,36 @@ def test_mkctl_init_and_create_take_the_mask_and_show_it(run_dir):
     assert [i["llc_way_mask"] for i in snap["instances"]] == ["0xf"]
     r = mkctl("dump", "web")
     assert "llc-way-mask = <0xf>;" in r.stdout
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+SCENARIO = """
+[scenario]
+name = "llc"
+duration = "0.3s"
+
+[machine]
+oversubscribe = true
+llc_way_mask = "0xff"
+
+[[instance]]
+name = "a"
+kernel = "kernels.idle:IdleKernel"
+llc_way_mask = "0x0f"
+
+[[instance]]
+name = "b"
+kernel = "kernels.idle:IdleKernel"
+llc_way_mask = {b}
+"""
+
+
+def test_a_scenario_declares_the_masks_and_a_bad_one_is_invalid_input(run_scenario):
+    from partition.scenario.schema import ScenarioInvalid
+    r = run_scenario(SCENARIO.format(b='"0xf0"'))
+    assert r.passed
+    with pytest.raises(ScenarioInvalid, match="overlaps another instance's") as e:
+        run_scenario(SCENARIO.format(b='"0x18"'))
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(ScenarioInvalid, match="llc_way_mask.*expected an LLC way mask"):
+        run_scenario(SCENARIO.format(b='"many"'))
