@@ -264,3 +264,42 @@ def test_kerf_loads_what_kerf_signed_and_gets_the_kernels_errno_for_the_rest(run
     assert shown["state"] == "active"
     assert shown["signature"] == "verified: CN=mk signing trusted"
     assert kerf("kill", "--force", "web").returncode == 0
+
+
+def test_an_adopted_instance_keeps_its_checked_image_and_its_llc_ways(run_dir, machine_factory,
+                                                                      keys, images, tmp_path):
+    """A new host takes the dead one's policy (keyring, requirement, LLC ways) from its state
+    file, and each instance's checked image and mask from its record: a restart under the new
+    host runs the image checked at load, and the instance keeps its resctrl group."""
+    root = tmp_path / "resctrl"
+    (root / "info" / "L3").mkdir(parents=True)
+    (root / "schemata").write_text("L3:0=ff\n")
+    image = tmp_path / "live.signed"
+    shutil.copy(images["trusted"], image)
+    old = machine_factory(cpus=CPUS, memory="64M", host_cpus=[CPUS[0]], oversubscribe=True,
+                          run_dir=run_dir, survive_host=True, keyring=str(keys["trusted"][1]),
+                          require_signed=True, llc_way_mask=0xFF, resctrl_root=str(root))
+    old.create("web", "8M", cpus=[CPUS[-1]], recovery="restart", max_restarts=3,
+               restart_window=30, llc_way_mask=0x0F)
+    old.load("web", str(image))
+    old.start("web")
+    group = old.resctrl.group(old.show("web")["id"])
+    cfg = old.abandon()
+    assert cfg["require_signed"] is True and cfg["llc_way_mask"] == 0xFF
+    image.write_text(KERNEL.format(mark="EVIL"))
+    from partition.host import rundir
+    run = rundir.claim(run_dir)
+    run.owned = True                     # removed when the new host closes, as a scenario's
+    new = machine_factory(run_dir=run, adopt=True, **cfg)
+    web = new.show("web")
+    assert web["llc_way_mask"] == "0xf" and new.resctrl.group(web["id"]) == group
+    assert web["signature"] == "verified: CN=mk signing trusted"
+    new.fault("web", "kill")
+    wait_until(new, lambda: new.show("web")["counters"]["restarts"] == 1
+               and new.show("web")["state"] == "active")
+    assert "marked kernel A up" in new.console("web") and "EVIL" not in new.console("web")
+    with open(os.path.join(group, "tasks")) as f:
+        assert str(new.show("web")["pid"]) in f.read().split()
+    with pytest.raises(KeyRejected):                        # the policy came along
+        new.create("db", "8M", cpus=[CPUS[-1]])
+        new.load("db", str(image))

@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "mkctl shutdown removes what it left; mkctl init starts anew")
             known = {"cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
                      "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
-                     "llc_way_mask", "require_signed", "keyring"}
+                     "llc_way_mask", "resctrl_root", "require_signed", "keyring"}
             cfg = {k: v for k, v in state["config"].items() if k in known} | {"adopt": True}
         run = rundir.claim(a.run_dir, a.lock_fd) if a.lock_fd >= 0 else a.run_dir
         machine = Machine(run_dir=run, pin_host=True, **cfg)

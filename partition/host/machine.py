@@ -23,6 +23,7 @@ would scatter each verb's check-then-change order over files.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import selectors
@@ -103,9 +104,6 @@ class Machine:
         #: instances' shares of them (host/llc.py): resctrl where the host has it
         self.llc_way_mask = None if llc_way_mask is None else \
             llc.parse_mask(llc_way_mask, "the pool's llc-way-mask")
-        self.resctrl = llc.Resctrl(resctrl_root, prefix=f"multikernel-{os.getpid()}")
-        if self.llc_way_mask is not None:
-            self.resctrl.check_pool(self.llc_way_mask)
         #: signed images (host/signing.py): the keyring kexec verifies against, and whether
         #: an unsigned or unverified image is refused (KEXEC_SIG_FORCE)
         if not isinstance(require_signed, bool):
@@ -130,7 +128,13 @@ class Machine:
         self._closing = False
         self._run = run_dir if isinstance(run_dir, rundir.RunDir) else rundir.claim(run_dir)
         self.run_dir = self._run.path
+        # named for the run directory's whole path: stable across hosts (an adopted
+        # machine's groups are found again), distinct for two run dirs of one basename
+        self.resctrl = llc.Resctrl(resctrl_root, prefix="multikernel-" + hashlib.sha1(
+            os.path.realpath(self.run_dir).encode()).hexdigest()[:12])
         try:
+            if self.llc_way_mask is not None:
+                self.resctrl.check_pool(self.llc_way_mask)
             self._setup(console_bytes, pin_host, ring_slots, ring_slot_bytes)
         except BaseException:
             self._run.release()
@@ -317,7 +321,8 @@ class Machine:
             self._run.lock_fd = -1
         return {k: v for k, v in state["config"].items()
                 if k in ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
-                         "ring_slots", "ring_slot_bytes", "kill_timeout", "protection")}
+                         "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
+                         "llc_way_mask", "resctrl_root", "require_signed", "keyring")}
 
     # -- host services ---------------------------------------------------------------------
     def printk(self, message: str) -> None:
