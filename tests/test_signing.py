@@ -303,3 +303,26 @@ def test_an_adopted_instance_keeps_its_checked_image_and_its_llc_ways(run_dir, m
     with pytest.raises(KeyRejected):                        # the policy came along
         new.create("db", "8M", cpus=[CPUS[-1]])
         new.load("db", str(image))
+
+
+def test_a_live_update_to_an_image_that_does_not_verify_leaves_the_kernel_running(
+        machine_factory, keys, images):
+    m = _machine(machine_factory, keys)
+    m.create("web", "8M", cpus=[CPUS[-1]])
+    m.load("web", str(images["trusted"]))
+    m.start("web")
+    pid = m.show("web")["pid"]
+    with pytest.raises(KeyRejected):
+        m.live_update("web", str(images["tampered"]))
+    d = m.show("web")
+    assert d["state"] == "active" and d["pid"] == pid and d["boots"] == 1
+    assert d["signature"] == "verified: CN=mk signing trusted"
+
+
+def test_mkctl_pack_refuses_what_is_not_python(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def (:\n")
+    r = subprocess.run(MKCTL + ["pack", str(bad), "-o", str(tmp_path / "x.elf")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "is not Python source" in r.stderr
+    assert not (tmp_path / "x.elf").exists()

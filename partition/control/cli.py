@@ -143,8 +143,12 @@ def cmd_pack(a: argparse.Namespace) -> int:
     except (SyntaxError, ValueError) as exc:
         raise InvalidSpec(f"{a.kernel} is not Python source: {exc}",
                           "give a .py kernel file (mkctl load --kernel FILE checks it)") from None
-    with open(a.output, "wb") as f:
-        f.write(pack_elf(source))
+    try:
+        with open(a.output, "wb") as f:
+            f.write(pack_elf(source))
+    except OSError as exc:
+        raise InvalidSpec(f"cannot write {a.output}: {exc.strerror}",
+                          "give -o a path in a writable directory") from None
     print(f"packed {a.kernel} into {a.output} (ELF, section .mkpy); sign it with: kerf sign "
           f"{a.output} -o SIGNED --key KEY --cert CERT")
     return EXIT_OK
