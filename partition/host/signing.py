@@ -300,20 +300,12 @@ def check_image(spec: str, keyring: Keyring | None, required: bool) -> Checked:
     except (KeyRejected, KeyUnavailable) as exc:
         if required:
             raise
+        # (logged, and loaded as the kernel would: the content when the trailer parsed, the
+        # whole file when it did not, which the loader then refuses if it is no kernel)
         signature = f"unverified: {exc.message} [{exc.code}]"
-        parts = None if not data.endswith(MODULE_SIG_STRING) else split_quiet(data)
-        data = parts[0] if parts is not None else data
     if data.startswith(ELF_MAGIC):
         data = unpack_elf(data)
     elif not signature:
         return Checked(b"", "")          # an unsigned Python file: loaded by its path, as ever
     return Checked(data, signature)
 
-
-def split_quiet(data: bytes) -> tuple[bytes, bytes] | None:
-    """``split`` without its refusal: a trailer that does not parse stays part of the image
-    (the kernel's loader ignores what follows the image it parses)."""
-    try:
-        return split(data)
-    except KeyRejected:
-        return None
