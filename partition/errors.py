@@ -125,11 +125,25 @@ class ResourceRefused(MKError):
     errno = _errno.ECANCELED
 
 
+class KeyRejected(MKError):
+    """A kernel image's signature did not verify, or an image without one was loaded where
+    signatures are required (kexec_file_load's EKEYREJECTED under KEXEC_SIG_FORCE/lockdown)."""
+
+    errno = _errno.EKEYREJECTED
+
+
+class KeyUnavailable(MKError):
+    """A kernel image is signed by a key the host's keyring does not hold (the real
+    ``pkcs7_validate_trust``'s ENOKEY)."""
+
+    errno = _errno.ENOKEY
+
+
 _CLASSES: dict[str, type[MKError]] = {
     c.__name__: c
     for c in (
         MKError, InvalidSpec, PermissionDenied, ResourceBusy, NoSuchInstance, AlreadyExists,
         OutOfMemory, NotLoaded, BadKernelImage, BootTimeout, BootFailed, SupervisorUnavailable,
-        NotSupported, ResourceRefused, ZygoteError,
+        NotSupported, ResourceRefused, ZygoteError, KeyRejected, KeyUnavailable,
     )
 }

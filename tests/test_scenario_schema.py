@@ -32,7 +32,7 @@ def test_minimal_scenario_gets_every_default():
     sc = schema.check(MINIMAL)
     assert sc.duration == 5.0 and sc.seed == 0
     assert sc.machine == {"cpus": None, "memory": 256 << 20, "host_cpus": None,
-                          "oversubscribe": False, "protection": True}
+                          "oversubscribe": False, "protection": True, "llc_way_mask": None}
     a = sc.instances[0]
     assert (a["memory"], a["cpu_count"], a["mode"], a["recovery"], a["start"]) == \
         (4 << 20, 1, "interrupt", "none", True)

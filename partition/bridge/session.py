@@ -55,9 +55,13 @@ def kerf_program() -> str:
 
 
 class Bridge:
-    def __init__(self, run_dir: str | None, oversubscribe: bool = False) -> None:
+    def __init__(self, run_dir: str | None, oversubscribe: bool = False,
+                 extras: dict[str, object] | None = None) -> None:
         self.run_dir = rundir.resolve(run_dir)
         self.oversubscribe = oversubscribe
+        #: what ``mkctl kerf --llc-way-mask/--keyring/--require-signed`` adds to the pool kerf
+        #: init starts (a baseline's own llc-way-mask wins)
+        self.extras = dict(extras or {})
         self.backend = SysfsBackend(self.run_dir, self._start_machine)
         self.kernel_classes: dict[str, str] = {}     # kernel file (real path) -> class named
 
@@ -101,10 +105,13 @@ class Bridge:
                               "kerf init --cpus=N --memory=SIZE")
         cpus = sorted(logical[p] for p in base.cpus)
         host = [c for c in sorted(os.sched_getaffinity(0)) if c not in cpus]
+        extras = dict(self.extras)
+        if base.llc_way_mask is not None:
+            extras["llc_way_mask"] = base.llc_way_mask
         start_supervisor(self.run_dir, {
             "cpus": cpus, "memory": base.memory_bytes, "host_cpus": host,
             "oversubscribe": self.oversubscribe or not host, "console_bytes": 64 * 1024,
-            "kill_timeout": 30.0, "protection": True, "survive_host": True})
+            "kill_timeout": 30.0, "protection": True, "survive_host": True, **extras})
 
     # -- kerf's namespace ----------------------------------------------------------------------
     def _namespace(self, scratch: str, fuse: FuseServer) -> None:
@@ -268,6 +275,7 @@ def _image_path(fd: int) -> str:
     return path
 
 
-def run(args: list[str], run_dir: str | None = None, oversubscribe: bool = False) -> int:
-    return Bridge(run_dir, oversubscribe).run(args)
+def run(args: list[str], run_dir: str | None = None, oversubscribe: bool = False,
+        extras: dict[str, object] | None = None) -> int:
+    return Bridge(run_dir, oversubscribe, extras).run(args)
 

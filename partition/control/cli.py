@@ -94,6 +94,10 @@ def _one_line(i: dict[str, Any]) -> str:
         s += f", kernel {printable(i['kernel'], one_line=True)}"
     if i.get("pid"):
         s += f", pid {i['pid']}"
+    if i.get("llc_way_mask"):
+        s += f", llc ways {i['llc_way_mask']}"
+    if i.get("signature"):
+        s += f", signature {printable(str(i['signature']), one_line=True)}"
     if i.get("last_exit") and i["state"] != "active":        # the kernel's own words
         s += f"; last exit: {printable(i['last_exit']['reason'], one_line=True)}"
     if i.get("failure"):
@@ -129,12 +133,15 @@ def cmd_init(a: argparse.Namespace) -> int:
         base = parse_baseline(read_tree_file(a.input))
         a.cpus = ",".join(map(str, _logical(base.cpus, a.input)))
         a.memory = base.memory_bytes
+        if base.llc_way_mask is not None and a.llc_way_mask is None:
+            a.llc_way_mask = base.llc_way_mask
     cfg = {"cpus": a.cpus, "memory": a.memory, "host_cpus": a.host_cpus,
            "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
            "kill_timeout": a.kill_timeout, "protection": a.protection,
            "survive_host": a.survive_host}
     from partition.host.pool import PoolConfig  # (not imported for the verbs that only ask)
     PoolConfig.build(a.cpus, a.memory, a.host_cpus, a.oversubscribe)   # refuse early, in the CLI
+    cfg.update(_init_extras(a))
     info = start_supervisor(a.run_dir, cfg)
     if info.get("adopted"):
         print(f"mkctl init: a machine whose host died was left in {info['run_dir']}: adopted "
@@ -145,6 +152,48 @@ def cmd_init(a: argparse.Namespace) -> int:
             + (" [removed a stale run directory first]" if info.get("cleaned_stale") else "")
             + "\n" + render_show(snap).rstrip())
     _emit(a, snap, text)
+    return EXIT_OK
+
+
+def _init_extras(a: argparse.Namespace) -> dict[str, object]:
+    """The pool's LLC ways and the signature policy, checked here (the supervisor runs in
+    another directory: the keyring goes as an absolute path)."""
+    from partition.errors import InvalidSpec
+    from partition.host import llc, signing
+    out: dict[str, object] = {}
+    if a.llc_way_mask is not None:
+        out["llc_way_mask"] = llc.parse_mask(a.llc_way_mask, "the pool's llc-way-mask")
+    if a.require_signed and not a.keyring:
+        raise InvalidSpec("--require-signed needs --keyring: nothing could verify the images",
+                          "mkctl init --require-signed --keyring CERT.pem")
+    if a.keyring:
+        out["keyring"] = signing.Keyring(a.keyring).path
+        out["require_signed"] = bool(a.require_signed)
+    return out
+
+
+def cmd_pack(a: argparse.Namespace) -> int:
+    """A Python kernel as an ELF image (host/kimage.py): what kerf sign signs."""
+    from partition.errors import InvalidSpec
+    from partition.host.kimage import pack_elf
+    try:
+        with open(a.kernel, "rb") as f:
+            source = f.read(16 << 20)
+        compile(source, a.kernel, "exec")
+    except OSError as exc:
+        raise InvalidSpec(f"cannot read {a.kernel}: {exc.strerror}", "give a .py kernel file") \
+            from None
+    except (SyntaxError, ValueError) as exc:
+        raise InvalidSpec(f"{a.kernel} is not Python source: {exc}",
+                          "give a .py kernel file (mkctl load --kernel FILE checks it)") from None
+    try:
+        with open(a.output, "wb") as f:
+            f.write(pack_elf(source))
+    except OSError as exc:
+        raise InvalidSpec(f"cannot write {a.output}: {exc.strerror}",
+                          "give -o a path in a writable directory") from None
+    print(f"packed {a.kernel} into {a.output} (ELF, section .mkpy); sign it with: kerf sign "
+          f"{a.output} -o SIGNED --key KEY --cert CERT")
     return EXIT_OK
 
 
@@ -166,15 +215,18 @@ def cmd_create(a: argparse.Namespace) -> int:
         a.id = dump.id if a.id is None else a.id
         a.cpus = ",".join(map(str, _logical(dump.cpus, a.input)))
         a.memory = dump.memory_bytes
+        if dump.llc_way_mask is not None and a.llc_way_mask is None:
+            a.llc_way_mask = dump.llc_way_mask
     elif a.name is None or a.memory is None or (a.cpus is None and a.cpu_count is None):
         print("mkctl create: give NAME, --memory and --cpus or --cpu-count (or --input FILE)",
               file=sys.stderr)
         return EXIT_USAGE
+    extra = {} if a.llc_way_mask is None else {"llc_way_mask": a.llc_way_mask}
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
                                cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
                                max_restarts=a.max_restarts, restart_window=a.restart_window,
                                watchdog=a.watchdog, standby_for=a.standby_for,
-                               preserve_memory=a.preserve_memory)
+                               preserve_memory=a.preserve_memory, **extra)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 
@@ -228,7 +280,7 @@ def cmd_kerf(a: argparse.Namespace) -> int:
         print("mkctl kerf: give kerf's arguments after --, e.g. mkctl kerf -- show",
               file=sys.stderr)
         return EXIT_USAGE
-    return run(args, a.run_dir, oversubscribe=a.oversubscribe)
+    return run(args, a.run_dir, oversubscribe=a.oversubscribe, extras=_init_extras(a))
 
 
 def cmd_fault(a: argparse.Namespace) -> int:
@@ -395,6 +447,18 @@ def _recovery_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="a restart keeps the partition (default: scrubbed before reuse)")
 
 
+def _init_options(p: argparse.ArgumentParser) -> None:
+    """What a pool is started with beyond CPUs and memory (init, and kerf init's pool)."""
+    p.add_argument("--llc-way-mask", default=None,
+                   help="the LLC ways the pool hands out, e.g. 0xffff (the baseline's "
+                        "llc-way-mask; a baseline --input may carry it)")
+    p.add_argument("--keyring", default=None,
+                   help="X.509 certificate(s) (PEM/DER file or directory) that signed kernel "
+                        "images are verified against")
+    p.add_argument("--require-signed", action="store_true",
+                   help="refuse unsigned or unverified images (KEXEC_SIG_FORCE): EKEYREJECTED")
+
+
 def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     """``command_after_dashes``: the parser of what stands before ``--`` (see ``parse``): the
     verbs that take a command take it from after ``--`` only."""
@@ -435,7 +499,13 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
                    help="map the whole arena into every instance (wild writes land)")
     p.add_argument("--kill-timeout", type=finite, default=30.0,
                    help="seconds a graceful kill waits before forcing (default 30)")
+    _init_options(p)
     p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("pack", help="a Python kernel as an ELF image, for kerf sign")
+    p.add_argument("kernel", help="the kernel's .py file")
+    p.add_argument("--output", "-o", required=True, help="the ELF image to write")
+    p.set_defaults(fn=cmd_pack)
 
     p = sub.add_parser("adopt", parents=[common],
                        help="a new host for the instances a dead supervisor left running")
@@ -455,6 +525,9 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     _recovery_options(p, defaults=True)
     p.add_argument("--standby-for", default=None,
                    help="make this instance the pre-booted standby of that one")
+    p.add_argument("--llc-way-mask", default=None,
+                   help="its own LLC ways, e.g. 0x0f: a subset of the pool's no other instance "
+                        "holds (enforced through resctrl where the host has it)")
     p.set_defaults(fn=cmd_create)
 
     p = sub.add_parser("update", parents=[common],
@@ -481,6 +554,7 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
                        help="run the real kerf against this machine: mkctl kerf -- ARGS")
     p.add_argument("--oversubscribe", action="store_true",
                    help="a pool kerf init defines may share the host's CPUs")
+    _init_options(p)
     if not command_after_dashes:
         p.add_argument("args", nargs=argparse.REMAINDER, help="kerf's arguments, after --")
     p.set_defaults(fn=cmd_kerf)

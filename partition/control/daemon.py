@@ -42,7 +42,8 @@ def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
         "show": ({"name", "brief"}, m.show),
         "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
-                    "restart_window", "watchdog", "standby_for", "preserve_memory"}, m.create),
+                    "restart_window", "watchdog", "standby_for", "preserve_memory",
+                    "llc_way_mask"}, m.create),
         "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog",
                     "preserve_memory"}, m.update),
         "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
@@ -418,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "mkctl shutdown removes what it left; mkctl init starts anew")
             known = {"cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
                      "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
-                     "pool_chunks", "pool_window"}
+                     "pool_chunks", "pool_window", "llc_way_mask", "resctrl_root",
+                     "require_signed", "keyring"}
             cfg = {k: v for k, v in state["config"].items() if k in known} | {"adopt": True}
         run = rundir.claim(a.run_dir, a.lock_fd) if a.lock_fd >= 0 else a.run_dir
         machine = Machine(run_dir=run, pin_host=True, **cfg)

@@ -42,6 +42,16 @@ def render_show(snapshot: dict[str, Any]) -> str:
                    "costs a peer on its core a scheduler timeslice per hop")
     else:
         out.append("MODE    dedicated: every instance owns its cores")
+    if pool.get("llc_way_mask") is not None:
+        llc = pool.get("llc") or {}
+        out.append(f"LLC     ways {pool['llc_way_mask']:#x} for instances; "
+                   + ("enforced through resctrl" if llc.get("enforced") else
+                      f"NOT ENFORCED: {llc.get('reason') or 'no resctrl'}"))
+    sig = m.get("signatures") or {}
+    if sig.get("keyring"):
+        out.append(f"SIGNED  images {'must be' if sig.get('required') else 'may be'} signed "
+                   f"by a key of {sig['keyring']} ({len(sig.get('keys') or [])} keys)"
+                   + ("" if sig.get("required") else "; unsigned ones load"))
     rows: list[tuple[str, ...]] = [("ID", "NAME", "STATE", "CPUS", "MEMORY", "BASE", "KERNEL",
                                     "PID", "LAST EXIT")]
     for i in snapshot["instances"]:
@@ -71,4 +81,8 @@ def render_show(snapshot: dict[str, Any]) -> str:
             out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if any(i["shared_cpus"] for i in snapshot["instances"]):
             out.append("* = CPU shared with another instance or the host (oversubscribed)")
+        ways = [f"{i['name']} {i['llc_way_mask']}" for i in snapshot["instances"]
+                if i.get("llc_way_mask")]
+        if ways:
+            out.append("llc-way-mask: " + ", ".join(ways))
     return "\n".join(out) + "\n"

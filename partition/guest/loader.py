@@ -34,8 +34,10 @@ def split_spec(spec: str) -> tuple[str, str]:
     return spec, ""
 
 
-def _import_path(path: str) -> ModuleType:
+def _import_path(path: str, image: bytes = b"") -> ModuleType:
     full = os.path.abspath(path)
+    if image:
+        return _import_image(full, image)
     if not os.path.isfile(full):
         raise BadKernelImage(f"kernel file {path!r} does not exist",
                              "give an existing .py file or an importable module:Class")
@@ -74,6 +76,22 @@ def _where(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno}" + (f": {line[:120]}" if line else "")
 
 
+def _import_image(full: str, image: bytes) -> ModuleType:
+    """The module of an image the host read and checked (a signed or ELF image: host/
+    signing.py), compiled from those bytes, never from the file again: what was checked is
+    what runs."""
+    modname = "mk_kimage_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    module = ModuleType(modname)
+    module.__file__ = full
+    sys.modules[modname] = module
+    try:
+        exec(compile(image, full, "exec"), module.__dict__)
+    except BaseException:
+        sys.modules.pop(modname, None)
+        raise
+    return module
+
+
 def _kernels_in(module: ModuleType) -> list[type[Kernel]]:
     """The kernel classes a module defines, and those it publishes in ``__all__`` (a sample
     image may be another module's kernel under its own name, as ``kernels.echo`` is)."""
@@ -83,13 +101,14 @@ def _kernels_in(module: ModuleType) -> list[type[Kernel]]:
             and (obj.__module__ == module.__name__ or name in public)]
 
 
-def resolve(spec: str) -> tuple[type[Kernel], str, str]:
+def resolve(spec: str, image: bytes = b"") -> tuple[type[Kernel], str, str]:
     """(the kernel class, its label ``module:Class``, the file it came from) of ``spec``;
-    BadKernelImage, with the reason and a fix, for anything that is not a kernel image."""
+    BadKernelImage, with the reason and a fix, for anything that is not a kernel image.
+    ``image``: the file's checked content, imported instead of the file."""
     target, clsname = split_spec(spec)
     try:
-        if target.endswith(".py") or os.sep in target:
-            module = _import_path(target)
+        if image or target.endswith(".py") or os.sep in target:
+            module = _import_path(target, image)
         else:
             module = importlib.import_module(target)
     except BadKernelImage:

@@ -76,6 +76,9 @@ class BootParams:
     hide: list[str] = field(default_factory=list)
     #: the instance outlives its host (a supervisor's machine): no parent-death signal
     survive_host: bool = False
+    #: the image's checked content (a signed or ELF image, host/signing.py): imported instead
+    #: of the spec's file
+    image: bytes = b""
 
 
 def readable_label(label: str, source: str) -> str:
@@ -222,7 +225,7 @@ def enter(boot: BootParams) -> NoReturn:
             console.printk(f"multikernel: not contained here: {', '.join(missing)}")
         try:
             hooks = (sys.gettrace(), sys.getprofile(), list(gc.callbacks))
-            kernel_cls, label, source = resolve(boot.spec)
+            kernel_cls, label, source = resolve(boot.spec, boot.image)
             _inert_until_start(boot.spec, *hooks)
         except BadKernelImage as exc:
             _report(report_fd, ok=False, message=exc.message, hint=exc.hint)

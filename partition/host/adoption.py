@@ -32,6 +32,7 @@ already know: messages to those still arrive, at its ring check (every 0.1 s).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -46,7 +47,7 @@ import posix_ipc
 from partition import linux
 from partition.abi.constants import MAX_INSTANCES
 from partition.errors import MKError
-from partition.host import cgroups
+from partition.host import cgroups, llc
 from partition.host.instance import EXIT, Instance, State
 from partition.host.kimage import check_spec
 from partition.host.pool import NAME_RE, RESERVED_NAMES, Reservation
@@ -189,9 +190,14 @@ def _state_record(inst: Instance) -> str:
         "generation": inst.generation, "cmd_seq": inst.cmd_seq, "boots": inst.boots,
         "child_fds": list(inst.child_fds),
         "kimage": {"spec": k.spec, "cmdline": k.cmdline, "label": k.label,
-                   "source": k.source} if k else None,
+                   "source": k.source,
+                   # a checked image (signed or ELF: signing.py) goes with it, so that a
+                   # restart under the new host runs what was checked, not the file as it is now
+                   **({"image": base64.b64encode(k.image).decode(), "signature": k.signature}
+                      if k.image else {})} if k else None,
         "recovery": inst.recovery.to_dict(), "counters": inst.counters,
         "standby_for": inst.standby_for,
+        "llc_way_mask": inst.llc_way_mask,
     })
 
 
@@ -210,7 +216,10 @@ def save_state(m: Machine, changed: list[Instance] | None = None, prune: bool = 
                    "ring_slot_bytes": m.layout.ring_slot_bytes,
                    "kill_timeout": m.kill_timeout, "protection": m.protection,
                    "pool_chunks": [list(c) for c in m.pool.chunks],
-                   "pool_window": m.pool.window},
+                   "pool_window": m.pool.window,
+                   "llc_way_mask": m.llc_way_mask, "resctrl_root": m.resctrl.root,
+                   "require_signed": m.require_signed,
+                   "keyring": m.keyring.path if m.keyring else None},
         "cgroups": m.cgroups.bases})
     d = records_path(m.run_dir)
     if changed is None or m.state_head is None:
@@ -381,6 +390,15 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
             why = m.pool.range_free(b - pool_lo, z)
             if why is not None:
                 raise ValueError(why)
+        mask = rec.get("llc_way_mask") or 0
+        if mask:
+            if type(mask) is not int:
+                raise ValueError(f"llc_way_mask {mask!r} is not an integer")
+            try:
+                llc.check_instance(name, mask, m.llc_way_mask,
+                                   {i.name: i.llc_way_mask for i in m.instances.values()})
+            except MKError as exc:
+                raise ValueError(exc.message) from None
     except ValueError as exc:
         refused.append({"name": str(rec.get("name"))[:40] if isinstance(rec, dict) else "?",
                         "why": f"bad record: {exc}"})
@@ -405,6 +423,7 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
                     memory_base=base, memory_bytes=size, recovery=policy,
                     standby_for=standby if isinstance(standby, str) else None)
     inst.extra_regions = extra
+    inst.llc_way_mask = mask
     inst.boots = _int(rec.get("boots"))
     inst.generation = _int(rec.get("generation"))
     # the host's command numbering goes on: a kernel obeys only numbers past its last
@@ -420,7 +439,12 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
             inst.kimage = check_spec(k.get("spec"), k.get("cmdline", ""))
             inst.kimage.label = str(k.get("label", ""))[:200]
             inst.kimage.source = str(k.get("source", ""))[:400]
-        except MKError:
+            if k.get("image") is not None:
+                inst.kimage.image = base64.b64decode(str(k["image"]), validate=True)
+                inst.kimage.signature = str(k.get("signature", ""))[:400]
+            elif m.require_signed:     # nothing checked to run again: refused at a restart
+                m._check_signature(inst, inst.kimage)
+        except (MKError, ValueError):
             inst.kimage = None
     m.instances[name] = inst
     return inst

@@ -30,6 +30,8 @@ INSTANCE_COMPATIBLE = "linux,multikernel-instance"
 OVERLAY_COMPATIBLE = "linux,multikernel-overlay"
 INSTANCES_PATH = "/instances"
 POOL_PATH = "/resources"
+#: the LLC ways of the pool (baseline) or of an instance (host/llc.py)
+LLC_PROP = "llc-way-mask"
 #: kerf's instance ids: 0 is the host
 MAX_ID = 511
 #: a pool chunk's size is a whole number of pages (the real kernel's rule for /resources)
@@ -71,12 +73,14 @@ class Chunk:
 
 
 def pool_tree(cpus: list[int], free: list[int], chunks: list[Chunk],
-              granule: int = MEMORY_GRANULE, oversubscribe: bool = False) -> bytes:
+              granule: int = MEMORY_GRANULE, oversubscribe: bool = False,
+              llc_way_mask: int = 0) -> bytes:
     """The root tree once the pool is live: ``/resources`` lists the pool's CPUs (``cpus``), the
     ones no instance holds (``cpus-available``) and every chunk as ``memory@<base>`` with
     ``device_type`` and ``reg``; the root carries ``memory-granule``. Instances are not in it:
     each is read from its own ``instances/<name>/device_tree``, as on the real kernel. Emulator
-    addition: an empty ``oversubscribe`` property when instances may share cores."""
+    addition: an empty ``oversubscribe`` property when instances may share cores. The pool's
+    ``llc-way-mask`` (LLC ways it may hand out) when the baseline gave one."""
     sw = libfdt.FdtSw()
     sw.finish_reservemap()
     sw.begin_node("")
@@ -87,6 +91,8 @@ def pool_tree(cpus: list[int], free: list[int], chunks: list[Chunk],
     sw.property("cpus-available", _cpus(sorted(free)))
     if oversubscribe:
         sw.property("oversubscribe", b"")
+    if llc_way_mask:
+        _llc(sw, llc_way_mask)
     for c in chunks:
         sw.begin_node(f"memory@{c.base:x}")
         sw.property_string("device_type", "memory")
@@ -98,12 +104,22 @@ def pool_tree(cpus: list[int], free: list[int], chunks: list[Chunk],
     return _finish(sw)
 
 
+def _llc(sw: Any, mask: int) -> None:
+    """``llc-way-mask``: one u32 cell, as the real tree writes it; two for a wider cache."""
+    if mask >> 32:
+        sw.property_u64(LLC_PROP, mask)
+    else:
+        sw.property_u32(LLC_PROP, mask)
+
+
 def instance_tree(name: str, instance_id: int, cpus: list[int],
-                  regions: list[tuple[int, int]], shared: list[int] | None = None) -> bytes:
+                  regions: list[tuple[int, int]], shared: list[int] | None = None,
+                  llc_way_mask: int = 0) -> bytes:
     """An instance's tree as ``instances/<name>/device_tree`` serves it and ``kerf dump`` writes
     it: ``model`` is the name, ``id``, and ``resources`` with physical ``cpus``, ``memory-base``
     (its first region), ``memory-bytes`` (all regions) and one ``memory@<base>`` per region.
-    Emulator addition: ``shared-cpus``, the CPUs it shares with the host or a peer."""
+    Emulator addition: ``shared-cpus``, the CPUs it shares with the host or a peer. Its
+    ``llc-way-mask`` when it has LLC ways of its own."""
     sw = libfdt.FdtSw()
     sw.finish_reservemap()
     sw.begin_node("")
@@ -116,6 +132,8 @@ def instance_tree(name: str, instance_id: int, cpus: list[int],
     sw.property_u64("memory-bytes", sum(size for _, size in regions))
     if shared:
         sw.property("shared-cpus", _cpus(sorted(shared)))
+    if llc_way_mask:
+        _llc(sw, llc_way_mask)
     for base, size in regions:
         sw.begin_node(f"memory@{base:x}")
         sw.property_string("device_type", "memory")
@@ -243,6 +261,20 @@ class Tree:
             raise self._bad(node, prop, "a u64 (two cells)")
         return int(struct.unpack(">Q", v)[0])
 
+    def llc_mask(self, node: int) -> int | None:
+        """``llc-way-mask``: one u32 cell (the real tree's) or a u64; zero is refused."""
+        v = self.raw(node, LLC_PROP)
+        if v is None:
+            return None
+        if len(v) not in (4, 8):
+            raise self._bad(node, LLC_PROP, "one u32 cell (or a u64) of LLC way bits")
+        mask = int.from_bytes(v, "big")
+        if not mask:
+            raise InvalidSpec(f"{self.what}: {self.where(node)}: Invalid {LLC_PROP} 0: at least "
+                              "one LLC way is needed", f"set at least one bit, or leave "
+                              f"{LLC_PROP} out")
+        return mask
+
     def cpus(self, node: int, prop: str = "cpus") -> list[int] | None:
         """64-bit cells (current format); 32-bit cells from older trees are accepted, as kerf
         accepts them."""
@@ -273,6 +305,7 @@ class Baseline:
 
     cpus: list[int]
     memory: dict[int, int]
+    llc_way_mask: int | None = None
 
     @property
     def memory_bytes(self) -> int:
@@ -305,7 +338,7 @@ def parse_baseline(data: bytes) -> Baseline:
                               "a baseline asks for memory by size: memory@0 { size = /bits/ 64 <N>; }")
         numa = t.u32(node, "numa-node-id") or 0
         memory[numa] = memory.get(numa, 0) + size
-    return Baseline(cpus=cpus, memory=memory)
+    return Baseline(cpus=cpus, memory=memory, llc_way_mask=t.llc_mask(res))
 
 
 # -- overlays -------------------------------------------------------------------------------------
@@ -315,6 +348,7 @@ class CreateOp:
     id: int | None
     cpus: list[int]
     memory_bytes: int
+    llc_way_mask: int | None = None
 
 
 @dataclass
@@ -528,7 +562,7 @@ def _create(t: Tree, node: int) -> CreateOp:
                               "an instance-create holds resources (and options)")
     if t.child(res, "uring") is not None:
         raise NotSupported("the emulator has no io_uring shared ring", "leave --uring out")
-    return CreateOp(name=name, id=iid, cpus=cpus, memory_bytes=size)
+    return CreateOp(name=name, id=iid, cpus=cpus, memory_bytes=size, llc_way_mask=t.llc_mask(res))
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -699,6 +733,7 @@ class InstanceDump:
     id: int | None
     cpus: list[int]
     memory_bytes: int
+    llc_way_mask: int | None = None
 
 
 def parse_instance(data: bytes) -> InstanceDump:
@@ -716,4 +751,5 @@ def parse_instance(data: bytes) -> InstanceDump:
     size = t.u64(res, "memory-bytes") or 0
     if not cpus or not size:
         raise InvalidSpec(f"instance {name!r}: no cpus or no memory-bytes", "dump it again")
-    return InstanceDump(name=name, id=t.u32(0, "id"), cpus=cpus, memory_bytes=size)
+    return InstanceDump(name=name, id=t.u32(0, "id"), cpus=cpus, memory_bytes=size,
+                        llc_way_mask=t.llc_mask(res))

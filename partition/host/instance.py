@@ -159,6 +159,8 @@ class Instance:
         "accepted": 0, "refused": 0, "unanswered": 0})
     #: unprotected machines: pages of this partition written by others, by writer name
     foreign_writes: dict[str, int] = field(default_factory=dict)
+    #: its LLC ways (``llc-way-mask``, host/llc.py); 0: none of its own (the default group's)
+    llc_way_mask: int = 0
 
     @property
     def regions(self) -> list[tuple[int, int]]:

@@ -50,6 +50,7 @@ def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
     old = inst.kimage
     assert old is not None
     new = check_spec(kernel, old.cmdline if cmdline is None else cmdline)
+    m._check_signature(inst, new)           # the new image, as kexec load would check it
     t0 = time.monotonic()
     if inst.parked is not None:            # a successor of the old image (restart policy)
         m.loading.forget_parked(inst)

@@ -66,7 +66,7 @@ class Loading:
             channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],
-            survive_host=m.survive_host,
+            survive_host=m.survive_host, image=inst.kimage.image,
         )
         try:
             pid, child_fds = self._fork(params)
@@ -79,6 +79,8 @@ class Loading:
             guest_end.close()       # (the child has its own copies)
             os.close(report_w)
         pidfd = linux.pidfd_open(pid)
+        if inst.llc_way_mask:
+            m._llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started
         inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
                              child_fds=child_fds)
         m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))

@@ -23,6 +23,7 @@ would scatter each verb's check-then-change order over files.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import selectors
@@ -41,14 +42,14 @@ from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
 from partition.guest.trampoline import readable_label
 from partition.guest.zygote import Zygote
-from partition.host import adoption, faults, liveupdate, rundir
+from partition.host import adoption, faults, liveupdate, llc, rundir, signing
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
 from partition.host.devicetree import MEMORY_GRANULE, Overlay, UpdateOp
 from partition.host.events import EventLog
 from partition.host.hostipc import HostIPC
 from partition.host.instance import CHANNEL, EXIT, PARKED_EXIT, REPORT, Instance, State, check_transition
-from partition.host.kimage import KIMAGE_TYPE, check_spec
+from partition.host.kimage import KIMAGE_TYPE, KImage, check_spec
 from partition.host.lifecycle import Lifecycle
 from partition.host.loading import Loading
 from partition.host.overlays import Overlays
@@ -124,12 +125,28 @@ class Machine:
                  ring_slot_bytes: int = 4096, protection: bool = True,
                  survive_host: bool = False, adopt: bool = False,
                  pool_chunks: list[list[int]] | None = None,
-                 pool_window: int | None = None) -> None:
+                 pool_window: int | None = None,
+                 llc_way_mask: int | str | None = None, resctrl_root: str = llc.RESCTRL_ROOT,
+                 require_signed: bool = False, keyring: str | None = None) -> None:
         self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
         #: the pool's chunks and window as a dead host left them (adoption: the state file),
         #: else one chunk of ``memory`` in a window with room to grow (host/poolresize.py)
         self._pool_shape = _pool_shape(self.config.memory_bytes, pool_chunks, pool_window)
         self.pin_host = bool(pin_host)
+        #: the LLC ways the pool hands out (the baseline's llc-way-mask), and what enforces
+        #: instances' shares of them (host/llc.py): resctrl where the host has it
+        self.llc_way_mask = None if llc_way_mask is None else \
+            llc.parse_mask(llc_way_mask, "the pool's llc-way-mask")
+        #: signed images (host/signing.py): the keyring kexec verifies against, and whether
+        #: an unsigned or unverified image is refused (KEXEC_SIG_FORCE)
+        if not isinstance(require_signed, bool):
+            raise InvalidSpec(f"require_signed must be true or false, got {require_signed!r}",
+                              "--require-signed takes no value")
+        if require_signed and not keyring:
+            raise InvalidSpec("signed images are required but no keyring is given: nothing "
+                              "could verify them", "mkctl init --require-signed --keyring CERT")
+        self.keyring = signing.Keyring(keyring) if keyring else None
+        self.require_signed = require_signed
         #: instances outlive this host (no parent-death signal; a named arena; a state file a
         #: new host adopts them from: host/adoption.py). The supervisor's machines do.
         self.survive_host = bool(survive_host or adopt)
@@ -144,7 +161,13 @@ class Machine:
         self._closing = False
         self._run = run_dir if isinstance(run_dir, rundir.RunDir) else rundir.claim(run_dir)
         self.run_dir = self._run.path
+        # named for the run directory's whole path: stable across hosts (an adopted
+        # machine's groups are found again), distinct for two run dirs of one basename
+        self.resctrl = llc.Resctrl(resctrl_root, prefix="multikernel-" + hashlib.sha1(
+            os.path.realpath(self.run_dir).encode()).hexdigest()[:12])
         try:
+            if self.llc_way_mask is not None:
+                self.resctrl.check_pool(self.llc_way_mask)
             self._setup(console_bytes, pin_host, ring_slots, ring_slot_bytes)
         except BaseException:
             self._run.release()
@@ -234,6 +257,9 @@ class Machine:
             self.events.warning("containment_unavailable", what="cgroups", why=self.cgroups.why)
         if self.cgroups.reaped:
             self.events.warning("stale_instances_killed", count=self.cgroups.reaped)
+        if self.llc_way_mask is not None and not self.resctrl.enforced:
+            self.events.warning("llc_unenforced", mask=llc.fmt(self.llc_way_mask),
+                                why=self.resctrl.reason)
         self.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=self.layout.arena_bytes,
                          cgroups=self.cgroups.mode,
                          mode="oversubscribed" if cfg.oversubscribe else "dedicated")
@@ -264,6 +290,13 @@ class Machine:
                 self.lifecycle.forget_process(inst)
             self._close_zygote()
             self.cgroups.close()
+            for inst in self.instances.values():
+                if inst.llc_way_mask:
+                    try:
+                        self.resctrl.remove_group(inst.id)
+                    except OSError as exc:      # (the rest of the teardown still runs)
+                        self.events.warning("llc_group_left", instance=inst.id,
+                                            error=exc.strerror)
             try:
                 self.selector.close()
             finally:
@@ -324,7 +357,8 @@ class Machine:
         return {k: v for k, v in state["config"].items()
                 if k in ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
                          "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
-                         "pool_chunks", "pool_window")}
+                         "pool_chunks", "pool_window", "llc_way_mask", "resctrl_root",
+                         "require_signed", "keyring")}
 
     # -- host services ---------------------------------------------------------------------
     def printk(self, message: str) -> None:
@@ -367,28 +401,41 @@ class Machine:
                cpu_count: int | None = None, id: int | None = None, recovery: str = "none",
                max_restarts: int = 3, restart_window: float = 5.0,
                watchdog: float = 0.0, standby_for: str | None = None,
-               preserve_memory: bool = False) -> dict[str, Any]:
-        """Reserve CPUs and a partition (empty -> ready)."""
+               preserve_memory: bool = False,
+               llc_way_mask: int | str | None = None) -> dict[str, Any]:
+        """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: its own LLC ways,
+        a subset of the pool's that no other instance holds (host/llc.py)."""
         self._check_open()
         self.poll(0)
         r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
+        mask = 0
+        if llc_way_mask is not None:
+            mask = llc.parse_mask(llc_way_mask)
+            llc.check_instance(name, mask, self.llc_way_mask,
+                               {i.name: i.llc_way_mask for i in self.instances.values()
+                                if i.llc_way_mask})
         policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog,
                                       preserve_memory)
         if standby_for is not None and standby_for not in self.instances:
             raise NoSuchInstance(f"standby_for names no instance: {standby_for!r}",
                                  "create the primary first")
+        if mask:
+            self.resctrl.make_group(r.id, mask)     # (the last that can fail)
         self.pool.commit(r)
         inst = Instance(id=r.id, name=r.name, cpus=r.cpus,
                         physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
                         memory_base=self.layout.pool_offset + r.memory_offset,
-                        memory_bytes=r.memory_bytes, recovery=policy, standby_for=standby_for)
+                        memory_bytes=r.memory_bytes, recovery=policy, standby_for=standby_for,
+                        llc_way_mask=mask)
         self.instances[name] = inst
         format_console(self._console_view(inst))
         self.arena.peer(inst.id).clear()
         self.arena.own(inst.id).clear()
         self.events.info("instance_created", instance=inst.id, name=name, cpus=inst.cpus,
                          memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
-                         shared_cpus=self.pool.shared_cpus(name, inst.cpus))
+                         shared_cpus=self.pool.shared_cpus(name, inst.cpus),
+                         **({"llc_way_mask": llc.fmt(mask), "llc_enforced": self.resctrl.enforced}
+                            if mask else {}))
         self.transition(inst, State.READY, "create", old=State.EMPTY)
         return self.describe(inst)
 
@@ -398,7 +445,9 @@ class Machine:
         self.poll(0)
         inst = self._get(name)
         check_transition("load", inst.name, inst.state)
-        inst.kimage = check_spec(kernel, cmdline)
+        kimage = check_spec(kernel, cmdline)
+        self._check_signature(inst, kimage)
+        inst.kimage = kimage
         try:
             report = self.loading.await_loaded(inst)  # imported in its own process, not here
         except BaseException:
@@ -411,6 +460,32 @@ class Machine:
                          source=inst.kimage.source, cmdline=cmdline)
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
+
+    def _check_signature(self, inst: Instance, kimage: KImage) -> None:
+        """kexec_file_load's signature check (host/signing.py): a refusal leaves the instance
+        as it was; the checked image goes to the loader."""
+        try:
+            checked = signing.check_image(kimage.spec, self.keyring, self.require_signed)
+        except MKError as exc:
+            self.events.warning("kimage_rejected", instance=inst.id, name=inst.name,
+                                kernel=kimage.spec, error=exc.message, code=exc.code)
+            raise
+        kimage.image, kimage.signature = checked.image, checked.signature
+        if checked.signature.startswith("unverified"):
+            self.events.warning("kimage_signature_unverified", instance=inst.id, name=inst.name,
+                                kernel=kimage.spec, why=checked.signature)
+        elif checked.signature:
+            self.events.info("kimage_signature_verified", instance=inst.id, name=inst.name,
+                             kernel=kimage.spec, signer=checked.signature)
+
+    def _llc_join(self, inst: Instance, pid: int) -> None:
+        """Its process into its resctrl group (host/llc.py); a refusal is an event, not a
+        failed load: the mask stays checked and shown, and the views say it is not held."""
+        try:
+            self.resctrl.join(inst.id, pid)
+        except MKError as exc:
+            self.events.warning("llc_join_failed", instance=inst.id, name=inst.name, pid=pid,
+                                error=exc.message)
 
     def start(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Boot the loaded image on the instance's CPUs (loaded|failed -> active): kerf 0.4's
@@ -533,6 +608,8 @@ class Machine:
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
         self.cgroups.remove(inst.id)
+        if inst.llc_way_mask:
+            self.resctrl.remove_group(inst.id)
         for base, size in inst.regions:
             self.arena.scrub(base, size)
         format_console(self._console_view(inst))
@@ -632,6 +709,7 @@ class Machine:
             "cmdline": inst.kimage.cmdline if inst.kimage else None,
             "kimage_type": KIMAGE_TYPE,
             "segments": len(inst.kimage.segments) if inst.kimage else 0,
+            "signature": inst.kimage.signature if inst.kimage else None,
             # loaded image resident: its process imported it and waits for exec
             "resident": inst.parked is not None and bool((inst.parked.report or {}).get("ok")),
             "boots": inst.boots,
@@ -669,6 +747,7 @@ class Machine:
             "kernel": inst.kimage.label if inst.kimage else None,
             "pid": inst.pid, "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
+            "llc_way_mask": llc.fmt(inst.llc_way_mask) if inst.llc_way_mask else None,
         }
 
     def show(self, name: str | None = None, brief: bool = False) -> dict[str, Any]:
@@ -701,6 +780,9 @@ class Machine:
                 "arena_bytes": self.layout.arena_bytes, "started": self.started,
                 "survive_host": self.survive_host, "adopt_ms": self.adopt_ms,
                 "events": dict(self.events.counts),
+                "signatures": {"required": self.require_signed,
+                               "keyring": self.keyring.path if self.keyring else None,
+                               "keys": self.keyring.subjects() if self.keyring else []},
             },
             "pool": self._pool_fields(),
             "overlays": [t.to_dict() for t in self.overlays.visible()],
@@ -967,6 +1049,8 @@ class Machine:
             "memory_available": self.pool.memory_available,
             "physical_ids": {str(c): p for c, p in sorted(cfg.physical_ids.items())},
             "memory_granule": MEMORY_GRANULE,
+            "llc_way_mask": self.llc_way_mask,
+            "llc": self.resctrl.state(),
         }
 
     def _counters(self, inst: Instance) -> dict[str, int]:
@@ -980,6 +1064,7 @@ class Machine:
                 "cpus": inst.cpus, "physical_cpus": inst.physical_cpus,
                 "shared_cpus": self.pool.shared_cpus(inst.name, inst.cpus),
                 "regions": inst.regions, "memory_base": inst.memory_base,
+                "llc_way_mask": inst.llc_way_mask,
                 "kernel": inst.kimage.label if inst.kimage else None,
                 "kimage_type": KIMAGE_TYPE,
                 "segments": len(inst.kimage.segments) if inst.kimage else 0}

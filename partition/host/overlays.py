@@ -144,7 +144,7 @@ class Overlays:
                                   for u in sorted({u for us in busy.values() for u in us}))
                 raise ResourceBusy(f"APIC IDs {sorted(busy)} are not available ({users})",
                                    "pick CPUs from cpus-available (kerf show)")
-        m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id)
+        m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id, llc_way_mask=op.llc_way_mask)
         tx.operations.append(f"instance-create {op.name}")
 
         def undo() -> None:
@@ -165,13 +165,14 @@ class Overlays:
                                  "list instances/ for the names")
         name, memory, cpus, iid = inst.name, inst.memory_bytes, list(inst.cpus), inst.id
         added = list(inst.extra_regions)
+        llc_way_mask = inst.llc_way_mask or None
         # as the real instance-remove (and mkctl delete): an instance that is not running is
         # destroyed with whatever it holds; regions added at run time go back to the pool too
         m.delete(op.name)
         tx.operations.append(f"instance-remove {op.name}")
 
         def undo() -> None:
-            m.create(name, memory, cpus=cpus, id=iid)
+            m.create(name, memory, cpus=cpus, id=iid, llc_way_mask=llc_way_mask)
             back = m.instances[name]
             lost = []
             for base, size in added:        # free again unless a later change took them

@@ -78,7 +78,8 @@ def render_pool_tree(snapshot: dict[str, Any]) -> bytes:
     return pool_tree([phys.get(c, c) for c in pool["cpus"]],
                      [phys.get(c, c) for c in pool["cpus_available"]],
                      [Chunk(b, n) for b, n in pool_chunks(pool)], pool["memory_granule"],
-                     oversubscribe=snapshot["machine"]["oversubscribe"])
+                     oversubscribe=snapshot["machine"]["oversubscribe"],
+                     llc_way_mask=pool.get("llc_way_mask") or 0)
 
 
 def render_instance_tree(inst: dict[str, Any]) -> bytes:
@@ -86,7 +87,15 @@ def render_instance_tree(inst: dict[str, Any]) -> bytes:
     phys = dict(zip(inst["cpus"], inst["physical_cpus"]))
     return instance_tree(inst["name"], inst["id"], inst["physical_cpus"],
                          [(b, s) for b, s in inst["regions"]],
-                         shared=[phys.get(c, c) for c in inst["shared_cpus"]])
+                         shared=[phys.get(c, c) for c in inst["shared_cpus"]],
+                         llc_way_mask=_mask(inst.get("llc_way_mask")))
+
+
+def _mask(value: object) -> int:
+    """An instance's ``llc_way_mask`` as the views get it (an int) or describe() says it (hex)."""
+    if isinstance(value, str):
+        return int(value, 16)
+    return value if isinstance(value, int) else 0
 
 
 class ViewWriter:
@@ -165,7 +174,8 @@ class ViewWriter:
         self._put(os.path.join(d, "id"), f"{inst['id']}\n")
         self._put(os.path.join(d, "status"), f"{inst['state']}\n")
         key = (inst["id"], tuple(inst["physical_cpus"]), tuple(inst["cpus"]),
-               tuple(tuple(r) for r in inst["regions"]), tuple(inst["shared_cpus"]))
+               tuple(tuple(r) for r in inst["regions"]), tuple(inst["shared_cpus"]),
+               inst.get("llc_way_mask"))
         if self._tree_key.get(name) != key:
             self.trees_rendered += 1
             self._put(os.path.join(d, "device_tree"), render_instance_tree(inst))

@@ -25,6 +25,7 @@ from partition.errors import InvalidSpec, MKError
 from partition.guest.probes import KINDS as PROBE_KINDS
 from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
+from partition.host.llc import parse_mask
 from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size, require_page_aligned
 
@@ -165,6 +166,13 @@ def _cpus(v: Any) -> list[int]:
         raise ValueError(f"a CPU list like \"0-1\" ({exc.message})") from None
 
 
+def _mask(v: Any) -> int:
+    try:
+        return parse_mask(v)
+    except MKError as exc:
+        raise ValueError(f"an LLC way mask like \"0x0f\" ({exc.message})") from None
+
+
 def _args(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ValueError("a table, e.g. { kernel = \"kernels.idle:IdleKernel\" }")
@@ -193,6 +201,8 @@ MACHINE_KEYS = {
     "host_cpus": Key(_cpus, None, "the host's CPUs; default: the first pool CPU"),
     "oversubscribe": Key(_bool, False, "let instances share cores with the host and each other"),
     "protection": Key(_bool, True, "map each instance's own partition only"),
+    "llc_way_mask": Key(_mask, None, "the LLC ways instances may hold (the baseline's "
+                                     "llc-way-mask); default: none"),
 }
 INSTANCE_KEYS = {
     "name": Key(_name, REQUIRED, "instance name (also the name in expectations)"),
@@ -208,6 +218,8 @@ INSTANCE_KEYS = {
     "watchdog": Key(lambda v: duration(v), 0.0, "hang detection period; 0: off"),
     "standby_for": Key(_name, None, "this instance is the standby of that one"),
     "preserve_memory": Key(_bool, False, "restart without scrubbing the partition"),
+    "llc_way_mask": Key(_mask, None, "its own LLC ways: a subset of the machine's that no "
+                                     "other instance holds; default: none"),
     "start": Key(_bool, True, "boot at time 0; false: created and loaded, booted by an action"),
     "id": Key(_int(1, 511), None, "instance id; default: the lowest free, in file order "
                                   "(standbys last)"),
