@@ -1,0 +1,175 @@
+"""What a test left behind, told apart from what other machines on the host made meanwhile.
+
+The host is shared: another user's experiment, or another test run, may start a machine while a
+test runs, and its run directory, arena and cgroups appear beside the test's own. Which is which
+is decided by ownership, never by names (a name embeds a run directory's name, which nobody
+chooses for the others, and its format is the machine's business):
+
+- the processes that hold an object: the pid in a run directory's pid file; whoever has the
+  directory or a shared-memory object open or mapped (a machine's host keeps its run directory's
+  lock open and maps its arena, its instances map the arena); the owner pid a cgroup's name
+  carries and the processes in the cgroup;
+- whether each of them belongs to this test session: a descendant of this process, or a process
+  that left its parent (``mkctl init`` starts its machine in a new session, adopted by init) but
+  carries the session's mark in its environment (``MK_TEST_SESSION``, set by conftest at import,
+  inherited by everything the tests start). The machine's processes retitle themselves
+  (setproctitle), which by default writes over the environment /proc shows; the session sets
+  ``SPT_NOENV=1`` so that the title stays within the original command line instead (titles
+  longer than that are cut; the tests that read titles read a daemon's, whose command line
+  is long).
+
+An object held by live processes none of which is the session's was made by somebody else, and is
+not the test's leak; an object of another user is never ours. An object no live process holds was
+left by the test (its makers are gone) and counts, whatever its name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+
+import psutil
+
+MARK = "MK_TEST_SESSION"
+SESSION = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+SHM = "/dev/shm"
+PIDFILE = "machine.pid"
+_CGROUP_OWNER = re.compile(r"^multikernel-s?(\d+)-")
+
+
+def mark_session() -> None:
+    """Mark everything this process starts from now on as the session's."""
+    os.environ[MARK] = SESSION
+    os.environ["SPT_NOENV"] = "1"
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir(SHM)) if os.path.isdir(SHM) else set()
+
+
+def cgroup_base() -> str | None:
+    """The hierarchy the machines' cgroup directories (host/cgroups.py) are looked for in."""
+    for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        if os.path.isdir(base):
+            return base
+    return None
+
+
+def cgroup_entries() -> set[str]:
+    base = cgroup_base()
+    return {e for e in os.listdir(base) if e.startswith("multikernel-")} if base else set()
+
+
+def _session_of(proc: psutil.Process) -> bool:
+    try:
+        return proc.environ().get(MARK) == SESSION
+    except (psutil.Error, OSError):
+        return False                 # another user's, or one that just ended
+
+
+def is_ours(pid: int) -> bool:
+    """``pid`` is this process, a descendant of it, or carries this session's mark (or one of
+    its ancestors does: a kernel forked by the session's daemon)."""
+    try:
+        proc = psutil.Process(pid)
+        chain = [proc, *proc.parents()]
+    except psutil.Error:
+        return False
+    return any(p.pid == os.getpid() or _session_of(p) for p in chain)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def holders(path: str) -> set[int]:
+    """Live processes that have ``path`` open or mapped (those of this user: /proc hides the
+    others' descriptors, and another user's objects are told apart by their owner)."""
+    out: set[int] = set()
+    for pid in psutil.pids():
+        base = f"/proc/{pid}"
+        try:
+            for fd in os.listdir(f"{base}/fd"):
+                try:
+                    if os.readlink(f"{base}/fd/{fd}") == path:
+                        out.add(pid)
+                        break
+                except OSError:
+                    continue
+            if pid not in out:
+                with open(f"{base}/maps") as f:
+                    if any(line.rstrip("\n").endswith(" " + path) for line in f):
+                        out.add(pid)
+        except OSError:
+            continue
+    return {p for p in out if _alive(p)}
+
+
+def _pidfile(path: str) -> set[int]:
+    try:
+        with open(os.path.join(path, PIDFILE)) as f:
+            return {int(f.read().split()[0])}
+    except (OSError, ValueError, IndexError):
+        return set()
+
+
+def _procs(path: str) -> set[int]:
+    """Every process in the cgroup directory ``path`` and below."""
+    out: set[int] = set()
+    for top, _dirs, files in os.walk(path):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(top, "cgroup.procs")) as f:
+                    out |= {int(p) for p in f.read().split()}
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def _foreign(path: str, owners: set[int]) -> bool:
+    try:
+        if os.lstat(path).st_uid != os.getuid():
+            return True
+    except FileNotFoundError:
+        return True                  # gone already: somebody's that ended, not left behind
+    live = {p for p in owners if _alive(p)}
+    return bool(live) and not any(is_ours(p) for p in live)
+
+
+def foreign_shm(entry: str) -> bool:
+    """A /dev/shm entry (a run directory, an arena, ...) that another machine holds."""
+    path = os.path.join(SHM, entry)
+    for _ in range(3):
+        owners = holders(path) | _pidfile(path)
+        if _foreign(path, owners):
+            return True
+        if owners:
+            return False
+        if not os.path.exists(path):
+            return True
+        time.sleep(0.2)              # a machine being set up holds nothing for a moment
+    return False
+
+
+def foreign_cgroup(entry: str) -> bool:
+    """A machine's cgroup directory that another machine holds."""
+    base = cgroup_base()
+    if base is None:
+        return True
+    path = os.path.join(base, entry)
+    named = _CGROUP_OWNER.match(entry)
+    owners = ({int(named.group(1))} if named else set()) | _procs(path)
+    return _foreign(path, owners)
+
+
+def leaks(shm_before: set[str], cgroups_before: set[str]) -> tuple[list[str], list[str]]:
+    """(/dev/shm entries, cgroup directories) made since the snapshots and left by the
+    session: what somebody else holds is not counted."""
+    shm = sorted(e for e in shm_entries() - shm_before if not foreign_shm(e))
+    cgroups = sorted(e for e in cgroup_entries() - cgroups_before if not foreign_cgroup(e))
+    return shm, cgroups
