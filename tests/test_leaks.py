@@ -8,7 +8,7 @@ import uuid
 
 import posix_ipc
 import psutil
-from helpers import CPUS, MKCTL, mk
+from helpers import CPUS, mk
 from leaks import MARK, cgroup_entries, leaks, shm_entries
 
 
