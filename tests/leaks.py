@@ -19,8 +19,10 @@ chooses for the others, and its format is the machine's business):
   is long).
 
 An object held by live processes none of which is the session's was made by somebody else, and is
-not the test's leak; an object of another user is never ours. An object no live process holds was
-left by the test (its makers are gone) and counts, whatever its name.
+not the test's leak; an object of another user is never ours, nor one that goes away within
+``SETTLE_S`` (a machine that just ended removes its objects after its processes). An object no
+live process holds and that stays was left by the test (its makers are gone), and counts,
+whatever its name.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 import psutil
 
@@ -131,29 +134,34 @@ def _procs(path: str) -> set[int]:
     return out
 
 
-def _foreign(path: str, owners: set[int]) -> bool:
-    try:
-        if os.lstat(path).st_uid != os.getuid():
-            return True
-    except FileNotFoundError:
-        return True                  # gone already: somebody's that ended, not left behind
-    live = {p for p in owners if _alive(p)}
-    return bool(live) and not any(is_ours(p) for p in live)
+#: how long an object nobody holds is watched before it counts as left behind: a machine that
+#: just ended (another's, or one of the session's on its way out) removes its objects after its
+#: processes are gone
+SETTLE_S = 1.0
+
+
+def _foreign(path: str, owners: Callable[[], set[int]]) -> bool:
+    """Whether ``path`` is somebody else's, from its ``owners`` (looked at again while they
+    are all gone and the object stays, up to ``SETTLE_S``)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                return True          # another user's
+        except FileNotFoundError:
+            return True              # removed by whoever made it: not left behind
+        live = {p for p in owners() if _alive(p)}
+        if live:
+            return not any(is_ours(p) for p in live)
+        if time.monotonic() >= deadline:
+            return False             # nobody holds it, and it stays: left behind
+        time.sleep(0.1)
 
 
 def foreign_shm(entry: str) -> bool:
     """A /dev/shm entry (a run directory, an arena, ...) that another machine holds."""
     path = os.path.join(SHM, entry)
-    for _ in range(3):
-        owners = holders(path) | _pidfile(path)
-        if _foreign(path, owners):
-            return True
-        if owners:
-            return False
-        if not os.path.exists(path):
-            return True
-        time.sleep(0.2)              # a machine being set up holds nothing for a moment
-    return False
+    return _foreign(path, lambda: holders(path) | _pidfile(path))
 
 
 def foreign_cgroup(entry: str) -> bool:
@@ -163,8 +171,7 @@ def foreign_cgroup(entry: str) -> bool:
         return True
     path = os.path.join(base, entry)
     named = _CGROUP_OWNER.match(entry)
-    owners = ({int(named.group(1))} if named else set()) | _procs(path)
-    return _foreign(path, owners)
+    return _foreign(path, lambda: ({int(named.group(1))} if named else set()) | _procs(path))
 
 
 def leaks(shm_before: set[str], cgroups_before: set[str]) -> tuple[list[str], list[str]]:
