@@ -141,6 +141,31 @@ target = "b"
     assert r.passed, [e.detail for e in r.expectations]
 
 
+def test_a_probe_does_not_block_the_kernel_it_runs_in(run_scenario):
+    """The probe's target stops answering for 1.2 s (SIGSTOP, then a forced kill): a ping
+    waited for in the source's own loop (its timeout 1 s) stalled that loop for the whole
+    timeout; sent and matched asynchronously, the loop goes on ticking every 5 ms."""
+    kernels = os.path.join(ROOT, "tests", "kernels")
+    text = pair('["rtt.lost >= 1", "a.ticks > 100"]', events="""
+[[fault]]
+name = "stop"
+at = "0.3s"
+target = "b"
+kind = "hang-stop"
+[[action]]
+name = "halt"
+at = "1.5s"
+do = "kill --force"
+target = "b"
+""").replace('name = "a"\nkernel = "kernels.echo:EchoKernel"',
+             f'name = "a"\nkernel = "{kernels}/ticker.py:Ticker"\n'
+             'metrics = ["ticks", "max_gap_ms"]')
+    r = run_scenario(text)
+    assert r.passed, [(e.text, e.detail) for e in r.expectations]
+    assert r.metrics["rtt"]["received"] > 20            # it measured before the stop
+    assert r.metrics["a"]["max_gap_ms"] < 400, r.metrics["a"]     # blocked: about 1000
+
+
 def test_failing_expectation_exits_1_and_says_why(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SHORT.format(duration="1.2s",

@@ -202,7 +202,7 @@ class Runner:
         if self.watch is not None:
             self._watcher = self.watch(self.m)
         if self._host_agent is not None:
-            self._host_agent.rebind(self.m.request, self.m.send)
+            self._host_agent.rebind(self.m.ipc.messenger, self.m.send)
         kept = {i.name: i.pid for i in self.m.instances.values() if i.pid is not None}
         return {"adopted": kept == running, "adopt_ms": self.m.adopt_ms}
 
@@ -245,7 +245,7 @@ class Runner:
             self._probe_pids[p["name"]] = None
             if p["from"] == "host":
                 if self._host_agent is None:
-                    self._host_agent = P.ProbeAgent(self.m.request, self.m.send,
+                    self._host_agent = P.ProbeAgent(self.m.ipc.messenger, self.m.send,
                                                     self.collector.host_report)
                 self._host_agent.start(self._spec(p, n))
                 rec.starts += 1
