@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from partition.control.client import Client, start_supervisor, stop_supervisor
-from partition.control.show import render_show
+from partition.control.show import format_metrics, render_show
 from partition.errors import MKError
 from partition.host import rundir
 from partition.units import format_cpulist, format_size
@@ -231,6 +231,8 @@ def cmd_show(a: argparse.Namespace) -> int:
     if a.name:
         counters = " ".join(f"{k}={v}" for k, v in r["counters"].items())
         text = f"{_one_line(r)}\n  counters: {counters}"
+        if r.get("metrics"):                        # what its kernel published (metric())
+            text += "\n  metrics: " + format_metrics(r["metrics"])
     else:
         text = render_show(r).rstrip()
     _emit(a, r, text)

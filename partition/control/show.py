@@ -12,6 +12,9 @@ from typing import Any
 
 from partition.units import format_cpulist, format_size
 
+#: the footnote of a ``*`` after an instance's CPUs (show and top alike)
+SHARED_NOTE = "* = CPU shared with another instance or the host (oversubscribed)"
+
 
 def render_show(snapshot: dict[str, Any]) -> str:
     m, pool = snapshot["machine"], snapshot["pool"]
@@ -48,7 +51,8 @@ def render_show(snapshot: dict[str, Any]) -> str:
         last = txs[-1]
         out.append(f"overlays {counts['applied']} applied, {counts['failed']} failed; last "
                    f"tx_{last['id']} {last['status']}: {'; '.join(last['operations']) or '-'}"
-                   + (f" ({last['error']})" if last["error"] else ""))
+                   + (f" ({last['error']})" if last["error"] else "")
+                   + _gone_since(last, snapshot["instances"]))
     if len(rows) == 1:
         out.append("no instances")
     else:
@@ -56,5 +60,20 @@ def render_show(snapshot: dict[str, Any]) -> str:
         for r in rows:
             out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if any(i["shared_cpus"] for i in snapshot["instances"]):
-            out.append("* = CPU shared with another instance or the host (oversubscribed)")
+            out.append(SHARED_NOTE)
     return "\n".join(out) + "\n"
+
+
+def _gone_since(tx: dict[str, Any], instances: list[dict[str, Any]]) -> str:
+    """The instances a transaction changed that have been deleted since (by another
+    transaction or ``mkctl delete``): said, so that its line is not read as their state."""
+    live = {i["name"] for i in instances}
+    removed = {op.split()[1] for op in tx["operations"] if op.startswith("instance-remove ")}
+    gone = [n for n in dict.fromkeys(tx.get("names", [])) if n not in live and n not in removed]
+    return f" [{', '.join(gone)} deleted since]" if gone else ""
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A kernel's published metrics (``Kernel.metric``) as ``name=value`` words."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(metrics.items()))
