@@ -5,7 +5,7 @@ import uuid
 
 import psutil
 import pytest
-from leaks import cgroup_entries, leaks, mark_session, shm_entries
+from leaks import cgroup_entries, explain_cgroup, explain_shm, leaks, mark_session, shm_entries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MISBEHAVING = os.path.join(HERE, "kernels", "misbehaving.py")
@@ -25,8 +25,8 @@ def no_leaks():
         k.kill()
     new, cg_new = leaks(before, cg_before)
     assert not kids, f"test left child processes: {[k.pid for k in kids]}"
-    assert not new, f"test left /dev/shm entries: {sorted(new)}"
-    assert not cg_new, f"test left cgroups: {sorted(cg_new)}"
+    assert not new, f"test left /dev/shm entries: {[explain_shm(e) for e in new]}"
+    assert not cg_new, f"test left cgroups: {[explain_cgroup(e) for e in cg_new]}"
 
 
 @pytest.fixture

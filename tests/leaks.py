@@ -180,3 +180,22 @@ def leaks(shm_before: set[str], cgroups_before: set[str]) -> tuple[list[str], li
     shm = sorted(e for e in shm_entries() - shm_before if not foreign_shm(e))
     cgroups = sorted(e for e in cgroup_entries() - cgroups_before if not foreign_cgroup(e))
     return shm, cgroups
+
+
+def explain(path: str, pids: set[int]) -> str:
+    """Why ``path`` was counted: for a failing test's message."""
+    who = ", ".join(f"{p} ({'alive' if _alive(p) else 'gone'}"
+                    f"{', ours' if _alive(p) and is_ours(p) else ''})" for p in sorted(pids))
+    return f"{os.path.basename(path)} [{who or 'held by nobody'}]"
+
+
+def explain_shm(entry: str) -> str:
+    path = os.path.join(SHM, entry)
+    return explain(path, holders(path) | _pidfile(path))
+
+
+def explain_cgroup(entry: str) -> str:
+    base = cgroup_base() or ""
+    path = os.path.join(base, entry)
+    named = _CGROUP_OWNER.match(entry)
+    return explain(path, ({int(named.group(1))} if named else set()) | _procs(path))
