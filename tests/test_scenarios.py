@@ -146,7 +146,7 @@ def test_a_probe_does_not_block_the_kernel_it_runs_in(run_scenario):
     waited for in the source's own loop (its timeout 1 s) stalled that loop for the whole
     timeout; sent and matched asynchronously, the loop goes on ticking every 5 ms."""
     kernels = os.path.join(ROOT, "tests", "kernels")
-    text = pair('["rtt.lost >= 1", "a.ticks > 100"]', events="""
+    text = pair('["rtt.lost >= 1", "a.ticks > 50"]', events="""
 [[fault]]
 name = "stop"
 at = "0.3s"
