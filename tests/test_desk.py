@@ -45,8 +45,9 @@ def test_processes_are_named_for_what_they_are(run_dir):
     machine(run_dir, ("db", "kernels.idle:IdleKernel", ""))
     sup = int(open(os.path.join(run_dir, "machine.pid")).read().split()[0])
     assert title(sup) == f"mk-host {run_dir}"
-    parked = [p for p in psutil.process_iter(["cmdline"])
-              if "mk[1:db] kernels.idle:IdleKernel (parked)" in " ".join(p.info["cmdline"] or [])]
+    # this machine's processes only: another's instance 1 may be a parked "db" as well
+    parked = [p for p in psutil.Process(sup).children(recursive=True)
+              if "mk[1:db] kernels.idle:IdleKernel (parked)" in " ".join(p.cmdline())]
     assert len(parked) == 1
     zygotes = [p for p in psutil.process_iter(["cmdline"])
                if f"mk-zygote (host {sup})" in " ".join(p.info["cmdline"] or [])]
