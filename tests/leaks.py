@@ -22,7 +22,9 @@ An object held by live processes none of which is the session's was made by some
 not the test's leak; an object of another user is never ours, nor one that goes away within
 ``SETTLE_S`` (a machine that just ended removes its objects after its processes). An object no
 live process holds and that stays was left by the test (its makers are gone), and counts,
-whatever its name.
+whatever its name. That is the one case this cannot tell apart: a machine of somebody else's
+whose host was SIGKILLed during the test and whose objects stay until its owner cleans up
+(its dead pid says nothing more about whose it was); the report then names the dead pid.
 """
 
 from __future__ import annotations
@@ -164,14 +166,19 @@ def foreign_shm(entry: str) -> bool:
     return _foreign(path, lambda: holders(path) | _pidfile(path))
 
 
+def cgroup_owners(entry: str) -> set[int]:
+    """The pids a machine's cgroup directory names or holds (its host's, its instances')."""
+    path = os.path.join(cgroup_base() or "", entry)
+    named = _CGROUP_OWNER.match(entry)
+    return ({int(named.group(1))} if named else set()) | _procs(path)
+
+
 def foreign_cgroup(entry: str) -> bool:
     """A machine's cgroup directory that another machine holds."""
     base = cgroup_base()
     if base is None:
         return True
-    path = os.path.join(base, entry)
-    named = _CGROUP_OWNER.match(entry)
-    return _foreign(path, lambda: ({int(named.group(1))} if named else set()) | _procs(path))
+    return _foreign(os.path.join(base, entry), lambda: cgroup_owners(entry))
 
 
 def leaks(shm_before: set[str], cgroups_before: set[str]) -> tuple[list[str], list[str]]:
@@ -195,7 +202,4 @@ def explain_shm(entry: str) -> str:
 
 
 def explain_cgroup(entry: str) -> str:
-    base = cgroup_base() or ""
-    path = os.path.join(base, entry)
-    named = _CGROUP_OWNER.match(entry)
-    return explain(path, ({int(named.group(1))} if named else set()) | _procs(path))
+    return explain(os.path.join(cgroup_base() or "", entry), cgroup_owners(entry))
