@@ -1,10 +1,10 @@
 """The boot benchmark's shape (not its speed: timing targets live in the benchmark itself)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+from leaks import cgroup_entries, leaks, shm_entries
 
 from partition.bench import boot
 from partition.stats import percentile, summary
@@ -102,7 +102,7 @@ def test_recovery_bench_shape():
 def test_scale_bench_shape_and_cleanup():
     """Small sizes, one repeat: every figure is there, every machine is gone afterwards."""
     from partition.control import scale
-    before = set(os.listdir("/dev/shm"))
+    before = shm_entries(), cgroup_entries()
     res = scale.run(sizes=(2, 4), repeats=1, idle_s=0.5)
     assert [r["n"] for r in res["results"]] == [2, 4]
     for r in res["results"]:
@@ -115,8 +115,7 @@ def test_scale_bench_shape_and_cleanup():
     text = scale.render(res)
     assert "targets at N=4" in text
     assert ("MISSED" in text) == (not all(res["verdicts"].values()))
-    left = {n for n in set(os.listdir("/dev/shm")) - before if n.startswith(("mk-scale", "mk-arena"))}
-    assert not left, left
+    assert leaks(*before) == ([], [])        # what other machines made meanwhile is theirs
 
 
 def test_scale_bench_refuses_bad_sizes():

@@ -1,5 +1,6 @@
 """What a researcher meets at the desk: named processes, a followed console, mkctl top."""
 
+import json
 import os
 import re
 import signal
@@ -44,8 +45,9 @@ def test_processes_are_named_for_what_they_are(run_dir):
     machine(run_dir, ("db", "kernels.idle:IdleKernel", ""))
     sup = int(open(os.path.join(run_dir, "machine.pid")).read().split()[0])
     assert title(sup) == f"mk-host {run_dir}"
-    parked = [p for p in psutil.process_iter(["cmdline"])
-              if "mk[1:db] kernels.idle:IdleKernel (parked)" in " ".join(p.info["cmdline"] or [])]
+    # this machine's processes only: another's instance 1 may be a parked "db" as well
+    parked = [p for p in psutil.Process(sup).children(recursive=True)
+              if "mk[1:db] kernels.idle:IdleKernel (parked)" in " ".join(p.cmdline())]
     assert len(parked) == 1
     zygotes = [p for p in psutil.process_iter(["cmdline"])
                if f"mk-zygote (host {sup})" in " ".join(p.info["cmdline"] or [])]
@@ -194,3 +196,45 @@ def test_a_scenario_run_can_be_watched_not_changed(tmp_path):
         run.communicate()
     assert run.returncode == 0 and "PASS" in out
     assert not os.path.exists(where)
+
+
+def test_top_and_show_say_what_the_kernel_published_and_what_it_shares(run_dir):
+    """top marks shared CPUs as show does, and both show what a kernel published with
+    metric(), integers as integers (they came out as floats: ticks=1001.0)."""
+    ticker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "ticker.py")
+    machine(run_dir, ("t", f"{ticker}:Ticker", ""), ("u", "kernels.idle:IdleKernel", ""))
+    mk(run_dir, "start", "t")
+    mk(run_dir, "start", "u")                    # on t's CPU: both share it
+    deadline = time.monotonic() + 10
+    while True:
+        shown = json.loads(mk(run_dir, "show", "t", "--format", "json"))
+        if shown["metrics"].get("ticks", 0) > 2:
+            break
+        assert time.monotonic() < deadline, shown["metrics"]
+        time.sleep(0.05)
+    assert isinstance(shown["metrics"]["ticks"], int), shown["metrics"]
+    assert isinstance(shown["metrics"]["max_gap_ms"], int), shown["metrics"]
+    text = mk(run_dir, "show", "t")
+    assert re.search(r"^  metrics: max_gap_ms=\d+ ticks=\d+$", text, re.M), text
+    out = mk(run_dir, "top", "--once", "--interval", "0.2")
+    rows = {line.split()[1]: line for line in out.splitlines() if re.match(r"\s*\d+\s", line)}
+    assert f" {CPUS[-1]}* " in rows["t"] and f" {CPUS[-1]}* " in rows["u"], out
+    assert "* = CPU shared with another instance or the host" in out
+    assert re.search(r"max_gap_ms=\d+ ticks=\d+\s*$", rows["t"]), rows["t"]
+    assert "METRICS" in out and ".0" not in rows["t"].split("max_gap_ms=")[1]
+    mk(run_dir, "kill", "t")
+    mk(run_dir, "kill", "u")
+
+
+def test_show_says_an_overlays_instance_was_deleted_since(machine_factory):
+    """The last overlay changed e; e was deleted since: show's overlay line says so instead of
+    reading as e's state."""
+    from partition.control.show import render_show
+    m = machine_factory(cpus=CPUS, host_cpus="none", oversubscribe=True, memory="256M")
+    m.create("e", memory="16M", cpus=str(CPUS[-1]))
+    m.create("f", memory="4M", cpus=str(CPUS[-1]))
+    m.resize("e", memory="20M")                  # tx_1: memory-add ... on e
+    assert "on e" in render_show(m.show()) and "deleted since" not in render_show(m.show())
+    m.delete("e")
+    line = [s for s in render_show(m.show()).splitlines() if s.startswith("overlays ")][0]
+    assert line.endswith("on e [e deleted since]"), line

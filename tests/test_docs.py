@@ -156,6 +156,18 @@ def test_architecture_wire_ops_are_the_daemons():
     assert doc == set(daemon._ops(_Stub())) | {"shutdown"}
 
 
+def test_readme_starts_with_the_set_up_and_says_how_long_the_tests_take():
+    """A new user copies the first two commands; the second runs for minutes, which the line
+    right after them says (a silent run of that length reads as a hang)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = "```sh\npip install -e . && mkctl run\npip install -e '.[test]' && python3 -m pytest -q\n```\n"
+    assert text.startswith("# multikernel partition emulator\n\n" + block)
+    after = text[len("# multikernel partition emulator\n\n" + block):].lstrip("\n")
+    first = after.split("\n\n", 1)[0]
+    assert re.search(r"test suite\s+takes \*\*\d+-\d+ minutes\*\*", first), first
+
+
 def test_readme_names_only_folders_that_exist():
     with open(os.path.join(ROOT, "README.md")) as f:
         text = _section(f.read(), "## Layout of the repository")

@@ -179,6 +179,10 @@ def test_panic_during_boot_hook(machine, misbehaving):
     rec = machine.wait_for("pb", "loaded")
     assert rec["last_exit"]["reason"] == "panic: test panic at boot"
     assert rec["counters"]["failures"] == 1 and rec["last_failure"]["kind"] == "panic"
+    # it never came up: a boot failure (it was a crash only), said in an event
+    assert rec["counters"]["boot_failures"] == 1 and rec["counters"]["crashes"] == 1
+    with open(machine.events.path) as f:
+        assert any('"died_in_boot"' in line and '"pb"' in line for line in f)
 
 
 def test_exec_without_wait_answers_at_the_mailbox(machine, misbehaving):

@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+from leaks import cgroup_entries, leaks, shm_entries
 
 pytestmark = pytest.mark.slow      # scenarios and benchmarks: pytest -m "not slow" skips them
 
@@ -46,9 +47,13 @@ kind = "kill"
 
 
 def arenas():
-    """memfd arenas and run directories this process tree could have left."""
-    shm = {f for f in os.listdir("/dev/shm") if f.startswith("mk-")}
-    return shm
+    """A snapshot of /dev/shm and the cgroups, for ``left_since``."""
+    return shm_entries(), cgroup_entries()
+
+
+def left_since(before):
+    """What this process tree left since ``before`` (not what other machines made: leaks.py)."""
+    return leaks(*before)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -136,6 +141,31 @@ target = "b"
     assert r.passed, [e.detail for e in r.expectations]
 
 
+def test_a_probe_does_not_block_the_kernel_it_runs_in(run_scenario):
+    """The probe's target stops answering for 1.2 s (SIGSTOP, then a forced kill): a ping
+    waited for in the source's own loop (its timeout 1 s) stalled that loop for the whole
+    timeout; sent and matched asynchronously, the loop goes on ticking every 5 ms."""
+    kernels = os.path.join(ROOT, "tests", "kernels")
+    text = pair('["rtt.lost >= 1", "a.ticks > 50"]', events="""
+[[fault]]
+name = "stop"
+at = "0.3s"
+target = "b"
+kind = "hang-stop"
+[[action]]
+name = "halt"
+at = "1.5s"
+do = "kill --force"
+target = "b"
+""").replace('name = "a"\nkernel = "kernels.echo:EchoKernel"',
+             f'name = "a"\nkernel = "{kernels}/ticker.py:Ticker"\n'
+             'metrics = ["ticks", "max_gap_ms"]')
+    r = run_scenario(text)
+    assert r.passed, [(e.text, e.detail) for e in r.expectations]
+    assert r.metrics["rtt"]["received"] > 20            # it measured before the stop
+    assert r.metrics["a"]["max_gap_ms"] < 400, r.metrics["a"]     # blocked: about 1000
+
+
 def test_failing_expectation_exits_1_and_says_why(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SHORT.format(duration="1.2s",
@@ -175,7 +205,7 @@ def test_invalid_scenario_exits_2_and_boots_nothing(tmp_path):
     assert "unknown key 'sped' (did you mean 'seed'?)" in err or "unknown key 'sped'" in err
     assert "a.restart: an instance has no metric 'restart'" in err
     assert str(f) in err                                 # the file is named
-    assert arenas() == before
+    assert left_since(before) == ([], [])
 
 
 def test_scenario_that_does_not_fit_this_machine_is_invalid(tmp_path):
@@ -241,7 +271,7 @@ def test_ctrl_c_tears_down(tmp_path):
     assert "interrupted" in out
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert arenas() == before
+    assert left_since(before) == ([], [])
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
@@ -301,12 +331,36 @@ memory = "1G"
 
 
 def test_a_kernel_that_fails_to_boot_is_a_failure(run_scenario):
-    # its boot() panics: exec reports it, and the run counts it (it used to pass, 0 failures)
+    # its boot() panics after its CPU answered the mailbox: exec reports it, the host counts a
+    # boot failure (it was counted as a crash only), and the verdict fails though every
+    # expectation written holds (it used to pass, exit 0, the instance quietly loaded)
     misbehaving = os.path.join(os.path.dirname(__file__), "kernels", "misbehaving.py")
-    r = run_scenario(pair('["a.failures == 1", "b.failures == 0"]').replace(
+    text = pair('["a.failures == 1", "b.failures == 0"]').replace(
         'name = "a"\nkernel = "kernels.echo:EchoKernel"',
-        f'name = "a"\nkernel = "{misbehaving}:PanicAtBoot"'))
-    assert r.metrics["a"]["failures"] == 1 and r.passed
+        f'name = "a"\nkernel = "{misbehaving}:PanicAtBoot"')
+    r = run_scenario(text)
+    assert r.metrics["a"]["failures"] == 1
+    assert r.metrics["a"]["boot_failures"] == 1 and r.metrics["b"]["boot_failures"] == 0
+    assert not r.passed and r.verdict == "fail"
+    failed = [e for e in r.expectations if not e.passed]
+    assert [e.text for e in failed] == ["a came up"], failed
+    assert "test panic at boot" in failed[0].detail
+    assert "expect_boot_failure = true" in failed[0].detail
+    assert any(ev["event"] == "boot_failed" and ev["instance"] == "a" for ev in r.timeline)
+
+
+def test_a_boot_failure_the_scenario_expects_passes_and_must_happen(run_scenario):
+    misbehaving = os.path.join(os.path.dirname(__file__), "kernels", "misbehaving.py")
+    expected = pair('["a.boot_failures == 1"]', a_extra="expect_boot_failure = true").replace(
+        'name = "a"\nkernel = "kernels.echo:EchoKernel"',
+        f'name = "a"\nkernel = "{misbehaving}:PanicAtBoot"')
+    r = run_scenario(expected)
+    assert r.passed, [(e.text, e.detail) for e in r.expectations]
+    assert "a fails to boot (expect_boot_failure)" in [e.text for e in r.expectations]
+    r = run_scenario(pair('[]', a_extra="expect_boot_failure = true"))   # it boots after all
+    assert not r.passed
+    assert [e.detail for e in r.expectations if not e.passed] == \
+        ["it came up: expect_boot_failure = true says it should not"]
 
 
 def test_a_cmdline_the_loader_refuses_makes_the_scenario_invalid(tmp_path):

@@ -248,7 +248,10 @@ class OwnPage(_Record):
             name = raw.rstrip(b"\0")
             if name and all(32 < c < 127 for c in name) and value == value \
                     and abs(value) != float("inf"):
-                out[name.decode()] = value
+                # a count published as 1001 reads back 1001, not 1001.0 (the slot holds an
+                # f64 whatever was published; an integral one is exact up to 2**53)
+                out[name.decode()] = int(value) if value.is_integer() and abs(value) <= 2**53 \
+                    else value
         return out
 
     def kho_entries(self, out: bool = False) -> list[tuple[bytes, int, int, int]]:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from partition.control.client import Client, start_supervisor, stop_supervisor
-from partition.control.show import render_show
+from partition.control.show import format_metrics, render_show
 from partition.errors import MKError
 from partition.host import rundir
 from partition.terminal import printable
@@ -326,6 +326,8 @@ def cmd_show(a: argparse.Namespace) -> int:
     if a.name:
         counters = " ".join(f"{k}={v}" for k, v in r["counters"].items())
         text = f"{_one_line(r)}\n  counters: {counters}"
+        if r.get("metrics"):                        # what its kernel published (metric())
+            text += "\n  metrics: " + format_metrics(r["metrics"])
     else:
         text = render_show(r).rstrip()
     _emit(a, r, text)

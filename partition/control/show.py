@@ -13,6 +13,9 @@ from typing import Any
 from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
+#: the footnote of a ``*`` after an instance's CPUs (show and top alike)
+SHARED_NOTE = "* = CPU shared with another instance or the host (oversubscribed)"
+
 
 def _held(i: dict[str, Any]) -> str:
     """What an instance holds: its boot region and the regions added at run time (``+N``)."""
@@ -72,7 +75,8 @@ def render_show(snapshot: dict[str, Any]) -> str:
         out.append(printable(f"overlays {counts['applied']} applied, {counts['failed']} failed; "
                              f"last tx_{last['id']} {last['status']}: "
                              f"{'; '.join(last['operations']) or '-'}"
-                             + (f" ({last['error']})" if last["error"] else ""), one_line=True))
+                             + (f" ({last['error']})" if last["error"] else "")
+                             + _gone_since(last, snapshot["instances"]), one_line=True))
     if len(rows) == 1:
         out.append("no instances")
     else:
@@ -80,9 +84,24 @@ def render_show(snapshot: dict[str, Any]) -> str:
         for r in rows:
             out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if any(i["shared_cpus"] for i in snapshot["instances"]):
-            out.append("* = CPU shared with another instance or the host (oversubscribed)")
+            out.append(SHARED_NOTE)
         ways = [f"{i['name']} {i['llc_way_mask']}" for i in snapshot["instances"]
                 if i.get("llc_way_mask")]
         if ways:
             out.append("llc-way-mask: " + ", ".join(ways))
     return "\n".join(out) + "\n"
+
+
+def _gone_since(tx: dict[str, Any], instances: list[dict[str, Any]]) -> str:
+    """The instances a transaction changed that have been deleted since (by another
+    transaction or ``mkctl delete``): said, so that its line is not read as their state."""
+    live = {i["name"] for i in instances}
+    removed = {op.split()[1] for op in tx["operations"] if op.startswith("instance-remove ")}
+    gone = [n for n in dict.fromkeys(tx.get("names", [])) if n not in live and n not in removed]
+    return f" [{', '.join(gone)} deleted since]" if gone else ""
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A kernel's published metrics (``Kernel.metric``) as ``name=value`` words."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(metrics.items()))

@@ -20,11 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from partition.control.client import Client
+from partition.control.show import SHARED_NOTE, format_metrics
 from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
 COLUMNS = ("id", "name", "state", "cpus", "memory", "pid", "cpu%", "rx/s", "tx/s", "ring-full",
-           "progress", "restarts", "failures", "last-exit")
+           "progress", "restarts", "failures", "last-exit", "metrics")
 SORT_KEYS = ("id", "name", "state", "cpu%", "rx/s", "tx/s", "progress", "restarts")
 
 
@@ -48,7 +49,9 @@ class Sampler:
             age = i.get("progress_age_s")        # the host watches every kernel's loop
             rows.append({
                 "id": i["id"], "name": i["name"], "state": i["state"],
-                "cpus": format_cpulist(i["cpus"]), "memory": format_size(i["memory_total"]),
+                # "*": a CPU shared with another instance or the host, as show marks it
+                "cpus": format_cpulist(i["cpus"]) + ("*" if i["shared_cpus"] else ""),
+                "memory": format_size(i["memory_total"]),
                 "pid": i["pid"], "cpu%": self._cpu(i["pid"], now), "rx/s": rx, "tx/s": tx,
                 "ring-full": c.get("ipi_ring_full", 0),
                 "progress": age if i["state"] == "active" else None,
@@ -57,6 +60,8 @@ class Sampler:
                 "idle": bool(i.get("waiting")) and not self._stopped(i["pid"]),
                 "restarts": c.get("restarts", 0), "failures": i["failures"],
                 "last-exit": (i["last_exit"] or {}).get("how") or "-",
+                # what its kernel published (Kernel.metric), as show NAME says it
+                "metrics": format_metrics(i.get("metrics") or {}) or "-",
             })
             self.last[i["id"]] = {**i, "_t": now}
         return snap, rows
@@ -113,7 +118,9 @@ def frame(snap: dict[str, Any], rows: list[dict[str, Any]], sort: str) -> Table:
     title = (f"mkctl top  {m['run_dir']}  host pid {m['supervisor_pid']}  pool CPUs "
              f"{format_cpulist(pool['cpus'])}  free {format_size(pool['memory_available'])}  "
              f"{len(rows)} instance(s)  sort: {sort}")
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    shared = any("*" in r["cpus"] for r in rows)
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False,
+                  caption=SHARED_NOTE if shared else None, caption_justify="left")
     for col in COLUMNS:
         table.add_column(col.upper(), justify="right" if col in ("id", "pid", "cpu%", "rx/s",
                                                                "tx/s", "ring-full",

@@ -186,6 +186,40 @@ class Messenger:
             waiting.pop(mid, None)
             responses.pop(mid, None)
 
+    def post_request(self, target: int, msg_type: int, payload: Any) -> tuple[int, int, Any]:
+        """Send a request and return at once (a probe's ping: probes.py must not block the
+        kernel it runs in): its id, the instance it reached and that one's incarnation (for
+        ``answerer_alive``). Its response lands in ``responses`` like a waited request's;
+        ``take_response`` collects it, ``forget_request`` gives up on it. RingError as
+        ``send`` (ENOSPC: a full ring, for the caller to retry later)."""
+        mid = self._request_id(63) | 1
+        self.waiting[mid] = -1    # before sending: the answer may come in an interrupt at once
+        try:
+            to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
+        except BaseException:
+            del self.waiting[mid]
+            raise
+        self.last_target = self.waiting[mid] = to
+        peers = self._directory
+        return mid, to, peers.incarnation(to) if peers is not None else None
+
+    def take_response(self, mid: int) -> Message | None:
+        """The response to ``post_request``'s ``mid`` if it came (then the request is done)."""
+        msg = self.responses.pop(mid, None)
+        if msg is not None:
+            self.waiting.pop(mid, None)
+        return msg
+
+    def forget_request(self, mid: int) -> None:
+        """Give up on a request ``post_request`` sent: a late response is dropped."""
+        self.waiting.pop(mid, None)
+        self.responses.pop(mid, None)
+
+    def answerer_alive(self, to: int, incarnation: Any) -> bool:
+        """Is the incarnation a request went to (``post_request``) still there to answer?"""
+        peers = self._directory
+        return peers is None or peers.alive(to, incarnation)
+
     def _post_when_room(self, target: int, msg_type: int, mid: int, payload: Any,
                         deadline: float, wait: Callable[[float], object]) -> int:
         """A full ring is back pressure: send again until the deadline. A receiver drains a

@@ -20,6 +20,16 @@ Message types (emulator inventions, in the 0x3Fxx block next to MK_EMU_FAULT):
 - ``MK_EMU_PROBE_FLUSH`` (host -> agent, request): stop every probe, send what is pending,
   answer when it is on its way (reports travel ahead of the answer: one sender, one ring, FIFO).
 
+What a probe costs the kernel it runs in: nothing that blocks. A ping is sent as a request and
+the kernel goes on with its loop; the answer is matched by its id when a drain brings it in,
+and the agent looks at it on the loop's next lap (the answer's doorbell wakes an idle kernel,
+so the round trip measured is the one the kernel sees, loop included). A probe keeps at most
+one ping in flight: a slot that comes due while one is pending is skipped, and nothing piles
+up in the target's ring while the target does not answer. While a ping is pending the agent
+looks at its target's liveness every ``LOOK_NS`` (an idle kernel wakes that often). Per
+message the cost is one send and, in the loop, a dictionary look-up; samples leave in one
+REPORT per ``BATCH_SAMPLES`` or ``REPORT_PERIOD_NS``.
+
 Where the cores are shared (the oversubscribed mode) a probe's figures include the scheduler:
 that is what they are for, and the report says which mode the machine ran in.
 """
@@ -46,6 +56,7 @@ from partition.abi.message import (
 from partition.abi.ring import RingError
 
 if TYPE_CHECKING:
+    from partition.guest.endpoint import Messenger
     from partition.guest.kernel import Kernel
 
 KINDS = ("ping", "stream")
@@ -53,6 +64,7 @@ BATCH_SAMPLES = 256              # 3 KB of samples: one report fits one 4096-byt
 REPORT_PERIOD_NS = 100_000_000   # a report at least every 0.1 s while there is something to say
 MAX_PAYLOAD = 3900               # what fits one slot with the mk_message header and msgpack
 U32_MAX = 0xFFFFFFFF
+LOOK_NS = 10_000_000             # a pending ping's target is looked at this often (a halt ends it)
 
 
 @dataclass
@@ -95,20 +107,28 @@ class _Probe:
         self.lost = 0
         self.why: dict[int, int] = {}      # errno -> messages lost for that reason
         self.errors_until = 0     # back off after a refused send instead of spinning on it
+        #: the ping in flight: (request id, sent at, deadline, instance it reached, that
+        #: one's incarnation, next liveness look), all times in ns
+        self.pending: tuple[int, int, int, int, Any, int] | None = None
+        self.full_since = 0       # the target's ring refused the pings since then (ENOSPC)
 
 
 class ProbeAgent:
-    """Runs probes from one endpoint. ``request``/``send`` are the endpoint's messaging calls;
-    ``report`` takes a REPORT payload (sends it to the host, or, on the host, records it) and
-    returns False when it could not be delivered now (the batch is kept for the next try)."""
+    """Runs probes from one endpoint. ``messenger`` sends its pings (without waiting for them),
+    ``send`` its stream messages; ``report`` takes a REPORT payload (sends it to the host, or,
+    on the host, records it) and returns False when it could not be delivered now (the batch
+    is kept for the next try)."""
 
-    def rebind(self, request: Callable[..., Any], send: Callable[..., Any]) -> None:
-        """Send through another endpoint from now on (a scenario's new host after a crash)."""
-        self._request, self._send = request, send
+    def rebind(self, messenger: Messenger, send: Callable[..., Any]) -> None:
+        """Send through another endpoint from now on (a scenario's new host after a crash): a
+        ping in flight through the old one is given up, not counted."""
+        for p in self.probes.values():
+            p.pending = None
+        self._msgr, self._send = messenger, send
 
-    def __init__(self, request: Callable[..., Any], send: Callable[..., Any],
+    def __init__(self, messenger: Messenger, send: Callable[..., Any],
                  report: Callable[[dict[str, Any]], bool]) -> None:
-        self._request = request
+        self._msgr = messenger
         self._send = send
         self._report = report
         self.probes: dict[int, _Probe] = {}
@@ -128,6 +148,10 @@ class ProbeAgent:
         """Stop every probe and hand over everything pending (retrying a full host ring)."""
         stopped = list(self.probes.values())
         self.probes.clear()
+        for p in stopped:             # a ping in flight has no outcome yet: neither sent nor lost
+            if p.pending is not None:
+                self._msgr.forget_request(p.pending[0])
+                p.pending = None
         end = time.monotonic() + deadline_s
         for p in stopped:
             while (len(p.r) or p.sent or p.lost) and time.monotonic() < end:
@@ -146,13 +170,14 @@ class ProbeAgent:
         if not self.probes:
             return min(default, REPORT_PERIOD_NS / 1e9) if self.received else default
         now = time.monotonic_ns()
-        due = min(p.next_due for p in self.probes.values())
+        due = min(p.next_due if p.pending is None else min(p.pending[2], p.pending[5])
+                  for p in self.probes.values())
         return max(0.0, min(default, (due - now) / 1e9))
 
     def step(self) -> bool:
         """One round: each due probe does one unit of traffic; reports go out when due.
         Returns True when it did traffic (the caller's loop should not sleep)."""
-        if self._in_step:            # a ping's wait drained a message that re-entered the loop
+        if self._in_step:            # a handler that waits drained a message into the loop
             return False
         self._in_step = True
         try:
@@ -161,6 +186,8 @@ class ProbeAgent:
             for p in list(self.probes.values()):
                 if p.spec.id not in self.probes:      # flushed by a message meanwhile
                     continue
+                if p.pending is not None and not self._settle(p, now):
+                    continue                 # still in flight: its slots are skipped
                 if now >= p.next_due and now >= p.errors_until:
                     self._one(p, now)
                     did = True
@@ -185,21 +212,24 @@ class ProbeAgent:
         else:
             p.next_due = now
         if s.kind == "ping":
+            # sent, not waited for: counted once its outcome is known (``_settle``), so a
+            # FLUSH meanwhile does not report it as sent without an answer or a loss
             t0 = time.monotonic_ns()
-            # counted once its outcome is known: a FLUSH handled while this ping waits must
-            # not report it as sent without either an answer or a loss
             try:
-                self._request(s.target, MK_EMU_PROBE_PING, p.data, s.timeout)
+                mid, to, incarnation = self._msgr.post_request(s.target, MK_EMU_PROBE_PING,
+                                                               p.data)
             except RingError as exc:
-                p.sent += 1
-                p.lost += 1
-                p.why[exc.errno] = p.why.get(exc.errno, 0) + 1
-                if exc.errno != errno.ETIMEDOUT:
-                    p.errors_until = time.monotonic_ns() + 1_000_000
+                if exc.errno == errno.ENOSPC:      # back pressure: lost only if it lasts
+                    p.full_since = p.full_since or t0
+                    if t0 - p.full_since < s.timeout * 1e9:
+                        p.errors_until = t0 + 50_000
+                        return
+                p.full_since = 0
+                self._lose(p, exc.errno)
                 return
-            p.sent += 1
-            p.t.append(t0)
-            p.r.append(min(time.monotonic_ns() - t0, U32_MAX))
+            p.full_since = 0
+            p.pending = (mid, t0, t0 + int(s.timeout * 1e9), to, incarnation, t0 + LOOK_NS)
+            return
         else:
             try:
                 self._send(s.target, MK_EMU_PROBE_DATA, [s.id, p.data])
@@ -215,6 +245,40 @@ class ProbeAgent:
             p.sent += 1                 # streams report counts per period, not per message
         if len(p.r) >= BATCH_SAMPLES:
             self._send_report(p)
+
+    def _settle(self, p: _Probe, now: int) -> bool:
+        """The ping in flight: its answer taken (a sample), or lost at its deadline or when
+        the instance it went to is gone. True when it is no longer in flight."""
+        assert p.pending is not None
+        mid, t0, deadline, to, incarnation, look = p.pending
+        if self._msgr.take_response(mid) is not None:
+            p.pending = None
+            p.sent += 1
+            p.t.append(t0)
+            p.r.append(min(time.monotonic_ns() - t0, U32_MAX))
+            if len(p.r) >= BATCH_SAMPLES:
+                self._send_report(p)
+            return True
+        if now >= deadline:
+            code = errno.ETIMEDOUT
+        elif now >= look:
+            if self._msgr.answerer_alive(to, incarnation):
+                p.pending = (mid, t0, deadline, to, incarnation, now + LOOK_NS)
+                return False
+            code = errno.ESRCH
+        else:
+            return False
+        self._msgr.forget_request(mid)
+        p.pending = None
+        self._lose(p, code)
+        return True
+
+    def _lose(self, p: _Probe, code: int) -> None:
+        p.sent += 1
+        p.lost += 1
+        p.why[code] = p.why.get(code, 0) + 1
+        if code != errno.ETIMEDOUT:
+            p.errors_until = time.monotonic_ns() + 1_000_000
 
     def _send_report(self, p: _Probe) -> bool:
         n = min(len(p.r), BATCH_SAMPLES)
@@ -266,7 +330,7 @@ class ProbeHandlers:
     def _agent(self) -> ProbeAgent:
         if self.agent is None:
             k = self.kernel
-            self.agent = ProbeAgent(k.request, k.send, reporter(k.send))
+            self.agent = ProbeAgent(k.messenger, k.send, reporter(k.send))
         return self.agent
 
     def _on_start(self, msg: Message) -> Any:

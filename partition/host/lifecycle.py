@@ -298,6 +298,12 @@ class Lifecycle:
             m.supervisor.record_failure(inst, record, detected)
             m.transition(inst, State.FAILED, "boot-failure", reason=record.reason)
         else:
+            if own.booted != inst.generation and inst.halt_requested is None:
+                # it answered the mailbox, then died before its boot() returned: it never
+                # came up, which is a boot failure (its crash is counted too)
+                inst.counters["boot_failures"] += 1
+                m.events.warning("died_in_boot", instance=inst.id, name=inst.name,
+                                 how=record.how, reason=record.reason)
             m.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
             failed = m.supervisor.is_failure(record)
             if failed:

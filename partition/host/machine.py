@@ -785,7 +785,8 @@ class Machine:
                                "keys": self.keyring.subjects() if self.keyring else []},
             },
             "pool": self._pool_fields(),
-            "overlays": [t.to_dict() for t in self.overlays.visible()],
+            # (with the instances each changed: show says which were deleted since)
+            "overlays": [{**t.to_dict(), "names": t.names} for t in self.overlays.visible()],
             "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
             "instances": [describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
         }

@@ -34,6 +34,7 @@ class Transaction:
     status: str
     target: str                      # the first fragment's target path (tx_N/instance)
     operations: list[str]            # what it did, for the views and events
+    names: list[str] = field(default_factory=list)   # the instances it changed, in order
     error: str = ""
     created: float = field(default_factory=time.time)
     undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
@@ -146,6 +147,7 @@ class Overlays:
                                    "pick CPUs from cpus-available (kerf show)")
         m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id, llc_way_mask=op.llc_way_mask)
         tx.operations.append(f"instance-create {op.name}")
+        tx.names.append(op.name)
 
         def undo() -> None:
             inst = m.instances.get(op.name)
@@ -170,6 +172,7 @@ class Overlays:
         # destroyed with whatever it holds; regions added at run time go back to the pool too
         m.delete(op.name)
         tx.operations.append(f"instance-remove {op.name}")
+        tx.names.append(op.name)
 
         def undo() -> None:
             m.create(name, memory, cpus=cpus, id=iid, llc_way_mask=llc_way_mask)
@@ -197,6 +200,7 @@ class Overlays:
         steps = resize.plan(m, inst, op)
         commits.append(resize.run(m, inst, steps, tx.ack_until))
         tx.operations += [f"{s.describe()} on {op.name}" for s in steps]
+        tx.names.append(op.name)
         done = [False]
 
         def undo() -> None:

@@ -44,7 +44,8 @@ CONSOLE_TAIL = 20
 TIMELINE_EVENTS = {"state_change", "fault_injected", "failure", "restart", "takeover",
                    "takeover_failed", "watchdog_expired", "foreign_write", "restart_failed",
                    "halt_timeout", "claims_abandoned", "probe_started", "probe_start_failed",
-                   "probe_flush_failed", "fault_fired", "action_fired", "scenario_clock_start"}
+                   "probe_flush_failed", "fault_fired", "action_fired", "scenario_clock_start",
+                   "boot_failed", "died_in_boot"}
 
 
 @dataclass
@@ -108,6 +109,9 @@ class Runner:
         self._probe_pids: dict[str, int | None] = {}    # probe name -> pid that runs it
         self._probe_ids: dict[str, int] = {}
         self._finished = False
+        #: instance name -> why its boot failed (at time 0 or by an exec action): an instance
+        #: that never came up fails the verdict unless the scenario expects it (``_came_up``)
+        self.boot_failed: dict[str, str] = {}
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -201,7 +205,7 @@ class Runner:
         if self.watch is not None:
             self._watcher = self.watch(self.m)
         if self._host_agent is not None:
-            self._host_agent.rebind(self.m.request, self.m.send)
+            self._host_agent.rebind(self.m.ipc.messenger, self.m.send)
         kept = {i.name: i.pid for i in self.m.instances.values() if i.pid is not None}
         return {"adopted": kept == running, "adopt_ms": self.m.adopt_ms}
 
@@ -212,9 +216,14 @@ class Runner:
             if i["start"]:
                 try:
                     self.m.exec(i["name"])
-                except (BootFailed, BootTimeout):
-                    pass    # a kernel that fails to boot is a measured failure (its failures
-                            # metric, the timeline), not the end of the experiment
+                except (BootFailed, BootTimeout) as exc:
+                    # a measured failure (the verdict, its metrics, the timeline), not the
+                    # end of the experiment: the others still run
+                    self._boot_failed(i["name"], exc)
+
+    def _boot_failed(self, name: str, exc: MKError) -> None:
+        self.boot_failed.setdefault(name, exc.message)
+        self._note("boot_failed", instance=name, error=exc.message)
 
     def _on_event(self, event: str, fields: dict[str, Any], now: float) -> None:
         if event in TIMELINE_EVENTS and not self._finished:
@@ -239,7 +248,7 @@ class Runner:
             self._probe_pids[p["name"]] = None
             if p["from"] == "host":
                 if self._host_agent is None:
-                    self._host_agent = P.ProbeAgent(self.m.request, self.m.send,
+                    self._host_agent = P.ProbeAgent(self.m.ipc.messenger, self.m.send,
                                                     self.collector.host_report)
                 self._host_agent.start(self._spec(p, n))
                 rec.starts += 1
@@ -366,7 +375,11 @@ class Runner:
                               str(args["cmdline"]) if "cmdline" in args else None)
             return {"update_gap_ms": r["gap_ms"], "rolled_back": r["rolled_back"]}
         if a["do"] in ("start", "exec"):
-            m.exec(target)
+            try:
+                m.exec(target)
+            except (BootFailed, BootTimeout) as exc:
+                self._boot_failed(target, exc)
+                raise
         elif a["do"] in ("kill", "kill --force"):
             m.kill(target, force=a["do"] == "kill --force", timeout=args.get("timeout"))
         elif a["do"] == "load":
@@ -410,6 +423,7 @@ class Runner:
             metrics[i["name"]] = {
                 "state": d["state"], "restarts": d["counters"]["restarts"],
                 "failures": d["failures"], "crashes": d["counters"]["crashes"],
+                "boot_failures": d["counters"]["boot_failures"],
                 "boots": d["boots"], "foreign_pages": d["counters"]["foreign_pages"],
                 "memory_intact": d["counters"]["foreign_pages"] == 0 and not mappers,
                 "foreign_writers": d["foreign_writes"], "foreign_mappers": mappers,
@@ -447,11 +461,35 @@ class Runner:
                                        if isinstance(v, dict))}
         return RunResult(scenario=self.sc, machine=machine, metrics=metrics,
                          timeline=self.timeline,
-                         expectations=evaluate(self.sc, metrics),
+                         expectations=evaluate(self.sc, metrics) + self._came_up(),
                          records={r.name: r for r in self.collector.records.values()},
                          t0_ns=int(self.t0 * 1e9), elapsed_s=time.monotonic() - self.t0,
                          interrupted=interrupted, bad_reports=self.collector.bad_reasons,
                          consoles=consoles)
+
+    def _came_up(self) -> list[Expectation]:
+        """What every verdict checks without being asked: an instance that never came up (its
+        boot failed) is a failed run, not a quiet ``loaded`` with one failure, unless the
+        scenario says so (``expect_boot_failure``; then it must fail). Only those lines."""
+        assert self.m is not None
+        out = []
+        for i in self.sc.instances:
+            why = self.boot_failed.get(i["name"])
+            inst = self.m.instances[i["name"]]
+            if why is not None and inst.state.value == "active" and \
+                    self.m.arena.own(inst.id).booted == inst.generation:
+                why = None          # a restart brought it up after all: its boot() returned
+            if i["expect_boot_failure"]:
+                out.append(Expectation(
+                    f"{i['name']} fails to boot (expect_boot_failure)", why is not None,
+                    why is not None, why or "it came up: expect_boot_failure = true says it "
+                    "should not"))
+            elif why is not None:
+                out.append(Expectation(
+                    f"{i['name']} came up", False, False,
+                    f"{why}; if that is the experiment, say expect_boot_failure = true in "
+                    "its [[instance]]"))
+        return out
 
     def _fault_metrics(self, f: dict[str, Any]) -> dict[str, Any]:
         fired = self.fired.get(f["name"])

@@ -221,6 +221,9 @@ INSTANCE_KEYS = {
     "llc_way_mask": Key(_mask, None, "its own LLC ways: a subset of the machine's that no "
                                      "other instance holds; default: none"),
     "start": Key(_bool, True, "boot at time 0; false: created and loaded, booted by an action"),
+    "expect_boot_failure": Key(_bool, False, "its boot is the experiment's failure: the verdict "
+                               "requires that it fails (else an instance that never came up "
+                               "fails the verdict)"),
     "id": Key(_int(1, 511), None, "instance id; default: the lowest free, in file order "
                                   "(standbys last)"),
     "metrics": Key(_metric_names, [], "metrics its kernel publishes (self.metric), for expect"),
@@ -262,8 +265,9 @@ TOP_KEYS = ("scenario", "machine", "instance", "probe", "fault", "action", "expe
 
 # metrics each kind of named thing offers to expectations (documented in docs/scenarios.md)
 METRICS = {
-    "instance": ("state", "restarts", "failures", "crashes", "boots", "memory_intact",
-                 "foreign_pages", "served_by", "last_exit", "ipi_received", "ipi_dropped",
+    "instance": ("state", "restarts", "failures", "crashes", "boot_failures", "boots",
+                 "memory_intact", "foreign_pages", "served_by", "last_exit", "ipi_received",
+                 "ipi_dropped",
                  "ipi_ring_full", "ipi_doorbells", "ipi_dropped_filtered"),
     "probe": ("p50_us", "p99_us", "max_us", "mean_us", "lost", "sent", "received",
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),

@@ -1,0 +1,85 @@
+"""The leak check (conftest.no_leaks, leaks.py) on a shared host: a machine somebody else starts
+while a test runs is not the test's leak; what the test's own machines leave still is."""
+
+import os
+import shutil
+import tempfile
+import uuid
+
+import posix_ipc
+import psutil
+from helpers import CPUS, mk
+from leaks import MARK, cgroup_entries, cgroup_owners, leaks, shm_entries
+
+
+def _init_args():
+    return ["init", "--memory", "64M", "--oversubscribe", "--cpus", ",".join(map(str, CPUS)),
+            "--host-cpus", str(CPUS[0])]
+
+
+def _supervisor(run_dir):
+    with open(os.path.join(run_dir, "machine.pid")) as f:
+        return int(f.read().split()[0])
+
+
+def _shm_mapped_by(pid):
+    """The /dev/shm objects process ``pid`` maps (a machine's host maps its arena)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {os.path.basename(line.split()[-1]) for line in f
+                if line.rstrip("\n").split()[-1].startswith("/dev/shm/")}
+
+
+def test_a_machine_somebody_else_starts_mid_test_is_not_the_tests_leak():
+    """Another user's experiment (not of this session: started from elsewhere, its own
+    environment) starts a survivable machine while the test runs; its run directory sits
+    outside /dev/shm, so only its arena and its cgroup appear there, named after a run
+    directory the test never heard of."""
+    shm_before, cg_before = shm_entries(), cgroup_entries()
+    parent = tempfile.mkdtemp(prefix="mkt-other-")
+    other = os.path.join(parent, f"mk{uuid.uuid4().hex[:6]}")
+    env = {k: v for k, v in os.environ.items() if k != MARK}
+    try:
+        mk(other, *_init_args(), env=env)
+        host = _supervisor(other)
+        assert os.getpid() not in [p.pid for p in psutil.Process(host).parents()]
+        made = _shm_mapped_by(host) & (shm_entries() - shm_before)
+        assert made, "the other machine made no /dev/shm object: nothing was checked"
+        # (a third machine on this host may come and go meanwhile: only the other's count)
+        its_cgroups = {e for e in cgroup_entries() - cg_before if host in cgroup_owners(e)}
+        assert its_cgroups, "the other machine made no cgroup"
+        shm, cgroups = leaks(shm_before, cg_before)
+        assert not made & set(shm), f"blamed for the other machine's {sorted(made & set(shm))}"
+        assert not its_cgroups & set(cgroups), f"blamed for the other machine's {cgroups}"
+    finally:
+        mk(other, "shutdown", env=env, check=False)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_the_tests_own_machine_left_running_is_a_leak(run_dir):
+    """The session's own machine runs as a daemon that left its parent (mkctl init starts it
+    in a new session): still the test's, its run directory, arena and cgroup all counted."""
+    shm_before, cg_before = shm_entries(), cgroup_entries()
+    mk(run_dir, *_init_args())
+    host = _supervisor(run_dir)
+    assert os.getpid() not in [p.pid for p in psutil.Process(host).parents()]
+    shm, cgroups = leaks(shm_before, cg_before)
+    assert os.path.basename(run_dir) in shm
+    arena = _shm_mapped_by(host) - {os.path.basename(run_dir)}
+    assert arena and arena <= set(shm), f"the machine's {sorted(arena)} not counted in {shm}"
+    assert [c for c in cgroups if host in cgroup_owners(c)], "the machine's cgroup not counted"
+    mk(run_dir, "shutdown")
+    shm, cgroups = leaks(shm_before, cg_before)
+    assert os.path.basename(run_dir) not in shm and not arena & set(shm)
+    assert not [c for c in cgroups if host in cgroup_owners(c)]
+
+
+def test_an_object_nobody_holds_any_more_is_a_leak():
+    """Made by the test and forgotten: no live process holds it, whatever its name."""
+    shm_before, cg_before = shm_entries(), cgroup_entries()
+    name = f"/mkt-forgotten-{uuid.uuid4().hex[:8]}"
+    posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096).close_fd()
+    try:
+        assert name[1:] in leaks(shm_before, cg_before)[0]
+    finally:
+        posix_ipc.unlink_shared_memory(name)
+    assert name[1:] not in leaks(shm_before, cg_before)[0]
