@@ -62,7 +62,8 @@ def require_page_aligned(nbytes: int, what: str = "memory",
             isinstance(typed, int) or (isinstance(typed, str) and bool(_BYTES_RE.match(typed))))
         if unitless and nbytes < 1 << 16:
             hint = (f"a size without a unit is a number of bytes: did you mean {nbytes}M? "
-                    f"(write the unit: {nbytes}K, {nbytes}M or {nbytes}G)")
+                    f"(write the unit: {nbytes}K, {nbytes}M or {nbytes}G)"
+                    + ("; as bytes, 4K (the smallest size)" if not lo else ""))
         elif lo:
             hint = f"use {format_size(lo)} or {format_size(lo + PAGE_SIZE)}"
         else:
