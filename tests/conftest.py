@@ -55,7 +55,7 @@ def cgroup_entries() -> set[str]:
 def _foreign_cgroup(entry: str) -> bool:
     """Owned by a live process that is not this test's (another test run)."""
     try:
-        pid = int(entry.split("-")[1])
+        pid = int(entry.split("-")[1].removeprefix("s"))    # s<pid>: a survivable machine's
     except (IndexError, ValueError):
         return False
     return _another_runs(pid)
