@@ -7,6 +7,8 @@ import uuid
 import psutil
 import pytest
 
+from partition.host import rundir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MISBEHAVING = os.path.join(HERE, "kernels", "misbehaving.py")
 
@@ -17,10 +19,16 @@ def shm_entries() -> set[str]:
 
 def _foreign(entry: str) -> bool:
     """A run directory some other live process (another test run) owns: not our leak. A
-    survivable machine's arena (``mk-arena-<run>``) belongs to its run directory's owner."""
+    survivable machine's arena (``mk-arena-<key>``, rundir.machine_key: the run directory's
+    basename, a hash of its real path) belongs to its run directory's owner."""
     if entry.startswith("mk-arena-"):
-        run = entry[len("mk-arena-"):]
-        return os.path.isdir(os.path.join("/dev/shm", run)) and _foreign(run)
+        key = entry[len("mk-arena-"):]
+        run = key.rpartition("-")[0]
+        if os.path.isdir(os.path.join("/dev/shm", run)) and \
+                rundir.machine_key(os.path.join("/dev/shm", run)) == key:
+            return _foreign(run)
+        # (the basename alone: a machine of an older tree running beside this one)
+        return os.path.isdir(os.path.join("/dev/shm", key)) and _foreign(key)
     pidfile = os.path.join("/dev/shm", entry, "machine.pid")
     for _ in range(2):
         try:

@@ -107,7 +107,7 @@ class Abandoned:
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
-        self.base = os.path.basename(run_dir)
+        self.key = rundir.machine_key(run_dir)
         self.arena = adoption.arena_name(run_dir)
         self.pids: dict[str, int] = {}
         self.bases: dict[str, str] = {}
@@ -175,7 +175,7 @@ class Abandoned:
     def cgroup_dirs(self):
         dirs = {b for b in self.bases.values() if os.path.isdir(b)}
         for parent in _cgroup_parents():
-            dirs |= set(glob.glob(os.path.join(glob.escape(parent), f"multikernel-*-{self.base}")))
+            dirs |= set(glob.glob(os.path.join(glob.escape(parent), f"multikernel-*-{self.key}")))
         return dirs
 
     def members(self):

@@ -2,7 +2,7 @@
 
 On the real machine the spawned kernels keep their CPUs and memory when the host kernel fails.
 Here, a supervisor's machine (``survive_host``) gives its instances no parent-death signal, keeps
-its arena under a name (``/dev/shm/mk-arena-<run>``), leaves its cgroups where the next machine
+its arena under a name (``/dev/shm/mk-arena-<key>``), leaves its cgroups where the next machine
 will not reap them, and writes what it knows to ``<run-dir>/machine.json`` (the machine) and
 ``<run-dir>/machine.d/<id>.json`` (one record per instance) as things change. If
 the supervisor dies, the instances run on: pinned, contained, messaging each other with the
@@ -42,7 +42,7 @@ import posix_ipc
 from partition import linux
 from partition.abi.constants import MAX_INSTANCES
 from partition.errors import MKError
-from partition.host import cgroups
+from partition.host import cgroups, rundir
 from partition.host.instance import EXIT, Instance, State
 from partition.host.kimage import check_spec
 from partition.host.pool import NAME_RE, RESERVED_NAMES, Reservation
@@ -63,9 +63,9 @@ START_TOLERANCE_S = 0.01
 
 
 def arena_name(run_dir: str) -> str:
-    """The POSIX shared-memory name of a survivable machine's arena."""
-    base = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(run_dir))
-    return f"/mk-arena-{base}"[:200]
+    """The POSIX shared-memory name of a survivable machine's arena: its run directory's key,
+    so that two directories with one basename never share it."""
+    return f"/mk-arena-{rundir.machine_key(run_dir)}"
 
 
 def state_path(run_dir: str) -> str:
@@ -150,7 +150,7 @@ def cgroup_bases(run_dir: str) -> dict[str, str]:
     """The machine's cgroup directories, found by name under this host's own cgroups (the
     state file's word is not taken for where to kill)."""
     out: dict[str, str] = {}
-    for c, path in cgroups.survivable_dirs(os.path.basename(run_dir)):
+    for c, path in cgroups.survivable_dirs(rundir.machine_key(run_dir)):
         out.setdefault(c, path)
     return out
 
@@ -171,7 +171,7 @@ def abandoned(run_dir: str) -> bool:
 def leftovers(run_dir: str) -> bool:
     """Anything a survivable machine of this run directory left: its arena or its cgroups
     (an unreadable state file included)."""
-    return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(os.path.basename(run_dir)))
+    return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(rundir.machine_key(run_dir)))
 
 
 def _state_record(inst: Instance) -> str:
@@ -464,7 +464,7 @@ def remove_abandoned(run_dir: str) -> int:
     the cgroups and the arena's name; works without a readable state file. Returns the
     processes killed."""
     killed = cgroups.kill_and_remove([d for _, d in
-                                      cgroups.survivable_dirs(os.path.basename(run_dir))])
+                                      cgroups.survivable_dirs(rundir.machine_key(run_dir))])
     try:
         posix_ipc.unlink_shared_memory(arena_name(run_dir))
     except (posix_ipc.ExistentialError, ValueError):

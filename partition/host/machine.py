@@ -140,7 +140,7 @@ class Machine:
         flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
             (0 if self.protection else L.FLAG_UNPROTECTED)
         shm = adoption.arena_name(self.run_dir) if self.survive_host else None
-        self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
+        self.arena = Arena(self.layout, tag=f"mk-arena:{rundir.machine_key(self.run_dir)}",
                            flags=flags, shm_name=shm, attach=self.adopting)
         self.instances: dict[str, Instance] = {}
         self._ids: dict[int, Instance] = {}
@@ -172,7 +172,7 @@ class Machine:
         self.supervisor = Supervisor(self)
         self.overlays = Overlays(self)
         self.writes = None if self.protection else WriteWatch(self)
-        self.cgroups = Cgroups(os.path.basename(self.run_dir), survivable=self.survive_host,
+        self.cgroups = Cgroups(rundir.machine_key(self.run_dir), survivable=self.survive_host,
                                adopt=adoption.cgroup_bases(self.run_dir) if self.adopting else None)
         self._filters_due = 0.0               # next sweep (see _sweep)
         self._sweep_period = SWEEP_PERIOD_S     # longer while nothing moves
