@@ -341,3 +341,27 @@ def test_garbage_in_the_hosts_ring_cannot_flood_the_event_log(machine, pair):
     resets = [e for e in events(machine) if e["event"] == "ring_reset" and e["instance"] == 0]
     assert 1 <= len(resets) <= 5                                # about one a second
     assert os.path.getsize(os.path.join(machine.run_dir, "events.log")) < 256 << 10
+
+
+def test_a_peer_cannot_swallow_a_bystanders_doorbell(machine):
+    """A kernel reading, in a loop, the doorbell the host gives it for a peer: the peer's
+    requests and its graceful kill are as quick as without it (with an eventfd every read
+    swallowed a wake-up: the kill was "forced after 3013 ms", requests took 205-500 ms). The
+    handle a sender gets rings and cannot be read."""
+    by = up(machine, "by", cpu=CPUS[-1])
+    up(machine, "evil", HOSTILE, f"attack=steal-doorbell target={by['id']} seconds=6",
+       cpu=CPUS[0])
+    wait_until(machine, lambda: "stealing" in notes(machine, "evil"))
+    worst = 0.0
+    for i in range(30):
+        t0 = time.monotonic()
+        assert machine.request("by", M.MK_MSG_USER, i, timeout=5) == i
+        worst = max(worst, time.monotonic() - t0)
+        machine.poll(0.01)            # the bystander goes back to sleep on its doorbell
+    assert worst < 0.1, f"a request took {worst * 1000:.0f} ms"
+    t0 = time.monotonic()
+    rec = machine.kill("by", timeout=5)
+    assert rec["last_exit"]["how"] == "graceful"
+    assert time.monotonic() - t0 < 1.0
+    wait_until(machine, lambda: "steal:" in notes(machine, "evil"), timeout=15)
+    assert "steal: PermissionError" in notes(machine, "evil"), notes(machine, "evil")

@@ -286,10 +286,7 @@ class Kernel:
         2 ms use select(2), since poll(2) rounds its timeout up to a whole millisecond."""
         t = self._idle_s() if timeout is None else timeout
         fd = self.ctx.doorbell_fd
-        try:                    # clear the doorbell now, before sleeping, not after waking
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(fd)    # clear the doorbell now, before sleeping, not after waking
         ring = self.ring
         if ring.idle_enter():       # halted: senders write our eventfd; a message already
             ring.idle_leave()       # there: no sleep

@@ -133,10 +133,7 @@ def _park(doorbell_fd: int, mailbox: PeerEntry) -> int:
         if mailbox.ready == 1 and mailbox.generation:
             return mailbox.generation
         linux.wait_readable(doorbell_fd, None)
-        try:
-            os.eventfd_read(doorbell_fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(doorbell_fd)
 
 
 def _online(doorbell_fd: int, mailbox: PeerEntry, generation: int) -> None:
@@ -147,10 +144,7 @@ def _online(doorbell_fd: int, mailbox: PeerEntry, generation: int) -> None:
         if mailbox.generation != generation:
             raise RuntimeError(f"the host revoked generation {generation}")
         linux.wait_readable(doorbell_fd, 0.05)
-        try:
-            os.eventfd_read(doorbell_fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(doorbell_fd)
 
 
 def enter(boot: BootParams) -> NoReturn:

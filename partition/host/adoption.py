@@ -392,7 +392,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(pidfd)
         return f"its doorbell numbers {fds!r} are not descriptors"
     try:
-        doorbell = _eventfd_of(pidfd, fds[0])
+        doorbell = _doorbell_of(pidfd, fds[0])
     except OSError as exc:
         os.close(pidfd)
         return f"its doorbell: {exc.strerror}"
@@ -448,6 +448,27 @@ def _eventfd_of(pidfd: int, fd: int) -> int:
         raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not an eventfd")
     os.set_blocking(got, False)
     return got
+
+
+def _doorbell_of(pidfd: int, fd: int) -> int:
+    """A ring end for the instance's doorbell (linux.doorbell), made from the instance's own
+    end: that must be a pipe open for reading and writing, which only the host can have made
+    (an instance has no /proc and no writable directory for a FIFO); the ring end is the pipe
+    opened again write-only, so that the peers the new host gives it to cannot read it."""
+    got = linux.pidfd_getfd(pidfd, fd)
+    try:
+        kind = os.readlink(f"/proc/self/fd/{got}")
+    except OSError:
+        kind = ""
+    found = re.search(r"^flags:\s*([0-7]+)", _read(f"/proc/self/fdinfo/{got}"), re.M)
+    flags = int(found.group(1), 8) if found else 0
+    try:
+        if not kind.startswith("pipe:") or flags & os.O_ACCMODE != os.O_RDWR:
+            raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not the doorbell the "
+                              "host made (a pipe open for reading and writing)")
+        return os.open(f"/proc/self/fd/{got}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(got)
 
 
 def _read(path: str) -> str:

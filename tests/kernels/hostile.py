@@ -213,6 +213,30 @@ class Hostile(Kernel):
             self.note(f"sent {n}")
         self.step("flood", flood)
 
+    def attack_steal_doorbell(self) -> None:
+        """The doorbell a peer is legitimately given, read in a loop: on an eventfd every
+        read swallowed the target's wake-up (a host's graceful kill of it took 3 s)."""
+        from partition.abi import doorbell
+        st, _, _, fds = doorbell.ask(self.ctx.channel, self.target, 2.0)
+
+        def steal():
+            if st:
+                raise OSError(st, "no doorbell")
+            self.note("stealing")
+            end, took, refused = time.monotonic() + float(self.params.get("seconds", "3")), 0, 0
+            while time.monotonic() < end:
+                try:
+                    took += len(os.read(fds[0], 64))
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    refused += 1
+                os.sched_yield()
+            self.note(f"took {took} bytes, refused {refused} reads")
+            if refused and not took:
+                raise PermissionError("the doorbell could not be read")
+        self.step("steal", steal)
+
     def _raw(self, ring_id: int, sender: int, mtype: int, payload: object) -> None:
         from ringtool import claim, fill, publish
 
