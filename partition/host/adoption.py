@@ -19,7 +19,8 @@ Every instance that was running is verified before it is adopted:
 * the arena's peer table names that pid and that generation.
 
 Then the host opens a pidfd for it and takes its doorbell and the old host doorbell with
-``pidfd_getfd``; each must be an eventfd. An instance that fails a check is not adopted: the
+``pidfd_getfd``: a pipe open for reading and writing (``_doorbell_of``), an eventfd. An
+instance that fails a check is not adopted: the
 processes in its cgroup are killed (they can only be its own), the pid itself is never
 signalled, and it is recorded as failed with the reason. A parked (loaded) instance's process
 is killed through its cgroup too; it is parked again at ``start``. Exit statuses of adopted
