@@ -365,3 +365,30 @@ def test_a_peer_cannot_swallow_a_bystanders_doorbell(machine):
     assert time.monotonic() - t0 < 1.0
     wait_until(machine, lambda: "steal:" in notes(machine, "evil"), timeout=15)
     assert "steal: PermissionError" in notes(machine, "evil"), notes(machine, "evil")
+
+
+def test_a_peer_that_blocks_and_fills_a_doorbell_stalls_no_sender(machine):
+    """Every sender of a doorbell shares one file: a peer clears its O_NONBLOCK and fills the
+    pipe of a target that cannot drain it (stopped: a hang). The host's watchdog rings the
+    hung target at half its period: with a plain write it would wait in it for good; it rings
+    with RWF_NOWAIT, takes a full pipe for rung, and declares the hang on time."""
+    import signal as sig
+
+    by = up(machine, "by", cpu=CPUS[-1], watchdog=3.0)
+    machine.fault("by", "hang-stop")
+    up(machine, "evil", HOSTILE, f"attack=block-doorbell target={by['id']} seconds=6",
+       cpu=CPUS[0])
+    wait_until(machine, lambda: "full" in notes(machine, "evil"))
+
+    def stuck(*_):
+        raise TimeoutError("the host is stuck (in a doorbell write?)")
+    old = sig.signal(sig.SIGALRM, stuck)
+    sig.setitimer(sig.ITIMER_REAL, 10)
+    try:
+        rec = machine.wait_for("by", "loaded", timeout=8)
+    finally:
+        sig.setitimer(sig.ITIMER_REAL, 0)
+        sig.signal(sig.SIGALRM, old)
+    assert rec["last_failure"]["kind"] == "hang"
+    assert rec["counters"]["watchdog_nudges"] >= 1        # it was rung, into a full pipe
+    assert any(e["event"] == "watchdog_expired" for e in events(machine))

@@ -237,6 +237,29 @@ class Hostile(Kernel):
                 raise PermissionError("the doorbell could not be read")
         self.step("steal", steal)
 
+    def attack_block_doorbell(self) -> None:
+        """The doorbell a peer is given is one file shared by every sender, the host
+        included: make it blocking (a file flag: every holder's) and keep it full, so that
+        a sender's plain write would wait until the target drains it."""
+        from partition.abi import doorbell
+        st, _, _, fds = doorbell.ask(self.ctx.channel, self.target, 2.0)
+
+        def block():
+            if st:
+                raise OSError(st, "no doorbell")
+            os.set_blocking(fds[0], True)
+            end, n, full = time.monotonic() + float(self.params.get("seconds", "3")), 0, False
+            while time.monotonic() < end:
+                try:
+                    n += os.pwritev(fds[0], [bytes(4096)], -1, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    if not full:
+                        self.note("full")
+                        full = True
+                    time.sleep(0.001)
+            self.note(f"wrote {n}")
+        self.step("block", block)
+
     def _raw(self, ring_id: int, sender: int, mtype: int, payload: object) -> None:
         from ringtool import claim, fill, publish
 
