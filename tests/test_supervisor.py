@@ -308,6 +308,16 @@ BAD_FIELDS = [
 ]
 
 
+def _deep(depth):
+    v = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+BAD_FIELDS.append(("show", {"name": _deep(1000)}, "name"))     # no RecursionError on the way
+
+
 def test_every_field_is_checked_before_its_verb(run_dir):
     """A schema per verb: a field of the wrong type or out of range is refused by name with
     EINVAL, and nothing changes."""
