@@ -303,7 +303,7 @@ BAD_FIELDS = [
     ("exec_into", {"name": "v", "argv": "ls"}, "argv"),
     ("overlay", {"data": "not bytes"}, "data"),
     ("overlay_remove", {"tx": True}, "tx"),
-    ("kexec_unload", {"id": 0}, "id"),
+    ("kexec_unload", {"id": -1}, "id"),
     ("live_update", {"name": "v", "kernel": "k", "quiesce": 1e9}, "quiesce"),
 ]
 

@@ -212,7 +212,8 @@ def _blob(name: str, value: Any) -> None:
 
 
 _SECONDS = _number(0, 86400)
-_ID = _integer(1, 511)
+#: an instance id: its range (1..511) is the pool's and kerf's to refuse, in their words
+_ID = _integer(0, MAX_INT)
 #: op -> {argument: (check, required)}; every op of ``_ops`` and ``shutdown`` has one
 #: (tests/test_supervisor.py checks that they name the same arguments)
 ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
@@ -220,7 +221,7 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
     "shutdown": {},
     "show": {"name": (_text, False), "brief": (_flag, False)},
     "create": {"name": (_text, True), "memory": (_size, True), "cpus": (_cpus, False),
-               "cpu_count": (_integer(1, MAX_ITEMS), False), "id": (_ID, False),
+               "cpu_count": (_integer(0, MAX_INT), False), "id": (_ID, False),
                "recovery": (_text, False), "max_restarts": (_integer(0, 1000), False),
                "restart_window": (_SECONDS, False), "watchdog": (_SECONDS, False),
                "standby_for": (_text, False), "preserve_memory": (_flag, False)},
