@@ -196,3 +196,26 @@ def test_run_directories_with_one_basename_share_nothing(run_dir):
         import shutil
         shutil.rmtree(run_dir, ignore_errors=True)
     assert not os.path.exists(arena_a) and not adoption.cgroup_bases(a)
+
+
+def test_an_adopted_instances_doorbell_is_still_ring_only(run_dir):
+    """A new host makes the ring end it gives peers from the adopted instance's own doorbell
+    (a pipe open for reading and writing): write-only, so a kernel it starts later reads
+    nothing of the adopted one's wake-ups either."""
+    hostile = os.path.join(HERE, "kernels", "hostile.py") + ":Hostile"
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "v", "--cpus", str(CPUS[-1]), "--memory", "8M")
+    mk(run_dir, "load", "v", "--kernel", "kernels.echo:EchoKernel")
+    mk(run_dir, "start", "v")
+    vid = show(run_dir)["instances"][0]["id"]
+    kill_supervisor(run_dir)
+    mk(run_dir, "adopt")
+    mk(run_dir, "create", "evil", "--cpus", str(CPUS[0]), "--memory", "8M")
+    mk(run_dir, "load", "evil", "--kernel", hostile, "--cmdline",
+       f"attack=steal-doorbell target={vid} seconds=0.5")
+    mk(run_dir, "start", "evil")
+    until(lambda: "steal:" in mk(run_dir, "console", "evil").stdout, what="the theft tried")
+    said = mk(run_dir, "console", "evil").stdout
+    assert "steal: PermissionError" in said and "took 0 bytes" in said, said
+    mk(run_dir, "shutdown")
