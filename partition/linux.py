@@ -131,6 +131,14 @@ def doorbell() -> tuple[int, int]:
     return own, w
 
 
+def host_doorbell() -> tuple[int, int]:
+    """The host's doorbell: (the read end it waits on, the ring end every instance holds).
+    A pipe for the reason ``doorbell`` gives: an instance that read the host's eventfd
+    swallowed the host's wake-ups (a peer's boot or resize answer then waited for a sweep)."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    return r, w
+
+
 def ring_doorbell(fd: int) -> bool:
     """Ring a doorbell through its ring end. Never blocks, whatever a holder did to the
     shared file's flags (RWF_NOWAIT per call: a peer can clear O_NONBLOCK on the write end

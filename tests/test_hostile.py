@@ -392,3 +392,22 @@ def test_a_peer_that_blocks_and_fills_a_doorbell_stalls_no_sender(machine):
     assert rec["last_failure"]["kind"] == "hang"
     assert rec["counters"]["watchdog_nudges"] >= 1        # it was rung, into a full pipe
     assert any(e["event"] == "watchdog_expired" for e in events(machine))
+
+
+def test_a_peer_cannot_swallow_the_hosts_doorbell(machine):
+    """Every instance holds the host's doorbell to ring it; one that reads it in a loop
+    swallowed the host's wake-ups (on an eventfd): a boot, which the host waits for on its
+    doorbell, then waited for the host's next timer. The ring end cannot be read."""
+    up(machine, "evil", HOSTILE, "attack=steal-host-doorbell seconds=8", cpu=CPUS[0])
+    wait_until(machine, lambda: "stealing" in notes(machine, "evil"))
+    slowest = 0.0
+    for i in range(6):
+        machine.create(f"b{i}", cpus=str(CPUS[-1]), memory="4M")
+        machine.load(f"b{i}", "kernels.echo:EchoKernel")
+        machine.wait_for(f"b{i}", "loaded")
+        t0 = time.monotonic()
+        machine.exec(f"b{i}")
+        slowest = max(slowest, time.monotonic() - t0)
+    assert slowest < 0.2, f"a boot took {slowest * 1000:.0f} ms"
+    wait_until(machine, lambda: "steal host:" in notes(machine, "evil"), timeout=15)
+    assert "steal host: PermissionError" in notes(machine, "evil"), notes(machine, "evil")

@@ -328,9 +328,7 @@ class Ring:
                     if door == DOORBELL_WAKE or pidfd == 0:
                         if wake_fd < 0:
                             return -door
-                        if pidfd == 0:                  # the host's: an eventfd
-                            os.eventfd_write(wake_fd, 1)
-                        elif not linux.ring_doorbell(wake_fd):      # an instance's: a pipe
+                        if not linux.ring_doorbell(wake_fd):
                             return -door
                     elif pidfd > 0:         # a pidfd from the host: one process, for good
                         try:

@@ -501,10 +501,7 @@ class Kernel:
 
     def _res_ack(self, seq: int, status: int, reason: str = "") -> None:
         self.ctx.own.res_ack(seq, status, reason)
-        try:
-            os.eventfd_write(self.ctx.host_doorbell_fd, 1)
-        except OSError:
-            pass
+        linux.ring_doorbell(self.ctx.host_doorbell_fd)
 
     def _on_shutdown(self, msg: M.Message) -> None:
         body = self.host_command(msg)
@@ -646,10 +643,7 @@ class Kernel:
         self.boot()
         self._booted = True
         self.ctx.own.booted = self.ctx.boot_generation      # exec waits for this:
-        try:
-            os.eventfd_write(self.ctx.host_doorbell_fd, 1)  # ring, or it waits for a timer
-        except BlockingIOError:
-            pass                                            # saturated: rung already
+        linux.ring_doorbell(self.ctx.host_doorbell_fd)      # ring, or it waits for a timer
         self.run()
         # the loop is over: no message is taken any more (an IPI signal would drain the ring
         # from here on), so what is left waits in the ring, for a live update's new kernel

@@ -212,10 +212,7 @@ def enter(boot: BootParams) -> NoReturn:
                 time.sleep(3600)
         slot.ack_cpu = linux.sched_getcpu()
         slot.ack_generation = generation       # the answer; the host marks us active
-        try:
-            os.eventfd_write(boot.host_doorbell_fd, 1)
-        except BlockingIOError:                # saturated by some peer: rung already
-            pass
+        linux.ring_doorbell(boot.host_doorbell_fd)     # (a full pipe is rung already)
         _online(boot.doorbell_fd, mailbox, generation)
         setproctitle.setproctitle(title)       # after the answer: off the boot's clock
         ctx = KernelContext(

@@ -19,8 +19,8 @@ Every instance that was running is verified before it is adopted:
 * the arena's peer table names that pid and that generation.
 
 Then the host opens a pidfd for it and takes its doorbell and the old host doorbell with
-``pidfd_getfd``: a pipe open for reading and writing (``_doorbell_of``), an eventfd. An
-instance that fails a check is not adopted: the
+``pidfd_getfd``: pipes open for reading and writing and for writing (``_doorbell_of``,
+``_host_bell_of``). An instance that fails a check is not adopted: the
 processes in its cgroup are killed (they can only be its own), the pid itself is never
 signalled, and it is recorded as failed with the reason. A parked (loaded) instance's process
 is killed through its cgroup too; it is parked again at ``start``. Exit statuses of adopted
@@ -398,7 +398,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(pidfd)
         return f"its doorbell: {exc.strerror}"
     try:
-        host_bell = _eventfd_of(pidfd, fds[1])
+        host_bell = _host_bell_of(pidfd, fds[1])
     except OSError as exc:
         os.close(pidfd)
         os.close(doorbell)
@@ -414,7 +414,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     inst.state = State.ACTIVE
     m.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
     m.selector.register(pidfd, selectors.EVENT_READ, (EXIT, inst))
-    ident = _eventfd_id(host_bell)
+    ident = _pipe_id(host_bell)
     if ident is not None and ident in m.extra_host_doorbell_ids:
         os.close(host_bell)                    # the same old host doorbell: watched already
     else:
@@ -425,30 +425,38 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     return None
 
 
-def _eventfd_id(fd: int) -> int | None:
-    """The eventfd's identity (/proc/self/fdinfo ``eventfd-id``): descriptors of one object
-    share it, so an instance that planted its own eventfd is told apart from the host's."""
+def _pipe_id(fd: int) -> int | None:
+    """The pipe's identity (its inode, ``pipe:[N]``): descriptors of one pipe share it, so
+    the old host's doorbell, which every adopted instance holds, is watched once."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("eventfd-id:"):
-                    return int(line.split(":", 1)[1].strip())
-    except (OSError, ValueError):
-        pass
-    return None
+        found = re.fullmatch(r"pipe:\[([0-9]+)\]", os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
 
 
-def _eventfd_of(pidfd: int, fd: int) -> int:
+def _open_mode(fd: int) -> int:
+    found = re.search(r"^flags:\s*([0-7]+)", _read(f"/proc/self/fdinfo/{fd}"), re.M)
+    return int(found.group(1), 8) & os.O_ACCMODE if found else -1
+
+
+def _host_bell_of(pidfd: int, fd: int) -> int:
+    """The old host's doorbell (linux.host_doorbell), as the instance rings it: the write end
+    of a pipe, whose read end died with that host. The new host opens the same pipe again for
+    reading and waits on it. (An instance may have put a pipe of its own there: it can only
+    wake the new host with it, as it could with the host's.)"""
     got = linux.pidfd_getfd(pidfd, fd)
     try:
         kind = os.readlink(f"/proc/self/fd/{got}")
     except OSError:
         kind = ""
-    if kind != "anon_inode:[eventfd]":
+    try:
+        if not kind.startswith("pipe:") or _open_mode(got) != os.O_WRONLY:
+            raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not a host doorbell "
+                              "(the write end of a pipe)")
+        return os.open(f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
         os.close(got)
-        raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not an eventfd")
-    os.set_blocking(got, False)
-    return got
 
 
 def _doorbell_of(pidfd: int, fd: int) -> int:
@@ -461,10 +469,8 @@ def _doorbell_of(pidfd: int, fd: int) -> int:
         kind = os.readlink(f"/proc/self/fd/{got}")
     except OSError:
         kind = ""
-    found = re.search(r"^flags:\s*([0-7]+)", _read(f"/proc/self/fdinfo/{got}"), re.M)
-    flags = int(found.group(1), 8) if found else 0
     try:
-        if not kind.startswith("pipe:") or flags & os.O_ACCMODE != os.O_RDWR:
+        if not kind.startswith("pipe:") or _open_mode(got) != os.O_RDWR:
             raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not the doorbell the "
                               "host made (a pipe open for reading and writing)")
         return os.open(f"/proc/self/fd/{got}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

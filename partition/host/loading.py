@@ -62,7 +62,7 @@ class Loading:
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
             cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=m.arena.fd,
             layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
-            doorbell_fd=own_doorbell, host_doorbell_fd=m.host_doorbell,
+            doorbell_fd=own_doorbell, host_doorbell_fd=m.host_ring,
             channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],

@@ -153,7 +153,9 @@ class Machine:
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.selector = selectors.EpollSelector()
-        self.host_doorbell = linux.eventfd()
+        #: the host's doorbell: it reads ``host_doorbell``; instances hold ``host_ring``, a
+        #: pipe's write end, which rings and cannot be read (linux.host_doorbell)
+        self.host_doorbell, self.host_ring = linux.host_doorbell()
         self.selector.register(self.host_doorbell, selectors.EVENT_READ, None)
         self.events = EventLog(os.path.join(self.run_dir, rundir.EVENTS), run_dir=self.run_dir)
         self.views = ViewWriter(self.run_dir)
@@ -233,6 +235,7 @@ class Machine:
                 self.selector.close()
             finally:
                 os.close(self.host_doorbell)
+                os.close(self.host_ring)
                 for fd in self.extra_host_doorbells:
                     os.close(fd)
                 self.ipc.close()
@@ -277,6 +280,7 @@ class Machine:
         self._close_zygote()
         self.selector.close()
         os.close(self.host_doorbell)
+        os.close(self.host_ring)
         for fd in self.extra_host_doorbells:
             os.close(fd)
         self.ipc.close()
@@ -717,7 +721,7 @@ class Machine:
             timeout = period if timeout is None else min(timeout, period)
         for key, _ in self.selector.select(timeout):
             if key.data is None:           # the host doorbell (or an adopted run's old one)
-                linux.eventfd_drain(key.fd)
+                linux.doorbell_clear(key.fd)
                 self.ipc.drain()
                 handled += 1
                 continue

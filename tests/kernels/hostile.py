@@ -237,6 +237,25 @@ class Hostile(Kernel):
                 raise PermissionError("the doorbell could not be read")
         self.step("steal", steal)
 
+    def attack_steal_host_doorbell(self) -> None:
+        """The host's doorbell, which every instance holds to ring it, read in a loop."""
+        def steal():
+            self.note("stealing")
+            fd = self.ctx.host_doorbell_fd
+            end, took, refused = time.monotonic() + float(self.params.get("seconds", "3")), 0, 0
+            while time.monotonic() < end:
+                try:
+                    took += len(os.read(fd, 64))
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    refused += 1
+                os.sched_yield()
+            self.note(f"took {took} bytes, refused {refused} reads")
+            if refused and not took:
+                raise PermissionError("the host doorbell could not be read")
+        self.step("steal host", steal)
+
     def attack_block_doorbell(self) -> None:
         """The doorbell a peer is given is one file shared by every sender, the host
         included: make it blocking (a file flag: every holder's) and keep it full, so that
