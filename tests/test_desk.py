@@ -205,7 +205,7 @@ def test_a_bad_frame_on_the_watch_socket_is_refused_and_the_run_goes_on(tmp_path
 
     import msgpack
     f = tmp_path / "w.toml"
-    f.write_text('expect = ["a.state == \'active\'"]\n[scenario]\nname = "w"\nduration = "2s"\n'
+    f.write_text('expect = ["a.state == \'active\'"]\n[scenario]\nname = "w"\nduration = "5s"\n'
                  '[machine]\noversubscribe = true\n[[instance]]\nname = "a"\n'
                  'kernel = "kernels.counter:CounterKernel"\n')
     run = subprocess.Popen(MKCTL + ["run", str(f), "--quiet"], stdout=subprocess.PIPE,
