@@ -388,9 +388,9 @@ class Endpoint:
 
 
 def ring_by_hand(doorbell: Doorbell) -> None:
-    """The doorbell a bound send could not ring (no descriptor for the peer's eventfd, or the
+    """The doorbell a bound send could not ring (no descriptor for the peer's doorbell, or the
     write failed): a signal reaches a halted peer as well as a busy one; the host's doorbell
-    (signal_pid 0) is always its eventfd."""
+    (signal_pid 0) is always written."""
     wake_fd, pidfd, _ = doorbell
     if pidfd == 0:
         if wake_fd >= 0:                # (full: rung already; no reader: the host is gone)
