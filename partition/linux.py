@@ -95,17 +95,61 @@ def physical_cpu_ids() -> dict[int, int]:
     return ids
 
 
-def eventfd(initval: int = 0, nonblocking: bool = True) -> int:
-    flags = os.EFD_CLOEXEC | (os.EFD_NONBLOCK if nonblocking else 0)
-    return os.eventfd(initval, flags)
+#: one ring of a doorbell: 8 bytes into its pipe (what an eventfd write took)
+RING = (1).to_bytes(8, "little")
 
 
-def eventfd_drain(fd: int) -> int:
-    """Read and reset a non-blocking eventfd; 0 when nothing was pending."""
+def doorbell() -> tuple[int, int]:
+    """An instance's doorbell: (its own end, the ring end). A pipe, not an eventfd: whoever
+    holds an eventfd can read it, and a peer that read the one the host gave it swallowed
+    that instance's wake-ups (real hardware cannot swallow another core's IPI). The instance
+    holds the pipe open for reading and writing (it sleeps on it, clears it, rings itself from
+    a signal handler): the pipe opened again through /proc, since its two ends are one-way.
+    The host and the peers hold the write end, which rings and cannot be read (nor reopened:
+    an instance's /proc is covered)."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return os.eventfd_read(fd)
+        own = os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    return own, w
+
+
+def host_doorbell() -> tuple[int, int]:
+    """The host's doorbell: (the read end it waits on, the ring end every instance holds).
+    A pipe for the reason ``doorbell`` gives: an instance that read the host's eventfd
+    swallowed the host's wake-ups (a peer's boot, which the host waits for on its doorbell,
+    took 31 s instead of milliseconds)."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    return r, w
+
+
+def ring_doorbell(fd: int) -> bool:
+    """Ring a doorbell through its ring end. Never blocks, whatever a holder did to the
+    shared file's flags (RWF_NOWAIT per call: a peer can clear O_NONBLOCK on the write end
+    the host gave it); a full pipe is rung already. False: it could not be rung (no reader:
+    the instance is gone)."""
+    try:
+        os.pwritev(fd, [RING], -1, os.RWF_NOWAIT)
     except BlockingIOError:
-        return 0
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def doorbell_clear(fd: int) -> None:
+    """Take every ring pending on a doorbell's own end: a peer may have written any number of
+    bytes in pieces of any size (an eventfd's ``os.eventfd_read`` would fail on a piece
+    shorter than 8 bytes). Reads an eventfd too (one read takes its whole count)."""
+    try:
+        while len(os.read(fd, 4096)) == 4096:
+            pass
+    except BlockingIOError:
+        pass
 
 
 #: select(2) takes descriptors below this only; a host of hundreds of instances has more

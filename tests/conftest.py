@@ -12,7 +12,6 @@ MISBEHAVING = os.path.join(HERE, "kernels", "misbehaving.py")
 
 mark_session()      # what the tests start is the session's, daemons included (leaks.py)
 
-
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test must reap what it started and remove the shared-memory objects and the
@@ -28,15 +27,12 @@ def no_leaks():
     assert not new, f"test left /dev/shm entries: {[explain_shm(e) for e in new]}"
     assert not cg_new, f"test left cgroups: {[explain_cgroup(e) for e in cg_new]}"
 
-
 @pytest.fixture
 def misbehaving() -> str:
     return MISBEHAVING
 
-
 def mkctl_cmd() -> list[str]:
     return [sys.executable, "-m", "partition.control.cli"]
-
 
 @pytest.fixture
 def run_dir():

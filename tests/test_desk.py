@@ -238,3 +238,51 @@ def test_show_says_an_overlays_instance_was_deleted_since(machine_factory):
     m.delete("e")
     line = [s for s in render_show(m.show()).splitlines() if s.startswith("overlays ")][0]
     assert line.endswith("on e [e deleted since]"), line
+
+
+def test_a_bad_frame_on_the_watch_socket_is_refused_and_the_run_goes_on(tmp_path):
+    """mkctl run's read-only socket checks every field as the daemon does: a show of a name
+    that is a list, an unhashable op, a frame of junk are each refused (EINVAL) to their
+    client, and the experiment ends as it would have (it used to exit with a traceback)."""
+    import socket
+    import struct
+
+    import msgpack
+    f = tmp_path / "w.toml"
+    f.write_text('expect = ["a.state == \'active\'"]\n[scenario]\nname = "w"\nduration = "5s"\n'
+                 '[machine]\noversubscribe = true\n[[instance]]\nname = "a"\n'
+                 'kernel = "kernels.counter:CounterKernel"\n')
+    run = subprocess.Popen(MKCTL + ["run", str(f), "--quiet"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+
+    def call(request):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(os.path.join(where, "mkctl.sock"))
+        data = msgpack.packb(request, use_bin_type=True)
+        s.sendall(struct.pack(">I", len(data)) + data)
+        n = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
+        reply = msgpack.unpackb(s.recv(n, socket.MSG_WAITALL), raw=False)
+        s.close()
+        return reply
+    try:
+        line = run.stderr.readline()
+        while "watch it live" not in line:
+            assert line, "mkctl run never said where to watch it"
+            line = run.stderr.readline()
+        where = re.search(r"--run-dir (\S+)", line).group(1)
+        for bad, field in (({"op": "show", "args": {"name": [1]}}, "'name'"),
+                           ({"op": "console", "args": {"name": {"a": 1}}}, "'name'"),
+                           ({"op": "show", "args": {"brief": "yes"}}, "'brief'"),
+                           ({"op": [1]}, "malformed"), ({"op": "show", "args": [1]}, "malformed")):
+            r = call(bad)
+            assert r["ok"] is False and r["error"]["class"] == "InvalidSpec", (bad, r)
+            assert field in r["error"]["message"], (bad, r)
+        assert call({"op": "show", "args": {"name": "a"}})["result"]["state"] == "active"
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.communicate()
+    assert run.returncode == 0 and "PASS" in out, err
+    assert "Traceback" not in err

@@ -399,3 +399,73 @@ def test_garbage_in_the_hosts_ring_cannot_flood_the_event_log(machine, pair):
     resets = [e for e in events(machine) if e["event"] == "ring_reset" and e["instance"] == 0]
     assert 1 <= len(resets) <= 5                                # about one a second
     assert os.path.getsize(os.path.join(machine.run_dir, "events.log")) < 256 << 10
+
+
+def test_a_peer_cannot_swallow_a_bystanders_doorbell(machine):
+    """A kernel reading, in a loop, the doorbell the host gives it for a peer: the peer's
+    requests and its graceful kill are as quick as without it (with an eventfd every read
+    swallowed a wake-up: the kill was "forced after 3013 ms", requests took 205-500 ms). The
+    handle a sender gets rings and cannot be read."""
+    by = up(machine, "by", cpu=CPUS[-1])
+    up(machine, "evil", HOSTILE, f"attack=steal-doorbell target={by['id']} seconds=6",
+       cpu=CPUS[0])
+    wait_until(machine, lambda: "stealing" in notes(machine, "evil"))
+    worst = 0.0
+    for i in range(30):
+        t0 = time.monotonic()
+        assert machine.request("by", M.MK_MSG_USER, i, timeout=5) == i
+        worst = max(worst, time.monotonic() - t0)
+        machine.poll(0.01)            # the bystander goes back to sleep on its doorbell
+    assert worst < 0.1, f"a request took {worst * 1000:.0f} ms"
+    t0 = time.monotonic()
+    rec = machine.kill("by", timeout=5)
+    assert rec["last_exit"]["how"] == "graceful"
+    assert time.monotonic() - t0 < 1.0
+    wait_until(machine, lambda: "steal:" in notes(machine, "evil"), timeout=15)
+    assert "steal: PermissionError" in notes(machine, "evil"), notes(machine, "evil")
+
+
+def test_a_peer_that_blocks_and_fills_a_doorbell_stalls_no_sender(machine):
+    """Every sender of a doorbell shares one file: a peer clears its O_NONBLOCK and fills the
+    pipe of a target that cannot drain it (stopped: a hang). The host's watchdog rings the
+    hung target at half its period: with a plain write it would wait in it for good; it rings
+    with RWF_NOWAIT, takes a full pipe for rung, and declares the hang on time."""
+    import signal as sig
+
+    by = up(machine, "by", cpu=CPUS[-1], watchdog=3.0)
+    machine.fault("by", "hang-stop")
+    up(machine, "evil", HOSTILE, f"attack=block-doorbell target={by['id']} seconds=6",
+       cpu=CPUS[0])
+    wait_until(machine, lambda: "full" in notes(machine, "evil"))
+
+    def stuck(*_):
+        raise TimeoutError("the host is stuck (in a doorbell write?)")
+    old = sig.signal(sig.SIGALRM, stuck)
+    sig.setitimer(sig.ITIMER_REAL, 10)
+    try:
+        rec = machine.wait_for("by", "loaded", timeout=8)
+    finally:
+        sig.setitimer(sig.ITIMER_REAL, 0)
+        sig.signal(sig.SIGALRM, old)
+    assert rec["last_failure"]["kind"] == "hang"
+    assert rec["counters"]["watchdog_nudges"] >= 1        # it was rung, into a full pipe
+    assert any(e["event"] == "watchdog_expired" for e in events(machine))
+
+
+def test_a_peer_cannot_swallow_the_hosts_doorbell(machine):
+    """Every instance holds the host's doorbell to ring it; one that reads it in a loop
+    swallowed the host's wake-ups (on an eventfd): a boot, which the host waits for on its
+    doorbell, then waited for the host's next timer. The ring end cannot be read."""
+    up(machine, "evil", HOSTILE, "attack=steal-host-doorbell seconds=8", cpu=CPUS[0])
+    wait_until(machine, lambda: "stealing" in notes(machine, "evil"))
+    slowest = 0.0
+    for i in range(6):
+        machine.create(f"b{i}", cpus=str(CPUS[-1]), memory="4M")
+        machine.load(f"b{i}", "kernels.echo:EchoKernel")
+        machine.wait_for(f"b{i}", "loaded")
+        t0 = time.monotonic()
+        machine.exec(f"b{i}")
+        slowest = max(slowest, time.monotonic() - t0)
+    assert slowest < 0.2, f"a boot took {slowest * 1000:.0f} ms"
+    wait_until(machine, lambda: "steal host:" in notes(machine, "evil"), timeout=15)
+    assert "steal host: PermissionError" in notes(machine, "evil"), notes(machine, "evil")

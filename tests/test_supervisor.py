@@ -248,3 +248,99 @@ def test_a_restarting_instance_runs_with_its_successor_parked(machine):
     machine.unload("r")
     assert machine.instances["r"].parked is None
     assert not os.path.exists(f"/proc/{spare}")
+
+
+def test_a_bad_frame_harms_only_its_sender(run_dir):
+    """While client A's graceful kill waits for a kernel that ignores SHUTDOWN, client B's
+    malformed frames are refused to B (EINVAL, at once), and A's kill ends as it would have:
+    forced, the instance no longer active. (B's unhashable op used to fail A's verb.)"""
+    stubborn = os.path.join(HERE, "kernels", "misbehaving.py") + ":Stubborn"
+    init(run_dir)
+    mk(run_dir, "create", "s", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "s", "--kernel", stubborn)
+    mk(run_dir, "start", "s")
+    a = subprocess.Popen(MKCTL + ["--run-dir", run_dir, "kill", "s", "--timeout", "3",
+                                  "--format", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)                             # A's kill is waiting for s to halt
+        assert a.poll() is None
+        for bad in ({"op": [1]}, {"op": {"x": 1}, "args": {}}, {"op": "show", "args": [1]},
+                    {"op": "show", "args": {"name": [1]}},
+                    {"op": "kill", "args": {"name": "s", "force": "no"}}):
+            t0 = time.monotonic()
+            r = raw_call(run_dir, bad)
+            assert r["ok"] is False and r["error"]["class"] == "InvalidSpec", (bad, r)
+            assert time.monotonic() - t0 < 2.0, "refused at once, not queued behind A"
+        out, err = a.communicate(timeout=30)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.communicate()
+    assert a.returncode == 0, err
+    assert json.loads(out)["last_exit"]["how"] == "forced"
+    assert json.loads(mk(run_dir, "show", "s", "--format", "json").stdout)["state"] != "active"
+
+
+BAD_FIELDS = [
+    ("kill", {"name": "v", "force": "no"}, "force"),           # was taken as true
+    ("kill", {"name": "v", "force": 0}, "force"),
+    ("kill", {"name": "v", "timeout": "5"}, "timeout"),
+    ("kill", {"name": "v", "timeout": -1}, "timeout"),
+    ("kill", {"name": ["v"]}, "name"),
+    ("kill", {}, "name"),
+    ("start", {"name": "v", "wait": "yes"}, "wait"),
+    ("show", {"brief": 1}, "brief"),
+    ("show", {"name": {"a": 1}}, "name"),
+    ("console", {"name": 1.5}, "name"),
+    ("console", {"name": 4096}, "name"),
+    ("create", {"name": "x", "memory": -1}, "memory"),
+    ("create", {"name": "x", "memory": "16M", "cpus": [True]}, "cpus"),
+    ("create", {"name": "x", "memory": "16M", "max_restarts": 1 << 62}, "max_restarts"),
+    ("update", {"name": "v", "preserve_memory": "false"}, "preserve_memory"),
+    ("fault", {"name": "v", "kind": "cpu-hog", "options": {"seconds": "2"}}, "options"),
+    ("fault", {"name": "v", "kind": "cpu-hog", "options": [1]}, "options"),
+    ("exec_into", {"name": "v", "argv": "ls"}, "argv"),
+    ("overlay", {"data": "not bytes"}, "data"),
+    ("overlay_remove", {"tx": True}, "tx"),
+    ("kexec_unload", {"id": -1}, "id"),
+    ("live_update", {"name": "v", "kernel": "k", "quiesce": 1e9}, "quiesce"),
+]
+
+
+def _deep(depth):
+    v = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+BAD_FIELDS.append(("show", {"name": _deep(1000)}, "name"))     # no RecursionError on the way
+
+
+def test_every_field_is_checked_before_its_verb(run_dir):
+    """A schema per verb: a field of the wrong type or out of range is refused by name with
+    EINVAL, and nothing changes."""
+    init(run_dir)
+    mk(run_dir, "create", "v", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "v", "--kernel", "kernels.idle:IdleKernel")
+    mk(run_dir, "start", "v")
+    for op, args, field in BAD_FIELDS:
+        r = raw_call(run_dir, {"op": op, "args": args})
+        assert r["ok"] is False and r["error"]["class"] == "InvalidSpec", (op, args, r)
+        assert repr(field) in r["error"]["message"], (op, args, r)
+    snap = json.loads(mk(run_dir, "show", "--format", "json").stdout)
+    assert [(i["name"], i["state"]) for i in snap["instances"]] == [("v", "active")]
+
+
+def test_every_verb_has_a_schema():
+    """A verb added without argument checks would take whatever a frame holds."""
+    from partition.control.daemon import ARGS, _ops
+
+    class Stub:
+        def __getattr__(self, name):
+            return None
+    ops = _ops(Stub())
+    assert set(ARGS) == set(ops) | {"shutdown"}
+    for op, (allowed, _) in ops.items():
+        assert set(ARGS[op]) == allowed, op

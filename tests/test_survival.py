@@ -107,8 +107,7 @@ def test_instances_outlive_their_host_and_are_adopted(run_dir):
     for pid in pids.values():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert [e for e in os.listdir("/dev/shm") if e.startswith("mk-arena-")] != shm or not shm
-    assert not [e for e in os.listdir("/dev/shm") if e.startswith("mk-arena-")
-                and e.endswith(os.path.basename(run_dir))]
+    assert not os.path.exists("/dev/shm" + adoption.arena_name(run_dir))
 
 
 def test_an_abandoned_machine_is_removed_whole(run_dir):
@@ -121,8 +120,7 @@ def test_an_abandoned_machine_is_removed_whole(run_dir):
     assert not os.path.exists(run_dir)
     until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                           for p in pids), what="the abandoned instances' end")
-    assert not [e for e in os.listdir("/dev/shm") if e.startswith("mk-arena-")
-                and e.endswith(os.path.basename(run_dir))]
+    assert not os.path.exists("/dev/shm" + adoption.arena_name(run_dir))
 
 
 def test_adoption_never_takes_a_process_that_is_not_the_instance(run_dir):
@@ -150,4 +148,74 @@ def test_adoption_never_takes_a_process_that_is_not_the_instance(run_dir):
     finally:
         impostor.kill()
         impostor.wait()
+    mk(run_dir, "shutdown")
+
+
+def test_run_directories_with_one_basename_share_nothing(run_dir):
+    """Two machines in .../a/mk and .../b/mk: their arena names and cgroups differ, so
+    ``mkctl shutdown`` of the empty b/mk touches nothing of a/mk's live machine (it used to
+    kill every instance of it and unlink its arena), and an init in b/mk then runs beside it
+    with objects of its own. A new host of a/mk finds a/mk's objects again."""
+    a, b = os.path.join(run_dir, "a", "mk"), os.path.join(run_dir, "b", "mk")
+    os.makedirs(b)
+    try:
+        mk(a, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+           "--memory", "64M", "--oversubscribe")
+        mk(a, "create", "v", "--cpus", str(CPUS[-1]), "--memory", "8M")
+        mk(a, "load", "v", "--kernel", "kernels.idle:IdleKernel")
+        mk(a, "start", "v")
+        pid = show(a)["instances"][0]["pid"]
+        arena_a = "/dev/shm" + adoption.arena_name(a)
+        cgroups_a = adoption.cgroup_bases(a)
+        assert os.path.exists(arena_a) and cgroups_a
+
+        mk(b, "shutdown", check=False)                  # an empty directory: nothing to do
+        time.sleep(0.3)
+        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+        assert os.path.exists(arena_a) and adoption.cgroup_bases(a) == cgroups_a
+        assert show(a)["instances"][0]["state"] == "active"
+        assert adoption.arena_name(a) != adoption.arena_name(b)
+        assert not adoption.cgroup_bases(b)
+
+        mk(b, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+           "--memory", "64M", "--oversubscribe")
+        assert os.path.exists("/dev/shm" + adoption.arena_name(b)) and os.path.exists(arena_a)
+        mk(b, "shutdown")
+        assert os.path.exists(arena_a) and psutil.pid_exists(pid)
+
+        kill_supervisor(a)                               # and a new host of a/mk finds it
+        mk(a, "adopt")
+        assert show(a)["instances"][0]["pid"] == pid
+        mk(a, "kill", "v")
+        mk(a, "start", "v")                              # restarts work (they broke: ENOSPC)
+        assert show(a)["instances"][0]["state"] == "active"
+    finally:
+        for d in (b, a):
+            if os.path.exists(d):
+                mk(d, "shutdown", check=False)
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert not os.path.exists(arena_a) and not adoption.cgroup_bases(a)
+
+
+def test_an_adopted_instances_doorbell_is_still_ring_only(run_dir):
+    """A new host makes the ring end it gives peers from the adopted instance's own doorbell
+    (a pipe open for reading and writing): write-only, so a kernel it starts later reads
+    nothing of the adopted one's wake-ups either."""
+    hostile = os.path.join(HERE, "kernels", "hostile.py") + ":Hostile"
+    mk(run_dir, "init", "--cpus", ",".join(map(str, CPUS)), "--host-cpus", str(CPUS[0]),
+       "--memory", "64M", "--oversubscribe")
+    mk(run_dir, "create", "v", "--cpus", str(CPUS[-1]), "--memory", "8M")
+    mk(run_dir, "load", "v", "--kernel", "kernels.echo:EchoKernel")
+    mk(run_dir, "start", "v")
+    vid = show(run_dir)["instances"][0]["id"]
+    kill_supervisor(run_dir)
+    mk(run_dir, "adopt")
+    mk(run_dir, "create", "evil", "--cpus", str(CPUS[0]), "--memory", "8M")
+    mk(run_dir, "load", "evil", "--kernel", hostile, "--cmdline",
+       f"attack=steal-doorbell target={vid} seconds=0.5")
+    mk(run_dir, "start", "evil")
+    until(lambda: "steal:" in mk(run_dir, "console", "evil").stdout, what="the theft tried")
+    said = mk(run_dir, "console", "evil").stdout
+    assert "steal: PermissionError" in said and "took 0 bytes" in said, said
     mk(run_dir, "shutdown")

@@ -29,6 +29,10 @@
 #include <unistd.h>
 #include <poll.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008   /* linux/fs.h: this write must not wait */
+#endif
 
 #define HEAD 0
 #define TAIL 64
@@ -296,15 +300,20 @@ static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_
 
 /* Ring the doorbell publish() asked for (rc < 0), here: the Python between a send and its
  * doorbell is on the critical path of every interrupt-mode round trip (measured: 3 us of a
- * 61 us round trip, cold caches after a vCPU halt). A halted receiver: write its eventfd; a
- * busy one: signal it (signal_pid 0: the receiver is the host, whose doorbell is always its
- * eventfd; below 0: no signal possible). What cannot be rung here is left to the caller: the
- * answer stays negative. */
+ * 61 us round trip, cold caches after a vCPU halt). A halted receiver: write its doorbell; a
+ * busy one: signal it (signal_pid 0: the receiver is the host, whose doorbell is always
+ * written; below 0: no signal possible). What cannot be rung here is left to the caller: the
+ * answer stays negative.
+ * A doorbell is the write end of a pipe (linux.doorbell, linux.host_doorbell: a sender can
+ * ring it, never read it), shared by every sender: written with RWF_NOWAIT, since any holder
+ * can clear O_NONBLOCK on it, and a full pipe is rung already. */
 static long ring_doorbell(long rc, long wake_fd, long signal_pid, long signo)
 {
     uint64_t one = 1;
     if (rc == -1 || signal_pid == 0) {
-        if (wake_fd >= 0 && write((int)wake_fd, &one, sizeof one) == (ssize_t)sizeof one)
+        struct iovec iov = {&one, sizeof one};
+        if (wake_fd >= 0 && (pwritev2((int)wake_fd, &iov, 1, -1, RWF_NOWAIT) ==
+                             (ssize_t)sizeof one || errno == EAGAIN))
             return 0;
     } else if (signal_pid > 0 && (syscall(SYS_pidfd_send_signal, (int)signal_pid, (int)signo,
                                           NULL, 0) == 0 || errno == ESRCH)) {
@@ -890,8 +899,11 @@ static PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
     char *base = (char *)buf.buf;
-    uint64_t junk;
-    if (read(fd, &junk, sizeof junk) < 0 && errno != EAGAIN) {     /* clear the doorbell */
+    char junk[4096];        /* clear the doorbell: all of it (a pipe holds what peers wrote) */
+    ssize_t got;
+    while ((got = read(fd, junk, sizeof junk)) == (ssize_t)sizeof junk)
+        ;
+    if (got < 0 && errno != EAGAIN) {
         PyBuffer_Release(&buf);
         return PyErr_SetFromErrno(PyExc_OSError);
     }

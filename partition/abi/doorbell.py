@@ -1,7 +1,8 @@
 """The doorbell channel: how an instance gets a peer's doorbell from the host, and only there.
 
-A doorbell is two descriptors: the peer's eventfd (written to wake it from its HLT) and a pidfd
-of the peer's process (signalled with the IPI signal when it is busy). An instance never makes
+A doorbell is two descriptors: the ring end of the peer's doorbell (the write end of a pipe,
+written to wake it from its HLT, which cannot be read: partition/linux.py ``doorbell``) and a
+pidfd of the peer's process (signalled with the IPI signal when it is busy). An instance never makes
 either from what another instance wrote: it asks the host over its own end of a SOCK_SEQPACKET
 socketpair made at boot, naming a target id, and the host answers from its own records with the
 descriptors attached (SCM_RIGHTS), or with an error. A pidfd names one process for good, so a
@@ -23,7 +24,7 @@ REPLY = struct.Struct("<IIIIQ")
 
 
 def ask(sock: socket.socket, target: int, timeout: float) -> tuple[int, int, int, list[int]]:
-    """(status, pid, generation, [eventfd, pidfd]) for ``target``; status ETIMEDOUT when the host
+    """(status, pid, generation, [ring end, pidfd]) for ``target``; status ETIMEDOUT when the host
     did not answer in time. Replies to earlier, timed-out requests are skipped."""
     sock.settimeout(timeout)
     try:

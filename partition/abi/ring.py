@@ -328,7 +328,8 @@ class Ring:
                     if door == DOORBELL_WAKE or pidfd == 0:
                         if wake_fd < 0:
                             return -door
-                        os.eventfd_write(wake_fd, 1)
+                        if not linux.ring_doorbell(wake_fd):
+                            return -door
                     elif pidfd > 0:         # a pidfd from the host: one process, for good
                         try:
                             signal.pidfd_send_signal(pidfd, signo)
@@ -534,17 +535,14 @@ class Ring:
         """The receiver's whole interrupt-mode wait: clear the doorbell, announce idle, sleep
         on the doorbell (unless a message already waits) up to ``timeout`` seconds, leave
         idle, drain as ``drain`` does. None: the wait timed out, nothing was taken. The
-        doorbell must be a non-blocking eventfd."""
+        doorbell must be non-blocking: an instance's own end (linux.doorbell), or an eventfd."""
         if _fast is not None:
             got = _fast.halt(self.buf, self.nslots, self.stride, self.slot_bytes, doorbell_fd,
                              float(timeout), limit, handled, deliver, hush, replies)
             if got is None:
                 return None
             return self._rest(got, limit, abandon_after, handled, deliver)
-        try:
-            os.eventfd_read(doorbell_fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(doorbell_fd)
         rung = self.idle_enter()
         try:
             if not rung:

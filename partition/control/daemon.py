@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import reprlib
 import selectors
 import shutil
 import signal
@@ -23,9 +24,9 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import setproctitle
 
@@ -127,6 +128,154 @@ def _load_with_cwd(m: Machine, name: str, kernel: str, cmdline: str = "",
             sys.path.remove(added)
 
 
+# -- the wire's arguments, verb by verb ----------------------------------------------------
+# Every field of a request is checked here before any verb sees it: a frame from one client
+# is untrusted input, and a TypeError or an unhashable value raised from deep inside the
+# machine while another client's verb waits would fail that other verb instead. The machine
+# checks meanings (a name's instance, a size's room); these check shapes, types and ranges.
+Check = Callable[[str, Any], None]
+MAX_TEXT = 4096             # a name, a kernel spec, a command line (kimage.MAX_CMDLINE)
+MAX_ITEMS = 4096            # a CPU list, an argv, fault options
+MAX_INT = (1 << 63) - 1     # what the pool's arithmetic and msgpack's int64 take
+
+
+def _refuse(name: str, value: Any, want: str, example: str) -> NoReturn:
+    shown = reprlib.repr(value)         # (bounded in depth and length, whatever came)
+    raise InvalidSpec(f"argument {name!r} must be {want}, got {shown}", f"e.g. {example}")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        _refuse(name, value, f"text of at most {MAX_TEXT} characters", f"{name}=\"db\"")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):     # "no" and 0 are not false here: only false is
+        _refuse(name, value, "true or false", f"{name}=true")
+
+
+def _integer(lo: int, hi: int) -> Check:
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            _refuse(name, value, f"an integer in {lo}..{hi}", f"{name}={max(lo, 1)}")
+    return check
+
+
+def _number(lo: float, hi: float) -> Check:
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or not lo <= value <= hi:
+            _refuse(name, value, f"a finite number in [{lo:g}, {hi:g}]", f"{name}=5")
+    return check
+
+
+def _cpus(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        _text(name, value)
+    elif not isinstance(value, list) or len(value) > MAX_ITEMS or any(
+            isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < MAX_ITEMS
+            for c in value):
+        _refuse(name, value, "a CPU list (text) or a list of CPU numbers", f"{name}=\"1-3\"")
+
+
+def _size(name: str, value: Any) -> None:
+    if isinstance(value, str):
+        _text(name, value)
+    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        _refuse(name, value, "a size (text such as 64M, or bytes)", f"{name}=\"64M\"")
+
+
+def _instance(name: str, value: Any) -> None:
+    """An instance's name, or (console) its id: 0 or "host" is the host's."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        _integer(0, 511)(name, value)
+    else:
+        _text(name, value)
+
+
+def _options(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or len(value) > MAX_ITEMS or any(
+            not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))
+            or (isinstance(v, float) and not math.isfinite(v)) or not -MAX_INT <= v <= MAX_INT
+            for k, v in value.items()):
+        _refuse(name, value, "a map of option names to finite numbers", f"{name}={{\"seconds\": 2}}")
+
+
+def _argv(name: str, value: Any) -> None:
+    if not isinstance(value, list) or len(value) > MAX_ITEMS or \
+            any(not isinstance(a, str) or len(a) > MAX_TEXT for a in value):
+        _refuse(name, value, f"a list of at most {MAX_ITEMS} strings", f"{name}=[\"ps\"]")
+
+
+def _blob(name: str, value: Any) -> None:
+    if not isinstance(value, bytes):
+        _refuse(name, value, "bytes (a DTBO)", "data=<the overlay's bytes>")
+
+
+_SECONDS = _number(0, 86400)
+#: an instance id: its range (1..511) is the pool's and kerf's to refuse, in their words
+_ID = _integer(0, MAX_INT)
+#: op -> {argument: (check, required)}; every op of ``_ops`` and ``shutdown`` has one
+#: (tests/test_supervisor.py checks that they name the same arguments)
+ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
+    "ping": {},
+    "shutdown": {},
+    "show": {"name": (_text, False), "brief": (_flag, False)},
+    "create": {"name": (_text, True), "memory": (_size, True), "cpus": (_cpus, False),
+               "cpu_count": (_integer(0, MAX_INT), False), "id": (_ID, False),
+               "recovery": (_text, False), "max_restarts": (_integer(0, 1000), False),
+               "restart_window": (_SECONDS, False), "watchdog": (_SECONDS, False),
+               "standby_for": (_text, False), "preserve_memory": (_flag, False)},
+    "update": {"name": (_text, True), "recovery": (_text, False),
+               "max_restarts": (_integer(0, 1000), False), "restart_window": (_SECONDS, False),
+               "watchdog": (_SECONDS, False), "preserve_memory": (_flag, False)},
+    "fault": {"name": (_text, True), "kind": (_text, True), "options": (_options, False)},
+    "load": {"name": (_text, True), "kernel": (_text, True), "cmdline": (_text, False),
+             "cwd": (_text, False)},
+    "start": {"name": (_text, True), "wait": (_flag, False)},
+    "exec": {"name": (_text, True), "wait": (_flag, False)},
+    "kill": {"name": (_text, True), "force": (_flag, False), "timeout": (_SECONDS, False)},
+    "unload": {"name": (_text, True)},
+    "delete": {"name": (_text, True)},
+    "console": {"name": (_instance, True)},
+    "overlay": {"data": (_blob, True)},
+    "overlay_remove": {"tx": (_integer(0, MAX_INT), True)},
+    "resize": {"name": (_text, True), "cpus": (_cpus, False), "memory": (_size, False)},
+    "dump": {"name": (_text, False)},
+    "kexec_load": {"id": (_ID, True), "kernel": (_text, True), "cmdline": (_text, False)},
+    "kexec_unload": {"id": (_ID, True)},
+    "mk_reboot": {"cmd": (_text, True), "id": (_ID, True)},
+    "exec_into": {"name": (_text, True), "argv": (_argv, False)},
+    "live_update": {"name": (_text, True), "kernel": (_text, True), "cmdline": (_text, False),
+                    "quiesce": (_number(0, 3600), False)},
+}
+
+
+def check_request(req: Any, ops: Collection[str]) -> tuple[str, dict[str, Any]]:
+    """(op, args) of a request whose every field has the type and range its verb takes, or
+    InvalidSpec naming the field; an argument given as null is left out (its default).
+    ``ops``: the verbs this socket serves (another op is the caller's to refuse)."""
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str) or \
+            not isinstance(req.get("args", {}), dict):
+        raise InvalidSpec("malformed request: expected {op: str, args: map}",
+                          "use mkctl, or follow docs/architecture.md")
+    op, args = req["op"], {k: v for k, v in req.get("args", {}).items() if v is not None}
+    check_numbers(args)
+    schema = ARGS.get(op) if op in ops else None
+    if schema is None:
+        return op, args
+    extra = set(args) - set(schema)
+    if extra:
+        raise InvalidSpec(f"unknown argument(s) {sorted(extra)} for {op!r}",
+                          f"allowed: {sorted(schema)}")
+    for name, (check, required) in schema.items():
+        if name in args:
+            check(name, args[name])
+        elif required:
+            raise InvalidSpec(f"{op!r} needs the argument {name!r}", f"allowed: {sorted(schema)}")
+    return op, args
+
+
 #: what may be answered while another verb is still waiting (they change nothing)
 READ_ONLY_OPS = frozenset({"ping", "show", "console", "dump"})
 MAX_CLIENTS = 16          # connections at once; one more is answered EBUSY and closed
@@ -217,10 +366,7 @@ class Daemon:
                 self.m.events.info("supervisor_signal", action="shutdown")
                 self.stopping = True
             elif isinstance(key.data, Conn):
-                if mask & selectors.EVENT_READ:
-                    self._read(key.data)
-                if mask & selectors.EVENT_WRITE and key.data.sock.fileno() in self.conns:
-                    self._write(key.data)
+                self._serve(key.data, mask)
         now = time.monotonic()
         for conn in [c for c in self.conns.values() if c.deadline <= now]:
             self.m.events.warning("client_timeout", uid=conn.uid,
@@ -264,6 +410,24 @@ class Daemon:
                 return True
         return False
 
+    def _serve(self, conn: Conn, mask: int) -> None:
+        """One client's turn. Whatever its frame does, it ends here, with that client: this
+        runs inside another client's waiting verb too (``step`` is the machine's waiter), and
+        an exception let out would fail that verb instead."""
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(conn)
+            if mask & selectors.EVENT_WRITE and conn.sock.fileno() in self.conns:
+                self._write(conn)
+        except Exception as exc:
+            self.m.events.warning("request_failed", uid=conn.uid, error=repr(exc),
+                                  traceback=traceback.format_exc())
+            if conn.sock.fileno() in self.conns and not conn.outbuf:
+                self._reply(conn, _error(MKError(f"internal error: {exc!r}",
+                                                 "see events.log in the run directory")))
+            else:
+                self._close(conn)
+
     def _read(self, conn: Conn) -> None:
         if conn.request is not None or conn.outbuf:
             return                      # one request per connection; the rest is ignored
@@ -288,11 +452,15 @@ class Daemon:
             return
         conn.request = req
         conn.deadline = math.inf        # it asked in time: its verb may take as long as it needs
-        op = req.get("op") if isinstance(req, dict) else None
-        if not self.busy or op in READ_ONLY_OPS:
-            self._dispatch(conn)
-        else:
+        known = self.ops.keys() | {"shutdown"}
+        try:                            # a frame that will be refused is refused at once
+            op = check_request(req, known)[0]
+        except MKError:
+            op = None
+        if self.busy and op in known and op not in READ_ONLY_OPS:
             self.queue.append(conn)     # served when the verb in progress is done
+        else:
+            self._dispatch(conn)        # (a read, or a request refused at once)
 
     def _dispatch(self, conn: Conn) -> None:
         outer = self.busy
@@ -335,12 +503,7 @@ class Daemon:
     # -- requests --------------------------------------------------------------------------
     def dispatch(self, req: Any) -> dict[str, Any]:
         try:
-            if not isinstance(req, dict) or not isinstance(req.get("op"), str) or \
-                    not isinstance(req.get("args", {}), dict):
-                raise InvalidSpec("malformed request: expected {op: str, args: map}",
-                                  "use mkctl, or follow docs/architecture.md")
-            op, args = req["op"], req.get("args", {})
-            check_numbers(args)
+            op, args = check_request(req, self.ops.keys() | {"shutdown"})
             if op == "shutdown":
                 halted = sum(1 for i in self.m.instances.values() if i.pid is not None)
                 self.m.close()
@@ -349,12 +512,7 @@ class Daemon:
             if op not in self.ops:
                 raise InvalidSpec(f"unknown operation {op!r}",
                                   f"one of: {', '.join(sorted(self.ops))}, shutdown")
-            allowed, fn = self.ops[op]
-            extra = set(args) - allowed
-            if extra:
-                raise InvalidSpec(f"unknown argument(s) {sorted(extra)} for {op!r}",
-                                  f"allowed: {sorted(allowed)}")
-            return {"ok": True, "result": fn(**args)}
+            return {"ok": True, "result": self.ops[op][1](**args)}
         except MKError as exc:
             return _error(exc)
         except TypeError as exc:
@@ -380,16 +538,19 @@ def _error(exc: MKError) -> dict[str, Any]:
 
 
 def check_numbers(value: Any, where: str = "arguments") -> None:
-    """NaN and the infinities are refused anywhere in a request, before any verb sees them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidSpec(f"{where} holds {value!r}, which is not a finite number",
-                          "give a finite number")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_numbers(v, f"argument {k!r}")
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            check_numbers(v, where)
+    """NaN and the infinities are refused anywhere in a request, before any verb sees them.
+    Walked with a stack of its own: a frame nested a thousand deep is refused by its schema,
+    not met with a RecursionError here."""
+    todo = [(value, where)]
+    while todo:
+        value, where = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidSpec(f"{where} holds {value!r}, which is not a finite number",
+                              "give a finite number")
+        if isinstance(value, dict):
+            todo += [(v, f"argument {k!r}") for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            todo += [(v, where) for v in value]
 
 
 def main(argv: list[str] | None = None) -> int:

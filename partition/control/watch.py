@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+import traceback
 from typing import Any
 
 from partition.control import protocol
-from partition.control.daemon import _dump
-from partition.errors import InvalidSpec, MKError, PermissionDenied
+from partition.control.daemon import READ_ONLY_OPS, _dump, check_request
+from partition.errors import MKError, PermissionDenied
 from partition.host import rundir
 from partition.host.machine import Machine
 
@@ -67,10 +68,18 @@ class Watcher:
                 self._drop(conn)
 
     def _answer(self, conn: socket.socket, req: Any) -> None:
+        """Answer one request; whatever it holds, the answer is that client's alone and the
+        experiment goes on (this runs inside the runner's loop)."""
         try:
             reply = {"ok": True, "result": self._dispatch(req)}
         except MKError as exc:
             reply = {"ok": False, "error": exc.to_wire()}
+        except Exception as exc:
+            self.m.events.warning("request_failed", error=repr(exc),
+                                  traceback=traceback.format_exc())
+            reply = {"ok": False, "error": MKError(f"internal error: {exc!r}",
+                                                   "see events.log in the run directory"
+                                                   ).to_wire()}
         try:
             conn.setblocking(True)
             conn.settimeout(DEADLINE_S)
@@ -80,16 +89,14 @@ class Watcher:
         self._drop(conn)
 
     def _dispatch(self, req: Any) -> Any:
-        if not isinstance(req, dict) or not isinstance(req.get("args", {}), dict):
-            raise InvalidSpec("malformed request", "use mkctl")
-        op, args = req.get("op"), req.get("args", {})
+        op, args = check_request(req, READ_ONLY_OPS)      # every field, as the daemon does
         name = args.get("name")
         if op == "ping":
             return {"pid": os.getpid(), "run_dir": self.m.run_dir}
         if op == "show":
-            return self.m.show(name)
+            return self.m.show(name, bool(args.get("brief", False)))
         if op == "console":
-            return self.m.console(name)
+            return self.m.console(args["name"])
         if op == "dump":
             return _dump(self.m, name)
         raise PermissionDenied(f"{op!r}: this machine runs an experiment (mkctl run); it can be "

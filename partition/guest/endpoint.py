@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from partition import linux
 from partition.abi import doorbell
 from partition.abi import slot as S
 from partition.abi.constants import HOST_ID, IPI_SIGNAL, MAX_INSTANCES, STATE_ACTIVE
@@ -421,16 +422,13 @@ class Endpoint:
 
 
 def ring_by_hand(doorbell: Doorbell) -> None:
-    """The doorbell a bound send could not ring (no descriptor for the peer's eventfd, or the
+    """The doorbell a bound send could not ring (no descriptor for the peer's doorbell, or the
     write failed): a signal reaches a halted peer as well as a busy one; the host's doorbell
-    (signal_pid 0) is always its eventfd."""
+    (signal_pid 0) is always written."""
     wake_fd, pidfd, _ = doorbell
     if pidfd == 0:
-        if wake_fd >= 0:
-            try:
-                os.eventfd_write(wake_fd, 1)
-            except BlockingIOError:     # saturated (someone filled it): it is rung already
-                pass
+        if wake_fd >= 0:                # (full: rung already; no reader: the host is gone)
+            linux.ring_doorbell(wake_fd)
         return
     if pidfd < 0:               # nobody to ring
         return

@@ -286,10 +286,7 @@ class Kernel:
         2 ms use select(2), since poll(2) rounds its timeout up to a whole millisecond."""
         t = self._idle_s() if timeout is None else timeout
         fd = self.ctx.doorbell_fd
-        try:                    # clear the doorbell now, before sleeping, not after waking
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(fd)    # clear the doorbell now, before sleeping, not after waking
         ring = self.ring
         if ring.idle_enter():       # halted: senders write our eventfd; a message already
             ring.idle_leave()       # there: no sleep
@@ -504,10 +501,7 @@ class Kernel:
 
     def _res_ack(self, seq: int, status: int, reason: str = "") -> None:
         self.ctx.own.res_ack(seq, status, reason)
-        try:
-            os.eventfd_write(self.ctx.host_doorbell_fd, 1)
-        except OSError:
-            pass
+        linux.ring_doorbell(self.ctx.host_doorbell_fd)
 
     def _on_shutdown(self, msg: M.Message) -> None:
         body = self.host_command(msg)
@@ -649,10 +643,7 @@ class Kernel:
         self.boot()
         self._booted = True
         self.ctx.own.booted = self.ctx.boot_generation      # exec waits for this:
-        try:
-            os.eventfd_write(self.ctx.host_doorbell_fd, 1)  # ring, or it waits for a timer
-        except BlockingIOError:
-            pass                                            # saturated: rung already
+        linux.ring_doorbell(self.ctx.host_doorbell_fd)      # ring, or it waits for a timer
         self.run()
         # the loop is over: no message is taken any more (an IPI signal would drain the ring
         # from here on), so what is left waits in the ring, for a live update's new kernel

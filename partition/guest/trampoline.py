@@ -158,10 +158,7 @@ def _park(doorbell_fd: int, mailbox: PeerEntry) -> int:
         if mailbox.ready == 1 and mailbox.generation:
             return mailbox.generation
         linux.wait_readable(doorbell_fd, None)
-        try:
-            os.eventfd_read(doorbell_fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(doorbell_fd)
 
 
 def _online(doorbell_fd: int, mailbox: PeerEntry, generation: int) -> None:
@@ -172,10 +169,7 @@ def _online(doorbell_fd: int, mailbox: PeerEntry, generation: int) -> None:
         if mailbox.generation != generation:
             raise RuntimeError(f"the host revoked generation {generation}")
         linux.wait_readable(doorbell_fd, 0.05)
-        try:
-            os.eventfd_read(doorbell_fd)
-        except BlockingIOError:
-            pass
+        linux.doorbell_clear(doorbell_fd)
 
 
 def enter(boot: BootParams) -> NoReturn:
@@ -241,10 +235,7 @@ def enter(boot: BootParams) -> NoReturn:
                 time.sleep(3600)
         slot.ack_cpu = linux.sched_getcpu()
         slot.ack_generation = generation       # the answer; the host marks us active
-        try:
-            os.eventfd_write(boot.host_doorbell_fd, 1)
-        except BlockingIOError:                # saturated by some peer: rung already
-            pass
+        linux.ring_doorbell(boot.host_doorbell_fd)     # (a full pipe is rung already)
         _online(boot.doorbell_fd, mailbox, generation)
         setproctitle.setproctitle(title)       # after the answer: off the boot's clock
         ctx = KernelContext(

@@ -2,7 +2,7 @@
 
 On the real machine the spawned kernels keep their CPUs and memory when the host kernel fails.
 Here, a supervisor's machine (``survive_host``) gives its instances no parent-death signal, keeps
-its arena under a name (``/dev/shm/mk-arena-<run>``), leaves its cgroups where the next machine
+its arena under a name (``/dev/shm/mk-arena-<key>``), leaves its cgroups where the next machine
 will not reap them, and writes what it knows to ``<run-dir>/machine.json`` (the machine) and
 ``<run-dir>/machine.d/<id>.json`` (one record per instance) as things change. If
 the supervisor dies, the instances run on: pinned, contained, messaging each other with the
@@ -21,7 +21,8 @@ is verified before it is adopted:
 * the arena's peer table names that pid and that generation.
 
 Then the host opens a pidfd for it and takes its doorbell and the old host doorbell with
-``pidfd_getfd``; each must be an eventfd. An instance that fails a check is not adopted: the
+``pidfd_getfd``: pipes open for reading and writing and for writing (``_doorbell_of``,
+``_host_bell_of``). An instance that fails a check is not adopted: the
 processes in its cgroup are killed (they can only be its own), the pid itself is never
 signalled, and it is recorded as failed with the reason. A parked (loaded) instance's process
 is killed through its cgroup too; it is parked again at ``start``. Exit statuses of adopted
@@ -47,7 +48,7 @@ import posix_ipc
 from partition import linux
 from partition.abi.constants import MAX_INSTANCES
 from partition.errors import MKError
-from partition.host import cgroups, llc
+from partition.host import cgroups, llc, rundir
 from partition.host.instance import EXIT, Instance, State
 from partition.host.kimage import check_spec
 from partition.host.pool import NAME_RE, RESERVED_NAMES, Reservation
@@ -68,9 +69,9 @@ START_TOLERANCE_S = 0.01
 
 
 def arena_name(run_dir: str) -> str:
-    """The POSIX shared-memory name of a survivable machine's arena."""
-    base = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(run_dir))
-    return f"/mk-arena-{base}"[:200]
+    """The POSIX shared-memory name of a survivable machine's arena: its run directory's key,
+    so that two directories with one basename never share it."""
+    return f"/mk-arena-{rundir.machine_key(run_dir)}"
 
 
 def state_path(run_dir: str) -> str:
@@ -155,7 +156,7 @@ def cgroup_bases(run_dir: str) -> dict[str, str]:
     """The machine's cgroup directories, found by name under this host's own cgroups (the
     state file's word is not taken for where to kill)."""
     out: dict[str, str] = {}
-    for c, path in cgroups.survivable_dirs(os.path.basename(run_dir)):
+    for c, path in cgroups.survivable_dirs(rundir.machine_key(run_dir)):
         out.setdefault(c, path)
     return out
 
@@ -176,7 +177,7 @@ def abandoned(run_dir: str) -> bool:
 def leftovers(run_dir: str) -> bool:
     """Anything a survivable machine of this run directory left: its arena or its cgroups
     (an unreadable state file included)."""
-    return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(os.path.basename(run_dir)))
+    return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(rundir.machine_key(run_dir)))
 
 
 def _state_record(inst: Instance) -> str:
@@ -480,12 +481,12 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(pidfd)
         return f"its doorbell numbers {fds!r} are not descriptors"
     try:
-        doorbell = _eventfd_of(pidfd, fds[0])
+        doorbell = _doorbell_of(pidfd, fds[0])
     except OSError as exc:
         os.close(pidfd)
         return f"its doorbell: {exc.strerror}"
     try:
-        host_bell = _eventfd_of(pidfd, fds[1])
+        host_bell = _host_bell_of(pidfd, fds[1])
     except OSError as exc:
         os.close(pidfd)
         os.close(doorbell)
@@ -501,7 +502,7 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     inst.state = State.ACTIVE
     m.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
     m.selector.register(pidfd, selectors.EVENT_READ, (EXIT, inst))
-    ident = _eventfd_id(host_bell)
+    ident = _pipe_id(host_bell)
     if ident is not None and ident in m.extra_host_doorbell_ids:
         os.close(host_bell)                    # the same old host doorbell: watched already
     else:
@@ -512,30 +513,57 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
     return None
 
 
-def _eventfd_id(fd: int) -> int | None:
-    """The eventfd's identity (/proc/self/fdinfo ``eventfd-id``): descriptors of one object
-    share it, so an instance that planted its own eventfd is told apart from the host's."""
+def _pipe_id(fd: int) -> int | None:
+    """The pipe's identity (its inode, ``pipe:[N]``): descriptors of one pipe share it, so
+    the old host's doorbell, which every adopted instance holds, is watched once."""
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("eventfd-id:"):
-                    return int(line.split(":", 1)[1].strip())
-    except (OSError, ValueError):
-        pass
-    return None
+        found = re.fullmatch(r"pipe:\[([0-9]+)\]", os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
 
 
-def _eventfd_of(pidfd: int, fd: int) -> int:
+def _open_mode(fd: int) -> int:
+    found = re.search(r"^flags:\s*([0-7]+)", _read(f"/proc/self/fdinfo/{fd}"), re.M)
+    return int(found.group(1), 8) & os.O_ACCMODE if found else -1
+
+
+def _host_bell_of(pidfd: int, fd: int) -> int:
+    """The old host's doorbell (linux.host_doorbell), as the instance rings it: the write end
+    of a pipe, whose read end died with that host. The new host opens the same pipe again for
+    reading and waits on it. (An instance may have put a pipe of its own there: it can only
+    wake the new host with it, as it could with the host's.)"""
     got = linux.pidfd_getfd(pidfd, fd)
     try:
         kind = os.readlink(f"/proc/self/fd/{got}")
     except OSError:
         kind = ""
-    if kind != "anon_inode:[eventfd]":
+    try:
+        if not kind.startswith("pipe:") or _open_mode(got) != os.O_WRONLY:
+            raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not a host doorbell "
+                              "(the write end of a pipe)")
+        return os.open(f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
         os.close(got)
-        raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not an eventfd")
-    os.set_blocking(got, False)
-    return got
+
+
+def _doorbell_of(pidfd: int, fd: int) -> int:
+    """A ring end for the instance's doorbell (linux.doorbell), made from the instance's own
+    end: that must be a pipe open for reading and writing, which only the host can have made
+    (an instance has no /proc and no writable directory for a FIFO); the ring end is the pipe
+    opened again write-only, so that the peers the new host gives it to cannot read it."""
+    got = linux.pidfd_getfd(pidfd, fd)
+    try:
+        kind = os.readlink(f"/proc/self/fd/{got}")
+    except OSError:
+        kind = ""
+    try:
+        if not kind.startswith("pipe:") or _open_mode(got) != os.O_RDWR:
+            raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not the doorbell the "
+                              "host made (a pipe open for reading and writing)")
+        return os.open(f"/proc/self/fd/{got}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    finally:
+        os.close(got)
 
 
 def _read(path: str) -> str:
@@ -552,7 +580,7 @@ def remove_abandoned(run_dir: str) -> int:
     the cgroups and the arena's name; works without a readable state file. Returns the
     processes killed."""
     killed = cgroups.kill_and_remove([d for _, d in
-                                      cgroups.survivable_dirs(os.path.basename(run_dir))])
+                                      cgroups.survivable_dirs(rundir.machine_key(run_dir))])
     try:
         posix_ipc.unlink_shared_memory(arena_name(run_dir))
     except (posix_ipc.ExistentialError, ValueError):

@@ -6,7 +6,8 @@ Two kinds, by what must outlive what:
   process holding it, so a crashed test cannot leak a multi-GiB object, and two machines never
   collide on a name;
 * a supervisor's machine (``mkctl init``) uses a named POSIX shared-memory object
-  (``/dev/shm/mk-arena-<run>``, through ``posix_ipc``): its instances outlive a host that dies,
+  (``/dev/shm/mk-arena-<key>``, ``rundir.machine_key``, through ``posix_ipc``): its instances
+  outlive a host that dies,
   and a new host finds the arena again by that name and adopts them (host/adoption.py). The
   name is removed at shutdown, and by ``mkctl shutdown`` of an abandoned machine. Instances
   cannot reach it: their /dev holds five device nodes and no shm.

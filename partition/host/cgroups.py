@@ -8,7 +8,9 @@ the trampoline before any kernel code runs, and killed whole when the instance h
 nothing it forked survives it.
 
 Where: under the host's own cgroup in each hierarchy (so that whatever limits the host lives
-under still count), in ``multikernel-<run>/i<id>``. cgroup v1 (cpuset, memory, pids, freezer:
+under still count), in ``multikernel-<pid>-<key>/i<id>`` (``s<pid>`` for a survivable
+machine; ``<key>``: ``rundir.machine_key``, the run directory's basename and a hash of its real
+path, so that two run directories never share one). cgroup v1 (cpuset, memory, pids, freezer:
 what this project's machines have) and v2 (cpuset, memory, pids and ``cgroup.kill``) are both
 supported; a machine with neither runs its instances uncontained and says so
 (``containment_unavailable``).
@@ -262,9 +264,9 @@ def _reap_stale_in(parent: str) -> int:
 
 
 def survivable_dirs(run_name: str) -> list[tuple[str, str]]:
-    """(controller, directory) of every survivable machine's cgroup for run directory
-    ``run_name`` (``multikernel-s<pid>-<run>``), found by scanning the hierarchies this process
-    lives in, not by believing a file."""
+    """(controller, directory) of every survivable machine's cgroup for the run directory
+    whose key is ``run_name`` (``multikernel-s<pid>-<key>``, ``rundir.machine_key``), found by
+    scanning the hierarchies this process lives in, not by believing a file."""
     out: list[tuple[str, str]] = []
     own = _own_paths()
     pattern = re.compile(rf"^multikernel-s\d+-{re.escape(run_name)}$")

@@ -3,7 +3,7 @@
 Instance 0 receives HALTED, SHUTDOWN_ACK and HEARTBEAT here, sends to instances through their
 rings, and cleans up after dead senders. It is the guest's ``Endpoint`` with a directory of its
 own: where an instance reads the shared peer-state table, the host reads its own records (the
-pid it forked, the eventfd it created, the standby it chose), so nothing an instance wrote
+pid it forked, the doorbell it created, the standby it chose), so nothing an instance wrote
 decides where the host's messages go or whom it signals.
 """
 
@@ -132,7 +132,8 @@ class HostIPC:
 
     def serve_doorbells(self, inst: Instance) -> None:
         """Answer ``inst``'s doorbell requests (abi/doorbell.py) from the host's own records:
-        the eventfd it made and the pidfd it holds for the target's running incarnation. At
+        the doorbell's ring end it made and the pidfd it holds for the target's running
+        incarnation (never the end the target reads: a peer must ring it, not consume it). At
         most 16 a turn, so a chatty instance cannot keep the reactor to itself."""
         chan = inst.channel
         if chan is None:

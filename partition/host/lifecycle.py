@@ -392,9 +392,7 @@ class Lifecycle:
 
 
 def ring(doorbell_fd: int) -> None:
-    """Write an instance's doorbell eventfd. Peers hold it too (the host gives it to them), so
-    it may be saturated: then it is rung already, and the host must not fail for it."""
-    try:
-        os.eventfd_write(doorbell_fd, 1)
-    except BlockingIOError:
-        pass
+    """Ring an instance's doorbell (its ring end: linux.doorbell). Peers hold it too (the host
+    gives it to them), so it may be full: then it is rung already, and the host must not fail
+    or wait for it (nor for an instance that is gone)."""
+    linux.ring_doorbell(doorbell_fd)

@@ -54,7 +54,7 @@ class Loading:
         # what can fail without descriptors to close comes first
         procs = m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst))
         inherited = inherited_mappings()
-        doorbell_fd = linux.eventfd()
+        own_doorbell, doorbell_fd = linux.doorbell()   # the child's end; the ring end is ours
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         host_end.setblocking(False)
         report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -62,7 +62,7 @@ class Loading:
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
             cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=m.arena.fd,
             layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
-            doorbell_fd=doorbell_fd, host_doorbell_fd=m.host_doorbell,
+            doorbell_fd=own_doorbell, host_doorbell_fd=m.host_ring,
             channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
             oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
             protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],
@@ -78,6 +78,7 @@ class Loading:
         finally:
             guest_end.close()       # (the child has its own copies)
             os.close(report_w)
+            os.close(own_doorbell)
         pidfd = linux.pidfd_open(pid)
         if inst.llc_way_mask:
             m._llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started

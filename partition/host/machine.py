@@ -198,7 +198,7 @@ class Machine:
         flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
             (0 if self.protection else L.FLAG_UNPROTECTED)
         shm = adoption.arena_name(self.run_dir) if self.survive_host else None
-        self.arena = Arena(self.layout, tag=f"mk-arena:{os.path.basename(self.run_dir)}",
+        self.arena = Arena(self.layout, tag=f"mk-arena:{rundir.machine_key(self.run_dir)}",
                            flags=flags, shm_name=shm, attach=self.adopting)
         self.instances: dict[str, Instance] = {}
         self._ids: dict[int, Instance] = {}
@@ -211,7 +211,9 @@ class Machine:
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.selector = selectors.EpollSelector()
-        self.host_doorbell = linux.eventfd()
+        #: the host's doorbell: it reads ``host_doorbell``; instances hold ``host_ring``, a
+        #: pipe's write end, which rings and cannot be read (linux.host_doorbell)
+        self.host_doorbell, self.host_ring = linux.host_doorbell()
         self.selector.register(self.host_doorbell, selectors.EVENT_READ, None)
         self.events = EventLog(os.path.join(self.run_dir, rundir.EVENTS), run_dir=self.run_dir)
         self.views = ViewWriter(self.run_dir)
@@ -230,7 +232,7 @@ class Machine:
         self.supervisor = Supervisor(self)
         self.overlays = Overlays(self)
         self.writes = None if self.protection else WriteWatch(self)
-        self.cgroups = Cgroups(os.path.basename(self.run_dir), survivable=self.survive_host,
+        self.cgroups = Cgroups(rundir.machine_key(self.run_dir), survivable=self.survive_host,
                                adopt=adoption.cgroup_bases(self.run_dir) if self.adopting else None)
         self._filters_due = 0.0               # next sweep (see _sweep)
         self._sweep_period = SWEEP_PERIOD_S     # longer while nothing moves
@@ -301,6 +303,7 @@ class Machine:
                 self.selector.close()
             finally:
                 os.close(self.host_doorbell)
+                os.close(self.host_ring)
                 for fd in self.extra_host_doorbells:
                     os.close(fd)
                 self.ipc.close()
@@ -345,6 +348,7 @@ class Machine:
         self._close_zygote()
         self.selector.close()
         os.close(self.host_doorbell)
+        os.close(self.host_ring)
         for fd in self.extra_host_doorbells:
             os.close(fd)
         self.ipc.close()
@@ -840,7 +844,7 @@ class Machine:
             timeout = period if timeout is None else min(timeout, period)
         for key, _ in self.selector.select(timeout):
             if key.data is None:           # the host doorbell (or an adopted run's old one)
-                linux.eventfd_drain(key.fd)
+                linux.doorbell_clear(key.fd)
                 self.ipc.drain()
                 handled += 1
                 continue

@@ -37,6 +37,19 @@ def resolve(run_dir: str | None) -> str:
     return os.path.abspath(run_dir or os.environ.get(ENV) or default_run_dir())
 
 
+def machine_key(run_dir: str) -> str:
+    """What a machine's objects outside its run directory are named after (its arena's shared
+    memory name, its cgroups, its memfd): ``<basename>-<hash of the real path>``. Unique to
+    the run directory, not to its last component: ``/tmp/a/mk`` and ``/tmp/b/mk`` are two
+    machines, and a shutdown or init of one must never find the other's objects. A new host
+    of the same directory (adoption) computes the same key, with no file to trust."""
+    import hashlib  # (here: every mkctl verb imports this module; few get here)
+    real = os.path.realpath(run_dir)
+    base = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in os.path.basename(real))
+    digest = hashlib.blake2b(real.encode(errors="surrogateescape"), digest_size=8).hexdigest()
+    return f"{base[:40]}-{digest}"
+
+
 def live_owner(run_dir: str) -> int | None:
     """PID of the live machine that owns ``run_dir``, None if none. Ownership is the lock on
     the directory (``lock``), held for the machine's life by its process and, while it starts,

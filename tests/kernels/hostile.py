@@ -213,6 +213,72 @@ class Hostile(Kernel):
             self.note(f"sent {n}")
         self.step("flood", flood)
 
+    def attack_steal_doorbell(self) -> None:
+        """The doorbell a peer is legitimately given, read in a loop: on an eventfd every
+        read swallowed the target's wake-up (a host's graceful kill of it took 3 s)."""
+        from partition.abi import doorbell
+        st, _, _, fds = doorbell.ask(self.ctx.channel, self.target, 2.0)
+
+        def steal():
+            if st:
+                raise OSError(st, "no doorbell")
+            self.note("stealing")
+            end, took, refused = time.monotonic() + float(self.params.get("seconds", "3")), 0, 0
+            while time.monotonic() < end:
+                try:
+                    took += len(os.read(fds[0], 64))
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    refused += 1
+                os.sched_yield()
+            self.note(f"took {took} bytes, refused {refused} reads")
+            if refused and not took:
+                raise PermissionError("the doorbell could not be read")
+        self.step("steal", steal)
+
+    def attack_steal_host_doorbell(self) -> None:
+        """The host's doorbell, which every instance holds to ring it, read in a loop."""
+        def steal():
+            self.note("stealing")
+            fd = self.ctx.host_doorbell_fd
+            end, took, refused = time.monotonic() + float(self.params.get("seconds", "3")), 0, 0
+            while time.monotonic() < end:
+                try:
+                    took += len(os.read(fd, 64))
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    refused += 1
+                os.sched_yield()
+            self.note(f"took {took} bytes, refused {refused} reads")
+            if refused and not took:
+                raise PermissionError("the host doorbell could not be read")
+        self.step("steal host", steal)
+
+    def attack_block_doorbell(self) -> None:
+        """The doorbell a peer is given is one file shared by every sender, the host
+        included: make it blocking (a file flag: every holder's) and keep it full, so that
+        a sender's plain write would wait until the target drains it."""
+        from partition.abi import doorbell
+        st, _, _, fds = doorbell.ask(self.ctx.channel, self.target, 2.0)
+
+        def block():
+            if st:
+                raise OSError(st, "no doorbell")
+            os.set_blocking(fds[0], True)
+            end, n, full = time.monotonic() + float(self.params.get("seconds", "3")), 0, False
+            while time.monotonic() < end:
+                try:
+                    n += os.pwritev(fds[0], [bytes(4096)], -1, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    if not full:
+                        self.note("full")
+                        full = True
+                    time.sleep(0.001)
+            self.note(f"wrote {n}")
+        self.step("block", block)
+
     def _raw(self, ring_id: int, sender: int, mtype: int, payload: object) -> None:
         from ringtool import claim, fill, publish
 
