@@ -12,6 +12,7 @@ MISBEHAVING = os.path.join(HERE, "kernels", "misbehaving.py")
 
 mark_session()      # what the tests start is the session's, daemons included (leaks.py)
 
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test must reap what it started and remove the shared-memory objects and the
