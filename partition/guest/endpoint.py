@@ -140,22 +140,29 @@ class Messenger:
 
     def request(self, target: int, msg_type: int, payload: Any, timeout: float,
                 wait: Callable[[float], object]) -> Any:
-        """Send a request and wait for its response. The first wait comes straight after the
-        send, with nothing between but the liveness token: in poll mode the answer is usually
-        there after it, and the clock, the deadline and the 2 ms liveness look are read only
-        when it is not."""
+        """Send a request and wait for its response. Nothing but the request's id comes
+        before the send (a round trip is timed from the call); the clock and the liveness
+        token are read after it, while the peer works, then the first wait: in poll mode the
+        answer is usually there after it, and the 2 ms liveness look is made only when it is
+        not."""
         mid = self._request_id(63) | 1
         waiting, responses = self.waiting, self.responses
         waiting[mid] = -1         # before sending: the answer may come in an interrupt at once
-        start = time.monotonic()
-        deadline = start + timeout
         try:
+            deadline = None
             try:
                 to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
             except RingError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
+                deadline = time.monotonic() + timeout
                 to = self._post_when_room(target, msg_type, mid, payload, deadline, wait)
+            # the peer is at work from here on: the clock, the deadline and the liveness token
+            # are read meanwhile, not between the caller and its send (a poll-mode round trip
+            # is timed from the call: what comes before the send is on its critical path)
+            start = time.monotonic()
+            if deadline is None:
+                deadline = start + timeout
             self.last_target = waiting[mid] = to
             peers = self._directory
             # which incarnation got it: one read now; compared every 2 ms from 2 ms on, so a
@@ -181,10 +188,12 @@ class Messenger:
                             raise RingError(errno.ESRCH, f"instance {to} halted while request "
                                                          f"{mid:#x} was pending")
                     left = min(left, 0.01)
-            return responses.pop(mid).payload
-        finally:
+        except BaseException:
             waiting.pop(mid, None)
             responses.pop(mid, None)
+            raise
+        waiting.pop(mid, None)      # answered: the one pop of each on the way back
+        return responses.pop(mid).payload
 
     def _post_when_room(self, target: int, msg_type: int, mid: int, payload: Any,
                         deadline: float, wait: Callable[[float], object]) -> int:
