@@ -454,6 +454,32 @@ def test_a_port_checks_the_peer_entry_before_every_send(big_ring):
     port.close()
 
 
+def test_an_instance_port_sends_on_its_tail_hint_and_never_overruns(big_ring):
+    """Issue 20: an instance's Port (with a peer table) does not read the receiver's tail at
+    every send (a cache miss on every round trip): a tail it read before is a lower bound,
+    enough while head is less than the fair share ahead of it. So a tail the receiver
+    scribbled over does not stop it within the share; and with an honest tail it never
+    overruns: the ring takes 7 of 8 slots from one sender, then ENOSPC, and room made by a
+    drain is found once the hint runs out."""
+    peers = bytearray(64)
+    struct.pack_into("<II", peers, 8, 5, 4242)
+    port = a_port(big_ring, memoryview(peers).toreadonly())
+    sent = [port.message(0x4001, 0, i, b"m") for i in range(10)]
+    assert sent == [0] * 7 + [errno.ENOSPC] * 3              # the share, then back pressure
+    assert len(drain_all(big_ring)) == 7
+    assert [port.message(0x4001, 0, 100 + i, b"m") for i in range(8)] == [0] * 7 + [errno.ENOSPC]
+    assert len(drain_all(big_ring)) == 7
+    assert port.message(0x4001, 0, 199, b"m") == 0            # at the share: reads the tail
+    # the receiver's tail scribbled far ahead of head: a bare send reads it (head - tail wraps:
+    # no room); the Port's hint, just taken, still says there is room, and it sends
+    head = big_ring.head
+    big_ring.buf[ring.TAIL:ring.TAIL + 8] = struct.pack("<Q", head + 1000)
+    with pytest.raises(ring.RingError) as e:
+        big_ring.send(3, 9, 0x4001, b"bare")
+    assert e.value.errno == errno.ENOSPC
+    assert port.message(0x4001, 0, 200, b"hinted") == 0
+
+
 def test_a_closed_port_refuses_and_lets_the_mapping_go(big_ring):
     port = a_port(big_ring)
     port.close()
