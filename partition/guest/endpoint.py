@@ -76,16 +76,25 @@ Handler = Callable[[Message], Any]
 
 
 
+def _no_port(*args: Any) -> int:
+    raise AssertionError("a Messenger without Ports has no Port answer to settle")
+
+
 class Messenger:
     """Handlers and pending requests of one endpoint (an instance or the host)."""
 
     def __init__(self, self_id: int, post: Callable[[int, int, int, int, Any], int],
                  directory: PeerDirectory | None = None,
-                 post_many: Callable[[int, int, int, list[Any]], tuple[int, int]] | None = None
-                 ) -> None:
+                 post_many: Callable[[int, int, int, list[Any]], tuple[int, int]] | None = None,
+                 ports: tuple[dict[int, Any], Callable[..., int]] | None = None) -> None:
         self.self_id = self_id
         # post(target, msg_type, subtype, msg_id, payload) -> the id it reached (a standby's)
         self._post = post
+        # (the Endpoint's Ports by target, what to do with a Port's answer other than 0): a
+        # request sends through its target's Port itself, without ``post``'s frame before the
+        # send (a round trip's critical path); ``post`` does all the rest
+        self._ports: dict[int, Any] = ports[0] if ports is not None else {}
+        self._sent_after: Callable[..., int] = ports[1] if ports is not None else _no_port
         # post_many(target, msg_type, first_id, payloads) -> (the id they reached, how many)
         self._post_many = post_many or self.post_each
         # is the incarnation that got our request still there? A request to a peer that dies
@@ -151,7 +160,13 @@ class Messenger:
         try:
             deadline = None
             try:
-                to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
+                port = self._ports.get(target)
+                if port is None:
+                    to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
+                else:
+                    rc = port.message(msg_type, SUB_REQUEST, mid, payload)
+                    to = target if not rc else \
+                        self._sent_after(target, rc, msg_type, SUB_REQUEST, mid, payload)
             except RingError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
@@ -259,7 +274,8 @@ class Endpoint:
         #: target -> its Port, for the sends that need no routing: the peer entry it checks
         #: still names the incarnation it was bound for (instances only; the host routes)
         self._ports: dict[int, Any] = {}
-        self.messenger = Messenger(self_id, self.post_message, directory, self.post_many)
+        self.messenger = Messenger(self_id, self.post_message, directory, self.post_many,
+                                   (self._ports, self._sent_after))
 
     def ring_of(self, target: int) -> Ring:
         ring = self._rings.get(target)
@@ -279,11 +295,18 @@ class Endpoint:
             rc = port.message(msg_type, subtype, msg_id, payload)
             if not rc:
                 return target
-            if rc != REROUTE:
-                self._settle(target, rc, (msg_type, subtype, msg_id, payload))
-                return target
-            del self._ports[target]     # that incarnation is gone: route from now on (a
-                                        # standby serves it) until a binding to it is made
+            return self._sent_after(target, rc, msg_type, subtype, msg_id, payload)
+        return self.post(target, msg_type, encode(msg_type, subtype, msg_id, payload))
+
+    def _sent_after(self, target: int, rc: int, msg_type: int, subtype: int, msg_id: int,
+                    payload: Any) -> int:
+        """A Port's answer other than done: a refusal or a doorbell it could not ring is
+        settled; REROUTE (that incarnation is gone) routes the message afresh."""
+        if rc != REROUTE:
+            self._settle(target, rc, (msg_type, subtype, msg_id, payload))
+            return target
+        self._ports.pop(target, None)   # route from now on (a standby serves it) until a
+                                        # binding to it is made
         return self.post(target, msg_type, encode(msg_type, subtype, msg_id, payload))
 
     def _settle(self, target: int, rc: int, message: bytes | tuple[int, int, int, Any]) -> None:
