@@ -6,6 +6,7 @@ import importlib.util
 import mmap
 import os
 import struct
+import time
 
 import pytest
 
@@ -121,6 +122,32 @@ def test_an_unpublished_claim_holds_the_tail_until_published(rg):
     publish(rg, off, 4)
     assert [g[3] for g in drain_all(rg)] == [b"late", b"after"]
     assert rg.spin(200.0) is False            # empty: the bounded wait gives up
+
+
+def test_a_poller_gets_past_a_claim_its_sender_never_published(rg):
+    """The C poller reads head only when its spin ends empty-handed, and a drain only when
+    it has taken nothing (a ping-pong's every read of head pulled the senders' line over and
+    their next claim pulled it back): a claim never published at the tail is still found. The
+    pass after the message before it says there is more, and the careful path abandons it."""
+    poller = rg.poller()
+    if poller is None:
+        without_c("the poller is the C ring's")
+    rg.send(0, 0, 1, b"before")
+    fill(rg, claim(rg), 3, 0, 1, b"never")
+    rg.send(0, 0, 1, b"after")
+    got = []
+
+    def deliver(t, s, c, p):
+        got.append(p)
+        return True
+    assert poller(200.0, 64, None, deliver, False, None) == (1, 0, 1)   # stops at the claim
+    first = poller(200.0, 64, None, deliver, False, None)               # spins, then head
+    assert first is not None and first[1] == 1                          # more: the claim
+    rg.finish(first, 64, None, deliver, abandon_after=0.01)   # first seen: waited for
+    time.sleep(0.02)
+    rg.drain(deliver, 64, abandon_after=0.01)                  # then abandoned
+    assert got == [b"before", b"after"]
+    assert rg.counters()["dropped_abandoned"] == 1
 
 
 def test_abandoned_claims_are_dropped(rg):

@@ -80,11 +80,13 @@ static char *hold_at(PyObject *o, Py_buffer *view, int flags, Py_ssize_t at, Py_
 }
 
 /* is the slot at tail published (a reason to drain on, or not to sleep)? */
+/* Whether the slot at the tail is published. The slot alone says it (a free slot's header
+ * is zeroed when it is consumed, and the ring starts zeroed): head is not read, so that the
+ * senders' line stays with them (each read pulled it over, and the next sender's claim had to
+ * pull it back: a miss on the critical path of every round trip). */
 static int tail_published(const char *base, uint64_t nslots, uint64_t stride)
 {
     uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
-    if (t == __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE))
-        return 0;
     const char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
     return __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
 }
@@ -441,7 +443,11 @@ static long consume(struct drain_state *d, long room, int *more)
          * every message pulled the senders' line to its core between their claims (a stream
          * ran at two thirds of its speed once the receiver kept up) */
         uint64_t size = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE);
-        if (size == 0 && t == __atomic_load_n(head, __ATOMIC_ACQUIRE))
+        /* and not at all once this pass took something: a claim not yet published at the
+         * tail (a sender mid-write, or one that died there) is found by the next pass, which
+         * starts here with nothing taken (a ping-pong's every drain read head after its one
+         * message, and the peer's next claim pulled the line back) */
+        if (size == 0 && (done > 0 || t == __atomic_load_n(head, __ATOMIC_ACQUIRE)))
             break;
         uint64_t ticket = *(volatile uint64_t *)(slot + S_TICKET);
         uint32_t sender = *(volatile uint32_t *)(slot + S_SENDER);
@@ -931,11 +937,13 @@ static int spin_published(char *base, uint64_t nslots, uint64_t stride, double u
         __builtin_ia32_pause();
 #endif
         if ((i & 63) == 63) {
-            if (__atomic_load_n(head, __ATOMIC_ACQUIRE) != t)
-                return 1;
             clock_gettime(CLOCK_MONOTONIC, &now);
+            /* head once, at the end: a claim at the tail that is not published (a sender
+             * mid-write or dead there) is the drain's to wait for or abandon. Read at every
+             * 64th turn it pulled the senders' line over once a round trip, and their next
+             * claim pulled it back */
             if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
-                return 0;
+                return __atomic_load_n(head, __ATOMIC_ACQUIRE) != t;
         }
     }
 }
