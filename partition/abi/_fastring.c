@@ -410,7 +410,8 @@ struct drain_state {
 };
 
 static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
-static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu);
+static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu,
+                            PyObject *type_obj);
 /* set by configure() (the mk_message section below) */
 static PyTypeObject *message_type = NULL;
 static PyObject *payload_fallback = NULL;
@@ -569,7 +570,8 @@ static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
     memcpy(&sub, p + 4, 4);
     if (!(sub & SUB_RESPONSE))
         return 0;
-    PyObject *msg = decode_raw((const unsigned char *)p, PyBytes_GET_SIZE(row[3]), row[1], row[2]);
+    PyObject *msg = decode_raw((const unsigned char *)p, PyBytes_GET_SIZE(row[3]), row[1], row[2],
+                               row[0]);
     return match_reply(d, msg, row[1], type);
 }
 
@@ -633,7 +635,8 @@ static int held_in_c(struct drain_state *d, char *slot, uint64_t size, uint32_t 
     }
     PyObject *from = PyLong_FromUnsignedLong(sender - 1);
     PyObject *on = PyLong_FromUnsignedLongLong(cpu);
-    PyObject *msg = from != NULL && on != NULL ? decode_raw(p, (Py_ssize_t)size, from, on) : NULL;
+    PyObject *msg = from != NULL && on != NULL ? decode_raw(p, (Py_ssize_t)size, from, on, key)
+                                               : NULL;
     if (msg == NULL) {
         Py_XDECREF(from);
         Py_XDECREF(on);
@@ -1100,7 +1103,10 @@ static PyObject *fr_configure(PyObject *self, PyObject *const *args, Py_ssize_t 
  * drain), with the sender and cpu objects: the Message, None for one that is malformed, or
  * NULL with an exception. Every field is read once into a local; the payload is copied out,
  * so a sender that rewrites its slot meanwhile changes at most what it said. */
-static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu)
+static PyObject *sub_objects[2];          /* SUB_REQUEST, SUB_RESPONSE: made once, at import */
+
+static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu,
+                            PyObject *type_obj)
 {
     uint32_t mtype, sub, plen;
     uint64_t mid;
@@ -1133,7 +1139,13 @@ static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *send
     if (payload == NULL)
         return NULL;
     PyObject *msg = message_type->tp_alloc(message_type, 6);
-    PyObject *a = PyLong_FromUnsignedLong(mtype), *b = PyLong_FromUnsignedLong(sub);
+    /* the type the caller already holds (a handler's key) and the two subtypes of a round
+     * trip are shared objects, not made again for every message */
+    PyObject *a = type_obj != NULL && PyLong_AsUnsignedLong(type_obj) == mtype
+                  ? Py_NewRef(type_obj) : PyLong_FromUnsignedLong(mtype);
+    PyObject *b = sub == SUB_REQUEST && sub_objects[0] != NULL ? Py_NewRef(sub_objects[0])
+                  : sub == SUB_RESPONSE && sub_objects[1] != NULL ? Py_NewRef(sub_objects[1])
+                  : PyLong_FromUnsignedLong(sub);
     PyObject *c = PyLong_FromUnsignedLongLong(mid);
     if (msg == NULL || a == NULL || b == NULL || c == NULL) {
         Py_XDECREF(msg);
@@ -1161,7 +1173,7 @@ static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_buffer buf;
     if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *msg = decode_raw((const unsigned char *)buf.buf, buf.len, args[1], args[2]);
+    PyObject *msg = decode_raw((const unsigned char *)buf.buf, buf.len, args[1], args[2], NULL);
     PyBuffer_Release(&buf);
     return msg;
 }
@@ -1551,6 +1563,12 @@ PyMODINIT_FUNC PyInit__fastring(void)
 {
     if (PyType_Ready(&PortType) < 0)
         return NULL;
+    if (sub_objects[0] == NULL) {
+        sub_objects[0] = PyLong_FromUnsignedLong(SUB_REQUEST);
+        sub_objects[1] = PyLong_FromUnsignedLong(SUB_RESPONSE);
+        if (sub_objects[0] == NULL || sub_objects[1] == NULL)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
