@@ -47,8 +47,10 @@ def test_interrupt_is_judged_against_the_fastest_raw_wake_up():
     j = ipi.judge(_ipi_res(interrupt=41.5))
     assert not j["verdicts"]["interrupt ratio 0->1"] and not j["met"]
     assert ipi.TARGETS["interrupt_ratio"] == 1.05
-    base = {"raw-eventfd": _lat(40.0), "raw-pipe": _lat(41.0), "raw-spin": _lat(0.1)}
-    assert ipi.baseline_of("interrupt", base) == "raw-eventfd"     # never the spin
+    base = {"raw-eventfd": _lat(40.0), "raw-pipe": _lat(41.0), "raw-spin": _lat(0.1),
+            "raw-futex": _lat(1.8)}
+    assert ipi.baseline_of("interrupt", base) == "raw-eventfd"     # never the spin, nor the
+    assert "raw-futex" not in ipi.DOORBELL_CANDIDATES               # futex (no descriptor)
     assert ipi.baseline_of("poll", base) == "raw-spin"
 
 

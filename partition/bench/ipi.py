@@ -7,9 +7,10 @@ the same run, bare Python baselines: a shared-memory spin ping-pong, and a block
 through each candidate wake mechanism for a doorbell (eventfd, an AF_UNIX socket pair, a pipe,
 a futex on shared memory).
 Poll and hybrid modes are compared with the spin baseline; interrupt mode with the fastest
-wake-up among the raw ones measured beside it in the same repeat (whichever mechanism that was:
-on a VM the wake of a halted vCPU costs every mechanism alike, and which one wins moves from run
-to run; the wake-up table says which it was, and which one the emulator uses).
+wake-up among the raw ones a doorbell could be, measured beside it in the same repeat
+(eventfd, pipe, AF_UNIX: whichever it was; on a VM the wake of a halted vCPU costs every
+mechanism alike, and which one wins moves from run to run; the wake-up table says which it
+was, and which one the emulator uses).
 
 Targets (issues 13 and 20), judged on the median of the interleaved repeats of every CPU pair:
 poll and hybrid p50 <= 2.0 us and <= 6x raw spin; interrupt p50 <= 1.05x the fastest raw
@@ -198,6 +199,14 @@ def _socket_pair() -> tuple[int, int]:
     return r.detach(), w.detach()
 
 
+#: the wake mechanisms interrupt mode is judged against: those a doorbell can be. A doorbell
+#: is waited on with a timeout beside other descriptors and checked by a new host when it
+#: adopts an instance, so it must be a descriptor; the futex has none. It is measured and shown
+#: all the same, but never the baseline: through ctypes its exchange often misses the sleep
+#: altogether (the peer answers within the microsecond a ctypes call takes), and once measured
+#: a p50 of 1.8 us here, a spin, not a wake-up
+DOORBELL_CANDIDATES = ("raw-eventfd", "raw-pipe", "raw-af-unix")
+
 #: the candidate doorbells: name -> (make a channel, (ring, wait))
 WAKE_MECHANISMS: dict[str, tuple[Any, tuple[Any, Any]]] = {
     "raw-eventfd": (_eventfd_pair, (lambda fd: os.eventfd_write(fd, 1), os.eventfd_read)),
@@ -266,10 +275,11 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
 
 def baseline_of(mode: str, base: dict[str, dict[str, float]]) -> str:
     """The raw variant a mode's ratio is taken against, among those of one repeat: the spin for
-    poll and hybrid, the wake mechanism with the lowest p50 for interrupt mode."""
+    poll and hybrid; for interrupt mode the wake mechanism with the lowest p50 among those a
+    doorbell can be (DOORBELL_CANDIDATES)."""
     if BASELINE_OF[mode] != FASTEST_WAKE:
         return BASELINE_OF[mode]
-    return min((name for name in WAKE_MECHANISMS if name in base),
+    return min((name for name in DOORBELL_CANDIDATES if name in base),
                key=lambda name: base[name]["p50"])
 
 
@@ -497,8 +507,9 @@ def render(res: dict[str, Any]) -> str:
            else f" ({j['fastest_wake'][4:]} woke faster here)"))
     lines.append(f"targets: poll and hybrid p50 <= {t['poll_p50_us']} us and <= "
                  f"{t['poll_ratio']}x raw-spin; interrupt p50 <= {t['interrupt_ratio']}x "
-                 f"the fastest raw wake-up beside it; stream >= {t['stream_poll']:,} msgs/s "
-                 f"(poll, hybrid), >= {t['stream_interrupt']:,} (interrupt)")
+                 f"the fastest raw doorbell wake-up beside it (eventfd, pipe, af-unix); "
+                 f"stream >= {t['stream_poll']:,} msgs/s (poll, hybrid), >= "
+                 f"{t['stream_interrupt']:,} (interrupt)")
     missed = [c for c in j["checks"] if not c["met"]]
     if not j["judged"]:
         lines.append("--quick: these figures are indicative (fewer round trips, "
