@@ -26,6 +26,32 @@ def test_kill_is_detected_as_crash(machine):
     assert machine.show("v")["state"] == "loaded"      # policy none: the real system's behaviour
 
 
+def test_the_failure_record_comes_before_what_can_wait(machine):
+    """Issue 20: from the pidfd's notice the host first classifies the exit and makes the
+    failure record; the cgroup's sweep (freeze, kill, thaw), the events and the views come
+    after it, each still done."""
+    up(machine, "v")
+    inst = machine.instances["v"]
+    seen = []
+    sweep = machine.cgroups.kill
+
+    def kill_watching(instance_id, **kw):       # the real sweep, noting what was recorded
+        seen.append(len(inst.failures))
+        return sweep(instance_id, **kw)
+    machine.cgroups.kill = kill_watching
+    try:
+        machine.fault("v", "kill")
+        f = last_failure(machine, "v")
+    finally:
+        machine.cgroups.kill = sweep
+    assert seen and seen[0] == 1                    # recorded before the sweep began
+    assert f["recorded_ms"] >= f["detect_ms"] >= 0
+    events = [json.loads(line)["event"] for line in open(os.path.join(machine.run_dir,
+                                                                      "events.log"))]
+    assert events.index("instance_exit") < events.index("failure")   # both, in their order
+    assert machine.show("v")["state"] == "loaded"
+
+
 def test_panic_is_detected_with_console_tail(machine):
     up(machine, "v")
     machine.fault("v", "panic")

@@ -6,6 +6,7 @@ import importlib.util
 import mmap
 import os
 import struct
+import time
 
 import pytest
 
@@ -121,6 +122,32 @@ def test_an_unpublished_claim_holds_the_tail_until_published(rg):
     publish(rg, off, 4)
     assert [g[3] for g in drain_all(rg)] == [b"late", b"after"]
     assert rg.spin(200.0) is False            # empty: the bounded wait gives up
+
+
+def test_a_poller_gets_past_a_claim_its_sender_never_published(rg):
+    """The C poller reads head only when its spin ends empty-handed, and a drain only when
+    it has taken nothing (a ping-pong's every read of head pulled the senders' line over and
+    their next claim pulled it back): a claim never published at the tail is still found. The
+    pass after the message before it says there is more, and the careful path abandons it."""
+    poller = rg.poller()
+    if poller is None:
+        without_c("the poller is the C ring's")
+    rg.send(0, 0, 1, b"before")
+    fill(rg, claim(rg), 3, 0, 1, b"never")
+    rg.send(0, 0, 1, b"after")
+    got = []
+
+    def deliver(t, s, c, p):
+        got.append(p)
+        return True
+    assert poller(200.0, 64, None, deliver, False, None) == (1, 0, 1)   # stops at the claim
+    first = poller(200.0, 64, None, deliver, False, None)               # spins, then head
+    assert first is not None and first[1] == 1                          # more: the claim
+    rg.finish(first, 64, None, deliver, abandon_after=0.01)   # first seen: waited for
+    time.sleep(0.02)
+    rg.drain(deliver, 64, abandon_after=0.01)                  # then abandoned
+    assert got == [b"before", b"after"]
+    assert rg.counters()["dropped_abandoned"] == 1
 
 
 def test_abandoned_claims_are_dropped(rg):
@@ -452,6 +479,32 @@ def test_a_port_checks_the_peer_entry_before_every_send(big_ring):
     assert [g[0] for g in drain_all(big_ring)] == [7, 7]      # nothing sent while stale
     assert struct.unpack("<Q", counters)[0] == 2
     port.close()
+
+
+def test_an_instance_port_sends_on_its_tail_hint_and_never_overruns(big_ring):
+    """Issue 20: an instance's Port (with a peer table) does not read the receiver's tail at
+    every send (a cache miss on every round trip): a tail it read before is a lower bound,
+    enough while head is less than the fair share ahead of it. So a tail the receiver
+    scribbled over does not stop it within the share; and with an honest tail it never
+    overruns: the ring takes 7 of 8 slots from one sender, then ENOSPC, and room made by a
+    drain is found once the hint runs out."""
+    peers = bytearray(64)
+    struct.pack_into("<II", peers, 8, 5, 4242)
+    port = a_port(big_ring, memoryview(peers).toreadonly())
+    sent = [port.message(0x4001, 0, i, b"m") for i in range(10)]
+    assert sent == [0] * 7 + [errno.ENOSPC] * 3              # the share, then back pressure
+    assert len(drain_all(big_ring)) == 7
+    assert [port.message(0x4001, 0, 100 + i, b"m") for i in range(8)] == [0] * 7 + [errno.ENOSPC]
+    assert len(drain_all(big_ring)) == 7
+    assert port.message(0x4001, 0, 199, b"m") == 0            # at the share: reads the tail
+    # the receiver's tail scribbled far ahead of head: a bare send reads it (head - tail wraps:
+    # no room); the Port's hint, just taken, still says there is room, and it sends
+    head = big_ring.head
+    big_ring.buf[ring.TAIL:ring.TAIL + 8] = struct.pack("<Q", head + 1000)
+    with pytest.raises(ring.RingError) as e:
+        big_ring.send(3, 9, 0x4001, b"bare")
+    assert e.value.errno == errno.ENOSPC
+    assert port.message(0x4001, 0, 200, b"hinted") == 0
 
 
 def test_a_closed_port_refuses_and_lets_the_mapping_go(big_ring):

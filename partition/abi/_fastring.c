@@ -84,11 +84,13 @@ static char *hold_at(PyObject *o, Py_buffer *view, int flags, Py_ssize_t at, Py_
 }
 
 /* is the slot at tail published (a reason to drain on, or not to sleep)? */
+/* Whether the slot at the tail is published. The slot alone says it (a free slot's header
+ * is zeroed when it is consumed, and the ring starts zeroed): head is not read, so that the
+ * senders' line stays with them (each read pulled it over, and the next sender's claim had to
+ * pull it back: a miss on the critical path of every round trip). */
 static int tail_published(const char *base, uint64_t nslots, uint64_t stride)
 {
     uint64_t t = __atomic_load_n((uint64_t *)(base + TAIL), __ATOMIC_ACQUIRE);
-    if (t == __atomic_load_n((uint64_t *)(base + HEAD), __ATOMIC_ACQUIRE))
-        return 0;
     const char *slot = base + RING_HEADER_BYTES + (t % nslots) * stride;
     return __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
 }
@@ -241,9 +243,18 @@ static int tally(const char *ring, uint32_t tag, uint32_t type, uint32_t n, uint
  * mk_message header and the payload straight into the slot, with no bytes object between.
  * Returns an errno (> 0), 0 (no doorbell needed), -1 (wake: the receiver is idle) or -2
  * (interrupt: it is busy). */
+/* ``tail_hint`` (NULL: none): a tail this sender read before, for a ring whose tail only moves
+ * on while the sender lives (an instance's Port: it lasts one incarnation of its receiver, and
+ * the host resets a ring only at a boot). While head stands less than the fair share ahead of
+ * it there is room whatever the tail says now (the tail is never behind the hint), so the
+ * tail's line, which the receiver writes at every message, is not pulled over to this core at
+ * every send (a cache miss on the critical path of every round trip); past the share the tail
+ * is read, and the hint follows it. A receiver that rewinds its own tail (a heal, or garbage it
+ * wrote) can only lose messages to itself, as it could anyway. */
 static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_bytes,
                     uint64_t sender, uint64_t cpu, uint64_t *count, uint64_t type,
-                    const void *head, uint64_t hlen, const void *body, uint64_t blen)
+                    const void *head, uint64_t hlen, const void *body, uint64_t blen,
+                    uint64_t *tail_hint)
 {
     uint64_t n = hlen + blen;
     if (n == 0 || n > slot_bytes)
@@ -257,7 +268,14 @@ static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_
     uint64_t h, share = nslots - nslots / 8;
     for (;;) {
         h = __atomic_load_n(headp, __ATOMIC_ACQUIRE);
-        uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        uint64_t t;
+        if (tail_hint != NULL && h - *tail_hint < share)     /* (unsigned: hint <= h too) */
+            t = *tail_hint;
+        else {
+            t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+            if (tail_hint != NULL)
+                *tail_hint = t;
+        }
         if (h - t >= nslots)
             return ENOSPC;
         if (h - t >= share) {
@@ -360,7 +378,7 @@ static PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         }
     }
     long rc = publish((char *)buf.buf, nslots, stride, slot_bytes, sender, cpu,
-                      count, type, NULL, 0, data.buf, (uint64_t)data.len);
+                      count, type, NULL, 0, data.buf, (uint64_t)data.len, NULL);
     if (count != NULL)
         PyBuffer_Release(&counters);
     PyBuffer_Release(&data);
@@ -401,12 +419,20 @@ struct drain_state {
 };
 
 static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu,
+                            PyObject *type_obj);
 /* set by configure() (the mk_message section below) */
 static PyTypeObject *message_type = NULL;
 static PyObject *payload_fallback = NULL;
 static PyObject *payload_pack = NULL;       /* Port.message: a payload not encoded here */
 static int take_reply(struct drain_state *d, PyObject **row, uint32_t type);
 static int dispatch(struct drain_state *d, PyObject **row, uint32_t type);
+static int held_in_c(struct drain_state *d, char *slot, uint64_t size, uint32_t type,
+                     uint32_t sender, uint64_t cpu, uint64_t *tail, uint64_t t,
+                     uint64_t *received);
+static int match_reply(struct drain_state *d, PyObject *msg, PyObject *sender, uint32_t type);
+static int run_handler(struct drain_state *d, PyObject *handler, PyObject *msg, PyObject *key,
+                       PyObject *sender, uint32_t type);
 
 /* One pass over the ring: up to ``room`` slots, in order. Each slot is copied out, zeroed,
  * tail moves past it and it is counted, and only then is it handed over (appended to the
@@ -427,7 +453,11 @@ static long consume(struct drain_state *d, long room, int *more)
          * every message pulled the senders' line to its core between their claims (a stream
          * ran at two thirds of its speed once the receiver kept up) */
         uint64_t size = __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE);
-        if (size == 0 && t == __atomic_load_n(head, __ATOMIC_ACQUIRE))
+        /* and not at all once this pass took something: a claim not yet published at the
+         * tail (a sender mid-write, or one that died there) is found by the next pass, which
+         * starts here with nothing taken (a ping-pong's every drain read head after its one
+         * message, and the peer's next claim pulled the line back) */
+        if (size == 0 && (done > 0 || t == __atomic_load_n(head, __ATOMIC_ACQUIRE)))
             break;
         uint64_t ticket = *(volatile uint64_t *)(slot + S_TICKET);
         uint32_t sender = *(volatile uint32_t *)(slot + S_SENDER);
@@ -451,6 +481,25 @@ static long consume(struct drain_state *d, long room, int *more)
             *received += 1;
             *unknown += 1;
             continue;
+        }
+        if (d->out == NULL && d->waiting != NULL && size >= 20) {
+            int in_c = held_in_c(d, slot, size, type, sender,
+                                 *(volatile uint64_t *)(slot + S_CPU), tail, t, received);
+            if (in_c == 1) {
+                d->delivered++;
+                continue;
+            }
+            if (in_c == -1 || in_c == -2)    /* a reply's exception; or no memory (left in */
+                return -1;                   /* the ring: nothing is lost) */
+            if (in_c == -3) {                /* a handler's: as from deliver, below */
+                if (!PyErr_ExceptionMatches(PyExc_Exception))
+                    return -1;
+                if (d->et == NULL)
+                    PyErr_Fetch(&d->et, &d->ev, &d->tb);
+                else
+                    PyErr_Clear();
+                continue;
+            }
         }
         PyObject *row[4];
         row[0] = PyLong_FromUnsignedLong(type);
@@ -530,8 +579,16 @@ static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
     memcpy(&sub, p + 4, 4);
     if (!(sub & SUB_RESPONSE))
         return 0;
-    PyObject *dargs[3] = {row[3], row[1], row[2]};
-    PyObject *msg = fr_decode(NULL, dargs, 3);
+    PyObject *msg = decode_raw((const unsigned char *)p, PyBytes_GET_SIZE(row[3]), row[1], row[2],
+                               row[0]);
+    return match_reply(d, msg, row[1], type);
+}
+
+/* A decoded response (``msg``, a reference taken over; NULL: decoding failed) matched against
+ * the requests awaited: stored in ``responses`` when its id is awaited from this sender (or
+ * from anyone: -1), else dropped. Returns 1 (taken), -1 (an exception). */
+static int match_reply(struct drain_state *d, PyObject *msg, PyObject *sender, uint32_t type)
+{
     if (msg == NULL)
         return -1;
     if (msg == Py_None || PyLong_AsUnsignedLong(PyTuple_GET_ITEM(msg, 0)) != type) {
@@ -543,7 +600,7 @@ static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
     int rc = 1;
     if (to != NULL) {
         long want = PyLong_AsLong(to);
-        long from = PyLong_AsLong(row[1]);
+        long from = PyLong_AsLong(sender);
         if (PyErr_Occurred())
             rc = -1;
         else if ((want == from || want == -1) && PyDict_SetItem(d->responses, mid, msg) < 0)
@@ -551,6 +608,59 @@ static int take_reply(struct drain_state *d, PyObject **row, uint32_t type)
     } else if (PyErr_Occurred())             /*  forge it, knowing the id) */
         rc = -1;
     Py_DECREF(msg);
+    return rc;
+}
+
+
+/* What the drain answers in C (a reply to match; a message whose type has a handler),
+ * decoded straight from its slot before the slot is freed: the slot's bytes are copied once,
+ * into the Message, not first into a bytes object and again by the decode, and a reply needs
+ * no type object (two objects fewer per message on a round trip's critical path, each side).
+ * What consume promises holds: the slot is copied out (decoded), zeroed, tail moved past it
+ * and it is counted before anything is handed over. Returns 0 (not one of those: nothing done,
+ * the slot untouched), 1 (done), -1 (a reply's exception), -3 (a handler's exception), -2 (no
+ * memory, or an exception while decoding: the slot left in the ring). */
+static int held_in_c(struct drain_state *d, char *slot, uint64_t size, uint32_t type,
+                     uint32_t sender, uint64_t cpu, uint64_t *tail, uint64_t t,
+                     uint64_t *received)
+{
+    const unsigned char *p = (const unsigned char *)slot + SLOT_HEADER;
+    uint32_t sub;
+    memcpy(&sub, p + 4, 4);
+    int reply = (sub & SUB_RESPONSE) != 0;
+    PyObject *key = NULL, *handler = NULL;
+    if (!reply) {
+        if (d->handlers == NULL)
+            return 0;
+        key = PyLong_FromUnsignedLong(type);
+        if (key == NULL)
+            return -2;
+        handler = PyDict_GetItemWithError(d->handlers, key);
+        if (handler == NULL) {
+            Py_DECREF(key);
+            return PyErr_Occurred() ? -2 : 0;
+        }
+        Py_INCREF(handler);                  /* ours: decoding may run Python (msgpack) */
+    }
+    PyObject *from = PyLong_FromUnsignedLong(sender - 1);
+    PyObject *on = PyLong_FromUnsignedLongLong(cpu);
+    PyObject *msg = from != NULL && on != NULL ? decode_raw(p, (Py_ssize_t)size, from, on, key)
+                                               : NULL;
+    if (msg == NULL) {
+        Py_XDECREF(from);
+        Py_XDECREF(on);
+        Py_XDECREF(key);
+        Py_XDECREF(handler);
+        return -2;
+    }
+    memset(slot, 0, SLOT_HEADER);
+    __atomic_store_n(tail, t + 1, __ATOMIC_RELEASE);     /* the slot is free from here on */
+    *received += 1;
+    int rc = reply ? match_reply(d, msg, from, type)
+                   : run_handler(d, handler, msg, key, from, type) < 0 ? -3 : 1;
+    Py_DECREF(from);
+    Py_DECREF(on);
+    Py_XDECREF(key);
     return rc;
 }
 
@@ -575,7 +685,15 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
         return PyErr_Occurred() ? -1 : 0;
     Py_INCREF(handler);                      /* ours: decoding may run Python (msgpack), and */
     PyObject *dargs[3] = {row[3], row[1], row[2]};   /* the handler may unregister itself */
-    PyObject *msg = fr_decode(NULL, dargs, 3);
+    return run_handler(d, handler, fr_decode(NULL, dargs, 3), row[0], row[1], type);
+}
+
+/* The handler (a reference taken over) called with a decoded message (``msg``, taken over;
+ * NULL: decoding failed), and a request's answer written by the sender's Port. ``key``: the
+ * type as the handlers dict has it. Returns 1 (done), -1 (an exception). */
+static int run_handler(struct drain_state *d, PyObject *handler, PyObject *msg, PyObject *key,
+                       PyObject *sender, uint32_t type)
+{
     if (msg == NULL) {
         Py_DECREF(handler);
         return -1;
@@ -595,7 +713,7 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
     int rc = 1;
     if (sub & SUB_REQUEST) {
         PyObject *mid = PyTuple_GET_ITEM(msg, 2);
-        PyObject *port = PyDict_GetItemWithError(d->ports, row[1]);
+        PyObject *port = PyDict_GetItemWithError(d->ports, sender);
         long sent = REROUTE;
         if (port != NULL && Py_IS_TYPE(port, &PortType)) {
             unsigned long long m64 = PyLong_AsUnsignedLongLong(mid);
@@ -609,7 +727,7 @@ static int dispatch(struct drain_state *d, PyObject **row, uint32_t type)
             rc = -1;
         if (rc > 0 && sent != 0) {
             PyObject *code = PyLong_FromLong(sent);
-            PyObject *argv[5] = {row[1], code, row[0], mid, result};
+            PyObject *argv[5] = {sender, code, key, mid, result};
             PyObject *done = code != NULL ? PyObject_Vectorcall(d->after, argv, 5, NULL) : NULL;
             Py_XDECREF(code);
             if (done == NULL)
@@ -728,7 +846,24 @@ static PyObject *drain_held(Py_buffer *buf, uint64_t nslots, uint64_t stride,
     }
     if (d.out != NULL)
         return Py_BuildValue("(Nil)", d.out, more, total);
-    return Py_BuildValue("(lil)", d.delivered, more, total);
+    /* (delivered, more, total), built directly: Py_BuildValue parsed its format on every
+     * drain, and a poller's drain that took an answer is on the round trip's critical path */
+    PyObject *res = PyTuple_New(3);
+    if (res == NULL)
+        return NULL;
+    PyObject *v0 = PyLong_FromLong(d.delivered), *v1 = PyLong_FromLong(more),
+             *v2 = PyLong_FromLong(total);
+    if (v0 == NULL || v1 == NULL || v2 == NULL) {
+        Py_XDECREF(v0);
+        Py_XDECREF(v1);
+        Py_XDECREF(v2);
+        Py_DECREF(res);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(res, 0, v0);
+    PyTuple_SET_ITEM(res, 1, v1);
+    PyTuple_SET_ITEM(res, 2, v2);
+    return res;
 }
 
 static PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -814,11 +949,13 @@ static int spin_published(char *base, uint64_t nslots, uint64_t stride, double u
         __builtin_ia32_pause();
 #endif
         if ((i & 63) == 63) {
-            if (__atomic_load_n(head, __ATOMIC_ACQUIRE) != t)
-                return 1;
             clock_gettime(CLOCK_MONOTONIC, &now);
+            /* head once, at the end: a claim at the tail that is not published (a sender
+             * mid-write or dead there) is the drain's to wait for or abandon. Read at every
+             * 64th turn it pulled the senders' line over once a round trip, and their next
+             * claim pulled it back */
             if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
-                return 0;
+                return __atomic_load_n(head, __ATOMIC_ACQUIRE) != t;
         }
     }
 }
@@ -974,54 +1111,53 @@ static PyObject *fr_configure(PyObject *self, PyObject *const *args, Py_ssize_t 
 
 /* decode(data, sender, cpu) -> Message, or None for bytes that are not one mk_message (a short
  * header, a payload_len that does not match, a payload that is not msgpack) */
-static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* An mk_message from ``n`` bytes at ``p`` (a bytes object's, or a slot's still held by the
+ * drain), with the sender and cpu objects: the Message, None for one that is malformed, or
+ * NULL with an exception. Every field is read once into a local; the payload is copied out,
+ * so a sender that rewrites its slot meanwhile changes at most what it said. */
+static PyObject *sub_objects[2];          /* SUB_REQUEST, SUB_RESPONSE: made once, at import */
+
+static PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu,
+                            PyObject *type_obj)
 {
-    if (nargs != 3 || message_type == NULL) {
-        PyErr_SetString(PyExc_TypeError, "decode(data, sender, cpu), after configure()");
-        return NULL;
-    }
-    Py_buffer buf;
-    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *p = (const unsigned char *)buf.buf;
-    Py_ssize_t n = buf.len;
     uint32_t mtype, sub, plen;
     uint64_t mid;
-    if (n < 20) {
-        PyBuffer_Release(&buf);
+    if (n < 20)
         Py_RETURN_NONE;
-    }
     memcpy(&mtype, p, 4);                    /* little-endian, as the host: x86 */
     memcpy(&sub, p + 4, 4);
     memcpy(&mid, p + 8, 8);
     memcpy(&plen, p + 16, 4);
-    if ((Py_ssize_t)plen != n - 20) {
-        PyBuffer_Release(&buf);
+    if ((Py_ssize_t)plen != n - 20)
         Py_RETURN_NONE;
-    }
     const unsigned char *body = p + 20;
+    unsigned char b0 = plen >= 1 ? body[0] : 0, b1 = plen >= 2 ? body[1] : 0;
     PyObject *payload;
-    if (plen >= 2 && body[0] == 0xC4 && body[1] == plen - 2)        /* bin 8 */
+    if (plen >= 2 && b0 == 0xC4 && b1 == plen - 2)                    /* bin 8 */
         payload = PyBytes_FromStringAndSize((const char *)body + 2, plen - 2);
-    else if (plen == 1 && body[0] == 0xC0)                            /* nil */
+    else if (plen == 1 && b0 == 0xC0)                                 /* nil */
         payload = Py_NewRef(Py_None);
-    else if (plen == 1 && body[0] <= 0x7F)                            /* positive fixint */
-        payload = PyLong_FromLong(body[0]);
+    else if (plen == 1 && b0 <= 0x7F)                                 /* positive fixint */
+        payload = PyLong_FromLong(b0);
     else {
         PyObject *raw = PyBytes_FromStringAndSize((const char *)body, plen);
         payload = raw ? PyObject_CallOneArg(payload_fallback, raw) : NULL;
         Py_XDECREF(raw);
         if (payload == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
             PyErr_Clear();                   /* garbage from a faulty peer: not a message */
-            PyBuffer_Release(&buf);
             Py_RETURN_NONE;
         }
     }
-    PyBuffer_Release(&buf);
     if (payload == NULL)
         return NULL;
     PyObject *msg = message_type->tp_alloc(message_type, 6);
-    PyObject *a = PyLong_FromUnsignedLong(mtype), *b = PyLong_FromUnsignedLong(sub);
+    /* the type the caller already holds (a handler's key) and the two subtypes of a round
+     * trip are shared objects, not made again for every message */
+    PyObject *a = type_obj != NULL && PyLong_AsUnsignedLong(type_obj) == mtype
+                  ? Py_NewRef(type_obj) : PyLong_FromUnsignedLong(mtype);
+    PyObject *b = sub == SUB_REQUEST && sub_objects[0] != NULL ? Py_NewRef(sub_objects[0])
+                  : sub == SUB_RESPONSE && sub_objects[1] != NULL ? Py_NewRef(sub_objects[1])
+                  : PyLong_FromUnsignedLong(sub);
     PyObject *c = PyLong_FromUnsignedLongLong(mid);
     if (msg == NULL || a == NULL || b == NULL || c == NULL) {
         Py_XDECREF(msg);
@@ -1035,8 +1171,22 @@ static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nar
     PyTuple_SET_ITEM(msg, 1, b);
     PyTuple_SET_ITEM(msg, 2, c);
     PyTuple_SET_ITEM(msg, 3, payload);
-    PyTuple_SET_ITEM(msg, 4, Py_NewRef(args[1]));
-    PyTuple_SET_ITEM(msg, 5, Py_NewRef(args[2]));
+    PyTuple_SET_ITEM(msg, 4, Py_NewRef(sender));
+    PyTuple_SET_ITEM(msg, 5, Py_NewRef(cpu));
+    return msg;
+}
+
+static PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || message_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "decode(data, sender, cpu), after configure()");
+        return NULL;
+    }
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *msg = decode_raw((const unsigned char *)buf.buf, buf.len, args[1], args[2], NULL);
+    PyBuffer_Release(&buf);
     return msg;
 }
 
@@ -1066,6 +1216,7 @@ struct Port {
     long wake_fd, signal_pid, signo;
     Py_ssize_t peer_at;
     uint32_t want_state, want_pid;
+    uint64_t tail_hint;                  /* see publish: an instance's Port only */
 };
 
 static PyObject *port_call(Port *p, PyObject *const *args, size_t nargsf, PyObject *kwnames);
@@ -1081,6 +1232,7 @@ static void port_release(Port *p)
     if (p->has_peers)
         PyBuffer_Release(&p->peers);
     p->has_counters = p->has_peers = 0;
+    p->tail_hint = 0;
 }
 
 static void port_dealloc(Port *p)
@@ -1174,7 +1326,8 @@ static long port_send(Port *p, uint64_t type, const void *head, uint64_t hlen, c
     if (!port_current(p))
         return REROUTE;
     long rc = publish((char *)p->ring.buf, p->nslots, p->stride, p->slot_bytes, p->sender, p->cpu,
-                      p->count, type, head, hlen, body, blen);
+                      p->count, type, head, hlen, body, blen,
+                      p->has_peers ? &p->tail_hint : NULL);
     return rc < 0 ? ring_doorbell(rc, p->wake_fd, p->signal_pid, p->signo) : rc;
 }
 
@@ -1422,6 +1575,12 @@ PyMODINIT_FUNC PyInit__fastring(void)
 {
     if (PyType_Ready(&PortType) < 0)
         return NULL;
+    if (sub_objects[0] == NULL) {
+        sub_objects[0] = PyLong_FromUnsignedLong(SUB_REQUEST);
+        sub_objects[1] = PyLong_FromUnsignedLong(SUB_RESPONSE);
+        if (sub_objects[0] == NULL || sub_objects[1] == NULL)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

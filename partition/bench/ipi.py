@@ -6,13 +6,17 @@ instance on a sends ``--stream`` one-way 64-byte messages to it. Between the sam
 the same run, bare Python baselines: a shared-memory spin ping-pong, and a blocking ping-pong
 through each candidate wake mechanism for a doorbell (eventfd, an AF_UNIX socket pair, a pipe,
 a futex on shared memory).
-Poll and hybrid modes are compared with the spin baseline, interrupt mode with the eventfd
-baseline, since the emulator's doorbell is an eventfd (the wake-up table says whether another
-mechanism would wake faster here).
+Poll and hybrid modes are compared with the spin baseline; interrupt mode with the fastest
+wake-up among the raw ones a doorbell could be, measured beside it in the same repeat
+(eventfd, pipe, AF_UNIX: whichever it was; on a VM the wake of a halted vCPU costs every
+mechanism alike, and which one wins moves from run to run; the wake-up table says which it
+was, and which one the emulator uses).
 
-Targets (issue 13), judged on the median of the interleaved repeats of every CPU pair: poll and
-hybrid p50 <= 2.0 us and <= 7x raw spin; interrupt p50 <= 0.95x raw eventfd; streaming >= 1.5M
-msgs/s in poll and hybrid modes, >= 1.0M in interrupt mode. The bench exits 1 on a miss.
+Targets (issues 13 and 20), judged on the median of the interleaved repeats of every CPU pair:
+poll and hybrid p50 <= 2.0 us and <= 6x raw spin; interrupt p50 <= 1.05x the fastest raw
+wake-up; streaming >= 1.5M msgs/s in poll and hybrid modes, >= 1.0M in interrupt mode. The bench
+exits 1 on a miss, and each miss says how much of it the raw baseline beside it explains
+(``explain``). ``--quick`` runs are indicative: printed, never judged (exit 0).
 """
 
 from __future__ import annotations
@@ -37,12 +41,18 @@ from partition.host.machine import Machine
 from partition.stats import environment, environment_line, summary
 
 MODES = ("poll", "interrupt", "hybrid")
-BASELINE_OF = {"poll": "raw-spin", "interrupt": "raw-eventfd", "hybrid": "raw-spin"}
+#: interrupt mode's baseline: the fastest of WAKE_MECHANISMS in the same repeat and CPU pair
+FASTEST_WAKE = "fastest raw wake-up"
+BASELINE_OF = {"poll": "raw-spin", "interrupt": FASTEST_WAKE, "hybrid": "raw-spin"}
 #: the emulator's doorbell, among the wake mechanisms measured beside it: a pipe
 #: (linux.doorbell: a sender can ring it, never read it)
 DOORBELL = "raw-pipe"
-TARGETS = {"poll_p50_us": 2.0, "poll_ratio": 7.0, "interrupt_ratio": 0.95,
+TARGETS = {"poll_p50_us": 2.0, "poll_ratio": 6.0, "interrupt_ratio": 1.05,
            "stream_poll": 1_500_000, "stream_hybrid": 1_500_000, "stream_interrupt": 1_000_000}
+#: the raw spin's p50 on the machine where the absolute targets (us, msgs/s) were set (the
+#: project's Intel guest, 2026-11-25: 0.26-0.30 us): an absolute figure is scaled by how much
+#: slower the raw spin beside it ran, to say how much of a miss belongs to the machine
+REFERENCE_RAW_SPIN_US = 0.30
 
 
 def tier(a: int, b: int) -> str:
@@ -190,6 +200,14 @@ def _socket_pair() -> tuple[int, int]:
     return r.detach(), w.detach()
 
 
+#: the wake mechanisms interrupt mode is judged against: those a doorbell can be. A doorbell
+#: is waited on with a timeout beside other descriptors and checked by a new host when it
+#: adopts an instance, so it must be a descriptor; the futex has none. It is measured and shown
+#: all the same, but never the baseline: through ctypes its exchange often misses the sleep
+#: altogether (the peer answers within the microsecond a ctypes call takes), and once measured
+#: a p50 of 1.8 us here, a spin, not a wake-up
+DOORBELL_CANDIDATES = ("raw-eventfd", "raw-pipe", "raw-af-unix")
+
 #: the candidate doorbells: name -> (make a channel, (ring, wait))
 WAKE_MECHANISMS: dict[str, tuple[Any, tuple[Any, Any]]] = {
     "raw-eventfd": (_eventfd_pair, (lambda fd: os.eventfd_write(fd, 1), os.eventfd_read)),
@@ -256,6 +274,16 @@ def emulated(m: Machine, a: int, b: int, mode: str, n: int, stream: int, size: i
             "msgs_per_s": got / elapsed if elapsed > 0 else 0.0}
 
 
+def baseline_of(mode: str, base: dict[str, dict[str, float]]) -> str:
+    """The raw variant a mode's ratio is taken against, among those of one repeat: the spin for
+    poll and hybrid; for interrupt mode the wake mechanism with the lowest p50 among those a
+    doorbell can be (DOORBELL_CANDIDATES)."""
+    if BASELINE_OF[mode] != FASTEST_WAKE:
+        return BASELINE_OF[mode]
+    return min((name for name in DOORBELL_CANDIDATES if name in base),
+               key=lambda name: base[name]["p50"])
+
+
 def _one_repeat(m: Machine, pairs: list[tuple[int, int]], modes: tuple[str, ...],
                 round_trips: int, stream: int, size: int, repeat: int,
                 progress: bool) -> list[dict[str, Any]]:
@@ -276,10 +304,12 @@ def _one_repeat(m: Machine, pairs: list[tuple[int, int]], modes: tuple[str, ...]
                       file=sys.stderr, flush=True)
             e = emulated(m, a, b, mode, round_trips, stream, size)
             lat = summary(e["rtt_us"])
-            ref = base[BASELINE_OF[mode]]
+            baseline = baseline_of(mode, base)
+            ref = base[baseline]
             out.append({
                 "repeat": repeat, "cpu_a": a, "cpu_b": b, "tier": tier(a, b), "variant": mode,
-                "latency_us": lat, "baseline": BASELINE_OF[mode],
+                "latency_us": lat, "baseline": baseline,
+                "baseline_p50_us": ref["p50"],
                 "ratio_p50": lat["p50"] / ref["p50"], "ratio_p99": lat["p99"] / ref["p99"],
                 "msgs_per_s": e["msgs_per_s"], "stream_enospc": e["stream_enospc"],
                 "stream_received": e["stream_received"]})
@@ -306,17 +336,21 @@ def _combine(cells: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("ratio_p50", "ratio_p99", "msgs_per_s", "stream_enospc"):
         if k in first:
             out[k] = _median([c[k] for c in cells])
-    if "baseline" in first:
-        out["baseline"] = first["baseline"]
+    if "baseline" in first:       # for interrupt mode, the fastest wake of each repeat
+        names = sorted({c["baseline"] for c in cells})
+        out["baseline"] = names[0] if len(names) == 1 else "/".join(names)
         out["stream_received"] = min(c["stream_received"] for c in cells)
         out["ratio_p50_range"] = [min(c["ratio_p50"] for c in cells),
                                   max(c["ratio_p50"] for c in cells)]
+        out["baseline_p50_us"] = _median([c["baseline_p50_us"] for c in cells])
+        out["baseline_p50_range_us"] = [min(c["baseline_p50_us"] for c in cells),
+                                        max(c["baseline_p50_us"] for c in cells)]
     return out
 
 
 def run(round_trips: int = 10_000, stream: int = 100_000, size: int = 64,
         modes: tuple[str, ...] = MODES, progress: bool = False,
-        repeats: int = 3) -> dict[str, Any]:
+        repeats: int = 3, quick: bool = False) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     pairs = list(itertools.permutations(cpus, 2)) or [(cpus[0], cpus[0])]
     runs: list[dict[str, Any]] = []
@@ -338,31 +372,102 @@ def run(round_trips: int = 10_000, stream: int = 100_000, size: int = 64,
             "host_cpu": cpus[0], "oversubscribed": True,
             "ring_implementation": ring_mod.IMPLEMENTATION, "ring_stale": ring_mod.STALE,
             "results": results, "runs": runs,
-            "targets": TARGETS}
+            "targets": TARGETS, "reference_raw_spin_us": REFERENCE_RAW_SPIN_US, "quick": quick}
     res["judgement"] = judge(res)
     return res
 
 
 def judge(res: dict[str, Any]) -> dict[str, Any]:
-    """Every target against every CPU pair's medians; also which wake mechanism was fastest."""
+    """Every target against every CPU pair's medians; which wake mechanism was fastest; and for
+    each check, how much of a miss the raw baseline beside it explains (``explain``). A quick
+    run's checks are worked out and printed, but not judged: ``judged`` is false."""
     t = res["targets"]
+    ref_spin = res.get("reference_raw_spin_us", REFERENCE_RAW_SPIN_US)
     cells = {(r["cpu_a"], r["cpu_b"], r["variant"]): r for r in res["results"]}
-    verdicts: dict[str, bool] = {}
+    checks: list[dict[str, Any]] = []
     for (a, b, variant), r in cells.items():
         pair = f"{a}->{b}"
+        spin = cells.get((a, b, "raw-spin"))
+        scale = spin["latency_us"]["p50"] / ref_spin if spin else None
         if variant in ("poll", "hybrid"):
-            verdicts[f"{variant} p50 {pair}"] = r["latency_us"]["p50"] <= t["poll_p50_us"]
-            verdicts[f"{variant} ratio {pair}"] = r["ratio_p50"] <= t["poll_ratio"]
-        if variant == "interrupt":
-            verdicts[f"interrupt ratio {pair}"] = r["ratio_p50"] <= t["interrupt_ratio"]
+            checks.append(explain(f"{variant} p50 {pair}", r["latency_us"]["p50"],
+                                  t["poll_p50_us"], "us", scale=scale))
+        if variant in ("poll", "hybrid", "interrupt"):
+            checks.append(explain(
+                f"{variant} ratio {pair}", r["ratio_p50"],
+                t["interrupt_ratio" if variant == "interrupt" else "poll_ratio"], "x",
+                baseline=r["baseline"], baseline_range=r.get("baseline_p50_range_us")))
         if "msgs_per_s" in r:
-            verdicts[f"{variant} stream {pair}"] = r["msgs_per_s"] >= t[f"stream_{variant}"]
+            checks.append(explain(f"{variant} stream {pair}", r["msgs_per_s"],
+                                  t[f"stream_{variant}"], "msgs/s", scale=scale,
+                                  higher_is_better=True))
+    verdicts = {c["name"]: c["met"] for c in checks}
     wake = {name: _median([r["latency_us"]["p50"] for r in res["results"]
                            if r["variant"] == name])
-            for name in WAKE_MECHANISMS}
-    return {"verdicts": verdicts, "met": all(verdicts.values()), "wake_p50_us": wake,
+            for name in WAKE_MECHANISMS
+            if any(r["variant"] == name for r in res["results"])}
+    return {"verdicts": verdicts, "checks": checks, "met": all(verdicts.values()),
+            "judged": not res.get("quick", False), "wake_p50_us": wake,
             "fastest_wake": min(wake, key=lambda k: wake[k]) if wake else None,
             "doorbell": DOORBELL}
+
+
+def explain(name: str, figure: float, target: float, unit: str, *,
+            scale: float | None = None, baseline: str | None = None,
+            baseline_range: list[float] | None = None,
+            higher_is_better: bool = False) -> dict[str, Any]:
+    """One check, and how much of a miss the raw baseline beside it explains
+    (``explained``, 0..1, None when nothing measured can say).
+
+    An absolute target (us, msgs/s) was set on a machine where the raw spin took
+    REFERENCE_RAW_SPIN_US; ``scale`` is how much slower the raw spin beside this figure ran.
+    Scaled by it, the target is what this machine could be asked for; the share of the miss
+    between the target and the scaled target belongs to the machine. A ratio target already
+    divides by its baseline: what the baseline can still explain is its own movement between
+    the interleaved repeats (``baseline_range``, p50s in us), a noise the ratio inherits."""
+    met = figure >= target if higher_is_better else figure <= target
+    out: dict[str, Any] = {"name": name, "figure": figure, "target": target, "unit": unit,
+                           "met": met, "explained": None, "why": ""}
+    if met:
+        return out
+    if unit != "x":
+        if scale is None:
+            out["why"] = "no raw spin beside it to scale the target by"
+            return out
+        scaled = target / scale if higher_is_better else target * scale
+        share = (target - scaled) / (target - figure) if higher_is_better \
+            else (scaled - target) / (figure - target)
+        out["explained"] = min(1.0, max(0.0, share))
+        out["why"] = (f"the raw spin beside it ran {scale:.2f}x its time where the target was "
+                      f"set; scaled by it the target is {_fmt(scaled, unit)}, so the machine "
+                      f"explains {_share(out['explained'])} of the miss")
+        return out
+    over = figure / target - 1.0
+    if not baseline_range or baseline_range[0] <= 0:
+        out["why"] = f"{over:.1%} over; no baseline beside it"
+        return out
+    lo, hi = baseline_range
+    if hi == lo:
+        out["why"] = (f"{over:.1%} over; one repeat, so how much {baseline} itself moves "
+                      f"between repeats is not known here (--repeat 3 says)")
+        return out
+    noise = hi / lo - 1.0
+    out["explained"] = min(1.0, noise / over)
+    out["why"] = (f"{over:.1%} over; {baseline} beside it moved {noise:.1%} between repeats "
+                  f"({lo:.2f}-{hi:.2f} us), so the raw baseline explains "
+                  f"{_share(out['explained'])} of the miss"
+                  + ("" if noise >= over else f" and {over - noise:.1%} is the emulator's"))
+    return out
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:,.0f} {unit}" if unit == "msgs/s" else f"{value:.2f} {unit}"
+
+
+def _share(fraction: float) -> str:
+    return "all" if fraction >= 1.0 else "none" if fraction <= 0.0 else f"{fraction:.0%}"
 
 
 def _implementation(res: dict[str, Any]) -> str:
@@ -403,10 +508,23 @@ def render(res: dict[str, Any]) -> str:
            else f" ({j['fastest_wake'][4:]} woke faster here)"))
     lines.append(f"targets: poll and hybrid p50 <= {t['poll_p50_us']} us and <= "
                  f"{t['poll_ratio']}x raw-spin; interrupt p50 <= {t['interrupt_ratio']}x "
-                 f"raw-eventfd; stream >= {t['stream_poll']:,} msgs/s (poll, hybrid), >= "
+                 f"the fastest raw doorbell wake-up beside it (eventfd, pipe, af-unix); "
+                 f"stream >= {t['stream_poll']:,} msgs/s (poll, hybrid), >= "
                  f"{t['stream_interrupt']:,} (interrupt)")
-    missed = [k for k, ok in j["verdicts"].items() if not ok]
-    lines.append("all met" if not missed else "MISSED: " + "; ".join(missed))
+    missed = [c for c in j["checks"] if not c["met"]]
+    if not j["judged"]:
+        lines.append("--quick: these figures are indicative (fewer round trips, "
+                     f"{res['repeats']} repeat(s)) and judge nothing; run without --quick "
+                     "to judge the targets")
+        lines += [f"  would miss {c['name']}: {_fmt(c['figure'], c['unit'])} against "
+                  f"{_fmt(c['target'], c['unit'])}; {c['why']}" for c in missed]
+        return "\n".join(lines)
+    if not missed:
+        lines.append("all met")
+        return "\n".join(lines)
+    lines.append("MISSED: " + "; ".join(c["name"] for c in missed))
+    lines += [f"  {c['name']}: {_fmt(c['figure'], c['unit'])} against "
+              f"{_fmt(c['target'], c['unit'])}; {c['why']}" for c in missed]
     return "\n".join(lines)
 
 
@@ -438,11 +556,13 @@ def main(a: argparse.Namespace) -> int:
         print("mkctl bench: error: --repeat must be at least 1 [EINVAL]\n  fix: --repeat 3",
               file=sys.stderr)
         return 1
-    res = run(a.round_trips, a.stream, 64, progress=sys.stderr.isatty(), repeats=repeats)
+    res = run(a.round_trips, a.stream, 64, progress=sys.stderr.isatty(), repeats=repeats,
+              quick=a.quick)
     if a.format == "json":
         print(json.dumps(res, indent=2))
     elif a.format == "csv":
         sys.stdout.write(render_csv(res))
     else:
         print(render(res))
-    return 0 if res["judgement"]["met"] else 1      # a missed target it printed is a failure
+    j = res["judgement"]        # a missed target it printed is a failure; a quick run judges none
+    return 0 if j["met"] or not j["judged"] else 1

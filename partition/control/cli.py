@@ -640,7 +640,9 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--round-trips", type=int, default=10_000,
                    help="ipi: round trips per pair and mode (at least 10000)")
     p.add_argument("--stream", type=int, default=100_000, help="ipi: one-way messages to stream")
-    p.add_argument("--quick", action="store_true", help="ipi: allow fewer round trips (smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="ipi: allow fewer round trips, one repeat: indicative figures, no "
+                        "target judged (exit 0)")
     p.add_argument("--repeat", type=int, default=None,
                    help="ipi, isolation, scale: interleaved repeats, medians reported "
                         "(default 3; ipi: 1 with --quick)")

@@ -23,9 +23,12 @@ the way ``bench boot`` times it (the boot CPU answered). Per N it prints:
   (the floor any Python instance pays);
 - ``mkctl shutdown`` of the whole machine, end to end.
 
-Targets (issue 13): boot p50 at 511 <= 1.3x at 16; idle host CPU at 511 <= 1%; ``mkctl show``
-at 511 <= 50 ms more than the bare interpreter measured in the same run; shutdown of 511 <= 2 s;
-USS per instance at 511 <= 4 MB. The bench exits 1 when it misses one it printed. Sizes run in
+Targets (issues 13 and 20): boot p50 at 511 grows from 16 no more than the raw fork + pin +
+handshake measured beside the same boots grows (each a ratio of the largest size to the
+smallest: what the machine itself slows down by as it fills is not the emulator's); idle host
+CPU at 511 <= 1%; ``mkctl show`` at 511 <= 50 ms more than the bare interpreter measured in the
+same run; shutdown of 511 <= 2 s; USS per instance at 511 <= 4 MB. The bench exits 1 when it
+misses one it printed, and a boot miss says how much of it the raw growth explains. Sizes run in
 turn, ``--repeat`` times interleaved; each figure is the median over repeats, with its range.
 """
 
@@ -49,7 +52,7 @@ from partition.host.machine import SWEEP_BATCH, SWEEP_PERIOD_S
 from partition.stats import environment, environment_line, summary
 
 SIZES = (16, 64, 256, 511)
-TARGETS = {"boot_ratio_511_vs_16": 1.3, "idle_host_cpu_pct": 1.0, "show_over_python_ms": 50.0,
+TARGETS = {"boot_growth_vs_raw": 1.0, "idle_host_cpu_pct": 1.0, "show_over_python_ms": 50.0,
            "shutdown_s": 2.0, "uss_mb": 4.0}
 KERNEL = "kernels.idle:IdleKernel"
 LAST = 16                       # boots that say what the Nth costs
@@ -267,14 +270,23 @@ def run(sizes: tuple[int, ...] = SIZES, repeats: int = 3, idle_s: float = 5.0,
     return res
 
 
+def boot_growth(res: dict[str, Any]) -> dict[str, float]:
+    """Boot p50 (the last 16 boots) at the largest size over that at the smallest, for the
+    emulator and for the raw fork + pin + handshake beside the same boots; ``own``: the
+    emulator's growth over the raw's, what is left once the machine's own slowdown is out."""
+    rows = res["results"]
+    small, big = rows[0], rows[-1]
+    emulator = big["boot_ms_last"] / small["boot_ms_last"]
+    raw = big["raw_boot_ms"] / small["raw_boot_ms"]
+    return {"emulator": emulator, "raw": raw, "own": emulator / raw}
+
+
 def judge(res: dict[str, Any]) -> dict[str, bool]:
     """Each target against the largest and smallest sizes measured (a smoke run of smaller
     sizes judges its largest)."""
-    rows = res["results"]
-    small, big = rows[0], rows[-1]
+    big = res["results"][-1]
     return {
-        "boot_ratio_511_vs_16": big["boot_ms_last"] / small["boot_ms_last"]
-        <= TARGETS["boot_ratio_511_vs_16"],
+        "boot_growth_vs_raw": boot_growth(res)["own"] <= TARGETS["boot_growth_vs_raw"],
         "idle_host_cpu_pct": big["idle_host_cpu_pct"] <= TARGETS["idle_host_cpu_pct"],
         "show_over_python_ms": big["show_cli_ms"] - big["python_ms"]
         <= TARGETS["show_over_python_ms"],
@@ -310,14 +322,16 @@ def render(res: dict[str, Any]) -> str:
 
     def say(ok: bool) -> str:
         return "met" if ok else "MISSED"
-    boot_growth = big["boot_ms_last"] / small["boot_ms_last"]
-    raw_growth = big["raw_boot_ms"] / small["raw_boot_ms"]
+    g = boot_growth(res)
     lines += [
         f"targets at N={big['n']}:",
-        f"  boot p50 {boot_growth:.2f}x that at N={small['n']} "
-        f"(<= {t['boot_ratio_511_vs_16']}x): {say(v['boot_ratio_511_vs_16'])}; the raw fork + "
-        f"pin + handshake beside it {raw_growth:.2f}x (the machine's own slowdown), so the "
-        f"emulator's own growth is {boot_growth / raw_growth:.2f}x",
+        f"  boot p50 {g['emulator']:.2f}x that at N={small['n']}, the raw fork + pin + "
+        f"handshake beside it {g['raw']:.2f}x (the machine's own slowdown): the emulator's own "
+        f"growth {g['own']:.2f}x (<= {t['boot_growth_vs_raw']:g}x): "
+        f"{say(v['boot_growth_vs_raw'])}"
+        + ("" if v["boot_growth_vs_raw"] else
+           f"; the raw baseline explains {_explained(g['emulator'], g['raw']):.0%} of the "
+           f"growth over 1x"),
         f"  idle host CPU {big['idle_host_cpu_pct']:.2f}% (<= {t['idle_host_cpu_pct']}%): "
         f"{say(v['idle_host_cpu_pct'])}; meanwhile the kernels used "
         f"{big['idle_instances_cpu_pct']:.2f}% and the rest of the machine "
@@ -332,6 +346,12 @@ def render(res: dict[str, Any]) -> str:
         f"(<= {t['uss_mb']:g} MB): {say(v['uss_mb'])}",
     ]
     return "\n".join(lines)
+
+
+def _explained(emulator: float, raw: float) -> float:
+    """How much of the emulator's growth over none (1x) the raw baseline's growth accounts
+    for: a miss printed says it."""
+    return 1.0 if emulator <= 1.0 else min(1.0, max(0.0, (raw - 1.0) / (emulator - 1.0)))
 
 
 def main(a: argparse.Namespace) -> int:

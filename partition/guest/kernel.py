@@ -157,6 +157,7 @@ class Kernel:
         self.ring.set_mode(self.mode)
         self.ring.set_polling(self.mode != "interrupt")
         self._poller = self.ring.poller()       # poll and hybrid: spin and drain, one C call
+        self._wait = self._wait_ipi             # bound once: every request passes it
         self._next_heartbeat = time.monotonic() + (self.heartbeat_interval or 0)  # one interval in
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
@@ -329,7 +330,7 @@ class Kernel:
     def request(self, target: int, msg_type: int, payload: Any = None,
                 timeout: float = 10.0) -> Any:
         """Send a request and wait for its response (RingError ETIMEDOUT after ``timeout``)."""
-        return self.messenger.request(target, msg_type, payload, timeout, self._wait_ipi)
+        return self.messenger.request(target, msg_type, payload, timeout, self._wait)
 
     def poll_ipis(self, limit: int = 64) -> int:
         """Deliver up to ``limit`` pending messages now; returns how many. Inside a drain (the
@@ -357,8 +358,23 @@ class Kernel:
         IPI signal's own drain stays out of a drain (``_in_drain``)."""
         if self.mode == "poll":
             # spin on the ring's head, bounded so that the caller's loop (deadlines, halting,
-            # heartbeats) still comes round at least every 50 us; then drain, in the same call
-            return self._spin_take(min(50.0, timeout * 1e6)) or 0
+            # heartbeats) still comes round at least every 50 us; then drain, in the same call.
+            # _spin_take's C case inlined: this is every poll-mode request's wait
+            poller = self._poller
+            if poller is None:
+                return self._spin_take(min(50.0, timeout * 1e6)) or 0
+            outer = self._in_drain
+            self._in_drain = True
+            try:
+                msgr = self.messenger
+                handled = None if msgr.waiting else msgr.handled
+                got = poller(min(50.0, timeout * 1e6), 64, handled, self._deliver, True,
+                             self._replies)
+                if got is None or not got[1]:
+                    return got[2] if got else 0
+                return self.ring.finish(got, 64, handled, self._deliver)
+            finally:
+                self._in_drain = outer
         if self.mode == "hybrid":
             took = self._spin_take(self.spin_us)
             if took is not None:

@@ -74,18 +74,27 @@ class Supervisor:
     def is_failure(self, record: ExitRecord) -> bool:
         return record.how in FAILURE_KINDS
 
-    def record_failure(self, inst: Instance, record: ExitRecord, detected: float) -> None:
+    def record_failure(self, inst: Instance, record: ExitRecord,
+                       detected: float) -> dict[str, Any]:
+        """The failure record, made as soon as the exit is classified: the death's notice
+        ends here (``detect_ms`` is measured to ``detected``, the handler's start). Its event
+        is ``announce_failure``'s, once the host has tidied up after the run (issue 20: the
+        record first, what can wait after it)."""
         fault = inst.pending_fault
         failure: dict[str, Any] = {
             "kind": FAILURE_KINDS[record.how], "time": record.time, "reason": record.reason,
             "fault": fault[0] if fault else None,
             "detect_ms": round((detected - fault[1]) * 1e3, 3) if fault else None,
+            "recorded_ms": round((time.monotonic() - fault[1]) * 1e3, 3) if fault else None,
             "exit": record.to_dict(),
             "console_tail": self.m.console_text(inst.id).rstrip("\n").splitlines()[-8:],
         }
         inst.failures.append(failure)
         del inst.failures[:-20]
         inst.counters["failures"] += 1
+        return failure
+
+    def announce_failure(self, inst: Instance, failure: dict[str, Any]) -> None:
         self.m.events.warning("failure", instance=inst.id, name=inst.name, **failure)
 
     def recover(self, inst: Instance) -> None:
