@@ -10,6 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import CPUS, up, wait_until
+from ringtool import claim
+
+from partition.abi import message as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -55,3 +59,53 @@ def test_a_mutant_that_is_not_refuted_fails_the_run() -> None:
     assert model.kind == "model"
     assert not verify_models.Result(model, 1, 10, 0.1, "").ok
     assert not verify_models.Result(model, -1, 0, 0.1, "depth").ok
+
+
+# -- counterexamples replayed against the real code ----------------------------------------
+# healing/sweep-no-doorbell and healing/no-stall-doorbell (models/healing.pml, -DSLEEPING) are
+# the code as it was: SPIN's trails end with a tickless receiver asleep on its doorbell while a
+# message waits behind a dead sender's claim at its ring's tail. Here the same steps run on a
+# real machine: a tickless receiver (kernels.idle, idle_timeout None: only a doorbell wakes it,
+# its safety-net timer is an hour), a claim at its tail left by a sender that is dead, a
+# message behind it (the host's send rings the receiver, which drains up to the claim and
+# sleeps again); the message must still be taken within a few seconds.
+
+IDLE = "kernels.idle:IdleKernel"
+IPI_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "ipi.py")
+
+
+def _asleep_behind_the_claim(machine, ring):
+    """The receiver woke for the message behind the claim, drained up to it, and sleeps."""
+    wait_until(machine, lambda: ring.counters()["doorbells"] >= 1 and ring.receiver_idle()
+               and ring.stalled() == ring.tail)
+
+
+def test_a_dead_senders_swept_claim_wakes_a_tickless_receiver(machine):
+    """The trail of healing/sweep-no-doorbell: the sender wrote its id, stalled, and died; the
+    host marks its claim ABANDONED, and must ring the receiver, which sleeps behind it."""
+    idle = up(machine, "idle", IDLE)
+    ring = machine.ring_of(idle["id"])
+    dies = up(machine, "dies", IPI_KERNELS + ":DiesMidSend", f"target={idle['id']}", cpu=CPUS[0])
+    wait_until(machine, lambda: "stalling before publish" in machine.console("dies"))
+    machine.send("idle", M.MK_MSG_USER, "behind the claim")
+    _asleep_behind_the_claim(machine, ring)
+    os.kill(dies["pid"], 9)
+    machine.wait_for("dies", "loaded")
+    wait_until(machine, lambda: ring.tail == ring.head, timeout=5)
+    counters = ring.counters()
+    assert counters["dropped_abandoned"] == 1 and counters["received"] == 1
+
+
+def test_a_claim_dead_before_its_id_wakes_a_tickless_receiver_to_reclaim_it(machine):
+    """The trail of healing/no-stall-doorbell: the claimer died before it wrote its id (here
+    the claim is made by hand: a claim and nothing else is what such a death leaves), so no
+    sweep can name it; only the receiver's abandon_after (1 s) reclaims it, and a tickless
+    receiver must be woken for that."""
+    idle = up(machine, "idle", IDLE)
+    ring = machine.ring_of(idle["id"])
+    claim(ring)                                 # claimed, nothing written: its claimer died
+    machine.send("idle", M.MK_MSG_USER, "behind the claim")
+    _asleep_behind_the_claim(machine, ring)
+    wait_until(machine, lambda: ring.tail == ring.head, timeout=6)
+    counters = ring.counters()
+    assert counters["dropped_abandoned"] == 1 and counters["received"] == 1

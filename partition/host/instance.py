@@ -153,7 +153,7 @@ class Instance:
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
         "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0,
-        "ring_jams": 0, "live_updates": 0, "watchdog_nudges": 0})
+        "ring_jams": 0, "live_updates": 0, "watchdog_nudges": 0, "reclaim_wakes": 0})
     #: runtime resource changes (overlays): what the kernel answered, and how often
     resource_changes: dict[str, int] = field(default_factory=lambda: {
         "accepted": 0, "refused": 0, "unanswered": 0})
