@@ -49,16 +49,17 @@ def test_each_model_has_a_mutant_and_names_the_code_it_mirrors() -> None:
         assert "_fastring.c" in text or "ring.py" in text, model
 
 
+@pytest.mark.skipif(_MISSING is not None, reason=f"SPIN models not verified: {_MISSING}")
 def test_a_mutant_that_is_not_refuted_fails_the_run() -> None:
-    """The runner's verdict itself: a mutant with no error is a failure, a model with one too."""
-    check = verify_models.CHECKS[1]
-    assert check.kind == "mutant"
-    assert not verify_models.Result(check, 0, 10, 0.1, "").ok
-    assert verify_models.Result(check, 1, 10, 0.1, "").ok
-    model = verify_models.CHECKS[0]
-    assert model.kind == "model"
-    assert not verify_models.Result(model, 1, 10, 0.1, "").ok
-    assert not verify_models.Result(model, -1, 0, 0.1, "depth").ok
+    """The runner's verdict, on real searches: the hand-over model run as if it were a mutant
+    (a -D switch the model does not know: no error) is a failure; its real mutant passes."""
+    inert = verify_models.Check("inert", "liveupdate.pml", ("NOT_A_SWITCH",), "mutant", "nothing")
+    result = verify_models.verify(inert)
+    assert result.errors == 0 and result.states > 0 and not result.ok
+    mutant = next(c for c in verify_models.CHECKS if c.name == "liveupdate/reset-on-handover")
+    result = verify_models.verify(mutant)
+    assert result.errors == 1 and result.ok and "assertion violated" in result.detail
+    assert "NOT REFUTED" in verify_models.table([verify_models.verify(inert)])
 
 
 # -- counterexamples replayed against the real code ----------------------------------------
