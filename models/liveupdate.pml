@@ -15,16 +15,19 @@
  *     and the ring is empty, and then asserts it saw all. Its sleeps end on a doorbell or on
  *     its idle timer (SPIN's timeout: the timer fires when nothing else can happen).
  *   - with -DTICKLESS the new kernel sleeps with no timer (idle_timeout = None): a doorbell
- *     must wake it. SPIN refutes this: a Port that checked the entry before the host wrote the
- *     new pid publishes after the new kernel's last look and rings the old kernel's eventfd;
- *     ``signaled`` is left set, so the sends after the REROUTE ring nothing either. (A
- *     finding: docs/protocols.md.)
+ *     must wake it, and at quiescence everything was delivered. A Port that checked the entry
+ *     before the host wrote the new pid may publish after the new kernel's last look and ring
+ *     the old kernel's eventfd, leaving ``signaled`` set; the host keeps that eventfd and
+ *     forwards its rings to the new kernel's (lifecycle.py _handed_over and
+ *     forward_old_doorbell). Without the forwarding (mutant NO_FORWARD, the code before this
+ *     model) SPIN finds the new kernel asleep with the messages in its ring.
  *
  * Mutants, each of which SPIN must refute:
  *   RESET_ON_HANDOVER  the host resets the ring at the new boot as at any other boot (the
  *                      ``if not handover`` of lifecycle.py:93)
  *   NO_QUIESCE_WAIT    the host boots the new kernel without waiting for the old one to
  *                      exit (the m.wait of liveupdate.py:73): two receivers on one ring
+ *   NO_FORWARD         (with TICKLESS) the old kernel's doorbell is closed at its exit
  */
 
 #define NSLOT 2
@@ -128,6 +131,18 @@ proctype Host() {
     db[NEW] = 1                                         /* ... and its doorbell rung */
 }
 
+#ifndef MUTANT_NO_FORWARD
+/* the host's selector, after the old kernel exited: a ring of its eventfd is drained and the
+ * running kernel's rung (lifecycle.py forward_old_doorbell); none before the new one boots */
+proctype Forward() {
+    old_exited;
+end_forward:
+    do
+    :: atomic { db[OLD] -> db[OLD] = 0; if :: new_running -> db[NEW] = 1 :: else fi }
+    od
+}
+#endif
+
 /* the new kernel: kernel.py run, interrupt mode, as models/ring.pml's Receiver (hush left out) */
 proctype New() {
     byte k;
@@ -177,5 +192,10 @@ active proctype Quiescence() {
 #endif
 
 init {
-    atomic { run Sender(); run Old(); run Host(); run New() }
+    atomic {
+        run Sender(); run Old(); run Host(); run New();
+#ifndef MUTANT_NO_FORWARD
+        run Forward()
+#endif
+    }
 }

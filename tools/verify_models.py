@@ -99,8 +99,10 @@ CHECKS = (
           "mutant", "the ring reset at the new boot"),
     Check("liveupdate/no-quiesce-wait", "liveupdate.pml", ("MUTANT_NO_QUIESCE_WAIT",),
           "mutant", "the new kernel boots before the old one exited"),
-    Check("liveupdate/tickless", "liveupdate.pml", ("TICKLESS",), "finding",
-          "a tickless new kernel: a wake-up lost to the old doorbell"),
+    Check("liveupdate/tickless", "liveupdate.pml", ("TICKLESS",), "model",
+          "a tickless new kernel: no wake-up lost to the old kernel's doorbell"),
+    Check("liveupdate/no-forward", "liveupdate.pml", ("TICKLESS", "MUTANT_NO_FORWARD"), "mutant",
+          "the old doorbell closed at the hand-over (the code before this model)"),
 )
 
 
