@@ -14,6 +14,9 @@
  *     doorbell and every message was delivered (assertion in Quiescence). The receiver sleeps
  *     with no timeout (a tickless kernel): only a doorbell wakes it.
  *
+ * -DUNHUSHED: the drain of the pure-Python ring (ring.py drain 510-528), which never raises
+ * ``polling``; the same properties hold.
+ *
  * Mutants (spin -DMUTANT_x), each of which SPIN must refute:
  *   NO_FENCE        the sender reads the receiver's flags before its publish is visible (the
  *                   full barrier after publish, _fastring.c:288, ring.py:293, taken away: the
@@ -143,7 +146,7 @@ inline consume() {
     :: size[tail % NSLOT] == 0 -> break                 /* 420-422: empty, or claimed only */
     :: else ->
         k = tail % NSLOT;
-        assert(ticket[k] == tail);                      /* 424: a stale ticket never meets */
+        assert(ticket[k] == tail);                      /* 425: a stale ticket never meets */
         q = sender[k] - 1;
         assert(q < NPROD);
         assert(payload[k] == q * NMSG + next_seq[q] + 1);  /* FIFO, no duplicate, no tear */
@@ -156,7 +159,11 @@ inline consume() {
 
 /* drain_held with hush (_fastring.c:669-697; kernel.py _take and halt pass hush=True) */
 inline drain() {
+#ifdef UNHUSHED
+    hushed = 0;                                         /* ring.py drain: hush is C's alone */
+#else
     hushed = !polling;
+#endif
     if
     :: hushed -> polling = 1                            /* 672 */
     :: else

@@ -63,6 +63,8 @@ class Check:
 CHECKS = (
     Check("ring", "ring.pml", (), "model",
           "no loss, no duplicate, per-sender FIFO, full ring refused, no lost wake-up"),
+    Check("ring/unhushed", "ring.pml", ("UNHUSHED",), "model",
+          "the same, with the pure-Python drain (no hush)"),
     Check("ring/no-fence", "ring.pml", ("MUTANT_NO_FENCE",), "mutant",
           "no full barrier between publish and the flag reads"),
     Check("ring/idle-after-look", "ring.pml", ("MUTANT_IDLE_AFTER_LOOK",), "mutant",
