@@ -127,6 +127,15 @@ def host_doorbell() -> tuple[int, int]:
     return r, w
 
 
+def doorbell_watch(ring_end: int) -> int:
+    """A descriptor of the pipe behind a doorbell's ring end that becomes readable when the
+    doorbell is rung: what the host keeps of a live update's predecessor, to forward the rings
+    of late senders (lifecycle.py). Opened for reading and writing through /proc, as the
+    instance's own end is: a reader that is also a writer never reads end-of-file, and rings
+    never fail for want of a reader."""
+    return os.open(f"/proc/self/fd/{ring_end}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
 def ring_doorbell(fd: int) -> bool:
     """Ring a doorbell through its ring end. Never blocks, whatever a holder did to the
     shared file's flags (RWF_NOWAIT per call: a peer can clear O_NONBLOCK on the write end

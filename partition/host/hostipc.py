@@ -22,11 +22,15 @@ from partition.abi.constants import HOST_ID, IPI_SIGNAL, MAX_INSTANCES
 from partition.abi.ring import Ring, RingError
 from partition.guest.endpoint import NO_DOORBELL, Doorbell, Endpoint
 from partition.host.instance import Instance, State
+from partition.host.lifecycle import ring as ring_doorbell
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
 
 STALL_REPORT_S = 0.5        # a claim unpublished this long at a ring's tail is reported
+#: a claim unpublished this long at a ring's tail: its receiver is rung (and again as often),
+#: so that its drain reclaims it (the receivers' abandon_after, kernel.py: 1 s)
+RECLAIM_WAKE_S = 1.0
 DRAIN_TURN = 1024           # host messages handled per turn of the reactor
 LOG_INTERVAL_S = 1.0        # events a writer of shared memory can repeat: at most this often
 
@@ -96,6 +100,7 @@ class HostIPC:
         self._logged: dict[tuple[str, int], tuple[float, int]] = {}  # rate limit (_log)
         #: ring id -> (the ticket waiting at its tail, since when, reported)
         self._stalled: dict[int, tuple[int, float, bool]] = {}
+        self._reclaim_rung: dict[int, float] = {}    # instance id -> when rung to reclaim
 
     def close(self) -> None:
         self.endpoint.close()
@@ -207,10 +212,16 @@ class HostIPC:
             inst.last_heartbeat = time.time()
 
     def sweep_claims_of(self, inst: Instance) -> None:
-        """A dead sender's unpublished claims would block its peers' rings: abandon them."""
+        """A dead sender's unpublished claims would block its peers' rings: abandon them, and
+        ring each receiver whose ring had one. The messages behind such a claim rang it
+        already, and it drained up to the claim and went back to sleep: a tickless one would
+        sleep on until its safety net (models/healing.pml, healing/sweep-no-doorbell)."""
         n = self.ring.abandon_claims_of(inst.id)
         for other in self.m.instances.values():
-            n += self.ring_of(other.id).abandon_claims_of(inst.id)
+            marked = self.ring_of(other.id).abandon_claims_of(inst.id)
+            if marked and other.doorbell_fd is not None:
+                ring_doorbell(other.doorbell_fd)
+            n += marked
         if n:
             self.m.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
             self.drain()
@@ -250,6 +261,7 @@ class HostIPC:
             ticket = ring.stalled()
             seen = self._stalled.get(iid)
             if ticket is not None and seen is not None and seen[0] == ticket:
+                self._wake_to_reclaim(iid, now - seen[1], now)
                 if not seen[2] and now - seen[1] > STALL_REPORT_S:
                     self._log("ring_jammed", iid, name, ticket=ticket,
                               waiting_s=round(now - seen[1], 3))
@@ -261,6 +273,7 @@ class HostIPC:
                 self._stalled[iid] = (ticket, now, False)
             elif seen is not None:
                 del self._stalled[iid]
+                self._reclaim_rung.pop(iid, None)
                 if seen[2]:
                     self._log("ring_unjammed", iid, name)
         for inst in instances:
@@ -269,6 +282,21 @@ class HostIPC:
             if resets != logged:
                 self._resets_seen[inst.id] = resets
                 self._log("ring_reset", inst.id, inst.name, resets=resets)
+
+    def _wake_to_reclaim(self, iid: int, stalled_s: float, now: float) -> None:
+        """A claim unpublished at a ring's tail for longer than its receiver's abandon_after
+        is reclaimed only by a drain, and a tickless receiver drains only when rung: ring it,
+        once every RECLAIM_WAKE_S while the stall lasts (its own clock for the claim may have
+        started later than ours). A claimer that died before it wrote its id leaves such a
+        claim, which no sweep can name (models/healing.pml, healing/no-stall-doorbell). The
+        host's own ring is drained here every 0.1 s anyway."""
+        inst = self.m.by_id(iid) if iid != HOST_ID else None
+        if inst is None or inst.doorbell_fd is None or stalled_s <= RECLAIM_WAKE_S \
+                or now - self._reclaim_rung.get(iid, 0.0) < RECLAIM_WAKE_S:
+            return
+        self._reclaim_rung[iid] = now
+        inst.counters["reclaim_wakes"] += 1
+        ring_doorbell(inst.doorbell_fd)
 
     def _log(self, event: str, iid: int, name: str, **fields: Any) -> None:
         """Log an event an instance's writes into shared memory can cause, at most once per

@@ -87,6 +87,7 @@ class ExitRecord:
 
 #: what a descriptor in the machine's selector is, with the instance it belongs to
 EXIT, CHANNEL, REPORT, PARKED_EXIT = "exit", "channel", "report", "parked-exit"
+OLD_DOORBELL = "old-doorbell"       # a live update's predecessor's doorbell (lifecycle.py)
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Instance:
     pid: int | None = None
     pidfd: int | None = None
     doorbell_fd: int | None = None
+    old_doorbell_fd: int | None = None  # the predecessor's, after a live update: forwarded
     channel: socket.socket | None = None  # host end of the instance's doorbell channel
     oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
     parked: Parked | None = None        # its loaded process, before exec
@@ -153,7 +155,8 @@ class Instance:
         "boots": 0, "halts": 0, "crashes": 0, "boot_failures": 0, "host_sent": 0,
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
         "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0,
-        "ring_jams": 0, "live_updates": 0, "watchdog_nudges": 0})
+        "ring_jams": 0, "live_updates": 0, "watchdog_nudges": 0, "reclaim_wakes": 0,
+        "doorbells_forwarded": 0})
     #: runtime resource changes (overlays): what the kernel answered, and how often
     resource_changes: dict[str, int] = field(default_factory=lambda: {
         "accepted": 0, "refused": 0, "unanswered": 0})

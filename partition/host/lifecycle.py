@@ -23,7 +23,7 @@ from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, ResourceBusy
 from partition.host import kho
 from partition.host.exits import classify_exit
-from partition.host.instance import CHANNEL, EXIT, ExitRecord, Instance, State
+from partition.host.instance import CHANNEL, EXIT, OLD_DOORBELL, ExitRecord, Instance, State
 
 if TYPE_CHECKING:
     from partition.host.machine import Machine
@@ -336,7 +336,19 @@ class Lifecycle:
             record = classify_exit(status, inst.halt_requested, own.reason)
         m.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
         pid = inst.pid
+        # a peer's Port bound to this run that checked the peer entry before the new pid was
+        # written publishes after the new kernel's last look and rings this doorbell: kept,
+        # and forwarded to the new kernel's for as long as it runs (models/liveupdate.pml)
+        ring_end, inst.doorbell_fd = inst.doorbell_fd, None
+        # (the host holds the pipe's ring end, which cannot be watched for a ring: the pipe
+        # opened again for reading and writing, so that it stays open to late rings)
+        kept = linux.doorbell_watch(ring_end) if ring_end is not None else None
         self.forget_process(inst, reaped=True, keep_parked=True)
+        if ring_end is not None:
+            os.close(ring_end)
+        if kept is not None:
+            inst.old_doorbell_fd = kept
+            m.selector.register(kept, selectors.EVENT_READ, (OLD_DOORBELL, inst))
         m.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
@@ -395,6 +407,23 @@ class Lifecycle:
         if inst.doorbell_fd is not None:
             os.close(inst.doorbell_fd)
             inst.doorbell_fd = None
+        if inst.old_doorbell_fd is not None:
+            try:
+                m.selector.unregister(inst.old_doorbell_fd)
+            except (KeyError, ValueError):
+                pass
+            os.close(inst.old_doorbell_fd)
+            inst.old_doorbell_fd = None
+
+    def forward_old_doorbell(self, inst: Instance) -> None:
+        """The doorbell of a live update's predecessor was rung (a late sender, see
+        ``_handed_over``): ring the running kernel's. Before it boots there is none to ring,
+        and none is needed: a new kernel drains its ring before it first sleeps."""
+        if inst.old_doorbell_fd is not None:
+            linux.doorbell_clear(inst.old_doorbell_fd)
+        if inst.doorbell_fd is not None:
+            inst.counters["doorbells_forwarded"] += 1
+            ring(inst.doorbell_fd)
 
 
 def ring(doorbell_fd: int) -> None:

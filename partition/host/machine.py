@@ -48,7 +48,16 @@ from partition.host.cgroups import Cgroups
 from partition.host.devicetree import MEMORY_GRANULE, Overlay, UpdateOp
 from partition.host.events import EventLog
 from partition.host.hostipc import HostIPC
-from partition.host.instance import CHANNEL, EXIT, PARKED_EXIT, REPORT, Instance, State, check_transition
+from partition.host.instance import (
+    CHANNEL,
+    EXIT,
+    OLD_DOORBELL,
+    PARKED_EXIT,
+    REPORT,
+    Instance,
+    State,
+    check_transition,
+)
 from partition.host.kimage import KIMAGE_TYPE, KImage, check_spec
 from partition.host.lifecycle import Lifecycle
 from partition.host.loading import Loading
@@ -857,6 +866,8 @@ class Machine:
                 self.loading.on_report(inst)
             elif kind == PARKED_EXIT:
                 self.loading.on_parked_exit(inst)
+            elif kind == OLD_DOORBELL:
+                self.lifecycle.forward_old_doorbell(inst)
             handled += 1
         if self.ipc.pending():
             self.ipc.drain()               # what a flood left over from the last turn
