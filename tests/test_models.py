@@ -13,6 +13,7 @@ import pytest
 from helpers import CPUS, up, wait_until
 from ringtool import claim
 
+from partition import linux
 from partition.abi import message as M
 from partition.abi.ring import DOORBELL_WAKE
 
@@ -116,9 +117,9 @@ def test_a_claim_dead_before_its_id_wakes_a_tickless_receiver_to_reclaim_it(mach
 def test_a_late_ring_of_the_old_kernels_doorbell_wakes_the_new_one(machine):
     """The trail of liveupdate/tickless: a sender's Port, bound to the old kernel, checked the
     peer entry before the host wrote the new pid, and publishes after the new kernel's last look
-    before its sleep: it finds the receiver idle and writes the *old* kernel's eventfd (its copy,
-    as the host gave it), and leaves ``signaled`` set, so no later send rings either. Here the
-    test plays that sender with a copy of the old eventfd; the new kernel is tickless."""
+    before its sleep: it finds the receiver idle and writes the *old* kernel's doorbell (its copy
+    of the ring end, as the host gave it), and leaves ``signaled`` set, so no later send rings either. Here the
+    test plays that sender with a copy of the old ring end; the new kernel is tickless."""
     up(machine, "idle", IDLE)
     inst = machine._get("idle")
     late = os.dup(inst.doorbell_fd)              # the Port's copy of the old kernel's doorbell
@@ -129,7 +130,7 @@ def test_a_late_ring_of_the_old_kernels_doorbell_wakes_the_new_one(machine):
         taken = ring.counters()["received"]
         door = ring.send(0, 0, M.MK_MSG_USER, b"late")
         assert door == DOORBELL_WAKE             # it sleeps, nobody rang since its drain
-        os.eventfd_write(late, 1)
+        assert linux.ring_doorbell(late)        # a reader is there: the host's kept end
         wait_until(machine, lambda: ring.tail == ring.head, timeout=5)
         assert ring.counters()["received"] == taken + 1
     finally:
