@@ -207,6 +207,15 @@ def _argv(name: str, value: Any) -> None:
         _refuse(name, value, f"a list of at most {MAX_ITEMS} strings", f"{name}=[\"ps\"]")
 
 
+def _mask(name: str, value: Any) -> None:
+    """An LLC way mask: text (hex or decimal) or an integer of at most 64 bits; host/llc.py
+    judges the bits themselves."""
+    if isinstance(value, str):
+        _text(name, value)
+    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        _refuse(name, value, "a bit mask (text such as 0x0f, or an integer)", f"{name}=\"0x0f\"")
+
+
 def _blob(name: str, value: Any) -> None:
     if not isinstance(value, bytes):
         _refuse(name, value, "bytes (a DTBO)", "data=<the overlay's bytes>")
@@ -225,7 +234,8 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
                "cpu_count": (_integer(0, MAX_INT), False), "id": (_ID, False),
                "recovery": (_text, False), "max_restarts": (_integer(0, 1000), False),
                "restart_window": (_SECONDS, False), "watchdog": (_SECONDS, False),
-               "standby_for": (_text, False), "preserve_memory": (_flag, False)},
+               "standby_for": (_text, False), "preserve_memory": (_flag, False),
+               "llc_way_mask": (_mask, False)},
     "update": {"name": (_text, True), "recovery": (_text, False),
                "max_restarts": (_integer(0, 1000), False), "restart_window": (_SECONDS, False),
                "watchdog": (_SECONDS, False), "preserve_memory": (_flag, False)},
