@@ -182,7 +182,13 @@ class Keyring:
     certificates), a DER certificate, or a directory of them."""
 
     def __init__(self, path: str) -> None:
-        from cryptography import x509  # (kerf's own dependency: its sign uses it)
+        try:
+            from cryptography import x509  # (kerf's own dependency: its sign uses it)
+        except ImportError:
+            raise InvalidSpec("a keyring needs the 'cryptography' package to read certificates "
+                              "and verify signatures, and it is not installed",
+                              "pip install cryptography (kerf-multikernel brings it too)") \
+                from None
         self.path = os.path.abspath(path)
         files = [self.path]
         if os.path.isdir(self.path):
