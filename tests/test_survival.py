@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from partition.host import adoption
+from partition.host import adoption, rundir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINGPONG = os.path.join(HERE, "kernels", "pingpong.py")
@@ -219,3 +219,34 @@ def test_an_adopted_instances_doorbell_is_still_ring_only(run_dir):
     said = mk(run_dir, "console", "evil").stdout
     assert "steal: PermissionError" in said and "took 0 bytes" in said, said
     mk(run_dir, "shutdown")
+
+
+def test_a_new_host_sleeps_once_no_adopted_instance_holds_the_old_doorbell(run_dir,
+                                                                           machine_factory):
+    """The adopted instances are the only writers of the dead host's doorbell pipe, which the
+    new host watches. Once one is restarted (it gets the new host's doorbell) and the other
+    is killed, none is left: a watch opened read-only then read end-of-file, readable at every
+    poll, and the new host spun at 100 % CPU. It must sleep as long as it is told to."""
+    old = machine_factory(cpus=CPUS, memory="64M", host_cpus=[CPUS[0]], oversubscribe=True,
+                          run_dir=run_dir, survive_host=True)
+    for name in ("a", "b"):
+        old.create(name, "8M", cpus=[CPUS[-1]])
+        old.load(name, "kernels.idle:IdleKernel")
+        old.start(name)
+    cfg = old.abandon()
+    run = rundir.claim(run_dir)
+    run.owned = True                     # removed when the new host closes
+    new = machine_factory(run_dir=run, adopt=True, **cfg)
+    assert all(new.show(n)["state"] == "active" for n in ("a", "b"))
+    assert new.extra_host_doorbells, "the old host's doorbell is not watched"
+    new.kill("a")
+    new.kill("b")
+    new.start("b")                       # a restart: its doorbell to the host is the new one
+    assert new.show("b")["state"] == "active"
+    end = time.monotonic() + 1.0
+    calls = handled = 0
+    while time.monotonic() < end:
+        handled += new.poll(0.2)
+        calls += 1
+    assert calls <= 12 and handled <= 6, \
+        f"the new host polled {calls} times in 1 s ({handled} events): it spins"

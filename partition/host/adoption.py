@@ -530,9 +530,13 @@ def _open_mode(fd: int) -> int:
 
 def _host_bell_of(pidfd: int, fd: int) -> int:
     """The old host's doorbell (linux.host_doorbell), as the instance rings it: the write end
-    of a pipe, whose read end died with that host. The new host opens the same pipe again for
-    reading and waits on it. (An instance may have put a pipe of its own there: it can only
-    wake the new host with it, as it could with the host's.)"""
+    of a pipe, whose read end died with that host. The new host opens the same pipe again and
+    waits on it, for reading and writing (linux.doorbell_watch): its only other writers are
+    the adopted instances, and once the last of them is gone (exited, killed, or restarted
+    with the new host's doorbell; or an instance that put a pipe of its own there closed
+    it) a read-only end would read end-of-file, readable at every poll: the new host spun.
+    (An instance may have put a pipe of its own there: it can only wake the new host with
+    it, as it could with the host's.)"""
     got = linux.pidfd_getfd(pidfd, fd)
     try:
         kind = os.readlink(f"/proc/self/fd/{got}")
@@ -542,7 +546,7 @@ def _host_bell_of(pidfd: int, fd: int) -> int:
         if not kind.startswith("pipe:") or _open_mode(got) != os.O_WRONLY:
             raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not a host doorbell "
                               "(the write end of a pipe)")
-        return os.open(f"/proc/self/fd/{got}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return linux.doorbell_watch(got)
     finally:
         os.close(got)
 
