@@ -98,6 +98,11 @@ def physical_cpu_ids() -> dict[int, int]:
 #: one ring of a doorbell: 8 bytes into its pipe (what an eventfd write took)
 RING = (1).to_bytes(8, "little")
 
+#: what a doorbell is not where containment cannot run (containment_supported): an
+#: instance's /proc is not covered, so a peer can reopen a ring end for reading through it
+UNCONTAINED_DOORBELLS = ("doorbells are not ring only: a peer can reopen a ring end through "
+                         "/proc/self/fd and read another instance's wake-ups")
+
 
 def doorbell() -> tuple[int, int]:
     """An instance's doorbell: (its own end, the ring end). A pipe, not an eventfd: whoever
@@ -106,7 +111,8 @@ def doorbell() -> tuple[int, int]:
     holds the pipe open for reading and writing (it sleeps on it, clears it, rings itself from
     a signal handler): the pipe opened again through /proc, since its two ends are one-way.
     The host and the peers hold the write end, which rings and cannot be read (nor reopened:
-    an instance's /proc is covered)."""
+    an instance's /proc is covered, where containment runs; where it cannot, a peer can, and
+    ``UNCONTAINED_DOORBELLS`` says so)."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         own = os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)

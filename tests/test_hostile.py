@@ -15,7 +15,7 @@ import psutil
 import pytest
 from helpers import CPUS, up, wait_until
 
-from partition import BadKernelImage
+from partition import BadKernelImage, linux
 from partition.abi import message as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -425,7 +425,22 @@ def test_a_peer_cannot_swallow_a_bystanders_doorbell(machine):
     assert "steal: PermissionError" in notes(machine, "evil"), notes(machine, "evil")
 
 
-def test_a_peer_that_blocks_and_fills_a_doorbell_stalls_no_sender(machine):
+def test_where_containment_cannot_run_the_doorbells_are_named_unprotected(machine_factory,
+                                                                          monkeypatch):
+    """On an architecture with no system call table here no namespace is made: an instance's
+    /proc is not covered, and a peer can reopen a doorbell's ring end for reading. The host's
+    event and the instance's console say so, naming the doorbells (the docs promised "ring
+    only" unconditionally)."""
+    monkeypatch.setattr(linux, "_NR", {})           # as on such an architecture
+    m = machine_factory(cpus=CPUS, memory="64M", host_cpus=[CPUS[0]], oversubscribe=True)
+    m.use_zygote = False          # forked from here: the instance sees that architecture too
+    said = [e for e in events(m) if e["event"] == "containment_unavailable"
+            and e.get("what") == "namespaces"]
+    assert said and "doorbells are not ring only" in said[0]["why"], said
+    up(m, "v", "kernels.idle:IdleKernel")
+    line = next((x for x in m.console("v").splitlines() if "not contained here" in x), "")
+    assert "doorbells are not ring only" in line, m.console("v")
+
     """Every sender of a doorbell shares one file: a peer clears its O_NONBLOCK and fills the
     pipe of a target that cannot drain it (stopped: a hang). The host's watchdog rings the
     hung target at half its period: with a plain write it would wait in it for good; it rings

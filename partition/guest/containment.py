@@ -210,7 +210,8 @@ def contain(cgroup_procs: list[str], hide: list[str] | None = None) -> list[str]
     if not cgroup_procs:
         missing.append("cgroups")
     if not linux.containment_supported():
-        return [*missing, f"namespaces, capabilities and seccomp on {os.uname().machine}"]
+        return [*missing, f"namespaces, capabilities and seccomp on {os.uname().machine} "
+                          f"({linux.UNCONTAINED_DOORBELLS})"]
     private_mounts(hide or [])
     drop_privileges()
     if os.uname().machine == "x86_64":

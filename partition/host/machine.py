@@ -266,6 +266,10 @@ class Machine:
                     f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
         if self.cgroups.mode is None:
             self.events.warning("containment_unavailable", what="cgroups", why=self.cgroups.why)
+        if not linux.containment_supported():      # (each instance's console says so too)
+            self.events.warning("containment_unavailable", what="namespaces",
+                                why=f"no namespaces, capabilities or seccomp on "
+                                    f"{os.uname().machine}: {linux.UNCONTAINED_DOORBELLS}")
         if self.cgroups.reaped:
             self.events.warning("stale_instances_killed", count=self.cgroups.reaped)
         if self.llc_way_mask is not None and not self.resctrl.enforced:
