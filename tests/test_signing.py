@@ -305,6 +305,39 @@ def test_an_adopted_instance_keeps_its_checked_image_and_its_llc_ways(run_dir, m
         new.load("db", str(image))
 
 
+def test_a_new_host_checks_the_recorded_image_again(run_dir, machine_factory, keys, images):
+    """The state file carries the image a restart runs. A new host under KEXEC_SIG_FORCE does
+    not take it on the dead host's word: it verifies it again, and an image changed in the
+    record (a byte of its code) is never run; the instance runs on, with nothing to restart."""
+    import base64
+
+    from partition.host import adoption, rundir
+    old = machine_factory(cpus=CPUS, memory="64M", host_cpus=[CPUS[0]], oversubscribe=True,
+                          run_dir=run_dir, survive_host=True, keyring=str(keys["trusted"][1]),
+                          require_signed=True)
+    old.create("web", "8M", cpus=[CPUS[-1]])
+    old.load("web", str(images["trusted"]))
+    old.start("web")
+    pid = old.show("web")["pid"]
+    cfg = old.abandon()
+    state = adoption.read_state(run_dir)
+    k = state["instances"][0]["kimage"]
+    tampered = images["tampered"].read_bytes()
+    if "image" in k:          # the checked source, as a host wrote it before this check
+        k["image"] = base64.b64encode(unpack_elf(signing.split(tampered)[0])).decode()
+    else:                     # the file as read, signature and all
+        k["file"] = base64.b64encode(tampered).decode()
+    adoption.write_state(run_dir, state)
+    run = rundir.claim(run_dir)
+    run.owned = True                     # removed when the new host closes
+    new = machine_factory(run_dir=run, adopt=True, **cfg)
+    web = new.show("web")
+    assert web["state"] == "active" and web["pid"] == pid
+    assert web["signature"] is None, f"a changed image was taken: {web['signature']}"
+    rejected = _events(new, "kimage_rejected")
+    assert rejected and rejected[-1]["code"] == "EKEYREJECTED", rejected
+
+
 def test_a_live_update_to_an_image_that_does_not_verify_leaves_the_kernel_running(
         machine_factory, keys, images):
     m = _machine(machine_factory, keys)

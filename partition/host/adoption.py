@@ -48,7 +48,7 @@ import posix_ipc
 from partition import linux
 from partition.abi.constants import MAX_INSTANCES
 from partition.errors import MKError
-from partition.host import cgroups, llc, rundir
+from partition.host import cgroups, llc, rundir, signing
 from partition.host.instance import EXIT, Instance, State
 from partition.host.kimage import check_spec
 from partition.host.pool import NAME_RE, RESERVED_NAMES, Reservation
@@ -192,10 +192,11 @@ def _state_record(inst: Instance) -> str:
         "child_fds": list(inst.child_fds),
         "kimage": {"spec": k.spec, "cmdline": k.cmdline, "label": k.label,
                    "source": k.source,
-                   # a checked image (signed or ELF: signing.py) goes with it, so that a
-                   # restart under the new host runs what was checked, not the file as it is now
-                   **({"image": base64.b64encode(k.image).decode(), "signature": k.signature}
-                      if k.image else {})} if k else None,
+                   # a checked image (signed or ELF: signing.py) goes with it, as its file was
+                   # read, so that a restart under the new host runs what was checked, not the
+                   # file as it is now; the new host checks it again (_rebuild)
+                   **({"file": base64.b64encode(k.file).decode()} if k.file else {})}
+        if k else None,
         "recovery": inst.recovery.to_dict(), "counters": inst.counters,
         "standby_for": inst.standby_for,
         "llc_way_mask": inst.llc_way_mask,
@@ -440,9 +441,11 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
             inst.kimage = check_spec(k.get("spec"), k.get("cmdline", ""))
             inst.kimage.label = str(k.get("label", ""))[:200]
             inst.kimage.source = str(k.get("source", ""))[:400]
-            if k.get("image") is not None:
-                inst.kimage.image = base64.b64decode(str(k["image"]), validate=True)
-                inst.kimage.signature = str(k.get("signature", ""))[:400]
+            if k.get("file") is not None:     # checked again, not trusted: KEXEC_SIG_FORCE
+                file = base64.b64decode(str(k["file"]), validate=True)
+                if len(file) > signing.MAX_IMAGE:
+                    raise ValueError(f"its image is over {signing.MAX_IMAGE >> 20} MiB")
+                m._check_signature(inst, inst.kimage, file)
             elif m.require_signed:     # nothing checked to run again: refused at a restart
                 m._check_signature(inst, inst.kimage)
         except (MKError, ValueError):

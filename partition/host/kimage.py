@@ -27,6 +27,9 @@ class KImage:
     image: bytes = field(default=b"", repr=False)
     #: what its signature said: "" (none), "verified: <subject>" or "unverified: <why>"
     signature: str = ""
+    #: the file ``image`` was checked from, as read (signing.Checked.file): what the state
+    #: file keeps, for a new host to check again
+    file: bytes = field(default=b"", repr=False)
 
 
 def check_spec(spec: object, cmdline: object) -> KImage:

@@ -478,16 +478,20 @@ class Machine:
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
 
-    def _check_signature(self, inst: Instance, kimage: KImage) -> None:
+    def _check_signature(self, inst: Instance, kimage: KImage, file: bytes | None = None) -> None:
         """kexec_file_load's signature check (host/signing.py): a refusal leaves the instance
-        as it was; the checked image goes to the loader."""
+        as it was; the checked image goes to the loader. ``file``: the image's bytes, read
+        already (a dead host's, which a new host checks again: host/adoption.py)."""
         try:
-            checked = signing.check_image(kimage.spec, self.keyring, self.require_signed)
+            checked = signing.check_image(kimage.spec, self.keyring, self.require_signed) \
+                if file is None else \
+                signing.check_data(kimage.spec, file, self.keyring, self.require_signed)
         except MKError as exc:
             self.events.warning("kimage_rejected", instance=inst.id, name=inst.name,
                                 kernel=kimage.spec, error=exc.message, code=exc.code)
             raise
-        kimage.image, kimage.signature = checked.image, checked.signature
+        kimage.image, kimage.signature, kimage.file = \
+            checked.image, checked.signature, checked.file
         if checked.signature.startswith("unverified"):
             self.events.warning("kimage_signature_unverified", instance=inst.id, name=inst.name,
                                 kernel=kimage.spec, why=checked.signature)

@@ -262,6 +262,9 @@ class Keyring:
 class Checked:
     image: bytes        # what the loader imports (b"": the spec as it is, unchanged)
     signature: str      # "" | "verified: <subject>" | "unverified: <why>"
+    #: the file as it was read, signature and all (b"" where ``image`` is): what a new host
+    #: checks again (check_data) before it runs it at a restart (host/adoption.py)
+    file: bytes = b""
 
 
 def check_image(spec: str, keyring: Keyring | None, required: bool) -> Checked:
@@ -270,7 +273,6 @@ def check_image(spec: str, keyring: Keyring | None, required: bool) -> Checked:
     ``required``: an unsigned or unverified image is refused. The ELF form is unpacked (the
     loader receives Python source). Nothing here imports or runs the image."""
     from partition.guest.loader import split_spec
-    from partition.host.kimage import ELF_MAGIC, unpack_elf
     target, _ = split_spec(spec)
     if not os.path.isfile(target):
         if required:
@@ -288,6 +290,16 @@ def check_image(spec: str, keyring: Keyring | None, required: bool) -> Checked:
     if len(data) > MAX_IMAGE:
         raise InvalidSpec(f"kernel file {target!r} is over {MAX_IMAGE >> 20} MiB",
                           "an emulated kernel is a Python file of a few KiB")
+    return check_data(spec, data, keyring, required)
+
+
+def check_data(spec: str, data: bytes, keyring: Keyring | None, required: bool) -> Checked:
+    """``check_image`` of the file's bytes, read already: a new host checks a dead host's image
+    again with them, under its own keyring and requirement, rather than trust its state file."""
+    from partition.guest.loader import split_spec
+    from partition.host.kimage import ELF_MAGIC, unpack_elf
+    target, _ = split_spec(spec)
+    file = data
     signature = ""
     try:
         parts = split(data)
@@ -313,5 +325,5 @@ def check_image(spec: str, keyring: Keyring | None, required: bool) -> Checked:
         data = unpack_elf(data)
     elif not signature:
         return Checked(b"", "")          # an unsigned Python file: loaded by its path, as ever
-    return Checked(data, signature)
+    return Checked(data, signature, file)
 
