@@ -20,6 +20,7 @@ from kerf.dtc.parser import DeviceTreeParser
 
 from partition.errors import InvalidSpec, MKError, ResourceBusy
 from partition.host import devicetree as dt
+from partition.host import rundir
 from partition.host.devicetree import to_dts
 
 MB = 1 << 20
@@ -162,6 +163,9 @@ def test_resctrl_holds_the_instances_process_in_its_ways(machine_factory, resctr
     m = _machine(machine_factory, llc_way_mask=0xFF00, resctrl_root=str(resctrl))
     m.create("web", "8M", cpus=[CPUS[-1]], llc_way_mask=0x0F00)
     group = m.resctrl.group(m.show("web")["id"])
+    # named after the machine key, as its arena and cgroups: one key decides what is its own
+    assert os.path.basename(group) == \
+        f"multikernel-{rundir.machine_key(m.run_dir)}-{m.show('web')['id']}"
     with open(os.path.join(group, "schemata")) as f:
         assert f.read() == "L3CODE:0=f00;1=f00\nL3DATA:0=f00;1=f00\n"
     m.load("web", "kernels/echo.py")

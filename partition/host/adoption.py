@@ -74,6 +74,12 @@ def arena_name(run_dir: str) -> str:
     return f"/mk-arena-{rundir.machine_key(run_dir)}"
 
 
+def resctrl_prefix(run_dir: str) -> str:
+    """What a machine's resctrl groups are named after (``<prefix>-<id>``, host/llc.py): its run
+    directory's key, so that a new host, or the shutdown of an abandoned machine, finds them."""
+    return f"multikernel-{rundir.machine_key(run_dir)}"
+
+
 def state_path(run_dir: str) -> str:
     return os.path.join(run_dir, STATE_FILE)
 

@@ -23,7 +23,6 @@ would scatter each verb's check-then-change order over files.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import selectors
@@ -170,10 +169,9 @@ class Machine:
         self._closing = False
         self._run = run_dir if isinstance(run_dir, rundir.RunDir) else rundir.claim(run_dir)
         self.run_dir = self._run.path
-        # named for the run directory's whole path: stable across hosts (an adopted
-        # machine's groups are found again), distinct for two run dirs of one basename
-        self.resctrl = llc.Resctrl(resctrl_root, prefix="multikernel-" + hashlib.sha1(
-            os.path.realpath(self.run_dir).encode()).hexdigest()[:12])
+        # named for the run directory's key, as the arena and the cgroups: stable across
+        # hosts (an adopted machine's groups are found again, and an abandoned one's removed)
+        self.resctrl = llc.Resctrl(resctrl_root, prefix=adoption.resctrl_prefix(self.run_dir))
         try:
             if self.llc_way_mask is not None:
                 self.resctrl.check_pool(self.llc_way_mask)
