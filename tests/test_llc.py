@@ -11,6 +11,7 @@ VM has none, so that path runs against a directory tree of resctrl's shape given
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,8 +20,8 @@ import pytest
 from kerf.dtc.parser import DeviceTreeParser
 
 from partition.errors import InvalidSpec, MKError, ResourceBusy
+from partition.host import adoption, rundir
 from partition.host import devicetree as dt
-from partition.host import rundir
 from partition.host.devicetree import to_dts
 
 MB = 1 << 20
@@ -182,6 +183,65 @@ def test_resctrl_holds_the_instances_process_in_its_ways(machine_factory, resctr
     m.delete("web")
     assert not os.path.exists(group)
     assert sorted(os.listdir(resctrl)) == ["info", "schemata"]
+
+
+def _abandoned(machine_factory, run_dir, resctrl, names=("web",)):
+    """A survivable machine with an LLC share per instance, whose host is then lost; returns
+    (machine arguments, {name: (pid, group)})."""
+    m = _machine(machine_factory, run_dir=run_dir, survive_host=True, llc_way_mask=0xFF00,
+                 resctrl_root=str(resctrl))
+    held = {}
+    for n, name in enumerate(names):
+        m.create(name, "8M", cpus=[CPUS[-1]], llc_way_mask=0x0100 << n)
+        m.load(name, "kernels/echo.py")
+        m.start(name)
+        held[name] = (m.show(name)["pid"], m.resctrl.group(m.show(name)["id"]))
+    return m.abandon(), held
+
+
+def _reap(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)       # (killed through its cgroup already, or not)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def test_an_abandoned_machines_groups_go_at_its_shutdown(run_dir, machine_factory, resctrl):
+    """resctrl has few classes of service (num_closids, often 16): ``mkctl shutdown`` of a
+    machine whose host died removes its instances' groups with their cgroups, found by the
+    run directory's key as the cgroups and the arena are (a group left made a later one fail
+    with ENOSPC). Another machine's group is left alone."""
+    _, held = _abandoned(machine_factory, run_dir, resctrl)
+    pid, group = held["web"]
+    assert os.path.basename(group).startswith(f"multikernel-{rundir.machine_key(run_dir)}-")
+    other = resctrl / "multikernel-elsewhere-0123456789abcdef-1"
+    other.mkdir()
+    try:
+        r = subprocess.run(MKCTL + ["shutdown", "--run-dir", run_dir], capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        _reap(pid)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(group)
+    assert sorted(os.listdir(resctrl)) == ["info", other.name, "schemata"]
+
+
+def test_a_record_refused_at_adoption_leaves_no_group(run_dir, machine_factory, resctrl):
+    """A new host refuses a record it cannot trust and kills that instance through its cgroup;
+    its resctrl group goes too (close() removes groups of the instances it holds only)."""
+    cfg, held = _abandoned(machine_factory, run_dir, resctrl, names=("web", "db"))
+    state = adoption.read_state(run_dir)
+    next(r for r in state["instances"] if r["name"] == "db")["cpus"] = [4095]
+    adoption.write_state(run_dir, state)
+    run = rundir.claim(run_dir)
+    run.owned = True                     # removed when the new host closes
+    try:
+        new = machine_factory(run_dir=run, adopt=True, **cfg)
+    finally:
+        _reap(held["db"][0])
+    assert [i["name"] for i in new.show()["instances"]] == ["web"]
+    assert os.path.exists(held["web"][1]) and not os.path.exists(held["db"][1])
 
 
 def test_without_resctrl_the_mask_is_kept_shown_and_said_unenforced(machine_factory, tmp_path):

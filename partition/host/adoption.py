@@ -298,6 +298,9 @@ def _kill_unnamed(m: Machine) -> None:
         for entry in entries:
             if re.fullmatch(r"i[0-9]{1,3}", entry) and entry not in known:
                 cgroups.kill_and_remove_one(os.path.join(base, entry))
+    # and their resctrl groups (CLOSIDs are scarce): a refused record's too
+    for iid in m.resctrl.remove_groups(keep={i.id for i in m.instances.values()}):
+        m.events.info("llc_group_removed", instance=iid, why="no adopted instance holds it")
 
 
 def _ints(v: Any) -> list[int]:
@@ -590,10 +593,15 @@ def _read(path: str) -> str:
 def remove_abandoned(run_dir: str) -> int:
     """``mkctl shutdown`` of a machine whose host is gone (or ``init`` over one that cannot be
     adopted): kill what runs in its instances' cgroups, found by name (nothing else), remove
-    the cgroups and the arena's name; works without a readable state file. Returns the
-    processes killed."""
+    the cgroups, the resctrl groups (at the default root, and at the state file's if it can be
+    read) and the arena's name; works without a readable state file. Returns the processes
+    killed."""
     killed = cgroups.kill_and_remove([d for _, d in
                                       cgroups.survivable_dirs(rundir.machine_key(run_dir))])
+    state = read_state(run_dir)
+    root = state["config"].get("resctrl_root") if state is not None else None
+    for r in {llc.RESCTRL_ROOT, *([root] if isinstance(root, str) and os.path.isabs(root) else [])}:
+        llc.Resctrl(r, prefix=resctrl_prefix(run_dir)).remove_groups()
     try:
         posix_ipc.unlink_shared_memory(arena_name(run_dir))
     except (posix_ipc.ExistentialError, ValueError):

@@ -182,6 +182,30 @@ class Resctrl:
                     pass
             os.rmdir(d)
 
+    def remove_groups(self, keep: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """Every group of this prefix but those of the instances in ``keep``, found by name
+        as a machine's cgroups are: what a dead host left (the instances a new host did not
+        adopt; all of them at the shutdown of an abandoned machine). Returns the ids removed;
+        a group that cannot be removed is left (the rest still are)."""
+        if not self.enforced:
+            return []
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        pattern = re.compile(re.escape(self.prefix) + r"-([0-9]{1,3})")
+        removed = []
+        for name in names:
+            found = pattern.fullmatch(name)
+            if found is None or int(found.group(1)) in keep:
+                continue
+            try:
+                self.remove_group(int(found.group(1)))
+            except OSError:
+                continue
+            removed.append(int(found.group(1)))
+        return removed
+
     @staticmethod
     def _error(exc: OSError, what: str) -> MKError:
         """resctrl's own refusal: EINVAL (a mask the CPU cannot take) as InvalidSpec; the rest
