@@ -25,6 +25,7 @@ from partition.abi import message as M
 from partition.errors import NotSupported, ResourceRefused
 from partition.host import adoption, resize, rundir
 from partition.host.devicetree import MEMORY_GRANULE, Tree
+from partition.linux import physical_cpu_ids
 from partition.units import parse_cpulist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1033,6 +1034,22 @@ def test_a_grown_pool_is_adopted_as_it_was(machine_factory):
         raise
     assert chunks(n) == grown and n.show("a")["regions"] == held
     assert n.snapshot()["pool"]["memory_available"] == 48 * MiB - 24 * MiB
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs a CPU outside the pinned host's")
+def test_a_pinned_host_adds_a_cpu_outside_its_own_affinity(machine_factory):
+    """A supervisor is pinned to the host's CPUs (pin_host): the CPUs a pool may take are the
+    host's online ones, not that process's affinity. A CPU neither the host's nor the pool's
+    was refused ("is no CPU of this host") under mkctl, and taken by an unpinned machine."""
+    before = os.sched_getaffinity(0)
+    try:
+        m = machine_factory(cpus=[CPUS[0]], host_cpus=[CPUS[0]], oversubscribe=True,
+                            memory="32M", pin_host=True)
+        assert os.sched_getaffinity(0) == {CPUS[0]}
+        m.apply_overlay(dtbo(pool_op(cpu_add=[physical_cpu_ids()[CPUS[1]]])))
+        assert m.snapshot()["pool"]["cpus"] == [CPUS[0], CPUS[1]]
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_the_hosts_last_cpu_joins_a_shared_pool_and_stays_the_hosts(machine_factory):

@@ -127,8 +127,9 @@ def plan(m: Machine, op: PoolOp) -> list[PoolStep]:
                               "grow the pool by less")
         chunks.append((at, size))
         steps.append(PoolStep("memory-add", offset=at, size=size))
-    phys_all = linux.physical_cpu_ids()
-    online = {phys_all.get(c, c): c for c in sorted(os.sched_getaffinity(0))}
+    # the host's online CPUs, not this process's affinity: a supervisor is pinned to the
+    # host's CPUs (pin_host), and a CPU neither the host's nor the pool's is this host's too
+    online = {p: c for c, p in sorted(linux.physical_cpu_ids().items())}
     for p in op.cpu_add:
         c = online.get(p)
         if c is None:
