@@ -13,6 +13,7 @@ old kernel's shutdown, a refused image killing the running kernel, console lines
 KHO names the host refuses); each is fixed.
 """
 
+import errno
 import json
 import os
 import re
@@ -269,7 +270,28 @@ def test_the_old_kernels_last_words_stay_on_the_console(m):
     assert "counter v2: resumed at 0" in text
 
 
-# -- 5. rollback ----------------------------------------------------------------------------------
+def test_a_hand_over_whose_doorbell_watch_fails_still_forgets_the_old_kernel(m, monkeypatch):
+    """The host keeps the old kernel's doorbell to forward late rings; near its descriptor
+    limit (511 instances) that open fails with EMFILE (injected here). Late rings are then
+    lost, nothing else: the exit is handled to the end (pidfd, ring end, pid), the update
+    completes, and an event says why. It used to leave on_exit half-way, with the old run's
+    pidfd still registered and its pid kept."""
+    up(m, "s", COUNTER)
+    old = m.show("s")["pid"]
+
+    def emfile(fd):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    monkeypatch.setattr(lifecycle.linux, "doorbell_watch", emfile)
+    r = m.live_update("s", COUNTER_V2)
+    assert r["rolled_back"] is False
+    d = m.show("s")
+    assert d["state"] == "active" and d["pid"] not in (None, old)
+    assert m.instances["s"].old_doorbell_fd is None
+    failed = events(m, "doorbell_watch_failed")
+    assert failed and failed[-1]["name"] == "s" and "Too many open files" in failed[-1]["error"]
+    settle(m, 0.1)
+    assert m.kill("s")["last_exit"]["how"] == "graceful"
+
 def test_a_new_kernel_that_dies_in_boot_is_rolled_back(m):
     sid = service(m)
     before = m.show("s")

@@ -342,7 +342,13 @@ class Lifecycle:
         ring_end, inst.doorbell_fd = inst.doorbell_fd, None
         # (the host holds the pipe's ring end, which cannot be watched for a ring: the pipe
         # opened again for reading and writing, so that it stays open to late rings)
-        kept = linux.doorbell_watch(ring_end) if ring_end is not None else None
+        kept = None
+        if ring_end is not None:
+            try:
+                kept = linux.doorbell_watch(ring_end)
+            except OSError as exc:       # (EMFILE near 511 instances): late rings are lost,
+                m.events.warning("doorbell_watch_failed", instance=inst.id,   # nothing else
+                                 name=inst.name, error=exc.strerror)
         self.forget_process(inst, reaped=True, keep_parked=True)
         if ring_end is not None:
             os.close(ring_end)
