@@ -292,6 +292,30 @@ def test_a_hand_over_whose_doorbell_watch_fails_still_forgets_the_old_kernel(m, 
     settle(m, 0.1)
     assert m.kill("s")["last_exit"]["how"] == "graceful"
 
+
+def test_a_host_lost_after_a_live_update_leaves_no_descriptor(machine_factory, run_dir):
+    """``abandon`` (a scenario's host-crash) closes every descriptor the host held, the kept
+    doorbell of a live update's predecessor too (it stayed open in the runner)."""
+    from partition.host import rundir
+    old = machine_factory(cpus=",".join(map(str, CPUS[:2])), host_cpus="none",
+                          oversubscribe=True, memory="64M", run_dir=run_dir, survive_host=True)
+    up(old, "s", COUNTER)
+    old.live_update("s", COUNTER_V2)
+    kept = old.instances["s"].old_doorbell_fd
+    assert kept is not None
+    link = os.readlink(f"/proc/self/fd/{kept}")
+    cfg = old.abandon()
+    try:
+        assert os.readlink(f"/proc/self/fd/{kept}") != link, "the kept doorbell is still open"
+    except FileNotFoundError:
+        pass
+    run = rundir.claim(run_dir)
+    run.owned = True                     # removed when the new host closes
+    new = machine_factory(run_dir=run, adopt=True, **cfg)
+    assert new.show("s")["state"] == "active"
+
+
+# -- 5. rollback ----------------------------------------------------------------------------------
 def test_a_new_kernel_that_dies_in_boot_is_rolled_back(m):
     sid = service(m)
     before = m.show("s")

@@ -345,7 +345,7 @@ class Machine:
         assert state is not None
         self._closed = True
         for inst in self.instances.values():
-            for fd in (inst.pidfd, inst.doorbell_fd):
+            for fd in (inst.pidfd, inst.doorbell_fd, inst.old_doorbell_fd):
                 if fd is not None:
                     os.close(fd)
             if inst.channel is not None:
