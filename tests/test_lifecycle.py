@@ -1,7 +1,9 @@
 """Life cycle of instances on an in-process machine, with real processes and real pinning."""
 
+import errno
 import json
 import os
+import resource
 import signal
 import time
 
@@ -465,3 +467,34 @@ def test_a_zygote_lost_after_a_request_fails_that_load_cleanly(machine, monkeypa
     monkeypatch.undo()
     machine.load("b", "kernels.idle:IdleKernel")
     assert machine.exec("b")["state"] == "active" and machine.zygote.alive()
+
+
+def test_a_load_that_runs_out_of_descriptors_leaves_none_open(machine):
+    """EMFILE part-way through the descriptors a spawn opens (near 511 instances): what it
+    had opened is closed, the instance stays ready and loads once descriptors are free. The
+    doorbell, two descriptors since it became a pipe, was opened first and leaked when the
+    socket pair after it failed."""
+    boot(machine, "warm")                   # the zygote runs: the load opens only its own
+    machine.create("v", cpus=str(machine.config.cpus[-1]), memory="16M")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = sorted(os.listdir("/proc/self/fd"))
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, before)) + 64, hard))
+    try:
+        try:
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+        for _ in range(3):                  # room for the doorbell, none for what follows it
+            os.close(filler.pop())
+        with pytest.raises(OSError) as e:
+            machine.load("v", "kernels.idle:IdleKernel")
+        assert e.value.errno == errno.EMFILE
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert machine.show("v")["state"] == "ready"
+    assert machine.load("v", "kernels.idle:IdleKernel")["state"] == "loaded"

@@ -54,10 +54,21 @@ class Loading:
         # what can fail without descriptors to close comes first
         procs = m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst))
         inherited = inherited_mappings()
-        own_doorbell, doorbell_fd = linux.doorbell()   # the child's end; the ring end is ours
+        # (each pair closed if a later one fails: EMFILE near 511 instances)
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        host_end.setblocking(False)
-        report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            host_end.setblocking(False)
+            report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                own_doorbell, doorbell_fd = linux.doorbell()  # the child's end; the ring end ours
+            except BaseException:
+                os.close(report_r)
+                os.close(report_w)
+                raise
+        except BaseException:
+            host_end.close()
+            guest_end.close()
+            raise
         params = BootParams(
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
             cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=m.arena.fd,
