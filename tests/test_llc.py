@@ -185,6 +185,22 @@ def test_resctrl_holds_the_instances_process_in_its_ways(machine_factory, resctr
     assert sorted(os.listdir(resctrl)) == ["info", "schemata"]
 
 
+def test_a_group_that_cannot_be_removed_does_not_stop_a_delete(machine_factory, resctrl):
+    """resctrl can refuse an rmdir (here a directory inside the group): the delete still
+    completes, with an llc_group_left event, rather than stop half-done with a raw OSError
+    (the instance kept, its cgroups gone, and "internal error" under the supervisor)."""
+    m = _machine(machine_factory, llc_way_mask=0xFF00, resctrl_root=str(resctrl))
+    m.create("web", "8M", cpus=[CPUS[-1]], llc_way_mask=0x0F00)
+    group = m.resctrl.group(m.show("web")["id"])
+    os.mkdir(os.path.join(group, "mon_groups"))
+    assert m.delete("web")["state"] == "empty"
+    assert m.show()["instances"] == []
+    with open(os.path.join(m.run_dir, "events.log")) as f:
+        left = [e for e in map(json.loads, f) if e["event"] == "llc_group_left"]
+    assert left and left[-1]["name"] == "web" and left[-1]["error"], left
+    m.create("web", "8M", cpus=[CPUS[-1]], llc_way_mask=0x0F00)   # its ways are free again
+
+
 def _abandoned(machine_factory, run_dir, resctrl, names=("web",)):
     """A survivable machine with an LLC share per instance, whose host is then lost; returns
     (machine arguments, {name: (pid, group)})."""

@@ -628,7 +628,11 @@ class Machine:
         out = self.describe(inst)
         self.cgroups.remove(inst.id)
         if inst.llc_way_mask:
-            self.resctrl.remove_group(inst.id)
+            try:
+                self.resctrl.remove_group(inst.id)
+            except OSError as exc:      # as in close(): said, and the delete goes on (its
+                self.events.warning("llc_group_left", instance=inst.id,   # cgroups are gone)
+                                    name=inst.name, error=exc.strerror)
         for base, size in inst.regions:
             self.arena.scrub(base, size)
         format_console(self._console_view(inst))
