@@ -142,13 +142,40 @@ def doorbell_watch(ring_end: int) -> int:
     return os.open(f"/proc/self/fd/{ring_end}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
+def _nowait_on_pipes() -> bool:
+    """Whether ``pwritev2(RWF_NOWAIT)`` works on a pipe: Linux 6.4 and later (pipes got
+    FMODE_NOWAIT then); before, it fails EOPNOTSUPP, and every ring would fail. Asked once
+    at import, as _fastring.c asks at its own (``_fastring.PIPE_NOWAIT``)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return False
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.pwritev(w, [RING], -1, flag)
+    except OSError:
+        return False
+    finally:
+        os.close(r)
+        os.close(w)
+    return True
+
+
+#: rings are written with RWF_NOWAIT (never blocks, whatever a peer did to the shared ring
+#: end's O_NONBLOCK); False on a kernel before 6.4: a plain write on the non-blocking end,
+#: which a peer that cleared O_NONBLOCK on it and filled the pipe can make wait (README)
+PIPE_NOWAIT = _nowait_on_pipes()
+
+
 def ring_doorbell(fd: int) -> bool:
     """Ring a doorbell through its ring end. Never blocks, whatever a holder did to the
     shared file's flags (RWF_NOWAIT per call: a peer can clear O_NONBLOCK on the write end
-    the host gave it); a full pipe is rung already. False: it could not be rung (no reader:
-    the instance is gone)."""
+    the host gave it; before Linux 6.4 a plain write, see PIPE_NOWAIT); a full pipe is rung
+    already. False: it could not be rung (no reader: the instance is gone)."""
     try:
-        os.pwritev(fd, [RING], -1, os.RWF_NOWAIT)
+        if PIPE_NOWAIT:
+            os.pwritev(fd, [RING], -1, os.RWF_NOWAIT)
+        else:
+            os.write(fd, RING)
     except BlockingIOError:
         pass
     except OSError:

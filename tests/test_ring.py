@@ -587,3 +587,34 @@ def test_own_page_counts_read_in_one_go_agree_with_each_field():
     page.progress = 99                       # its neighbours are not counts
     assert page.counts() == {name: getattr(page, name) for name in S.OWN_COUNTS}
     assert page.counts()["ipi_sent"] == 1007 and not any(buf[:S.OWN_BYTES])
+
+
+def test_c_and_python_ring_doorbells_the_same_way():
+    """Pipes take pwritev2(RWF_NOWAIT) from Linux 6.4 on; before, it fails EOPNOTSUPP and
+    every ring failed, so nothing woke. linux.py and _fastring.c each ask the kernel once at
+    import, and must agree on the answer."""
+    if ring._fast is None:
+        without_c("the C extension is not built here")
+    assert ring._fast.PIPE_NOWAIT == linux.PIPE_NOWAIT
+
+
+def test_a_doorbell_rings_where_pipes_refuse_rwf_nowait(monkeypatch):
+    """As on a kernel before 6.4: a plain write on the non-blocking ring end; the own end is
+    readable after a ring, and a full pipe counts as rung, at once."""
+    monkeypatch.setattr(linux, "PIPE_NOWAIT", False)
+    own, end = linux.doorbell()
+    try:
+        assert linux.ring_doorbell(end)
+        assert linux.wait_readable(own, 0)
+        try:
+            while True:
+                os.write(end, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        t0 = time.monotonic()
+        assert linux.ring_doorbell(end) and time.monotonic() - t0 < 0.5
+        linux.doorbell_clear(own)
+        assert not linux.wait_readable(own, 0)
+    finally:
+        os.close(own)
+        os.close(end)

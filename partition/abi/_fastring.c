@@ -20,6 +20,7 @@
 #define _GNU_SOURCE             /* ppoll */
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -324,13 +325,31 @@ static long publish(char *base, uint64_t nslots, uint64_t stride, uint64_t slot_
  * answer stays negative.
  * A doorbell is the write end of a pipe (linux.doorbell, linux.host_doorbell: a sender can
  * ring it, never read it), shared by every sender: written with RWF_NOWAIT, since any holder
- * can clear O_NONBLOCK on it, and a full pipe is rung already. */
+ * can clear O_NONBLOCK on it, and a full pipe is rung already. Before Linux 6.4 pipes refuse
+ * RWF_NOWAIT (EOPNOTSUPP): pipe_nowait, asked at import as linux.PIPE_NOWAIT is, then says
+ * write(2), on the end the host made non-blocking. */
+static int pipe_nowait = 1;
+
+static int probe_pipe_nowait(void)
+{
+    int fds[2];
+    uint64_t one = 1;
+    struct iovec iov = {&one, sizeof one};
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0)
+        return 0;
+    int ok = pwritev2(fds[1], &iov, 1, -1, RWF_NOWAIT) == (ssize_t)sizeof one;
+    close(fds[0]);
+    close(fds[1]);
+    return ok;
+}
+
 static long ring_doorbell(long rc, long wake_fd, long signal_pid, long signo)
 {
     uint64_t one = 1;
     if (rc == -1 || signal_pid == 0) {
         struct iovec iov = {&one, sizeof one};
-        if (wake_fd >= 0 && (pwritev2((int)wake_fd, &iov, 1, -1, RWF_NOWAIT) ==
+        if (wake_fd >= 0 && ((pipe_nowait ? pwritev2((int)wake_fd, &iov, 1, -1, RWF_NOWAIT)
+                                          : write((int)wake_fd, &one, sizeof one)) ==
                              (ssize_t)sizeof one || errno == EAGAIN))
             return 0;
     } else if (signal_pid > 0 && (syscall(SYS_pidfd_send_signal, (int)signal_pid, (int)signo,
@@ -1584,8 +1603,10 @@ PyMODINIT_FUNC PyInit__fastring(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    pipe_nowait = probe_pipe_nowait();
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) < 0 ||
-            PyModule_AddIntConstant(m, "REROUTE", REROUTE) < 0) {
+            PyModule_AddIntConstant(m, "REROUTE", REROUTE) < 0 ||
+            PyModule_AddIntConstant(m, "PIPE_NOWAIT", pipe_nowait) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -264,6 +264,11 @@ class Machine:
                     f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
         if self.cgroups.mode is None:
             self.events.warning("containment_unavailable", what="cgroups", why=self.cgroups.why)
+        if not linux.PIPE_NOWAIT:
+            self.events.warning("doorbell_nowait_unavailable",
+                                why="pipes refuse pwritev2(RWF_NOWAIT) before Linux 6.4: "
+                                    "doorbells are rung with plain writes, which a peer that "
+                                    "clears O_NONBLOCK on a ring end and fills it can block")
         if not linux.containment_supported():      # (each instance's console says so too)
             self.events.warning("containment_unavailable", what="namespaces",
                                 why=f"no namespaces, capabilities or seccomp on "
