@@ -40,7 +40,7 @@
 #define POLLING 192             /* u8 (of a u64): the receiver spins on the ring; not on the
                                  * counters' line, which the receiver writes per message */
 #define COUNTERS 136            /* u64 x 5; [0] is "received" */
-#define IDLE 176                /* u32: the receiver sleeps on its eventfd */
+#define IDLE 176                /* u32: the receiver sleeps on its doorbell */
 #define SIGNALED 184            /* u64: a doorbell was rung since the receiver's last drain */
 #define DOORBELLS (COUNTERS + 32) /* u64: doorbells rung at this receiver (senders, atomic) */
 #define FILTERS 200             /* NFILTER x 16 bytes: drop filters the receiver set */
@@ -361,7 +361,7 @@ static long ring_doorbell(long rc, long wake_fd, long signal_pid, long signo)
 
 /* send(ring, nslots, stride, slot_bytes, sender_id, sender_cpu, counters, offset, msg_type,
  *      data) -> errno (> 0), or the doorbell still to ring: 0 none, -1 wake (the receiver is
- *      idle: write its eventfd), -2 interrupt (it is busy: signal it). (A Port rings the
+ *      idle: ring its doorbell), -2 interrupt (it is busy: signal it). (A Port rings the
  *      doorbell itself.)
  * The fixed arguments come first so that a sender can bind them once (functools.partial).
  * With ``counters`` (a writable buffer; None: none) the u64 at ``offset`` in it counts the send
@@ -1034,7 +1034,7 @@ static PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t
 /* halt(ring, nslots, stride, slot_bytes, doorbell_fd, timeout_s, limit, handled[, deliver[,
  *      hush[, replies]]])
  *      -> drain's answer, or None when the wait timed out with nothing to take
- * The interrupt-mode wait in one call: clear the doorbell (eventfd, non-blocking), announce
+ * The interrupt-mode wait in one call: clear the doorbell (its own end, non-blocking), announce
  * idle (the barrier of idle_enter), sleep on the doorbell unless a message is already waiting
  * (ppoll, nanosecond timeout: poll(2) would round up to a millisecond), leave idle, drain. In
  * Python these were a dozen calls between a wake-up and the first byte of work, each slow on

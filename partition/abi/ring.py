@@ -52,7 +52,7 @@ FENCE = 8                # u64 scratch: the pure-Python sender's full barrier is
 TAIL = 64
 MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hybrid
 COUNTERS = 136           # u64 x 5
-IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring the eventfd
+IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring it
 SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
 # polling: on the line senders only read (besides the filters' hit counts), not on the line of
 # the counters the receiver bumps for every message: a sender reads it after each publish, and
@@ -253,7 +253,7 @@ class Ring:
 
         Returns the doorbell the sender must ring: DOORBELL_NONE (the receiver polls, or was
         already rung since its last drain: one doorbell per drain, as Linux raises one IPI for
-        a queue that was empty), DOORBELL_WAKE (it sleeps: write its eventfd) or
+        a queue that was empty), DOORBELL_WAKE (it sleeps: ring its doorbell) or
         DOORBELL_SIGNAL (it is busy: interrupt it)."""
         if _fast is not None:
             cbuf, coff = counter if counter is not None else (None, 0)

@@ -35,7 +35,7 @@ from partition.abi.message import SUB_REQUEST, SUB_RESPONSE, Message, decode, en
 from partition.abi.ring import REROUTE, Ring, RingError
 
 #: (wake_fd, signal_pidfd, signo) as Ring.sender takes it: signal_pidfd 0 means "the host:
-#: always its eventfd", below 0 "no signal possible"
+#: always its doorbell", below 0 "no signal possible"
 Doorbell = tuple[int, int, int]
 NO_DOORBELL: Doorbell = (-1, -1, 0)
 #: a bound send, the pid it was bound for, its doorbell, and the descriptors it owns

@@ -19,7 +19,6 @@ Guarantees the loop gives a kernel:
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import socket
@@ -289,7 +288,7 @@ class Kernel:
         fd = self.ctx.doorbell_fd
         linux.doorbell_clear(fd)    # clear the doorbell now, before sleeping, not after waking
         ring = self.ring
-        if ring.idle_enter():       # halted: senders write our eventfd; a message already
+        if ring.idle_enter():       # halted: senders ring our doorbell; a message already
             ring.idle_leave()       # there: no sleep
             return True
         if self._hlt is None:
@@ -341,10 +340,7 @@ class Kernel:
         """The interrupt: drain between two bytecodes, and wake an idle wait."""
         if self._booted:
             self.poll_ipis()
-        try:
-            os.eventfd_write(self.ctx.doorbell_fd, 1)
-        except OSError:
-            pass
+        linux.ring_doorbell(self.ctx.doorbell_fd)
 
     def _wait_ipi(self, timeout: float) -> int:
         """Wait for messages and deliver them; returns how many slots it consumed (0: none
@@ -585,10 +581,7 @@ class Kernel:
     def _on_halt_request(self, signum: int, frame: object) -> None:
         """SIGTERM: the fallback the host uses when SHUTDOWN cannot be queued."""
         self._request_graceful_halt()
-        try:
-            os.eventfd_write(self.ctx.doorbell_fd, 1)   # wake the idle wait
-        except OSError:
-            pass
+        linux.ring_doorbell(self.ctx.doorbell_fd)   # wake the idle wait
 
     def _progress(self, laps: int = 1) -> None:
         """Add ``laps`` main-loop iterations to the progress count in the own page (the
