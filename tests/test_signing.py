@@ -196,6 +196,19 @@ def test_without_the_requirement_unsigned_loads_and_a_failed_signature_is_logged
     assert bare.load("web", str(images["trusted"]))["signature"].startswith("unverified")
 
 
+def test_show_says_of_the_signature_what_cli_md_says(machine_factory, keys):
+    """docs/cli.md's JSON of show: ``signature`` is null while nothing is loaded, "" for an
+    unsigned image (the page said "" for both)."""
+    m = _machine(machine_factory, keys, required=False)
+    m.create("web", "8M", cpus=[CPUS[-1]])
+    assert m.show("web")["signature"] is None
+    m.load("web", "kernels.idle:IdleKernel")
+    assert m.show("web")["signature"] == ""
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "cli.md")) as f:
+        said = " ".join(f.read().split())
+    assert 'signature (null when nothing is loaded, "" unsigned,' in said
+
+
 def test_what_was_checked_is_what_runs_after_the_file_changes(machine_factory, keys, images,
                                                                tmp_path):
     """The file is read once, at load: a restart after it was replaced boots the checked one."""
