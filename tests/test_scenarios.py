@@ -349,6 +349,39 @@ def test_a_kernel_that_fails_to_boot_is_a_failure(run_scenario):
     assert any(ev["event"] == "boot_failed" and ev["instance"] == "a" for ev in r.timeline)
 
 
+def test_an_instance_refused_at_a_host_crash_fails_the_verdict(run_scenario, monkeypatch):
+    """A new host can refuse one record alone (a damaged one: adoption.py); that instance is
+    then gone from the machine. The verdict says so (it raised KeyError in _came_up, and
+    the result's show of it NoSuchInstance), and the rest of the run is measured."""
+    from partition.host import adoption
+    from partition.host.machine import Machine
+    abandon, victim = Machine.abandon, []
+
+    def abandon_and_damage(self):
+        cfg = abandon(self)
+        state = adoption.read_state(self.run_dir)
+        rec = next(r for r in state["instances"] if r["name"] == "client")
+        victim.append(rec["pid"])
+        rec["cpus"] = [4095]
+        adoption.write_state(self.run_dir, state)
+        return cfg
+    monkeypatch.setattr(Machine, "abandon", abandon_and_damage)
+    try:
+        r = run_scenario(os.path.join(ROOT, "scenarios", "host-crash.toml"))
+    finally:
+        for pid in victim:             # killed through its cgroup; our child: reaped here
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    assert not r.passed
+    failed = {e.text: e.detail for e in r.expectations if not e.passed}
+    assert "not adopted by the new host: bad record" in failed.get("client came up", ""), failed
+    assert r.metrics["client"]["state"] == "empty"
+    assert r.metrics["server"]["state"] == "active"
+    assert any(ev["event"] == "not_adopted" and ev["instance"] == "client" for ev in r.timeline)
+
+
 def test_a_boot_failure_the_scenario_expects_passes_and_must_happen(run_scenario):
     misbehaving = os.path.join(os.path.dirname(__file__), "kernels", "misbehaving.py")
     expected = pair('["a.boot_failures == 1"]', a_extra="expect_boot_failure = true").replace(

@@ -280,6 +280,7 @@ def adopt(m: Machine) -> None:
     _kill_unnamed(m)
     ms = round((time.monotonic() - t0) * 1e3, 3)
     m.adopt_ms = ms
+    m.adopt_refused = refused
     m.events.info("adopted", instances=adopted, refused=refused, adopt_ms=ms,
                   previous_host=state.get("host_pid"))
     m.printk(f"multikernel: adopted {len(adopted)} running instance(s) in {ms} ms"

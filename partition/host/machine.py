@@ -254,6 +254,8 @@ class Machine:
         self.extra_host_doorbells: list[int] = []   # adopted instances ring these
         self.extra_host_doorbell_ids: set[int] = set()
         self.adopt_ms: float | None = None
+        #: the records adoption refused: [{"name", "why"}] (as its ``adopted`` event says)
+        self.adopt_refused: list[dict[str, Any]] = []
         if self.adopting:
             self.arena.adopted()
             adoption.adopt(self)

@@ -45,7 +45,7 @@ TIMELINE_EVENTS = {"state_change", "fault_injected", "failure", "restart", "take
                    "takeover_failed", "watchdog_expired", "foreign_write", "restart_failed",
                    "halt_timeout", "claims_abandoned", "probe_started", "probe_start_failed",
                    "probe_flush_failed", "fault_fired", "action_fired", "scenario_clock_start",
-                   "boot_failed", "died_in_boot"}
+                   "boot_failed", "died_in_boot", "not_adopted"}
 
 
 @dataclass
@@ -207,6 +207,12 @@ class Runner:
         if self._host_agent is not None:
             self._host_agent.rebind(self.m.ipc.messenger, self.m.send)
         kept = {i.name: i.pid for i in self.m.instances.values() if i.pid is not None}
+        why = {r["name"]: r["why"] for r in self.m.adopt_refused}
+        for name in old.instances:
+            if name not in self.m.instances:    # a record refused alone (adoption.py): gone
+                self.boot_failed[name] = f"not adopted by the new host: " \
+                                         f"{why.get(name, 'its record was refused')}"
+                self._note("not_adopted", instance=name, why=self.boot_failed[name])
         return {"adopted": kept == running, "adopt_ms": self.m.adopt_ms}
 
     def _boot(self) -> None:
@@ -398,7 +404,7 @@ class Runner:
             if self._host_agent is not None:
                 self._host_agent.flush()
             for i in self.sc.instances:
-                if m.show(i["name"])["state"] == "active":
+                if i["name"] in m.instances and m.show(i["name"])["state"] == "active":
                     try:
                         m.command(i["name"], M.MK_EMU_PROBE_FLUSH, None, timeout=3.0)
                     except RingError as exc:
@@ -416,6 +422,10 @@ class Runner:
         consoles: dict[str, list[str]] = {}
         by_id = {d["id"]: d["name"] for d in snap["instances"]}
         for i in self.sc.instances:
+            if i["name"] not in m.instances:    # refused at a host-crash's adoption: gone
+                metrics[i["name"]] = {"state": "empty"}
+                consoles[i["name"]] = []
+                continue
             d = m.show(i["name"])
             # protected: nobody else may map it (checked in /proc); unprotected: everybody
             # maps it, and what counts is who wrote (the write watch, writewatch.py)
@@ -475,8 +485,10 @@ class Runner:
         out = []
         for i in self.sc.instances:
             why = self.boot_failed.get(i["name"])
-            inst = self.m.instances[i["name"]]
-            if why is not None and inst.state.value == "active" and \
+            inst = self.m.instances.get(i["name"])
+            if inst is None:                    # (a host-crash's adoption refused it)
+                why = why or "it is not in the machine"
+            elif why is not None and inst.state.value == "active" and \
                     self.m.arena.own(inst.id).booted == inst.generation:
                 why = None          # a restart brought it up after all: its boot() returned
             if i["expect_boot_failure"]:
