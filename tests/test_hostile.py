@@ -441,6 +441,19 @@ def test_where_containment_cannot_run_the_doorbells_are_named_unprotected(machin
     line = next((x for x in m.console("v").splitlines() if "not contained here" in x), "")
     assert "doorbells are not ring only" in line, m.console("v")
 
+
+def test_resizing_a_bystanders_doorbell_kills_the_kernel(machine, pair):
+    """A peer holds the write end of the bystander's doorbell pipe: F_SETPIPE_SZ on it would
+    resize another instance's object (down to a page, up to pipe-max-size). Forbidden as
+    F_SETOWN and the locks are: the kernel dies of SIGSYS, the bystander's doorbell is as
+    it was (the pair fixture checks it still answers)."""
+    attack, by = pair
+    attack("resize-doorbell", target=by["id"])
+    dies_of_sigsys(machine)
+    assert "resize: ok" not in notes(machine, "evil")
+
+
+def test_a_peer_that_blocks_and_fills_a_doorbell_stalls_no_sender(machine):
     """Every sender of a doorbell shares one file: a peer clears its O_NONBLOCK and fills the
     pipe of a target that cannot drain it (stopped: a hang). The host's watchdog rings the
     hung target at half its period: with a plain write it would wait in it for good; it rings

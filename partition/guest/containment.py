@@ -91,8 +91,10 @@ PRLIMIT64, FCNTL, IOCTL, CLONE, CLONE3, PIDFD_SEND_SIGNAL = 302, 72, 16, 56, 435
 SETPRIORITY, IOPRIO_SET, GET_ROBUST_LIST = 141, 251, 274
 PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 #: fcntl commands that reach other processes or lock others out: F_SETLK, F_SETLKW,
-#: F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY
-FCNTL_FORBIDDEN = (6, 7, 8, 10, 15, 37, 38, 1024, 1026)
+#: F_SETOWN, F_SETSIG, F_SETOWN_EX, F_OFD_SETLK, F_OFD_SETLKW, F_SETLEASE, F_NOTIFY; and
+#: F_SETPIPE_SZ: a peer holds the write end of another instance's doorbell pipe, and would
+#: resize that instance's object (no knob real hardware has on another core's IPI)
+FCNTL_FORBIDDEN = (6, 7, 8, 10, 15, 37, 38, 1024, 1026, 1031)
 #: ioctls that aim SIGIO at a process: FIOSETOWN, SIOCSPGRP
 IOCTL_FORBIDDEN = (0x8901, 0x8902)
 CLONE_THREAD = 0x00010000

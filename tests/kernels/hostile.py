@@ -237,6 +237,20 @@ class Hostile(Kernel):
                 raise PermissionError("the doorbell could not be read")
         self.step("steal", steal)
 
+    def attack_resize_doorbell(self) -> None:
+        """The doorbell a peer is given, its pipe resized (F_SETPIPE_SZ) to one page."""
+        import fcntl
+
+        from partition.abi import doorbell
+        st, _, _, fds = doorbell.ask(self.ctx.channel, self.target, 2.0)
+
+        def resize():
+            if st:
+                raise OSError(st, "no doorbell")
+            self.note("resizing")
+            fcntl.fcntl(fds[0], 1031, 4096)           # F_SETPIPE_SZ
+        self.step("resize", resize)
+
     def attack_steal_host_doorbell(self) -> None:
         """The host's doorbell, which every instance holds to ring it, read in a loop."""
         def steal():
