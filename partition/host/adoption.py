@@ -310,7 +310,7 @@ def _ints(v: Any) -> list[int]:
     return list(v)
 
 
-def _number(v: Any) -> bool:
+def _finite(v: Any) -> bool:
     """An int or a finite float, not a bool (JSON gives NaN and Infinity too: a NaN start
     time would compare as matching any process's)."""
     return type(v) is int or (type(v) is float and math.isfinite(v))
@@ -333,7 +333,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
                                     and all(type(x) is int for x in r) for r in v))),
     "state": ("an instance state", lambda v: v in {s.value for s in State}),
     "pid": ("an integer or null", lambda v: v is None or type(v) is int),
-    "pid_start": ("a finite number", _number),
+    "pid_start": ("a finite number", _finite),
     "generation": ("an integer", lambda v: type(v) is int),
     "cmd_seq": ("an integer", lambda v: type(v) is int),
     "boots": ("an integer", lambda v: type(v) is int),
@@ -345,7 +345,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "recovery": ("a recovery policy", lambda v: isinstance(v, dict)
                  and isinstance(v.get("policy", ""), str)
                  and type(v.get("max_restarts", 0)) is int
-                 and all(_number(v.get(k, 0)) for k in ("restart_window", "watchdog"))
+                 and all(_finite(v.get(k, 0)) for k in ("restart_window", "watchdog"))
                  and type(v.get("preserve_memory", False)) is bool
                  and type(v.get("recent_restarts", 0)) is int),
     "counters": ("a map of integers", lambda v: isinstance(v, dict)
