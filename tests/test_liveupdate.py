@@ -293,7 +293,7 @@ def test_a_hand_over_whose_doorbell_watch_fails_still_forgets_the_old_kernel(m, 
     assert m.kill("s")["last_exit"]["how"] == "graceful"
 
 
-def test_a_host_lost_after_a_live_update_leaves_no_descriptor(machine_factory, run_dir):
+def test_a_host_lost_after_a_live_update_leaves_no_descriptor(run_dir, machine_factory):
     """``abandon`` (a scenario's host-crash) closes every descriptor the host held, the kept
     doorbell of a live update's predecessor too (it stayed open in the runner)."""
     from partition.host import rundir
