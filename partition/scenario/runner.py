@@ -238,7 +238,8 @@ class Runner:
     # -- probes ----------------------------------------------------------------------------
     def _id_of(self, name: str) -> int:
         assert self.m is not None
-        return 0 if name == "host" else self.m.instances[name].id
+        return 0 if name == "host" else self.m._get(name).id   # (NoSuchInstance: refused
+                                                                # at a host-crash's adoption)
 
     def _start_probes(self) -> None:
         assert self.m is not None
@@ -270,7 +271,9 @@ class Runner:
         assert self.m is not None
         # the instance record, not show(): this runs every 50 ms during the experiment, and a
         # snapshot (with its view files) would be host work on a core the instances share
-        inst = self.m.instances[p["from"]]
+        inst = self.m.instances.get(p["from"])
+        if inst is None or (p["to"] != "host" and p["to"] not in self.m.instances):
+            return                              # gone: refused at a host-crash's adoption
         pid = inst.pid
         if inst.state.value != "active" or pid is None or pid == self._probe_pids[p["name"]]:
             return
@@ -361,7 +364,7 @@ class Runner:
         k = f["kind"]
         if k == "wild-write":
             addr = f["address"] if f["address"] is not None else \
-                self.m.instances[f["victim"]].memory_base + f["offset"]
+                self.m._get(f["victim"]).memory_base + f["offset"]
             return {"address": addr, "bytes": f["bytes"] or 64}
         if k == "ipi-storm":
             return {"target": self._id_of(f["victim"]), "count": f["count"] or 100_000}
