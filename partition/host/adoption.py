@@ -541,6 +541,21 @@ def _open_mode(fd: int) -> int:
     return int(found.group(1), 8) & os.O_ACCMODE if found else -1
 
 
+def _pipe_end_of(pidfd: int, fd: int, mode: int, what: str) -> int:
+    """A copy of descriptor ``fd`` of an adopted process, checked to be a pipe opened with
+    ``mode`` (``what`` names it in the refusal); the caller reopens it as it needs, then the
+    copy is closed. What an instance left at a number is its word, so it is checked first."""
+    got = linux.pidfd_getfd(pidfd, fd)
+    try:
+        kind = os.readlink(f"/proc/self/fd/{got}")
+    except OSError:
+        kind = ""
+    if not kind.startswith("pipe:") or _open_mode(got) != mode:
+        os.close(got)
+        raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not {what}")
+    return got
+
+
 def _host_bell_of(pidfd: int, fd: int) -> int:
     """The old host's doorbell (linux.host_doorbell), as the instance rings it: the write end
     of a pipe, whose read end died with that host. The new host opens the same pipe again and
@@ -550,15 +565,8 @@ def _host_bell_of(pidfd: int, fd: int) -> int:
     it) a read-only end would read end-of-file, readable at every poll: the new host spun.
     (An instance may have put a pipe of its own there: it can only wake the new host with
     it, as it could with the host's.)"""
-    got = linux.pidfd_getfd(pidfd, fd)
+    got = _pipe_end_of(pidfd, fd, os.O_WRONLY, "a host doorbell (the write end of a pipe)")
     try:
-        kind = os.readlink(f"/proc/self/fd/{got}")
-    except OSError:
-        kind = ""
-    try:
-        if not kind.startswith("pipe:") or _open_mode(got) != os.O_WRONLY:
-            raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not a host doorbell "
-                              "(the write end of a pipe)")
         return linux.doorbell_watch(got)
     finally:
         os.close(got)
@@ -569,15 +577,9 @@ def _doorbell_of(pidfd: int, fd: int) -> int:
     end: that must be a pipe open for reading and writing, which only the host can have made
     (an instance has no /proc and no writable directory for a FIFO); the ring end is the pipe
     opened again write-only, so that the peers the new host gives it to cannot read it."""
-    got = linux.pidfd_getfd(pidfd, fd)
+    got = _pipe_end_of(pidfd, fd, os.O_RDWR,
+                       "the doorbell the host made (a pipe open for reading and writing)")
     try:
-        kind = os.readlink(f"/proc/self/fd/{got}")
-    except OSError:
-        kind = ""
-    try:
-        if not kind.startswith("pipe:") or _open_mode(got) != os.O_RDWR:
-            raise OSError(22, f"descriptor {fd} is {kind or 'unknown'}, not the doorbell the "
-                              "host made (a pipe open for reading and writing)")
         return os.open(f"/proc/self/fd/{got}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     finally:
         os.close(got)
