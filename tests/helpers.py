@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import libfdt
 import pytest
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -56,3 +57,27 @@ def mk(run_dir, *args, check=True, timeout=60, **kw):
     if check and p.returncode != 0:
         raise AssertionError(f"mkctl {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def dtb(spec: dict) -> bytes:
+    """A DTB from a nested dict: a dict value is a child node, str a string property, bytes a
+    raw one; insertion order is the order in the blob."""
+    sw = libfdt.FdtSw()
+    sw.finish_reservemap()
+
+    def node(name, body):
+        sw.begin_node(name)
+        for key, value in body.items():
+            if isinstance(value, str):
+                sw.property_string(key, value)
+            elif isinstance(value, bytes):
+                sw.property(key, value)
+        for key, value in body.items():
+            if isinstance(value, dict):
+                node(key, value)
+        sw.end_node()
+
+    node("", spec)
+    fdt = sw.as_fdt()
+    fdt.pack()
+    return bytes(fdt.as_bytearray())

@@ -21,6 +21,7 @@ import traceback
 
 import libfdt
 import pytest
+from helpers import dtb
 from kerf.dtc.extractor import InstanceExtractor
 from kerf.dtc.overlay import OverlayGenerator
 from kerf.dtc.parser import DeviceTreeParser
@@ -95,30 +96,6 @@ def cells64(*ids):
     return struct.pack(f">{len(ids)}Q", *ids)
 
 
-def dtb(spec: dict) -> bytes:
-    """A DTB from a nested dict: a dict value is a child node, str a string property, bytes a
-    raw one; insertion order is the order in the blob."""
-    sw = libfdt.FdtSw()
-    sw.finish_reservemap()
-
-    def node(name, body):
-        sw.begin_node(name)
-        for key, value in body.items():
-            if isinstance(value, str):
-                sw.property_string(key, value)
-            elif isinstance(value, bytes):
-                sw.property(key, value)
-        for key, value in body.items():
-            if isinstance(value, dict):
-                node(key, value)
-        sw.end_node()
-
-    node("", spec)
-    fdt = sw.as_fdt()
-    fdt.pack()
-    return bytes(fdt.as_bytearray())
-
-
 def overlay(*fragments) -> bytes:
     """fragments: (target-path or raw bytes or None, __overlay__ body or None)."""
     root: dict = {"compatible": dt.OVERLAY_COMPATIBLE}
@@ -160,7 +137,6 @@ def baseline(resources=None, root_extra=None) -> bytes:
 def _pool_res(**extra):
     return {"cpus": cells64(2, 3), "memory@0": {"size": u64(64 * MB), "numa-node-id": u32(0)},
             **extra}
-
 
 
 def _id(v) -> str:

@@ -17,6 +17,7 @@ import sys
 
 import libfdt
 import pytest
+from helpers import dtb
 from kerf.dtc.parser import DeviceTreeParser
 
 from partition.errors import InvalidSpec, MKError, ResourceBusy
@@ -29,28 +30,6 @@ CPUS = sorted(os.sched_getaffinity(0))
 MKCTL = [sys.executable, "-m", "partition.control.cli"]
 
 
-def _fdt(spec: dict) -> bytes:
-    sw = libfdt.FdtSw()
-    sw.finish_reservemap()
-
-    def node(name, body):
-        sw.begin_node(name)
-        for key, value in body.items():
-            if isinstance(value, str):
-                sw.property_string(key, value)
-            elif isinstance(value, bytes):
-                sw.property(key, value)
-        for key, value in body.items():
-            if isinstance(value, dict):
-                node(key, value)
-        sw.end_node()
-
-    node("", spec)
-    fdt = sw.as_fdt()
-    fdt.pack()
-    return bytes(fdt.as_bytearray())
-
-
 def _u32(v):
     return v.to_bytes(4, "big")
 
@@ -60,7 +39,7 @@ def _u64(v):
 
 
 def _baseline(**res):
-    return _fdt({"compatible": dt.HOST_COMPATIBLE, "resources": {
+    return dtb({"compatible": dt.HOST_COMPATIBLE, "resources": {
         "cpus": _u64(1), "memory@0": {"size": _u64(64 * MB)}, **res}})
 
 
@@ -68,7 +47,7 @@ def _create_overlay(name="web", mask: bytes | None = None, cpus=(1,)):
     res = {"cpus": b"".join(_u64(c) for c in cpus), "memory-bytes": _u64(8 * MB)}
     if mask is not None:
         res["llc-way-mask"] = mask
-    return _fdt({"compatible": dt.OVERLAY_COMPATIBLE, "fragment@0": {
+    return dtb({"compatible": dt.OVERLAY_COMPATIBLE, "fragment@0": {
         "target-path": "/instances",
         "__overlay__": {"instance-create": {"instance-name": name, "resources": res}}}})
 
@@ -284,7 +263,7 @@ def test_an_overlay_creates_with_the_mask_and_its_removal_rolls_back_with_it(mac
     with pytest.raises(MKError) as e:
         m.apply_overlay(_create_overlay("db", _u32(0x10), cpus=(apic,)))
     assert e.value.errno == errno.EBUSY and "db" not in {i["name"] for i in m.show()["instances"]}
-    remove = _fdt({"compatible": dt.OVERLAY_COMPATIBLE, "fragment@0": {
+    remove = dtb({"compatible": dt.OVERLAY_COMPATIBLE, "fragment@0": {
         "target-path": "/instances", "__overlay__": {"instance-remove": {
             "instance-name": "web"}}}})
     tx = m.apply_overlay(remove)["id"]

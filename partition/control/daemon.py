@@ -588,11 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise NoSuchInstance(f"no machine to adopt in {a.run_dir}: its state file is "
                                      "missing or unreadable",
                                      "mkctl shutdown removes what it left; mkctl init starts anew")
-            known = {"cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
-                     "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
-                     "pool_chunks", "pool_window", "llc_way_mask", "resctrl_root",
-                     "require_signed", "keyring"}
-            cfg = {k: v for k, v in state["config"].items() if k in known} | {"adopt": True}
+            cfg = {k: v for k, v in state["config"].items()
+                   if k in adoption.CONFIG_KEYS} | {"adopt": True}
         run = rundir.claim(a.run_dir, a.lock_fd) if a.lock_fd >= 0 else a.run_dir
         machine = Machine(run_dir=run, pin_host=True, **cfg)
     except Exception as exc:

@@ -66,6 +66,11 @@ STATE_VERSION = 2
 _RECORD = re.compile(r"([0-9]{1,3})\.json")
 #: how far the recorded start time of an adopted process may be from the one the kernel gives
 START_TOLERANCE_S = 0.01
+#: the keys of a state file's ``config`` that a new host is started with (``Machine``'s
+#: arguments; save_state writes them): what ``abandon`` hands on and the supervisor passes
+CONFIG_KEYS = ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes", "ring_slots",
+               "ring_slot_bytes", "kill_timeout", "protection", "pool_chunks", "pool_window",
+               "llc_way_mask", "resctrl_root", "require_signed", "keyring")
 
 
 def arena_name(run_dir: str) -> str:

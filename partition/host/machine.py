@@ -61,13 +61,12 @@ from partition.host.kimage import KIMAGE_TYPE, KImage, check_spec
 from partition.host.lifecycle import Lifecycle
 from partition.host.loading import Loading
 from partition.host.overlays import Overlays
-from partition.host.pool import PoolConfig, ResourcePool, pool_window
+from partition.host.pool import PoolConfig, ResourcePool, pool_shape
 from partition.host.recovery import RecoveryPolicy
 from partition.host.supervision import Supervisor
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
 from partition.units import (
-    PAGE_SIZE,
     format_size,
     parse_cpulist,
     parse_size,
@@ -102,26 +101,6 @@ def _turn(items: list[Instance], at: int, size: int) -> tuple[list[Instance], in
     return (items[start:end] if end <= n else items[start:] + items[:end - n]), end
 
 
-def _pool_shape(memory: int, chunks: Any, window: Any) -> tuple[list[tuple[int, int]], int]:
-    """The pool's chunks (pool-relative) and window: fresh, or as a state file recorded them
-    (checked: a window of whole pages holding page-aligned chunks that do not overlap)."""
-    if chunks is None and window is None:
-        return ([(0, memory)] if memory else []), pool_window(memory)
-    try:
-        if type(window) is not int or window <= 0 or window % PAGE_SIZE:
-            raise ValueError(f"window {window!r}")
-        out = sorted((int(b), int(n)) for b, n in chunks or [])
-        end = 0
-        for b, n in out:
-            if b < end or n <= 0 or b % PAGE_SIZE or n % PAGE_SIZE or b + n > window:
-                raise ValueError(f"chunk {b:#x}+{n:#x}")
-            end = b + n
-    except (TypeError, ValueError) as exc:
-        raise InvalidSpec(f"the recorded pool is not one this host can rebuild ({exc})",
-                          "mkctl shutdown removes what the dead host left") from None
-    return out, window
-
-
 class Machine:
     """One emulated multikernel machine. Use as a context manager so it is always torn down."""
 
@@ -139,7 +118,7 @@ class Machine:
         self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
         #: the pool's chunks and window as a dead host left them (adoption: the state file),
         #: else one chunk of ``memory`` in a window with room to grow (host/poolresize.py)
-        self._pool_shape = _pool_shape(self.config.memory_bytes, pool_chunks, pool_window)
+        self._pool_shape = pool_shape(self.config.memory_bytes, pool_chunks, pool_window)
         self.pin_host = bool(pin_host)
         #: the LLC ways the pool hands out (the baseline's llc-way-mask), and what enforces
         #: instances' shares of them (host/llc.py): resctrl where the host has it
@@ -311,12 +290,7 @@ class Machine:
             self._close_zygote()
             self.cgroups.close()
             for inst in self.instances.values():
-                if inst.llc_way_mask:
-                    try:
-                        self.resctrl.remove_group(inst.id)
-                    except OSError as exc:      # (the rest of the teardown still runs)
-                        self.events.warning("llc_group_left", instance=inst.id,
-                                            error=exc.strerror)
+                self._llc_leave(inst)
             try:
                 self.selector.close()
             finally:
@@ -376,11 +350,7 @@ class Machine:
         if self._run.lock_fd >= 0:
             os.close(self._run.lock_fd)
             self._run.lock_fd = -1
-        return {k: v for k, v in state["config"].items()
-                if k in ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes",
-                         "ring_slots", "ring_slot_bytes", "kill_timeout", "protection",
-                         "pool_chunks", "pool_window", "llc_way_mask", "resctrl_root",
-                         "require_signed", "keyring")}
+        return {k: v for k, v in state["config"].items() if k in adoption.CONFIG_KEYS}
 
     # -- host services ---------------------------------------------------------------------
     def printk(self, message: str) -> None:
@@ -513,6 +483,18 @@ class Machine:
             self.events.warning("llc_join_failed", instance=inst.id, name=inst.name, pid=pid,
                                 error=exc.message)
 
+    def _llc_leave(self, inst: Instance) -> None:
+        """Remove its resctrl group, if it has one. A group that cannot go is said (an
+        ``llc_group_left`` event) and what called goes on: a delete whose cgroups are gone
+        already, or the rest of a teardown."""
+        if not inst.llc_way_mask:
+            return
+        try:
+            self.resctrl.remove_group(inst.id)
+        except OSError as exc:
+            self.events.warning("llc_group_left", instance=inst.id, name=inst.name,
+                                error=exc.strerror)
+
     def start(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Boot the loaded image on the instance's CPUs (loaded|failed -> active): kerf 0.4's
         ``start``. Returns once the kernel's ``boot()`` returned; ``wait=False`` returns at the
@@ -634,12 +616,7 @@ class Machine:
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
         self.cgroups.remove(inst.id)
-        if inst.llc_way_mask:
-            try:
-                self.resctrl.remove_group(inst.id)
-            except OSError as exc:      # as in close(): said, and the delete goes on (its
-                self.events.warning("llc_group_left", instance=inst.id,   # cgroups are gone)
-                                    name=inst.name, error=exc.strerror)
+        self._llc_leave(inst)
         for base, size in inst.regions:
             self.arena.scrub(base, size)
         format_console(self._console_view(inst))

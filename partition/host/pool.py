@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from partition import linux
 from partition.abi.layout import MAX_INSTANCES
 from partition.errors import AlreadyExists, InvalidSpec, OutOfMemory, PermissionDenied, ResourceBusy
 from partition.units import (
+    PAGE_SIZE,
     format_cpulist,
     format_size,
     parse_cpulist,
@@ -110,6 +112,26 @@ def pool_window(memory_bytes: int) -> int:
     the host's RAM as room to grow into. Address space only: the arena is sparse, a page costs
     memory when it is written, and a chunk that leaves the pool has its pages punched out."""
     return memory_bytes + host_memory_bytes()
+
+
+def pool_shape(memory: int, chunks: Any, window: Any) -> tuple[list[tuple[int, int]], int]:
+    """The pool's chunks (pool-relative) and window: fresh, or as a state file recorded them
+    (checked: a window of whole pages holding page-aligned chunks that do not overlap)."""
+    if chunks is None and window is None:
+        return ([(0, memory)] if memory else []), pool_window(memory)
+    try:
+        if type(window) is not int or window <= 0 or window % PAGE_SIZE:
+            raise ValueError(f"window {window!r}")
+        out = sorted((int(b), int(n)) for b, n in chunks or [])
+        end = 0
+        for b, n in out:
+            if b < end or n <= 0 or b % PAGE_SIZE or n % PAGE_SIZE or b + n > window:
+                raise ValueError(f"chunk {b:#x}+{n:#x}")
+            end = b + n
+    except (TypeError, ValueError) as exc:
+        raise InvalidSpec(f"the recorded pool is not one this host can rebuild ({exc})",
+                          "mkctl shutdown removes what the dead host left") from None
+    return out, window
 
 
 def place_chunk(chunks: list[tuple[int, int]], window: int, nbytes: int, base: int,
