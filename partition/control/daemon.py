@@ -7,6 +7,9 @@ and a hang is declared on time, even when no command is being served. Verbs run 
 while one waits (a graceful kill), the loop keeps reading other clients, answers the read-only
 ones and queues the rest. The socket is 0600 and a client must be root or the machine's owner
 (SO_PEERCRED).
+
+The verbs it serves are daemonops.py's, the checks every request passes are wireargs.py's; this
+module is the loop and the process's entry (``python -m partition.control.daemon``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import reprlib
 import selectors
 import shutil
 import signal
@@ -24,270 +26,24 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import setproctitle
 
 from partition.abi.constants import IPI_SIGNAL
 from partition.control import protocol
-from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, PermissionDenied, ResourceBusy
+from partition.control.daemonops import READ_ONLY_OPS, dump_tree, ops
+from partition.control.wireargs import ARGS, check_numbers, check_request
+from partition.errors import InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
 from partition.host import adoption, rundir
 from partition.host.machine import Machine
 
+#: the names this module had before the verbs and the checks moved out (tests, watch.py)
+_ops = ops
+_dump = dump_tree
+__all__ = ["ARGS", "READ_ONLY_OPS", "Conn", "Daemon", "check_numbers", "check_request", "main"]
 
-# op -> (argument names allowed, handler)
-def _ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
-    return {
-        "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
-        "show": ({"name", "brief"}, m.show),
-        "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
-                    "restart_window", "watchdog", "standby_for", "preserve_memory",
-                    "llc_way_mask"}, m.create),
-        "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog",
-                    "preserve_memory"}, m.update),
-        "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
-                  m.fault(name, kind, **(options or {}))),
-        "load": ({"name", "kernel", "cmdline", "cwd"},
-                 lambda **kw: _load_with_cwd(m, **kw)),
-        "start": ({"name", "wait"}, m.start),
-        "exec": ({"name", "wait"}, m.start),          # the wire's old name for start
-        "kill": ({"name", "force", "timeout"}, m.kill),
-        "unload": ({"name"}, m.unload),
-        "delete": ({"name"}, m.delete),
-        "console": ({"name"}, m.console),
-        # the real control plane (mkctl kerf: partition/bridge/)
-        "overlay": ({"data"}, m.apply_overlay),
-        "overlay_remove": ({"tx"}, m.remove_overlay),
-        "resize": ({"name", "cpus", "memory"}, m.resize),
-        "dump": ({"name"}, lambda name=None: _dump(m, name)),
-        "kexec_load": ({"id", "kernel", "cmdline"},
-                       lambda id, kernel, cmdline="": m.load(_by_id(m, id), kernel, cmdline)),
-        "kexec_unload": ({"id"}, lambda id: m.unload(_by_id(m, id))),
-        "mk_reboot": ({"cmd", "id"}, lambda cmd, id: _reboot(m, cmd, id)),
-        "exec_into": ({"name", "argv"}, lambda name, argv=(): _exec_into(m, name, argv)),
-        "live_update": ({"name", "kernel", "cmdline", "quiesce"}, m.live_update),
-    }
-
-
-def _exec_into(m: Machine, name: str, argv: Any = ()) -> dict[str, Any]:
-    """What ``mkctl exec NAME -- CMD`` needs to put a process under a running instance: its
-    pid (to join its namespaces), CPUs and cgroups. The command itself runs in mkctl's child,
-    with mkctl's stdio; the host records that it was asked."""
-    inst = m._get(name)
-    if inst.state.value != "active" or inst.pid is None:
-        raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; exec runs a command "
-                        "inside a running instance", f"mkctl start {inst.name} first")
-    m.events.info("exec_command", instance=inst.id, name=inst.name,
-                  argv=[str(a)[:200] for a in list(argv)[:32]])
-    return {"id": inst.id, "pid": inst.pid, "cpus": list(inst.cpus),
-            "procs": m.cgroups.procs_files(inst.id), "generation": inst.generation}
-
-
-def _by_id(m: Machine, mk_id: Any) -> str:
-    """The instance a kexec or reboot names by id (the real calls carry only the id)."""
-    if isinstance(mk_id, bool) or not isinstance(mk_id, int) or not 1 <= mk_id <= 511:
-        raise InvalidSpec(f"multikernel id {mk_id!r} is out of range 1..511",
-                          "kerf encodes the id in the flags (id << 5)")
-    inst = m.by_id(mk_id)
-    if inst is None:
-        raise NotLoaded(f"no instance has id {mk_id}", "create it first (kerf create)")
-    return inst.name
-
-
-def _reboot(m: Machine, cmd: Any, mk_id: Any) -> Any:
-    """reboot(LINUX_REBOOT_CMD_MULTIKERNEL*): start, graceful halt, forced halt."""
-    name = _by_id(m, mk_id)
-    if cmd == "start":
-        return m.start(name)
-    if cmd in ("halt", "force"):
-        return m.kill(name, force=cmd == "force")
-    raise InvalidSpec(f"reboot command {cmd!r} is not start, halt or force", "kerf start/kill")
-
-
-def _dump(m: Machine, name: str | None) -> bytes:
-    """The DTB ``sys/fs/multikernel`` serves: the root tree, or an instance's."""
-    from partition.host.views import render_instance_tree, render_pool_tree
-    if name is None:
-        return render_pool_tree(m.snapshot())
-    return render_instance_tree(m.show(name))
-
-
-def _load_with_cwd(m: Machine, name: str, kernel: str, cmdline: str = "",
-                   cwd: str | None = None) -> Any:
-    """Resolve module specs relative to the caller's directory, as a shell user expects."""
-    added = None
-    if cwd and os.path.isdir(cwd) and cwd not in sys.path:
-        sys.path.insert(0, cwd)
-        added = cwd
-    try:
-        return m.load(name, kernel, cmdline)
-    finally:
-        if added is not None:
-            sys.path.remove(added)
-
-
-# -- the wire's arguments, verb by verb ----------------------------------------------------
-# Every field of a request is checked here before any verb sees it: a frame from one client
-# is untrusted input, and a TypeError or an unhashable value raised from deep inside the
-# machine while another client's verb waits would fail that other verb instead. The machine
-# checks meanings (a name's instance, a size's room); these check shapes, types and ranges.
-Check = Callable[[str, Any], None]
-MAX_TEXT = 4096             # a name, a kernel spec, a command line (kimage.MAX_CMDLINE)
-MAX_ITEMS = 4096            # a CPU list, an argv, fault options
-MAX_INT = (1 << 63) - 1     # what the pool's arithmetic and msgpack's int64 take
-
-
-def _refuse(name: str, value: Any, want: str, example: str) -> NoReturn:
-    shown = reprlib.repr(value)         # (bounded in depth and length, whatever came)
-    raise InvalidSpec(f"argument {name!r} must be {want}, got {shown}", f"e.g. {example}")
-
-
-def _text(name: str, value: Any) -> None:
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        _refuse(name, value, f"text of at most {MAX_TEXT} characters", f"{name}=\"db\"")
-
-
-def _flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):     # "no" and 0 are not false here: only false is
-        _refuse(name, value, "true or false", f"{name}=true")
-
-
-def _integer(lo: int, hi: int) -> Check:
-    def check(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            _refuse(name, value, f"an integer in {lo}..{hi}", f"{name}={max(lo, 1)}")
-    return check
-
-
-def _number(lo: float, hi: float) -> Check:
-    def check(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value) or not lo <= value <= hi:
-            _refuse(name, value, f"a finite number in [{lo:g}, {hi:g}]", f"{name}=5")
-    return check
-
-
-def _cpus(name: str, value: Any) -> None:
-    if isinstance(value, str):
-        _text(name, value)
-    elif not isinstance(value, list) or len(value) > MAX_ITEMS or any(
-            isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < MAX_ITEMS
-            for c in value):
-        _refuse(name, value, "a CPU list (text) or a list of CPU numbers", f"{name}=\"1-3\"")
-
-
-def _size(name: str, value: Any) -> None:
-    if isinstance(value, str):
-        _text(name, value)
-    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
-        _refuse(name, value, "a size (text such as 64M, or bytes)", f"{name}=\"64M\"")
-
-
-def _instance(name: str, value: Any) -> None:
-    """An instance's name, or (console) its id: 0 or "host" is the host's."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        _integer(0, 511)(name, value)
-    else:
-        _text(name, value)
-
-
-def _options(name: str, value: Any) -> None:
-    if not isinstance(value, dict) or len(value) > MAX_ITEMS or any(
-            not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))
-            or (isinstance(v, float) and not math.isfinite(v)) or not -MAX_INT <= v <= MAX_INT
-            for k, v in value.items()):
-        _refuse(name, value, "a map of option names to finite numbers", f"{name}={{\"seconds\": 2}}")
-
-
-def _argv(name: str, value: Any) -> None:
-    if not isinstance(value, list) or len(value) > MAX_ITEMS or \
-            any(not isinstance(a, str) or len(a) > MAX_TEXT for a in value):
-        _refuse(name, value, f"a list of at most {MAX_ITEMS} strings", f"{name}=[\"ps\"]")
-
-
-def _mask(name: str, value: Any) -> None:
-    """An LLC way mask: text (hex or decimal) or an integer of at most 64 bits; host/llc.py
-    judges the bits themselves."""
-    if isinstance(value, str):
-        _text(name, value)
-    elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
-        _refuse(name, value, "a bit mask (text such as 0x0f, or an integer)", f"{name}=\"0x0f\"")
-
-
-def _blob(name: str, value: Any) -> None:
-    if not isinstance(value, bytes):
-        _refuse(name, value, "bytes (a DTBO)", "data=<the overlay's bytes>")
-
-
-_SECONDS = _number(0, 86400)
-#: an instance id: its range (1..511) is the pool's and kerf's to refuse, in their words
-_ID = _integer(0, MAX_INT)
-#: op -> {argument: (check, required)}; every op of ``_ops`` and ``shutdown`` has one
-#: (tests/test_supervisor.py checks that they name the same arguments)
-ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
-    "ping": {},
-    "shutdown": {},
-    "show": {"name": (_text, False), "brief": (_flag, False)},
-    "create": {"name": (_text, True), "memory": (_size, True), "cpus": (_cpus, False),
-               "cpu_count": (_integer(0, MAX_INT), False), "id": (_ID, False),
-               "recovery": (_text, False), "max_restarts": (_integer(0, 1000), False),
-               "restart_window": (_SECONDS, False), "watchdog": (_SECONDS, False),
-               "standby_for": (_text, False), "preserve_memory": (_flag, False),
-               "llc_way_mask": (_mask, False)},
-    "update": {"name": (_text, True), "recovery": (_text, False),
-               "max_restarts": (_integer(0, 1000), False), "restart_window": (_SECONDS, False),
-               "watchdog": (_SECONDS, False), "preserve_memory": (_flag, False)},
-    "fault": {"name": (_text, True), "kind": (_text, True), "options": (_options, False)},
-    "load": {"name": (_text, True), "kernel": (_text, True), "cmdline": (_text, False),
-             "cwd": (_text, False)},
-    "start": {"name": (_text, True), "wait": (_flag, False)},
-    "exec": {"name": (_text, True), "wait": (_flag, False)},
-    "kill": {"name": (_text, True), "force": (_flag, False), "timeout": (_SECONDS, False)},
-    "unload": {"name": (_text, True)},
-    "delete": {"name": (_text, True)},
-    "console": {"name": (_instance, True)},
-    "overlay": {"data": (_blob, True)},
-    "overlay_remove": {"tx": (_integer(0, MAX_INT), True)},
-    "resize": {"name": (_text, True), "cpus": (_cpus, False), "memory": (_size, False)},
-    "dump": {"name": (_text, False)},
-    "kexec_load": {"id": (_ID, True), "kernel": (_text, True), "cmdline": (_text, False)},
-    "kexec_unload": {"id": (_ID, True)},
-    "mk_reboot": {"cmd": (_text, True), "id": (_ID, True)},
-    "exec_into": {"name": (_text, True), "argv": (_argv, False)},
-    "live_update": {"name": (_text, True), "kernel": (_text, True), "cmdline": (_text, False),
-                    "quiesce": (_number(0, 3600), False)},
-}
-
-
-def check_request(req: Any, ops: Collection[str]) -> tuple[str, dict[str, Any]]:
-    """(op, args) of a request whose every field has the type and range its verb takes, or
-    InvalidSpec naming the field; an argument given as null is left out (its default).
-    ``ops``: the verbs this socket serves (another op is the caller's to refuse)."""
-    if not isinstance(req, dict) or not isinstance(req.get("op"), str) or \
-            not isinstance(req.get("args", {}), dict):
-        raise InvalidSpec("malformed request: expected {op: str, args: map}",
-                          "use mkctl, or follow docs/architecture.md")
-    op, args = req["op"], {k: v for k, v in req.get("args", {}).items() if v is not None}
-    check_numbers(args)
-    schema = ARGS.get(op) if op in ops else None
-    if schema is None:
-        return op, args
-    extra = set(args) - set(schema)
-    if extra:
-        raise InvalidSpec(f"unknown argument(s) {sorted(extra)} for {op!r}",
-                          f"allowed: {sorted(schema)}")
-    for name, (check, required) in schema.items():
-        if name in args:
-            check(name, args[name])
-        elif required:
-            raise InvalidSpec(f"{op!r} needs the argument {name!r}", f"allowed: {sorted(schema)}")
-    return op, args
-
-
-#: what may be answered while another verb is still waiting (they change nothing)
-READ_ONLY_OPS = frozenset({"ping", "show", "console", "dump"})
 MAX_CLIENTS = 16          # connections at once; one more is answered EBUSY and closed
 REQUEST_DEADLINE_S = 5.0  # a client must have sent its whole request by then
 REPLY_DEADLINE_S = 30.0   # and must have read its reply by then
@@ -314,7 +70,7 @@ class Daemon:
     def __init__(self, machine: Machine) -> None:
         self.m = machine
         machine.defer_state = True      # written after each verb and each turn (flush_state)
-        self.ops = _ops(machine)
+        self.ops = ops(machine)
         self.path = os.path.join(machine.run_dir, rundir.SOCKET)
         if len(self.path.encode()) > 107:
             raise InvalidSpec(f"socket path {self.path!r} is longer than 107 bytes",
@@ -545,23 +301,6 @@ class Daemon:
 
 def _error(exc: MKError) -> dict[str, Any]:
     return {"ok": False, "error": exc.to_wire()}
-
-
-def check_numbers(value: Any, where: str = "arguments") -> None:
-    """NaN and the infinities are refused anywhere in a request, before any verb sees them.
-    Walked with a stack of its own: a frame nested a thousand deep is refused by its schema,
-    not met with a RecursionError here."""
-    todo = [(value, where)]
-    while todo:
-        value, where = todo.pop()
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidSpec(f"{where} holds {value!r}, which is not a finite number",
-                              "give a finite number")
-        if isinstance(value, dict):
-            todo += [(v, f"argument {k!r}") for k, v in value.items()]
-        elif isinstance(value, (list, tuple)):
-            todo += [(v, where) for v in value]
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m partition.control.daemon")

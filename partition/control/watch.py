@@ -16,7 +16,8 @@ import traceback
 from typing import Any
 
 from partition.control import protocol
-from partition.control.daemon import READ_ONLY_OPS, _dump, check_request
+from partition.control.daemonops import READ_ONLY_OPS, dump_tree
+from partition.control.wireargs import check_request
 from partition.errors import MKError, PermissionDenied
 from partition.host import rundir
 from partition.host.machine import Machine
@@ -98,7 +99,7 @@ class Watcher:
         if op == "console":
             return self.m.console(args["name"])
         if op == "dump":
-            return _dump(self.m, name)
+            return dump_tree(self.m, name)
         raise PermissionDenied(f"{op!r}: this machine runs an experiment (mkctl run); it can be "
                                "watched, not changed", "mkctl top, show, console -f, dump")
 
