@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from partition.host.machine import Machine
 
 
-# op -> (argument names allowed, handler)
 def ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
+    """op -> (argument names allowed, handler), every handler bound to ``m``. wireargs.ARGS
+    checks the same names (tests/test_supervisor.py holds the two to each other)."""
     return {
         "ping": (set(), lambda: {"pid": os.getpid(), "run_dir": m.run_dir}),
         "show": ({"name", "brief"}, m.show),

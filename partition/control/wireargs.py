@@ -111,7 +111,7 @@ def _blob(name: str, value: Any) -> None:
 _SECONDS = _number(0, 86400)
 #: an instance id: its range (1..511) is the pool's and kerf's to refuse, in their words
 _ID = _integer(0, MAX_INT)
-#: op -> {argument: (check, required)}; every op of ``_ops`` and ``shutdown`` has one
+#: op -> {argument: (check, required)}; every op of ``daemonops.ops`` and ``shutdown`` has one
 #: (tests/test_supervisor.py checks that they name the same arguments)
 ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
     "ping": {},
