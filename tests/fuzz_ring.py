@@ -1,5 +1,6 @@
-"""Fuzz driver for _fastring.c, run by tests/test_fuzz.py in a process that has an
-AddressSanitizer build of the extension loaded (LD_PRELOAD=libasan). Every ring header and slot
+"""Fuzz driver for the C half (partition/abi/_fastring.c and its translation units), run by
+tests/test_fuzz.py in a process that has an AddressSanitizer build of the extension loaded
+(LD_PRELOAD=libasan). Every ring header and slot
 is what a hostile instance could have written there; the C drain, send and decoder must neither
 read nor write outside the buffer they were given, whatever they find, and keep the ring's
 invariants (tail never passes head; a drain takes at most ``limit`` slots).
