@@ -16,7 +16,6 @@ static PyMethodDef methods[] = {
     {"encode", (PyCFunction)(void (*)(void))fr_encode, METH_FASTCALL, "one mk_message, as bytes"},
     {"halt", (PyCFunction)(void (*)(void))fr_halt, METH_FASTCALL, "sleep on the doorbell, drain"},
     {"idle_enter", (PyCFunction)(void (*)(void))fr_idle_enter, METH_FASTCALL, "announce idle"},
-    {"spin", (PyCFunction)(void (*)(void))fr_spin, METH_FASTCALL, "wait for a claimed slot"},
     {"send", (PyCFunction)(void (*)(void))fr_send, METH_FASTCALL, "claim, fill, publish"},
     {"drain", (PyCFunction)(void (*)(void))fr_drain, METH_FASTCALL, "consume published slots"},
     {"poll", (PyCFunction)(void (*)(void))fr_poll, METH_FASTCALL, "spin, then drain"},

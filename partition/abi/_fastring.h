@@ -78,7 +78,6 @@ PyObject *fr_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* a drain in progress (_ring.c's consume), as the dispatch in _port.c sees it */

@@ -631,53 +631,6 @@ PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return drain_held(&buf, nslots, stride, slot_bytes, args, nargs);
 }
 
-/* spin(ring, usec) -> bool: busy-wait until the ring has a claimed slot, at most ``usec``
- * microseconds. A poll-mode receiver's wait, without a Python loop iteration per look; bounded,
- * so that signals (SIGTERM, the IPI signal) are still handled within ``usec``. */
-PyObject *fr_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_buffer buf;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "spin takes 2 arguments");
-        return NULL;
-    }
-    double usec = PyFloat_AsDouble(args[1]);
-    if (usec == -1.0 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (buf.len < RING_HEADER_BYTES) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "not a ring");
-        return NULL;
-    }
-    char *base = (char *)buf.buf;
-    uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
-    struct timespec now, end;
-    clock_gettime(CLOCK_MONOTONIC, &end);
-    end.tv_nsec += (long)(usec * 1000.0);
-    end.tv_sec += end.tv_nsec / 1000000000L;
-    end.tv_nsec %= 1000000000L;
-    int got = 0;
-    for (unsigned i = 0;; i++) {
-        if (__atomic_load_n(head, __ATOMIC_ACQUIRE) != __atomic_load_n(tail, __ATOMIC_ACQUIRE)) {
-            got = 1;
-            break;
-        }
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();                /* the spin-wait hint: spare the sibling */
-#endif
-        if ((i & 63) == 63) {
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec >= end.tv_nsec))
-                break;
-        }
-    }
-    PyBuffer_Release(&buf);
-    return PyBool_FromLong(got);
-}
-
-
 /* A poller's spin: until the slot at tail is published, at most ``usec`` microseconds. It
  * watches the slot, not head: head's line is the senders', and a receiver reading it between
  * their claims moved it to its own core and back for every message; the slot's line has to

@@ -381,7 +381,9 @@ class Ring:
         return bool(self.buf[IDLE])
 
     def spin(self, usec: float) -> bool:
-        """Busy-wait up to ``usec`` microseconds for a claimed slot (a poller's wait)."""
+        """Busy-wait up to ``usec`` microseconds for a claimed slot (the Python ring's poller
+        wait). Python only: with the C ring a poller spins inside ``poller()``, and a C spin of
+        its own had no caller outside the tests."""
         end = time.monotonic() + usec / 1e6
         buf, unpack = self.buf, _Q.unpack_from
         while unpack(buf, HEAD)[0] == unpack(buf, TAIL)[0]:

@@ -59,11 +59,6 @@ def idle_enter(self: Ring) -> bool:
     return idle
 
 
-def spin(self: Ring, usec: float) -> bool:
-    got: bool = _c().spin(self.buf, float(usec))
-    return got
-
-
 def poller(self: Ring) -> Callable[..., Any] | None:
     return functools.partial(_c().poll, self.buf, self.nslots, self.stride, self.slot_bytes)
 
@@ -91,5 +86,5 @@ def halt(self: Ring, doorbell_fd: int, timeout: float,
 
 #: what ``ring.use`` binds over Ring's reference methods of the same names
 PATHS: dict[str, Callable[..., Any]] = {
-    "send": send, "sender": sender, "port": port, "idle_enter": idle_enter, "spin": spin,
+    "send": send, "sender": sender, "port": port, "idle_enter": idle_enter,
     "poller": poller, "drain": drain, "halt": halt}
