@@ -1,4 +1,4 @@
-"""The C drain, send and decoder against hostile ring contents, under AddressSanitizer, for a
+"""The C drain, send, Port and codec against hostile ring contents, under AddressSanitizer, for a
 bounded time (MK_FUZZ_SECONDS, 15 by default). A read or write outside a ring aborts the
 driver with ASan's report, and the test shows it."""
 
