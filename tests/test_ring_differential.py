@@ -6,6 +6,7 @@ a difference is a bug in whichever of the two the test shows is wrong.
   _ring.c     vs ring.py     (send, drain, idle_enter, spin; hostile claims and slots)
   _message.c  vs message.py  (encode, decode, also of mangled bytes)
   _port.c     vs port.py     (a Port's send, message and messages; peer entry; doorbells)
+             and Messenger.deliver (the drain's reply matching and handler dispatch)
 
 A failure names the seed and the step: ``MK_DIFF_SEED=<seed>`` replays it."""
 
@@ -317,3 +318,101 @@ def linux_read_all(fd: int) -> bytes:
             return out
         out += chunk
 
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_port_dispatch_c_and_reference_agree(pair, seed, monkeypatch):
+    """_port.c's other half, the drain's reply matching and dispatch, against its reference,
+    Messenger.deliver (guest/endpoint.py) on the reference drain: the same batches (requests
+    of handled and unhandled types, one-way messages, responses awaited from their sender, from
+    anyone, from another sender or not at all, slots whose type lies about their message,
+    garbage) give the same handler calls, the same responses taken, the same answers written
+    into the requester's ring (through its Port, or the slow path without one) and the same
+    exception from a handler that raises."""
+    from partition.guest import endpoint
+    monkeypatch.setattr(endpoint, "decode", M.decode_py)      # the codec has its own test
+    c, py = pair
+    lay = L.ArenaLayout(pool_bytes=4 << 20, console_bytes=4096, ring_slots=64,
+                        ring_slot_bytes=256)
+    areas = [mmap.mmap(-1, lay.ring_area_bytes) for _ in range(2)]
+    backs = [PyRing(memoryview(a), linux.buffer_address(a), lay, 2) for a in areas]
+    rng = random.Random(seed)
+    calls = {c: [], py: []}
+    sides = {}
+    try:
+        for r, back in ((c, backs[0]), (py, backs[1])):
+            if r is c:
+                port = ring_c.PATHS["port"](back, 1, 0, None, (-1, -1, 0), None)
+            else:
+                port = PyPort(back, 1, 0, None, (-1, -1, 0), None)
+
+            # every answer goes to one ring per side, compared byte for byte: C's through the
+            # Port in ``ports`` or ``after`` (the Endpoint's slow path), the reference's ``post``
+            def post(target, t, sub, mid, payload, port=port):
+                port.message(t, sub, mid, payload)
+                return target
+
+            def after(sender, rc, t, mid, result, port=port):
+                if rc == ring.REROUTE:          # no Port for that sender: routed afresh; any
+                    port.message(t, M.SUB_RESPONSE, mid, result)    # other answer was sent
+
+            m = endpoint.Messenger(1, post)
+            for t, handler in ((0x4000, lambda msg: msg.payload), (0x4001, lambda msg: None),
+                               (0x4002, lambda msg: {"echo": msg.payload, "from": msg.sender})):
+                m.register(t, lambda msg, h=handler, r=r: calls[r].append(
+                    ("handler", msg)) or h(msg))
+            m.register(0x4003, lambda msg, r=r: calls[r].append(("raise", msg)) or 1 / 0)
+            ports = {s: port for s in (3, 4)}           # senders 5, 6: no Port, the slow path
+            sides[r] = (m, port, ports, after)
+        for step in range(600):
+            where = f"seed {seed} step {step}"
+            awaited = {}
+            for _ in range(rng.randrange(4)):
+                awaited[rng.getrandbits(63) | 1] = rng.choice([3, 4, 5, -1])
+            batch = []
+            for _ in range(rng.randrange(1, 12)):
+                sender = rng.choice([3, 4, 5, 6])
+                kind = rng.random()
+                t = rng.choice([0x4000, 0x4001, 0x4002, 0x4003, 0x4004])
+                if kind < 0.4:
+                    wire = M.encode(t, M.SUB_REQUEST, rng.getrandbits(64), _payload(rng))
+                elif kind < 0.6:
+                    wire = M.encode(t, 0, rng.getrandbits(64), _payload(rng))
+                elif kind < 0.85:
+                    mid = rng.choice(list(awaited) or [5]) if rng.random() < 0.7 else 7
+                    wire = M.encode(t, M.SUB_RESPONSE, mid, _payload(rng))
+                else:
+                    wire = _mangle(rng, M.encode(t, rng.choice([0, M.SUB_REQUEST,
+                                                                 M.SUB_RESPONSE]), 9, b"x"))
+                slot_type = t if rng.random() < 0.9 else t ^ 1    # a slot that lies
+                if wire and len(wire) <= c.slot_bytes:
+                    batch.append((sender, slot_type, wire))
+            got = {}
+            for r in (c, py):
+                m, port, ports, after = sides[r]
+                m.waiting.clear()
+                m.waiting.update(awaited)
+                for sender, slot_type, wire in batch:
+                    PyRing.send(r, sender, 0, slot_type, wire)
+                replies = (m.waiting, m.responses, m.handlers, ports, after) if r is c \
+                    else None
+                try:        # (the answer differs by design: C counts delivered, Python consumed)
+                    r.drain(m.deliver, 64, 1.0, None, False, replies)
+                    drained = "ok"
+                except Exception as exc:        # a handler's, raised after the whole batch
+                    drained = type(exc).__name__
+                got[r] = (drained, sorted(m.responses.items()), calls[r][:])
+                m.responses.clear()
+                calls[r].clear()
+            assert got[c] == got[py], where
+            _same(c, py, where)
+            assert bytes(backs[0].buf) == bytes(backs[1].buf), where
+            for back in backs:
+                PyRing.drain(back, lambda *a: True, 64)
+    finally:
+        for r in sides:
+            sides[r][1].close()
+        for back in backs:
+            back.buf.release()
+        for a in areas:
+            a.close()
