@@ -10,9 +10,10 @@
  * test_ring_differential.py drives both over the same inputs):
  *   _ring.c     the ring's atomics and waits: send, drain, poll, halt  (reference: ring.py)
  *   _message.c  the mk_message codec: encode, decode                  (reference: message.py)
- *   _port.c     Port, and the drain's reply matching and dispatch      (reference: port.py)
+ *   _port.c     Port, and the drain's reply matching and dispatch      (reference: port.py,
+ *                                                  and Messenger.deliver in guest/endpoint.py)
  * and _fastring.c, the module: its table, its layout and the digest of these sources.
- * The layout constants below are checked against ring.py's by partition/abi/impl.py. */
+ * The layout constants below are checked against ring_layout.py's by partition/abi/impl.py. */
 #ifndef FASTRING_H
 #define FASTRING_H
 #define PY_SSIZE_T_CLEAN
