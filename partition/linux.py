@@ -145,7 +145,7 @@ def doorbell_watch(ring_end: int) -> int:
 def _nowait_on_pipes() -> bool:
     """Whether ``pwritev2(RWF_NOWAIT)`` works on a pipe: Linux 6.4 and later (pipes got
     FMODE_NOWAIT then); before, it fails EOPNOTSUPP, and every ring would fail. Asked once
-    at import, as _fastring.c asks at its own (``_fastring.PIPE_NOWAIT``)."""
+    at import, as _ring.c asks at its own (``_fastring.PIPE_NOWAIT``)."""
     flag = getattr(os, "RWF_NOWAIT", None)
     if flag is None:
         return False

@@ -1,8 +1,9 @@
-"""Fuzz driver for _fastring.c, run by tests/test_fuzz.py in a process that has an
-AddressSanitizer build of the extension loaded (LD_PRELOAD=libasan). Every ring header and slot
-is what a hostile instance could have written there; the C drain, send and decoder must neither
-read nor write outside the buffer they were given, whatever they find, and keep the ring's
-invariants (tail never passes head; a drain takes at most ``limit`` slots).
+"""Fuzz driver for the C half (partition/abi/_fastring.c and its translation units), run by
+tests/test_fuzz.py in a process that has an AddressSanitizer build of the extension loaded
+(LD_PRELOAD=libasan). Every ring header and slot is what a hostile instance could have written
+there; the C drain, send, Port, encoder and decoder must neither read nor write outside the
+buffer they were given, whatever they find, and keep the ring's invariants (tail never passes
+head; a drain takes at most ``limit`` slots).
 
     python3 tests/fuzz_ring.py EXTENSION.so SECONDS SEED
 """
@@ -26,7 +27,8 @@ from partition.abi import layout as L  # noqa: E402
 from partition.abi import ring as R  # noqa: E402
 from partition.abi.message import Message  # noqa: E402
 
-fast.configure(Message, lambda b: msgpack.unpackb(b, raw=False, strict_map_key=False))
+fast.configure(Message, lambda b: msgpack.unpackb(b, raw=False, strict_map_key=False),
+               msgpack.Packer(use_bin_type=True, autoreset=True).pack)
 rng = random.Random(seed)
 EDGES = [0, 1, 7, 8, 19, 20, 21, 255, 256, 4095, 4096, 4097, 2 ** 32 - 1, 2 ** 63,
          2 ** 64 - 2, R.ABANDONED]
@@ -96,9 +98,23 @@ while time.monotonic() < deadline:
     data = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 20, slot_bytes, slot_bytes + 1])))
     rc = fast.send(view, slots, lay.slot_stride, slot_bytes, 1, 0, None, 0, 0x4000, data)
     assert rc in (0, -1, -2) or rc > 0, rc
+    # a Port (_port.c) into the same hostile ring: bytes, and a message it encodes in place
+    # (_message.c), with a peer entry that may or may not name its incarnation
+    peers = bytearray(rng.getrandbits(8) for _ in range(16))
+    port = fast.Port(view, slots, lay.slot_stride, slot_bytes, 2, 0, None, 0, -1, -1, 0,
+                     memoryview(peers).toreadonly(), 8, *struct.unpack_from("<II", peers, 8)
+                     if rng.random() < 0.7 else (1, 2))
+    rc = port(0x4000, data)
+    assert rc in (0, -1, -2, fast.REROUTE) or rc > 0, rc
+    payload = rng.choice([data, None, True, 5, 2 ** 40, "text", [data], {"k": data}])
+    rc = port.message(0x4000, 0, rng.getrandbits(64), payload)
+    assert rc in (0, -1, -2, fast.REROUTE) or rc > 0, rc
+    sent, rc = port.messages(0x4000, 0, 1, [payload] * rng.randrange(4))
+    port.close()
     for _ in range(4):
         junk = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 19, 20, 21, 60])))
         fast.decode(junk, 1, 0)
+        fast.encode(0x4000, 0, 1, rng.choice([junk, None, 127, 128, -1, [junk]]))
     view.release()
     rounds += 1
 print(f"fuzz: {rounds} rounds in {seconds:g} s, seed {seed}: no fault")

@@ -1,6 +1,6 @@
 """Hand-made ring contents for tests: a claim that is never published, a slot with a size that
 lies, a forged sender. The emulator itself only ever claims, fills and publishes in one send
-(``Ring.send`` and _fastring.c); a test plays a faulty or hostile writer with these."""
+(``Ring.send`` and _ring.c); a test plays a faulty or hostile writer with these."""
 
 import errno
 

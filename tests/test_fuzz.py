@@ -1,8 +1,8 @@
-"""The C drain, send and decoder against hostile ring contents, under AddressSanitizer, for a
+"""The C drain, send, Port and codec against hostile ring contents, under AddressSanitizer, for a
 bounded time (MK_FUZZ_SECONDS, 15 by default). A read or write outside a ring aborts the
 driver with ASan's report, and the test shows it."""
 
-import hashlib
+import glob
 import os
 import subprocess
 import sys
@@ -11,7 +11,9 @@ import sysconfig
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "partition", "abi", "_fastring.c")
+ABI = os.path.join(ROOT, "partition", "abi")
+#: every translation unit of the extension (_fastring.c, _ring.c, _message.c, _port.c)
+SOURCES = sorted(glob.glob(os.path.join(ABI, "_*.c")))
 pytestmark = pytest.mark.slow
 
 
@@ -32,11 +34,12 @@ def test_c_ring_survives_hostile_contents_under_asan(tmp_path):
             pytest.fail("gcc's AddressSanitizer runtime (libasan) is missing, and CI requires "
                         "the fuzz test: apt-get install gcc", pytrace=False)
         pytest.skip("no gcc with AddressSanitizer here")
-    digest = hashlib.sha256(open(SOURCE, "rb").read()).hexdigest()
+    from partition.abi.impl import source_digest
+    digest = source_digest(ABI)
     so = tmp_path / ("_fastring" + sysconfig.get_config_var("EXT_SUFFIX"))
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fsanitize=address",
                     "-fno-omit-frame-pointer", f"-I{sysconfig.get_paths()['include']}",
-                    f'-DFASTRING_SOURCE_SHA256="{digest}"', SOURCE, "-o", str(so)],
+                    f'-DFASTRING_SOURCE_SHA256="{digest}"', *SOURCES, "-o", str(so)],
                    check=True, timeout=120)
     seconds = os.environ.get("MK_FUZZ_SECONDS", "15")
     env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",

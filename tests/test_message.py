@@ -3,17 +3,17 @@
 import pytest
 
 from helpers import without_c
+from partition.abi import impl
 from partition.abi import message as M
-from partition.abi import ring
 
 
 @pytest.fixture(params=["c", "python"])
 def decode(request):
-    """Both decoders: _fastring.c's and the Python reference must agree on every case."""
+    """Both decoders: _message.c's and the Python reference must agree on every case."""
     if request.param == "c":
-        if ring._fast is None:
+        if impl.FAST is None:
             without_c("the C extension is not built here")
-        return ring._fast.decode
+        return impl.FAST.decode
     return M.decode_py
 
 

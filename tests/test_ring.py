@@ -1,5 +1,5 @@
 """The IPI ring protocol, in one process, against both implementations (the C hot paths of
-partition/_fastring.c and the pure-Python reference in ring.py): they must agree on every case."""
+partition/abi/_ring.c and the pure-Python reference in ring.py): they must agree on every case."""
 
 import errno
 import importlib.util
@@ -13,19 +13,19 @@ import pytest
 from helpers import without_c
 from partition.abi import layout as L
 from partition import linux
-from partition.abi import ring
+from partition.abi import impl, ring
 from partition.abi.ring import ABANDONED, S_SIZE, S_TICKET, Ring, RingError
 from ringtool import claim, fill, polling, publish
 
 
 @pytest.fixture(params=["c", "python"])
-def impl(request, monkeypatch):
-    if request.param == "c":
-        if ring._fast is None:
-            without_c("the C extension is not built here")
-    else:
-        monkeypatch.setattr(ring, "_fast", None)
-    return request.param
+def implementation(request):
+    """Ring's hot paths bound to one implementation for the test, and back after it."""
+    if request.param == "c" and impl.FAST is None:
+        without_c("the C extension is not built here")
+    ring.use(impl.FAST if request.param == "c" else None)
+    yield request.param
+    ring.use(impl.FAST)
 
 
 def a_ring(slots, slot_bytes):
@@ -42,7 +42,7 @@ def a_ring(slots, slot_bytes):
 
 
 @pytest.fixture
-def rg(impl):
+def rg(implementation):
     yield from a_ring(8, 256)
 
 
@@ -57,7 +57,7 @@ def test_the_extension_is_used_when_built():
         without_c("no C extension in this install")
     if os.environ.get("MK_PURE_RING") == "1":
         pytest.skip("MK_PURE_RING=1 asks for the Python ring")
-    assert not ring.STALE, ("partition/abi/_fastring.c changed since the extension was built, "
+    assert not ring.STALE, ("partition/abi/_*.c changed since the extension was built, "
                             "or its rebuild failed: pip install -e . and read its warnings")
     assert ring.IMPLEMENTATION == "c"         # its layout agrees with ring.py's
 
@@ -124,12 +124,12 @@ def test_an_unpublished_claim_holds_the_tail_until_published(rg):
     assert rg.spin(200.0) is False            # empty: the bounded wait gives up
 
 
-def test_a_poller_gets_past_a_claim_its_sender_never_published(rg, impl):
+def test_a_poller_gets_past_a_claim_its_sender_never_published(rg, implementation):
     """The C poller reads head only when its spin ends empty-handed, and a drain only when
     it has taken nothing (a ping-pong's every read of head pulled the senders' line over and
     their next claim pulled it back): a claim never published at the tail is still found. The
     pass after the message before it says there is more, and the careful path abandons it."""
-    if impl != "c":
+    if implementation != "c":
         pytest.skip("the poller is the C ring's; the Python ring has none")
     poller = rg.poller()
     assert poller is not None
@@ -225,7 +225,7 @@ def test_a_stale_doorbell_flag_does_not_silence_the_next_sender(rg):
 
 
 @pytest.fixture
-def big(impl):
+def big(implementation):
     """The default 64 slots: room for a flood past FILTER_AFTER."""
     yield from a_ring(64, 64)
 
@@ -379,11 +379,11 @@ def test_an_unhandled_answer_from_deliver_is_counted(rg):
     assert rg.counters()["dropped_unknown_type"] == 1
 
 
-def test_a_hushed_drain_takes_what_arrives_during_it_without_a_doorbell(rg, impl):
+def test_a_hushed_drain_takes_what_arrives_during_it_without_a_doorbell(rg, implementation):
     """hush: while the receiver consumes and delivers, senders ring nothing (``polling`` is
     up); it lowers the flag with a barrier and looks again, so a message sent meanwhile is
     taken by the same drain, and after it the doorbell works as before."""
-    if impl != "c":
+    if implementation != "c":
         pytest.skip("hush is an optimisation of the C drain; the Python ring rings as usual")
     rg.send(0, 0, 1, b"first")
     doors, got = [], []
@@ -399,8 +399,8 @@ def test_a_hushed_drain_takes_what_arrives_during_it_without_a_doorbell(rg, impl
     assert rg.send(1, 0, 1, b"after") == ring.DOORBELL_SIGNAL     # rings again
 
 
-def test_a_hushed_drain_of_a_poller_leaves_its_flag_up(rg, impl):
-    if impl != "c":
+def test_a_hushed_drain_of_a_poller_leaves_its_flag_up(rg, implementation):
+    if implementation != "c":
         pytest.skip("hush is an optimisation of the C drain")
     rg.set_polling(True)
     rg.send(0, 0, 1, b"x")
@@ -417,7 +417,7 @@ _PORTS = []
 def big_ring():
     """A ring whose receiver polls (no doorbell to ring), and the ports made on it closed
     before the mapping goes, also when a test fails."""
-    if ring._fast is None:
+    if impl.FAST is None:
         without_c("Port is part of the C extension")
     for r in a_ring(8, 4096):
         r.set_polling(True)
@@ -521,7 +521,7 @@ def test_a_closed_port_refuses_and_lets_the_mapping_go(big_ring):
 
 def test_a_port_refuses_bad_geometry_and_offsets(big_ring):
     with pytest.raises(ValueError):
-        ring._fast.Port(big_ring.buf, 10 ** 6, big_ring.stride, big_ring.slot_bytes, 0, 0,
+        impl.FAST.Port(big_ring.buf, 10 ** 6, big_ring.stride, big_ring.slot_bytes, 0, 0,
                         None, 0, -1, -1, 0, None, 0, 0, 0)
     with pytest.raises(ValueError):
         big_ring.port(0, 0, (memoryview(bytearray(8)), 4), (-1, -1, 0), None)
@@ -529,7 +529,7 @@ def test_a_port_refuses_bad_geometry_and_offsets(big_ring):
         big_ring.port(0, 0, None, (-1, -1, 0), (bytearray(16), 12, 5, 1))
 
 
-def test_a_drain_matches_replies_as_deliver_would(rg, impl):
+def test_a_drain_matches_replies_as_deliver_would(rg, implementation):
     """``replies`` = (waiting, responses): the C drain takes a response to an awaited request
     itself, only from the instance it was sent to (or from any, when that is not known yet:
     -1), drops other responses and hands everything else to deliver; the Python ring hands all
@@ -553,7 +553,7 @@ def test_a_drain_matches_replies_as_deliver_would(rg, impl):
     assert rg.drain(deliver, 64, replies=(m.waiting, m.responses)) == 6
     assert {k: v.payload for k, v in m.responses.items()} == {11: b"from 2", 12: b"any"}
     assert m.responses[11].sender == 2
-    assert len(delivered) == (1 if impl == "c" else 6)      # only the request, in C
+    assert len(delivered) == (1 if implementation == "c" else 6)      # only the request, in C
     assert rg.counters()["received"] == 6
 
 
@@ -592,11 +592,11 @@ def test_own_page_counts_read_in_one_go_agree_with_each_field():
 
 def test_c_and_python_ring_doorbells_the_same_way():
     """Pipes take pwritev2(RWF_NOWAIT) from Linux 6.4 on; before, it fails EOPNOTSUPP and
-    every ring failed, so nothing woke. linux.py and _fastring.c each ask the kernel once at
+    every ring failed, so nothing woke. linux.py and _ring.c each ask the kernel once at
     import, and must agree on the answer."""
-    if ring._fast is None:
+    if impl.FAST is None:
         without_c("the C extension is not built here")
-    assert ring._fast.PIPE_NOWAIT == linux.PIPE_NOWAIT
+    assert impl.FAST.PIPE_NOWAIT == linux.PIPE_NOWAIT
 
 
 def test_a_doorbell_rings_where_pipes_refuse_rwf_nowait(monkeypatch):

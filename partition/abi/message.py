@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from partition.abi import ring as _ring
+from partition.abi import impl
 
 HEADER = struct.Struct("<IIQI")
 
@@ -101,7 +101,7 @@ def encode(msg_type: int, subtype: int, msg_id: int, payload: Any) -> bytes:
 
 def decode_py(data: bytes, sender: int, cpu: int) -> Message | None:
     """None for a slot whose header does not describe its bytes (dropped as bad size). The
-    reference; ``decode`` is _fastring.c's copy of it when the extension is built."""
+    reference; ``decode`` is _message.c's copy of it when the extension is used."""
     if len(data) < _HEADER_SIZE:
         return None
     mtype, sub, mid, plen = _unpack_header(data, 0)
@@ -121,8 +121,10 @@ def decode_py(data: bytes, sender: int, cpu: int) -> Message | None:
 
 _unpackb = msgpack.unpackb
 
+# -- the selector: the codec's C half (_message.c) when partition/abi/impl.py uses the
+# extension, given the Message type and msgpack's callables for the forms it leaves to them
 decode = decode_py
-if _ring._fast is not None:          # (None also when the build is stale or MK_PURE_RING=1)
-    _ring._fast.configure(Message, functools.partial(msgpack.unpackb, raw=False,
-                                                     strict_map_key=False), _pack)
-    decode = _ring._fast.decode
+if impl.FAST is not None:
+    impl.FAST.configure(Message, functools.partial(msgpack.unpackb, raw=False,
+                                                   strict_map_key=False), _pack)
+    decode = impl.FAST.decode

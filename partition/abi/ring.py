@@ -26,117 +26,74 @@ dispatcher looks up, and no field is used as an index without a bound.
 
 Why over 400 lines: this is the reference implementation of the whole protocol (send, drain,
 the careful drain's recovery from abandoned and stale slots, the drop filters, the halt and
-spin waits), the one _fastring.c is checked against and the one that runs without it. Each part
-reads the same header fields; split, they would each re-derive them.
+spin waits), the one _ring.c is checked against and the one that runs without it. Each part
+reads the same header fields; split, they would each re-derive them. The byte layout is in
+ring_layout.py; the C paths (ring_c.py) are bound over the methods of the same names by the
+selector at the bottom (``use``), the only place here that knows whether C runs.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
-import os
-import signal
 import struct
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from partition import linux
+from partition.abi import impl, ring_c
 from partition.abi import layout as L
 from partition.abi.constants import MAX_INSTANCES
+from partition.abi.port import NO_DOORBELL, Port
 
-# ring header offsets (head and tail on their own cache lines)
-HEAD = 0
-FENCE = 8                # u64 scratch: the pure-Python sender's full barrier is an exchange here
-TAIL = 64
-MODE = 132               # u32 receiver delivery mode: 0 interrupt, 1 poll, 2 hybrid
-COUNTERS = 136           # u64 x 5
-IDLE = 176               # u32 receiver is blocked on its doorbell (halted): ring it
-SIGNALED = 184           # u64 a doorbell was rung since the receiver's last drain (coalescing)
-# polling: on the line senders only read (besides the filters' hit counts), not on the line of
-# the counters the receiver bumps for every message: a sender reads it after each publish, and
-# on the counters' line that read moved a cache line between the cores for every message
-POLLING = 192            # u8 (of a u64 of its own)
-DOORBELLS = COUNTERS + 32  # u64 the 5th counter: doorbells senders rang here (atomic add)
-FILTERS = 200            # NFILTER x 16: drop filters (u16 sender+1, u16, u32 type, until, hits)
-DROPPED_FILTERED = 248   # u64 messages the filters dropped at their senders (atomic add)
-NFILTER = 3              # filters at once; past that a flood is not filtered (only dropped)
-FILTER_AFTER = 16        # unhandled messages of one (sender, type) within FILTER_MS set one
-FILTER_MS = 10           # a filter lapses this long after its flood stops
+# (the layout's names are re-exported: callers and tests take them from ring, as before)
+from partition.abi.ring_layout import (  # noqa: F401
+    _COUNTERS,
+    _FILTER,
+    _Q,
+    _SLOT_HDR,
+    _ZERO_HDR,
+    ABANDONED,
+    COUNTER_LIMIT,
+    COUNTER_NAMES,
+    COUNTERS,
+    DOORBELL_NONE,
+    DOORBELL_SIGNAL,
+    DOORBELL_WAKE,
+    DOORBELLS,
+    DROPPED_FILTERED,
+    FENCE,
+    FILTER_AFTER,
+    FILTER_MS,
+    FILTERS,
+    HEAD,
+    IDLE,
+    MODE,
+    MODES,
+    NFILTER,
+    POLLING,
+    REROUTE,
+    S_CPU,
+    S_SENDER,
+    S_SIZE,
+    S_TICKET,
+    S_TYPE,
+    SIGNALED,
+    TAIL,
+    RingError,
+)
 
-# what a sender must do after publishing (Ring.send's answer)
-DOORBELL_NONE, DOORBELL_WAKE, DOORBELL_SIGNAL = 0, 1, 2
-COUNTER_LIMIT = 1 << 62      # a counter past this was written, not counted
-COUNTER_NAMES = ("received", "dropped_bad_size", "dropped_unknown_type", "dropped_abandoned",
-                 "doorbells")
-_COUNTERS = struct.Struct("<5Q")
-
-# slot header
-S_CPU = 0                # u64 sender physical cpu
-S_TYPE = 8               # u32
-S_SENDER = 12            # u32 sender instance id + 1 (0: not written yet)
-S_SIZE = 16              # u64 data_size, published last
-S_TICKET = 24            # u64 claim ticket (the head value claimed)
-_SLOT_HDR = struct.Struct("<QIIQQ")
-_Q = struct.Struct("<Q")
-_FILTER = struct.Struct("<HHIII")        # sender+1, 0, type, until ms, hits
-_ZERO_HDR = bytes(L.RING_SLOT_HEADER)
-ABANDONED = (1 << 64) - 1
+#: a Messenger's (waiting, responses): what a drain may match replies against in C
+Replies = tuple[dict[int, int], dict[int, Any]]
+#: which implementation this process uses ("c" or "python"), and whether a stale build was
+#: refused (partition/abi/impl.py decides; benchmarks and .ci/run report it)
+IMPLEMENTATION, STALE = impl.IMPLEMENTATION, impl.STALE
 
 
 def _now_ms() -> int:
-    """CLOCK_MONOTONIC in ms, low 32 bits: the clock _fastring.c's filters are kept in."""
+    """CLOCK_MONOTONIC in ms, low 32 bits: the clock _ring.c's filters are kept in."""
     return (time.monotonic_ns() // 1_000_000) & 0xFFFFFFFF
-
-MODES = {"interrupt": 0, "poll": 1, "hybrid": 2}
-
-# The hot paths in C (partition/abi/_fastring.c), when it was built and agrees with this file on the
-# layout; MK_PURE_RING=1 forces the pure-Python paths below, which stay the reference.
-try:
-    from partition.abi import _fastring as _fast  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - no compiler at install time
-    _fast = None
-if _fast is not None and (os.environ.get("MK_PURE_RING") == "1" or _fast.LAYOUT != {
-        "HEAD": HEAD, "TAIL": TAIL, "COUNTERS": COUNTERS, "POLLING": POLLING, "IDLE": IDLE,
-        "SIGNALED": SIGNALED, "FILTERS": FILTERS, "DROPPED_FILTERED": DROPPED_FILTERED,
-        "NFILTER": NFILTER, "FILTER_AFTER": FILTER_AFTER, "FILTER_MS": FILTER_MS,
-        "S_CPU": S_CPU, "S_TYPE": S_TYPE, "S_SENDER": S_SENDER,
-        "S_SIZE": S_SIZE, "S_TICKET": S_TICKET, "RING_HEADER_BYTES": L.RING_HEADER_BYTES,
-        "RING_SLOT_HEADER": L.RING_SLOT_HEADER}):
-    _fast = None
-
-def _stale(module: object) -> bool:
-    """Was the extension built from another version of _fastring.c than the one beside it? A
-    failed rebuild leaves the previous build in place (the extension is optional, so pip only
-    warns), and its layout may still match while its behaviour does not."""
-    src = os.path.join(os.path.dirname(__file__), "_fastring.c")
-    try:
-        with open(src, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-    except OSError:             # an install without sources: nothing to compare with
-        return False
-    return getattr(module, "SOURCE_SHA256", "") != digest
-
-
-STALE = _fast is not None and _stale(_fast)
-if STALE:
-    _fast = None
-#: a Messenger's (waiting, responses): what a drain may match replies against in C
-Replies = tuple[dict[int, int], dict[int, Any]]
-#: a Port's answer when the peer entry no longer names the incarnation it was made for
-REROUTE = _fast.REROUTE if _fast is not None else -3
-#: which implementation this process uses ("c" or "python"); benchmarks report it
-IMPLEMENTATION = "c" if _fast is not None else "python"
-
-
-class RingError(OSError):
-    """A send refused by the ring; ``errno`` is ENOSPC, EMSGSIZE or ESRCH."""
-
-    errno: int
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(code, message)
 
 
 class Ring:
@@ -255,13 +212,6 @@ class Ring:
         already rung since its last drain: one doorbell per drain, as Linux raises one IPI for
         a queue that was empty), DOORBELL_WAKE (it sleeps: ring its doorbell) or
         DOORBELL_SIGNAL (it is busy: interrupt it)."""
-        if _fast is not None:
-            cbuf, coff = counter if counter is not None else (None, 0)
-            rc = _fast.send(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
-                            sender_cpu, cbuf, coff, msg_type & 0xFFFFFFFF, data)
-            if rc > 0:
-                self.refuse(rc, len(data))
-            return -rc
         n = len(data)
         if n > self.slot_bytes or not n:
             self.refuse(errno.EMSGSIZE, n)
@@ -288,7 +238,7 @@ class Ring:
             cbuf, coff = counter
             _Q.pack_into(cbuf, coff, _Q.unpack_from(cbuf, coff)[0] + 1)
         _Q.pack_into(buf, off + S_SIZE, n)          # publish last
-        # the doorbell decision, as in _fastring.c: a full barrier first (an exchange on a
+        # the doorbell decision, as in _ring.c: a full barrier first (an exchange on a
         # word of its own), so that no flag is read before the publish is visible
         linux.exchange_u64(self.addr + FENCE, 0)
         if buf[POLLING]:
@@ -311,53 +261,18 @@ class Ring:
         ``signal_pidfd`` for a busy one; 0: always ``wake_fd``, the host's way; below 0: no
         signal), and a negative answer then means the doorbell could not be rung and is the
         caller's to ring."""
-        cbuf, coff = counter if counter is not None else (None, 0)
-        if _fast is not None and doorbell is None:
-            # (the C send does not ring: with the C ring, a sender that rings takes a Port)
-            return functools.partial(_fast.send, self.buf, self.nslots, self.stride,
-                                     self.slot_bytes, sender_id, sender_cpu, cbuf, coff)
-
-        def send(msg_type: int, data: bytes) -> int:
-            try:
-                door = self.send(sender_id, sender_cpu, msg_type, data, counter)
-            except RingError as exc:
-                return exc.errno
-            if door and doorbell is not None:
-                wake_fd, pidfd, signo = doorbell
-                try:
-                    if door == DOORBELL_WAKE or pidfd == 0:
-                        if wake_fd < 0:
-                            return -door
-                        if not linux.ring_doorbell(wake_fd):
-                            return -door
-                    elif pidfd > 0:         # a pidfd from the host: one process, for good
-                        try:
-                            signal.pidfd_send_signal(pidfd, signo)
-                        except ProcessLookupError:
-                            pass
-                    else:
-                        return -door
-                except OSError:
-                    return -door
-                return 0
-            return -door
-        return send
+        return Port(self, sender_id, sender_cpu, counter, doorbell or NO_DOORBELL, None)
 
     def port(self, sender_id: int, sender_cpu: int, counter: tuple[memoryview, int] | None,
              doorbell: tuple[int, int, int], entry: tuple[Any, int, int, int] | None) -> Any:
         """A ``_fastring.Port`` to this ring (``sender`` as one C object that also encodes the
-        message in place, see _fastring.c), or None without the C ring. ``entry`` = (peer
+        message in place, see _port.c), or None without the C ring. ``entry`` = (peer
         table, offset of the target's (state, pid), state, pid): each send checks it first
         and answers REROUTE instead of sending when it changed; None: no check."""
-        if _fast is None:
-            return None
-        cbuf, coff = counter if counter is not None else (None, 0)
-        peers, at, state, pid = entry if entry is not None else (None, 0, 0, 0)
-        return _fast.Port(self.buf, self.nslots, self.stride, self.slot_bytes, sender_id,
-                          sender_cpu, cbuf, coff, *doorbell, peers, at, state, pid)
+        return None
 
     def _held_by(self, sender_id: int, t: int, h: int) -> int:
-        """Slots in [t, h) claimed by ``sender_id`` (for the fair share, as _fastring.c)."""
+        """Slots in [t, h) claimed by ``sender_id`` (for the fair share, as _ring.c)."""
         mark = (sender_id + 1).to_bytes(4, "little")
         return sum(1 for k in range(t, h)
                    if self.buf[self._slot(k) + S_SENDER:self._slot(k) + S_SENDER + 4] == mark)
@@ -370,7 +285,7 @@ class Ring:
         raise RingError(errno.EMSGSIZE, f"message of {n} bytes does not fit a "
                                         f"{self.slot_bytes}-byte IPI slot")
 
-    # -- drop filters (see _fastring.c: a flood of junk is dropped at its sender) -----------
+    # -- drop filters (see _ring.c: a flood of junk is dropped at its sender) ---------------
     def _filter_entries(self) -> list[tuple[int, int, int, int, int]]:
         """(offset, sender + 1, type, until ms, hits) of each entry of the table, free ones
         (sender + 1 == 0) included."""
@@ -454,10 +369,8 @@ class Ring:
     def idle_enter(self) -> bool:
         """Announce "idle" (with a full barrier), then say whether a published message already
         waits: paired with the barrier in ``send``, no wake-up is lost before the sleep."""
-        if _fast is not None:
-            return _fast.idle_enter(self.buf, self.nslots, self.stride, self.slot_bytes)
         linux.exchange_u64(self.addr + IDLE, 1)      # IDLE's u32 and the unused one after it
-        linux.exchange_u64(self.addr + SIGNALED, 0)  # re-arm the doorbell (see _fastring.c)
+        linux.exchange_u64(self.addr + SIGNALED, 0)  # re-arm the doorbell (see _ring.c)
         return self.pending()
 
     def idle_leave(self) -> None:
@@ -468,9 +381,9 @@ class Ring:
         return bool(self.buf[IDLE])
 
     def spin(self, usec: float) -> bool:
-        """Busy-wait up to ``usec`` microseconds for a claimed slot (a poller's wait)."""
-        if _fast is not None:
-            return _fast.spin(self.buf, float(usec))
+        """Busy-wait up to ``usec`` microseconds for a claimed slot (the Python ring's poller
+        wait). Python only: with the C ring a poller spins inside ``poller()``, and a C spin of
+        its own had no caller outside the tests."""
         end = time.monotonic() + usec / 1e6
         buf, unpack = self.buf, _Q.unpack_from
         while unpack(buf, HEAD)[0] == unpack(buf, TAIL)[0]:
@@ -494,9 +407,7 @@ class Ring:
         ``f(usec, limit, handled, deliver, hush, replies)`` answers as _fastring.poll does (None,
         or drain's (delivered, more, consumed); with ``more`` the caller goes on with
         ``finish``). None without the C ring."""
-        if _fast is None:
-            return None
-        return functools.partial(_fast.poll, self.buf, self.nslots, self.stride, self.slot_bytes)
+        return None
 
     def finish(self, fast: tuple[int, int, int], limit: int, handled: bytes | bytearray | None,
                deliver: Callable[[int, int, int, bytes], bool],
@@ -516,15 +427,9 @@ class Ring:
         how many slots were consumed, dropped ones included. ``handled``: a bitmap of the types
         someone handles (bit t of byte t >> 3; types past its end count as handled), given when
         nothing else can be awaited; other types are dropped and counted, not handed up.
-        ``hush``: no doorbells while this drain consumes and delivers (see _fastring.c; the
+        ``hush``: no doorbells while this drain consumes and delivers (see _ring.c; the
         C path only: the Python ring rings as usual). ``replies`` = (waiting, responses), the
         Messenger's: the C path matches responses itself, as ``deliver`` would."""
-        if _fast is not None:
-            # C consumed, counted and delivered the well-formed prefix; it says when there is
-            # more, and the careful path takes over from there
-            return self._rest(_fast.drain(self.buf, self.nslots, self.stride, self.slot_bytes,
-                                          limit, handled, deliver, hush, replies),
-                              limit, abandon_after, handled, deliver)
         linux.exchange_u64(self.addr + SIGNALED, 0)     # as the C drain does first
         return self._careful(limit, abandon_after, handled, deliver)
 
@@ -536,12 +441,6 @@ class Ring:
         on the doorbell (unless a message already waits) up to ``timeout`` seconds, leave
         idle, drain as ``drain`` does. None: the wait timed out, nothing was taken. The
         doorbell must be non-blocking: an instance's own end (linux.doorbell), or an eventfd."""
-        if _fast is not None:
-            got = _fast.halt(self.buf, self.nslots, self.stride, self.slot_bytes, doorbell_fd,
-                             float(timeout), limit, handled, deliver, hush, replies)
-            if got is None:
-                return None
-            return self._rest(got, limit, abandon_after, handled, deliver)
         linux.doorbell_clear(doorbell_fd)
         rung = self.idle_enter()
         try:
@@ -625,7 +524,7 @@ class Ring:
             except Exception as exc:      # the rest first; a BaseException goes at once
                 failure = failure or exc
         if per_kind or any(tag for _, tag, _, _, _ in self._filter_entries()):
-            now = _now_ms()             # as _fastring.c: review, then add
+            now = _now_ms()             # as _ring.c: review, then add
             self._review_filters(now)
             for (tag, mtype), n in per_kind.items():
                 if self._tally(tag, mtype, n, now):
@@ -654,3 +553,19 @@ class Ring:
                 n += 1
         return n
 
+
+# -- the selector: Ring's hot paths bound once, to the C half or to the reference above -------
+_REFERENCE = {name: Ring.__dict__[name] for name in ring_c.PATHS}
+
+
+def use(fast: ModuleType | None) -> str:
+    """Bind Ring's hot paths (ring_c.PATHS) to the C extension ``fast`` (impl.FAST) or, for
+    None, to the reference methods above; every Ring, made before or after, takes them. Done
+    once at import; the tests call it to drive both. Returns the implementation now bound."""
+    ring_c.fast = fast
+    for name in ring_c.PATHS:
+        setattr(Ring, name, ring_c.PATHS[name] if fast is not None else _REFERENCE[name])
+    return "c" if fast is not None else "python"
+
+
+use(impl.FAST)

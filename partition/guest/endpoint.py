@@ -390,7 +390,7 @@ class Endpoint:
         return to, sent + more
 
     def drain_state(self) -> tuple[Any, ...]:
-        """What a C drain needs to match replies and dispatch messages itself (_fastring.c,
+        """What a C drain needs to match replies and dispatch messages itself (_port.c,
         take_reply and dispatch): the Messenger's waiting, responses and handlers, the Ports,
         and the slow path for an answer a Port could not send."""
         m = self.messenger
