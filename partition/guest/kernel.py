@@ -197,7 +197,7 @@ class Kernel:
                 raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
             warnings.warn(f"Kernel.{name} is deprecated: use {where}", DeprecationWarning,
                           stacklevel=2)
-            value = services.internal(name) if name in INTERNALS else getattr(services, name)
+            value = services._internal(name) if name in INTERNALS else getattr(services, name)
             if name in STABLE or name in INTERNALS:
                 self.__dict__[name] = value     # warned once; from now on a plain attribute
             return value

@@ -199,7 +199,7 @@ class KernelServices:
             return view
         return None
 
-    def internal(self, name: str) -> Any:
+    def _internal(self, name: str) -> Any:
         """A runtime internal by its old name on ``Kernel`` (``ctx``, ``endpoint``, ...): for
         the old spellings' shim only (kernel.py), never part of the services."""
         rt = self._rt
