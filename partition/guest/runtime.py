@@ -70,6 +70,9 @@ class KernelRuntime:
         self.ring.set_mode(mode)
         self.ring.set_polling(mode != "interrupt")
         self._poller = self.ring.poller()       # poll and hybrid: spin and drain, one C call
+        self._wait_ipi: Callable[[float], int] = {
+            "poll": self._wait_poll, "hybrid": self._wait_hybrid, "interrupt": self._wait_halt,
+        }[mode]
         msgr.wait = self._wait_ipi              # bound once: every request passes it
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
@@ -145,47 +148,51 @@ class KernelRuntime:
             self.poll_ipis()
         linux.ring_doorbell(self.ctx.doorbell_fd)
 
-    def _wait_ipi(self, timeout: float) -> int:
-        """Wait for messages and deliver them; returns how many slots it consumed (0: none
-        came). Callers have just drained, and each branch looks at the ring before it waits
-        (spin returns at once on a claimed slot, halt on a published one), so there is no
-        drain up front.
+    # The waits: each waits for messages and delivers them, and returns how many slots it
+    # consumed (0: none came); ``_wait_ipi`` is the mode's, chosen once at construction (the
+    # mode does not change in a run). Callers have just drained, and each wait looks at the
+    # ring before it waits (spin returns at once on a claimed slot, halt on a published one),
+    # so there is no drain up front. A handler may wait too (a request from inside a
+    # handler): then the wait drains on from inside the outer drain, in ring order, and other
+    # handlers may run meanwhile, as they would on a kernel that takes interrupts while one
+    # of its handlers sleeps. Only the IPI signal's own drain stays out of a drain
+    # (``_in_drain``).
 
-        A handler may wait too (a request from inside a handler): then this drains on from
-        inside the outer drain, in ring order, and other handlers may run meanwhile, as they
-        would on a kernel that takes interrupts while one of its handlers sleeps. Only the
-        IPI signal's own drain stays out of a drain (``_in_drain``)."""
-        if self.mode == "poll":
-            # spin on the ring's head, bounded so that the caller's loop (deadlines, halting,
-            # heartbeats) still comes round at least every 50 us; then drain, in the same call.
-            # _spin_take's C case inlined: this is every poll-mode request's wait
-            poller = self._poller
-            if poller is None:
-                return self._spin_take(min(50.0, timeout * 1e6)) or 0
-            outer = self._in_drain
-            self._in_drain = True
-            try:
-                msgr = self.messenger
-                handled = None if msgr.waiting else msgr.handled
-                got = poller(min(50.0, timeout * 1e6), 64, handled, self._deliver, True,
-                             self._replies)
-                if got is None or not got[1]:
-                    return got[2] if got else 0
-                return self.ring.finish(got, 64, handled, self._deliver)
-            finally:
-                self._in_drain = outer
-        if self.mode == "hybrid":
-            took = self._spin_take(self.kernel.spin_us)
-            if took is not None:
-                return took
-            self.ring.set_polling(False)
-            try:
-                rung = self.ring.pending() or self.idle(min(timeout, self._idle_s()))
-            finally:
-                self.ring.set_polling(True)
-            return self._take() if rung else 0
-        # the emulated HLT and the drain after it in one call (Ring.halt): between a wake-up
-        # and the work it brings there is no Python but the handlers' own
+    def _wait_poll(self, timeout: float) -> int:
+        """Poll mode: spin on the ring's head, bounded so that the caller's loop (deadlines,
+        halting, heartbeats) still comes round at least every 50 us; then drain, in the same
+        call. _spin_take's C case inlined: this is every poll-mode request's wait."""
+        poller = self._poller
+        if poller is None:
+            return self._spin_take(min(50.0, timeout * 1e6)) or 0
+        outer = self._in_drain
+        self._in_drain = True
+        try:
+            msgr = self.messenger
+            handled = None if msgr.waiting else msgr.handled
+            got = poller(min(50.0, timeout * 1e6), 64, handled, self._deliver, True,
+                         self._replies)
+            if got is None or not got[1]:
+                return got[2] if got else 0
+            return self.ring.finish(got, 64, handled, self._deliver)
+        finally:
+            self._in_drain = outer
+
+    def _wait_hybrid(self, timeout: float) -> int:
+        """Hybrid mode: spin ``spin_us``, then block on the doorbell as interrupt mode does."""
+        took = self._spin_take(self.kernel.spin_us)
+        if took is not None:
+            return took
+        self.ring.set_polling(False)
+        try:
+            rung = self.ring.pending() or self.idle(min(timeout, self._idle_s()))
+        finally:
+            self.ring.set_polling(True)
+        return self._take() if rung else 0
+
+    def _wait_halt(self, timeout: float) -> int:
+        """Interrupt mode: the emulated HLT and the drain after it in one call (Ring.halt):
+        between a wake-up and the work it brings there is no Python but the handlers' own."""
         outer = self._in_drain
         self._in_drain = True
         try:
@@ -283,6 +290,7 @@ class KernelRuntime:
         hb = kernel.heartbeat_interval
         peers, force_at = self._peers, self._force_halt_at
         probes = self.probes
+        wait_ipi = self._wait_ipi
         laps = 0                    # iterations not yet added to the progress count
         chores_at = 0.0
         drained = False
@@ -305,12 +313,12 @@ class KernelRuntime:
                 busy = agent.step() or busy
                 if busy or got:
                     continue
-                drained = 0 < self._wait_ipi(agent.wait_hint(self._idle_s())) < 64
+                drained = 0 < wait_ipi(agent.wait_hint(self._idle_s())) < 64
                 continue
             if busy or got:
                 continue
             wait = kernel.idle_timeout      # (read each lap: a tick may change it)
-            drained = 0 < self._wait_ipi(TICKLESS_S if wait is None else wait) < 64
+            drained = 0 < wait_ipi(TICKLESS_S if wait is None else wait) < 64
         # (the laps since the last bookkeeping are not added: the loop is over, and the count
         # stays what it was last seen as, whatever the kernel wrote there)
 
