@@ -187,17 +187,14 @@ class Kernel:
             """``self.printk`` and the rest of the services' old spellings, with a
             DeprecationWarning; only called for a name the object and its class lack."""
             services = self.__dict__.get("os")
-            if services is None or name.startswith("__"):
+            internal = name in INTERNALS
+            if services is None or not (internal or name in STABLE or name in CHANGING):
                 raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-            if name in STABLE or name in CHANGING:
-                where, value = f"self.os.{name}", None
-            elif name in INTERNALS:
-                where, value = "nothing: a runtime internal, not the kernel API", None
-            else:
-                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-            warnings.warn(f"Kernel.{name} is deprecated: use {where}", DeprecationWarning,
+            instead = "nothing: a runtime internal, not the kernel API" if internal else \
+                f"self.os.{name}"
+            warnings.warn(f"Kernel.{name} is deprecated: use {instead}", DeprecationWarning,
                           stacklevel=2)
-            value = services._internal(name) if name in INTERNALS else getattr(services, name)
-            if name in STABLE or name in INTERNALS:
+            value = services._internal(name) if internal else getattr(services, name)
+            if name not in CHANGING:
                 self.__dict__[name] = value     # warned once; from now on a plain attribute
             return value
