@@ -22,36 +22,36 @@ HEADER = struct.Struct("<8sQQ")
 
 class CounterKernel(Kernel):
     def boot(self) -> None:
-        p = self.params
+        p = self.os.params
         self.interval = float(p.get("interval", "0.01"))
         self.report = max(1, int(p.get("report", "100")))
         self.panic_at = int(p["panic_at"]) if "panic_at" in p else None
-        magic, count, boots = HEADER.unpack_from(self.memory, 0)
+        magic, count, boots = HEADER.unpack_from(self.os.memory, 0)
         if magic != MAGIC:
             count, boots = 0, 0
         boots += 1
-        HEADER.pack_into(self.memory, 0, MAGIC, count, boots)
+        HEADER.pack_into(self.os.memory, 0, MAGIC, count, boots)
         self.idle_timeout = self.interval
         self.next_at = time.monotonic()
-        self.printk(f"counter kernel: boot {boots}, resuming at count {count}")
+        self.os.printk(f"counter kernel: boot {boots}, resuming at count {count}")
 
     def tick(self) -> bool:
         now = time.monotonic()
         if now < self.next_at:
             return False          # idle until the next increment is due
         self.next_at = now + self.interval
-        magic, count, boots = HEADER.unpack_from(self.memory, 0)
+        magic, count, boots = HEADER.unpack_from(self.os.memory, 0)
         count += 1
-        HEADER.pack_into(self.memory, 0, MAGIC, count, boots)
+        HEADER.pack_into(self.os.memory, 0, MAGIC, count, boots)
         if count % self.report == 0:
-            self.printk(f"count={count}")
+            self.os.printk(f"count={count}")
         if self.panic_at is not None and count >= self.panic_at:
-            self.panic(f"count reached panic_at={self.panic_at}")
+            self.os.panic(f"count reached panic_at={self.panic_at}")
         return False
 
     def shutdown(self) -> None:
-        _, count, _ = HEADER.unpack_from(self.memory, 0)
-        self.printk(f"counter kernel: halting at count {count}")
+        _, count, _ = HEADER.unpack_from(self.os.memory, 0)
+        self.os.printk(f"counter kernel: halting at count {count}")
 
 
 def read_count(raw: bytes) -> int:

@@ -13,8 +13,9 @@ class IdleKernel(Kernel):
     idle_timeout = None
 
     def boot(self) -> None:
-        self.printk(f"idle kernel up on CPUs {self.cpus} (physical {self.physical_cpus}), "
-                    f"{len(self.memory)} bytes at 0x{self.ctx.memory_base:x}")
+        os = self.os
+        os.printk(f"idle kernel up on CPUs {os.cpus} (physical {os.physical_cpus}), "
+                  f"{len(os.memory)} bytes at 0x{os.memory_base:x}")
 
     def shutdown(self) -> None:
-        self.printk("idle kernel: shutdown requested, parking")
+        self.os.printk("idle kernel: shutdown requested, parking")

@@ -32,22 +32,22 @@ class Service(Kernel):
     version = 1
 
     def boot(self) -> None:
-        kept = self.kho_restore("state")
+        kept = self.os.kho_restore("state")
         self.answered = 0
         if kept is not None:
             magic, answered = STATE.unpack_from(kept, 0)
             if magic == MAGIC:
                 self.answered = answered
-        self.register_handler(PING, self._ping)
+        self.os.register_handler(PING, self._ping)
 
     def _ping(self, msg: Message) -> object:
         self.answered += 1
         return msg.payload
 
     def shutdown(self) -> None:
-        STATE.pack_into(self.memory, 0, MAGIC, self.answered)
-        if self.handing_over:
-            self.kho_preserve("state", 0, 4096)
+        STATE.pack_into(self.os.memory, 0, MAGIC, self.answered)
+        if self.os.handing_over:
+            self.os.kho_preserve("state", 0, 4096)
 
     def tick(self) -> bool:
         return False
@@ -61,31 +61,31 @@ class Pinger(Kernel):
     heartbeat_interval = None
 
     def boot(self) -> None:
-        self.peer = int(self.params["peer"])
-        self.interval = float(self.params.get("interval", "0.001"))
+        self.peer = int(self.os.params["peer"])
+        self.interval = float(self.os.params.get("interval", "0.001"))
         self.idle_timeout = self.interval
         self.asked = self.answered = self.lost = self.wrong = self.times = 0
         self.due = time.monotonic()
 
     def tick(self) -> bool:
         now = time.monotonic()
-        if now < self.due or self.halting:
+        if now < self.due or self.os.halting:
             return False
         self.due = now + self.interval
         self.asked += 1
         try:
-            got = self.request(self.peer, PING, self.asked, timeout=1.0)
+            got = self.os.request(self.peer, PING, self.asked, timeout=1.0)
         except RingError:
             self.lost += 1
         else:
             if got == self.asked:
                 self.answered += 1
                 if self.times < MAX_TIMES:
-                    struct.pack_into("<Q", self.memory, TIMES_AT + 8 * self.times,
+                    struct.pack_into("<Q", self.os.memory, TIMES_AT + 8 * self.times,
                                      time.monotonic_ns())
                     self.times += 1
             else:
                 self.wrong += 1
-        COUNTS.pack_into(self.memory, 0, self.asked, self.answered, self.lost, self.wrong,
+        COUNTS.pack_into(self.os.memory, 0, self.asked, self.answered, self.lost, self.wrong,
                          self.times)
         return True

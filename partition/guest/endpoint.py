@@ -79,6 +79,10 @@ Handler = Callable[[Message], Any]
 FIRST_WAIT_S = 0.0005
 
 
+def _no_wait(timeout: float) -> object:
+    raise AssertionError("a Messenger whose owner set no wait must be given one per request")
+
+
 def _no_port(*args: Any) -> int:
     raise AssertionError("a Messenger without Ports has no Port answer to settle")
 
@@ -114,6 +118,9 @@ class Messenger:
         self.responses: dict[int, Message] = {}
         #: ids of the requests in flight -> the instance each was sent to (-1: not sent yet)
         self.waiting: dict[int, int] = {}
+        #: how ``request`` waits when its caller names no way: deliver what comes meanwhile
+        #: for up to the seconds given (a kernel's runtime sets its own; see runtime.py)
+        self.wait: Callable[[float], object] = _no_wait
 
     def register(self, msg_type: int, handler: Handler) -> None:
         if msg_type in self.handlers:
@@ -150,13 +157,16 @@ class Messenger:
         self.last_target, sent = self._post_many(target, msg_type, first, payloads)
         return sent
 
-    def request(self, target: int, msg_type: int, payload: Any, timeout: float,
-                wait: Callable[[float], object]) -> Any:
+    def request(self, target: int, msg_type: int, payload: Any = None, timeout: float = 10.0,
+                wait: Callable[[float], object] | None = None) -> Any:
         """Send a request and wait for its response. Nothing but the request's id comes
         before the send (a round trip is timed from the call), and nothing but the first wait
         (at most FIRST_WAIT_S) after it: in poll mode the answer is usually there after it;
         the clock, the deadline (``timeout`` from then) and the 2 ms liveness look come only
-        when it is not."""
+        when it is not. ``wait`` defaults to the endpoint's own (``self.wait``): a kernel's
+        ``self.os.request`` is this method itself, bound once, without a frame before it."""
+        if wait is None:
+            wait = self.wait
         mid = self._request_id(63) | 1
         waiting, responses = self.waiting, self.responses
         waiting[mid] = -1         # before sending: the answer may come in an interrupt at once

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from partition.abi.message import MK_EMU_STORM
 from partition.abi.ring import RingError
 
 if TYPE_CHECKING:
-    from partition.guest.kernel import Kernel
+    from partition.guest.services import KernelServices
 
 
-def carry_out(kernel: Kernel, kind: str, options: dict[str, Any]) -> None:
-    """Run inside the faulting kernel (from its message handler)."""
+def carry_out(kernel: KernelServices, progress: Callable[[], None], kind: str,
+              options: dict[str, Any]) -> None:
+    """Run inside the faulting kernel (from its message handler), by its services;
+    ``progress`` adds a lap to the loop's progress count."""
     kernel.printk(f"fault injected: {kind} {options or ''}".rstrip())
     if kind == "panic":
         kernel.panic("injected panic")
@@ -40,7 +43,7 @@ def carry_out(kernel: Kernel, kind: str, options: dict[str, Any]) -> None:
     elif kind == "cpu-hog":
         end = time.monotonic() + float(options.get("seconds", 1.0))
         while time.monotonic() < end:
-            kernel._progress()   # busy, but alive: a noisy neighbour, not a hang
+            progress()   # busy, but alive: a noisy neighbour, not a hang
     elif kind == "mem-hog":
         hog = []
         limit = int(options.get("bytes", 1 << 40))

@@ -2,7 +2,7 @@
 
 A scenario's ``[[probe]]`` asks for continuous traffic from one endpoint to another while faults
 happen: round trips (``ping``) or one-way messages (``stream``). Researchers should not have to
-write that into each kernel, so the base ``Kernel`` carries an agent, as a real kernel carries
+write that into each kernel, so every kernel's runtime carries an agent, as a real kernel carries
 its tracing hooks: the host starts a probe with a message, the agent runs it from the kernel's
 main loop, and any kernel answers pings and counts stream messages. Samples go back to the host
 in batches, so the figures are the instance's own clock readings (CLOCK_MONOTONIC is one clock
@@ -57,7 +57,6 @@ from partition.abi.ring import RingError
 
 if TYPE_CHECKING:
     from partition.guest.endpoint import Messenger
-    from partition.guest.kernel import Kernel
 
 KINDS = ("ping", "stream")
 BATCH_SAMPLES = 256              # 3 KB of samples: one report fits one 4096-byte slot
@@ -318,10 +317,13 @@ class ProbeHandlers:
     """The probe messages every kernel answers, registered on its messenger at construction:
     pings are echoed, stream data counted, and the agent is made by the first START."""
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    def __init__(self, messenger: Messenger, send: Callable[..., Any],
+                 verify: Callable[[Message], Any]) -> None:
+        self._messenger = messenger
+        self._send = send
+        self._verify = verify       # a host command's body, or NOT_FROM_HOST (commands.py)
         self.agent: ProbeAgent | None = None
-        reg = kernel.messenger.register
+        reg = messenger.register
         reg(MK_EMU_PROBE_START, self._on_start)
         reg(MK_EMU_PROBE_PING, lambda msg: msg.payload)
         reg(MK_EMU_PROBE_DATA, self._on_data)
@@ -329,12 +331,11 @@ class ProbeHandlers:
 
     def _agent(self) -> ProbeAgent:
         if self.agent is None:
-            k = self.kernel
-            self.agent = ProbeAgent(k.messenger, k.send, reporter(k.send))
+            self.agent = ProbeAgent(self._messenger, self._send, reporter(self._send))
         return self.agent
 
     def _on_start(self, msg: Message) -> Any:
-        body = self.kernel.host_command(msg)
+        body = self._verify(msg)
         if body is NOT_FROM_HOST:
             return {"error": "a probe is started by the host only"}
         try:
@@ -350,7 +351,7 @@ class ProbeHandlers:
             self._agent().on_data(p[0])
 
     def _on_flush(self, msg: Message) -> Any:
-        if self.kernel.host_command(msg) is NOT_FROM_HOST:
+        if self._verify(msg) is NOT_FROM_HOST:
             return {"error": "a flush comes from the host only"}
         if self.agent is not None:
             self.agent.flush()

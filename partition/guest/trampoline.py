@@ -47,6 +47,7 @@ from partition.guest.containment import contain
 from partition.guest.kernel import KernelContext, KernelPanic, heap_of, parse_cmdline
 from partition.guest.loader import resolve
 from partition.guest.mappings import InstanceMappings
+from partition.guest.runtime import KernelRuntime
 
 
 @dataclass
@@ -180,7 +181,7 @@ def enter(boot: BootParams) -> NoReturn:
     code = EXIT_TRAMPOLINE
     slot: OwnPage | None = None
     console: ConsoleWriter | None = None
-    kernel = None
+    runtime: KernelRuntime | None = None
     report_fd = boot.report_fd
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, IPI_SIGNAL})
@@ -251,12 +252,12 @@ def enter(boot: BootParams) -> NoReturn:
             table=memoryview(maps.table),
         )
         code = EXIT_PANIC                      # from here on, any escape is a kernel panic
-        kernel = kernel_cls(ctx)
-        # install the kernel's handlers, then let pending halt requests and IPIs in
-        signal.signal(signal.SIGTERM, kernel._on_halt_request)
-        signal.signal(IPI_SIGNAL, kernel._on_ipi)
+        runtime = KernelRuntime(kernel_cls, ctx)   # (guest/runtime.py: it makes the kernel)
+        # install the runtime's handlers, then let pending halt requests and IPIs in
+        signal.signal(signal.SIGTERM, runtime.on_halt_request)
+        signal.signal(IPI_SIGNAL, runtime.on_ipi)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, IPI_SIGNAL})
-        reason = kernel._main()
+        reason = runtime.main()
         slot.reason = reason
         code = EXIT_HALTED
     except KernelPanic as exc:
@@ -264,8 +265,8 @@ def enter(boot: BootParams) -> NoReturn:
             console.printk(f"Kernel panic - not syncing: {exc.reason}")
         if slot is not None:
             slot.reason = f"panic: {exc.reason}"
-        if kernel is not None:
-            kernel._tell_halted(f"panic: {exc.reason}")
+        if runtime is not None:
+            runtime.tell_halted(f"panic: {exc.reason}")
         code = EXIT_PANIC
     except BaseException as exc:
         what = "panic" if code == EXIT_PANIC else "trampoline"
@@ -277,7 +278,7 @@ def enter(boot: BootParams) -> NoReturn:
             console.printk(f"Kernel panic - not syncing: {type(exc).__name__}: {exc}")
         if slot is not None:
             slot.reason = f"{what}: {type(exc).__name__}: {exc}"
-        if kernel is not None:
-            kernel._tell_halted(f"{what}: {type(exc).__name__}: {exc}")
+        if runtime is not None:
+            runtime.tell_halted(f"{what}: {type(exc).__name__}: {exc}")
     finally:
         os._exit(code)
