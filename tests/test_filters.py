@@ -225,7 +225,8 @@ def test_userland_filter_decisions():
         assert (decide(prog, nr["socket"], (family, 1, 0)) == RET_ALLOW) == ok, family
     assert decide(prog, nr["socket"], (2, 3, 1)) == eperm                 # SOCK_RAW
     assert decide(prog, nr["socket"], (2, 1 | 0x80000, 0)) == RET_ALLOW   # SOCK_CLOEXEC
-    assert decide(prog, nr["socket"], (16, 3, 0)) == eperm                # netlink raw type
+    assert decide(prog, nr["socket"], (10, 3, 58)) == eperm               # raw ICMPv6
+    assert decide(prog, nr["socket"], (16, 3, 0)) == RET_ALLOW            # ip(8)'s netlink
     assert decide(prog, nr["socket"], (16, 2, 9)) == eperm                # netlink audit
     assert decide(prog, nr["socket"], (16, 2, 0)) == RET_ALLOW            # netlink route
     assert decide(prog, nr["clone"], (0x01200011,)) == RET_ALLOW          # fork's flags

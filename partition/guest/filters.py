@@ -94,6 +94,7 @@ NAMESPACE_FLAGS = (0x80, 0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000
 #: socket families a userland may open: AF_UNIX, AF_INET, AF_INET6, AF_NETLINK (route only)
 SOCKET_FAMILIES = (1, 2, 10, 16)
 AF_NETLINK, NETLINK_ROUTE = 16, 0
+INET_FAMILIES = (2, 10)
 SOCK_TYPE_MASK, SOCK_RAW, SOCK_PACKET = 0xF, 3, 10
 #: real-time policies: SCHED_FIFO, SCHED_RR, SCHED_DEADLINE (SCHED_RESET_ON_FORK masked off)
 REALTIME_POLICIES = (1, 2, 6)
@@ -192,8 +193,10 @@ def userland_filter() -> sc.SyscallFilter:
     _rule(f, sc.ERRNO(errno.ENOSYS), "clone3")        # its flags sit in memory: libc falls back
     for cmp in _outside(0, SOCKET_FAMILIES):
         _rule(f, no, "socket", cmp)
-    for kind in (SOCK_RAW, SOCK_PACKET):
-        _rule(f, no, "socket", sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, kind))
+    for family in INET_FAMILIES:                     # raw IP: crafted packets (netlink's
+        for kind in (SOCK_RAW, SOCK_PACKET):         # SOCK_RAW is only its datagram kind)
+            _rule(f, no, "socket", sc.Arg(0, sc.EQ, family),
+                  sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, kind))
     _rule(f, no, "socket", sc.Arg(0, sc.EQ, AF_NETLINK), sc.Arg(2, sc.NE, NETLINK_ROUTE))
     for policy in REALTIME_POLICIES:
         _rule(f, no, "sched_setscheduler", sc.Arg(1, sc.MASKED_EQ, _POLICY_MASK, policy))
