@@ -79,6 +79,9 @@ class Identity:
     hide: list[str] = field(default_factory=list)   # host directories covered by an empty tmpfs
     console: str | None = None                 # a tty or fifo bound on /dev/console
     tmp_size: int = TMP_SIZE
+    #: the instance's kernel: the userland is refused if it left the cgroups before the init
+    #: joined them (a panic between the host's answer and the join: its kill already ran)
+    kernel_pid: int | None = None
 
 
 def check(identity: Identity) -> None:
@@ -173,10 +176,18 @@ def _tell(fd: int, exc: BaseException, program: str = "") -> None:
 
 
 def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int) -> None:
-    """The caller-side child: dies with the caller, makes the PID namespace, relays."""
+    """The caller-side child: dies with the caller, joins the instance's cgroups (so that it,
+    the init and every program are killed with the instance), makes the PID namespace,
+    relays."""
     linux.set_parent_death_signal(signal.SIGKILL)
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
+    # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
+    join_cgroups(identity.cgroup_procs)
+    if identity.kernel_pid is not None and not _member(identity.kernel_pid,
+                                                       identity.cgroup_procs):
+        raise ProcessLookupError(f"instance {identity.name!r} halted while the command was "
+                                 "being set up")
     linux.unshare(CLONE_NEWPID)
     init = os.fork()
     if init == 0:
@@ -202,7 +213,6 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     reap until it exits."""
     linux.set_parent_death_signal(signal.SIGKILL)
     setproctitle.setproctitle(f"mk-init [{identity.name}]")
-    join_cgroups(identity.cgroup_procs)
     if identity.cpus:
         os.sched_setaffinity(0, identity.cpus)
     linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
@@ -233,6 +243,17 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
             code, done = _exit_code(status), True
     _kill_all()
     os._exit(code)
+
+
+def _member(pid: int, procs: list[str]) -> bool:
+    for path in procs:
+        try:
+            with open(path) as f:
+                if str(pid) in f.read().split():
+                    return True
+        except OSError:
+            pass
+    return not procs
 
 
 def _kill_all() -> None:
