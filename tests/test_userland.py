@@ -149,6 +149,18 @@ def test_told_to_stop_the_userland_dies_whole():
             started.wait()
 
 
+def test_the_console_is_the_callers_terminal():
+    master, slave = os.openpty()
+    try:
+        status, why, _ = run(bare(console=os.ttyname(slave)),
+                             ["/bin/sh", "-c", "echo to the console > /dev/console"])
+        assert status == 0, why
+        assert os.read(master, 100).replace(b"\r", b"") == b"to the console\n"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def _mini_rootfs(root) -> None:
     """A root holding dash and cat with their libraries, and a marker."""
     for d in ("bin", "etc", "proc", "dev", "tmp", "run"):

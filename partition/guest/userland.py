@@ -148,11 +148,12 @@ def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None
     if not argv:
         raise ValueError("no program to run")
     r, w = os.pipe2(os.O_CLOEXEC)
+    caller = os.getpid()
     relay = os.fork()
     if relay == 0:
         try:
             os.close(r)
-            _relay(identity, argv, env, w)
+            _relay(identity, argv, env, w, caller)
         except BaseException as exc:                  # report, then die
             _tell(w, exc)
         os._exit(EXIT_CANNOT_START)
@@ -175,11 +176,14 @@ def _tell(fd: int, exc: BaseException, program: str = "") -> None:
         pass
 
 
-def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int) -> None:
+def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
+           caller: int) -> None:
     """The caller-side child: dies with the caller, joins the instance's cgroups (so that it,
     the init and every program are killed with the instance), makes the PID namespace,
     relays."""
     linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != caller:                        # it died before the line above
+        os._exit(128 + signal.SIGKILL)
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
@@ -280,6 +284,8 @@ def _exec(argv: list[str], env: dict[str, str] | None) -> None:
 
 
 def _mounts(identity: Identity) -> None:
+    # the console is a host path: held before the root and /dev change under it
+    console = None if identity.console is None else os.open(identity.console, os.O_PATH)
     linux.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if identity.rootfs is not None:
         _pivot(identity.rootfs)
@@ -292,7 +298,9 @@ def _mounts(identity: Identity) -> None:
     if os.path.isdir("/proc"):
         linux.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     if os.path.isdir("/dev"):
-        _devices(identity)
+        _devices(identity, console)
+    if console is not None:
+        os.close(console)
     for path, mode in SCRATCH.items():
         if os.path.isdir(path) and not os.path.islink(path):
             linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
@@ -313,7 +321,7 @@ def _pivot(rootfs: str) -> None:
     os.chdir("/")
 
 
-def _devices(identity: Identity) -> None:
+def _devices(identity: Identity, console: int | None) -> None:
     linux.mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
     for name, (major, minor) in DEVICES.items():
         os.mknod(f"/dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
@@ -321,9 +329,9 @@ def _devices(identity: Identity) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"/dev/{name}")
-    if identity.console is not None:
+    if console is not None:                      # through the fresh /proc: our own fd
         os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY, 0o600))
-        linux.mount(identity.console, "/dev/console", None, MS_BIND)
+        linux.mount(f"/proc/self/fd/{console}", "/dev/console", None, MS_BIND)
     else:                                        # nothing to wire it to yet: a sink
         os.mknod("/dev/console", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     os.mkdir("/dev/shm", 0o1777)
