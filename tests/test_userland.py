@@ -220,14 +220,16 @@ def test_exec_runs_a_shell_pipeline_and_a_server_with_its_client(running):
     assert (r.returncode, r.stdout.strip()) == (0, "cba"), r.stderr
 
 
-def test_a_panic_leaves_no_process_of_an_exec_behind(running):
+@pytest.mark.parametrize("end", [("fault", "a", "panic"), ("fault", "a", "kill"), ("kill", "a")],
+                         ids=["panic", "kill-fault", "halt"])
+def test_the_instance_ending_leaves_no_process_of_an_exec_behind(running, end):
     shell = subprocess.Popen(MKCTL + ["exec", "--run-dir", running, "a", "--", "/bin/sh", "-c",
                                       "sleep 304 & sleep 304 & wait"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         sleeps = until(lambda: (p := host_pids(b"sleep\x00304\x00")) and len(p) == 2 and p,
                        what="the exec's two sleeps")
-        assert mk(running, "fault", "a", "panic").returncode == 0
+        assert mk(running, *end).returncode == 0
         assert shell.wait(timeout=30) == 128 + signal.SIGKILL     # killed with its instance
         until(lambda: not any(os.path.exists(f"/proc/{p}") for p in sleeps),
               what="every process of the userland gone")
