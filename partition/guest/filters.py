@@ -27,13 +27,38 @@ refuses more (a pid with a high half the kernel would ignore).
 
 from __future__ import annotations
 
+import ctypes.util
 import errno
+import importlib
 import itertools
 import tempfile
-
-import pyseccomp as sc  # type: ignore[import-untyped]
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from partition.abi.constants import IPI_SIGNAL
+
+#: the libraries pyseccomp looks up at import, by soname: its ``find_library`` would run
+#: ``ldconfig -p`` in a child twice on every import of the emulator (every mkctl call, the host,
+#: the zygote), as partition/linux.py's libc lookup avoids too
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> ModuleType:
+    real = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: _SONAMES.get(name) or real(name)
+    try:
+        return importlib.import_module("pyseccomp")
+    except OSError:                                  # not under those sonames: look them up
+        ctypes.util.find_library = real
+        return importlib.import_module("pyseccomp")
+    finally:
+        ctypes.util.find_library = real
+
+
+if TYPE_CHECKING:
+    import pyseccomp as sc  # type: ignore[import-untyped]
+else:
+    sc = _import_pyseccomp()
 
 #: what a kernel process is killed for (SIGSYS): what no instance of the real machine can do
 KERNEL_FORBIDDEN = (
