@@ -225,7 +225,6 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     _loopback_up()
     drop_privileges()
     filters.install(filters.userland_filter())
-    done = False
 
     def stop(sig: int, _frame: object) -> None:
         _kill_all()
@@ -240,13 +239,12 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
             _tell(why, exc, argv[0])
         os._exit(EXIT_CANNOT_START)
     os.close(why)
-    code = EXIT_CANNOT_START
-    while not done:
+    while True:
         pid, status = os.wait()                       # the program, or an orphan it left
         if pid == main:
-            code, done = _exit_code(status), True
+            break
     _kill_all()
-    os._exit(code)
+    os._exit(_exit_code(status))
 
 
 def _member(pid: int, procs: list[str]) -> bool:
