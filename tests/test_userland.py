@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from partition.bench import userland as bench
 from partition.errors import ProcessLimitZero, RootfsMissing
 from partition.guest import userland
 
@@ -159,6 +160,13 @@ def test_the_console_is_the_callers_terminal():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_the_fork_exec_bench_runs_both_loops():
+    """The figures are the bench's to judge (noise here); this holds that both loops run and
+    that the userland's one really ran inside (its output came through the pipe)."""
+    r = bench.compare(bare("bench"), n=20, rounds=1)
+    assert r["host_per_s"] > 0 and r["userland_per_s"] > 0 and r["ratio"] > 0
 
 
 def _mini_rootfs(root) -> None:

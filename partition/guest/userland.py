@@ -140,10 +140,11 @@ class Userland:
         return self.status
 
 
-def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None) -> Userland:
+def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None,
+          stdout: int | None = None) -> Userland:
     """Start ``argv`` in a new userland of ``identity``; the caller waits on the result.
     Refusals (``check``) raise here; a program that cannot be started exits 127 with the
-    reason in ``Userland.reason``."""
+    reason in ``Userland.reason``. Its stdio is the caller's, but ``stdout`` if given."""
     check(identity)
     if not argv:
         raise ValueError("no program to run")
@@ -153,7 +154,7 @@ def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None
     if relay == 0:
         try:
             os.close(r)
-            _relay(identity, argv, env, w, caller)
+            _relay(identity, argv, env, w, caller, stdout)
         except BaseException as exc:                  # report, then die
             _tell(w, exc)
         os._exit(EXIT_CANNOT_START)
@@ -177,7 +178,7 @@ def _tell(fd: int, exc: BaseException, program: str = "") -> None:
 
 
 def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
-           caller: int) -> None:
+           caller: int, stdout: int | None) -> None:
     """The caller-side child: dies with the caller, joins the instance's cgroups (so that it,
     the init and every program are killed with the instance), makes the PID namespace,
     relays."""
@@ -196,7 +197,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     init = os.fork()
     if init == 0:
         try:
-            _init(identity, argv, env, why)
+            _init(identity, argv, env, why, stdout)
         except BaseException as exc:                  # report, then die
             _tell(why, exc)
         os._exit(EXIT_CANNOT_START)
@@ -212,7 +213,8 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     os._exit(_exit_code(status))
 
 
-def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int) -> None:
+def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
+          stdout: int | None) -> None:
     """pid 1 of the userland: set everything up while it still may, then start the program and
     reap until it exits."""
     linux.set_parent_death_signal(signal.SIGKILL)
@@ -234,7 +236,7 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     main = os.fork()
     if main == 0:
         try:
-            _exec(argv, env)
+            _exec(argv, env, stdout)
         except BaseException as exc:                  # report, then die
             _tell(why, exc, argv[0])
         os._exit(EXIT_CANNOT_START)
@@ -271,12 +273,14 @@ def _kill_all() -> None:
             return
 
 
-def _exec(argv: list[str], env: dict[str, str] | None) -> None:
+def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None) -> None:
     """The program: default signal dispositions (Python ignores SIGPIPE, the relay SIGINT),
     no descriptor but stdio, then exec."""
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
                 signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    if stdout is not None:
+        os.dup2(stdout, 1)
     os.chdir("/")
     os.execvpe(argv[0], argv, dict(os.environ) if env is None else env)
 
