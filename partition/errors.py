@@ -147,3 +147,26 @@ _CLASSES: dict[str, type[MKError]] = {
         NotSupported, ResourceRefused, ZygoteError, KeyRejected, KeyUnavailable,
     )
 }
+
+
+class RootfsMissing(MKError):
+    """An instance's root directory (``--rootfs``) does not exist or is not a directory."""
+
+    errno = _errno.ENOENT
+
+
+class RootfsUnreadable(MKError):
+    """An instance's root directory exists but cannot be listed (its own errno is in the
+    message)."""
+
+    errno = _errno.EACCES
+
+
+class ProcessLimitZero(MKError):
+    """An instance whose process limit is 0 can run no program at all: a userland is refused
+    before anything is started, rather than failing at its first fork."""
+
+    errno = _errno.EINVAL
+
+
+_CLASSES.update({c.__name__: c for c in (RootfsMissing, RootfsUnreadable, ProcessLimitZero)})

@@ -36,18 +36,22 @@ def running(run_dir):
 def test_exec_relays_stdio_and_exit_status(running):
     r = mk(running, "exec", "a", "--", "/bin/cat", input="through the instance\n")
     assert r.returncode == 0 and r.stdout == "through the instance\n", r.stderr
-    code = ("import os, sys; print(sorted(os.sched_getaffinity(0)), os.path.exists('/proc/self'),"
-            " os.access('/', os.W_OK)); sys.exit(3)")
+    code = ("import os, sys; print(sorted(os.sched_getaffinity(0)), sorted(p for p in "
+            "os.listdir('/proc') if p.isdigit()), os.access('/', os.W_OK)); sys.exit(3)")
     r = mk(running, "exec", "a", "--", PYTHON, "-c", code)
     assert r.returncode == 3, r.stderr
-    # pinned to the instance's CPU; the instance's view: no /proc, a read-only root
-    assert r.stdout.strip() == f"[{CPUS[-1]}] False False"
+    # pinned to the instance's CPU; the userland's view: a /proc of its own PID namespace
+    # (its init and the command), a read-only root
+    assert r.stdout.strip() == f"[{CPUS[-1]}] ['1', '2'] False"
 
 
 def test_exec_is_contained_with_the_instance(running):
-    # the kernel's own filter: no fork (SIGSYS, 128 + 31), no sockets
-    r = mk(running, "exec", "a", "--", PYTHON, "-c", "import os; os.fork()")
-    assert r.returncode == 128 + 31
+    # the userland's filter (issue 22): fork allowed, a mount refused (EPERM, not SIGSYS)
+    r = mk(running, "exec", "a", "--", PYTHON, "-c", "import os, sys; pid = os.fork(); "
+           "pid or os._exit(5); sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))")
+    assert r.returncode == 5, r.stderr
+    r = mk(running, "exec", "a", "--", "/bin/mount", "-t", "tmpfs", "none", "/tmp")
+    assert r.returncode not in (0, 128 + 31) and "permission denied" in r.stderr.lower()
     r = mk(running, "exec", "a", "--", "/nonexistent-program")
     assert r.returncode == 127 and "could not be started inside 'a'" in r.stderr
     # it is under the instance: it dies with it

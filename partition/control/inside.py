@@ -1,28 +1,34 @@
 """``mkctl exec NAME -- CMD ARGS``: a command run inside a running instance (kerf 0.4's exec).
 
-The command is a process under the instance: it joins the instance's cgroups (its cpuset, memory
-limit and pids limit, and it dies with the instance), is pinned to its CPUs, enters its mount and
-IPC namespaces (the read-only root, no /proc, the minimal /dev the kernel sees), drops every
-capability and runs under the same seccomp filter as the kernel (guest/containment.py: no fork,
-no sockets, signals to itself only). Its stdin, stdout and stderr are mkctl's, so they are
-relayed as they are; its exit status is mkctl's (128 + N for a signal N, 127 when it could not be
-started). The real kerf reaches a command over multikernel vsock; the emulator has no vsock, so
-this is the emulator's own path to the same result (docs/kerf.md).
+The command runs in a userland of the instance (guest/userland.py): in the instance's cgroups
+(its cpuset, memory limit and process limit, and it dies with the instance), pinned to its CPUs,
+in PID, UTS, IPC, mount, network and cgroup namespaces of its own (it sees only its own
+processes, the instance's name as hostname, a read-only root with private /tmp, /run and
+/var/tmp, a fresh /proc and only ``lo``), without capabilities and under the userland seccomp
+filter (guest/filters.py: fork, exec, pipes, signals among its own processes and local sockets
+allowed; mounts, new namespaces, kexec, modules, bpf, raw sockets, real-time scheduling
+refused). Its stdin, stdout and stderr are mkctl's, so they are relayed as they are; its exit
+status is mkctl's (128 + N for a signal N, 127 when it could not be started). The real kerf
+reaches a command over multikernel vsock; the emulator has no vsock, so this is the emulator's
+own path to the same result (docs/kerf.md, docs/userland.md).
+
+Each exec is a userland of its own for now: two execs into one instance do not see each other's
+processes (the instance-wide userland that boots with the kernel is issue 22's next step).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
 from partition import linux
 from partition.control.client import Client
 from partition.errors import NotLoaded
-from partition.guest.containment import drop_privileges, join_cgroups, seccomp_program
+from partition.guest import userland
 
-CLONE_NEWNS, CLONE_NEWIPC = 0x00020000, 0x08000000
-EXIT_CANNOT_START = 127
+EXIT_CANNOT_START = userland.EXIT_CANNOT_START
 
 
 def _in_cgroups_of(pid: int, procs: list[str]) -> bool:
@@ -38,41 +44,27 @@ def _in_cgroups_of(pid: int, procs: list[str]) -> bool:
 
 
 def run(run_dir: str | None, name: str, argv: list[str]) -> int:
-    info: dict[str, Any] = Client(run_dir).call("exec_into", name=name, argv=argv)
-    pidfd = linux.pidfd_open(int(info["pid"]))
+    client = Client(run_dir)
+    info: dict[str, Any] = client.call("exec_into", name=name, argv=argv)
+    kernel, procs = int(info["pid"]), list(info["procs"])
+    pidfd = linux.pidfd_open(kernel)            # the kernel, held while the command starts
     try:
-        if not _in_cgroups_of(int(info["pid"]), list(info["procs"])):
+        if not _in_cgroups_of(kernel, procs):
             raise NotLoaded(f"instance {name!r} halted while the command was being set up",
                             f"mkctl start {name}, then try again")
-        r, w = os.pipe2(os.O_CLOEXEC)
-        child = os.fork()
-        if child == 0:                                      # the command, from here on
-            try:
-                os.close(r)
-                join_cgroups(list(info["procs"]))
-                os.sched_setaffinity(0, info["cpus"])
-                linux.setns(pidfd, CLONE_NEWNS | CLONE_NEWIPC)
-                os.chdir("/")
-                drop_privileges()
-                if os.uname().machine == "x86_64":
-                    linux.install_seccomp(seccomp_program(os.getpid()))
-                os.execvp(argv[0], argv)
-            except BaseException as exc:                    # report, then die
-                try:
-                    os.write(w, f"{type(exc).__name__}: {exc}".encode()[:1000])
-                finally:
-                    os._exit(EXIT_CANNOT_START)
-        os.close(w)
-        why = b""
-        while chunk := os.read(r, 4096):
-            why += chunk
-        os.close(r)
-        _, status = os.waitpid(child, 0)
+        identity = userland.Identity(name=name, cpus=list(info["cpus"]), cgroup_procs=procs,
+                                     rootfs=info.get("rootfs"), hide=[client.run_dir],
+                                     kernel_pid=kernel)
+        started = userland.start(identity, argv)
+        # as a shell waits for its foreground job: Ctrl-C is the command's to act on
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = started.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     finally:
         os.close(pidfd)
-    if why:
+    if started.reason:
         print(f"mkctl exec: {argv[0]}: could not be started inside {name!r}: "
-              f"{why.decode(errors='replace')}", file=sys.stderr)
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.waitstatus_to_exitcode(status)
+              f"{started.reason}", file=sys.stderr)
+    return code

@@ -1,0 +1,350 @@
+"""An instance's userland: a program started in namespaces of its own, bounded by the
+instance's cgroups, under the userland seccomp filter (guest/filters.py).
+
+On the real machine a spawn kernel runs ordinary Linux programs; here the instance's kernel is
+one Python process that may not fork, so its programs are started beside it, by this launcher,
+and made to look and die as the instance's own:
+
+* a **PID namespace** whose init is a tiny reaper (``_init``): pid 1, it reaps orphans, and when
+  the main program exits (or it is told: SIGTERM, SIGHUP) it kills every process left and exits
+  with the program's status. Programs inside see only the userland's processes and can name, so
+  signal or trace, nothing else;
+* **UTS** (the hostname is the instance's name), **IPC**, **cgroup** and **network** namespaces
+  (the network has only ``lo``, brought up here with SIOCSIFFLAGS: no ``ip`` binary needed);
+* a **mount namespace**: the root read-only (the host's, or ``rootfs`` bound read-only and
+  pivoted into), the directories in ``hide`` covered, a fresh read-only ``/proc`` of the new
+  PID namespace (so ``/proc/sysrq-trigger`` and ``/proc/sys`` cannot be written), a minimal
+  ``/dev`` (null, zero, full, random, urandom, tty, a ``console`` and a ``shm``), and private
+  size-limited tmpfs on ``/tmp``, ``/run`` and ``/var/tmp``: tmpfs pages are charged to the
+  memory cgroup of the process that writes them, which is the instance's;
+* the instance's **cgroups** (CPUs, memory, process limit; and the host's kill switch, so every
+  process here dies when the instance dies) and its **CPUs** as the affinity;
+* **no privileges**: every capability dropped, no_new_privs, the locked securebits, then the
+  userland filter.
+
+Three processes on the caller's side of the namespace: the caller (mkctl), the *relay* it forks
+(it makes the PID namespace, whose first child is the init, and relays the init's status;
+SIGTERM/SIGHUP to it reach the init, and it ignores SIGINT as a shell does while its job runs),
+and the init. The relay and the init die with their parent (PR_SET_PDEATHSIG), so a userland
+never outlives the mkctl that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+
+import setproctitle
+
+from partition import linux
+from partition.errors import ProcessLimitZero, RootfsMissing, RootfsUnreadable
+from partition.guest import filters
+from partition.guest.containment import drop_privileges, join_cgroups
+
+EXIT_CANNOT_START = 127
+TMP_SIZE = 64 << 20                   # each of /tmp, /run, /var/tmp, /dev/shm, at most
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
+CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 1 << 18
+MNT_DETACH = 2
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+#: the device nodes a userland has: nothing that reaches hardware or the host's log; ``tty``
+#: is the calling process's own controlling terminal, if it has one
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9),
+           "tty": (5, 0)}
+#: where programs write: private, size-limited, each a fresh tmpfs
+SCRATCH = {"/tmp": "1777", "/var/tmp": "1777", "/run": "755"}
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the userland belongs to: what the host says of a running instance."""
+
+    name: str                                  # the hostname inside
+    cpus: list[int]
+    cgroup_procs: list[str]                    # its cgroups' procs files (limits already set)
+    rootfs: str | None = None                  # another root, bound read-only
+    hide: list[str] = field(default_factory=list)   # host directories covered by an empty tmpfs
+    console: str | None = None                 # a tty or fifo bound on /dev/console
+    tmp_size: int = TMP_SIZE
+    #: the instance's kernel: the userland is refused if it left the cgroups before the init
+    #: joined them (a panic between the host's answer and the join: its kill already ran)
+    kernel_pid: int | None = None
+
+
+def check(identity: Identity) -> None:
+    """Refuse what can never run, before any process is made: a missing or unreadable root, a
+    process limit of 0."""
+    if identity.rootfs is not None:
+        if not os.path.isdir(identity.rootfs):
+            raise RootfsMissing(f"rootfs {identity.rootfs!r} is not a directory",
+                                "give an unpacked root (a directory holding bin/, etc/, ...)")
+        try:
+            os.listdir(identity.rootfs)
+        except OSError as exc:
+            raise RootfsUnreadable(f"rootfs {identity.rootfs!r} cannot be read: "
+                                   f"{os.strerror(exc.errno or errno.EACCES)}",
+                                   "make it readable by root") from None
+    for procs in identity.cgroup_procs:
+        try:
+            with open(os.path.join(os.path.dirname(procs), "pids.max")) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit == "0":
+            raise ProcessLimitZero(f"instance {identity.name!r} has a process limit of 0: no "
+                                   "program can run in it", "give it a process limit of 1 or more")
+
+
+class Userland:
+    """A started userland, from the caller's side: the relay's pid, and its end."""
+
+    def __init__(self, relay: int, why: int) -> None:
+        self.pid = relay
+        self._why = why
+        self.reason = ""                # why the program could not be started, if it could not
+        self.status: int | None = None
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM or SIGHUP: the init kills every process and exits (128 + sig)."""
+        if self.status is None:
+            os.kill(self.pid, sig)
+
+    def wait(self) -> int:
+        """The main program's exit status: its code, 128 + N for a signal N (also when the
+        whole userland was killed with its instance), 127 when it could not be started."""
+        if self.status is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.status = _exit_code(status)
+            os.set_blocking(self._why, False)
+            chunks = []
+            try:
+                while chunk := os.read(self._why, 4096):
+                    chunks.append(chunk)
+            except BlockingIOError:
+                pass
+            os.close(self._why)
+            self.reason = b"".join(chunks).decode(errors="replace")
+        return self.status
+
+
+def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None,
+          stdout: int | None = None) -> Userland:
+    """Start ``argv`` in a new userland of ``identity``; the caller waits on the result.
+    Refusals (``check``) raise here; a program that cannot be started exits 127 with the
+    reason in ``Userland.reason``. Its stdio is the caller's, but ``stdout`` if given."""
+    check(identity)
+    if not argv:
+        raise ValueError("no program to run")
+    r, w = os.pipe2(os.O_CLOEXEC)
+    caller = os.getpid()
+    relay = os.fork()
+    if relay == 0:
+        try:
+            os.close(r)
+            _relay(identity, argv, env, w, caller, stdout)
+        except BaseException as exc:                  # report, then die
+            _tell(w, exc)
+        os._exit(EXIT_CANNOT_START)
+    os.close(w)
+    return Userland(relay, r)
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _tell(fd: int, exc: BaseException, program: str = "") -> None:
+    try:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f"{program}: " if program else ""
+        os.write(fd, f"{where}{type(exc).__name__}: {text}".encode()[:1000])
+    except OSError:
+        pass
+
+
+def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
+           caller: int, stdout: int | None) -> None:
+    """The caller-side child: dies with the caller, joins the instance's cgroups (so that it,
+    the init and every program are killed with the instance), makes the PID namespace,
+    relays."""
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != caller:                        # it died before the line above
+        os._exit(128 + signal.SIGKILL)
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
+    join_cgroups(identity.cgroup_procs)
+    if identity.kernel_pid is not None and not _member(identity.kernel_pid,
+                                                       identity.cgroup_procs):
+        raise ProcessLookupError(f"instance {identity.name!r} halted while the command was "
+                                 "being set up")
+    linux.unshare(CLONE_NEWPID)
+    init = os.fork()
+    if init == 0:
+        try:
+            _init(identity, argv, env, why, stdout)
+        except BaseException as exc:                  # report, then die
+            _tell(why, exc)
+        os._exit(EXIT_CANNOT_START)
+
+    def forward(sig: int, _frame: object) -> None:
+        try:
+            os.kill(init, sig)
+        except ProcessLookupError:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    _, status = os.waitpid(init, 0)
+    os._exit(_exit_code(status))
+
+
+def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
+          stdout: int | None) -> None:
+    """pid 1 of the userland: set everything up while it still may, then start the program and
+    reap until it exits."""
+    linux.set_parent_death_signal(signal.SIGKILL)
+    setproctitle.setproctitle(f"mk-init [{identity.name}]")
+    if identity.cpus:
+        os.sched_setaffinity(0, identity.cpus)
+    linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
+    _mounts(identity)
+    socket.sethostname(identity.name)
+    _loopback_up()
+    drop_privileges()
+    filters.install(filters.userland_filter())
+
+    def stop(sig: int, _frame: object) -> None:
+        _kill_all()
+        os._exit(128 + sig)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    main = os.fork()
+    if main == 0:
+        try:
+            _exec(argv, env, stdout)
+        except BaseException as exc:                  # report, then die
+            _tell(why, exc, argv[0])
+        os._exit(EXIT_CANNOT_START)
+    os.close(why)
+    while True:
+        pid, status = os.wait()                       # the program, or an orphan it left
+        if pid == main:
+            break
+    _kill_all()
+    os._exit(_exit_code(status))
+
+
+def _member(pid: int, procs: list[str]) -> bool:
+    for path in procs:
+        try:
+            with open(path) as f:
+                if str(pid) in f.read().split():
+                    return True
+        except OSError:
+            pass
+    return not procs
+
+
+def _kill_all() -> None:
+    """From pid 1: SIGKILL every other process of the namespace, and reap them."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
+def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None) -> None:
+    """The program: default signal dispositions (Python ignores SIGPIPE, the relay SIGINT),
+    no descriptor but stdio, then exec."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    if stdout is not None:
+        os.dup2(stdout, 1)
+    os.chdir("/")
+    os.execvpe(argv[0], argv, dict(os.environ) if env is None else env)
+
+
+def _mounts(identity: Identity) -> None:
+    # the console is a host path: held before the root and /dev change under it
+    console = None if identity.console is None else os.open(identity.console, os.O_PATH)
+    linux.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if identity.rootfs is not None:
+        _pivot(identity.rootfs)
+    else:
+        for path in identity.hide:
+            if os.path.isdir(path):
+                linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+                            "size=4k,mode=555")
+    linux.remount_tree_readonly("/")
+    if os.path.isdir("/proc"):
+        linux.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    if os.path.isdir("/dev"):
+        _devices(identity, console)
+    if console is not None:
+        os.close(console)
+    for path, mode in SCRATCH.items():
+        if os.path.isdir(path) and not os.path.islink(path):
+            linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+                        f"size={identity.tmp_size},mode={mode}")
+
+
+def _pivot(rootfs: str) -> None:
+    """Make ``rootfs`` the root of this mount namespace (the host's root detached)."""
+    linux.mount(rootfs, rootfs, None, MS_BIND | MS_REC)
+    os.chdir(rootfs)
+    nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "pivot_root")
+    if _libc.syscall(ctypes.c_long(nr), b".", b".") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+    if _libc.umount2(b".", MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount the host's root: {os.strerror(err)}")
+    os.chdir("/")
+
+
+def _devices(identity: Identity, console: int | None) -> None:
+    linux.mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
+    for name, (major, minor) in DEVICES.items():
+        os.mknod(f"/dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(f"/dev/{name}", 0o666)              # not the caller's umask
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+    if console is not None:                      # through the fresh /proc: our own fd
+        os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY, 0o600))
+        linux.mount(f"/proc/self/fd/{console}", "/dev/console", None, MS_BIND)
+    else:                                        # nothing to wire it to yet: a sink
+        os.mknod("/dev/console", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkdir("/dev/shm", 0o1777)
+    linux.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+                f"size={identity.tmp_size},mode=1777")
+    linux.mount(None, "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+
+
+def _loopback_up() -> None:
+    """``ip link set lo up``, by ioctl: the new network namespace's only device."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        got = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))
+        flags = struct.unpack_from("16sH", got)[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))

@@ -1,0 +1,177 @@
+"""A hostile userland: programs started with ``mkctl exec`` try to get out of their instance.
+Each attempt is refused (or bounded) and the host, the instance's kernel and a peer instance
+are whole afterwards. Real processes throughout; the attacks run as one script per exec."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PICKY = os.path.join(HERE, "kernels", "picky.py")
+MKCTL = [sys.executable, "-m", "partition.control.cli"]
+CPUS = sorted(os.sched_getaffinity(0))
+PYTHON = os.path.realpath(sys.executable)
+
+
+def mk(run_dir, *args, timeout=60, **kw):
+    return subprocess.run(MKCTL + [args[0], "--run-dir", run_dir, *args[1:]],
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def state(run_dir, name):
+    r = mk(run_dir, "show", "--format", "json", name)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def two(run_dir):
+    """Instance ``a`` (the attacker's) and a peer ``b``, both running; afterwards both still
+    run the same kernels and the host process is whole."""
+    for args in (("init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
+                  ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe"),
+                 ("create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M"),
+                 ("create", "b", "--cpus", str(CPUS[-1]), "--memory", "16M"),
+                 ("load", "a", "--kernel", PICKY), ("load", "b", "--kernel", PICKY),
+                 ("start", "a"), ("start", "b")):
+        r = mk(run_dir, *args)
+        assert r.returncode == 0, r.stderr
+    before = {n: state(run_dir, n)["pid"] for n in ("a", "b")}
+    yield run_dir, before
+    after = state(run_dir, "b")
+    assert after["state"] == "active" and after["pid"] == before["b"]
+
+
+def inside(run_dir, code, *args, timeout=60):
+    return mk(run_dir, "exec", "a", "--", PYTHON, "-c", textwrap.dedent(code), *map(str, args),
+              timeout=timeout)
+
+
+ATTACKS = r"""
+    import ctypes, errno, json, os, socket, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+    def err(f):
+        try:
+            f()
+            return 0
+        except OSError as e:
+            return e.errno
+    def sys_(name, *a):
+        nr = {"kexec_load": 246, "bpf": 321, "setns": 308, "unshare": 272, "reboot": 169,
+              "init_module": 175, "perf_event_open": 298, "io_uring_setup": 425,
+              "userfaultfd": 323, "keyctl": 250, "ptrace": 101}[name]
+        def call():
+            if libc.syscall(nr, *a) == -1:
+                raise OSError(ctypes.get_errno(), name)
+        return err(call)
+    host, peer_kernel, own_kernel = map(int, sys.argv[1:4])
+    out["mount"] = err(lambda: (libc.mount(b"none", b"/mnt", b"tmpfs", 0, None) == 0
+                                or (_ for _ in ()).throw(OSError(ctypes.get_errno(), "m"))))
+    out["unshare_user"] = sys_("unshare", 0x10000000)
+    out["unshare_net"] = sys_("unshare", 0x40000000)
+    fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    out["setns"] = sys_("setns", fd, 0)
+    out["kexec"] = sys_("kexec_load", 0, 0, 0, 0)
+    out["bpf"] = sys_("bpf", 0, 0, 0)
+    out["module"] = sys_("init_module", 0, 0, 0)
+    out["perf"] = sys_("perf_event_open", 0, 0, -1, -1, 0)
+    out["io_uring"] = sys_("io_uring_setup", 1, 0)
+    out["userfaultfd"] = sys_("userfaultfd", 0)
+    out["keyctl"] = sys_("keyctl", 0, 0)
+    out["reboot"] = sys_("reboot", 0xfee1dead, 672274793, 0x1234567, 0)
+    out["packet"] = err(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+    out["raw_ip"] = err(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1))
+    out["fifo"] = err(lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1)))
+    out["affinity"] = err(lambda: os.sched_setaffinity(0, range(os.cpu_count())))
+    out["cpus_after"] = sorted(os.sched_getaffinity(0))
+    out["kill_host"] = err(lambda: os.kill(host, 0))
+    out["kill_peer"] = err(lambda: os.kill(peer_kernel, 9))
+    out["kill_own_kernel"] = err(lambda: os.kill(own_kernel, 9))
+    out["ptrace_host"] = sys_("ptrace", 16, host, 0, 0)          # PTRACE_ATTACH
+    out["proc"] = sorted(p for p in os.listdir("/proc") if p.isdigit())
+    out["see_peer"] = os.path.exists(f"/proc/{peer_kernel}")
+    out["see_host"] = os.path.exists(f"/proc/{host}")
+    def write(path):
+        with open(path, "w") as f:
+            f.write("x")
+    for name, path in (("etc", "/etc/evil"), ("root", "/root/evil"), ("sysrq",
+                       "/proc/sysrq-trigger"), ("core_pattern", "/proc/sys/kernel/core_pattern"),
+                       ("cgroup", "/sys/fs/cgroup/pids/cgroup.procs")):
+        out["write_" + name] = err(lambda: write(path))
+    out["write_tmp"] = err(lambda: write("/tmp/fine"))
+    print(json.dumps(out))
+"""
+
+
+def test_escapes_from_a_shell_are_refused(two):
+    run_dir, kernels = two
+    r = inside(run_dir, ATTACKS, os.getpid(), kernels["b"], kernels["a"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for call in ("mount", "unshare_user", "unshare_net", "setns", "kexec", "bpf", "module",
+                 "perf", "io_uring", "userfaultfd", "keyctl", "reboot", "packet", "raw_ip",
+                 "fifo"):
+        assert out[call] == 1, (call, out[call])              # EPERM, the process alive
+    # re-pinning: the cpuset confines it to the instance's CPU whatever it asks
+    assert out["cpus_after"] == [CPUS[-1]]
+    # the host, the peer's kernel and its own kernel: not in its PID namespace
+    for target in ("kill_host", "kill_peer", "kill_own_kernel", "ptrace_host"):
+        assert out[target] == 3, (target, out[target])       # ESRCH
+    assert not out["see_peer"] and not out["see_host"]
+    assert out["proc"] == ["1", "2"]
+    for path in ("etc", "root", "core_pattern", "cgroup"):
+        assert out["write_" + path] == 30, (path, out["write_" + path])   # EROFS
+    # (a kernel built without magic SysRq has no trigger to write: ENOENT)
+    assert out["write_sysrq"] == (30 if os.path.exists("/proc/sysrq-trigger") else 2)
+    assert out["write_tmp"] == 0
+    assert state(run_dir, "a")["pid"] == kernels["a"]
+
+
+def test_kill_everything_kills_only_the_userland(two):
+    run_dir, kernels = two
+    # kill(-1): every process it may signal but itself (and the namespace's init)
+    r = mk(run_dir, "exec", "a", "--", "/bin/sh", "-c", "sleep 305 & kill -9 -1; wait $!; "
+                                                        "echo $?")
+    assert (r.returncode, r.stdout.strip()) == (0, "137"), r.stderr
+    a = state(run_dir, "a")
+    assert a["state"] == "active" and a["pid"] == kernels["a"]
+
+
+FORK_BOMB = """
+    import os, time
+    n = 0
+    try:
+        while n < 1000:
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            n += 1
+    except OSError as e:
+        print(n, e.errno)
+"""
+
+
+def test_a_fork_bomb_is_bounded_by_the_process_limit(two):
+    run_dir, _ = two
+    r = inside(run_dir, FORK_BOMB)
+    assert r.returncode == 0, r.stderr
+    forked, why = map(int, r.stdout.split())
+    assert 0 < forked < 64 and why == 11                       # EAGAIN at pids.max
+    # the init killed the sleepers when the bomb's parent exited: the kernel forks again fine
+    assert state(run_dir, "a")["state"] == "active"
+
+
+def test_exceeding_memory_is_an_oom_inside_the_instance_only(two):
+    run_dir, _ = two
+    r = inside(run_dir, "x = bytearray(1 << 30); print(len(x))", timeout=120)
+    assert r.returncode == 128 + 9 and not r.stdout            # the instance's OOM killer
+    r = inside(run_dir, "print(open('/tmp/f', 'wb').write(bytes(100 << 20)))", timeout=120)
+    assert r.returncode == 1 and "No space left" in r.stderr  # /tmp is size-limited
+    assert state(run_dir, "a")["state"] == "active"
