@@ -169,4 +169,11 @@ class ProcessLimitZero(MKError):
     errno = _errno.EINVAL
 
 
-_CLASSES.update({c.__name__: c for c in (RootfsMissing, RootfsUnreadable, ProcessLimitZero)})
+class NotATerminal(MKError):
+    """``mkctl exec -t`` without a terminal on mkctl's stdin: no size to give, no raw mode."""
+
+    errno = _errno.ENOTTY
+
+
+_CLASSES.update({c.__name__: c for c in (RootfsMissing, RootfsUnreadable, ProcessLimitZero,
+                                         NotATerminal)})

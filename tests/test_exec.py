@@ -3,6 +3,7 @@
 Its stdio is relayed, its exit status returned; it is pinned to the instance's CPUs, sits in its
 cgroups, sees its namespaces, runs under its seccomp filter and dies with it."""
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -89,3 +90,121 @@ def test_exec_needs_a_running_instance(running):
     # with no command, exec still boots, saying that start is the verb now
     r = mk(running, "exec", "a")
     assert r.returncode == 0 and "deprecated" in r.stderr and "mkctl start" in r.stderr
+
+
+class Terminal:
+    """mkctl exec -it driven from a real pty, as a user at a terminal would: mkctl's stdin,
+    stdout and stderr are the slave of a pty whose master this test reads and types into."""
+
+    def __init__(self, run_dir, *argv, rows=24, cols=80):
+        import pty
+        import struct
+        import termios
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, *argv],
+                                     stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.seen = b""
+
+    def type(self, text):
+        os.write(self.master, text.encode() if isinstance(text, str) else text)
+
+    def expect(self, pattern, timeout=20):
+        """Read until ``pattern`` (a regex on bytes) appears after what was already matched."""
+        import re
+        import select
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.seen)
+            if m:
+                self.seen = self.seen[m.end():]
+                return m
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {pattern!r}; the terminal showed {self.seen!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    self.seen += os.read(self.master, 4096)
+                except OSError:            # EIO: mkctl is gone, and the pty with it
+                    assert re.search(pattern, self.seen), (pattern, self.seen)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        os.close(self.master)
+
+
+def sleeping_in(name_bytes):
+    """Host pids of processes whose cmdline is ``name_bytes``."""
+    found = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if f.read() == name_bytes:
+                        found.append(int(p))
+            except OSError:
+                pass
+    return found
+
+
+def test_exec_it_is_a_terminal_with_job_control(running):
+    t = Terminal(running, "-it", "a", "--", "/bin/sh", rows=33, cols=101)
+    try:
+        t.expect(rb"# ")                      # the shell's own prompt: root, inside
+        t.type("PS1='m''k$ '\n")              # a prompt its own echo does not show
+        t.expect(rb"mk\$ ")
+        t.type("echo $((6*7))\n")
+        t.expect(rb"\r\n42\r\nmk\$ ")
+        # the window size set before start is the terminal's inside; stdin is a tty there
+        t.type("stty size; tty\n")
+        t.expect(rb"\r\n33 101\r\n/dev/pts/\d+\r\nmk\$ ")
+        # Ctrl-C goes to the foreground job inside, not to mkctl: the sleep is gone, the
+        # shell is back
+        t.type("sleep 100\n")
+        deadline = time.monotonic() + 10
+        while not sleeping_in(b"sleep\x00100\x00"):
+            assert time.monotonic() < deadline, "the sleep never started"
+            time.sleep(0.05)
+        t.type(b"\x03")
+        t.expect(rb"mk\$ ")
+        deadline = time.monotonic() + 10
+        while sleeping_in(b"sleep\x00100\x00"):
+            assert time.monotonic() < deadline, "Ctrl-C did not reach the sleep"
+            time.sleep(0.05)
+        assert t.proc.poll() is None, "Ctrl-C reached mkctl"
+        # job control: Ctrl-Z stops the foreground job, fg brings it back
+        t.type("sleep 101\n")
+        deadline = time.monotonic() + 10
+        while not sleeping_in(b"sleep\x00101\x00"):
+            assert time.monotonic() < deadline, "the sleep never started"
+            time.sleep(0.05)
+        t.type(b"\x1a")
+        t.expect(rb"[Ss]topped")
+        t.expect(rb"mk\$ ")
+        (pid,) = sleeping_in(b"sleep\x00101\x00")
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().rpartition(")")[2].split()[0] == "T"
+        t.type("fg\n")
+        t.expect(rb"sleep 101")
+        t.type(b"\x03")
+        t.expect(rb"mk\$ ")
+        # the shell's exit status is mkctl's
+        t.type("exit 7\n")
+        assert t.proc.wait(timeout=30) == 7
+        # mkctl's terminal was restored: cooked mode, echo and canonical input back on
+        import termios
+        lflag = termios.tcgetattr(t.master)[3]
+        assert lflag & termios.ECHO and lflag & termios.ICANON and lflag & termios.ISIG
+    finally:
+        t.close()
+    assert not sleeping_in(b"sleep\x00101\x00")
+
+
+def test_exec_t_needs_a_terminal(running):
+    r = mk(running, "exec", "-it", "a", "--", "/bin/true", stdin=subprocess.DEVNULL)
+    assert r.returncode != 0 and "the input device is not a TTY" in r.stderr
+    assert "[ENOTTY]" in r.stderr

@@ -257,6 +257,14 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
             p.add_argument("--no-wait", action="store_true",
                            help="return when the boot CPU answers, before the kernel's boot() "
                                 "returns (the real system's answer)")
+        if verb == "exec":
+            p.add_argument("-i", "--interactive", action="store_true",
+                           help="-- CMD: relay mkctl's stdin to it (as plain exec does; with "
+                                "-t, through its terminal)")
+            p.add_argument("-t", "--tty", action="store_true",
+                           help="-- CMD: give it a terminal (a pty, its controlling terminal "
+                                "inside: job control, Ctrl-C to it, window size); needs one "
+                                "on mkctl's stdin. A shell: mkctl exec -it NAME -- sh")
         if verb == "exec" and not command_after_dashes:
             p.add_argument("command", nargs=argparse.REMAINDER,
                            help="-- CMD [ARGS...]: the command to run inside the instance "

@@ -253,7 +253,7 @@ def cmd_simple(a: argparse.Namespace) -> int:
         command = a.command[1:] if a.command[:1] == ["--"] else a.command
         if command:                   # kerf 0.4: exec NAME -- CMD runs a command inside it
             from partition.control.inside import run
-            return run(a.run_dir, a.name, command)
+            return run(a.run_dir, a.name, command, tty=a.tty, interactive=a.interactive)
         print("mkctl exec: deprecated: booting is 'mkctl start NAME' (kerf 0.4); 'exec NAME' "
               "still boots in this release", file=sys.stderr)
         op = "start"

@@ -39,6 +39,7 @@ import signal
 import socket
 import stat
 import struct
+import termios
 from dataclasses import dataclass, field
 
 import setproctitle
@@ -141,10 +142,16 @@ class Userland:
 
 
 def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None,
-          stdout: int | None = None) -> Userland:
+          stdout: int | None = None, terminal: int | None = None) -> Userland:
     """Start ``argv`` in a new userland of ``identity``; the caller waits on the result.
     Refusals (``check``) raise here; a program that cannot be started exits 127 with the
-    reason in ``Userland.reason``. Its stdio is the caller's, but ``stdout`` if given."""
+    reason in ``Userland.reason``. Its stdio is the caller's, but ``stdout`` if given.
+
+    ``terminal``, a pty's slave (control/terminal.py holds its master), becomes the program's
+    controlling terminal and its stdio: the program leads a session of its own inside the
+    userland, so the pty's line discipline sends Ctrl-C and Ctrl-Z to the foreground job
+    inside, and a shell there has job control. The relay and the init close their copies, so
+    the master reads end-of-file (EIO) once the userland is gone."""
     check(identity)
     if not argv:
         raise ValueError("no program to run")
@@ -154,7 +161,7 @@ def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None
     if relay == 0:
         try:
             os.close(r)
-            _relay(identity, argv, env, w, caller, stdout)
+            _relay(identity, argv, env, w, caller, stdout, terminal)
         except BaseException as exc:                  # report, then die
             _tell(w, exc)
         os._exit(EXIT_CANNOT_START)
@@ -178,7 +185,7 @@ def _tell(fd: int, exc: BaseException, program: str = "") -> None:
 
 
 def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
-           caller: int, stdout: int | None) -> None:
+           caller: int, stdout: int | None, terminal: int | None) -> None:
     """The caller-side child: dies with the caller, joins the instance's cgroups (so that it,
     the init and every program are killed with the instance), makes the PID namespace,
     relays."""
@@ -197,10 +204,12 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     init = os.fork()
     if init == 0:
         try:
-            _init(identity, argv, env, why, stdout)
+            _init(identity, argv, env, why, stdout, terminal)
         except BaseException as exc:                  # report, then die
             _tell(why, exc)
         os._exit(EXIT_CANNOT_START)
+    if terminal is not None:                          # the program's alone: its EOF is ours
+        os.close(terminal)
 
     def forward(sig: int, _frame: object) -> None:
         try:
@@ -214,7 +223,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
 
 
 def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
-          stdout: int | None) -> None:
+          stdout: int | None, terminal: int | None) -> None:
     """pid 1 of the userland: set everything up while it still may, then start the program and
     reap until it exits."""
     linux.set_parent_death_signal(signal.SIGKILL)
@@ -222,7 +231,7 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     if identity.cpus:
         os.sched_setaffinity(0, identity.cpus)
     linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
-    _mounts(identity)
+    _mounts(identity, terminal)
     socket.sethostname(identity.name)
     _loopback_up()
     drop_privileges()
@@ -236,11 +245,13 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     main = os.fork()
     if main == 0:
         try:
-            _exec(argv, env, stdout)
+            _exec(argv, env, stdout, terminal)
         except BaseException as exc:                  # report, then die
             _tell(why, exc, argv[0])
         os._exit(EXIT_CANNOT_START)
     os.close(why)
+    if terminal is not None:
+        os.close(terminal)
     while True:
         pid, status = os.wait()                       # the program, or an orphan it left
         if pid == main:
@@ -273,21 +284,34 @@ def _kill_all() -> None:
             return
 
 
-def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None) -> None:
+def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None,
+          terminal: int | None) -> None:
     """The program: default signal dispositions (Python ignores SIGPIPE, the relay SIGINT),
-    no descriptor but stdio, then exec."""
+    no descriptor but stdio, then exec. With a ``terminal``: a session of its own whose
+    controlling terminal it is (setsid, TIOCSCTTY), and its stdio."""
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
-                signal.SIGHUP):
+                signal.SIGHUP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_DFL)
+    if terminal is not None:
+        os.setsid()
+        fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(terminal, fd)
+        if terminal > 2:
+            os.close(terminal)
     if stdout is not None:
         os.dup2(stdout, 1)
     os.chdir("/")
     os.execvpe(argv[0], argv, dict(os.environ) if env is None else env)
 
 
-def _mounts(identity: Identity) -> None:
+def _mounts(identity: Identity, terminal: int | None = None) -> None:
     # the console is a host path: held before the root and /dev change under it
     console = None if identity.console is None else os.open(identity.console, os.O_PATH)
+    # the pty's name, as ttyname(3) inside will look it up (tty, ps, ssh); opened by path
+    # here, in this mount namespace, as a bind mount's source must be
+    pts = None if terminal is None else os.ttyname(terminal)
+    pts_fd = None if pts is None else os.open(pts, os.O_PATH)
     linux.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if identity.rootfs is not None:
         _pivot(identity.rootfs)
@@ -300,7 +324,9 @@ def _mounts(identity: Identity) -> None:
     if os.path.isdir("/proc"):
         linux.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     if os.path.isdir("/dev"):
-        _devices(identity, console)
+        _devices(identity, console, (pts, pts_fd) if pts and pts_fd is not None else None)
+    if pts_fd is not None:
+        os.close(pts_fd)
     if console is not None:
         os.close(console)
     for path, mode in SCRATCH.items():
@@ -323,7 +349,8 @@ def _pivot(rootfs: str) -> None:
     os.chdir("/")
 
 
-def _devices(identity: Identity, console: int | None) -> None:
+def _devices(identity: Identity, console: int | None,
+             terminal: tuple[str, int] | None = None) -> None:
     linux.mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
     for name, (major, minor) in DEVICES.items():
         os.mknod(f"/dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
@@ -336,6 +363,16 @@ def _devices(identity: Identity, console: int | None) -> None:
         linux.mount(f"/proc/self/fd/{console}", "/dev/console", None, MS_BIND)
     else:                                        # nothing to wire it to yet: a sink
         os.mknod("/dev/console", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    if terminal is not None and terminal[0].startswith("/dev/pts/"):
+        # that one pty only, under its own name: not the host's devpts, which holds every
+        # other terminal of the machine
+        name, fd = terminal
+        os.mkdir("/dev/pts", 0o755)
+        os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            linux.mount(f"/proc/self/fd/{fd}", name, None, MS_BIND)
+        except OSError:          # under a rootfs the host's /dev is detached: a nameless tty
+            os.unlink(name)
     os.mkdir("/dev/shm", 0o1777)
     linux.mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
                 f"size={identity.tmp_size},mode=1777")
