@@ -306,7 +306,8 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_shutdown)
 
     p = sub.add_parser("bench", parents=[with_csv], help="benchmarks against raw baselines")
-    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation", "update", "scale"))
+    p.add_argument("what", choices=("boot", "ipi", "recovery", "isolation", "update", "scale",
+                                    "userland"))
     p.add_argument("--sizes", default=None,
                    help="scale: machine sizes, increasing (default 16,64,256,511)")
     p.add_argument("--updates", type=int, default=50,
@@ -316,12 +317,16 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--round-trips", type=int, default=10_000,
                    help="ipi: round trips per pair and mode (at least 10000)")
     p.add_argument("--stream", type=int, default=100_000, help="ipi: one-way messages to stream")
+    p.add_argument("--loops", type=int, default=300,
+                   help="userland: fork+exec per run (at least 100)")
+    p.add_argument("--write-mib", type=int, default=32,
+                   help="userland: MiB written per run, by write and by mmap (1..32)")
     p.add_argument("--quick", action="store_true",
-                   help="ipi: allow fewer round trips, one repeat: indicative figures, no "
-                        "target judged (exit 0)")
+                   help="ipi, userland: allow fewer round trips or loops, one repeat: "
+                        "indicative figures, no target judged (exit 0)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="ipi, isolation, scale: interleaved repeats, medians reported "
-                        "(default 3; ipi: 1 with --quick)")
+                   help="ipi, isolation, scale, userland: interleaved repeats, medians "
+                        "reported (default 3; userland 5; ipi, userland: 1 with --quick)")
     p.add_argument("--cpu", type=integer(0, 8191, "1"), default=None,
                    help="CPU to boot on (default: last pool CPU)")
     p.set_defaults(fn=cmd_bench)

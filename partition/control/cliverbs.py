@@ -347,6 +347,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "update":
         from partition.bench import update
         return update.main(a)
+    if a.what == "userland":
+        from partition.bench import userland
+        return userland.main(a)
     if a.what == "scale":
         from partition.control import scale
         return scale.main(a)

@@ -1,0 +1,89 @@
+"""``mkctl bench userland``: its output's shape with tiny counts (a real machine, real
+userlands), and its judgement: every figure against 0.9x, a miss printed and exit 1, --quick
+judging nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+from partition.bench import userland as bench
+from partition.stats import environment
+
+MKCTL = [sys.executable, "-m", "partition.control.cli"]
+
+
+def shm():
+    return {n for n in os.listdir("/dev/shm")}
+
+
+def test_bench_userland_quick_prints_every_figure_unjudged():
+    before = shm()
+    r = subprocess.run(MKCTL + ["bench", "userland", "--quick", "--loops", "5",
+                                "--write-mib", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("userland against host, CPU ") and "1 rounds" in lines[0]
+    assert lines[1].startswith("machine: ")
+    assert lines[2].split() == ["host", "userland", "ratio"]
+    for line, label in zip(lines[3:6], ("fork+exec /bin/true", "sequential write",
+                                        "mmap write")):
+        assert line.startswith(label) and line.endswith("not judged (--quick)"), line
+        assert line.split()[-4].endswith("x")                    # the ratio
+    assert "/tmp (tmpfs), not yet to a shared region" in lines[6]
+    assert len(lines) == 7
+    r = subprocess.run(MKCTL + ["bench", "userland", "--quick", "--loops", "5",
+                                "--write-mib", "1", "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["judged"] is False and res["meets_target"] is None
+    assert set(res["figures"]) == {"fork_exec", "write", "mmap"}
+    for f in res["figures"].values():
+        assert f["host"] > 0 and f["userland"] > 0 and f["met"] is None
+        assert abs(f["ratio"] - f["userland"] / f["host"]) < 1e-9
+    assert shm() <= before                       # the machine and the host's file are gone
+
+
+def test_bench_userland_refuses_counts_too_small_to_judge():
+    r = subprocess.run(MKCTL + ["bench", "userland", "--loops", "5"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "[EINVAL]" in r.stderr and "--quick" in r.stderr
+    r = subprocess.run(MKCTL + ["bench", "userland", "--quick", "--write-mib", "33"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "[EINVAL]" in r.stderr
+
+
+def rates(host, inside):
+    return {k: {"host": [host[k]] * 3, "userland": [inside[k]] * 3} for k in bench.FIGURES}
+
+
+def test_bench_userland_judges_each_figure_against_its_target():
+    host = {"fork_exec": 500.0, "write": 2000.0, "mmap": 1000.0}
+    met = bench.judge(rates(host, {"fork_exec": 450.0, "write": 1900.0, "mmap": 1200.0}),
+                      quick=False)
+    assert met["meets_target"] is True and bench.exit_code(met) == 0
+    assert [f["met"] for f in met["figures"].values()] == [True, True, True]
+    assert met["figures"]["fork_exec"]["ratio"] == 0.9             # the target itself is met
+    missed = bench.judge(rates(host, {"fork_exec": 500.0, "write": 1700.0, "mmap": 1000.0}),
+                         quick=False)
+    assert missed["meets_target"] is False and bench.exit_code(missed) == 1
+    assert missed["figures"]["write"]["met"] is False and missed["figures"]["mmap"]["met"]
+    quick = bench.judge(rates(host, {"fork_exec": 1.0, "write": 1.0, "mmap": 1.0}), quick=True)
+    assert quick["meets_target"] is None and bench.exit_code(quick) == 0
+    # the median, not the mean: one slow run does not decide
+    got = rates(host, host)
+    got["write"]["userland"] = [2000.0, 10.0, 2000.0]
+    assert bench.judge(got, quick=False)["figures"]["write"]["met"]
+
+
+def test_bench_userland_prints_a_miss():
+    host = {"fork_exec": 500.0, "write": 2000.0, "mmap": 1000.0}
+    res = {"cpu": 1, "rounds": 3, "loops": 300, "write_mib": 32,
+           "environment": environment(), "stand_in": "a stand-in"}
+    res.update(bench.judge(rates(host, {"fork_exec": 400.0, "write": 2000.0, "mmap": 1000.0}),
+                           quick=False))
+    lines = bench.render(res).splitlines()
+    assert lines[3].startswith("fork+exec /bin/true") and "0.80x" in lines[3]
+    assert lines[3].endswith("target >= 0.9x: MISSED")
+    assert lines[4].endswith("target >= 0.9x: met") and lines[5].endswith("met")
