@@ -146,8 +146,10 @@ def judge(got: dict[str, dict[str, list[float]]], quick: bool) -> dict[str, Any]
 
 
 def run(loops: int = 300, rounds: int = 5, write_mib: int = 32, cpu: int | None = None,
-        quick: bool = False, progress: bool = False) -> dict[str, Any]:
-    """A machine with one running instance, the figures measured in it and beside it."""
+        quick: bool = False, progress: bool = False,
+        run_dir: str | None = None) -> dict[str, Any]:
+    """A machine with one running instance (in ``run_dir``, a fresh one by default), the
+    figures measured in it and beside it; the machine is gone on return."""
     if loops < 1 or rounds < 1 or not 1 <= write_mib <= userland.TMP_SIZE >> 21:
         raise ValueError(f"loops and rounds must be >= 1, write size 1..{userland.TMP_SIZE >> 21}"
                          " MiB (half the userland's /tmp)")
@@ -157,7 +159,7 @@ def run(loops: int = 300, rounds: int = 5, write_mib: int = 32, cpu: int | None 
     shared = cpu == 0 or len(affinity) == 1
     memory = (write_mib << 20) * 2 + (64 << 20)            # the file, its mapping, Python
     with Machine(cpus=[cpu], memory=memory + (32 << 20), host_cpus=None if shared else "0",
-                 oversubscribe=shared) as m:
+                 oversubscribe=shared, run_dir=run_dir) as m:
         m.create("bench", cpus=[cpu], memory=memory)
         m.load("bench", "kernels.idle:IdleKernel")
         m.start("bench")
@@ -200,7 +202,8 @@ def main(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
-        res = run(loops, rounds, a.write_mib, a.cpu, a.quick, progress=sys.stderr.isatty())
+        res = run(loops, rounds, a.write_mib, a.cpu, a.quick, progress=sys.stderr.isatty(),
+                  run_dir=getattr(a, "run_dir", None))
     except ValueError as exc:
         print(f"mkctl bench: error: {exc} [EINVAL]", file=sys.stderr)
         return 1
