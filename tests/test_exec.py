@@ -130,6 +130,18 @@ class Terminal:
                 except OSError:            # EIO: mkctl is gone, and the pty with it
                     assert re.search(pattern, self.seen), (pattern, self.seen)
 
+    def drain(self, quiet=1.0):
+        """Everything left to read: until the pty closes or ``quiet`` seconds pass silent."""
+        import select
+        while select.select([self.master], [], [], quiet)[0]:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:                # EIO: mkctl is gone, and the pty with it
+                return
+            if not data:
+                return
+            self.seen += data
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -208,3 +220,22 @@ def test_exec_t_needs_a_terminal(running):
     r = mk(running, "exec", "-it", "a", "--", "/bin/true", stdin=subprocess.DEVNULL)
     assert r.returncode != 0 and "the input device is not a TTY" in r.stderr
     assert "[ENOTTY]" in r.stderr
+
+
+def test_exec_t_alone_gives_a_terminal_and_reads_no_input(running):
+    # -t without -i (docker's -t): the command's stdio is a pty of its own, mkctl's input is
+    # not relayed, mkctl's terminal stays cooked, and a Ctrl-C at mkctl reaches the command
+    # through the pty as its interrupt character
+    t = Terminal(running, "-t", "a", "--", "/bin/sh", "-c",
+                 "stty size; test -t 0 && echo stdin-is-a-tty; exec cat", rows=12, cols=34)
+    try:
+        t.expect(rb"12 34\r+\nstdin-is-a-tty\r+\n")
+        t.type("typed at mkctl\n")
+        t.expect(rb"typed at mkctl")                 # mkctl's own terminal's echo
+        time.sleep(0.5)                              # what cat would print, were it relayed
+        t.type(b"\x03")
+        assert t.proc.wait(timeout=30) == 128 + 2
+        t.drain()
+        assert b"typed at mkctl" not in t.seen
+    finally:
+        t.close()
