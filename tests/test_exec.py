@@ -204,6 +204,18 @@ def test_exec_it_is_a_terminal_with_job_control(running):
         t.expect(rb"sleep 101")
         t.type(b"\x03")
         t.expect(rb"mk\$ ")
+        # a resize of mkctl's terminal (SIGWINCH to mkctl) is the terminal's inside too
+        import struct
+        import termios
+        fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        deadline = time.monotonic() + 10
+        while True:
+            t.type("stty size\n")
+            m = t.expect(rb"\r\n(\d+ \d+)\r\nmk\$ ")
+            if m.group(1) == b"40 120":
+                break
+            assert time.monotonic() < deadline, f"the size inside stayed {m.group(1)!r}"
+            time.sleep(0.1)
         # the shell's exit status is mkctl's
         t.type("exit 7\n")
         assert t.proc.wait(timeout=30) == 7
@@ -237,5 +249,30 @@ def test_exec_t_alone_gives_a_terminal_and_reads_no_input(running):
         assert t.proc.wait(timeout=30) == 128 + 2
         t.drain()
         assert b"typed at mkctl" not in t.seen
+    finally:
+        t.close()
+
+
+def test_exec_it_restores_the_terminal_when_mkctl_is_terminated(running):
+    import signal
+    import termios
+    t = Terminal(running, "-it", "a", "--", "/bin/sh")
+    try:
+        t.expect(rb"# ")
+        assert not termios.tcgetattr(t.master)[3] & termios.ECHO      # raw while it runs
+        t.type("sleep 102\n")
+        deadline = time.monotonic() + 10
+        while not sleeping_in(b"sleep\x00102\x00"):
+            assert time.monotonic() < deadline, "the sleep never started"
+            time.sleep(0.05)
+        t.proc.send_signal(signal.SIGTERM)
+        assert t.proc.wait(timeout=30) == 128 + signal.SIGTERM
+        lflag = termios.tcgetattr(t.master)[3]
+        assert lflag & termios.ECHO and lflag & termios.ICANON and lflag & termios.ISIG
+        # and the userland went with it
+        deadline = time.monotonic() + 10
+        while sleeping_in(b"sleep\x00102\x00"):
+            assert time.monotonic() < deadline, "the userland outlived mkctl"
+            time.sleep(0.05)
     finally:
         t.close()

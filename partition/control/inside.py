@@ -99,6 +99,11 @@ def _on_terminal(identity: userland.Identity, argv: list[str],
     done = os.pidfd_open(started.pid)
     try:
         terminal.interactive(master, done, interactive)
+    except BaseException:
+        # mkctl is leaving (SIGTERM, SIGHUP, an error): the terminal hangs up, and as a
+        # hangup would, that ends the program (the init then kills what it left)
+        started.signal(signal.SIGHUP)
+        raise
     finally:
         os.close(done)
         os.close(master)
