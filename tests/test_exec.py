@@ -276,3 +276,13 @@ def test_exec_it_restores_the_terminal_when_mkctl_is_terminated(running):
             time.sleep(0.05)
     finally:
         t.close()
+
+
+def test_exec_it_of_a_missing_program_says_why(running):
+    t = Terminal(running, "-it", "a", "--", "/no/such/program")
+    try:
+        assert t.proc.wait(timeout=30) == 127
+        t.drain()
+        assert b"/no/such/program: could not be started inside 'a'" in t.seen
+    finally:
+        t.close()

@@ -132,6 +132,18 @@ def measure(identity: userland.Identity, cpu: int, loops: int, write_mib: int,
     return got
 
 
+def compare(identity: userland.Identity, n: int = 300, rounds: int = 5) -> dict[str, float]:
+    """The fork+exec figure alone, in a userland of ``identity`` (no machine needed): median
+    rates of ``rounds`` alternating runs, and their ratio (userland / host)."""
+    cpu = identity.cpus[0] if identity.cpus else sorted(os.sched_getaffinity(0))[-1]
+    host, ours = [], []
+    for _ in range(rounds):
+        host.append(float(on_host(FORK_EXEC, [str(n), str(cpu)])))
+        ours.append(float(inside(identity, FORK_EXEC, [str(n), str(cpu)])))
+    h, u = statistics.median(host), statistics.median(ours)
+    return {"host_per_s": h, "userland_per_s": u, "ratio": u / h}
+
+
 def judge(got: dict[str, dict[str, list[float]]], quick: bool) -> dict[str, Any]:
     """Medians, ratios (userland / host) and, unless ``quick``, each against the target."""
     figures: dict[str, Any] = {}
