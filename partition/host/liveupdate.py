@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from partition.abi import message as M
@@ -36,27 +37,29 @@ from partition.host.instance import Instance, State
 from partition.host.kimage import check_spec
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.lifecycle import Lifecycle
 
 #: how long the old kernel has to quiesce before it is forced (its state is then what it was)
 QUIESCE_S = 10.0
 
 
-def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
-           quiesce: float = QUIESCE_S) -> dict[str, Any]:
+def update(lc: Lifecycle, check_signature: Callable[..., None], inst: Instance, kernel: str,
+           cmdline: str | None = None, quiesce: float = QUIESCE_S) -> dict[str, Any]:
+    """The live update of ``inst`` (see the module's docstring), done by ``lc``, the machine's
+    lifecycle, with its loading, messaging and reactor; ``check_signature``: kexec's check."""
     if inst.state != State.ACTIVE or inst.pid is None:
         raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a live update replaces "
                         "a running kernel", f"mkctl start {inst.name}, or load the new image")
     old = inst.kimage
     assert old is not None
     new = check_spec(kernel, old.cmdline if cmdline is None else cmdline)
-    m._check_signature(inst, new)           # the new image, as kexec load would check it
+    check_signature(inst, new)           # the new image, as kexec load would check it
     t0 = time.monotonic()
     if inst.parked is not None:            # a successor of the old image (restart policy)
-        m.loading.forget_parked(inst)
+        lc.loading.forget_parked(inst)
     inst.kimage = new
     try:
-        m.loading.await_loaded(inst)       # 1. the new image, checked in its own process
+        lc.loading.await_loaded(inst)       # 1. the new image, checked in its own process
     except BaseException:
         inst.kimage = old
         raise
@@ -70,30 +73,30 @@ def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
     inst.halt_requested = "graceful"
     try:
         try:
-            m.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": quiesce, "handover": True})
+            lc.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": quiesce, "handover": True})
         except RingError:
             if inst.pidfd is not None:
                 signal.pidfd_send_signal(inst.pidfd, signal.SIGTERM)
-        if not m.wait(lambda: inst.pid is None, time.monotonic() + quiesce):
-            m.events.warning("handover_forced", instance=inst.id, name=inst.name,
+        if not lc.wait(lambda: inst.pid is None, time.monotonic() + quiesce):
+            lc.events.warning("handover_forced", instance=inst.id, name=inst.name,
                              quiesce_s=quiesce)
             inst.halt_requested = "forced"
-            m.lifecycle.force(inst)
-            m.wait(lambda: inst.pid is None, None)
+            lc.force(inst)
+            lc.wait(lambda: inst.pid is None, None)
     finally:
         inst.handover = False
     quiet = time.monotonic()
     kept = list(inst.kho or [])            # 3. what it preserved (checked, CRCs taken)
     keep_rest = inst.kho_keep_rest
-    saved = [(off, bytes(m.arena.read(inst.memory_base + off, size)))
+    saved = [(off, bytes(lc.arena.read(inst.memory_base + off, size)))
              for _, off, size, _ in kept]
 
     inst.handover = True                   # 4. the new kernel, same CPUs, same ring; a death
     try:                                   #    in its boot() keeps the service up for the old
         try:
-            m.lifecycle.boot(inst, wait_boot=True, handover=True)
+            lc.boot(inst, wait_boot=True, handover=True)
         except (BootFailed, BootTimeout, BadKernelImage) as exc:
-            return _roll_back(m, inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
+            return _roll_back(lc, inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
     finally:
         inst.handover = False
     done = time.monotonic()
@@ -103,11 +106,11 @@ def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
            "gap_ms": round((done - loaded) * 1e3, 3),
            "preserved": [n for n, _, _, _ in kept]}
     inst.counters["live_updates"] += 1
-    m.events.info("live_update", **out)
+    lc.events.info("live_update", **out)
     return out
 
 
-def _roll_back(m: Machine, inst: Instance, old: Any, new: Any, kept: list[tuple[str, int, int, int]],
+def _roll_back(lc: Lifecycle, inst: Instance, old: Any, new: Any, kept: list[tuple[str, int, int, int]],
                keep_rest: bool, saved: list[tuple[int, bytes]], exc: Exception, t0: float,
                quiet: float) -> dict[str, Any]:
     """5. The new kernel failed in boot(): the old image, the preserved bytes as they were.
@@ -116,22 +119,22 @@ def _roll_back(m: Machine, inst: Instance, old: Any, new: Any, kept: list[tuple[
     and cgroup: it is killed and reaped first (recorded as its own exit, a boot failure), so
     that the old image never boots beside it and each pidfd the host watches stays one
     incarnation's."""
-    m.events.warning("live_update_failed", instance=inst.id, name=inst.name,
+    lc.events.warning("live_update_failed", instance=inst.id, name=inst.name,
                      kernel=new.label, reason=str(exc))
     if inst.pid is not None:
-        m.lifecycle.force(inst)
+        lc.force(inst)
         inst.halt_requested = "boot-return-timeout"
-        m.wait(lambda: inst.pid is None, None)
+        lc.wait(lambda: inst.pid is None, None)
     for off, data in saved:
-        m.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
+        lc.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
     inst.kho, inst.kho_keep_rest = kept, keep_rest
     inst.kimage = old
     if inst.parked is not None:
-        m.loading.forget_parked(inst)
-    m.lifecycle.boot(inst, wait_boot=True, handover=True)
+        lc.loading.forget_parked(inst)
+    lc.boot(inst, wait_boot=True, handover=True)
     out = {"instance": inst.name, "kernel": old.label, "previous": old.label,
            "rolled_back": True, "reason": f"the new kernel failed to boot: {exc}",
            "gap_ms": round((time.monotonic() - quiet) * 1e3, 3),
            "preserved": [n for n, _, _, _ in kept]}
-    m.events.warning("live_update_rolled_back", **out)
+    lc.events.warning("live_update_rolled_back", **out)
     return out
