@@ -57,6 +57,7 @@ from partition.host.statefile import (  # noqa: F401  (the state file's names, a
     CONFIG_KEYS,
     START_TOLERANCE_S,
     STATE_FILE,
+    STATE_VERSION,
     abandoned,
     arena_name,
     cgroup_bases,

@@ -23,44 +23,27 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import signal
 import time
 import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from partition import linux
-from partition.abi import layout as L
 from partition.abi import message as M
-from partition.abi.console import ConsoleWriter, format_console, read_console
+from partition.abi.console import format_console, read_console
 from partition.abi.constants import HOST_ID, STATE_ACTIVE
 from partition.abi.ring import Ring, RingError
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
 from partition.guest.trampoline import readable_label
 from partition.guest.zygote import Zygote
-from partition.host import adoption, faults, liveupdate, llc, rundir, signing, statefile
-from partition.host.arena import Arena
-from partition.host.cgroups import Cgroups
-from partition.host.describe import Looks
+from partition.host import adoption, faults, liveupdate, llc, rundir, statefile
+from partition.host.assembly import Hooks, Settings, assemble, warn_missing
 from partition.host.devicetree import Overlay
-from partition.host.events import EventLog
-from partition.host.hostipc import HostBells, HostIPC
 from partition.host.instance import Instance, State, check_transition
 from partition.host.kimage import check_spec
-from partition.host.lifecycle import Lifecycle
-from partition.host.loading import Loading
-from partition.host.overlays import Overlays
-from partition.host.pool import PoolConfig, ResourcePool, pool_shape
-from partition.host.publish import Publisher
-from partition.host.reactor import Reactor
 from partition.host.recovery import RecoveryPolicy
-from partition.host.resize import Resources, update_op
-from partition.host.supervision import Supervisor
-from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S, Sweep
-from partition.host.table import InstanceTable
-from partition.host.views import ViewWriter
-from partition.host.writewatch import WriteWatch
+from partition.host.resize import update_op
+from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
 from partition.units import seconds
 
 __all__ = ["COUNTERS_BATCH", "SWEEP_BATCH", "SWEEP_IDLE_MAX_S", "SWEEP_PERIOD_S", "Machine"]
@@ -93,35 +76,16 @@ class Machine:
                  pool_window: int | None = None,
                  llc_way_mask: int | str | None = None, resctrl_root: str = llc.RESCTRL_ROOT,
                  require_signed: bool = False, keyring: str | None = None) -> None:
-        self.config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
-        #: the pool's chunks and window as a dead host left them (adoption: the state file),
-        #: else one chunk of ``memory`` in a window with room to grow (host/poolresize.py)
-        self._pool_shape = pool_shape(self.config.memory_bytes, pool_chunks, pool_window)
-        self.pin_host = bool(pin_host)
-        #: the LLC ways the pool hands out (the baseline's llc-way-mask), and what enforces
-        #: instances' shares of them (host/llc.py): resctrl where the host has it
-        self.llc_way_mask = None if llc_way_mask is None else \
-            llc.parse_mask(llc_way_mask, "the pool's llc-way-mask")
-        #: signed images (host/signing.py): the keyring kexec verifies against, and whether
-        #: an unsigned or unverified image is refused (KEXEC_SIG_FORCE)
-        if not isinstance(require_signed, bool):
-            raise InvalidSpec(f"require_signed must be true or false, got {require_signed!r}",
-                              "--require-signed takes no value")
-        if require_signed and not keyring:
-            raise InvalidSpec("signed images are required but no keyring is given: nothing "
-                              "could verify them", "mkctl init --require-signed --keyring CERT")
-        self.keyring = signing.Keyring(keyring) if keyring else None
-        self.require_signed = require_signed
-        #: instances outlive this host (no parent-death signal; a named arena; a state file a
-        #: new host adopts them from: host/adoption.py). The supervisor's machines do.
-        self.survive_host = bool(survive_host or adopt)
-        self.adopting = bool(adopt)
-        if not (isinstance(console_bytes, int) and console_bytes >= 4096 and console_bytes % 4096 == 0):
-            raise InvalidSpec(f"console size {console_bytes!r} must be a multiple of 4096 bytes",
-                              "use e.g. 65536")
-        self.kill_timeout = seconds(kill_timeout, "kill_timeout", 0, 86400)
-        self.boot_timeout = seconds(boot_timeout, "boot_timeout", 0, 3600)
-        self.protection = bool(protection)
+        s = Settings.check(cpus, memory, host_cpus, oversubscribe, console_bytes, kill_timeout,
+                           boot_timeout, pin_host, ring_slots, ring_slot_bytes, protection,
+                           survive_host, adopt, pool_chunks, pool_window, llc_way_mask,
+                           require_signed, keyring)
+        self.settings = s
+        self.config, self.pin_host, self.llc_way_mask = s.config, s.pin_host, s.llc_way_mask
+        self.keyring, self.require_signed = s.keyring, s.require_signed
+        self.survive_host, self.adopting = s.survive_host, s.adopting
+        self.kill_timeout, self.boot_timeout = s.kill_timeout, s.boot_timeout
+        self.protection = s.protection
         self._closed = False
         self._closing = False
         self._run = run_dir if isinstance(run_dir, rundir.RunDir) else rundir.claim(run_dir)
@@ -132,82 +96,23 @@ class Machine:
         try:
             if self.llc_way_mask is not None:
                 self.resctrl.check_pool(self.llc_way_mask)
-            self._setup(console_bytes, pin_host, ring_slots, ring_slot_bytes)
+            h = assemble(s, self.run_dir, self.resctrl,
+                         Hooks(self.create, self.delete, self.wait, lambda: self.closing,
+                               self.console_text), self._state_config)
         except BaseException:
             self._run.release()
             raise
-
-    # -- construction and teardown ---------------------------------------------------------
-    def _setup(self, console_bytes: int, pin_host: bool, ring_slots: int,
-               ring_slot_bytes: int) -> None:
-        cfg = self.config
-        for what, v, lo, hi in (("ring_slots", ring_slots, 1, 4096),
-                                ("ring_slot_bytes", ring_slot_bytes, 64, 1 << 20)):
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise InvalidSpec(f"{what} must be an integer in {lo}..{hi}, got {v!r}",
-                                  f"e.g. {what}={64 if what == 'ring_slots' else 4096}")
-        if pin_host and cfg.host_cpus:
-            os.sched_setaffinity(0, cfg.host_cpus)
-        # the host holds about six descriptors per instance: 511 need more than the usual
-        # soft limit of 1024 (the hard limit is the administrator's, and stays)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        chunks, window = self._pool_shape
-        cfg.memory_bytes = sum(n for _, n in chunks)
-        self.pool = ResourcePool(cfg, window, chunks)
-        self.layout = lay = L.ArenaLayout(pool_bytes=window, console_bytes=console_bytes,
-                                          ring_slots=ring_slots, ring_slot_bytes=ring_slot_bytes)
-        flags = (L.FLAG_OVERSUBSCRIBE if cfg.oversubscribe else 0) | \
-            (0 if self.protection else L.FLAG_UNPROTECTED)
-        shm = statefile.arena_name(self.run_dir) if self.survive_host else None
-        self.arena = arena = Arena(lay, tag=f"mk-arena:{rundir.machine_key(self.run_dir)}",
-                                   flags=flags, shm_name=shm, attach=self.adopting)
-        self.table = table = InstanceTable()
-        self.instances: dict[str, Instance] = table.by_name
+        self.house = h
+        self.pool, self.layout, self.arena, self.table = h.pool, h.layout, h.arena, h.table
+        self.instances: dict[str, Instance] = h.table.by_name
+        self.reactor, self.selector, self.events = h.reactor, h.reactor.selector, h.events
+        self.views, self.ipc, self.cgroups, self.looks = h.views, h.ipc, h.cgroups, h.looks
+        self.state, self.publisher, self.loading = h.state, h.publisher, h.loading
+        self.supervisor, self.writes, self.lifecycle = h.supervisor, h.writes, h.lifecycle
+        self.overlays, self.sweeper, self.check_signature = h.overlays, h.sweeper, h.check_signature
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
-        self.reactor = Reactor()
-        self.selector = self.reactor.selector
-        self.events = events = EventLog(os.path.join(self.run_dir, rundir.EVENTS),
-                                        run_dir=self.run_dir)
-        self.views = ViewWriter(self.run_dir)
-        at = lay.console_at(HOST_ID)
-        host_console = memoryview(arena.map)[at:at + console_bytes]
-        if not self.adopting:               # an adopted machine keeps every console's lines
-            format_console(host_console)
-        self._host_console: ConsoleWriter | None = ConsoleWriter(host_console)
-        cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
-        self.ipc = ipc = HostIPC(arena, lay, cpu, table, events, self.reactor)
-        self.bells = HostBells(self.reactor, ipc.drain)
-        self.cgroups = Cgroups(rundir.machine_key(self.run_dir), survivable=self.survive_host,
-                               adopt=statefile.cgroup_bases(self.run_dir) if self.adopting
-                               else None)
-        self.check_signature = signing.ImageCheck(self.keyring, self.require_signed, events)
-        self.looks = looks = Looks(cfg, self.pool, lay, arena, ipc, self.resctrl,
-                                   self.llc_way_mask)
-        self.state = statefile.StateFile(self.run_dir, table, self._state_config) \
-            if self.survive_host else None
-        self.overlays: Overlays
-        self.publisher = pub = Publisher(
-            table, arena, events, self.views, looks.pool_fields, looks.view_fields,
-            lambda: [t.to_dict() for t in self.overlays.visible()], cfg.oversubscribe,
-            self.state.save if self.state is not None else None)
-        self.loading = Loading(arena, lay, self.pool, self.cgroups, events, self.reactor,
-                               self.wait, self._llc_join, self.bells.ring, self.run_dir,
-                               self.protection, self.survive_host)
-        self.supervisor = Supervisor(table, arena, events, pub, self.printk,
-                                     self.loading.forget_parked, self.console_text)
-        self.writes = None if self.protection else WriteWatch(table.by_name, lay, arena, events)
-        self.lifecycle = Lifecycle(table, arena, self.reactor, events, self.cgroups, self.loading,
-                                   ipc, self.supervisor, pub, self.writes, self.wait, self.printk,
-                                   lambda: self.closing, self.survive_host, self.boot_timeout)
-        self.resources = Resources(cfg, self.pool, lay.pool_offset, arena, events, self.cgroups,
-                                   ipc.command, self.wait, self.pin_host)
-        self.overlays = Overlays(self.resources, table, pub, self.create, self.delete)
-        self.sweeper = Sweep(table, arena.own, self.views, looks.counters, ipc.watch)
-        host = arena.peer(HOST_ID)
+        host = self.arena.peer(HOST_ID)
         host.peer_state = STATE_ACTIVE
         host.pid = os.getpid()
         self.started = time.time()
@@ -215,40 +120,22 @@ class Machine:
         #: the records adoption refused: [{"name", "why"}] (as its ``adopted`` event says)
         self.adopt_refused: list[dict[str, Any]] = []
         if self.adopting:
-            arena.adopted()
+            self.arena.adopted()
             self.adopt_ms, self.adopt_refused = adoption.adopt(adoption.Adopter(
-                self.run_dir, table, arena, self.pool, lay.pool_offset, cfg, self.cgroups,
-                self.resctrl, self.llc_way_mask, events, self.printk, self.check_signature,
-                self.require_signed, self.reactor, self.bells, self.lifecycle.on_exit))
-        arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
-                           memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
-                           last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
+                self.run_dir, h.table, h.arena, h.pool, h.layout.pool_offset, s.config,
+                h.cgroups, self.resctrl, s.llc_way_mask, h.events, self.printk,
+                h.check_signature, s.require_signed, h.reactor, h.bells, h.lifecycle.on_exit))
+        cfg = s.config
+        self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
+                                memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
+                                last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
         self.printk(f"multikernel: pool CPUs {cfg.cpus}, host CPUs {cfg.host_cpus}, memory "
                     f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
-        self._warn_missing()
-        events.info("machine_init", pool=cfg.to_dict(), arena_bytes=lay.arena_bytes,
-                    cgroups=self.cgroups.mode,
-                    mode="oversubscribed" if cfg.oversubscribe else "dedicated")
+        warn_missing(self.events, self.cgroups, self.resctrl, self.llc_way_mask)
+        self.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=self.layout.arena_bytes,
+                         cgroups=self.cgroups.mode,
+                         mode="oversubscribed" if cfg.oversubscribe else "dedicated")
         self.publish()
-
-    def _warn_missing(self) -> None:
-        """What this host lacks, said once in the event log."""
-        if self.cgroups.mode is None:
-            self.events.warning("containment_unavailable", what="cgroups", why=self.cgroups.why)
-        if not linux.PIPE_NOWAIT:
-            self.events.warning("doorbell_nowait_unavailable",
-                                why="pipes refuse pwritev2(RWF_NOWAIT) before Linux 6.4: "
-                                    "doorbells are rung with plain writes, which a peer that "
-                                    "clears O_NONBLOCK on a ring end and fills it can block")
-        if not linux.containment_supported():      # (each instance's console says so too)
-            self.events.warning("containment_unavailable", what="namespaces",
-                                why=f"no namespaces, capabilities or seccomp on "
-                                    f"{os.uname().machine}: {linux.UNCONTAINED_DOORBELLS}")
-        if self.cgroups.reaped:
-            self.events.warning("stale_instances_killed", count=self.cgroups.reaped)
-        if self.llc_way_mask is not None and not self.resctrl.enforced:
-            self.events.warning("llc_unenforced", mask=llc.fmt(self.llc_way_mask),
-                                why=self.resctrl.reason)
 
     def _state_config(self) -> dict[str, Any]:
         """The machine's part of the state file: what a new host is started with."""
@@ -302,9 +189,9 @@ class Machine:
         try:
             self.reactor.close()
         finally:
-            self.bells.close()
+            self.house.bells.close()
             self.ipc.close()
-            self._host_console = None
+            self.house.console.close()
             if unlink:
                 self.arena.unlink()
             self.arena.close()
@@ -349,8 +236,7 @@ class Machine:
     # -- host services ---------------------------------------------------------------------
     def printk(self, message: str) -> None:
         """The host's own console (instance 0's kmsg)."""
-        if self._host_console is not None:
-            self._host_console.printk(message)
+        self.house.console.printk(message)
 
     def refresh_views(self) -> None:
         """Rewrite the counters views that moved (counters move between state changes; the
@@ -402,6 +288,10 @@ class Machine:
     @defer_state.setter
     def defer_state(self, on: bool) -> None:
         self.publisher.defer_state = on
+
+    @property
+    def extra_host_doorbells(self) -> list[int]:
+        return self.house.bells.extra
 
     @property
     def _filters_due(self) -> float:
@@ -486,26 +376,8 @@ class Machine:
 
     _check_signature = property(lambda self: self.check_signature)   # (its older name)
 
-    def _llc_join(self, inst: Instance, pid: int) -> None:
-        """Its process into its resctrl group (host/llc.py); a refusal is an event, not a
-        failed load: the mask stays checked and shown, and the views say it is not held."""
-        try:
-            self.resctrl.join(inst.id, pid)
-        except MKError as exc:
-            self.events.warning("llc_join_failed", instance=inst.id, name=inst.name, pid=pid,
-                                error=exc.message)
-
     def _llc_leave(self, inst: Instance) -> None:
-        """Remove its resctrl group, if it has one. A group that cannot go is said (an
-        ``llc_group_left`` event) and what called goes on: a delete whose cgroups are gone
-        already, or the rest of a teardown."""
-        if not inst.llc_way_mask:
-            return
-        try:
-            self.resctrl.remove_group(inst.id)
-        except OSError as exc:
-            self.events.warning("llc_group_left", instance=inst.id, name=inst.name,
-                                error=exc.strerror)
+        llc.leave(self.resctrl, self.events, inst)
 
     def start(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Boot the loaded image on the instance's CPUs (loaded|failed -> active): kerf 0.4's
@@ -744,47 +616,13 @@ class Machine:
         """Handle pending events (deaths, doorbells); wait up to ``timeout`` for the first."""
         if self._closed:
             return 0
-        watched = self.supervisor.watched()
-        if watched:
-            period = min(i.recovery.watchdog for i in watched) / 4
-            timeout = period if timeout is None else min(timeout, period)
-        handled = self.reactor.dispatch(timeout)
-        if self.ipc.pending():
-            self.ipc.drain()               # what a flood left over from the last turn
-        if watched:
-            self.supervisor.watchdog(watched, self._force_by_watchdog)
-        now = time.monotonic()
-        self.sweeper.after_events(handled, now)
-        self.sweeper.maybe_run(now)
-        if self.writes is not None and self.writes.due(now):
-            self.writes.scan()
-        self.supervisor.run_restarts(self.lifecycle.boot, lambda: self.closing)
-        if self.lifecycle.successors_due:
-            self.lifecycle.spawn_successors()
-        return handled
-
-    def _force_by_watchdog(self, inst: Instance) -> None:
-        self.lifecycle.force(inst)
-        inst.halt_requested = "watchdog"
+        return self.house.turn.run(timeout)
 
     def next_timer(self) -> float | None:
         """Seconds until the machine has timed work of its own (a watchdog look, a write-watch
         scan, a queued restart), None if none: a loop that nests the machine (the daemon)
         wakes by then and calls ``poll``, so that no timer depends on outside traffic."""
-        due: list[float] = []
-        watched = self.supervisor.watched()
-        if watched:
-            due.append(min(i.recovery.watchdog for i in watched) / 4)
-        if self.writes is not None:
-            due.append(max(0.0, self.writes.next_due - time.monotonic()))
-        if self.supervisor.pending() or self.ipc.pending():
-            due.append(0.0)
-        if self.lifecycle.successors_due:
-            due.append(max(0.0, min(t for t, _ in self.lifecycle.successors_due)
-                           - time.monotonic()))
-        if self.instances:
-            due.append(max(0.0, self.sweeper.due - time.monotonic()))
-        return min(due) if due else None
+        return self.house.turn.next_timer()
 
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Drive the machine until ``done()`` or ``deadline``. With a ``waiter`` set (the
