@@ -15,9 +15,9 @@ from typing import Any
 from partition import linux
 from partition.abi import layout as L
 from partition.abi.console import ConsoleWriter, format_console
-from partition.abi.constants import HOST_ID
+from partition.abi.constants import HOST_ID, STATE_ACTIVE
 from partition.errors import InvalidSpec
-from partition.host import llc, rundir, signing, statefile
+from partition.host import adoption, llc, rundir, signing, statefile
 from partition.host.arena import Arena
 from partition.host.cgroups import Cgroups
 from partition.host.describe import Looks
@@ -27,6 +27,7 @@ from partition.host.lifecycle import Lifecycle
 from partition.host.loading import Loading
 from partition.host.overlays import Overlays
 from partition.host.pool import PoolConfig, ResourcePool, pool_shape
+from partition.host.provision import Provisioning
 from partition.host.publish import Publisher
 from partition.host.reactor import Reactor
 from partition.host.resize import Resources
@@ -150,6 +151,7 @@ class House:
     looks: Looks
     state: statefile.StateFile | None
     publisher: Publisher
+    provision: Provisioning
     loading: Loading
     supervisor: Supervisor
     writes: WriteWatch | None
@@ -169,8 +171,7 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks,
-             state_config: Callable[[], dict[str, Any]]) -> House:
+def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> House:
     """Build one machine's collaborators, in the order they need each other."""
     cfg = s.config
     s.check_rings()
@@ -199,12 +200,18 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks,
     cgroups = Cgroups(rundir.machine_key(run_dir), survivable=s.survive_host,
                       adopt=statefile.cgroup_bases(run_dir) if s.adopting else None)
     check_signature = signing.ImageCheck(s.keyring, s.require_signed, events)
-    looks = Looks(cfg, pool, lay, arena, ipc, resctrl, s.llc_way_mask)
-    state = statefile.StateFile(run_dir, table, state_config) if s.survive_host else None
-    kept: list[Overlays] = []          # (the publisher shows the overlays made below)
+    kept: list[Overlays] = []          # (the overlays are made below; the looks show them)
+    looks = Looks(s, run_dir, table, pool, lay, arena, ipc, resctrl, events,
+                  lambda: kept[0].visible())
+    state = statefile.StateFile(
+        run_dir, table, lambda: state_config(s, lay, pool, arena, resctrl, cgroups)) \
+        if s.survive_host else None
     publisher = Publisher(table, arena, events, views, looks.pool_fields, looks.view_fields,
                           lambda: [t.to_dict() for t in kept[0].visible()], cfg.oversubscribe,
                           state.save if state is not None else None)
+
+    provision = Provisioning(table, pool, cfg, lay, arena, cgroups, resctrl, s.llc_way_mask,
+                             events, publisher)
 
     def llc_join(inst: Any, pid: int) -> None:
         llc.join(resctrl, events, inst, pid)
@@ -223,7 +230,7 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks,
     sweeper = Sweep(table, arena.own, views, looks.counters, ipc.watch)
     turn = Turn(table, reactor, ipc, supervisor, sweeper, writes, lifecycle, hooks.closing)
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
-                 check_signature, looks, state, publisher, loading, supervisor, writes,
+                 check_signature, looks, state, publisher, provision, loading, supervisor, writes,
                  lifecycle, resources, overlays, sweeper, turn)
 
 
@@ -245,3 +252,52 @@ def warn_missing(events: EventLog, cgroups: Cgroups, resctrl: llc.Resctrl,
         events.warning("stale_instances_killed", count=cgroups.reaped)
     if llc_way_mask is not None and not resctrl.enforced:
         events.warning("llc_unenforced", mask=llc.fmt(llc_way_mask), why=resctrl.reason)
+
+
+def state_config(s: Settings, lay: L.ArenaLayout, pool: ResourcePool, arena: Arena,
+                 resctrl: llc.Resctrl, cgroups: Cgroups) -> dict[str, Any]:
+    """The machine's part of the state file: what a new host is started with."""
+    cfg = s.config
+    return {
+        "arena": arena.shm_name, "host_pid": os.getpid(),
+        "config": {"cpus": cfg.cpus, "memory": cfg.memory_bytes, "host_cpus": cfg.host_cpus,
+                   "oversubscribe": cfg.oversubscribe,
+                   "console_bytes": lay.console_bytes, "ring_slots": lay.ring_slots,
+                   "ring_slot_bytes": lay.ring_slot_bytes,
+                   "kill_timeout": s.kill_timeout, "protection": s.protection,
+                   "pool_chunks": [list(c) for c in pool.chunks],
+                   "pool_window": pool.window,
+                   "llc_way_mask": s.llc_way_mask, "resctrl_root": resctrl.root,
+                   "require_signed": s.require_signed,
+                   "keyring": s.keyring.path if s.keyring else None},
+        "cgroups": cgroups.bases}
+
+
+def open_house(h: House, s: Settings, run_dir: str,
+               resctrl: llc.Resctrl) -> tuple[float | None, list[dict[str, Any]]]:
+    """The host comes up in its arena: its peer entry and record, the instances it adopts (a
+    new host of a survivable machine), its first words. Returns adoption's time (ms) and the
+    records it refused (``[{"name", "why"}]``); None and none when it adopted nothing."""
+    cfg = s.config
+    host = h.arena.peer(HOST_ID)
+    host.peer_state = STATE_ACTIVE
+    host.pid = os.getpid()
+    adopt_ms: float | None = None
+    refused: list[dict[str, Any]] = []
+    if s.adopting:
+        h.arena.adopted()
+        adopt_ms, refused = adoption.adopt(adoption.Adopter(
+            run_dir, h.table, h.arena, h.pool, h.layout.pool_offset, cfg, h.cgroups, resctrl,
+            s.llc_way_mask, h.events, h.console.printk, h.check_signature, s.require_signed,
+            h.reactor, h.bells, h.lifecycle.on_exit))
+    h.arena.write_record(HOST_ID, state="active", name="host", memory_base=0, memory_bytes=0,
+                         cpus=cfg.host_cpus, pid=os.getpid(), boots=1, last_exit_ns=0,
+                         last_exit_signal=0, last_exit_code=0, kernel="")
+    h.console.printk(f"multikernel: pool CPUs {cfg.cpus}, host CPUs {cfg.host_cpus}, memory "
+                     f"{cfg.memory_bytes} bytes, "
+                     f"{'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
+    warn_missing(h.events, h.cgroups, resctrl, s.llc_way_mask)
+    h.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=h.layout.arena_bytes,
+                  cgroups=h.cgroups.mode,
+                  mode="oversubscribed" if cfg.oversubscribe else "dedicated")
+    return adopt_ms, refused

@@ -4,27 +4,45 @@ fields): read-only looks at the instance table, the pool, the arena and the host
 
 from __future__ import annotations
 
+import os
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
+from partition.abi.constants import HOST_ID
+from partition.errors import InvalidSpec
 from partition.host import llc
 from partition.host.devicetree import MEMORY_GRANULE
 from partition.host.instance import Instance
 from partition.host.kimage import KIMAGE_TYPE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from partition.abi.layout import ArenaLayout
     from partition.host.arena import Arena
+    from partition.host.assembly import Settings
+    from partition.host.events import EventLog
     from partition.host.hostipc import HostIPC
-    from partition.host.pool import PoolConfig, ResourcePool
+    from partition.host.overlays import Transaction
+    from partition.host.pool import ResourcePool
+    from partition.host.table import InstanceTable
 
 
 class Looks:
     """The read-only looks at one machine's state."""
 
-    def __init__(self, config: PoolConfig, pool: ResourcePool, layout: ArenaLayout,
-                 arena: Arena, ipc: HostIPC, resctrl: llc.Resctrl,
-                 llc_way_mask: int | None) -> None:
+    def __init__(self, settings: Settings, run_dir: str, table: InstanceTable,
+                 pool: ResourcePool, layout: ArenaLayout, arena: Arena, ipc: HostIPC,
+                 resctrl: llc.Resctrl, events: EventLog,
+                 overlays: Callable[[], list[Transaction]]) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.table = table
+        self.events = events
+        self.overlays = overlays
+        config = settings.config
+        llc_way_mask = settings.llc_way_mask
         self.config = config
         self.pool = pool
         self.layout = layout
@@ -118,3 +136,43 @@ class Looks:
             "failure": inst.failure,
             "llc_way_mask": llc.fmt(inst.llc_way_mask) if inst.llc_way_mask else None,
         }
+
+    def snapshot(self, brief: bool, started: float, adopt_ms: float | None) -> dict[str, Any]:
+        """The machine: its settings, pool, overlays, host and every instance (each as
+        ``describe_brief`` says it with ``brief``)."""
+        s, cfg = self.settings, self.config
+        describe = self.describe_brief if brief else self.describe
+        return {
+            "machine": {
+                "run_dir": self.run_dir, "supervisor_pid": os.getpid(),
+                "host_cpus": list(cfg.host_cpus), "oversubscribe": cfg.oversubscribe,
+                "mode": "oversubscribed" if cfg.oversubscribe else "dedicated",
+                "protection": s.protection,
+                "arena_bytes": self.layout.arena_bytes, "started": started,
+                "survive_host": s.survive_host, "adopt_ms": adopt_ms,
+                "events": dict(self.events.counts),
+                "signatures": {"required": s.require_signed,
+                               "keyring": s.keyring.path if s.keyring else None,
+                               "keys": s.keyring.subjects() if s.keyring else []},
+            },
+            "pool": self.pool_fields(),
+            # (with the instances each changed: show says which were deleted since)
+            "overlays": [{**t.to_dict(), "names": t.names} for t in self.overlays()],
+            "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
+            "instances": [describe(i) for i in sorted(self.table, key=lambda i: i.id)],
+        }
+
+    def checksum(self, inst: Instance) -> int:
+        """CRC32 of an instance's whole partition, as the host reads it."""
+        view = memoryview(self.arena.map)[inst.memory_base:inst.memory_base + inst.memory_bytes]
+        try:
+            return zlib.crc32(view)
+        finally:
+            view.release()
+
+    def read(self, inst: Instance, offset: int, size: int) -> bytes:
+        """Bytes of an instance's partition, as the host sees them."""
+        if offset < 0 or size < 0 or offset + size > inst.memory_bytes:
+            raise InvalidSpec(f"range {offset}+{size} is outside the {inst.memory_bytes}-byte "
+                              f"partition of {inst.name!r}", "stay within 0..memory_bytes")
+        return self.arena.read(inst.memory_base + offset, size)

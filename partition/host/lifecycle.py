@@ -431,6 +431,23 @@ class Lifecycle:
             os.close(inst.old_doorbell_fd)
             inst.old_doorbell_fd = None
 
+    @staticmethod
+    def drop_descriptors(inst: Instance) -> None:
+        """Close what the host holds for ``inst``'s run and its parked successor, and nothing
+        else: no kill, no reap, no unregister (a host that is abandoned: the reactor closes
+        next, and the processes run on for the host that adopts them)."""
+        for fd in (inst.pidfd, inst.doorbell_fd, inst.old_doorbell_fd):
+            if fd is not None:
+                os.close(fd)
+        if inst.channel is not None:
+            inst.channel.close()
+        p = inst.parked
+        if p is not None:
+            for fd in (p.pidfd, p.doorbell_fd, p.report_fd):
+                if fd >= 0:
+                    os.close(fd)
+            p.channel.close()
+
     def forward_old_doorbell(self, inst: Instance) -> None:
         """The doorbell of a live update's predecessor was rung (a late sender, see
         ``_handed_over``): ring the running kernel's. Before it boots there is none to ring,

@@ -23,7 +23,7 @@ from partition import linux
 from partition.abi.constants import DEFAULT_HEAP
 from partition.errors import BadKernelImage, MKError, ZygoteError
 from partition.guest.kernel import heap_of
-from partition.guest.trampoline import BootParams, enter
+from partition.guest.trampoline import BootParams, enter, readable_label
 from partition.guest.zygote import Zygote
 from partition.host import cgroups
 from partition.host.arena import inherited_mappings
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from partition.host.arena import Arena
     from partition.host.cgroups import Cgroups
     from partition.host.events import EventLog
+    from partition.host.kimage import KImage
     from partition.host.pool import ResourcePool
     from partition.host.reactor import Reactor
 
@@ -137,6 +138,23 @@ class Loading:
                              child_fds=child_fds)
         self.reactor.watch(pidfd, PARKED_EXIT, inst, self.on_parked_exit)
         self.reactor.watch(report_r, REPORT, inst, self.on_report)
+
+    def load(self, inst: Instance, kimage: KImage, check_signature: Callable[..., None]) -> None:
+        """``kexec load``: the image checked (its signature), imported in its own process
+        (never here), its label read from the loader's report; a failure leaves ``inst`` as
+        it was."""
+        check_signature(inst, kimage)
+        inst.kimage = kimage
+        try:
+            report = self.await_loaded(inst)
+        except BaseException:
+            inst.kimage = None
+            raise
+        kimage.label = readable_label(str(report.get("label") or ""),
+                                      str(report.get("source") or ""))
+        kimage.source = str(report.get("source") or "")
+        self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=kimage.label,
+                         source=kimage.source, cmdline=kimage.cmdline)
 
     def _fork(self, params: BootParams) -> tuple[int, tuple[int, int]]:
         """The instance's process: forked by the machine's zygote (guest/zygote.py), a small

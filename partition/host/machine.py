@@ -7,41 +7,32 @@ multi-threaded process can inherit a lock held by a thread that no longer exists
 a researcher wants from an instrument: events are handled when the machine is driven, by
 ``poll()``, by any verb, or by the supervisor daemon's loop, which drives it continuously.
 
-Guarantees:
-- a verb either completes or raises an ``MKError`` and changes nothing;
-- a death is noticed the next time the machine is driven (at once in the daemon: the pidfd wakes
-  it); the exit is reaped, classified and recorded before any other verb runs;
-- ``close()`` halts every instance and leaves no process, mapping, descriptor or file behind.
+Guarantees: a verb either completes or raises an ``MKError`` and changes nothing; a death is
+noticed the next time the machine is driven (at once in the daemon) and recorded before any
+other verb runs; ``close()`` leaves no process, mapping, descriptor or file behind.
 
-This module is the public surface alone: the verbs (create, load, exec, kill, update, fault,
-unload, delete, send, request...) each with its checks before its first change, and the views.
-It builds the collaborators (docs/architecture.md's module map), giving each only what it uses;
-none of them knows this class.
+This module is the public surface alone, the verbs and the views; assembly.py builds the
+collaborators (docs/architecture.md's module map), each with only what it uses.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import signal
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from partition.abi import message as M
-from partition.abi.console import format_console, read_console
-from partition.abi.constants import HOST_ID, STATE_ACTIVE
-from partition.abi.ring import Ring, RingError
-from partition.errors import InvalidSpec, MKError, NoSuchInstance, NotLoaded, ResourceBusy
-from partition.guest.trampoline import readable_label
-from partition.guest.zygote import Zygote
-from partition.host import adoption, faults, liveupdate, llc, rundir, statefile
-from partition.host.assembly import Hooks, Settings, assemble, warn_missing
+from partition.abi.console import read_console
+from partition.abi.constants import HOST_ID
+from partition.abi.ring import Ring
+from partition.errors import InvalidSpec, MKError, NotLoaded
+from partition.host import faults, liveupdate, llc, rundir, statefile
+from partition.host.assembly import Hooks, Settings, assemble, open_house
 from partition.host.devicetree import Overlay
 from partition.host.instance import Instance, State, check_transition
 from partition.host.kimage import check_spec
-from partition.host.recovery import RecoveryPolicy
 from partition.host.resize import update_op
 from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
 from partition.units import seconds
@@ -60,6 +51,17 @@ def verb(fn: V) -> V:
         self.poll(0)
         return fn(self, *args, **kwargs)
     return run  # type: ignore[return-value]
+
+
+def _owned(path: str, doc: str) -> Any:
+    """A property of the machine that is a collaborator's attribute (``path`` from the
+    machine), read and written there: the collaborator owns it, callers keep its old name."""
+    *owners, attr = path.split(".")
+
+    def owner(m: Machine) -> Any:
+        return functools.reduce(getattr, owners, m)
+    return property(lambda m: getattr(owner(m), attr),
+                    lambda m, v: setattr(owner(m), attr, v), doc=doc)
 
 
 class Machine:
@@ -98,7 +100,7 @@ class Machine:
                 self.resctrl.check_pool(self.llc_way_mask)
             h = assemble(s, self.run_dir, self.resctrl,
                          Hooks(self.create, self.delete, self.wait, lambda: self.closing,
-                               self.console_text), self._state_config)
+                               self.console_text))
         except BaseException:
             self._run.release()
             raise
@@ -112,47 +114,10 @@ class Machine:
         self.overlays, self.sweeper, self.check_signature = h.overlays, h.sweeper, h.check_signature
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
-        host = self.arena.peer(HOST_ID)
-        host.peer_state = STATE_ACTIVE
-        host.pid = os.getpid()
         self.started = time.time()
-        self.adopt_ms: float | None = None
-        #: the records adoption refused: [{"name", "why"}] (as its ``adopted`` event says)
-        self.adopt_refused: list[dict[str, Any]] = []
-        if self.adopting:
-            self.arena.adopted()
-            self.adopt_ms, self.adopt_refused = adoption.adopt(adoption.Adopter(
-                self.run_dir, h.table, h.arena, h.pool, h.layout.pool_offset, s.config,
-                h.cgroups, self.resctrl, s.llc_way_mask, h.events, self.printk,
-                h.check_signature, s.require_signed, h.reactor, h.bells, h.lifecycle.on_exit))
-        cfg = s.config
-        self.arena.write_record(HOST_ID, state="active", name="host", memory_base=0,
-                                memory_bytes=0, cpus=cfg.host_cpus, pid=os.getpid(), boots=1,
-                                last_exit_ns=0, last_exit_signal=0, last_exit_code=0, kernel="")
-        self.printk(f"multikernel: pool CPUs {cfg.cpus}, host CPUs {cfg.host_cpus}, memory "
-                    f"{cfg.memory_bytes} bytes, {'OVERSUBSCRIBED' if cfg.oversubscribe else 'dedicated'}")
-        warn_missing(self.events, self.cgroups, self.resctrl, self.llc_way_mask)
-        self.events.info("machine_init", pool=cfg.to_dict(), arena_bytes=self.layout.arena_bytes,
-                         cgroups=self.cgroups.mode,
-                         mode="oversubscribed" if cfg.oversubscribe else "dedicated")
+        #: adoption's time, and the records it refused: [{"name", "why"}] (its event's)
+        self.adopt_ms, self.adopt_refused = open_house(h, s, self.run_dir, self.resctrl)
         self.publish()
-
-    def _state_config(self) -> dict[str, Any]:
-        """The machine's part of the state file: what a new host is started with."""
-        cfg, lay = self.config, self.layout
-        return {
-            "arena": self.arena.shm_name, "host_pid": os.getpid(),
-            "config": {"cpus": cfg.cpus, "memory": cfg.memory_bytes, "host_cpus": cfg.host_cpus,
-                       "oversubscribe": cfg.oversubscribe,
-                       "console_bytes": lay.console_bytes, "ring_slots": lay.ring_slots,
-                       "ring_slot_bytes": lay.ring_slot_bytes,
-                       "kill_timeout": self.kill_timeout, "protection": self.protection,
-                       "pool_chunks": [list(c) for c in self.pool.chunks],
-                       "pool_window": self.pool.window,
-                       "llc_way_mask": self.llc_way_mask, "resctrl_root": self.resctrl.root,
-                       "require_signed": self.require_signed,
-                       "keyring": self.keyring.path if self.keyring else None},
-            "cgroups": self.cgroups.bases}
 
     @property
     def closing(self) -> bool:
@@ -180,7 +145,7 @@ class Machine:
             self.loading.zygotes.close()
             self.cgroups.close()
             for inst in self.instances.values():
-                self._llc_leave(inst)
+                llc.leave(self.resctrl, self.events, inst)
             self._teardown(unlink=True)
 
     def _teardown(self, unlink: bool) -> None:
@@ -218,17 +183,7 @@ class Machine:
         assert state is not None
         self._closed = True
         for inst in self.instances.values():
-            for fd in (inst.pidfd, inst.doorbell_fd, inst.old_doorbell_fd):
-                if fd is not None:
-                    os.close(fd)
-            if inst.channel is not None:
-                inst.channel.close()
-            p = inst.parked
-            if p is not None:
-                for fd in (p.pidfd, p.doorbell_fd, p.report_fd):
-                    if fd >= 0:
-                        os.close(fd)
-                p.channel.close()
+            self.lifecycle.drop_descriptors(inst)
         self.loading.zygotes.close()
         self._teardown(unlink=False)
         return {k: v for k, v in state["config"].items() if k in statefile.CONFIG_KEYS}
@@ -264,46 +219,14 @@ class Machine:
         if self._closed or self._closing:
             raise MKError("the machine has been shut down", "create a new Machine")
 
-    # -- compatibility: state the collaborators own, under the names callers know ----------
-    @property
-    def changes(self) -> int:
-        return self.table.changes
-
-    @property
-    def zygote(self) -> Zygote | None:
-        return self.loading.zygotes.current
-
-    @property
-    def use_zygote(self) -> bool:
-        return self.loading.zygotes.enabled
-
-    @use_zygote.setter
-    def use_zygote(self, on: bool) -> None:
-        self.loading.zygotes.enabled = on
-
-    @property
-    def defer_state(self) -> bool:
-        return self.publisher.defer_state
-
-    @defer_state.setter
-    def defer_state(self, on: bool) -> None:
-        self.publisher.defer_state = on
-
-    @property
-    def extra_host_doorbells(self) -> list[int]:
-        return self.house.bells.extra
-
-    @property
-    def _filters_due(self) -> float:
-        return self.sweeper.due
-
-    @_filters_due.setter
-    def _filters_due(self, due: float) -> None:
-        self.sweeper.due = due
-
-    @property
-    def _sweep_period(self) -> float:
-        return self.sweeper.period
+    # -- state the collaborators own, under the names callers know (read and written there)
+    changes = _owned("table.changes", "published changes so far (caches key on it)")
+    zygote = _owned("loading.zygotes.current", "the zygote forking instances, if one runs")
+    use_zygote = _owned("loading.zygotes.enabled", "False: instances forked from the host")
+    defer_state = _owned("publisher.defer_state", "write the state file at flush_state only")
+    extra_host_doorbells = _owned("house.bells.extra", "an old host's doorbells, adopted")
+    _filters_due = _owned("sweeper.due", "when the next sweep is due")
+    _sweep_period = _owned("sweeper.period", "the sweep's period now")
 
     # -- verbs -----------------------------------------------------------------------------
     @verb
@@ -315,69 +238,20 @@ class Machine:
                llc_way_mask: int | str | None = None) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: its own LLC ways,
         a subset of the pool's that no other instance holds (host/llc.py)."""
-        r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
-        mask = 0
-        if llc_way_mask is not None:
-            mask = llc.parse_mask(llc_way_mask)
-            llc.check_instance(name, mask, self.llc_way_mask,
-                               {i.name: i.llc_way_mask for i in self.instances.values()
-                                if i.llc_way_mask})
-        policy = RecoveryPolicy.build(recovery, max_restarts, restart_window, watchdog,
-                                      preserve_memory)
-        if standby_for is not None and standby_for not in self.instances:
-            raise NoSuchInstance(f"standby_for names no instance: {standby_for!r}",
-                                 "create the primary first")
-        if mask:
-            self.resctrl.make_group(r.id, mask)     # (the last that can fail)
-        self.pool.commit(r)
-        inst = Instance(id=r.id, name=r.name, cpus=r.cpus,
-                        physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
-                        memory_base=self.layout.pool_offset + r.memory_offset,
-                        memory_bytes=r.memory_bytes, recovery=policy, standby_for=standby_for,
-                        llc_way_mask=mask)
-        self.table.add(inst)
-        self._clear_slots(inst)
-        self.events.info("instance_created", instance=inst.id, name=name, cpus=inst.cpus,
-                         memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
-                         shared_cpus=self.pool.shared_cpus(name, inst.cpus),
-                         **({"llc_way_mask": llc.fmt(mask), "llc_enforced": self.resctrl.enforced}
-                            if mask else {}))
-        self.transition(inst, State.READY, "create", old=State.EMPTY)
-        return self.describe(inst)
-
-    def _clear_slots(self, inst: Instance) -> None:
-        """A fresh console and peer and own slots for an instance's id."""
-        off = self.layout.console_at(inst.id)
-        view = memoryview(self.arena.map)[off:off + self.layout.console_bytes]
-        format_console(view)
-        self.arena.peer(inst.id).clear()
-        self.arena.own(inst.id).clear()
+        policy = {"policy": recovery, "max_restarts": max_restarts,
+                  "restart_window": restart_window, "watchdog": watchdog,
+                  "preserve_memory": preserve_memory}
+        return self.describe(self.house.provision.create(name, memory, cpus, cpu_count, id, policy,
+                                                         standby_for, llc_way_mask))
 
     @verb
     def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:
         """Load a kernel image (ready -> loaded). A spec that is not a kernel leaves it ready."""
         inst = self.get(name)
         check_transition("load", inst.name, inst.state)
-        kimage = check_spec(kernel, cmdline)
-        self.check_signature(inst, kimage)
-        inst.kimage = kimage
-        try:
-            report = self.loading.await_loaded(inst)  # imported in its own process, not here
-        except BaseException:
-            inst.kimage = None
-            raise
-        kimage.label = readable_label(str(report.get("label") or ""),
-                                      str(report.get("source") or ""))
-        kimage.source = str(report.get("source") or "")
-        self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=kimage.label,
-                         source=kimage.source, cmdline=cmdline)
+        self.loading.load(inst, check_spec(kernel, cmdline), self.check_signature)
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
-
-    _check_signature = property(lambda self: self.check_signature)   # (its older name)
-
-    def _llc_leave(self, inst: Instance) -> None:
-        llc.leave(self.resctrl, self.events, inst)
 
     def start(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Boot the loaded image on the instance's CPUs (loaded|failed -> active): kerf 0.4's
@@ -395,6 +269,7 @@ class Machine:
         self.lifecycle.boot(inst, wait_boot=bool(wait))
         return self.describe(inst)
 
+    @verb
     def kill(self, name: str, force: bool = False, timeout: float | None = None) -> dict[str, Any]:
         """Halt an instance: graceful (SIGTERM, then SIGKILL after ``timeout``) or forced."""
         inst = self.get(name)
@@ -414,57 +289,23 @@ class Machine:
                preserve_memory: bool | None = None) -> dict[str, Any]:
         """Change an instance's recovery policy or watchdog, in any state (all or nothing)."""
         inst = self.get(name)
-        inst.recovery.update(policy=recovery, max_restarts=max_restarts,
-                             restart_window=restart_window, watchdog=watchdog,
-                             preserve_memory=preserve_memory)
-        inst.progress_seen = (self.arena.own(inst.id).progress, time.monotonic())
-        self.events.info("instance_updated", instance=inst.id, name=inst.name,
-                         recovery=inst.recovery.to_dict())
-        self.publish(inst)
+        self.supervisor.update_policy(inst, policy=recovery, max_restarts=max_restarts,
+                                      restart_window=restart_window, watchdog=watchdog,
+                                      preserve_memory=preserve_memory)
         return self.describe(inst)
 
     @verb
     def fault(self, name: str, kind: str, **options: Any) -> dict[str, Any]:
         """Inject a fault into an active instance (see faults.py for the kinds)."""
         opts = faults.validate(kind, options)
-        inst = self.get(name)
-        if inst.state != State.ACTIVE or inst.pid is None:
-            raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
-                            f"mkctl start {inst.name} first")
-        if kind == "ipi-storm" and self.by_id(opts["target"]) is None:
-            raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
-                              "give the id of an instance (mkctl show)")
-        out = self.describe(inst)     # before the fault: nothing slow between it and detection
-        if self.writes is not None:
-            self.writes.scan(only=inst)       # what it wrote so far, before its page tables go
-        injected = time.monotonic()
-        if kind == "kill":
-            inst.halt_requested = "fault"      # the record says so, and it is still a crash
-            os.kill(inst.pid, signal.SIGKILL)
-        elif kind == "hang-stop":
-            os.kill(inst.pid, signal.SIGSTOP)
-        else:
-            try:
-                self.ipc.command(inst, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
-            except RingError as exc:       # nothing was injected: nothing is recorded
-                raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
-                                   f"{exc.strerror}", "its IPI ring is full or it is not "
-                                   "answering; retry, or inject kill or hang-stop") from None
-        inst.pending_fault = (kind, injected)
-        inst.counters["faults_injected"] += 1
-        self.events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind,
-                            options=opts)
-        return out
+        return faults.inject(self.get(name), kind, opts, self.by_id, self.describe, self.writes,
+                             self.ipc.command, self.events)
 
     def checksum(self, name: str) -> int:
         """CRC32 of an instance's whole partition, as the host reads it."""
-        inst = self.get(name)
-        view = memoryview(self.arena.map)[inst.memory_base:inst.memory_base + inst.memory_bytes]
-        try:
-            return zlib.crc32(view)
-        finally:
-            view.release()
+        return self.looks.checksum(self.get(name))
 
+    @verb
     def unload(self, name: str) -> dict[str, Any]:
         """Drop the loaded image (loaded|failed -> ready)."""
         inst = self.get(name)
@@ -482,17 +323,7 @@ class Machine:
         inst = self.get(name)
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
-        self.cgroups.remove(inst.id)
-        self._llc_leave(inst)
-        for base, size in inst.regions:
-            self.arena.scrub(base, size)
-        self._clear_slots(inst)
-        self.arena.clear_record(inst.id)
-        self.pool.release(inst.name, inst.id, inst.cpus)
-        self.table.remove(inst)
-        self.events.info("state_change", instance=inst.id, name=inst.name, old="ready",
-                         new="empty", cause="delete")
-        self.publish()
+        self.house.provision.delete(inst)
         out["state"] = State.EMPTY.value
         return out
 
@@ -554,28 +385,9 @@ class Machine:
         return snap
 
     def snapshot(self, brief: bool = False) -> dict[str, Any]:
-        cfg = self.config
-        describe = self.describe_brief if brief else self.describe
-        return {
-            "machine": {
-                "run_dir": self.run_dir, "supervisor_pid": os.getpid(),
-                "host_cpus": list(cfg.host_cpus), "oversubscribe": cfg.oversubscribe,
-                "mode": "oversubscribed" if cfg.oversubscribe else "dedicated",
-                "protection": self.protection,
-                "arena_bytes": self.layout.arena_bytes, "started": self.started,
-                "survive_host": self.survive_host, "adopt_ms": self.adopt_ms,
-                "events": dict(self.events.counts),
-                "signatures": {"required": self.require_signed,
-                               "keyring": self.keyring.path if self.keyring else None,
-                               "keys": self.keyring.subjects() if self.keyring else []},
-            },
-            "pool": self.looks.pool_fields(),
-            # (with the instances each changed: show says which were deleted since)
-            "overlays": [{**t.to_dict(), "names": t.names} for t in self.overlays.visible()],
-            "host": {"id": HOST_ID, "cpus": list(cfg.host_cpus), "pid": os.getpid()},
-            "instances": [describe(i) for i in sorted(self.instances.values(), key=lambda i: i.id)],
-        }
+        return self.looks.snapshot(brief, self.started, self.adopt_ms)
 
+    @verb
     def console(self, name: str | int) -> str:
         """The instance's kmsg; readable whatever its state, also after it died."""
         if name in ("host", 0, "0"):
@@ -589,11 +401,7 @@ class Machine:
     def read_memory(self, name: str, offset: int, size: int) -> bytes:
         """Bytes of an instance's partition, as the host sees them."""
         self._check_open()
-        inst = self.get(name)
-        if offset < 0 or size < 0 or offset + size > inst.memory_bytes:
-            raise InvalidSpec(f"range {offset}+{size} is outside the {inst.memory_bytes}-byte "
-                              f"partition of {inst.name!r}", "stay within 0..memory_bytes")
-        return self.arena.read(inst.memory_base + offset, size)
+        return self.looks.read(self.get(name), offset, size)
 
     def pid_of(self, name: str) -> int:
         inst = self.get(name)
@@ -687,6 +495,3 @@ class Machine:
         ``kimage`` and ``iomem`` views (with ``defer_state``). The daemon calls it after each
         verb, before its reply goes out, and after each turn of its loop."""
         self.publisher.flush()
-
-    def _counters(self, inst: Instance) -> dict[str, int]:
-        return self.looks.counters(inst)

@@ -86,6 +86,15 @@ class Supervisor:
                 force(inst)                     # force_halt, the write scan, SIGKILL
                 inst.halt_requested = "watchdog"
 
+    def update_policy(self, inst: Instance, **changes: Any) -> None:
+        """Change an instance's recovery policy or watchdog (all or nothing); the watchdog
+        times a stall from now."""
+        inst.recovery.update(**changes)
+        inst.progress_seen = (self.arena.own(inst.id).progress, self.clock.monotonic())
+        self.events.info("instance_updated", instance=inst.id, name=inst.name,
+                         recovery=inst.recovery.to_dict())
+        self.publisher.publish(inst)
+
     # -- failures --------------------------------------------------------------------------
     def is_failure(self, record: ExitRecord) -> bool:
         return record.how in FAILURE_KINDS
