@@ -1,5 +1,5 @@
 """The machine's assembly: its arguments checked (``Settings``), and its collaborators built,
-each given only what it uses (``assemble``). ``Machine`` (machine.py) is the facade over what
+each given only what it uses (``assemble``). The facade (machine.py) is over what
 this returns; nothing built here receives the machine, only the few verbs it calls back
 (``Hooks``).
 """

@@ -248,7 +248,7 @@ class HostIPC:
 
     def watch_filters(self, instances: list[Instance]) -> None:
         """A receiver sets and clears its drop filters itself, in shared memory, where the
-        event log cannot see it: the host looks now and then (Machine.poll, every 0.1 s) and
+        event log cannot see it: the host looks now and then (the machine's poll, every 0.1 s) and
         logs each change as ``ipi_filter_set`` / ``ipi_filter_cleared``. The values are what
         the instance wrote: logged as read, never acted on."""
         for inst in instances:
@@ -265,7 +265,7 @@ class HostIPC:
                 self._filters_seen.pop(inst.id, None)
 
     def watch_rings(self, instances: list[Instance]) -> None:
-        """Every 0.1 s (Machine.poll): the host's ring is drained if anything waits in it (a
+        """Every 0.1 s (the machine's poll): the host's ring is drained if anything waits in it (a
         claim that was never published is reclaimed by the drain after its bound, and only a
         drain gets there); each instance's own resets and every stalled ring are logged. What
         an instance reports is logged as read."""

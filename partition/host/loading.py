@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from partition.host.pool import ResourcePool
     from partition.host.reactor import Reactor
 
-#: drive the machine until ``done()`` or the deadline (Machine.wait); whether it is done
+#: drive the machine until ``done()`` or the deadline (the machine's wait); whether it is done
 Wait = Callable[[Callable[[], bool], float | None], bool]
 
 #: how long ``load`` waits for the instance's process to import its image and report
@@ -67,7 +67,7 @@ class Zygotes:
 class Loading:
     """Spawns, watches and reaps the parked processes of one machine's loaded instances.
     ``llc_join``: its process into its LLC group; ``host_ring``: the host doorbell's ring
-    end, which every instance holds; ``wait``: drives the machine (Machine.wait)."""
+    end, which every instance holds; ``wait``: drives the machine (its wait)."""
 
     def __init__(self, arena: Arena, layout: ArenaLayout, pool: ResourcePool, cgroups: Cgroups,
                  events: EventLog, reactor: Reactor, wait: Wait,

@@ -28,7 +28,7 @@ STATE_VERSION = 2
 _RECORD = re.compile(r"([0-9]{1,3})\.json")
 #: how far the recorded start time of an adopted process may be from the one the kernel gives
 START_TOLERANCE_S = 0.01
-#: the keys of a state file's ``config`` that a new host is started with (``Machine``'s
+#: the keys of a state file's ``config`` that a new host is started with (the machine's
 #: arguments; save_state writes them): what ``abandon`` hands on and the supervisor passes
 CONFIG_KEYS = ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes", "ring_slots",
                "ring_slot_bytes", "kill_timeout", "protection", "pool_chunks", "pool_window",
@@ -178,7 +178,7 @@ def _state_record(inst: Instance) -> str:
 
 class StateFile:
     """Everything a new host needs to adopt this machine's instances. ``config``: the
-    machine's part (its ``Machine`` arguments and its cgroups), asked at each write."""
+    machine's part (its arguments and its cgroups), asked at each write."""
 
     def __init__(self, run_dir: str, table: InstanceTable,
                  config: Callable[[], dict[str, Any]]) -> None:

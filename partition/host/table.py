@@ -17,7 +17,7 @@ class InstanceTable:
     """Name -> instance, with an id index checked against it on each use."""
 
     def __init__(self) -> None:
-        #: name -> instance (``Machine.instances`` is this dict)
+        #: name -> instance (the machine's ``instances`` is this dict)
         self.by_name: dict[str, Instance] = {}
         self._ids: dict[int, Instance] = {}
         #: published changes so far (host/publish.py counts them)

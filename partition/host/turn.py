@@ -1,4 +1,4 @@
-"""One turn of the host's loop (``Machine.poll``), and when the next one is due.
+"""One turn of the host's loop (the machine's ``poll``), and when the next one is due.
 
 A turn handles what the descriptors say (each to its own handler: reactor.py), drains what a
 flood left in the host's ring, looks at the watched instances (the watchdog), sweeps when due
