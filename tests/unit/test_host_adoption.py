@@ -19,9 +19,8 @@ LO = 4 * MB
 
 
 class Cgroups:
-    bases: dict[str, str] = {}
-
     def __init__(self) -> None:
+        self.bases: dict[str, str] = {}
         self.killed: list[int] = []
 
     def kill(self, iid: int, reap: bool = False, keep: int | None = None) -> int:
@@ -45,7 +44,7 @@ def _adopt(tmp_path, records):
     a = adoption.Adopter(str(tmp_path), table, FakeArena(), ResourcePool(cfg), LO, cfg, cgroups,
                          Resctrl(), None, events, printed.append, lambda *_: None, False,
                          None, None, lambda inst: None)
-    ms, refused = adoption.adopt(a)
+    _, refused = adoption.adopt(a)
     return table, cgroups, {r["name"]: r["why"] for r in refused}, events
 
 
@@ -88,7 +87,7 @@ def test_a_forged_record_is_refused_alone_and_its_cgroup_killed(adopt, forged, w
     bad = {**_record(1, "bad"), **forged}
     table, cgroups, refused, _ = adopt([_record(2, "good"), bad])
     assert [i.name for i in table] == ["good"]
-    [(name, said)] = refused.items()
+    [said] = refused.values()
     assert said.startswith("bad record: ") and why in said, said
     iid = forged.get("id", 1)
     if type(iid) is int and 1 <= iid < 512:
