@@ -290,9 +290,9 @@ def _rebuild(a: Adopter, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
     inst.extra_regions = extra
     inst.llc_way_mask = mask
     inst.boots = _int(rec.get("boots"))
-    inst.generation = _int(rec.get("generation"))
+    generation = _int(rec.get("generation"))
     # the host's command numbering goes on: a kernel obeys only numbers past its last
-    inst.cmd_seq = max(_int(rec.get("cmd_seq")), a.arena.peer(iid).cmd_seq)
+    inst.run.restore(generation, max(_int(rec.get("cmd_seq")), a.arena.peer(iid).cmd_seq))
     counters = rec.get("counters")
     if isinstance(counters, dict):
         for k, v in counters.items():
@@ -362,9 +362,7 @@ def _take(a: Adopter, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(doorbell)
         os.close(host_bell)
         return f"pid {pid} exited during adoption"
-    inst.pid, inst.pidfd, inst.doorbell_fd, inst.pid_start = pid, pidfd, doorbell, start
-    inst.child_fds = (int(fds[0]), int(fds[1]))
-    inst.adopted = True
+    inst.run.adopt(pid, pidfd, doorbell, start, (int(fds[0]), int(fds[1])))
     inst.state = State.ACTIVE
     a.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
     a.reactor.watch(pidfd, EXIT, inst, a.on_exit)

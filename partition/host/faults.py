@@ -85,7 +85,7 @@ def inject(inst: Instance, kind: str, opts: dict[str, Any],
         writes.scan(only=inst)       # what it wrote so far, before its page tables go
     injected = clock.monotonic()
     if kind == "kill":
-        inst.halt_requested = "fault"      # the record says so, and it is still a crash
+        inst.run.halt("fault")             # the record says so, and it is still a crash
         port.kill(inst.pid, signal.SIGKILL)
     elif kind == "hang-stop":
         port.kill(inst.pid, signal.SIGSTOP)
@@ -96,7 +96,7 @@ def inject(inst: Instance, kind: str, opts: dict[str, Any],
             raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
                                f"{exc.strerror}", "its IPI ring is full or it is not "
                                "answering; retry, or inject kill or hang-stop") from None
-    inst.pending_fault = (kind, injected)
+    inst.run.pending_fault = (kind, injected)
     inst.counters["faults_injected"] += 1
     events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind, options=opts)
     return out

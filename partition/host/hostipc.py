@@ -137,7 +137,7 @@ class HostIPC:
         """A host command (abi/message.py HOST_COMMANDS) to ``inst``: numbered, its digest
         published in the instance's peer entry first (only the host writes there), then sent;
         the kernel obeys it only if the two match. ``request``: wait for the answer."""
-        seq = inst.cmd_seq = inst.cmd_seq + 1
+        seq = inst.run.next_command()
         self.arena.peer(inst.id).publish_command(
             seq, M.command_digest(seq, inst.generation, msg_type, body))
         payload = {"seq": seq, "body": body}
@@ -208,19 +208,19 @@ class HostIPC:
         # the sender id is a claim: the reason is kept, and logged only if this instance's
         # run really ends (lifecycle.on_exit), so a peer cannot make an active one look halted
         reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
-        inst.halted_said = reason
+        inst.run.said_halted(reason)
 
     def _on_shutdown_ack(self, msg: M.Message) -> None:
         inst = self.table.by_id(msg.sender)
         if inst is not None and inst.halt_requested == "graceful" and not inst.shutdown_acked:
-            inst.shutdown_acked = True       # once, and only when a shutdown was asked for
+            inst.run.acked_shutdown()        # once, and only when a shutdown was asked for
             self.events.info("shutdown_ack", instance=inst.id, name=inst.name)
 
     def _on_heartbeat(self, msg: M.Message) -> None:
         inst = self.table.by_id(msg.sender)
         if inst is not None:
             inst.counters["heartbeats"] += 1
-            inst.last_heartbeat = time.time()
+            inst.run.heartbeat(time.time())
 
     def sweep_claims_of(self, inst: Instance) -> None:
         """A dead sender's unpublished claims would block its peers' rings: abandon them, and

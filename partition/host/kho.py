@@ -87,3 +87,8 @@ def prepare(arena: Arena, events: EventLog, inst: Instance) -> None:
     inst.kho = None
     events.info("kho_handed_over", instance=inst.id, name=inst.name,
                   regions=[n for n, _, _, _ in kept], scrubbed_rest=not inst.kho_keep_rest)
+
+
+def put_back(inst: Instance, kept: list[tuple[str, int, int, int]], keep_rest: bool) -> None:
+    """A live update rolled back: the table its old run left is handed in again at its boot."""
+    inst.kho, inst.kho_keep_rest = kept, keep_rest

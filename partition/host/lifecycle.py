@@ -23,7 +23,15 @@ from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, ResourceBusy
 from partition.host import kho
 from partition.host.exits import classify_exit
-from partition.host.instance import CHANNEL, EXIT, OLD_DOORBELL, ExitRecord, Instance, State
+from partition.host.instance import (
+    CHANNEL,
+    EXIT,
+    OLD_DOORBELL,
+    ExitRecord,
+    Instance,
+    Phase,
+    State,
+)
 
 if TYPE_CHECKING:
     from partition.host.arena import Arena
@@ -94,24 +102,14 @@ class Lifecycle:
             self.publisher.transition(inst, State.FAILED, "boot-failure", reason=exc.message)
             raise BootFailed(f"instance {inst.name!r}: its kernel image did not load: "
                              f"{exc.message}", exc.hint) from None
-        p = inst.parked
-        assert p is not None
-        inst.parked = None
-        # the parked process becomes the running one
-        inst.pid, inst.pidfd, inst.doorbell_fd, inst.channel = p.pid, p.pidfd, p.doorbell_fd, \
-            p.channel
-        inst.child_fds, inst.adopted = p.child_fds, False
-        if self.survive_host:                    # what a new host will check before adopting it
-            inst.pid_start = linux.process_start_time(p.pid)
+        p = inst.run.unpark()
+        # the parked process becomes the running one, its start time what a new host will
+        # check before adopting it
+        inst.run.start(p, linux.process_start_time(p.pid) if self.survive_host else 0.0)
         self.reactor.rewatch(p.pidfd, EXIT, inst, self.on_exit)
         self.reactor.watch(p.channel, CHANNEL, inst, self.ipc.serve_doorbells)
-        inst.halt_requested = None
-        inst.halted_said = None
-        inst.shutdown_acked = False
         inst.failure = None
-        inst.boots_acked = False
         peer, own = self.arena.peer(inst.id), self.arena.own(inst.id)
-        inst.generation += 1
         gen = inst.generation
         peer.ready = 0
         peer.force_halt = 0
@@ -141,7 +139,7 @@ class Lifecycle:
                              f"mkctl console {inst.name} shows the kernel's last words")
         if not acked:
             peer.ready = 0                # revoke the publication
-            inst.halt_requested = "boot-timeout"
+            inst.run.halt("boot-timeout")
             os.kill(pid, signal.SIGKILL)
             self.wait(lambda: inst.pid is None, None)
             raise BootTimeout(
@@ -171,9 +169,8 @@ class Lifecycle:
                               f"mkctl console {inst.name}; start --no-wait does not wait")
     def _mark_booted(self, inst: Instance) -> None:
         """The boot CPU cleared ``ready``: the instance is active."""
-        inst.boots_acked = True
-        # the watchdog times a stall from this boot, not from the last run's final progress
-        inst.progress_seen = (self.arena.own(inst.id).progress, time.monotonic())
+        inst.run.booted()
+        self.supervisor.watch_from_now(inst)    # a stall is timed from this boot
         inst.boots += 1
         inst.counters["boots"] += 1
         peer = self.arena.peer(inst.id)
@@ -211,7 +208,7 @@ class Lifecycle:
     def force(self, inst: Instance) -> None:
         if inst.pid is None:
             return
-        inst.halt_requested = "forced"
+        inst.run.halt("forced")
         self.arena.peer(inst.id).force_halt = 1
         if self.writes is not None:
             self.writes.scan(only=inst)
@@ -229,7 +226,7 @@ class Lifecycle:
         for inst in insts:
             if inst.pid is None:
                 continue
-            inst.halt_requested = "graceful"
+            inst.run.halt("graceful")
             try:
                 self.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
             except RingError as exc:
@@ -248,7 +245,7 @@ class Lifecycle:
                 self.events.warning("halt_timeout", instance=inst.id, name=inst.name,
                                  timeout_s=timeout)
                 self.force(inst)
-                inst.halt_requested = "forced-after-timeout"
+                inst.run.halt("forced-after-timeout")
         self.wait(lambda: all(i.pid is None for i in asked), None)
 
     # -- exits -----------------------------------------------------------------------------
@@ -290,7 +287,7 @@ class Lifecycle:
         if oom:
             record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
                              "its partition, heap and allowance")
-        inst.oom_kills = ooms
+        inst.run.oom_kills = ooms
         failed = booting or self.supervisor.is_failure(record)
         # the failure record first: the cgroup's sweep (a freeze and thaw in v1), the events,
         # the console and the views can wait until it is made (issue 20: they doubled the
@@ -315,7 +312,7 @@ class Lifecycle:
         if inst.halted_said is not None:
             self.events.info("halted_message", instance=inst.id, name=inst.name,
                           reason=inst.halted_said)
-            inst.halted_said = None
+            inst.run.said_halted(None)
         self.events.info("instance_exit", instance=inst.id, name=inst.name, pid=pid,
                       how=record.how, reason=record.reason, signal=record.signal,
                       code=record.code,
@@ -344,7 +341,7 @@ class Lifecycle:
                 except OSError as exc:          # start tries again, and says why if it fails too
                     self.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                      error=str(exc))
-        inst.pending_fault = None
+        inst.run.pending_fault = None
 
     def _handed_over(self, inst: Instance, status: int, detected: float) -> None:
         """The old kernel of a live update exited (host/liveupdate.py boots the new one): the
@@ -359,7 +356,7 @@ class Lifecycle:
         # a peer's Port bound to this run that checked the peer entry before the new pid was
         # written publishes after the new kernel's last look and rings this doorbell: kept,
         # and forwarded to the new kernel's for as long as it runs (models/liveupdate.pml)
-        ring_end, inst.doorbell_fd = inst.doorbell_fd, None
+        ring_end = inst.run.drop_doorbell()
         # (the host holds the pipe's ring end, which cannot be watched for a ring: the pipe
         # opened again for reading and writing, so that it stays open to late rings)
         kept = None
@@ -373,7 +370,7 @@ class Lifecycle:
         if ring_end is not None:
             os.close(ring_end)
         if kept is not None:
-            inst.old_doorbell_fd = kept
+            inst.run.keep_old_doorbell(kept)
             self.reactor.watch(kept, OLD_DOORBELL, inst, self.forward_old_doorbell)
         self.ipc.sweep_claims_of(inst)
         inst.last_exit = record
@@ -413,23 +410,21 @@ class Lifecycle:
                 except (ProcessLookupError, ChildProcessError):
                     pass
                 self.cgroups.kill(inst.id)
-            inst.pid = None
-            inst.adopted = False
         if inst.pidfd is not None:            # after the kill above, which may signal through it
             os.close(inst.pidfd)
-            inst.pidfd = None
         self.ipc.forget(inst.id)
         if inst.channel is not None:
             self.reactor.unwatch(inst.channel)
             inst.channel.close()
-            inst.channel = None
         if inst.doorbell_fd is not None:
             os.close(inst.doorbell_fd)
-            inst.doorbell_fd = None
         if inst.old_doorbell_fd is not None:
             self.reactor.unwatch(inst.old_doorbell_fd)
             os.close(inst.old_doorbell_fd)
-            inst.old_doorbell_fd = None
+        if inst.run.phase == Phase.RUNNING:
+            inst.run.end()                    # (every descriptor of it closed above)
+        else:
+            inst.run.keep_old_doorbell(None)
 
     @staticmethod
     def drop_descriptors(inst: Instance) -> None:

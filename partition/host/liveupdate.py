@@ -33,6 +33,7 @@ from partition.abi import message as M
 from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, NotLoaded
 from partition.guest.trampoline import readable_label
+from partition.host import kho
 from partition.host.instance import Instance, State
 from partition.host.kimage import check_spec
 
@@ -69,8 +70,8 @@ def update(lc: Lifecycle, check_signature: Callable[..., None], inst: Instance, 
     new.source = str((report or {}).get("source") or "")
     loaded = time.monotonic()
 
-    inst.handover = True                   # 2. the old kernel quiesces
-    inst.halt_requested = "graceful"
+    inst.run.handover = True               # 2. the old kernel quiesces
+    inst.run.halt("graceful")
     try:
         try:
             lc.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": quiesce, "handover": True})
@@ -80,25 +81,25 @@ def update(lc: Lifecycle, check_signature: Callable[..., None], inst: Instance, 
         if not lc.wait(lambda: inst.pid is None, time.monotonic() + quiesce):
             lc.events.warning("handover_forced", instance=inst.id, name=inst.name,
                              quiesce_s=quiesce)
-            inst.halt_requested = "forced"
+            inst.run.halt("forced")
             lc.force(inst)
             lc.wait(lambda: inst.pid is None, None)
     finally:
-        inst.handover = False
+        inst.run.handover = False
     quiet = time.monotonic()
     kept = list(inst.kho or [])            # 3. what it preserved (checked, CRCs taken)
     keep_rest = inst.kho_keep_rest
     saved = [(off, bytes(lc.arena.read(inst.memory_base + off, size)))
              for _, off, size, _ in kept]
 
-    inst.handover = True                   # 4. the new kernel, same CPUs, same ring; a death
+    inst.run.handover = True               # 4. the new kernel, same CPUs, same ring; a death
     try:                                   #    in its boot() keeps the service up for the old
         try:
             lc.boot(inst, wait_boot=True, handover=True)
         except (BootFailed, BootTimeout, BadKernelImage) as exc:
             return _roll_back(lc, inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
     finally:
-        inst.handover = False
+        inst.run.handover = False
     done = time.monotonic()
     out = {"instance": inst.name, "kernel": new.label, "previous": old.label,
            "rolled_back": False, "load_ms": round((loaded - t0) * 1e3, 3),
@@ -123,11 +124,11 @@ def _roll_back(lc: Lifecycle, inst: Instance, old: Any, new: Any, kept: list[tup
                      kernel=new.label, reason=str(exc))
     if inst.pid is not None:
         lc.force(inst)
-        inst.halt_requested = "boot-return-timeout"
+        inst.run.halt("boot-return-timeout")
         lc.wait(lambda: inst.pid is None, None)
     for off, data in saved:
         lc.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
-    inst.kho, inst.kho_keep_rest = kept, keep_rest
+    kho.put_back(inst, kept, keep_rest)
     inst.kimage = old
     if inst.parked is not None:
         lc.loading.forget_parked(inst)

@@ -134,8 +134,8 @@ class Loading:
         pidfd = linux.pidfd_open(pid)
         if inst.llc_way_mask:
             self.llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started
-        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
-                             child_fds=child_fds)
+        inst.run.park(Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
+                             child_fds=child_fds))
         self.reactor.watch(pidfd, PARKED_EXIT, inst, self.on_parked_exit)
         self.reactor.watch(report_r, REPORT, inst, self.on_report)
 
@@ -312,10 +312,9 @@ class Loading:
     def forget_parked(self, inst: Instance, kill: bool = True) -> int | None:
         """Kill (unless it is gone already) and reap the parked process; close what it held.
         Returns its wait status (None: no parked process, or not ours to reap)."""
-        p = inst.parked
-        if p is None:
+        if inst.parked is None:
             return None
-        inst.parked = None
+        p = inst.run.unpark()
         self._close_report(p)
         self.reactor.unwatch(p.pidfd)
         try:

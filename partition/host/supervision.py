@@ -73,10 +73,10 @@ class Supervisor:
             last, since = inst.progress_seen
             stalled = now - since
             if value != last or since == 0.0:
-                inst.progress_seen = (value, now)
+                inst.run.progress_seen = (value, now)
             elif stalled > inst.recovery.watchdog / 2 and inst.nudged != since \
                     and stalled <= inst.recovery.watchdog and inst.doorbell_fd is not None:
-                inst.nudged = since
+                inst.run.nudged = since
                 inst.counters["watchdog_nudges"] += 1
                 self.port.ring_doorbell(inst.doorbell_fd)
             elif stalled > inst.recovery.watchdog and inst.halt_requested is None \
@@ -84,16 +84,21 @@ class Supervisor:
                 self.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
                                     stalled_s=round(stalled, 3), progress=value)
                 force(inst)                     # force_halt, the write scan, SIGKILL
-                inst.halt_requested = "watchdog"
+                inst.run.halt("watchdog")
 
     def update_policy(self, inst: Instance, **changes: Any) -> None:
         """Change an instance's recovery policy or watchdog (all or nothing); the watchdog
         times a stall from now."""
         inst.recovery.update(**changes)
-        inst.progress_seen = (self.arena.own(inst.id).progress, self.clock.monotonic())
+        self.watch_from_now(inst)
         self.events.info("instance_updated", instance=inst.id, name=inst.name,
                          recovery=inst.recovery.to_dict())
         self.publisher.publish(inst)
+
+    def watch_from_now(self, inst: Instance) -> None:
+        """The watchdog times a stall from now (a boot, a new policy), not from the last
+        run's final progress."""
+        inst.run.progress_seen = (self.arena.own(inst.id).progress, self.clock.monotonic())
 
     # -- failures --------------------------------------------------------------------------
     def is_failure(self, record: ExitRecord) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from partition.host.instance import Instance
 from partition.host.ports import SYSTEM_CLOCK, Clock
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ class Turn:
         if self.ipc.pending():
             self.ipc.drain()               # what a flood left over from the last turn
         if watched:
-            self.supervisor.watchdog(watched, self._force_by_watchdog)
+            self.supervisor.watchdog(watched, self.lifecycle.force)
         now = self.clock.monotonic()
         self.sweeper.after_events(handled, now)
         self.sweeper.maybe_run(now)
@@ -63,10 +62,6 @@ class Turn:
         if self.lifecycle.successors_due:
             self.lifecycle.spawn_successors()
         return handled
-
-    def _force_by_watchdog(self, inst: Instance) -> None:
-        self.lifecycle.force(inst)         # force_halt, the write scan, SIGKILL
-        inst.halt_requested = "watchdog"
 
     def next_timer(self) -> float | None:
         """Seconds until the machine has timed work of its own (a watchdog look, a write-watch

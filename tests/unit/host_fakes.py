@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from partition.host.instance import Instance, State
+from partition.host.instance import Instance, Phase, State
 
 
 class FakeClock:
@@ -133,6 +133,8 @@ def instance(iid: int = 1, name: str = "a", cpus: list[int] | None = None,
     cpus = [1] if cpus is None else cpus
     inst = Instance(id=iid, name=name, cpus=cpus, physical_cpus=list(cpus),
                     memory_base=memory_base, memory_bytes=memory_bytes)
-    for k, v in fields.items():
-        setattr(inst, k, v)
+    for k, v in fields.items():       # (a run's fields are the run's: set there)
+        setattr(inst.run if hasattr(inst.run, k) else inst, k, v)
+    if inst.pid is not None:
+        inst.run.phase = Phase.RUNNING
     return inst

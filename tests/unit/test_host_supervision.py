@@ -34,7 +34,7 @@ class House:
 
     def force(self, inst) -> None:
         self.forced.append(inst.name)
-        inst.halt_requested = "watchdog"
+        inst.run.halt("watchdog")
 
     def boot(self, inst) -> None:
         self.booted.append(inst.name)
@@ -165,7 +165,7 @@ def test_no_active_standby_is_a_failed_takeover():
 def test_a_failure_record_times_its_fault_and_keeps_the_console_tail():
     h = House()
     inst = h.add(state=State.ACTIVE, pid=5)
-    inst.pending_fault = ("panic", h.clock.now)
+    inst.run.pending_fault = ("panic", h.clock.now)
     h.clock.advance(0.002)
     rec = ExitRecord("kernel panic", "panic", time=1.0)
     failure = h.sup.record_failure(inst, rec, detected=h.clock.now - 0.001)
