@@ -32,6 +32,7 @@ from partition.host.instance import (
     Phase,
     State,
 )
+from partition.host.ports import SYSTEM_OS, OSPort
 
 if TYPE_CHECKING:
     from partition.host.arena import Arena
@@ -59,7 +60,7 @@ class Lifecycle:
                  cgroups: Cgroups, loading: Loading, ipc: HostIPC, supervisor: Supervisor,
                  publisher: Publisher, writes: WriteWatch | None, wait: Wait,
                  printk: Callable[[str], None], closing: Callable[[], bool],
-                 survive_host: bool, boot_timeout: float) -> None:
+                 survive_host: bool, boot_timeout: float, port: OSPort = SYSTEM_OS) -> None:
         self.table = table
         self.arena = arena
         self.reactor = reactor
@@ -75,6 +76,7 @@ class Lifecycle:
         self.closing = closing
         self.survive_host = survive_host
         self.boot_timeout = boot_timeout
+        self.port = port                      # signals and doorbells (host/ports.py)
         self.successors_due: list[tuple[float, Instance]] = []    # (when, instance)
 
     # -- boot ------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ class Lifecycle:
             peer.epoch = (peer.epoch + 1) & 0xFFFFFFFF
         inst.served_by = None                # it serves its own role again
         peer.ready = 1                       # publish last, then ring the parked CPU
-        ring(p.doorbell_fd)
+        self.port.ring_doorbell(p.doorbell_fd)
         deadline = time.monotonic() + self.boot_timeout
         acked = self.wait(lambda: inst.pid is None or own.ack_generation == gen, deadline)
         pid = p.pid
@@ -140,7 +142,7 @@ class Lifecycle:
         if not acked:
             peer.ready = 0                # revoke the publication
             inst.run.halt("boot-timeout")
-            os.kill(pid, signal.SIGKILL)
+            self.port.kill(pid, signal.SIGKILL)
             self.wait(lambda: inst.pid is None, None)
             raise BootTimeout(
                 f"instance {inst.name!r}: boot CPU {inst.cpus[0]} did not answer the spawn "
@@ -179,7 +181,7 @@ class Lifecycle:
         # rest of its bookkeeping (transition writes the same two fields again)
         peer.peer_state, peer.pid = STATE_CODES["active"], inst.pid or 0
         if inst.doorbell_fd is not None:
-            ring(inst.doorbell_fd)
+            self.port.ring_doorbell(inst.doorbell_fd)
         self.publisher.transition(inst, State.ACTIVE, "start", pid=inst.pid,
                           ack_cpu=self.arena.own(inst.id).ack_cpu)
         if inst.recovery.policy == "restart":     # forked a moment later, off this boot
@@ -214,9 +216,9 @@ class Lifecycle:
             self.writes.scan(only=inst)
         try:
             if inst.pidfd is not None:     # by the pidfd: never a reused pid
-                signal.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
+                self.port.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
             else:
-                os.kill(inst.pid, signal.SIGKILL)
+                self.port.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -234,7 +236,7 @@ class Lifecycle:
                 self.events.warning("shutdown_message_refused", instance=inst.id,
                                  name=inst.name, error=exc.strerror)
                 try:
-                    os.kill(inst.pid, signal.SIGTERM)
+                    self.port.kill(inst.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
             asked.append(inst)
@@ -451,7 +453,7 @@ class Lifecycle:
             linux.doorbell_clear(inst.old_doorbell_fd)
         if inst.doorbell_fd is not None:
             inst.counters["doorbells_forwarded"] += 1
-            ring(inst.doorbell_fd)
+            self.port.ring_doorbell(inst.doorbell_fd)
 
 
 def ring(doorbell_fd: int) -> None:

@@ -30,7 +30,6 @@ transaction is (host/overlays.py): the machine is as it was.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -236,7 +235,7 @@ def _pin_host(r: Resources) -> None:
     longer the host's; one that left it is again)."""
     if r.pin_host and r.config.host_cpus:
         try:
-            os.sched_setaffinity(0, r.config.host_cpus)
+            r.port.sched_setaffinity(0, r.config.host_cpus)
         except OSError as exc:
             r.events.warning("host_pin_failed", cpus=format_cpulist(r.config.host_cpus),
                              why=exc.strerror)

@@ -34,6 +34,7 @@ from partition.abi.ring import RingError
 from partition.errors import InvalidSpec, PermissionDenied, ResourceBusy, ResourceRefused
 from partition.host.devicetree import MEMORY_GRANULE, UpdateOp
 from partition.host.instance import Instance, State
+from partition.host.ports import SYSTEM_OS, OSPort
 from partition.units import (
     PAGE_SIZE,
     format_size,
@@ -64,6 +65,7 @@ class Resources:
     command: Callable[..., Any]
     wait: Callable[[Callable[[], bool], float | None], bool]
     pin_host: bool
+    port: OSPort = SYSTEM_OS              # thread affinity (host/ports.py)
 
 #: how long a running kernel has to answer one resource change (the real system's RES_ACK wait)
 ACK_TIMEOUT_S = 10.0
@@ -326,7 +328,7 @@ def _pin(r: Resources, inst: Instance) -> None:
         return
     for tid in tids:
         try:
-            os.sched_setaffinity(tid, inst.cpus)
+            r.port.sched_setaffinity(tid, inst.cpus)
         except OSError:
             pass
 
