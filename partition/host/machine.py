@@ -53,15 +53,16 @@ def verb(fn: V) -> V:
     return run  # type: ignore[return-value]
 
 
-def _owned(path: str, doc: str) -> Any:
+def _owned(path: str, doc: str, settable: bool = False) -> Any:
     """A property of the machine that is a collaborator's attribute (``path`` from the
-    machine), read and written there: the collaborator owns it, callers keep its old name."""
+    machine), read (and with ``settable`` written) there: the collaborator owns it, callers
+    keep its old name."""
     *owners, attr = path.split(".")
 
     def owner(m: Machine) -> Any:
         return functools.reduce(getattr, owners, m)
     return property(lambda m: getattr(owner(m), attr),
-                    lambda m, v: setattr(owner(m), attr, v), doc=doc)
+                    (lambda m, v: setattr(owner(m), attr, v)) if settable else None, doc=doc)
 
 
 class Machine:
@@ -219,13 +220,13 @@ class Machine:
         if self._closed or self._closing:
             raise MKError("the machine has been shut down", "create a new Machine")
 
-    # -- state the collaborators own, under the names callers know (read and written there)
+    # -- state the collaborators own, under the names callers know (read there)
     changes = _owned("table.changes", "published changes so far (caches key on it)")
     zygote = _owned("loading.zygotes.current", "the zygote forking instances, if one runs")
-    use_zygote = _owned("loading.zygotes.enabled", "False: instances forked from the host")
-    defer_state = _owned("publisher.defer_state", "write the state file at flush_state only")
+    use_zygote = _owned("loading.zygotes.enabled", "False: instances forked from the host", True)
+    defer_state = _owned("publisher.defer_state", "state file at flush_state only", True)
     extra_host_doorbells = _owned("house.bells.extra", "an old host's doorbells, adopted")
-    _filters_due = _owned("sweeper.due", "when the next sweep is due")
+    _filters_due = _owned("sweeper.due", "when the next sweep is due", True)
     _sweep_period = _owned("sweeper.period", "the sweep's period now")
 
     # -- verbs -----------------------------------------------------------------------------
