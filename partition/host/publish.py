@@ -1,7 +1,8 @@
 """Publication: every change of an instance's state goes to the arena, the views, the event
 log and (on a machine whose instances outlive it) the state file, in that order, from here.
 
-``transition`` is the one writer of an instance's ``state`` outside adoption's rebuild; every
+``transition`` writes an instance's ``state`` (besides it only adoption's rebuild, and a live
+update's quiet handover in lifecycle.py, which keeps the service up in the peer table); every
 collaborator that changes something a view shows calls ``publish``.
 """
 
