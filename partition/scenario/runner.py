@@ -239,7 +239,7 @@ class Runner:
     def _id_of(self, name: str) -> int:
         assert self.m is not None
         return 0 if name == "host" else self.m.get(name).id   # (NoSuchInstance: refused
-                                                                # at a host-crash's adoption)
+                                                               # at a host-crash's adoption)
 
     def _start_probes(self) -> None:
         assert self.m is not None
