@@ -24,6 +24,7 @@ from partition.host.describe import Looks
 from partition.host.events import EventLog
 from partition.host.hostipc import HostBells, HostIPC
 from partition.host.lifecycle import Lifecycle
+from partition.host.liveupdate import LiveUpdate
 from partition.host.loading import Loading
 from partition.host.overlays import Overlays
 from partition.host.pool import PoolConfig, ResourcePool, pool_shape
@@ -156,6 +157,7 @@ class House:
     supervisor: Supervisor
     writes: WriteWatch | None
     lifecycle: Lifecycle
+    liveupdate: LiveUpdate
     resources: Resources
     overlays: Overlays
     sweeper: Sweep
@@ -223,6 +225,8 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     lifecycle = Lifecycle(table, arena, reactor, events, cgroups, loading, ipc, supervisor,
                           publisher, writes, hooks.wait, console.printk, hooks.closing,
                           s.survive_host, s.boot_timeout)
+    liveupdate = LiveUpdate(lifecycle, loading, ipc.command, hooks.wait, events, arena,
+                            check_signature)
     resources = Resources(cfg, pool, lay.pool_offset, arena, events, cgroups, ipc.command,
                           hooks.wait, s.pin_host)
     overlays = Overlays(resources, table, publisher, hooks.create, hooks.delete)
@@ -231,7 +235,7 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     turn = Turn(table, reactor, ipc, supervisor, sweeper, writes, lifecycle, hooks.closing)
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
-                 lifecycle, resources, overlays, sweeper, turn)
+                 lifecycle, liveupdate, resources, overlays, sweeper, turn)
 
 
 def warn_missing(events: EventLog, cgroups: Cgroups, resctrl: llc.Resctrl,

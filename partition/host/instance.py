@@ -275,9 +275,10 @@ class Instance:
     """An instance as the host records it: identity (``id``, ``name``), resources (``cpus``,
     ``physical_cpus``, the memory regions, ``llc_way_mask``) and policy (``recovery``,
     ``standby_for``), which create (provision.py), adoption and resize (resize.py: CPUs and
-    regions) set; its state and kernel image (publish.py's ``transition``, the verbs and
-    loading.py); what its runs left (``last_exit``, ``failure``, ``failures``, ``boots``:
-    lifecycle.py and supervision.py; ``kho``: kho.py; ``counters``: whoever counts). Its
+    regions) set; its ``state`` (publish.py) and ``kimage`` (loading.py), which adoption.py
+    sets too as it rebuilds an instance; what its runs left (``last_exit``, ``boots``:
+    lifecycle.py; ``failures``: supervision.py; ``failure``: lifecycle.py, supervision.py,
+    loading.py's unload, adoption.py; ``kho``: kho.py; ``counters``: whoever counts). Its
     process's run-time state is ``run`` (``Run``, with its own transition table); the run's
     fields read as the instance's (``inst.pid``), as they always did."""
 

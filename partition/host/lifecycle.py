@@ -380,7 +380,7 @@ class Lifecycle:
         if own.booted != inst.generation:     # its boot() never returned: a new image that
             inst.failure = f"boot failed: {record.reason}"    # did not boot (a live update's)
             inst.counters["boot_failures"] += 1
-        inst.state = State.LOADED             # quietly: the service stays up in the peer table
+        self.publisher.set_quietly(inst, State.LOADED)    # the service stays up for peers
         self.events.info("handover_exit", instance=inst.id, name=inst.name, pid=pid,
                       how=record.how, reason=record.reason,
                       handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))

@@ -156,6 +156,17 @@ class Loading:
         self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=kimage.label,
                          source=kimage.source, cmdline=kimage.cmdline)
 
+    def set_image(self, inst: Instance, kimage: KImage | None) -> None:
+        """The image ``inst`` runs from now (a live update's new one, or its old one back)."""
+        inst.kimage = kimage
+
+    def unload(self, inst: Instance) -> None:
+        """``kexec unload``: the parked process reaped, the image and its failure dropped."""
+        self.forget_parked(inst)
+        inst.kimage = None
+        inst.failure = None
+        self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
+
     def _fork(self, params: BootParams) -> tuple[int, tuple[int, int]]:
         """The instance's process: forked by the machine's zygote (guest/zygote.py), a small
         interpreter, so that it is no copy of this host's heap; by this process itself if no

@@ -28,7 +28,7 @@ from partition.abi.console import read_console
 from partition.abi.constants import HOST_ID
 from partition.abi.ring import Ring
 from partition.errors import InvalidSpec, MKError, NotLoaded
-from partition.host import faults, liveupdate, llc, rundir, statefile
+from partition.host import faults, llc, rundir, statefile
 from partition.host.assembly import Hooks, Settings, assemble, open_house
 from partition.host.devicetree import Overlay
 from partition.host.instance import Instance, State, check_transition
@@ -311,10 +311,7 @@ class Machine:
         """Drop the loaded image (loaded|failed -> ready)."""
         inst = self.get(name)
         check_transition("unload", inst.name, inst.state)
-        self.loading.forget_parked(inst)
-        inst.kimage = None
-        inst.failure = None
-        self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
+        self.loading.unload(inst)
         self.transition(inst, State.READY, "unload")
         return self.describe(inst)
 
@@ -333,8 +330,8 @@ class Machine:
                     quiesce: float = 10.0) -> dict[str, Any]:
         """Replace a running kernel with a new image, its state handed over (KHO), messages
         kept; rolls back to the old image if the new one fails to boot (host/liveupdate.py)."""
-        return liveupdate.update(self.lifecycle, self.check_signature, self.get(name), kernel,
-                                 cmdline, seconds(quiesce, "quiesce", 0, 3600))
+        return self.house.liveupdate.update(self.get(name), kernel, cmdline,
+                                            seconds(quiesce, "quiesce", 0, 3600))
 
     # -- the real control plane: overlays and runtime resources --------------------------------
     @verb

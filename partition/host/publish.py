@@ -1,9 +1,9 @@
 """Publication: every change of an instance's state goes to the arena, the views, the event
 log and (on a machine whose instances outlive it) the state file, in that order, from here.
 
-``transition`` writes an instance's ``state`` (besides it only adoption's rebuild, and a live
-update's quiet handover in lifecycle.py, which keeps the service up in the peer table); every
-collaborator that changes something a view shows calls ``publish``.
+``transition`` writes an instance's ``state`` (and ``set_quietly``, for a live update's
+handover; adoption sets the state of the instances it rebuilds); every collaborator that
+changes something a view shows calls ``publish``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class Publisher:
         self.events.info("state_change", instance=inst.id, name=inst.name, old=before.value,
                          new=new.value, cause=cause, **fields)
         self.publish(inst)
+
+    def set_quietly(self, inst: Instance, new: State) -> None:
+        """A state nobody is told of: a live update's old kernel has exited, and its service
+        stays up in the peer table for the new one (lifecycle.py's handover)."""
+        inst.state = new
 
     def publish(self, inst: Instance | None = None) -> None:
         self.table.changes += 1
