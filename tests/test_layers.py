@@ -66,3 +66,43 @@ def test_cycles_count_lazy_imports_but_not_type_only_ones(tmp_path):
     })
     problems, _ = _layers().check(root)
     assert problems == ["import cycle: partition.host.a -> partition.host.b"]
+
+
+def test_a_host_module_that_knows_the_machine_is_caught_even_type_only(tmp_path):
+    """The facade rule: host/machine.py builds its collaborators and none may know it, not by
+    an import under TYPE_CHECKING, a lazy import, an annotation or a quoted one."""
+    root = _tree(tmp_path, {
+        "partition/host/machine.py": "class Machine:\n    pass\n",
+        "partition/host/lifecycle.py": (
+            "from __future__ import annotations\nfrom typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from partition.host.machine import Machine\n\n\n"
+            "def boot(m: Machine) -> None:\n    pass\n"),
+        "partition/host/kho.py": "def capture(m: 'Machine') -> None:\n    pass\n",
+        "partition/host/loading.py": ("def spawn():\n    from partition.host import machine\n"
+                                      "    return machine.Machine\n"),
+        # a docstring or a comment that says the word is no use of it
+        "partition/host/table.py": '"""The Machine holds this table."""\n# (Machine)\nX = 1\n',
+    })
+    problems, _ = _layers().check(root)
+    assert any(p.startswith("partition.host.lifecycle:4: imports partition.host.machine "
+                            "(under TYPE_CHECKING)") for p in problems), problems
+    assert "partition.host.lifecycle:4: names Machine; only partition.host.machine may" \
+        in problems
+    assert "partition.host.lifecycle:7: names Machine; only partition.host.machine may" \
+        in problems
+    assert "partition.host.kho:1: names Machine; only partition.host.machine may" in problems
+    assert any(p.startswith("partition.host.loading:2: imports partition.host.machine;")
+               for p in problems), problems
+    assert "partition.host.loading:3: names Machine; only partition.host.machine may" \
+        in problems
+    assert not any("partition.host.table" in p or "partition.host.machine:" in p
+                   for p in problems), problems
+
+
+def test_the_facade_and_the_layers_above_may_use_the_machine(tmp_path):
+    root = _tree(tmp_path, {
+        "partition/host/machine.py": "class Machine:\n    pass\n\n\nm: Machine\n",
+        "partition/control/daemon.py": "from partition.host.machine import Machine\n",
+    })
+    problems, _ = _layers().check(root)
+    assert problems == []

@@ -17,7 +17,13 @@ Layers, bottom up; a module may import its own layer and the layers below it, ne
 
 Every import counts, also one inside a function (a lazy import runs sooner or later); an import
 under ``if TYPE_CHECKING:`` counts for the layers but not for cycles, since it never runs. A
-cycle among the imports that run is a broken rule too. tests/test_layers.py runs this check.
+cycle among the imports that run is a broken rule too.
+
+Inside the host one more rule holds: the machine (host/machine.py's ``Machine``) is a facade
+that builds its collaborators, and none of them may know it. No module of ``partition.host``
+other than ``partition.host.machine`` imports that module or names ``Machine`` in its code (an
+annotation, a ``TYPE_CHECKING`` import, an attribute ``machine.Machine``): a collaborator gets
+what it uses, never the hub. tests/test_layers.py runs these checks.
 """
 
 from __future__ import annotations
@@ -106,6 +112,48 @@ def imports(module: str, path: str, known: set[str]) -> list[Import]:
     return out
 
 
+FACADE = "partition.host.machine"
+FACADE_CLASS = "Machine"
+
+
+def names_facade(path: str) -> list[int]:
+    """The lines of a module whose code names the facade's class: a name, an attribute, an
+    imported name or a quoted annotation (docstrings and comments aside)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    lines = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Name) and node.id == FACADE_CLASS) or \
+                (isinstance(node, ast.Attribute) and node.attr == FACADE_CLASS) or \
+                (isinstance(node, ast.alias) and FACADE_CLASS in (node.name, node.asname)):
+            lines.add(node.lineno)
+        elif isinstance(node, (ast.arg, ast.AnnAssign, ast.FunctionDef, ast.AsyncFunctionDef)):
+            notes = [node.annotation] if isinstance(node, (ast.arg, ast.AnnAssign)) \
+                else [node.returns]
+            for note in notes:
+                for sub in ast.walk(note) if note is not None else ():
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and \
+                            FACADE_CLASS in sub.value.replace(".", " ").split():
+                        lines.add(sub.lineno)
+    return sorted(lines)
+
+
+def facade_problems(mods: dict[str, str], graph: dict[str, list[Import]]) -> list[str]:
+    """The host's modules other than the facade that import it or name its class."""
+    out = []
+    for m, path in sorted(mods.items()):
+        if not m.startswith("partition.host.") or m == FACADE:
+            continue
+        for imp in graph[m]:
+            if imp.target == FACADE:
+                out.append(f"{m}:{imp.line}: imports {FACADE}"
+                           f"{' (under TYPE_CHECKING)' if imp.type_only else ''}; a "
+                           "collaborator of the machine gets what it uses, never the machine")
+        for line in names_facade(path):
+            out.append(f"{m}:{line}: names {FACADE_CLASS}; only {FACADE} may")
+    return out
+
+
 def check(root: str) -> tuple[list[str], dict[str, list[Import]]]:
     """(broken rules, the import graph) of the tree at ``root``."""
     mods = modules(root)
@@ -125,6 +173,7 @@ def check(root: str) -> tuple[list[str], dict[str, list[Import]]]:
                 problems.append(f"{m}:{imp.line}: the {src} layer imports {imp.target} of the "
                                 f"{dst} layer above it")
     problems += [f"import cycle: {' -> '.join(c)}" for c in cycles(graph)]
+    problems += facade_problems(mods, graph)
     return problems, graph
 
 

@@ -38,9 +38,9 @@ import json
 import math
 import os
 import re
-import selectors
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import posix_ipc
@@ -53,250 +53,98 @@ from partition.host.instance import EXIT, Instance, State
 from partition.host.kimage import check_spec
 from partition.host.pool import NAME_RE, RESERVED_NAMES, Reservation
 from partition.host.recovery import RecoveryPolicy
+from partition.host.statefile import (  # noqa: F401  (the state file's names, as before)
+    CONFIG_KEYS,
+    START_TOLERANCE_S,
+    STATE_FILE,
+    STATE_VERSION,
+    abandoned,
+    arena_name,
+    cgroup_bases,
+    leftovers,
+    read_state,
+    records_path,
+    resctrl_prefix,
+    state_path,
+    write_state,
+)
 from partition.units import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
-
-STATE_FILE = "machine.json"
-#: one record per instance, ``<id>.json``: a change rewrites its own instance's record alone
-#: (one file of the whole machine was 370 KB at 511 instances, 0.45 ms to write at every verb)
-RECORDS_DIR = "machine.d"
-STATE_VERSION = 2
-_RECORD = re.compile(r"([0-9]{1,3})\.json")
-#: how far the recorded start time of an adopted process may be from the one the kernel gives
-START_TOLERANCE_S = 0.01
-#: the keys of a state file's ``config`` that a new host is started with (``Machine``'s
-#: arguments; save_state writes them): what ``abandon`` hands on and the supervisor passes
-CONFIG_KEYS = ("cpus", "memory", "host_cpus", "oversubscribe", "console_bytes", "ring_slots",
-               "ring_slot_bytes", "kill_timeout", "protection", "pool_chunks", "pool_window",
-               "llc_way_mask", "resctrl_root", "require_signed", "keyring")
+    from partition.host.arena import Arena
+    from partition.host.cgroups import Cgroups
+    from partition.host.events import EventLog
+    from partition.host.hostipc import HostBells
+    from partition.host.pool import PoolConfig, ResourcePool
+    from partition.host.reactor import Reactor
+    from partition.host.table import InstanceTable
 
 
-def arena_name(run_dir: str) -> str:
-    """The POSIX shared-memory name of a survivable machine's arena: its run directory's key,
-    so that two directories with one basename never share it."""
-    return f"/mk-arena-{rundir.machine_key(run_dir)}"
+@dataclass
+class Adopter:
+    """What adoption uses of its machine, each named (never the machine itself)."""
+
+    run_dir: str
+    table: InstanceTable
+    arena: Arena
+    pool: ResourcePool
+    pool_offset: int
+    config: PoolConfig
+    cgroups: Cgroups
+    resctrl: llc.Resctrl
+    llc_way_mask: int | None
+    events: EventLog
+    printk: Callable[[str], None]
+    #: kexec_file_load's signature check (host/verbs' ``check_signature``)
+    check_signature: Callable[..., None]
+    require_signed: bool
+    reactor: Reactor
+    host_bells: HostBells                 # adopted instances ring the old host's doorbells
+    on_exit: Callable[[Instance], None]   # an adopted run's pidfd became readable
 
 
-def resctrl_prefix(run_dir: str) -> str:
-    """What a machine's resctrl groups are named after (``<prefix>-<id>``, host/llc.py): its run
-    directory's key, so that a new host, or the shutdown of an abandoned machine, finds them."""
-    return f"multikernel-{rundir.machine_key(run_dir)}"
-
-
-def state_path(run_dir: str) -> str:
-    return os.path.join(run_dir, STATE_FILE)
-
-
-def records_path(run_dir: str) -> str:
-    return os.path.join(run_dir, RECORDS_DIR)
-
-
-def read_state(run_dir: str) -> dict[str, Any] | None:
-    """The state a machine left, or None: the machine's file, with its instances' records
-    (in id order) under ``instances``. Written by the host alone, in a directory only root
-    reads (and every instance has covered), yet still shape-checked before use."""
-    try:
-        with open(state_path(run_dir)) as f:
-            state = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or \
-            not isinstance(state.get("config"), dict):
-        return None
-    state["instances"] = _read_records(run_dir)
-    return state
-
-
-def _read_records(run_dir: str) -> list[Any]:
-    """Every ``<id>.json`` of the records directory, parsed; one that does not parse is kept as
-    ``{"id": <id>, "unreadable": True}``, which adoption refuses (and kills its cgroup). A
-    torn write's ``.tmp`` and anything else there is not a record."""
-    d = records_path(run_dir)
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return []
-    found: list[tuple[int, Any]] = []
-    for name in names:
-        match = _RECORD.fullmatch(name)
-        if match is None:
-            continue
-        iid = int(match.group(1))
-        try:
-            with open(os.path.join(d, name)) as f:
-                rec = json.load(f)
-        except (OSError, ValueError, RecursionError):
-            rec = {"id": iid, "unreadable": True}
-        found.append((iid, rec))
-    return [rec for _, rec in sorted(found, key=lambda x: x[0])]
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_state(run_dir: str, state: dict[str, Any]) -> None:
-    """Write a whole state as ``read_state`` returns it: the machine's file and one record per
-    entry of ``instances`` (by its ``id``); records of other ids go. The host writes through
-    ``save_state``; this is for tools and tests that edit a state."""
-    d = records_path(run_dir)
-    os.makedirs(d, exist_ok=True)
-    keep = set()
-    for rec in state.get("instances", []):
-        name = f"{int(rec['id'])}.json"
-        keep.add(name)
-        _write_atomically(os.path.join(d, name), json.dumps(rec))
-    _prune(d, keep)
-    _write_atomically(state_path(run_dir), json.dumps(
-        {k: v for k, v in state.items() if k != "instances"}))
-
-
-def _prune(records: str, keep: set[str]) -> None:
-    """Remove every record file in ``records`` not named in ``keep``."""
-    for name in os.listdir(records):
-        if name not in keep:
-            os.unlink(os.path.join(records, name))
-
-
-def cgroup_bases(run_dir: str) -> dict[str, str]:
-    """The machine's cgroup directories, found by name under this host's own cgroups (the
-    state file's word is not taken for where to kill)."""
-    out: dict[str, str] = {}
-    for c, path in cgroups.survivable_dirs(rundir.machine_key(run_dir)):
-        out.setdefault(c, path)
-    return out
-
-
-def _arena_exists(run_dir: str) -> bool:
-    try:
-        posix_ipc.SharedMemory(arena_name(run_dir), 0).close_fd()
-    except (posix_ipc.ExistentialError, ValueError):
-        return False
-    return True
-
-
-def abandoned(run_dir: str) -> bool:
-    """A survivable machine whose host is gone: its state file and its arena remain."""
-    return read_state(run_dir) is not None and _arena_exists(run_dir)
-
-
-def leftovers(run_dir: str) -> bool:
-    """Anything a survivable machine of this run directory left: its arena or its cgroups
-    (an unreadable state file included)."""
-    return _arena_exists(run_dir) or bool(cgroups.survivable_dirs(rundir.machine_key(run_dir)))
-
-
-def _state_record(inst: Instance) -> str:
-    k = inst.kimage
-    return json.dumps({
-        "id": inst.id, "name": inst.name, "cpus": inst.cpus,
-        "physical_cpus": inst.physical_cpus, "memory_base": inst.memory_base,
-        "memory_bytes": inst.memory_bytes, "extra_regions": inst.extra_regions,
-        "state": inst.state.value, "pid": inst.pid,
-        "pid_start": inst.pid_start if inst.pid else 0.0,
-        "generation": inst.generation, "cmd_seq": inst.cmd_seq, "boots": inst.boots,
-        "child_fds": list(inst.child_fds),
-        "kimage": {"spec": k.spec, "cmdline": k.cmdline, "label": k.label,
-                   "source": k.source,
-                   # a checked image (signed or ELF: signing.py) goes with it, as its file was
-                   # read, so that a restart under the new host runs what was checked, not the
-                   # file as it is now; the new host checks it again (_rebuild)
-                   **({"file": base64.b64encode(k.file).decode()} if k.file else {})}
-        if k else None,
-        "recovery": inst.recovery.to_dict(), "counters": inst.counters,
-        "standby_for": inst.standby_for,
-        "llc_way_mask": inst.llc_way_mask,
-    })
-
-
-def save_state(m: Machine, changed: list[Instance] | None = None, prune: bool = False) -> None:
-    """Everything a new host needs to adopt this machine's instances, each file written
-    atomically: with ``changed``, those instances' records alone (a deleted one's removed;
-    ``prune``: and every record no instance has now), and the machine's file when it differs
-    from the last one written; else all of it. A change costs the same at 511 instances as
-    at 16."""
-    cfg = m.config
-    head = json.dumps({
-        "version": STATE_VERSION, "arena": m.arena.shm_name, "host_pid": os.getpid(),
-        "config": {"cpus": cfg.cpus, "memory": cfg.memory_bytes, "host_cpus": cfg.host_cpus,
-                   "oversubscribe": cfg.oversubscribe,
-                   "console_bytes": m.layout.console_bytes, "ring_slots": m.layout.ring_slots,
-                   "ring_slot_bytes": m.layout.ring_slot_bytes,
-                   "kill_timeout": m.kill_timeout, "protection": m.protection,
-                   "pool_chunks": [list(c) for c in m.pool.chunks],
-                   "pool_window": m.pool.window,
-                   "llc_way_mask": m.llc_way_mask, "resctrl_root": m.resctrl.root,
-                   "require_signed": m.require_signed,
-                   "keyring": m.keyring.path if m.keyring else None},
-        "cgroups": m.cgroups.bases})
-    d = records_path(m.run_dir)
-    if changed is None or m.state_head is None:
-        os.makedirs(d, exist_ok=True)
-        changed = list(m.instances.values())
-        prune = True
-    if prune:                                   # (records of instances gone meanwhile)
-        _prune(d, {f"{inst.id}.json" for inst in m.instances.values()})
-    for inst in changed:
-        path = os.path.join(d, f"{inst.id}.json")
-        if m.instances.get(inst.name) is inst:
-            _write_atomically(path, _state_record(inst))
-        elif m.by_id(inst.id) is None:          # deleted (and its id not taken again)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-    if head != m.state_head:
-        _write_atomically(state_path(m.run_dir), head)
-        m.state_head = head
-
-
-def adopt(m: Machine) -> None:
-    """Take over the instances the state file names (see the module's docstring)."""
+def adopt(a: Adopter) -> tuple[float, list[dict[str, Any]]]:
+    """Take over the instances the state file names (see the module's docstring); returns how
+    long it took (ms) and the records refused, ``[{"name", "why"}]``."""
     t0 = time.monotonic()
-    state = read_state(m.run_dir)
+    state = read_state(a.run_dir)
     assert state is not None
     adopted: list[str] = []
     refused: list[dict[str, Any]] = []
     for rec in state["instances"]:
-        inst = _rebuild(m, rec, refused)
+        inst = _rebuild(a, rec, refused)
         if inst is None:
             continue
         why = None
         if rec.get("state") == "active" and isinstance(rec.get("pid"), int):
-            why = _take(m, inst, rec)
+            why = _take(a, inst, rec)
             if why is None:
                 adopted.append(inst.name)
                 continue
             refused.append({"name": inst.name, "why": why})
         else:
-            m.cgroups.kill(inst.id, reap=True)  # a parked process (or one the file lags behind)
+            a.cgroups.kill(inst.id, reap=True)  # a parked process (or one the file lags behind)
         inst.state = State.LOADED if inst.kimage else State.READY
         if why is not None:
             inst.failure = f"not adopted: {why}"
             inst.state = State.FAILED if inst.kimage else State.READY
-            m.cgroups.kill(inst.id, reap=True)
-        m.arena.peer(inst.id).peer_state = 0
-        m.arena.peer(inst.id).pid = 0
-    _kill_unnamed(m)
+            a.cgroups.kill(inst.id, reap=True)
+        a.arena.peer(inst.id).peer_state = 0
+        a.arena.peer(inst.id).pid = 0
+    _kill_unnamed(a)
     ms = round((time.monotonic() - t0) * 1e3, 3)
-    m.adopt_ms = ms
-    m.adopt_refused = refused
-    m.events.info("adopted", instances=adopted, refused=refused, adopt_ms=ms,
+    a.events.info("adopted", instances=adopted, refused=refused, adopt_ms=ms,
                   previous_host=state.get("host_pid"))
-    m.printk(f"multikernel: adopted {len(adopted)} running instance(s) in {ms} ms"
+    a.printk(f"multikernel: adopted {len(adopted)} running instance(s) in {ms} ms"
              + (f", refused {len(refused)}" if refused else ""))
+    return ms, refused
 
 
-def _kill_unnamed(m: Machine) -> None:
+def _kill_unnamed(a: Adopter) -> None:
     """Every instance cgroup no adopted or rebuilt record names: what runs there (a process the
     state file lagged behind) is killed, and the cgroup removed."""
-    known = {f"i{i.id}" for i in m.instances.values()}
-    for base in m.cgroups.bases.values():
+    known = {f"i{i.id}" for i in a.table.by_name.values()}
+    for base in a.cgroups.bases.values():
         try:
             entries = os.listdir(base)
         except OSError:
@@ -305,8 +153,8 @@ def _kill_unnamed(m: Machine) -> None:
             if re.fullmatch(r"i[0-9]{1,3}", entry) and entry not in known:
                 cgroups.kill_and_remove_one(os.path.join(base, entry))
     # and their resctrl groups (CLOSIDs are scarce): a refused record's too
-    for iid in m.resctrl.remove_groups(keep={i.id for i in m.instances.values()}):
-        m.events.info("llc_group_removed", instance=iid, why="no adopted instance holds it")
+    for iid in a.resctrl.remove_groups(keep={i.id for i in a.table.by_name.values()}):
+        a.events.info("llc_group_removed", instance=iid, why="no adopted instance holds it")
 
 
 def _ints(v: Any) -> list[int]:
@@ -372,11 +220,11 @@ def _check_fields(rec: dict[str, Any]) -> None:
             raise ValueError(f"{key} {json.dumps(value)[:60]} is not {what}")
 
 
-def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | None:
+def _rebuild(a: Adopter, rec: Any, refused: list[dict[str, Any]]) -> Instance | None:
     """An instance record, checked as strictly as a create: id, name, CPUs of the pool, memory
     inside the pool and free, no duplicate. A record that fails is refused (its cgroup, if its
     id is sane, is killed) and named in the ``adopted`` event."""
-    cfg, pool_lo = m.config, m.layout.pool_offset
+    cfg, pool_lo = a.config, a.pool_offset
     iid = rec.get("id") if isinstance(rec, dict) else None
     try:
         if not isinstance(rec, dict):
@@ -387,7 +235,7 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
         name = rec.get("name")
         if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_NAMES:
             raise ValueError(f"name {name!r} is not an instance name")
-        if name in m.instances or m.by_id(iid) is not None:
+        if name in a.table.by_name or a.table.by_id(iid) is not None:
             raise ValueError(f"a second record for {name!r} / id {iid}")
         cpus = _ints(rec.get("cpus"))
         if not cpus or any(c not in cfg.cpus for c in cpus):
@@ -404,7 +252,7 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
         for b, z in [(base, size), *extra]:
             if z <= 0 or b % PAGE_SIZE or z % PAGE_SIZE:
                 raise ValueError(f"region {b!r}+{z!r} is not page-aligned")
-            why = m.pool.range_free(b - pool_lo, z)
+            why = a.pool.range_free(b - pool_lo, z)
             if why is not None:
                 raise ValueError(why)
         mask = rec.get("llc_way_mask") or 0
@@ -412,19 +260,19 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
             if type(mask) is not int:
                 raise ValueError(f"llc_way_mask {mask!r} is not an integer")
             try:
-                llc.check_instance(name, mask, m.llc_way_mask,
-                                   {i.name: i.llc_way_mask for i in m.instances.values()})
+                llc.check_instance(name, mask, a.llc_way_mask,
+                                   {i.name: i.llc_way_mask for i in a.table.by_name.values()})
             except MKError as exc:
                 raise ValueError(exc.message) from None
     except ValueError as exc:
         refused.append({"name": str(rec.get("name"))[:40] if isinstance(rec, dict) else "?",
                         "why": f"bad record: {exc}"})
-        if type(iid) is int and 1 <= iid < MAX_INSTANCES and m.by_id(iid) is None:
-            m.cgroups.kill(iid)
+        if type(iid) is int and 1 <= iid < MAX_INSTANCES and a.table.by_id(iid) is None:
+            a.cgroups.kill(iid)
         return None
-    m.pool.commit(Reservation(iid, name, cpus, base - pool_lo, size))
+    a.pool.commit(Reservation(iid, name, cpus, base - pool_lo, size))
     for b, z in extra:
-        m.pool.add_range(name, b - pool_lo, z)
+        a.pool.add_range(name, b - pool_lo, z)
     rp = rec["recovery"] if isinstance(rec.get("recovery"), dict) else {}
     try:
         policy = RecoveryPolicy.build(str(rp.get("policy", "none")),
@@ -436,15 +284,15 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
         policy = RecoveryPolicy()
     standby = rec.get("standby_for")
     inst = Instance(id=iid, name=name, cpus=cpus,
-                    physical_cpus=[m.config.physical_ids.get(c, c) for c in cpus],
+                    physical_cpus=[a.config.physical_ids.get(c, c) for c in cpus],
                     memory_base=base, memory_bytes=size, recovery=policy,
                     standby_for=standby if isinstance(standby, str) else None)
     inst.extra_regions = extra
     inst.llc_way_mask = mask
     inst.boots = _int(rec.get("boots"))
-    inst.generation = _int(rec.get("generation"))
+    generation = _int(rec.get("generation"))
     # the host's command numbering goes on: a kernel obeys only numbers past its last
-    inst.cmd_seq = max(_int(rec.get("cmd_seq")), m.arena.peer(iid).cmd_seq)
+    inst.run.restore(generation, max(_int(rec.get("cmd_seq")), a.arena.peer(iid).cmd_seq))
     counters = rec.get("counters")
     if isinstance(counters, dict):
         for k, v in counters.items():
@@ -460,12 +308,12 @@ def _rebuild(m: Machine, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
                 file = base64.b64decode(str(k["file"]), validate=True)
                 if len(file) > signing.MAX_IMAGE:
                     raise ValueError(f"its image is over {signing.MAX_IMAGE >> 20} MiB")
-                m._check_signature(inst, inst.kimage, file)
-            elif m.require_signed:     # nothing checked to run again: refused at a restart
-                m._check_signature(inst, inst.kimage)
+                a.check_signature(inst, inst.kimage, file)
+            elif a.require_signed:     # nothing checked to run again: refused at a restart
+                a.check_signature(inst, inst.kimage)
         except (MKError, ValueError):
             inst.kimage = None
-    m.instances[name] = inst
+    a.table.by_name[name] = inst
     return inst
 
 
@@ -473,7 +321,7 @@ def _int(v: Any) -> int:
     return v if type(v) is int and 0 <= v < 1 << 62 else 0
 
 
-def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
+def _take(a: Adopter, inst: Instance, rec: dict[str, Any]) -> str | None:
     """Verify a running instance and take its descriptors; None when adopted, else why not."""
     pid = rec["pid"]
     if type(pid) is not int or not 0 < pid < 1 << 22:
@@ -483,10 +331,10 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         return f"pid {pid} is gone"
     if abs(start - float(rec.get("pid_start") or 0)) > START_TOLERANCE_S:
         return f"pid {pid} is another process now (it started at {start}, not {rec.get('pid_start')})"
-    procs = m.cgroups.procs_files(inst.id)
+    procs = a.cgroups.procs_files(inst.id)
     if procs and not any(str(pid) in _read(p).split() for p in procs):
         return f"pid {pid} is not in the instance's cgroup"
-    peer = m.arena.peer(inst.id)
+    peer = a.arena.peer(inst.id)
     if peer.pid != pid or peer.generation != inst.generation:
         return f"the peer table says pid {peer.pid}, generation {peer.generation}"
     try:
@@ -514,20 +362,15 @@ def _take(m: Machine, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(doorbell)
         os.close(host_bell)
         return f"pid {pid} exited during adoption"
-    inst.pid, inst.pidfd, inst.doorbell_fd, inst.pid_start = pid, pidfd, doorbell, start
-    inst.child_fds = (int(fds[0]), int(fds[1]))
-    inst.adopted = True
+    inst.run.adopt(pid, pidfd, doorbell, start, (int(fds[0]), int(fds[1])))
     inst.state = State.ACTIVE
-    m.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
-    m.selector.register(pidfd, selectors.EVENT_READ, (EXIT, inst))
+    a.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
+    a.reactor.watch(pidfd, EXIT, inst, a.on_exit)
     ident = _pipe_id(host_bell)
-    if ident is not None and ident in m.extra_host_doorbell_ids:
+    if ident is not None and ident in a.host_bells.ids:
         os.close(host_bell)                    # the same old host doorbell: watched already
     else:
-        m.selector.register(host_bell, selectors.EVENT_READ, None)
-        m.extra_host_doorbells.append(host_bell)
-        if ident is not None:
-            m.extra_host_doorbell_ids.add(ident)
+        a.host_bells.add(host_bell, ident)
     return None
 
 

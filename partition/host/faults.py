@@ -18,9 +18,19 @@ invention) and carried out by the kernel's own code, in its own process:
 
 from __future__ import annotations
 
-from typing import Any
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from partition.errors import InvalidSpec
+from partition.abi import message as M
+from partition.abi.ring import RingError
+from partition.errors import InvalidSpec, NotLoaded, ResourceBusy
+from partition.host.instance import Instance, State
+from partition.host.ports import SYSTEM_CLOCK, SYSTEM_OS, Clock, OSPort
+
+if TYPE_CHECKING:
+    from partition.host.events import EventLog
+    from partition.host.writewatch import WriteWatch
 
 OUTSIDE = ("kill", "hang-stop")
 INSIDE = ("panic", "hang-spin", "wild-write", "ipi-storm", "cpu-hog", "mem-hog")
@@ -55,4 +65,38 @@ def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
                           "e.g. --address 0x... (a victim's memory_base from mkctl show)")
     if kind == "ipi-storm" and "target" not in out:
         raise InvalidSpec("ipi-storm needs target (an instance id)", "e.g. --target 2")
+    return out
+
+
+def inject(inst: Instance, kind: str, opts: dict[str, Any],
+           by_id: Callable[[int], Instance | None], describe: Callable[[Instance], dict[str, Any]],
+           writes: WriteWatch | None, command: Callable[..., Any], events: EventLog,
+           clock: Clock = SYSTEM_CLOCK, port: OSPort = SYSTEM_OS) -> dict[str, Any]:
+    """Inject a checked fault (``validate``) into an active instance; returns what ``describe``
+    said of it just before (nothing slow between the fault and its detection)."""
+    if inst.state != State.ACTIVE or inst.pid is None:
+        raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
+                        f"mkctl start {inst.name} first")
+    if kind == "ipi-storm" and by_id(opts["target"]) is None:
+        raise InvalidSpec(f"ipi-storm target {opts['target']} is no instance",
+                          "give the id of an instance (mkctl show)")
+    out = describe(inst)
+    if writes is not None:
+        writes.scan(only=inst)       # what it wrote so far, before its page tables go
+    injected = clock.monotonic()
+    if kind == "kill":
+        inst.run.halt("fault")             # the record says so, and it is still a crash
+        port.kill(inst.pid, signal.SIGKILL)
+    elif kind == "hang-stop":
+        port.kill(inst.pid, signal.SIGSTOP)
+    else:
+        try:
+            command(inst, M.MK_EMU_FAULT, {"kind": kind, "options": opts})
+        except RingError as exc:       # nothing was injected: nothing is recorded
+            raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
+                               f"{exc.strerror}", "its IPI ring is full or it is not "
+                               "answering; retry, or inject kill or hang-stop") from None
+    inst.run.pending_fault = (kind, injected)
+    inst.counters["faults_injected"] += 1
+    events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind, options=opts)
     return out

@@ -10,11 +10,13 @@ decides where the host's messages go or whom it signals.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from partition import linux
 from partition.abi import doorbell
 from partition.abi import message as M
 from partition.abi import slot as S
@@ -25,7 +27,11 @@ from partition.host.instance import Instance, State
 from partition.host.lifecycle import ring as ring_doorbell
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.abi.layout import ArenaLayout
+    from partition.host.arena import Arena
+    from partition.host.events import EventLog
+    from partition.host.reactor import Reactor
+    from partition.host.table import InstanceTable
 
 STALL_REPORT_S = 0.5        # a claim unpublished this long at a ring's tail is reported
 #: a claim unpublished this long at a ring's tail: its receiver is rung (and again as often),
@@ -38,19 +44,19 @@ LOG_INTERVAL_S = 1.0        # events a writer of shared memory can repeat: at mo
 class HostDirectory:
     """The host's ``PeerDirectory``: its own records of each instance, never the slots."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
+    def __init__(self, table: InstanceTable) -> None:
+        self.table = table
 
     def route(self, target: int) -> tuple[int, int]:
-        inst = self.m.by_id(target)
+        inst = self.table.by_id(target)
         if inst is not None and inst.state != State.ACTIVE and inst.served_by is not None:
-            inst = self.m.by_id(inst.served_by)        # a standby took over the role
+            inst = self.table.by_id(inst.served_by)        # a standby took over the role
         if inst is None or inst.state != State.ACTIVE or inst.pid is None:
             raise RingError(errno.ESRCH, f"instance {target} is not active")
         return inst.id, inst.pid
 
     def doorbell(self, target: int, pid: int) -> tuple[Doorbell, list[int]]:
-        inst = self.m.by_id(target)
+        inst = self.table.by_id(target)
         if inst is None or inst.pid != pid or inst.doorbell_fd is None or inst.pidfd is None:
             return NO_DOORBELL, []
         # the instance record owns both descriptors: nothing for the endpoint to close
@@ -63,12 +69,12 @@ class HostDirectory:
         return None         # the host routes every send by its own records
 
     def incarnation(self, target: int) -> Any:
-        inst = self.m.by_id(target)
+        inst = self.table.by_id(target)
         return inst.pid if inst is not None else None
 
     def alive(self, target: int, incarnation: Any) -> bool:
         """Alive while the run we sent to is the one running (the pidfd tells us of deaths)."""
-        inst = self.m.by_id(target)
+        inst = self.table.by_id(target)
         return (inst is not None and incarnation is not None and inst.pid == incarnation
                 and inst.state == State.ACTIVE)
 
@@ -77,16 +83,21 @@ class HostDirectory:
 
 
 class HostIPC:
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
-        lay = machine.layout
-        self._view = memoryview(machine.arena.map)[lay.ring_offset:
-                                                   lay.ring_offset + lay.ring_area_bytes]
-        cfg = machine.config
-        cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
-        own = machine.arena.own(HOST_ID)
-        self.endpoint = Endpoint(HOST_ID, cpu, self._view, machine.arena.address + lay.ring_offset,
-                                 lay, HostDirectory(machine),
+    """The host's endpoint: receives from instances, sends to them, tidies after the dead.
+    ``cpu``: the physical CPU the host runs on (its messages say so)."""
+
+    def __init__(self, arena: Arena, layout: ArenaLayout, cpu: int, table: InstanceTable,
+                 events: EventLog, reactor: Reactor) -> None:
+        self.arena = arena
+        self.table = table
+        self.events = events
+        self.reactor = reactor
+        lay = layout
+        self._view = memoryview(arena.map)[lay.ring_offset:
+                                           lay.ring_offset + lay.ring_area_bytes]
+        own = arena.own(HOST_ID)
+        self.endpoint = Endpoint(HOST_ID, cpu, self._view, arena.address + lay.ring_offset,
+                                 lay, HostDirectory(table),
                                  sent_counter=(own.buf, own.base + S.OWN_IPI_SENT))
         self.ring = self.endpoint.ring_of(HOST_ID)
         self.ring.set_mode("interrupt")
@@ -116,7 +127,7 @@ class HostIPC:
     def send(self, target: int, msg_type: int, payload: Any = None) -> int:
         """Send from the host; counted as ``host_sent`` on the instance it reached."""
         mid = self.messenger.send(target, msg_type, payload)
-        inst = self.m.by_id(self.messenger.last_target)
+        inst = self.table.by_id(self.messenger.last_target)
         if inst is not None:
             inst.counters["host_sent"] += 1
         return mid
@@ -126,8 +137,8 @@ class HostIPC:
         """A host command (abi/message.py HOST_COMMANDS) to ``inst``: numbered, its digest
         published in the instance's peer entry first (only the host writes there), then sent;
         the kernel obeys it only if the two match. ``request``: wait for the answer."""
-        seq = inst.cmd_seq = inst.cmd_seq + 1
-        self.m.arena.peer(inst.id).publish_command(
+        seq = inst.run.next_command()
+        self.arena.peer(inst.id).publish_command(
             seq, M.command_digest(seq, inst.generation, msg_type, body))
         payload = {"seq": seq, "body": body}
         if not request:
@@ -151,14 +162,14 @@ class HostIPC:
             except OSError:
                 data = b""
             if not data:                 # it shut its end: stop listening, or EOF spins us
-                self.m.selector.unregister(chan)
-                self.m.events.warning("channel_closed", instance=inst.id, name=inst.name)
+                self.reactor.unwatch(chan)
+                self.events.warning("channel_closed", instance=inst.id, name=inst.name)
                 return
             if len(data) != doorbell.REQUEST.size:
                 inst.counters["bad_doorbell_requests"] += 1
                 continue
             (target,) = doorbell.REQUEST.unpack(data)
-            peer = self.m.by_id(target) if target < MAX_INSTANCES else None
+            peer = self.table.by_id(target) if target < MAX_INSTANCES else None
             if peer is None or peer.state != State.ACTIVE or peer.pid is None \
                     or peer.doorbell_fd is None or peer.pidfd is None or peer is inst:
                 doorbell.answer(chan, target, errno.ESRCH)
@@ -190,26 +201,26 @@ class HostIPC:
     def _on_halted(self, msg: M.Message) -> None:
         """Counted; its reason is logged once, when the run ends (lifecycle.on_exit), so that
         neither a flood nor a forged one (under another instance's id) reaches the log."""
-        inst = self.m.by_id(msg.sender)
+        inst = self.table.by_id(msg.sender)
         if inst is None:
             return
         inst.counters["halted_msgs"] += 1
         # the sender id is a claim: the reason is kept, and logged only if this instance's
         # run really ends (lifecycle.on_exit), so a peer cannot make an active one look halted
         reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
-        inst.halted_said = reason
+        inst.run.said_halted(reason)
 
     def _on_shutdown_ack(self, msg: M.Message) -> None:
-        inst = self.m.by_id(msg.sender)
+        inst = self.table.by_id(msg.sender)
         if inst is not None and inst.halt_requested == "graceful" and not inst.shutdown_acked:
-            inst.shutdown_acked = True       # once, and only when a shutdown was asked for
-            self.m.events.info("shutdown_ack", instance=inst.id, name=inst.name)
+            inst.run.acked_shutdown()        # once, and only when a shutdown was asked for
+            self.events.info("shutdown_ack", instance=inst.id, name=inst.name)
 
     def _on_heartbeat(self, msg: M.Message) -> None:
-        inst = self.m.by_id(msg.sender)
+        inst = self.table.by_id(msg.sender)
         if inst is not None:
             inst.counters["heartbeats"] += 1
-            inst.last_heartbeat = time.time()
+            inst.run.heartbeat(time.time())
 
     def sweep_claims_of(self, inst: Instance) -> None:
         """A dead sender's unpublished claims would block its peers' rings: abandon them, and
@@ -217,22 +228,27 @@ class HostIPC:
         already, and it drained up to the claim and went back to sleep: a tickless one would
         sleep on until its safety net (models/healing.pml, healing/sweep-no-doorbell)."""
         n = self.ring.abandon_claims_of(inst.id)
-        for other in self.m.instances.values():
+        for other in self.table:
             marked = self.ring_of(other.id).abandon_claims_of(inst.id)
             if marked and other.doorbell_fd is not None:
                 ring_doorbell(other.doorbell_fd)
             n += marked
         if n:
-            self.m.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
+            self.events.warning("claims_abandoned", instance=inst.id, name=inst.name, slots=n)
             self.drain()
 
     def filters(self, inst: Instance) -> list[dict[str, int]]:
         """The drop filters this instance's ring has in force (floods of junk)."""
         return self.ring_of(inst.id).filters()
 
+    def watch(self, instances: list[Instance]) -> None:
+        """The sweep's look at a batch of instances: their drop filters, then their rings."""
+        self.watch_filters(instances)
+        self.watch_rings(instances)
+
     def watch_filters(self, instances: list[Instance]) -> None:
         """A receiver sets and clears its drop filters itself, in shared memory, where the
-        event log cannot see it: the host looks now and then (Machine.poll, every 0.1 s) and
+        event log cannot see it: the host looks now and then (the machine's poll, every 0.1 s) and
         logs each change as ``ipi_filter_set`` / ``ipi_filter_cleared``. The values are what
         the instance wrote: logged as read, never acted on."""
         for inst in instances:
@@ -249,7 +265,7 @@ class HostIPC:
                 self._filters_seen.pop(inst.id, None)
 
     def watch_rings(self, instances: list[Instance]) -> None:
-        """Every 0.1 s (Machine.poll): the host's ring is drained if anything waits in it (a
+        """Every 0.1 s (the machine's poll): the host's ring is drained if anything waits in it (a
         claim that was never published is reclaimed by the drain after its bound, and only a
         drain gets there); each instance's own resets and every stalled ring are logged. What
         an instance reports is logged as read."""
@@ -265,7 +281,7 @@ class HostIPC:
                 if not seen[2] and now - seen[1] > STALL_REPORT_S:
                     self._log("ring_jammed", iid, name, ticket=ticket,
                               waiting_s=round(now - seen[1], 3))
-                    jammed = self.m.by_id(iid)
+                    jammed = self.table.by_id(iid)
                     if jammed is not None:
                         jammed.counters["ring_jams"] += 1
                     self._stalled[iid] = (ticket, seen[1], True)     # once per episode
@@ -277,7 +293,7 @@ class HostIPC:
                 if seen[2]:
                     self._log("ring_unjammed", iid, name)
         for inst in instances:
-            resets = self.m.arena.own(inst.id).ring_resets
+            resets = self.arena.own(inst.id).ring_resets
             logged = self._resets_seen.get(inst.id, 0)
             if resets != logged:
                 self._resets_seen[inst.id] = resets
@@ -290,7 +306,7 @@ class HostIPC:
         started later than ours). A claimer that died before it wrote its id leaves such a
         claim, which no sweep can name (models/healing.pml, healing/no-stall-doorbell). The
         host's own ring is drained here every 0.1 s anyway."""
-        inst = self.m.by_id(iid) if iid != HOST_ID else None
+        inst = self.table.by_id(iid) if iid != HOST_ID else None
         if inst is None or inst.doorbell_fd is None or stalled_s <= RECLAIM_WAKE_S \
                 or now - self._reclaim_rung.get(iid, 0.0) < RECLAIM_WAKE_S:
             return
@@ -311,12 +327,12 @@ class HostIPC:
         self._logged[key] = (now, 0)
         extra = {"suppressed": held} if held else {}
         level = "info" if event in ("ipi_filter_cleared", "ring_unjammed") else "warning"
-        getattr(self.m.events, level)(event, instance=iid, name=name, **fields, **extra)
+        getattr(self.events, level)(event, instance=iid, name=name, **fields, **extra)
 
     def counters(self, inst: Instance) -> dict[str, int]:
         """What the instance and its ring report (untrusted: plain integers, shown as read)."""
         ring = self.ring_of(inst.id).counters()
-        slot = self.m.arena.own(inst.id).counts()
+        slot = self.arena.own(inst.id).counts()
         return {
             "ipi_sent": slot["ipi_sent"], "ipi_received": ring["received"],
             "ipi_ring_full": slot["ipi_ring_full"], "ipi_esrch": slot["ipi_esrch"],
@@ -327,3 +343,35 @@ class HostIPC:
             "heartbeats_sent": slot["heartbeats_sent"], "ipi_ring_resets": slot["ring_resets"],
             "forged_commands": slot["forged_commands"],
         }
+
+
+class HostBells:
+    """The host's doorbells: its own (it reads ``fd``; instances hold ``ring``, a pipe's write
+    end, which rings and cannot be read: linux.host_doorbell), and those of a dead host that
+    adopted instances still ring (host/adoption.py). Any of them rung: the host drains."""
+
+    def __init__(self, reactor: Reactor, drain: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.drain = drain
+        self.fd, self.ring = linux.host_doorbell()
+        self.extra: list[int] = []
+        self.ids: set[int] = set()             # the pipes of ``extra`` (their inodes)
+        reactor.watch(self.fd, "host-doorbell", None, lambda _: self._rung(self.fd))
+
+    def add(self, fd: int, ident: int | None) -> None:
+        """An old host doorbell an adopted instance rings: watched from now on."""
+        self.reactor.watch(fd, "host-doorbell", None, lambda _: self._rung(fd))
+        self.extra.append(fd)
+        if ident is not None:
+            self.ids.add(ident)
+
+    def _rung(self, fd: int) -> None:
+        linux.doorbell_clear(fd)
+        self.drain()
+
+    def close(self) -> None:
+        """Close every descriptor (the reactor's selector is closed first, or already)."""
+        os.close(self.fd)
+        os.close(self.ring)
+        for fd in self.extra:
+            os.close(fd)

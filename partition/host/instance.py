@@ -7,12 +7,13 @@ refusal quotes it, so a user learns both what the state is and what would make t
 from __future__ import annotations
 
 import enum
+import errno as _errno
 import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from partition.errors import ResourceBusy
+from partition.errors import MKError, ResourceBusy
 from partition.host.kimage import KImage
 from partition.host.recovery import RecoveryPolicy
 
@@ -107,8 +108,180 @@ class Parked:
     child_fds: tuple[int, int] = (-1, -1)           # its doorbell and host doorbell, in it
 
 
+class RunTransitionError(MKError):
+    """A run of an instance was asked to change in a way its table does not allow: a second
+    process started beside a live one, a process ended twice, a second successor parked. A bug
+    of the host, never of a kernel; nothing was changed."""
+
+    errno = _errno.EPROTO
+
+
+class Phase(str, enum.Enum):
+    """Whether a process of the instance runs (booting, active or halting)."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+
+
+#: (phase, event) -> the phase it leads to; an event not listed for a phase is refused
+RUN_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.IDLE, "start"): Phase.RUNNING,       # lifecycle.boot: the parked process runs
+    (Phase.IDLE, "adopt"): Phase.RUNNING,       # adoption: a dead host's run taken over
+    (Phase.RUNNING, "end"): Phase.IDLE,         # lifecycle: reaped, or forgotten at close
+}
+
+
+@dataclass
+class Run:
+    """The run-time state of an instance's process: what runs now (its pid and the host's
+    descriptors for it), its parked successor, its halt flags and the timers the host keeps.
+
+    Its fields change through its methods alone, each a step of ``RUN_TRANSITIONS`` or a
+    flag of the run; the module that calls each (the one writer of what it sets):
+
+    - ``start``, ``end``, ``keep_old_doorbell``, ``drop_doorbell``, ``booted``, ``oom_kills``:
+      lifecycle.py; ``adopt``, ``restore``: adoption.py;
+    - ``park`` and ``unpark``: loading.py (``unpark`` also lifecycle.py's boot, which takes
+      the parked process);
+    - ``halt``: whoever halts it (lifecycle.py, liveupdate.py, faults.py, supervision.py's
+      watchdog); ``handover``: liveupdate.py; ``pending_fault``: faults.py (cleared by
+      lifecycle.py's exit);
+    - ``next_command``, ``said_halted``, ``acked_shutdown``, ``heartbeat``: hostipc.py;
+    - ``progress_seen``, ``nudged``: supervision.py; ``progress_mark``, ``heartbeats_seen``:
+      sweep.py.
+    """
+
+    phase: Phase = Phase.IDLE
+    pid: int | None = None
+    pidfd: int | None = None
+    doorbell_fd: int | None = None
+    old_doorbell_fd: int | None = None  # the predecessor's, after a live update: forwarded
+    channel: socket.socket | None = None  # host end of the instance's doorbell channel
+    child_fds: tuple[int, int] = (-1, -1)   # its doorbell and host doorbell, by number, in it
+    pid_start: float = 0.0              # its process's start time (adoption checks it)
+    adopted: bool = False               # this run was adopted: not our child, no channel
+    parked: Parked | None = None        # its loaded process, before exec
+    halt_requested: str | None = None   # why the host halts it, while it does ("graceful"...)
+    handover: bool = False              # its kernel is quiescing for a live update
+    shutdown_acked: bool = False        # this run answered the host's SHUTDOWN
+    halted_said: str | None = None      # the reason of its last HALTED message, this run
+    boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
+    generation: int = 0                 # its incarnations (the spawn mailbox's number)
+    cmd_seq: int = 0                    # the host commands sent to it (HostIPC.command)
+    oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
+    pending_fault: tuple[str, float] | None = None     # kind, monotonic time injected
+    progress_seen: tuple[int, float] = (0, 0.0)       # watchdog: last value, when it changed
+    nudged: float = 0.0                               # watchdog: the stall it rang the kernel for
+    heartbeats_seen: int = -1                         # own page's count at the last sweep
+    progress_mark: tuple[int, float] = (-1, 0.0)   # its loop counter, when it last moved (top)
+    last_heartbeat: float | None = None
+
+    def _step(self, event: str) -> None:
+        nxt = RUN_TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            allowed = sorted(e for p, e in RUN_TRANSITIONS if p == self.phase)
+            raise RunTransitionError(f"a run that is {self.phase.value} cannot {event} "
+                                     f"(it can: {', '.join(allowed)})",
+                                     "a bug of the host: report it with the event log")
+        self.phase = nxt
+
+    def start(self, p: Parked, pid_start: float) -> None:
+        """The parked process becomes the running one (a boot): a fresh run's flags."""
+        self._step("start")
+        self.pid, self.pidfd, self.doorbell_fd, self.channel = \
+            p.pid, p.pidfd, p.doorbell_fd, p.channel
+        self.child_fds, self.adopted = p.child_fds, False
+        if pid_start:
+            self.pid_start = pid_start
+        self.halt_requested = None
+        self.halted_said = None
+        self.shutdown_acked = False
+        self.boots_acked = False
+        self.generation += 1
+
+    def adopt(self, pid: int, pidfd: int, doorbell_fd: int, pid_start: float,
+              child_fds: tuple[int, int]) -> None:
+        """A dead host's run, checked, taken over by this host (no channel: it died)."""
+        self._step("adopt")
+        self.pid, self.pidfd, self.doorbell_fd, self.pid_start = pid, pidfd, doorbell_fd, pid_start
+        self.child_fds = child_fds
+        self.adopted = True
+
+    def restore(self, generation: int, cmd_seq: int) -> None:
+        """What a dead host's record says of the runs before (adoption)."""
+        self.generation, self.cmd_seq = generation, cmd_seq
+
+    def end(self) -> None:
+        """The process is reaped or forgotten; what the host held for it is closed already."""
+        self._step("end")
+        self.pid = self.pidfd = self.doorbell_fd = self.old_doorbell_fd = None
+        self.channel = None
+        self.adopted = False
+
+    def drop_doorbell(self) -> int | None:
+        """Take the run's doorbell out of it (a live update keeps its ring end); its fd."""
+        fd, self.doorbell_fd = self.doorbell_fd, None
+        return fd
+
+    def keep_old_doorbell(self, fd: int | None) -> None:
+        """The predecessor's doorbell, watched for late rings after a live update (or none)."""
+        self.old_doorbell_fd = fd
+
+    def park(self, p: Parked) -> None:
+        if self.parked is not None:
+            raise RunTransitionError(f"a successor (pid {self.parked.pid}) is parked already",
+                                     "a bug of the host: report it with the event log")
+        self.parked = p
+
+    def unpark(self) -> Parked:
+        """The parked successor, taken out (to boot it, or to reap it)."""
+        p = self.parked
+        if p is None:
+            raise RunTransitionError("no successor is parked", "a bug of the host: report it")
+        self.parked = None
+        return p
+
+    def halt(self, why: str | None) -> None:
+        """Why the host halts the run (the exit's record says so); None: it asks no more."""
+        self.halt_requested = why
+
+    def booted(self) -> None:
+        """The boot CPU answered the spawn mailbox."""
+        self.boots_acked = True
+
+    def next_command(self) -> int:
+        self.cmd_seq += 1
+        return self.cmd_seq
+
+    def said_halted(self, reason: str | None) -> None:
+        self.halted_said = reason
+
+    def acked_shutdown(self) -> None:
+        self.shutdown_acked = True
+
+    def heartbeat(self, at: float) -> None:
+        self.last_heartbeat = at
+
+
+def _run_field(name: str) -> Any:
+    """An attribute of ``Instance`` that is its run's (read there; written by ``Run``'s
+    methods): the names callers outside the host know keep working."""
+    return property(lambda self: getattr(self.run, name),
+                    doc=f"``Run.{name}`` of the instance (read-only here)")
+
+
 @dataclass
 class Instance:
+    """An instance as the host records it: identity (``id``, ``name``), resources (``cpus``,
+    ``physical_cpus``, the memory regions, ``llc_way_mask``) and policy (``recovery``,
+    ``standby_for``), which create (provision.py), adoption and resize (resize.py: CPUs and
+    regions) set; its ``state`` (publish.py) and ``kimage`` (loading.py), which adoption.py
+    sets too as it rebuilds an instance; what its runs left (``last_exit``, ``boots``:
+    lifecycle.py; ``failures``: supervision.py; ``failure``: lifecycle.py, supervision.py,
+    loading.py's unload, adoption.py; ``kho``: kho.py; ``counters``: whoever counts). Its
+    process's run-time state is ``run`` (``Run``, with its own transition table); the run's
+    fields read as the instance's (``inst.pid``), as they always did."""
+
     id: int
     name: str
     cpus: list[int]
@@ -117,38 +290,15 @@ class Instance:
     memory_bytes: int                   # the boot region; regions added at run time: extra
     state: State = State.READY
     extra_regions: list[tuple[int, int]] = field(default_factory=list)  # (base, bytes), oldest first
-    pid_start: float = 0.0              # its process's start time (adoption checks it)
-    child_fds: tuple[int, int] = (-1, -1)   # its doorbell and host doorbell, by number, in it
-    adopted: bool = False               # this run was adopted: not our child, no channel
     #: KHO: the regions the last run preserved, checked, with CRCs (host/kho.py); None: none
     kho: list[tuple[str, int, int, int]] | None = None
     kho_keep_rest: bool = False
-    handover: bool = False              # its kernel is quiescing for a live update
-    progress_mark: tuple[int, float] = (-1, 0.0)   # its loop counter, when it last moved (top)
     kimage: KImage | None = None
-    pid: int | None = None
-    pidfd: int | None = None
-    doorbell_fd: int | None = None
-    old_doorbell_fd: int | None = None  # the predecessor's, after a live update: forwarded
-    channel: socket.socket | None = None  # host end of the instance's doorbell channel
-    oom_kills: int = 0                  # its memory cgroup's OOM kills seen so far
-    parked: Parked | None = None        # its loaded process, before exec
-    shutdown_acked: bool = False        # this run answered the host's SHUTDOWN
-    cmd_seq: int = 0                    # the host commands sent to it (HostIPC.command)
-    halted_said: str | None = None      # the reason of its last HALTED message, this run
     boots: int = 0
-    boots_acked: bool = False           # this run's boot CPU answered the spawn mailbox
-    generation: int = 0
-    halt_requested: str | None = None   # "graceful" | "forced" while a kill is in progress
     last_exit: ExitRecord | None = None
     failure: str | None = None
-    last_heartbeat: float | None = None
     recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
     failures: list[dict[str, Any]] = field(default_factory=list)
-    pending_fault: tuple[str, float] | None = None     # kind, monotonic time injected
-    progress_seen: tuple[int, float] = (0, 0.0)       # watchdog: last value, when it changed
-    nudged: float = 0.0                               # watchdog: the stall it rang the kernel for
-    heartbeats_seen: int = -1                         # own page's count at the last sweep
     standby_for: str | None = None      # this instance is the pre-booted standby of that one
     served_by: int | None = None        # id of the standby that took over this role
     counters: dict[str, int] = field(default_factory=lambda: {
@@ -164,6 +314,33 @@ class Instance:
     foreign_writes: dict[str, int] = field(default_factory=dict)
     #: its LLC ways (``llc-way-mask``, host/llc.py); 0: none of its own (the default group's)
     llc_way_mask: int = 0
+
+    run: Run = field(default_factory=Run)
+
+    # the run's fields, read as the instance's (written through ``run``'s methods)
+    pid = _run_field("pid")
+    pidfd = _run_field("pidfd")
+    doorbell_fd = _run_field("doorbell_fd")
+    old_doorbell_fd = _run_field("old_doorbell_fd")
+    channel = _run_field("channel")
+    child_fds = _run_field("child_fds")
+    pid_start = _run_field("pid_start")
+    adopted = _run_field("adopted")
+    parked = _run_field("parked")
+    halt_requested = _run_field("halt_requested")
+    handover = _run_field("handover")
+    shutdown_acked = _run_field("shutdown_acked")
+    halted_said = _run_field("halted_said")
+    boots_acked = _run_field("boots_acked")
+    generation = _run_field("generation")
+    cmd_seq = _run_field("cmd_seq")
+    oom_kills = _run_field("oom_kills")
+    pending_fault = _run_field("pending_fault")
+    progress_seen = _run_field("progress_seen")
+    nudged = _run_field("nudged")
+    heartbeats_seen = _run_field("heartbeats_seen")
+    progress_mark = _run_field("progress_mark")
+    last_heartbeat = _run_field("last_heartbeat")
 
     @property
     def regions(self) -> list[tuple[int, int]]:

@@ -21,12 +21,13 @@ from partition.host.instance import Instance
 from partition.units import PAGE_SIZE
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.arena import Arena
+    from partition.host.events import EventLog
 
 
-def capture(m: Machine, inst: Instance) -> None:
+def capture(arena: Arena, events: EventLog, inst: Instance) -> None:
     """The run of ``inst`` ended: keep its checked KHO table, with the CRCs of now."""
-    own = m.arena.own(inst.id)
+    own = arena.own(inst.id)
     declared = own.kho_entries(out=True)
     if not declared:
         return
@@ -51,7 +52,7 @@ def capture(m: Machine, inst: Instance) -> None:
             dropped.append(f"{name[:40]!r}: {why}")
             continue
         base = inst.memory_base + offset
-        view = memoryview(m.arena.map)[base:base + length]
+        view = memoryview(arena.map)[base:base + length]
         try:
             kept.append((name, offset, length, zlib.crc32(view)))
         finally:
@@ -59,15 +60,15 @@ def capture(m: Machine, inst: Instance) -> None:
         taken.append((offset, length))
     inst.kho = kept
     inst.kho_keep_rest = bool(own.kho_flags & S.KHO_KEEP_REST)
-    m.events.info("kho_captured", instance=inst.id, name=inst.name,
+    events.info("kho_captured", instance=inst.id, name=inst.name,
                   regions=[[n, o, z] for n, o, z, _ in kept], keep_rest=inst.kho_keep_rest,
                   dropped=dropped)
 
 
-def prepare(m: Machine, inst: Instance) -> None:
+def prepare(arena: Arena, events: EventLog, inst: Instance) -> None:
     """The next run is about to boot: scrub what is not preserved (unless kept) and hand the
     table in; the table out starts empty."""
-    own = m.arena.own(inst.id)
+    own = arena.own(inst.id)
     own.kho_declared = 0
     own.kho_flags = 0
     kept = inst.kho
@@ -78,11 +79,16 @@ def prepare(m: Machine, inst: Instance) -> None:
         cursor = 0
         for _, offset, length, _ in sorted(kept, key=lambda k: k[1]):
             if offset > cursor:
-                m.arena.scrub(inst.memory_base + cursor, offset - cursor)
+                arena.scrub(inst.memory_base + cursor, offset - cursor)
             cursor = offset + length
         if cursor < inst.memory_bytes:
-            m.arena.scrub(inst.memory_base + cursor, inst.memory_bytes - cursor)
+            arena.scrub(inst.memory_base + cursor, inst.memory_bytes - cursor)
     own.write_kho(kept)
     inst.kho = None
-    m.events.info("kho_handed_over", instance=inst.id, name=inst.name,
+    events.info("kho_handed_over", instance=inst.id, name=inst.name,
                   regions=[n for n, _, _, _ in kept], scrubbed_rest=not inst.kho_keep_rest)
+
+
+def put_back(inst: Instance, kept: list[tuple[str, int, int, int]], keep_rest: bool) -> None:
+    """A live update rolled back: the table its old run left is handed in again at its boot."""
+    inst.kho, inst.kho_keep_rest = kept, keep_rest

@@ -11,9 +11,9 @@ at once, classified and recorded before any other verb runs; failures go to the 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from partition import linux
@@ -23,10 +23,28 @@ from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, ResourceBusy
 from partition.host import kho
 from partition.host.exits import classify_exit
-from partition.host.instance import CHANNEL, EXIT, OLD_DOORBELL, ExitRecord, Instance, State
+from partition.host.instance import (
+    CHANNEL,
+    EXIT,
+    OLD_DOORBELL,
+    ExitRecord,
+    Instance,
+    Phase,
+    State,
+)
+from partition.host.ports import SYSTEM_OS, OSPort
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.arena import Arena
+    from partition.host.cgroups import Cgroups
+    from partition.host.events import EventLog
+    from partition.host.hostipc import HostIPC
+    from partition.host.loading import Loading, Wait
+    from partition.host.publish import Publisher
+    from partition.host.reactor import Reactor
+    from partition.host.supervision import Supervisor
+    from partition.host.table import InstanceTable
+    from partition.host.writewatch import WriteWatch
 
 
 #: how long ``exec`` waits for a kernel's boot() to return
@@ -38,8 +56,27 @@ SUCCESSOR_DELAY_S = 0.05
 class Lifecycle:
     """Boots, halts and reaps the instance processes of one machine."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
+    def __init__(self, table: InstanceTable, arena: Arena, reactor: Reactor, events: EventLog,
+                 cgroups: Cgroups, loading: Loading, ipc: HostIPC, supervisor: Supervisor,
+                 publisher: Publisher, writes: WriteWatch | None, wait: Wait,
+                 printk: Callable[[str], None], closing: Callable[[], bool],
+                 survive_host: bool, boot_timeout: float, port: OSPort = SYSTEM_OS) -> None:
+        self.table = table
+        self.arena = arena
+        self.reactor = reactor
+        self.events = events
+        self.cgroups = cgroups
+        self.loading = loading
+        self.ipc = ipc
+        self.supervisor = supervisor
+        self.publisher = publisher
+        self.writes = writes
+        self.wait = wait
+        self.printk = printk
+        self.closing = closing
+        self.survive_host = survive_host
+        self.boot_timeout = boot_timeout
+        self.port = port                      # signals and doorbells (host/ports.py)
         self.successors_due: list[tuple[float, Instance]] = []    # (when, instance)
 
     # -- boot ------------------------------------------------------------------------------
@@ -48,7 +85,6 @@ class Lifecycle:
         its boot CPU answered the spawn mailbox (the real system's answer), or with
         ``wait_boot`` when its kernel's ``boot()`` has returned too; raises BootFailed (with
         the reason) when it died before that, or when its image no longer loads."""
-        m = self.m
         assert inst.kimage is not None
         if inst.pid is not None:
             # one process per incarnation: a second booted beside a live run would share its
@@ -58,34 +94,24 @@ class Lifecycle:
         if inst.parked is not None and inst.parked.cpus != inst.cpus:
             # its CPUs changed while it was parked (kerf update of a loaded instance): the
             # kernel must boot knowing the new ones, so the image is loaded again
-            m.loading.forget_parked(inst)
+            self.loading.forget_parked(inst)
         try:
-            self.m.loading.await_loaded(inst)
+            self.loading.await_loaded(inst)
         except BadKernelImage as exc:
             inst.failure = f"boot failed: {exc.message}"
             inst.counters["boot_failures"] += 1
-            m.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {exc.message}")
-            m.transition(inst, State.FAILED, "boot-failure", reason=exc.message)
+            self.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {exc.message}")
+            self.publisher.transition(inst, State.FAILED, "boot-failure", reason=exc.message)
             raise BootFailed(f"instance {inst.name!r}: its kernel image did not load: "
                              f"{exc.message}", exc.hint) from None
-        p = inst.parked
-        assert p is not None
-        inst.parked = None
-        # the parked process becomes the running one
-        inst.pid, inst.pidfd, inst.doorbell_fd, inst.channel = p.pid, p.pidfd, p.doorbell_fd, \
-            p.channel
-        inst.child_fds, inst.adopted = p.child_fds, False
-        if m.survive_host:                    # what a new host will check before adopting it
-            inst.pid_start = linux.process_start_time(p.pid)
-        m.selector.modify(p.pidfd, selectors.EVENT_READ, (EXIT, inst))
-        m.selector.register(p.channel, selectors.EVENT_READ, (CHANNEL, inst))
-        inst.halt_requested = None
-        inst.halted_said = None
-        inst.shutdown_acked = False
+        p = inst.run.unpark()
+        # the parked process becomes the running one, its start time what a new host will
+        # check before adopting it
+        inst.run.start(p, linux.process_start_time(p.pid) if self.survive_host else 0.0)
+        self.reactor.rewatch(p.pidfd, EXIT, inst, self.on_exit)
+        self.reactor.watch(p.channel, CHANNEL, inst, self.ipc.serve_doorbells)
         inst.failure = None
-        inst.boots_acked = False
-        peer, own = m.arena.peer(inst.id), m.arena.own(inst.id)
-        inst.generation += 1
+        peer, own = self.arena.peer(inst.id), self.arena.own(inst.id)
         gen = inst.generation
         peer.ready = 0
         peer.force_halt = 0
@@ -94,17 +120,17 @@ class Lifecycle:
         peer.target_cpu = inst.physical_cpus[0]
         peer.generation = gen
         peer.redirect = 0
-        kho.prepare(m, inst)                 # preserved regions handed in, the rest scrubbed
+        kho.prepare(self.arena, self.events, inst)   # preserved regions in, the rest scrubbed
         if not handover:
             # (a live update keeps both: the messages sent meanwhile wait in the ring for the
             # new kernel, and requests to the old one are still answered: same service epoch)
-            m.ring_of(inst.id).reset()       # stale messages and dead claims go with the old run
+            self.ipc.ring_of(inst.id).reset()       # stale messages and dead claims go with the old run
             peer.epoch = (peer.epoch + 1) & 0xFFFFFFFF
         inst.served_by = None                # it serves its own role again
         peer.ready = 1                       # publish last, then ring the parked CPU
-        ring(p.doorbell_fd)
-        deadline = time.monotonic() + m.boot_timeout
-        acked = m.wait(lambda: inst.pid is None or own.ack_generation == gen, deadline)
+        self.port.ring_doorbell(p.doorbell_fd)
+        deadline = time.monotonic() + self.boot_timeout
+        acked = self.wait(lambda: inst.pid is None or own.ack_generation == gen, deadline)
         pid = p.pid
         if inst.state == State.ACTIVE or (inst.pid is None and inst.boots_acked):
             if wait_boot:
@@ -115,12 +141,12 @@ class Lifecycle:
                              f"mkctl console {inst.name} shows the kernel's last words")
         if not acked:
             peer.ready = 0                # revoke the publication
-            inst.halt_requested = "boot-timeout"
-            os.kill(pid, signal.SIGKILL)
-            m.wait(lambda: inst.pid is None, None)
+            inst.run.halt("boot-timeout")
+            self.port.kill(pid, signal.SIGKILL)
+            self.wait(lambda: inst.pid is None, None)
             raise BootTimeout(
                 f"instance {inst.name!r}: boot CPU {inst.cpus[0]} did not answer the spawn "
-                f"mailbox within {m.boot_timeout:g} s; instance marked failed",
+                f"mailbox within {self.boot_timeout:g} s; instance marked failed",
                 f"mkctl console {inst.name}; then mkctl start {inst.name} to retry")
         self._mark_booted(inst)
         if wait_boot:
@@ -129,10 +155,9 @@ class Lifecycle:
     def _wait_boot_return(self, inst: Instance) -> None:
         """Drive the machine until the kernel's ``boot()`` returned (it says so in its slot)
         or the run ended; a run that ended first failed in ``boot()``."""
-        m = self.m
-        own = m.arena.own(inst.id)
+        own = self.arena.own(inst.id)
         gen = inst.generation
-        returned = m.wait(lambda: inst.pid is None or own.booted == gen,
+        returned = self.wait(lambda: inst.pid is None or own.booted == gen,
                           time.monotonic() + BOOT_RETURN_S)
         if own.booted == gen:
             return                    # boot() returned (the run may have ended since)
@@ -146,20 +171,19 @@ class Lifecycle:
                               f"mkctl console {inst.name}; start --no-wait does not wait")
     def _mark_booted(self, inst: Instance) -> None:
         """The boot CPU cleared ``ready``: the instance is active."""
-        inst.boots_acked = True
-        # the watchdog times a stall from this boot, not from the last run's final progress
-        inst.progress_seen = (self.m.arena.own(inst.id).progress, time.monotonic())
+        inst.run.booted()
+        self.supervisor.watch_from_now(inst)    # a stall is timed from this boot
         inst.boots += 1
         inst.counters["boots"] += 1
-        peer = self.m.arena.peer(inst.id)
+        peer = self.arena.peer(inst.id)
         peer.ready = 0                                # answered: the mailbox is closed
         # online in the peer table first, and rung: its kernel starts while the host does the
         # rest of its bookkeeping (transition writes the same two fields again)
         peer.peer_state, peer.pid = STATE_CODES["active"], inst.pid or 0
         if inst.doorbell_fd is not None:
-            ring(inst.doorbell_fd)
-        self.m.transition(inst, State.ACTIVE, "start", pid=inst.pid,
-                          ack_cpu=self.m.arena.own(inst.id).ack_cpu)
+            self.port.ring_doorbell(inst.doorbell_fd)
+        self.publisher.transition(inst, State.ACTIVE, "start", pid=inst.pid,
+                          ack_cpu=self.arena.own(inst.id).ack_cpu)
         if inst.recovery.policy == "restart":     # forked a moment later, off this boot
             self.successors_due.append((time.monotonic() + SUCCESSOR_DELAY_S, inst))
 
@@ -172,71 +196,67 @@ class Lifecycle:
         now = time.monotonic()
         due = [inst for t, inst in self.successors_due if t <= now]
         self.successors_due = [(t, inst) for t, inst in self.successors_due if t > now]
-        m = self.m
         for inst in due:
-            if m.closing or inst.state != State.ACTIVE or inst.parked is not None \
-                    or inst.handover or inst.kimage is None or inst.name not in m.instances:
+            if self.closing() or inst.state != State.ACTIVE or inst.parked is not None \
+                    or inst.handover or inst.kimage is None or inst.name not in self.table:
                 continue
             try:
-                m.loading.spawn(inst)
+                self.loading.spawn(inst)
             except OSError as exc:          # a restart loads it then, and says why if it fails
-                m.events.warning("spawn_failed", instance=inst.id, name=inst.name,
+                self.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                  error=str(exc))
 
     # -- halting ---------------------------------------------------------------------------
     def force(self, inst: Instance) -> None:
-        m = self.m
         if inst.pid is None:
             return
-        inst.halt_requested = "forced"
-        m.arena.peer(inst.id).force_halt = 1
-        if m.writes is not None:
-            m.writes.scan(only=inst)
+        inst.run.halt("forced")
+        self.arena.peer(inst.id).force_halt = 1
+        if self.writes is not None:
+            self.writes.scan(only=inst)
         try:
             if inst.pidfd is not None:     # by the pidfd: never a reused pid
-                signal.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
+                self.port.pidfd_send_signal(inst.pidfd, signal.SIGKILL)
             else:
-                os.kill(inst.pid, signal.SIGKILL)
+                self.port.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
     def halt_many(self, insts: list[Instance], timeout: float) -> None:
         """Ask all to halt at once, wait up to ``timeout`` together, then force the rest."""
-        m = self.m
         asked = []
         for inst in insts:
             if inst.pid is None:
                 continue
-            inst.halt_requested = "graceful"
+            inst.run.halt("graceful")
             try:
-                m.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
+                self.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": timeout})
             except RingError as exc:
                 # the ring refused (full): fall back to the signal the kernel also honours
-                m.events.warning("shutdown_message_refused", instance=inst.id,
+                self.events.warning("shutdown_message_refused", instance=inst.id,
                                  name=inst.name, error=exc.strerror)
                 try:
-                    os.kill(inst.pid, signal.SIGTERM)
+                    self.port.kill(inst.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
             asked.append(inst)
         deadline = time.monotonic() + timeout
-        m.wait(lambda: all(i.pid is None for i in asked), deadline)
+        self.wait(lambda: all(i.pid is None for i in asked), deadline)
         for inst in asked:
             if inst.pid is not None:
-                m.events.warning("halt_timeout", instance=inst.id, name=inst.name,
+                self.events.warning("halt_timeout", instance=inst.id, name=inst.name,
                                  timeout_s=timeout)
                 self.force(inst)
-                inst.halt_requested = "forced-after-timeout"
-        m.wait(lambda: all(i.pid is None for i in asked), None)
+                inst.run.halt("forced-after-timeout")
+        self.wait(lambda: all(i.pid is None for i in asked), None)
 
     # -- exits -----------------------------------------------------------------------------
     def on_exit(self, inst: Instance) -> None:
         """The pidfd of ``inst`` became readable: reap, classify, record, return CPUs."""
-        m = self.m
         if inst.pid is None:
             return
         detected = time.monotonic()
-        own, peer = m.arena.own(inst.id), m.arena.peer(inst.id)
+        own, peer = self.arena.own(inst.id), self.arena.peer(inst.id)
         if inst.state != State.ACTIVE and own.ack_generation == inst.generation \
                 and inst.halt_requested != "boot-timeout":
             self._mark_booted(inst)       # it answered the mailbox, then exited before we looked
@@ -254,10 +274,10 @@ class Lifecycle:
         else:
             _, status = os.waitpid(inst.pid, 0)
         if inst.handover:
-            kho.capture(m, inst)              # what it preserved, checked, CRCs of now
+            kho.capture(self.arena, self.events, inst)              # what it preserved, checked, CRCs of now
             self._handed_over(inst, status, detected)
             return
-        ooms = m.cgroups.oom_kills(inst.id)
+        ooms = self.cgroups.oom_kills(inst.id)
         booting = inst.state != State.ACTIVE
         if status == -1:
             how = {"graceful": "graceful", None: "exited"}.get(inst.halt_requested, "forced")
@@ -269,77 +289,76 @@ class Lifecycle:
         if oom:
             record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
                              "its partition, heap and allowance")
-        inst.oom_kills = ooms
-        failed = booting or m.supervisor.is_failure(record)
+        inst.run.oom_kills = ooms
+        failed = booting or self.supervisor.is_failure(record)
         # the failure record first: the cgroup's sweep (a freeze and thaw in v1), the events,
         # the console and the views can wait until it is made (issue 20: they doubled the
         # time from the pidfd's notice to the record); each still happens, in the same order
-        failure = m.supervisor.record_failure(inst, record, detected) if failed else None
-        kho.capture(m, inst)                  # what it preserved, checked, CRCs of now
+        failure = self.supervisor.record_failure(inst, record, detected) if failed else None
+        kho.capture(self.arena, self.events, inst)                  # what it preserved, checked, CRCs of now
         # whatever it forked goes with it; not a successor parked while it ran (a restart's)
-        orphans = m.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
+        orphans = self.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
         if orphans:
-            m.events.warning("orphans_killed", instance=inst.id, name=inst.name, count=orphans)
+            self.events.warning("orphans_killed", instance=inst.id, name=inst.name, count=orphans)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
-            m.events.warning("forbidden_syscall", instance=inst.id, name=inst.name, pid=inst.pid)
+            self.events.warning("forbidden_syscall", instance=inst.id, name=inst.name, pid=inst.pid)
         if oom:
-            m.events.warning("memory_limit_exceeded", instance=inst.id, name=inst.name)
+            self.events.warning("memory_limit_exceeded", instance=inst.id, name=inst.name)
         pid = inst.pid
         self.forget_process(inst, reaped=True, keep_parked=True)
-        m.ipc.sweep_claims_of(inst)
+        self.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
         if record.how in ("panic", "killed", "exited", "boot-failed"):
             inst.counters["crashes"] += 1
         if inst.halted_said is not None:
-            m.events.info("halted_message", instance=inst.id, name=inst.name,
+            self.events.info("halted_message", instance=inst.id, name=inst.name,
                           reason=inst.halted_said)
-            inst.halted_said = None
-        m.events.info("instance_exit", instance=inst.id, name=inst.name, pid=pid,
+            inst.run.said_halted(None)
+        self.events.info("instance_exit", instance=inst.id, name=inst.name, pid=pid,
                       how=record.how, reason=record.reason, signal=record.signal,
                       code=record.code,
                       handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))
         if failure is not None:
-            m.supervisor.announce_failure(inst, failure)
+            self.supervisor.announce_failure(inst, failure)
         if booting:
             inst.failure = f"boot failed: {record.reason}"
             inst.counters["boot_failures"] += 1
-            m.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {record.reason}")
-            m.transition(inst, State.FAILED, "boot-failure", reason=record.reason)
+            self.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {record.reason}")
+            self.publisher.transition(inst, State.FAILED, "boot-failure", reason=record.reason)
         else:
             if own.booted != inst.generation and inst.halt_requested is None:
                 # it answered the mailbox, then died before its boot() returned: it never
                 # came up, which is a boot failure (its crash is counted too)
                 inst.counters["boot_failures"] += 1
-                m.events.warning("died_in_boot", instance=inst.id, name=inst.name,
+                self.events.warning("died_in_boot", instance=inst.id, name=inst.name,
                                  how=record.how, reason=record.reason)
-            m.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
-            m.transition(inst, State.LOADED, record.how, reason=record.reason)
+            self.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
+            self.publisher.transition(inst, State.LOADED, record.how, reason=record.reason)
             if failed:
-                m.supervisor.recover(inst)      # a takeover first: the fork below takes time
-            if not m.closing and inst.parked is None and inst.state == State.LOADED:
+                self.supervisor.recover(inst)      # a takeover first: the fork below takes time
+            if not self.closing() and inst.parked is None and inst.state == State.LOADED:
                 try:
-                    self.m.loading.spawn(inst)  # the next incarnation imports and parks meanwhile
+                    self.loading.spawn(inst)  # the next incarnation imports and parks meanwhile
                 except OSError as exc:          # start tries again, and says why if it fails too
-                    m.events.warning("spawn_failed", instance=inst.id, name=inst.name,
+                    self.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                      error=str(exc))
-        inst.pending_fault = None
+        inst.run.pending_fault = None
 
     def _handed_over(self, inst: Instance, status: int, detected: float) -> None:
         """The old kernel of a live update exited (host/liveupdate.py boots the new one): the
         run is recorded, its descriptors closed; the loaded successor and the peer entry stay."""
-        m = self.m
-        own = m.arena.own(inst.id)
+        own = self.arena.own(inst.id)
         if status == -1:
             record = ExitRecord(own.reason or "handed over", "graceful", time=time.time())
         else:
             record = classify_exit(status, inst.halt_requested, own.reason)
-        m.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
+        self.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
         pid = inst.pid
         # a peer's Port bound to this run that checked the peer entry before the new pid was
         # written publishes after the new kernel's last look and rings this doorbell: kept,
         # and forwarded to the new kernel's for as long as it runs (models/liveupdate.pml)
-        ring_end, inst.doorbell_fd = inst.doorbell_fd, None
+        ring_end = inst.run.drop_doorbell()
         # (the host holds the pipe's ring end, which cannot be watched for a ring: the pipe
         # opened again for reading and writing, so that it stays open to late rings)
         kept = None
@@ -347,22 +366,22 @@ class Lifecycle:
             try:
                 kept = linux.doorbell_watch(ring_end)
             except OSError as exc:       # (EMFILE near 511 instances): late rings are lost,
-                m.events.warning("doorbell_watch_failed", instance=inst.id,   # nothing else
+                self.events.warning("doorbell_watch_failed", instance=inst.id,   # nothing else
                                  name=inst.name, error=exc.strerror)
         self.forget_process(inst, reaped=True, keep_parked=True)
         if ring_end is not None:
             os.close(ring_end)
         if kept is not None:
-            inst.old_doorbell_fd = kept
-            m.selector.register(kept, selectors.EVENT_READ, (OLD_DOORBELL, inst))
-        m.ipc.sweep_claims_of(inst)
+            inst.run.keep_old_doorbell(kept)
+            self.reactor.watch(kept, OLD_DOORBELL, inst, self.forward_old_doorbell)
+        self.ipc.sweep_claims_of(inst)
         inst.last_exit = record
         inst.counters["halts"] += 1
         if own.booted != inst.generation:     # its boot() never returned: a new image that
             inst.failure = f"boot failed: {record.reason}"    # did not boot (a live update's)
             inst.counters["boot_failures"] += 1
-        inst.state = State.LOADED             # quietly: the service stays up in the peer table
-        m.events.info("handover_exit", instance=inst.id, name=inst.name, pid=pid,
+        self.publisher.set_quietly(inst, State.LOADED)    # the service stays up for peers
+        self.events.info("handover_exit", instance=inst.id, name=inst.name, pid=pid,
                       how=record.how, reason=record.reason,
                       handled_after_ms=round((time.monotonic() - detected) * 1e3, 3))
 
@@ -371,17 +390,13 @@ class Lifecycle:
         """Close what the host held for a run of ``inst`` (and its parked successor, unless
         ``keep_parked``: the next run boots it); kill and reap it unless ``reaped`` (on_exit
         did: its pid may belong to someone else by now)."""
-        m = self.m
         if not keep_parked:
-            self.m.loading.forget_parked(inst)
+            self.loading.forget_parked(inst)
         if inst.pidfd is not None:
-            try:
-                m.selector.unregister(inst.pidfd)
-            except (KeyError, ValueError):
-                pass
+            self.reactor.unwatch(inst.pidfd)
         if inst.pid is not None:
-            if m.writes is not None:
-                m.writes.forget(inst.pid)
+            if self.writes is not None:
+                self.writes.forget(inst.pid)
             if not reaped and inst.adopted:   # by its pidfd: never a pid we did not fork
                 if inst.pidfd is not None:
                     try:
@@ -389,37 +404,46 @@ class Lifecycle:
                         os.waitpid(inst.pid, 0)   # reaped if it is our child after all
                     except (ProcessLookupError, ChildProcessError):
                         pass
-                m.cgroups.kill(inst.id)
+                self.cgroups.kill(inst.id)
             elif not reaped:
                 try:
                     os.kill(inst.pid, signal.SIGKILL)
                     os.waitpid(inst.pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
-                m.cgroups.kill(inst.id)
-            inst.pid = None
-            inst.adopted = False
+                self.cgroups.kill(inst.id)
         if inst.pidfd is not None:            # after the kill above, which may signal through it
             os.close(inst.pidfd)
-            inst.pidfd = None
-        m.ipc.forget(inst.id)
+        self.ipc.forget(inst.id)
         if inst.channel is not None:
-            try:
-                m.selector.unregister(inst.channel)
-            except (KeyError, ValueError):
-                pass
+            self.reactor.unwatch(inst.channel)
             inst.channel.close()
-            inst.channel = None
         if inst.doorbell_fd is not None:
             os.close(inst.doorbell_fd)
-            inst.doorbell_fd = None
         if inst.old_doorbell_fd is not None:
-            try:
-                m.selector.unregister(inst.old_doorbell_fd)
-            except (KeyError, ValueError):
-                pass
+            self.reactor.unwatch(inst.old_doorbell_fd)
             os.close(inst.old_doorbell_fd)
-            inst.old_doorbell_fd = None
+        if inst.run.phase == Phase.RUNNING:
+            inst.run.end()                    # (every descriptor of it closed above)
+        else:
+            inst.run.keep_old_doorbell(None)
+
+    @staticmethod
+    def drop_descriptors(inst: Instance) -> None:
+        """Close what the host holds for ``inst``'s run and its parked successor, and nothing
+        else: no kill, no reap, no unregister (a host that is abandoned: the reactor closes
+        next, and the processes run on for the host that adopts them)."""
+        for fd in (inst.pidfd, inst.doorbell_fd, inst.old_doorbell_fd):
+            if fd is not None:
+                os.close(fd)
+        if inst.channel is not None:
+            inst.channel.close()
+        p = inst.parked
+        if p is not None:
+            for fd in (p.pidfd, p.doorbell_fd, p.report_fd):
+                if fd >= 0:
+                    os.close(fd)
+            p.channel.close()
 
     def forward_old_doorbell(self, inst: Instance) -> None:
         """The doorbell of a live update's predecessor was rung (a late sender, see
@@ -429,7 +453,7 @@ class Lifecycle:
             linux.doorbell_clear(inst.old_doorbell_fd)
         if inst.doorbell_fd is not None:
             inst.counters["doorbells_forwarded"] += 1
-            ring(inst.doorbell_fd)
+            self.port.ring_doorbell(inst.doorbell_fd)
 
 
 def ring(doorbell_fd: int) -> None:

@@ -26,112 +26,134 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from partition.abi import message as M
 from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, NotLoaded
 from partition.guest.trampoline import readable_label
+from partition.host import kho
 from partition.host.instance import Instance, State
 from partition.host.kimage import check_spec
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.arena import Arena
+    from partition.host.events import EventLog
+    from partition.host.lifecycle import Lifecycle
+    from partition.host.loading import Loading, Wait
 
 #: how long the old kernel has to quiesce before it is forced (its state is then what it was)
 QUIESCE_S = 10.0
 
 
-def update(m: Machine, inst: Instance, kernel: str, cmdline: str | None = None,
-           quiesce: float = QUIESCE_S) -> dict[str, Any]:
-    if inst.state != State.ACTIVE or inst.pid is None:
-        raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a live update replaces "
-                        "a running kernel", f"mkctl start {inst.name}, or load the new image")
-    old = inst.kimage
-    assert old is not None
-    new = check_spec(kernel, old.cmdline if cmdline is None else cmdline)
-    m._check_signature(inst, new)           # the new image, as kexec load would check it
-    t0 = time.monotonic()
-    if inst.parked is not None:            # a successor of the old image (restart policy)
-        m.loading.forget_parked(inst)
-    inst.kimage = new
-    try:
-        m.loading.await_loaded(inst)       # 1. the new image, checked in its own process
-    except BaseException:
-        inst.kimage = old
-        raise
-    report = inst.parked.report if inst.parked is not None else None
-    new.label = readable_label(str((report or {}).get("label") or ""),
-                               str((report or {}).get("source") or ""))
-    new.source = str((report or {}).get("source") or "")
-    loaded = time.monotonic()
+class LiveUpdate:
+    """Live updates of one machine's instances. ``lifecycle`` boots and forces (lifecycle.py),
+    ``loading`` loads the new image beside the old, ``command`` is a host command to the
+    instance (hostipc.py), ``wait`` drives the machine, ``check_signature`` is kexec's check."""
 
-    inst.handover = True                   # 2. the old kernel quiesces
-    inst.halt_requested = "graceful"
-    try:
+    def __init__(self, lifecycle: Lifecycle, loading: Loading, command: Callable[..., Any],
+                 wait: Wait, events: EventLog, arena: Arena,
+                 check_signature: Callable[..., None]) -> None:
+        self.lifecycle = lifecycle
+        self.loading = loading
+        self.command = command
+        self.wait = wait
+        self.events = events
+        self.arena = arena
+        self.check_signature = check_signature
+
+    def update(self, inst: Instance, kernel: str, cmdline: str | None = None,
+               quiesce: float = QUIESCE_S) -> dict[str, Any]:
+        """The live update of ``inst`` (see the module's docstring)."""
+        if inst.state != State.ACTIVE or inst.pid is None:
+            raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a live update replaces "
+                            "a running kernel", f"mkctl start {inst.name}, or load the new image")
+        old = inst.kimage
+        assert old is not None
+        new = check_spec(kernel, old.cmdline if cmdline is None else cmdline)
+        self.check_signature(inst, new)           # the new image, as kexec load would check it
+        t0 = time.monotonic()
+        if inst.parked is not None:            # a successor of the old image (restart policy)
+            self.loading.forget_parked(inst)
+        self.loading.set_image(inst, new)
         try:
-            m.ipc.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": quiesce, "handover": True})
-        except RingError:
-            if inst.pidfd is not None:
-                signal.pidfd_send_signal(inst.pidfd, signal.SIGTERM)
-        if not m.wait(lambda: inst.pid is None, time.monotonic() + quiesce):
-            m.events.warning("handover_forced", instance=inst.id, name=inst.name,
-                             quiesce_s=quiesce)
-            inst.halt_requested = "forced"
-            m.lifecycle.force(inst)
-            m.wait(lambda: inst.pid is None, None)
-    finally:
-        inst.handover = False
-    quiet = time.monotonic()
-    kept = list(inst.kho or [])            # 3. what it preserved (checked, CRCs taken)
-    keep_rest = inst.kho_keep_rest
-    saved = [(off, bytes(m.arena.read(inst.memory_base + off, size)))
-             for _, off, size, _ in kept]
+            self.loading.await_loaded(inst)       # 1. the new image, checked in its own process
+        except BaseException:
+            self.loading.set_image(inst, old)
+            raise
+        report = inst.parked.report if inst.parked is not None else None
+        new.label = readable_label(str((report or {}).get("label") or ""),
+                                   str((report or {}).get("source") or ""))
+        new.source = str((report or {}).get("source") or "")
+        loaded = time.monotonic()
 
-    inst.handover = True                   # 4. the new kernel, same CPUs, same ring; a death
-    try:                                   #    in its boot() keeps the service up for the old
+        inst.run.handover = True               # 2. the old kernel quiesces
+        inst.run.halt("graceful")
         try:
-            m.lifecycle.boot(inst, wait_boot=True, handover=True)
-        except (BootFailed, BootTimeout, BadKernelImage) as exc:
-            return _roll_back(m, inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
-    finally:
-        inst.handover = False
-    done = time.monotonic()
-    out = {"instance": inst.name, "kernel": new.label, "previous": old.label,
-           "rolled_back": False, "load_ms": round((loaded - t0) * 1e3, 3),
-           "quiesce_ms": round((quiet - loaded) * 1e3, 3),
-           "gap_ms": round((done - loaded) * 1e3, 3),
-           "preserved": [n for n, _, _, _ in kept]}
-    inst.counters["live_updates"] += 1
-    m.events.info("live_update", **out)
-    return out
+            try:
+                self.command(inst, M.MK_MSG_SHUTDOWN, {"timeout_s": quiesce, "handover": True})
+            except RingError:
+                if inst.pidfd is not None:
+                    signal.pidfd_send_signal(inst.pidfd, signal.SIGTERM)
+            if not self.wait(lambda: inst.pid is None, time.monotonic() + quiesce):
+                self.events.warning("handover_forced", instance=inst.id, name=inst.name,
+                                 quiesce_s=quiesce)
+                inst.run.halt("forced")
+                self.lifecycle.force(inst)
+                self.wait(lambda: inst.pid is None, None)
+        finally:
+            inst.run.handover = False
+        quiet = time.monotonic()
+        kept = list(inst.kho or [])            # 3. what it preserved (checked, CRCs taken)
+        keep_rest = inst.kho_keep_rest
+        saved = [(off, bytes(self.arena.read(inst.memory_base + off, size)))
+                 for _, off, size, _ in kept]
 
+        inst.run.handover = True               # 4. the new kernel, same CPUs, same ring; a death
+        try:                                   #    in its boot() keeps the service up for the old
+            try:
+                self.lifecycle.boot(inst, wait_boot=True, handover=True)
+            except (BootFailed, BootTimeout, BadKernelImage) as exc:
+                return self._roll_back(inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
+        finally:
+            inst.run.handover = False
+        done = time.monotonic()
+        out = {"instance": inst.name, "kernel": new.label, "previous": old.label,
+               "rolled_back": False, "load_ms": round((loaded - t0) * 1e3, 3),
+               "quiesce_ms": round((quiet - loaded) * 1e3, 3),
+               "gap_ms": round((done - loaded) * 1e3, 3),
+               "preserved": [n for n, _, _, _ in kept]}
+        inst.counters["live_updates"] += 1
+        self.events.info("live_update", **out)
+        return out
 
-def _roll_back(m: Machine, inst: Instance, old: Any, new: Any, kept: list[tuple[str, int, int, int]],
-               keep_rest: bool, saved: list[tuple[int, bytes]], exc: Exception, t0: float,
-               quiet: float) -> dict[str, Any]:
-    """5. The new kernel failed in boot(): the old image, the preserved bytes as they were.
+    def _roll_back(self, inst: Instance, old: Any, new: Any,
+                   kept: list[tuple[str, int, int, int]], keep_rest: bool,
+                   saved: list[tuple[int, bytes]], exc: Exception, t0: float,
+                   quiet: float) -> dict[str, Any]:
+        """5. The new kernel failed in boot(): the old image, the preserved bytes as they were.
 
-    A new kernel whose boot() outlasted the deadline still runs, on the instance's CPUs, ring
-    and cgroup: it is killed and reaped first (recorded as its own exit, a boot failure), so
-    that the old image never boots beside it and each pidfd the host watches stays one
-    incarnation's."""
-    m.events.warning("live_update_failed", instance=inst.id, name=inst.name,
-                     kernel=new.label, reason=str(exc))
-    if inst.pid is not None:
-        m.lifecycle.force(inst)
-        inst.halt_requested = "boot-return-timeout"
-        m.wait(lambda: inst.pid is None, None)
-    for off, data in saved:
-        m.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
-    inst.kho, inst.kho_keep_rest = kept, keep_rest
-    inst.kimage = old
-    if inst.parked is not None:
-        m.loading.forget_parked(inst)
-    m.lifecycle.boot(inst, wait_boot=True, handover=True)
-    out = {"instance": inst.name, "kernel": old.label, "previous": old.label,
-           "rolled_back": True, "reason": f"the new kernel failed to boot: {exc}",
-           "gap_ms": round((time.monotonic() - quiet) * 1e3, 3),
-           "preserved": [n for n, _, _, _ in kept]}
-    m.events.warning("live_update_rolled_back", **out)
-    return out
+        A new kernel whose boot() outlasted the deadline still runs, on the instance's CPUs, ring
+        and cgroup: it is killed and reaped first (recorded as its own exit, a boot failure), so
+        that the old image never boots beside it and each pidfd the host watches stays one
+        incarnation's."""
+        self.events.warning("live_update_failed", instance=inst.id, name=inst.name,
+                         kernel=new.label, reason=str(exc))
+        if inst.pid is not None:
+            self.lifecycle.force(inst)
+            inst.run.halt("boot-return-timeout")
+            self.wait(lambda: inst.pid is None, None)
+        for off, data in saved:
+            self.arena.map[inst.memory_base + off:inst.memory_base + off + len(data)] = data
+        kho.put_back(inst, kept, keep_rest)
+        self.loading.set_image(inst, old)
+        if inst.parked is not None:
+            self.loading.forget_parked(inst)
+        self.lifecycle.boot(inst, wait_boot=True, handover=True)
+        out = {"instance": inst.name, "kernel": old.label, "previous": old.label,
+               "rolled_back": True, "reason": f"the new kernel failed to boot: {exc}",
+               "gap_ms": round((time.monotonic() - quiet) * 1e3, 3),
+               "preserved": [n for n, _, _, _ in kept]}
+        self.events.warning("live_update_rolled_back", **out)
+        return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from typing import Any
 
 from partition.errors import InvalidSpec, MKError, ResourceBusy
 
@@ -213,3 +214,25 @@ class Resctrl:
         cls = InvalidSpec if exc.errno == errno.EINVAL else MKError
         return cls(f"{what}: {exc.strerror}",
                    "check the mask against info/L3 (cbm_mask, min_cbm_bits, num_closids)")
+
+
+def join(resctrl: Resctrl, events: Any, inst: Any, pid: int) -> None:
+    """An instance's process into its resctrl group; a refusal is an event, not a failed
+    load: the mask stays checked and shown, and the views say it is not held."""
+    try:
+        resctrl.join(inst.id, pid)
+    except MKError as exc:
+        events.warning("llc_join_failed", instance=inst.id, name=inst.name, pid=pid,
+                       error=exc.message)
+
+
+def leave(resctrl: Resctrl, events: Any, inst: Any) -> None:
+    """Remove an instance's resctrl group, if it has one. A group that cannot go is said (an
+    ``llc_group_left`` event) and what called goes on: a delete whose cgroups are gone
+    already, or the rest of a teardown."""
+    if not inst.llc_way_mask:
+        return
+    try:
+        resctrl.remove_group(inst.id)
+    except OSError as exc:
+        events.warning("llc_group_left", instance=inst.id, name=inst.name, error=exc.strerror)

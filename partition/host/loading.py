@@ -13,17 +13,17 @@ import dataclasses
 import gc
 import json
 import os
-import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from partition import linux
 from partition.abi.constants import DEFAULT_HEAP
 from partition.errors import BadKernelImage, MKError, ZygoteError
 from partition.guest.kernel import heap_of
-from partition.guest.trampoline import BootParams, enter
+from partition.guest.trampoline import BootParams, enter, readable_label
 from partition.guest.zygote import Zygote
 from partition.host import cgroups
 from partition.host.arena import inherited_mappings
@@ -31,7 +31,16 @@ from partition.host.exits import classify_exit
 from partition.host.instance import PARKED_EXIT, REPORT, Instance, Parked
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.abi.layout import ArenaLayout
+    from partition.host.arena import Arena
+    from partition.host.cgroups import Cgroups
+    from partition.host.events import EventLog
+    from partition.host.kimage import KImage
+    from partition.host.pool import ResourcePool
+    from partition.host.reactor import Reactor
+
+#: drive the machine until ``done()`` or the deadline (the machine's wait); whether it is done
+Wait = Callable[[Callable[[], bool], float | None], bool]
 
 #: how long ``load`` waits for the instance's process to import its image and report
 LOAD_TIMEOUT_S = 30.0
@@ -39,20 +48,52 @@ MAX_REPORT = 16 << 10
 UNREADABLE = "the loader's report is unreadable"
 
 
-class Loading:
-    """Spawns, watches and reaps the parked processes of one machine's loaded instances."""
+class Zygotes:
+    """The process that forks this machine's instances (guest/zygote.py), made at the first
+    load and again after one is lost; ``enabled`` False (MK_ZYGOTE=0, or none could start):
+    instances are forked from the host itself (to compare)."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
+    def __init__(self, enabled: bool) -> None:
+        self.current: Zygote | None = None
+        self.enabled = enabled
+
+    def close(self) -> None:
+        """Close the zygote, if any (the next load makes a new one)."""
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+class Loading:
+    """Spawns, watches and reaps the parked processes of one machine's loaded instances.
+    ``llc_join``: its process into its LLC group; ``host_ring``: the host doorbell's ring
+    end, which every instance holds; ``wait``: drives the machine (its wait)."""
+
+    def __init__(self, arena: Arena, layout: ArenaLayout, pool: ResourcePool, cgroups: Cgroups,
+                 events: EventLog, reactor: Reactor, wait: Wait,
+                 llc_join: Callable[[Instance, int], None], host_ring: int, run_dir: str,
+                 protection: bool, survive_host: bool) -> None:
+        self.arena = arena
+        self.layout = layout
+        self.pool = pool
+        self.cgroups = cgroups
+        self.events = events
+        self.reactor = reactor
+        self.wait = wait
+        self.llc_join = llc_join
+        self.host_ring = host_ring
+        self.run_dir = run_dir
+        self.protection = protection
+        self.survive_host = survive_host
+        self.zygotes = Zygotes(os.environ.get("MK_ZYGOTE", "1") != "0")
 
     def spawn(self, inst: Instance) -> None:
         """Fork the instance's process for its loaded image: it contains itself, imports the
         image, reports, and parks (guest/trampoline.py). Returns at once; the report comes
         through the reactor (``on_report``)."""
-        m = self.m
         assert inst.kimage is not None and inst.parked is None
         # what can fail without descriptors to close comes first
-        procs = m.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst))
+        procs = self.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst))
         inherited = inherited_mappings()
         # (each pair closed if a later one fails: EMFILE near 511 instances)
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -71,13 +112,13 @@ class Loading:
             raise
         params = BootParams(
             id=inst.id, name=inst.name, cpus=inst.cpus, physical_cpus=inst.physical_cpus,
-            cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=m.arena.fd,
-            layout=m.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
-            doorbell_fd=own_doorbell, host_doorbell_fd=m.host_ring,
+            cmdline=inst.kimage.cmdline, spec=inst.kimage.spec, arena_fd=self.arena.fd,
+            layout=self.layout, memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
+            doorbell_fd=own_doorbell, host_doorbell_fd=self.host_ring,
             channel_fd=guest_end.fileno(), report_fd=report_w, host_pid=os.getpid(),
-            oversubscribed=bool(m.pool.shared_cpus(inst.name, inst.cpus)),
-            protection=m.protection, inherited=inherited, cgroups=procs, hide=[m.run_dir],
-            survive_host=m.survive_host, image=inst.kimage.image,
+            oversubscribed=bool(self.pool.shared_cpus(inst.name, inst.cpus)),
+            protection=self.protection, inherited=inherited, cgroups=procs, hide=[self.run_dir],
+            survive_host=self.survive_host, image=inst.kimage.image,
         )
         try:
             pid, child_fds = self._fork(params)
@@ -92,40 +133,68 @@ class Loading:
             os.close(own_doorbell)
         pidfd = linux.pidfd_open(pid)
         if inst.llc_way_mask:
-            m._llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started
-        inst.parked = Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
-                             child_fds=child_fds)
-        m.selector.register(pidfd, selectors.EVENT_READ, (PARKED_EXIT, inst))
-        m.selector.register(report_r, selectors.EVENT_READ, (REPORT, inst))
+            self.llc_join(inst, pid)          # its LLC ways (host/llc.py), before it is started
+        inst.run.park(Parked(pid, pidfd, doorbell_fd, host_end, report_r, cpus=list(inst.cpus),
+                             child_fds=child_fds))
+        self.reactor.watch(pidfd, PARKED_EXIT, inst, self.on_parked_exit)
+        self.reactor.watch(report_r, REPORT, inst, self.on_report)
+
+    def load(self, inst: Instance, kimage: KImage, check_signature: Callable[..., None]) -> None:
+        """``kexec load``: the image checked (its signature), imported in its own process
+        (never here), its label read from the loader's report; a failure leaves ``inst`` as
+        it was."""
+        check_signature(inst, kimage)
+        inst.kimage = kimage
+        try:
+            report = self.await_loaded(inst)
+        except BaseException:
+            inst.kimage = None
+            raise
+        kimage.label = readable_label(str(report.get("label") or ""),
+                                      str(report.get("source") or ""))
+        kimage.source = str(report.get("source") or "")
+        self.events.info("kimage_loaded", instance=inst.id, name=inst.name, kernel=kimage.label,
+                         source=kimage.source, cmdline=kimage.cmdline)
+
+    def set_image(self, inst: Instance, kimage: KImage | None) -> None:
+        """The image ``inst`` runs from now (a live update's new one, or its old one back)."""
+        inst.kimage = kimage
+
+    def unload(self, inst: Instance) -> None:
+        """``kexec unload``: the parked process reaped, the image and its failure dropped."""
+        self.forget_parked(inst)
+        inst.kimage = None
+        inst.failure = None
+        self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
 
     def _fork(self, params: BootParams) -> tuple[int, tuple[int, int]]:
         """The instance's process: forked by the machine's zygote (guest/zygote.py), a small
         interpreter, so that it is no copy of this host's heap; by this process itself if no
         zygote can run. Returns its pid and its numbers of the doorbell and host doorbell."""
-        m = self.m
-        if m.zygote is not None and not m.zygote.alive():
-            m.events.warning("zygote_died", pid=m.zygote.proc.pid,
-                             code=m.zygote.proc.returncode)
-            m._close_zygote()            # (a new one now)
-        if m.zygote is None and m.use_zygote:
+        z = self.zygotes
+        if z.current is not None and not z.current.alive():
+            self.events.warning("zygote_died", pid=z.current.proc.pid,
+                                code=z.current.proc.returncode)
+            z.close()                    # (a new one now)
+        if z.current is None and z.enabled:
             try:
-                m.zygote = Zygote()
-                m.events.info("zygote_started", pid=m.zygote.proc.pid)
+                z.current = Zygote()
+                self.events.info("zygote_started", pid=z.current.proc.pid)
             except (OSError, ZygoteError) as exc:
-                m.use_zygote = False
-                m.events.warning("zygote_unavailable", error=str(exc))
-        if m.zygote is not None:
+                z.enabled = False
+                self.events.warning("zygote_unavailable", error=str(exc))
+        if z.current is not None:
             try:
-                return m.zygote.spawn(dataclasses.replace(params, inherited=[]))
+                return z.current.spawn(dataclasses.replace(params, inherited=[]))
             except ZygoteError as exc:
                 # a zygote that did not answer is not asked again (its late answer would be
                 # read as the next one's): closed; the next load makes a new one. If it may
                 # have forked, this load fails, and what runs in the instance's cgroup ends
                 # (the process may share this load's descriptors); else this load forks here
-                m.events.warning("zygote_failed", error=exc.message)
-                m._close_zygote()
+                self.events.warning("zygote_failed", error=exc.message)
+                z.close()
                 if exc.sent:
-                    m.cgroups.kill(params.id, reap=True)
+                    self.cgroups.kill(params.id, reap=True)
                     raise
         # Keep the collector off the pages parent and child still share: a collection walks
         # every tracked object and would copy-on-write fault them all, in both processes.
@@ -184,7 +253,7 @@ class Loading:
         except ProcessLookupError:
             pass
         spec = inst.kimage.spec if inst.kimage else ""
-        self.m.events.warning("image_not_inert", instance=inst.id, name=inst.name, pid=p.pid,
+        self.events.warning("image_not_inert", instance=inst.id, name=inst.name, pid=p.pid,
                               threads=threads)
         p.report = {"ok": False,
                     "message": f"kernel {spec!r} runs {threads - 1} thread(s) besides its "
@@ -193,19 +262,18 @@ class Loading:
 
     def _close_report(self, p: Parked) -> None:
         if p.report_fd >= 0:
-            self.m.selector.unregister(p.report_fd)
+            self.reactor.unwatch(p.report_fd)
             os.close(p.report_fd)
             p.report_fd = -1
 
     def await_loaded(self, inst: Instance) -> dict[str, Any]:
         """Drive the machine until the parked process reported (its report), or raise
         BadKernelImage with the loader's reason; a failed loader is reaped here."""
-        m = self.m
         if inst.parked is None:
             self.spawn(inst)
         p = inst.parked
         assert p is not None
-        m.wait(lambda: p.report is not None or inst.parked is not p,
+        self.wait(lambda: p.report is not None or inst.parked is not p,
                time.monotonic() + LOAD_TIMEOUT_S)
         report = p.report
         if report is not None and report.get("ok") and inst.parked is p:
@@ -225,7 +293,7 @@ class Loading:
         status = p.status
         if not said and status is not None:
             record = classify_exit(status, None, "")
-            m.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
+            self.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
                              reason=record.reason)
             raise BadKernelImage(f"the kernel image {inst.kimage.spec if inst.kimage else ''!r} "
                                  f"did not load: its loader was {record.reason}",
@@ -249,21 +317,17 @@ class Loading:
         status = self.forget_parked(inst, kill=False)
         if p.report is not None and p.report.get("ok"):     # (a loader that failed is told
             reason = classify_exit(status, None, "").reason if status is not None else "?"
-            self.m.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
+            self.events.warning("loader_exit", instance=inst.id, name=inst.name, pid=p.pid,
                                   reason=reason)            # by await_loaded)
 
     def forget_parked(self, inst: Instance, kill: bool = True) -> int | None:
         """Kill (unless it is gone already) and reap the parked process; close what it held.
         Returns its wait status (None: no parked process, or not ours to reap)."""
-        p = inst.parked
-        if p is None:
+        if inst.parked is None:
             return None
-        inst.parked = None
+        p = inst.run.unpark()
         self._close_report(p)
-        try:
-            self.m.selector.unregister(p.pidfd)
-        except (KeyError, ValueError):
-            pass
+        self.reactor.unwatch(p.pidfd)
         try:
             if kill:
                 os.kill(p.pid, signal.SIGKILL)
@@ -274,7 +338,7 @@ class Loading:
         os.close(p.doorbell_fd)
         p.channel.close()
         # whatever it left in the instance's cgroup; a live update's running kernel shares it
-        self.m.cgroups.kill(inst.id, keep=inst.pid)
+        self.cgroups.kill(inst.id, keep=inst.pid)
         return p.status
 
     @staticmethod

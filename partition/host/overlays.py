@@ -21,7 +21,9 @@ from partition.host import poolresize, resize
 from partition.host.devicetree import CreateOp, Overlay, PoolOp, RemoveOp, UpdateOp, parse_overlay
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.publish import Publisher
+    from partition.host.resize import Resources
+    from partition.host.table import InstanceTable
 
 STATUSES = ("applied", "failed", "removed", "pending")
 #: transactions kept for reading back; older failed or removed ones are forgotten first
@@ -51,8 +53,15 @@ class Transaction:
 class Overlays:
     """The transaction log of one machine."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
+    def __init__(self, res: Resources, table: InstanceTable, publisher: Publisher,
+                 create: Callable[..., Any], delete: Callable[[str], Any]) -> None:
+        """``create`` and ``delete``: the machine's verbs, which an instance-create or
+        instance-remove fragment is (checked and published as those verbs are)."""
+        self.r = res
+        self.table = table
+        self.publisher = publisher
+        self.create = create
+        self.delete = delete
         self.transactions: dict[int, Transaction] = {}
         self.next_id = 1
 
@@ -75,7 +84,7 @@ class Overlays:
                 elif isinstance(op, RemoveOp):
                     self._remove(tx, op)
                 elif isinstance(op, PoolOp):
-                    poolresize.run(self.m, tx, op)
+                    poolresize.run(self.r, tx, op)
                 else:
                     self._update(tx, op, commits)
         except BaseException as exc:
@@ -84,16 +93,16 @@ class Overlays:
             tx.undo.clear()
             tx.status = "failed"
             tx.error = f"{exc.message} [{exc.code}]" if isinstance(exc, MKError) else repr(exc)
-            self.m.events.warning("overlay_failed", tx=tx.id, target=tx.target, error=tx.error)
-            self.m.publish()
+            self.r.events.warning("overlay_failed", tx=tx.id, target=tx.target, error=tx.error)
+            self.publisher.publish()
             raise
         for commit in commits:
             commit()
         for hook in tx.on_commit:
             hook()
         tx.status = "applied"
-        self.m.events.info("overlay_applied", tx=tx.id, target=tx.target, operations=tx.operations)
-        self.m.publish()
+        self.r.events.info("overlay_applied", tx=tx.id, target=tx.target, operations=tx.operations)
+        self.publisher.publish()
         return tx
 
     def remove(self, tx_id: int) -> Transaction:
@@ -106,8 +115,8 @@ class Overlays:
                 tx.undo[i]()                # an undo that refuses leaves the rest in place
                 tx.undo.pop(i)
         tx.status = "removed"
-        self.m.events.info("overlay_removed", tx=tx.id, target=tx.target)
-        self.m.publish()
+        self.r.events.info("overlay_removed", tx=tx.id, target=tx.target)
+        self.publisher.publish()
         return tx
 
     def _remember(self, tx: Transaction) -> None:
@@ -119,10 +128,10 @@ class Overlays:
 
     # -- operations ----------------------------------------------------------------------------
     def _logical(self, cpus: list[int]) -> list[int]:
-        logical = {p: c for c, p in self.m.config.physical_ids.items()}
+        logical = {p: c for c, p in self.r.config.physical_ids.items()}
         unknown = [p for p in cpus if p not in logical]
         if unknown:
-            pool = sorted(self.m.config.physical_ids[c] for c in self.m.config.cpus)
+            pool = sorted(self.r.config.physical_ids[c] for c in self.r.config.cpus)
             raise InvalidSpec(f"Invalid APIC IDs requested: {unknown}. Available APIC IDs: {pool}",
                               "name pool CPUs by their APIC id (/proc/cpuinfo apicid)")
         return [logical[p] for p in cpus]
@@ -130,8 +139,7 @@ class Overlays:
     def _create(self, tx: Transaction, op: CreateOp) -> None:
         """instance-create, checked in kerf's words and APIC ids first (a tree can come from
         anything that writes overlays/new, not only kerf), then as ``mkctl create``."""
-        m = self.m
-        cfg = m.config
+        cfg = self.r.config
         cpus = self._logical(op.cpus)
         pairs = list(zip(op.cpus, cpus))
         host = [p for p, c in pairs if c not in cfg.cpus and c in cfg.host_cpus]
@@ -139,29 +147,28 @@ class Overlays:
             raise PermissionDenied(f"{op.name}: CPUs {host} are reserved for host kernel",
                                    f"Use available CPUs: {sorted(cfg.physical_ids[c] for c in cfg.cpus)}")
         if not cfg.oversubscribe:
-            busy = {p: m.pool.cpu_users[c] for p, c in pairs if m.pool.cpu_users.get(c)}
+            busy = {p: self.r.pool.cpu_users[c] for p, c in pairs if self.r.pool.cpu_users.get(c)}
             if busy:
                 users = ", ".join(f"{u} uses APIC IDs {sorted(p for p, us in busy.items() if u in us)}"
                                   for u in sorted({u for us in busy.values() for u in us}))
                 raise ResourceBusy(f"APIC IDs {sorted(busy)} are not available ({users})",
                                    "pick CPUs from cpus-available (kerf show)")
-        m.create(op.name, op.memory_bytes, cpus=cpus, id=op.id, llc_way_mask=op.llc_way_mask)
+        self.create(op.name, op.memory_bytes, cpus=cpus, id=op.id, llc_way_mask=op.llc_way_mask)
         tx.operations.append(f"instance-create {op.name}")
         tx.names.append(op.name)
 
         def undo() -> None:
-            inst = m.instances.get(op.name)
+            inst = self.table.by_name.get(op.name)
             if inst is None:
                 return
             if inst.state.value != "ready":
                 raise ResourceBusy(f"transaction tx_{tx.id} created {op.name!r}, which is "
                                    f"{inst.state.value} now", f"kerf unload {op.name} first")
-            m.delete(op.name)
+            self.delete(op.name)
         tx.undo.append(undo)
 
     def _remove(self, tx: Transaction, op: RemoveOp) -> None:
-        m = self.m
-        inst = m.instances.get(op.name)
+        inst = self.table.by_name.get(op.name)
         if inst is None:
             raise NoSuchInstance(f"Instance '{op.name}' does not exist",
                                  "list instances/ for the names")
@@ -170,49 +177,48 @@ class Overlays:
         llc_way_mask = inst.llc_way_mask or None
         # as the real instance-remove (and mkctl delete): an instance that is not running is
         # destroyed with whatever it holds; regions added at run time go back to the pool too
-        m.delete(op.name)
+        self.delete(op.name)
         tx.operations.append(f"instance-remove {op.name}")
         tx.names.append(op.name)
 
         def undo() -> None:
-            m.create(name, memory, cpus=cpus, id=iid, llc_way_mask=llc_way_mask)
-            back = m.instances[name]
+            self.create(name, memory, cpus=cpus, id=iid, llc_way_mask=llc_way_mask)
+            back = self.table.by_name[name]
             lost = []
             for base, size in added:        # free again unless a later change took them
-                if m.pool.range_free(base - m.layout.pool_offset, size) is None:
-                    m.pool.add_range(name, base - m.layout.pool_offset, size)
+                if self.r.pool.range_free(base - self.r.pool_offset, size) is None:
+                    self.r.pool.add_range(name, base - self.r.pool_offset, size)
                     back.extra_regions.append((base, size))
                 else:
                     lost.append([base, size])
             if lost:
-                m.events.warning("instance_recreated_smaller", tx=tx.id, name=name, lost=lost)
-            m.publish(back)
+                self.r.events.warning("instance_recreated_smaller", tx=tx.id, name=name, lost=lost)
+            self.publisher.publish(back)
         tx.undo.append(undo)
 
     def _update(self, tx: Transaction, op: UpdateOp, commits: list[Callable[[], None]]) -> None:
-        m = self.m
-        inst = m.instances.get(op.name)
+        inst = self.table.by_name.get(op.name)
         if inst is None:
             raise NoSuchInstance(f"Instance '{op.name}' does not exist",
                                  "list instances/ for the names")
         if op.empty():
             return
-        steps = resize.plan(m, inst, op)
-        commits.append(resize.run(m, inst, steps, tx.ack_until))
+        steps = resize.plan(self.r, inst, op)
+        commits.append(resize.run(self.r, inst, steps, tx.ack_until))
         tx.operations += [f"{s.describe()} on {op.name}" for s in steps]
         tx.names.append(op.name)
         done = [False]
 
         def undo() -> None:
             if not done[0]:             # the same transaction failed later: move it straight back
-                resize.undo_steps(m, inst, steps)
+                resize.undo_steps(self.r, inst, steps)
                 return
-            if m.instances.get(inst.name) is not inst:
+            if self.table.by_name.get(inst.name) is not inst:
                 raise ResourceBusy(f"transaction tx_{tx.id} changed {inst.name!r}, which was "
                                    "deleted since", "nothing to roll back: leave it")
-            back = resize.inverse(inst.name, steps, m)
-            resize.run(m, inst, resize.plan(m, inst, back))()   # checked now, then committed
-            m.publish(inst)
+            back = resize.inverse(inst.name, steps, self.r)
+            resize.run(self.r, inst, resize.plan(self.r, inst, back))()   # checked now, then committed
+            self.publisher.publish(inst)
         tx.undo.append(undo)
         tx.on_commit.append(lambda: done.__setitem__(0, True))
-        m.publish(inst)
+        self.publisher.publish(inst)

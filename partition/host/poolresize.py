@@ -30,7 +30,6 @@ transaction is (host/overlays.py): the machine is as it was.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,8 +41,8 @@ from partition.host.pool import place_chunk
 from partition.units import format_cpulist, format_size
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
     from partition.host.overlays import Transaction
+    from partition.host.resize import Resources
 
 
 #: chunks the pool keeps at most: each is a line of /proc/iomem and a node of the root tree
@@ -65,10 +64,10 @@ class PoolStep:
         return f"pool {self.kind} {pool_lo + self.offset:#x}+{self.size:#x}"
 
 
-def plan(m: Machine, op: PoolOp) -> list[PoolStep]:
+def plan(r: Resources, op: PoolOp) -> list[PoolStep]:
     """Check a whole ``/resources`` fragment against the pool as it would be after each step,
     in the real order; change nothing."""
-    cfg, pool, lo = m.config, m.pool, m.layout.pool_offset
+    cfg, pool, lo = r.config, r.pool, r.pool_offset
     for kind, ids in (("cpu-remove", op.cpu_remove), ("cpu-add", op.cpu_add)):
         if len(set(ids)) != len(ids):
             raise InvalidSpec(f"/resources {kind} names a CPU twice ({ids})", "name each CPU once")
@@ -148,21 +147,21 @@ def plan(m: Machine, op: PoolOp) -> list[PoolStep]:
     return steps
 
 
-def run(m: Machine, tx: Transaction, op: PoolOp) -> None:
+def run(r: Resources, tx: Transaction, op: PoolOp) -> None:
     """Apply a checked fragment step by step; each step's undo goes on the transaction."""
-    lo = m.layout.pool_offset
-    steps = plan(m, op)
+    lo = r.pool_offset
+    steps = plan(r, op)
     committed = [False]
     tx.on_commit.append(lambda: committed.__setitem__(0, True))
     for step in steps:
-        tx.undo.append(_do(m, tx, step, committed))
+        tx.undo.append(_do(r, tx, step, committed))
         tx.operations.append(step.describe(lo))
     if steps:
-        _pin_host(m)
+        _pin_host(r)
 
 
-def _do(m: Machine, tx: Transaction, step: PoolStep, committed: list[bool]) -> Callable[[], None]:
-    cfg, pool, lo = m.config, m.pool, m.layout.pool_offset
+def _do(r: Resources, tx: Transaction, step: PoolStep, committed: list[bool]) -> Callable[[], None]:
+    cfg, pool, lo = r.config, r.pool, r.pool_offset
     was_host = step.cpu in cfg.host_cpus
     if step.kind == "cpu-remove":
         pool.remove_pool_cpu(step.cpu)
@@ -171,15 +170,15 @@ def _do(m: Machine, tx: Transaction, step: PoolStep, committed: list[bool]) -> C
                           keep_host=cfg.oversubscribe and cfg.host_cpus == [step.cpu])
     elif step.kind == "memory-remove":
         pool.remove_chunk(step.offset, step.size)
-        tx.on_commit.append(lambda: m.arena.scrub(lo + step.offset, step.size))
+        tx.on_commit.append(lambda: r.arena.scrub(lo + step.offset, step.size))
     else:
         pool.add_chunk(step.offset, step.size)
-    _changed(m, step.kind, step)
+    _changed(r, step.kind, step)
 
     def undo() -> None:
         if step.kind == "cpu-remove":
             pool.add_pool_cpu(step.cpu, step.physical, keep_host=was_host)
-            _changed(m, "cpu-add", step, rollback=tx.id)
+            _changed(r, "cpu-add", step, rollback=tx.id)
         elif step.kind == "cpu-add":
             users = pool.cpu_users.get(step.cpu) or []
             if users:
@@ -187,18 +186,18 @@ def _do(m: Machine, tx: Transaction, step: PoolStep, committed: list[bool]) -> C
                                    f"pool, which is lent to {', '.join(sorted(set(users)))} now",
                                    "take it back from the instance first")
             pool.remove_pool_cpu(step.cpu, to_host=was_host)
-            _changed(m, "cpu-remove", step, rollback=tx.id)
+            _changed(r, "cpu-remove", step, rollback=tx.id)
         elif step.kind == "memory-add":
             if committed[0]:
                 # the real kernel: the base was the pool's choice and the overlay never
                 # recorded it, so no chunk can be named for a shrink; it warns and goes on
-                m.events.warning("pool_rollback_kept", tx=tx.id, op="memory-add",
+                r.events.warning("pool_rollback_kept", tx=tx.id, op="memory-add",
                                  base=lo + step.offset, size=step.size,
                                  why="the pool chose the chunk's base; the overlay does not "
                                      "name it, so the chunk stays")
                 return
             pool.remove_chunk(step.offset, step.size)
-            _changed(m, "memory-remove", step, rollback=tx.id)
+            _changed(r, "memory-remove", step, rollback=tx.id)
         else:
             at = step.offset
             if committed[0]:
@@ -211,32 +210,32 @@ def _do(m: Machine, tx: Transaction, step: PoolStep, committed: list[bool]) -> C
                                       "shrink the pool elsewhere first")
                 at = found
             pool.add_chunk(at, step.size)
-            _changed(m, "memory-add", PoolStep("memory-add", offset=at, size=step.size),
+            _changed(r, "memory-add", PoolStep("memory-add", offset=at, size=step.size),
                      rollback=tx.id)
-        _pin_host(m)
+        _pin_host(r)
     return undo
 
 
-def _changed(m: Machine, op: str, step: PoolStep, rollback: int | None = None) -> None:
-    cfg = m.config
+def _changed(r: Resources, op: str, step: PoolStep, rollback: int | None = None) -> None:
+    cfg = r.config
     fields: dict[str, object] = {"op": op, "cpus": [cfg.physical_ids.get(c, c) for c in cfg.cpus],
                                  "memory_bytes": cfg.memory_bytes,
-                                 "chunks": [[m.layout.pool_offset + b, n] for b, n in m.pool.chunks]}
+                                 "chunks": [[r.pool_offset + b, n] for b, n in r.pool.chunks]}
     if step.cpu >= 0:
         fields["cpu"] = step.physical
     else:
-        fields["base"], fields["size"] = m.layout.pool_offset + step.offset, step.size
+        fields["base"], fields["size"] = r.pool_offset + step.offset, step.size
     if rollback is not None:
         fields["rollback_of"] = rollback
-    m.events.info("pool_changed", **fields)
+    r.events.info("pool_changed", **fields)
 
 
-def _pin_host(m: Machine) -> None:
+def _pin_host(r: Resources) -> None:
     """A supervisor pinned to the host's CPUs follows them (a CPU that joined the pool is no
     longer the host's; one that left it is again)."""
-    if m.pin_host and m.config.host_cpus:
+    if r.pin_host and r.config.host_cpus:
         try:
-            os.sched_setaffinity(0, m.config.host_cpus)
+            r.port.sched_setaffinity(0, r.config.host_cpus)
         except OSError as exc:
-            m.events.warning("host_pin_failed", cpus=format_cpulist(m.config.host_cpus),
+            r.events.warning("host_pin_failed", cpus=format_cpulist(r.config.host_cpus),
                              why=exc.strerror)

@@ -34,10 +34,38 @@ from partition.abi.ring import RingError
 from partition.errors import InvalidSpec, PermissionDenied, ResourceBusy, ResourceRefused
 from partition.host.devicetree import MEMORY_GRANULE, UpdateOp
 from partition.host.instance import Instance, State
-from partition.units import PAGE_SIZE
+from partition.host.ports import SYSTEM_OS, OSPort
+from partition.units import (
+    PAGE_SIZE,
+    format_size,
+    parse_cpulist,
+    parse_size,
+    require_page_aligned,
+)
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.arena import Arena
+    from partition.host.cgroups import Cgroups
+    from partition.host.events import EventLog
+    from partition.host.pool import PoolConfig, ResourcePool
+
+
+@dataclass
+class Resources:
+    """What a resource change touches (this module and poolresize.py), each named: the pool
+    and its configuration, the arena, the event log, the cgroups; ``command``: a host command
+    to an instance (hostipc.py); ``wait``: drives the machine until a condition or deadline."""
+
+    config: PoolConfig
+    pool: ResourcePool
+    pool_offset: int
+    arena: Arena
+    events: EventLog
+    cgroups: Cgroups
+    command: Callable[..., Any]
+    wait: Callable[[Callable[[], bool], float | None], bool]
+    pin_host: bool
+    port: OSPort = SYSTEM_OS              # thread affinity (host/ports.py)
 
 #: how long a running kernel has to answer one resource change (the real system's RES_ACK wait)
 ACK_TIMEOUT_S = 10.0
@@ -58,9 +86,9 @@ class Step:
     base: int = 0                 # arena offset (memory steps)
     size: int = 0
 
-    def payload(self, m: Machine, op: int | None = None) -> dict[str, Any]:
+    def payload(self, r: Resources, op: int | None = None) -> dict[str, Any]:
         if (op or self.op) in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE):
-            return {"cpus": [m.config.physical_ids.get(c, c) for c in self.cpus],
+            return {"cpus": [r.config.physical_ids.get(c, c) for c in self.cpus],
                     "logical": list(self.cpus)}
         return {"base": self.base, "size": self.size}
 
@@ -70,10 +98,10 @@ class Step:
         return f"{OP_NAMES[self.op]} {self.base:#x}+{self.size:#x}"
 
 
-def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
+def plan(r: Resources, inst: Instance, op: UpdateOp) -> list[Step]:
     """Check a whole update against the instance as it would be after each step; change
     nothing. CPUs in ``op`` are physical ids; the steps carry logical ones."""
-    cfg = m.config
+    cfg = r.config
     logical = {p: c for c, p in cfg.physical_ids.items()}
     if inst.state not in (State.READY, State.LOADED, State.ACTIVE):
         raise ResourceBusy(f"instance {inst.name!r} is {inst.state.value}; its resources can "
@@ -82,7 +110,7 @@ def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
     cpus = list(inst.cpus)
     regions = list(inst.regions)
     steps: list[Step] = []
-    pool_lo = m.layout.pool_offset
+    pool_lo = r.pool_offset
     for base, size in op.memory_remove:
         if (base, size) == regions[0]:
             raise PermissionDenied(f"{inst.name}: memory-remove {base:#x}+{size:#x} is the "
@@ -100,7 +128,7 @@ def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
             raise InvalidSpec(f"{inst.name}: memory-add {base:#x}+{size:#x} is not aligned to "
                               f"the {MEMORY_GRANULE >> 20} MB memory granule",
                               "place and size added memory in whole granules (memory-granule)")
-        why = m.pool.range_free(base - pool_lo, size)
+        why = r.pool.range_free(base - pool_lo, size)
         if why is not None and (base, size) not in freed:
             raise ResourceBusy(f"{inst.name}: memory-add {base:#x}+{size:#x}: {why}",
                                "pick a free range of the pool (/proc/iomem)")
@@ -134,7 +162,7 @@ def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
                                                "kernel", "add CPUs of the pool only")
                     raise InvalidSpec(f"APIC ID {cfg.physical_ids[c]} is not in the pool",
                                       "add CPUs of the pool only")
-                users = [u for u in m.pool.cpu_users[c] if u != inst.name]
+                users = [u for u in r.pool.cpu_users[c] if u != inst.name]
                 if users and not cfg.oversubscribe:
                     raise ResourceBusy(f"APIC IDs [{cfg.physical_ids[c]}] are not available "
                                        f"(allocated to {', '.join(users)})",
@@ -150,7 +178,7 @@ def plan(m: Machine, inst: Instance, op: UpdateOp) -> list[Step]:
     return steps
 
 
-def run(m: Machine, inst: Instance, steps: list[Step],
+def run(r: Resources, inst: Instance, steps: list[Step],
         until: float | None = None) -> Callable[[], None]:
     """Do the steps; on any failure undo the done ones in reverse and raise. Returns the
     commit action (scrubbing memory that left the instance) and the undo is kept by the
@@ -162,24 +190,24 @@ def run(m: Machine, inst: Instance, steps: list[Step],
         until = time.monotonic() + CHAIN_TIMEOUT_S
     try:
         for step in steps:
-            _tell(m, inst, step, step.op, wait=True, until=until)
-            _move(m, inst, step, step.op)
+            _tell(r, inst, step, step.op, wait=True, until=until)
+            _move(r, inst, step, step.op)
             done.append(step)
     except BaseException:
-        undo_steps(m, inst, done)
+        undo_steps(r, inst, done)
         raise
     removed = [s for s in steps if s.op == M.MK_MSG_MEM_REMOVE]
 
     def commit() -> None:
         for s in removed:
-            m.arena.scrub(s.base, s.size)
+            r.arena.scrub(s.base, s.size)
     return commit
 
 
-def inverse(inst_name: str, steps: list[Step], m: Machine) -> UpdateOp:
+def inverse(inst_name: str, steps: list[Step], r: Resources) -> UpdateOp:
     """The update that takes ``steps`` back, as a new change (``rmdir tx_<N>`` of an update):
     planned against the instance as it is then, and asked of its kernel like any other."""
-    phys = m.config.physical_ids
+    phys = r.config.physical_ids
     op = UpdateOp(inst_name)
     for s in steps:
         if s.op == M.MK_MSG_MEM_ADD:
@@ -193,21 +221,21 @@ def inverse(inst_name: str, steps: list[Step], m: Machine) -> UpdateOp:
     return op
 
 
-def undo_steps(m: Machine, inst: Instance, done: list[Step]) -> None:
+def undo_steps(r: Resources, inst: Instance, done: list[Step]) -> None:
     """Move every done step back, newest first; the kernel is told, nobody waits for it."""
     for step in reversed(done):
         inverse = INVERSE[step.op]
-        _move(m, inst, step, inverse)
+        _move(r, inst, step, inverse)
         try:
-            _tell(m, inst, step, inverse, wait=False)
+            _tell(r, inst, step, inverse, wait=False)
         except RingError:
             pass
     if done:
-        m.events.warning("resources_rolled_back", instance=inst.id, name=inst.name,
+        r.events.warning("resources_rolled_back", instance=inst.id, name=inst.name,
                          steps=[s.describe() for s in reversed(done)])
 
 
-def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool,
+def _tell(r: Resources, inst: Instance, step: Step, op: int, wait: bool,
           until: float = math.inf) -> None:
     """A running kernel hears of the change first and must accept it. Its RES_ACK is read
     from its own control page (written by it alone: a peer can post a response into the
@@ -216,9 +244,9 @@ def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool,
     ``until`` (CHAIN_TIMEOUT_S) passing is no answer."""
     if inst.state != State.ACTIVE or inst.pid is None:
         return
-    body = step.payload(m, op)
+    body = step.payload(r, op)
     try:
-        m.ipc.command(inst, op, body)
+        r.command(inst, op, body)
     except RingError as exc:
         if not wait:
             return
@@ -228,7 +256,7 @@ def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool,
     if not wait:
         return
     seq, generation = inst.cmd_seq, inst.generation
-    own = m.arena.own(inst.id)
+    own = r.arena.own(inst.id)
     what = f"{OP_NAMES[op]} {body}"
     step_deadline = time.monotonic() + ACK_TIMEOUT_S
     deadline = min(step_deadline, until)
@@ -243,7 +271,7 @@ def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool,
             why = "it died" if gone else f"no RES_ACK within {ACK_TIMEOUT_S:g} s" \
                 if deadline == step_deadline else \
                 f"no RES_ACK within the {CHAIN_TIMEOUT_S:g} s its update's steps have together"
-            m.events.warning("resource_unanswered", instance=inst.id, name=inst.name, op=what,
+            r.events.warning("resource_unanswered", instance=inst.id, name=inst.name, op=what,
                              why=why)
             raise ResourceRefused(f"instance {inst.name!r} did not accept {what}: {why}",
                                   "the change was rolled back; check its console")
@@ -251,46 +279,46 @@ def _tell(m: Machine, inst: Instance, step: Step, op: int, wait: bool,
         # goes on answering read verbs (show, console) while a silent kernel holds the change
         # (the kernel rings the host's doorbell with its RES_ACK; 50 ms looks catch one that
         # does not)
-        m.wait(answered, time.monotonic() + min(left, 0.05))
+        r.wait(answered, time.monotonic() + min(left, 0.05))
     status = own.res_ack_status
     if status != 0:
         inst.resource_changes["refused"] += 1
         reason = own.res_ack_reason or f"errno {status}"
-        m.events.warning("resource_refused", instance=inst.id, name=inst.name, op=what,
+        r.events.warning("resource_refused", instance=inst.id, name=inst.name, op=what,
                          reason=reason)
         raise ResourceRefused(f"instance {inst.name!r} refused {what}: {reason}",
                               "the change was rolled back; the kernel's on_* hook said no")
     inst.resource_changes["accepted"] += 1
 
 
-def _move(m: Machine, inst: Instance, step: Step, op: int) -> None:
+def _move(r: Resources, inst: Instance, step: Step, op: int) -> None:
     """The host's half: pool, instance record, cgroup cpuset, thread affinity."""
-    pool_lo = m.layout.pool_offset
+    pool_lo = r.pool_offset
     if op == M.MK_MSG_MEM_ADD:
-        m.pool.add_range(inst.name, step.base - pool_lo, step.size)
+        r.pool.add_range(inst.name, step.base - pool_lo, step.size)
         inst.extra_regions.append((step.base, step.size))
     elif op == M.MK_MSG_MEM_REMOVE:
-        m.pool.remove_range(inst.name, step.base - pool_lo, step.size)
+        r.pool.remove_range(inst.name, step.base - pool_lo, step.size)
         inst.extra_regions.remove((step.base, step.size))
     elif op == M.MK_MSG_CPU_ADD:
-        m.pool.add_cpus(inst.name, step.cpus)
+        r.pool.add_cpus(inst.name, step.cpus)
         inst.cpus = sorted(set(inst.cpus) | set(step.cpus))
     else:
-        m.pool.remove_cpus(inst.name, step.cpus)
+        r.pool.remove_cpus(inst.name, step.cpus)
         inst.cpus = sorted(set(inst.cpus) - set(step.cpus))
-    inst.physical_cpus = [m.config.physical_ids.get(c, c) for c in inst.cpus]
+    inst.physical_cpus = [r.config.physical_ids.get(c, c) for c in inst.cpus]
     if op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE):
-        _pin(m, inst)
-    m.events.info("resources_changed", instance=inst.id, name=inst.name, op=OP_NAMES[op],
+        _pin(r, inst)
+    r.events.info("resources_changed", instance=inst.id, name=inst.name, op=OP_NAMES[op],
                   cpus=inst.physical_cpus, regions=[list(r) for r in inst.regions])
 
 
-def _pin(m: Machine, inst: Instance) -> None:
+def _pin(r: Resources, inst: Instance) -> None:
     """Every thread of the instance's process (running or parked) to its CPUs: the cgroup's
     cpuset first (it bounds what affinity may name), then each thread's affinity."""
     if not inst.cpus:              # between a cpu-remove and the cpu-add of one change
         return
-    m.cgroups.set_cpus(inst.id, inst.cpus)
+    r.cgroups.set_cpus(inst.id, inst.cpus)
     pid = inst.pid or (inst.parked.pid if inst.parked is not None else None)
     if pid is None:
         return
@@ -300,6 +328,52 @@ def _pin(m: Machine, inst: Instance) -> None:
         return
     for tid in tids:
         try:
-            os.sched_setaffinity(tid, inst.cpus)
+            r.port.sched_setaffinity(tid, inst.cpus)
         except OSError:
             pass
+
+
+def update_op(inst: Instance, cpus: str | list[int] | None, memory: str | int | None,
+              config: PoolConfig, pool: ResourcePool, pool_offset: int) -> UpdateOp:
+    """``mkctl update``'s CPUs and memory as the one overlay fragment ``kerf update`` writes:
+    memory grows by a new region at the highest free, granule-aligned range of the pool and
+    shrinks by whole regions, newest first. Checks what it can alone; ``plan`` the rest."""
+    if cpus is None and memory is None:
+        raise InvalidSpec("give --cpus or --memory (or both)", "e.g. mkctl update a --cpus 1,2")
+    phys = config.physical_ids
+    op = UpdateOp(inst.name)
+    if cpus is not None:
+        want = parse_cpulist(cpus, "CPU list")
+        op.cpu_remove = [phys.get(c, c) for c in inst.cpus if c not in want]
+        op.cpu_add = [phys.get(c, c) for c in want if c not in inst.cpus]
+    if memory is None:
+        return op
+    nbytes = parse_size(memory, "memory")
+    require_page_aligned(nbytes, "memory", memory)      # 64 meant 64M: the hint says so
+    have = sum(size for _, size in inst.regions)
+    if nbytes > have:
+        grow = nbytes - have
+        if grow % MEMORY_GRANULE:
+            raise InvalidSpec(f"Cannot grow instance '{inst.name}' by {format_size(grow)}: "
+                              f"memory is added in multiples of "
+                              f"{format_size(MEMORY_GRANULE)}", "round the size")
+        base = pool.highest_free(grow, MEMORY_GRANULE, pool_offset)
+        if base is None:
+            raise ResourceBusy(f"Cannot grow instance '{inst.name}' by {format_size(grow)}: "
+                               "no pool chunk has a free range that large",
+                               "shrink or delete another instance")
+        op.memory_add = [(base, grow)]
+    elif nbytes < have:
+        take, total = [], 0
+        for region in reversed(inst.extra_regions):
+            if total >= have - nbytes:
+                break
+            take.append(region)
+            total += region[1]
+        if total != have - nbytes:
+            raise InvalidSpec(f"Cannot shrink by {format_size(have - nbytes)}: memory "
+                              "leaves an instance in whole regions, newest first "
+                              f"(regions: {', '.join(format_size(s) for _, s in inst.regions)})",
+                              "shrink to the size before a region was added")
+        op.memory_remove = take
+    return op

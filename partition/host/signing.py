@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from partition.errors import InvalidSpec, KeyRejected, KeyUnavailable
+from partition.errors import InvalidSpec, KeyRejected, KeyUnavailable, MKError
 
 MODULE_SIG_STRING = b"~Module signature appended~\n"
 PKEY_ID_PKCS7 = 2
@@ -327,3 +327,33 @@ def check_data(spec: str, data: bytes, keyring: Keyring | None, required: bool) 
         return Checked(b"", "")          # an unsigned Python file: loaded by its path, as ever
     return Checked(data, signature, file)
 
+
+
+class ImageCheck:
+    """kexec_file_load's signature check as one machine runs it: against its keyring, refusing
+    an unsigned or unverified image when it requires signatures, each outcome an event."""
+
+    def __init__(self, keyring: Keyring | None, required: bool, events: Any) -> None:
+        self.keyring = keyring
+        self.required = required
+        self.events = events
+
+    def __call__(self, inst: Any, kimage: Any, file: bytes | None = None) -> None:
+        """A refusal leaves the instance as it was; the checked image goes to the loader.
+        ``file``: the image's bytes, read already (a dead host's, which a new host checks
+        again: host/adoption.py)."""
+        try:
+            checked = check_image(kimage.spec, self.keyring, self.required) if file is None \
+                else check_data(kimage.spec, file, self.keyring, self.required)
+        except MKError as exc:
+            self.events.warning("kimage_rejected", instance=inst.id, name=inst.name,
+                                kernel=kimage.spec, error=exc.message, code=exc.code)
+            raise
+        kimage.image, kimage.signature, kimage.file = \
+            checked.image, checked.signature, checked.file
+        if checked.signature.startswith("unverified"):
+            self.events.warning("kimage_signature_unverified", instance=inst.id, name=inst.name,
+                                kernel=kimage.spec, why=checked.signature)
+        elif checked.signature:
+            self.events.info("kimage_signature_verified", instance=inst.id, name=inst.name,
+                             kernel=kimage.spec, signer=checked.signature)

@@ -8,23 +8,40 @@ the machine's verbs because it acts on its own, from the reactor, never at a cal
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from partition.errors import MKError
 from partition.host.exits import FAILURE_KINDS
 from partition.host.instance import ExitRecord, Instance, State
-from partition.host.lifecycle import ring
+from partition.host.ports import SYSTEM_CLOCK, SYSTEM_OS, Clock, OSPort
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.host.arena import Arena
+    from partition.host.events import EventLog
+    from partition.host.publish import Publisher
+    from partition.host.table import InstanceTable
 
 
 class Supervisor:
-    """The watchdog, the restart queue and takeovers of one machine."""
+    """The watchdog, the restart queue and takeovers of one machine. It decides; what it
+    decides is done by the callables it is given (``force`` and ``boot``: lifecycle.py's, passed
+    by the reactor at each call, so that neither module holds the other)."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.m = machine
+    def __init__(self, table: InstanceTable, arena: Arena, events: EventLog,
+                 publisher: Publisher, printk: Callable[[str], None],
+                 forget_parked: Callable[[Instance], object],
+                 console_text: Callable[[int], str],
+                 clock: Clock = SYSTEM_CLOCK, port: OSPort = SYSTEM_OS) -> None:
+        self.table = table
+        self.arena = arena
+        self.events = events
+        self.publisher = publisher
+        self.printk = printk
+        self.forget_parked = forget_parked
+        self.console_text = console_text
+        self.clock = clock
+        self.port = port
         self._restart_queue: list[Instance] = []
         self._restarting = False
         self._watched: tuple[int, list[Instance]] = (-1, [])
@@ -33,14 +50,14 @@ class Supervisor:
     def watched(self) -> list[Instance]:
         """The active instances with a watchdog; computed again only after a published
         change (every poll asks, and a machine may hold 511 instances)."""
-        m = self.m
-        if self._watched[0] != m.changes:
-            self._watched = (m.changes, [
-                i for i in m.instances.values()
+        changes = self.table.changes
+        if self._watched[0] != changes:
+            self._watched = (changes, [
+                i for i in self.table
                 if i.recovery.watchdog > 0 and i.state == State.ACTIVE and i.pid is not None])
         return self._watched[1]
 
-    def watchdog(self, watched: list[Instance]) -> None:
+    def watchdog(self, watched: list[Instance], force: Callable[[Instance], None]) -> None:
         """IHK's hang detection: an active instance whose progress counter stood still for
         longer than its watchdog period is hung; it is force-halted and handled as a failure.
 
@@ -50,25 +67,38 @@ class Supervisor:
         once per stall (``watchdog_nudges`` counts it): a kernel that is only idle runs a lap
         of its loop and counts; a hung one does not, and is force-halted at the full period.
         The ring is the same the host gives any sender; it is a wake-up, not a message."""
-        now = time.monotonic()
-        m = self.m
+        now = self.clock.monotonic()
         for inst in watched:
-            value = m.arena.own(inst.id).progress
+            value = self.arena.own(inst.id).progress
             last, since = inst.progress_seen
             stalled = now - since
             if value != last or since == 0.0:
-                inst.progress_seen = (value, now)
+                inst.run.progress_seen = (value, now)
             elif stalled > inst.recovery.watchdog / 2 and inst.nudged != since \
                     and stalled <= inst.recovery.watchdog and inst.doorbell_fd is not None:
-                inst.nudged = since
+                inst.run.nudged = since
                 inst.counters["watchdog_nudges"] += 1
-                ring(inst.doorbell_fd)
+                self.port.ring_doorbell(inst.doorbell_fd)
             elif stalled > inst.recovery.watchdog and inst.halt_requested is None \
                     and inst.pid is not None:
-                m.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
-                                 stalled_s=round(stalled, 3), progress=value)
-                m.lifecycle.force(inst)         # force_halt, the write scan, SIGKILL
-                inst.halt_requested = "watchdog"
+                self.events.warning("watchdog_expired", instance=inst.id, name=inst.name,
+                                    stalled_s=round(stalled, 3), progress=value)
+                force(inst)                     # force_halt, the write scan, SIGKILL
+                inst.run.halt("watchdog")
+
+    def update_policy(self, inst: Instance, **changes: Any) -> None:
+        """Change an instance's recovery policy or watchdog (all or nothing); the watchdog
+        times a stall from now."""
+        inst.recovery.update(**changes)
+        self.watch_from_now(inst)
+        self.events.info("instance_updated", instance=inst.id, name=inst.name,
+                         recovery=inst.recovery.to_dict())
+        self.publisher.publish(inst)
+
+    def watch_from_now(self, inst: Instance) -> None:
+        """The watchdog times a stall from now (a boot, a new policy), not from the last
+        run's final progress."""
+        inst.run.progress_seen = (self.arena.own(inst.id).progress, self.clock.monotonic())
 
     # -- failures --------------------------------------------------------------------------
     def is_failure(self, record: ExitRecord) -> bool:
@@ -85,9 +115,9 @@ class Supervisor:
             "kind": FAILURE_KINDS[record.how], "time": record.time, "reason": record.reason,
             "fault": fault[0] if fault else None,
             "detect_ms": round((detected - fault[1]) * 1e3, 3) if fault else None,
-            "recorded_ms": round((time.monotonic() - fault[1]) * 1e3, 3) if fault else None,
+            "recorded_ms": round((self.clock.monotonic() - fault[1]) * 1e3, 3) if fault else None,
             "exit": record.to_dict(),
-            "console_tail": self.m.console_text(inst.id).rstrip("\n").splitlines()[-8:],
+            "console_tail": self.console_text(inst.id).rstrip("\n").splitlines()[-8:],
         }
         inst.failures.append(failure)
         del inst.failures[:-20]
@@ -95,7 +125,7 @@ class Supervisor:
         return failure
 
     def announce_failure(self, inst: Instance, failure: dict[str, Any]) -> None:
-        self.m.events.warning("failure", instance=inst.id, name=inst.name, **failure)
+        self.events.warning("failure", instance=inst.id, name=inst.name, **failure)
 
     def recover(self, inst: Instance) -> None:
         """Apply the instance's recovery policy to a failure just recorded."""
@@ -105,63 +135,62 @@ class Supervisor:
             return
         if pol.policy != "restart":
             return
-        if pol.allow_restart(time.monotonic()):
+        if pol.allow_restart(self.clock.monotonic()):
             self._restart_queue.append(inst)
             return
         inst.failure = (f"restart intensity exceeded: more than {pol.max_restarts} restarts in "
                         f"{pol.restart_window:g} s")
-        self.m.loading.forget_parked(inst)      # its successor will not be booted
-        self.m.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
-        self.m.transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
+        self.forget_parked(inst)                # its successor will not be booted
+        self.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
+        self.publisher.transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
 
     # -- takeover --------------------------------------------------------------------------
     def takeover(self, primary: Instance) -> None:
         """Active-backup: the first active standby of ``primary`` serves its role from now on."""
-        m = self.m
-        t0 = time.monotonic()
-        standby = next((i for i in m.instances.values() if i.standby_for == primary.name
+        t0 = self.clock.monotonic()
+        standby = next((i for i in self.table if i.standby_for == primary.name
                         and i.state == State.ACTIVE and i.pid is not None), None)
         if standby is None:
-            m.events.warning("takeover_failed", instance=primary.id, name=primary.name,
+            self.events.warning("takeover_failed", instance=primary.id, name=primary.name,
                              reason="no active standby")
             return
         primary.served_by = standby.id
-        m.arena.peer(primary.id).redirect = standby.id + 1
-        m.printk(f"Instance {primary.id} ({primary.name}) failed; standby {standby.id} "
+        self.arena.peer(primary.id).redirect = standby.id + 1
+        self.printk(f"Instance {primary.id} ({primary.name}) failed; standby {standby.id} "
                  f"({standby.name}) takes over its role")
-        m.events.warning("takeover", instance=primary.id, name=primary.name,
-                         standby=standby.name, standby_id=standby.id,
-                         takeover_ms=round((time.monotonic() - t0) * 1e3, 3))
-        m.publish(primary)
+        self.events.warning("takeover", instance=primary.id, name=primary.name,
+                            standby=standby.name, standby_id=standby.id,
+                            takeover_ms=round((self.clock.monotonic() - t0) * 1e3, 3))
+        self.publisher.publish(primary)
 
     def pending(self) -> bool:
         """A restart is queued and not yet running."""
         return bool(self._restart_queue) and not self._restarting
 
     # -- restarts --------------------------------------------------------------------------
-    def run_restarts(self) -> None:
-        """Boot what the queue holds. Not re-entered: a restart that fails at once queues
-        itself again only through the next exit, handled by the next poll."""
+    def run_restarts(self, boot: Callable[[Instance], None], closing: Callable[[], bool]) -> None:
+        """Boot what the queue holds (``boot``: lifecycle.py's). Not re-entered: a restart
+        that fails at once queues itself again only through the next exit, handled by the next
+        poll."""
         if not self._restart_queue or self._restarting:
             return
-        m = self.m
         self._restarting = True
         try:
             while self._restart_queue:
                 inst = self._restart_queue.pop(0)
-                if inst.state != State.LOADED or m.closing or inst.name not in m.instances:
+                if inst.state != State.LOADED or closing() or inst.name not in self.table:
                     continue
                 inst.counters["restarts"] += 1
                 # preserved regions (KHO) survive: kho.prepare scrubs around them at boot
                 scrub = not inst.recovery.preserve_memory and inst.kho is None
                 if scrub:   # reclaim before reuse: the failed run's memory is not trusted
-                    m.arena.scrub(inst.memory_base, inst.memory_bytes)
-                m.events.info("restart", instance=inst.id, name=inst.name,
+                    self.arena.scrub(inst.memory_base, inst.memory_bytes)
+                self.events.info("restart", instance=inst.id, name=inst.name,
                               restarts=inst.counters["restarts"], scrubbed=scrub)
                 try:
-                    m.lifecycle.boot(inst)
+                    boot(inst)
                 except MKError as exc:
-                    m.events.warning("restart_failed", instance=inst.id, name=inst.name,
+                    self.events.warning("restart_failed", instance=inst.id, name=inst.name,
                                      error=exc.message)
         finally:
             self._restarting = False

@@ -33,14 +33,23 @@ from partition import linux
 from partition.host.instance import Instance
 
 if TYPE_CHECKING:
-    from partition.host.machine import Machine
+    from partition.abi.layout import ArenaLayout
+    from partition.host.arena import Arena
+    from partition.host.events import EventLog
 
 PAGE = 4096
 
 
 class WriteWatch:
-    def __init__(self, machine: Machine, period: float = 0.1) -> None:
-        self.m = machine
+    """The write scans of one unprotected machine's instances (``instances``: its table,
+    by name)."""
+
+    def __init__(self, instances: dict[str, Instance], layout: ArenaLayout, arena: Arena,
+                 events: EventLog, period: float = 0.1) -> None:
+        self.instances = instances
+        self.layout = layout
+        self.arena = arena
+        self.events = events
         self.period = period
         self._next = 0.0
         self._where: dict[int, int] = {}              # pid -> address of its arena mapping
@@ -60,7 +69,7 @@ class WriteWatch:
         self._next = time.monotonic() + self.period
         self.scans += 1
         found = 0
-        writers = [only] if only is not None else list(self.m.instances.values())
+        writers = [only] if only is not None else list(self.instances.values())
         for inst in writers:
             if inst.pid is not None:
                 found += self._scan_one(inst)
@@ -73,11 +82,11 @@ class WriteWatch:
     def _scan_one(self, writer: Instance) -> int:
         pid = writer.pid
         assert pid is not None
-        lay = self.m.layout
+        lay = self.layout
         base = self._where.get(pid)
         if base is None:
             try:
-                base = self._arena_base(linux.mappings_of(pid, self.m.arena.tag))
+                base = self._arena_base(linux.mappings_of(pid, self.arena.tag))
             except OSError:
                 return 0                               # gone meanwhile: its exit is handled
             if base is None:
@@ -89,7 +98,7 @@ class WriteWatch:
         except OSError as exc:
             if exc.errno == errno.EPERM and pid not in self._unwatched:
                 self._unwatched.add(pid)
-                self.m.events.warning("write_watch_unavailable", instance=writer.id,
+                self.events.warning("write_watch_unavailable", instance=writer.id,
                                       name=writer.name, pid=pid, error=str(exc))
             return 0
         charged: dict[str, list[int]] = {}
@@ -100,13 +109,13 @@ class WriteWatch:
                     continue
                 charged.setdefault(owner.name if owner else "(free pool)", []).append(page)
         for victim_name, pages in charged.items():
-            victim = self.m.instances.get(victim_name)
+            victim = self.instances.get(victim_name)
             writer.counters["wild_pages"] += len(pages)
             if victim is not None:
                 victim.counters["foreign_pages"] += len(pages)
                 victim.foreign_writes[writer.name] = victim.foreign_writes.get(writer.name, 0) \
                     + len(pages)
-            self.m.events.warning("foreign_write", instance=writer.id, name=writer.name,
+            self.events.warning("foreign_write", instance=writer.id, name=writer.name,
                                   victim=victim_name, pages=len(pages),
                                   first_address=hex(pages[0]))
         return sum(len(p) for p in charged.values())
@@ -114,7 +123,7 @@ class WriteWatch:
     def _arena_base(self, maps: list[tuple[int, int, int]]) -> int | None:
         """Where the whole-arena mapping starts. Arming the watch split it in two VMAs (before
         the pool, the pool), so look for a mapping at file offset 0 followed by the pool."""
-        pool_off = self.m.layout.pool_offset
+        pool_off = self.layout.pool_offset
         starts = {(lo, off) for lo, _, off in maps}
         for lo, _, off in maps:
             if off == 0 and (lo + pool_off, pool_off) in starts:
@@ -122,24 +131,24 @@ class WriteWatch:
         return None
 
     def _owner(self, arena_offset: int) -> Instance | None:
-        for inst in self.m.instances.values():
+        for inst in self.instances.values():
             if inst.memory_base <= arena_offset < inst.memory_base + inst.memory_bytes:
                 return inst
         return None
 
 
-def foreign_mappers(machine: Machine, name: str) -> list[str]:
+def foreign_mappers(instances: dict[str, Instance], arena_tag: str, name: str) -> list[str]:
     """Running instances other than ``name`` that map any byte of its partition, from the
     kernel's own account (/proc/PID/maps). With protection this must be empty: it is how a
     protected run shows its partitions were out of reach, rather than assuming it."""
-    victim = machine.instances[name]
+    victim = instances[name]
     lo, hi = victim.memory_base, victim.memory_base + victim.memory_bytes
     out = []
-    for inst in machine.instances.values():
+    for inst in instances.values():
         if inst is victim or inst.pid is None:
             continue
         try:
-            maps = linux.mappings_of(inst.pid, machine.arena.tag)
+            maps = linux.mappings_of(inst.pid, arena_tag)
         except OSError:
             continue
         if any(off < hi and off + (end - start) > lo for start, end, off in maps):

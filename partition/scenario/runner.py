@@ -238,8 +238,8 @@ class Runner:
     # -- probes ----------------------------------------------------------------------------
     def _id_of(self, name: str) -> int:
         assert self.m is not None
-        return 0 if name == "host" else self.m._get(name).id   # (NoSuchInstance: refused
-                                                                # at a host-crash's adoption)
+        return 0 if name == "host" else self.m.get(name).id   # (NoSuchInstance: refused
+                                                               # at a host-crash's adoption)
 
     def _start_probes(self) -> None:
         assert self.m is not None
@@ -364,7 +364,7 @@ class Runner:
         k = f["kind"]
         if k == "wild-write":
             addr = f["address"] if f["address"] is not None else \
-                self.m._get(f["victim"]).memory_base + f["offset"]
+                self.m.get(f["victim"]).memory_base + f["offset"]
             return {"address": addr, "bytes": f["bytes"] or 64}
         if k == "ipi-storm":
             return {"target": self._id_of(f["victim"]), "count": f["count"] or 100_000}
@@ -432,7 +432,7 @@ class Runner:
             d = m.show(i["name"])
             # protected: nobody else may map it (checked in /proc); unprotected: everybody
             # maps it, and what counts is who wrote (the write watch, writewatch.py)
-            mappers = foreign_mappers(m, i["name"]) if m.protection else []
+            mappers = foreign_mappers(m.instances, m.arena.tag, i["name"]) if m.protection else []
             metrics[i["name"]] = {
                 "state": d["state"], "restarts": d["counters"]["restarts"],
                 "failures": d["failures"], "crashes": d["counters"]["crashes"],

@@ -1,0 +1,105 @@
+"""The host's loop: each descriptor goes to its own handler, and a turn bounds its wait by the
+watchdog, sweeps when due and boots what the supervisor queued. A pipe stands for a doorbell;
+the collaborators of a turn are fakes."""
+
+import os
+
+from host_fakes import FakeClock, instance
+
+from partition.host.reactor import Reactor
+from partition.host.recovery import RecoveryPolicy
+from partition.host.table import InstanceTable
+from partition.host.turn import Turn
+
+
+def test_each_readable_descriptor_goes_to_its_own_handler():
+    reactor = Reactor()
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    got: list[tuple[str, object]] = []
+    a, b = instance(1, "a"), instance(2, "b")
+    try:
+        reactor.watch(r1, "report", a, lambda inst: got.append(("report", inst)))
+        reactor.watch(r2, "channel", b, lambda inst: got.append(("channel", inst)))
+        os.write(w2, b"x")
+        assert reactor.dispatch(0) == 1 and got == [("channel", b)]
+        os.write(w1, b"x")
+        reactor.unwatch(r2)
+        reactor.unwatch(r2)                     # twice, or never watched: no error
+        assert reactor.dispatch(0) == 1 and got[-1] == ("report", a)
+        keys = {k.data.kind: k.data.inst for k in reactor.selector.get_map().values()}
+        assert keys == {"report": a}
+    finally:
+        reactor.close()
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+class Recorder:
+    """Stands for every collaborator of a turn, recording what it was asked."""
+
+    def __init__(self, watched=()) -> None:
+        self.calls: list[str] = []
+        self.timeout: float | None = -1.0
+        self._watched = list(watched)
+        self.successors_due: list = []
+        self.due = 0.0
+        self.next_due = 0.0
+
+    # reactor
+    def dispatch(self, timeout):
+        self.timeout = timeout
+        return 2
+
+    # ipc
+    def pending(self):
+        return False
+
+    # supervisor
+    def watched(self):
+        return self._watched
+
+    def watchdog(self, watched, force):
+        self.calls.append(f"watchdog {len(watched)}")
+
+    def run_restarts(self, boot, closing):
+        self.calls.append(f"restarts closing={closing()}")
+
+    # sweep
+    def after_events(self, handled, now):
+        self.calls.append(f"events {handled}")
+
+    def maybe_run(self, now):
+        self.calls.append("sweep")
+
+    # lifecycle
+    def force(self, inst):
+        pass
+
+    def boot(self, inst):
+        pass
+
+
+def test_a_turn_waits_no_longer_than_a_quarter_of_the_shortest_watchdog():
+    watched = [instance(1, "a", recovery=RecoveryPolicy.build(watchdog=2.0)),
+               instance(2, "b", recovery=RecoveryPolicy.build(watchdog=0.4))]
+    f = Recorder(watched)
+    turn = Turn(InstanceTable(), f, f, f, f, None, f, lambda: False, clock=FakeClock())
+    assert turn.run(None) == 2
+    assert f.timeout == 0.1
+    assert f.calls == ["watchdog 2", "events 2", "sweep", "restarts closing=False"]
+    turn.run(0.05)
+    assert f.timeout == 0.05
+
+
+def test_the_next_timer_is_the_earliest_of_the_machines_own_work():
+    f = Recorder()
+    table = InstanceTable()
+    clock = FakeClock(100.0)
+    turn = Turn(table, f, f, f, f, None, f, lambda: False, clock=clock)
+    assert turn.next_timer() is None              # nothing runs, nothing is due
+    table.add(instance(1, "a"))
+    f.due = 101.5
+    assert turn.next_timer() == 1.5               # the sweep
+    f.successors_due = [(100.25, None)]
+    assert turn.next_timer() == 0.25              # a successor's fork
