@@ -1,4 +1,5 @@
 import os
+import resource
 import subprocess
 import sys
 import uuid
@@ -11,6 +12,56 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MISBEHAVING = os.path.join(HERE, "kernels", "misbehaving.py")
 
 mark_session()      # what the tests start is the session's, daemons included (leaks.py)
+
+#: the fixtures that start real machines, daemons or kernels: a test that asks for one is a
+#: ``system`` test without saying so (tests that start them in their body carry the mark
+#: themselves, usually as their module's ``pytestmark``)
+SYSTEM_FIXTURES = frozenset({"machine", "machine_factory", "run_scenario", "run_dir",
+                             "misbehaving"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
+def _reaped() -> tuple[float, ...]:
+    """What this process's reaped children have used: it moves whenever a child the test
+    started (a forked instance, a subprocess) ran and was waited for."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (ru.ru_utime, ru.ru_stime, ru.ru_minflt, ru.ru_majflt, ru.ru_nvcsw, ru.ru_nivcsw)
+
+
+class UnmarkedSystemTest(AssertionError):
+    """A test started a process but is not marked ``system``."""
+
+
+_STARTED: dict[str, tuple[float, ...]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    """Note what reaped children have used before any of the test's fixtures is set up (a
+    module-scoped fixture that starts a machine is the first test's)."""
+    _STARTED[item.nodeid] = _reaped()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Fail a test that started a process (a machine, a daemon, a fork, a subprocess) without
+    the ``system`` mark, once its fixtures are torn down: ``-m "not system"`` is the quick
+    loop, and a process that slipped into it would make it slow and its promise untrue."""
+    yield
+    before = _STARTED.pop(item.nodeid, None)
+    if item.get_closest_marker("system") is None and before is not None:
+        alive = psutil.Process().children(recursive=True)
+        if alive or _reaped() != before:
+            raise UnmarkedSystemTest(
+                f"{item.nodeid} started processes but is not marked `system`: give it "
+                "@pytest.mark.system (or its module a pytestmark), so that "
+                "`pytest -m \"not system\"` stays free of real processes")
 
 
 @pytest.fixture(autouse=True)

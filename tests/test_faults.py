@@ -10,6 +10,8 @@ from helpers import CPUS, up, wait_until
 from partition import InvalidSpec, NotLoaded
 from partition.abi import message as M
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 
 
 def last_failure(m, name):

@@ -18,6 +18,8 @@ from helpers import CPUS, up, wait_until
 from partition import BadKernelImage, linux
 from partition.abi import message as M
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOSTILE = os.path.join(HERE, "kernels", "hostile.py") + ":Hostile"
 

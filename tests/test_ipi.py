@@ -13,6 +13,8 @@ from partition.abi import message as M
 from partition.abi.ring import RingError
 from ringtool import claim, fill, publish
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 IPI = os.path.join(HERE, "kernels", "ipi.py")
 

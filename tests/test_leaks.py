@@ -8,8 +8,11 @@ import uuid
 
 import posix_ipc
 import psutil
+import pytest
 from helpers import CPUS, mk
 from leaks import MARK, cgroup_entries, cgroup_owners, leaks, shm_entries
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 
 def _init_args():

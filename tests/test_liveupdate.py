@@ -29,6 +29,8 @@ from partition.abi import slot as S
 from partition.host import lifecycle
 from partition.host.instance import EXIT
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEEPER = os.path.join(HERE, "kernels", "keeper.py")
 STATEFUL = os.path.join(HERE, "kernels", "stateful.py")

@@ -34,7 +34,8 @@ FORGER = os.path.join(HERE, "kernels", "forger.py")
 IDLE = "kernels.idle:IdleKernel"
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="CPU changes need a pool of two CPUs")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(len(CPUS) < 2, reason="CPU changes need a pool of two CPUs")]
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import psutil
 import pytest
 from leaks import cgroup_entries, leaks, shm_entries
 
-pytestmark = pytest.mark.slow      # scenarios and benchmarks: pytest -m "not slow" skips them
+# scenarios and benchmarks: pytest -m "not slow" skips them
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "scenarios")) if f.endswith(".toml"))

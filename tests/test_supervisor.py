@@ -12,7 +12,10 @@ import time
 
 import msgpack
 import psutil
+import pytest
 from helpers import CPUS, mk, wait_until
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPUS = sorted(os.sched_getaffinity(0))

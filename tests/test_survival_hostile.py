@@ -46,7 +46,7 @@ POOL = str(CPUS[-1])
 HOST = ",".join(map(str, CPUS[:-1])) or "none"
 LEAK_COUNT = 0x5EED                       # tests/kernels/adoptee.py, attack=leak
 
-pytestmark = pytest.mark.slow      # a red-team suite of whole machines: 45 s
+pytestmark = [pytest.mark.system, pytest.mark.slow]      # a red-team suite of whole machines: 45 s
 
 
 def mk(run_dir, *args, timeout=60):
