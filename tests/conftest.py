@@ -6,7 +6,15 @@ import uuid
 
 import psutil
 import pytest
-from leaks import cgroup_entries, explain_cgroup, explain_shm, leaks, mark_session, shm_entries
+from leaks import (
+    LEDGER,
+    cgroup_entries,
+    explain_cgroup,
+    explain_shm,
+    leaks,
+    mark_session,
+    shm_entries,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MISBEHAVING = os.path.join(HERE, "kernels", "misbehaving.py")
@@ -33,6 +41,10 @@ def _reaped() -> tuple[float, ...]:
     return (ru.ru_utime, ru.ru_stime, ru.ru_minflt, ru.ru_majflt, ru.ru_nvcsw, ru.ru_nivcsw)
 
 
+def pytest_sessionfinish(session):
+    LEDGER.close()
+
+
 class UnmarkedSystemTest(AssertionError):
     """A test started a process but is not marked ``system``."""
 
@@ -40,10 +52,20 @@ class UnmarkedSystemTest(AssertionError):
 _STARTED: dict[str, tuple[float, ...]] = {}
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist, a test marked ``alone`` runs while no other worker runs one (leaks.Ledger:
+    a run-wide lock, shared by every other test)."""
+    with LEDGER.turn(alone=item.get_closest_marker("alone") is not None):
+        yield
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_setup(item):
     """Note what reaped children have used before any of the test's fixtures is set up (a
-    module-scoped fixture that starts a machine is the first test's)."""
+    module-scoped fixture that starts a machine is the first test's); tell the other xdist
+    workers this one runs a test (leaks.Ledger)."""
+    LEDGER.running()
     _STARTED[item.nodeid] = _reaped()
     yield
 
@@ -71,6 +93,7 @@ def no_leaks():
     before = shm_entries()
     cg_before = cgroup_entries()
     yield
+    LEDGER.checking()
     kids = psutil.Process().children(recursive=True)
     for k in kids:
         k.kill()
