@@ -42,7 +42,7 @@ def _reaped() -> tuple[float, ...]:
 
 
 def pytest_sessionfinish(session):
-    LEDGER.close()
+    LEDGER.close(controller=not hasattr(session.config, "workerinput"))
 
 
 class UnmarkedSystemTest(AssertionError):

@@ -29,9 +29,9 @@ whose host was SIGKILLed during the test and whose objects stay until its owner 
 Under pytest-xdist each worker is a session of its own (its own mark, set at its conftest's
 import), so a worker's test is never blamed for the live objects of another worker's machines.
 That one case, though, is then an everyday one: another worker's test kills a host on purpose
-and removes what it left a few seconds later. So workers keep a ledger (``Ledger``): which test
-each one runs, and whether it is still running it. An object nobody holds is counted only
-after every worker that was running a test when it was found has finished that test's body
+and removes what it left a few seconds later. So sessions keep a ledger (``Ledger``): which
+test each one runs, and whether it is still running it. An object nobody holds is counted only
+after every session that was running a test when it was found has finished that test's body
 and fixtures (its own check then sees the object, and blames its test if it is still there).
 """
 
@@ -172,16 +172,20 @@ OTHERS_S = 180.0
 
 
 class Ledger:
-    """What each pytest-xdist worker of this run is doing, for the others to read: a file per
-    worker in a directory of the run's own (``PYTEST_XDIST_TESTRUNUID``), holding the number
-    of the test it is at and whether it is ``running`` it (setup, body, teardown of its other
-    fixtures) or ``checking`` (its leak check, or a leak check a test asked for). Outside
-    xdist there are no other workers, and it records nothing."""
+    """What each test session on this host is doing, for the others to read: a file per
+    session (an xdist worker is one) in a directory of this user's, named by the session's mark
+    (its pid first) and holding the number of the test it is at and whether it is ``running``
+    it (setup, body, teardown of its other fixtures) or ``checking`` (its leak check, or one a
+    test asked for). A session that died without removing its file is told by its pid.
+
+    It also keeps the lock that lets an ``alone`` test run by itself: one per xdist run
+    (``PYTEST_XDIST_TESTRUNUID``), in a directory the controller removes at the end."""
 
     def __init__(self) -> None:
-        run, me = os.environ.get("PYTEST_XDIST_TESTRUNUID"), os.environ.get("PYTEST_XDIST_WORKER")
-        self.me = me or ""
-        self.dir = os.path.join(tempfile.gettempdir(), f"mk-test-ledger-{run}") if run and me else None
+        self.dir = os.path.join(tempfile.gettempdir(), f"mk-test-ledger-{os.getuid()}")
+        self.me = SESSION
+        run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+        self.run_dir = os.path.join(tempfile.gettempdir(), f"mk-test-alone-{run}") if run else None
         self.seq = 0
         self.phase = "checking"
 
@@ -196,36 +200,44 @@ class Ledger:
 
     def _write(self, phase: str) -> None:
         self.phase = phase
-        if self.dir is None:
-            return
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         tmp = os.path.join(self.dir, f".{self.me}.tmp")
         with open(tmp, "w") as f:
             f.write(f"{self.seq} {phase}")
         os.replace(tmp, os.path.join(self.dir, self.me))
 
-    def _read(self, worker: str) -> str | None:
+    def _read(self, session: str) -> str | None:
         try:
-            with open(os.path.join(self.dir or "", worker)) as f:
+            with open(os.path.join(self.dir, session)) as f:
                 return f.read()
         except OSError:
-            return None              # a worker that ended
+            return None              # a session that ended
 
     def others_running(self) -> dict[str, str]:
-        """The other workers running a test now, and their entries."""
-        if self.dir is None or not os.path.isdir(self.dir):
+        """The other sessions running a test now, and their entries."""
+        try:
+            sessions = os.listdir(self.dir)
+        except OSError:
             return {}
         out = {}
-        for worker in os.listdir(self.dir):
-            if worker.startswith(".") or worker == self.me:
+        for session in sessions:
+            if session.startswith(".") or session == self.me:
                 continue
-            entry = self._read(worker)
+            try:
+                alive = _alive(int(session.split("-", 1)[0]))
+            except ValueError:
+                continue
+            if not alive:            # killed: its file stays, it runs nothing
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir, session))
+                continue
+            entry = self._read(session)
             if entry is not None and entry.endswith(" running"):
-                out[worker] = entry
+                out[session] = entry
         return out
 
     def moved_on(self, seen: dict[str, str]) -> bool:
-        """Every worker in ``seen`` is done with the test it was running then."""
+        """Every session in ``seen`` is done with the test it was running then."""
         return all(self._read(w) != entry for w, entry in seen.items())
 
     @contextlib.contextmanager
@@ -234,12 +246,12 @@ class Ledger:
         must run ``alone`` (it measures time or load: another worker's machines would skew
         it). A turnstile taken on the way in lets a waiting ``alone`` test in before the
         tests that come after it (without it, shared holders would never all be out)."""
-        if self.dir is None:
+        if self.run_dir is None:
             yield
             return
-        os.makedirs(self.dir, exist_ok=True)
-        gate = os.open(os.path.join(self.dir, ".turnstile"), os.O_RDWR | os.O_CREAT, 0o600)
-        lock = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        gate = os.open(os.path.join(self.run_dir, "turnstile"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(os.path.join(self.run_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(gate, fcntl.LOCK_EX)
             try:
@@ -251,16 +263,15 @@ class Ledger:
             os.close(lock)           # closing releases the lock
             os.close(gate)
 
-    def close(self) -> None:
-        """The worker ends: its entry goes, and the directory with the last one."""
-        if self.dir is None:
-            return
-        try:
+    def close(self, controller: bool) -> None:
+        """The session ends: its entry goes; the xdist controller, last out, removes the run's
+        lock."""
+        with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.dir, self.me))
-            if not [w for w in os.listdir(self.dir) if not w.startswith(".")]:
-                shutil.rmtree(self.dir, ignore_errors=True)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)       # unless another session's entry is there
+        if controller and self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 LEDGER = Ledger()

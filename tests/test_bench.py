@@ -10,7 +10,8 @@ from partition.bench import boot
 from partition.stats import percentile, summary
 
 # scenarios and benchmarks: pytest -m "not slow" skips them
-pytestmark = [pytest.mark.system, pytest.mark.slow]
+# benchmarks measure: no other worker's machines beside them (conftest, alone)
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.alone]
 
 
 def test_percentiles_are_nearest_rank():

@@ -446,6 +446,7 @@ def test_live_update_needs_a_running_kernel(m):
 
 
 # -- 8. a kernel that never quiesces -------------------------------------------------------------
+@pytest.mark.alone      # times itself
 def test_a_kernel_that_never_quiesces_is_forced_and_replaced(m):
     sid = up(m, "s", f"{KEEPER}:Stuck")
     old = m.show("s")

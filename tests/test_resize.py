@@ -287,7 +287,8 @@ def test_a_kernel_that_dies_in_the_hook(m, kind):
 
 # -- 6. silence ---------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_kernel_that_never_answers_times_out_and_is_rolled_back(m):
+def test_a_kernel_that_never_answers_times_out_and_is_rolled_back(m, monkeypatch):
+    monkeypatch.setattr(resize, "ACK_TIMEOUT_S", 3.0)      # the wait is the subject: a short one
     p = boot_picky(m, "p", "hang=memory")
     before, lines = stable(m), iomem(m)
     t0 = time.monotonic()
@@ -340,6 +341,7 @@ def test_the_supervisor_answers_read_verbs_while_a_silent_kernel_holds_a_change(
         mk(run_dir, "shutdown")
 
 
+@pytest.mark.alone      # times itself
 def test_a_change_whose_steps_are_each_answered_late_is_bounded_as_a_whole(m, monkeypatch):
     """Each RES_ACK in time, the change too long: an overlay's steps share one budget
     (CHAIN_TIMEOUT_S), so a slow kernel cannot hold the machine's verbs for 64 step waits."""

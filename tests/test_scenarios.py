@@ -288,6 +288,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.alone      # times itself
 def test_duration_and_seed_overrides_are_checked_like_the_file(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SHORT.format(duration="5s", expect='"a.restarts == 1"'))
