@@ -28,6 +28,27 @@ SYSTEM_FIXTURES = frozenset({"machine", "machine_factory", "run_scenario", "run_
                              "misbehaving"})
 
 
+#: xdist workers for the whole suite: most tests wait on processes, not on the CPU, so 4 keep a
+#: 2-core machine busy without starving the timing tests (those marked ``alone`` run by
+#: themselves); more only add contention
+WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): ``WORKERS`` for the suite, none where starting them
+    costs more than they save: a run that leaves the system tests out (``-m "not system"``,
+    a few seconds in one process) or one that names test files."""
+    from _pytest.mark.expression import Expression
+
+    markexpr = config.getoption("markexpr") or ""
+    if markexpr and not Expression.compile(markexpr).evaluate(lambda name, **_: name == "system"):
+        return 0
+    named = [a.split("::")[0] for a in config.args]
+    if named and all(os.path.isfile(a) for a in named):
+        return 0
+    return WORKERS
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
