@@ -1,0 +1,67 @@
+"""The `system` mark's guard (tests/conftest.py): a test that starts a process without the mark
+fails, so `pytest -m "not system"` (the quick loop) cannot quietly grow a machine. Checked on an
+inner pytest session run over this directory's conftest, as a developer's new test would be."""
+
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+pytestmark = pytest.mark.system      # runs pytest in a subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+INNER = '''
+import subprocess
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def forked_once():
+    subprocess.run(["true"], check=True)
+
+
+def test_unmarked_subprocess():
+    subprocess.run(["true"], check=True)
+
+
+def test_unmarked_module_fixture(forked_once):
+    pass
+
+
+@pytest.mark.system
+def test_marked_subprocess():
+    subprocess.run(["true"], check=True)
+
+
+def test_unmarked_pure():
+    assert sum(range(4)) == 6
+'''
+
+
+def test_a_process_started_without_the_mark_fails_the_test(tmp_path):
+    for helper in ("conftest.py", "leaks.py"):
+        shutil.copy(os.path.join(HERE, helper), tmp_path / helper)
+    (tmp_path / "test_inner.py").write_text(INNER)
+    report = tmp_path / "report.xml"
+    # the inner session is no xdist worker of ours, nor in our ledger's run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                        "--rootdir", str(tmp_path), "-c", os.devnull, f"--junitxml={report}",
+                        str(tmp_path / "test_inner.py")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    outcome = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        failed = [c for c in case if c.tag in ("failure", "error")]
+        outcome.setdefault(case.get("name"), []).extend(f.get("message", "") for f in failed)
+    assert set(outcome) == {"test_unmarked_subprocess", "test_unmarked_module_fixture",
+                            "test_marked_subprocess", "test_unmarked_pure"}, p.stdout + p.stderr
+    for name in ("test_unmarked_subprocess", "test_unmarked_module_fixture"):
+        assert any("not marked `system`" in m for m in outcome[name]), (name, p.stdout)
+    assert outcome["test_marked_subprocess"] == [], p.stdout
+    assert outcome["test_unmarked_pure"] == [], p.stdout
+    assert p.returncode == 1
