@@ -62,6 +62,14 @@ def _reaped() -> tuple[float, ...]:
     return (ru.ru_utime, ru.ru_stime, ru.ru_minflt, ru.ru_majflt, ru.ru_nvcsw, ru.ru_nivcsw)
 
 
+def pytest_configure(config):
+    """An xdist controller names its run itself, to remove the run's lock at the end."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+        if getattr(config.option, "testrunuid", None) is None:
+            config.option.testrunuid = uuid.uuid4().hex
+        LEDGER.of_run(config.option.testrunuid)
+
+
 def pytest_sessionfinish(session):
     LEDGER.close(controller=not hasattr(session.config, "workerinput"))
 

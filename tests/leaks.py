@@ -184,10 +184,14 @@ class Ledger:
     def __init__(self) -> None:
         self.dir = os.path.join(tempfile.gettempdir(), f"mk-test-ledger-{os.getuid()}")
         self.me = SESSION
-        run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-        self.run_dir = os.path.join(tempfile.gettempdir(), f"mk-test-alone-{run}") if run else None
+        self.run_dir: str | None = None
+        self.of_run(os.environ.get("PYTEST_XDIST_TESTRUNUID"))    # set in xdist's workers
         self.seq = 0
         self.phase = "checking"
+
+    def of_run(self, run: str | None) -> None:
+        """The xdist run this session is part of (its workers', or its controller's)."""
+        self.run_dir = os.path.join(tempfile.gettempdir(), f"mk-test-alone-{run}") if run else None
 
     def running(self) -> None:
         """A test starts: its fixtures are set up next."""

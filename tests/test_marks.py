@@ -2,6 +2,7 @@
 fails, so `pytest -m "not system"` (the quick loop) cannot quietly grow a machine. Checked on an
 inner pytest session run over this directory's conftest, as a developer's new test would be."""
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -65,3 +66,54 @@ def test_a_process_started_without_the_mark_fails_the_test(tmp_path):
     assert outcome["test_marked_subprocess"] == [], p.stdout
     assert outcome["test_unmarked_pure"] == [], p.stdout
     assert p.returncode == 1
+
+
+ALONE = '''
+import itertools
+import os
+import time
+
+import pytest
+
+LOG = os.environ["MK_MARKS_LOG"]
+
+
+def _spell(name, seconds):
+    start = time.monotonic()
+    time.sleep(seconds)
+    with open(os.path.join(LOG, name), "w") as f:
+        f.write(f"{start} {time.monotonic()}")
+
+
+@pytest.mark.alone
+def test_alone():
+    _spell("alone", 0.5)
+
+
+@pytest.mark.parametrize("n", range(6))
+def test_shared(n):
+    _spell(f"shared{n}", 1.0)
+'''
+
+
+def test_an_alone_test_runs_while_no_other_worker_runs_one(tmp_path):
+    for helper in ("conftest.py", "leaks.py"):
+        shutil.copy(os.path.join(HERE, helper), tmp_path / helper)
+    (tmp_path / "test_inner.py").write_text(ALONE)
+    log = tmp_path / "log"
+    log.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["MK_MARKS_LOG"] = str(log)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "3",
+                        "-p", "no:randomly", "--rootdir", str(tmp_path), "-c", os.devnull,
+                        "-o", "markers=alone", str(tmp_path / "test_inner.py")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    spells = {f: tuple(map(float, (log / f).read_text().split())) for f in os.listdir(log)}
+    assert len(spells) == 7
+    a0, a1 = spells.pop("alone")
+    overlapping = [f for f, (s0, s1) in spells.items() if s0 < a1 and a0 < s1]
+    assert not overlapping, (overlapping, spells, (a0, a1))
+    # and the others did share: some two of them overlap (else this proves nothing)
+    shared = sorted(spells.values())
+    assert any(b0 < e for (_, e), (b0, _) in itertools.pairwise(shared))
