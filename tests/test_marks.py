@@ -1,6 +1,7 @@
-"""The `system` mark's guard (tests/conftest.py): a test that starts a process without the mark
-fails, so `pytest -m "not system"` (the quick loop) cannot quietly grow a machine. Checked on an
-inner pytest session run over this directory's conftest, as a developer's new test would be."""
+"""The marks' machinery in tests/conftest.py, checked on inner pytest sessions run over this
+directory's conftest, as a developer's new test would be: a test that starts a process without
+the `system` mark fails, so `pytest -m "not system"` (the quick loop) cannot quietly grow a
+machine; a test marked `alone` runs while no other xdist worker runs one."""
 
 import itertools
 import os
