@@ -53,6 +53,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
+    # the slow tests first (in their order): on xdist workers a 40 s test handed out last
+    # would run on alone while the others wait at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _reaped() -> tuple[float, ...]:

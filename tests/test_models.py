@@ -26,6 +26,7 @@ _MISSING = verify_models.missing_tools()
 
 
 @pytest.mark.system
+@pytest.mark.slow       # every SPIN search: 40 s on 2 cores
 @pytest.mark.skipif(_MISSING is not None, reason=f"SPIN models not verified: {_MISSING}")
 def test_every_model_holds_and_every_mutant_is_refuted() -> None:
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "verify_models.py")],
