@@ -30,8 +30,8 @@ SYSTEM_FIXTURES = frozenset({"machine", "machine_factory", "run_scenario", "run_
 
 #: xdist workers for the whole suite: most tests wait on processes, not on the CPU, so 4 keep a
 #: 2-core machine busy without starving the timing tests (those marked ``alone`` run by
-#: themselves); more only add contention
-WORKERS = 4
+#: themselves); more only add contention. MK_TEST_WORKERS=N tries another count.
+WORKERS = int(os.environ.get("MK_TEST_WORKERS", "4"))
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -315,6 +315,7 @@ def test_restart_scrubs_the_partition_unless_preserved(machine):
         machine.kill(name, force=True)
 
 
+@pytest.mark.alone      # times itself (0.1 s)
 def test_messages_to_a_dead_peer_fail_at_once(machine):
     import errno
     from partition.abi.ring import RingError

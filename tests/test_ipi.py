@@ -113,6 +113,7 @@ def test_flooded_peer_still_answers_a_third_party(machine):
     assert machine.show("flood")["state"] == "active"
 
 
+@pytest.mark.alone      # times itself
 def test_oversize_and_bad_target(machine):
     up(machine, "echo", "kernels.echo:EchoKernel")
     with pytest.raises(RingError) as ei:
