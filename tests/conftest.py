@@ -53,9 +53,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
-    # the slow tests first (in their order): on xdist workers a 40 s test handed out last
-    # would run on alone while the others wait at the end
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # the tests that run alone first, one after the other (the other workers wait for them
+    # once), then the slow ones (on xdist workers a 40 s test handed out last would run on by
+    # itself while the others wait at the end), each in their order
+    items.sort(key=lambda item: (not _alone(item), item.get_closest_marker("slow") is None))
 
 
 def _reaped() -> tuple[float, ...]:
@@ -84,12 +85,19 @@ class UnmarkedSystemTest(AssertionError):
 _STARTED: dict[str, tuple[float, ...]] = {}
 
 
+def _alone(item) -> bool:
+    return item is not None and item.get_closest_marker("alone") is not None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Under xdist, a test marked ``alone`` runs while no other worker runs one (leaks.Ledger:
-    a run-wide lock, shared by every other test)."""
-    with LEDGER.turn(alone=item.get_closest_marker("alone") is not None):
+    a run-wide lock, shared by every other test; kept through a run of ``alone`` tests)."""
+    LEDGER.enter(alone=_alone(item))
+    try:
         yield
+    finally:
+        LEDGER.leave(keep=_alone(item) and _alone(nextitem))
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

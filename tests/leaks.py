@@ -45,7 +45,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 
 import psutil
 
@@ -188,6 +187,8 @@ class Ledger:
         self.of_run(os.environ.get("PYTEST_XDIST_TESTRUNUID"))    # set in xdist's workers
         self.seq = 0
         self.phase = "checking"
+        self._held: tuple[int, int] | None = None
+        self._held_alone = False
 
     def of_run(self, run: str | None) -> None:
         """The xdist run this session is part of (its workers', or its controller's)."""
@@ -244,15 +245,18 @@ class Ledger:
         """Every session in ``seen`` is done with the test it was running then."""
         return all(self._read(w) != entry for w, entry in seen.items())
 
-    @contextlib.contextmanager
-    def turn(self, alone: bool) -> Iterator[None]:
-        """Hold the run's lock around one test: shared by every test, exclusive for one that
+    def enter(self, alone: bool) -> None:
+        """Take the run's lock for one test: shared by every test, exclusive for one that
         must run ``alone`` (it measures time or load: another worker's machines would skew
         it). A turnstile taken on the way in lets a waiting ``alone`` test in before the
-        tests that come after it (without it, shared holders would never all be out)."""
+        tests that come after it (without it, shared holders would never all be out). An
+        exclusive lock kept from the test before (``leave(keep=True)``) is used again."""
         if self.run_dir is None:
-            yield
             return
+        if self._held is not None:
+            if self._held_alone == alone:
+                return
+            self.leave()
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         gate = os.open(os.path.join(self.run_dir, "turnstile"), os.O_RDWR | os.O_CREAT, 0o600)
         lock = os.open(os.path.join(self.run_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -262,14 +266,25 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
             finally:
                 fcntl.flock(gate, fcntl.LOCK_UN)
-            yield
-        finally:
-            os.close(lock)           # closing releases the lock
+        except BaseException:
+            os.close(lock)
             os.close(gate)
+            raise
+        self._held, self._held_alone = (gate, lock), alone
+
+    def leave(self, keep: bool = False) -> None:
+        """Release the run's lock after a test; ``keep`` an exclusive one for the next test,
+        itself ``alone`` (the other workers' tests are then drained once for a run of them)."""
+        if self._held is None or (keep and self._held_alone):
+            return
+        for fd in self._held:
+            os.close(fd)             # closing releases the lock
+        self._held = None
 
     def close(self, controller: bool) -> None:
         """The session ends: its entry goes; the xdist controller, last out, removes the run's
         lock."""
+        self.leave()
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.dir, self.me))
         with contextlib.suppress(OSError):
