@@ -1,16 +1,10 @@
-"""The trees the device-tree tests read: kerf's own, made by its generators from its models, and
-hand-built ones (FdtSw, through helpers.dtb) that break one rule at a time; and the check that a
-refusal is the MKError it should be, naming the problem.
-
-Shared by tests/test_devicetree.py (round trips, refusals, DTS text) and
-tests/test_devicetree_hostile.py (flipped bytes and the fuzz), so that both read the same trees.
-"""
+"""Device trees for the tests of partition/host/devicetree.py: kerf 0.4's models and
+generators (the real control plane's bytes) and hand-built trees (FdtSw) that break one rule at a
+time."""
 
 import dataclasses
-import errno
 import struct
 
-import pytest
 from helpers import dtb
 from kerf.dtc.extractor import InstanceExtractor
 from kerf.dtc.overlay import OverlayGenerator
@@ -23,7 +17,6 @@ from kerf.models import (
     MemoryAllocation,
 )
 
-from partition.errors import InvalidSpec, MKError
 from partition.host import devicetree as dt
 
 MB = 1 << 20
@@ -131,12 +124,3 @@ def _id(v) -> str:
     if isinstance(v, str):
         return v[:48]
     return v.__name__ if isinstance(v, type) else type(v).__name__
-
-def _refused(fn, blob, cls, *fragments):
-    with pytest.raises(MKError) as e:
-        fn(blob)
-    assert type(e.value) is cls, f"{type(e.value).__name__}: {e.value}"
-    assert e.value.errno == (errno.EINVAL if cls is InvalidSpec else errno.EOPNOTSUPP)
-    for frag in fragments:
-        assert frag in e.value.message, (frag, e.value.message)
-    return e.value

@@ -25,15 +25,26 @@ live process holds and that stays was left by the test (its makers are gone), an
 whatever its name. That is the one case this cannot tell apart: a machine of somebody else's
 whose host was SIGKILLed during the test and whose objects stay until its owner cleans up
 (its dead pid says nothing more about whose it was); the report then names the dead pid.
+
+Under pytest-xdist each worker is a session of its own (its own mark, set at its conftest's
+import), so a worker's test is never blamed for the live objects of another worker's machines.
+That one case, though, is then an everyday one: another worker's test kills a host on purpose
+and removes what it left a few seconds later. So sessions keep a ledger (``Ledger``): which
+test each one runs, and whether it is still running it. An object nobody holds is counted only
+after every session that was running a test when it was found has finished that test's body
+and fixtures (its own check then sees the object, and blames its test if it is still there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
 
 import psutil
 
@@ -92,27 +103,37 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def holders(path: str) -> set[int]:
-    """Live processes that have ``path`` open or mapped (those of this user: /proc hides the
-    others' descriptors, and another user's objects are told apart by their owner)."""
-    out: set[int] = set()
+def holders_of(paths: set[str]) -> dict[str, set[int]]:
+    """Live processes that have each of ``paths`` open or mapped, in one pass over /proc
+    (those of this user: /proc hides the others' descriptors, and another user's objects are
+    told apart by their owner). One pass, since under xdist a test's window sees several
+    objects of the other workers' machines appear, each to be looked at."""
+    out: dict[str, set[int]] = {p: set() for p in paths}
+    if not paths:
+        return out
     for pid in psutil.pids():
         base = f"/proc/{pid}"
         try:
             for fd in os.listdir(f"{base}/fd"):
                 try:
-                    if os.readlink(f"{base}/fd/{fd}") == path:
-                        out.add(pid)
-                        break
+                    target = os.readlink(f"{base}/fd/{fd}")
                 except OSError:
                     continue
-            if pid not in out:
-                with open(f"{base}/maps") as f:
-                    if any(line.rstrip("\n").endswith(" " + path) for line in f):
-                        out.add(pid)
+                if target in out:
+                    out[target].add(pid)
+            with open(f"{base}/maps") as f:
+                for line in f:
+                    target = line.rstrip("\n").rsplit(" ", 1)[-1]
+                    if target in out:
+                        out[target].add(pid)
         except OSError:
             continue
-    return {p for p in out if _alive(p)}
+    return {p: {q for q in pids if _alive(q)} for p, pids in out.items()}
+
+
+def holders(path: str) -> set[int]:
+    """Live processes that have ``path`` open or mapped."""
+    return holders_of({path})[path]
 
 
 def _pidfile(path: str) -> set[int]:
@@ -144,28 +165,200 @@ def _procs(path: str) -> set[int]:
 SETTLE_S = 5.0
 
 
-def _foreign(path: str, owners: Callable[[], set[int]]) -> bool:
-    """Whether ``path`` is somebody else's, from its ``owners`` (looked at again while they
-    are all gone and the object stays, up to ``SETTLE_S``)."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
+#: how long an object nobody holds waits, beyond ``SETTLE_S``, for the other workers' tests
+#: that were running when it was found to end (a stale worker's ledger entry is waited out)
+OTHERS_S = 180.0
+
+
+class Ledger:
+    """What each test session on this host is doing, for the others to read: a file per
+    session (an xdist worker is one) in a directory of this user's, named by the session's mark
+    (its pid first) and holding the number of the test it is at and whether it is ``running``
+    it (setup, body, teardown of its other fixtures) or ``checking`` (its leak check, or one a
+    test asked for). A session that died without removing its file is told by its pid.
+
+    It also keeps the lock that lets an ``alone`` test run by itself: one per xdist run
+    (``PYTEST_XDIST_TESTRUNUID``), in a directory the controller removes at the end."""
+
+    def __init__(self) -> None:
+        self.dir = os.path.join(tempfile.gettempdir(), f"mk-test-ledger-{os.getuid()}")
+        self.me = SESSION
+        self.run_dir: str | None = None
+        self.of_run(os.environ.get("PYTEST_XDIST_TESTRUNUID"))    # set in xdist's workers
+        self.seq = 0
+        self.phase = "checking"
+        self._held: tuple[int, int] | None = None
+        self._held_alone = False
+
+    def of_run(self, run: str | None) -> None:
+        """The xdist run this session is part of (its workers', or its controller's)."""
+        self.run_dir = os.path.join(tempfile.gettempdir(), f"mk-test-alone-{run}") if run else None
+
+    def running(self) -> None:
+        """A test starts: its fixtures are set up next."""
+        self.seq += 1
+        self._write("running")
+
+    def checking(self) -> None:
+        """The test's body and fixtures are done; what it left is looked at."""
+        self._write("checking")
+
+    def _write(self, phase: str) -> None:
+        self.phase = phase
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.dir, f".{self.me}.tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{self.seq} {phase}")
+        os.replace(tmp, os.path.join(self.dir, self.me))
+
+    def _read(self, session: str) -> str | None:
         try:
-            if os.lstat(path).st_uid != os.getuid():
-                return True          # another user's
-        except FileNotFoundError:
-            return True              # removed by whoever made it: not left behind
-        live = {p for p in owners() if _alive(p)}
-        if live:
-            return not any(is_ours(p) for p in live)
-        if time.monotonic() >= deadline:
-            return False             # nobody holds it, and it stays: left behind
-        time.sleep(0.1)
+            with open(os.path.join(self.dir, session)) as f:
+                return f.read()
+        except OSError:
+            return None              # a session that ended
+
+    def others_running(self) -> dict[str, str]:
+        """The other sessions running a test now, and their entries."""
+        try:
+            sessions = os.listdir(self.dir)
+        except OSError:
+            return {}
+        out = {}
+        for session in sessions:
+            if session.startswith(".") or session == self.me:
+                continue
+            try:
+                alive = _alive(int(session.split("-", 1)[0]))
+            except ValueError:
+                continue
+            if not alive:            # killed: its file stays, it runs nothing
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir, session))
+                continue
+            entry = self._read(session)
+            if entry is not None and entry.endswith(" running"):
+                out[session] = entry
+        return out
+
+    def moved_on(self, seen: dict[str, str]) -> bool:
+        """Every session in ``seen`` is done with the test it was running then."""
+        return all(self._read(w) != entry for w, entry in seen.items())
+
+    def enter(self, alone: bool) -> None:
+        """Take the run's lock for one test: shared by every test, exclusive for one that
+        must run ``alone`` (it measures time or load: another worker's machines would skew
+        it). A turnstile taken on the way in lets a waiting ``alone`` test in before the
+        tests that come after it (without it, shared holders would never all be out). An
+        exclusive lock kept from the test before (``leave(keep=True)``) is used again."""
+        if self.run_dir is None:
+            return
+        if self._held is not None:
+            if self._held_alone == alone:
+                return
+            self.leave()
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        gate = os.open(os.path.join(self.run_dir, "turnstile"), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(os.path.join(self.run_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            finally:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(lock)
+            os.close(gate)
+            raise
+        self._held, self._held_alone = (gate, lock), alone
+
+    def leave(self, keep: bool = False) -> None:
+        """Release the run's lock after a test; ``keep`` an exclusive one for the next test,
+        itself ``alone`` (the other workers' tests are then drained once for a run of them)."""
+        if self._held is None or (keep and self._held_alone):
+            return
+        for fd in self._held:
+            os.close(fd)             # closing releases the lock
+        self._held = None
+
+    def close(self, controller: bool) -> None:
+        """The session ends: its entry goes; the xdist controller, last out, removes the run's
+        lock."""
+        self.leave()
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.dir, self.me))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)       # unless another session's entry is there
+        if controller and self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+LEDGER = Ledger()
+
+
+def _owners(paths: set[str]) -> dict[str, set[int]]:
+    """The live processes each object is held by or names: for a /dev/shm entry, whoever has
+    it open or mapped and the pid in a run directory's pid file; for a cgroup directory, the
+    owner pid its name carries and the processes in it."""
+    base = cgroup_base() or ""
+    shm = {p for p in paths if os.path.dirname(p) == SHM}
+    held = holders_of(shm)
+    out = {}
+    for path in paths:
+        if path in shm:
+            pids = held[path] | _pidfile(path)
+        else:
+            pids = cgroup_owners(os.path.relpath(path, base))
+        out[path] = {p for p in pids if _alive(p)}
+    return out
+
+
+def _left_behind(paths: set[str]) -> set[str]:
+    """Those of ``paths`` the session left: held by its processes, or held by nobody and
+    staying (for ``SETTLE_S``, and until the other workers' tests running then have ended)."""
+    pending, left = set(paths), set()
+    deadline = time.monotonic() + SETTLE_S
+    waiting_for: dict[str, str] | None = None
+    final = False
+    checking_before = LEDGER.phase
+    try:
+        while pending:
+            owners = _owners(pending)
+            for path in sorted(pending):
+                try:
+                    if os.lstat(path).st_uid != os.getuid():
+                        pending.discard(path)            # another user's
+                        continue
+                except FileNotFoundError:
+                    pending.discard(path)                # removed by whoever made it
+                    continue
+                if owners[path]:
+                    pending.discard(path)
+                    if any(is_ours(p) for p in owners[path]):
+                        left.add(path)                   # the session's, alive
+            if not pending:
+                break
+            if final:
+                left |= pending                          # nobody holds them, and they stay
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                if waiting_for is None:
+                    LEDGER.checking()                    # nobody waits for us meanwhile
+                    waiting_for = LEDGER.others_running()
+                if LEDGER.moved_on(waiting_for) or now >= deadline + OTHERS_S:
+                    final = True                         # one more look, then they count
+                    continue
+            time.sleep(0.1)
+    finally:
+        if waiting_for is not None and checking_before == "running":
+            LEDGER._write("running")                     # a check a test asked for
+    return left
 
 
 def foreign_shm(entry: str) -> bool:
     """A /dev/shm entry (a run directory, an arena, ...) that another machine holds."""
-    path = os.path.join(SHM, entry)
-    return _foreign(path, lambda: holders(path) | _pidfile(path))
+    return not _left_behind({os.path.join(SHM, entry)})
 
 
 def cgroup_owners(entry: str) -> set[int]:
@@ -180,15 +373,18 @@ def foreign_cgroup(entry: str) -> bool:
     base = cgroup_base()
     if base is None:
         return True
-    return _foreign(os.path.join(base, entry), lambda: cgroup_owners(entry))
+    return not _left_behind({os.path.join(base, entry)})
 
 
 def leaks(shm_before: set[str], cgroups_before: set[str]) -> tuple[list[str], list[str]]:
     """(/dev/shm entries, cgroup directories) made since the snapshots and left by the
     session: what somebody else holds is not counted."""
-    shm = sorted(e for e in shm_entries() - shm_before if not foreign_shm(e))
-    cgroups = sorted(e for e in cgroup_entries() - cgroups_before if not foreign_cgroup(e))
-    return shm, cgroups
+    base = cgroup_base()
+    shm = {os.path.join(SHM, e) for e in shm_entries() - shm_before}
+    cgroups = {os.path.join(base, e) for e in cgroup_entries() - cgroups_before} if base else set()
+    left = _left_behind(shm | cgroups)
+    return (sorted(os.path.basename(p) for p in left & shm),
+            sorted(os.path.basename(p) for p in left & cgroups))
 
 
 def explain(path: str, pids: set[int]) -> str:

@@ -9,7 +9,9 @@ from leaks import cgroup_entries, leaks, shm_entries
 from partition.bench import boot
 from partition.stats import percentile, summary
 
-pytestmark = pytest.mark.slow      # scenarios and benchmarks: pytest -m "not slow" skips them
+# scenarios and benchmarks: pytest -m "not slow" skips them (their figures are checked for
+# shape and consistency, not against targets: those are test_bench_judgement.py's)
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def test_percentiles_are_nearest_rank():

@@ -56,6 +56,7 @@ GHOST_ID = 300                       # no instance has it
 E = errno.errorcode                  # errno -> its name, as the program reports it
 
 pytestmark = [
+    pytest.mark.system,
     pytest.mark.skipif(not SYSCALLS, reason="no system call table for this architecture"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the bridge mounts: root only"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),

@@ -8,8 +8,11 @@ import sys
 import time
 
 import psutil
+import pytest
 from helpers import mk, settled
 from leaks import cgroup_entries, leaks, shm_entries
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 CPUS = sorted(os.sched_getaffinity(0))
 MKCTL = [sys.executable, "-m", "partition.control.cli"]

@@ -9,8 +9,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from partition.control.cli import new_console_text
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 MKCTL = [sys.executable, "-m", "partition.control.cli"]
 CPUS = sorted(os.sched_getaffinity(0))

@@ -188,6 +188,7 @@ def test_api_page_names_every_public_attribute(cls_name):
     assert sorted(documented - public) == []        # and every row names one that exists
 
 
+@pytest.mark.system
 def test_api_page_example_runs():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("the example pins the host to CPU 0 and db to CPU 1")

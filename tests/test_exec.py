@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PICKY = os.path.join(HERE, "kernels", "picky.py")
 MKCTL = [sys.executable, "-m", "partition.control.cli"]

@@ -10,6 +10,8 @@ from helpers import CPUS, up, wait_until
 from partition import InvalidSpec, NotLoaded
 from partition.abi import message as M
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 
 
 def last_failure(m, name):
@@ -313,6 +315,7 @@ def test_restart_scrubs_the_partition_unless_preserved(machine):
         machine.kill(name, force=True)
 
 
+@pytest.mark.alone      # times itself (0.1 s)
 def test_messages_to_a_dead_peer_fail_at_once(machine):
     import errno
     from partition.abi.ring import RingError

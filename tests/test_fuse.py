@@ -311,6 +311,7 @@ def _files_scenario(rig):
     return out
 
 
+@pytest.mark.system
 def test_files_reach_the_backend(tmp_path):
     out = _in_namespace(tmp_path, _files_scenario)
     assert out["root"] == ["instances", "many", "overlays"]
@@ -385,6 +386,7 @@ def _errors_scenario(rig):
     return out
 
 
+@pytest.mark.system
 def test_backend_errors_reach_the_caller(tmp_path):
     out = _in_namespace(tmp_path, _errors_scenario)
     assert out == {
@@ -420,6 +422,7 @@ def _dirs_scenario(rig):
     return out
 
 
+@pytest.mark.system
 def test_directories(tmp_path):
     out = _in_namespace(tmp_path, _dirs_scenario)
     assert out == {
@@ -452,12 +455,14 @@ def _unmount_scenario(rig):
     return out
 
 
+@pytest.mark.system
 def test_an_unmount_behind_its_back_closes_the_server(tmp_path):
     out = _in_namespace(tmp_path, _unmount_scenario)
     assert out == {"served": True, "closed_on_enodev": True, "serve_after": 0,
                    "fileno_after_close": "ValueError"}
 
 
+@pytest.mark.system
 def test_close_unmounts(tmp_path):
     def scenario(rig):
         with open(rig.path("/instances/web/id"), "rb") as f:

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABI = os.path.join(ROOT, "partition", "abi")
 #: every translation unit of the extension (_fastring.c, _ring.c, _message.c, _port.c)
 SOURCES = sorted(glob.glob(os.path.join(ABI, "_*.c")))
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 def _asan_runtime() -> str | None:

@@ -18,6 +18,8 @@ from helpers import CPUS, up, wait_until
 from partition import BadKernelImage, linux
 from partition.abi import message as M
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOSTILE = os.path.join(HERE, "kernels", "hostile.py") + ":Hostile"
 
@@ -401,6 +403,7 @@ def test_garbage_in_the_hosts_ring_cannot_flood_the_event_log(machine, pair):
     assert os.path.getsize(os.path.join(machine.run_dir, "events.log")) < 256 << 10
 
 
+@pytest.mark.alone      # times itself
 def test_a_peer_cannot_swallow_a_bystanders_doorbell(machine):
     """A kernel reading, in a loop, the doorbell the host gives it for a peer: the peer's
     requests and its graceful kill are as quick as without it (with an eventfd every read
@@ -480,6 +483,7 @@ def test_a_peer_that_blocks_and_fills_a_doorbell_stalls_no_sender(machine):
     assert any(e["event"] == "watchdog_expired" for e in events(machine))
 
 
+@pytest.mark.alone      # times itself
 def test_a_peer_cannot_swallow_the_hosts_doorbell(machine):
     """Every instance holds the host's doorbell to ring it; one that reads it in a loop
     swallowed the host's wake-ups (on an eventfd): a boot, which the host waits for on its

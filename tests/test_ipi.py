@@ -13,6 +13,8 @@ from partition.abi import message as M
 from partition.abi.ring import RingError
 from ringtool import claim, fill, publish
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 IPI = os.path.join(HERE, "kernels", "ipi.py")
 
@@ -111,6 +113,7 @@ def test_flooded_peer_still_answers_a_third_party(machine):
     assert machine.show("flood")["state"] == "active"
 
 
+@pytest.mark.alone      # times itself
 def test_oversize_and_bad_target(machine):
     up(machine, "echo", "kernels.echo:EchoKernel")
     with pytest.raises(RingError) as ei:

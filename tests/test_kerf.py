@@ -36,7 +36,8 @@ def _bridge_works() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_bridge_works() is not None, reason=str(_bridge_works()))
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(_bridge_works() is not None, reason=str(_bridge_works()))]
 
 
 def run_kerf(run_dir, *args, oversubscribe=False):

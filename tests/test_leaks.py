@@ -3,13 +3,19 @@ while a test runs is not the test's leak; what the test's own machines leave sti
 
 import os
 import shutil
+import subprocess
 import tempfile
+import threading
+import time
 import uuid
 
 import posix_ipc
 import psutil
+import pytest
 from helpers import CPUS, mk
-from leaks import MARK, cgroup_entries, cgroup_owners, leaks, shm_entries
+from leaks import LEDGER, MARK, SETTLE_S, cgroup_entries, cgroup_owners, leaks, shm_entries
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 
 def _init_args():
@@ -83,3 +89,42 @@ def test_an_object_nobody_holds_any_more_is_a_leak():
     finally:
         posix_ipc.unlink_shared_memory(name)
     assert name[1:] not in leaks(shm_before, cg_before)[0]
+
+
+@pytest.mark.alone      # no sibling worker's running test to wait for besides the fake one
+def test_an_unheld_object_waits_for_the_test_another_session_is_running():
+    """Under xdist another worker's test kills a host and removes what it left seconds later:
+    an object nobody holds is not counted while a session that was running a test when it was
+    found still runs it; once that test is over, what stays is counted."""
+    shm_before, cg_before = shm_entries(), cgroup_entries()
+    other = subprocess.Popen(["sleep", "60"])             # a live pid for the other session
+    entry = os.path.join(LEDGER.dir, f"{other.pid}-{uuid.uuid4().hex[:12]}")
+    os.makedirs(LEDGER.dir, exist_ok=True)
+    names = [f"/mkt-other-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    try:
+        with open(entry, "w") as f:
+            f.write("7 running")
+        for name in names:
+            posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096).close_fd()
+        found = {}
+        check = threading.Thread(target=lambda: found.update(shm=leaks(shm_before, cg_before)[0]))
+        t0 = time.monotonic()
+        check.start()
+        time.sleep(SETTLE_S + 1.0)
+        assert check.is_alive(), "counted while the other session's test still ran"
+        posix_ipc.unlink_shared_memory(names[0])         # the other test cleans up one,
+        with open(entry, "w") as f:                       # and ends
+            f.write("7 checking")
+        check.join(timeout=60)
+        assert not check.is_alive() and time.monotonic() - t0 < SETTLE_S + 30
+        assert names[0][1:] not in found["shm"]           # gone: nobody's leak
+        assert names[1][1:] in found["shm"]               # stays: counted
+    finally:
+        for name in names:
+            try:
+                posix_ipc.unlink_shared_memory(name)
+            except posix_ipc.ExistentialError:
+                pass
+        os.unlink(entry)
+        other.kill()
+        other.wait()

@@ -15,6 +15,8 @@ from kernels.counter import read_count
 from partition import (BadKernelImage, BootTimeout, BootFailed, Machine, NoSuchInstance,
                        ResourceBusy)
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 
 def boot(m: Machine, name: str, kernel: str = "kernels.idle:IdleKernel", cmdline: str = "",
          cpus: str | None = None, memory: str = "16M") -> dict:

@@ -29,6 +29,8 @@ from partition.abi import slot as S
 from partition.host import lifecycle
 from partition.host.instance import EXIT
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEEPER = os.path.join(HERE, "kernels", "keeper.py")
 STATEFUL = os.path.join(HERE, "kernels", "stateful.py")
@@ -444,6 +446,7 @@ def test_live_update_needs_a_running_kernel(m):
 
 
 # -- 8. a kernel that never quiesces -------------------------------------------------------------
+@pytest.mark.alone      # times itself
 def test_a_kernel_that_never_quiesces_is_forced_and_replaced(m):
     sid = up(m, "s", f"{KEEPER}:Stuck")
     old = m.show("s")

@@ -25,6 +25,8 @@ import verify_models  # noqa: E402
 _MISSING = verify_models.missing_tools()
 
 
+@pytest.mark.system
+@pytest.mark.slow       # every SPIN search: 40 s on 2 cores
 @pytest.mark.skipif(_MISSING is not None, reason=f"SPIN models not verified: {_MISSING}")
 def test_every_model_holds_and_every_mutant_is_refuted() -> None:
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "verify_models.py")],
@@ -51,6 +53,7 @@ def test_each_model_has_a_mutant_and_names_the_code_it_mirrors() -> None:
         assert "_fastring.c" in text or "ring.py" in text, model
 
 
+@pytest.mark.system
 @pytest.mark.skipif(_MISSING is not None, reason=f"SPIN models not verified: {_MISSING}")
 def test_a_mutant_that_is_not_refuted_fails_the_run() -> None:
     """The runner's verdict, on real searches: the hand-over model run as if it were a mutant

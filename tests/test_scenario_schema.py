@@ -162,6 +162,7 @@ def test_expectations_past_the_bounds_are_scenario_errors(expect, says):
     assert all(len(p) < 400 for p in said)            # the expectation is quoted, cut short
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("text,says", [
     ("x = " + "[" * 50000 + "]" * 50000 + "\n", "nested deeper than the TOML reader follows"),
     ("seed = " + "9" * 5000 + "\n", "4300 digits"),
@@ -177,6 +178,7 @@ def test_toml_past_the_readers_bounds_is_an_invalid_file(tmp_path, text, says):
     assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.system
 def test_hints_speak_the_scenarios_words(tmp_path):
     """A unitless memory is taken for MiB in the hint; the machine's refusal on a 2-core box
     names the scenario key (oversubscribe = true), not mkctl's flag."""

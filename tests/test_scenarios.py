@@ -12,7 +12,8 @@ import psutil
 import pytest
 from leaks import cgroup_entries, leaks, shm_entries
 
-pytestmark = pytest.mark.slow      # scenarios and benchmarks: pytest -m "not slow" skips them
+# scenarios and benchmarks: pytest -m "not slow" skips them
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "scenarios")) if f.endswith(".toml"))
@@ -287,6 +288,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.alone      # times itself
 def test_duration_and_seed_overrides_are_checked_like_the_file(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(SHORT.format(duration="5s", expect='"a.restarts == 1"'))

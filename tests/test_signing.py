@@ -30,7 +30,9 @@ from partition.host.kimage import pack_elf, unpack_elf
 CPUS = sorted(os.sched_getaffinity(0))
 MKCTL = [sys.executable, "-m", "partition.control.cli"]
 KERF = shutil.which("kerf")
-pytestmark = pytest.mark.skipif(KERF is None, reason="kerf-multikernel is a test dependency")
+# each test signs with kerf or packs with mkctl (subprocesses), most then boot a machine
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(KERF is None, reason="kerf-multikernel is a test dependency")]
 
 KERNEL = '''
 from partition import Kernel

@@ -12,7 +12,10 @@ import time
 
 import msgpack
 import psutil
+import pytest
 from helpers import CPUS, mk, wait_until
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPUS = sorted(os.sched_getaffinity(0))
@@ -66,6 +69,7 @@ def test_watchdog_fires_with_no_client_traffic(run_dir):
     assert e["name"] == "h"
 
 
+@pytest.mark.alone      # times itself
 def test_a_slow_client_stalls_nobody(run_dir):
     init(run_dir)
     mk(run_dir, "create", "v", "--cpus", str(CPUS[-1]), "--memory", "16M")
@@ -250,6 +254,7 @@ def test_a_restarting_instance_runs_with_its_successor_parked(machine):
     assert not os.path.exists(f"/proc/{spare}")
 
 
+@pytest.mark.alone      # times itself
 def test_a_bad_frame_harms_only_its_sender(run_dir):
     """While client A's graceful kill waits for a kernel that ignores SHUTDOWN, client B's
     malformed frames are refused to B (EINVAL, at once), and A's kill ends as it would have:

@@ -14,6 +14,8 @@ import pytest
 
 from partition.host import adoption, rundir
 
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINGPONG = os.path.join(HERE, "kernels", "pingpong.py")
 MKCTL = [sys.executable, "-m", "partition.control.cli"]

@@ -30,7 +30,8 @@ from partition.bridge.trap import (
     spawn_trapped,
 )
 
-pytestmark = pytest.mark.skipif(not SYSCALLS, reason="no system call table for this architecture")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(not SYSCALLS, reason="no system call table for this architecture")]
 
 MAGIC1, MAGIC2 = 0xFEE1DEAD, 672274793
 MK_START, MK_HALT, MK_FORCE_HALT = 0x4D4B4C49, 0x4D4B4C48, 0x4D4B4C46

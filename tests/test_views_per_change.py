@@ -3,9 +3,12 @@ what it changed, and what is on disk is always what a full render of the machine
 
 import os
 
+import pytest
 from helpers import CPUS, wait_until
 
 from partition.host.views import render_instance_tree, render_iomem, render_kimage, render_pool_tree
+
+pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
 IDLE = "kernels.idle:IdleKernel"
 

@@ -84,10 +84,11 @@ def main(a: argparse.Namespace, watch: Callable[[Any], Any] | None = None) -> in
               f"{len(sc.instances)} instance(s), {len(sc.probes)} probe(s), "
               f"{len(sc.faults)} fault(s), {len(sc.actions)} action(s)", flush=True)
     def watched(m: Any) -> Any:
+        listening = watch(m) if watch is not None else None     # its socket, then the news
         if not as_json:
             print(f"watch it live: mkctl top --run-dir {m.run_dir}   (or show, console -f)",
                   file=sys.stderr, flush=True)
-        return watch(m) if watch is not None else None
+        return listening
     try:
         result = Runner(sc, progress, watch=watched if watch is not None else None).run()
     except ScenarioInvalid as exc:
