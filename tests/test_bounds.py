@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "bounds.py")
 
@@ -25,6 +27,7 @@ def _module(root, rel, lines, newline_at_end=True):
     p.write_text(text + ("\n" if newline_at_end else ""))
 
 
+@pytest.mark.system    # runs the tool as a process
 def test_a_module_over_the_bound_is_caught_and_named(tmp_path):
     _module(tmp_path, "partition/host/big.py", 601)
     _module(tmp_path, "tests/test_big.py", 700, newline_at_end=False)
@@ -63,6 +66,7 @@ def test_the_allowlist_excuses_only_with_a_reason_and_cannot_rot(tmp_path):
     assert "partition/table.py: allowed in tools/bounds.py without a reason" in problems[2]
 
 
+@pytest.mark.system    # runs the tool as a process
 def test_a_tree_within_the_bound_passes(tmp_path):
     _module(tmp_path, "partition/a.py", 600)
     p = subprocess.run([sys.executable, TOOL, "--root", str(tmp_path)],

@@ -257,6 +257,7 @@ def _child(body) -> int:
     return os.waitpid(pid, 0)[1]
 
 
+@pytest.mark.system
 def test_loaded_kernel_filter_kills_a_real_process():
     def signal_another():
         filters.install(filters.kernel_filter(os.getpid()))
@@ -279,6 +280,7 @@ def test_loaded_kernel_filter_kills_a_real_process():
     assert _child(thread_ok) == 0
 
 
+@pytest.mark.system
 def test_loaded_userland_filter_refuses_without_killing():
     def body():
         filters.install(filters.userland_filter())

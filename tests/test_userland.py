@@ -17,6 +17,8 @@ from partition.bench import userland as bench
 from partition.errors import ProcessLimitZero, RootfsMissing
 from partition.guest import userland
 
+pytestmark = pytest.mark.system   # runs real processes (git, the tool, userlands)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PICKY = os.path.join(HERE, "kernels", "picky.py")
 MKCTL = [sys.executable, "-m", "partition.control.cli"]

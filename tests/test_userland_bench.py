@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from partition.bench import userland as bench
 from partition.stats import environment
 
@@ -51,6 +53,7 @@ def test_bench_userland_quick_prints_every_figure_unjudged(run_dir):
         assert abs(f["ratio"] - f["userland"] / f["host"]) < 1e-9
 
 
+@pytest.mark.system
 def test_bench_userland_refuses_counts_too_small_to_judge():
     r = subprocess.run(MKCTL + ["bench", "userland", "--loops", "5"], capture_output=True,
                        text=True, timeout=60)
