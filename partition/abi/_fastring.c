@@ -26,7 +26,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastring", NULL, -1
 
 PyMODINIT_FUNC PyInit__fastring(void)
 {
-    if (PyType_Ready(&PortType) < 0)
+    if (PyType_Ready(&PortType) < 0 || PyType_Ready(&WaiterType) < 0)
         return NULL;
     if (codec_init() < 0)
         return NULL;
@@ -35,6 +35,7 @@ PyMODINIT_FUNC PyInit__fastring(void)
         return NULL;
     pipe_nowait = probe_pipe_nowait();
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) < 0 ||
+            PyModule_AddObjectRef(m, "Waiter", (PyObject *)&WaiterType) < 0 ||
             PyModule_AddIntConstant(m, "REROUTE", REROUTE) < 0 ||
             PyModule_AddIntConstant(m, "PIPE_NOWAIT", pipe_nowait) < 0) {
         Py_DECREF(m);

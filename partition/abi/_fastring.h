@@ -80,6 +80,7 @@ PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+extern PyTypeObject WaiterType;         /* a poller's wait, bound once */
 
 /* a drain in progress (_ring.c's consume), as the dispatch in _port.c sees it */
 struct drain_state {

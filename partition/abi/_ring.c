@@ -793,3 +793,158 @@ PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return drain_held(&buf, nslots, stride, slot_bytes, drain_args, 9);
 }
 
+
+/* Waiter: a poller's whole wait bound once, for the wait of every poll-mode request (the
+ * Messenger's ``wait``) and the kernel's poll-mode loop: ``waiter(timeout_s)`` spins on the ring
+ * up to min(50 us, timeout) and drains what came, as poll and runtime.py's _wait_poll did
+ * together; ``waiter.spin(usec)`` is _spin_take's (None: nothing came). The owner's
+ * ``_in_drain`` is raised for the call and put back after it, as _wait_poll did (the IPI
+ * signal's handler must not drain meanwhile); ``handled`` is passed only while no request of
+ * the owner's is pending (``waiting`` empty); a drain that stopped at a slot it leaves to the
+ * careful path goes on through ``finish(got, limit, handled, deliver)`` (Ring.finish). What it
+ * saves: a Python frame, its attribute look-ups and a functools.partial between the request's
+ * send and its reply (a third of the Python left on a poll-mode round trip). */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *args[9];          /* drain_held's: ring, nslots, stride, slot_bytes, limit,
+                                 * handled, deliver, hush, replies */
+    PyObject *owner, *finish, *waiting;
+} Waiter;
+
+static PyObject *str_in_drain;
+
+static void waiter_dealloc(Waiter *w)
+{
+    for (int i = 0; i < 9; i++)
+        Py_XDECREF(w->args[i]);
+    Py_XDECREF(w->owner);
+    Py_XDECREF(w->finish);
+    Py_XDECREF(w->waiting);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+static PyObject *waiter_take(Waiter *w, double usec, int none_if_idle);
+
+static PyObject *waiter_call(Waiter *w, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "waiter(timeout_s)");
+        return NULL;
+    }
+    double timeout = PyFloat_AsDouble(args[0]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    double usec = timeout * 1e6;
+    return waiter_take(w, usec < 50.0 ? usec : 50.0, 0);
+}
+
+static PyObject *waiter_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "spin(usec)");
+        return NULL;
+    }
+    double usec = PyFloat_AsDouble(args[0]);
+    if (usec == -1.0 && PyErr_Occurred())
+        return NULL;
+    return waiter_take((Waiter *)self, usec, 1);
+}
+
+/* Waiter(ring, nslots, stride, slot_bytes, limit, handled, deliver, replies, owner, finish,
+ *        waiting) */
+static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *a[11];
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Waiter takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Waiter", 11, 11, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
+                           &a[6], &a[7], &a[8], &a[9], &a[10]))
+        return NULL;
+    if (!PyCallable_Check(a[6]) || !PyCallable_Check(a[9]) || !PyDict_Check(a[10])) {
+        PyErr_SetString(PyExc_TypeError, "Waiter: deliver and finish callable, waiting a dict");
+        return NULL;
+    }
+    if (str_in_drain == NULL && (str_in_drain = PyUnicode_InternFromString("_in_drain")) == NULL)
+        return NULL;
+    Waiter *w = (Waiter *)type->tp_alloc(type, 0);
+    if (w == NULL)
+        return NULL;
+    PyObject *bound[9] = {a[0], a[1], a[2], a[3], a[4], a[5], a[6], Py_True, a[7]};
+    for (int i = 0; i < 9; i++)
+        w->args[i] = Py_NewRef(bound[i]);
+    w->owner = Py_NewRef(a[8]);
+    w->finish = Py_NewRef(a[9]);
+    w->waiting = Py_NewRef(a[10]);
+    w->vectorcall = (vectorcallfunc)waiter_call;
+    return (PyObject *)w;
+}
+
+static PyObject *waiter_take(Waiter *w, double usec, int none_if_idle)
+{
+    PyObject *outer = PyObject_GetAttr(w->owner, str_in_drain);
+    if (outer == NULL)
+        return NULL;
+    if (PyObject_SetAttr(w->owner, str_in_drain, Py_True) < 0) {
+        Py_DECREF(outer);
+        return NULL;
+    }
+    PyObject *res = NULL;
+    Py_buffer buf;
+    uint64_t nslots, stride, slot_bytes;
+    if (ring_args(w->args, &buf, &nslots, &stride, &slot_bytes) < 0)
+        goto out;
+    if (!spin_published((char *)buf.buf, nslots, stride, usec)) {
+        PyBuffer_Release(&buf);
+        res = none_if_idle ? Py_NewRef(Py_None) : PyLong_FromLong(0);
+        goto out;
+    }
+    PyObject *dargs[9];
+    memcpy(dargs, w->args, sizeof dargs);
+    if (PyDict_GET_SIZE(w->waiting))
+        dargs[5] = Py_None;              /* a request pending: its answer may be of any type */
+    PyObject *got = drain_held(&buf, nslots, stride, slot_bytes, dargs, 9);
+    if (got == NULL)
+        goto out;
+    if (PyObject_IsTrue(PyTuple_GET_ITEM(got, 1))) {      /* more: the careful path goes on */
+        PyObject *fargs[4] = {got, dargs[4], dargs[5], dargs[6]};
+        res = PyObject_Vectorcall(w->finish, fargs, 4, NULL);
+    } else
+        res = Py_NewRef(PyTuple_GET_ITEM(got, 2));
+    Py_DECREF(got);
+out:;
+    /* put ``_in_drain`` back whatever happened (the try/finally of _wait_poll) */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (PyObject_SetAttr(w->owner, str_in_drain, outer) < 0) {
+        if (et != NULL)
+            PyErr_Clear();
+        else
+            Py_CLEAR(res);
+    }
+    if (et != NULL)
+        PyErr_Restore(et, ev, tb);
+    Py_DECREF(outer);
+    return res;
+}
+
+static PyMethodDef waiter_methods[] = {
+    {"spin", (PyCFunction)(void (*)(void))waiter_spin, METH_FASTCALL,
+     "spin up to usec for a message, then drain: None if none came"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject WaiterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "partition.abi._fastring.Waiter",
+    .tp_basicsize = sizeof(Waiter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "a poller's wait and drain, bound once",
+    .tp_new = waiter_new,
+    .tp_dealloc = (destructor)waiter_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Waiter, vectorcall),
+    .tp_methods = waiter_methods,
+};
