@@ -111,6 +111,7 @@ PyObject *fr_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 /* -- _port.c ------------------------------------------------------------------------------ */
 extern PyTypeObject PortType;
+long port_request(PyObject *port, uint32_t type, uint64_t mid, PyObject *payload);
 int take_reply(struct drain_state *d, PyObject **row, uint32_t type);
 int dispatch(struct drain_state *d, PyObject **row, uint32_t type);
 int held_in_c(struct drain_state *d, char *slot, uint64_t size, uint32_t type,

@@ -809,7 +809,8 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *args[9];          /* drain_held's: ring, nslots, stride, slot_bytes, limit,
                                  * handled, deliver, hush, replies */
-    PyObject *owner, *finish, *waiting;
+    PyObject *owner, *finish, *waiting, *responses;
+    long rc;                    /* ask: the Port's answer to the last request it sent */
 } Waiter;
 
 static PyObject *str_in_drain;
@@ -821,6 +822,7 @@ static void waiter_dealloc(Waiter *w)
     Py_XDECREF(w->owner);
     Py_XDECREF(w->finish);
     Py_XDECREF(w->waiting);
+    Py_XDECREF(w->responses);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -863,8 +865,11 @@ static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_UnpackTuple(args, "Waiter", 11, 11, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
                            &a[6], &a[7], &a[8], &a[9], &a[10]))
         return NULL;
-    if (!PyCallable_Check(a[6]) || !PyCallable_Check(a[9]) || !PyDict_Check(a[10])) {
-        PyErr_SetString(PyExc_TypeError, "Waiter: deliver and finish callable, waiting a dict");
+    if (!PyCallable_Check(a[6]) || !PyCallable_Check(a[9]) || !PyDict_Check(a[10])
+            || !PyTuple_Check(a[7]) || PyTuple_GET_SIZE(a[7]) < 2
+            || !PyDict_Check(PyTuple_GET_ITEM(a[7], 1))) {
+        PyErr_SetString(PyExc_TypeError, "Waiter: deliver and finish callable, waiting a dict, "
+                                         "replies (waiting, responses, ...)");
         return NULL;
     }
     if (str_in_drain == NULL && (str_in_drain = PyUnicode_InternFromString("_in_drain")) == NULL)
@@ -878,6 +883,7 @@ static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     w->owner = Py_NewRef(a[8]);
     w->finish = Py_NewRef(a[9]);
     w->waiting = Py_NewRef(a[10]);
+    w->responses = Py_NewRef(PyTuple_GET_ITEM(a[7], 1));
     w->vectorcall = (vectorcallfunc)waiter_call;
     return (PyObject *)w;
 }
@@ -930,7 +936,83 @@ out:;
     return res;
 }
 
+/* ask(port, msg_type, msg_id, payload, target, first_wait_s): a poll-mode request's send and
+ * its first wait in one call (Messenger.request's fast path). The request goes through
+ * ``port``; unless the Port answered 0 (sent, doorbell done), nothing more is done and the
+ * Waiter itself comes back, its ``rc`` the Port's answer (the caller settles it as it would
+ * port.message's). Sent: ``waiting[msg_id]`` becomes ``target``, the wait spins up to
+ * min(50 us, first_wait_s) and drains as ``waiter(first_wait_s)`` does (unless the answer is
+ * there already), and then either the answer's payload comes back, its entries in ``waiting``
+ * and ``responses`` removed, or the Waiter (not answered yet; ``rc`` 0: the caller waits on). */
+static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Waiter *w = (Waiter *)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "ask(port, msg_type, msg_id, payload, target, "
+                                         "first_wait_s)");
+        return NULL;
+    }
+    unsigned long type = PyLong_AsUnsignedLong(args[1]);
+    if (type == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (type > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "message type is u32");
+        return NULL;
+    }
+    unsigned long long mid = PyLong_AsUnsignedLongLong(args[2]);
+    if (mid == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    double first = PyFloat_AsDouble(args[5]);
+    if (first == -1.0 && PyErr_Occurred())
+        return NULL;
+    PyObject *key = args[2];
+    long rc = port_request(args[0], (uint32_t)type, mid, args[3]);
+    if (rc == LONG_MIN)
+        return NULL;
+    w->rc = rc;
+    if (rc != 0)
+        return Py_NewRef(self);
+    if (PyDict_SetItem(w->waiting, key, args[4]) < 0)
+        return NULL;
+    int has = PyDict_Contains(w->responses, key);
+    if (has == 0) {
+        double usec = first * 1e6;
+        PyObject *took = waiter_take(w, usec < 50.0 ? usec : 50.0, 0);
+        if (took == NULL)
+            return NULL;
+        Py_DECREF(took);
+        has = PyDict_Contains(w->responses, key);
+    }
+    if (has <= 0)
+        return has < 0 ? NULL : Py_NewRef(self);
+    PyObject *msg = PyDict_GetItemWithError(w->responses, key);
+    if (msg == NULL)
+        return NULL;
+    Py_INCREF(msg);
+    PyObject *payload = NULL;
+    if (PyDict_DelItem(w->responses, key) == 0) {
+        if (PyDict_DelItem(w->waiting, key) < 0)   /* (a handler may have dropped it) */
+            PyErr_Clear();
+        payload = PyTuple_Check(msg) && PyTuple_GET_SIZE(msg) > 3
+                  ? Py_NewRef(PyTuple_GET_ITEM(msg, 3)) : PyObject_GetAttrString(msg, "payload");
+    }
+    Py_DECREF(msg);
+    return payload;
+}
+
+static PyObject *waiter_get_rc(Waiter *w, void *closure)
+{
+    return PyLong_FromLong(w->rc);
+}
+
+static PyGetSetDef waiter_getset[] = {
+    {"rc", (getter)waiter_get_rc, NULL, "the Port's answer to ask's last request", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef waiter_methods[] = {
+    {"ask", (PyCFunction)(void (*)(void))waiter_ask, METH_FASTCALL,
+     "a request's send and first wait: its payload, or the Waiter (not answered yet)"},
     {"spin", (PyCFunction)(void (*)(void))waiter_spin, METH_FASTCALL,
      "spin up to usec for a message, then drain: None if none came"},
     {NULL, NULL, 0, NULL},
@@ -947,4 +1029,5 @@ PyTypeObject WaiterType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(Waiter, vectorcall),
     .tp_methods = waiter_methods,
+    .tp_getset = waiter_getset,
 };

@@ -121,6 +121,9 @@ class Messenger:
         #: how ``request`` waits when its caller names no way: deliver what comes meanwhile
         #: for up to the seconds given (a kernel's runtime sets its own; see runtime.py)
         self.wait: Callable[[float], object] = _no_wait
+        #: a poll-mode kernel's send and first wait in one C call (Ring.waiter's ``ask``), for
+        #: a request whose caller names no wait and whose target has a Port; None: none
+        self.asker: Any = None
 
     def register(self, msg_type: int, handler: Handler) -> None:
         if msg_type in self.handlers:
@@ -165,19 +168,33 @@ class Messenger:
         the clock, the deadline (``timeout`` from then) and the 2 ms liveness look come only
         when it is not. ``wait`` defaults to the endpoint's own (``self.wait``): a kernel's
         ``self.os.request`` is this method itself, bound once, without a frame before it."""
+        asker = None
         if wait is None:
             wait = self.wait
+            asker = self.asker
         mid = self._request_id(63) | 1
         waiting, responses = self.waiting, self.responses
         waiting[mid] = -1         # before sending: the answer may come in an interrupt at once
         try:
             deadline = None
+            waited = False
             try:
                 port = self._ports.get(target)
                 if port is None:
                     to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
                 else:
-                    rc = port.message(msg_type, SUB_REQUEST, mid, payload)
+                    if asker is None:
+                        rc = port.message(msg_type, SUB_REQUEST, mid, payload)
+                    else:
+                        # poll mode: the send, the first wait and the answer's collection
+                        # below in one C call; the asker itself back means not answered yet
+                        got = asker.ask(port, msg_type, mid, payload, target,
+                                        min(timeout, FIRST_WAIT_S))
+                        if got is not asker:
+                            self.last_target = target
+                            return got
+                        rc = asker.rc
+                        waited = not rc
                     to = target if not rc else \
                         self._sent_after(target, rc, msg_type, SUB_REQUEST, mid, payload)
             except RingError as exc:
@@ -192,7 +209,7 @@ class Messenger:
             # are read only when it is not. It lasts FIRST_WAIT_S at most, less than any
             # restart takes (a death's notice alone takes about 1 ms), so the incarnation read
             # after it is still the one that got the request (or none, if it died meanwhile)
-            if mid not in responses:
+            if not waited and mid not in responses:
                 wait(min(timeout, FIRST_WAIT_S))
             if mid in responses:
                 waiting.pop(mid, None)
