@@ -172,7 +172,9 @@ class KernelRuntime:
 
     def _wait_hybrid(self, timeout: float) -> int:
         """Hybrid mode: spin ``spin_us``, then block on the doorbell as interrupt mode does."""
-        took = self._spin_take(self.kernel.spin_us)
+        waiter = self._waiter           # (_spin_take's C case, without its frame)
+        took = self._spin_take(self.kernel.spin_us) if waiter is None else \
+            waiter.spin(self.kernel.spin_us)
         if took is not None:
             return took
         self.ring.set_polling(False)
@@ -280,6 +282,7 @@ class KernelRuntime:
         peers, force_at = self._peers, self._force_halt_at
         probes = self.probes
         wait_ipi = self._wait_ipi
+        monotonic = time.monotonic
         laps = 0                    # iterations not yet added to the progress count
         chores_at = 0.0
         drained = False
@@ -287,7 +290,7 @@ class KernelRuntime:
             laps += 1
             got = 0 if drained else self.poll_ipis()
             drained = False
-            now = time.monotonic()
+            now = monotonic()
             if now >= chores_at:
                 chores_at = now + CHORES_S
                 self._progress(laps)
