@@ -811,9 +811,12 @@ typedef struct {
                                  * handled, deliver, hush, replies */
     PyObject *owner, *finish, *waiting, *responses;
     long rc;                    /* ask: the Port's answer to the last request it sent */
+    /* request (after bind): the Messenger, its Ports, its request ids, its own request */
+    PyObject *msgr, *ports, *request_id, *slow;
+    double first_wait;
 } Waiter;
 
-static PyObject *str_in_drain;
+static PyObject *str_in_drain, *str_requested, *str_wait, *str_last_target;
 
 static void waiter_dealloc(Waiter *w)
 {
@@ -823,6 +826,10 @@ static void waiter_dealloc(Waiter *w)
     Py_XDECREF(w->finish);
     Py_XDECREF(w->waiting);
     Py_XDECREF(w->responses);
+    Py_XDECREF(w->msgr);
+    Py_XDECREF(w->ports);
+    Py_XDECREF(w->request_id);
+    Py_XDECREF(w->slow);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -1000,6 +1007,150 @@ static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t na
     return payload;
 }
 
+/* bind(messenger, ports, request_id, first_wait_s, request): what ``request`` needs of the
+ * Messenger (its Ports by target, its id source, FIRST_WAIT_S, and its own Python request,
+ * which takes every call the fast path does not) */
+static PyObject *waiter_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Waiter *w = (Waiter *)self;
+    if (nargs != 5 || !PyDict_Check(args[1]) || !PyCallable_Check(args[2])
+            || !PyCallable_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "bind(messenger, ports, request_id, first_wait_s, "
+                                         "request)");
+        return NULL;
+    }
+    double first = PyFloat_AsDouble(args[3]);
+    if (first == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (str_requested == NULL && ((str_requested = PyUnicode_InternFromString("requested")) == NULL
+            || (str_wait = PyUnicode_InternFromString("wait")) == NULL
+            || (str_last_target = PyUnicode_InternFromString("last_target")) == NULL))
+        return NULL;
+    Py_XSETREF(w->msgr, Py_NewRef(args[0]));
+    Py_XSETREF(w->ports, Py_NewRef(args[1]));
+    Py_XSETREF(w->request_id, Py_NewRef(args[2]));
+    Py_XSETREF(w->slow, Py_NewRef(args[4]));
+    w->first_wait = first;
+    Py_RETURN_NONE;
+}
+
+/* request(target, msg_type, payload=None, timeout=10.0, wait=None): Messenger.request for a
+ * poll-mode kernel, its fast path in C: with no ``wait`` given and a Port to ``target``, the
+ * id, ``waiting``, the send and the first wait (ask) with no Python frame; answered, the
+ * payload. Anything else goes on in Python: not answered yet, the Messenger's ``requested``
+ * from the send's answer on; no Port, a ``wait`` of the caller's, or arguments it does not
+ * read, the Messenger's own request. */
+static PyObject *waiter_request(PyObject *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames)
+{
+    Waiter *w = (Waiter *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (w->msgr == NULL) {
+        PyErr_SetString(PyExc_TypeError, "request: the Waiter is not bound to a Messenger");
+        return NULL;
+    }
+    if (nargs < 2 || nargs > 5)
+        goto slow;
+    PyObject *target = args[0], *type = args[1];
+    PyObject *payload = nargs > 2 ? args[2] : NULL, *timeout_o = nargs > 3 ? args[3] : NULL;
+    PyObject *wait = nargs > 4 ? args[4] : NULL;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i), **slot;
+        if (PyUnicode_CompareWithASCIIString(name, "payload") == 0)
+            slot = &payload;
+        else if (PyUnicode_CompareWithASCIIString(name, "timeout") == 0)
+            slot = &timeout_o;
+        else if (PyUnicode_CompareWithASCIIString(name, "wait") == 0)
+            slot = &wait;
+        else
+            goto slow;                       /* (the Messenger's request says what is wrong) */
+        if (*slot != NULL)
+            goto slow;
+        *slot = args[nargs + i];
+    }
+    if (wait != NULL && wait != Py_None)
+        goto slow;
+    if (payload == NULL)
+        payload = Py_None;
+    double timeout = 10.0;
+    if (timeout_o != NULL) {
+        timeout = PyFloat_AsDouble(timeout_o);
+        if (timeout == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            goto slow;
+        }
+    }
+    PyObject *port = PyDict_GetItemWithError(w->ports, target);
+    if (port == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        goto slow;
+    }
+    Py_INCREF(port);
+    PyObject *bits = PyLong_FromLong(63), *drawn = NULL, *mid = NULL, *one = NULL;
+    if (bits != NULL)
+        drawn = PyObject_CallOneArg(w->request_id, bits);
+    if (drawn != NULL && (one = PyLong_FromLong(1)) != NULL)
+        mid = PyNumber_Or(drawn, one);
+    Py_XDECREF(bits);
+    Py_XDECREF(drawn);
+    Py_XDECREF(one);
+    PyObject *minus = mid != NULL ? PyLong_FromLong(-1) : NULL;
+    /* before sending: the answer may come in an interrupt at once */
+    if (minus == NULL || PyDict_SetItem(w->waiting, mid, minus) < 0) {
+        Py_XDECREF(minus);
+        Py_XDECREF(mid);
+        Py_DECREF(port);
+        return NULL;
+    }
+    Py_DECREF(minus);
+    PyObject *first = PyFloat_FromDouble(timeout < w->first_wait ? timeout : w->first_wait);
+    PyObject *got = NULL;
+    if (first != NULL) {
+        PyObject *aargs[6] = {port, type, mid, payload, target, first};
+        got = waiter_ask(self, aargs, 6);
+        Py_DECREF(first);
+    }
+    Py_DECREF(port);
+    if (got == NULL) {                       /* as request's ``except BaseException`` */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (PyDict_DelItem(w->waiting, mid) < 0)
+            PyErr_Clear();
+        if (PyDict_DelItem(w->responses, mid) < 0)
+            PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+        Py_DECREF(mid);
+        return NULL;
+    }
+    if (got != self) {
+        Py_DECREF(mid);
+        if (PyObject_SetAttr(w->msgr, str_last_target, target) < 0) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        return got;
+    }
+    Py_DECREF(got);
+    /* not answered yet: the Messenger goes on from the send's answer */
+    PyObject *rc = PyLong_FromLong(w->rc);
+    PyObject *waitf = PyObject_GetAttr(w->msgr, str_wait);
+    PyObject *t = timeout_o != NULL ? Py_NewRef(timeout_o) : PyFloat_FromDouble(10.0);
+    PyObject *res = NULL;
+    if (rc != NULL && waitf != NULL && t != NULL) {
+        PyObject *rargs[8] = {w->msgr, target, type, payload, t, waitf, mid, rc};
+        res = PyObject_VectorcallMethod(str_requested, rargs, 8, NULL);
+    }
+    Py_XDECREF(rc);
+    Py_XDECREF(waitf);
+    Py_XDECREF(t);
+    Py_DECREF(mid);
+    return res;
+slow:
+    return PyObject_Vectorcall(w->slow, args, nargsf, kwnames);
+}
+
 static PyObject *waiter_get_rc(Waiter *w, void *closure)
 {
     return PyLong_FromLong(w->rc);
@@ -1013,6 +1164,10 @@ static PyGetSetDef waiter_getset[] = {
 static PyMethodDef waiter_methods[] = {
     {"ask", (PyCFunction)(void (*)(void))waiter_ask, METH_FASTCALL,
      "a request's send and first wait: its payload, or the Waiter (not answered yet)"},
+    {"bind", (PyCFunction)(void (*)(void))waiter_bind, METH_FASTCALL,
+     "bind(messenger, ports, request_id, first_wait_s, request), for request"},
+    {"request", (PyCFunction)(void (*)(void))waiter_request, METH_FASTCALL | METH_KEYWORDS,
+     "Messenger.request with its fast path in C"},
     {"spin", (PyCFunction)(void (*)(void))waiter_spin, METH_FASTCALL,
      "spin up to usec for a message, then drain: None if none came"},
     {NULL, NULL, 0, NULL},

@@ -125,6 +125,16 @@ class Messenger:
         #: a request whose caller names no wait and whose target has a Port; None: none
         self.asker: Any = None
 
+    def use_asker(self, asker: Any) -> None:
+        """Poll mode (a kernel's runtime, with the C ring): requests go through ``asker``
+        (Ring.waiter): ``request`` sends, waits first and collects the answer in one C call,
+        and this Messenger's ``request`` becomes the asker's, whose fast path has no Python
+        frame at all (a poll-mode round trip's critical path) and which hands every other
+        case back to ``request``/``requested`` here."""
+        self.asker = asker
+        asker.bind(self, self._ports, self._request_id, FIRST_WAIT_S, self.request)
+        self.__dict__["request"] = asker.request     # (an attribute: shadows the method)
+
     def register(self, msg_type: int, handler: Handler) -> None:
         if msg_type in self.handlers:
             raise RingError(errno.EEXIST, f"a handler for message type {msg_type:#x} is already "
@@ -173,28 +183,45 @@ class Messenger:
             wait = self.wait
             asker = self.asker
         mid = self._request_id(63) | 1
+        self.waiting[mid] = -1    # before sending: the answer may come in an interrupt at once
+        rc = None
+        if asker is not None:
+            port = self._ports.get(target)
+            if port is not None:
+                # poll mode: the send, the first wait and the answer's collection in one C
+                # call; the asker itself back means not answered yet (``rc``: how the send went)
+                try:
+                    got = asker.ask(port, msg_type, mid, payload, target,
+                                    min(timeout, FIRST_WAIT_S))
+                except BaseException:
+                    self.waiting.pop(mid, None)
+                    self.responses.pop(mid, None)
+                    raise
+                if got is not asker:
+                    self.last_target = target
+                    return got
+                rc = asker.rc
+        return self.requested(target, msg_type, payload, timeout, wait, mid, rc)
+
+    def requested(self, target: int, msg_type: int, payload: Any, timeout: float,
+                  wait: Callable[[float], object], mid: int, rc: int | None) -> Any:
+        """A request from its id on (``waiting[mid]`` set): the send, unless ``rc`` says how
+        an asker's send went (0: sent, and its first wait done), and the wait for the answer.
+        ``request``'s, and a poll-mode kernel's C request (Ring.waiter) after its fast path."""
         waiting, responses = self.waiting, self.responses
-        waiting[mid] = -1         # before sending: the answer may come in an interrupt at once
         try:
             deadline = None
-            waited = False
+            waited = rc == 0
             try:
-                port = self._ports.get(target)
-                if port is None:
-                    to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
-                else:
-                    if asker is None:
-                        rc = port.message(msg_type, SUB_REQUEST, mid, payload)
+                if rc is None:
+                    port = self._ports.get(target)
+                    if port is None:
+                        to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
                     else:
-                        # poll mode: the send, the first wait and the answer's collection
-                        # below in one C call; the asker itself back means not answered yet
-                        got = asker.ask(port, msg_type, mid, payload, target,
-                                        min(timeout, FIRST_WAIT_S))
-                        if got is not asker:
-                            self.last_target = target
-                            return got
-                        rc = asker.rc
-                        waited = not rc
+                        rc = port.message(msg_type, SUB_REQUEST, mid, payload)
+                        to = target if not rc else \
+                            self._sent_after(target, rc, msg_type, SUB_REQUEST, mid, payload)
+                else:
                     to = target if not rc else \
                         self._sent_after(target, rc, msg_type, SUB_REQUEST, mid, payload)
             except RingError as exc:
