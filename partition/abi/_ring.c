@@ -814,9 +814,12 @@ typedef struct {
     /* request (after bind): the Messenger, its Ports, its request ids, its own request */
     PyObject *msgr, *ports, *request_id, *slow;
     double first_wait;
+    PyObject *spin_of;          /* hybrid: its ``kernel.spin_us`` bounds ask's spin (NULL:
+                                 * poll, 50 us) */
 } Waiter;
 
-static PyObject *str_in_drain, *str_requested, *str_wait, *str_last_target;
+static PyObject *str_in_drain, *str_requested, *str_wait, *str_last_target, *str_kernel,
+                *str_spin_us;
 
 static void waiter_dealloc(Waiter *w)
 {
@@ -830,6 +833,7 @@ static void waiter_dealloc(Waiter *w)
     Py_XDECREF(w->ports);
     Py_XDECREF(w->request_id);
     Py_XDECREF(w->slow);
+    Py_XDECREF(w->spin_of);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -983,8 +987,17 @@ static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     int has = PyDict_Contains(w->responses, key);
     if (has == 0) {
-        double usec = first * 1e6;
-        PyObject *took = waiter_take(w, usec < 50.0 ? usec : 50.0, 0);
+        double usec = first * 1e6, cap = 50.0;
+        if (w->spin_of != NULL) {           /* hybrid: the kernel's spin, as _wait_hybrid */
+            PyObject *k = PyObject_GetAttr(w->spin_of, str_kernel);
+            PyObject *v = k != NULL ? PyObject_GetAttr(k, str_spin_us) : NULL;
+            cap = v != NULL ? PyFloat_AsDouble(v) : -1.0;
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            if (cap == -1.0 && PyErr_Occurred())
+                return NULL;
+        }
+        PyObject *took = waiter_take(w, usec < cap ? usec : cap, 0);
         if (took == NULL)
             return NULL;
         Py_DECREF(took);
@@ -1007,16 +1020,17 @@ static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t na
     return payload;
 }
 
-/* bind(messenger, ports, request_id, first_wait_s, request): what ``request`` needs of the
- * Messenger (its Ports by target, its id source, FIRST_WAIT_S, and its own Python request,
- * which takes every call the fast path does not) */
+/* bind(messenger, ports, request_id, first_wait_s, request, spin_of): what ``request`` needs
+ * of the Messenger (its Ports by target, its id source, FIRST_WAIT_S, and its own Python
+ * request, which takes every call the fast path does not); ``spin_of``: None (poll mode: ask
+ * spins up to 50 us), or a hybrid kernel's runtime, whose ``kernel.spin_us`` it spins */
 static PyObject *waiter_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Waiter *w = (Waiter *)self;
-    if (nargs != 5 || !PyDict_Check(args[1]) || !PyCallable_Check(args[2])
+    if (nargs != 6 || !PyDict_Check(args[1]) || !PyCallable_Check(args[2])
             || !PyCallable_Check(args[4])) {
         PyErr_SetString(PyExc_TypeError, "bind(messenger, ports, request_id, first_wait_s, "
-                                         "request)");
+                                         "request, spin_of)");
         return NULL;
     }
     double first = PyFloat_AsDouble(args[3]);
@@ -1024,8 +1038,11 @@ static PyObject *waiter_bind(PyObject *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     if (str_requested == NULL && ((str_requested = PyUnicode_InternFromString("requested")) == NULL
             || (str_wait = PyUnicode_InternFromString("wait")) == NULL
-            || (str_last_target = PyUnicode_InternFromString("last_target")) == NULL))
+            || (str_last_target = PyUnicode_InternFromString("last_target")) == NULL
+            || (str_kernel = PyUnicode_InternFromString("kernel")) == NULL
+            || (str_spin_us = PyUnicode_InternFromString("spin_us")) == NULL))
         return NULL;
+    Py_XSETREF(w->spin_of, args[5] == Py_None ? NULL : Py_NewRef(args[5]));
     Py_XSETREF(w->msgr, Py_NewRef(args[0]));
     Py_XSETREF(w->ports, Py_NewRef(args[1]));
     Py_XSETREF(w->request_id, Py_NewRef(args[2]));
@@ -1165,7 +1182,7 @@ static PyMethodDef waiter_methods[] = {
     {"ask", (PyCFunction)(void (*)(void))waiter_ask, METH_FASTCALL,
      "a request's send and first wait: its payload, or the Waiter (not answered yet)"},
     {"bind", (PyCFunction)(void (*)(void))waiter_bind, METH_FASTCALL,
-     "bind(messenger, ports, request_id, first_wait_s, request), for request"},
+     "bind(messenger, ports, request_id, first_wait_s, request, spin_of), for request"},
     {"request", (PyCFunction)(void (*)(void))waiter_request, METH_FASTCALL | METH_KEYWORDS,
      "Messenger.request with its fast path in C"},
     {"spin", (PyCFunction)(void (*)(void))waiter_spin, METH_FASTCALL,

@@ -125,14 +125,15 @@ class Messenger:
         #: a request whose caller names no wait and whose target has a Port; None: none
         self.asker: Any = None
 
-    def use_asker(self, asker: Any) -> None:
-        """Poll mode (a kernel's runtime, with the C ring): requests go through ``asker``
-        (Ring.waiter): ``request`` sends, waits first and collects the answer in one C call,
-        and this Messenger's ``request`` becomes the asker's, whose fast path has no Python
-        frame at all (a poll-mode round trip's critical path) and which hands every other
-        case back to ``request``/``requested`` here."""
+    def use_asker(self, asker: Any, spin_of: Any = None) -> None:
+        """Poll and hybrid modes (a kernel's runtime, with the C ring): requests go through
+        ``asker`` (Ring.waiter): ``request`` sends, spins first (50 us; hybrid: ``spin_of``'s
+        ``kernel.spin_us``, as its wait spins before it blocks) and collects the answer in one
+        C call, and this Messenger's ``request`` becomes the asker's, whose fast path has no
+        Python frame at all (a round trip's critical path) and which hands every other case
+        back to ``request``/``requested`` here."""
         self.asker = asker
-        asker.bind(self, self._ports, self._request_id, FIRST_WAIT_S, self.request)
+        asker.bind(self, self._ports, self._request_id, FIRST_WAIT_S, self.request, spin_of)
         self.__dict__["request"] = asker.request     # (an attribute: shadows the method)
 
     def register(self, msg_type: int, handler: Handler) -> None:
@@ -188,7 +189,7 @@ class Messenger:
         if asker is not None:
             port = self._ports.get(target)
             if port is not None:
-                # poll mode: the send, the first wait and the answer's collection in one C
+                # poll, hybrid: the send, the first spin and the answer's collection in one C
                 # call; the asker itself back means not answered yet (``rc``: how the send went)
                 try:
                     got = asker.ask(port, msg_type, mid, payload, target,
@@ -206,7 +207,8 @@ class Messenger:
     def requested(self, target: int, msg_type: int, payload: Any, timeout: float,
                   wait: Callable[[float], object], mid: int, rc: int | None) -> Any:
         """A request from its id on (``waiting[mid]`` set): the send, unless ``rc`` says how
-        an asker's send went (0: sent, and its first wait done), and the wait for the answer.
+        an asker's send went (0: sent, and its first wait done: a poll-mode spin as long, or
+        hybrid's spin before it would block), and the wait for the answer.
         ``request``'s, and a poll-mode kernel's C request (Ring.waiter) after its fast path."""
         waiting, responses = self.waiting, self.responses
         try:

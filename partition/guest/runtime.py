@@ -78,8 +78,8 @@ class KernelRuntime:
             "interrupt": self._wait_halt,
         }[mode]
         msgr.wait = self._wait_ipi              # bound once: every request passes it
-        if mode == "poll" and self._waiter is not None:     # a request's fast path: one C call
-            msgr.use_asker(self._waiter)
+        if self._waiter is not None:            # a request's fast path: one C call
+            msgr.use_asker(self._waiter, self if mode == "hybrid" else None)
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
         self._peers = ctx.peers
