@@ -29,6 +29,8 @@ class Asker(Kernel):
     def boot(self) -> None:
         self.next = int(self.params["next"])
         self.register_handler(MK_MSG_USER, self._ask)
+        # which request this kernel's services hold: the C fast path is a builtin
+        self.register_handler(MK_MSG_USER + 1, lambda msg: type(self.os.request).__name__)
 
     def _ask(self, msg):
         msg_type, payload, timeout = msg.payload
