@@ -726,28 +726,18 @@ PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * Python these were a dozen calls between a wake-up and the first byte of work, each slow on
  * caches a vCPU halt has left cold. A signal during the sleep runs its Python handler here
  * (the IPI signal, SIGTERM), then the drain goes on; an exception from a handler is raised. */
-PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* halt's wait on a ring held at ``base``: clear the doorbell, announce idle, sleep unless a
+ * message waits, leave idle. Returns 1 (rung, or a message waits), 0 (timed out), -1 (an
+ * exception: an OSError, or a signal handler's) */
+static int halt_wait(char *base, uint64_t nslots, uint64_t stride, int fd, double timeout)
 {
-    Py_buffer buf;
-    uint64_t nslots, stride, slot_bytes;
-    if (nargs < 8 || nargs > 11) {
-        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 11 arguments");
-        return NULL;
-    }
-    int fd = (int)PyLong_AsLong(args[4]);
-    double timeout = PyFloat_AsDouble(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
-        return NULL;
-    char *base = (char *)buf.buf;
     char junk[4096];        /* clear the doorbell: all of it (a pipe holds what peers wrote) */
     ssize_t got;
     while ((got = read(fd, junk, sizeof junk)) == (ssize_t)sizeof junk)
         ;
     if (got < 0 && errno != EAGAIN) {
-        PyBuffer_Release(&buf);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     /* a wait from inside a hushed drain (a handler's request) must be rung: lower the flag */
     __atomic_store_n((uint8_t *)(base + POLLING), 0, __ATOMIC_SEQ_CST);
@@ -772,19 +762,38 @@ PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             rung = 1;                       /* a signal: its handler first, then look */
             if (PyErr_CheckSignals() < 0) {
                 __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-                PyBuffer_Release(&buf);
-                return NULL;
+                return -1;
             }
         } else if (n < 0) {
             __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-            PyBuffer_Release(&buf);
             errno = err;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
     }
     __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-    if (!rung) {
+    return rung;
+}
+
+PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    uint64_t nslots, stride, slot_bytes;
+    if (nargs < 8 || nargs > 11) {
+        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 11 arguments");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[4]);
+    double timeout = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
+        return NULL;
+    int rung = halt_wait((char *)buf.buf, nslots, stride, fd, timeout);
+    if (rung <= 0) {
         PyBuffer_Release(&buf);
+        if (rung < 0)
+            return NULL;
         Py_RETURN_NONE;
     }
     PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[6], args[7],
@@ -792,7 +801,6 @@ PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                                nargs == 11 ? args[10] : Py_None};
     return drain_held(&buf, nslots, stride, slot_bytes, drain_args, 9);
 }
-
 
 /* Waiter: a poller's whole wait bound once, for the wait of every poll-mode request (the
  * Messenger's ``wait``) and the kernel's poll-mode loop: ``waiter(timeout_s)`` spins on the ring
@@ -815,11 +823,13 @@ typedef struct {
     PyObject *msgr, *ports, *request_id, *slow;
     double first_wait;
     PyObject *spin_of;          /* hybrid: its ``kernel.spin_us`` bounds ask's spin (NULL:
-                                 * poll, 50 us) */
+                                 * poll, 50 us); interrupt: its ``kernel.idle_timeout`` bounds
+                                 * ask's halt, as _wait_halt's */
+    int doorbell;               /* interrupt mode: the doorbell its waits halt on; -1: spin */
 } Waiter;
 
 static PyObject *str_in_drain, *str_requested, *str_wait, *str_last_target, *str_kernel,
-                *str_spin_us;
+                *str_spin_us, *str_idle_timeout;
 
 static void waiter_dealloc(Waiter *w)
 {
@@ -849,7 +859,7 @@ static PyObject *waiter_call(Waiter *w, PyObject *const *args, size_t nargsf, Py
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
     double usec = timeout * 1e6;
-    return waiter_take(w, usec < 50.0 ? usec : 50.0, 0);
+    return waiter_take(w, usec < 50.0 || w->doorbell >= 0 ? usec : 50.0, 0);
 }
 
 static PyObject *waiter_spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -865,16 +875,20 @@ static PyObject *waiter_spin(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 /* Waiter(ring, nslots, stride, slot_bytes, limit, handled, deliver, replies, owner, finish,
- *        waiting) */
+ *        waiting, doorbell_fd); doorbell_fd -1: a poller's (spin), else an interrupt-mode
+ *        kernel's: its waits halt on that doorbell (halt's wait) for as long as they are given */
 static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *a[11];
+    PyObject *a[12];
     if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
         PyErr_SetString(PyExc_TypeError, "Waiter takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, "Waiter", 11, 11, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
-                           &a[6], &a[7], &a[8], &a[9], &a[10]))
+    if (!PyArg_UnpackTuple(args, "Waiter", 12, 12, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
+                           &a[6], &a[7], &a[8], &a[9], &a[10], &a[11]))
+        return NULL;
+    long doorbell = PyLong_AsLong(a[11]);
+    if (doorbell == -1 && PyErr_Occurred())
         return NULL;
     if (!PyCallable_Check(a[6]) || !PyCallable_Check(a[9]) || !PyDict_Check(a[10])
             || !PyTuple_Check(a[7]) || PyTuple_GET_SIZE(a[7]) < 2
@@ -895,6 +909,7 @@ static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     w->finish = Py_NewRef(a[9]);
     w->waiting = Py_NewRef(a[10]);
     w->responses = Py_NewRef(PyTuple_GET_ITEM(a[7], 1));
+    w->doorbell = doorbell < 0 ? -1 : (int)doorbell;
     w->vectorcall = (vectorcallfunc)waiter_call;
     return (PyObject *)w;
 }
@@ -913,9 +928,13 @@ static PyObject *waiter_take(Waiter *w, double usec, int none_if_idle)
     uint64_t nslots, stride, slot_bytes;
     if (ring_args(w->args, &buf, &nslots, &stride, &slot_bytes) < 0)
         goto out;
-    if (!spin_published((char *)buf.buf, nslots, stride, usec)) {
+    int came = w->doorbell >= 0 ? halt_wait((char *)buf.buf, nslots, stride, w->doorbell,
+                                            usec / 1e6)
+                                 : spin_published((char *)buf.buf, nslots, stride, usec);
+    if (came <= 0) {
         PyBuffer_Release(&buf);
-        res = none_if_idle ? Py_NewRef(Py_None) : PyLong_FromLong(0);
+        if (came == 0)
+            res = none_if_idle ? Py_NewRef(Py_None) : PyLong_FromLong(0);
         goto out;
     }
     PyObject *dargs[9];
@@ -988,15 +1007,19 @@ static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t na
     int has = PyDict_Contains(w->responses, key);
     if (has == 0) {
         double usec = first * 1e6, cap = 50.0;
-        if (w->spin_of != NULL) {           /* hybrid: the kernel's spin, as _wait_hybrid */
+        if (w->spin_of != NULL) {   /* hybrid: the kernel's spin, as _wait_hybrid; interrupt:
+                                     * its idle_timeout (None: tickless), as _wait_halt */
             PyObject *k = PyObject_GetAttr(w->spin_of, str_kernel);
-            PyObject *v = k != NULL ? PyObject_GetAttr(k, str_spin_us) : NULL;
-            cap = v != NULL ? PyFloat_AsDouble(v) : -1.0;
+            PyObject *v = k != NULL ? PyObject_GetAttr(k, w->doorbell >= 0 ? str_idle_timeout
+                                                                          : str_spin_us) : NULL;
+            cap = v == NULL ? -1.0 : v == Py_None ? 3600e6
+                  : PyFloat_AsDouble(v) * (w->doorbell >= 0 ? 1e6 : 1.0);
             Py_XDECREF(k);
             Py_XDECREF(v);
-            if (cap == -1.0 && PyErr_Occurred())
+            if (PyErr_Occurred())
                 return NULL;
-        }
+        } else if (w->doorbell >= 0)
+            cap = usec;
         PyObject *took = waiter_take(w, usec < cap ? usec : cap, 0);
         if (took == NULL)
             return NULL;
@@ -1040,7 +1063,8 @@ static PyObject *waiter_bind(PyObject *self, PyObject *const *args, Py_ssize_t n
             || (str_wait = PyUnicode_InternFromString("wait")) == NULL
             || (str_last_target = PyUnicode_InternFromString("last_target")) == NULL
             || (str_kernel = PyUnicode_InternFromString("kernel")) == NULL
-            || (str_spin_us = PyUnicode_InternFromString("spin_us")) == NULL))
+            || (str_spin_us = PyUnicode_InternFromString("spin_us")) == NULL
+            || (str_idle_timeout = PyUnicode_InternFromString("idle_timeout")) == NULL))
         return NULL;
     Py_XSETREF(w->spin_of, args[5] == Py_None ? NULL : Py_NewRef(args[5]));
     Py_XSETREF(w->msgr, Py_NewRef(args[0]));

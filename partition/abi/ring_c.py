@@ -60,9 +60,9 @@ def poller(self: Ring) -> Callable[..., Any] | None:
 
 def waiter(self: Ring, limit: int, handled: bytes | bytearray,
            deliver: Callable[[int, int, int, bytes], bool], replies: Replies, owner: Any,
-           waiting: dict[int, int]) -> Any:
+           waiting: dict[int, int], doorbell_fd: int = -1) -> Any:
     return fast.Waiter(self.buf, self.nslots, self.stride, self.slot_bytes, limit, handled,
-                       deliver, replies, owner, self.finish, waiting)
+                       deliver, replies, owner, self.finish, waiting, doorbell_fd)
 
 
 def drain(self: Ring, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,

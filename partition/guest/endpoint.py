@@ -126,12 +126,13 @@ class Messenger:
         self.asker: Any = None
 
     def use_asker(self, asker: Any, spin_of: Any = None) -> None:
-        """Poll and hybrid modes (a kernel's runtime, with the C ring): requests go through
-        ``asker`` (Ring.waiter): ``request`` sends, spins first (50 us; hybrid: ``spin_of``'s
-        ``kernel.spin_us``, as its wait spins before it blocks) and collects the answer in one
-        C call, and this Messenger's ``request`` becomes the asker's, whose fast path has no
-        Python frame at all (a round trip's critical path) and which hands every other case
-        back to ``request``/``requested`` here."""
+        """A kernel's runtime, with the C ring: requests go through ``asker`` (Ring.waiter):
+        ``request`` sends, waits first and collects the answer in one C call (poll: a spin of
+        up to 50 us; hybrid: of ``spin_of``'s ``kernel.spin_us``, as its wait spins before it
+        blocks; interrupt: a halt on the doorbell of up to FIRST_WAIT_S, capped by
+        ``kernel.idle_timeout``, as _wait_halt's), and this Messenger's ``request`` becomes
+        the asker's, whose fast path has no Python frame at all (a round trip's critical
+        path) and which hands every other case back to ``request``/``requested`` here."""
         self.asker = asker
         asker.bind(self, self._ports, self._request_id, FIRST_WAIT_S, self.request, spin_of)
         self.__dict__["request"] = asker.request     # (an attribute: shadows the method)

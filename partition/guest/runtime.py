@@ -78,8 +78,13 @@ class KernelRuntime:
             "interrupt": self._wait_halt,
         }[mode]
         msgr.wait = self._wait_ipi              # bound once: every request passes it
-        if self._waiter is not None:            # a request's fast path: one C call
-            msgr.use_asker(self._waiter, self if mode == "hybrid" else None)
+        # a request's fast path: one C call (the send, the first wait, the answer); interrupt
+        # mode's first wait halts on the doorbell, as _wait_halt does
+        asker = self._waiter if mode != "interrupt" else \
+            self.ring.waiter(64, msgr.handled, self._deliver, self._replies, self,
+                             msgr.waiting, ctx.doorbell_fd)
+        if asker is not None:
+            msgr.use_asker(asker, None if mode == "poll" else self)
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
         self._peers = ctx.peers
