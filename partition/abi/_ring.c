@@ -831,19 +831,44 @@ typedef struct {
 static PyObject *str_in_drain, *str_requested, *str_wait, *str_last_target, *str_kernel,
                 *str_spin_us, *str_idle_timeout;
 
-static void waiter_dealloc(Waiter *w)
+/* a Waiter and its owner (the runtime), its Messenger and the Messenger's ``request`` refer to
+ * each other: collected as a cycle */
+static int waiter_traverse(Waiter *w, visitproc visit, void *arg)
 {
     for (int i = 0; i < 9; i++)
-        Py_XDECREF(w->args[i]);
-    Py_XDECREF(w->owner);
-    Py_XDECREF(w->finish);
-    Py_XDECREF(w->waiting);
-    Py_XDECREF(w->responses);
-    Py_XDECREF(w->msgr);
-    Py_XDECREF(w->ports);
-    Py_XDECREF(w->request_id);
-    Py_XDECREF(w->slow);
-    Py_XDECREF(w->spin_of);
+        Py_VISIT(w->args[i]);
+    Py_VISIT(w->owner);
+    Py_VISIT(w->finish);
+    Py_VISIT(w->waiting);
+    Py_VISIT(w->responses);
+    Py_VISIT(w->msgr);
+    Py_VISIT(w->ports);
+    Py_VISIT(w->request_id);
+    Py_VISIT(w->slow);
+    Py_VISIT(w->spin_of);
+    return 0;
+}
+
+static int waiter_clear(Waiter *w)
+{
+    for (int i = 0; i < 9; i++)
+        Py_CLEAR(w->args[i]);
+    Py_CLEAR(w->owner);
+    Py_CLEAR(w->finish);
+    Py_CLEAR(w->waiting);
+    Py_CLEAR(w->responses);
+    Py_CLEAR(w->msgr);
+    Py_CLEAR(w->ports);
+    Py_CLEAR(w->request_id);
+    Py_CLEAR(w->slow);
+    Py_CLEAR(w->spin_of);
+    return 0;
+}
+
+static void waiter_dealloc(Waiter *w)
+{
+    PyObject_GC_UnTrack(w);
+    waiter_clear(w);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -914,8 +939,19 @@ static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)w;
 }
 
+/* a Waiter whose references the collector cleared (a cycle being freed) is of no use */
+static int waiter_cleared(Waiter *w)
+{
+    if (w->owner != NULL)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "the Waiter was cleared");
+    return 1;
+}
+
 static PyObject *waiter_take(Waiter *w, double usec, int none_if_idle)
 {
+    if (waiter_cleared(w))
+        return NULL;
     PyObject *outer = PyObject_GetAttr(w->owner, str_in_drain);
     if (outer == NULL)
         return NULL;
@@ -996,6 +1032,8 @@ static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (first == -1.0 && PyErr_Occurred())
         return NULL;
     PyObject *key = args[2];
+    if (waiter_cleared(w))
+        return NULL;
     long rc = port_request(args[0], (uint32_t)type, mid, args[3]);
     if (rc == LONG_MIN)
         return NULL;
@@ -1218,8 +1256,10 @@ PyTypeObject WaiterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "partition.abi._fastring.Waiter",
     .tp_basicsize = sizeof(Waiter),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "a poller's wait and drain, bound once",
+    .tp_traverse = (traverseproc)waiter_traverse,
+    .tp_clear = (inquiry)waiter_clear,
     .tp_new = waiter_new,
     .tp_dealloc = (destructor)waiter_dealloc,
     .tp_call = PyVectorcall_Call,
