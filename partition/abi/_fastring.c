@@ -1,7 +1,7 @@
-/* partition.abi._fastring: the C half of the IPI ring, one extension of three translation units
- * (_ring.c, _message.c, _port.c; _fastring.h says what each is and what they share). This file
- * is only the module: its function table, the layout partition/abi/impl.py checks against
- * ring_layout.py's, and the digest of the sources it was built from.
+/* partition.abi._fastring: the C half of the IPI ring, one extension of four translation units
+ * (_ring.c, _message.c, _port.c, _waiter.c; _fastring.h says what each is and what they
+ * share). This file is only the module: its function table, the layout partition/abi/impl.py
+ * checks against ring_layout.py's, and the digest of the sources it was built from.
  *
  * The boundary, in one sentence (docs/messages.md, "The C half"): C does the per-message hot
  * path of the IPI ring and nothing else (claim, publish and doorbell; wait and consume; the
