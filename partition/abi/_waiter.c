@@ -291,7 +291,8 @@ static PyObject *waiter_ask(PyObject *self, PyObject *const *args, Py_ssize_t na
 /* bind(messenger, ports, request_id, first_wait_s, request, spin_of): what ``request`` needs
  * of the Messenger (its Ports by target, its id source, FIRST_WAIT_S, and its own Python
  * request, which takes every call the fast path does not); ``spin_of``: None (poll mode: ask
- * spins up to 50 us), or a hybrid kernel's runtime, whose ``kernel.spin_us`` it spins */
+ * spins up to 50 us), or the runtime of a hybrid kernel (ask spins its ``kernel.spin_us``) or
+ * of an interrupt-mode one (ask halts up to first_wait_s, capped by ``kernel.idle_timeout``) */
 static PyObject *waiter_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Waiter *w = (Waiter *)self;
