@@ -10,6 +10,7 @@ import pytest
 from helpers import CPUS, up, wait_until
 
 from partition.abi import message as M
+from partition.abi import ring as ring_mod
 from partition.abi.ring import RingError
 from ringtool import claim, fill, publish
 
@@ -230,3 +231,35 @@ def test_a_handler_can_make_a_request_of_its_own(machine, mode):
                cmdline=f"next={echo['id']} mk_mode={mode}", cpu=CPUS[0])
     for i in range(20):
         assert machine.request("relay", M.MK_MSG_USER, i, timeout=10) == [relay["id"], i]
+
+
+@pytest.mark.parametrize("mode", ["poll", "hybrid", "interrupt"])
+def test_a_kernels_request_times_out_or_fails_as_its_peer_does(machine, mode):
+    """A kernel's own request in every mode (poll mode's send and first wait are one C call,
+    Ring.waiter's ``ask``): answered; unanswered (ETIMEDOUT at its deadline, and the next
+    request still answered); to a peer that dies on it (ESRCH, not the timeout)."""
+    relay_py = os.path.join(HERE, "kernels", "relay.py")
+    echo = up(machine, "echo")
+    up(machine, "asker", kernel=relay_py + ":Asker",
+       cmdline=f"next={echo['id']} mk_mode={mode}", cpu=CPUS[0])
+    assert machine.request("asker", M.MK_MSG_USER, [M.MK_MSG_USER, "hi", 5.0],
+                           timeout=10) == ["ok", "hi"]
+    fast = ring_mod.IMPLEMENTATION == "c"
+    assert machine.request("asker", M.MK_MSG_USER + 1, None, timeout=10) == \
+        ("builtin_function_or_method" if fast else "method")
+    t0 = time.monotonic()
+    assert machine.request("asker", M.MK_MSG_USER, [0x4999, None, 0.3],
+                           timeout=10) == ["error", "ETIMEDOUT"]
+    assert 0.3 <= time.monotonic() - t0 < 5
+    assert machine.request("asker", M.MK_MSG_USER, [M.MK_MSG_USER, 7, 5.0],
+                           timeout=10) == ["ok", 7]
+    machine.kill("asker", force=True)
+    machine.unload("asker")
+    machine.delete("asker")
+    quitter = up(machine, "quitter", kernel=relay_py + ":Quitter")
+    up(machine, "asker", kernel=relay_py + ":Asker",
+       cmdline=f"next={quitter['id']} mk_mode={mode}", cpu=CPUS[0])
+    t0 = time.monotonic()
+    assert machine.request("asker", M.MK_MSG_USER, [M.MK_MSG_USER, "bye", 8.0],
+                           timeout=15) == ["error", "ESRCH"]
+    assert time.monotonic() - t0 < 8

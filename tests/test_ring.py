@@ -415,3 +415,44 @@ def test_a_doorbell_rings_where_pipes_refuse_rwf_nowait(monkeypatch):
     finally:
         os.close(own)
         os.close(end)
+
+
+class _Owner:
+    """What a Waiter raises ``_in_drain`` on (a kernel's runtime)."""
+    _in_drain = False
+
+
+def test_a_waiter_spins_drains_and_goes_on_past_a_claim(rg, implementation):
+    """The Waiter (Ring.waiter) is the poller's wait with everything bound once: nothing
+    within the spin is None (``spin``) or 0 (a call); a message is delivered with the owner's
+    ``_in_drain`` raised and put back after; the unhandled-type bitmap applies only while no
+    request waits; a claim never published at the tail is handed to the careful path
+    (``finish``) as the poller's answer says."""
+    owner = _Owner()
+    waiting: dict = {}
+    seen = []
+
+    def deliver(t, s, c, p):
+        seen.append((p, owner._in_drain))
+        return True
+    handled = bytearray(8192)           # nothing handled: types < 65536 die in the ring
+    waiter = rg.waiter(64, handled, deliver, (waiting, {}), owner, waiting)
+    if implementation != "c":
+        assert waiter is None           # the runtime's Python waits do this
+        return
+    assert waiter.spin(50.0) is None and waiter(0.00005) == 0
+    rg.send(0, 0, 70000, b"one")        # (types past the bitmap count as handled)
+    assert waiter.spin(200.0) == 1 and seen == [(b"one", True)] and owner._in_drain is False
+    rg.send(0, 0, 5, b"dropped")        # unhandled, and no request waits: dropped in the ring
+    assert waiter(0.0002) == 1 and len(seen) == 1
+    waiting[123] = -1                   # a request waits: every type is handed up
+    rg.send(0, 0, 5, b"kept")
+    assert waiter(0.0002) == 1 and seen[-1] == (b"kept", True)
+    rg.send(0, 0, 70000, b"before")
+    fill(rg, claim(rg), 3, 0, 70000, b"never")
+    rg.send(0, 0, 70000, b"after")
+    assert waiter(0.0002) == 1                  # stops at the claim
+    assert waiter(0.0002) == 0                  # first seen: waited for (careful path)
+    time.sleep(1.1)                             # abandoned after a second
+    assert waiter(0.0002) >= 1
+    assert [p for p, _ in seen[-2:]] == [b"before", b"after"]

@@ -1,7 +1,7 @@
-/* partition.abi._fastring: the C half of the IPI ring, one extension of three translation units
- * (_ring.c, _message.c, _port.c; _fastring.h says what each is and what they share). This file
- * is only the module: its function table, the layout partition/abi/impl.py checks against
- * ring_layout.py's, and the digest of the sources it was built from.
+/* partition.abi._fastring: the C half of the IPI ring, one extension of four translation units
+ * (_ring.c, _message.c, _port.c, _waiter.c; _fastring.h says what each is and what they
+ * share). This file is only the module: its function table, the layout partition/abi/impl.py
+ * checks against ring_layout.py's, and the digest of the sources it was built from.
  *
  * The boundary, in one sentence (docs/messages.md, "The C half"): C does the per-message hot
  * path of the IPI ring and nothing else (claim, publish and doorbell; wait and consume; the
@@ -26,7 +26,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastring", NULL, -1
 
 PyMODINIT_FUNC PyInit__fastring(void)
 {
-    if (PyType_Ready(&PortType) < 0)
+    if (PyType_Ready(&PortType) < 0 || PyType_Ready(&WaiterType) < 0)
         return NULL;
     if (codec_init() < 0)
         return NULL;
@@ -35,6 +35,7 @@ PyMODINIT_FUNC PyInit__fastring(void)
         return NULL;
     pipe_nowait = probe_pipe_nowait();
     if (PyModule_AddObjectRef(m, "Port", (PyObject *)&PortType) < 0 ||
+            PyModule_AddObjectRef(m, "Waiter", (PyObject *)&WaiterType) < 0 ||
             PyModule_AddIntConstant(m, "REROUTE", REROUTE) < 0 ||
             PyModule_AddIntConstant(m, "PIPE_NOWAIT", pipe_nowait) < 0) {
         Py_DECREF(m);

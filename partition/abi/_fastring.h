@@ -6,12 +6,14 @@
  * decision about an unusual slot or header is left to the Python reference, which implements
  * all of it and runs alone without this extension.
  *
- * Three translation units, each beside the Python module it must agree with (tests/
+ * Four translation units, each beside the Python module it must agree with (tests/
  * test_ring_differential.py drives both over the same inputs):
  *   _ring.c     the ring's atomics and waits: send, drain, poll, halt  (reference: ring.py)
  *   _message.c  the mk_message codec: encode, decode                  (reference: message.py)
  *   _port.c     Port, and the drain's reply matching and dispatch      (reference: port.py,
  *                                                  and Messenger.deliver in guest/endpoint.py)
+ *   _waiter.c   Waiter: a kernel's wait and its requests' fast path    (reference: the waits
+ *                              in guest/runtime.py, Messenger.request in guest/endpoint.py)
  * and _fastring.c, the module: its table, its layout and the digest of these sources.
  * The layout constants below are checked against ring_layout.py's by partition/abi/impl.py. */
 #ifndef FASTRING_H
@@ -80,6 +82,10 @@ PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_poll(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, uint64_t *stride,
+              uint64_t *slot_bytes);
+int spin_published(char *base, uint64_t nslots, uint64_t stride, double usec);
+int halt_wait(char *base, uint64_t nslots, uint64_t stride, int fd, double timeout);
 
 /* a drain in progress (_ring.c's consume), as the dispatch in _port.c sees it */
 struct drain_state {
@@ -95,6 +101,10 @@ struct drain_state {
     long delivered;
 };
 
+/* drain's work on a ring already held (released there): drain, and the waits after theirs */
+PyObject *drain_held(Py_buffer *buf, uint64_t nslots, uint64_t stride, uint64_t slot_bytes,
+                     PyObject *const *args, Py_ssize_t nargs);
+
 /* -- _message.c --------------------------------------------------------------------------- */
 extern PyTypeObject *message_type;           /* set by configure() */
 PyObject *decode_raw(const unsigned char *p, Py_ssize_t n, PyObject *sender, PyObject *cpu,
@@ -108,8 +118,12 @@ PyObject *fr_configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fr_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
+/* -- _waiter.c ---------------------------------------------------------------------------- */
+extern PyTypeObject WaiterType;              /* a kernel's wait and request fast path */
+
 /* -- _port.c ------------------------------------------------------------------------------ */
 extern PyTypeObject PortType;
+long port_request(PyObject *port, uint32_t type, uint64_t mid, PyObject *payload);
 int take_reply(struct drain_state *d, PyObject **row, uint32_t type);
 int dispatch(struct drain_state *d, PyObject **row, uint32_t type);
 int held_in_c(struct drain_state *d, char *slot, uint64_t size, uint32_t type,

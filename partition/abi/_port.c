@@ -200,6 +200,17 @@ static long port_put(Port *p, uint32_t t32, uint32_t s32, uint64_t m64, PyObject
     return sent;
 }
 
+/* a request (SUB_REQUEST) written into the ring by ``port``, which must be a Port: send's
+ * answer, or PUT_FAILED (LONG_MIN) with an exception set. The Waiter's ask (_ring.c) */
+long port_request(PyObject *port, uint32_t type, uint64_t mid, PyObject *payload)
+{
+    if (!Py_IS_TYPE(port, &PortType)) {
+        PyErr_SetString(PyExc_TypeError, "ask: not a Port");
+        return PUT_FAILED;
+    }
+    return port_put((Port *)port, type, SUB_REQUEST, mid, payload);
+}
+
 /* a message's type and subtype, u32 each: 0, or -1 with an exception set */
 static int message_kind(PyObject *type_arg, PyObject *sub_arg, uint32_t *type, uint32_t *sub)
 {

@@ -49,7 +49,7 @@ static int tail_published(const char *base, uint64_t nslots, uint64_t stride)
     return __atomic_load_n((uint64_t *)(slot + S_SIZE), __ATOMIC_ACQUIRE) != 0;
 }
 
-static int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, uint64_t *stride,
+int ring_args(PyObject *const *args, Py_buffer *buf, uint64_t *nslots, uint64_t *stride,
                      uint64_t *slot_bytes)
 {
     if (PyObject_GetBuffer(args[0], buf, PyBUF_WRITABLE) < 0)
@@ -494,7 +494,7 @@ static long consume(struct drain_state *d, long room, int *more)
 
 /* drain's work on a ring already held in ``buf`` (released here), ``args`` as drain takes
  * them: drain, and poll and halt after their wait, without parsing the ring again */
-static PyObject *drain_held(Py_buffer *buf, uint64_t nslots, uint64_t stride,
+PyObject *drain_held(Py_buffer *buf, uint64_t nslots, uint64_t stride,
                             uint64_t slot_bytes, PyObject *const *args, Py_ssize_t nargs)
 {
     struct drain_state d;
@@ -636,7 +636,7 @@ PyObject *fr_drain(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * their claims moved it to its own core and back for every message; the slot's line has to
  * come over once anyway, with the message in it. A claim not yet published (or abandoned) also
  * ends the spin, seen on the slower look at head every 64 turns, when the clock is read. */
-static int spin_published(char *base, uint64_t nslots, uint64_t stride, double usec)
+int spin_published(char *base, uint64_t nslots, uint64_t stride, double usec)
 {
     uint64_t *head = (uint64_t *)(base + HEAD), *tail = (uint64_t *)(base + TAIL);
     uint64_t t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
@@ -726,28 +726,18 @@ PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * Python these were a dozen calls between a wake-up and the first byte of work, each slow on
  * caches a vCPU halt has left cold. A signal during the sleep runs its Python handler here
  * (the IPI signal, SIGTERM), then the drain goes on; an exception from a handler is raised. */
-PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* halt's wait on a ring held at ``base``: clear the doorbell, announce idle, sleep unless a
+ * message waits, leave idle. Returns 1 (rung, or a message waits), 0 (timed out), -1 (an
+ * exception: an OSError, or a signal handler's) */
+int halt_wait(char *base, uint64_t nslots, uint64_t stride, int fd, double timeout)
 {
-    Py_buffer buf;
-    uint64_t nslots, stride, slot_bytes;
-    if (nargs < 8 || nargs > 11) {
-        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 11 arguments");
-        return NULL;
-    }
-    int fd = (int)PyLong_AsLong(args[4]);
-    double timeout = PyFloat_AsDouble(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
-        return NULL;
-    char *base = (char *)buf.buf;
     char junk[4096];        /* clear the doorbell: all of it (a pipe holds what peers wrote) */
     ssize_t got;
     while ((got = read(fd, junk, sizeof junk)) == (ssize_t)sizeof junk)
         ;
     if (got < 0 && errno != EAGAIN) {
-        PyBuffer_Release(&buf);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
     /* a wait from inside a hushed drain (a handler's request) must be rung: lower the flag */
     __atomic_store_n((uint8_t *)(base + POLLING), 0, __ATOMIC_SEQ_CST);
@@ -772,19 +762,38 @@ PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             rung = 1;                       /* a signal: its handler first, then look */
             if (PyErr_CheckSignals() < 0) {
                 __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-                PyBuffer_Release(&buf);
-                return NULL;
+                return -1;
             }
         } else if (n < 0) {
             __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-            PyBuffer_Release(&buf);
             errno = err;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
     }
     __atomic_store_n((uint32_t *)(base + IDLE), 0, __ATOMIC_SEQ_CST);
-    if (!rung) {
+    return rung;
+}
+
+PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer buf;
+    uint64_t nslots, stride, slot_bytes;
+    if (nargs < 8 || nargs > 11) {
+        PyErr_SetString(PyExc_TypeError, "halt takes 8 to 11 arguments");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[4]);
+    double timeout = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
+        return NULL;
+    int rung = halt_wait((char *)buf.buf, nslots, stride, fd, timeout);
+    if (rung <= 0) {
         PyBuffer_Release(&buf);
+        if (rung < 0)
+            return NULL;
         Py_RETURN_NONE;
     }
     PyObject *drain_args[9] = {args[0], args[1], args[2], args[3], args[6], args[7],
@@ -792,4 +801,3 @@ PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                                nargs == 11 ? args[10] : Py_None};
     return drain_held(&buf, nslots, stride, slot_bytes, drain_args, 9);
 }
-

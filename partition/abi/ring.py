@@ -409,6 +409,20 @@ class Ring:
         ``finish``). None without the C ring."""
         return None
 
+    def waiter(self, limit: int, handled: bytes | bytearray,
+               deliver: Callable[[int, int, int, bytes], bool], replies: Replies, owner: Any,
+               waiting: dict[int, int], doorbell_fd: int = -1) -> Any:
+        """A poller's whole wait with everything bound once (the C half's Waiter):
+        ``w(timeout_s)`` spins up to min(50 us, timeout) and drains, and ``w.spin(usec)``
+        spins up to ``usec`` and drains (None: nothing came); ``owner._in_drain`` is raised
+        meanwhile, ``handled`` passed only while ``waiting`` is empty, and a drain that stops
+        at a slot for the careful path goes on with ``finish``. With ``doorbell_fd`` (an
+        interrupt-mode kernel's own end) its waits halt on it as ``halt`` does, for as long
+        as they are given. Its ``ask`` and ``request`` are a request's fast path
+        (Messenger.use_asker). None without the C ring (the runtime's Python waits do the
+        same)."""
+        return None
+
     def finish(self, fast: tuple[int, int, int], limit: int, handled: bytes | bytearray | None,
                deliver: Callable[[int, int, int, bytes], bool],
                abandon_after: float = 1.0) -> int:

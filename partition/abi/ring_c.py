@@ -58,6 +58,13 @@ def poller(self: Ring) -> Callable[..., Any] | None:
     return functools.partial(fast.poll, self.buf, self.nslots, self.stride, self.slot_bytes)
 
 
+def waiter(self: Ring, limit: int, handled: bytes | bytearray,
+           deliver: Callable[[int, int, int, bytes], bool], replies: Replies, owner: Any,
+           waiting: dict[int, int], doorbell_fd: int = -1) -> Any:
+    return fast.Waiter(self.buf, self.nslots, self.stride, self.slot_bytes, limit, handled,
+                       deliver, replies, owner, self.finish, waiting, doorbell_fd)
+
+
 def drain(self: Ring, deliver: Callable[[int, int, int, bytes], bool], limit: int = 64,
           abandon_after: float = 1.0, handled: bytes | bytearray | None = None,
           hush: bool = False, replies: Replies | None = None) -> int:
@@ -82,4 +89,4 @@ def halt(self: Ring, doorbell_fd: int, timeout: float,
 #: what ``ring.use`` binds over Ring's reference methods of the same names
 PATHS: dict[str, Callable[..., Any]] = {
     "send": send, "sender": sender, "port": port, "idle_enter": idle_enter,
-    "poller": poller, "drain": drain, "halt": halt}
+    "poller": poller, "waiter": waiter, "drain": drain, "halt": halt}

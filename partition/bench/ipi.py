@@ -472,7 +472,7 @@ def _share(fraction: float) -> str:
 
 def _implementation(res: dict[str, Any]) -> str:
     if res.get("ring_implementation") == "c":
-        return "C (partition/abi/_fastring.c: _ring.c, _message.c, _port.c)"
+        return "C (partition/abi/_fastring.c: _ring.c, _message.c, _port.c, _waiter.c)"
     if res.get("ring_stale"):
         return "pure Python (the C extension is STALE, built from another source: pip install -e .)"
     return "pure Python (no C extension built, or MK_PURE_RING=1)"

@@ -121,6 +121,21 @@ class Messenger:
         #: how ``request`` waits when its caller names no way: deliver what comes meanwhile
         #: for up to the seconds given (a kernel's runtime sets its own; see runtime.py)
         self.wait: Callable[[float], object] = _no_wait
+        #: a poll-mode kernel's send and first wait in one C call (Ring.waiter's ``ask``), for
+        #: a request whose caller names no wait and whose target has a Port; None: none
+        self.asker: Any = None
+
+    def use_asker(self, asker: Any, spin_of: Any = None) -> None:
+        """A kernel's runtime, with the C ring: requests go through ``asker`` (Ring.waiter):
+        ``request`` sends, waits first and collects the answer in one C call (poll: a spin of
+        up to 50 us; hybrid: of ``spin_of``'s ``kernel.spin_us``, as its wait spins before it
+        blocks; interrupt: a halt on the doorbell of up to FIRST_WAIT_S, capped by
+        ``kernel.idle_timeout``, as _wait_halt's), and this Messenger's ``request`` becomes
+        the asker's, whose fast path has no Python frame at all (a round trip's critical
+        path) and which hands every other case back to ``request``/``requested`` here."""
+        self.asker = asker
+        asker.bind(self, self._ports, self._request_id, FIRST_WAIT_S, self.request, spin_of)
+        self.__dict__["request"] = asker.request     # (an attribute: shadows the method)
 
     def register(self, msg_type: int, handler: Handler) -> None:
         if msg_type in self.handlers:
@@ -165,19 +180,51 @@ class Messenger:
         the clock, the deadline (``timeout`` from then) and the 2 ms liveness look come only
         when it is not. ``wait`` defaults to the endpoint's own (``self.wait``): a kernel's
         ``self.os.request`` is this method itself, bound once, without a frame before it."""
+        asker = None
         if wait is None:
             wait = self.wait
+            asker = self.asker
         mid = self._request_id(63) | 1
+        self.waiting[mid] = -1    # before sending: the answer may come in an interrupt at once
+        rc = None
+        if asker is not None:
+            port = self._ports.get(target)
+            if port is not None:
+                # poll, hybrid: the send, the first spin and the answer's collection in one C
+                # call; the asker itself back means not answered yet (``rc``: how the send went)
+                try:
+                    got = asker.ask(port, msg_type, mid, payload, target,
+                                    min(timeout, FIRST_WAIT_S))
+                except BaseException:
+                    self.waiting.pop(mid, None)
+                    self.responses.pop(mid, None)
+                    raise
+                if got is not asker:
+                    self.last_target = target
+                    return got
+                rc = asker.rc
+        return self.requested(target, msg_type, payload, timeout, wait, mid, rc)
+
+    def requested(self, target: int, msg_type: int, payload: Any, timeout: float,
+                  wait: Callable[[float], object], mid: int, rc: int | None) -> Any:
+        """A request from its id on (``waiting[mid]`` set): the send, unless ``rc`` says how
+        an asker's send went (0: sent, and its first wait done: a poll-mode spin as long, or
+        hybrid's spin before it would block), and the wait for the answer.
+        ``request``'s, and a poll-mode kernel's C request (Ring.waiter) after its fast path."""
         waiting, responses = self.waiting, self.responses
-        waiting[mid] = -1         # before sending: the answer may come in an interrupt at once
         try:
             deadline = None
+            waited = rc == 0
             try:
-                port = self._ports.get(target)
-                if port is None:
-                    to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
+                if rc is None:
+                    port = self._ports.get(target)
+                    if port is None:
+                        to = self._post(target, msg_type, SUB_REQUEST, mid, payload)
+                    else:
+                        rc = port.message(msg_type, SUB_REQUEST, mid, payload)
+                        to = target if not rc else \
+                            self._sent_after(target, rc, msg_type, SUB_REQUEST, mid, payload)
                 else:
-                    rc = port.message(msg_type, SUB_REQUEST, mid, payload)
                     to = target if not rc else \
                         self._sent_after(target, rc, msg_type, SUB_REQUEST, mid, payload)
             except RingError as exc:
@@ -192,7 +239,7 @@ class Messenger:
             # are read only when it is not. It lasts FIRST_WAIT_S at most, less than any
             # restart takes (a death's notice alone takes about 1 ms), so the incarnation read
             # after it is still the one that got the request (or none, if it died meanwhile)
-            if mid not in responses:
+            if not waited and mid not in responses:
                 wait(min(timeout, FIRST_WAIT_S))
             if mid in responses:
                 waiting.pop(mid, None)

@@ -69,11 +69,22 @@ class KernelRuntime:
         self.ring = self.endpoint.ring_of(ctx.id)
         self.ring.set_mode(mode)
         self.ring.set_polling(mode != "interrupt")
-        self._poller = self.ring.poller()       # poll and hybrid: spin and drain, one C call
+        # poll and hybrid with the C ring: the spin and the drain after it, with all they need
+        # bound once, in one C call and no Python frame (Ring.waiter; None: the Python waits)
+        self._waiter = self.ring.waiter(64, msgr.handled, self._deliver, self._replies, self,
+                                        msgr.waiting) if mode != "interrupt" else None
         self._wait_ipi: Callable[[float], int] = {
-            "poll": self._wait_poll, "hybrid": self._wait_hybrid, "interrupt": self._wait_halt,
+            "poll": self._waiter or self._wait_poll, "hybrid": self._wait_hybrid,
+            "interrupt": self._wait_halt,
         }[mode]
         msgr.wait = self._wait_ipi              # bound once: every request passes it
+        # a request's fast path: one C call (the send, the first wait, the answer); interrupt
+        # mode's first wait halts on the doorbell, as _wait_halt does
+        asker = self._waiter if mode != "interrupt" else \
+            self.ring.waiter(64, msgr.handled, self._deliver, self._replies, self,
+                             msgr.waiting, ctx.doorbell_fd)
+        if asker is not None:
+            msgr.use_asker(asker, None if mode == "poll" else self)
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
         self._peers = ctx.peers
@@ -159,28 +170,16 @@ class KernelRuntime:
     # (``_in_drain``).
 
     def _wait_poll(self, timeout: float) -> int:
-        """Poll mode: spin on the ring's head, bounded so that the caller's loop (deadlines,
-        halting, heartbeats) still comes round at least every 50 us; then drain, in the same
-        call. _spin_take's C case inlined: this is every poll-mode request's wait."""
-        poller = self._poller
-        if poller is None:
-            return self._spin_take(min(50.0, timeout * 1e6)) or 0
-        outer = self._in_drain
-        self._in_drain = True
-        try:
-            msgr = self.messenger
-            handled = None if msgr.waiting else msgr.handled
-            got = poller(min(50.0, timeout * 1e6), 64, handled, self._deliver, True,
-                         self._replies)
-            if got is None or not got[1]:
-                return got[2] if got else 0
-            return self.ring.finish(got, 64, handled, self._deliver)
-        finally:
-            self._in_drain = outer
+        """Poll mode without the C ring: spin on the ring's head, bounded so that the caller's
+        loop (deadlines, halting, heartbeats) still comes round at least every 50 us; then
+        drain. (With the C ring the mode's wait is the Waiter itself: Ring.waiter.)"""
+        return self._spin_take(min(50.0, timeout * 1e6)) or 0
 
     def _wait_hybrid(self, timeout: float) -> int:
         """Hybrid mode: spin ``spin_us``, then block on the doorbell as interrupt mode does."""
-        took = self._spin_take(self.kernel.spin_us)
+        waiter = self._waiter           # (_spin_take's C case, without its frame)
+        took = self._spin_take(self.kernel.spin_us) if waiter is None else \
+            waiter.spin(self.kernel.spin_us)
         if took is not None:
             return took
         self.ring.set_polling(False)
@@ -205,19 +204,16 @@ class KernelRuntime:
 
     def _spin_take(self, usec: float) -> int | None:
         """Spin up to ``usec`` microseconds for a message, then drain: None if none came."""
+        waiter = self._waiter
+        if waiter is not None:
+            took: int | None = waiter.spin(usec)
+            return took
         outer = self._in_drain
         self._in_drain = True
         try:
             msgr = self.messenger
-            handled = None if msgr.waiting else msgr.handled
-            poller = self._poller
-            if poller is None:
-                return self.ring.poll(usec, self._deliver, 64, 1.0, handled, True,
-                                      self._replies)
-            got = poller(usec, 64, handled, self._deliver, True, self._replies)
-            if got is None or not got[1]:
-                return got and got[2]
-            return self.ring.finish(got, 64, handled, self._deliver)
+            return self.ring.poll(usec, self._deliver, 64, 1.0,
+                                  None if msgr.waiting else msgr.handled, True, self._replies)
         finally:
             self._in_drain = outer
 
@@ -291,6 +287,7 @@ class KernelRuntime:
         peers, force_at = self._peers, self._force_halt_at
         probes = self.probes
         wait_ipi = self._wait_ipi
+        monotonic = time.monotonic
         laps = 0                    # iterations not yet added to the progress count
         chores_at = 0.0
         drained = False
@@ -298,7 +295,7 @@ class KernelRuntime:
             laps += 1
             got = 0 if drained else self.poll_ipis()
             drained = False
-            now = time.monotonic()
+            now = monotonic()
             if now >= chores_at:
                 chores_at = now + CHORES_S
                 self._progress(laps)
