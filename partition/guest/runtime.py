@@ -26,8 +26,9 @@ from partition.abi.constants import IPI_SIGNAL
 from partition.abi.ring import RingError
 from partition.guest import probes as P
 from partition.guest.commands import HostCommands
-from partition.guest.endpoint import Endpoint, PeerTable
+from partition.guest.endpoint import Endpoint
 from partition.guest.kernel import Kernel, KernelContext, parse_cmdline
+from partition.guest.peers import PeerTable
 from partition.guest.services import KernelServices
 
 #: how often the main loop checks its own ring's header (check_ring)
