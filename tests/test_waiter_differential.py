@@ -320,3 +320,52 @@ def test_waiter_and_reference_agree(sides, seed):
             ("none", "raised", errno.ETIMEDOUT), ("wrong", "raised", errno.ETIMEDOUT),
             ("dead", "raised", errno.ESRCH)} <= seen, seen
     assert any(e[1:] == ("raised", None) for e in seen), seen
+
+
+def _answer_from_child(s: Side, n: int) -> int:
+    """Fork the answerer: a process that takes each request from the side's out ring as it
+    comes (spinning on it) and publishes its answer (the request's payload) into the side's
+    own ring, so that the answer lands while the requester waits, within its first spin when
+    the two are quick enough. Returns the child's pid (the caller reaps it)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for _ in range(n):
+            got: list[bytes] = []
+            while not got:
+                PyRing.drain(s.out, lambda t, sender, cpu, data, got=got: got.append(data) or True,
+                             1)
+            msg = M.decode_py(got[0], 1, 0)
+            PyRing.send(s.own, TARGET, 5, REQ, M.encode(REQ, M.SUB_RESPONSE, msg[2], msg[3]))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("seed", SEEDS)
+def test_waiter_and_reference_agree_with_a_live_answerer(sides, seed):
+    """The answer from another process, arriving while the request waits (in the Waiter's
+    first spin, or after it in ``requested``'s loop: when is the machine's doing, what comes
+    back is not): the same payloads, the same rings, the same books on both sides."""
+    rng = random.Random(seed)
+    n = 40
+    mids = [rng.getrandbits(63) | 1 for _ in range(n)]
+    payloads = [rng.choice([None, 0, b"x" * rng.randrange(100), "é", [1, {2: 3}]])
+                for _ in range(n)]
+    got = {}
+    for s in sides:
+        s.ids.next = mids[:]
+        s.out.set_polling(True)     # the answerer polls: no doorbell, however quick it is
+        pid = _answer_from_child(s, n)
+        try:
+            answers = [_answer(s.msgr.request, TARGET, REQ, p, 5.0) for p in payloads]
+        finally:
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        got[s] = (answers, _books(s), s.own.counters(), bytes(s.own.buf), bytes(s.out.buf))
+    c, py = sides
+    assert got[c][0] == [("ok", p) for p in payloads], f"seed {seed}"
+    assert got[c] == got[py], f"seed {seed}"
