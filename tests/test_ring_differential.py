@@ -7,6 +7,8 @@ a difference is a bug in whichever of the two the test shows is wrong.
   _message.c  vs message.py  (encode, decode, also of mangled bytes)
   _port.c     vs port.py     (a Port's send, message and messages; peer entry; doorbells)
              and Messenger.deliver (the drain's reply matching and handler dispatch)
+  _waiter.c   vs Messenger.request and runtime.py's poll-mode waits: in
+             tests/test_waiter_differential.py (its sides are a requester and its answerer)
 
 A failure names the seed and the step: ``MK_DIFF_SEED=<seed>`` replays it."""
 
