@@ -1,15 +1,17 @@
 """Fuzz driver for the C half (partition/abi/_fastring.c and its translation units), run by
 tests/test_fuzz.py in a process that has an AddressSanitizer build of the extension loaded
 (LD_PRELOAD=libasan). Every ring header and slot is what a hostile instance could have written
-there; the C drain, send, Port, encoder and decoder must neither read nor write outside the
-buffer they were given, whatever they find, and keep the ring's invariants (tail never passes
-head; a drain takes at most ``limit`` slots).
+there; the C drain, send, Port, encoder and decoder, and the Waiter's waits and request
+(_waiter.c), must neither read nor write outside the buffer they were given, whatever they
+find, and keep the ring's invariants (tail never passes head; a drain takes at most ``limit``
+slots; the Waiter puts its owner's ``_in_drain`` back).
 
     python3 tests/fuzz_ring.py EXTENSION.so SECONDS SEED
 """
 
 import importlib.machinery
 import importlib.util
+import os
 import random
 import struct
 import sys
@@ -24,6 +26,7 @@ fast = importlib.util.module_from_spec(spec)
 loader.exec_module(fast)
 
 from partition.abi import layout as L  # noqa: E402
+from partition.abi import message as M  # noqa: E402
 from partition.abi import ring as R  # noqa: E402
 from partition.abi.message import Message  # noqa: E402
 
@@ -51,6 +54,73 @@ def fill_slot(buf: bytearray, off: int, t: int, slot_bytes: int) -> None:
         payload = struct.pack("<IIQI", mtype, rng.getrandbits(32), rng.getrandbits(64),
                               rng.choice([n - 20, n, 0, 2 ** 32 - 1])) + payload[20:]
     buf[off + L.RING_SLOT_HEADER:off + L.RING_SLOT_HEADER + n] = payload
+    if rng.random() < 0.2:          # an answer to the Waiter's request, from its target or not
+        answer = M.encode(0x4100, M.SUB_RESPONSE, MID, rng.choice([None, 7, b"x" * 30]))
+        if len(answer) <= slot_bytes:
+            R._SLOT_HDR.pack_into(buf, off, 0, 0x4100, rng.choice([TARGET + 1, sender]),
+                                  len(answer), ticket)
+            buf[off + L.RING_SLOT_HEADER:off + L.RING_SLOT_HEADER + len(answer)] = answer
+
+
+class Owner:
+    """The runtime a Waiter raises ``_in_drain`` on."""
+    _in_drain = False
+
+
+class Messenger:
+    """What ``Waiter.request`` calls when the answer is not there after its first wait."""
+    last_target = -1
+
+    def wait(self, timeout: float) -> None:
+        pass
+
+    def requested(self, *args: object) -> str:
+        return "not answered"
+
+
+def handler(msg: Message) -> object:
+    if rng.random() < 0.05:
+        raise ValueError("a handler that fails")
+    return msg.payload
+
+
+def waiter_round(view: memoryview, slots: int, stride: int, slot_bytes: int, limit: int,
+                 handled: bytearray | None, doorbell: int) -> None:
+    """The Waiter (_waiter.c) on the hostile ring: its waits, and a request whose send goes
+    through a Port into the same ring and whose answer may be among what is there."""
+    waiting: dict[int, int] = {}
+    responses: dict[int, Message] = {}
+    handlers = {0x4000: handler, 0x3F0F: handler}
+    port = fast.Port(view, slots, stride, slot_bytes, 1, 0, None, 0, -1, -1, 0, None, 0, 0, 0)
+    replies = (waiting, responses, handlers, {TARGET: port, 513: port}, lambda *a: None)
+    owner = Owner()
+    w = fast.Waiter(view, slots, stride, slot_bytes, limit,
+                    handled if handled is not None else bytearray(8192), deliver, replies, owner,
+                    lambda got, lim, h, d: got[0], waiting, doorbell)
+    msgr = Messenger()
+    w.bind(msgr, {TARGET: port}, lambda bits: MID, 0.0, lambda *a, **k: "slow", None)
+    for call in (lambda: w.spin(rng.choice([0.0, 1.0])), lambda: w(0.0),
+                 lambda: w.ask(port, 0x4100, MID, b"q", TARGET, 0.0),
+                 lambda: w.request(TARGET, 0x4100, None, 0.0),
+                 lambda: w.request(TARGET + 1, 0x4100)):
+        if rng.random() < 0.5:
+            waiting[MID ^ 2] = TARGET                  # another request pending, or none
+        try:
+            got = call()
+        except ValueError:
+            got = None
+        if got is not None and got is not w and got not in ("slow", "not answered"):
+            answered.append(got)
+        assert owner._in_drain is False
+        waiting.clear()
+        responses.clear()
+    port.close()
+
+
+#: the request id the Waiter's requests carry, which some hostile slots answer (from the right
+#: sender or not)
+MID = 0x1234567
+TARGET = 2
 
 
 def deliver(mtype: int, sender: int, cpu: int, data: bytes) -> bool:
@@ -61,6 +131,8 @@ def deliver(mtype: int, sender: int, cpu: int, data: bytes) -> bool:
     return r < 0.8
 
 
+answered: list[object] = []        # the Waiter's requests answered from the hostile ring
+doorbell = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)   # an interrupt-mode Waiter's halts on it
 rounds = 0
 deadline = time.monotonic() + seconds
 while time.monotonic() < deadline:
@@ -111,10 +183,13 @@ while time.monotonic() < deadline:
     assert rc in (0, -1, -2, fast.REROUTE) or rc > 0, rc
     sent, rc = port.messages(0x4000, 0, 1, [payload] * rng.randrange(4))
     port.close()
+    waiter_round(view, slots, lay.slot_stride, slot_bytes, limit, handled,
+                 doorbell[0] if rng.random() < 0.3 else -1)
     for _ in range(4):
         junk = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 19, 20, 21, 60])))
         fast.decode(junk, 1, 0)
         fast.encode(0x4000, 0, 1, rng.choice([junk, None, 127, 128, -1, [junk]]))
     view.release()
     rounds += 1
-print(f"fuzz: {rounds} rounds in {seconds:g} s, seed {seed}: no fault")
+print(f"fuzz: {rounds} rounds in {seconds:g} s, seed {seed} ({len(answered)} answers the "
+      "Waiter took from the ring): no fault")

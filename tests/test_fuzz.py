@@ -1,5 +1,5 @@
-"""The C drain, send, Port and codec against hostile ring contents, under AddressSanitizer, for a
-bounded time (MK_FUZZ_SECONDS, 15 by default). A read or write outside a ring aborts the
+"""The C drain, send, Port, codec and Waiter against hostile ring contents, under
+AddressSanitizer, for a bounded time (MK_FUZZ_SECONDS, 15 by default). A read or write outside a ring aborts the
 driver with ASan's report, and the test shows it."""
 
 import glob
@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABI = os.path.join(ROOT, "partition", "abi")
-#: every translation unit of the extension (_fastring.c, _ring.c, _message.c, _port.c)
+#: every translation unit of the extension (_fastring.c, _ring.c, _message.c, _port.c,
+#: _waiter.c)
 SOURCES = sorted(glob.glob(os.path.join(ABI, "_*.c")))
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
