@@ -1,6 +1,6 @@
 """The C drain, send, Port, codec and Waiter against hostile ring contents, under
-AddressSanitizer, for a bounded time (MK_FUZZ_SECONDS, 15 by default). A read or write outside a ring aborts the
-driver with ASan's report, and the test shows it."""
+AddressSanitizer, for a bounded time (MK_FUZZ_SECONDS, 15 by default). A read or write outside
+a ring aborts the driver with ASan's report, and the test shows it."""
 
 import glob
 import os
