@@ -175,3 +175,35 @@ def test_exceeding_memory_is_an_oom_inside_the_instance_only(two):
     r = inside(run_dir, "print(open('/tmp/f', 'wb').write(bytes(100 << 20)))", timeout=120)
     assert r.returncode == 1 and "No space left" in r.stderr  # /tmp is size-limited
     assert state(run_dir, "a")["state"] == "active"
+
+
+#: a uid no process has: were the call let through, it would renice nothing
+NOBODYS_UID = 54321
+
+
+def _nr(name: str) -> int:
+    from partition.guest import filters
+    return filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, name)
+
+
+RENICE_EVERY_ROOT_PROCESS = """
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr, which, who, value = map(int, sys.argv[1:5])
+    rc = libc.syscall(ctypes.c_long(nr), ctypes.c_long(which), ctypes.c_long(who),
+                      ctypes.c_long(value))
+    print(0 if rc == 0 else ctypes.get_errno())
+"""
+
+
+def test_a_user_wide_renice_with_a_high_half_is_refused(two):
+    """``which`` is an int: the kernel reads 0x100000002 as PRIO_USER (every process of the
+    uid, and the userland's uid is the host's root). The filter must read it so too: EPERM,
+    not ESRCH (no process of that uid: the call went through)."""
+    run_dir, _ = two
+    for name, which, value in (("setpriority", 2, 19), ("ioprio_set", 3, (3 << 13) | 7)):
+        for high in (0, 1 << 32):
+            r = inside(run_dir, RENICE_EVERY_ROOT_PROCESS, _nr(name), which | high,
+                       NOBODYS_UID, value)
+            assert r.returncode == 0, r.stderr
+            assert int(r.stdout) == 1, (name, hex(which | high), r.stdout)      # EPERM

@@ -19,10 +19,14 @@ libseccomp allows one comparison per argument in a rule, and a rule whose action
 default's is refused; so "argument in {0, own pid}" is written as its complement, the union of
 ranges around the two values (``_outside``), each range a few masked comparisons.
 
-Arguments the kernel reads as 32-bit (``fcntl``'s and ``ioctl``'s command) are matched on their
-low 32 bits, as the kernel truncates them: a command with garbage in the high half still hits.
-A pid compared for equality (``kill`` on itself) is compared on all 64 bits, which only ever
-refuses more (a pid with a high half the kernel would ignore).
+Which bits a comparison reads depends on which way it refuses. A rule that refuses when an
+argument *equals* a value (``fcntl``'s and ``ioctl``'s command, ``setpriority``'s ``which``, a
+socket family) must read only the bits the kernel reads: those arguments are C ``int``s, the
+kernel truncates them to their low 32 bits, so they are matched with ``MASKED_EQ`` on
+``0xFFFFFFFF``; a plain ``EQ`` compares all 64, and ``setpriority(0x100000002, ...)`` would
+slip past a rule on ``PRIO_USER`` (2) while the kernel reads it as ``PRIO_USER``. A rule that
+refuses when an argument is *not* an allowed value (``kill`` only on itself, ``_outside``) may
+compare all 64 bits: a high half the kernel would ignore only ever makes it refuse more.
 """
 
 from __future__ import annotations
@@ -222,13 +226,15 @@ def userland_filter() -> sc.SyscallFilter:
         _rule(f, no, "socket", cmp)
     for family in INET_FAMILIES:                     # raw IP: crafted packets (netlink's
         for kind in (SOCK_RAW, SOCK_PACKET):         # SOCK_RAW is only its datagram kind)
-            _rule(f, no, "socket", sc.Arg(0, sc.EQ, family),
+            _rule(f, no, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, family),
                   sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, kind))
-    _rule(f, no, "socket", sc.Arg(0, sc.EQ, AF_NETLINK), sc.Arg(2, sc.NE, NETLINK_ROUTE))
+    _rule(f, no, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, AF_NETLINK),
+          sc.Arg(2, sc.NE, NETLINK_ROUTE))
     for policy in REALTIME_POLICIES:
         _rule(f, no, "sched_setscheduler", sc.Arg(1, sc.MASKED_EQ, _POLICY_MASK, policy))
-    _rule(f, no, "setpriority", sc.Arg(0, sc.EQ, PRIO_USER))      # every root process
-    _rule(f, no, "ioprio_set", sc.Arg(0, sc.EQ, IOPRIO_WHO_USER))
+    # every process of a uid, and the uid is 0: every root process of the host
+    _rule(f, no, "setpriority", sc.Arg(0, sc.MASKED_EQ, _LOW32, PRIO_USER))
+    _rule(f, no, "ioprio_set", sc.Arg(0, sc.MASKED_EQ, _LOW32, IOPRIO_WHO_USER))
     for req in TTY_INJECTING:
         _rule(f, no, "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, req))
     return f
