@@ -102,10 +102,14 @@ _LOW32 = 0xFFFFFFFF
 _ALL64 = (1 << 64) - 1
 
 #: refused to a userland (EPERM, as to a process without the capability): what reaches outside
-#: the instance. ptrace, process_vm_* and kcmp stay allowed: the PID namespace lets them name
-#: only the instance's own processes, and since Linux 4.8 a tracer cannot step a tracee past
-#: its filter (Docker's default profile allows them for the same reason)
+#: the instance. pidfd_open and pidfd_getfd too: a descriptor is a door the PID namespace does
+#: not guard (a process inside that held one of the host's, or a pidfd of a process outside,
+#: would pass it on). ptrace, process_vm_* and kcmp stay allowed: the PID namespace lets them
+#: name only the userland's own processes, the one that is not a program (the init, which
+#: never execs) is not dumpable so they cannot reach it, and since Linux 4.8 a tracer cannot
+#: step a tracee past its filter (Docker's default profile allows them for the same reason)
 USERLAND_REFUSED = (
+    "pidfd_open", "pidfd_getfd",
     "mount", "umount2", "pivot_root", "chroot", "setns", "open_tree", "move_mount", "fsopen",
     "fsconfig", "fsmount", "fspick", "mount_setattr", "open_by_handle_at",
     "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
