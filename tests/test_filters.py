@@ -246,6 +246,13 @@ def test_userland_filter_decisions():
     assert decide(prog, nr["ioprio_set"], (1, 0, 0)) == RET_ALLOW         # IOPRIO_WHO_PROCESS
     assert decide(prog, nr["socket"], (2 | 1 << 32, 3, 1)) == eperm       # raw IP, high half
     assert decide(prog, nr["ioctl"], (0, 0x5412)) == eperm                # TIOCSTI
+    # uid 0's per-user budgets, shared with the host: refused as if spent
+    for name, error in (("inotify_init1", errno.EMFILE), ("mq_open", errno.EMFILE),
+                        ("timer_create", errno.EAGAIN), ("fanotify_init", errno.EPERM)):
+        nr_ = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, name)
+        assert decide(prog, nr_) == 0x00050000 | error, name
+    assert decide(prog, filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "pidfd_getfd")) \
+        == eperm
     assert decide(prog, nr["ioctl"], (0, 0x5413)) == RET_ALLOW            # TIOCGWINSZ
 
 

@@ -4,6 +4,7 @@ are whole afterwards. Real processes throughout; the attacks run as one script p
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -288,3 +289,29 @@ def test_a_program_cannot_take_its_kernels_descriptors(two):
     assert out["init_fds"] == 13 or set(out["init_fds"]) <= {0, 1, 2}, out
     assert all(link == 13 for link in out["init_links"].values()), out   # EACCES: not dumpable
     assert set(relay_fds) <= {0, 1, 2} and set(init_fds) <= {0, 1, 2}, (relay_fds, init_fds)
+
+
+SPEND_ROOTS_BUDGETS = """
+    import ctypes, errno, json, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    def errno_of(rc):
+        return 0 if rc >= 0 else ctypes.get_errno()
+    out = {"inotify_init1": errno_of(libc.inotify_init1(0)),
+           "inotify_init": errno_of(libc.inotify_init()),
+           "mq_open": errno_of(libc.mq_open(b"/mkt-budget", os.O_CREAT | os.O_RDWR, 0o600,
+                                            None)),
+           "timer_create": errno_of(libc.timer_create(1, None,
+                                                      ctypes.byref(ctypes.c_void_p())))}
+    print(json.dumps(out))
+"""
+
+
+def test_roots_shared_budgets_are_refused(two):
+    """Inotify instances, message queue bytes and queued timer signals are counted per user,
+    and the userland's uid is the host's root: a userland that spent them starved the host
+    (EMFILE on every root process's inotify_init). Refused inside as if already spent."""
+    run_dir, _ = two
+    r = inside(run_dir, SPEND_ROOTS_BUDGETS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"inotify_init1": errno.EMFILE, "inotify_init": errno.EMFILE,
+                                    "mq_open": errno.EMFILE, "timer_create": errno.EAGAIN}

@@ -122,6 +122,16 @@ USERLAND_REFUSED = (
     # through a user notification); until then it is refused like any unprivileged reboot
     "reboot",
 )
+#: what counts against a budget uid 0 shares with the host and every instance, refused to a
+#: userland until instances have uids of their own, with the error a program sees when the
+#: budget is spent (it copes: a file watcher falls back to polling). Inotify instances (128 a
+#: user): a userland that took them all left the host's root processes EMFILE. POSIX message
+#: queue bytes (RLIMIT_MSGQUEUE, counted per user, whatever the IPC namespace). POSIX timers:
+#: each holds a queued signal counted per user, checked against the *receiver's*
+#: RLIMIT_SIGPENDING: 256 timers inside would leave every kernel (its limit is 256,
+#: guest/containment.py) unable to be sent a doorbell signal (EAGAIN)
+USERLAND_BUDGETS = {"inotify_init": errno.EMFILE, "inotify_init1": errno.EMFILE,
+                    "mq_open": errno.EMFILE, "timer_create": errno.EAGAIN}
 #: namespace flags a userland may not create (clone, unshare): CLONE_NEWTIME, NEWNS,
 #: NEWCGROUP, NEWUTS, NEWIPC, NEWUSER (which would hand it capabilities back), NEWPID, NEWNET
 NAMESPACE_FLAGS = (0x80, 0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
@@ -222,6 +232,8 @@ def userland_filter() -> sc.SyscallFilter:
     f = _new(sc.ALLOW)
     for name in USERLAND_REFUSED:
         _rule(f, no, name)
+    for name, error in USERLAND_BUDGETS.items():
+        _rule(f, sc.ERRNO(error), name)
     for flag in NAMESPACE_FLAGS:
         _rule(f, no, "unshare", sc.Arg(0, sc.MASKED_EQ, flag, flag))
         _rule(f, no, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
