@@ -26,7 +26,9 @@ Three processes on the caller's side of the namespace: the caller (mkctl), the *
 (it makes the PID namespace, whose first child is the init, and relays the init's status;
 SIGTERM/SIGHUP to it reach the init, and it ignores SIGINT as a shell does while its job runs),
 and the init. The relay and the init die with their parent (PR_SET_PDEATHSIG), so a userland
-never outlives the mkctl that started it.
+never outlives the mkctl that started it. Both are sealed first (``_seal``): not dumpable, and
+holding no descriptor of mkctl's but stdio (and the terminal while it is handed over), since the
+init never execs and a program inside could otherwise take what it holds (``pidfd_getfd``).
 """
 
 from __future__ import annotations
