@@ -12,11 +12,11 @@ chooses for the others, and its format is the machine's business):
 - whether each of them belongs to this test session: a descendant of this process, or a process
   that left its parent (``mkctl init`` starts its machine in a new session, adopted by init) but
   carries the session's mark in its environment (``MK_TEST_SESSION``, set by conftest at import,
-  inherited by everything the tests start). The machine's processes retitle themselves
-  (setproctitle), which by default writes over the environment /proc shows; the session sets
-  ``SPT_NOENV=1`` so that the title stays within the original command line instead (titles
-  longer than that are cut; the tests that read titles read a daemon's, whose command line
-  is long).
+  inherited by everything the tests start, executed or only forked: ``_mark_forks``). The
+  machine's processes retitle themselves (setproctitle), which by default writes over the
+  environment /proc shows; the session sets ``SPT_NOENV=1`` so that the title stays within
+  the original command line instead (titles longer than that are cut; the tests that read
+  titles read a daemon's, whose command line is long).
 
 An object held by live processes none of which is the session's was made by somebody else, and is
 not the test's leak; an object of another user is never ours, nor one that goes away within
@@ -38,6 +38,7 @@ and fixtures (its own check then sees the object, and blames its test if it is s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import re
@@ -56,9 +57,67 @@ _CGROUP_OWNER = re.compile(r"^multikernel-s?(\d+)-")
 
 
 def mark_session() -> None:
-    """Mark everything this process starts from now on as the session's."""
+    """Mark everything this process starts from now on as the session's: what it executes
+    (``os.environ``) and what it forks without executing (``_mark_forks``)."""
     os.environ[MARK] = SESSION
     os.environ["SPT_NOENV"] = "1"
+    _mark_forks()
+
+
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+#: the environment block /proc/<pid>/environ shows for this process and its forks (kept alive
+#: here: the kernel reads it from this memory)
+_ENVIRON_BLOCK: ctypes.Array[ctypes.c_char] | None = None
+
+
+class _MMMap(ctypes.Structure):
+    """struct prctl_mm_map (linux/prctl.h)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+        "arg_start", "arg_end", "env_start", "env_end")] + [
+        ("auxv", ctypes.c_void_p), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
+
+
+#: where each of _MMMap's addresses but brk is in /proc/<pid>/stat (field N: index N - 3 after
+#: the command's closing parenthesis)
+_STAT_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
+                "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49,
+                "env_start": 50, "env_end": 51}
+
+
+def _mark_forks() -> None:
+    """/proc/<pid>/environ shows the block the process was *executed* with, not ``os.environ``:
+    the mark set above reaches the programs this process executes, but not the processes it
+    forks without executing (a machine's in-process kernels, its zygote, a host that survives
+    in a fork), and once such a process is orphaned (its host killed, on purpose or not) no
+    ancestor ties it to the session any more: an arena it maps would count as another
+    machine's. So this process's environment block is pointed (PR_SET_MM_MAP, which needs no
+    capability) at a copy that carries the mark, which every fork inherits. (A child
+    subreaper would keep them descendants instead, but then their zombies are this process's
+    to reap, racing the tests' own waits and the hosts' wait on their kernels' statuses, and
+    a zombie looks alive to whoever waits for a process that is not its child.) Where the
+    kernel refuses, the check is as it was."""
+    global _ENVIRON_BLOCK
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            executed = f.read()
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        now = {name: int(fields[n - 3]) for name, n in _STAT_FIELDS.items()}
+    except (OSError, ValueError, IndexError):
+        return
+    keep = [e for e in executed.split(b"\0")
+            if e and not e.startswith((MARK.encode() + b"=", b"SPT_NOENV="))]
+    block = b"\0".join([f"{MARK}={SESSION}".encode(), b"SPT_NOENV=1", *keep]) + b"\0"
+    buf = ctypes.create_string_buffer(block, len(block))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sbrk.restype = ctypes.c_void_p
+    mm = _MMMap(**now, brk=libc.sbrk(0) or 0, auxv=None, auxv_size=0, exe_fd=0xFFFFFFFF)
+    mm.env_start = ctypes.addressof(buf)
+    mm.env_end = mm.env_start + len(block)
+    if libc.prctl(PR_SET_MM, PR_SET_MM_MAP, ctypes.byref(mm), ctypes.sizeof(mm), 0) == 0:
+        _ENVIRON_BLOCK = buf
 
 
 def shm_entries() -> set[str]:

@@ -213,7 +213,8 @@ def test_userland_filter_decisions():
     prog = filters.program(filters.userland_filter())
     nr = {n: filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, n)
           for n in ("socket", "clone", "unshare", "mount", "fork", "kill", "ptrace",
-                    "sched_setscheduler", "setpriority", "reboot", "bpf", "setns", "ioctl")}
+                    "sched_setscheduler", "setpriority", "reboot", "bpf", "setns", "ioctl",
+                    "ioprio_set")}
     eperm = 0x00050000 | errno.EPERM
     assert decide(prog, nr["fork"]) == RET_ALLOW
     assert decide(prog, nr["kill"], (1, 9)) == RET_ALLOW
@@ -238,7 +239,20 @@ def test_userland_filter_decisions():
         assert decide(prog, nr["sched_setscheduler"], (0, policy)) == eperm
     assert decide(prog, nr["setpriority"], (2, 0, 19)) == eperm           # PRIO_USER
     assert decide(prog, nr["setpriority"], (0, 0, 19)) == RET_ALLOW
+    # ``which`` is an int: the kernel reads 0x100000002 as PRIO_USER, so must the filter
+    assert decide(prog, nr["setpriority"], (2 | 1 << 32, 0, 19)) == eperm
+    assert decide(prog, nr["ioprio_set"], (3 | 1 << 32, 0, 0)) == eperm   # IOPRIO_WHO_USER
+    assert decide(prog, nr["ioprio_set"], (3, 0, 0)) == eperm
+    assert decide(prog, nr["ioprio_set"], (1, 0, 0)) == RET_ALLOW         # IOPRIO_WHO_PROCESS
+    assert decide(prog, nr["socket"], (2 | 1 << 32, 3, 1)) == eperm       # raw IP, high half
     assert decide(prog, nr["ioctl"], (0, 0x5412)) == eperm                # TIOCSTI
+    # uid 0's per-user budgets, shared with the host: refused as if spent
+    for name, error in (("inotify_init1", errno.EMFILE), ("mq_open", errno.EMFILE),
+                        ("timer_create", errno.EAGAIN), ("fanotify_init", errno.EPERM)):
+        nr_ = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, name)
+        assert decide(prog, nr_) == 0x00050000 | error, name
+    assert decide(prog, filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "pidfd_getfd")) \
+        == eperm
     assert decide(prog, nr["ioctl"], (0, 0x5413)) == RET_ALLOW            # TIOCGWINSZ
 
 

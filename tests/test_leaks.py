@@ -128,3 +128,39 @@ def test_an_unheld_object_waits_for_the_test_another_session_is_running():
         os.unlink(entry)
         other.kill()
         other.wait()
+
+
+def test_an_orphan_forked_without_exec_holding_an_object_is_the_tests():
+    """A process this session forks without executing (an in-process machine's kernel, its
+    zygote, a host surviving in a fork) and whose parent then dies is adopted by init: no
+    ancestor ties it to the session, only the mark in its environment, which it has from the
+    session's block, not from an exec. What it holds is the test's leak."""
+    shm_before, cg_before = shm_entries(), cgroup_entries()
+    name = f"/mkt-orphan-{uuid.uuid4().hex[:8]}"
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:                                  # forks the holder, and dies at once
+        try:
+            os.close(r)
+            if os.fork() == 0:
+                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, size=4096)
+                os.write(w, b"%d\n" % os.getpid())
+                while True:
+                    time.sleep(60)                   # holds the fd until killed
+                shm.close_fd()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(w)
+    holder = None
+    try:
+        holder = int(os.read(r, 32))
+        os.waitpid(middle, 0)
+        assert os.getpid() not in [p.pid for p in psutil.Process(holder).parents()]
+        assert name[1:] in leaks(shm_before, cg_before)[0]
+    finally:
+        os.close(r)
+        if holder is not None:
+            os.kill(holder, 9)
+            psutil.Process(holder).wait(timeout=10)
+        posix_ipc.unlink_shared_memory(name)

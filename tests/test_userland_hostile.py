@@ -4,6 +4,7 @@ are whole afterwards. Real processes throughout; the attacks run as one script p
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -175,3 +176,142 @@ def test_exceeding_memory_is_an_oom_inside_the_instance_only(two):
     r = inside(run_dir, "print(open('/tmp/f', 'wb').write(bytes(100 << 20)))", timeout=120)
     assert r.returncode == 1 and "No space left" in r.stderr  # /tmp is size-limited
     assert state(run_dir, "a")["state"] == "active"
+
+
+#: a uid no process has: were the call let through, it would renice nothing
+NOBODYS_UID = 54321
+
+
+def _nr(name: str) -> int:
+    from partition.guest import filters
+    return filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, name)
+
+
+RENICE_EVERY_ROOT_PROCESS = """
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    nr, which, who, value = map(int, sys.argv[1:5])
+    rc = libc.syscall(ctypes.c_long(nr), ctypes.c_long(which), ctypes.c_long(who),
+                      ctypes.c_long(value))
+    print(0 if rc == 0 else ctypes.get_errno())
+"""
+
+
+def test_a_user_wide_renice_with_a_high_half_is_refused(two):
+    """``which`` is an int: the kernel reads 0x100000002 as PRIO_USER (every process of the
+    uid, and the userland's uid is the host's root). The filter must read it so too: EPERM,
+    not ESRCH (no process of that uid: the call went through)."""
+    run_dir, _ = two
+    for name, which, value in (("setpriority", 2, 19), ("ioprio_set", 3, (3 << 13) | 7)):
+        for high in (0, 1 << 32):
+            r = inside(run_dir, RENICE_EVERY_ROOT_PROCESS, _nr(name), which | high,
+                       NOBODYS_UID, value)
+            assert r.returncode == 0, r.stderr
+            assert int(r.stdout) == 1, (name, hex(which | high), r.stdout)      # EPERM
+
+
+TAKE_THE_KERNELS_DESCRIPTORS = """
+    import ctypes, json, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd_open, pidfd_getfd, process_vm_readv = map(int, sys.argv[1:4])
+    def call(nr, *args):
+        rc = libc.syscall(ctypes.c_long(nr), *map(ctypes.c_long, args))
+        return rc if rc >= 0 else -ctypes.get_errno()
+    out = {"open": {}, "took": []}
+    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+        pidfd = call(pidfd_open, pid, 0)
+        out["open"][pid] = pidfd
+        if pidfd >= 0:                   # the attack: its descriptors, then the kernel's
+            for fd in range(64):
+                got = call(pidfd_getfd, pidfd, fd, 0)
+                if got >= 0:
+                    out["took"].append([pid, fd, os.readlink(f"/proc/self/fd/{got}")])
+    # the init's memory: EPERM (not dumpable), not EFAULT (reached, at a bad address)
+    local = ctypes.create_string_buffer(8)
+    iov = (ctypes.c_void_p * 2)(ctypes.addressof(local), 8)
+    far = (ctypes.c_void_p * 2)(0x1000, 8)
+    rc = libc.syscall(ctypes.c_long(process_vm_readv), ctypes.c_long(1), iov, ctypes.c_long(1),
+                      far, ctypes.c_long(1), ctypes.c_long(0))
+    out["vm_read_init"] = ctypes.get_errno() if rc < 0 else 0
+    try:
+        out["init_fds"] = sorted(int(fd) for fd in os.listdir("/proc/1/fd"))
+    except OSError as exc:
+        out["init_fds"] = exc.errno
+    links = {}
+    for fd in out["init_fds"] if isinstance(out["init_fds"], list) else []:
+        try:
+            links[fd] = os.readlink(f"/proc/1/fd/{fd}")
+        except OSError as exc:
+            links[fd] = exc.errno
+    out["init_links"] = links
+    print(json.dumps(out), flush=True)
+    sys.stdin.read()                     # held until the test has looked at the relay and init
+"""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += map(int, f.read().split())
+    return kids
+
+
+def _fds(pid: int) -> list[int]:
+    return sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_program_cannot_take_its_kernels_descriptors(two):
+    """The reviewer's attack: ``pidfd_getfd(pidfd_open(1), 3)`` took the kernel's pidfd the
+    init had inherited from mkctl, then the kernel's host channel through it. Refused at
+    every step: no pidfd (the filter), nothing to take (the relay and the init hold only
+    stdio), and the init is not dumpable (no ptrace, no process_vm_readv, no fd links)."""
+    run_dir, _ = two
+    proc = subprocess.Popen(
+        MKCTL + ["exec", "--run-dir", run_dir, "a", "--", PYTHON, "-c",
+                 textwrap.dedent(TAKE_THE_KERNELS_DESCRIPTORS), str(_nr("pidfd_open")),
+                 str(_nr("pidfd_getfd")), str(_nr("process_vm_readv"))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        out = json.loads(line)
+        [relay] = _children(proc.pid)
+        [init] = _children(relay)
+        relay_fds, init_fds = _fds(relay), _fds(init)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert out["open"] and set(out["open"].values()) == {-1}, out        # EPERM, every pid
+    assert out["took"] == []
+    assert out["vm_read_init"] == 1, out                                 # EPERM
+    assert out["init_fds"] == 13 or set(out["init_fds"]) <= {0, 1, 2}, out
+    assert all(link == 13 for link in out["init_links"].values()), out   # EACCES: not dumpable
+    assert set(relay_fds) <= {0, 1, 2} and set(init_fds) <= {0, 1, 2}, (relay_fds, init_fds)
+
+
+SPEND_ROOTS_BUDGETS = """
+    import ctypes, errno, json, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    def errno_of(rc):
+        return 0 if rc >= 0 else ctypes.get_errno()
+    out = {"inotify_init1": errno_of(libc.inotify_init1(0)),
+           "inotify_init": errno_of(libc.inotify_init()),
+           "mq_open": errno_of(libc.mq_open(b"/mkt-budget", os.O_CREAT | os.O_RDWR, 0o600,
+                                            None)),
+           "timer_create": errno_of(libc.timer_create(1, None,
+                                                      ctypes.byref(ctypes.c_void_p())))}
+    print(json.dumps(out))
+"""
+
+
+def test_roots_shared_budgets_are_refused(two):
+    """Inotify instances, message queue bytes and queued timer signals are counted per user,
+    and the userland's uid is the host's root: a userland that spent them starved the host
+    (EMFILE on every root process's inotify_init). Refused inside as if already spent."""
+    run_dir, _ = two
+    r = inside(run_dir, SPEND_ROOTS_BUDGETS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"inotify_init1": errno.EMFILE, "inotify_init": errno.EMFILE,
+                                    "mq_open": errno.EMFILE, "timer_create": errno.EAGAIN}

@@ -58,26 +58,30 @@ def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
     client = Client(run_dir)
     info: dict[str, Any] = client.call("exec_into", name=name, argv=argv)
     kernel, procs = int(info["pid"]), list(info["procs"])
-    pidfd = linux.pidfd_open(kernel)            # the kernel, held while the command starts
+    # the kernel, held while its cgroups are read; closed before the userland is forked,
+    # whose init never execs: a pidfd it inherited would hand the kernel's descriptors to
+    # any program inside (pidfd_getfd)
+    pidfd = linux.pidfd_open(kernel)
     try:
-        if not _in_cgroups_of(kernel, procs):
-            raise NotLoaded(f"instance {name!r} halted while the command was being set up",
-                            f"mkctl start {name}, then try again")
-        identity = userland.Identity(name=name, cpus=list(info["cpus"]), cgroup_procs=procs,
-                                     rootfs=info.get("rootfs"), hide=[client.run_dir],
-                                     kernel_pid=kernel)
-        if tty:
-            code, started = _on_terminal(identity, argv, interactive)
-        else:
-            started = userland.start(identity, argv)
-            # as a shell waits for its foreground job: Ctrl-C is the command's to act on
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                code = started.wait()
-            finally:
-                signal.signal(signal.SIGINT, previous)
+        halted = not _in_cgroups_of(kernel, procs)
     finally:
         os.close(pidfd)
+    if halted:
+        raise NotLoaded(f"instance {name!r} halted while the command was being set up",
+                        f"mkctl start {name}, then try again")
+    identity = userland.Identity(name=name, cpus=list(info["cpus"]), cgroup_procs=procs,
+                                 rootfs=info.get("rootfs"), hide=[client.run_dir],
+                                 kernel_pid=kernel)
+    if tty:
+        code, started = _on_terminal(identity, argv, interactive)
+    else:
+        started = userland.start(identity, argv)
+        # as a shell waits for its foreground job: Ctrl-C is the command's to act on
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = started.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if started.reason:
         print(f"mkctl exec: {argv[0]}: could not be started inside {name!r}: "
               f"{started.reason}", file=sys.stderr)

@@ -13,7 +13,8 @@ In order:
    directory covered (its socket and event log out of reach); SysV IPC and POSIX message
    queues of its own, gone with it;
 3. **no privileges**: no real-time priority (``RLIMIT_RTPRIO`` 0), the securebits that stop
-   uid 0 from meaning anything, every capability dropped from every set, ``no_new_privs``;
+   uid 0 from meaning anything, every capability dropped from every set, ``no_new_privs``,
+   and not dumpable (no process of the same uid may ptrace it or take its descriptors);
 4. **seccomp**: a filter that kills the process (SIGSYS) on any system call an instance of the
    real machine could not make: signalling another process by any path (``kill`` and friends
    only on itself; ``pidfd_send_signal`` only with the IPI signal, on the pidfds the host gave
@@ -44,6 +45,7 @@ from partition.guest import filters
 # prctl options and securebits
 PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_SET_NO_NEW_PRIVS = 24, 28, 47, 38
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_DUMPABLE = 4
 SECUREBITS_LOCKED_NOROOT = 0x2F     # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
 CAP_LAST = 63                        # dropping a cap the kernel does not know fails: stop there
 SIGPENDING = 256                     # RLIMIT_SIGPENDING of an instance
@@ -79,6 +81,11 @@ def private_mounts(hide: list[str]) -> None:
 
 
 def drop_privileges() -> None:
+    """No real-time priority, a small signal budget, no capabilities, no new privileges, and
+    not dumpable: a process of the same uid 0 and no capabilities (a program of a userland, a
+    peer kernel) cannot ptrace this one, read its ``/proc/<pid>/fd`` or take its descriptors
+    with ``pidfd_getfd`` (the host, with CAP_SYS_PTRACE, still can: adoption does)."""
+    linux.prctl(PR_SET_DUMPABLE, 0)
     resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
     # signals queued to it count against root's shared budget: a small one of its own
     resource.setrlimit(resource.RLIMIT_SIGPENDING, (SIGPENDING, SIGPENDING))

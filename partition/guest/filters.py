@@ -19,10 +19,14 @@ libseccomp allows one comparison per argument in a rule, and a rule whose action
 default's is refused; so "argument in {0, own pid}" is written as its complement, the union of
 ranges around the two values (``_outside``), each range a few masked comparisons.
 
-Arguments the kernel reads as 32-bit (``fcntl``'s and ``ioctl``'s command) are matched on their
-low 32 bits, as the kernel truncates them: a command with garbage in the high half still hits.
-A pid compared for equality (``kill`` on itself) is compared on all 64 bits, which only ever
-refuses more (a pid with a high half the kernel would ignore).
+Which bits a comparison reads depends on which way it refuses. A rule that refuses when an
+argument *equals* a value (``fcntl``'s and ``ioctl``'s command, ``setpriority``'s ``which``, a
+socket family) must read only the bits the kernel reads: those arguments are C ``int``s, the
+kernel truncates them to their low 32 bits, so they are matched with ``MASKED_EQ`` on
+``0xFFFFFFFF``; a plain ``EQ`` compares all 64, and ``setpriority(0x100000002, ...)`` would
+slip past a rule on ``PRIO_USER`` (2) while the kernel reads it as ``PRIO_USER``. A rule that
+refuses when an argument is *not* an allowed value (``kill`` only on itself, ``_outside``) may
+compare all 64 bits: a high half the kernel would ignore only ever makes it refuse more.
 """
 
 from __future__ import annotations
@@ -98,10 +102,14 @@ _LOW32 = 0xFFFFFFFF
 _ALL64 = (1 << 64) - 1
 
 #: refused to a userland (EPERM, as to a process without the capability): what reaches outside
-#: the instance. ptrace, process_vm_* and kcmp stay allowed: the PID namespace lets them name
-#: only the instance's own processes, and since Linux 4.8 a tracer cannot step a tracee past
-#: its filter (Docker's default profile allows them for the same reason)
+#: the instance. pidfd_open and pidfd_getfd too: a descriptor is a door the PID namespace does
+#: not guard (a process inside that held one of the host's, or a pidfd of a process outside,
+#: would pass it on). ptrace, process_vm_* and kcmp stay allowed: the PID namespace lets them
+#: name only the userland's own processes, the one that is not a program (the init, which
+#: never execs) is not dumpable so they cannot reach it, and since Linux 4.8 a tracer cannot
+#: step a tracee past its filter (Docker's default profile allows them for the same reason)
 USERLAND_REFUSED = (
+    "pidfd_open", "pidfd_getfd",
     "mount", "umount2", "pivot_root", "chroot", "setns", "open_tree", "move_mount", "fsopen",
     "fsconfig", "fsmount", "fspick", "mount_setattr", "open_by_handle_at",
     "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
@@ -114,6 +122,16 @@ USERLAND_REFUSED = (
     # through a user notification); until then it is refused like any unprivileged reboot
     "reboot",
 )
+#: what counts against a budget uid 0 shares with the host and every instance, refused to a
+#: userland until instances have uids of their own, with the error a program sees when the
+#: budget is spent (it copes: a file watcher falls back to polling). Inotify instances (128 a
+#: user): a userland that took them all left the host's root processes EMFILE. POSIX message
+#: queue bytes (RLIMIT_MSGQUEUE, counted per user, whatever the IPC namespace). POSIX timers:
+#: each holds a queued signal counted per user, checked against the *receiver's*
+#: RLIMIT_SIGPENDING: 256 timers inside would leave every kernel (its limit is 256,
+#: guest/containment.py) unable to be sent a doorbell signal (EAGAIN)
+USERLAND_BUDGETS = {"inotify_init": errno.EMFILE, "inotify_init1": errno.EMFILE,
+                    "mq_open": errno.EMFILE, "timer_create": errno.EAGAIN}
 #: namespace flags a userland may not create (clone, unshare): CLONE_NEWTIME, NEWNS,
 #: NEWCGROUP, NEWUTS, NEWIPC, NEWUSER (which would hand it capabilities back), NEWPID, NEWNET
 NAMESPACE_FLAGS = (0x80, 0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
@@ -214,6 +232,8 @@ def userland_filter() -> sc.SyscallFilter:
     f = _new(sc.ALLOW)
     for name in USERLAND_REFUSED:
         _rule(f, no, name)
+    for name, error in USERLAND_BUDGETS.items():
+        _rule(f, sc.ERRNO(error), name)
     for flag in NAMESPACE_FLAGS:
         _rule(f, no, "unshare", sc.Arg(0, sc.MASKED_EQ, flag, flag))
         _rule(f, no, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
@@ -222,13 +242,15 @@ def userland_filter() -> sc.SyscallFilter:
         _rule(f, no, "socket", cmp)
     for family in INET_FAMILIES:                     # raw IP: crafted packets (netlink's
         for kind in (SOCK_RAW, SOCK_PACKET):         # SOCK_RAW is only its datagram kind)
-            _rule(f, no, "socket", sc.Arg(0, sc.EQ, family),
+            _rule(f, no, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, family),
                   sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, kind))
-    _rule(f, no, "socket", sc.Arg(0, sc.EQ, AF_NETLINK), sc.Arg(2, sc.NE, NETLINK_ROUTE))
+    _rule(f, no, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, AF_NETLINK),
+          sc.Arg(2, sc.NE, NETLINK_ROUTE))
     for policy in REALTIME_POLICIES:
         _rule(f, no, "sched_setscheduler", sc.Arg(1, sc.MASKED_EQ, _POLICY_MASK, policy))
-    _rule(f, no, "setpriority", sc.Arg(0, sc.EQ, PRIO_USER))      # every root process
-    _rule(f, no, "ioprio_set", sc.Arg(0, sc.EQ, IOPRIO_WHO_USER))
+    # every process of a uid, and the uid is 0: every root process of the host
+    _rule(f, no, "setpriority", sc.Arg(0, sc.MASKED_EQ, _LOW32, PRIO_USER))
+    _rule(f, no, "ioprio_set", sc.Arg(0, sc.MASKED_EQ, _LOW32, IOPRIO_WHO_USER))
     for req in TTY_INJECTING:
         _rule(f, no, "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, req))
     return f

@@ -26,7 +26,9 @@ Three processes on the caller's side of the namespace: the caller (mkctl), the *
 (it makes the PID namespace, whose first child is the init, and relays the init's status;
 SIGTERM/SIGHUP to it reach the init, and it ignores SIGINT as a shell does while its job runs),
 and the init. The relay and the init die with their parent (PR_SET_PDEATHSIG), so a userland
-never outlives the mkctl that started it.
+never outlives the mkctl that started it. Both are sealed first (``_seal``): not dumpable, and
+holding no descriptor of mkctl's but stdio (and the terminal while it is handed over), since the
+init never execs and a program inside could otherwise take what it holds (``pidfd_getfd``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import setproctitle
 from partition import linux
 from partition.errors import ProcessLimitZero, RootfsMissing, RootfsUnreadable
 from partition.guest import filters
-from partition.guest.containment import drop_privileges, join_cgroups
+from partition.guest.containment import PR_SET_DUMPABLE, drop_privileges, join_cgroups
 
 EXIT_CANNOT_START = 127
 TMP_SIZE = 64 << 20                   # each of /tmp, /run, /var/tmp, /dev/shm, at most
@@ -58,6 +60,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 1 << 18
 MNT_DETACH = 2
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+FD_LIMIT = 0x7FFFFFFF                 # past any descriptor number (closerange: close_range(2))
 
 #: the device nodes a userland has: nothing that reaches hardware or the host's log; ``tty``
 #: is the calling process's own controlling terminal, if it has one
@@ -192,6 +195,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     linux.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != caller:                        # it died before the line above
         os._exit(128 + signal.SIGKILL)
+    _seal(why, stdout, terminal)
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
@@ -208,6 +212,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
         except BaseException as exc:                  # report, then die
             _tell(why, exc)
         os._exit(EXIT_CANNOT_START)
+    os.close(why)                                     # the init reports from here on
     if terminal is not None:                          # the program's alone: its EOF is ours
         os.close(terminal)
 
@@ -227,6 +232,7 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     """pid 1 of the userland: set everything up while it still may, then start the program and
     reap until it exits."""
     linux.set_parent_death_signal(signal.SIGKILL)
+    _seal(why, stdout, terminal)
     setproctitle.setproctitle(f"mk-init [{identity.name}]")
     if identity.cpus:
         os.sched_setaffinity(0, identity.cpus)
@@ -258,6 +264,21 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
             break
     _kill_all()
     os._exit(_exit_code(status))
+
+
+def _seal(*keep: int | None) -> None:
+    """Make this process a wall, not a door: not dumpable (no process of the userland, though
+    it has the same uid 0 and no capabilities as this one, may ptrace it, read its
+    ``/proc/<pid>/fd`` links or take its descriptors with ``pidfd_getfd``), and holding no
+    descriptor but stdio and ``keep``. The init never execs, so without this it would keep
+    every descriptor of the mkctl that forked it: its run directory's socket, a pidfd of the
+    instance's kernel (and through that, the kernel's channel to the host)."""
+    linux.prctl(PR_SET_DUMPABLE, 0)
+    low = 3
+    for fd in sorted({fd for fd in keep if fd is not None and fd >= low}):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, FD_LIMIT)
 
 
 def _member(pid: int, procs: list[str]) -> bool:

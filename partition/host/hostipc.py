@@ -286,6 +286,12 @@ class HostIPC:
                         jammed.counters["ring_jams"] += 1
                     self._stalled[iid] = (ticket, seen[1], True)     # once per episode
             elif ticket is not None:
+                # another ticket: the jammed claim is gone (the tail moved past it), and this
+                # look caught the next sender mid-write, as a busy or loaded machine often
+                # does; the episode ends here, or its end would never be logged
+                if seen is not None and seen[2]:
+                    self._reclaim_rung.pop(iid, None)
+                    self._log("ring_unjammed", iid, name)
                 self._stalled[iid] = (ticket, now, False)
             elif seen is not None:
                 del self._stalled[iid]
