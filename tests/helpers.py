@@ -1,5 +1,7 @@
 """Small helpers shared by the tests that drive an in-process machine."""
 
+import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -81,3 +83,21 @@ def dtb(spec: dict) -> bytes:
     fdt = sw.as_fdt()
     fdt.pack()
     return bytes(fdt.as_bytearray())
+
+
+@contextlib.contextmanager
+def no_descriptor_leaked():
+    """This process's descriptors are the same after the block as before it. What an earlier
+    test left to the cycle collector (an xdist worker runs many tests in one process) is
+    collected first and the collector held off during the block, so a descriptor it would
+    close meanwhile is not mistaken for one the block took or gave back."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        before = set(os.listdir("/proc/self/fd"))
+        yield
+        assert set(os.listdir("/proc/self/fd")) == before
+    finally:
+        if was:
+            gc.enable()

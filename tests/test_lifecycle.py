@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from helpers import settled
+from helpers import no_descriptor_leaked, settled
 from kernels.counter import read_count
 from partition import (BadKernelImage, BootTimeout, BootFailed, Machine, NoSuchInstance,
                        ResourceBusy)
@@ -479,24 +479,24 @@ def test_a_load_that_runs_out_of_descriptors_leaves_none_open(machine):
     boot(machine, "warm")                   # the zygote runs: the load opens only its own
     machine.create("v", cpus=str(machine.config.cpus[-1]), memory="16M")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    before = sorted(os.listdir("/proc/self/fd"))
-    filler: list[int] = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, before)) + 64, hard))
-    try:
+    with no_descriptor_leaked():
+        before = sorted(os.listdir("/proc/self/fd"))
+        filler: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, before)) + 64, hard))
         try:
-            while True:
-                filler.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            assert exc.errno == errno.EMFILE
-        for _ in range(3):                  # room for the doorbell, none for what follows it
-            os.close(filler.pop())
-        with pytest.raises(OSError) as e:
-            machine.load("v", "kernels.idle:IdleKernel")
-        assert e.value.errno == errno.EMFILE
-    finally:
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert sorted(os.listdir("/proc/self/fd")) == before
+            try:
+                while True:
+                    filler.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE
+            for _ in range(3):                  # room for the doorbell, none for what follows it
+                os.close(filler.pop())
+            with pytest.raises(OSError) as e:
+                machine.load("v", "kernels.idle:IdleKernel")
+            assert e.value.errno == errno.EMFILE
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert machine.show("v")["state"] == "ready"
     assert machine.load("v", "kernels.idle:IdleKernel")["state"] == "loaded"
