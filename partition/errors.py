@@ -177,3 +177,27 @@ class NotATerminal(MKError):
 
 _CLASSES.update({c.__name__: c for c in (RootfsMissing, RootfsUnreadable, ProcessLimitZero,
                                          NotATerminal)})
+
+
+class SharedRegionTooLarge(MKError):
+    """A machine's shared region (``--shared NAME:SIZE``) larger than the pool it sits beside:
+    the real DAXFS region is carved from the machine's memory, so none can outgrow it."""
+
+    errno = _errno.ENOSPC
+
+
+class NoSuchSharedRegion(MKError):
+    """An instance names a shared region (``create --shared NAME``) the machine does not have."""
+
+    errno = _errno.ENOENT
+
+
+class MountNameEscapes(MKError):
+    """A mount name with ``/``, ``..`` or a NUL: it would leave the directory it is mounted in
+    (``/mnt/shared/NAME``)."""
+
+    errno = _errno.EINVAL
+
+
+_CLASSES.update({c.__name__: c for c in (SharedRegionTooLarge, NoSuchSharedRegion,
+                                          MountNameEscapes)})

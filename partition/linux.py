@@ -436,6 +436,11 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
                        enc(data)), f"mount {target}")
 
 
+def umount(target: str, flags: int = 0) -> None:
+    """umount2(2): ``flags`` 2 (MNT_DETACH) lets a busy mount go lazily."""
+    _check(_libc.umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
+
+
 class _MountAttr(ctypes.Structure):
     _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]

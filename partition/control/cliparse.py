@@ -170,6 +170,9 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--kill-timeout", type=finite, default=30.0,
                    help="seconds a graceful kill waits before forcing (default 30)")
     _init_options(p)
+    p.add_argument("--shared", action="append", default=None, metavar="NAME:SIZE",
+                   help="a shared region of the machine, e.g. db:16M (repeatable): a tmpfs "
+                        "the instances naming it mount at /mnt/shared/NAME (docs/userland.md)")
     p.set_defaults(fn=cmd_init)
 
     p = sub.add_parser("pack", help="a Python kernel as an ELF image, for kerf sign")
@@ -198,6 +201,9 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--llc-way-mask", default=None,
                    help="its own LLC ways, e.g. 0x0f: a subset of the pool's no other instance "
                         "holds (enforced through resctrl where the host has it)")
+    p.add_argument("--shared", action="append", default=None, metavar="NAME",
+                   help="a shared region of the machine its programs see at /mnt/shared/NAME "
+                        "(repeatable)")
     p.set_defaults(fn=cmd_create)
 
     p = sub.add_parser("update", parents=[common],

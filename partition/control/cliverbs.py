@@ -117,6 +117,12 @@ def _init_extras(a: argparse.Namespace) -> dict[str, object]:
     if a.keyring:
         out["keyring"] = signing.Keyring(a.keyring).path
         out["require_signed"] = bool(a.require_signed)
+    if getattr(a, "shared", None):
+        from partition.host.pool import PoolConfig
+        from partition.host.shared import parse_specs
+        parse_specs(a.shared, PoolConfig.build(a.cpus, a.memory, a.host_cpus,
+                                               a.oversubscribe).memory_bytes)
+        out["shared"] = list(a.shared)
     return out
 
 
@@ -170,6 +176,8 @@ def cmd_create(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     extra = {} if a.llc_way_mask is None else {"llc_way_mask": a.llc_way_mask}
+    if a.shared:
+        extra["shared"] = list(a.shared)
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
                                cpu_count=a.cpu_count, id=a.id, recovery=a.recovery,
                                max_restarts=a.max_restarts, restart_window=a.restart_window,

@@ -71,7 +71,7 @@ def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
                         f"mkctl start {name}, then try again")
     identity = userland.Identity(name=name, cpus=list(info["cpus"]), cgroup_procs=procs,
                                  rootfs=info.get("rootfs"), hide=[client.run_dir],
-                                 kernel_pid=kernel)
+                                 kernel_pid=kernel, shared=dict(info.get("shared") or {}))
     if tty:
         code, started = _on_terminal(identity, argv, interactive)
     else:

@@ -122,7 +122,7 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
                "recovery": (_text, False), "max_restarts": (_integer(0, 1000), False),
                "restart_window": (_SECONDS, False), "watchdog": (_SECONDS, False),
                "standby_for": (_text, False), "preserve_memory": (_flag, False),
-               "llc_way_mask": (_mask, False)},
+               "llc_way_mask": (_mask, False), "shared": (_argv, False)},
     "update": {"name": (_text, True), "recovery": (_text, False),
                "max_restarts": (_integer(0, 1000), False), "restart_window": (_SECONDS, False),
                "watchdog": (_SECONDS, False), "preserve_memory": (_flag, False)},

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import setproctitle
 
 from partition import linux
-from partition.errors import ProcessLimitZero, RootfsMissing, RootfsUnreadable
+from partition.errors import MountNameEscapes, ProcessLimitZero, RootfsMissing, RootfsUnreadable
 from partition.guest import filters
 from partition.guest.containment import PR_SET_DUMPABLE, drop_privileges, join_cgroups
 
@@ -68,6 +68,8 @@ DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "ur
            "tty": (5, 0)}
 #: where programs write: private, size-limited, each a fresh tmpfs
 SCRATCH = {"/tmp": "1777", "/var/tmp": "1777", "/run": "755"}
+#: where the machine's shared regions an instance names appear, one directory each
+SHARED_MOUNTS = "/mnt/shared"
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
@@ -86,11 +88,19 @@ class Identity:
     #: the instance's kernel: the userland is refused if it left the cgroups before the init
     #: joined them (a panic between the host's answer and the join: its kill already ran)
     kernel_pid: int | None = None
+    #: the machine's shared regions it names: mount name -> host directory (host/shared.py),
+    #: each bound read-write at /mnt/shared/NAME
+    shared: dict[str, str] = field(default_factory=dict)
 
 
 def check(identity: Identity) -> None:
     """Refuse what can never run, before any process is made: a missing or unreadable root, a
-    process limit of 0."""
+    process limit of 0, a mount name that escapes its directory."""
+    for name in identity.shared:
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise MountNameEscapes(f"shared mount name {name[:80]!r} escapes "
+                                   f"{SHARED_MOUNTS}: it must be one plain directory name",
+                                   "name the region without '/' or '..'")
     if identity.rootfs is not None:
         if not os.path.isdir(identity.rootfs):
             raise RootfsMissing(f"rootfs {identity.rootfs!r} is not a directory",
@@ -333,6 +343,9 @@ def _mounts(identity: Identity, terminal: int | None = None) -> None:
     # here, in this mount namespace, as a bind mount's source must be
     pts = None if terminal is None else os.ttyname(terminal)
     pts_fd = None if pts is None else os.open(pts, os.O_PATH)
+    # the shared regions too: the run directory they are under is covered below
+    shared = {name: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+              for name, path in identity.shared.items()}
     linux.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if identity.rootfs is not None:
         _pivot(identity.rootfs)
@@ -346,6 +359,8 @@ def _mounts(identity: Identity, terminal: int | None = None) -> None:
         linux.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     if os.path.isdir("/dev"):
         _devices(identity, console, (pts, pts_fd) if pts and pts_fd is not None else None)
+    if shared:
+        _shared_regions(shared)
     if pts_fd is not None:
         os.close(pts_fd)
     if console is not None:
@@ -354,6 +369,25 @@ def _mounts(identity: Identity, terminal: int | None = None) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
             linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
                         f"size={identity.tmp_size},mode={mode}")
+
+
+def _shared_regions(regions: dict[str, int]) -> None:
+    """Each region (an O_PATH descriptor of its host directory) bound read-write at
+    /mnt/shared/NAME, on a small tmpfs covering /mnt that is then made read-only: programs
+    write in the regions, not beside them."""
+    if not os.path.isdir("/mnt") or os.path.islink("/mnt"):
+        raise FileNotFoundError(errno.ENOENT, "the root has no /mnt directory to mount the "
+                                "shared regions under")
+    linux.mount("tmpfs", "/mnt", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+    for name, fd in regions.items():
+        target = os.path.join(SHARED_MOUNTS, name)
+        os.makedirs(target, 0o755)
+        linux.mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+        # the descriptor's mount is this namespace's copy, made read-only with the root
+        linux.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+        os.close(fd)
+    linux.mount(None, "/mnt", None,
+                MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def _pivot(rootfs: str) -> None:

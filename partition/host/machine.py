@@ -34,6 +34,7 @@ from partition.host.devicetree import Overlay
 from partition.host.instance import Instance, State, check_transition
 from partition.host.kimage import check_spec
 from partition.host.resize import update_op
+from partition.host.shared import SharedRegions, parse_specs
 from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
 from partition.units import seconds
 
@@ -78,12 +79,15 @@ class Machine:
                  pool_chunks: list[list[int]] | None = None,
                  pool_window: int | None = None,
                  llc_way_mask: int | str | None = None, resctrl_root: str = llc.RESCTRL_ROOT,
-                 require_signed: bool = False, keyring: str | None = None) -> None:
+                 require_signed: bool = False, keyring: str | None = None,
+                 shared: list[str] | dict[str, Any] | None = None) -> None:
         s = Settings.check(cpus, memory, host_cpus, oversubscribe, console_bytes, kill_timeout,
                            boot_timeout, pin_host, ring_slots, ring_slot_bytes, protection,
                            survive_host, adopt, pool_chunks, pool_window, llc_way_mask,
                            require_signed, keyring)
         self.settings = s
+        # refused before anything is made: a bad name, a region larger than the pool
+        shared_sizes = parse_specs(shared, s.config.memory_bytes)
         self.config, self.pin_host, self.llc_way_mask = s.config, s.pin_host, s.llc_way_mask
         self.keyring, self.require_signed = s.keyring, s.require_signed
         self.survive_host, self.adopting = s.survive_host, s.adopting
@@ -116,6 +120,16 @@ class Machine:
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.started = time.time()
+        #: the machine's shared regions (host/shared.py), and those each instance mounts
+        try:
+            self.shared = SharedRegions(self.run_dir, shared_sizes, self.layout.arena_bytes)
+        except BaseException:
+            self._closed = True
+            self.cgroups.close()
+            self._teardown(unlink=True)
+            raise
+        self.shared_of: dict[str, list[str]] = {}
+        self.views.shared(self.shared.describe())
         #: adoption's time, and the records it refused: [{"name", "why"}] (its event's)
         self.adopt_ms, self.adopt_refused = open_house(h, s, self.run_dir, self.resctrl)
         self.publish()
@@ -147,6 +161,7 @@ class Machine:
             self.cgroups.close()
             for inst in self.instances.values():
                 llc.leave(self.resctrl, self.events, inst)
+            self.shared.close()
             self._teardown(unlink=True)
 
     def _teardown(self, unlink: bool) -> None:
@@ -186,6 +201,7 @@ class Machine:
         for inst in self.instances.values():
             self.lifecycle.drop_descriptors(inst)
         self.loading.zygotes.close()
+        self.shared.close()
         self._teardown(unlink=False)
         return {k: v for k, v in state["config"].items() if k in statefile.CONFIG_KEYS}
 
@@ -236,14 +252,20 @@ class Machine:
                max_restarts: int = 3, restart_window: float = 5.0,
                watchdog: float = 0.0, standby_for: str | None = None,
                preserve_memory: bool = False,
-               llc_way_mask: int | str | None = None) -> dict[str, Any]:
+               llc_way_mask: int | str | None = None,
+               shared: list[str] | None = None) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: its own LLC ways,
-        a subset of the pool's that no other instance holds (host/llc.py)."""
+        a subset of the pool's that no other instance holds (host/llc.py); ``shared``: the
+        machine's shared regions its userlands mount (host/shared.py)."""
+        regions = self.shared.check(shared)
         policy = {"policy": recovery, "max_restarts": max_restarts,
                   "restart_window": restart_window, "watchdog": watchdog,
                   "preserve_memory": preserve_memory}
-        return self.describe(self.house.provision.create(name, memory, cpus, cpu_count, id, policy,
-                                                         standby_for, llc_way_mask))
+        inst = self.house.provision.create(name, memory, cpus, cpu_count, id, policy,
+                                           standby_for, llc_way_mask)
+        if regions:
+            self.shared_of[inst.name] = regions
+        return self.describe(inst)
 
     @verb
     def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:
@@ -322,6 +344,7 @@ class Machine:
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
         self.house.provision.delete(inst)
+        self.shared_of.pop(inst.name, None)
         out["state"] = State.EMPTY.value
         return out
 
@@ -359,7 +382,10 @@ class Machine:
 
     # -- observation -----------------------------------------------------------------------
     def describe(self, inst: Instance) -> dict[str, Any]:
-        return self.looks.describe(inst)
+        d = self.looks.describe(inst)
+        if inst.name in self.shared_of:
+            d["shared"] = list(self.shared_of[inst.name])
+        return d
 
     def describe_brief(self, inst: Instance) -> dict[str, Any]:
         return self.looks.describe_brief(inst)
@@ -383,7 +409,13 @@ class Machine:
         return snap
 
     def snapshot(self, brief: bool = False) -> dict[str, Any]:
-        return self.looks.snapshot(brief, self.started, self.adopt_ms)
+        snap = self.looks.snapshot(brief, self.started, self.adopt_ms)
+        if self.shared.regions:
+            snap["machine"]["shared"] = self.shared.describe()
+            for d in snap["instances"]:
+                if d["name"] in self.shared_of:
+                    d["shared"] = list(self.shared_of[d["name"]])
+        return snap
 
     @verb
     def console(self, name: str | int) -> str:

@@ -18,6 +18,8 @@ KIMAGE_HEADER = "MK_ID  Type        Start Address   Segments\n"
 #: the dashes kerf 0.4 finds its columns by (show/main.py: each block of dashes is a column)
 KIMAGE_SEPARATOR = "-----  ----------  --------------  --------\n"
 POOL_RESOURCE = "Multikernel Memory Pool"
+#: a shared region's resource name: the real one is a DAXFS on reserved memory
+SHARED_RESOURCE = "daxfs"
 
 
 def kimage_row(inst: dict[str, Any]) -> str | None:
@@ -47,13 +49,21 @@ def join_kimage(rows: list[str]) -> str:
     return "".join([KIMAGE_HEADER, KIMAGE_SEPARATOR] + rows)
 
 
+def shared_iomem_rows(regions: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """The machine's shared regions (host/shared.py), one ``daxfs (NAME)`` resource each, at
+    the addresses the host gave them past the arena."""
+    return [(r["base"], f"{r['base']:08x}-{r['base'] + r['size'] - 1:08x} : "
+                        f"{SHARED_RESOURCE} ({r['name']})\n") for r in regions]
+
+
 def render_iomem(snapshot: dict[str, Any]) -> str:
     """``/proc/iomem`` as far as the machine goes: the pool, each chunk registered as one
     resource named as the real kernel names them, and each instance's partition nested in its
     chunk as ``mk-instance-<id>-<name>-region-<n>`` (region 0 is where it boots, the others were added
     at run time, numbered in the order they came). Addresses are arena offsets (the emulator's
     physical addresses), ends inclusive, sorted by address as the kernel lists them."""
-    return join_iomem(snapshot["pool"], [r for i in snapshot["instances"] for r in iomem_rows(i)])
+    return join_iomem(snapshot["pool"], [r for i in snapshot["instances"] for r in iomem_rows(i)]
+                      + shared_iomem_rows(snapshot["machine"].get("shared", [])))
 
 
 def pool_chunks(pool: dict[str, Any]) -> list[tuple[int, int]]:
@@ -127,6 +137,8 @@ class ViewWriter:
         self._kimage_rows: dict[str, tuple[int, str]] = {}
         self._iomem_rows: dict[str, list[tuple[int, str]]] = {}
         self._rows_dirty = True
+        #: the machine's shared regions' lines (``shared``), fixed at init
+        self._shared_rows: list[tuple[int, str]] = []
         self._pool_key: tuple[Any, ...] | None = None
         self._pool: dict[str, Any] | None = None
         self.writes = 0                       # files rewritten: what a change cost (tests)
@@ -231,6 +243,11 @@ class ViewWriter:
         for key in [k for k in self._cache if k.startswith(d + os.sep)]:
             del self._cache[key]
 
+    def shared(self, regions: list[dict[str, Any]]) -> None:
+        """The machine's shared regions, listed in ``iomem`` from the next flush."""
+        self._shared_rows = shared_iomem_rows(regions)
+        self._rows_dirty = True
+
     def flush(self) -> None:
         """``kimage`` and ``iomem`` joined again from their rows, if a row changed."""
         if not self._rows_dirty or self._pool is None:
@@ -238,5 +255,6 @@ class ViewWriter:
         self._put(os.path.join(self.proc, "kimage"),
                   join_kimage([r for _, r in sorted(self._kimage_rows.values())]))
         self._put(os.path.join(self.proc, "iomem"),
-                  join_iomem(self._pool, [r for rs in self._iomem_rows.values() for r in rs]))
+                  join_iomem(self._pool, [r for rs in self._iomem_rows.values() for r in rs]
+                             + self._shared_rows))
         self._rows_dirty = False

@@ -82,6 +82,20 @@ def _str(v: Any) -> str:
     return v
 
 
+def _shared_table(v: Any) -> dict[str, Any]:
+    """``[machine.shared]``: region name -> size (host/shared.py judges both)."""
+    if not isinstance(v, dict) or not all(isinstance(s, (str, int)) and not isinstance(s, bool)
+                                          for s in v.values()):
+        raise ValueError('a table of region name = size, e.g. { db = "16M" }')
+    return dict(v)
+
+
+def _region_names(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+        raise ValueError('a list of the machine\'s shared region names, e.g. ["db"]')
+    return list(v)
+
+
 def _name(v: Any) -> str:
     if not isinstance(v, str) or not NAME.match(v):
         raise ValueError("a name of letters, digits and _ (not starting with a digit, "
@@ -203,6 +217,8 @@ MACHINE_KEYS = {
     "protection": Key(_bool, True, "map each instance's own partition only"),
     "llc_way_mask": Key(_mask, None, "the LLC ways instances may hold (the baseline's "
                                      "llc-way-mask); default: none"),
+    "shared": Key(_shared_table, None, "shared regions, name = size: a tmpfs each that "
+                                       "instances naming it mount at /mnt/shared/NAME"),
 }
 INSTANCE_KEYS = {
     "name": Key(_name, REQUIRED, "instance name (also the name in expectations)"),
@@ -227,6 +243,7 @@ INSTANCE_KEYS = {
     "id": Key(_int(1, 511), None, "instance id; default: the lowest free, in file order "
                                   "(standbys last)"),
     "metrics": Key(_metric_names, [], "metrics its kernel publishes (self.metric), for expect"),
+    "shared": Key(_region_names, None, "the machine's shared regions its programs mount"),
 }
 PROBE_KEYS = {
     "name": Key(_name, REQUIRED, "probe name (also the name in expectations)"),
