@@ -106,9 +106,10 @@ def test_the_region_is_shown_and_goes_with_the_machine(two_instances):
     db = regions["db"]["base"]
     assert f"{db:08x}-{db + (8 << 20) - 1:08x} : daxfs (db)\n" in iomem
     assert "daxfs (scratch)" in iomem
+    assert "SHARED  db 8M" in mk(run_dir, "show").stdout
     region = os.path.join(run_dir, "shared", "db")
     with open("/proc/self/mountinfo") as f:
-        opts = [line for line in f if line.split()[4] == region][0]
+        opts = next(line for line in f if line.split()[4] == region)
     assert "tmpfs" in opts and "size=8192k" in opts
     assert mk(run_dir, "shutdown").returncode == 0
     assert not mounted(region) and not os.path.exists(run_dir)
@@ -143,3 +144,50 @@ def test_the_launcher_binds_a_region_read_write(tmp_path):
     started = userland.start(identity, ["/bin/sh", "-c", "echo hi > /mnt/shared/r/f"])
     assert started.wait() == 0, started.reason
     assert (tmp_path / "f").read_text() == "hi\n"
+
+
+def test_a_machine_in_process_unmounts_its_regions_on_close():
+    from partition.errors import NoSuchSharedRegion, SharedRegionTooLarge
+    from partition.host.machine import Machine
+    run = f"/dev/shm/mkt-shared-{os.getpid()}"
+    with pytest.raises(SharedRegionTooLarge):
+        Machine(cpus=[CPUS[-1]], memory="16M", host_cpus=HOST_CPUS, oversubscribe=True,
+                run_dir=run, shared={"db": "32M"})
+    assert not os.path.exists(run)
+    with Machine(cpus=[CPUS[-1]], memory="16M", host_cpus=HOST_CPUS, oversubscribe=True,
+                 run_dir=run, shared={"db": "4M"}) as m:
+        region = os.path.join(run, "shared", "db")
+        assert mounted(region)
+        with pytest.raises(NoSuchSharedRegion):
+            m.create("a", "4M", cpus=[CPUS[-1]], shared=["db", "other"])
+        assert m.show()["instances"] == []
+        assert m.create("a", "4M", cpus=[CPUS[-1]], shared=["db"])["shared"] == ["db"]
+    assert not mounted(region) and not os.path.exists(run)
+
+
+def test_a_dead_hosts_region_is_unmounted_by_shutdown(run_dir):
+    import signal
+    import time
+    r = mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "16M", "--host-cpus", HOST_CPUS,
+           "--oversubscribe", "--shared", "db:4M")
+    assert r.returncode == 0, r.stderr
+    region = os.path.join(run_dir, "shared", "db")
+    host = json.loads(mk(run_dir, "show", "--format", "json").stdout)["machine"]["supervisor_pid"]
+    os.kill(host, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{host}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mounted(region)                 # a host's death unmounts nothing
+    assert mk(run_dir, "shutdown").returncode == 0
+    assert not mounted(region) and not os.path.exists(run_dir)
+
+
+def test_a_scenario_declares_regions_and_names_them():
+    from partition.scenario import schema
+    doc = {"scenario": {"name": "s"}, "machine": {"shared": {"db": "4M"}},
+           "instance": [{"name": "a", "kernel": "kernels.idle:IdleKernel", "shared": ["db"]}]}
+    sc = schema.check(doc, "t.toml")
+    assert sc.machine["shared"] == {"db": "4M"} and sc.instances[0]["shared"] == ["db"]
+    with pytest.raises(schema.ScenarioInvalid) as ei:
+        schema.check({**doc, "machine": {"shared": ["db:4M"]}}, "t.toml")
+    assert any("'shared'" in p for p in ei.value.problems)

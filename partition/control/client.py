@@ -83,6 +83,8 @@ def start_supervisor(run_dir: str | None, config: dict[str, Any], wait: float = 
             adoption.remove_abandoned(path)      # go first, then its directory
         cleaned = bool(os.listdir(path))
         if cleaned:
+            from partition.host import shared
+            shared.release_left(path)    # a dead host's shared regions: mounts first
             rundir.clear(path)           # stale: its owner is dead (we hold its lock)
         return _spawn(path, lock_fd, config, wait) | {"cleaned_stale": cleaned}
     finally:
@@ -155,6 +157,8 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
         try:
             # an abandoned survivable machine: its instances (in its cgroups only) and its arena
             killed = adoption.remove_abandoned(path)
+            from partition.host import shared
+            shared.release_left(path)     # its shared regions: mounts rmtree cannot remove
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(lock_fd)

@@ -50,6 +50,10 @@ def render_show(snapshot: dict[str, Any]) -> str:
         out.append(f"LLC     ways {pool['llc_way_mask']:#x} for instances; "
                    + ("enforced through resctrl" if llc.get("enforced") else
                       f"NOT ENFORCED: {llc.get('reason') or 'no resctrl'}"))
+    if m.get("shared"):
+        out.append("SHARED  " + ", ".join(
+            f"{r['name']} {format_size(r['size'])} (used {format_size(r['used']) if r['used'] else '0'})"
+            for r in m["shared"]) + " at /mnt/shared/NAME in the instances naming them")
     sig = m.get("signatures") or {}
     if sig.get("keyring"):
         out.append(f"SIGNED  images {'must be' if sig.get('required') else 'may be'} signed "

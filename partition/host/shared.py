@@ -144,19 +144,37 @@ class SharedRegions:
         return out
 
     def close(self) -> None:
-        """Unmount and remove every region (lazily if a program still holds one open: its
-        pages go with the last reference), then the ``shared`` directory."""
-        for r in list(self.regions.values()):
-            try:
-                linux.umount(r.path, MNT_DETACH)
-            except OSError:
-                pass
-            try:
-                os.rmdir(r.path)
-            except OSError:
-                pass
-            del self.regions[r.name]
+        """Unmount and remove every region, also those a dead host left that this one
+        adopted without knowing (lazily if a program still holds one open: its pages go with
+        the last reference), then the ``shared`` directory."""
+        self.regions.clear()
+        release_left(os.path.dirname(self.root))
+
+
+def release_left(run_dir: str) -> None:
+    """Unmount whatever is mounted under ``RUN/shared`` (deepest first) and remove the
+    directories: what a machine's close does, and what ``mkctl shutdown`` does for a dead
+    host's run directory before removing it (a mount would survive ``rmtree``)."""
+    root = os.path.join(run_dir, "shared")
+    if not os.path.isdir(root):
+        return
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        points = []
+    # (mountinfo escapes a space as \040; the host's run directories hold none)
+    for point in sorted((p for p in points if p.startswith(root + "/")), key=len, reverse=True):
         try:
-            os.rmdir(self.root)
+            linux.umount(point, MNT_DETACH)
         except OSError:
             pass
+    for entry in os.listdir(root):
+        try:
+            os.rmdir(os.path.join(root, entry))
+        except OSError:
+            pass
+    try:
+        os.rmdir(root)
+    except OSError:
+        pass

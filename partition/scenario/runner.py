@@ -147,7 +147,7 @@ class Runner:
             self.m = Machine(cpus=cpus, memory=mc["memory"], host_cpus=host,
                              oversubscribe=mc["oversubscribe"], protection=mc["protection"],
                              kill_timeout=5.0, survive_host=crash,
-                             llc_way_mask=mc["llc_way_mask"], shared=mc["shared"])
+                             llc_way_mask=mc["llc_way_mask"], shared=mc.get("shared"))
         except MKError as exc:
             raise ScenarioInvalid(self.sc.path, [in_scenario_words(
                 f"[machine]: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))]) from None
@@ -169,7 +169,7 @@ class Runner:
                                  restart_window=i["restart_window"], watchdog=i["watchdog"],
                                  standby_for=i["standby_for"],
                                  preserve_memory=i["preserve_memory"],
-                                 llc_way_mask=i["llc_way_mask"], shared=i["shared"])
+                                 llc_way_mask=i["llc_way_mask"], shared=i.get("shared"))
                     else:
                         m.load(i["name"], i["kernel"], _cmdline(i))
                 except MKError as exc:

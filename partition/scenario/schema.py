@@ -194,6 +194,9 @@ def _args(v: Any) -> dict[str, Any]:
 
 
 REQUIRED = object()
+#: a key left out of the checked table when the file does not give it (a later addition that
+#: changes nothing for scenarios without it)
+ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ MACHINE_KEYS = {
     "protection": Key(_bool, True, "map each instance's own partition only"),
     "llc_way_mask": Key(_mask, None, "the LLC ways instances may hold (the baseline's "
                                      "llc-way-mask); default: none"),
-    "shared": Key(_shared_table, None, "shared regions, name = size: a tmpfs each that "
+    "shared": Key(_shared_table, ABSENT, "shared regions, name = size: a tmpfs each that "
                                        "instances naming it mount at /mnt/shared/NAME"),
 }
 INSTANCE_KEYS = {
@@ -243,7 +246,7 @@ INSTANCE_KEYS = {
     "id": Key(_int(1, 511), None, "instance id; default: the lowest free, in file order "
                                   "(standbys last)"),
     "metrics": Key(_metric_names, [], "metrics its kernel publishes (self.metric), for expect"),
-    "shared": Key(_region_names, None, "the machine's shared regions its programs mount"),
+    "shared": Key(_region_names, ABSENT, "the machine's shared regions its programs mount"),
 }
 PROBE_KEYS = {
     "name": Key(_name, REQUIRED, "probe name (also the name in expectations)"),
@@ -352,7 +355,7 @@ class _Checker:
             if k not in out and k not in raw:
                 if spec.default is REQUIRED:
                     self.problems.append(f"{where}: key {k!r} is required ({spec.doc})")
-                else:
+                elif spec.default is not ABSENT:
                     out[k] = spec.default
         return out
 
