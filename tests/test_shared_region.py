@@ -191,3 +191,17 @@ def test_a_scenario_declares_regions_and_names_them():
     with pytest.raises(schema.ScenarioInvalid) as ei:
         schema.check({**doc, "machine": {"shared": ["db:4M"]}}, "t.toml")
     assert any("'shared'" in p for p in ei.value.problems)
+
+
+def test_a_baseline_device_tree_declares_a_region(run_dir, tmp_path):
+    from partition import linux
+    apic = linux.physical_cpu_ids()[CPUS[-1]]
+    base = tmp_path / "pool.dts"
+    base.write_text(f"/dts-v1/;\n/ {{\n\tresources {{\n\t\tcpus = /bits/ 64 <{apic}>;\n"
+                    "\t\tmemory@0 { size = /bits/ 64 <0x1000000>; numa-node-id = <0>; };\n"
+                    "\t\tdaxfs@db { size = /bits/ 64 <0x400000>; };\n\t};\n};\n")
+    r = mk(run_dir, "init", "--input", str(base), "--host-cpus", HOST_CPUS, "--oversubscribe")
+    assert r.returncode == 0, r.stderr
+    snap = json.loads(mk(run_dir, "show", "--format", "json").stdout)
+    assert [(s["name"], s["size"]) for s in snap["machine"]["shared"]] == [("db", 4 << 20)]
+    assert mounted(os.path.join(run_dir, "shared", "db"))

@@ -83,6 +83,8 @@ def cmd_init(a: argparse.Namespace) -> int:
         a.memory = base.memory_bytes
         if base.llc_way_mask is not None and a.llc_way_mask is None:
             a.llc_way_mask = base.llc_way_mask
+        if base.shared and not a.shared:
+            a.shared = [f"{n}:{size}" for n, size in base.shared.items()]
     cfg = {"cpus": a.cpus, "memory": a.memory, "host_cpus": a.host_cpus,
            "oversubscribe": a.oversubscribe, "console_bytes": a.console_size,
            "kill_timeout": a.kill_timeout, "protection": a.protection,

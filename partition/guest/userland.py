@@ -16,7 +16,8 @@ and made to look and die as the instance's own:
   PID namespace (so ``/proc/sysrq-trigger`` and ``/proc/sys`` cannot be written), a minimal
   ``/dev`` (null, zero, full, random, urandom, tty, a ``console`` and a ``shm``), and private
   size-limited tmpfs on ``/tmp``, ``/run`` and ``/var/tmp``: tmpfs pages are charged to the
-  memory cgroup of the process that writes them, which is the instance's;
+  memory cgroup of the process that writes them, which is the instance's; and the machine's
+  shared regions the instance names, read-write at ``/mnt/shared/NAME`` (host/shared.py);
 * the instance's **cgroups** (CPUs, memory, process limit; and the host's kill switch, so every
   process here dies when the instance dies) and its **CPUs** as the affinity;
 * **no privileges**: every capability dropped, no_new_privs, the locked securebits, then the

@@ -28,6 +28,9 @@ class Baseline:
     cpus: list[int]
     memory: dict[int, int]
     llc_way_mask: int | None = None
+    #: the machine's shared regions, ``daxfs@NAME { size; }`` (the emulator's own node:
+    #: host/shared.py), name -> bytes, checked where the machine is made
+    shared: dict[str, int] = field(default_factory=dict)
 
     @property
     def memory_bytes(self) -> int:
@@ -60,7 +63,15 @@ def parse_baseline(data: bytes) -> Baseline:
                               "a baseline asks for memory by size: memory@0 { size = /bits/ 64 <N>; }")
         numa = t.u32(node, "numa-node-id") or 0
         memory[numa] = memory.get(numa, 0) + size
-    return Baseline(cpus=cpus, memory=memory, llc_way_mask=t.llc_mask(res))
+    shared: dict[str, int] = {}
+    for name, node in t.children(res):
+        if name.startswith("daxfs@"):
+            size = t.u64(node, "size")
+            if size is None:
+                raise InvalidSpec(f"baseline device tree: /resources/{name} has no 'size'",
+                                  "a shared region: daxfs@db { size = /bits/ 64 <0x1000000>; }")
+            shared[name[len("daxfs@"):]] = size
+    return Baseline(cpus=cpus, memory=memory, llc_way_mask=t.llc_mask(res), shared=shared)
 
 
 # -- overlays -------------------------------------------------------------------------------------
