@@ -89,10 +89,13 @@ def test_a_file_written_through_mmap_outlives_its_writers_panic(two_instances):
     assert mk(run_dir, "fault", "a", "panic").returncode == 0
     r = mk(run_dir, "exec", "b", "--", PYTHON, "-c", READER)
     assert (r.returncode, r.stdout.strip()) == (0, written), r.stderr
-    # the region is a directory of its own, writable; the /mnt around it is not
+    # the region is a directory of its own, writable; the /mnt around it is not, the region
+    # it does not name is not there, and its host path (in the run directory) is covered
     r = mk(run_dir, "exec", "b", "--", "/bin/sh", "-c",
-           "echo x > /mnt/shared/db/b.txt && ! touch /mnt/other 2>/dev/null && ls /mnt/shared")
+           "echo x > /mnt/shared/db/b.txt && ! touch /mnt/other 2>/dev/null && "
+           f"! test -e {region}/log && ls /mnt/shared/db/../")
     assert (r.returncode, r.stdout.split()) == (0, ["db"]), r.stderr
+    assert os.path.exists(os.path.join(region, "b.txt"))
 
 
 def test_the_region_is_shown_and_goes_with_the_machine(two_instances):
