@@ -126,8 +126,10 @@ class SharedRegions:
         for n in names:
             if n not in self.regions:
                 have = ", ".join(sorted(self.regions)) or "none"
-                raise NoSuchSharedRegion(f"the machine has no shared region {n!r} (it has: "
-                                         f"{have})", "mkctl init --shared NAME:SIZE declares one")
+                raise NoSuchSharedRegion(
+                    f"the machine has no shared region {n!r} (it has: {have})",
+                    "declare it with the machine: mkctl init --shared NAME:SIZE, or a "
+                    "scenario's [machine] shared table")
         return list(dict.fromkeys(names))
 
     def describe(self) -> list[dict[str, Any]]:
