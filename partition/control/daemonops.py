@@ -28,7 +28,7 @@ def ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "show": ({"name", "brief"}, m.show),
         "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
                     "restart_window", "watchdog", "standby_for", "preserve_memory",
-                    "llc_way_mask"}, m.create),
+                    "llc_way_mask", "pids_max", "rootfs"}, m.create),
         "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog",
                     "preserve_memory"}, m.update),
         "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
@@ -66,7 +66,8 @@ def _exec_into(m: Machine, name: str, argv: Any = ()) -> dict[str, Any]:
     m.events.info("exec_command", instance=inst.id, name=inst.name,
                   argv=[str(a)[:200] for a in list(argv)[:32]])
     return {"id": inst.id, "pid": inst.pid, "cpus": list(inst.cpus),
-            "procs": m.cgroups.procs_files(inst.id), "generation": inst.generation}
+            "procs": m.cgroups.procs_files(inst.id), "generation": inst.generation,
+            "rootfs": inst.rootfs}
 
 
 def _by_id(m: Machine, mk_id: Any) -> str:

@@ -17,7 +17,7 @@ supported; a machine with neither runs its instances uncontained and says so
 
 Limits: ``cpuset.cpus`` = the instance's CPUs; memory = the partition + the kernel's heap limit
 (``mk_heap``, 256M by default) + ``ALLOWANCE`` for the interpreter and its mappings; ``pids`` =
-``PIDS_MAX``.
+the instance's process limit (``create --pids-max``; ``PIDS_MAX`` by default).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import re
 import signal
 import time
 
+from partition.host.userspec import PIDS_MAX_DEFAULT
+
 ALLOWANCE = 96 << 20       # the interpreter, its libraries and page tables, beyond the heap
-PIDS_MAX = 64              # processes and threads of one instance
+PIDS_MAX = PIDS_MAX_DEFAULT  # processes and threads of one instance, unless create says
 V1_CONTROLLERS = ("cpuset", "memory", "pids", "freezer")
 _MOUNT = "/sys/fs/cgroup"
 
@@ -113,7 +115,8 @@ class Cgroups:
     def _dirs(self, instance_id: int) -> dict[str, str]:
         return {c: os.path.join(b, f"i{instance_id}") for c, b in self.bases.items()}
 
-    def prepare(self, instance_id: int, cpus: list[int], memory_limit: int) -> list[str]:
+    def prepare(self, instance_id: int, cpus: list[int], memory_limit: int,
+                pids_max: int = PIDS_MAX) -> list[str]:
         """Make (or reset) the instance's cgroups; returns the ``cgroup.procs`` files the
         trampoline writes itself into."""
         if self.mode is None:
@@ -130,11 +133,11 @@ class Cgroups:
                 elif c == "memory":
                     _write(os.path.join(d, "memory.limit_in_bytes"), str(memory_limit))
                 elif c == "pids":
-                    _write(os.path.join(d, "pids.max"), str(PIDS_MAX))
+                    _write(os.path.join(d, "pids.max"), str(pids_max))
             else:
                 self._cpus(d, cpulist, "")
                 _write(os.path.join(d, "memory.max"), str(memory_limit))
-                _write(os.path.join(d, "pids.max"), str(PIDS_MAX))
+                _write(os.path.join(d, "pids.max"), str(pids_max))
         return [os.path.join(d, "cgroup.procs") for d in dirs.values()]
 
     @staticmethod

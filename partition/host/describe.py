@@ -135,6 +135,7 @@ class Looks:
             "pid": inst.pid, "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
             "llc_way_mask": llc.fmt(inst.llc_way_mask) if inst.llc_way_mask else None,
+            "pids_max": inst.pids_max, "rootfs": inst.rootfs,
         }
 
     def snapshot(self, brief: bool, started: float, adopt_ms: float | None) -> dict[str, Any]:

@@ -236,14 +236,17 @@ class Machine:
                max_restarts: int = 3, restart_window: float = 5.0,
                watchdog: float = 0.0, standby_for: str | None = None,
                preserve_memory: bool = False,
-               llc_way_mask: int | str | None = None) -> dict[str, Any]:
+               llc_way_mask: int | str | None = None, pids_max: int | str | None = None,
+               rootfs: str | None = None) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: its own LLC ways,
-        a subset of the pool's that no other instance holds (host/llc.py)."""
+        a subset of the pool's that no other instance holds (host/llc.py); ``pids_max``: its
+        process limit (64 by default); ``rootfs``: its userland's root (host/userspec.py)."""
         policy = {"policy": recovery, "max_restarts": max_restarts,
                   "restart_window": restart_window, "watchdog": watchdog,
                   "preserve_memory": preserve_memory}
         return self.describe(self.house.provision.create(name, memory, cpus, cpu_count, id, policy,
-                                                         standby_for, llc_way_mask))
+                                                         standby_for, llc_way_mask,
+                                                         pids_max, rootfs))
 
     @verb
     def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:

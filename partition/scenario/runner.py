@@ -169,7 +169,7 @@ class Runner:
                                  restart_window=i["restart_window"], watchdog=i["watchdog"],
                                  standby_for=i["standby_for"],
                                  preserve_memory=i["preserve_memory"],
-                                 llc_way_mask=i["llc_way_mask"])
+                                 llc_way_mask=i["llc_way_mask"], pids_max=i["pids_max"])
                     else:
                         m.load(i["name"], i["kernel"], _cmdline(i))
                 except MKError as exc:

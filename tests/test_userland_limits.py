@@ -1,0 +1,142 @@
+"""An instance's userland bounded and frozen by the host: the process limit that ``create`` and
+the scenario set (``--pids-max``), the freezer a hang-stop puts the whole instance in, and the
+root that ``create --rootfs`` gives it. Real supervisors, real userlands; every process reaped."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from partition.errors import ProcessLimitInvalid, ProcessLimitZero, RootfsMissing
+from partition.host import userspec
+from partition.scenario import schema
+from partition.scenario.schema import ScenarioInvalid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PICKY = os.path.join(HERE, "kernels", "picky.py")
+MKCTL = [sys.executable, "-m", "partition.control.cli"]
+CPUS = sorted(os.sched_getaffinity(0))
+PYTHON = os.path.realpath(sys.executable)      # not a shim script
+
+
+def mk(run_dir, *args, **kw):
+    return subprocess.run(MKCTL + [args[0], "--run-dir", run_dir, *args[1:]],
+                          capture_output=True, text=True, timeout=60, **kw)
+
+
+def machine(run_dir) -> None:
+    r = mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
+           ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+    assert r.returncode == 0, r.stderr
+
+
+def running(run_dir, name: str, *create: str) -> None:
+    for args in (("create", name, "--cpus", str(CPUS[-1]), "--memory", "16M", *create),
+                 ("load", name, "--kernel", PICKY), ("start", name)):
+        r = mk(run_dir, *args)
+        assert r.returncode == 0, r.stderr
+
+
+# -- the checks alone --------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [1, 64, "256", 4194304, 8.0])
+def test_a_process_limit_in_range_is_taken(value):
+    assert userspec.check_pids_max(value) == int(value)
+
+
+@pytest.mark.parametrize("value, cls", [
+    (0, ProcessLimitZero), ("0", ProcessLimitZero), (-1, ProcessLimitInvalid),
+    ("-5", ProcessLimitInvalid), (float("nan"), ProcessLimitInvalid),
+    ("nan", ProcessLimitInvalid), (float("inf"), ProcessLimitInvalid),
+    (4194305, ProcessLimitInvalid), (1.5, ProcessLimitInvalid), (True, ProcessLimitInvalid),
+    ("many", ProcessLimitInvalid), (None, ProcessLimitInvalid)])
+def test_a_bad_process_limit_is_refused_with_the_fix(value, cls):
+    with pytest.raises(cls) as ei:
+        userspec.check_pids_max(value, "'db'")
+    assert ei.value.errno == errno.EINVAL
+    assert "'db'" in ei.value.message and "1..4194304" in (ei.value.hint or "")
+
+
+def test_a_rootfs_must_be_a_directory(tmp_path):
+    assert userspec.check_rootfs(str(tmp_path)) == str(tmp_path)
+    (tmp_path / "file").write_text("")
+    for bad, says in ((tmp_path / "none", "does not exist"), (tmp_path / "file",
+                                                               "is not a directory")):
+        with pytest.raises(RootfsMissing) as ei:
+            userspec.check_rootfs(str(bad))
+        assert says in ei.value.message and ei.value.hint and ei.value.errno == errno.ENOENT
+
+
+def test_a_scenario_sets_the_process_limit():
+    doc = {"scenario": {"name": "t"},
+           "instance": [{"name": "a", "kernel": "kernels.idle:IdleKernel", "pids_max": 200},
+                        {"name": "b", "kernel": "kernels.idle:IdleKernel"}]}
+    sc = schema.check(doc)
+    assert [i["pids_max"] for i in sc.instances] == [200, userspec.PIDS_MAX_DEFAULT]
+    for bad in (0, -3, 4194305, "64", 2.5):
+        doc["instance"][0]["pids_max"] = bad
+        with pytest.raises(ScenarioInvalid) as ei:
+            schema.check(doc, "t.toml")
+        assert any("pids_max" in p for p in ei.value.problems), ei.value.problems
+
+
+# -- the process limit, enforced -----------------------------------------------------------------
+FORK_BOMB = textwrap.dedent("""
+    import os, time
+    kids = []
+    while len(kids) < 500:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            print(len(kids), exc.errno)
+            break
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        kids.append(pid)
+    else:
+        print(len(kids), 0)
+    for k in kids:
+        os.kill(k, 9)
+        os.waitpid(k, 0)
+""")
+
+
+@pytest.mark.system
+def test_a_fork_bomb_stops_at_the_limit_create_set(run_dir):
+    machine(run_dir)
+    running(run_dir, "db", "--pids-max", "24")
+    shown = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+    assert shown["pids_max"] == 24 and shown["rootfs"] is None
+    assert "process limit 24" in mk(run_dir, "show", "db").stdout
+    r = mk(run_dir, "exec", "db", "--", PYTHON, "-c", FORK_BOMB)
+    assert r.returncode == 0, r.stderr
+    forked, err = map(int, r.stdout.split())
+    # the kernel, the relay, the init and the bomb itself count too: fewer than 24 children,
+    # where the default limit (64) would have let far more than 24 be born
+    assert err == errno.EAGAIN and 0 < forked < 24, r.stdout
+    assert mk(run_dir, "show", "db").returncode == 0       # the instance is unharmed
+
+
+@pytest.mark.system
+def test_a_bad_process_limit_changes_nothing(run_dir):
+    machine(run_dir)
+    for bad in ("0", "-1", "nan", "4194305", "1.5"):
+        r = mk(run_dir, "create", "db", "--cpus", str(CPUS[-1]), "--memory", "16M",
+               "--pids-max", bad)
+        assert r.returncode != 0 and "process limit" in r.stderr and "fix:" in r.stderr, \
+            (bad, r.stderr)
+    # past mkctl, on the supervisor's own socket: the same refusal
+    from partition.control.client import Client
+    for bad, cls in ((0, ProcessLimitZero), (-7, ProcessLimitInvalid), ("nan", ProcessLimitInvalid),
+                     (1 << 40, ProcessLimitInvalid)):
+        with pytest.raises(cls):
+            Client(run_dir).call("create", name="db", memory="16M", cpus=str(CPUS[-1]),
+                                 pids_max=bad)
+    snap = json.loads(mk(run_dir, "show", "--format", "json").stdout)
+    assert snap["instances"] == []
