@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,56 @@ def test_a_bad_process_limit_changes_nothing(run_dir):
                                  pids_max=bad)
     snap = json.loads(mk(run_dir, "show", "--format", "json").stdout)
     assert snap["instances"] == []
+
+
+# -- create --rootfs -------------------------------------------------------------------------------
+def _mini_rootfs(root) -> None:
+    """A root holding dash and cat with their libraries, and a marker."""
+    for d in ("bin", "etc", "proc", "dev", "tmp", "run"):
+        (root / d).mkdir()
+    for prog in ("/bin/sh", "/bin/cat"):
+        shutil.copy(prog, root / "bin" / os.path.basename(prog))
+        libs = subprocess.run(["ldd", prog], capture_output=True, text=True).stdout.split()
+        for lib in (x for x in libs if x.startswith("/")):
+            dest = root / lib.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(lib, dest)
+    (root / "etc" / "marker").write_text("inside the rootfs\n")
+
+
+@pytest.mark.system
+def test_exec_runs_in_the_rootfs_create_gave(run_dir, tmp_path):
+    machine(run_dir)
+    root = tmp_path / "root"
+    root.mkdir()
+    _mini_rootfs(root)
+    # a relative path is mkctl's, made absolute before the supervisor sees it
+    r = subprocess.run(MKCTL + ["create", "--run-dir", run_dir, "db", "--cpus", str(CPUS[-1]),
+                                "--memory", "16M", "--rootfs", "root"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"rootfs {root}" in r.stdout
+    for args in (("load", "db", "--kernel", PICKY), ("start", "db")):
+        assert mk(run_dir, *args).returncode == 0
+    shown = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+    assert shown["rootfs"] == str(root)
+    r = mk(run_dir, "exec", "db", "--", "/bin/sh", "-c", "cat /etc/marker; echo /*")
+    assert r.returncode == 0, r.stderr
+    marker, listing = r.stdout.splitlines()
+    assert marker == "inside the rootfs"
+    assert set(listing.split()) == {"/" + e for e in os.listdir(root)}   # not the host's root
+
+
+@pytest.mark.system
+def test_a_missing_rootfs_creates_nothing(run_dir, tmp_path):
+    machine(run_dir)
+    (tmp_path / "file").write_text("")
+    for bad in (str(tmp_path / "none"), str(tmp_path / "file")):
+        r = mk(run_dir, "create", "db", "--cpus", str(CPUS[-1]), "--memory", "16M",
+               "--rootfs", bad)
+        assert r.returncode != 0 and "rootfs" in r.stderr and "fix:" in r.stderr, r.stderr
+    from partition.control.client import Client
+    with pytest.raises(RootfsMissing):
+        Client(run_dir).call("create", name="db", memory="16M", cpus=str(CPUS[-1]),
+                             rootfs=str(tmp_path / "none"))
+    assert json.loads(mk(run_dir, "show", "--format", "json").stdout)["instances"] == []
