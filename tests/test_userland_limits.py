@@ -8,9 +8,12 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -194,3 +197,63 @@ def test_a_missing_rootfs_creates_nothing(run_dir, tmp_path):
         Client(run_dir).call("create", name="db", memory="16M", cpus=str(CPUS[-1]),
                              rootfs=str(tmp_path / "none"))
     assert json.loads(mk(run_dir, "show", "--format", "json").stdout)["instances"] == []
+
+
+# -- hang-stop freezes the userland ------------------------------------------------------------
+COUNTER = "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
+
+
+def host_pids(cmdline: bytes) -> list[int]:
+    """Processes of the host whose command line is exactly ``cmdline`` (NUL-separated)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if f.read() == cmdline:
+                        out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def until(pred, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"{what} never held"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.system
+def test_a_hang_stop_freezes_the_userland_until_the_watchdog_acts(run_dir):
+    machine(run_dir)
+    running(run_dir, "db", "--watchdog", "3")
+    argv = [PYTHON, "-c", COUNTER]
+    program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(program.stdout), daemon=True)
+    reader.start()
+    try:
+        until(lambda: len(seen) >= 5, what="the counter printing")
+        inside = until(lambda: host_pids(b"\0".join(a.encode() for a in argv) + b"\0"),
+                       what="the counter's process")
+        assert mk(run_dir, "fault", "db", "hang-stop").returncode == 0
+        time.sleep(0.3)                          # (a line in the pipe as it froze)
+        frozen_at = len(seen)
+        time.sleep(1.2)
+        assert len(seen) == frozen_at, "the userland ran on through a hang-stop"
+        # the watchdog declares the hang and halts the instance: every process of it killed
+        until(lambda: json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+              ["state"] != "active", timeout=20, what="the watchdog's halt")
+        assert program.wait(timeout=30) == 128 + signal.SIGKILL
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in inside),
+              what="the frozen program gone")
+        shown = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+        assert shown["last_failure"]["kind"] == "hang", shown["last_failure"]
+    finally:
+        if program.poll() is None:
+            program.kill()
+        program.wait()
+        reader.join(timeout=5)
