@@ -257,3 +257,17 @@ def test_a_hang_stop_freezes_the_userland_until_the_watchdog_acts(run_dir):
             program.kill()
         program.wait()
         reader.join(timeout=5)
+
+
+@pytest.mark.system
+def test_an_adopted_instance_keeps_its_limit_and_root(run_dir, tmp_path):
+    machine(run_dir)
+    running(run_dir, "db", "--pids-max", "30", "--rootfs", str(tmp_path))
+    pid = json.loads(mk(run_dir, "show", "--format", "json").stdout)["machine"]["supervisor_pid"]
+    os.kill(pid, signal.SIGKILL)
+    until(lambda: not os.path.exists(f"/proc/{pid}") or
+          open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z", what="the host's death")
+    r = mk(run_dir, "adopt")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+    assert (shown["state"], shown["pids_max"], shown["rootfs"]) == ("active", 30, str(tmp_path))
