@@ -271,3 +271,27 @@ def test_an_adopted_instance_keeps_its_limit_and_root(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     shown = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
     assert (shown["state"], shown["pids_max"], shown["rootfs"]) == ("active", 30, str(tmp_path))
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("end", [("fault", "db", "kill"), ("kill", "db", "--force")],
+                         ids=["kill-fault", "forced-halt"])
+def test_a_hung_stopped_instance_can_still_be_killed(run_dir, end):
+    """No watchdog: the kill that ends the hang must thaw what it killed, or nothing dies."""
+    machine(run_dir)
+    running(run_dir, "db")
+    program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", "sleep", "305"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sleeps = until(lambda: host_pids(b"sleep\x00305\x00"), what="the exec's sleep")
+        assert mk(run_dir, "fault", "db", "hang-stop").returncode == 0
+        assert mk(run_dir, *end).returncode == 0
+        until(lambda: json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+              ["state"] != "active", timeout=20, what="the instance halted")
+        assert program.wait(timeout=30) == 128 + signal.SIGKILL
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in sleeps),
+              what="the frozen program gone")
+    finally:
+        if program.poll() is None:
+            program.kill()
+        program.wait()

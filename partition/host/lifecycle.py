@@ -221,9 +221,9 @@ class Lifecycle:
                 self.port.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self._unfreeze(inst)
+        self.unfreeze(inst)
 
-    def _unfreeze(self, inst: Instance) -> None:
+    def unfreeze(self, inst: Instance) -> None:
         """A hung-stopped instance (its cgroup frozen, faults.py) dies only once thawed: every
         process of it is killed while still frozen, then the cgroup thawed (``Cgroups.kill``),
         so that none of its userland runs again; its parked successor is spared."""
@@ -416,7 +416,7 @@ class Lifecycle:
             elif not reaped:
                 try:
                     os.kill(inst.pid, signal.SIGKILL)
-                    self._unfreeze(inst)          # (else the wait would be for good)
+                    self.unfreeze(inst)          # (else the wait would be for good)
                     os.waitpid(inst.pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass

@@ -303,7 +303,8 @@ class Machine:
         """Inject a fault into an active instance (see faults.py for the kinds)."""
         opts = faults.validate(kind, options)
         return faults.inject(self.get(name), kind, opts, self.by_id, self.describe, self.writes,
-                             self.ipc.command, self.events, freeze=self.cgroups.freeze)
+                             self.ipc.command, self.events, freeze=self.cgroups.freeze,
+                             unfreeze=self.lifecycle.unfreeze)
 
     def checksum(self, name: str) -> int:
         """CRC32 of an instance's whole partition, as the host reads it."""
