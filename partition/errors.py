@@ -169,6 +169,13 @@ class ProcessLimitZero(MKError):
     errno = _errno.EINVAL
 
 
+class ProcessLimitInvalid(MKError):
+    """A process limit that is not a whole number of processes the pids cgroup can hold
+    (negative, NaN, a fraction, or past the kernel's ``pid_max`` ceiling of 4194304)."""
+
+    errno = _errno.EINVAL
+
+
 class NotATerminal(MKError):
     """``mkctl exec -t`` without a terminal on mkctl's stdin: no size to give, no raw mode."""
 
@@ -176,7 +183,7 @@ class NotATerminal(MKError):
 
 
 _CLASSES.update({c.__name__: c for c in (RootfsMissing, RootfsUnreadable, ProcessLimitZero,
-                                         NotATerminal)})
+                                         ProcessLimitInvalid, NotATerminal)})
 
 
 class SharedRegionTooLarge(MKError):

@@ -124,7 +124,7 @@ def test_a_late_ring_of_the_old_kernels_doorbell_wakes_the_new_one(machine):
     of the ring end, as the host gave it), and leaves ``signaled`` set, so no later send rings either. Here the
     test plays that sender with a copy of the old ring end; the new kernel is tickless."""
     up(machine, "idle", IDLE)
-    inst = machine._get("idle")
+    inst = machine.get("idle")
     late = os.dup(inst.doorbell_fd)              # the Port's copy of the old kernel's doorbell
     try:
         machine.live_update("idle", IDLE)

@@ -175,7 +175,7 @@ def run(loops: int = 300, rounds: int = 5, write_mib: int = 32, cpu: int | None 
         m.create("bench", cpus=[cpu], memory=memory)
         m.load("bench", "kernels.idle:IdleKernel")
         m.start("bench")
-        inst = m._get("bench")
+        inst = m.get("bench")
         identity = userland.Identity(name="bench", cpus=[cpu],
                                      cgroup_procs=m.cgroups.procs_files(inst.id),
                                      kernel_pid=inst.pid)

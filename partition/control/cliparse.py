@@ -204,6 +204,12 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--shared", action="append", default=None, metavar="NAME",
                    help="a shared region of the machine its programs see at /mnt/shared/NAME "
                         "(repeatable)")
+    p.add_argument("--pids-max", default=None, metavar="N",
+                   help="its process limit: processes and threads of the kernel and every "
+                        "program inside, 1..4194304 (default 64; the pids cgroup)")
+    p.add_argument("--rootfs", default=None, metavar="DIR",
+                   help="the root of its userland (mkctl exec), e.g. an unpacked container "
+                        "image (default: the host's root, read-only)")
     p.set_defaults(fn=cmd_create)
 
     p = sub.add_parser("update", parents=[common],

@@ -18,6 +18,7 @@ from typing import Any
 from partition.control.client import Client, start_supervisor, stop_supervisor
 from partition.control.show import format_metrics, render_show
 from partition.errors import MKError
+from partition.host import userspec
 from partition.terminal import printable
 from partition.units import format_cpulist, format_size
 
@@ -44,6 +45,10 @@ def _one_line(i: dict[str, Any]) -> str:
         s += f", pid {i['pid']}"
     if i.get("llc_way_mask"):
         s += f", llc ways {i['llc_way_mask']}"
+    if i.get("pids_max") not in (None, userspec.PIDS_MAX_DEFAULT):
+        s += f", process limit {i['pids_max']}"
+    if i.get("rootfs"):
+        s += f", rootfs {printable(i['rootfs'], one_line=True)}"
     if i.get("signature"):
         s += f", signature {printable(str(i['signature']), one_line=True)}"
     if i.get("last_exit") and i["state"] != "active":        # the kernel's own words
@@ -177,7 +182,13 @@ def cmd_create(a: argparse.Namespace) -> int:
         print("mkctl create: give NAME, --memory and --cpus or --cpu-count (or --input FILE)",
               file=sys.stderr)
         return EXIT_USAGE
-    extra = {} if a.llc_way_mask is None else {"llc_way_mask": a.llc_way_mask}
+    extra: dict[str, Any] = {} if a.llc_way_mask is None else {"llc_way_mask": a.llc_way_mask}
+    # checked here too, so that a bad value never reaches the supervisor, and a relative
+    # rootfs is mkctl's (the supervisor's working directory is not the caller's)
+    if a.pids_max is not None:
+        extra["pids_max"] = userspec.check_pids_max(a.pids_max, repr(a.name))
+    if a.rootfs is not None:
+        extra["rootfs"] = userspec.check_rootfs(a.rootfs, repr(a.name))
     if a.shared:
         extra["shared"] = list(a.shared)
     r = Client(a.run_dir).call("create", name=a.name, memory=a.memory, cpus=a.cpus,
@@ -284,6 +295,9 @@ def cmd_show(a: argparse.Namespace) -> int:
     if a.name:
         counters = " ".join(f"{k}={v}" for k, v in r["counters"].items())
         text = f"{_one_line(r)}\n  counters: {counters}"
+        if "pids_max" in r:
+            root = printable(r["rootfs"], one_line=True) if r.get("rootfs") else "the host's"
+            text += f"\n  userland: process limit {r['pids_max']}, root {root}"
         if r.get("metrics"):                        # what its kernel published (metric())
             text += "\n  metrics: " + format_metrics(r["metrics"])
     else:

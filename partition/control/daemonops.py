@@ -28,7 +28,7 @@ def ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "show": ({"name", "brief"}, m.show),
         "create": ({"name", "memory", "cpus", "cpu_count", "id", "recovery", "max_restarts",
                     "restart_window", "watchdog", "standby_for", "preserve_memory",
-                    "llc_way_mask", "shared"}, m.create),
+                    "llc_way_mask", "shared", "pids_max", "rootfs"}, m.create),
         "update": ({"name", "recovery", "max_restarts", "restart_window", "watchdog",
                     "preserve_memory"}, m.update),
         "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
@@ -59,7 +59,7 @@ def _exec_into(m: Machine, name: str, argv: Any = ()) -> dict[str, Any]:
     """What ``mkctl exec NAME -- CMD`` needs to put a process under a running instance: its
     pid (to join its namespaces), CPUs and cgroups. The command itself runs in mkctl's child,
     with mkctl's stdio; the host records that it was asked."""
-    inst = m._get(name)
+    inst = m.get(name)
     if inst.state.value != "active" or inst.pid is None:
         raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; exec runs a command "
                         "inside a running instance", f"mkctl start {inst.name} first")
@@ -67,7 +67,8 @@ def _exec_into(m: Machine, name: str, argv: Any = ()) -> dict[str, Any]:
                   argv=[str(a)[:200] for a in list(argv)[:32]])
     return {"id": inst.id, "pid": inst.pid, "cpus": list(inst.cpus),
             "procs": m.cgroups.procs_files(inst.id), "generation": inst.generation,
-            "shared": m.shared.mounts(m.shared_of.get(inst.name, []))}
+            "shared": m.shared.mounts(inst.shared),
+            "rootfs": inst.rootfs}
 
 
 def _by_id(m: Machine, mk_id: Any) -> str:

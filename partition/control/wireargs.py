@@ -103,6 +103,15 @@ def _mask(name: str, value: Any) -> None:
         _refuse(name, value, "a bit mask (text such as 0x0f, or an integer)", f"{name}=\"0x0f\"")
 
 
+def _limit(name: str, value: Any) -> None:
+    """A process limit: an integer or text; host/userspec.py judges the number itself, so that
+    every way in (mkctl, the wire, a scenario) refuses it in the same words."""
+    if isinstance(value, str):
+        _text(name, value)
+    elif isinstance(value, bool) or not isinstance(value, int) or not -MAX_INT <= value <= MAX_INT:
+        _refuse(name, value, "a number of processes", f"{name}=256")
+
+
 def _blob(name: str, value: Any) -> None:
     if not isinstance(value, bytes):
         _refuse(name, value, "bytes (a DTBO)", "data=<the overlay's bytes>")
@@ -122,7 +131,8 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
                "recovery": (_text, False), "max_restarts": (_integer(0, 1000), False),
                "restart_window": (_SECONDS, False), "watchdog": (_SECONDS, False),
                "standby_for": (_text, False), "preserve_memory": (_flag, False),
-               "llc_way_mask": (_mask, False), "shared": (_argv, False)},
+               "llc_way_mask": (_mask, False), "pids_max": (_limit, False),
+               "rootfs": (_text, False), "shared": (_argv, False)},
     "update": {"name": (_text, True), "recovery": (_text, False),
                "max_restarts": (_integer(0, 1000), False), "restart_window": (_SECONDS, False),
                "watchdog": (_SECONDS, False), "preserve_memory": (_flag, False)},

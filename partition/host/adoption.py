@@ -68,6 +68,7 @@ from partition.host.statefile import (  # noqa: F401  (the state file's names, a
     state_path,
     write_state,
 )
+from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max
 from partition.units import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -289,6 +290,12 @@ def _rebuild(a: Adopter, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
                     standby_for=standby if isinstance(standby, str) else None)
     inst.extra_regions = extra
     inst.llc_way_mask = mask
+    try:        # (a dead host's record from before the limit was stored: the default)
+        inst.pids_max = check_pids_max(rec.get("pids_max", PIDS_MAX_DEFAULT))
+    except MKError:
+        inst.pids_max = PIDS_MAX_DEFAULT
+    rootfs = rec.get("rootfs")
+    inst.rootfs = rootfs if isinstance(rootfs, str) and rootfs.startswith("/") else None
     inst.boots = _int(rec.get("boots"))
     generation = _int(rec.get("generation"))
     # the host's command numbering goes on: a kernel obeys only numbers past its last

@@ -32,6 +32,7 @@ from partition.host.provision import Provisioning
 from partition.host.publish import Publisher
 from partition.host.reactor import Reactor
 from partition.host.resize import Resources
+from partition.host.shared import SharedRegions, parse_specs
 from partition.host.supervision import Supervisor
 from partition.host.sweep import Sweep
 from partition.host.table import InstanceTable
@@ -66,6 +67,8 @@ class Settings:
     kill_timeout: float
     boot_timeout: float
     protection: bool
+    #: the machine's shared regions, name -> bytes (host/shared.py)
+    shared: dict[str, int]
 
     @classmethod
     def check(cls, cpus: str | list[int] | None, memory: str | int,
@@ -74,7 +77,8 @@ class Settings:
               ring_slot_bytes: int, protection: bool, survive_host: bool, adopt: bool,
               pool_chunks: list[list[int]] | None, pool_window: int | None,
               llc_way_mask: int | str | None, require_signed: bool,
-              keyring: str | None) -> Settings:
+              keyring: str | None, shared: list[str] | dict[str, Any] | None = None
+              ) -> Settings:
         config = PoolConfig.build(cpus, memory, host_cpus, oversubscribe)
         shape = pool_shape(config.memory_bytes, pool_chunks, pool_window)
         mask = None if llc_way_mask is None else \
@@ -92,9 +96,11 @@ class Settings:
                               "use e.g. 65536")
         kill_s = seconds(kill_timeout, "kill_timeout", 0, 86400)
         boot_s = seconds(boot_timeout, "boot_timeout", 0, 3600)
+        # a bad name, a region larger than the pool
+        regions = parse_specs(shared, config.memory_bytes)
         return cls(config, shape, bool(pin_host), mask, ring, require_signed,
                    bool(survive_host or adopt), bool(adopt), console_bytes, ring_slots,
-                   ring_slot_bytes, kill_s, boot_s, bool(protection))
+                   ring_slot_bytes, kill_s, boot_s, bool(protection), regions)
 
     def check_rings(self) -> None:
         for what, v, lo, hi in (("ring_slots", self.ring_slots, 1, 4096),
@@ -162,6 +168,7 @@ class House:
     overlays: Overlays
     sweeper: Sweep
     turn: Turn
+    shared: SharedRegions
 
 
 def raise_fd_limit() -> None:
@@ -190,10 +197,13 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     arena = Arena(lay, tag=f"mk-arena:{rundir.machine_key(run_dir)}", flags=flags,
                   shm_name=statefile.arena_name(run_dir) if s.survive_host else None,
                   attach=s.adopting)
+    # mounted first, released by the caller if a later step fails (shared.release_left)
+    shared = SharedRegions(run_dir, s.shared, lay.arena_bytes)
     table = InstanceTable()
     reactor = Reactor()
     events = EventLog(os.path.join(run_dir, rundir.EVENTS), run_dir=run_dir)
     views = ViewWriter(run_dir)
+    views.shared(shared.describe())
     at = lay.console_at(HOST_ID)
     console = HostConsole(memoryview(arena.map)[at:at + s.console_bytes], not s.adopting)
     cpu = cfg.physical_ids.get(cfg.host_cpus[0], 0) if cfg.host_cpus else 0
@@ -235,7 +245,7 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     turn = Turn(table, reactor, ipc, supervisor, sweeper, writes, lifecycle, hooks.closing)
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
-                 lifecycle, liveupdate, resources, overlays, sweeper, turn)
+                 lifecycle, liveupdate, resources, overlays, sweeper, turn, shared)
 
 
 def warn_missing(events: EventLog, cgroups: Cgroups, resctrl: llc.Resctrl,

@@ -17,7 +17,7 @@ supported; a machine with neither runs its instances uncontained and says so
 
 Limits: ``cpuset.cpus`` = the instance's CPUs; memory = the partition + the kernel's heap limit
 (``mk_heap``, 256M by default) + ``ALLOWANCE`` for the interpreter and its mappings; ``pids`` =
-``PIDS_MAX``.
+the instance's process limit (``create --pids-max``; ``PIDS_MAX`` by default).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import re
 import signal
 import time
 
+from partition.host.userspec import PIDS_MAX_DEFAULT
+
 ALLOWANCE = 96 << 20       # the interpreter, its libraries and page tables, beyond the heap
-PIDS_MAX = 64              # processes and threads of one instance
+PIDS_MAX = PIDS_MAX_DEFAULT  # processes and threads of one instance, unless create says
 V1_CONTROLLERS = ("cpuset", "memory", "pids", "freezer")
 _MOUNT = "/sys/fs/cgroup"
 
@@ -113,7 +115,8 @@ class Cgroups:
     def _dirs(self, instance_id: int) -> dict[str, str]:
         return {c: os.path.join(b, f"i{instance_id}") for c, b in self.bases.items()}
 
-    def prepare(self, instance_id: int, cpus: list[int], memory_limit: int) -> list[str]:
+    def prepare(self, instance_id: int, cpus: list[int], memory_limit: int,
+                pids_max: int = PIDS_MAX) -> list[str]:
         """Make (or reset) the instance's cgroups; returns the ``cgroup.procs`` files the
         trampoline writes itself into."""
         if self.mode is None:
@@ -130,11 +133,11 @@ class Cgroups:
                 elif c == "memory":
                     _write(os.path.join(d, "memory.limit_in_bytes"), str(memory_limit))
                 elif c == "pids":
-                    _write(os.path.join(d, "pids.max"), str(PIDS_MAX))
+                    _write(os.path.join(d, "pids.max"), str(pids_max))
             else:
                 self._cpus(d, cpulist, "")
                 _write(os.path.join(d, "memory.max"), str(memory_limit))
-                _write(os.path.join(d, "pids.max"), str(PIDS_MAX))
+                _write(os.path.join(d, "pids.max"), str(pids_max))
         return [os.path.join(d, "cgroup.procs") for d in dirs.values()]
 
     @staticmethod
@@ -189,14 +192,53 @@ class Cgroups:
             pass
         return 0
 
+    def _freeze_file(self, instance_id: int) -> str | None:
+        """The file that freezes the instance's cgroup (v1's freezer, v2's ``cgroup.freeze``);
+        None without cgroups."""
+        if self.mode is None:
+            return None
+        dirs = self._dirs(instance_id)
+        d = dirs.get("freezer") if self.mode == "v1" else dirs.get("")
+        if d is None or not os.path.isdir(d):
+            return None
+        return os.path.join(d, "freezer.state" if self.mode == "v1" else "cgroup.freeze")
+
+    def freeze(self, instance_id: int) -> bool:
+        """Stop every process of the instance where it stands (a hang-stop: the kernel and its
+        whole userland, as a hung machine stops everything on it); False where there is no
+        freezer. Only a kill (``kill``, which thaws) or ``thaw`` lets them run again."""
+        path = self._freeze_file(instance_id)
+        if path is None:
+            return False
+        _write(path, "FROZEN" if self.mode == "v1" else "1")
+        return True
+
+    def frozen(self, instance_id: int) -> bool:
+        """The instance's cgroup is frozen, or freezing (``freeze``)."""
+        path = self._freeze_file(instance_id)
+        try:
+            state = _read(path) if path else ""
+        except OSError:
+            return False
+        return state in ("FROZEN", "FREEZING", "1")
+
+    def thaw(self, instance_id: int) -> None:
+        """Let the instance's processes run again: those SIGKILLed meanwhile die now."""
+        path = self._freeze_file(instance_id)
+        if path is not None:
+            _write(path, "THAWED" if self.mode == "v1" else "0")
+
     def kill(self, instance_id: int, keep: int | None = None, reap: bool = False) -> int:
         """SIGKILL every process of the instance (but ``keep``: a live update's loaded
         successor); returns how many there were. Frozen first (v1), so that none forks while
-        the others are being killed. With ``keep``, v2 (no per-process freeze here) kills
-        nothing: a kernel cannot fork, so its run leaves nothing behind to kill."""
+        the others are being killed; thawed after, whoever froze it (a hang-stop too). With
+        ``keep``, v2 (no per-process freeze here) kills nothing: a kernel cannot fork, so its
+        run leaves nothing behind to kill."""
         if self.mode is None:
             return 0
         pids = [p for p in self.members(instance_id) if p != keep]
+        if (self.mode == "v2" or not pids) and self.frozen(instance_id):
+            self.thaw(instance_id)      # (a hang-stop's: a kill ends it, as in v1 below)
         if not pids or (keep is not None and self.mode == "v2"):
             return 0
         if self.mode == "v2":

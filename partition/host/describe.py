@@ -135,11 +135,14 @@ class Looks:
             "pid": inst.pid, "last_exit": inst.last_exit.to_dict() if inst.last_exit else None,
             "failure": inst.failure,
             "llc_way_mask": llc.fmt(inst.llc_way_mask) if inst.llc_way_mask else None,
+            "pids_max": inst.pids_max, "rootfs": inst.rootfs,
+            **({"shared": list(inst.shared)} if inst.shared else {}),
         }
 
-    def snapshot(self, brief: bool, started: float, adopt_ms: float | None) -> dict[str, Any]:
-        """The machine: its settings, pool, overlays, host and every instance (each as
-        ``describe_brief`` says it with ``brief``)."""
+    def snapshot(self, brief: bool, started: float, adopt_ms: float | None,
+                 shared: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The machine: its settings, pool, overlays, shared regions (host/shared.py), host and
+        every instance (each as ``describe_brief`` says it with ``brief``)."""
         s, cfg = self.settings, self.config
         describe = self.describe_brief if brief else self.describe
         return {
@@ -154,6 +157,7 @@ class Looks:
                 "signatures": {"required": s.require_signed,
                                "keyring": s.keyring.path if s.keyring else None,
                                "keys": s.keyring.subjects() if s.keyring else []},
+                **({"shared": shared} if shared else {}),
             },
             "pool": self.pool_fields(),
             # (with the instances each changed: show says which were deleted since)

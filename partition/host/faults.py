@@ -1,7 +1,8 @@
 """Fault injection, the host's side: the kinds and the check of a request (guest/faults.py
 carries out the inside kinds). Each kind is a real event in a real process, not a simulation.
 
-Outside faults are done by the host to the process (``kill``: SIGKILL; ``hang-stop``: SIGSTOP).
+Outside faults are done by the host to the process (``kill``: SIGKILL; ``hang-stop``: SIGSTOP,
+and the instance's cgroup frozen, so that its userland stops with it until a kill thaws it).
 Inside faults are asked of the kernel through its ring (message ``MK_EMU_FAULT``, an emulator
 invention) and carried out by the kernel's own code, in its own process:
 
@@ -71,9 +72,13 @@ def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
 def inject(inst: Instance, kind: str, opts: dict[str, Any],
            by_id: Callable[[int], Instance | None], describe: Callable[[Instance], dict[str, Any]],
            writes: WriteWatch | None, command: Callable[..., Any], events: EventLog,
-           clock: Clock = SYSTEM_CLOCK, port: OSPort = SYSTEM_OS) -> dict[str, Any]:
+           clock: Clock = SYSTEM_CLOCK, port: OSPort = SYSTEM_OS,
+           freeze: Callable[[int], bool] | None = None,
+           unfreeze: Callable[[Instance], None] | None = None) -> dict[str, Any]:
     """Inject a checked fault (``validate``) into an active instance; returns what ``describe``
-    said of it just before (nothing slow between the fault and its detection)."""
+    said of it just before (nothing slow between the fault and its detection). ``freeze``: the
+    instance's cgroup freezer (Cgroups.freeze), which a hang-stop puts its userland in;
+    ``unfreeze`` (Lifecycle.unfreeze) lets a kill fault end a hung-stopped instance."""
     if inst.state != State.ACTIVE or inst.pid is None:
         raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; a fault needs it active",
                         f"mkctl start {inst.name} first")
@@ -87,8 +92,12 @@ def inject(inst: Instance, kind: str, opts: dict[str, Any],
     if kind == "kill":
         inst.run.halt("fault")             # the record says so, and it is still a crash
         port.kill(inst.pid, signal.SIGKILL)
+        if unfreeze is not None:   # (hung-stopped before: frozen, it would never die)
+            unfreeze(inst)
     elif kind == "hang-stop":
         port.kill(inst.pid, signal.SIGSTOP)
+        if freeze is not None:     # its userland too: every process of the instance stops
+            freeze(inst.id)
     else:
         try:
             command(inst, M.MK_EMU_FAULT, {"kind": kind, "options": opts})

@@ -16,6 +16,7 @@ from typing import Any
 from partition.errors import MKError, ResourceBusy
 from partition.host.kimage import KImage
 from partition.host.recovery import RecoveryPolicy
+from partition.host.userspec import PIDS_MAX_DEFAULT
 
 
 class State(str, enum.Enum):
@@ -272,8 +273,8 @@ def _run_field(name: str) -> Any:
 
 @dataclass
 class Instance:
-    """An instance as the host records it: identity (``id``, ``name``), resources (``cpus``,
-    ``physical_cpus``, the memory regions, ``llc_way_mask``) and policy (``recovery``,
+    """An instance as the host records it: identity (``id``, ``name``, ``rootfs``), resources (``cpus``,
+    ``physical_cpus``, the memory regions, ``llc_way_mask``, ``pids_max``) and policy (``recovery``,
     ``standby_for``), which create (provision.py), adoption and resize (resize.py: CPUs and
     regions) set; its ``state`` (publish.py) and ``kimage`` (loading.py), which adoption.py
     sets too as it rebuilds an instance; what its runs left (``last_exit``, ``boots``:
@@ -314,6 +315,12 @@ class Instance:
     foreign_writes: dict[str, int] = field(default_factory=dict)
     #: its LLC ways (``llc-way-mask``, host/llc.py); 0: none of its own (the default group's)
     llc_way_mask: int = 0
+    #: its userland's process limit (the pids cgroup's ``pids.max``, host/userspec.py)
+    pids_max: int = PIDS_MAX_DEFAULT
+    #: its userland's root directory (``create --rootfs``, absolute); None: the host's root
+    rootfs: str | None = None
+    #: the machine's shared regions its userlands mount (``create --shared``, host/shared.py)
+    shared: list[str] = field(default_factory=list)
 
     run: Run = field(default_factory=Run)
 

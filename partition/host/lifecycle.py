@@ -221,6 +221,14 @@ class Lifecycle:
                 self.port.kill(inst.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        self.unfreeze(inst)
+
+    def unfreeze(self, inst: Instance) -> None:
+        """A hung-stopped instance (its cgroup frozen, faults.py) dies only once thawed: every
+        process of it is killed while still frozen, then the cgroup thawed (``Cgroups.kill``),
+        so that none of its userland runs again; its parked successor is spared."""
+        if self.cgroups.frozen(inst.id):
+            self.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
 
     def halt_many(self, insts: list[Instance], timeout: float) -> None:
         """Ask all to halt at once, wait up to ``timeout`` together, then force the rest."""
@@ -408,6 +416,7 @@ class Lifecycle:
             elif not reaped:
                 try:
                     os.kill(inst.pid, signal.SIGKILL)
+                    self.unfreeze(inst)          # (else the wait would be for good)
                     os.waitpid(inst.pid, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass

@@ -93,7 +93,7 @@ class Loading:
         through the reactor (``on_report``)."""
         assert inst.kimage is not None and inst.parked is None
         # what can fail without descriptors to close comes first
-        procs = self.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst))
+        procs = self.cgroups.prepare(inst.id, inst.cpus, self._memory_limit(inst), inst.pids_max)
         inherited = inherited_mappings()
         # (each pair closed if a later one fails: EMFILE near 511 instances)
         host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -34,7 +34,7 @@ from partition.host.devicetree import Overlay
 from partition.host.instance import Instance, State, check_transition
 from partition.host.kimage import check_spec
 from partition.host.resize import update_op
-from partition.host.shared import SharedRegions, parse_specs
+from partition.host.shared import release_left
 from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
 from partition.units import seconds
 
@@ -84,10 +84,8 @@ class Machine:
         s = Settings.check(cpus, memory, host_cpus, oversubscribe, console_bytes, kill_timeout,
                            boot_timeout, pin_host, ring_slots, ring_slot_bytes, protection,
                            survive_host, adopt, pool_chunks, pool_window, llc_way_mask,
-                           require_signed, keyring)
+                           require_signed, keyring, shared)
         self.settings = s
-        # refused before anything is made: a bad name, a region larger than the pool
-        shared_sizes = parse_specs(shared, s.config.memory_bytes)
         self.config, self.pin_host, self.llc_way_mask = s.config, s.pin_host, s.llc_way_mask
         self.keyring, self.require_signed = s.keyring, s.require_signed
         self.survive_host, self.adopting = s.survive_host, s.adopting
@@ -107,6 +105,7 @@ class Machine:
                          Hooks(self.create, self.delete, self.wait, lambda: self.closing,
                                self.console_text))
         except BaseException:
+            release_left(self.run_dir)
             self._run.release()
             raise
         self.house = h
@@ -117,19 +116,10 @@ class Machine:
         self.state, self.publisher, self.loading = h.state, h.publisher, h.loading
         self.supervisor, self.writes, self.lifecycle = h.supervisor, h.writes, h.lifecycle
         self.overlays, self.sweeper, self.check_signature = h.overlays, h.sweeper, h.check_signature
+        self.shared = h.shared          # the machine's shared regions (host/shared.py)
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.started = time.time()
-        #: the machine's shared regions (host/shared.py), and those each instance mounts
-        try:
-            self.shared = SharedRegions(self.run_dir, shared_sizes, self.layout.arena_bytes)
-        except BaseException:
-            self._closed = True
-            self.cgroups.close()
-            self._teardown(unlink=True)
-            raise
-        self.shared_of: dict[str, list[str]] = {}
-        self.views.shared(self.shared.describe())
         #: adoption's time, and the records it refused: [{"name", "why"}] (its event's)
         self.adopt_ms, self.adopt_refused = open_house(h, s, self.run_dir, self.resctrl)
         self.publish()
@@ -161,12 +151,12 @@ class Machine:
             self.cgroups.close()
             for inst in self.instances.values():
                 llc.leave(self.resctrl, self.events, inst)
-            self.shared.close()
             self._teardown(unlink=True)
 
     def _teardown(self, unlink: bool) -> None:
-        """What ``close`` and ``abandon`` both close: the reactor, the doorbells, the host's
-        ring, the console, the arena (removed with ``unlink``), the event log, the lock."""
+        """What ``close`` and ``abandon`` both close: shared regions, reactor, doorbells, the
+        host's ring, console, arena (removed with ``unlink``), event log, lock."""
+        self.shared.close()
         try:
             self.reactor.close()
         finally:
@@ -184,11 +174,9 @@ class Machine:
                 self._run.lock_fd = -1
 
     def abandon(self) -> dict[str, Any]:
-        """Throw this host away as its sudden death would: nothing is halted, signalled or
-        removed; its descriptors close (the instances' doorbell channels see their host go),
-        its lock goes, its state file and arena stay. The instances run on, for a
-        ``Machine(adopt=True)`` on the same run directory (a scenario's ``host-crash``).
-        Returns the machine arguments a new host adopts with."""
+        """Throw this host away as its sudden death would: nothing halted or removed, its
+        descriptors and lock gone, its state file and arena kept; the instances run on for a
+        ``Machine(adopt=True)`` on the run directory. Returns the arguments it adopts with."""
         if not self.survive_host:
             raise InvalidSpec("only a machine whose instances outlive their host can lose it",
                               "Machine(survive_host=True)")
@@ -201,7 +189,6 @@ class Machine:
         for inst in self.instances.values():
             self.lifecycle.drop_descriptors(inst)
         self.loading.zygotes.close()
-        self.shared.close()
         self._teardown(unlink=False)
         return {k: v for k, v in state["config"].items() if k in statefile.CONFIG_KEYS}
 
@@ -225,8 +212,6 @@ class Machine:
     def get(self, name: str | int) -> Instance:
         """The instance a verb names, by name or id (NoSuchInstance)."""
         return self.table.get(name)
-
-    _get = get                      # (its older name)
 
     def by_id(self, instance_id: int) -> Instance | None:
         """The instance with this id, None if there is none."""
@@ -252,20 +237,19 @@ class Machine:
                max_restarts: int = 3, restart_window: float = 5.0,
                watchdog: float = 0.0, standby_for: str | None = None,
                preserve_memory: bool = False,
-               llc_way_mask: int | str | None = None,
-               shared: list[str] | None = None) -> dict[str, Any]:
+               llc_way_mask: int | str | None = None, pids_max: int | str | None = None,
+               rootfs: str | None = None, shared: list[str] | None = None) -> dict[str, Any]:
         """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: its own LLC ways,
-        a subset of the pool's that no other instance holds (host/llc.py); ``shared``: the
-        machine's shared regions its userlands mount (host/shared.py)."""
+        a subset of the pool's that no other instance holds (host/llc.py); ``pids_max``: its
+        process limit (64 by default); ``rootfs``: its userland's root (host/userspec.py);
+        ``shared``: the machine's shared regions its userlands mount (host/shared.py)."""
         regions = self.shared.check(shared)
         policy = {"policy": recovery, "max_restarts": max_restarts,
                   "restart_window": restart_window, "watchdog": watchdog,
                   "preserve_memory": preserve_memory}
-        inst = self.house.provision.create(name, memory, cpus, cpu_count, id, policy,
-                                           standby_for, llc_way_mask)
-        if regions:
-            self.shared_of[inst.name] = regions
-        return self.describe(inst)
+        return self.describe(self.house.provision.create(name, memory, cpus, cpu_count, id, policy,
+                                                         standby_for, llc_way_mask,
+                                                         pids_max, rootfs, regions))
 
     @verb
     def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:
@@ -322,7 +306,8 @@ class Machine:
         """Inject a fault into an active instance (see faults.py for the kinds)."""
         opts = faults.validate(kind, options)
         return faults.inject(self.get(name), kind, opts, self.by_id, self.describe, self.writes,
-                             self.ipc.command, self.events)
+                             self.ipc.command, self.events, freeze=self.cgroups.freeze,
+                             unfreeze=self.lifecycle.unfreeze)
 
     def checksum(self, name: str) -> int:
         """CRC32 of an instance's whole partition, as the host reads it."""
@@ -344,7 +329,6 @@ class Machine:
         check_transition("delete", inst.name, inst.state)
         out = self.describe(inst)
         self.house.provision.delete(inst)
-        self.shared_of.pop(inst.name, None)
         out["state"] = State.EMPTY.value
         return out
 
@@ -382,10 +366,7 @@ class Machine:
 
     # -- observation -----------------------------------------------------------------------
     def describe(self, inst: Instance) -> dict[str, Any]:
-        d = self.looks.describe(inst)
-        if inst.name in self.shared_of:
-            d["shared"] = list(self.shared_of[inst.name])
-        return d
+        return self.looks.describe(inst)
 
     def describe_brief(self, inst: Instance) -> dict[str, Any]:
         return self.looks.describe_brief(inst)
@@ -409,13 +390,7 @@ class Machine:
         return snap
 
     def snapshot(self, brief: bool = False) -> dict[str, Any]:
-        snap = self.looks.snapshot(brief, self.started, self.adopt_ms)
-        if self.shared.regions:
-            snap["machine"]["shared"] = self.shared.describe()
-            for d in snap["instances"]:
-                if d["name"] in self.shared_of:
-                    d["shared"] = list(self.shared_of[d["name"]])
-        return snap
+        return self.looks.snapshot(brief, self.started, self.adopt_ms, self.shared.describe())
 
     @verb
     def console(self, name: str | int) -> str:
@@ -457,9 +432,8 @@ class Machine:
         return self.house.turn.run(timeout)
 
     def next_timer(self) -> float | None:
-        """Seconds until the machine has timed work of its own (a watchdog look, a write-watch
-        scan, a queued restart), None if none: a loop that nests the machine (the daemon)
-        wakes by then and calls ``poll``, so that no timer depends on outside traffic."""
+        """Seconds until the machine's own timed work (watchdog, write watch, restarts), None
+        if none: a loop nesting the machine (the daemon) calls ``poll`` by then."""
         return self.house.turn.next_timer()
 
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:

@@ -1,9 +1,9 @@
 """Creating and deleting instances: their CPUs and partition reserved from the pool and given
 back, their arena slots made fresh, their LLC group made and removed.
 
-``create`` checks everything before its first change (the pool's plan, the LLC mask, the
-recovery policy, the standby's primary; the resctrl group is the last that can fail) and
-``delete`` scrubs every region before it goes back to the pool.
+``create`` checks everything before its first change (the userland's process limit and root,
+the pool's plan, the LLC mask, the recovery policy, the standby's primary; the resctrl group is
+the last that can fail) and ``delete`` scrubs every region before it goes back to the pool.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from partition.errors import NoSuchInstance
 from partition.host import llc
 from partition.host.instance import Instance, State
 from partition.host.recovery import RecoveryPolicy
+from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max, check_rootfs
 
 if TYPE_CHECKING:
     from partition.abi.layout import ArenaLayout
@@ -45,8 +46,14 @@ class Provisioning:
 
     def create(self, name: str, memory: str | int, cpus: str | list[int] | None,
                cpu_count: int | None, id: int | None, policy: dict[str, Any],
-               standby_for: str | None, llc_way_mask: int | str | None) -> Instance:
-        """Reserve CPUs and a partition (empty -> ready)."""
+               standby_for: str | None, llc_way_mask: int | str | None,
+               pids_max: object = None, rootfs: object = None,
+               shared: list[str] | None = None) -> Instance:
+        """Reserve CPUs and a partition (empty -> ready). ``pids_max`` and ``rootfs``: its
+        userland's process limit and root, checked before anything is reserved; ``shared``:
+        the machine's shared regions it mounts (already checked by host/shared.py)."""
+        limit = PIDS_MAX_DEFAULT if pids_max is None else check_pids_max(pids_max, repr(name))
+        root = None if rootfs is None else check_rootfs(rootfs, repr(name))
         r = self.pool.plan(name, memory, cpus=cpus, cpu_count=cpu_count, instance_id=id)
         mask = 0
         if llc_way_mask is not None:
@@ -64,12 +71,15 @@ class Provisioning:
                         physical_cpus=[self.config.physical_ids.get(c, c) for c in r.cpus],
                         memory_base=self.layout.pool_offset + r.memory_offset,
                         memory_bytes=r.memory_bytes, recovery=recovery, standby_for=standby_for,
-                        llc_way_mask=mask)
+                        llc_way_mask=mask, pids_max=limit, rootfs=root,
+                        shared=list(shared or []))
         self.table.add(inst)
         self._clear_slots(inst)
         self.events.info("instance_created", instance=inst.id, name=name, cpus=inst.cpus,
                          memory_base=inst.memory_base, memory_bytes=inst.memory_bytes,
                          shared_cpus=self.pool.shared_cpus(name, inst.cpus),
+                         pids_max=limit, **({"rootfs": root} if root else {}),
+                         **({"shared": list(shared)} if shared else {}),
                          **({"llc_way_mask": llc.fmt(mask), "llc_enforced": self.resctrl.enforced}
                             if mask else {}))
         self.publisher.transition(inst, State.READY, "create", old=State.EMPTY)

@@ -173,6 +173,7 @@ def _state_record(inst: Instance) -> str:
         "recovery": inst.recovery.to_dict(), "counters": inst.counters,
         "standby_for": inst.standby_for,
         "llc_way_mask": inst.llc_way_mask,
+        "pids_max": inst.pids_max, "rootfs": inst.rootfs,
     })
 
 

@@ -169,7 +169,8 @@ class Runner:
                                  restart_window=i["restart_window"], watchdog=i["watchdog"],
                                  standby_for=i["standby_for"],
                                  preserve_memory=i["preserve_memory"],
-                                 llc_way_mask=i["llc_way_mask"], shared=i.get("shared"))
+                                 llc_way_mask=i["llc_way_mask"], pids_max=i["pids_max"],
+                                 shared=i.get("shared"))
                     else:
                         m.load(i["name"], i["kernel"], _cmdline(i))
                 except MKError as exc:

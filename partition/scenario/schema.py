@@ -26,6 +26,7 @@ from partition.guest.probes import KINDS as PROBE_KINDS
 from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
 from partition.host.llc import parse_mask
+from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max
 from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size, require_page_aligned
 
@@ -187,6 +188,15 @@ def _mask(v: Any) -> int:
         raise ValueError(f"an LLC way mask like \"0x0f\" ({exc.message})") from None
 
 
+def _pids_max(v: Any) -> int:
+    if isinstance(v, str):          # (TOML has integers: "64" is a mistake worth naming)
+        raise ValueError(f"an integer like 256, not the text {v!r}")
+    try:
+        return check_pids_max(v)
+    except MKError as exc:
+        raise ValueError(f"a process limit like 256 ({exc.message})") from None
+
+
 def _args(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise ValueError("a table, e.g. { kernel = \"kernels.idle:IdleKernel\" }")
@@ -239,6 +249,8 @@ INSTANCE_KEYS = {
     "preserve_memory": Key(_bool, False, "restart without scrubbing the partition"),
     "llc_way_mask": Key(_mask, None, "its own LLC ways: a subset of the machine's that no "
                                      "other instance holds; default: none"),
+    "pids_max": Key(_pids_max, PIDS_MAX_DEFAULT, "its process limit: processes and threads of "
+                    "its kernel and its programs, 1..4194304 (the pids cgroup)"),
     "start": Key(_bool, True, "boot at time 0; false: created and loaded, booted by an action"),
     "expect_boot_failure": Key(_bool, False, "its boot is the experiment's failure: the verdict "
                                "requires that it fails (else an instance that never came up "
