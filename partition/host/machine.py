@@ -239,10 +239,9 @@ class Machine:
                preserve_memory: bool = False,
                llc_way_mask: int | str | None = None, pids_max: int | str | None = None,
                rootfs: str | None = None, shared: list[str] | None = None) -> dict[str, Any]:
-        """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: its own LLC ways,
-        a subset of the pool's that no other instance holds (host/llc.py); ``pids_max``: its
-        process limit (64 by default); ``rootfs``: its userland's root (host/userspec.py);
-        ``shared``: the machine's shared regions its userlands mount (host/shared.py)."""
+        """Reserve CPUs and a partition (empty -> ready); ``llc_way_mask``: LLC ways of its own
+        (host/llc.py); ``pids_max``, ``rootfs``: its userland's process limit and root
+        (host/userspec.py); ``shared``: the machine's regions it mounts (host/shared.py)."""
         regions = self.shared.check(shared)
         policy = {"policy": recovery, "max_restarts": max_restarts,
                   "restart_window": restart_window, "watchdog": watchdog,
