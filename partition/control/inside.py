@@ -36,18 +36,6 @@ from partition.guest import userland
 EXIT_CANNOT_START = userland.EXIT_CANNOT_START
 
 
-def _in_cgroups_of(pid: int, procs: list[str]) -> bool:
-    """``pid`` is still the instance's (in its cgroup): it did not die and get reused."""
-    for path in procs:
-        try:
-            with open(path) as f:
-                if str(pid) in f.read().split():
-                    return True
-        except OSError:
-            pass
-    return not procs
-
-
 def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
         interactive: bool = False) -> int:
     """Run ``argv`` inside the instance ``name``; its exit status. ``tty``: on a pty of its
@@ -63,7 +51,7 @@ def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
     # any program inside (pidfd_getfd)
     pidfd = linux.pidfd_open(kernel)
     try:
-        halted = not _in_cgroups_of(kernel, procs)
+        halted = not userland.in_cgroups_of(kernel, procs)
     finally:
         os.close(pidfd)
     if halted:

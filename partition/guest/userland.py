@@ -211,7 +211,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
         signal.signal(sig, signal.SIG_IGN)
     # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
     join_cgroups(identity.cgroup_procs)
-    if identity.kernel_pid is not None and not _member(identity.kernel_pid,
+    if identity.kernel_pid is not None and not in_cgroups_of(identity.kernel_pid,
                                                        identity.cgroup_procs):
         raise ProcessLookupError(f"instance {identity.name!r} halted while the command was "
                                  "being set up")
@@ -292,7 +292,8 @@ def _seal(*keep: int | None) -> None:
     os.closerange(low, FD_LIMIT)
 
 
-def _member(pid: int, procs: list[str]) -> bool:
+def in_cgroups_of(pid: int, procs: list[str]) -> bool:
+    """``pid`` is still the instance's (in its cgroup): it did not die and get reused."""
     for path in procs:
         try:
             with open(path) as f:
