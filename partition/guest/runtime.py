@@ -86,9 +86,6 @@ class KernelRuntime:
                              msgr.waiting, ctx.doorbell_fd)
         if asker is not None:
             msgr.use_asker(asker, None if mode == "poll" else self)
-        # interrupt mode: the loop's halts go through the same Waiter, whose deadline timer
-        # (kept across waits) spares each sleep an hrtimer of its own
-        self._halter: Callable[[float], int] | None = asker if mode == "interrupt" else None
         self._hlt: select.poll | None = None     # the doorbell's poll object, made on first idle
         self._next_ring_check = 0.0
         self._peers = ctx.peers
@@ -196,9 +193,6 @@ class KernelRuntime:
     def _wait_halt(self, timeout: float) -> int:
         """Interrupt mode: the emulated HLT and the drain after it in one call (Ring.halt):
         between a wake-up and the work it brings there is no Python but the handlers' own."""
-        halter = self._halter
-        if halter is not None:          # the Waiter's halt: _in_drain, the halt, the drain
-            return halter(min(timeout, self._idle_s()))
         outer = self._in_drain
         self._in_drain = True
         try:
