@@ -2,9 +2,11 @@
 partition/abi/_ring.c and the pure-Python reference in ring.py): they must agree on every case."""
 
 import errno
+import gc
 import importlib.util
 import os
 import struct
+import threading
 import time
 
 import pytest
@@ -456,3 +458,53 @@ def test_a_waiter_spins_drains_and_goes_on_past_a_claim(rg, implementation):
     time.sleep(1.1)                             # abandoned after a second
     assert waiter(0.0002) >= 1
     assert [p for p, _ in seen[-2:]] == [b"before", b"after"]
+
+
+def _descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_an_interrupt_mode_waiter_halts_to_its_deadline_and_wakes_on_its_doorbell(
+        rg, implementation):
+    """An interrupt-mode Waiter (a doorbell given) keeps its halts' deadline on a timer set
+    across waits and sleeps without a timeout: a halt with nothing coming ends at its deadline,
+    never before it and at most the slack (2 ms) plus scheduling after it, back to back as
+    after a longer or a shorter one; a doorbell rung during the sleep wakes it at once with the
+    message drained; its timer's descriptors go with it."""
+    if implementation != "c":
+        without_c("the Waiter is the C extension's")
+    owner = _Owner()
+    waiting: dict = {}
+    seen = []
+
+    def deliver(t, s, c, p):
+        seen.append(p)
+        return True
+    before = _descriptors()
+    own, end = linux.doorbell()
+    try:
+        waiter = rg.waiter(64, bytearray(8192), deliver, (waiting, {}), owner, waiting, own)
+        for timeout in (0.02, 0.02, 0.05, 0.0005, 0.01, 0.0005, 0.0005):
+            t0 = time.monotonic()
+            assert waiter(timeout) == 0 and owner._in_drain is False
+            took = time.monotonic() - t0
+            assert timeout <= took < timeout + 0.002 + 0.25, (timeout, took)
+        assert len(_descriptors() - before) == 4     # the doorbell's ends, the timer, its epoll
+
+        def ring_later():
+            time.sleep(0.05)
+            rg.send(0, 0, 70000, b"rung")
+            linux.ring_doorbell(end)
+        ringer = threading.Thread(target=ring_later)
+        ringer.start()
+        t0 = time.monotonic()
+        assert waiter(30.0) == 1 and seen == [b"rung"]
+        assert time.monotonic() - t0 < 10.0
+        ringer.join()
+        assert waiter(0.001) == 0                    # the ring was cleared: a halt again
+        del waiter
+    finally:
+        os.close(own)
+        os.close(end)
+    gc.collect()
+    assert _descriptors() <= before

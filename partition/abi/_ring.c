@@ -14,6 +14,17 @@
  * bounds-checked against the mapping the caller holds; nothing is trusted from the ring itself:
  * sizes, tickets and sender ids are checked. */
 #include "_fastring.h"
+#include <sys/epoll.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+/* a halt of at least this long keeps its deadline on the caller's timer (struct halt_timer);
+ * a shorter one sleeps with a timeout, as before */
+#define HALT_TIMER_MIN_S 0.0002
+/* how late past its deadline a halt on the timer may end (the timer is set again about once
+ * this long of back-to-back waits): within a short wait's own length, 2 ms at most (ppoll's
+ * own slack on a 0.5 s idle wait is 0.5 ms) */
+#define HALT_SLACK_S 0.002
 
 /* does a ring of this geometry fit a buffer of ``len`` bytes? */
 int ring_fits(uint64_t len, uint64_t nslots, uint64_t stride, uint64_t slot_bytes)
@@ -729,7 +740,79 @@ PyObject *fr_idle_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 /* halt's wait on a ring held at ``base``: clear the doorbell, announce idle, sleep unless a
  * message waits, leave idle. Returns 1 (rung, or a message waits), 0 (timed out), -1 (an
  * exception: an OSError, or a signal handler's) */
-int halt_wait(char *base, uint64_t nslots, uint64_t stride, int fd, double timeout)
+/* CLOCK_MONOTONIC in seconds (the timerfd's clock); 0 if it cannot be read */
+static double halt_clock(void)
+{
+    struct timespec now;
+    if (clock_gettime(CLOCK_MONOTONIC, &now) < 0)
+        return 0;
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
+/* set ``timer`` to end a sleep at ``deadline`` or at most ``slack`` (capped at HALT_SLACK_S)
+ * after it, touching it only when its expiry is outside that window: a wait after a wait (a
+ * round trip after a round trip) keeps it as it is, and it is set again about once a slack.
+ * Returns 0, or -1 (no timer: the caller sleeps with a timeout, as without one). */
+static int halt_timer_arm(struct halt_timer *timer, double deadline, double slack)
+{
+    if (slack > HALT_SLACK_S)
+        slack = HALT_SLACK_S;
+    pid_t pid = getpid();
+    if (timer->fd >= 0 && timer->pid != pid)
+        halt_timer_close(timer);            /* a fork's copies: the parent's, not ours */
+    if (timer->fd >= 0 && timer->armed >= deadline && timer->armed <= deadline + slack)
+        return 0;
+    if (timer->fd < 0) {
+        timer->fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (timer->fd < 0)
+            return -1;
+        timer->pid = pid;
+        timer->ep = epoll_create1(EPOLL_CLOEXEC);
+        struct epoll_event ev = {EPOLLIN, {.fd = timer->fd}};
+        if (timer->ep < 0 || epoll_ctl(timer->ep, EPOLL_CTL_ADD, timer->fd, &ev) < 0) {
+            halt_timer_close(timer);
+            return -1;
+        }
+    }
+    double at = deadline + slack;
+    struct itimerspec spec = {{0, 0}, {(time_t)at, (long)((at - (double)(time_t)at) * 1e9)}};
+    if (timerfd_settime(timer->fd, TFD_TIMER_ABSTIME, &spec, NULL) < 0) {
+        timer->armed = 0;
+        return -1;
+    }
+    timer->armed = at;                      /* (setting it also clears a past expiry) */
+    return 0;
+}
+
+/* ``timer``'s epoll set watching ``door`` beside the timer: 0, or -1 (the caller sleeps with a
+ * timeout instead) */
+static int halt_timer_watch(struct halt_timer *timer, int door)
+{
+    if (timer->door == door)
+        return 0;
+    struct epoll_event ev = {EPOLLIN, {.fd = door}};
+    if (timer->door >= 0)
+        epoll_ctl(timer->ep, EPOLL_CTL_DEL, timer->door, NULL);
+    timer->door = -1;
+    if (epoll_ctl(timer->ep, EPOLL_CTL_ADD, door, &ev) < 0)
+        return -1;
+    timer->door = door;
+    return 0;
+}
+
+void halt_timer_close(struct halt_timer *timer)
+{
+    if (timer->fd >= 0 && timer->pid == getpid()) {
+        close(timer->fd);
+        if (timer->ep >= 0)
+            close(timer->ep);
+    }
+    timer->fd = timer->ep = timer->door = -1;
+    timer->armed = 0;
+}
+
+int halt_wait(char *base, uint64_t nslots, uint64_t stride, int fd, double timeout,
+              struct halt_timer *timer)
 {
     char junk[4096];        /* clear the doorbell: all of it (a pipe holds what peers wrote) */
     ssize_t got;
@@ -745,17 +828,35 @@ int halt_wait(char *base, uint64_t nslots, uint64_t stride, int fd, double timeo
     __atomic_store_n((uint64_t *)(base + SIGNALED), 0, __ATOMIC_SEQ_CST);   /* as idle_enter */
     int rung = tail_published(base, nslots, stride);
     if (!rung) {
-        struct pollfd pfd = {fd, POLLIN, 0};
-        struct timespec ts;
         if (timeout < 0)
             timeout = 0;
+        double deadline = 0;
+        struct pollfd pfd = {fd, POLLIN, 0};
+        struct timespec ts;
+        int untimed = timer != NULL && timeout >= HALT_TIMER_MIN_S
+                      && (deadline = halt_clock()) > 0
+                      && halt_timer_arm(timer, deadline += timeout, timeout) == 0
+                      && halt_timer_watch(timer, fd) == 0;
         ts.tv_sec = (time_t)timeout;
         ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
         int n, err;
-        Py_BEGIN_ALLOW_THREADS
-        n = ppoll(&pfd, 1, &ts, NULL);
-        err = errno;
-        Py_END_ALLOW_THREADS
+        for (;;) {
+            struct epoll_event evs[2];
+            Py_BEGIN_ALLOW_THREADS
+            n = untimed ? epoll_wait(timer->ep, evs, 2, -1) : ppoll(&pfd, 1, &ts, NULL);
+            err = errno;
+            Py_END_ALLOW_THREADS
+            if (n > 0 && untimed && !(evs[0].data.fd == fd || (n > 1 && evs[1].data.fd == fd))) {
+                /* only the timer: past the deadline, timed out; before it (the timer set
+                 * again by a wait of another thread's), set it again and sleep on */
+                double now = halt_clock();
+                if (now < deadline && now > 0
+                        && halt_timer_arm(timer, deadline, deadline - now) == 0)
+                    continue;
+                n = 0;
+            }
+            break;
+        }
         if (n > 0)
             rung = 1;
         else if (n < 0 && err == EINTR) {
@@ -789,7 +890,7 @@ PyObject *fr_halt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (ring_args(args, &buf, &nslots, &stride, &slot_bytes) < 0)
         return NULL;
-    int rung = halt_wait((char *)buf.buf, nslots, stride, fd, timeout);
+    int rung = halt_wait((char *)buf.buf, nslots, stride, fd, timeout, NULL);
     if (rung <= 0) {
         PyBuffer_Release(&buf);
         if (rung < 0)

@@ -33,6 +33,7 @@ typedef struct {
                                  * poll, 50 us); interrupt: its ``kernel.idle_timeout`` bounds
                                  * ask's halt, as _wait_halt's */
     int doorbell;               /* interrupt mode: the doorbell its waits halt on; -1: spin */
+    struct halt_timer timer;    /* interrupt mode: its halts' deadline, set across waits */
 } Waiter;
 
 static PyObject *str_in_drain, *str_requested, *str_wait, *str_last_target, *str_kernel,
@@ -76,6 +77,7 @@ static void waiter_dealloc(Waiter *w)
 {
     PyObject_GC_UnTrack(w);
     waiter_clear(w);
+    halt_timer_close(&w->timer);
     Py_TYPE(w)->tp_free((PyObject *)w);
 }
 
@@ -142,6 +144,7 @@ static PyObject *waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     w->waiting = Py_NewRef(a[10]);
     w->responses = Py_NewRef(PyTuple_GET_ITEM(a[7], 1));
     w->doorbell = doorbell < 0 ? -1 : (int)doorbell;
+    w->timer.fd = w->timer.ep = w->timer.door = -1;
     w->vectorcall = (vectorcallfunc)waiter_call;
     return (PyObject *)w;
 }
@@ -172,7 +175,7 @@ static PyObject *waiter_take(Waiter *w, double usec, int none_if_idle)
     if (ring_args(w->args, &buf, &nslots, &stride, &slot_bytes) < 0)
         goto out;
     int came = w->doorbell >= 0 ? halt_wait((char *)buf.buf, nslots, stride, w->doorbell,
-                                            usec / 1e6)
+                                            usec / 1e6, &w->timer)
                                  : spin_published((char *)buf.buf, nslots, stride, usec);
     if (came <= 0) {
         PyBuffer_Release(&buf);
