@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from partition import linux
 from partition.control import protocol
 from partition.errors import MKError, NoSuchInstance, SupervisorUnavailable
 from partition.host import rundir
@@ -143,8 +144,6 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
     """Shut the machine down and wait until its supervisor is gone and the directory removed."""
     import shutil
 
-    import psutil
-
     from partition.host import cgroups
     client = Client(run_dir)
     path = client.run_dir
@@ -164,14 +163,21 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
             os.close(lock_fd)
         killed += cgroups.reap_stale()    # and what its instances forked, if anything lives
         return {"halted": killed, "stale_removed": True, "run_dir": path}
-    result = client.call("shutdown")
+    # a pidfd taken before the request is readable once the supervisor has exited, zombie or
+    # not: psutil's wait on a process that is not our child would poll until pid 1 reaps it
+    # (a second here). Taken first, so that a reused pid is never mistaken for it.
     try:
-        psutil.Process(owner).wait(timeout=timeout)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
-        raise MKError(f"supervisor pid {owner} did not exit within {timeout} s",
-                      f"kill -9 {owner}; then mkctl shutdown again") from None
+        pidfd: int | None = linux.pidfd_open(owner)
+    except ProcessLookupError:
+        pidfd = None
+    try:
+        result = client.call("shutdown")
+        if pidfd is not None and not select.select([pidfd], [], [], timeout)[0]:
+            raise MKError(f"supervisor pid {owner} did not exit within {timeout} s",
+                          f"kill -9 {owner}; then mkctl shutdown again")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     deadline = time.monotonic() + 5
     while os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
