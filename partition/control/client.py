@@ -175,6 +175,10 @@ def stop_supervisor(run_dir: str | None, timeout: float = 60.0) -> dict[str, Any
         if pidfd is not None and not select.select([pidfd], [], [], timeout)[0]:
             raise MKError(f"supervisor pid {owner} did not exit within {timeout} s",
                           f"kill -9 {owner}; then mkctl shutdown again")
+        try:
+            os.waitpid(owner, os.WNOHANG)     # ours to reap when we started it (tests do)
+        except ChildProcessError:
+            pass                              # its parent's (pid 1's, once mkctl init left)
     finally:
         if pidfd is not None:
             os.close(pidfd)
