@@ -79,6 +79,7 @@ def test_the_tests_own_machine_left_running_is_a_leak(run_dir):
     assert not [c for c in cgroups if host in cgroup_owners(c)]
 
 
+@pytest.mark.alone      # its forgotten object is, for a moment, every worker's unheld one
 def test_an_object_nobody_holds_any_more_is_a_leak():
     """Made by the test and forgotten: no live process holds it, whatever its name."""
     shm_before, cg_before = shm_entries(), cgroup_entries()

@@ -244,6 +244,7 @@ def _noise(rng, mid):
 SCENARIOS = ("ready", "answerer", "late", "none", "wrong", "dead", "wait", "spin")
 
 
+@pytest.mark.alone      # its "late" answers come from a timer thread: load moves them
 @pytest.mark.parametrize("seed", SEEDS)
 def test_waiter_and_reference_agree(sides, seed):
     """A request whose answer is in the ring already (``ready``), comes during the wait from a
