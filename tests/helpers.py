@@ -101,3 +101,28 @@ def no_descriptor_leaked():
     finally:
         if was:
             gc.enable()
+
+
+def host_pids(cmdline: bytes) -> list[int]:
+    """Processes of the host whose command line is exactly ``cmdline`` (NUL-separated): what
+    a userland test looks for outside the instance after the instance is gone."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    if f.read() == cmdline:
+                        out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def until(pred, timeout=10.0, what="the condition"):
+    """Poll ``pred`` every 50 ms until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"{what} never held"
+        time.sleep(0.05)
+    return value
+

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
+from helpers import host_pids, until
 from partition.bench import userland as bench
 from partition.errors import ProcessLimitZero, RootfsMissing
 from partition.guest import userland
@@ -29,28 +29,6 @@ PYTHON = os.path.realpath(sys.executable)      # not a shim script
 def mk(run_dir, *args, **kw):
     return subprocess.run(MKCTL + [args[0], "--run-dir", run_dir, *args[1:]],
                           capture_output=True, text=True, timeout=60, **kw)
-
-
-def host_pids(cmdline: bytes) -> list[int]:
-    """Processes of the host whose command line is exactly ``cmdline`` (NUL-separated)."""
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if f.read() == cmdline:
-                        out.append(int(p))
-            except OSError:
-                pass
-    return out
-
-
-def until(pred, timeout=10.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"{what} never held"
-        time.sleep(0.05)
-    return value
 
 
 def bare(name="u", **kw) -> userland.Identity:

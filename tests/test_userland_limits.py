@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from helpers import host_pids, until
 from partition.errors import ProcessLimitInvalid, ProcessLimitZero, RootfsMissing
 from partition.host import userspec
 from partition.scenario import schema
@@ -201,28 +202,6 @@ def test_a_missing_rootfs_creates_nothing(run_dir, tmp_path):
 
 # -- hang-stop freezes the userland ------------------------------------------------------------
 COUNTER = "import time\nfor i in range(100000):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
-
-
-def host_pids(cmdline: bytes) -> list[int]:
-    """Processes of the host whose command line is exactly ``cmdline`` (NUL-separated)."""
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if f.read() == cmdline:
-                        out.append(int(p))
-            except OSError:
-                pass
-    return out
-
-
-def until(pred, timeout=10.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"{what} never held"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.mark.system
