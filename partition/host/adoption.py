@@ -125,10 +125,10 @@ def adopt(a: Adopter) -> tuple[float, list[dict[str, Any]]]:
             refused.append({"name": inst.name, "why": why})
         else:
             a.cgroups.kill(inst.id, reap=True)  # a parked process (or one the file lags behind)
-        inst.state = State.LOADED if inst.kimage else State.READY
+        inst.enter(State.LOADED if inst.kimage else State.READY)
         if why is not None:
-            inst.failure = f"not adopted: {why}"
-            inst.state = State.FAILED if inst.kimage else State.READY
+            inst.record_failure(f"not adopted: {why}")
+            inst.enter(State.FAILED if inst.kimage else State.READY)
             a.cgroups.kill(inst.id, reap=True)
         a.arena.peer(inst.id).peer_state = 0
         a.arena.peer(inst.id).pid = 0
@@ -284,42 +284,40 @@ def _rebuild(a: Adopter, rec: Any, refused: list[dict[str, Any]]) -> Instance | 
     except (MKError, TypeError, ValueError):
         policy = RecoveryPolicy()
     standby = rec.get("standby_for")
+    try:        # (a dead host's record from before the limit was stored: the default)
+        pids_max = check_pids_max(rec.get("pids_max", PIDS_MAX_DEFAULT))
+    except MKError:
+        pids_max = PIDS_MAX_DEFAULT
+    rootfs = rec.get("rootfs")
     inst = Instance(id=iid, name=name, cpus=cpus,
                     physical_cpus=[a.config.physical_ids.get(c, c) for c in cpus],
                     memory_base=base, memory_bytes=size, recovery=policy,
-                    standby_for=standby if isinstance(standby, str) else None)
-    inst.extra_regions = extra
-    inst.llc_way_mask = mask
-    try:        # (a dead host's record from before the limit was stored: the default)
-        inst.pids_max = check_pids_max(rec.get("pids_max", PIDS_MAX_DEFAULT))
-    except MKError:
-        inst.pids_max = PIDS_MAX_DEFAULT
-    rootfs = rec.get("rootfs")
-    inst.rootfs = rootfs if isinstance(rootfs, str) and rootfs.startswith("/") else None
-    inst.boots = _int(rec.get("boots"))
+                    standby_for=standby if isinstance(standby, str) else None,
+                    extra_regions=extra, llc_way_mask=mask, pids_max=pids_max,
+                    rootfs=rootfs if isinstance(rootfs, str) and rootfs.startswith("/") else None,
+                    boots=_int(rec.get("boots")))
     generation = _int(rec.get("generation"))
     # the host's command numbering goes on: a kernel obeys only numbers past its last
     inst.run.restore(generation, max(_int(rec.get("cmd_seq")), a.arena.peer(iid).cmd_seq))
     counters = rec.get("counters")
     if isinstance(counters, dict):
-        for k, v in counters.items():
-            if k in inst.counters and isinstance(v, int):
-                inst.counters[k] = v
+        inst.restore_counters(counters)
     k = rec.get("kimage")
     if isinstance(k, dict):
         try:
-            inst.kimage = check_spec(k.get("spec"), k.get("cmdline", ""))
-            inst.kimage.label = str(k.get("label", ""))[:200]
-            inst.kimage.source = str(k.get("source", ""))[:400]
+            kimage = check_spec(k.get("spec"), k.get("cmdline", ""))
+            kimage.label = str(k.get("label", ""))[:200]
+            kimage.source = str(k.get("source", ""))[:400]
+            inst.set_kimage(kimage)
             if k.get("file") is not None:     # checked again, not trusted: KEXEC_SIG_FORCE
                 file = base64.b64decode(str(k["file"]), validate=True)
                 if len(file) > signing.MAX_IMAGE:
                     raise ValueError(f"its image is over {signing.MAX_IMAGE >> 20} MiB")
-                a.check_signature(inst, inst.kimage, file)
+                a.check_signature(inst, kimage, file)
             elif a.require_signed:     # nothing checked to run again: refused at a restart
-                a.check_signature(inst, inst.kimage)
+                a.check_signature(inst, kimage)
         except (MKError, ValueError):
-            inst.kimage = None
+            inst.set_kimage(None)
     a.table.by_name[name] = inst
     return inst
 
@@ -370,7 +368,7 @@ def _take(a: Adopter, inst: Instance, rec: dict[str, Any]) -> str | None:
         os.close(host_bell)
         return f"pid {pid} exited during adoption"
     inst.run.adopt(pid, pidfd, doorbell, start, (int(fds[0]), int(fds[1])))
-    inst.state = State.ACTIVE
+    inst.enter(State.ACTIVE)
     a.cgroups.kill(inst.id, keep=pid)      # a successor the dead host parked: not ours to boot
     a.reactor.watch(pidfd, EXIT, inst, a.on_exit)
     ident = _pipe_id(host_bell)

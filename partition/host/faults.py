@@ -105,7 +105,7 @@ def inject(inst: Instance, kind: str, opts: dict[str, Any],
             raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
                                f"{exc.strerror}", "its IPI ring is full or it is not "
                                "answering; retry, or inject kill or hang-stop") from None
-    inst.run.pending_fault = (kind, injected)
-    inst.counters["faults_injected"] += 1
+    inst.run.inject_fault(kind, injected)
+    inst.count("faults_injected")
     events.warning("fault_injected", instance=inst.id, name=inst.name, kind=kind, options=opts)
     return out

@@ -129,7 +129,7 @@ class HostIPC:
         mid = self.messenger.send(target, msg_type, payload)
         inst = self.table.by_id(self.messenger.last_target)
         if inst is not None:
-            inst.counters["host_sent"] += 1
+            inst.count("host_sent")
         return mid
 
     def command(self, inst: Instance, msg_type: int, body: Any = None, request: bool = False,
@@ -166,7 +166,7 @@ class HostIPC:
                 self.events.warning("channel_closed", instance=inst.id, name=inst.name)
                 return
             if len(data) != doorbell.REQUEST.size:
-                inst.counters["bad_doorbell_requests"] += 1
+                inst.count("bad_doorbell_requests")
                 continue
             (target,) = doorbell.REQUEST.unpack(data)
             peer = self.table.by_id(target) if target < MAX_INSTANCES else None
@@ -174,7 +174,7 @@ class HostIPC:
                     or peer.doorbell_fd is None or peer.pidfd is None or peer is inst:
                 doorbell.answer(chan, target, errno.ESRCH)
                 continue
-            inst.counters["doorbells_given"] += 1
+            inst.count("doorbells_given")
             doorbell.answer(chan, target, 0, peer.pid, peer.generation,
                             (peer.doorbell_fd, peer.pidfd))
 
@@ -204,7 +204,7 @@ class HostIPC:
         inst = self.table.by_id(msg.sender)
         if inst is None:
             return
-        inst.counters["halted_msgs"] += 1
+        inst.count("halted_msgs")
         # the sender id is a claim: the reason is kept, and logged only if this instance's
         # run really ends (lifecycle.on_exit), so a peer cannot make an active one look halted
         reason = str(msg.payload.get("reason", ""))[:200] if isinstance(msg.payload, dict) else ""
@@ -219,7 +219,7 @@ class HostIPC:
     def _on_heartbeat(self, msg: M.Message) -> None:
         inst = self.table.by_id(msg.sender)
         if inst is not None:
-            inst.counters["heartbeats"] += 1
+            inst.count("heartbeats")
             inst.run.heartbeat(time.time())
 
     def sweep_claims_of(self, inst: Instance) -> None:
@@ -283,7 +283,7 @@ class HostIPC:
                               waiting_s=round(now - seen[1], 3))
                     jammed = self.table.by_id(iid)
                     if jammed is not None:
-                        jammed.counters["ring_jams"] += 1
+                        jammed.count("ring_jams")
                     self._stalled[iid] = (ticket, seen[1], True)     # once per episode
             elif ticket is not None:
                 # another ticket: the jammed claim is gone (the tail moved past it), and this
@@ -317,7 +317,7 @@ class HostIPC:
                 or now - self._reclaim_rung.get(iid, 0.0) < RECLAIM_WAKE_S:
             return
         self._reclaim_rung[iid] = now
-        inst.counters["reclaim_wakes"] += 1
+        inst.count("reclaim_wakes")
         ring_doorbell(inst.doorbell_fd)
 
     def _log(self, event: str, iid: int, name: str, **fields: Any) -> None:

@@ -137,18 +137,18 @@ class Run:
     """The run-time state of an instance's process: what runs now (its pid and the host's
     descriptors for it), its parked successor, its halt flags and the timers the host keeps.
 
-    Its fields change through its methods alone, each a step of ``RUN_TRANSITIONS`` or a
-    flag of the run; the module that calls each (the one writer of what it sets):
+    Its fields change through its methods alone (instance.py is the one writer module of every
+    field, ``WRITERS``; tools/writers.py checks it), each a step of ``RUN_TRANSITIONS`` or a
+    flag of the run; the module that calls each:
 
-    - ``start``, ``end``, ``keep_old_doorbell``, ``drop_doorbell``, ``booted``, ``oom_kills``:
-      lifecycle.py; ``adopt``, ``restore``: adoption.py;
+    - ``start``, ``end``, ``keep_old_doorbell``, ``drop_doorbell``, ``booted``,
+      ``saw_oom_kills``, ``clear_fault``: lifecycle.py; ``adopt``, ``restore``: adoption.py;
     - ``park`` and ``unpark``: loading.py (``unpark`` also lifecycle.py's boot, which takes
       the parked process);
     - ``halt``: whoever halts it (lifecycle.py, liveupdate.py, faults.py, supervision.py's
-      watchdog); ``handover``: liveupdate.py; ``pending_fault``: faults.py (cleared by
-      lifecycle.py's exit);
+      watchdog); ``hand_over``: liveupdate.py; ``inject_fault``: faults.py;
     - ``next_command``, ``said_halted``, ``acked_shutdown``, ``heartbeat``: hostipc.py;
-    - ``progress_seen``, ``nudged``: supervision.py; ``progress_mark``, ``heartbeats_seen``:
+    - ``saw_progress``, ``nudge``: supervision.py; ``mark_progress``, ``saw_heartbeats``:
       sweep.py.
     """
 
@@ -263,6 +263,37 @@ class Run:
     def heartbeat(self, at: float) -> None:
         self.last_heartbeat = at
 
+    def saw_oom_kills(self, n: int) -> None:
+        """Its memory cgroup's OOM kills, as last read."""
+        self.oom_kills = n
+
+    def inject_fault(self, kind: str, at: float) -> None:
+        """A fault the host injected (its kind, monotonic time): the exit it causes says so."""
+        self.pending_fault = (kind, at)
+
+    def clear_fault(self) -> None:
+        self.pending_fault = None
+
+    def hand_over(self, quiescing: bool) -> None:
+        """Its kernel quiesces for a live update (True) or is done with it (False)."""
+        self.handover = quiescing
+
+    def saw_progress(self, value: int, at: float) -> None:
+        """The watchdog: the progress counter's value, when it last changed."""
+        self.progress_seen = (value, at)
+
+    def nudge(self, since: float) -> None:
+        """The watchdog rang the kernel for the stall that began at ``since``."""
+        self.nudged = since
+
+    def mark_progress(self, value: int, at: float) -> None:
+        """The sweep: its loop counter, when it last moved."""
+        self.progress_mark = (value, at)
+
+    def saw_heartbeats(self, n: int) -> None:
+        """The sweep: its own page's heartbeat count, as last read."""
+        self.heartbeats_seen = n
+
 
 def _run_field(name: str) -> Any:
     """An attribute of ``Instance`` that is its run's (read there; written by ``Run``'s
@@ -271,17 +302,51 @@ def _run_field(name: str) -> Any:
                     doc=f"``Run.{name}`` of the instance (read-only here)")
 
 
+#: Instance field -> the one module that may change it once the instance is built (paths from
+#: partition/); a field not listed is set when the instance is built (provision.py's create,
+#: adoption.py's rebuild) and never changed after. "host/instance.py" means through Instance's
+#: methods (their callers are in Instance's docstring); every field of ``Run`` is its methods'
+#: too. tools/writers.py checks the source against this table (tests/unit/test_writers.py).
+WRITERS: dict[str, str] = {
+    "state": "host/instance.py",            # enter: publish.py, adoption.py
+    "kimage": "host/instance.py",           # set_kimage: loading.py, adoption.py
+    "failure": "host/instance.py",          # record_failure, clear_failure
+    "counters": "host/instance.py",         # count, restore_counters
+    "served_by": "host/instance.py",        # serve: lifecycle.py, supervision.py
+    "extra_regions": "host/instance.py",    # add_region, remove_region: resize.py, overlays.py
+    "cpus": "host/resize.py",
+    "physical_cpus": "host/resize.py",
+    "resource_changes": "host/resize.py",
+    "boots": "host/lifecycle.py",
+    "last_exit": "host/lifecycle.py",
+    "failures": "host/supervision.py",
+    "recovery": "host/supervision.py",      # its policy changed in place (mkctl set)
+    "kho": "host/kho.py",
+    "kho_keep_rest": "host/kho.py",
+    "foreign_writes": "host/writewatch.py",
+}
+
+
 @dataclass
 class Instance:
-    """An instance as the host records it: identity (``id``, ``name``, ``rootfs``), resources (``cpus``,
-    ``physical_cpus``, the memory regions, ``llc_way_mask``, ``pids_max``) and policy (``recovery``,
-    ``standby_for``), which create (provision.py), adoption and resize (resize.py: CPUs and
-    regions) set; its ``state`` (publish.py) and ``kimage`` (loading.py), which adoption.py
-    sets too as it rebuilds an instance; what its runs left (``last_exit``, ``boots``:
-    lifecycle.py; ``failures``: supervision.py; ``failure``: lifecycle.py, supervision.py,
-    loading.py's unload, adoption.py; ``kho``: kho.py; ``counters``: whoever counts). Its
+    """An instance as the host records it: identity (``id``, ``name``, ``rootfs``), resources
+    (``cpus``, ``physical_cpus``, the memory regions, ``llc_way_mask``, ``pids_max``), policy
+    (``recovery``, ``standby_for``), its ``state`` and ``kimage``, and what its runs left
+    (``last_exit``, ``boots``, ``failures``, ``failure``, ``kho``, ``counters``...). Its
     process's run-time state is ``run`` (``Run``, with its own transition table); the run's
-    fields read as the instance's (``inst.pid``), as they always did."""
+    fields read as the instance's (``inst.pid``), as they always did.
+
+    Each field has one writer module (``WRITERS``, checked by tools/writers.py): the fields
+    several modules change go through the methods below, whose callers are: ``enter``
+    (publish.py's transitions; adoption.py as it rebuilds), ``set_kimage`` (loading.py's
+    load, unload and live-update image; adoption.py), ``record_failure`` (lifecycle.py's
+    boot failures, supervision.py's restart intensity, adoption.py's refusal),
+    ``clear_failure`` (lifecycle.py's boot, loading.py's unload), ``count`` (whoever counts:
+    lifecycle, supervision, hostipc, sweep, faults, liveupdate, writewatch),
+    ``restore_counters`` (adoption.py), ``serve`` (lifecycle.py, supervision.py's
+    failover), ``add_region``/``remove_region`` (resize.py; overlays.py's undo). The rest
+    have a single writer module named in ``WRITERS``; a field it does not name is set when
+    the instance is built (provision.py, adoption.py) and never after."""
 
     id: int
     name: str
@@ -348,6 +413,41 @@ class Instance:
     heartbeats_seen = _run_field("heartbeats_seen")
     progress_mark = _run_field("progress_mark")
     last_heartbeat = _run_field("last_heartbeat")
+
+    def enter(self, state: State) -> None:
+        """Its new state (publish.py tells the peer table and the event log; adoption.py
+        rebuilds it quietly)."""
+        self.state = state
+
+    def set_kimage(self, kimage: KImage | None) -> None:
+        self.kimage = kimage
+
+    def record_failure(self, why: str) -> None:
+        """Why it cannot run as it is (``show`` says so until a boot or an unload clears it)."""
+        self.failure = why
+
+    def clear_failure(self) -> None:
+        self.failure = None
+
+    def count(self, what: str, n: int = 1) -> None:
+        """One of its counters (``counters``' keys; a name not there is a bug: KeyError)."""
+        self.counters[what] += n
+
+    def restore_counters(self, saved: dict[str, Any]) -> None:
+        """A dead host's counters (adoption): the known names with an int, the rest ignored."""
+        for k, v in saved.items():
+            if k in self.counters and isinstance(v, int):
+                self.counters[k] = v
+
+    def serve(self, by: int | None) -> None:
+        """The standby (by id) that took over its role; None: it serves its own again."""
+        self.served_by = by
+
+    def add_region(self, base: int, size: int) -> None:
+        self.extra_regions.append((base, size))
+
+    def remove_region(self, base: int, size: int) -> None:
+        self.extra_regions.remove((base, size))
 
     @property
     def regions(self) -> list[tuple[int, int]]:

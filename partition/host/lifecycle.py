@@ -98,8 +98,8 @@ class Lifecycle:
         try:
             self.loading.await_loaded(inst)
         except BadKernelImage as exc:
-            inst.failure = f"boot failed: {exc.message}"
-            inst.counters["boot_failures"] += 1
+            inst.record_failure(f"boot failed: {exc.message}")
+            inst.count("boot_failures")
             self.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {exc.message}")
             self.publisher.transition(inst, State.FAILED, "boot-failure", reason=exc.message)
             raise BootFailed(f"instance {inst.name!r}: its kernel image did not load: "
@@ -110,7 +110,7 @@ class Lifecycle:
         inst.run.start(p, linux.process_start_time(p.pid) if self.survive_host else 0.0)
         self.reactor.rewatch(p.pidfd, EXIT, inst, self.on_exit)
         self.reactor.watch(p.channel, CHANNEL, inst, self.ipc.serve_doorbells)
-        inst.failure = None
+        inst.clear_failure()
         peer, own = self.arena.peer(inst.id), self.arena.own(inst.id)
         gen = inst.generation
         peer.ready = 0
@@ -126,7 +126,7 @@ class Lifecycle:
             # new kernel, and requests to the old one are still answered: same service epoch)
             self.ipc.ring_of(inst.id).reset()       # stale messages and dead claims go with the old run
             peer.epoch = (peer.epoch + 1) & 0xFFFFFFFF
-        inst.served_by = None                # it serves its own role again
+        inst.serve(None)               # it serves its own role again
         peer.ready = 1                       # publish last, then ring the parked CPU
         self.port.ring_doorbell(p.doorbell_fd)
         deadline = time.monotonic() + self.boot_timeout
@@ -174,7 +174,7 @@ class Lifecycle:
         inst.run.booted()
         self.supervisor.watch_from_now(inst)    # a stall is timed from this boot
         inst.boots += 1
-        inst.counters["boots"] += 1
+        inst.count("boots")
         peer = self.arena.peer(inst.id)
         peer.ready = 0                                # answered: the mailbox is closed
         # online in the peer table first, and rung: its kernel starts while the host does the
@@ -297,7 +297,7 @@ class Lifecycle:
         if oom:
             record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
                              "its partition, heap and allowance")
-        inst.run.oom_kills = ooms
+        inst.run.saw_oom_kills(ooms)
         failed = booting or self.supervisor.is_failure(record)
         # the failure record first: the cgroup's sweep (a freeze and thaw in v1), the events,
         # the console and the views can wait until it is made (issue 20: they doubled the
@@ -316,9 +316,9 @@ class Lifecycle:
         self.forget_process(inst, reaped=True, keep_parked=True)
         self.ipc.sweep_claims_of(inst)
         inst.last_exit = record
-        inst.counters["halts"] += 1
+        inst.count("halts")
         if record.how in ("panic", "killed", "exited", "boot-failed"):
-            inst.counters["crashes"] += 1
+            inst.count("crashes")
         if inst.halted_said is not None:
             self.events.info("halted_message", instance=inst.id, name=inst.name,
                           reason=inst.halted_said)
@@ -330,15 +330,15 @@ class Lifecycle:
         if failure is not None:
             self.supervisor.announce_failure(inst, failure)
         if booting:
-            inst.failure = f"boot failed: {record.reason}"
-            inst.counters["boot_failures"] += 1
+            inst.record_failure(f"boot failed: {record.reason}")
+            inst.count("boot_failures")
             self.printk(f"Instance {inst.id} ({inst.name}) failed to boot: {record.reason}")
             self.publisher.transition(inst, State.FAILED, "boot-failure", reason=record.reason)
         else:
             if own.booted != inst.generation and inst.halt_requested is None:
                 # it answered the mailbox, then died before its boot() returned: it never
                 # came up, which is a boot failure (its crash is counted too)
-                inst.counters["boot_failures"] += 1
+                inst.count("boot_failures")
                 self.events.warning("died_in_boot", instance=inst.id, name=inst.name,
                                  how=record.how, reason=record.reason)
             self.printk(f"Instance {inst.id} ({inst.name}) halted, CPUs parking in pool")
@@ -351,7 +351,7 @@ class Lifecycle:
                 except OSError as exc:          # start tries again, and says why if it fails too
                     self.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                      error=str(exc))
-        inst.run.pending_fault = None
+        inst.run.clear_fault()
 
     def _handed_over(self, inst: Instance, status: int, detected: float) -> None:
         """The old kernel of a live update exited (host/liveupdate.py boots the new one): the
@@ -384,10 +384,10 @@ class Lifecycle:
             self.reactor.watch(kept, OLD_DOORBELL, inst, self.forward_old_doorbell)
         self.ipc.sweep_claims_of(inst)
         inst.last_exit = record
-        inst.counters["halts"] += 1
+        inst.count("halts")
         if own.booted != inst.generation:     # its boot() never returned: a new image that
-            inst.failure = f"boot failed: {record.reason}"    # did not boot (a live update's)
-            inst.counters["boot_failures"] += 1
+            inst.record_failure(f"boot failed: {record.reason}")    # did not boot (a live update's)
+            inst.count("boot_failures")
         self.publisher.set_quietly(inst, State.LOADED)    # the service stays up for peers
         self.events.info("handover_exit", instance=inst.id, name=inst.name, pid=pid,
                       how=record.how, reason=record.reason,
@@ -461,7 +461,7 @@ class Lifecycle:
         if inst.old_doorbell_fd is not None:
             linux.doorbell_clear(inst.old_doorbell_fd)
         if inst.doorbell_fd is not None:
-            inst.counters["doorbells_forwarded"] += 1
+            inst.count("doorbells_forwarded")
             self.port.ring_doorbell(inst.doorbell_fd)
 
 

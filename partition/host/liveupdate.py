@@ -88,7 +88,7 @@ class LiveUpdate:
         new.source = str((report or {}).get("source") or "")
         loaded = time.monotonic()
 
-        inst.run.handover = True               # 2. the old kernel quiesces
+        inst.run.hand_over(True)              # 2. the old kernel quiesces
         inst.run.halt("graceful")
         try:
             try:
@@ -103,28 +103,28 @@ class LiveUpdate:
                 self.lifecycle.force(inst)
                 self.wait(lambda: inst.pid is None, None)
         finally:
-            inst.run.handover = False
+            inst.run.hand_over(False)
         quiet = time.monotonic()
         kept = list(inst.kho or [])            # 3. what it preserved (checked, CRCs taken)
         keep_rest = inst.kho_keep_rest
         saved = [(off, bytes(self.arena.read(inst.memory_base + off, size)))
                  for _, off, size, _ in kept]
 
-        inst.run.handover = True               # 4. the new kernel, same CPUs, same ring; a death
+        inst.run.hand_over(True)              # 4. the new kernel, same CPUs, same ring; a death
         try:                                   #    in its boot() keeps the service up for the old
             try:
                 self.lifecycle.boot(inst, wait_boot=True, handover=True)
             except (BootFailed, BootTimeout, BadKernelImage) as exc:
                 return self._roll_back(inst, old, new, kept, keep_rest, saved, exc, t0, quiet)
         finally:
-            inst.run.handover = False
+            inst.run.hand_over(False)
         done = time.monotonic()
         out = {"instance": inst.name, "kernel": new.label, "previous": old.label,
                "rolled_back": False, "load_ms": round((loaded - t0) * 1e3, 3),
                "quiesce_ms": round((quiet - loaded) * 1e3, 3),
                "gap_ms": round((done - loaded) * 1e3, 3),
                "preserved": [n for n, _, _, _ in kept]}
-        inst.counters["live_updates"] += 1
+        inst.count("live_updates")
         self.events.info("live_update", **out)
         return out
 

@@ -144,11 +144,11 @@ class Loading:
         (never here), its label read from the loader's report; a failure leaves ``inst`` as
         it was."""
         check_signature(inst, kimage)
-        inst.kimage = kimage
+        inst.set_kimage(kimage)
         try:
             report = self.await_loaded(inst)
         except BaseException:
-            inst.kimage = None
+            inst.set_kimage(None)
             raise
         kimage.label = readable_label(str(report.get("label") or ""),
                                       str(report.get("source") or ""))
@@ -158,13 +158,13 @@ class Loading:
 
     def set_image(self, inst: Instance, kimage: KImage | None) -> None:
         """The image ``inst`` runs from now (a live update's new one, or its old one back)."""
-        inst.kimage = kimage
+        inst.set_kimage(kimage)
 
     def unload(self, inst: Instance) -> None:
         """``kexec unload``: the parked process reaped, the image and its failure dropped."""
         self.forget_parked(inst)
-        inst.kimage = None
-        inst.failure = None
+        inst.set_kimage(None)
+        inst.clear_failure()
         self.events.info("kimage_unloaded", instance=inst.id, name=inst.name)
 
     def _fork(self, params: BootParams) -> tuple[int, tuple[int, int]]:

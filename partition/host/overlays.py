@@ -188,7 +188,7 @@ class Overlays:
             for base, size in added:        # free again unless a later change took them
                 if self.r.pool.range_free(base - self.r.pool_offset, size) is None:
                     self.r.pool.add_range(name, base - self.r.pool_offset, size)
-                    back.extra_regions.append((base, size))
+                    back.add_region(base, size)
                 else:
                     lost.append([base, size])
             if lost:

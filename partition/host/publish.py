@@ -46,7 +46,7 @@ class Publisher:
     def transition(self, inst: Instance, new: State, cause: str, old: State | None = None,
                    **fields: Any) -> None:
         before = inst.state if old is None else old
-        inst.state = new
+        inst.enter(new)
         peer = self.arena.peer(inst.id)
         peer.peer_state = STATE_CODES[new.value]
         peer.pid = inst.pid or 0
@@ -57,7 +57,7 @@ class Publisher:
     def set_quietly(self, inst: Instance, new: State) -> None:
         """A state nobody is told of: a live update's old kernel has exited, and its service
         stays up in the peer table for the new one (lifecycle.py's handover)."""
-        inst.state = new
+        inst.enter(new)
 
     def publish(self, inst: Instance | None = None) -> None:
         self.table.changes += 1

@@ -296,10 +296,10 @@ def _move(r: Resources, inst: Instance, step: Step, op: int) -> None:
     pool_lo = r.pool_offset
     if op == M.MK_MSG_MEM_ADD:
         r.pool.add_range(inst.name, step.base - pool_lo, step.size)
-        inst.extra_regions.append((step.base, step.size))
+        inst.add_region(step.base, step.size)
     elif op == M.MK_MSG_MEM_REMOVE:
         r.pool.remove_range(inst.name, step.base - pool_lo, step.size)
-        inst.extra_regions.remove((step.base, step.size))
+        inst.remove_region(step.base, step.size)
     elif op == M.MK_MSG_CPU_ADD:
         r.pool.add_cpus(inst.name, step.cpus)
         inst.cpus = sorted(set(inst.cpus) | set(step.cpus))

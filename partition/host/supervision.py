@@ -73,11 +73,11 @@ class Supervisor:
             last, since = inst.progress_seen
             stalled = now - since
             if value != last or since == 0.0:
-                inst.run.progress_seen = (value, now)
+                inst.run.saw_progress(value, now)
             elif stalled > inst.recovery.watchdog / 2 and inst.nudged != since \
                     and stalled <= inst.recovery.watchdog and inst.doorbell_fd is not None:
-                inst.run.nudged = since
-                inst.counters["watchdog_nudges"] += 1
+                inst.run.nudge(since)
+                inst.count("watchdog_nudges")
                 self.port.ring_doorbell(inst.doorbell_fd)
             elif stalled > inst.recovery.watchdog and inst.halt_requested is None \
                     and inst.pid is not None:
@@ -98,7 +98,7 @@ class Supervisor:
     def watch_from_now(self, inst: Instance) -> None:
         """The watchdog times a stall from now (a boot, a new policy), not from the last
         run's final progress."""
-        inst.run.progress_seen = (self.arena.own(inst.id).progress, self.clock.monotonic())
+        inst.run.saw_progress(self.arena.own(inst.id).progress, self.clock.monotonic())
 
     # -- failures --------------------------------------------------------------------------
     def is_failure(self, record: ExitRecord) -> bool:
@@ -121,7 +121,7 @@ class Supervisor:
         }
         inst.failures.append(failure)
         del inst.failures[:-20]
-        inst.counters["failures"] += 1
+        inst.count("failures")
         return failure
 
     def announce_failure(self, inst: Instance, failure: dict[str, Any]) -> None:
@@ -138,8 +138,8 @@ class Supervisor:
         if pol.allow_restart(self.clock.monotonic()):
             self._restart_queue.append(inst)
             return
-        inst.failure = (f"restart intensity exceeded: more than {pol.max_restarts} restarts in "
-                        f"{pol.restart_window:g} s")
+        inst.record_failure(f"restart intensity exceeded: more than {pol.max_restarts} "
+                            f"restarts in {pol.restart_window:g} s")
         self.forget_parked(inst)                # its successor will not be booted
         self.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
         self.publisher.transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
@@ -154,7 +154,7 @@ class Supervisor:
             self.events.warning("takeover_failed", instance=primary.id, name=primary.name,
                              reason="no active standby")
             return
-        primary.served_by = standby.id
+        primary.serve(standby.id)
         self.arena.peer(primary.id).redirect = standby.id + 1
         self.printk(f"Instance {primary.id} ({primary.name}) failed; standby {standby.id} "
                  f"({standby.name}) takes over its role")
@@ -180,7 +180,7 @@ class Supervisor:
                 inst = self._restart_queue.pop(0)
                 if inst.state != State.LOADED or closing() or inst.name not in self.table:
                     continue
-                inst.counters["restarts"] += 1
+                inst.count("restarts")
                 # preserved regions (KHO) survive: kho.prepare scrubs around them at boot
                 scrub = not inst.recovery.preserve_memory and inst.kho is None
                 if scrub:   # reclaim before reuse: the failed run's memory is not trusted

@@ -113,16 +113,16 @@ class Sweep:
             own = self.own(inst.id)
             progress = own.progress
             if progress != inst.progress_mark[0]:
-                inst.run.progress_mark = (progress, now)
+                inst.run.mark_progress(progress, now)
                 moved = True
             beats = own.heartbeats_sent
             if beats != inst.heartbeats_seen:
                 moved = True
                 if inst.heartbeats_seen >= 0:
                     beat = beats - inst.heartbeats_seen
-                    inst.counters["heartbeats"] += beat if 0 < beat < 1 << 20 else 1
+                    inst.count("heartbeats", beat if 0 < beat < 1 << 20 else 1)
                     inst.run.heartbeat(wall)
-                inst.run.heartbeats_seen = beats
+                inst.run.saw_heartbeats(beats)
         # the counters views then, fewer at a time: each that moved is a file write
         written, self._counters_at = turn(running, self._counters_at, COUNTERS_BATCH)
         for inst in written:

@@ -110,9 +110,9 @@ class WriteWatch:
                 charged.setdefault(owner.name if owner else "(free pool)", []).append(page)
         for victim_name, pages in charged.items():
             victim = self.instances.get(victim_name)
-            writer.counters["wild_pages"] += len(pages)
+            writer.count("wild_pages", len(pages))
             if victim is not None:
-                victim.counters["foreign_pages"] += len(pages)
+                victim.count("foreign_pages", len(pages))
                 victim.foreign_writes[writer.name] = victim.foreign_writes.get(writer.name, 0) \
                     + len(pages)
             self.events.warning("foreign_write", instance=writer.id, name=writer.name,
