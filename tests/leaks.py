@@ -372,11 +372,12 @@ def _owners(paths: set[str]) -> dict[str, set[int]]:
     return out
 
 
-def _left_behind(paths: set[str]) -> set[str]:
+def _left_behind(paths: set[str], settle: float = SETTLE_S) -> set[str]:
     """Those of ``paths`` the session left: held by its processes, or held by nobody and
-    staying (for ``SETTLE_S``, and until the other workers' tests running then have ended)."""
+    staying (for ``settle`` seconds, and until the other workers' tests running then have
+    ended)."""
     pending, left = set(paths), set()
-    deadline = time.monotonic() + SETTLE_S
+    deadline = time.monotonic() + settle
     waiting_for: dict[str, str] | None = None
     final = False
     checking_before = LEDGER.phase
@@ -435,13 +436,16 @@ def foreign_cgroup(entry: str) -> bool:
     return not _left_behind({os.path.join(base, entry)})
 
 
-def leaks(shm_before: set[str], cgroups_before: set[str]) -> tuple[list[str], list[str]]:
+def leaks(shm_before: set[str], cgroups_before: set[str],
+          settle: float = SETTLE_S) -> tuple[list[str], list[str]]:
     """(/dev/shm entries, cgroup directories) made since the snapshots and left by the
-    session: what somebody else holds is not counted."""
+    session: what somebody else holds is not counted. ``settle``: how long an object nobody
+    holds is watched first (``SETTLE_S``; shorter only where a test makes the object itself
+    and no machine of its own is on its way out)."""
     base = cgroup_base()
     shm = {os.path.join(SHM, e) for e in shm_entries() - shm_before}
     cgroups = {os.path.join(base, e) for e in cgroup_entries() - cgroups_before} if base else set()
-    left = _left_behind(shm | cgroups)
+    left = _left_behind(shm | cgroups, settle)
     return (sorted(os.path.basename(p) for p in left & shm),
             sorted(os.path.basename(p) for p in left & cgroups))
 

@@ -411,8 +411,8 @@ def test_a_peer_cannot_swallow_a_bystanders_doorbell(machine):
     swallowed a wake-up: the kill was "forced after 3013 ms", requests took 205-500 ms). The
     handle a sender gets rings and cannot be read."""
     by = up(machine, "by", cpu=CPUS[-1])
-    up(machine, "evil", HOSTILE, f"attack=steal-doorbell target={by['id']} seconds=6",
-       cpu=CPUS[0])
+    up(machine, "evil", HOSTILE,          # stealing until the bystander is killed (or 6 s)
+       f"attack=steal-doorbell target={by['id']} seconds=6 until=gone:{by['id']}", cpu=CPUS[0])
     wait_until(machine, lambda: "stealing" in notes(machine, "evil"))
     worst = 0.0
     for i in range(30):
@@ -489,7 +489,8 @@ def test_a_peer_cannot_swallow_the_hosts_doorbell(machine):
     """Every instance holds the host's doorbell to ring it; one that reads it in a loop
     swallowed the host's wake-ups (on an eventfd): a boot, which the host waits for on its
     doorbell, then waited for the host's next timer. The ring end cannot be read."""
-    up(machine, "evil", HOSTILE, "attack=steal-host-doorbell seconds=8", cpu=CPUS[0])
+    up(machine, "evil", HOSTILE,          # stealing until the six boots are done (or 8 s)
+       "attack=steal-host-doorbell seconds=8 until=booted:6", cpu=CPUS[0])
     wait_until(machine, lambda: "stealing" in notes(machine, "evil"))
     slowest = 0.0
     for i in range(6):

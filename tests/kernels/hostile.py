@@ -34,6 +34,37 @@ class Hostile(Kernel):
     def host_pid(self) -> int:
         return int.from_bytes(self.ctx.peers[28:32], "little")      # the host's peer entry
 
+    def ends_early(self):
+        """When a timed attack may stop before its ``seconds`` are up (``until=`` on its
+        cmdline), so that its test waits for what it measures, not for the clock:
+        ``gone:ID`` once instance ID is no longer active in the peer table (the bystander the
+        test killed), ``booted:N`` once N instances besides the host and this one are active
+        (the test's boots all done). Without it only the clock ends the attack. Looked at
+        every 20 ms (a read of the peer table, which the host writes)."""
+        kind, _, arg = self.params.get("until", "").partition(":")
+        peers, me, every = self.ctx.peers, self.id, 0.02
+        active = (3).to_bytes(4, "little")              # STATE_CODES["active"]
+
+        def state_active(i: int) -> bool:
+            return bytes(peers[i * 64 + 24:i * 64 + 28]) == active
+
+        def done() -> bool:
+            if kind == "gone":
+                return not state_active(int(arg))
+            if kind == "booted":
+                return sum(state_active(i) for i in range(1, len(peers) // 64)
+                           if i != me) >= int(arg)
+            return False
+        next_look = [0.0]
+
+        def now_done() -> bool:
+            t = time.monotonic()
+            if t < next_look[0]:
+                return False
+            next_look[0] = t + every
+            return done()
+        return now_done
+
     def boot(self) -> None:
         self.attack = self.params.get("attack", "")
         self.target = int(self.params.get("target", "0"))
@@ -224,7 +255,8 @@ class Hostile(Kernel):
                 raise OSError(st, "no doorbell")
             self.note("stealing")
             end, took, refused = time.monotonic() + float(self.params.get("seconds", "3")), 0, 0
-            while time.monotonic() < end:
+            done = self.ends_early()
+            while time.monotonic() < end and not done():
                 try:
                     took += len(os.read(fds[0], 64))
                 except BlockingIOError:
@@ -257,7 +289,8 @@ class Hostile(Kernel):
             self.note("stealing")
             fd = self.ctx.host_doorbell_fd
             end, took, refused = time.monotonic() + float(self.params.get("seconds", "3")), 0, 0
-            while time.monotonic() < end:
+            done = self.ends_early()
+            while time.monotonic() < end and not done():
                 try:
                     took += len(os.read(fd, 64))
                 except BlockingIOError:
