@@ -322,7 +322,7 @@ WRITERS: dict[str, str] = {
     "boots": "host/lifecycle.py",
     "last_exit": "host/lifecycle.py",
     "failures": "host/supervision.py",
-    "recovery": "host/supervision.py",      # its policy changed in place (mkctl set)
+    "recovery": "host/supervision.py",      # changed in place by update_policy (mkctl update)
     "kho": "host/kho.py",
     "kho_keep_rest": "host/kho.py",
     "foreign_writes": "host/writewatch.py",
