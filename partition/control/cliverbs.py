@@ -261,8 +261,9 @@ def cmd_fault(a: argparse.Namespace) -> int:
 
 
 def cmd_load(a: argparse.Namespace) -> int:
+    extra = {"programs": list(a.program)} if a.program else {}
     r = Client(a.run_dir).call("load", name=a.name, kernel=_kernel_spec(a.kernel),
-                               cmdline=a.cmdline, cwd=os.getcwd())
+                               cmdline=a.cmdline, cwd=os.getcwd(), **extra)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 

@@ -142,7 +142,7 @@ class Userland:
         whole userland was killed with its instance), 127 when it could not be started."""
         if self.status is None:
             _, status = os.waitpid(self.pid, 0)
-            self.status = _exit_code(status)
+            self.status = exit_code(status)
             os.set_blocking(self._why, False)
             chunks = []
             try:
@@ -177,23 +177,28 @@ def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None
             os.close(r)
             _relay(identity, argv, env, w, caller, stdout, terminal)
         except BaseException as exc:                  # report, then die
-            _tell(w, exc)
+            tell(w, exc)
         os._exit(EXIT_CANNOT_START)
     os.close(w)
     return Userland(relay, r)
 
 
-def _exit_code(status: int) -> int:
+def exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
 
 
-def _tell(fd: int, exc: BaseException, program: str = "") -> None:
+def describe_error(exc: BaseException, program: str = "") -> str:
+    """Why a program could not be started, as ``mkctl exec`` prints it."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f"{program}: " if program else ""
+    return f"{where}{type(exc).__name__}: {text}"
+
+
+def tell(fd: int, exc: BaseException, program: str = "") -> None:
     try:
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        where = f"{program}: " if program else ""
-        os.write(fd, f"{where}{type(exc).__name__}: {text}".encode()[:1000])
+        os.write(fd, describe_error(exc, program).encode()[:1000])
     except OSError:
         pass
 
@@ -206,7 +211,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     linux.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != caller:                        # it died before the line above
         os._exit(128 + signal.SIGKILL)
-    _seal(why, stdout, terminal)
+    seal(why, stdout, terminal)
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
@@ -221,7 +226,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
         try:
             _init(identity, argv, env, why, stdout, terminal)
         except BaseException as exc:                  # report, then die
-            _tell(why, exc)
+            tell(why, exc)
         os._exit(EXIT_CANNOT_START)
     os.close(why)                                     # the init reports from here on
     if terminal is not None:                          # the program's alone: its EOF is ours
@@ -235,7 +240,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     _, status = os.waitpid(init, 0)
-    os._exit(_exit_code(status))
+    os._exit(exit_code(status))
 
 
 def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
@@ -243,28 +248,25 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     """pid 1 of the userland: set everything up while it still may, then start the program and
     reap until it exits."""
     linux.set_parent_death_signal(signal.SIGKILL)
-    _seal(why, stdout, terminal)
+    seal(why, stdout, terminal)
     setproctitle.setproctitle(f"mk-init [{identity.name}]")
     if identity.cpus:
         os.sched_setaffinity(0, identity.cpus)
-    linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
-    _mounts(identity, terminal)
-    socket.sethostname(identity.name)
-    _loopback_up()
+    enter(identity, terminal)
     drop_privileges()
     filters.install(filters.userland_filter())
 
     def stop(sig: int, _frame: object) -> None:
-        _kill_all()
+        kill_all()
         os._exit(128 + sig)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     main = os.fork()
     if main == 0:
         try:
-            _exec(argv, env, stdout, terminal)
+            exec_program(argv, env, stdout, terminal)
         except BaseException as exc:                  # report, then die
-            _tell(why, exc, argv[0])
+            tell(why, exc, argv[0])
         os._exit(EXIT_CANNOT_START)
     os.close(why)
     if terminal is not None:
@@ -273,11 +275,22 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
         pid, status = os.wait()                       # the program, or an orphan it left
         if pid == main:
             break
-    _kill_all()
-    os._exit(_exit_code(status))
+    kill_all()
+    os._exit(exit_code(status))
 
 
-def _seal(*keep: int | None) -> None:
+def enter(identity: Identity, terminal: int | None = None, console: int | None = None) -> None:
+    """Make this process's own UTS, IPC, network, cgroup and mount namespaces the userland's:
+    the hostname, ``lo`` up, the mounts (``_mounts``); ``console``, a descriptor, is bound on
+    /dev/console (else ``identity.console``, a path). Called by pid 1 of a fresh PID
+    namespace, with every privilege still held."""
+    linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
+    _mounts(identity, terminal, console)
+    socket.sethostname(identity.name)
+    _loopback_up()
+
+
+def seal(*keep: int | None) -> None:
     """Make this process a wall, not a door: not dumpable (no process of the userland, though
     it has the same uid 0 and no capabilities as this one, may ptrace it, read its
     ``/proc/<pid>/fd`` links or take its descriptors with ``pidfd_getfd``), and holding no
@@ -304,7 +317,7 @@ def in_cgroups_of(pid: int, procs: list[str]) -> bool:
     return not procs
 
 
-def _kill_all() -> None:
+def kill_all() -> None:
     """From pid 1: SIGKILL every other process of the namespace, and reap them."""
     try:
         os.kill(-1, signal.SIGKILL)
@@ -317,7 +330,7 @@ def _kill_all() -> None:
             return
 
 
-def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None,
+def exec_program(argv: list[str], env: dict[str, str] | None, stdout: int | None,
           terminal: int | None) -> None:
     """The program: default signal dispositions (Python ignores SIGPIPE, the relay SIGINT),
     no descriptor but stdio, then exec. With a ``terminal``: a session of its own whose
@@ -338,9 +351,12 @@ def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None,
     os.execvpe(argv[0], argv, dict(os.environ) if env is None else env)
 
 
-def _mounts(identity: Identity, terminal: int | None = None) -> None:
+def _mounts(identity: Identity, terminal: int | None = None,
+            console_fd: int | None = None) -> None:
     # the console is a host path: held before the root and /dev change under it
-    console = None if identity.console is None else os.open(identity.console, os.O_PATH)
+    # (a descriptor's own mount is the old namespace's, which a bind refuses: by its name)
+    path = os.ttyname(console_fd) if console_fd is not None else identity.console
+    console = None if path is None else os.open(path, os.O_PATH)
     # the pty's name, as ttyname(3) inside will look it up (tty, ps, ssh); opened by path
     # here, in this mount namespace, as a bind mount's source must be
     pts = None if terminal is None else os.ttyname(terminal)
