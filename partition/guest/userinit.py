@@ -29,8 +29,9 @@ from partition.guest.containment import drop_privileges, join_cgroups
 #: magic, kind, program index, status, reason length
 HEADER = struct.Struct("<4sBxHiH")
 MAGIC = b"MKUL"
-READY, STARTED, EXITED, FAILED = 1, 2, 3, 4
-KINDS = {READY: "ready", STARTED: "started", EXITED: "exited", FAILED: "failed"}
+READY, STARTED, EXITED, FAILED, UNSET = 1, 2, 3, 4, 5
+KINDS = {READY: "ready", STARTED: "started", EXITED: "exited", FAILED: "failed",
+         UNSET: "unset"}
 REASON_MAX = 512
 #: at most this many boot programs an instance names (the records' index is 16 bits)
 PROGRAMS_MAX = 64
@@ -43,7 +44,8 @@ EXIT_CANNOT_START = 127
 class Record:
     """One checked record of the init: what happened to which boot program."""
 
-    kind: str                  # ready, started, exited, failed
+    kind: str                  # ready, unset (the init could not set up), started, exited,
+    #                            failed (a program could not be started)
     index: int                 # the boot program (0 for ready)
     status: int                # exit status (exited, failed), 0 otherwise
     reason: str                # why a program could not be started (failed)
@@ -73,7 +75,7 @@ def parse(buf: bytearray, programs: int) -> list[Record | BadRecord]:
             why = f"unknown kind {kind}"
         elif length > REASON_MAX:
             why = f"reason of {length} bytes (at most {REASON_MAX})"
-        elif kind != READY and not index < programs:
+        elif kind not in (READY, UNSET) and not index < programs:
             why = f"program index {index} (the instance has {programs})"
         elif not 0 <= status <= STATUS_MAX:
             why = f"status {status} out of 0..{STATUS_MAX}"
@@ -98,7 +100,7 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
         die_with_host: bool) -> None:
     """pid 1 of the instance's userland, in the host's child: join the instance's cgroups, make
     the userland (guest/userland.py), say ready, start the boot programs, reap for good.
-    Never returns; an error before ready is reported as a FAILED record and exits 127."""
+    Never returns; an error before ready is reported as an UNSET record and exits 127."""
     try:
         if die_with_host:
             linux.set_parent_death_signal(signal.SIGKILL)
@@ -116,10 +118,19 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
             os.sched_setaffinity(0, identity.cpus)
         userland.enter(identity, console=console)
         os.close(console)
+        # stdio on the userland's /dev/null, the pipe to the host on 3: nothing else held
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        if report != 3:
+            os.dup2(report, 3, inheritable=False)
+            os.close(report)
+            report = 3
         drop_privileges()
         filters.install(filters.userland_filter())
     except BaseException as exc:                    # report, then die
-        _send(report, encode(FAILED, 0, EXIT_CANNOT_START, userland.describe_error(exc)))
+        _send(report, encode(UNSET, 0, EXIT_CANNOT_START, userland.describe_error(exc)))
         os._exit(EXIT_CANNOT_START)
     signal.signal(signal.SIGTERM, lambda *_: _stop(signal.SIGTERM))
     _send(report, encode(READY))

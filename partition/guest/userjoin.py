@@ -12,7 +12,6 @@ terminal would); what the command leaves behind stays in the userland, reaped by
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 from dataclasses import dataclass
@@ -35,14 +34,14 @@ from partition.guest.userland import (
     MS_RDONLY,
     MS_REMOUNT,
     Userland,
+    attach_mount,
+    clone_mount,
     exec_program,
     exit_code,
     in_cgroups_of,
     seal,
     tell,
 )
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,8 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
     if main == 0:
         try:
             linux.set_parent_death_signal(0)
+            if terminal is None:
+                os.setpgid(0, 0)     # a group of its own: what it leaves there ends with it
             if target.cpus:
                 os.sched_setaffinity(0, target.cpus)
             drop_privileges()
@@ -144,21 +145,25 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
 
     def forward(sig: int, _frame: object) -> None:
         try:
-            os.kill(main, sig)
-        except ProcessLookupError:
+            os.killpg(main, sig)
+        except (ProcessLookupError, PermissionError):
             pass
         if sig == signal.SIGHUP:                      # the caller is gone: so is its relay
             _hide_terminal(shown)
             os._exit(128 + sig)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
+    # the program's exit seen, not yet reaped (its pid, so its group's, stays its own), then
+    # what it left in its process group killed, as a hung-up terminal would: a program that
+    # is to outlive its command leaves the group (setsid) and stays in the userland
+    os.waitid(os.P_PID, main, os.WEXITED | os.WNOWAIT)
+    try:
+        os.killpg(main, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     _, status = os.waitpid(main, 0)
     _hide_terminal(shown)
     os._exit(exit_code(status))
-
-
-OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_EMPTY_PATH = 1, os.O_CLOEXEC, 0x1000
-MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD = 0x4, -100
 
 
 def _terminal_tree(terminal: int) -> tuple[str, int] | None:
@@ -166,14 +171,11 @@ def _terminal_tree(terminal: int) -> tuple[str, int] | None:
     namespace, where the pty is; None when it has no /dev/pts name."""
     try:
         name = os.ttyname(terminal)
+        if not name.startswith("/dev/pts/"):
+            return None
+        return name, clone_mount(name)
     except OSError:
         return None
-    if not name.startswith("/dev/pts/"):
-        return None
-    nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "open_tree")
-    fd = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(AT_FDCWD), name.encode(),
-                       ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
-    return None if fd < 0 else (name, fd)
 
 
 def _show_terminal(name: str, tree: int) -> str | None:
@@ -188,10 +190,7 @@ def _show_terminal(name: str, tree: int) -> str | None:
         finally:
             linux.mount(None, "/dev", None,
                         MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
-        nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "move_mount")
-        if _libc.syscall(ctypes.c_long(nr), ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD),
-                         name.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)) != 0:
-            return None
+        attach_mount(tree, name)
         return name
     except OSError:
         return None

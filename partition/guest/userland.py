@@ -355,8 +355,9 @@ def _mounts(identity: Identity, terminal: int | None = None,
             console_fd: int | None = None) -> None:
     # the console is a host path: held before the root and /dev change under it
     # (a descriptor's own mount is the old namespace's, which a bind refuses: by its name)
+    # and cloned as a detached mount, which a rootfs's pivot does not take away
     path = os.ttyname(console_fd) if console_fd is not None else identity.console
-    console = None if path is None else os.open(path, os.O_PATH)
+    console = None if path is None else clone_mount(path)
     # the pty's name, as ttyname(3) inside will look it up (tty, ps, ssh); opened by path
     # here, in this mount namespace, as a bind mount's source must be
     pts = None if terminal is None else os.ttyname(terminal)
@@ -387,6 +388,32 @@ def _mounts(identity: Identity, terminal: int | None = None,
         if os.path.isdir(path) and not os.path.islink(path):
             linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
                         f"size={identity.tmp_size},mode={mode}")
+
+
+OPEN_TREE_CLONE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x1000, -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def clone_mount(path: str) -> int:
+    """open_tree(OPEN_TREE_CLONE): a detached bind mount of ``path``, made in this mount
+    namespace, to attach elsewhere later (``attach_mount``), also in another namespace or
+    after a pivot that took the source's mount away."""
+    nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "open_tree")
+    fd = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(AT_FDCWD), path.encode(),
+                       ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree {path}: {os.strerror(err)}")
+    return int(fd)
+
+
+def attach_mount(tree: int, target: str) -> None:
+    """move_mount(2) the detached mount ``tree`` onto ``target`` (an existing file)."""
+    nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "move_mount")
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD),
+                     target.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"move_mount {target}: {os.strerror(err)}")
 
 
 def _shared_regions(regions: dict[str, int]) -> None:
@@ -431,9 +458,9 @@ def _devices(identity: Identity, console: int | None,
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"/dev/{name}")
-    if console is not None:                      # through the fresh /proc: our own fd
+    if console is not None:                      # the detached clone, attached here
         os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY, 0o600))
-        linux.mount(f"/proc/self/fd/{console}", "/dev/console", None, MS_BIND)
+        attach_mount(console, "/dev/console")
     else:                                        # nothing to wire it to yet: a sink
         os.mknod("/dev/console", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     if terminal is not None and terminal[0].startswith("/dev/pts/"):

@@ -372,7 +372,7 @@ class Userlands:
             self.events.info("userland_ready", instance=run.inst_id, name=run.name,
                              generation=run.generation)
             return
-        if rec.kind == "failed" and not run.ready:     # the init itself could not set up
+        if rec.kind == "unset":                       # the init itself could not set up
             run.failure = rec.reason[:300]
             self.events.warning("userland_setup_failed", instance=run.inst_id, name=run.name,
                                 reason=rec.reason[:300])
