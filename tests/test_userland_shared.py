@@ -1,0 +1,248 @@
+"""One userland per instance (host/userlands.py, guest/userinit.py, guest/userjoin.py): execs
+that see each other, a server reached from another exec, a userland that ends with its kernel
+and comes back fresh, boot programs and their statuses, /dev/console in the console log, and
+the init's records checked. Real processes; every one reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from helpers import CPUS, MKCTL, host_pids, mk, until
+
+from partition.guest import userinit
+from partition.host.machine import Machine
+
+pytestmark = pytest.mark.system   # runs real processes (userlands, a supervisor)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PICKY = os.path.join(HERE, "kernels", "picky.py")
+PYTHON = os.path.realpath(sys.executable)
+
+
+def boot(run_dir, *load_args):
+    mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
+       ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", PICKY, *load_args)
+    mk(run_dir, "start", "a")
+    return run_dir
+
+
+@pytest.fixture
+def running(run_dir):
+    return boot(run_dir)
+
+
+def inside(run_dir, *argv, **kw):
+    return mk(run_dir, "exec", "a", "--", *argv, check=False, **kw)
+
+
+def in_background(run_dir, *argv, **kw):
+    return subprocess.Popen(MKCTL + ["--run-dir", run_dir, "exec", "a", "--", *argv],
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def show(run_dir):
+    return json.loads(mk(run_dir, "show", "--format", "json", "a").stdout)
+
+
+def ended(proc):
+    """A background exec, ended (mkctl terminated: its relay hangs the command up) and
+    reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(timeout=30)
+
+
+LOOK = textwrap.dedent("""
+    import os
+    cmds = []
+    for p in os.listdir('/proc'):
+        if p.isdigit():
+            try:
+                cmds.append(open(f'/proc/{p}/cmdline', 'rb').read().replace(b'\\0', b' ').decode())
+            except OSError:
+                pass
+    print(any(c.startswith('sleep 401') for c in cmds))
+    print(open('/tmp/note').read().strip())
+    print(os.readlink('/proc/self/ns/pid'))
+""")
+
+
+def test_two_execs_share_one_userland(running):
+    first = in_background(running, "/bin/sh", "-c",
+                          "echo shared > /tmp/note; readlink /proc/self/ns/pid; exec sleep 401",
+                          stdout=subprocess.PIPE)
+    try:
+        ns = first.stdout.readline().strip()
+        until(lambda: host_pids(b"sleep\x00401\x00"), what="the first exec's sleep")
+        r = inside(running, PYTHON, "-c", LOOK)
+        assert r.returncode == 0, r.stderr
+        seen, note, ns2 = r.stdout.split()
+        assert (seen, note, ns2) == ("True", "shared", ns)      # its process, its /tmp, its ns
+    finally:
+        ended(first)
+    until(lambda: not host_pids(b"sleep\x00401\x00"), what="the sleep ended with its exec")
+
+
+SERVER = textwrap.dedent("""
+    import socket
+    s = socket.socket(); s.bind(('127.0.0.1', 4567)); s.listen()
+    print('listening', flush=True)
+    c, _ = s.accept(); c.sendall(c.recv(100).upper()); c.close()
+""")
+CLIENT = ("import socket; c = socket.create_connection(('127.0.0.1', 4567)); "
+          "c.sendall(b'ping'); print(c.recv(100).decode())")
+
+
+def test_a_server_in_one_exec_answers_a_client_in_another(running):
+    server = in_background(running, PYTHON, "-c", SERVER, stdout=subprocess.PIPE)
+    try:
+        assert server.stdout.readline() == "listening\n", server.stderr.read()
+        r = inside(running, PYTHON, "-c", CLIENT)
+        assert (r.returncode, r.stdout.strip()) == (0, "PING"), r.stderr
+        assert server.wait(timeout=30) == 0
+    finally:
+        ended(server)
+
+
+@pytest.mark.parametrize("end", [("fault", "a", "panic"), ("kill", "a")], ids=["panic", "halt"])
+def test_the_userland_ends_with_its_kernel_and_comes_back_fresh(running, end):
+    r = inside(running, "/bin/sh", "-c", "echo x > /tmp/mark; readlink /proc/self/ns/pid")
+    assert r.returncode == 0, r.stderr
+    sleeper = in_background(running, "sleep", "402", stdout=subprocess.DEVNULL)
+    try:
+        sleeps = until(lambda: host_pids(b"sleep\x00402\x00"), what="the sleep")
+        init = show(running)["userland"]["pid"]
+        mk(running, *end)
+        assert sleeper.wait(timeout=30) == 128 + signal.SIGKILL     # killed with its instance
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in [init, *sleeps]),
+              what="every process of the userland gone, its init too")
+        assert show(running)["userland"] is None
+    finally:
+        ended(sleeper)
+    with open(os.path.join(running, "events.log")) as f:
+        exits = [e for e in map(json.loads, f) if e["event"] == "userland_exit"]
+    assert exits and exits[-1]["pid"] == init
+    mk(running, "start", "a")
+    r = inside(running, "/bin/sh", "-c", "test -e /tmp/mark && echo kept || echo gone; "
+                                         "readlink /proc/self/ns/pid")
+    assert r.returncode == 0, r.stderr
+    fresh, _ = r.stdout.split()
+    assert fresh == "gone"                                     # a fresh userland: its /tmp,
+    with open(os.path.join(running, "events.log")) as f:       # its own start
+        starts = [e for e in map(json.loads, f) if e["event"] == "userland_start"]
+    assert len(starts) == 2 and starts[-1]["generation"] > starts[0]["generation"]
+    assert os.path.exists(f"/proc/{show(running)['userland']['pid']}")
+
+
+def test_boot_programs_run_at_every_boot_with_their_statuses(run_dir):
+    boot(run_dir, "--program", "/bin/sh -c 'echo booted > /dev/console; exit 3'",
+         "--program", "/no/such/program", "--program", "/bin/sleep 403")
+
+    def statuses():
+        return [p["status"] for p in show(run_dir)["programs"]]
+    until(lambda: statuses() == [3, 127, "running"], what="the programs' statuses")
+    d = show(run_dir)
+    assert d["programs"][0]["argv"] == ["/bin/sh", "-c", "echo booted > /dev/console; exit 3"]
+    assert "/no/such/program" in d["programs"][1]["reason"]
+    assert "No such file" in d["programs"][1]["reason"]
+    assert len({p["generation"] for p in d["programs"]}) == 1
+    text = mk(run_dir, "show", "a").stdout
+    assert "exit 3" in text and "/no/such/program" in text and "running" in text
+    until(lambda: "[console] booted" in mk(run_dir, "console", "a").stdout,
+          what="the program's line in the console")
+    first = d["programs"][0]["generation"]
+    mk(run_dir, "kill", "a")
+    mk(run_dir, "start", "a")
+    until(lambda: show(run_dir)["programs"][0]["generation"] != first
+          and statuses() == [3, 127, "running"], what="the programs of the second boot")
+    assert len(host_pids(b"/bin/sleep\x00403\x00")) == 1        # the first boot's went with it
+    with open(os.path.join(run_dir, "events.log")) as f:
+        exits = [e for e in map(json.loads, f) if e["event"] == "program_exit"]
+    assert sorted(e["status"] for e in exits) == [3, 3, 127, 127]
+
+
+def test_boot_programs_refused_when_not_commands(run_dir):
+    mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
+       ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    r = mk(run_dir, "load", "a", "--kernel", PICKY, "--program", "/bin/echo 'unclosed",
+           check=False)
+    assert r.returncode != 0 and "cannot be split" in r.stderr
+    assert show(run_dir)["state"] == "ready"                  # nothing loaded
+
+
+# -- in-process: the console pty and the init's records ------------------------------------
+@pytest.fixture
+def machine():
+    with Machine(cpus=str(CPUS[-1]), memory="64M", host_cpus=str(CPUS[0]),
+                 oversubscribe=True) as m:
+        yield m
+        inits = [r.pid for r in m.userlands.runs.values()]
+    assert not any(os.path.exists(f"/proc/{p}") for p in inits)    # reaped at close
+
+
+def _wait(m, pred, what):
+    deadline = time.monotonic() + 10
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"{what} never held"
+        m.poll(0.05)
+    return value
+
+
+def test_the_console_is_a_pty_the_host_reads_and_feeds(machine):
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", "kernels.echo:EchoKernel", "", programs=[
+        ["/bin/sh", "-c", 'echo ready > /dev/console; read line < /dev/console; '
+                          'echo "got $line" > /dev/console']])
+    m.exec("a")
+    _wait(m, lambda: "[console] ready" in m.console("a"), "the program's first line")
+    assert m.userlands.feed("a", b"hello\n")
+    _wait(m, lambda: "[console] got hello" in m.console("a"), "the answer to the typed line")
+    assert "hello\n" not in m.console("a").replace("got hello", "")   # typed input not echoed
+    _wait(m, lambda: m.describe(m.get("a"))["programs"][0]["status"] == 0, "its exit")
+
+
+def test_a_hostile_init_record_is_refused(machine):
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", "kernels.echo:EchoKernel", "")
+    m.exec("a")
+    init = m.userlands.ensure(m.get("a"))["init"]
+    # the init's end of its pipe to the host, written as a process inside could if it had it
+    with open(f"/proc/{init}/fd/3", "wb", buffering=0) as pipe:
+        pipe.write(userinit.encode(userinit.EXITED, index=7, status=0))   # no program 7
+    _wait(m, lambda: m.events.counts.get("userland_record_refused"), "the refusal")
+    assert os.path.exists(f"/proc/{init}")                  # refused, nothing acted on
+    assert m.describe(m.get("a"))["userland"]["pid"] == init
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"EVIL" + bytes(12), "bad magic"),
+    (userinit.HEADER.pack(userinit.MAGIC, 99, 0, 0, 0), "unknown kind"),
+    (userinit.HEADER.pack(userinit.MAGIC, userinit.EXITED, 5, 0, 0), "program index 5"),
+    (userinit.HEADER.pack(userinit.MAGIC, userinit.EXITED, 0, -1, 0), "status -1"),
+    (userinit.HEADER.pack(userinit.MAGIC, userinit.EXITED, 0, 4096, 0), "status 4096"),
+    (userinit.HEADER.pack(userinit.MAGIC, userinit.FAILED, 0, 127, 60000), "reason of 60000"),
+], ids=["magic", "kind", "index", "negative-status", "big-status", "long-reason"])
+def test_the_records_are_checked_field_by_field(raw, why):
+    got = userinit.parse(bytearray(raw + userinit.encode(userinit.READY)), programs=2)
+    assert len(got) == 1 and isinstance(got[0], userinit.BadRecord) and why in str(got[0])
+
+
+def test_a_good_record_split_across_reads_waits_for_its_rest():
+    raw = userinit.encode(userinit.FAILED, 1, 127, "no such file")
+    buf = bytearray(raw[:20])
+    assert userinit.parse(buf, programs=2) == []
+    buf += raw[20:]
+    [rec] = userinit.parse(buf, programs=2)
+    assert rec == userinit.Record("failed", 1, 127, "no such file") and not buf
