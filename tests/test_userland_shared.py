@@ -16,8 +16,10 @@ import time
 import pytest
 from helpers import CPUS, MKCTL, host_pids, mk, until
 
+from partition import scenario
 from partition.guest import userinit
 from partition.host.machine import Machine
+from partition.scenario import ScenarioInvalid, report, schema
 
 pytestmark = pytest.mark.system   # runs real processes (userlands, a supervisor)
 
@@ -246,3 +248,36 @@ def test_a_good_record_split_across_reads_waits_for_its_rest():
     buf += raw[20:]
     [rec] = userinit.parse(buf, programs=2)
     assert rec == userinit.Record("failed", 1, 127, "no such file") and not buf
+
+
+# -- a scenario's programs ------------------------------------------------------------------
+def test_a_scenario_names_boot_programs_and_reports_their_statuses():
+    doc = {"scenario": {"name": "t", "duration": 1.0},
+           "instance": [{"name": "a", "kernel": "kernels.idle:IdleKernel",
+                         "cpus": str(CPUS[-1]),
+                         "programs": ["/bin/sh -c 'exit 5'", ["/bin/echo", "to the console"],
+                                      "/no/such/program"]},
+                        {"name": "b", "kernel": "kernels.idle:IdleKernel",
+                         "cpus": str(CPUS[-1])}],
+           "machine": {"cpus": str(CPUS[-1]), "host_cpus": str(CPUS[0]), "memory": "64M",
+                       "oversubscribe": True}}
+    sc = schema.check(doc)
+    assert sc.instances[0]["programs"][0] == ["/bin/sh", "-c", "exit 5"]
+    assert "programs" not in sc.instances[1]
+    result = scenario.run(sc)
+    got = [(p["instance"], p["index"], p["argv"][0], p["status"]) for p in result.programs]
+    assert got == [("a", 0, "/bin/sh", 5), ("a", 1, "/bin/echo", 0),
+                   ("a", 2, "/no/such/program", 127)]
+    assert result.to_dict()["programs"][2]["reason"].startswith("/no/such/program: ")
+    assert "[console] to the console" in result.consoles["a"]
+    assert "/no/such/program" in report.summary(result)
+
+
+@pytest.mark.parametrize("bad", [[""], ["/bin/echo 'unclosed"], [[]], [["/bin/echo", 3]],
+                                 "/bin/echo", [None]])
+def test_a_scenario_refuses_programs_that_are_not_commands(bad):
+    doc = {"scenario": {"name": "t"},
+           "instance": [{"name": "a", "kernel": "kernels.idle:IdleKernel", "programs": bad}]}
+    with pytest.raises(ScenarioInvalid) as ei:
+        schema.check(doc, "t.toml")
+    assert any("programs" in p for p in ei.value.problems), ei.value.problems
