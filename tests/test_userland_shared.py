@@ -281,3 +281,43 @@ def test_a_scenario_refuses_programs_that_are_not_commands(bad):
     with pytest.raises(ScenarioInvalid) as ei:
         schema.check(doc, "t.toml")
     assert any("programs" in p for p in ei.value.problems), ei.value.problems
+
+
+# -- the kernel's changes, followed ---------------------------------------------------------
+STATEFUL = os.path.join(HERE, "kernels", "stateful.py")
+
+
+def _sleeps(tag: bytes) -> list[int]:
+    return host_pids(b"sleep\x00" + tag + b"\x00")
+
+
+def test_a_live_update_restarts_the_userland_under_the_new_kernel(machine_factory):
+    m = machine_factory(cpus=str(CPUS[-1]), host_cpus=str(CPUS[0]), oversubscribe=True,
+                        memory="64M")
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", f"{STATEFUL}:Counter", "", programs=["sleep 405"])
+    m.exec("a")
+    [old] = _wait(m, lambda: _sleeps(b"405"), "the first boot's sleep")
+    init = m.describe(m.get("a"))["userland"]["pid"]
+    first = m.describe(m.get("a"))["programs"][0]["generation"]
+    m.live_update("a", f"{STATEFUL}:CounterV2")
+    _wait(m, lambda: (d := m.describe(m.get("a")))["programs"][0]["generation"] != first
+          and d["programs"][0]["status"] == "running", "the new kernel's programs")
+    _wait(m, lambda: not os.path.exists(f"/proc/{old}") and not os.path.exists(f"/proc/{init}"),
+          "the old userland gone")
+    assert m.describe(m.get("a"))["userland"]["pid"] != init
+    assert len(_sleeps(b"405")) == 1
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="a CPU change needs a pool of two CPUs")
+def test_a_cpu_resize_moves_the_userland(machine_factory):
+    m = machine_factory(cpus=CPUS[:2], host_cpus="none", oversubscribe=True, memory="256M")
+    m.create("a", cpus=[m.config.cpus[0]], memory="16M")
+    m.load("a", "kernels.idle:IdleKernel", "", programs=["sleep 406"])
+    m.exec("a")
+    [pid] = _wait(m, lambda: _sleeps(b"406"), "the boot program")
+    assert os.sched_getaffinity(pid) == {m.config.cpus[0]}
+    m.resize("a", cpus=[m.config.cpus[1]])
+    assert os.sched_getaffinity(pid) == {m.config.cpus[1]}
+    init = m.describe(m.get("a"))["userland"]["pid"]
+    assert os.sched_getaffinity(init) == {m.config.cpus[1]}

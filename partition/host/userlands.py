@@ -168,6 +168,29 @@ class Userlands:
                 self.stop(inst_id, "its kernel halted")
         elif event in ("instance_exit", "handover_exit"):
             self.stop(inst_id, "its kernel halted")
+        elif event == "resources_changed" and str(fields.get("op", "")).startswith("cpu"):
+            self._repin(inst_id)
+
+    def _repin(self, inst_id: int) -> None:
+        """A CPU resize (host/resize.py pins the kernel): every thread of the userland to the
+        instance's new CPUs too. The cpuset, where the machine has one, already bounds them;
+        their own affinity is the init's, set at its start, and must follow."""
+        inst = self.table.by_id(inst_id)
+        if inst is None or not inst.cpus or inst_id not in self.runs:
+            return
+        kernel = {inst.pid, inst.parked.pid if inst.parked is not None else None}
+        for pid in self.cgroups.members(inst_id) or [self.runs[inst_id].pid]:
+            if pid in kernel:
+                continue
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(tid, inst.cpus)
+                except OSError:
+                    pass
 
     def _start_due(self) -> None:
         try:
@@ -178,8 +201,12 @@ class Userlands:
         for inst_id in sorted(due):
             inst = self.table.by_id(inst_id)
             if inst is None or inst.state.value != "active" or inst.pid is None \
-                    or self.closed or inst_id in self.runs:
+                    or self.closed:
                 continue
+            if inst_id in self.runs:
+                if self.runs[inst_id].generation != inst.generation:
+                    self._due.add(inst_id)      # the last run's, killed, not reaped yet:
+                continue                        # this one starts when it is (``_exited``)
             try:
                 self.start(inst)
             except (OSError, MKError) as exc:
@@ -292,6 +319,8 @@ class Userlands:
                 p.status, p.reason = "lost", "its userland ended first"
         self.events.info("userland_exit", instance=run.inst_id, name=run.name, pid=run.pid,
                          generation=run.generation, status=code, why=run.failure or "exited")
+        if run.inst_id in self._due:
+            os.eventfd_write(self._bell, 1)      # the next run's start waited for this one
 
     def _forget(self, run: Run) -> None:
         run.ended = True
