@@ -139,8 +139,7 @@ class Userlands:
         self.programs: dict[int, list[list[str]]] = {}     # instance id -> its boot programs
         self.boots: dict[int, list[list[Program]]] = {}    # instance id -> latest boots'
         self._due: set[int] = set()
-        self._bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        reactor.watch(self._bell, "userland-due", None, lambda _i: self._start_due())
+        self._bell = -1          # an eventfd in the reactor, made when first rung
         self.closed = False
         events.subscribe(self._on_event)
 
@@ -163,9 +162,12 @@ class Userlands:
             if fields.get("new") == "active":
                 if self.programs.get(inst_id):
                     self._due.add(inst_id)
-                    os.eventfd_write(self._bell, 1)
+                    self._ring()
             elif fields.get("old") == "active":
                 self.stop(inst_id, "its kernel halted")
+            elif fields.get("new") == "empty":     # deleted: its id may be another's next
+                self.programs.pop(inst_id, None)
+                self.boots.pop(inst_id, None)
         elif event in ("instance_exit", "handover_exit"):
             self.stop(inst_id, "its kernel halted")
         elif event == "resources_changed" and str(fields.get("op", "")).startswith("cpu"):
@@ -191,6 +193,15 @@ class Userlands:
                     os.sched_setaffinity(tid, inst.cpus)
                 except OSError:
                     pass
+
+    def _ring(self) -> None:
+        """Have the reactor call ``_start_due`` on its next turn."""
+        if self.closed:
+            return
+        if self._bell < 0:
+            self._bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.reactor.watch(self._bell, "userland-due", None, lambda _i: self._start_due())
+        os.eventfd_write(self._bell, 1)
 
     def _start_due(self) -> None:
         try:
@@ -320,7 +331,7 @@ class Userlands:
         self.events.info("userland_exit", instance=run.inst_id, name=run.name, pid=run.pid,
                          generation=run.generation, status=code, why=run.failure or "exited")
         if run.inst_id in self._due:
-            os.eventfd_write(self._bell, 1)      # the next run's start waited for this one
+            self._ring()                         # the next run's start waited for this one
 
     def _forget(self, run: Run) -> None:
         run.ended = True
@@ -352,8 +363,10 @@ class Userlands:
                 self.events.warning("userland_not_reaped", instance=run.inst_id, name=run.name,
                                     pid=run.pid)
                 self._forget(run)
-        self.reactor.unwatch(self._bell)
-        os.close(self._bell)
+        if self._bell >= 0:
+            self.reactor.unwatch(self._bell)
+            os.close(self._bell)
+            self._bell = -1
 
     # -- the init's records ------------------------------------------------------------------
     def _read_report(self, run: Run, everything: bool = False) -> None:
