@@ -321,3 +321,16 @@ def test_a_cpu_resize_moves_the_userland(machine_factory):
     assert os.sched_getaffinity(pid) == {m.config.cpus[1]}
     init = m.describe(m.get("a"))["userland"]["pid"]
     assert os.sched_getaffinity(init) == {m.config.cpus[1]}
+
+
+def test_what_an_exec_leaves_goes_with_it_unless_it_left_its_group(running):
+    r = inside(running, "/bin/sh", "-c",
+               "sleep 408 & setsid sleep 409 >/dev/null 2>&1 & sleep 0.5; exit 0")
+    assert r.returncode == 0, r.stderr
+    until(lambda: not host_pids(b"sleep\x00408\x00"), what="the straggler in its group killed")
+    [kept] = until(lambda: host_pids(b"sleep\x00409\x00"), what="the setsid'd sleep")
+    init = show(running)["userland"]["pid"]
+    with open(f"/proc/{kept}/stat") as f:
+        assert int(f.read().rpartition(")")[2].split()[1]) == init     # reparented to the init
+    os.kill(kept, signal.SIGTERM)
+    until(lambda: not os.path.exists(f"/proc/{kept}"), what="the orphan reaped by the init")

@@ -133,6 +133,8 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
         _send(report, encode(UNSET, 0, EXIT_CANNOT_START, userland.describe_error(exc)))
         os._exit(EXIT_CANNOT_START)
     signal.signal(signal.SIGTERM, lambda *_: _stop(signal.SIGTERM))
+    # an orphan's exit wakes the wait below (an ignored SIGCHLD would not end its pause)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     _send(report, encode(READY))
     started: dict[int, int] = {}                    # pid -> boot program index
     for index, argv in enumerate(programs[:PROGRAMS_MAX]):

@@ -188,6 +188,7 @@ class Machine:
         state = statefile.read_state(self.run_dir)
         assert state is not None
         self._closed = True
+        self.userlands.close()          # they die with their host (their parent-death signal)
         for inst in self.instances.values():
             self.lifecycle.drop_descriptors(inst)
         self.loading.zygotes.close()
