@@ -5,10 +5,9 @@ On the real machine a spawn kernel runs ordinary Linux programs; here the instan
 one Python process that may not fork, so its programs are started beside it, by this launcher,
 and made to look and die as the instance's own:
 
-* a **PID namespace** whose init is a tiny reaper (``_init``): pid 1, it reaps orphans, and when
-  the main program exits (or it is told: SIGTERM, SIGHUP) it kills every process left and exits
-  with the program's status. Programs inside see only the userland's processes and can name, so
-  signal or trace, nothing else;
+* a **PID namespace** whose init is a tiny reaper: pid 1, it reaps orphans, and when it is told
+  (SIGTERM) it kills every process left. Programs inside see only the userland's processes and
+  can name, so signal or trace, nothing else;
 * **UTS** (the hostname is the instance's name), **IPC**, **cgroup** and **network** namespaces
   (the network has only ``lo``, brought up here with SIOCSIFFLAGS: no ``ip`` binary needed);
 * a **mount namespace**: the root read-only (the host's, or ``rootfs`` bound read-only and
@@ -23,13 +22,18 @@ and made to look and die as the instance's own:
 * **no privileges**: every capability dropped, no_new_privs, the locked securebits, then the
   userland filter.
 
-Three processes on the caller's side of the namespace: the caller (mkctl), the *relay* it forks
-(it makes the PID namespace, whose first child is the init, and relays the init's status;
-SIGTERM/SIGHUP to it reach the init, and it ignores SIGINT as a shell does while its job runs),
-and the init. The relay and the init die with their parent (PR_SET_PDEATHSIG), so a userland
-never outlives the mkctl that started it. Both are sealed first (``_seal``): not dumpable, and
-holding no descriptor of mkctl's but stdio (and the terminal while it is handed over), since the
-init never execs and a program inside could otherwise take what it holds (``pidfd_getfd``).
+Used two ways. An instance's one userland (host/userlands.py): the host forks its init
+(guest/userinit.py), which calls ``enter`` for the namespaces and mounts above, and every
+``mkctl exec`` joins it (guest/userjoin.py). And a userland of its own for one program
+(``start``: the bench's and the launcher's tests): three processes on the caller's side of the
+namespace, the caller, the *relay* it forks (it makes the PID namespace, whose first child is
+the init, and relays the init's status; SIGTERM/SIGHUP to it reach the init, and it ignores
+SIGINT as a shell does while its job runs), and the init (``_init``), which kills what is left
+when the program exits. The relay and the init die with their parent (PR_SET_PDEATHSIG), so
+such a userland never outlives its caller. Every relay and init is sealed first (``seal``): not
+dumpable, and holding no descriptor of its parent's but stdio (and the terminal while it is
+handed over, or the init's pipe to the host), since an init never execs and a program inside
+could otherwise take what it holds (``pidfd_getfd``).
 """
 
 from __future__ import annotations
