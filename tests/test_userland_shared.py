@@ -334,3 +334,31 @@ def test_what_an_exec_leaves_goes_with_it_unless_it_left_its_group(running):
         assert int(f.read().rpartition(")")[2].split()[1]) == init     # reparented to the init
     os.kill(kept, signal.SIGTERM)
     until(lambda: not os.path.exists(f"/proc/{kept}"), what="the orphan reaped by the init")
+
+
+REBOOT_WHEN_TOLD = textwrap.dedent("""
+    import ctypes, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    print('cad', libc.reboot(0x89ABCDEF), ctypes.get_errno(), flush=True)   # not a restart
+    with open('/dev/console') as console:
+        console.readline()
+    print('rebooting', flush=True)
+    print('returned', libc.reboot(0x01234567), flush=True)                # RB_AUTOBOOT
+""")
+
+
+def test_reboot_inside_restarts_the_instance(machine):
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", "kernels.echo:EchoKernel", "", programs=[[PYTHON, "-c", REBOOT_WHEN_TOLD]])
+    m.exec("a")
+    first = m.get("a").generation
+    _wait(m, lambda: "[console] cad -1 1" in m.console("a"), "the refused ctrl-alt-del")
+    assert m.userlands.feed("a", b"go\n")
+    _wait(m, lambda: m.get("a").generation > first and m.get("a").state.value == "active"
+          and m.describe(m.get("a"))["programs"][0]["generation"] > first,
+          "the instance restarted")
+    assert m.events.counts.get("userland_reboot") == 1
+    assert m.get("a").last_exit.how == "forced"
+    # from an exec (its own filter, no listener): refused, as an unprivileged reboot
+    # (tests/test_userland_hostile.py tries it through mkctl exec)

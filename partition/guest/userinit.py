@@ -15,10 +15,13 @@ the host checks every field of every record (``parse``) and trusts none of them 
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import setproctitle
 
@@ -29,9 +32,12 @@ from partition.guest.containment import drop_privileges, join_cgroups
 #: magic, kind, program index, status, reason length
 HEADER = struct.Struct("<4sBxHiH")
 MAGIC = b"MKUL"
-READY, STARTED, EXITED, FAILED, UNSET = 1, 2, 3, 4, 5
+READY, STARTED, EXITED, FAILED, UNSET, REBOOT = 1, 2, 3, 4, 5, 6
 KINDS = {READY: "ready", STARTED: "started", EXITED: "exited", FAILED: "failed",
-         UNSET: "unset"}
+         UNSET: "unset", REBOOT: "reboot"}
+#: reboot(2)'s magic numbers, and the commands that restart the instance (LINUX_REBOOT_*)
+REBOOT_MAGIC1, REBOOT_MAGIC2 = 0xFEE1DEAD, (672274793, 85072278, 369367448, 537993216)
+REBOOT_RESTART = (0x01234567, 0xA1B2C3D4)
 REASON_MAX = 512
 #: at most this many boot programs an instance names (the records' index is 16 bits)
 PROGRAMS_MAX = 64
@@ -45,7 +51,7 @@ class Record:
     """One checked record of the init: what happened to which boot program."""
 
     kind: str                  # ready, unset (the init could not set up), started, exited,
-    #                            failed (a program could not be started)
+    #                            failed (a program could not be started), reboot (asked for)
     index: int                 # the boot program (0 for ready)
     status: int                # exit status (exited, failed), 0 otherwise
     reason: str                # why a program could not be started (failed)
@@ -75,7 +81,7 @@ def parse(buf: bytearray, programs: int) -> list[Record | BadRecord]:
             why = f"unknown kind {kind}"
         elif length > REASON_MAX:
             why = f"reason of {length} bytes (at most {REASON_MAX})"
-        elif kind not in (READY, UNSET) and not index < programs:
+        elif kind not in (READY, UNSET, REBOOT) and not index < programs:
             why = f"program index {index} (the instance has {programs})"
         elif not 0 <= status <= STATUS_MAX:
             why = f"status {status} out of 0..{STATUS_MAX}"
@@ -128,12 +134,16 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
             os.close(report)
             report = 3
         drop_privileges()
-        filters.install(filters.userland_filter())
+        own = filters.userland_filter(reboot_notify=True)
+        filters.install(own)
+        listener = filters.listener(own)
     except BaseException as exc:                    # report, then die
         _send(report, encode(UNSET, 0, EXIT_CANNOT_START, userland.describe_error(exc)))
         os._exit(EXIT_CANNOT_START)
     signal.signal(signal.SIGTERM, lambda *_: _stop(signal.SIGTERM))
-    # an orphan's exit wakes the wait below (an ignored SIGCHLD would not end its pause)
+    # an orphan's exit wakes the poll below (through the wakeup pipe)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     _send(report, encode(READY))
     started: dict[int, int] = {}                    # pid -> boot program index
@@ -141,15 +151,56 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
         pid = _start_program(index, argv, report)
         if pid is not None:
             started[pid] = index
+    poller = select.poll()
+    poller.register(wake_r, select.POLLIN)
+    poller.register(listener, select.POLLIN)
+    while True:
+        _reap(started, report)
+        ready = {fd for fd, _ in poller.poll()}
+        if wake_r in ready:
+            while True:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    break
+        if listener in ready:
+            _answer_reboot(own, report)
+
+
+def _reap(started: dict[int, int], report: int) -> None:
+    """Every child that exited (a boot program, or an orphan of the namespace), reaped; a boot
+    program's status told to the host."""
     while True:
         try:
-            pid, status = os.wait()
-        except ChildProcessError:                   # nothing to reap: wait for a signal
-            signal.pause()
-            continue
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
         done = started.pop(pid, -1)
         if done >= 0:
             _send(report, encode(EXITED, done, userland.exit_code(status)))
+
+
+def _answer_reboot(own: Any, report: int) -> None:
+    """A process of the userland called reboot(2) (the filter's user notification): a restart
+    command with the right magic asks the host to restart the instance's kernel (the pipe says
+    which instance: its own; the host decides) and returns 0, as the call never returns on the
+    real machine; anything else is refused EPERM, as an unprivileged reboot."""
+    sc = filters.sc
+    try:
+        call = own.receive_notify()
+    except OSError:                                 # the caller died meanwhile
+        return
+    magic1, magic2, cmd = (a & 0xFFFFFFFF for a in call.syscall_args[:3])
+    restart = magic1 == REBOOT_MAGIC1 and magic2 in REBOOT_MAGIC2 and cmd in REBOOT_RESTART
+    try:
+        own.respond_notify(sc.NotificationResponse(0 if restart else -errno.EPERM, 0, call.id,
+                                                   0))
+    except OSError:
+        pass
+    if restart:
+        _send(report, encode(REBOOT))
 
 
 def _start_program(index: int, argv: list[str], report: int) -> int | None:

@@ -122,6 +122,8 @@ class Hooks:
     wait: Callable[[Callable[[], bool], float | None], bool]
     closing: Callable[[], bool]
     console_text: Callable[[int], str]
+    #: restart an instance's kernel by name (a forced halt, then a boot): reboot(2) inside
+    restart: Callable[[str], Any] | None = None
 
 
 class HostConsole:
@@ -255,7 +257,7 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
             finally:
                 writer.data.release()
     userlands = Userlands(table, reactor, events, cgroups, shared.mounts, console_write,
-                          hooks.wait, run_dir)
+                          hooks.wait, run_dir, hooks.restart)
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
                  lifecycle, liveupdate, resources, overlays, sweeper, turn, shared, userlands)

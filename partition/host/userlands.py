@@ -126,7 +126,7 @@ class Userlands:
                  cgroups: Cgroups, shared_mounts: Callable[[list[str]], dict[str, str]],
                  console_write: ConsoleWrite,
                  wait: Callable[[Callable[[], bool], float | None], bool],
-                 run_dir: str) -> None:
+                 run_dir: str, restart: Callable[[str], Any] | None = None) -> None:
         self.table = table
         self.reactor = reactor
         self.events = events
@@ -135,6 +135,9 @@ class Userlands:
         self.console_write = console_write
         self.wait = wait
         self.run_dir = run_dir
+        #: restarts an instance's kernel (a forced halt, then a boot): reboot(2) inside
+        self.restart = restart
+        self._reboots: dict[int, int] = {}                 # instance id -> generation asking
         self.runs: dict[int, Run] = {}                     # instance id -> its userland
         self.programs: dict[int, list[list[str]]] = {}     # instance id -> its boot programs
         self.boots: dict[int, list[list[Program]]] = {}    # instance id -> latest boots'
@@ -208,6 +211,18 @@ class Userlands:
             os.eventfd_read(self._bell)
         except BlockingIOError:
             pass
+        reboots, self._reboots = self._reboots, {}
+        for inst_id, generation in sorted(reboots.items()):
+            inst = self.table.by_id(inst_id)
+            # only the run that asked: a reboot that raced its kernel's end restarts nothing
+            if inst is None or inst.state.value != "active" or inst.generation != generation \
+                    or self.restart is None or self.closed:
+                continue
+            try:
+                self.restart(inst.name)
+            except MKError as exc:
+                self.events.warning("reboot_failed", instance=inst.id, name=inst.name,
+                                    error=exc.message[:300])
         due, self._due = self._due, set()
         for inst_id in sorted(due):
             inst = self.table.by_id(inst_id)
@@ -418,6 +433,12 @@ class Userlands:
             run.failure = rec.reason[:300]
             self.events.warning("userland_setup_failed", instance=run.inst_id, name=run.name,
                                 reason=rec.reason[:300])
+            return
+        if rec.kind == "reboot":                      # reboot(2) inside: this instance's
+            self.events.info("userland_reboot", instance=run.inst_id, name=run.name,
+                             generation=run.generation)
+            self._reboots[run.inst_id] = run.generation
+            self._ring()
             return
         p = run.programs[rec.index]
         if rec.kind == "started":
