@@ -102,8 +102,7 @@ def _programs(v: Any) -> list[list[str]]:
     try:
         return check_programs(v)
     except MKError as exc:
-        raise ValueError(f'a list of commands, each "cmd arg ..." or ["cmd", "arg"] '
-                         f"({exc.message})") from None
+        raise ValueError(f'commands, each "cmd arg" or ["cmd", "arg"] ({exc.message})') from None
 
 
 def _name(v: Any) -> str:
@@ -268,9 +267,7 @@ INSTANCE_KEYS = {
                                   "(standbys last)"),
     "metrics": Key(_metric_names, [], "metrics its kernel publishes (self.metric), for expect"),
     "shared": Key(_region_names, ABSENT, "the machine's shared regions its programs mount"),
-    "programs": Key(_programs, ABSENT, "commands its userland starts at every boot, each "
-                    "\"cmd arg ...\" (split as a shell would, without one) or a list of "
-                    "strings; their exit statuses are in the report's programs"),
+    "programs": Key(_programs, ABSENT, "commands its userland starts at every boot (shlex)"),
 }
 PROBE_KEYS = {
     "name": Key(_name, REQUIRED, "probe name (also the name in expectations)"),
