@@ -147,6 +147,7 @@ class Machine:
             self.events.info("machine_shutdown", instances=len(self.instances))
         finally:
             self._closed = True
+            self.userlands.close()      # every userland killed and reaped (host/userlands.py)
             for inst in self.instances.values():
                 self.lifecycle.forget_process(inst)
             self.loading.zygotes.close()

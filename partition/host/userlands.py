@@ -156,9 +156,6 @@ class Userlands:
         gets its userland if it has boot programs (from the next turn: not inside a verb's
         bookkeeping); one whose kernel ended loses it."""
         inst_id = fields.get("instance")
-        if event == "machine_shutdown":
-            self.close()
-            return
         if not isinstance(inst_id, int):
             return
         if event == "state_change":
@@ -361,8 +358,8 @@ class Userlands:
             del self.runs[run.inst_id]
 
     def close(self) -> None:
-        """The machine closes: every userland killed and reaped now (bounded), every
-        descriptor closed."""
+        """The machine closes (or is abandoned: its userlands die with their host): every
+        userland killed and reaped now (bounded), every descriptor closed."""
         if self.closed:
             return
         self.closed = True
