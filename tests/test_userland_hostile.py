@@ -86,7 +86,9 @@ ATTACKS = r"""
     out["io_uring"] = sys_("io_uring_setup", 1, 0)
     out["userfaultfd"] = sys_("userfaultfd", 0)
     out["keyctl"] = sys_("keyctl", 0, 0)
-    out["reboot"] = sys_("reboot", 0xfee1dead, 672274793, 0x1234567, 0)
+    # (a restart command restarts its own instance: tests/test_userland_shared.py; a halt
+    # of the machine is refused, as an unprivileged reboot)
+    out["reboot"] = sys_("reboot", 0xfee1dead, 672274793, 0xCDEF0123, 0)
     out["packet"] = err(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
     out["raw_ip"] = err(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1))
     out["fifo"] = err(lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1)))

@@ -360,5 +360,25 @@ def test_reboot_inside_restarts_the_instance(machine):
           "the instance restarted")
     assert m.events.counts.get("userland_reboot") == 1
     assert m.get("a").last_exit.how == "forced"
-    # from an exec (its own filter, no listener): refused, as an unprivileged reboot
-    # (tests/test_userland_hostile.py tries it through mkctl exec)
+
+
+REBOOT = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
+          "print(libc.reboot(0xCDEF0123), ctypes.get_errno(), flush=True); "    # halt: refused
+          "print(libc.reboot(0x01234567), flush=True); import time; time.sleep(30)")
+
+
+def test_reboot_from_an_exec_restarts_its_instance_only(run_dir):
+    boot(run_dir)
+    mk(run_dir, "create", "b", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "b", "--kernel", PICKY)
+    mk(run_dir, "start", "b")
+    before = {n: json.loads(mk(run_dir, "show", "--format", "json", n).stdout)
+              for n in ("a", "b")}
+    r = inside(run_dir, PYTHON, "-c", REBOOT)
+    assert r.stdout.splitlines()[0] == "-1 1", r.stdout                  # EPERM
+    assert r.returncode == 128 + signal.SIGKILL                       # its userland went
+    after = until(lambda: (d := show(run_dir))["state"] == "active"
+                  and d["boots"] > before["a"]["boots"] and d, what="a restarted")
+    assert after["last_exit"]["how"] == "forced" and after["pid"] != before["a"]["pid"]
+    b = json.loads(mk(run_dir, "show", "--format", "json", "b").stdout)
+    assert (b["pid"], b["boots"]) == (before["b"]["pid"], before["b"]["boots"])

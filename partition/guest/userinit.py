@@ -15,13 +15,14 @@ the host checks every field of every record (``parse``) and trusts none of them 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
 import signal
+import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 import setproctitle
 
@@ -38,6 +39,20 @@ KINDS = {READY: "ready", STARTED: "started", EXITED: "exited", FAILED: "failed",
 #: reboot(2)'s magic numbers, and the commands that restart the instance (LINUX_REBOOT_*)
 REBOOT_MAGIC1, REBOOT_MAGIC2 = 0xFEE1DEAD, (672274793, 85072278, 369367448, 537993216)
 REBOOT_RESTART = (0x01234567, 0xA1B2C3D4)
+#: where a command run by ``mkctl exec`` (its own filter, guest/userjoin.py) sends the init its
+#: seccomp listener, so that its reboot(2) is answered too: an abstract datagram socket of the
+#: userland's own network namespace
+REBOOT_INBOX = "\0mk-init-reboot"
+#: at most this many foreign listeners held (one per exec'd command alive)
+LISTENERS_MAX = 256
+# struct seccomp_notif {u64 id; u32 pid; u32 flags; s32 nr; u32 arch; u64 ip; u64 args[6]};
+# struct seccomp_notif_resp {u64 id; s64 val; s32 error; u32 flags}
+_NOTIF = struct.Struct("<QIIiIQ6Q")
+_RESP = struct.Struct("<QqiI")
+IOCTL_NOTIF_RECV, IOCTL_NOTIF_SEND = 0xC0502100, 0xC0182101
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
 REASON_MAX = 512
 #: at most this many boot programs an instance names (the records' index is 16 bits)
 PROGRAMS_MAX = 64
@@ -133,6 +148,10 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
             os.dup2(report, 3, inheritable=False)
             os.close(report)
             report = 3
+        inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                              | socket.SOCK_CLOEXEC)
+        inbox.bind(REBOOT_INBOX)                    # (before any program could squat on it)
+        reboot_nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "reboot")
         drop_privileges()
         own = filters.userland_filter(reboot_notify=True)
         filters.install(own)
@@ -152,19 +171,50 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
         if pid is not None:
             started[pid] = index
     poller = select.poll()
-    poller.register(wake_r, select.POLLIN)
-    poller.register(listener, select.POLLIN)
+    for fd in (wake_r, listener, inbox.fileno()):
+        poller.register(fd, select.POLLIN)
+    foreign: set[int] = set()                       # the listeners execs sent
     while True:
         _reap(started, report)
-        ready = {fd for fd, _ in poller.poll()}
-        if wake_r in ready:
-            while True:
-                try:
-                    os.read(wake_r, 512)
-                except BlockingIOError:
-                    break
-        if listener in ready:
-            _answer_reboot(own, report)
+        for fd, events in poller.poll():
+            if fd == wake_r:
+                while True:
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        break
+            elif fd == inbox.fileno():
+                _take_listeners(inbox, foreign, poller)
+            elif events & select.POLLIN:
+                _answer_reboot(fd, reboot_nr, report)
+            elif fd in foreign:                     # its command and children are gone
+                poller.unregister(fd)
+                foreign.discard(fd)
+                os.close(fd)
+
+
+def _take_listeners(inbox: socket.socket, foreign: set[int], poller: select.poll) -> None:
+    """The seccomp listeners commands sent (guest/userjoin.py), kept and watched; anything
+    else sent there (any process inside may send to it) closed. A listener only ever lets
+    the init answer reboot(2) for the processes of its filter: the sender's own."""
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(inbox, 16, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        for fd in fds:
+            try:
+                kind = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                kind = ""
+            if kind != "anon_inode:seccomp notify" or len(foreign) >= LISTENERS_MAX:
+                os.close(fd)
+                continue
+            os.set_inheritable(fd, False)
+            foreign.add(fd)
+            poller.register(fd, select.POLLIN)
 
 
 def _reap(started: dict[int, int], report: int) -> None:
@@ -182,23 +232,21 @@ def _reap(started: dict[int, int], report: int) -> None:
             _send(report, encode(EXITED, done, userland.exit_code(status)))
 
 
-def _answer_reboot(own: Any, report: int) -> None:
-    """A process of the userland called reboot(2) (the filter's user notification): a restart
+def _answer_reboot(listener: int, reboot_nr: int, report: int) -> None:
+    """A process of the userland called reboot(2) (a filter's user notification): a restart
     command with the right magic asks the host to restart the instance's kernel (the pipe says
     which instance: its own; the host decides) and returns 0, as the call never returns on the
     real machine; anything else is refused EPERM, as an unprivileged reboot."""
-    sc = filters.sc
-    try:
-        call = own.receive_notify()
-    except OSError:                                 # the caller died meanwhile
-        return
-    magic1, magic2, cmd = (a & 0xFFFFFFFF for a in call.syscall_args[:3])
-    restart = magic1 == REBOOT_MAGIC1 and magic2 in REBOOT_MAGIC2 and cmd in REBOOT_RESTART
-    try:
-        own.respond_notify(sc.NotificationResponse(0 if restart else -errno.EPERM, 0, call.id,
-                                                   0))
-    except OSError:
-        pass
+    buf = ctypes.create_string_buffer(_NOTIF.size)          # zeroed, as RECV demands
+    if _libc.ioctl(listener, IOCTL_NOTIF_RECV, ctypes.addressof(buf)) < 0:
+        return                                              # the caller died meanwhile
+    cookie, _pid, _flags, nr, _arch, _ip, *args = _NOTIF.unpack(buf.raw)
+    magic1, magic2, cmd = (a & 0xFFFFFFFF for a in args[:3])
+    restart = nr == reboot_nr and magic1 == REBOOT_MAGIC1 and magic2 in REBOOT_MAGIC2 \
+        and cmd in REBOOT_RESTART
+    resp = ctypes.create_string_buffer(
+        _RESP.pack(cookie, 0, 0 if restart else -errno.EPERM, 0), _RESP.size)
+    _libc.ioctl(listener, IOCTL_NOTIF_SEND, ctypes.addressof(resp))   # (gone: no matter)
     if restart:
         _send(report, encode(REBOOT))
 

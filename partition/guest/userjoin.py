@@ -12,12 +12,14 @@ terminal would); what the command leaves behind stays in the userland, reaped by
 
 from __future__ import annotations
 
+import array
 import os
 import signal
+import socket
 from dataclasses import dataclass
 
 from partition import linux
-from partition.guest import filters
+from partition.guest import filters, userinit
 from partition.guest.containment import drop_privileges, join_cgroups
 from partition.guest.userland import (
     CLONE_NEWCGROUP,
@@ -134,7 +136,7 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
             if target.cpus:
                 os.sched_setaffinity(0, target.cpus)
             drop_privileges()
-            filters.install(filters.userland_filter())
+            _install_filter()
             exec_program(argv, env, stdout, terminal)
         except BaseException as exc:                  # report, then die
             tell(why, exc, argv[0])
@@ -164,6 +166,24 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
     _, status = os.waitpid(main, 0)
     _hide_terminal(shown)
     os._exit(exit_code(status))
+
+
+def _install_filter() -> None:
+    """The userland filter, its reboot(2) a user notification whose listener goes to the
+    userland's init (guest/userinit.py answers it: the instance restarts). Were the init not to
+    take it, a reboot would fail (ENOSYS), never reach anything else."""
+    own = filters.userland_filter(reboot_notify=True)
+    filters.install(own)
+    listener = filters.listener(own)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # (sendmsg: Python 3.11's send_fds drops its address)
+            s.sendmsg([b"l"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                array.array("i", [listener]))], 0, userinit.REBOOT_INBOX)
+    except OSError:
+        pass
+    finally:
+        os.close(listener)
 
 
 def _terminal_tree(terminal: int) -> tuple[str, int] | None:
