@@ -382,3 +382,29 @@ def test_reboot_from_an_exec_restarts_its_instance_only(run_dir):
     assert after["last_exit"]["how"] == "forced" and after["pid"] != before["a"]["pid"]
     b = json.loads(mk(run_dir, "show", "--format", "json", "b").stdout)
     assert (b["pid"], b["boots"]) == (before["b"]["pid"], before["b"]["boots"])
+
+
+JUNK = textwrap.dedent("""
+    import array, os, socket
+    r, w = os.pipe()
+    f = os.open('/etc/hostname', os.O_RDONLY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        for _ in range(50):
+            s.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [r, w, f]))],
+                      0, '\\0mk-init-reboot')
+    print('sent')
+""")
+
+
+def test_the_init_keeps_nothing_but_listeners_sent_to_it(running):
+    assert show(running)["userland"] is None          # none until the first exec needs it
+    assert inside(running, "/bin/true").returncode == 0
+    init = show(running)["userland"]["pid"]
+
+    def links():
+        return sorted(os.readlink(f"/proc/{init}/fd/{fd}") for fd in os.listdir(f"/proc/{init}/fd"))
+    before = links()
+    r = inside(running, PYTHON, "-c", JUNK)
+    assert (r.returncode, r.stdout.strip()) == (0, "sent"), r.stderr
+    time.sleep(0.3)
+    assert links() == before                  # each closed (the exec's listener gone with it)

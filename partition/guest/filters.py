@@ -119,9 +119,8 @@ USERLAND_REFUSED = (
     "settimeofday", "clock_settime", "adjtimex", "clock_adjtime", "swapon", "swapoff", "acct",
     "quotactl", "quotactl_fd", "iopl", "ioperm", "syslog", "lookup_dcookie", "vhangup",
     "uselib", "sethostname", "setdomainname", "fanotify_init", "sched_setattr",
-    # reboot(2): refused like any unprivileged reboot, but in the filter of a userland's init
-    # (and so of its boot programs), where it is a user notification that restarts the
-    # instance's kernel (userland_filter's reboot_notify)
+    # reboot(2): refused like any unprivileged reboot, but a user notification its init
+    # answers (restarting the instance) in a userland's filters (``reboot_notify``)
     "reboot",
 )
 #: what counts against a budget uid 0 shares with the host and every instance, refused to a
