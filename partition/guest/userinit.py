@@ -126,7 +126,8 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
         if die_with_host:
             linux.set_parent_death_signal(signal.SIGKILL)
         signal.set_wakeup_fd(-1)                    # (a daemon's, whose descriptor goes below)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):    # no handler of the host's
+            signal.signal(sig, signal.SIG_DFL)
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN,
                     signal.SIGTTOU, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)

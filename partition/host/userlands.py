@@ -248,7 +248,11 @@ class Userlands:
             self.stop(inst.id, "a new run of its kernel")
             run = None
         if run is None:
-            run = self.start(inst)
+            try:
+                run = self.start(inst)
+            except OSError as exc:           # (a refusal, an MKError, goes as it is)
+                raise UserlandFailed(f"the userland of {inst.name!r} could not be started: "
+                                     f"{exc.strerror or exc}", "mkctl show; try again") from None
         if not run.ready:
             self.wait(lambda: run.ready or run.ended, time.monotonic() + READY_S)
         if not run.ready:
