@@ -208,3 +208,13 @@ class MountNameEscapes(MKError):
 
 _CLASSES.update({c.__name__: c for c in (SharedRegionTooLarge, NoSuchSharedRegion,
                                           MountNameEscapes)})
+
+
+class UserlandFailed(MKError):
+    """An instance's userland could not be brought up (its init failed to set it up, or did
+    not say it was ready in time), or it ended while a command was joining it."""
+
+    errno = _errno.EIO
+
+
+_CLASSES[UserlandFailed.__name__] = UserlandFailed

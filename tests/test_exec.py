@@ -44,8 +44,9 @@ def test_exec_relays_stdio_and_exit_status(running):
     r = mk(running, "exec", "a", "--", PYTHON, "-c", code)
     assert r.returncode == 3, r.stderr
     # pinned to the instance's CPU; the userland's view: a /proc of its own PID namespace
-    # (its init and the command), a read-only root
-    assert r.stdout.strip() == f"[{CPUS[-1]}] ['1', '2'] False"
+    # (its init and the command: the instance's one userland, where the first exec's cat
+    # was pid 2), a read-only root
+    assert r.stdout.strip() == f"[{CPUS[-1]}] ['1', '3'] False"
 
 
 def test_exec_is_contained_with_the_instance(running):

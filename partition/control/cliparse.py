@@ -256,6 +256,9 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--kernel", required=True, help="module:Class or path/to/kernel.py[:Class]")
     p.add_argument("--cmdline", default="", help="kernel command line, e.g. 'interval=0.1'")
+    p.add_argument("--program", action="append", default=None, metavar="'CMD ARGS'",
+                   help="a command its userland starts at every boot (split as a shell would, "
+                        "without one); repeatable")
     p.set_defaults(fn=cmd_load)
 
     for verb, helptext in (("start", "boot the loaded image (loaded -> active)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -261,8 +262,9 @@ def cmd_fault(a: argparse.Namespace) -> int:
 
 
 def cmd_load(a: argparse.Namespace) -> int:
+    extra = {"programs": list(a.program)} if a.program else {}
     r = Client(a.run_dir).call("load", name=a.name, kernel=_kernel_spec(a.kernel),
-                               cmdline=a.cmdline, cwd=os.getcwd())
+                               cmdline=a.cmdline, cwd=os.getcwd(), **extra)
     _emit(a, r, _one_line(r))
     return EXIT_OK
 
@@ -298,6 +300,13 @@ def cmd_show(a: argparse.Namespace) -> int:
         if "pids_max" in r:
             root = printable(r["rootfs"], one_line=True) if r.get("rootfs") else "the host's"
             text += f"\n  userland: process limit {r['pids_max']}, root {root}"
+            if r.get("userland"):
+                text += f", init pid {r['userland']['pid']}"
+        for p in r.get("programs") or []:           # its boot programs, this boot's
+            argv = printable(shlex.join(p["argv"]), one_line=True)
+            why = f" ({printable(p['reason'], one_line=True)})" if p.get("reason") else ""
+            text += f"\n  program {p['index']} (boot {p['generation']}): {argv}: " \
+                    f"{p['status']}{why}"
         if r.get("metrics"):                        # what its kernel published (metric())
             text += "\n  metrics: " + format_metrics(r["metrics"])
     else:

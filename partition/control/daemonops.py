@@ -33,7 +33,7 @@ def ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
                     "preserve_memory"}, m.update),
         "fault": ({"name", "kind", "options"}, lambda name, kind, options=None:
                   m.fault(name, kind, **(options or {}))),
-        "load": ({"name", "kernel", "cmdline", "cwd"},
+        "load": ({"name", "kernel", "cmdline", "cwd", "programs"},
                  lambda **kw: _load_with_cwd(m, **kw)),
         "start": ({"name", "wait"}, m.start),
         "exec": ({"name", "wait"}, m.start),          # the wire's old name for start
@@ -56,19 +56,21 @@ def ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
 
 
 def _exec_into(m: Machine, name: str, argv: Any = ()) -> dict[str, Any]:
-    """What ``mkctl exec NAME -- CMD`` needs to put a process under a running instance: its
-    pid (to join its namespaces), CPUs and cgroups. The command itself runs in mkctl's child,
-    with mkctl's stdio; the host records that it was asked."""
+    """What ``mkctl exec NAME -- CMD`` needs to put a process into a running instance's
+    userland (started now if it has none, host/userlands.py): its init (pid and start time,
+    to join its namespaces by a pidfd), the kernel's pid, the CPUs and cgroups. The command
+    itself runs in mkctl's child, with mkctl's stdio; the host records that it was asked."""
     inst = m.get(name)
     if inst.state.value != "active" or inst.pid is None:
         raise NotLoaded(f"instance {inst.name!r} is {inst.state.value}; exec runs a command "
                         "inside a running instance", f"mkctl start {inst.name} first")
     m.events.info("exec_command", instance=inst.id, name=inst.name,
                   argv=[str(a)[:200] for a in list(argv)[:32]])
+    init = m.userlands.ensure(inst)
     return {"id": inst.id, "pid": inst.pid, "cpus": list(inst.cpus),
             "procs": m.cgroups.procs_files(inst.id), "generation": inst.generation,
-            "shared": m.shared.mounts(inst.shared),
-            "rootfs": inst.rootfs}
+            "shared": m.shared.mounts(inst.shared), "rootfs": inst.rootfs,
+            "init": init["init"], "init_start": init["start"]}
 
 
 def _by_id(m: Machine, mk_id: Any) -> str:
@@ -101,14 +103,14 @@ def dump_tree(m: Machine, name: str | None) -> bytes:
 
 
 def _load_with_cwd(m: Machine, name: str, kernel: str, cmdline: str = "",
-                   cwd: str | None = None) -> Any:
+                   cwd: str | None = None, programs: Any = None) -> Any:
     """Resolve module specs relative to the caller's directory, as a shell user expects."""
     added = None
     if cwd and os.path.isdir(cwd) and cwd not in sys.path:
         sys.path.insert(0, cwd)
         added = cwd
     try:
-        return m.load(name, kernel, cmdline)
+        return m.load(name, kernel, cmdline, programs)
     finally:
         if added is not None:
             sys.path.remove(added)

@@ -16,8 +16,10 @@ With ``-t`` (``-it`` for a shell) the command gets a terminal instead: a pty who
 controlling terminal inside, mkctl's terminal in raw mode relaying both ways (control/terminal.py),
 so job control, Ctrl-C to the foreground job inside and the window size work as in a terminal.
 
-Each exec is a userland of its own for now: two execs into one instance do not see each other's
-processes (the instance-wide userland that boots with the kernel is issue 22's next step).
+Every exec joins the instance's one userland (host/userlands.py starts it with the kernel, or
+at the first exec; guest/userjoin.py joins it): two execs into one instance see each other's
+processes, share /tmp and reach each other over 127.0.0.1, and what a command leaves running
+(a server) stays there until the instance's kernel ends.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from partition import linux
 from partition.control import terminal
 from partition.control.client import Client
 from partition.errors import NotLoaded
-from partition.guest import userland
+from partition.guest import userjoin, userland
 
 EXIT_CANNOT_START = userland.EXIT_CANNOT_START
 
@@ -46,9 +48,8 @@ def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
     client = Client(run_dir)
     info: dict[str, Any] = client.call("exec_into", name=name, argv=argv)
     kernel, procs = int(info["pid"]), list(info["procs"])
-    # the kernel, held while its cgroups are read; closed before the userland is forked,
-    # whose init never execs: a pidfd it inherited would hand the kernel's descriptors to
-    # any program inside (pidfd_getfd)
+    # the kernel, held while its cgroups are read; closed before the relay is forked: a
+    # pidfd a process inside inherited would hand the kernel's descriptors to it
     pidfd = linux.pidfd_open(kernel)
     try:
         halted = not userland.in_cgroups_of(kernel, procs)
@@ -57,13 +58,13 @@ def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
     if halted:
         raise NotLoaded(f"instance {name!r} halted while the command was being set up",
                         f"mkctl start {name}, then try again")
-    identity = userland.Identity(name=name, cpus=list(info["cpus"]), cgroup_procs=procs,
-                                 rootfs=info.get("rootfs"), hide=[client.run_dir],
-                                 kernel_pid=kernel, shared=dict(info.get("shared") or {}))
+    target = userjoin.Target(name=name, init_pid=int(info["init"]),
+                             init_start=int(info["init_start"]), cpus=list(info["cpus"]),
+                             cgroup_procs=procs, kernel_pid=kernel)
     if tty:
-        code, started = _on_terminal(identity, argv, interactive)
+        code, started = _on_terminal(target, argv, interactive)
     else:
-        started = userland.start(identity, argv)
+        started = _join(target, argv)
         # as a shell waits for its foreground job: Ctrl-C is the command's to act on
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -76,13 +77,22 @@ def run(run_dir: str | None, name: str, argv: list[str], tty: bool = False,
     return code
 
 
-def _on_terminal(identity: userland.Identity, argv: list[str],
+def _join(target: userjoin.Target, argv: list[str],
+          terminal: int | None = None) -> userland.Userland:
+    try:
+        return userjoin.join(target, argv, terminal=terminal)
+    except ProcessLookupError:
+        raise NotLoaded(f"instance {target.name!r} halted while the command was being set up",
+                        f"mkctl start {target.name}, then try again") from None
+
+
+def _on_terminal(target: userjoin.Target, argv: list[str],
                  interactive: bool) -> tuple[int, userland.Userland]:
     """``-t``: the command on a fresh pty (the window size of mkctl's terminal already on
     it), relayed until its userland is gone; the pty closed, the userland reaped, always."""
     master, slave = terminal.open_pty(0)
     try:
-        started = userland.start(identity, argv, terminal=slave)
+        started = _join(target, argv, terminal=slave)
     except BaseException:
         os.close(master)
         raise

@@ -94,6 +94,18 @@ def _argv(name: str, value: Any) -> None:
         _refuse(name, value, f"a list of at most {MAX_ITEMS} strings", f"{name}=[\"ps\"]")
 
 
+def _programs(name: str, value: Any) -> None:
+    """Boot programs: each a command line (text) or an argv (host/userlands.py splits and
+    judges them)."""
+    if not isinstance(value, list) or len(value) > MAX_ITEMS or any(
+            not (isinstance(p, str) and len(p) <= MAX_TEXT) and not (
+                isinstance(p, list) and len(p) <= MAX_ITEMS
+                and all(isinstance(a, str) and len(a) <= MAX_TEXT for a in p))
+            for p in value):
+        _refuse(name, value, f"a list of at most {MAX_ITEMS} commands (text or lists of text)",
+                f"{name}=[\"/bin/echo hi\"]")
+
+
 def _mask(name: str, value: Any) -> None:
     """An LLC way mask: text (hex or decimal) or an integer of at most 64 bits; host/llc.py
     judges the bits themselves."""
@@ -138,7 +150,7 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
                "watchdog": (_SECONDS, False), "preserve_memory": (_flag, False)},
     "fault": {"name": (_text, True), "kind": (_text, True), "options": (_options, False)},
     "load": {"name": (_text, True), "kernel": (_text, True), "cmdline": (_text, False),
-             "cwd": (_text, False)},
+             "cwd": (_text, False), "programs": (_programs, False)},
     "start": {"name": (_text, True), "wait": (_flag, False)},
     "exec": {"name": (_text, True), "wait": (_flag, False)},
     "kill": {"name": (_text, True), "force": (_flag, False), "timeout": (_SECONDS, False)},

@@ -35,6 +35,7 @@ import ctypes.util
 import errno
 import importlib
 import itertools
+import os
 import tempfile
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -118,8 +119,8 @@ USERLAND_REFUSED = (
     "settimeofday", "clock_settime", "adjtimex", "clock_adjtime", "swapon", "swapoff", "acct",
     "quotactl", "quotactl_fd", "iopl", "ioperm", "syslog", "lookup_dcookie", "vhangup",
     "uselib", "sethostname", "setdomainname", "fanotify_init", "sched_setattr",
-    # reboot(2) from inside will restart the instance's kernel (a host decision, later wired
-    # through a user notification); until then it is refused like any unprivileged reboot
+    # reboot(2): refused like any unprivileged reboot, but a user notification its init
+    # answers (restarting the instance) in a userland's filters (``reboot_notify``)
     "reboot",
 )
 #: what counts against a budget uid 0 shares with the host and every instance, refused to a
@@ -222,15 +223,20 @@ def kernel_filter(own_pid: int) -> sc.SyscallFilter:
     return f
 
 
-def userland_filter() -> sc.SyscallFilter:
+def userland_filter(reboot_notify: bool = False) -> sc.SyscallFilter:
     """A userland's filter: fork, exec, threads, pipes, signals and sockets among its own
     processes; EPERM for what would reach outside the instance (its PID and network namespaces
     already scope kill, ptrace and connect). Not checked here, and why: the CPUs a thread may be
     pinned to (a cpumask is behind a pointer; the instance's cpuset cgroup confines
-    sched_setaffinity anyway) and the memory and process counts (its cgroups)."""
+    sched_setaffinity anyway) and the memory and process counts (its cgroups).
+    ``reboot_notify``: reboot(2) becomes a user notification to the filter's listener (the
+    userland's init, guest/userinit.py, which has the host restart the instance)."""
     no = sc.ERRNO(errno.EPERM)
     f = _new(sc.ALLOW)
     for name in USERLAND_REFUSED:
+        if reboot_notify and name == "reboot":
+            _rule(f, sc.NOTIFY, name)
+            continue
         _rule(f, no, name)
     for name, error in USERLAND_BUDGETS.items():
         _rule(f, sc.ERRNO(error), name)
@@ -268,6 +274,15 @@ def install(f: sc.SyscallFilter) -> None:
     """Load ``f`` into this thread (and what it forks and executes from now on); the caller
     has set no_new_privs."""
     f.load()
+
+
+def listener(f: sc.SyscallFilter) -> int:
+    """The user-notification descriptor of ``f``, loaded with a NOTIFY rule (libseccomp asks
+    for a listener then; pyseccomp has no call for the descriptor itself)."""
+    fd = int(sc._libseccomp.seccomp_notify_fd(f._filter))
+    if fd < 0:
+        raise OSError(-fd, f"seccomp_notify_fd: {os.strerror(-fd)}")
+    return fd
 
 
 def supported() -> bool:

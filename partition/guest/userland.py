@@ -5,10 +5,9 @@ On the real machine a spawn kernel runs ordinary Linux programs; here the instan
 one Python process that may not fork, so its programs are started beside it, by this launcher,
 and made to look and die as the instance's own:
 
-* a **PID namespace** whose init is a tiny reaper (``_init``): pid 1, it reaps orphans, and when
-  the main program exits (or it is told: SIGTERM, SIGHUP) it kills every process left and exits
-  with the program's status. Programs inside see only the userland's processes and can name, so
-  signal or trace, nothing else;
+* a **PID namespace** whose init is a tiny reaper: pid 1, it reaps orphans, and when it is told
+  (SIGTERM) it kills every process left. Programs inside see only the userland's processes and
+  can name, so signal or trace, nothing else;
 * **UTS** (the hostname is the instance's name), **IPC**, **cgroup** and **network** namespaces
   (the network has only ``lo``, brought up here with SIOCSIFFLAGS: no ``ip`` binary needed);
 * a **mount namespace**: the root read-only (the host's, or ``rootfs`` bound read-only and
@@ -23,13 +22,18 @@ and made to look and die as the instance's own:
 * **no privileges**: every capability dropped, no_new_privs, the locked securebits, then the
   userland filter.
 
-Three processes on the caller's side of the namespace: the caller (mkctl), the *relay* it forks
-(it makes the PID namespace, whose first child is the init, and relays the init's status;
-SIGTERM/SIGHUP to it reach the init, and it ignores SIGINT as a shell does while its job runs),
-and the init. The relay and the init die with their parent (PR_SET_PDEATHSIG), so a userland
-never outlives the mkctl that started it. Both are sealed first (``_seal``): not dumpable, and
-holding no descriptor of mkctl's but stdio (and the terminal while it is handed over), since the
-init never execs and a program inside could otherwise take what it holds (``pidfd_getfd``).
+Used two ways. An instance's one userland (host/userlands.py): the host forks its init
+(guest/userinit.py), which calls ``enter`` for the namespaces and mounts above, and every
+``mkctl exec`` joins it (guest/userjoin.py). And a userland of its own for one program
+(``start``: the bench's and the launcher's tests): three processes on the caller's side of the
+namespace, the caller, the *relay* it forks (it makes the PID namespace, whose first child is
+the init, and relays the init's status; SIGTERM/SIGHUP to it reach the init, and it ignores
+SIGINT as a shell does while its job runs), and the init (``_init``), which kills what is left
+when the program exits. The relay and the init die with their parent (PR_SET_PDEATHSIG), so
+such a userland never outlives its caller. Every relay and init is sealed first (``seal``): not
+dumpable, and holding no descriptor of its parent's but stdio (and the terminal while it is
+handed over, or the init's pipe to the host), since an init never execs and a program inside
+could otherwise take what it holds (``pidfd_getfd``).
 """
 
 from __future__ import annotations
@@ -142,7 +146,7 @@ class Userland:
         whole userland was killed with its instance), 127 when it could not be started."""
         if self.status is None:
             _, status = os.waitpid(self.pid, 0)
-            self.status = _exit_code(status)
+            self.status = exit_code(status)
             os.set_blocking(self._why, False)
             chunks = []
             try:
@@ -177,23 +181,28 @@ def start(identity: Identity, argv: list[str], env: dict[str, str] | None = None
             os.close(r)
             _relay(identity, argv, env, w, caller, stdout, terminal)
         except BaseException as exc:                  # report, then die
-            _tell(w, exc)
+            tell(w, exc)
         os._exit(EXIT_CANNOT_START)
     os.close(w)
     return Userland(relay, r)
 
 
-def _exit_code(status: int) -> int:
+def exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
 
 
-def _tell(fd: int, exc: BaseException, program: str = "") -> None:
+def describe_error(exc: BaseException, program: str = "") -> str:
+    """Why a program could not be started, as ``mkctl exec`` prints it."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f"{program}: " if program else ""
+    return f"{where}{type(exc).__name__}: {text}"
+
+
+def tell(fd: int, exc: BaseException, program: str = "") -> None:
     try:
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        where = f"{program}: " if program else ""
-        os.write(fd, f"{where}{type(exc).__name__}: {text}".encode()[:1000])
+        os.write(fd, describe_error(exc, program).encode()[:1000])
     except OSError:
         pass
 
@@ -206,7 +215,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     linux.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != caller:                        # it died before the line above
         os._exit(128 + signal.SIGKILL)
-    _seal(why, stdout, terminal)
+    seal(why, stdout, terminal)
     for sig in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
     # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
@@ -221,7 +230,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
         try:
             _init(identity, argv, env, why, stdout, terminal)
         except BaseException as exc:                  # report, then die
-            _tell(why, exc)
+            tell(why, exc)
         os._exit(EXIT_CANNOT_START)
     os.close(why)                                     # the init reports from here on
     if terminal is not None:                          # the program's alone: its EOF is ours
@@ -235,7 +244,7 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     _, status = os.waitpid(init, 0)
-    os._exit(_exit_code(status))
+    os._exit(exit_code(status))
 
 
 def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: int,
@@ -243,28 +252,25 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
     """pid 1 of the userland: set everything up while it still may, then start the program and
     reap until it exits."""
     linux.set_parent_death_signal(signal.SIGKILL)
-    _seal(why, stdout, terminal)
+    seal(why, stdout, terminal)
     setproctitle.setproctitle(f"mk-init [{identity.name}]")
     if identity.cpus:
         os.sched_setaffinity(0, identity.cpus)
-    linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
-    _mounts(identity, terminal)
-    socket.sethostname(identity.name)
-    _loopback_up()
+    enter(identity, terminal)
     drop_privileges()
     filters.install(filters.userland_filter())
 
     def stop(sig: int, _frame: object) -> None:
-        _kill_all()
+        kill_all()
         os._exit(128 + sig)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     main = os.fork()
     if main == 0:
         try:
-            _exec(argv, env, stdout, terminal)
+            exec_program(argv, env, stdout, terminal)
         except BaseException as exc:                  # report, then die
-            _tell(why, exc, argv[0])
+            tell(why, exc, argv[0])
         os._exit(EXIT_CANNOT_START)
     os.close(why)
     if terminal is not None:
@@ -273,11 +279,22 @@ def _init(identity: Identity, argv: list[str], env: dict[str, str] | None, why: 
         pid, status = os.wait()                       # the program, or an orphan it left
         if pid == main:
             break
-    _kill_all()
-    os._exit(_exit_code(status))
+    kill_all()
+    os._exit(exit_code(status))
 
 
-def _seal(*keep: int | None) -> None:
+def enter(identity: Identity, terminal: int | None = None, console: int | None = None) -> None:
+    """Make this process's own UTS, IPC, network, cgroup and mount namespaces the userland's:
+    the hostname, ``lo`` up, the mounts (``_mounts``); ``console``, a descriptor, is bound on
+    /dev/console (else ``identity.console``, a path). Called by pid 1 of a fresh PID
+    namespace, with every privilege still held."""
+    linux.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP)
+    _mounts(identity, terminal, console)
+    socket.sethostname(identity.name)
+    _loopback_up()
+
+
+def seal(*keep: int | None) -> None:
     """Make this process a wall, not a door: not dumpable (no process of the userland, though
     it has the same uid 0 and no capabilities as this one, may ptrace it, read its
     ``/proc/<pid>/fd`` links or take its descriptors with ``pidfd_getfd``), and holding no
@@ -304,7 +321,7 @@ def in_cgroups_of(pid: int, procs: list[str]) -> bool:
     return not procs
 
 
-def _kill_all() -> None:
+def kill_all() -> None:
     """From pid 1: SIGKILL every other process of the namespace, and reap them."""
     try:
         os.kill(-1, signal.SIGKILL)
@@ -317,7 +334,7 @@ def _kill_all() -> None:
             return
 
 
-def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None,
+def exec_program(argv: list[str], env: dict[str, str] | None, stdout: int | None,
           terminal: int | None) -> None:
     """The program: default signal dispositions (Python ignores SIGPIPE, the relay SIGINT),
     no descriptor but stdio, then exec. With a ``terminal``: a session of its own whose
@@ -338,9 +355,13 @@ def _exec(argv: list[str], env: dict[str, str] | None, stdout: int | None,
     os.execvpe(argv[0], argv, dict(os.environ) if env is None else env)
 
 
-def _mounts(identity: Identity, terminal: int | None = None) -> None:
+def _mounts(identity: Identity, terminal: int | None = None,
+            console_fd: int | None = None) -> None:
     # the console is a host path: held before the root and /dev change under it
-    console = None if identity.console is None else os.open(identity.console, os.O_PATH)
+    # (a descriptor's own mount is the old namespace's, which a bind refuses: by its name)
+    # and cloned as a detached mount, which a rootfs's pivot does not take away
+    path = os.ttyname(console_fd) if console_fd is not None else identity.console
+    console = None if path is None else clone_mount(path)
     # the pty's name, as ttyname(3) inside will look it up (tty, ps, ssh); opened by path
     # here, in this mount namespace, as a bind mount's source must be
     pts = None if terminal is None else os.ttyname(terminal)
@@ -371,6 +392,32 @@ def _mounts(identity: Identity, terminal: int | None = None) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
             linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
                         f"size={identity.tmp_size},mode={mode}")
+
+
+OPEN_TREE_CLONE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x1000, -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def clone_mount(path: str) -> int:
+    """open_tree(OPEN_TREE_CLONE): a detached bind mount of ``path``, made in this mount
+    namespace, to attach elsewhere later (``attach_mount``), also in another namespace or
+    after a pivot that took the source's mount away."""
+    nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "open_tree")
+    fd = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(AT_FDCWD), path.encode(),
+                       ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree {path}: {os.strerror(err)}")
+    return int(fd)
+
+
+def attach_mount(tree: int, target: str) -> None:
+    """move_mount(2) the detached mount ``tree`` onto ``target`` (an existing file)."""
+    nr = filters.sc.resolve_syscall(filters.sc.Arch.NATIVE, "move_mount")
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD),
+                     target.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"move_mount {target}: {os.strerror(err)}")
 
 
 def _shared_regions(regions: dict[str, int]) -> None:
@@ -415,9 +462,9 @@ def _devices(identity: Identity, console: int | None,
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"/dev/{name}")
-    if console is not None:                      # through the fresh /proc: our own fd
+    if console is not None:                      # the detached clone, attached here
         os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY, 0o600))
-        linux.mount(f"/proc/self/fd/{console}", "/dev/console", None, MS_BIND)
+        attach_mount(console, "/dev/console")
     else:                                        # nothing to wire it to yet: a sink
         os.mknod("/dev/console", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     if terminal is not None and terminal[0].startswith("/dev/pts/"):

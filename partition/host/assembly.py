@@ -37,6 +37,7 @@ from partition.host.supervision import Supervisor
 from partition.host.sweep import Sweep
 from partition.host.table import InstanceTable
 from partition.host.turn import Turn
+from partition.host.userlands import Userlands
 from partition.host.views import ViewWriter
 from partition.host.writewatch import WriteWatch
 from partition.units import seconds
@@ -121,6 +122,8 @@ class Hooks:
     wait: Callable[[Callable[[], bool], float | None], bool]
     closing: Callable[[], bool]
     console_text: Callable[[int], str]
+    #: restart an instance's kernel by name (a forced halt, then a boot): reboot(2) inside
+    restart: Callable[[str], Any] | None = None
 
 
 class HostConsole:
@@ -169,6 +172,7 @@ class House:
     sweeper: Sweep
     turn: Turn
     shared: SharedRegions
+    userlands: Userlands
 
 
 def raise_fd_limit() -> None:
@@ -243,9 +247,20 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     kept.append(overlays)
     sweeper = Sweep(table, arena.own, views, looks.counters, ipc.watch)
     turn = Turn(table, reactor, ipc, supervisor, sweeper, writes, lifecycle, hooks.closing)
+
+    def console_write(instance_id: int, text: str) -> None:
+        at = lay.console_at(instance_id)
+        with memoryview(arena.map)[at:at + lay.console_bytes] as view:
+            writer = ConsoleWriter(view)
+            try:
+                writer.write(text)
+            finally:
+                writer.data.release()
+    userlands = Userlands(table, reactor, events, cgroups, shared.mounts, console_write,
+                          hooks.wait, run_dir, hooks.restart)
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
-                 lifecycle, liveupdate, resources, overlays, sweeper, turn, shared)
+                 lifecycle, liveupdate, resources, overlays, sweeper, turn, shared, userlands)
 
 
 def warn_missing(events: EventLog, cgroups: Cgroups, resctrl: llc.Resctrl,

@@ -36,6 +36,7 @@ from partition.host.kimage import check_spec
 from partition.host.resize import update_op
 from partition.host.shared import release_left
 from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
+from partition.host.userlands import check_programs
 from partition.units import seconds
 
 __all__ = ["COUNTERS_BATCH", "SWEEP_BATCH", "SWEEP_IDLE_MAX_S", "SWEEP_PERIOD_S", "Machine"]
@@ -103,7 +104,7 @@ class Machine:
                 self.resctrl.check_pool(self.llc_way_mask)
             h = assemble(s, self.run_dir, self.resctrl,
                          Hooks(self.create, self.delete, self.wait, lambda: self.closing,
-                               self.console_text))
+                               self.console_text, self._reboot))
         except BaseException:
             release_left(self.run_dir)
             self._run.release()
@@ -117,6 +118,7 @@ class Machine:
         self.supervisor, self.writes, self.lifecycle = h.supervisor, h.writes, h.lifecycle
         self.overlays, self.sweeper, self.check_signature = h.overlays, h.sweeper, h.check_signature
         self.shared = h.shared          # the machine's shared regions (host/shared.py)
+        self.userlands = h.userlands    # one userland per running instance (host/userlands.py)
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.started = time.time()
@@ -145,6 +147,7 @@ class Machine:
             self.events.info("machine_shutdown", instances=len(self.instances))
         finally:
             self._closed = True
+            self.userlands.close()      # every userland killed and reaped (host/userlands.py)
             for inst in self.instances.values():
                 self.lifecycle.forget_process(inst)
             self.loading.zygotes.close()
@@ -186,6 +189,7 @@ class Machine:
         state = statefile.read_state(self.run_dir)
         assert state is not None
         self._closed = True
+        self.userlands.close()          # they die with their host (their parent-death signal)
         for inst in self.instances.values():
             self.lifecycle.drop_descriptors(inst)
         self.loading.zygotes.close()
@@ -251,11 +255,15 @@ class Machine:
                                                          pids_max, rootfs, regions))
 
     @verb
-    def load(self, name: str, kernel: str, cmdline: str = "") -> dict[str, Any]:
-        """Load a kernel image (ready -> loaded). A spec that is not a kernel leaves it ready."""
+    def load(self, name: str, kernel: str, cmdline: str = "",
+             programs: list[Any] | None = None) -> dict[str, Any]:
+        """Load a kernel image (ready -> loaded). A spec that is not a kernel leaves it ready.
+        ``programs``: commands its userland starts at every boot (host/userlands.py)."""
         inst = self.get(name)
         check_transition("load", inst.name, inst.state)
+        boot_programs = check_programs(programs)
         self.loading.load(inst, check_spec(kernel, cmdline), self.check_signature)
+        self.userlands.set_programs(inst, boot_programs)
         self.transition(inst, State.LOADED, "load")
         return self.describe(inst)
 
@@ -288,6 +296,12 @@ class Machine:
             else:
                 self.lifecycle.halt_many([inst], t)
         return self.describe(inst)
+
+    def _reboot(self, name: str) -> dict[str, Any]:
+        """reboot(2) inside the instance (host/userlands.py): its kernel halted by force and
+        booted again, as the real machine restarts a spawn kernel that reboots."""
+        self.kill(name, force=True)
+        return self.start(name)
 
     @verb
     def update(self, name: str, recovery: str | None = None, max_restarts: int | None = None,
@@ -365,7 +379,7 @@ class Machine:
 
     # -- observation -----------------------------------------------------------------------
     def describe(self, inst: Instance) -> dict[str, Any]:
-        return self.looks.describe(inst)
+        return {**self.looks.describe(inst), **self.userlands.describe(inst)}
 
     def describe_brief(self, inst: Instance) -> dict[str, Any]:
         return self.looks.describe_brief(inst)

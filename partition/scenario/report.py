@@ -127,6 +127,13 @@ def summary(result: RunResult) -> str:
                      + (" (shared)" if v["shared_cpus"] else ""), _v(v["boots"]),
                      _v(v["restarts"]), _v(v["failures"]), mem])
     out += [""] + _table(rows)
+    if result.programs:
+        rows = [["program", "instance", "boot", "status", "argv"]]
+        for p in result.programs:
+            status = p["status"] if not p.get("reason") else f"{p['status']} ({p['reason']})"
+            rows.append([str(p["index"]), p["instance"], str(p["generation"]),
+                         _v(status)[:80], " ".join(p["argv"])[:80]])
+        out += [""] + _table(rows)
     if result.bad_reports:
         out += ["", f"{len(result.bad_reports)} probe report(s) rejected:"] + \
                [f"  {r}" for r in result.bad_reports]

@@ -73,6 +73,9 @@ class RunResult:
     interrupted: bool = False
     bad_reports: list[str] = field(default_factory=list)
     consoles: dict[str, list[str]] = field(default_factory=dict)   # each instance's last lines
+    #: every boot program's status in every kept boot: instance, index, argv, generation,
+    #: status (an exit status, running, lost), reason (host/userlands.py)
+    programs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -87,7 +90,8 @@ class RunResult:
                 "metrics": self.metrics, "timeline": self.timeline,
                 "expectations": [e.to_dict() for e in self.expectations],
                 "verdict": self.verdict, "elapsed_s": round(self.elapsed_s, 3),
-                "bad_reports": self.bad_reports, "consoles": self.consoles}
+                "bad_reports": self.bad_reports, "consoles": self.consoles,
+                "programs": self.programs}
 
 
 class Runner:
@@ -172,7 +176,7 @@ class Runner:
                                  llc_way_mask=i["llc_way_mask"], pids_max=i["pids_max"],
                                  shared=i.get("shared"))
                     else:
-                        m.load(i["name"], i["kernel"], _cmdline(i))
+                        m.load(i["name"], i["kernel"], _cmdline(i), i.get("programs"))
                 except MKError as exc:
                     problems.append(in_scenario_words(
                         f"[[instance]] {i['name']!r}: {exc.message}"
@@ -424,6 +428,7 @@ class Runner:
         snap = m.show()
         metrics: dict[str, dict[str, Any]] = {}
         consoles: dict[str, list[str]] = {}
+        programs: list[dict[str, Any]] = []
         by_id = {d["id"]: d["name"] for d in snap["instances"]}
         for i in self.sc.instances:
             if i["name"] not in m.instances:    # refused at a host-crash's adoption: gone
@@ -455,6 +460,8 @@ class Runner:
                 **{k: d["metrics"].get(k) for k in i.get("metrics", [])},
             }
             consoles[i["name"]] = m.console(i["name"]).splitlines()[-CONSOLE_TAIL:]
+            programs += [{"instance": i["name"], **p}
+                         for p in m.userlands.history(m.get(i["name"]))]
         first_fault = min((f["mono"] for f in self.fired.values() if "mono" in f), default=None)
         first_ns = int(first_fault * 1e9) if first_fault is not None else None
         for rec in self.collector.records.values():
@@ -479,7 +486,7 @@ class Runner:
                          records={r.name: r for r in self.collector.records.values()},
                          t0_ns=int(self.t0 * 1e9), elapsed_s=time.monotonic() - self.t0,
                          interrupted=interrupted, bad_reports=self.collector.bad_reasons,
-                         consoles=consoles)
+                         consoles=consoles, programs=programs)
 
     def _came_up(self) -> list[Expectation]:
         """What every verdict checks without being asked: an instance that never came up (its

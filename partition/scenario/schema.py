@@ -26,6 +26,7 @@ from partition.guest.probes import KINDS as PROBE_KINDS
 from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
 from partition.host.llc import parse_mask
+from partition.host.userlands import check_programs
 from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max
 from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size, require_page_aligned
@@ -95,6 +96,13 @@ def _region_names(v: Any) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
         raise ValueError('a list of the machine\'s shared region names, e.g. ["db"]')
     return list(v)
+
+
+def _programs(v: Any) -> list[list[str]]:
+    try:
+        return check_programs(v)
+    except MKError as exc:
+        raise ValueError(f'commands, each "cmd arg" or ["cmd", "arg"] ({exc.message})') from None
 
 
 def _name(v: Any) -> str:
@@ -259,6 +267,7 @@ INSTANCE_KEYS = {
                                   "(standbys last)"),
     "metrics": Key(_metric_names, [], "metrics its kernel publishes (self.metric), for expect"),
     "shared": Key(_region_names, ABSENT, "the machine's shared regions its programs mount"),
+    "programs": Key(_programs, ABSENT, "commands its userland starts at every boot (shlex)"),
 }
 PROBE_KEYS = {
     "name": Key(_name, REQUIRED, "probe name (also the name in expectations)"),
