@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 
+import helpers
 import msgpack
 import pytest
-import helpers
 from helpers import MKCTL, mk, wait_until
 
 from partition.abi.console import INPUT_LINE_MAX

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from partition.abi.console import INPUT_LINE_MAX
-from partition.errors import ConsoleLineTooLong, ConsoleNotText, MKError
+from partition.errors import ConsoleLineTooLong, MKError
 from partition.terminal import printable
 
 #: after end of input, how long output is still followed (at least two reads' intervals): a
@@ -103,9 +103,10 @@ class LineReader:
 class Session:
     """One two-way console: output followed, input sent line by line.
 
-    ``tty``: a person types; a refused line is said and the session goes on. Otherwise (a
-    pipe, a file) the first refusal ends it with the refusal (mkctl exits 1), as a script
-    wants: what came before it was sent, nothing after it."""
+    ``tty``: a person types; a refused line is said and the session goes on (the instance
+    may come back: a restart, ``mkctl start``; a watched experiment refuses every line and is
+    still followed). Otherwise (a pipe, a file) the first refusal ends it with the refusal
+    (mkctl exits 1), as a script wants: what came before it was sent, nothing after it."""
 
     def __init__(self, call: Callable[..., Any], name: str, show: Callable[[str], str],
                  text: str, interval: float, stdin: int = 0, tty: bool = False) -> None:
@@ -154,7 +155,7 @@ class Session:
                 raise ConsoleLineTooLong(f"console input of {item.size} bytes: a line is at "
                                          f"most {self.reader.limit} bytes", "type shorter lines")
             self.call("console_input", name=self.name, data=item)
-        except (ConsoleLineTooLong, ConsoleNotText) as exc:
+        except MKError as exc:      # too long, not text, the instance not running, ...
             if not self.tty:
                 raise
             print(printable(f"mkctl console: line not sent: {exc}"), file=sys.stderr)
