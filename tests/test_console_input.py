@@ -20,7 +20,8 @@ from helpers import MKCTL, mk, wait_until
 
 from partition.abi.console import INPUT_LINE_MAX
 from partition.control.console import LineReader, TooLong
-from partition.errors import NotLoaded
+from partition.errors import ConsoleLineTooLong, ConsoleNotText, NotLoaded
+from partition.host.consoleinput import check_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPUS = sorted(os.sched_getaffinity(0))
@@ -112,6 +113,9 @@ def test_a_piped_line_reaches_the_kernel_hook(run_dir):
     until(lambda: "console: café" in console(run_dir, "t"), "the unterminated line")
     assert typed(run_dir, "t", b"").returncode == 0
     assert show(run_dir, "t")["counters"]["console_lines"] == 3
+    # NAME may be the instance's id, as for every verb
+    assert typed(run_dir, str(show(run_dir, "t")["id"]), b"by id\n").returncode == 0
+    until(lambda: "console: by id" in console(run_dir, "t"), "the line typed by id")
 
 
 @pytest.mark.system
@@ -142,9 +146,13 @@ def test_refused_lines_exit_1_and_change_nothing(run_dir):
     err = p.stderr.decode()
     assert p.returncode == 1 and "instance 't' is loaded" in err and "mkctl start t" in err, err
     assert unchanged(run_dir, "t") == before
-    # and a name that is no instance
+    # and a name that is no instance, and the host's console (its own log, never typed on)
     p = typed(run_dir, "nope", b"hi\n")
     assert p.returncode == 1 and "no instance named 'nope'" in p.stderr.decode()
+    for host in ("host", "0"):
+        p = typed(run_dir, host, b"hi\n")
+        assert p.returncode == 1 and "the host's console takes no input" in p.stderr.decode()
+        assert p.stdout == b""                      # refused before anything is read or sent
 
 
 @pytest.mark.system
@@ -333,3 +341,32 @@ def test_the_line_reader_bounds_what_it_holds():
     r = LineReader(limit=8)
     assert r.feed(b"y" * 30) == [] and r.feed(b"") == [TooLong(30)]
     assert LineReader().feed(b"") == []
+
+
+@pytest.mark.system
+def test_a_line_its_ring_slot_cannot_carry_is_refused_before_it_is_sent(machine_factory):
+    """On a machine of small ring slots the bound is the slot's: said with the size and the
+    fix, and no command is numbered or sent for it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    m = machine_factory(cpus=cpus, memory="64M", host_cpus=[cpus[0]], oversubscribe=True,
+                        ring_slot_bytes=512)
+    helpers.up(m, "t", TTY)
+    sent = m.show("t")["counters"]["host_sent"]
+    with pytest.raises(ConsoleLineTooLong, match="does not fit this machine's 512-byte ring"):
+        m.console_input("t", "x" * 1000)
+    assert m.show("t")["counters"]["host_sent"] == sent
+    assert m.show("t")["counters"]["console_lines"] == 0
+    m.console_input("t", "y" * 400)
+    wait_until(m, lambda: "console: " + "y" * 400 in m.console("t"))
+
+
+def test_the_host_judges_a_line_as_documented():
+    assert check_line(b"ls -l\r\n") == "ls -l" and check_line("ls\n") == "ls"
+    assert check_line(b"") == "" and check_line(b"\n") == "" and check_line(b"a\rb") == "a\rb"
+    assert check_line("é" * (INPUT_LINE_MAX // 2)) == "é" * (INPUT_LINE_MAX // 2)
+    for bad, cls in [("é" * (INPUT_LINE_MAX // 2) + "x", ConsoleLineTooLong),
+                     (b"a\nb", ConsoleLineTooLong), (b"a\n\n", ConsoleLineTooLong),
+                     (b"\xc3", ConsoleNotText), ("\udcff", ConsoleNotText),
+                     (b"\xed\xa0\x80", ConsoleNotText)]:          # (a UTF-8 surrogate)
+        with pytest.raises(cls):
+            check_line(bad)

@@ -18,6 +18,7 @@ from partition.control import console
 from partition.control.client import Client, start_supervisor, stop_supervisor
 from partition.control.console import new_console_text as new_console_text  # (cli.py's)
 from partition.control.show import format_metrics, render_show
+from partition.errors import InvalidSpec
 from partition.host import userspec
 from partition.terminal import printable
 from partition.units import format_cpulist, format_size
@@ -309,16 +310,19 @@ def cmd_show(a: argparse.Namespace) -> int:
 def cmd_console(a: argparse.Namespace) -> int:
     """The log; ``-f`` follows it; ``-i`` (or ``-f`` at a terminal) types on it too
     (control/console.py)."""
+    host = a.name in ("host", "0")
+    if a.input and host:
+        raise InvalidSpec("the host's console takes no input: it is the host's own log",
+                          "mkctl console -i NAME types on an instance's console")
     client = Client(a.run_dir)
     shown = (lambda t: t) if a.raw else printable       # the kernel's bytes: escaped unless asked
     text = client.call("console", name=a.name)
     sys.stdout.write(shown(text))
     sys.stdout.flush()
-    typing = a.input or (a.follow and console.at_terminal())
     try:
-        if typing:
+        if a.input or (a.follow and not host and console.at_terminal()):
             console.Session(client.call, a.name, shown, text, a.interval,
-                            tty=console.at_terminal()).run()
+                            tty=os.isatty(0)).run()
         elif a.follow:
             console.follow(client.call, a.name, shown, text, a.interval)
     except KeyboardInterrupt:

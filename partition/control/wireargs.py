@@ -73,7 +73,7 @@ def _size(name: str, value: Any) -> None:
 
 
 def _instance(name: str, value: Any) -> None:
-    """An instance's name, or (console) its id: 0 or "host" is the host's."""
+    """An instance's name, or (console, console_input) its id: 0 or "host" is the host's."""
     if isinstance(value, int) and not isinstance(value, bool):
         _integer(0, 511)(name, value)
     else:
@@ -154,7 +154,7 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
     "unload": {"name": (_text, True)},
     "delete": {"name": (_text, True)},
     "console": {"name": (_instance, True)},
-    "console_input": {"name": (_text, True), "data": (_typed, True)},
+    "console_input": {"name": (_instance, True), "data": (_typed, True)},
     "overlay": {"data": (_blob, True)},
     "overlay_remove": {"tx": (_integer(0, MAX_INT), True)},
     "resize": {"name": (_text, True), "cpus": (_cpus, False), "memory": (_size, False)},
