@@ -329,6 +329,26 @@ def test_console_input_feeds_the_userland_sinks(machine):
     assert fed == [("t", b"ls -l\n")]           # a refused line reaches no userland either
 
 
+@pytest.mark.system
+def test_a_typed_line_reaches_the_kernel_and_the_userland_console(machine):
+    """Once the instance-wide userland is wired in (``console_in.sinks`` holds its ``feed``:
+    host/consoleinput.py), one line reaches both: the kernel's hook and a program reading the
+    userland's /dev/console."""
+    import inspect
+    if "programs" not in inspect.signature(type(machine).load).parameters:
+        pytest.skip("the instance-wide userland (issue 22, helper ul) is not merged yet")
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", TTY, "", programs=[
+        ["/bin/sh", "-c", 'echo ready > /dev/console; read line < /dev/console; '
+                          'echo "got $line" > /dev/console']])
+    m.exec("a")
+    wait_until(m, lambda: "[console] ready" in m.console("a"))
+    assert m.console_input("a", "hello\n")["userland"] is True
+    wait_until(m, lambda: "[console] got hello" in m.console("a"))
+    assert "console: hello" in m.console("a")                    # the kernel's answer too
+
+
 # -- mkctl's reader, alone ---------------------------------------------------------------------
 def test_the_line_reader_bounds_what_it_holds():
     r = LineReader(limit=8)
