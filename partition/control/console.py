@@ -8,7 +8,8 @@ Three ways to use it:
   typed (or piped in) is sent to the instance with the ``console_input`` op, its kernel's
   ``on_console_input`` hook and its userland's ``/dev/console`` get it, while the output is
   followed as ``-f`` does. End of input (Ctrl-D on a terminal) ends it after a short drain, so
-  that what the kernel answers to the last line is shown; Ctrl-C ends it at once.
+  that what the kernel answers to the last line is shown (0.5 s; up to 2 s while nothing has
+  come since that line); Ctrl-C ends it at once.
 
 The terminal stays in its own (cooked) mode: its line discipline edits the line, and the line
 goes when Enter is pressed, as on a serial console. The real mktty (devices.md) is a character
@@ -31,9 +32,12 @@ from partition.abi.console import INPUT_LINE_MAX
 from partition.errors import ConsoleLineTooLong, MKError
 from partition.terminal import printable
 
-#: after end of input, how long output is still followed (at least two reads' intervals): a
-#: kernel answers a line in microseconds, a loaded machine in a few hundred milliseconds
+#: after end of input, how long output is still followed (at least two reads' intervals), and
+#: at most how long while nothing has come since the last line was sent: a kernel answers a
+#: line in microseconds, on a loaded machine in a few hundred milliseconds; one that never
+#: answers costs DRAIN_MAX_S
 DRAIN_S = 0.5
+DRAIN_MAX_S = 2.0
 #: the most read from the input at once
 READ_BYTES = 64 * 1024
 
@@ -113,23 +117,26 @@ class Session:
         self.call, self.name, self.show, self.text = call, name, show, text
         self.interval, self.stdin, self.tty = interval, stdin, tty
         self.reader = LineReader()
+        #: output came since the last line was sent (or none was sent): the drain may end
+        self.answered = True
 
     def run(self) -> bool:
         """Until end of input and its drain (True), or the console can no longer be read
         (False, said on stderr). Ctrl-C is the caller's (KeyboardInterrupt)."""
-        drain_until: float | None = None
+        ended: float | None = None         # when the input ended
         while True:
-            if drain_until is None:
+            if ended is None:
                 if self._take_input():
-                    drain_until = time.monotonic() + max(DRAIN_S, 2 * self.interval)
+                    ended = time.monotonic()
             else:
-                left = drain_until - time.monotonic()
-                if left > 0:
-                    time.sleep(min(self.interval, left))
+                time.sleep(self.interval)
             if not self.catch_up():
                 return False
-            if drain_until is not None and time.monotonic() >= drain_until:
-                return True
+            if ended is not None:
+                waited = time.monotonic() - ended
+                if waited >= max(DRAIN_S, 2 * self.interval) and \
+                        (self.answered or waited >= DRAIN_MAX_S):
+                    return True
 
     def _take_input(self) -> bool:
         """Wait up to an interval for input, and send each line it completes; True at the end
@@ -155,6 +162,7 @@ class Session:
                 raise ConsoleLineTooLong(f"console input of {item.size} bytes: a line is at "
                                          f"most {self.reader.limit} bytes", "type shorter lines")
             self.call("console_input", name=self.name, data=item)
+            self.answered = False
         except MKError as exc:      # too long, not text, the instance not running, ...
             if not self.tty:
                 raise
@@ -167,8 +175,11 @@ class Session:
         except MKError as exc:
             print(printable(f"mkctl console: stopped following: {exc}"), file=sys.stderr)
             return False
-        sys.stdout.write(self.show(new_console_text(self.text, now)))
-        sys.stdout.flush()
+        new = new_console_text(self.text, now)
+        if new:
+            sys.stdout.write(self.show(new))
+            sys.stdout.flush()
+            self.answered = True
         self.text = now
         return True
 
