@@ -141,12 +141,11 @@ class Session:
     def _take_input(self) -> bool:
         """Wait up to an interval for input, and send each line it completes; True at the end
         of input. A refusal that ends the session shows the output before it first."""
-        ready, _, _ = select.select([self.stdin], [], [], self.interval)
-        if not ready:
-            return False
         try:
+            if not select.select([self.stdin], [], [], self.interval)[0]:
+                return False
             data = os.read(self.stdin, READ_BYTES)
-        except OSError:         # (stdin closed under us: its end)
+        except (OSError, ValueError):       # (no stdin at all, or closed under us: its end)
             data = b""
         try:
             for item in self.reader.feed(data):
