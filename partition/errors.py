@@ -218,3 +218,20 @@ class UserlandFailed(MKError):
 
 
 _CLASSES[UserlandFailed.__name__] = UserlandFailed
+
+
+class ConsoleLineTooLong(MKError):
+    """A line typed on an instance's console longer than the console takes (2 KiB, or what
+    one ring slot of the machine carries: host/consoleinput.py), or more than one line."""
+
+    errno = _errno.EMSGSIZE
+
+
+class ConsoleNotText(MKError):
+    """Console input that is not UTF-8 text: refused whole, never replaced, so that what a
+    kernel is handed is exactly what was typed."""
+
+    errno = _errno.EILSEQ
+
+
+_CLASSES.update({c.__name__: c for c in (ConsoleLineTooLong, ConsoleNotText)})

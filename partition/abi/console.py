@@ -12,6 +12,11 @@ import time
 
 from partition.abi import layout as L
 
+#: console input (mktty's input, host/consoleinput.py): the longest line a kernel is handed, in
+#: UTF-8 bytes without its newline. 2 KiB, so that the line and its host command fit one ring
+#: slot of the default 4 KiB with room to spare
+INPUT_LINE_MAX = 2048
+
 
 def format_console(buf: memoryview | bytearray) -> None:
     """Host side: (re)initialise a console buffer to empty."""

@@ -43,6 +43,11 @@ MK_EMU_PROBE_PING = 0x3F03       # source -> target, request: bytes, answered wi
 MK_EMU_PROBE_DATA = 0x3F04       # source -> target: [probe id, bytes]
 MK_EMU_PROBE_REPORT = 0x3F05     # agent -> host: a batch of samples
 MK_EMU_PROBE_FLUSH = 0x3F06      # host -> agent, request: stop and send what is pending
+# the real mktty's messages are of type "MKTY" with input = 1, output = 2 (devices.md); its type
+# number is not in the reference, so the emulator's is its own. Input only: a kernel's output
+# is its console buffer (abi/console.py), read by the host, never a message
+MK_EMU_MKTY = 0x3F07             # host -> kernel: {"op": MKTY_INPUT, "line": str}
+MKTY_INPUT, MKTY_OUTPUT = 1, 2
 MK_EMU_STORM = 0x3F0F
 MK_MSG_NETWORK = 0x5000
 
@@ -88,7 +93,7 @@ NOT_FROM_HOST: Any = object()
 
 #: the message types a kernel accepts from the host only, and only as digested commands
 HOST_COMMANDS = frozenset({MK_MSG_SHUTDOWN, MK_EMU_FAULT, MK_EMU_PROBE_START,
-                           MK_EMU_PROBE_FLUSH, MK_MSG_CPU_ADD, MK_MSG_CPU_REMOVE, MK_MSG_MEM_ADD,
+                           MK_EMU_PROBE_FLUSH, MK_EMU_MKTY, MK_MSG_CPU_ADD, MK_MSG_CPU_REMOVE, MK_MSG_MEM_ADD,
                            MK_MSG_MEM_REMOVE, MK_MSG_QUERY})
 #: the runtime resource operations (RESOURCE category), in the order one overlay applies them
 RESOURCE_ORDER = (MK_MSG_MEM_REMOVE, MK_MSG_MEM_ADD, MK_MSG_CPU_REMOVE, MK_MSG_CPU_ADD)

@@ -297,11 +297,17 @@ def build_parser(command_after_dashes: bool = False) -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(fn=cmd_show)
 
-    p = sub.add_parser("console", parents=[common], help="an instance's kmsg ('host' for instance 0)")
+    p = sub.add_parser("console", parents=[common],
+                       help="an instance's kmsg ('host' for instance 0); -i to type on it")
     p.add_argument("name")
     p.add_argument("--follow", "-f", action="store_true",
-                   help="keep printing new lines as they come (Ctrl-C stops)")
-    p.add_argument("--interval", type=finite, default=0.2, help="-f: seconds between reads")
+                   help="keep printing new lines as they come (Ctrl-C stops); at a terminal, "
+                        "lines typed are sent too, as with -i")
+    p.add_argument("--input", "-i", action="store_true",
+                   help="two-way: send each line of stdin to the instance (its kernel's "
+                        "on_console_input, its userland's /dev/console) while following; "
+                        "end of input (Ctrl-D) ends it after a short drain")
+    p.add_argument("--interval", type=finite, default=0.2, help="-f/-i: seconds between reads")
     p.add_argument("--raw", action="store_true",
                    help="the kernel's bytes as written, terminal control sequences included "
                         "(default: control characters shown escaped, e.g. \\x1b)")

@@ -13,12 +13,13 @@ import json
 import os
 import shlex
 import sys
-import time
 from typing import Any
 
+from partition.control import console
 from partition.control.client import Client, start_supervisor, stop_supervisor
+from partition.control.console import new_console_text as new_console_text  # (cli.py's)
 from partition.control.show import format_metrics, render_show
-from partition.errors import MKError
+from partition.errors import InvalidSpec
 from partition.host import userspec
 from partition.terminal import printable
 from partition.units import format_cpulist, format_size
@@ -315,40 +316,27 @@ def cmd_show(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def new_console_text(shown: str, text: str) -> str:
-    """What ``text`` (a console read now) has that ``shown`` (read before) had not: the tail
-    past the old text, or past its last line once the console's ring has wrapped."""
-    if text.startswith(shown):
-        return text[len(shown):]
-    last = shown.rstrip("\n").rpartition("\n")[2]
-    if last:
-        at = text.rfind(last + "\n")
-        if at >= 0:
-            return text[at + len(last) + 1:]
-    return text
-
-
 def cmd_console(a: argparse.Namespace) -> int:
+    """The log; ``-f`` follows it; ``-i`` (or ``-f`` at a terminal) types on it too
+    (control/console.py)."""
+    host = a.name in ("host", "0")
+    if a.input and host:
+        raise InvalidSpec("the host's console takes no input: it is the host's own log",
+                          "mkctl console -i NAME types on an instance's console")
     client = Client(a.run_dir)
     shown = (lambda t: t) if a.raw else printable       # the kernel's bytes: escaped unless asked
     text = client.call("console", name=a.name)
     sys.stdout.write(shown(text))
     sys.stdout.flush()
-    if not a.follow:
-        return EXIT_OK
-    try:                     # follow, as tail -f: reads only (the console op drives nothing)
-        while True:
-            time.sleep(a.interval)
-            try:
-                now = client.call("console", name=a.name)
-            except MKError as exc:
-                print(printable(f"mkctl console: stopped following: {exc}"), file=sys.stderr)
-                return EXIT_OK
-            sys.stdout.write(shown(new_console_text(text, now)))
-            sys.stdout.flush()
-            text = now
+    try:
+        if a.input or (a.follow and not host and console.at_terminal()):
+            console.Session(client.call, a.name, shown, text, a.interval,
+                            tty=os.isatty(0)).run()
+        elif a.follow:
+            console.follow(client.call, a.name, shown, text, a.interval)
     except KeyboardInterrupt:
-        return EXIT_OK
+        pass
+    return EXIT_OK
 
 
 def cmd_top(a: argparse.Namespace) -> int:

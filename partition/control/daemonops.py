@@ -41,6 +41,7 @@ def ops(m: Machine) -> dict[str, tuple[set[str], Callable[..., Any]]]:
         "unload": ({"name"}, m.unload),
         "delete": ({"name"}, m.delete),
         "console": ({"name"}, m.console),
+        "console_input": ({"name", "data"}, m.console_input),
         # the real control plane (mkctl kerf: partition/bridge/)
         "overlay": ({"data"}, m.apply_overlay),
         "overlay_remove": ({"tx"}, m.remove_overlay),

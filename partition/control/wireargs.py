@@ -73,7 +73,7 @@ def _size(name: str, value: Any) -> None:
 
 
 def _instance(name: str, value: Any) -> None:
-    """An instance's name, or (console) its id: 0 or "host" is the host's."""
+    """An instance's name, or (console, console_input) its id: 0 or "host" is the host's."""
     if isinstance(value, int) and not isinstance(value, bool):
         _integer(0, 511)(name, value)
     else:
@@ -124,6 +124,15 @@ def _limit(name: str, value: Any) -> None:
         _refuse(name, value, "a number of processes", f"{name}=256")
 
 
+def _typed(name: str, value: Any) -> None:
+    """A line typed on a console: bytes (what a terminal gave, judged by the host: UTF-8, one
+    line, its bound) or text, of at most MAX_TEXT bytes here (host/consoleinput.py's bound is
+    smaller, and says so in its own words)."""
+    if not isinstance(value, (bytes, str)) or len(value) > MAX_TEXT:
+        _refuse(name, value, f"one line of console input (bytes or text, at most {MAX_TEXT})",
+                f"{name}=b\"help\\n\"")
+
+
 def _blob(name: str, value: Any) -> None:
     if not isinstance(value, bytes):
         _refuse(name, value, "bytes (a DTBO)", "data=<the overlay's bytes>")
@@ -157,6 +166,7 @@ ARGS: dict[str, dict[str, tuple[Check, bool]]] = {
     "unload": {"name": (_text, True)},
     "delete": {"name": (_text, True)},
     "console": {"name": (_instance, True)},
+    "console_input": {"name": (_instance, True), "data": (_typed, True)},
     "overlay": {"data": (_blob, True)},
     "overlay_remove": {"tx": (_integer(0, MAX_INT), True)},
     "resize": {"name": (_text, True), "cpus": (_cpus, False), "memory": (_size, False)},

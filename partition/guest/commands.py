@@ -5,7 +5,8 @@ alone can write the peer table. So a command (abi/message.py HOST_COMMANDS) is o
 when the host's peer entry for this instance publishes its digest (``verify``). The commands:
 SHUTDOWN (a graceful halt, or a live update's hand-over), EMU_FAULT (guest/faults.py), and the
 RESOURCE family (CPU_ADD/REMOVE, MEM_ADD/REMOVE: the kernel's ``on_*`` hook decides, the
-RES_ACK goes into the own page; QUERY answers as a response). The probe commands are
+RES_ACK goes into the own page; QUERY answers as a response) and MKTY input (a line typed on the
+console, to ``on_console_input``). The probe commands are
 probes.py's, which calls ``verify`` too.
 """
 
@@ -48,6 +49,7 @@ class HostCommands:
         self.handing_over = False
         messenger.register(M.MK_MSG_SHUTDOWN, self._on_shutdown)
         messenger.register(M.MK_EMU_FAULT, self._on_fault)
+        messenger.register(M.MK_EMU_MKTY, self._on_console)
         for op in (M.MK_MSG_CPU_ADD, M.MK_MSG_CPU_REMOVE, M.MK_MSG_MEM_ADD, M.MK_MSG_MEM_REMOVE,
                    M.MK_MSG_QUERY):
             messenger.register(op, self._on_resource)
@@ -86,6 +88,19 @@ class HostCommands:
         if p is M.NOT_FROM_HOST or not isinstance(p, dict):
             return
         self._fault(str(p.get("kind")), dict(p.get("options") or {}))
+
+    def _on_console(self, msg: M.Message) -> None:
+        """MKTY input: a line typed on the console, to the kernel's ``on_console_input``. The
+        host checked the line (text, one line, bounded); what a forged message says never
+        reaches the hook. An exception escaping the hook is the kernel's panic, as from any
+        handler (the host records it; nothing of the host's is at stake)."""
+        body = self.verify(msg)
+        if body is M.NOT_FROM_HOST or not isinstance(body, dict) or \
+                body.get("op") != M.MKTY_INPUT or not isinstance(body.get("line"), str):
+            return
+        kernel = self.kernel
+        assert kernel is not None, "console input before the kernel was made"
+        kernel.on_console_input(body["line"])
 
     def _on_resource(self, msg: M.Message) -> Any:
         """A RESOURCE command: the hook decides; the RES_ACK goes into this kernel's own

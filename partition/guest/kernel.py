@@ -4,12 +4,13 @@
 A kernel runs as the only code of its instance process, pinned to its CPUs, with exactly three
 windows on the arena: its own partition (``self.os.memory``), its console (``self.os.printk``)
 and the shared control area. What an author sees is deliberately small: the hooks below
-(``boot``, ``tick``, ``shutdown``, the ``on_cpu_*``/``on_memory_*`` resource hooks and, for the
-few that need it, ``run``), four class attributes that configure the loop, and one services
-object, ``self.os`` (guest/services.py: messages, console, metrics, peers, memory, KHO). The
-loop, the drain, the host's commands and every other piece of bookkeeping live in the runtime
-(guest/runtime.py), which makes the kernel object and holds it; the kernel's own namespace is
-the author's, so an attribute an author names ``ring`` or ``messenger`` breaks nothing.
+(``boot``, ``tick``, ``shutdown``, the ``on_cpu_*``/``on_memory_*`` resource hooks,
+``on_console_input`` and, for the few that need it, ``run``), four class attributes that
+configure the loop, and one services object, ``self.os`` (guest/services.py: messages,
+console, metrics, peers, memory, KHO). The loop, the drain, the host's commands and every other
+piece of bookkeeping live in the runtime (guest/runtime.py), which makes the kernel object and
+holds it; the kernel's own namespace is the author's, so an attribute an author names ``ring``
+or ``messenger`` breaks nothing.
 
 The main loop is simple so that what the emulator measures is the kernel's work and not a
 framework: ``tick`` does one unit of work and says whether there was any; when there was none,
@@ -174,6 +175,12 @@ class Kernel:
 
     def on_memory_remove(self, base: int, size: int) -> None:
         """MEM_REMOVE: [base, base+size) leaves the instance; the host scrubs it."""
+
+    def on_console_input(self, line: str) -> None:
+        """A line typed on the instance's console (``mkctl console -i NAME``; the real
+        mktty's input): UTF-8 text without its newline, at most 2 KiB, which the host checked
+        before it sent it. Called from the message loop, as a handler is: an exception
+        escaping it is this kernel's panic. The default ignores it."""
 
     def run(self) -> None:
         """The main loop (the runtime's). Overriding it is allowed, but then the kernel must

@@ -374,7 +374,7 @@ class Instance:
         "heartbeats": 0, "halted_msgs": 0, "failures": 0, "restarts": 0, "faults_injected": 0,
         "foreign_pages": 0, "wild_pages": 0, "doorbells_given": 0, "bad_doorbell_requests": 0,
         "ring_jams": 0, "live_updates": 0, "watchdog_nudges": 0, "reclaim_wakes": 0,
-        "doorbells_forwarded": 0})
+        "doorbells_forwarded": 0, "console_lines": 0})
     #: runtime resource changes (overlays): what the kernel answered, and how often
     resource_changes: dict[str, int] = field(default_factory=lambda: {
         "accepted": 0, "refused": 0, "unanswered": 0})

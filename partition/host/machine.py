@@ -28,7 +28,7 @@ from partition.abi.console import read_console
 from partition.abi.constants import HOST_ID
 from partition.abi.ring import Ring
 from partition.errors import InvalidSpec, MKError, NotLoaded
-from partition.host import faults, llc, rundir, statefile
+from partition.host import consoleinput, faults, llc, rundir, statefile
 from partition.host.assembly import Hooks, Settings, assemble, open_house
 from partition.host.devicetree import Overlay
 from partition.host.instance import Instance, State, check_transition
@@ -119,6 +119,8 @@ class Machine:
         self.overlays, self.sweeper, self.check_signature = h.overlays, h.sweeper, h.check_signature
         self.shared = h.shared          # the machine's shared regions (host/shared.py)
         self.userlands = h.userlands    # one userland per running instance (host/userlands.py)
+        self.console_in = consoleinput.ConsoleInput(h.ipc.command, h.events, s.ring_slot_bytes,
+                                                    [h.userlands.feed])
         #: called instead of ``poll`` while a verb waits (see ``wait``); must drive ``poll``
         self.waiter: Callable[[float | None], None] | None = None
         self.started = time.time()
@@ -177,9 +179,8 @@ class Machine:
                 self._run.lock_fd = -1
 
     def abandon(self) -> dict[str, Any]:
-        """Throw this host away as its sudden death would: nothing halted or removed, its
-        descriptors and lock gone, its state file and arena kept; the instances run on for a
-        ``Machine(adopt=True)`` on the run directory. Returns the arguments it adopts with."""
+        """Throw this host away as its sudden death would: nothing halted or removed, descriptors
+        and lock gone; the instances run on for a ``Machine(adopt=True)`` (returns its arguments)."""
         if not self.survive_host:
             raise InvalidSpec("only a machine whose instances outlive their host can lose it",
                               "Machine(survive_host=True)")
@@ -202,8 +203,7 @@ class Machine:
         self.house.console.printk(message)
 
     def refresh_views(self) -> None:
-        """Rewrite the counters views that moved (counters move between state changes; the
-        rest of the views follow each change as it is published)."""
+        """Rewrite the counters views that moved (the rest follow each published change)."""
         if not (self._closed or self._closing):
             for inst in self.instances.values():
                 self.views.counters(inst.name, self.looks.counters(inst))
@@ -268,10 +268,9 @@ class Machine:
         return self.describe(inst)
 
     def start(self, name: str, wait: bool = True) -> dict[str, Any]:
-        """Boot the loaded image on the instance's CPUs (loaded|failed -> active): kerf 0.4's
-        ``start``. Returns once the kernel's ``boot()`` returned; ``wait=False`` returns at the
-        spawn mailbox's answer, the real system's semantics. A kernel that dies in ``boot()``
-        raises BootFailed. ``exec`` is the same verb under its older name."""
+        """Boot the loaded image (loaded|failed -> active): kerf 0.4's ``start``. Returns once
+        ``boot()`` returned (``wait=False``: at the spawn mailbox's answer, the real system's
+        semantics); a kernel that dies in ``boot()`` raises BootFailed. ``exec``: its old name."""
         return self.exec(name, wait)
 
     @verb
@@ -385,8 +384,7 @@ class Machine:
         return self.looks.describe_brief(inst)
 
     def show(self, name: str | None = None, brief: bool = False) -> dict[str, Any]:
-        """One instance (describe) or the machine (snapshot); ``brief``: the machine with
-        each instance as ``describe_brief`` says it, for a table."""
+        """One instance (describe) or the machine (snapshot; ``brief``: a table's fields)."""
         self._check_open()
         if not isinstance(brief, bool):
             raise InvalidSpec(f"brief must be true or false, got {brief!r}",
@@ -411,6 +409,11 @@ class Machine:
         if name in ("host", 0, "0"):
             return self.console_text(HOST_ID)
         return self.console_text(self.get(name).id)
+
+    @verb
+    def console_input(self, name: str | int, data: bytes | str) -> dict[str, Any]:
+        """A line typed on its console: to its kernel, then its userland (consoleinput.py)."""
+        return self.console_in.deliver(self.get(name), data)
 
     def console_text(self, instance_id: int) -> str:
         off = self.layout.console_at(instance_id)
@@ -450,8 +453,7 @@ class Machine:
         return self.house.turn.next_timer()
 
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        """Drive the machine until ``done()`` or ``deadline``. With a ``waiter`` set (the
-        daemon's), each step is the waiter's, which serves its own clients meanwhile."""
+        """Drive the machine until ``done()`` or ``deadline`` (each step the daemon's waiter's)."""
         while not done():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -477,9 +479,8 @@ class Machine:
 
     def command(self, name: str | int, msg_type: int, body: Any = None,
                 timeout: float = 10.0) -> Any:
-        """A host command (SHUTDOWN, EMU_FAULT, PROBE_START, PROBE_FLUSH) as a request: the
-        kernel checks it came from the host (its digest is in the host's peer table) before
-        it obeys, and answers."""
+        """A host command (abi/message.py HOST_COMMANDS) as a request: the kernel obeys only
+        what the host's peer table digests (it came from the host), and answers."""
         self._check_open()
         inst = self.get(name)
         if msg_type not in M.HOST_COMMANDS:
