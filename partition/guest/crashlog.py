@@ -55,6 +55,7 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from typing import TextIO
 
 PAGE = 4096
 RECORD = 256
@@ -144,7 +145,7 @@ def _new_header(seed: int, capacity: int) -> bytes:
 
 # -- the writer ---------------------------------------------------------------------------
 def write(path: str, seed: int, capacity: int, count: int | None = None, rate: float = 0.0,
-          out: object = None) -> int:
+          out: TextIO | None = None) -> int:
     """Append records to the log at ``path`` (made with ``capacity`` records if absent) until
     ``count`` records are in it (default: full), at ``rate`` records a second (0: as fast as
     it goes). Returns the frontier it stopped at."""
@@ -164,7 +165,7 @@ def write(path: str, seed: int, capacity: int, count: int | None = None, rate: f
 
 
 def _append(m: mmap.mmap, recs: Records, head: Header, count: int | None, rate: float,
-            out: object) -> int:
+            out: TextIO | None) -> int:
     view = memoryview(m)
     frontier = min(head.committed, head.capacity)
     while frontier < head.capacity and \

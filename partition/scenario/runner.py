@@ -36,6 +36,7 @@ from partition.host.machine import Machine
 from partition.host.writewatch import foreign_mappers
 from partition.scenario import expr as E
 from partition.scenario.measure import Collector, ProbeRecord
+from partition.scenario.runstep import Programs
 from partition.scenario.schema import Scenario, ScenarioInvalid, in_scenario_words
 
 #: console lines of each instance the JSON report keeps (the whole console is mkctl console's)
@@ -112,6 +113,8 @@ class Runner:
         #: instance name -> why its boot failed (at time 0 or by an exec action): an instance
         #: that never came up fails the verdict unless the scenario expects it (``_came_up``)
         self.boot_failed: dict[str, str] = {}
+        #: the programs of ``run`` actions (runstep.py)
+        self.programs = Programs()
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -131,8 +134,10 @@ class Runner:
             for rec in self.collector.records.values():
                 rec.stopped_ns = stopped
             self._flush()
+            self.programs.finish(self.m.poll)
             return self._result(interrupted)
         finally:
+            self.programs.close()
             if self._watcher is not None:
                 self._watcher.close()
             if self.m is not None:
@@ -329,6 +334,7 @@ class Runner:
                 next_restart_check = now + 0.05
                 for p in instance_probes:
                     self._start_on_instance(p)
+            self.programs.step()
             if self._watcher is not None:
                 self._watcher.step()
             if self.progress is not None and now >= next_progress:
@@ -380,6 +386,8 @@ class Runner:
         m, target, args = self.m, a["target"], a["args"]
         if a["do"] == "host-crash":
             return self._host_crash()
+        if a["do"] == "run":                 # a program inside the target (runstep.py)
+            return self.programs.start(m, a)
         if a["do"] == "update":              # a live update (host/liveupdate.py)
             r = m.live_update(target, str(args["kernel"]),
                               str(args["cmdline"]) if "cmdline" in args else None)
@@ -469,7 +477,12 @@ class Runner:
                                   "update_gap_ms": (fired or {}).get("update_gap_ms"),
                                   "rolled_back": (fired or {}).get("rolled_back"),
                                   "adopted": (fired or {}).get("adopted"),
-                                  "adopt_ms": (fired or {}).get("adopt_ms")}
+                                  "adopt_ms": (fired or {}).get("adopt_ms"), "exit_status": None}
+            if a["do"] == "run":
+                ran = self.programs.metrics(a)
+                if a["name"] not in self.programs.done:
+                    ran.pop("done")             # never started: the fired record says why
+                metrics[a["name"]].update(ran)
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
                    "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
                                        if isinstance(v, dict))}

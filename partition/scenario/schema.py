@@ -27,12 +27,14 @@ from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
 from partition.host.llc import parse_mask
 from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max
+from partition.scenario import draws, runstep
 from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size, require_page_aligned
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
 #: ``start`` boots (kerf 0.4's verb); ``exec`` is its older spelling, still read
-ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
+ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash",
+           "run")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -109,7 +111,7 @@ def _metric_names(v: Any) -> list[str]:
                                           for n in v):
         raise ValueError('a list of metric names, e.g. ["errors", "served"] (letters, digits, '
                          "_; at most 23 characters)")
-    clash = [n for n in v if n in METRICS["instance"]]
+    clash = [n for n in v if n in METRICS["instance"] + METRICS["action"]]
     if clash:
         raise ValueError(f"names of the host's own metrics, {clash}: choose others")
     return list(v)
@@ -220,7 +222,8 @@ SCENARIO_KEYS = {
     "name": Key(_str, REQUIRED, "what the run is called in reports"),
     "description": Key(_str, "", "one paragraph: what the experiment shows"),
     "duration": Key(_positive_duration, 5.0, "how long probes run, from the first boot"),
-    "seed": Key(_int(0, 2**32 - 1), 0, "seeds the probes' payload bytes; recorded in the report"),
+    "seed": Key(_int(0, 2**32 - 1), 0, "seeds the probes' payload bytes and the random(..) "
+                "times; recorded in the report"),
 }
 MACHINE_KEYS = {
     "cpus": Key(_cpus, None, "pool CPUs; default: every CPU this process may use"),
@@ -271,7 +274,8 @@ PROBE_KEYS = {
 }
 FAULT_KEYS = {
     "name": Key(_name, REQUIRED, "fault name (also the name in expectations)"),
-    "at": Key(duration, 1.0, "when, from the start of the run"),
+    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, "
+              "HIGH), drawn from the seed"),
     "target": Key(_name, None, "the instance hit; default: the first instance"),
     "kind": Key(_choice(FAULT_KINDS), "kill", "what happens (docs/faults.md)"),
     "victim": Key(_name, None, "wild-write / ipi-storm: the instance aimed at"),
@@ -288,10 +292,12 @@ FAULT_OPTIONS = {"victim": ("wild-write", "ipi-storm"), "offset": ("wild-write",
                  "count": ("ipi-storm",), "seconds": ("cpu-hog",)}
 ACTION_KEYS = {
     "name": Key(_name, REQUIRED, "action name (also the name in expectations)"),
-    "at": Key(duration, 1.0, "when, from the start of the run"),
+    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, "
+              "HIGH), drawn from the seed"),
     "do": Key(_choice(ACTIONS), "start", "the verb, as mkctl spells it"),
     "target": Key(_name, None, "the instance; default: the first instance"),
-    "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout"),
+    "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout; run: program, timeout"),
+    "metrics": Key(_metric_names, ABSENT, "run: figures its program prints, for expect"),
 }
 TOP_KEYS = ("scenario", "machine", "instance", "probe", "fault", "action", "expect")
 
@@ -305,7 +311,7 @@ METRICS = {
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),
     "fault": ("fired", "detected", "detect_ms", "recovered", "recover_ms", "failure_kind"),
     "action": ("done", "error", "duration_ms", "update_gap_ms", "rolled_back", "adopted",
-               "adopt_ms"),
+               "adopt_ms", "exit_status"),
 }
 
 
@@ -455,7 +461,10 @@ def check(doc: dict[str, Any], path: str = "<scenario>") -> Scenario:
             a["args"] = {**args, "kernel": resolve_kernel(args["kernel"], here)}
     if not instances:
         c.problems.append("[[instance]]: at least one instance is needed")
+    draws.resolve(c.problems, sc.get("seed", 0), [("fault", f) for f in faults]
+                  + [("action", a) for a in actions], sc.get("duration", 5.0))
     _check_references(c, instances, probes, faults, actions, sc.get("duration", 5.0))
+    c.problems += runstep.check_actions(actions)
     scenario = Scenario(path=os.path.abspath(path) if path != "<scenario>" else path,
                         name=sc.get("name", ""), description=sc.get("description", ""),
                         duration=sc.get("duration", 5.0), seed=sc.get("seed", 0),
@@ -535,7 +544,7 @@ def _check_references(c: _Checker, instances: list[dict[str, Any]], probes: list
     for a in actions:
         args = a.get("args", {})
         allowed = {"load": {"kernel", "cmdline"}, "update": {"kernel", "cmdline"},
-                   "kill": {"timeout"}}.get(a.get("do", ""), set())
+                   "kill": {"timeout"}, "run": {"program", "timeout"}}.get(a.get("do", ""), set())
         for k in args:
             if k not in allowed:
                 c.problems.append(f"[[action]] {a.get('name')!r}: args key {k!r} is not used by "
@@ -571,9 +580,9 @@ def _check_expectations(c: _Checker, raw: Any, sc: Scenario) -> list[tuple[str, 
                 c.problems.append(f"{where}: {ref} names nothing in this scenario (names: "
                                   f"{', '.join(_all_names(sc)) or 'none'})")
                 ok = False
-            elif ref.metric not in METRICS[kind] and not (
-                    kind == "instance" and ref.metric in next(
-                        (i.get("metrics", []) for i in sc.instances if i["name"] == ref.name), [])):
+            elif ref.metric not in METRICS[kind] and ref.metric not in next(
+                    (i.get("metrics", []) for i in sc.instances + sc.actions
+                     if i["name"] == ref.name), []):
                 c.problems.append(f"{where}: {ref}: an {kind} has no metric {ref.metric!r} "
                                   f"(it has: {', '.join(METRICS[kind])})")
                 ok = False
