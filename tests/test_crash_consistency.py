@@ -99,7 +99,11 @@ name = "damage"
 do = "run"
 at = "random(2s, 2.5s)"
 target = "writer"
-args = { program = ["python3", "-c", "f = open('/mnt/shared/log/r', 'r+b'); f.seek(4096 + 256 * 500 + 40); f.write(b'x')"] }
+[action.args]                               # a byte of a payload word of record 500
+program = [
+    "python3", "-c",
+    "f = open('/mnt/shared/log/r', 'r+b'); f.seek(4096 + 256 * 500 + 40); f.write(b'x')",
+]
 
 [[action]]
 name = "check"

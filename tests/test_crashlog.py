@@ -108,7 +108,7 @@ def test_what_is_not_a_log_is_refused(log, tmp_path, capsys):
 
 
 def test_the_writer_resumes_over_a_torn_record(log, capsys):
-    buf, path = log
+    _, path = log
     with open(path, "r+b") as f:
         f.seek(record_at(100))
         f.write(C.Records(7).body(101)[:40])                     # a killed writer's last store
