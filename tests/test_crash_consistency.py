@@ -3,10 +3,17 @@ seeded random moments while it stores into a shared region, restarted, and a che
 instance finding the file clean; the figures in the report and in ``expect``; a damaged file
 failing the verdict. Real machines, real panics, real programs in userlands."""
 
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
+from leaks import cgroup_entries, leaks, shm_entries
 
 from partition.scenario import draws, schema
 
@@ -133,3 +140,60 @@ def test_a_run_on_a_halted_instance_is_recorded_not_fatal(run_scenario):
     m = r.metrics["write"]
     assert m["done"] is False and "is loaded" in m["error"] and m["exit_status"] is None
     assert r.metrics["check"]["exit_status"] == 2         # no file: not a log
+
+
+SLEEPER = """
+expect = ["nap.exit_status == 0"]
+
+[scenario]
+name = "sleeper"
+duration = "{duration}"
+
+[machine]
+oversubscribe = true
+
+[[instance]]
+name = "a"
+kernel = "kernels.idle:IdleKernel"
+
+[[action]]
+name = "nap"
+do = "run"
+at = "0.1s"
+target = "a"
+args = {{ program = "sleep 300", timeout = {timeout} }}
+"""
+
+
+def test_a_program_past_its_timeout_is_hung_up(run_scenario):
+    t = time.monotonic()
+    r = run_scenario(SLEEPER.format(duration="1s", timeout=1.5))
+    assert time.monotonic() - t < 20                     # waited for: its timeout, not 300 s
+    m = r.metrics["nap"]
+    assert m["exit_status"] == 128 + signal.SIGTERM and not m["done"]
+    assert m["error"] == "it exited with status 143 (hung up: still running after its timeout)"
+    assert not r.passed
+
+
+def test_ctrl_c_kills_a_running_program_and_leaves_nothing(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(SLEEPER.format(duration="60s", timeout=60))
+    before = shm_entries(), cgroup_entries()
+    p = subprocess.Popen([sys.executable, "-m", "partition.control.cli", "run", str(f),
+                          "--format", "json", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sleeper = None
+    deadline = time.monotonic() + 30
+    while sleeper is None and time.monotonic() < deadline:
+        kids = psutil.Process(p.pid).children(recursive=True)
+        sleeper = next((c for c in kids if c.name() == "sleep"), None)
+        time.sleep(0.05)
+    assert sleeper is not None
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    report = json.loads(out)
+    assert report["verdict"] == "interrupted"
+    assert report["metrics"]["nap"]["error"] == "still running when the run ended"
+    assert not psutil.pid_exists(sleeper.pid) or sleeper.status() == psutil.STATUS_ZOMBIE
+    assert leaks(*before) == ([], [])

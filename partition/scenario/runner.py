@@ -134,7 +134,8 @@ class Runner:
             for rec in self.collector.records.values():
                 rec.stopped_ns = stopped
             self._flush()
-            self.programs.finish(self.m.poll)
+            if not interrupted:         # (Ctrl-C: what still runs is killed, not waited for)
+                self.programs.finish(self.m.poll)
             return self._result(interrupted)
         finally:
             self.programs.close()
@@ -478,11 +479,8 @@ class Runner:
                                   "rolled_back": (fired or {}).get("rolled_back"),
                                   "adopted": (fired or {}).get("adopted"),
                                   "adopt_ms": (fired or {}).get("adopt_ms"), "exit_status": None}
-            if a["do"] == "run":
-                ran = self.programs.metrics(a)
-                if a["name"] not in self.programs.done:
-                    ran.pop("done")             # never started: the fired record says why
-                metrics[a["name"]].update(ran)
+            if a["do"] == "run":                # its program's status and figures
+                metrics[a["name"]].update(self.programs.metrics(a))
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
                    "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
                                        if isinstance(v, dict))}

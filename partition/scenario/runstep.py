@@ -169,12 +169,15 @@ class Programs:
     def metrics(self, action: dict[str, Any]) -> dict[str, Any]:
         """The action's metrics: done (exit 0), error (why not), exit_status, output (its last
         lines) and each declared figure from its last line (None: not printed, or not a number
-        or boolean)."""
+        or boolean). A program never started has no done or error here: the action's own
+        record says why."""
         names = action.get("metrics", [])
         p = self.done.get(action["name"])
         if p is None:
-            return {"done": False, "exit_status": None, "output": [],
-                    **{n: None for n in names}}
+            none: dict[str, Any] = {"exit_status": None, "output": [], **{n: None for n in names}}
+            if action["name"] in self.running:          # (the run was interrupted)
+                return {"done": False, "error": "still running when the run ended", **none}
+            return none                                 # never started: the action says why
         lines = bytes(p.tail).decode(errors="replace").splitlines()
         figures = _figures(lines[-1] if lines else "", names)
         error = None
