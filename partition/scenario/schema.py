@@ -33,8 +33,7 @@ from partition.units import parse_cpulist, parse_size, require_page_aligned
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
 #: ``start`` boots (kerf 0.4's verb); ``exec`` is its older spelling, still read
-ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash",
-           "run")
+ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash", "run")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -222,8 +221,7 @@ SCENARIO_KEYS = {
     "name": Key(_str, REQUIRED, "what the run is called in reports"),
     "description": Key(_str, "", "one paragraph: what the experiment shows"),
     "duration": Key(_positive_duration, 5.0, "how long probes run, from the first boot"),
-    "seed": Key(_int(0, 2**32 - 1), 0, "seeds the probes' payload bytes and the random(..) "
-                "times; recorded in the report"),
+    "seed": Key(_int(0, 2**32 - 1), 0, "seeds probe payloads and random(..) times; in the report"),
 }
 MACHINE_KEYS = {
     "cpus": Key(_cpus, None, "pool CPUs; default: every CPU this process may use"),
@@ -274,8 +272,7 @@ PROBE_KEYS = {
 }
 FAULT_KEYS = {
     "name": Key(_name, REQUIRED, "fault name (also the name in expectations)"),
-    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, "
-              "HIGH), drawn from the seed"),
+    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, HIGH)"),
     "target": Key(_name, None, "the instance hit; default: the first instance"),
     "kind": Key(_choice(FAULT_KINDS), "kill", "what happens (docs/faults.md)"),
     "victim": Key(_name, None, "wild-write / ipi-storm: the instance aimed at"),
@@ -292,8 +289,7 @@ FAULT_OPTIONS = {"victim": ("wild-write", "ipi-storm"), "offset": ("wild-write",
                  "count": ("ipi-storm",), "seconds": ("cpu-hog",)}
 ACTION_KEYS = {
     "name": Key(_name, REQUIRED, "action name (also the name in expectations)"),
-    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, "
-              "HIGH), drawn from the seed"),
+    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, HIGH)"),
     "do": Key(_choice(ACTIONS), "start", "the verb, as mkctl spells it"),
     "target": Key(_name, None, "the instance; default: the first instance"),
     "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout; run: program, timeout"),
