@@ -174,3 +174,12 @@ def test_a_writer_sigkilled_mid_run_leaves_a_clean_log():
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_a_log_half_made_by_a_killed_writer_is_made_again(tmp_path):
+    path = str(tmp_path / "records")
+    with open(path + ".new", "wb") as f:                 # killed before its rename
+        f.write(bytes(100))
+    assert not os.path.exists(path)
+    assert C.write(path, 1, CAPACITY, count=20, out=open(os.devnull, "w")) == 20
+    assert C.check(path).clean and not os.path.exists(path + ".new")

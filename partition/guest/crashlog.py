@@ -21,7 +21,9 @@ The file (little-endian):
   mark. Every word of a record is known in advance from ``(seed, seq)``, and none is zero.
 
 The writer stores a record in two steps, words 0..30 then the commit word, into the mapping
-(no write(2)); a kill between them leaves a torn record. On start it finds the frontier from
+(no write(2)); a kill between them leaves a torn record. The file itself is made whole
+(sized, header written) under another name and renamed into place, so a kill while making it
+never leaves a file without a header. On start it finds the frontier from
 ``committed`` on and writes from there, over whatever a killed writer half-stored.
 
 What the checker counts, precisely:
@@ -149,11 +151,10 @@ def write(path: str, seed: int, capacity: int, count: int | None = None, rate: f
     """Append records to the log at ``path`` (made with ``capacity`` records if absent) until
     ``count`` records are in it (default: full), at ``rate`` records a second (0: as fast as
     it goes). Returns the frontier it stopped at."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not os.path.exists(path):
+        _create(path, seed, capacity)
+    fd = os.open(path, os.O_RDWR)
     try:
-        if os.fstat(fd).st_size == 0:
-            os.ftruncate(fd, file_size(capacity))
-            os.pwrite(fd, _new_header(seed, capacity), 0)
         with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
             head = read_header(m)
             if head.seed != seed:
@@ -162,6 +163,19 @@ def write(path: str, seed: int, capacity: int, count: int | None = None, rate: f
             return _append(m, Records(seed), head, count, rate, out)
     finally:
         os.close(fd)
+
+
+def _create(path: str, seed: int, capacity: int) -> None:
+    """Make the log whole beside ``path``, then rename it there: a writer killed while making
+    it leaves no headerless file behind (the next one makes it again)."""
+    new = path + ".new"
+    fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, file_size(capacity))
+        os.pwrite(fd, _new_header(seed, capacity), 0)
+    finally:
+        os.close(fd)
+    os.rename(new, path)
 
 
 def _append(m: mmap.mmap, recs: Records, head: Header, count: int | None, rate: float,
