@@ -16,6 +16,7 @@ import pytest
 from leaks import cgroup_entries, leaks, shm_entries
 
 from partition.scenario import draws, schema
+from partition.scenario.report import summary
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -132,6 +133,10 @@ def test_a_damaged_file_fails_the_verdict_with_its_figures(run_scenario):
     assert m["check"]["exit_status"] == 1 and m["check"]["error"] == "it exited with status 1"
     assert [e.passed for e in r.expectations] == [False, False]
     assert "check.bad_words=1" in r.expectations[0].detail
+    text = summary(r).splitlines()
+    drawn = r.scenario.actions[1]["at"]
+    assert f"seed 0: drew damage at {drawn:g}s of random(2s, 2.5s)" in text
+    assert "  check printed: records 500, bad_words 1, lost_records 500" in text
 
 
 def test_a_run_on_a_halted_instance_is_recorded_not_fatal(run_scenario):
