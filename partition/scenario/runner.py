@@ -35,9 +35,10 @@ from partition.host import rundir
 from partition.host.machine import Machine
 from partition.host.writewatch import foreign_mappers
 from partition.scenario import expr as E
+from partition.scenario.hints import in_scenario_words
 from partition.scenario.measure import Collector, ProbeRecord
 from partition.scenario.runstep import Programs
-from partition.scenario.schema import Scenario, ScenarioInvalid, in_scenario_words
+from partition.scenario.schema import Scenario, ScenarioInvalid
 
 #: console lines of each instance the JSON report keeps (the whole console is mkctl console's)
 CONSOLE_TAIL = 20

@@ -386,25 +386,6 @@ class _Checker:
         return out
 
 
-#: mkctl's flags, as a scenario spells them (a hint from the machine speaks the CLI's words)
-_FLAG_KEYS = {"oversubscribe": "oversubscribe = true", "no-protection": "protection = false",
-              "host-cpus": "host_cpus", "cpu-count": "cpu_count", "max-restarts": "max_restarts",
-              "restart-window": "restart_window", "standby-for": "standby_for",
-              "preserve-memory": "preserve_memory = true"}
-_FLAG = re.compile(r"(\bpass |\binit(?: the machine)? with )?--([a-z][a-z-]*)")
-_INIT = re.compile(r"mkctl init --cpus (\S+) --oversubscribe")
-
-
-def in_scenario_words(text: str) -> str:
-    """A refusal's text with mkctl's flags turned into the scenario's keys: a scenario on a
-    2-core machine is told to set ``oversubscribe = true``, not to "pass --oversubscribe"."""
-    def key(m: re.Match[str]) -> str:
-        k = _FLAG_KEYS.get(m.group(2), m.group(2).replace("-", "_"))
-        return f"set {k} in [machine]" if m.group(1) else k
-    text = _INIT.sub(r'set cpus = "\1" and oversubscribe = true in [machine]', text)
-    return _FLAG.sub(key, text)
-
-
 def load(path: str, overrides: dict[str, Any] | None = None) -> Scenario:
     """Read and check a scenario file; ScenarioInvalid lists every problem. ``overrides``
     replace ``[scenario]`` keys (duration, seed) *before* the check, so that every rule (a
