@@ -1,6 +1,7 @@
-"""A scenario's ``run`` action: a program started inside an instance's userland at a moment of
-the timeline, as ``mkctl exec NAME -- CMD`` would, with its exit status and the figures it
-prints as metrics of the action.
+"""A scenario's ``run`` action: a program started inside an instance at a moment of the
+timeline, in a fresh userland of its own (guest/userland.py: the instance's cgroups, CPUs,
+filter and shared regions), with its exit status and the figures it prints as metrics of the
+action.
 
 Why an action and not only an instance's boot programs: an experiment's *check* (the
 crash-consistency checker, scenarios/crash-consistency.toml) runs once, at a moment the
