@@ -172,8 +172,9 @@ def test_a_writer_sigkilled_mid_run_leaves_a_clean_log():
         assert (r.records, r.torn_pages, r.bad_words, r.lost_records, r.writer_starts) == \
             (before + 500, 0, 0, 0, 3) and r.clean
     finally:
-        if os.path.exists(path):
-            os.unlink(path)
+        for leftover in (path, path + ".new"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def test_a_log_half_made_by_a_killed_writer_is_made_again(tmp_path):
