@@ -33,7 +33,7 @@ def with_run_actions(text):
     The same experiment for a tree without boot programs (``programs``, issue 22 item 5)."""
     cmd = WRITER.search(text)["cmd"]
     text = WRITER.sub("", text)
-    for n, at in enumerate(("0.2s", "3s", "5.5s", "8s", "10.5s")):
+    for n, at in enumerate(("0.2s", "3s", "6.5s", "10s", "13.5s")):
         text += (f'\n[[action]]\nname = "write{n}"\ndo = "run"\nat = "{at}"\n'
                  f'target = "writer"\nargs = {{ program = "{cmd}" }}\n')
     return text
