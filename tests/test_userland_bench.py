@@ -98,3 +98,20 @@ def test_bench_userland_prints_a_miss():
     assert lines[3].startswith("fork+exec /bin/true") and "0.80x" in lines[3]
     assert lines[3].endswith("target >= 0.9x: MISSED")
     assert lines[4].endswith("target >= 0.9x: met") and lines[5].endswith("met")
+
+
+@pytest.mark.system
+def test_bench_userland_refuses_an_inside_file_outside_the_region():
+    """The write figures count only if the inside file is in the shared region: a directory
+    of another filesystem bound where the region should be is refused, not measured."""
+    elsewhere = f"/dev/shm/mk-test-bench-elsewhere-{os.getpid()}"
+    os.mkdir(elsewhere)
+    try:
+        cpu = sorted(os.sched_getaffinity(0))[-1]
+        identity = bench.userland.Identity(name="bench", cpus=[cpu], cgroup_procs=[],
+                                           shared={bench.REGION: elsewhere})
+        with pytest.raises(RuntimeError, match="not in the 2097152-byte shared region"):
+            bench.measure(identity, cpu, loops=1, write_mib=1, rounds=1, region_bytes=2 << 20)
+        assert os.listdir(elsewhere) == []              # the script removed its files
+    finally:
+        os.rmdir(elsewhere)
