@@ -12,6 +12,8 @@ import psutil
 import pytest
 from leaks import cgroup_entries, leaks, shm_entries
 
+from partition.scenario import schema
+
 # scenarios and benchmarks: pytest -m "not slow" skips them
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -59,6 +61,8 @@ def left_since(before):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_scenario_passes(run_scenario, name):
+    if name == "crash-consistency" and "programs" not in schema.INSTANCE_KEYS:
+        pytest.skip("needs boot programs (tests/test_crash_consistency.py runs it without)")
     r = run_scenario(os.path.join(ROOT, "scenarios", name + ".toml"))
     failed = [f"{e.text}: {e.detail}" for e in r.expectations if not e.passed]
     why = {n: m["lost_why"] for n, m in r.metrics.items() if m.get("lost_why")}

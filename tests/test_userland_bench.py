@@ -39,7 +39,8 @@ def test_bench_userland_quick_prints_every_figure_unjudged(run_dir):
                                         "mmap write")):
         assert line.startswith(label) and line.endswith("not judged (--quick)"), line
         assert line.split()[-4].endswith("x")                    # the ratio
-    assert "/tmp (tmpfs), not yet to a shared region" in lines[6]
+    assert lines[6] == ("files: inside, in the machine's shared region 'bench' "
+                        "(/mnt/shared/bench/bench-userland); on the host, in /dev/shm (both tmpfs)")
     assert len(lines) == 7
     r = subprocess.run(MKCTL + ["bench", "userland", "--run-dir", run_dir, "--quick",
                                 "--loops", "5", "--write-mib", "1", "--format", "json"],
@@ -47,6 +48,7 @@ def test_bench_userland_quick_prints_every_figure_unjudged(run_dir):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["judged"] is False and res["meets_target"] is None
+    assert res["region_bytes"] == 2 << 20          # the inside file's filesystem: checked
     assert set(res["figures"]) == {"fork_exec", "write", "mmap"}
     for f in res["figures"].values():
         assert f["host"] > 0 and f["userland"] > 0 and f["met"] is None
@@ -89,10 +91,27 @@ def test_bench_userland_judges_each_figure_against_its_target():
 def test_bench_userland_prints_a_miss():
     host = {"fork_exec": 500.0, "write": 2000.0, "mmap": 1000.0}
     res = {"cpu": 1, "rounds": 3, "loops": 300, "write_mib": 32,
-           "environment": environment(), "stand_in": "a stand-in"}
+           "environment": environment(), "files": "here and there"}
     res.update(bench.judge(rates(host, {"fork_exec": 400.0, "write": 2000.0, "mmap": 1000.0}),
                            quick=False))
     lines = bench.render(res).splitlines()
     assert lines[3].startswith("fork+exec /bin/true") and "0.80x" in lines[3]
     assert lines[3].endswith("target >= 0.9x: MISSED")
     assert lines[4].endswith("target >= 0.9x: met") and lines[5].endswith("met")
+
+
+@pytest.mark.system
+def test_bench_userland_refuses_an_inside_file_outside_the_region():
+    """The write figures count only if the inside file is in the shared region: a directory
+    of another filesystem bound where the region should be is refused, not measured."""
+    elsewhere = f"/dev/shm/mk-test-bench-elsewhere-{os.getpid()}"
+    os.mkdir(elsewhere)
+    try:
+        cpu = sorted(os.sched_getaffinity(0))[-1]
+        identity = bench.userland.Identity(name="bench", cpus=[cpu], cgroup_procs=[],
+                                           shared={bench.REGION: elsewhere})
+        with pytest.raises(RuntimeError, match="not in the 2097152-byte shared region"):
+            bench.measure(identity, cpu, loops=1, write_mib=1, rounds=1, region_bytes=2 << 20)
+        assert os.listdir(elsewhere) == []              # the script removed its files
+    finally:
+        os.rmdir(elsewhere)

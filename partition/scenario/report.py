@@ -83,6 +83,10 @@ def summary(result: RunResult) -> str:
            + ("OVERSUBSCRIBED (instances share cores; latencies include the scheduler)"
               if mach["oversubscribe"] else "dedicated cores") + ", "
            f"protection {'on' if mach['protection'] else 'OFF'}"]
+    drawn = [f"{i['name']} at {i['at']:g}s of random({i['at_random'][0]:g}s, "
+             f"{i['at_random'][1]:g}s)" for i in sc.faults + sc.actions if "at_random" in i]
+    if drawn:                                           # (draws.py)
+        out.append(f"seed {sc.seed}: drew " + ", ".join(drawn))
     if sc.probes:
         rows = [["probe", "kind", "from->to", "sent", "lost", "msgs/s", "p50 us", "p99 us",
                  "max us", "base p50", "base p99"]]
@@ -116,6 +120,10 @@ def summary(result: RunResult) -> str:
             rows.append([a["name"], a["do"], a["target"], "yes" if v["done"] else "no",
                          _v(v["duration_ms"]), _v(v["error"])])
         out += [""] + _table(rows)
+        for a in sc.actions:                            # what a run's program printed
+            if a.get("metrics"):
+                out.append(f"  {a['name']} printed: " + ", ".join(
+                    f"{n} {_v(mt[a['name']].get(n))}" for n in a["metrics"]))
     rows = [["instance", "state", "cpus", "boots", "restarts", "failures", "memory"]]
     for i in sc.instances:
         v = mt[i["name"]]

@@ -35,8 +35,10 @@ from partition.host import rundir
 from partition.host.machine import Machine
 from partition.host.writewatch import foreign_mappers
 from partition.scenario import expr as E
+from partition.scenario.hints import in_scenario_words
 from partition.scenario.measure import Collector, ProbeRecord
-from partition.scenario.schema import Scenario, ScenarioInvalid, in_scenario_words
+from partition.scenario.runstep import Programs
+from partition.scenario.schema import Scenario, ScenarioInvalid
 
 #: console lines of each instance the JSON report keeps (the whole console is mkctl console's)
 CONSOLE_TAIL = 20
@@ -116,6 +118,8 @@ class Runner:
         #: instance name -> why its boot failed (at time 0 or by an exec action): an instance
         #: that never came up fails the verdict unless the scenario expects it (``_came_up``)
         self.boot_failed: dict[str, str] = {}
+        #: the programs of ``run`` actions (runstep.py)
+        self.programs = Programs()
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -135,8 +139,11 @@ class Runner:
             for rec in self.collector.records.values():
                 rec.stopped_ns = stopped
             self._flush()
+            if not interrupted:         # (Ctrl-C: what still runs is killed, not waited for)
+                self.programs.finish(self.m.poll)
             return self._result(interrupted)
         finally:
+            self.programs.close()
             if self._watcher is not None:
                 self._watcher.close()
             if self.m is not None:
@@ -333,6 +340,7 @@ class Runner:
                 next_restart_check = now + 0.05
                 for p in instance_probes:
                     self._start_on_instance(p)
+            self.programs.step()
             if self._watcher is not None:
                 self._watcher.step()
             if self.progress is not None and now >= next_progress:
@@ -384,6 +392,8 @@ class Runner:
         m, target, args = self.m, a["target"], a["args"]
         if a["do"] == "host-crash":
             return self._host_crash()
+        if a["do"] == "run":                 # a program inside the target (runstep.py)
+            return self.programs.start(m, a)
         if a["do"] == "update":              # a live update (host/liveupdate.py)
             r = m.live_update(target, str(args["kernel"]),
                               str(args["cmdline"]) if "cmdline" in args else None)
@@ -476,7 +486,9 @@ class Runner:
                                   "update_gap_ms": (fired or {}).get("update_gap_ms"),
                                   "rolled_back": (fired or {}).get("rolled_back"),
                                   "adopted": (fired or {}).get("adopted"),
-                                  "adopt_ms": (fired or {}).get("adopt_ms")}
+                                  "adopt_ms": (fired or {}).get("adopt_ms"), "exit_status": None}
+            if a["do"] == "run":                # its program's status and figures
+                metrics[a["name"]].update(self.programs.metrics(a))
         machine = {**snap["machine"], "pool_cpus": snap["pool"]["cpus"],
                    "shared_cores": any(v.get("shared_cpus") for v in metrics.values()
                                        if isinstance(v, dict))}

@@ -28,12 +28,13 @@ from partition.host.faults import KINDS as FAULT_KINDS
 from partition.host.llc import parse_mask
 from partition.host.userlands import check_programs
 from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max
+from partition.scenario import draws, runstep
 from partition.scenario import expr as E
 from partition.units import parse_cpulist, parse_size, require_page_aligned
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
 #: ``start`` boots (kerf 0.4's verb); ``exec`` is its older spelling, still read
-ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash")
+ACTIONS = ("start", "exec", "kill", "kill --force", "load", "unload", "update", "host-crash", "run")
 MODES = ("interrupt", "poll", "hybrid")
 RECOVERY = ("none", "restart", "standby")
 
@@ -117,7 +118,7 @@ def _metric_names(v: Any) -> list[str]:
                                           for n in v):
         raise ValueError('a list of metric names, e.g. ["errors", "served"] (letters, digits, '
                          "_; at most 23 characters)")
-    clash = [n for n in v if n in METRICS["instance"]]
+    clash = [n for n in v if n in METRICS["instance"] + METRICS["action"]]
     if clash:
         raise ValueError(f"names of the host's own metrics, {clash}: choose others")
     return list(v)
@@ -228,7 +229,7 @@ SCENARIO_KEYS = {
     "name": Key(_str, REQUIRED, "what the run is called in reports"),
     "description": Key(_str, "", "one paragraph: what the experiment shows"),
     "duration": Key(_positive_duration, 5.0, "how long probes run, from the first boot"),
-    "seed": Key(_int(0, 2**32 - 1), 0, "seeds the probes' payload bytes; recorded in the report"),
+    "seed": Key(_int(0, 2**32 - 1), 0, "seeds probe payloads and random(..) times; in the report"),
 }
 MACHINE_KEYS = {
     "cpus": Key(_cpus, None, "pool CPUs; default: every CPU this process may use"),
@@ -280,7 +281,7 @@ PROBE_KEYS = {
 }
 FAULT_KEYS = {
     "name": Key(_name, REQUIRED, "fault name (also the name in expectations)"),
-    "at": Key(duration, 1.0, "when, from the start of the run"),
+    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, HIGH)"),
     "target": Key(_name, None, "the instance hit; default: the first instance"),
     "kind": Key(_choice(FAULT_KINDS), "kill", "what happens (docs/faults.md)"),
     "victim": Key(_name, None, "wild-write / ipi-storm: the instance aimed at"),
@@ -297,10 +298,11 @@ FAULT_OPTIONS = {"victim": ("wild-write", "ipi-storm"), "offset": ("wild-write",
                  "count": ("ipi-storm",), "seconds": ("cpu-hog",)}
 ACTION_KEYS = {
     "name": Key(_name, REQUIRED, "action name (also the name in expectations)"),
-    "at": Key(duration, 1.0, "when, from the start of the run"),
+    "at": Key(draws.timed(duration), 1.0, "when, from the start of the run; or random(LOW, HIGH)"),
     "do": Key(_choice(ACTIONS), "start", "the verb, as mkctl spells it"),
     "target": Key(_name, None, "the instance; default: the first instance"),
-    "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout"),
+    "args": Key(_args, {}, "load, update: kernel, cmdline; kill: timeout; run: program, timeout"),
+    "metrics": Key(_metric_names, ABSENT, "run: figures its program prints, for expect"),
 }
 TOP_KEYS = ("scenario", "machine", "instance", "probe", "fault", "action", "expect")
 
@@ -314,7 +316,7 @@ METRICS = {
               "msgs_per_s", "baseline_p50_us", "baseline_p99_us", "after_p99_us"),
     "fault": ("fired", "detected", "detect_ms", "recovered", "recover_ms", "failure_kind"),
     "action": ("done", "error", "duration_ms", "update_gap_ms", "rolled_back", "adopted",
-               "adopt_ms"),
+               "adopt_ms", "exit_status"),
 }
 
 
@@ -393,25 +395,6 @@ class _Checker:
         return out
 
 
-#: mkctl's flags, as a scenario spells them (a hint from the machine speaks the CLI's words)
-_FLAG_KEYS = {"oversubscribe": "oversubscribe = true", "no-protection": "protection = false",
-              "host-cpus": "host_cpus", "cpu-count": "cpu_count", "max-restarts": "max_restarts",
-              "restart-window": "restart_window", "standby-for": "standby_for",
-              "preserve-memory": "preserve_memory = true"}
-_FLAG = re.compile(r"(\bpass |\binit(?: the machine)? with )?--([a-z][a-z-]*)")
-_INIT = re.compile(r"mkctl init --cpus (\S+) --oversubscribe")
-
-
-def in_scenario_words(text: str) -> str:
-    """A refusal's text with mkctl's flags turned into the scenario's keys: a scenario on a
-    2-core machine is told to set ``oversubscribe = true``, not to "pass --oversubscribe"."""
-    def key(m: re.Match[str]) -> str:
-        k = _FLAG_KEYS.get(m.group(2), m.group(2).replace("-", "_"))
-        return f"set {k} in [machine]" if m.group(1) else k
-    text = _INIT.sub(r'set cpus = "\1" and oversubscribe = true in [machine]', text)
-    return _FLAG.sub(key, text)
-
-
 def load(path: str, overrides: dict[str, Any] | None = None) -> Scenario:
     """Read and check a scenario file; ScenarioInvalid lists every problem. ``overrides``
     replace ``[scenario]`` keys (duration, seed) *before* the check, so that every rule (a
@@ -464,7 +447,10 @@ def check(doc: dict[str, Any], path: str = "<scenario>") -> Scenario:
             a["args"] = {**args, "kernel": resolve_kernel(args["kernel"], here)}
     if not instances:
         c.problems.append("[[instance]]: at least one instance is needed")
+    draws.resolve(c.problems, sc.get("seed", 0), [("fault", f) for f in faults]
+                  + [("action", a) for a in actions], sc.get("duration", 5.0))
     _check_references(c, instances, probes, faults, actions, sc.get("duration", 5.0))
+    c.problems += runstep.check_actions(actions)
     scenario = Scenario(path=os.path.abspath(path) if path != "<scenario>" else path,
                         name=sc.get("name", ""), description=sc.get("description", ""),
                         duration=sc.get("duration", 5.0), seed=sc.get("seed", 0),
@@ -544,7 +530,7 @@ def _check_references(c: _Checker, instances: list[dict[str, Any]], probes: list
     for a in actions:
         args = a.get("args", {})
         allowed = {"load": {"kernel", "cmdline"}, "update": {"kernel", "cmdline"},
-                   "kill": {"timeout"}}.get(a.get("do", ""), set())
+                   "kill": {"timeout"}, "run": {"program", "timeout"}}.get(a.get("do", ""), set())
         for k in args:
             if k not in allowed:
                 c.problems.append(f"[[action]] {a.get('name')!r}: args key {k!r} is not used by "
@@ -580,9 +566,9 @@ def _check_expectations(c: _Checker, raw: Any, sc: Scenario) -> list[tuple[str, 
                 c.problems.append(f"{where}: {ref} names nothing in this scenario (names: "
                                   f"{', '.join(_all_names(sc)) or 'none'})")
                 ok = False
-            elif ref.metric not in METRICS[kind] and not (
-                    kind == "instance" and ref.metric in next(
-                        (i.get("metrics", []) for i in sc.instances if i["name"] == ref.name), [])):
+            elif ref.metric not in METRICS[kind] and ref.metric not in next(
+                    (i.get("metrics", []) for i in sc.instances + sc.actions
+                     if i["name"] == ref.name), []):
                 c.problems.append(f"{where}: {ref}: an {kind} has no metric {ref.metric!r} "
                                   f"(it has: {', '.join(METRICS[kind])})")
                 ok = False
