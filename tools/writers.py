@@ -55,6 +55,7 @@ NOT_INSTANCE: dict[tuple[str, str], str] = {
     ("host/pool.py", "self.config"): "the pool's PoolConfig",
     ("control/cliverbs.py", "a"): "the command line's argparse namespace",
     ("guest/commands.py", "ctx"): "the kernel's own context (guest side)",
+    ("host/userlands.py", "run"): "a userland's own record (userlands.Run), not an instance's",
 }
 
 

@@ -110,7 +110,7 @@ class ConsoleInput:
             except OSError as exc:      # the userland's console went away meanwhile
                 self._events.warning("console_input_unfed", instance=inst.id, name=inst.name,
                                      error=str(exc))
-        inst.counters["console_lines"] = inst.counters.get("console_lines", 0) + 1
+        inst.count("console_lines")
         self._events.info("console_input", instance=inst.id, name=inst.name,
                           bytes=len(raw) - 1, userland=userland)
         return {"name": inst.name, "bytes": len(raw) - 1, "kernel": True, "userland": userland}

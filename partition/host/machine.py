@@ -17,11 +17,10 @@ collaborators (docs/architecture.md's module map), each with only what it uses.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from partition.abi import message as M
 from partition.abi.console import read_console
@@ -37,35 +36,11 @@ from partition.host.resize import update_op
 from partition.host.shared import release_left
 from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
 from partition.host.userlands import check_programs
+from partition.host.verbs import owned as _owned
+from partition.host.verbs import verb
 from partition.units import seconds
 
 __all__ = ["COUNTERS_BATCH", "SWEEP_BATCH", "SWEEP_IDLE_MAX_S", "SWEEP_PERIOD_S", "Machine"]
-
-V = TypeVar("V", bound=Callable[..., Any])
-
-
-def verb(fn: V) -> V:
-    """A verb's preamble, written once: the machine must be open, and what happened since the
-    last call (a death, a doorbell) is handled first, so the verb sees the machine as it is."""
-    @functools.wraps(fn)
-    def run(self: Machine, *args: Any, **kwargs: Any) -> Any:
-        self._check_open()
-        self.poll(0)
-        return fn(self, *args, **kwargs)
-    return run  # type: ignore[return-value]
-
-
-def _owned(path: str, doc: str, settable: bool = False) -> Any:
-    """A property of the machine that is a collaborator's attribute (``path`` from the
-    machine), read (and with ``settable`` written) there: the collaborator owns it, callers
-    keep its old name."""
-    *owners, attr = path.split(".")
-
-    def owner(m: Machine) -> Any:
-        return functools.reduce(getattr, owners, m)
-    return property(lambda m: getattr(owner(m), attr),
-                    (lambda m, v: setattr(owner(m), attr, v)) if settable else None, doc=doc)
-
 
 class Machine:
     """One emulated multikernel machine. Use as a context manager so it is always torn down."""
