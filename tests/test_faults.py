@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import time
 
 import pytest
@@ -52,6 +53,21 @@ def test_the_failure_record_comes_before_what_can_wait(machine):
                                                                       "events.log"))]
     assert events.index("instance_exit") < events.index("failure")   # both, in their order
     assert machine.show("v")["state"] == "loaded"
+
+
+def test_a_death_is_handled_before_its_channels_hang_up(machine):
+    """Issue 20: a process closes its descriptors just before its pidfd says it exited; when
+    both are ready the host handles the death first (its record is timed to that handler), and
+    the hang-up of the dead run's channel is no event of its own."""
+    up(machine, "v")
+    inst = machine.instances["v"]
+    before = len(inst.failures)
+    os.kill(inst.pid, 9)                        # a crash: not a fault the host injected
+    select.select([inst.pidfd], [], [], 10)     # dead, and its channel hung up, before a turn
+    machine.poll(0)                             # one turn handles it all
+    assert inst.pid is None and len(inst.failures) == before + 1
+    assert inst.failures[-1]["kind"] == "crash"
+    assert [e for e in events(machine) if e["event"] == "channel_closed"] == []
 
 
 def test_panic_is_detected_with_console_tail(machine):
