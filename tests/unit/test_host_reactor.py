@@ -44,7 +44,7 @@ class Recorder:
         self.calls: list[str] = []
         self.timeout: float | None = -1.0
         self._watched = list(watched)
-        self.successors_due: list = []
+        self.lifecycle_due: float | None = None
         self.due = 0.0
         self.next_due = 0.0
 
@@ -81,6 +81,12 @@ class Recorder:
     def boot(self, inst):
         pass
 
+    def when_due(self):
+        return self.lifecycle_due
+
+    def run_due(self):
+        self.calls.append("lifecycle")
+
 
 def test_a_turn_waits_no_longer_than_a_quarter_of_the_shortest_watchdog():
     watched = [instance(1, "a", recovery=RecoveryPolicy.build(watchdog=2.0)),
@@ -103,8 +109,8 @@ def test_the_next_timer_is_the_earliest_of_the_machines_own_work():
     table.add(instance(1, "a"))
     f.due = 101.5
     assert turn.next_timer() == 1.5               # the sweep
-    f.successors_due = [(100.25, None)]
-    assert turn.next_timer() == 0.25              # a successor's fork
+    f.lifecycle_due = 100.25
+    assert turn.next_timer() == 0.25              # a successor's fork, a namespace let go
 
 
 def test_a_death_is_handled_before_what_else_is_ready():
