@@ -200,9 +200,11 @@ class Lifecycle:
         self.successors_due.append((time.monotonic() + SUCCESSOR_DELAY_S, inst))
 
     def when_due(self) -> float | None:
-        """When the timed work of ``run_due`` is next due (CLOCK_MONOTONIC), None if none."""
-        due = [t for t, _ in self.successors_due] + [t for t, _ in self.releases]
-        return min(due) if due else None
+        """When the timed work of ``run_due`` is next due (CLOCK_MONOTONIC), None if none
+        (every turn asks: mostly there is none)."""
+        if not self.successors_due and not self.releases:
+            return None
+        return min([t for t, _ in self.successors_due] + [t for t, _ in self.releases])
 
     def run_due(self) -> None:
         """The work a boot or an exit left for a moment later, off its path (the poll loop's)."""
