@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import time
 
 import pytest
@@ -52,6 +53,55 @@ def test_the_failure_record_comes_before_what_can_wait(machine):
                                                                       "events.log"))]
     assert events.index("instance_exit") < events.index("failure")   # both, in their order
     assert machine.show("v")["state"] == "loaded"
+
+
+def test_a_death_is_handled_before_its_channels_hang_up(machine):
+    """Issue 20: a process closes its descriptors just before its pidfd says it exited; when
+    both are ready the host handles the death first (its record is timed to that handler), and
+    the hang-up of the dead run's channel is no event of its own."""
+    up(machine, "v")
+    inst = machine.instances["v"]
+    before = len(inst.failures)
+    os.kill(inst.pid, 9)                        # a crash: not a fault the host injected
+    select.select([inst.pidfd], [], [], 10)     # dead, and its channel hung up, before a turn
+    machine.poll(0)                             # one turn handles it all
+    assert inst.pid is None and len(inst.failures) == before + 1
+    assert inst.failures[-1]["kind"] == "crash"
+    assert [e for e in events(machine) if e["event"] == "channel_closed"] == []
+
+
+def _holding(ns):
+    """This process's descriptors that hold the namespace ``ns`` (a readlink of ns/mnt)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == ns:
+                held.append(int(fd))
+        except OSError:
+            pass
+    return held
+
+
+def test_a_death_leaves_its_mount_namespace_to_the_host(machine):
+    """Issue 20: a moment after a boot the host holds the run's mount namespace, so that its
+    death is not the last reference (the teardown, an expedited RCU grace period of 0.05 ms to
+    milliseconds, came before the pidfd's notice); it lets it go a moment after the failure's
+    record, and every one when the machine closes."""
+    up(machine, "v")
+    inst = machine.instances["v"]
+    pid = inst.pid
+    ns = os.readlink(f"/proc/{pid}/ns/mnt")
+    wait_until(machine, lambda: _holding(ns))
+    os.kill(pid, 9)                             # a crash
+    wait_until(machine, lambda: inst.pid is None)
+    assert inst.failures[-1]["kind"] == "crash"
+    assert _holding(ns)                         # held past the record
+    wait_until(machine, lambda: not _holding(ns))
+    up(machine, "w", cpu=CPUS[0])
+    ns = os.readlink(f"/proc/{machine.instances['w'].pid}/ns/mnt")
+    wait_until(machine, lambda: _holding(ns))
+    machine.close()
+    assert not _holding(ns)
 
 
 def test_panic_is_detected_with_console_tail(machine):

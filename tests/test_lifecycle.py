@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from helpers import no_descriptor_leaked, settled
+from helpers import no_descriptor_leaked, settled, wait_until
 from kernels.counter import read_count
 from partition import (BadKernelImage, BootTimeout, BootFailed, Machine, NoSuchInstance,
                        ResourceBusy)
@@ -477,6 +477,8 @@ def test_a_load_that_runs_out_of_descriptors_leaves_none_open(machine):
     doorbell, two descriptors since it became a pipe, was opened first and leaked when the
     socket pair after it failed."""
     boot(machine, "warm")                   # the zygote runs: the load opens only its own
+    # (and the host holds the warm run's namespace, a moment after its boot: lifecycle.py)
+    wait_until(machine, lambda: machine.lifecycle.when_due() is None)
     machine.create("v", cpus=str(machine.config.cpus[-1]), memory="16M")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with no_descriptor_leaked():

@@ -38,6 +38,10 @@ STALL_REPORT_S = 0.5        # a claim unpublished this long at a ring's tail is 
 #: so that its drain reclaims it (the receivers' abandon_after, kernel.py: 1 s)
 RECLAIM_WAKE_S = 1.0
 DRAIN_TURN = 1024           # host messages handled per turn of the reactor
+#: how long the host waits for an instance's pidfd once its doorbell channel hung up: its exit
+#: is notified microseconds after its descriptors close; a kernel that shut its channel and
+#: lives on costs the host this once per run (then the channel is no longer watched)
+HANGUP_EXIT_S = 0.002
 LOG_INTERVAL_S = 1.0        # events a writer of shared memory can repeat: at most this often
 
 
@@ -163,6 +167,10 @@ class HostIPC:
                 data = b""
             if not data:                 # it shut its end: stop listening, or EOF spins us
                 self.reactor.unwatch(chan)
+                # most often its process is exiting (it closes its descriptors just before
+                # its pidfd says so): the exit is handled now, and says why the channel shut
+                if inst.pidfd is not None and self.reactor.expect(inst.pidfd, HANGUP_EXIT_S):
+                    return
                 self.events.warning("channel_closed", instance=inst.id, name=inst.name)
                 return
             if len(data) != doorbell.REQUEST.size:

@@ -6,6 +6,12 @@ with the generation in its own page; no fork on this path.
 Halting asks first (SHUTDOWN through the ring, SIGTERM if the ring refuses) and forces after a
 timeout (``force_halt``, then SIGKILL). Every exit is seen through the instance's pidfd, reaped
 at once, classified and recorded before any other verb runs; failures go to the supervisor.
+
+A moment after each boot the host holds the run's mount namespace (which the process made for
+itself, guest/containment.py) and lets it go a moment after the run's exit: the last reference
+tears the namespace down, an expedited RCU grace period (0.05 ms idle, milliseconds on a busy
+machine) that the dying process would otherwise wait for before its pidfd says it exited, on
+the path the failure's detection is timed on (issue 20, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -49,8 +55,12 @@ if TYPE_CHECKING:
 
 #: how long ``exec`` waits for a kernel's boot() to return
 BOOT_RETURN_S = 30.0
-#: a restarting instance's next incarnation is forked this long after its boot
+#: a restarting instance's next incarnation is forked, and every run's mount namespace held,
+#: this long after its boot
 SUCCESSOR_DELAY_S = 0.05
+#: a run's mount namespace is let go this long after its exit (its teardown then blocks the
+#: host, off the failure's detection and its restart)
+NAMESPACE_RELEASE_S = 0.05
 
 
 class Lifecycle:
@@ -78,6 +88,8 @@ class Lifecycle:
         self.boot_timeout = boot_timeout
         self.port = port                      # signals and doorbells (host/ports.py)
         self.successors_due: list[tuple[float, Instance]] = []    # (when, instance)
+        self.namespaces: dict[int, int] = {}        # running pid -> its mount namespace's fd
+        self.releases: list[tuple[float, int]] = []    # (when, namespace fd to let go)
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self, inst: Instance, wait_boot: bool = False, handover: bool = False) -> None:
@@ -184,20 +196,39 @@ class Lifecycle:
             self.port.ring_doorbell(inst.doorbell_fd)
         self.publisher.transition(inst, State.ACTIVE, "start", pid=inst.pid,
                           ack_cpu=self.arena.own(inst.id).ack_cpu)
-        if inst.recovery.policy == "restart":     # forked a moment later, off this boot
-            self.successors_due.append((time.monotonic() + SUCCESSOR_DELAY_S, inst))
+        # its namespace held and, if it restarts, its successor forked a moment later
+        self.successors_due.append((time.monotonic() + SUCCESSOR_DELAY_S, inst))
+
+    def when_due(self) -> float | None:
+        """When the timed work of ``run_due`` is next due (CLOCK_MONOTONIC), None if none
+        (every turn asks: mostly there is none)."""
+        if not self.successors_due and not self.releases:
+            return None
+        return min([t for t, _ in self.successors_due] + [t for t, _ in self.releases])
+
+    def run_due(self) -> None:
+        """The work a boot or an exit left for a moment later, off its path (the poll loop's)."""
+        now = time.monotonic()
+        if self.releases:
+            self._release([fd for t, fd in self.releases if t <= now])
+            self.releases = [(t, fd) for t, fd in self.releases if t > now]
+        if self.successors_due:
+            self.spawn_successors()
 
     def spawn_successors(self) -> None:
-        """An instance that restarts on failure gets its next incarnation forked, contained
-        and parked with its image while it runs, so that a restart is a boot and not a load
-        (``bench recovery``). Done from the poll loop SUCCESSOR_DELAY_S after the boot: the fork
-        takes the host a millisecond or two, which the new run's first requests should not
-        wait for."""
+        """SUCCESSOR_DELAY_S after a boot the host holds the new run's mount namespace, and an
+        instance that restarts on failure gets its next incarnation forked, contained and
+        parked with its image while it runs, so that a restart is a boot and not a load
+        (``bench recovery``). Done from the poll loop: the fork takes the host a millisecond or
+        two, which the new run's first requests should not wait for."""
         now = time.monotonic()
         due = [inst for t, inst in self.successors_due if t <= now]
         self.successors_due = [(t, inst) for t, inst in self.successors_due if t > now]
         for inst in due:
-            if self.closing() or inst.state != State.ACTIVE or inst.parked is not None \
+            if self.closing() or inst.state != State.ACTIVE or inst.pid is None:
+                continue
+            self._hold_namespace(inst.pid)
+            if inst.recovery.policy != "restart" or inst.parked is not None \
                     or inst.handover or inst.kimage is None or inst.name not in self.table:
                 continue
             try:
@@ -205,6 +236,35 @@ class Lifecycle:
             except OSError as exc:          # a restart loads it then, and says why if it fails
                 self.events.warning("spawn_failed", instance=inst.id, name=inst.name,
                                  error=str(exc))
+
+    def _hold_namespace(self, pid: int) -> None:
+        """Hold the mount namespace of the running process ``pid`` (our child, not reaped: the
+        pid is its own), so that its death is not the namespace's last reference."""
+        if pid in self.namespaces:
+            return
+        try:
+            self.namespaces[pid] = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:          # (no /proc, or gone): its death tears its namespace down
+            pass
+
+    def _let_go(self, pid: int | None, later: bool) -> None:
+        """The run ``pid`` ended: its namespace let go ``later`` (NAMESPACE_RELEASE_S: after
+        its failure's record and restart) or now; all of them now once the machine closes."""
+        fd = self.namespaces.pop(pid, None) if pid is not None else None
+        closing = self.closing()
+        if fd is not None and later and not closing:
+            self.releases.append((time.monotonic() + NAMESPACE_RELEASE_S, fd))
+            return
+        if fd is not None:
+            self._release([fd])
+        if closing and self.releases:
+            self._release([f for _, f in self.releases])
+            self.releases = []
+
+    @staticmethod
+    def _release(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)            # (the last reference: the namespace's teardown, here)
 
     # -- halting ---------------------------------------------------------------------------
     def force(self, inst: Instance) -> None:
@@ -402,6 +462,7 @@ class Lifecycle:
             self.loading.forget_parked(inst)
         if inst.pidfd is not None:
             self.reactor.unwatch(inst.pidfd)
+        ended = inst.pid
         if inst.pid is not None:
             if self.writes is not None:
                 self.writes.forget(inst.pid)
@@ -436,12 +497,15 @@ class Lifecycle:
             inst.run.end()                    # (every descriptor of it closed above)
         else:
             inst.run.keep_old_doorbell(None)
+        self._let_go(ended, later=reaped)     # (an exit's: after its record and restart)
 
-    @staticmethod
-    def drop_descriptors(inst: Instance) -> None:
+    def drop_descriptors(self, inst: Instance) -> None:
         """Close what the host holds for ``inst``'s run and its parked successor, and nothing
         else: no kill, no reap, no unregister (a host that is abandoned: the reactor closes
         next, and the processes run on for the host that adopts them)."""
+        held = self.namespaces.pop(inst.pid, None) if inst.pid is not None else None
+        self._release([fd for _, fd in self.releases] + ([] if held is None else [held]))
+        self.releases = []
         for fd in (inst.pidfd, inst.doorbell_fd, inst.old_doorbell_fd):
             if fd is not None:
                 os.close(fd)

@@ -3,19 +3,28 @@
 Every descriptor the host watches (an instance's pidfd, its doorbell channel, its loader's
 report pipe, a parked process's pidfd, a live update's old doorbell, the host's own doorbells)
 carries a ``Watch``: what it is (``kind``, for a reader), the instance it belongs to, and the
-handler the loop calls when it is readable. The loop itself knows none of them.
+handler the loop calls when it is readable. The loop itself knows none of them but one: an
+instance's death (``EXIT``, its pidfd) is handled before whatever else is ready in the same turn,
+and ``expect`` lets a handler that sees a death coming (a channel hanging up) have it handled at
+once: the failure's record is timed from the pidfd's notice (issue 20, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import math
+import select
 import selectors
 import socket
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from partition.host.instance import Instance
+from partition.host.instance import EXIT, Instance
 
 FileLike = int | socket.socket
+#: the kinds handled first when several descriptors are ready at once: a death before the
+#: hang-up of its channel (which its process closes moments before its pidfd says it exited),
+#: its messages and its peers'; their handlers are told of it by the state it leaves
+FIRST = frozenset({EXIT})
 
 
 class Watch(NamedTuple):
@@ -53,11 +62,28 @@ class Reactor:
 
     def dispatch(self, timeout: float | None) -> int:
         """Wait up to ``timeout`` for readable descriptors; call each one's handler."""
-        handled = 0
-        for key, _ in self.selector.select(timeout):
+        ready = self.selector.select(timeout)
+        if len(ready) > 1:       # deaths first (FIRST); the rest in the kernel's order
+            ready.sort(key=lambda event: event[0].data.kind not in FIRST)
+        for key, _ in ready:
             key.data.fire()
-            handled += 1
-        return handled
+        return len(ready)
+
+    def expect(self, fd: FileLike, timeout: float) -> bool:
+        """``fd``, a watched descriptor, is about to be readable: wait up to ``timeout`` for it
+        alone and call its handler now rather than a turn later. Whether it was called. (An
+        instance's pidfd once its channel hung up: its process closes its descriptors while
+        it exits, a few microseconds before the pidfd says so.)"""
+        try:
+            key = self.selector.get_key(fd)
+        except (KeyError, ValueError):          # not watched (any more): nothing to expect
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(math.ceil(timeout * 1e3)):
+            return False
+        key.data.fire()
+        return True
 
     def fileno(self) -> int:
         return self.selector.fileno()

@@ -2,8 +2,9 @@
 
 A turn handles what the descriptors say (each to its own handler: reactor.py), drains what a
 flood left in the host's ring, looks at the watched instances (the watchdog), sweeps when due
-(sweep.py), scans for foreign writes when due (writewatch.py), boots queued restarts and forks
-the successors of instances that restart. The order is the host's priority: deaths and
+(sweep.py), scans for foreign writes when due (writewatch.py), boots queued restarts and does
+what a boot or an exit left for a moment later (lifecycle.py: successors forked, mount
+namespaces held and let go). The order is the host's priority: deaths and
 messages first, then what it looks at on its own.
 """
 
@@ -59,8 +60,9 @@ class Turn:
         if self.writes is not None and self.writes.due(now):
             self.writes.scan()
         self.supervisor.run_restarts(self.lifecycle.boot, self.closing)
-        if self.lifecycle.successors_due:
-            self.lifecycle.spawn_successors()
+        due = self.lifecycle.when_due()
+        if due is not None and due <= self.clock.monotonic():
+            self.lifecycle.run_due()           # successors forked, namespaces held and let go
         return handled
 
     def next_timer(self) -> float | None:
@@ -74,9 +76,9 @@ class Turn:
             due.append(max(0.0, self.writes.next_due - self.clock.monotonic()))
         if self.supervisor.pending() or self.ipc.pending():
             due.append(0.0)
-        if self.lifecycle.successors_due:
-            due.append(max(0.0, min(t for t, _ in self.lifecycle.successors_due)
-                           - self.clock.monotonic()))
+        lifecycle = self.lifecycle.when_due()
+        if lifecycle is not None:        # a successor's fork, a namespace held or let go
+            due.append(max(0.0, lifecycle - self.clock.monotonic()))
         if len(self.table):
             due.append(max(0.0, self.sweeper.due - self.clock.monotonic()))
         return min(due) if due else None

@@ -3,6 +3,8 @@ watchdog, sweeps when due and boots what the supervisor queued. A pipe stands fo
 the collaborators of a turn are fakes."""
 
 import os
+import threading
+import time
 
 from host_fakes import FakeClock, instance
 
@@ -42,7 +44,7 @@ class Recorder:
         self.calls: list[str] = []
         self.timeout: float | None = -1.0
         self._watched = list(watched)
-        self.successors_due: list = []
+        self.lifecycle_due: float | None = None
         self.due = 0.0
         self.next_due = 0.0
 
@@ -79,6 +81,12 @@ class Recorder:
     def boot(self, inst):
         pass
 
+    def when_due(self):
+        return self.lifecycle_due
+
+    def run_due(self):
+        self.calls.append("lifecycle")
+
 
 def test_a_turn_waits_no_longer_than_a_quarter_of_the_shortest_watchdog():
     watched = [instance(1, "a", recovery=RecoveryPolicy.build(watchdog=2.0)),
@@ -101,5 +109,50 @@ def test_the_next_timer_is_the_earliest_of_the_machines_own_work():
     table.add(instance(1, "a"))
     f.due = 101.5
     assert turn.next_timer() == 1.5               # the sweep
-    f.successors_due = [(100.25, None)]
-    assert turn.next_timer() == 0.25              # a successor's fork
+    f.lifecycle_due = 100.25
+    assert turn.next_timer() == 0.25              # a successor's fork, a namespace let go
+
+
+def test_a_death_is_handled_before_what_else_is_ready():
+    """Issue 20: its channel hangs up moments before an instance's pidfd says it exited; both
+    ready in one turn, the death's handler runs first."""
+    reactor = Reactor()
+    fds = [os.pipe() for _ in range(3)]
+    got: list[str] = []
+    a = instance(1, "a")
+    try:
+        for (r, _), kind in zip(fds, ("channel", "exit", "report")):
+            reactor.watch(r, kind, a, lambda inst, kind=kind: got.append(kind))
+        for _, w in fds:                 # ready in this order: the channel's first
+            os.write(w, b"x")
+        assert reactor.dispatch(0) == 3
+        assert got == ["exit", "channel", "report"]
+    finally:
+        reactor.close()
+        for pair in fds:
+            for fd in pair:
+                os.close(fd)
+
+
+def test_an_expected_descriptor_is_handled_when_it_becomes_ready():
+    """``expect``: a handler that sees a death coming has it handled at once, within a bound;
+    a descriptor that stays quiet, or is not watched, costs no more than the bound."""
+    reactor = Reactor()
+    r, w = os.pipe()
+    got: list[object] = []
+    a = instance(1, "a")
+    try:
+        reactor.watch(r, "exit", a, got.append)
+        t0 = time.monotonic()
+        assert reactor.expect(r, 0.02) is False and got == []
+        assert 0.015 <= time.monotonic() - t0 < 1.0
+        timer = threading.Timer(0.005, os.write, (w, b"x"))
+        timer.start()
+        assert reactor.expect(r, 5.0) is True and got == [a]
+        timer.join()
+        reactor.unwatch(r)
+        assert reactor.expect(r, 5.0) is False and got == [a]     # at once: not watched
+    finally:
+        reactor.close()
+        os.close(r)
+        os.close(w)
