@@ -388,10 +388,30 @@ def _mounts(identity: Identity, terminal: int | None = None,
         os.close(pts_fd)
     if console is not None:
         os.close(console)
+    # the emulator's own checkout, if a scratch directory is about to cover it (a clone in
+    # /tmp): its tools (crashlog's writer, the kernels) stay importable inside, read-only
+    home = _covered_home() if identity.rootfs is None else None
+    home_fd = None if home is None else os.open(home, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     for path, mode in SCRATCH.items():
         if os.path.isdir(path) and not os.path.islink(path):
             linux.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
                         f"size={identity.tmp_size},mode={mode}")
+    if home is not None and home_fd is not None:
+        os.makedirs(home, 0o755, exist_ok=True)
+        linux.mount(f"/proc/self/fd/{home_fd}", home, None, MS_BIND)
+        linux.mount(None, home, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(home_fd)
+
+
+def _covered_home() -> str | None:
+    """The directory the ``partition`` package is imported from, when it lies under one of
+    the scratch directories a userland covers with its own tmpfs; else None."""
+    home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    for path in SCRATCH:
+        real = os.path.realpath(path)
+        if home != real and home.startswith(real.rstrip("/") + "/"):
+            return home
+    return None
 
 
 OPEN_TREE_CLONE, AT_EMPTY_PATH, AT_FDCWD = 1, 0x1000, -100
