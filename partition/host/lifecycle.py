@@ -364,6 +364,10 @@ class Lifecycle:
         # time from the pidfd's notice to the record); each still happens, in the same order
         failure = self.supervisor.record_failure(inst, record, detected) if failed else None
         kho.capture(self.arena, self.events, inst)                  # what it preserved, checked, CRCs of now
+        # what it said before it died (its halted message) is read before its run is forgotten:
+        # its death is handled before the host's doorbell when both are ready (reactor.FIRST)
+        if self.ipc.pending():
+            self.ipc.drain()
         # whatever it forked goes with it; not a successor parked while it ran (a restart's)
         orphans = self.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
         if orphans:
