@@ -388,9 +388,11 @@ def _mounts(identity: Identity, terminal: int | None = None,
         os.close(pts_fd)
     if console is not None:
         os.close(console)
-    # the emulator's own checkout, if a scratch directory is about to cover it (a clone in
-    # /tmp): its tools (crashlog's writer, the kernels) stay importable inside, read-only
-    home = _covered_home() if identity.rootfs is None else None
+    # the emulator's own package, if a scratch directory is about to cover it (a clone in
+    # /tmp): its tools (crashlog's writer) stay importable inside, read-only. The package
+    # alone, not the checkout, and not recursively: a run directory inside the checkout (its
+    # control socket) stays hidden
+    home = _covered_home(identity.hide) if identity.rootfs is None else None
     home_fd = None if home is None else os.open(home, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     for path, mode in SCRATCH.items():
         if os.path.isdir(path) and not os.path.islink(path):
@@ -403,10 +405,14 @@ def _mounts(identity: Identity, terminal: int | None = None,
         os.close(home_fd)
 
 
-def _covered_home() -> str | None:
-    """The directory the ``partition`` package is imported from, when it lies under one of
-    the scratch directories a userland covers with its own tmpfs; else None."""
-    home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+def _covered_home(hidden: list[str]) -> str | None:
+    """The ``partition`` package's directory, when it lies under one of the scratch
+    directories a userland covers with its own tmpfs and holds no hidden directory; else
+    None."""
+    home = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    if any(os.path.realpath(h) == home or os.path.realpath(h).startswith(home + "/")
+           for h in hidden):
+        return None
     for path in SCRATCH:
         real = os.path.realpath(path)
         if home != real and home.startswith(real.rstrip("/") + "/"):
