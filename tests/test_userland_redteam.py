@@ -1,0 +1,64 @@
+"""The red team's findings on the instance-wide userland (issue 22, containment), each an attack
+by an instance or a program inside it on its host, with real processes: the host's supervisor
+lives on, the attack is refused or bounded, and the machine says what happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+from helpers import CPUS, mk
+
+from partition.abi import layout as L
+
+pytestmark = pytest.mark.system   # runs real processes (supervisors, kernels, userlands)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIBBLER = os.path.join(HERE, "kernels", "scribbler.py")
+PICKY = os.path.join(HERE, "kernels", "picky.py")
+PYTHON = os.path.realpath(sys.executable)
+
+
+def machine_up(run_dir):
+    mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
+       ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+    return run_dir
+
+
+def show(run_dir, name):
+    return json.loads(mk(run_dir, "show", "--format", "json", name).stdout)
+
+
+def events(run_dir):
+    with open(os.path.join(run_dir, "events.log")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def until(pred, timeout=30.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_console_head_beyond_reason_is_healed_and_the_host_lives_on(run_dir):
+    """The kernel writes its console header's head as 2**64-1; a boot program writes to
+    /dev/console, which the host appends to that console: it heals the head (an event), the
+    line is there, and the supervisor still answers."""
+    machine_up(run_dir)
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", SCRIBBLER,
+       "--program", "/bin/sh -c 'sleep 0.5; echo boom > /dev/console'")
+    mk(run_dir, "start", "a")
+    until(lambda: "[console] boom" in mk(run_dir, "console", "a").stdout,
+          what="the program's line in the console")
+    healed = [e for e in events(run_dir) if e.get("event") == "console_healed"]
+    assert healed and "beyond reason" in healed[0]["why"], healed
+    assert show(run_dir, "a")["state"] == "active"            # the supervisor still answers
+    assert not [e for e in events(run_dir) if e.get("event") == "handler_failed"]
