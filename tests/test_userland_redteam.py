@@ -12,8 +12,6 @@ import time
 import pytest
 from helpers import CPUS, mk
 
-from partition.abi import layout as L
-
 pytestmark = pytest.mark.system   # runs real processes (supervisors, kernels, userlands)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
