@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
-from helpers import CPUS, mk
+from helpers import CPUS, MKCTL, mk
 
 pytestmark = pytest.mark.system   # runs real processes (supervisors, kernels, userlands)
 
@@ -60,3 +63,43 @@ def test_a_console_head_beyond_reason_is_healed_and_the_host_lives_on(run_dir):
     assert healed and "beyond reason" in healed[0]["why"], healed
     assert show(run_dir, "a")["state"] == "active"            # the supervisor still answers
     assert not [e for e in events(run_dir) if e.get("event") == "handler_failed"]
+
+
+@pytest.fixture
+def visible_run_dir():
+    """A second machine's run directory where a userland can see it (beside the checkout,
+    which stays visible inside, read-only); shut down and removed afterwards."""
+    base = tempfile.mkdtemp(prefix=".mkt-peer-", dir=os.path.dirname(HERE))
+    path = os.path.join(base, "run")
+    try:
+        yield path
+    finally:
+        if os.path.exists(path):
+            subprocess.run([*MKCTL, "--run-dir", path, "shutdown"], capture_output=True,
+                           timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_userland_cannot_drive_another_machine(run_dir, visible_run_dir):
+    """A program in machine A's userland (uid 0, no caps) sees machine B's control socket:
+    B refuses it (an event says why) and its instance is untouched; mkctl on the host still
+    drives B."""
+    machine_up(run_dir)
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", PICKY)
+    mk(run_dir, "start", "a")
+    b = machine_up(visible_run_dir)
+    mk(b, "create", "victim", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(b, "load", "victim", "--kernel", PICKY)
+    mk(b, "start", "victim")
+    before = show(b, "victim")
+    r = mk(run_dir, "exec", "a", "--", PYTHON, "-m", "partition.control.cli", "--run-dir", b,
+           "kill", "victim", "--force", check=False)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "an instance may not drive a machine" in r.stderr, r.stderr
+    refused = [e for e in events(b) if e.get("event") == "client_refused"]
+    assert refused and "PID namespace" in refused[-1]["why"], refused
+    after = show(b, "victim")                              # mkctl on the host still works
+    assert (after["state"], after["pid"]) == ("active", before["pid"])
+    mk(b, "kill", "victim", "--force")
+    assert show(b, "victim")["state"] == "loaded"
