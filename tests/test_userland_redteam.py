@@ -103,3 +103,27 @@ def test_a_userland_cannot_drive_another_machine(run_dir, visible_run_dir):
     assert (after["state"], after["pid"]) == ("active", before["pid"])
     mk(b, "kill", "victim", "--force")
     assert show(b, "victim")["state"] == "loaded"
+
+
+REBOOT_AT_ONCE = ("import ctypes; ctypes.CDLL(None, use_errno=True).reboot(0x01234567); "
+                  "import time; time.sleep(30)")
+
+
+def test_a_userland_rebooting_in_a_loop_is_bounded_by_the_restart_intensity(machine):
+    """A boot program that calls reboot(2) at once, every boot: each reboot is a restart of the
+    supervisor's queue, counted against max_restarts (2 in 60 s here), after which the instance
+    is given up (failed), not booted again forever."""
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M", max_restarts=2, restart_window=60.0)
+    m.load("a", "kernels.echo:EchoKernel", "", programs=[[PYTHON, "-c", REBOOT_AT_ONCE]])
+    m.exec("a")
+    inst = m.get("a")
+    deadline = time.monotonic() + 60
+    while inst.state.value != "failed":
+        assert time.monotonic() < deadline, (inst.state, inst.counters, m.events.counts)
+        assert m.events.counts.get("userland_reboot", 0) <= 3, m.events.counts
+        m.poll(0.05)
+    assert inst.counters["restarts"] == 2
+    assert m.events.counts.get("userland_reboot") == 3
+    assert "restart intensity exceeded" in (inst.failure or "")
+    assert inst.last_exit.how == "forced"

@@ -122,8 +122,6 @@ class Hooks:
     wait: Callable[[Callable[[], bool], float | None], bool]
     closing: Callable[[], bool]
     console_text: Callable[[int], str]
-    #: restart an instance's kernel by name (a forced halt, then a boot): reboot(2) inside
-    restart: Callable[[str], Any] | None = None
 
 
 class HostConsole:
@@ -261,7 +259,8 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
             finally:
                 writer.data.release()
     userlands = Userlands(table, reactor, events, cgroups, shared.mounts, console_write,
-                          hooks.wait, run_dir, hooks.restart)
+                          hooks.wait, run_dir,
+                          lambda inst: supervisor.reboot(inst, lifecycle.force))
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
                  lifecycle, liveupdate, resources, overlays, sweeper, turn, shared, userlands)

@@ -126,7 +126,7 @@ class Userlands:
                  cgroups: Cgroups, shared_mounts: Callable[[list[str]], dict[str, str]],
                  console_write: ConsoleWrite,
                  wait: Callable[[Callable[[], bool], float | None], bool],
-                 run_dir: str, restart: Callable[[str], Any] | None = None) -> None:
+                 run_dir: str, reboot: Callable[[Instance], Any] | None = None) -> None:
         self.table = table
         self.reactor = reactor
         self.events = events
@@ -135,8 +135,9 @@ class Userlands:
         self.console_write = console_write
         self.wait = wait
         self.run_dir = run_dir
-        #: restarts an instance's kernel (a forced halt, then a boot): reboot(2) inside
-        self.restart = restart
+        #: reboot(2) inside: the supervisor's (supervision.py: a forced halt whose exit queues
+        #: a restart, counted against the restart intensity); never a verb, from a handler
+        self.reboot = reboot
         self._reboots: dict[int, int] = {}                 # instance id -> generation asking
         self.runs: dict[int, Run] = {}                     # instance id -> its userland
         self.programs: dict[int, list[list[str]]] = {}     # instance id -> its boot programs
@@ -212,20 +213,17 @@ class Userlands:
         for inst_id, generation in sorted(reboots.items()):
             inst = self.table.by_id(inst_id)
             # only the run that asked: a reboot that raced its kernel's end restarts nothing
+            # (one during a halt the host asked for is refused by the supervisor, an event)
             if inst is None or inst.state.value != "active" or inst.generation != generation \
-                    or self.restart is None or self.closed:
+                    or self.reboot is None or self.closed:
                 continue
-            try:
-                self.restart(inst.name)
-            except MKError as exc:
-                self.events.warning("reboot_failed", instance=inst.id, name=inst.name,
-                                    error=exc.message[:300])
+            self.reboot(inst)
         due, self._due = self._due, set()
         for inst_id in sorted(due):
             inst = self.table.by_id(inst_id)
             if inst is None or inst.state.value != "active" or inst.pid is None \
-                    or self.closed:
-                continue
+                    or inst.halt_requested is not None or self.closed:
+                continue                        # (halting: its userland would die at once)
             if inst_id in self.runs:
                 if self.runs[inst_id].generation != inst.generation:
                     self._due.add(inst_id)      # the last run's, killed, not reaped yet:
