@@ -84,9 +84,15 @@ class Reactor:
         return len(ready)
 
     def _fire(self, key: selectors.SelectorKey) -> None:
-        """Call one descriptor's handler; one that raises loses its watch and is reported,
-        the loop and every other descriptor's handler go on."""
+        """Call one descriptor's handler, if it is still watched as it was when the turn's
+        wait returned; one that raises loses its watch and is reported, the loop and every
+        other descriptor's handler go on."""
         watch: Watch = key.data
+        try:                             # a handler earlier in this turn may have unwatched it
+            if self.selector.get_key(key.fileobj).data is not watch:
+                return                   # (and its number may be another descriptor's now)
+        except (KeyError, ValueError):
+            return
         try:
             watch.fire()
         except Exception as exc:         # (KeyboardInterrupt, SystemExit: through)

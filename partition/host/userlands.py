@@ -348,14 +348,19 @@ class Userlands:
             self._ring()                         # the next run's start waited for this one
 
     def _forget(self, run: Run) -> None:
+        """The run is over: its descriptors unwatched and closed, their numbers forgotten
+        (-1): a number the host closes is the next descriptor it opens."""
         run.ended = True
         for fd in (run.pidfd, run.report, run.console):
-            self.reactor.unwatch(fd)
+            if fd >= 0:
+                self.reactor.unwatch(fd)
         for fd in (run.pidfd, run.report, run.console, run.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        run.pidfd = run.report = run.console = run.slave = -1
         if self.runs.get(run.inst_id) is run:
             del self.runs[run.inst_id]
 
@@ -385,8 +390,9 @@ class Userlands:
     # -- the init's records ------------------------------------------------------------------
     def _read_report(self, run: Run, everything: bool = False) -> None:
         """Read (at most READ_PER_TURN unless ``everything``) of the init's pipe and apply each
-        checked record; a bad one is refused with an event and the pipe dropped."""
-        if run.report < 0:
+        checked record; a bad one is refused with an event and the pipe dropped. Nothing once
+        the run is over (its pipe closed: the number may be another descriptor's)."""
+        if run.report < 0 or run.ended:
             return
         eof = False
         while True:

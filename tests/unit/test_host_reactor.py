@@ -233,3 +233,39 @@ def test_a_console_header_beyond_reason_is_healed_never_overflowed():
     w = ConsoleWriter(memoryview(buf))
     assert w.healed and read_console(buf) == ""
     w.data.release()
+
+
+def test_a_descriptor_unwatched_earlier_in_the_turn_is_not_handled():
+    """Two descriptors ready in one turn; the first's handler unwatches the second and its
+    number is watched again for something else: the second's old handler is not called (its
+    key is stale), the new one is, from the next turn."""
+    reactor = Reactor(lambda watch, exc: None)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    got: list[str] = []
+    a = instance(1, "a")
+
+    def first(_inst):
+        got.append("first")
+        os.read(r1, 1)
+        reactor.unwatch(r2)
+        reactor.watch(r2, "other", a, lambda _i: got.append("new"))
+
+    def second(_inst):
+        got.append("second")
+        os.read(r2, 1)
+        reactor.unwatch(r1)
+    try:
+        reactor.watch(r1, "one", a, first)
+        reactor.watch(r2, "two", a, second)
+        os.write(w1, b"x")
+        os.write(w2, b"x")
+        reactor.dispatch(0)
+        assert got in (["first"], ["second"])          # whichever the kernel listed first
+        if got == ["first"]:
+            reactor.dispatch(0)
+            assert got == ["first", "new"]
+    finally:
+        reactor.close()
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
