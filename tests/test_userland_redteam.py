@@ -127,3 +127,43 @@ def test_a_userland_rebooting_in_a_loop_is_bounded_by_the_restart_intensity(mach
     assert m.events.counts.get("userland_reboot") == 3
     assert "restart intensity exceeded" in (inst.failure or "")
     assert inst.last_exit.how == "forced"
+
+
+LOOK_AT_PTS = r"""
+import errno, os, sys
+mounts = {line.split()[4]: line.split()[5] for line in open('/proc/self/mountinfo')}
+print('dev', mounts['/dev'].split(',')[0])
+print('pts', '/dev/pts' in mounts, os.stat('/dev/pts').st_uid)
+for what, make in (('link', lambda: os.symlink('/dev/shm', '/dev/pts/99')),
+                   ('file', lambda: os.close(os.open('/dev/pts/98', os.O_CREAT | os.O_WRONLY))),
+                   ('unlink', lambda: os.unlink(sys.argv[1]))):
+    try:
+        make()
+        print(what, 'done')
+    except OSError as exc:
+        print(what, errno.errorcode[exc.errno])
+"""
+
+
+def test_a_terminal_exec_shows_its_pty_without_a_writable_dev(run_dir):
+    """mkctl exec -t shows its pty under /dev/pts inside; the userland's /dev is never made
+    writable for it (/dev/pts is a tmpfs of its own, owned by nobody), so a program inside
+    cannot plant a link there for the privileged relay to follow, nor remove the name."""
+    from test_exec import Terminal
+    machine_up(run_dir)
+    mk(run_dir, "create", "a", "--cpus", str(CPUS[-1]), "--memory", "16M")
+    mk(run_dir, "load", "a", "--kernel", PICKY)
+    mk(run_dir, "start", "a")
+    t = Terminal(run_dir, "-t", "a", "--", "/bin/sh", "-c", "tty; sleep 60")
+    try:
+        name = t.expect(rb"/dev/pts/\d+").group(0).decode()
+        r = mk(run_dir, "exec", "a", "--", PYTHON, "-c", LOOK_AT_PTS, name, check=False)
+        assert r.returncode == 0, r.stderr
+        seen = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+        assert seen == {"dev": "ro", "pts": "True 65534", "link": "EACCES",
+                        "file": "EACCES", "unlink": "EACCES"}, r.stdout
+    finally:
+        t.close()
+    r = until(lambda: (r := mk(run_dir, "exec", "a", "--", "/bin/ls", "-A", "/dev/pts",
+                               check=False)).stdout.strip() == "" and r,
+              what="the pty's name gone with its exec")

@@ -266,7 +266,7 @@ class Userlands:
         identity = userland.Identity(
             name=inst.name, cpus=list(inst.cpus), cgroup_procs=self.cgroups.procs_files(inst.id),
             rootfs=inst.rootfs, hide=[self.run_dir],
-            shared=self.shared_mounts(inst.shared))
+            shared=self.shared_mounts(inst.shared), joinable=True)
         userland.check(identity)
         programs = self.programs.get(inst.id, [])
         master, slave = os.openpty()
