@@ -167,3 +167,30 @@ def test_a_terminal_exec_shows_its_pty_without_a_writable_dev(run_dir):
     r = until(lambda: (r := mk(run_dir, "exec", "a", "--", "/bin/ls", "-A", "/dev/pts",
                                check=False)).stdout.strip() == "" and r,
               what="the pty's name gone with its exec")
+
+
+def test_an_init_whose_start_fails_after_the_fork_is_killed_and_reaped(machine, monkeypatch):
+    """The host is out of descriptors when it takes the init's pidfd (EMFILE): the start fails
+    (UserlandFailed), and the init it forked is killed and reaped, not left running
+    untracked; the next exec starts a userland as usual."""
+    import errno
+
+    import psutil
+
+    from partition.errors import UserlandFailed
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", "kernels.echo:EchoKernel", "")
+    m.exec("a")
+    inst = m.get("a")
+    before = {p.pid for p in psutil.Process().children()}
+
+    def out_of_fds(_pid, *_a):
+        raise OSError(errno.EMFILE, "Too many open files")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "pidfd_open", out_of_fds)
+        with pytest.raises(UserlandFailed):
+            m.userlands.ensure(inst)
+    assert {p.pid for p in psutil.Process().children()} == before
+    assert inst.id not in m.userlands.runs
+    assert m.userlands.ensure(inst)["init"] > 0

@@ -270,7 +270,9 @@ class Userlands:
         userland.check(identity)
         programs = self.programs.get(inst.id, [])
         master, slave = os.openpty()
-        r = w = own_ns = -1
+        r = w = own_ns = pidfd = -1
+        pid = 0
+        watched: list[int] = []
         try:
             _quiet(slave)
             os.set_blocking(master, False)
@@ -285,30 +287,37 @@ class Userlands:
                         userinit.run(identity, slave, w, programs, die_with_host=True)
                     finally:
                         os._exit(userinit.EXIT_CANNOT_START)
-            finally:
+                pidfd = os.pidfd_open(pid)      # held from the start: whatever fails next,
+            finally:                            # the init is killed and reaped (below)
                 linux.setns(own_ns, userland.CLONE_NEWPID)    # the host's next forks: its own
             os.close(w)
             w = -1
-            pidfd = os.pidfd_open(pid)
+            run = Run(inst.id, inst.name, inst.generation, pid, pidfd, start_ticks(pid) or 0,
+                      r, master, slave)
+            for fd, kind, handler in (
+                    (pidfd, "userland", lambda _i: self._exited(run)),
+                    (r, "userland-report", lambda _i: self._read_report(run)),
+                    (master, "userland-console", lambda _i: self._read_console(run))):
+                self.reactor.watch(fd, kind, inst, handler)
+                watched.append(fd)
         except BaseException:
-            for fd in (master, slave, r, w):
+            for fd in watched:
+                self.reactor.unwatch(fd)
+            if pid > 0:                         # never left running untracked
+                _kill_and_reap(pid, pidfd)
+            for fd in (master, slave, r, w, pidfd):
                 if fd >= 0:
                     os.close(fd)
             raise
         finally:
             if own_ns >= 0:
                 os.close(own_ns)
-        run = Run(inst.id, inst.name, inst.generation, pid, pidfd, start_ticks(pid) or 0, r,
-                  master, slave)
         run.programs = [Program(i, argv, inst.generation) for i, argv in enumerate(programs)]
         if programs:
             kept = self.boots.setdefault(inst.id, [])
             kept.append(run.programs)
             del kept[:-BOOTS_KEPT]
         self.runs[inst.id] = run
-        self.reactor.watch(pidfd, "userland", inst, lambda _i: self._exited(run))
-        self.reactor.watch(r, "userland-report", inst, lambda _i: self._read_report(run))
-        self.reactor.watch(master, "userland-console", inst, lambda _i: self._read_console(run))
         self.events.info("userland_start", instance=inst.id, name=inst.name, pid=pid,
                          generation=inst.generation, programs=len(programs))
         return run
@@ -511,6 +520,23 @@ class Userlands:
     def history(self, inst: Instance) -> list[dict[str, Any]]:
         """Every kept boot's programs of ``inst``, oldest first (the scenario report's)."""
         return [p.to_dict() for boot in self.boots.get(inst.id, []) for p in boot]
+
+
+def _kill_and_reap(pid: int, pidfd: int) -> None:
+    """An init forked but not taken into the host's books (a later step failed): killed (by
+    its pidfd where there is one; else by pid, which cannot be reused: it is our child, not
+    reaped) and reaped now."""
+    try:
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _quiet(slave: int) -> None:
