@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -194,3 +195,34 @@ def test_an_init_whose_start_fails_after_the_fork_is_killed_and_reaped(machine, 
     assert {p.pid for p in psutil.Process().children()} == before
     assert inst.id not in m.userlands.runs
     assert m.userlands.ensure(inst)["init"] > 0
+
+
+def test_a_run_actions_flood_is_read_a_bounded_amount_per_step():
+    """scenario/runstep.py: a program's stdout that never runs dry (here /dev/zero stands for
+    a program writing faster than the runner reads, or a process it left behind holding the
+    pipe) is read at most READ_PER_STEP bytes per step: the step returns, the run goes on."""
+    from partition.guest.userland import Userland
+    from partition.scenario import runstep
+    relay = subprocess.Popen(["sleep", "30"])
+    out = os.open("/dev/zero", os.O_RDONLY | os.O_NONBLOCK)
+    r, w = os.pipe()
+    programs = runstep.Programs()
+    programs.running["flood"] = runstep.Started("flood", ["yes"], Userland(relay.pid, r), out,
+                                                time.monotonic() + 60)
+
+    def endless(*_):
+        raise TimeoutError("a step read without end")
+    old = signal.signal(signal.SIGALRM, endless)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        programs.step()
+        programs.step()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        relay.kill()
+        relay.wait()
+        for fd in (out, r, w):
+            os.close(fd)
+    p = programs.running["flood"]
+    assert len(p.tail) == runstep.TAIL and p.status is None
