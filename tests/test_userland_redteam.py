@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -226,3 +227,38 @@ def test_a_run_actions_flood_is_read_a_bounded_amount_per_step():
             os.close(fd)
     p = programs.running["flood"]
     assert len(p.tail) == runstep.TAIL and p.status is None
+
+
+
+def test_the_inits_inbox_is_read_a_bounded_number_of_datagrams_per_wake():
+    """guest/userinit.py: any process inside may send to the init's inbox; a flood of junk
+    is read RECEIVES_PER_WAKE datagrams a turn, so the init's loop (its reaping, its answers
+    to reboot(2)) comes round between, and every descriptor sent with the junk is closed."""
+    import select
+
+    from partition.guest import userinit
+    inbox, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox.setblocking(False)
+    r, w = os.pipe()
+    try:
+        for _ in range(100):
+            socket.send_fds(sender, [b"x"], [r])
+        foreign: set[int] = set()
+        before = len(os.listdir("/proc/self/fd"))
+        userinit._take_listeners(inbox, foreign, select.poll())
+        assert not foreign and len(os.listdir("/proc/self/fd")) == before
+        left = 0
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(inbox, 16, 4)
+            except BlockingIOError:
+                break
+            left += 1
+            for fd in fds:
+                os.close(fd)
+        assert left == 100 - userinit.RECEIVES_PER_WAKE
+    finally:
+        inbox.close()
+        sender.close()
+        os.close(r)
+        os.close(w)

@@ -177,7 +177,8 @@ def _install_filter() -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             # (sendmsg: Python 3.11's send_fds drops its address)
             s.sendmsg([b"l"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                array.array("i", [listener]))], 0, userinit.REBOOT_INBOX)
+                                array.array("i", [listener]))], socket.MSG_DONTWAIT,
+                      userinit.REBOOT_INBOX)     # (a full inbox: no reboot, never a hang)
     except OSError:
         pass
     finally:
