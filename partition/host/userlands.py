@@ -182,13 +182,25 @@ class Userlands:
         if inst is None or not inst.cpus or inst_id not in self.runs:
             return
         kernel = {inst.pid, inst.parked.pid if inst.parked is not None else None}
+        procs = self.cgroups.procs_files(inst_id)
         for pid in self.cgroups.members(inst_id) or [self.runs[inst_id].pid]:
             if pid in kernel:
                 continue
+            # a number read from cgroup.procs: held by a pidfd, then checked to be still the
+            # instance's and alive, so that a pid reused meanwhile is never pinned
             try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if not userland.in_cgroups_of(pid, procs):
+                    continue
+                signal.pidfd_send_signal(pidfd, 0)
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
             except OSError:
                 continue
+            finally:
+                os.close(pidfd)
             for tid in tids:
                 try:
                     os.sched_setaffinity(tid, inst.cpus)
