@@ -262,3 +262,18 @@ def test_the_inits_inbox_is_read_a_bounded_number_of_datagrams_per_wake():
         sender.close()
         os.close(r)
         os.close(w)
+
+
+def test_the_userlands_init_keeps_no_mapping_of_the_arena(machine):
+    """The init is forked from the host, which maps the whole arena (every instance's
+    memory): it unmaps it before anything else, as an instance's trampoline does."""
+    m = machine
+    m.create("a", cpus=str(CPUS[-1]), memory="16M")
+    m.load("a", "kernels.echo:EchoKernel", "")
+    m.exec("a")
+    init = m.userlands.ensure(m.get("a"))["init"]
+    with open(f"/proc/{os.getpid()}/maps") as f:
+        assert "mk-arena" in f.read()                  # (the host's own: the test can tell)
+    with open(f"/proc/{init}/maps") as f:
+        maps = f.read()
+    assert "mk-arena" not in maps, [line for line in maps.splitlines() if "mk-arena" in line]

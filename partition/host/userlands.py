@@ -31,6 +31,7 @@ from partition import linux
 from partition.errors import InvalidSpec, MKError, NotLoaded, UserlandFailed
 from partition.guest import userinit, userland
 from partition.guest.userjoin import start_ticks
+from partition.host.arena import inherited_mappings
 
 if TYPE_CHECKING:
     from partition.host.cgroups import Cgroups
@@ -284,6 +285,7 @@ class Userlands:
         master, slave = os.openpty()
         r = w = own_ns = pidfd = -1
         pid = 0
+        arenas = inherited_mappings()           # the host's arena: not the init's to keep
         watched: list[int] = []
         try:
             _quiet(slave)
@@ -296,6 +298,8 @@ class Userlands:
                 pid = os.fork()
                 if pid == 0:
                     try:
+                        for address, length in arenas:     # every instance's memory, gone
+                            linux.munmap(address, length)  # (nothing here touches it)
                         userinit.run(identity, slave, w, programs, die_with_host=True)
                     finally:
                         os._exit(userinit.EXIT_CANNOT_START)
