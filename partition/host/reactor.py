@@ -10,10 +10,13 @@ once: the failure's record is timed from the pidfd's notice (issue 20, docs/benc
 
 A handler reads what instances wrote (their pipes, consoles, records), which is untrusted input:
 one that raises must not end the host, whose loop serves every other instance. So an exception
-out of a handler is reported (``on_failure``: the ``handler_failed`` event) and that descriptor
-is no longer watched; the loop goes on. Only KeyboardInterrupt and SystemExit (not Exceptions)
-pass through: no handler raises an MKError for a waiting verb to see (the verbs raise their own
-after their wait), so none is lost.
+out of a handler is reported (``on_failure``: the ``handler_failed`` event) and, if the
+descriptor is an instance's, it is no longer watched; the loop goes on. The host's own (its
+doorbells, the userlands' bell: ``inst`` None) stay watched: every instance needs them, and
+their handlers take the readiness (clear the doorbell) before they do anything that can fail.
+Only KeyboardInterrupt and SystemExit (not Exceptions) pass through: no handler raises an
+MKError for a waiting verb to see (the verbs raise their own after their wait), so none is
+lost.
 """
 
 from __future__ import annotations
@@ -85,8 +88,8 @@ class Reactor:
 
     def _fire(self, key: selectors.SelectorKey) -> None:
         """Call one descriptor's handler, if it is still watched as it was when the turn's
-        wait returned; one that raises loses its watch and is reported, the loop and every
-        other descriptor's handler go on."""
+        wait returned; one that raises is reported (and loses its watch, an instance's), the
+        loop and every other descriptor's handler go on."""
         watch: Watch = key.data
         try:                             # a handler earlier in this turn may have unwatched it
             if self.selector.get_key(key.fileobj).data is not watch:
@@ -97,8 +100,8 @@ class Reactor:
             watch.fire()
         except Exception as exc:         # (KeyboardInterrupt, SystemExit: through)
             self.failures += 1
-            try:                         # still the same descriptor's watch: dropped
-                if self.selector.get_key(key.fileobj).data is watch:
+            try:                         # an instance's watch, still this one: dropped
+                if watch.inst is not None and self.selector.get_key(key.fileobj).data is watch:
                     self.selector.unregister(key.fileobj)
             except (KeyError, ValueError):
                 pass                     # (closed or unwatched by the handler already)

@@ -269,3 +269,29 @@ def test_a_descriptor_unwatched_earlier_in_the_turn_is_not_handled():
         reactor.close()
         for fd in (r1, w1, r2, w2):
             os.close(fd)
+
+
+def test_a_host_handler_that_raises_is_reported_and_stays_watched():
+    """The host's own descriptors (its doorbell: ``inst`` None) serve every instance: a
+    handler of one that raises is reported, and the descriptor is still watched."""
+    told: list[str] = []
+    reactor = Reactor(lambda watch, exc: told.append(watch.kind))
+    r, w = os.pipe()
+    calls: list[int] = []
+
+    def flaky(_inst):
+        os.read(r, 1)                       # its readiness taken first, as _rung does
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a forged message")
+    try:
+        reactor.watch(r, "host-doorbell", None, flaky)
+        os.write(w, b"x")
+        reactor.dispatch(0)
+        assert told == ["host-doorbell"]
+        os.write(w, b"x")
+        assert reactor.dispatch(0) == 1 and len(calls) == 2 and told == ["host-doorbell"]
+    finally:
+        reactor.close()
+        os.close(r)
+        os.close(w)
