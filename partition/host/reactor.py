@@ -94,7 +94,7 @@ class Reactor:
         try:                             # a handler earlier in this turn may have unwatched it
             if self.selector.get_key(key.fileobj).data is not watch:
                 return                   # (and its number may be another descriptor's now)
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, RuntimeError):     # (RuntimeError: closed meanwhile)
             return
         try:
             watch.fire()
@@ -103,7 +103,7 @@ class Reactor:
             try:                         # an instance's watch, still this one: dropped
                 if watch.inst is not None and self.selector.get_key(key.fileobj).data is watch:
                     self.selector.unregister(key.fileobj)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RuntimeError):
                 pass                     # (closed or unwatched by the handler already)
             if self.on_failure is not None:
                 self.on_failure(watch, exc)
