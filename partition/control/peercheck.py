@@ -5,7 +5,7 @@ The socket's credentials alone cannot tell them apart: a program in a userland r
 (without capabilities, docs/userland.md), as the operator does, and it can see another
 machine's run directory, socket included. So the daemon looks at the peer's process itself
 (docs/architecture.md, the trust model): one in another PID namespace than the supervisor's
-(every userland has its own) or in any machine's instance cgroup (``multikernel-*``: a
+(every userland has its own) or in any machine's instance cgroup (``multikernel-*/i<id>``: a
 kernel, its parked successor, whatever they forked) is refused. The process is held by a
 pidfd while it is looked at (SO_PEERPIDFD, or pidfd_open of SO_PEERCRED's pid), and is checked
 to be alive after the look: what was read was that process's, never a later one's at its pid.
@@ -14,13 +14,16 @@ to be alive after the look: what was read was that process's, never a later one'
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 
 #: SO_PEERPIDFD (Linux 6.5): a pidfd of the process that connected, from the kernel itself
 SO_PEERPIDFD = 77
-#: the cgroup directories of every machine's instances (host/cgroups.py)
-INSTANCE_CGROUP_PREFIX = "multikernel-"
+#: the cgroup directories of every machine's instances (host/cgroups.py:
+#: ``multikernel-<pid>-<key>/i<id>``, and whatever lies under one): not a systemd unit or a
+#: machine's own base that happens to be named ``multikernel-...``
+INSTANCE_CGROUP = re.compile(r"/multikernel-[^/]+/i[0-9]+(/|$)")
 
 
 def _nspid_depth(status: str) -> int:
@@ -37,11 +40,8 @@ def _own_depth() -> int:
 
 
 def _in_instance_cgroup(cgroup: str) -> bool:
-    for line in cgroup.splitlines():
-        path = line.split(":", 2)[-1]
-        if any(part.startswith(INSTANCE_CGROUP_PREFIX) for part in path.split("/")):
-            return True
-    return False
+    """``/proc/PID/cgroup`` names an instance's cgroup of any machine, in any hierarchy."""
+    return any(INSTANCE_CGROUP.search(line.split(":", 2)[-1]) for line in cgroup.splitlines())
 
 
 def _pidfd(sock: socket.socket, pid: int) -> int:
