@@ -16,6 +16,10 @@ from partition.abi import layout as L
 #: UTF-8 bytes without its newline. 2 KiB, so that the line and its host command fit one ring
 #: slot of the default 4 KiB with room to spare
 INPUT_LINE_MAX = 2048
+#: the largest head a writer accepts from a header it reads: 2**62 bytes is beyond any
+#: console's life, and far enough below 2**64 that no append makes it overflow the header's
+#: 64 bits (a kernel that wrote 2**64-1 there once crashed the host appending to it)
+HEAD_MAX = 1 << 62
 
 
 def format_console(buf: memoryview | bytearray) -> None:
@@ -25,6 +29,22 @@ def format_console(buf: memoryview | bytearray) -> None:
     L.CONSOLE_HEADER.pack_into(buf, 0, L.CONSOLE_MAGIC, cap, 0)
 
 
+def heal_console(buf: memoryview | bytearray) -> str:
+    """A writer's first look at a header someone else may have scribbled on: a bad magic or
+    capacity formats the buffer afresh; a head beyond HEAD_MAX is brought back into range,
+    keeping the retained text in order (the same offset in the ring, one lap in). Why it was
+    healed, or "" when it was sound."""
+    cap = len(buf) - L.CONSOLE_DATA
+    magic, got_cap, head = L.CONSOLE_HEADER.unpack_from(buf, 0)
+    if magic != L.CONSOLE_MAGIC or got_cap != cap:
+        format_console(buf)
+        return "magic or capacity overwritten" if magic or got_cap or head else ""
+    if head > HEAD_MAX:
+        L.CONSOLE_HEADER.pack_into(buf, 0, L.CONSOLE_MAGIC, cap, cap + head % cap if cap else 0)
+        return f"head {head} beyond reason"
+    return ""
+
+
 class ConsoleWriter:
     """Instance side: ``printk`` appends timestamped lines; the head is published last."""
 
@@ -32,11 +52,9 @@ class ConsoleWriter:
         self.buf = buf
         self.cap = len(buf) - L.CONSOLE_DATA
         self.boot_ns = time.monotonic_ns() if boot_ns is None else boot_ns
-        magic, cap, head = L.CONSOLE_HEADER.unpack_from(buf, 0)
-        if magic != L.CONSOLE_MAGIC or cap != self.cap:
-            format_console(buf)
-            head = 0
-        self.head = head
+        #: why the header read at the start was healed (rewritten), "" if it was sound
+        self.healed = heal_console(buf)
+        self.head = L.CONSOLE_HEADER.unpack_from(buf, 0)[2]
         self.data = buf[L.CONSOLE_DATA:]
 
     def write(self, text: str) -> int:
@@ -46,7 +64,7 @@ class ConsoleWriter:
         # the head as published, not as we last left it: a predecessor of this instance (a
         # live update loads this image while the old kernel still writes) may have moved it
         magic, cap, head = L.CONSOLE_HEADER.unpack_from(self.buf, 0)
-        if magic == L.CONSOLE_MAGIC and cap == self.cap and head > self.head:
+        if magic == L.CONSOLE_MAGIC and cap == self.cap and self.head < head <= HEAD_MAX:
             self.head = head
         pos = self.head % self.cap
         first = min(len(raw), self.cap - pos)

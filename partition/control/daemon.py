@@ -6,7 +6,8 @@ machine's own epoll (pidfds, host doorbell) and a signal wake-up pipe, with the 
 and a hang is declared on time, even when no command is being served. Verbs run one at a time;
 while one waits (a graceful kill), the loop keeps reading other clients, answers the read-only
 ones and queues the rest. The socket is 0600 and a client must be root or the machine's owner
-(SO_PEERCRED).
+(SO_PEERCRED), on the host's side: not a process of an instance of any machine, kernel or
+userland (peercheck.py; a userland's programs are uid 0 too).
 
 The verbs it serves are daemonops.py's, the checks every request passes are wireargs.py's; this
 module is the loop and the process's entry (``python -m partition.control.daemon``).
@@ -32,7 +33,7 @@ from typing import Any
 import setproctitle
 
 from partition.abi.constants import IPI_SIGNAL
-from partition.control import protocol
+from partition.control import peercheck, protocol
 from partition.control.daemonops import READ_ONLY_OPS, dump_tree, ops
 from partition.control.wireargs import ARGS, check_numbers, check_request
 from partition.errors import InvalidSpec, MKError, NoSuchInstance, PermissionDenied, ResourceBusy
@@ -153,10 +154,14 @@ class Daemon:
             conn.uid = uid
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
-            if self._is_instance(pid):
-                self.m.events.warning("client_refused", uid=uid, pid=pid, reason="an instance")
+            origin = "one of this machine's kernels" if self._is_instance(pid) \
+                else peercheck.refusal(sock, pid)
+            if origin:
+                self.m.events.warning("client_refused", uid=uid, pid=pid, reason="an instance",
+                                      why=origin)
                 self._reply(conn, _error(PermissionDenied(
-                    "an instance may not drive its machine", "mkctl is for the operator")))
+                    f"an instance may not drive a machine: {origin}",
+                    "mkctl is for the operator, on the host")))
             elif uid not in (0, self.owner):
                 self.m.events.warning("client_refused", uid=uid, pid=pid, reason="credentials")
                 self._reply(conn, _error(PermissionDenied(

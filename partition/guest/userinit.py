@@ -43,8 +43,13 @@ REBOOT_RESTART = (0x01234567, 0xA1B2C3D4)
 #: seccomp listener, so that its reboot(2) is answered too: an abstract datagram socket of the
 #: userland's own network namespace
 REBOOT_INBOX = "\0mk-init-reboot"
-#: at most this many foreign listeners held (one per exec'd command alive)
+#: at most this many foreign listeners held (one per exec'd command alive; no process inside
+#: can make a listener of its own to send: each runs under a filter with one already, and the
+#: kernel allows one listener per filter chain, EBUSY)
 LISTENERS_MAX = 256
+#: datagrams read from the inbox per wake-up: a process that floods it does not hold the init
+#: (its reaping, its answers to reboot(2)) in one turn
+RECEIVES_PER_WAKE = 32
 # struct seccomp_notif {u64 id; u32 pid; u32 flags; s32 nr; u32 arch; u64 ip; u64 args[6]};
 # struct seccomp_notif_resp {u64 id; s64 val; s32 error; u32 flags}
 _NOTIF = struct.Struct("<QIIiIQ6Q")
@@ -196,9 +201,10 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
 
 def _take_listeners(inbox: socket.socket, foreign: set[int], poller: select.poll) -> None:
     """The seccomp listeners commands sent (guest/userjoin.py), kept and watched; anything
-    else sent there (any process inside may send to it) closed. A listener only ever lets
-    the init answer reboot(2) for the processes of its filter: the sender's own."""
-    while True:
+    else sent there (any process inside may send to it) closed; at most RECEIVES_PER_WAKE
+    datagrams a turn (the rest wake the next one). A listener only ever lets the init answer
+    reboot(2) for the processes of its filter: the sender's own."""
+    for _ in range(RECEIVES_PER_WAKE):
         try:
             _, fds, _, _ = socket.recv_fds(inbox, 16, 4)
         except (BlockingIOError, InterruptedError):

@@ -16,6 +16,7 @@ import array
 import os
 import signal
 import socket
+import stat
 from dataclasses import dataclass
 
 from partition import linux
@@ -30,11 +31,7 @@ from partition.guest.userland import (
     CLONE_NEWUTS,
     EXIT_CANNOT_START,
     MNT_DETACH,
-    MS_BIND,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_RDONLY,
-    MS_REMOUNT,
+    UMOUNT_NOFOLLOW,
     Userland,
     attach_mount,
     clone_mount,
@@ -127,6 +124,7 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
                 | CLONE_NEWNET | CLONE_NEWCGROUP)
     os.close(pidfd)
     shown = _show_terminal(*tree) if tree is not None else None
+    rdev = os.fstat(terminal).st_rdev if terminal is not None else 0
     main = os.fork()
     if main == 0:
         try:
@@ -151,7 +149,7 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
         except (ProcessLookupError, PermissionError):
             pass
         if sig == signal.SIGHUP:                      # the caller is gone: so is its relay
-            _hide_terminal(shown)
+            _hide_terminal(shown, rdev)
             os._exit(128 + sig)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
@@ -164,7 +162,7 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
     except (ProcessLookupError, PermissionError):
         pass
     _, status = os.waitpid(main, 0)
-    _hide_terminal(shown)
+    _hide_terminal(shown, rdev)
     os._exit(exit_code(status))
 
 
@@ -179,7 +177,8 @@ def _install_filter() -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             # (sendmsg: Python 3.11's send_fds drops its address)
             s.sendmsg([b"l"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                array.array("i", [listener]))], 0, userinit.REBOOT_INBOX)
+                                array.array("i", [listener]))], socket.MSG_DONTWAIT,
+                      userinit.REBOOT_INBOX)     # (a full inbox: no reboot, never a hang)
     except OSError:
         pass
     finally:
@@ -200,16 +199,18 @@ def _terminal_tree(terminal: int) -> tuple[str, int] | None:
 
 def _show_terminal(name: str, tree: int) -> str | None:
     """In the userland's mount namespace: the pty bound at its own name under /dev/pts (that
-    one pty, never the host's devpts), so ``tty`` and ttyname(3) work inside; /dev is made
-    writable for the moment it takes. None (a nameless terminal) if that fails."""
+    one pty, never the host's devpts), so ``tty`` and ttyname(3) work inside. The userland's
+    /dev/pts is a tmpfs no program inside can write (guest/userland.py: owned by nobody), so
+    the name is the relay's own; made without following anything all the same. None (a
+    nameless terminal) if that fails."""
     try:
-        linux.mount(None, "/dev", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
         try:
-            os.makedirs("/dev/pts", 0o755, exist_ok=True)
-            os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
-        finally:
-            linux.mount(None, "/dev", None,
-                        MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY
+                             | os.O_CLOEXEC, 0o600))
+        except FileExistsError:          # a relay killed before it hid its pty: only a file
+            mode = os.lstat(name).st_mode          # or a pty (never a link) is shown over
+            if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+                return None
         attach_mount(tree, name)
         return name
     except OSError:
@@ -218,17 +219,16 @@ def _show_terminal(name: str, tree: int) -> str | None:
         os.close(tree)
 
 
-def _hide_terminal(name: str | None) -> None:
-    """The pty's name gone from the userland's /dev again (the relay's last act)."""
+def _hide_terminal(name: str | None, rdev: int) -> None:
+    """The pty's name gone from the userland's /dev/pts again (the relay's last act): its
+    mount taken off only if the name still shows this pty (``rdev``), never through a link."""
     if name is None:
         return
     try:
-        linux.umount(name, MNT_DETACH)
-        linux.mount(None, "/dev", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
-        try:
+        st = os.lstat(name)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev:
+            linux.umount(name, MNT_DETACH | UMOUNT_NOFOLLOW)
+        if stat.S_ISREG(os.lstat(name).st_mode):
             os.unlink(name)
-        finally:
-            linux.mount(None, "/dev", None,
-                        MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     except OSError:
         pass

@@ -64,6 +64,10 @@ CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 1 << 18
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+#: the owner of a userland's /dev/pts (nobody): its programs, uid 0 without capabilities,
+#: cannot create, rename or remove anything there; an exec's relay, privileged, can
+PTS_OWNER = 65534
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 FD_LIMIT = 0x7FFFFFFF                 # past any descriptor number (closerange: close_range(2))
 
@@ -96,6 +100,9 @@ class Identity:
     #: the machine's shared regions it names: mount name -> host directory (host/shared.py),
     #: each bound read-write at /mnt/shared/NAME
     shared: dict[str, str] = field(default_factory=dict)
+    #: execs join it (an instance's one userland, host/userlands.py): a /dev/pts of its own for
+    #: their terminals, which their relays write and its programs cannot
+    joinable: bool = False
 
 
 def check(identity: Identity) -> None:
@@ -493,12 +500,18 @@ def _devices(identity: Identity, console: int | None,
         attach_mount(console, "/dev/console")
     else:                                        # nothing to wire it to yet: a sink
         os.mknod("/dev/console", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    # /dev/pts: a tmpfs of its own, writable, owned by nobody: an exec's relay shows its pty
+    # there (guest/userjoin.py) without /dev ever being made writable, and no program inside
+    # can plant a link or a file there for the privileged relay to follow
+    if identity.joinable or (terminal is not None and terminal[0].startswith("/dev/pts/")):
+        os.mkdir("/dev/pts", 0o755)
+        linux.mount("tmpfs", "/dev/pts", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    f"size=16k,mode=755,uid={PTS_OWNER},gid={PTS_OWNER}")
     if terminal is not None and terminal[0].startswith("/dev/pts/"):
         # that one pty only, under its own name: not the host's devpts, which holds every
         # other terminal of the machine
         name, fd = terminal
-        os.mkdir("/dev/pts", 0o755)
-        os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, 0o600))
         try:
             linux.mount(f"/proc/self/fd/{fd}", name, None, MS_BIND)
         except OSError:          # under a rootfs the host's /dev is detached: a nameless tty

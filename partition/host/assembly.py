@@ -30,7 +30,7 @@ from partition.host.overlays import Overlays
 from partition.host.pool import PoolConfig, ResourcePool, pool_shape
 from partition.host.provision import Provisioning
 from partition.host.publish import Publisher
-from partition.host.reactor import Reactor
+from partition.host.reactor import Reactor, Watch
 from partition.host.resize import Resources
 from partition.host.shared import SharedRegions, parse_specs
 from partition.host.supervision import Supervisor
@@ -122,8 +122,6 @@ class Hooks:
     wait: Callable[[Callable[[], bool], float | None], bool]
     closing: Callable[[], bool]
     console_text: Callable[[int], str]
-    #: restart an instance's kernel by name (a forced halt, then a boot): reboot(2) inside
-    restart: Callable[[str], Any] | None = None
 
 
 class HostConsole:
@@ -204,8 +202,8 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     # mounted first, released by the caller if a later step fails (shared.release_left)
     shared = SharedRegions(run_dir, s.shared, lay.arena_bytes)
     table = InstanceTable()
-    reactor = Reactor()
     events = EventLog(os.path.join(run_dir, rundir.EVENTS), run_dir=run_dir)
+    reactor = Reactor(lambda watch, exc: handler_failed(events, watch, exc))
     views = ViewWriter(run_dir)
     views.shared(shared.describe())
     at = lay.console_at(HOST_ID)
@@ -249,18 +247,32 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     turn = Turn(table, reactor, ipc, supervisor, sweeper, writes, lifecycle, hooks.closing)
 
     def console_write(instance_id: int, text: str) -> None:
+        """Append to an instance's console, whose header the instance writes too: never
+        trusted (abi/console.py heals a head beyond reason, with an event, and writes on)."""
         at = lay.console_at(instance_id)
         with memoryview(arena.map)[at:at + lay.console_bytes] as view:
             writer = ConsoleWriter(view)
             try:
+                if writer.healed:
+                    events.warning("console_healed", instance=instance_id, why=writer.healed)
                 writer.write(text)
             finally:
                 writer.data.release()
     userlands = Userlands(table, reactor, events, cgroups, shared.mounts, console_write,
-                          hooks.wait, run_dir, hooks.restart)
+                          hooks.wait, run_dir,
+                          lambda inst: supervisor.reboot(inst, lifecycle.force))
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
                  lifecycle, liveupdate, resources, overlays, sweeper, turn, shared, userlands)
+
+
+def handler_failed(events: EventLog, watch: Watch, exc: Exception) -> None:
+    """A reactor handler raised (reactor.py dropped its watch): said, with its instance."""
+    inst = watch.inst
+    events.error("handler_failed", kind=watch.kind,
+                 instance=inst.id if inst is not None else None,
+                 name=inst.name if inst is not None else None,
+                 error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def warn_missing(events: EventLog, cgroups: Cgroups, resctrl: llc.Resctrl,

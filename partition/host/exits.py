@@ -14,8 +14,13 @@ FAILURE_KINDS = {"killed": "crash", "exited": "crash", "panic": "panic", "hang":
                  "boot-failed": "boot"}
 
 
+#: the halt a reboot(2) inside asked for (``Instance.halt_requested``, supervision.py): a forced
+#: halt whose exit is followed by a restart
+REBOOT = "reboot"
+
+
 def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecord:
-    """``asked`` is the halt the host requested (graceful, forced, forced-after-timeout,
+    """``asked`` is the halt the host requested (graceful, forced, reboot, forced-after-timeout,
     boot-timeout, boot-return-timeout, or fault: a kill it injected on request) or None;
     ``slot_reason`` is the instance's own, untrusted, account."""
     now = time.time()
@@ -24,6 +29,9 @@ def classify_exit(status: int, asked: str | None, slot_reason: str) -> ExitRecor
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         if sig == signal.SIGKILL and asked == "forced":
             return ExitRecord("forced halt (SIGKILL)", "forced", sig, None, now)
+        if sig == signal.SIGKILL and asked == REBOOT:
+            return ExitRecord("reboot(2) in its userland: forced halt (SIGKILL), booted again",
+                              "forced", sig, None, now)
         if sig == signal.SIGKILL and asked == "forced-after-timeout":
             return ExitRecord("forced halt: graceful halt not acknowledged in time",
                               "forced", sig, None, now)

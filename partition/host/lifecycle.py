@@ -28,7 +28,7 @@ from partition.abi.constants import STATE_CODES
 from partition.abi.ring import RingError
 from partition.errors import BadKernelImage, BootFailed, BootTimeout, ResourceBusy
 from partition.host import kho
-from partition.host.exits import classify_exit
+from partition.host.exits import REBOOT, classify_exit
 from partition.host.instance import (
     CHANNEL,
     EXIT,
@@ -409,6 +409,8 @@ class Lifecycle:
             self.publisher.transition(inst, State.LOADED, record.how, reason=record.reason)
             if failed:
                 self.supervisor.recover(inst)      # a takeover first: the fork below takes time
+            elif inst.halt_requested == REBOOT:     # reboot(2) inside: queued, counted
+                self.supervisor.rebooted(inst)
             if not self.closing() and inst.parked is None and inst.state == State.LOADED:
                 try:
                     self.loading.spawn(inst)  # the next incarnation imports and parks meanwhile

@@ -79,7 +79,7 @@ class Machine:
                 self.resctrl.check_pool(self.llc_way_mask)
             h = assemble(s, self.run_dir, self.resctrl,
                          Hooks(self.create, self.delete, self.wait, lambda: self.closing,
-                               self.console_text, self._reboot))
+                               self.console_text))
         except BaseException:
             release_left(self.run_dir)
             self._run.release()
@@ -270,12 +270,6 @@ class Machine:
             else:
                 self.lifecycle.halt_many([inst], t)
         return self.describe(inst)
-
-    def _reboot(self, name: str) -> dict[str, Any]:
-        """reboot(2) inside the instance (host/userlands.py): its kernel halted by force and
-        booted again, as the real machine restarts a spawn kernel that reboots."""
-        self.kill(name, force=True)
-        return self.start(name)
 
     @verb
     def update(self, name: str, recovery: str | None = None, max_restarts: int | None = None,

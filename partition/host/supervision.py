@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from partition.errors import MKError
-from partition.host.exits import FAILURE_KINDS
+from partition.host.exits import FAILURE_KINDS, REBOOT
 from partition.host.instance import ExitRecord, Instance, State
 from partition.host.ports import SYSTEM_CLOCK, SYSTEM_OS, Clock, OSPort
 
@@ -135,6 +135,12 @@ class Supervisor:
             return
         if pol.policy != "restart":
             return
+        self._queue_restart(inst)
+
+    def _queue_restart(self, inst: Instance) -> None:
+        """A restart of loaded ``inst`` into the queue (``run_restarts`` boots it on the next
+        turn), if its restart intensity allows one more; else it is given up (failed)."""
+        pol = inst.recovery
         if pol.allow_restart(self.clock.monotonic()):
             self._restart_queue.append(inst)
             return
@@ -143,6 +149,29 @@ class Supervisor:
         self.forget_parked(inst)                # its successor will not be booted
         self.printk(f"Instance {inst.id} ({inst.name}) failed: {inst.failure}")
         self.publisher.transition(inst, State.FAILED, "restart-intensity", reason=inst.failure)
+
+    # -- reboot(2) inside ------------------------------------------------------------------
+    def reboot(self, inst: Instance, force: Callable[[Instance], None]) -> bool:
+        """A program in the userland of active ``inst`` called reboot(2) (host/userlands.py):
+        its kernel is force-halted (halt ``reboot``); its exit queues a restart
+        (``rebooted``). Never a verb: this runs from the reactor. Refused (False, an event)
+        when the host already halts it: an operator's kill wins over a reboot."""
+        if inst.state != State.ACTIVE or inst.pid is None or inst.halt_requested is not None:
+            self.events.info("reboot_skipped", instance=inst.id, name=inst.name,
+                             why=f"halting already ({inst.halt_requested})"
+                             if inst.halt_requested else f"it is {inst.state.value}")
+            return False
+        force(inst)
+        inst.run.halt(REBOOT)
+        return True
+
+    def rebooted(self, inst: Instance) -> None:
+        """The kernel a reboot halted has exited (lifecycle.py, once it is loaded): a restart,
+        whatever the recovery policy (it was asked for, as a spawn kernel that reboots is
+        booted again), counted against the restart intensity like any other: a userland that
+        reboots in a loop gives its instance up (failed) once past ``max_restarts``."""
+        if inst.state == State.LOADED:
+            self._queue_restart(inst)
 
     # -- takeover --------------------------------------------------------------------------
     def takeover(self, primary: Instance) -> None:

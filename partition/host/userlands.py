@@ -31,6 +31,7 @@ from partition import linux
 from partition.errors import InvalidSpec, MKError, NotLoaded, UserlandFailed
 from partition.guest import userinit, userland
 from partition.guest.userjoin import start_ticks
+from partition.host.arena import inherited_mappings
 
 if TYPE_CHECKING:
     from partition.host.cgroups import Cgroups
@@ -126,7 +127,7 @@ class Userlands:
                  cgroups: Cgroups, shared_mounts: Callable[[list[str]], dict[str, str]],
                  console_write: ConsoleWrite,
                  wait: Callable[[Callable[[], bool], float | None], bool],
-                 run_dir: str, restart: Callable[[str], Any] | None = None) -> None:
+                 run_dir: str, reboot: Callable[[Instance], Any] | None = None) -> None:
         self.table = table
         self.reactor = reactor
         self.events = events
@@ -135,8 +136,9 @@ class Userlands:
         self.console_write = console_write
         self.wait = wait
         self.run_dir = run_dir
-        #: restarts an instance's kernel (a forced halt, then a boot): reboot(2) inside
-        self.restart = restart
+        #: reboot(2) inside: the supervisor's (supervision.py: a forced halt whose exit queues
+        #: a restart, counted against the restart intensity); never a verb, from a handler
+        self.reboot = reboot
         self._reboots: dict[int, int] = {}                 # instance id -> generation asking
         self.runs: dict[int, Run] = {}                     # instance id -> its userland
         self.programs: dict[int, list[list[str]]] = {}     # instance id -> its boot programs
@@ -181,13 +183,25 @@ class Userlands:
         if inst is None or not inst.cpus or inst_id not in self.runs:
             return
         kernel = {inst.pid, inst.parked.pid if inst.parked is not None else None}
+        procs = self.cgroups.procs_files(inst_id)
         for pid in self.cgroups.members(inst_id) or [self.runs[inst_id].pid]:
             if pid in kernel:
                 continue
+            # a number read from cgroup.procs: held by a pidfd, then checked to be still the
+            # instance's and alive, so that a pid reused meanwhile is never pinned
             try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if not userland.in_cgroups_of(pid, procs):
+                    continue
+                signal.pidfd_send_signal(pidfd, 0)
                 tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
             except OSError:
                 continue
+            finally:
+                os.close(pidfd)
             for tid in tids:
                 try:
                     os.sched_setaffinity(tid, inst.cpus)
@@ -212,20 +226,17 @@ class Userlands:
         for inst_id, generation in sorted(reboots.items()):
             inst = self.table.by_id(inst_id)
             # only the run that asked: a reboot that raced its kernel's end restarts nothing
+            # (one during a halt the host asked for is refused by the supervisor, an event)
             if inst is None or inst.state.value != "active" or inst.generation != generation \
-                    or self.restart is None or self.closed:
+                    or self.reboot is None or self.closed:
                 continue
-            try:
-                self.restart(inst.name)
-            except MKError as exc:
-                self.events.warning("reboot_failed", instance=inst.id, name=inst.name,
-                                    error=exc.message[:300])
+            self.reboot(inst)
         due, self._due = self._due, set()
         for inst_id in sorted(due):
             inst = self.table.by_id(inst_id)
             if inst is None or inst.state.value != "active" or inst.pid is None \
-                    or self.closed:
-                continue
+                    or inst.halt_requested is not None or self.closed:
+                continue                        # (halting: its userland would die at once)
             if inst_id in self.runs:
                 if self.runs[inst_id].generation != inst.generation:
                     self._due.add(inst_id)      # the last run's, killed, not reaped yet:
@@ -268,11 +279,14 @@ class Userlands:
         identity = userland.Identity(
             name=inst.name, cpus=list(inst.cpus), cgroup_procs=self.cgroups.procs_files(inst.id),
             rootfs=inst.rootfs, hide=[self.run_dir],
-            shared=self.shared_mounts(inst.shared))
+            shared=self.shared_mounts(inst.shared), joinable=True)
         userland.check(identity)
         programs = self.programs.get(inst.id, [])
         master, slave = os.openpty()
-        r = w = own_ns = -1
+        r = w = own_ns = pidfd = -1
+        pid = 0
+        arenas = inherited_mappings()           # the host's arena: not the init's to keep
+        watched: list[int] = []
         try:
             _quiet(slave)
             os.set_blocking(master, False)
@@ -284,33 +298,42 @@ class Userlands:
                 pid = os.fork()
                 if pid == 0:
                     try:
+                        for address, length in arenas:     # every instance's memory, gone
+                            linux.munmap(address, length)  # (nothing here touches it)
                         userinit.run(identity, slave, w, programs, die_with_host=True)
                     finally:
                         os._exit(userinit.EXIT_CANNOT_START)
-            finally:
+                pidfd = os.pidfd_open(pid)      # held from the start: whatever fails next,
+            finally:                            # the init is killed and reaped (below)
                 linux.setns(own_ns, userland.CLONE_NEWPID)    # the host's next forks: its own
             os.close(w)
             w = -1
-            pidfd = os.pidfd_open(pid)
+            run = Run(inst.id, inst.name, inst.generation, pid, pidfd, start_ticks(pid) or 0,
+                      r, master, slave)
+            for fd, kind, handler in (
+                    (pidfd, "userland", lambda _i: self._exited(run)),
+                    (r, "userland-report", lambda _i: self._read_report(run)),
+                    (master, "userland-console", lambda _i: self._read_console(run))):
+                self.reactor.watch(fd, kind, inst, handler)
+                watched.append(fd)
         except BaseException:
-            for fd in (master, slave, r, w):
+            for fd in watched:
+                self.reactor.unwatch(fd)
+            if pid > 0:                         # never left running untracked
+                _kill_and_reap(pid, pidfd)
+            for fd in (master, slave, r, w, pidfd):
                 if fd >= 0:
                     os.close(fd)
             raise
         finally:
             if own_ns >= 0:
                 os.close(own_ns)
-        run = Run(inst.id, inst.name, inst.generation, pid, pidfd, start_ticks(pid) or 0, r,
-                  master, slave)
         run.programs = [Program(i, argv, inst.generation) for i, argv in enumerate(programs)]
         if programs:
             kept = self.boots.setdefault(inst.id, [])
             kept.append(run.programs)
             del kept[:-BOOTS_KEPT]
         self.runs[inst.id] = run
-        self.reactor.watch(pidfd, "userland", inst, lambda _i: self._exited(run))
-        self.reactor.watch(r, "userland-report", inst, lambda _i: self._read_report(run))
-        self.reactor.watch(master, "userland-console", inst, lambda _i: self._read_console(run))
         self.events.info("userland_start", instance=inst.id, name=inst.name, pid=pid,
                          generation=inst.generation, programs=len(programs))
         return run
@@ -350,14 +373,19 @@ class Userlands:
             self._ring()                         # the next run's start waited for this one
 
     def _forget(self, run: Run) -> None:
+        """The run is over: its descriptors unwatched and closed, their numbers forgotten
+        (-1): a number the host closes is the next descriptor it opens."""
         run.ended = True
         for fd in (run.pidfd, run.report, run.console):
-            self.reactor.unwatch(fd)
+            if fd >= 0:
+                self.reactor.unwatch(fd)
         for fd in (run.pidfd, run.report, run.console, run.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        run.pidfd = run.report = run.console = run.slave = -1
         if self.runs.get(run.inst_id) is run:
             del self.runs[run.inst_id]
 
@@ -387,8 +415,9 @@ class Userlands:
     # -- the init's records ------------------------------------------------------------------
     def _read_report(self, run: Run, everything: bool = False) -> None:
         """Read (at most READ_PER_TURN unless ``everything``) of the init's pipe and apply each
-        checked record; a bad one is refused with an event and the pipe dropped."""
-        if run.report < 0:
+        checked record; a bad one is refused with an event and the pipe dropped. Nothing once
+        the run is over (its pipe closed: the number may be another descriptor's)."""
+        if run.report < 0 or run.ended:
             return
         eof = False
         while True:
@@ -507,6 +536,23 @@ class Userlands:
     def history(self, inst: Instance) -> list[dict[str, Any]]:
         """Every kept boot's programs of ``inst``, oldest first (the scenario report's)."""
         return [p.to_dict() for boot in self.boots.get(inst.id, []) for p in boot]
+
+
+def _kill_and_reap(pid: int, pidfd: int) -> None:
+    """An init forked but not taken into the host's books (a later step failed): killed (by
+    its pidfd where there is one; else by pid, which cannot be reused: it is our child, not
+    reaped) and reaped now."""
+    try:
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _quiet(slave: int) -> None:

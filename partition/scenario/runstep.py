@@ -38,6 +38,11 @@ from partition.host.machine import Machine
 
 #: bytes of a program's output kept (the last ones: its figures are on its last line)
 TAIL = 64 << 10
+#: bytes of a program's output read per step at most (a flood waits its turn), and once it
+#: exited (what its pipe holds: at most the pipe's size, 1 MiB unless raised, if nothing that
+#: outlived it still writes there)
+READ_PER_STEP = 256 << 10
+LAST_READ = 2 << 20
 #: seconds a program has by default, from its start
 TIMEOUT = 30.0
 #: seconds between the SIGTERM of a timed-out program's userland and SIGKILL of its relay
@@ -136,7 +141,7 @@ class Programs:
             self._drain(p)
             if _exited(p.started.pid):
                 p.status = p.started.wait()            # reaps at once: it has exited
-                self._drain(p)
+                self._drain(p, LAST_READ)               # (what its pipe still holds)
                 os.close(p.out)
                 self.done[name] = self.running.pop(name)
             elif p.hung_up_at is None and now >= p.deadline:
@@ -191,14 +196,19 @@ class Programs:
                 "output": [line[:200] for line in lines[-10:]], **figures}
 
     @staticmethod
-    def _drain(p: Started) -> None:
-        while True:
+    def _drain(p: Started, limit: int = READ_PER_STEP) -> None:
+        """What the program printed since, up to ``limit`` bytes: a program that writes
+        faster than the runner reads (or a process it left holding its stdout) has its turn
+        bounded; the rest waits for the next step, the run goes on."""
+        left = limit
+        while left > 0:
             try:
-                chunk = os.read(p.out, 65536)
+                chunk = os.read(p.out, min(65536, left))
             except (BlockingIOError, OSError):
                 return
             if not chunk:
                 return
+            left -= len(chunk)
             p.tail += chunk
             if len(p.tail) > TAIL:
                 del p.tail[:len(p.tail) - TAIL]

@@ -156,3 +156,142 @@ def test_an_expected_descriptor_is_handled_when_it_becomes_ready():
         reactor.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_handler_that_raises_loses_its_watch_is_reported_and_the_loop_goes_on():
+    """Issue 22: a handler reads what an instance wrote; one that raises on it must not end
+    the host: its watch is dropped, ``on_failure`` is told, every other handler still runs."""
+    told: list[tuple[str, object, str]] = []
+    reactor = Reactor(lambda watch, exc: told.append((watch.kind, watch.inst, str(exc))))
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    got: list[str] = []
+    a, b = instance(1, "a"), instance(2, "b")
+
+    def bad(_inst):
+        raise ValueError("scribbled header")
+    try:
+        reactor.watch(r1, "userland-console", a, bad)
+        reactor.watch(r2, "channel", b, lambda _i: got.append("b"))
+        os.write(w1, b"x")
+        os.write(w2, b"x")
+        assert reactor.dispatch(0) == 2
+        assert got == ["b"] and told == [("userland-console", a, "scribbled header")]
+        assert reactor.failures == 1
+        kinds = {k.data.kind for k in reactor.selector.get_map().values()}
+        assert kinds == {"channel"}                       # the failing one is watched no more
+        assert reactor.dispatch(0) == 1 and len(told) == 1
+    finally:
+        reactor.close()
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def test_keyboard_interrupt_out_of_a_handler_still_ends_the_loop():
+    reactor = Reactor(lambda watch, exc: None)
+    r, w = os.pipe()
+
+    def interrupted(_inst):
+        raise KeyboardInterrupt
+    try:
+        reactor.watch(r, "host-doorbell", None, interrupted)
+        os.write(w, b"x")
+        try:
+            reactor.dispatch(0)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("KeyboardInterrupt swallowed")
+    finally:
+        reactor.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_console_header_beyond_reason_is_healed_never_overflowed():
+    """abi/console.py: a writer (the host appending a userland's lines) never trusts the head
+    it reads: 2**64-1 there is brought back into range with the text kept in order."""
+    from partition.abi import layout as L
+    from partition.abi.console import HEAD_MAX, ConsoleWriter, format_console, read_console
+    buf = bytearray(L.CONSOLE_DATA + 64)
+    format_console(buf)
+    w = ConsoleWriter(memoryview(buf))
+    w.write("first\n")
+    w.data.release()
+    L.CONSOLE_HEADER.pack_into(buf, 0, L.CONSOLE_MAGIC, 64, 2**64 - 1)
+    w = ConsoleWriter(memoryview(buf))
+    assert "beyond reason" in w.healed
+    w.write("second\n")
+    assert L.CONSOLE_HEADER.unpack_from(buf, 0)[2] <= HEAD_MAX
+    assert read_console(buf).endswith("second\n")
+    # a head moved beyond reason under a writer already open: not taken either
+    L.CONSOLE_HEADER.pack_into(buf, 0, L.CONSOLE_MAGIC, 64, 2**64 - 3)
+    w.write("third\n")
+    assert read_console(buf).endswith("third\n")
+    w.data.release()
+    buf[0:4] = b"XXXX"                                  # a bad magic: formatted afresh
+    w = ConsoleWriter(memoryview(buf))
+    assert w.healed and read_console(buf) == ""
+    w.data.release()
+
+
+def test_a_descriptor_unwatched_earlier_in_the_turn_is_not_handled():
+    """Two descriptors ready in one turn; the first's handler unwatches the second and its
+    number is watched again for something else: the second's old handler is not called (its
+    key is stale), the new one is, from the next turn."""
+    reactor = Reactor(lambda watch, exc: None)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    got: list[str] = []
+    a = instance(1, "a")
+
+    def first(_inst):
+        got.append("first")
+        os.read(r1, 1)
+        reactor.unwatch(r2)
+        reactor.watch(r2, "other", a, lambda _i: got.append("new"))
+
+    def second(_inst):
+        got.append("second")
+        os.read(r2, 1)
+        reactor.unwatch(r1)
+    try:
+        reactor.watch(r1, "one", a, first)
+        reactor.watch(r2, "two", a, second)
+        os.write(w1, b"x")
+        os.write(w2, b"x")
+        reactor.dispatch(0)
+        assert got in (["first"], ["second"])          # whichever the kernel listed first
+        if got == ["first"]:
+            reactor.dispatch(0)
+            assert got == ["first", "new"]
+    finally:
+        reactor.close()
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+
+
+def test_a_host_handler_that_raises_is_reported_and_stays_watched():
+    """The host's own descriptors (its doorbell: ``inst`` None) serve every instance: a
+    handler of one that raises is reported, and the descriptor is still watched."""
+    told: list[str] = []
+    reactor = Reactor(lambda watch, exc: told.append(watch.kind))
+    r, w = os.pipe()
+    calls: list[int] = []
+
+    def flaky(_inst):
+        os.read(r, 1)                       # its readiness taken first, as _rung does
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a forged message")
+    try:
+        reactor.watch(r, "host-doorbell", None, flaky)
+        os.write(w, b"x")
+        reactor.dispatch(0)
+        assert told == ["host-doorbell"]
+        os.write(w, b"x")
+        assert reactor.dispatch(0) == 1 and len(calls) == 2 and told == ["host-doorbell"]
+    finally:
+        reactor.close()
+        os.close(r)
+        os.close(w)

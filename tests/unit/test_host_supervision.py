@@ -174,3 +174,29 @@ def test_a_failure_record_times_its_fault_and_keeps_the_console_tail():
     assert failure["recorded_ms"] == 2.0
     assert failure["console_tail"] == ["oops", "last words"]
     assert inst.counters["failures"] == 1 and inst.failures == [failure]
+
+
+def test_a_reboot_inside_is_a_counted_restart_and_a_halt_asked_for_wins():
+    """Issue 22: reboot(2) in a userland force-halts the kernel (halt ``reboot``) and its exit
+    queues a restart counted against the intensity, whatever the policy; one while the host
+    already halts the instance (an operator's kill) does nothing but say so."""
+    h = House()
+    inst = h.add(state=State.ACTIVE, pid=4242,
+                 recovery=RecoveryPolicy.build("none", max_restarts=1, restart_window=5.0))
+    assert h.sup.reboot(inst, h.force) and h.forced == ["a"]
+    assert inst.halt_requested == "reboot"
+    inst.state = State.LOADED                   # its exit handled (lifecycle.py)
+    h.sup.rebooted(inst)
+    assert h.sup.pending()
+    h.sup.run_restarts(h.boot, lambda: False)
+    assert h.booted == ["a"] and inst.counters["restarts"] == 1
+    inst.run.halt(None)
+    assert h.sup.reboot(inst, h.force)          # once more inside the window: given up
+    inst.state = State.LOADED
+    h.sup.rebooted(inst)
+    assert inst.state == State.FAILED and not h.sup.pending()
+    other = h.add("b", 2, state=State.ACTIVE, pid=4343)
+    other.run.halt("graceful")                  # mkctl kill in progress
+    assert not h.sup.reboot(other, h.force)
+    assert h.forced == ["a", "a"] and other.halt_requested == "graceful"
+    assert h.events.named("reboot_skipped"), h.events.said
