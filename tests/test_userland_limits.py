@@ -238,6 +238,92 @@ def test_a_hang_stop_freezes_the_userland_until_the_watchdog_acts(run_dir):
         reader.join(timeout=5)
 
 
+def freezer_state(pid: int) -> tuple[str, str]:
+    """The v1 freezer cgroup of host process ``pid``, and its state ("" without one, or once
+    the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                if "freezer" in ctrls.split(","):
+                    where = os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
+                    with open(os.path.join(where, "freezer.state")) as g:
+                        return where, g.read().strip()
+    except OSError:
+        pass
+    return "", ""
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.system
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/freezer"), reason="no v1 freezer here")
+def test_a_hang_spin_stops_the_userland_while_the_kernel_spins(run_dir):
+    """A spinning kernel schedules nothing: its programs stop (their nested freezer cgroup)
+    while the kernel itself runs on, until the watchdog ends it; the restart's userland is a
+    fresh one that runs, and nothing is left frozen."""
+    machine(run_dir)
+    running(run_dir, "db", "--watchdog", "3", "--recovery", "restart")
+    before = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+    argv = [PYTHON, "-c", COUNTER]
+    program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(program.stdout), daemon=True)
+    reader.start()
+    again = None
+    try:
+        until(lambda: len(seen) >= 5, what="the counter printing")
+        inside = until(lambda: host_pids(b"\0".join(a.encode() for a in argv) + b"\0"),
+                       what="the counter's process")
+        nested, state = freezer_state(inside[0])
+        assert nested.endswith(f"/i{before['id']}/userland") and state == "THAWED", nested
+        kernel = before["pid"]
+        assert freezer_state(kernel)[0] == os.path.dirname(nested)    # the kernel's: above it
+        assert mk(run_dir, "fault", "db", "hang-spin").returncode == 0
+        until(lambda: freezer_state(inside[0])[1] == "FROZEN", what="the userland frozen")
+        time.sleep(0.3)                          # (a line in the pipe as it froze)
+        frozen_at, ticks = len(seen), cpu_ticks(kernel)
+        time.sleep(1.2)
+        assert len(seen) == frozen_at, "the userland ran on through a hang-spin"
+        assert cpu_ticks(kernel) > ticks, "the kernel did not spin: it was frozen too"
+        assert mk(run_dir, "show", "db").returncode == 0
+        # the watchdog declares the hang and restarts the instance: every process of it killed
+        assert program.wait(timeout=30) == 128 + signal.SIGKILL
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in inside),
+              what="the frozen program gone")
+        shown = until(lambda: (lambda s: s if s["state"] == "active" and
+                               s["boots"] > before["boots"] else None)(
+            json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)),
+            timeout=30, what="the watchdog's restart")
+        assert shown["last_failure"]["kind"] == "hang", shown["last_failure"]
+        # the restarted kernel's userland is a fresh one, and it runs
+        again = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", *argv],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert again.stdout is not None
+        assert [again.stdout.readline() for _ in range(3)] == ["0\n", "1\n", "2\n"]
+        fresh = until(lambda: host_pids(b"\0".join(a.encode() for a in argv) + b"\0"),
+                      what="the new counter's process")
+        assert not set(fresh) & set(inside)
+        assert freezer_state(fresh[0]) == (nested, "THAWED")
+        again.kill()
+        again.wait()
+        assert mk(run_dir, "shutdown").returncode == 0
+        assert not os.path.exists(os.path.dirname(nested))  # the machine's cgroups, nested too
+    finally:
+        for p in (program, again):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        reader.join(timeout=5)
+
+
 @pytest.mark.system
 def test_an_adopted_instance_keeps_its_limit_and_root(run_dir, tmp_path):
     machine(run_dir)
