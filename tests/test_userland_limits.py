@@ -270,7 +270,7 @@ def test_a_hang_spin_stops_the_userland_while_the_kernel_spins(run_dir):
     machine(run_dir)
     running(run_dir, "db", "--watchdog", "3", "--recovery", "restart")
     before = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
-    argv = [PYTHON, "-c", COUNTER]
+    argv = [PYTHON, "-c", COUNTER, "hang-spin", run_dir]    # (this test's alone: found by it)
     program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
