@@ -35,9 +35,9 @@ def mk(run_dir, *args, **kw):
                           capture_output=True, text=True, timeout=60, **kw)
 
 
-def machine(run_dir) -> None:
+def machine(run_dir, *extra: str) -> None:
     r = mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
-           ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+           ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe", *extra)
     assert r.returncode == 0, r.stderr
 
 
@@ -322,6 +322,55 @@ def test_a_hang_spin_stops_the_userland_while_the_kernel_spins(run_dir):
                     p.kill()
                 p.wait()
         reader.join(timeout=5)
+
+
+def machine_cgroups(pid: int) -> list[str]:
+    """The machine's directories (``multikernel-...``) holding host process ``pid``, one per
+    v1 hierarchy it is in."""
+    out = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(","):
+                if c in ("cpuset", "memory", "pids", "freezer"):
+                    parts = path.strip("/").split("/")
+                    at = next(i for i, p in enumerate(parts) if p.startswith("multikernel-"))
+                    out.append(os.path.join("/sys/fs/cgroup", c, *parts[:at + 1]))
+    return out
+
+
+@pytest.mark.system
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/freezer"), reason="no v1 freezer here")
+@pytest.mark.parametrize("survive", [(), ("--no-survive-host",)], ids=["survivable", "not"])
+def test_a_frozen_userland_of_a_dead_host_is_killed_and_removed_at_shutdown(run_dir, survive):
+    """A host SIGKILLed while its instance hang-spins (its userland frozen) leaves them to
+    ``mkctl shutdown`` (an abandoned survivable machine's cgroups, or a dead machine's stale
+    ones): every process killed though frozen, every cgroup of every hierarchy removed, the
+    nested ones too."""
+    machine(run_dir, *survive)
+    running(run_dir, "db")
+    program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", "sleep", "307"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sleeps = until(lambda: host_pids(b"sleep\x00307\x00"), what="the exec's sleep")
+        dirs = machine_cgroups(sleeps[0])
+        assert len(dirs) == 4, dirs
+        assert mk(run_dir, "fault", "db", "hang-spin").returncode == 0
+        until(lambda: freezer_state(sleeps[0])[1] == "FROZEN", what="the userland frozen")
+        host = json.loads(mk(run_dir, "show", "--format", "json").stdout)["machine"]
+        os.kill(host["supervisor_pid"], signal.SIGKILL)
+        # reaped, not only dead: a zombie owner's cgroups are a live machine's to reap_stale
+        until(lambda: not os.path.exists(f"/proc/{host['supervisor_pid']}"),
+              what="the host's death")
+        assert mk(run_dir, "shutdown").returncode == 0
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in sleeps),
+              what="the frozen program gone")
+        assert [d for d in dirs if os.path.exists(d)] == []
+        assert program.wait(timeout=30) == 128 + signal.SIGKILL
+    finally:
+        if program.poll() is None:
+            program.kill()
+        program.wait()
 
 
 @pytest.mark.system

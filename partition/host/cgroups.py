@@ -334,15 +334,15 @@ class Cgroups:
         self.bases = {}
 
 
-def _reap_stale_in(parent: str) -> int:
-    """Remove the cgroups of machines whose host died (``multikernel-<pid>-...`` with no
-    such process), killing what still runs in them: a kernel's children outlive a host
-    that was SIGKILLed, and this is where they end."""
-    reaped = 0
+def _stale_in(parent: str) -> list[str]:
+    """The cgroups under ``parent`` of machines whose host died (``multikernel-<pid>-...``
+    with no such process): a kernel's children outlive a host that was SIGKILLed, and
+    ``reap_stale`` is where they end."""
     try:
         entries = os.listdir(parent)
     except OSError:
-        return 0
+        return []
+    out = []
     for entry in entries:
         if not entry.startswith("multikernel-"):
             continue
@@ -352,8 +352,8 @@ def _reap_stale_in(parent: str) -> int:
             continue
         if owner == os.getpid() or os.path.exists(f"/proc/{owner}"):
             continue
-        reaped += kill_and_remove([os.path.join(parent, entry)])
-    return reaped
+        out.append(os.path.join(parent, entry))
+    return out
 
 
 def survivable_dirs(run_name: str) -> list[tuple[str, str]]:
@@ -376,9 +376,8 @@ def survivable_dirs(run_name: str) -> list[tuple[str, str]]:
     return out
 
 
-def kill_and_remove_one(path: str) -> int:
-    """Kill what runs in one instance cgroup directory (its nested userland's too) and remove
-    it. A frozen one is thawed after the kill, or its processes would never die."""
+def _kill_in(path: str) -> int:
+    """SIGKILL what runs in one instance cgroup directory and its nested userland's."""
     killed = 0
     for where in (path, os.path.join(path, USERLAND)):
         try:
@@ -390,43 +389,63 @@ def kill_and_remove_one(path: str) -> int:
                     pass
         except OSError:
             pass
+    return killed
+
+
+def _thaw_in(path: str) -> None:
+    """Thaw one instance cgroup directory and its nested userland's, whichever froze them (a
+    hang-stop, a hang-spin), so that the processes killed there die."""
     for where in (os.path.join(path, USERLAND), path):
         for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
             try:
                 _write(os.path.join(where, name), value)
             except OSError:
                 pass
+
+
+def kill_and_remove_one(path: str) -> int:
+    """Kill what runs in one instance cgroup directory (its nested userland's too) and remove
+    it. A frozen one is thawed after the kill, or its processes would never die."""
+    killed = _kill_in(path)
+    _thaw_in(path)
     _rmdir_tree(path)
     return killed
 
 
 def kill_and_remove(bases: list[str]) -> int:
     """Kill every process in the instance cgroups under ``bases`` and remove them (an abandoned
-    survivable machine's, at mkctl shutdown); returns how many were killed."""
-    killed = 0
+    survivable machine's, at mkctl shutdown); returns how many were killed. Every hierarchy's
+    processes are killed, then every freezer thawed, then the directories removed: a frozen
+    process dies only once thawed, and no directory of another hierarchy that holds it can be
+    removed before."""
+    subs = []
     for base in bases:
-        if not os.path.isdir(base):
+        try:
+            entries = os.listdir(base)
+        except OSError:
             continue
-        for sub in os.listdir(base):
-            path = os.path.join(base, sub)
-            if os.path.isdir(path):
-                killed += kill_and_remove_one(path)
-        _rmdir(base)
+        subs += [os.path.join(base, e) for e in entries if os.path.isdir(os.path.join(base, e))]
+    killed = sum(_kill_in(path) for path in subs)
+    for path in subs:
+        _thaw_in(path)
+    for path in subs:
+        _rmdir_tree(path)
+    for base in bases:
+        if os.path.isdir(base):
+            _rmdir(base)
     return killed
 
 
 def reap_stale() -> int:
     """Clear every hierarchy of the cgroups that dead hosts left; returns the processes killed
     (``mkctl shutdown`` of a stale machine, and every new machine, call this)."""
-    reaped = 0
     own = _own_paths()
     if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
         parents = [os.path.join(_MOUNT, own.get("", "/").lstrip("/"))]
     else:
         parents = [os.path.join(_MOUNT, c, own.get(c, "/").lstrip("/")) for c in V1_CONTROLLERS]
-    for parent in parents:
-        reaped += _reap_stale_in(parent)
-    return reaped
+    # every hierarchy's at once: a frozen process dies only when its freezer is thawed
+    return kill_and_remove([base for parent in parents for base in _stale_in(parent)])
 
 
 def _rmdir_tree(path: str) -> None:
