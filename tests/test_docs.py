@@ -194,3 +194,21 @@ def test_api_page_example_runs():
         pytest.skip("the example pins the host to CPU 0 and db to CPU 1")
     code = re.search(r"```python\n(.*?)```", _doc("api.md"), re.S).group(1)
     exec(compile(code, "docs/api.md", "exec"), {})
+
+
+def test_userland_bench_targets_and_the_nested_cgroup_are_the_documented_ones():
+    """bench userland's targets (a rate at least 0.9x, the boot at most 1.5x), its asking
+    interval, and the userland's nested cgroup a hang-spin freezes, as the docs state them."""
+    from partition.bench import userland as ub
+    from partition.host import cgroups
+    for name, heading in (("benchmarks.md", "## `mkctl bench userland`"),
+                          ("userland.md", "## Measured")):
+        text = _section(_doc(name), heading)
+        assert f"{ub.TARGET_RATIO:g}x" in text and f"{ub.BOOT_TARGET_RATIO:g}x" in text, name
+    cli = _doc("cli.md")
+    assert f">= {ub.TARGET_RATIO:g}x" in cli and f"<= {ub.BOOT_TARGET_RATIO:g}x" in cli
+    measured = _section(_doc("userland.md"), "## Measured")
+    assert f"every {ub.ASK_EVERY_S * 1000:g} ms" in measured
+    assert f"/mnt/shared/{ub.REGION}/{ub.BOOT_SOCKET}" in measured
+    faults = _section(_doc("userland.md"), "## Faults")
+    assert f"`i<id>/{cgroups.USERLAND}`" in faults

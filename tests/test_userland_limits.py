@@ -35,9 +35,9 @@ def mk(run_dir, *args, **kw):
                           capture_output=True, text=True, timeout=60, **kw)
 
 
-def machine(run_dir) -> None:
+def machine(run_dir, *extra: str) -> None:
     r = mk(run_dir, "init", "--cpus", str(CPUS[-1]), "--memory", "64M", "--host-cpus",
-           ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe")
+           ",".join(map(str, CPUS[:-1])) or "none", "--oversubscribe", *extra)
     assert r.returncode == 0, r.stderr
 
 
@@ -236,6 +236,141 @@ def test_a_hang_stop_freezes_the_userland_until_the_watchdog_acts(run_dir):
             program.kill()
         program.wait()
         reader.join(timeout=5)
+
+
+def freezer_state(pid: int) -> tuple[str, str]:
+    """The v1 freezer cgroup of host process ``pid``, and its state ("" without one, or once
+    the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                if "freezer" in ctrls.split(","):
+                    where = os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
+                    with open(os.path.join(where, "freezer.state")) as g:
+                        return where, g.read().strip()
+    except OSError:
+        pass
+    return "", ""
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.system
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/freezer"), reason="no v1 freezer here")
+def test_a_hang_spin_stops_the_userland_while_the_kernel_spins(run_dir):
+    """A spinning kernel schedules nothing: its programs stop (their nested freezer cgroup)
+    while the kernel itself runs on, until the watchdog ends it; the restart's userland is a
+    fresh one that runs, and nothing is left frozen."""
+    machine(run_dir)
+    running(run_dir, "db", "--watchdog", "3", "--recovery", "restart")
+    before = json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)
+    argv = [PYTHON, "-c", COUNTER, "hang-spin", run_dir]    # (this test's alone: found by it)
+    program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(program.stdout), daemon=True)
+    reader.start()
+    again = None
+    try:
+        until(lambda: len(seen) >= 5, what="the counter printing")
+        inside = until(lambda: host_pids(b"\0".join(a.encode() for a in argv) + b"\0"),
+                       what="the counter's process")
+        nested, state = freezer_state(inside[0])
+        assert nested.endswith(f"/i{before['id']}/userland") and state == "THAWED", nested
+        kernel = before["pid"]
+        assert freezer_state(kernel)[0] == os.path.dirname(nested)    # the kernel's: above it
+        assert mk(run_dir, "fault", "db", "hang-spin").returncode == 0
+        until(lambda: freezer_state(inside[0])[1] == "FROZEN", what="the userland frozen")
+        time.sleep(0.3)                          # (a line in the pipe as it froze)
+        frozen_at, ticks = len(seen), cpu_ticks(kernel)
+        time.sleep(1.2)
+        assert len(seen) == frozen_at, "the userland ran on through a hang-spin"
+        assert cpu_ticks(kernel) > ticks, "the kernel did not spin: it was frozen too"
+        assert mk(run_dir, "show", "db").returncode == 0
+        # the watchdog declares the hang and restarts the instance: every process of it killed
+        assert program.wait(timeout=30) == 128 + signal.SIGKILL
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in inside),
+              what="the frozen program gone")
+        shown = until(lambda: (lambda s: s if s["state"] == "active" and
+                               s["boots"] > before["boots"] else None)(
+            json.loads(mk(run_dir, "show", "db", "--format", "json").stdout)),
+            timeout=30, what="the watchdog's restart")
+        assert shown["last_failure"]["kind"] == "hang", shown["last_failure"]
+        # the restarted kernel's userland is a fresh one, and it runs
+        again = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", *argv],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert again.stdout is not None
+        assert [again.stdout.readline() for _ in range(3)] == ["0\n", "1\n", "2\n"]
+        fresh = until(lambda: host_pids(b"\0".join(a.encode() for a in argv) + b"\0"),
+                      what="the new counter's process")
+        assert not set(fresh) & set(inside)
+        assert freezer_state(fresh[0]) == (nested, "THAWED")
+        again.kill()
+        again.wait()
+        assert mk(run_dir, "shutdown").returncode == 0
+        assert not os.path.exists(os.path.dirname(nested))  # the machine's cgroups, nested too
+    finally:
+        for p in (program, again):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        reader.join(timeout=5)
+
+
+def machine_cgroups(pid: int) -> list[str]:
+    """The machine's directories (``multikernel-...``) holding host process ``pid``, one per
+    v1 hierarchy it is in."""
+    out = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(","):
+                if c in ("cpuset", "memory", "pids", "freezer"):
+                    parts = path.strip("/").split("/")
+                    at = next(i for i, p in enumerate(parts) if p.startswith("multikernel-"))
+                    out.append(os.path.join("/sys/fs/cgroup", c, *parts[:at + 1]))
+    return out
+
+
+@pytest.mark.system
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/freezer"), reason="no v1 freezer here")
+@pytest.mark.parametrize("survive", [(), ("--no-survive-host",)], ids=["survivable", "not"])
+def test_a_frozen_userland_of_a_dead_host_is_killed_and_removed_at_shutdown(run_dir, survive):
+    """A host SIGKILLed while its instance hang-spins (its userland frozen) leaves them to
+    ``mkctl shutdown`` (an abandoned survivable machine's cgroups, or a dead machine's stale
+    ones): every process killed though frozen, every cgroup of every hierarchy removed, the
+    nested ones too."""
+    machine(run_dir, *survive)
+    running(run_dir, "db")
+    program = subprocess.Popen(MKCTL + ["exec", "--run-dir", run_dir, "db", "--", "sleep", "307"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sleeps = until(lambda: host_pids(b"sleep\x00307\x00"), what="the exec's sleep")
+        dirs = machine_cgroups(sleeps[0])
+        assert len(dirs) == 4, dirs
+        assert mk(run_dir, "fault", "db", "hang-spin").returncode == 0
+        until(lambda: freezer_state(sleeps[0])[1] == "FROZEN", what="the userland frozen")
+        host = json.loads(mk(run_dir, "show", "--format", "json").stdout)["machine"]
+        os.kill(host["supervisor_pid"], signal.SIGKILL)
+        # reaped, not only dead: a zombie owner's cgroups are a live machine's to reap_stale
+        until(lambda: not os.path.exists(f"/proc/{host['supervisor_pid']}"),
+              what="the host's death")
+        assert mk(run_dir, "shutdown").returncode == 0
+        until(lambda: not any(os.path.exists(f"/proc/{p}") for p in sleeps),
+              what="the frozen program gone")
+        assert [d for d in dirs if os.path.exists(d)] == []
+        assert program.wait(timeout=30) == 128 + signal.SIGKILL
+    finally:
+        if program.poll() is None:
+            program.kill()
+        program.wait()
 
 
 @pytest.mark.system

@@ -16,9 +16,17 @@ medians are compared.
   least 0.9x each. Both are tmpfs: what is weighed is the userland's way to the region (the
   bind mount, the cgroup's charge, the filter), not a different medium.
 
-The boot figure of issue 22 (an init that answers on a local socket, against a raw fork+exec)
-is for later, with the instance-wide userland. ``main`` exits 1 on a miss it prints;
-``--quick`` allows tiny counts and judges nothing.
+* **boot to first answer**: the instance is started (``start``: its kernel boots, the host
+  starts its userland, whose init starts its boot program) and the bench asks the boot program
+  on a unix socket until it answers; beside it, the same program is fork+exec'd raw on the host
+  and asked the same way. The socket is in the machine's shared region (a tmpfs the host sees
+  too): inside at ``/mnt/shared/bench/boot.sock``, on the host beside it, so the bench reaches
+  both by the same path lookup, the same connect and the same question, polled at the same
+  interval. The program answers with its host name, which inside is the instance's (its UTS
+  namespace): an answer from anything but the instance's userland is refused. Target: at most
+  1.5x the host's time. Each round is one boot (the instance is force-halted before the next).
+
+``main`` exits 1 on a miss it prints; ``--quick`` allows tiny counts and judges nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from partition.guest import userland
@@ -41,6 +53,16 @@ PYTHON = os.path.realpath(sys.executable)          # not a shim script: a shim f
 FIGURES = {"fork_exec": ("fork+exec /bin/true", "/s"),
            "write": ("sequential write", " MiB/s"),
            "mmap": ("mmap write", " MiB/s")}
+#: the figures that are times (less is better), each judged against BOOT_TARGET_RATIO
+TIMES = {"boot": ("boot to first answer", " ms")}
+#: the instance's boot to its program's first answer: at most this many times the host's
+BOOT_TARGET_RATIO = 1.5
+#: the boot program's socket: its name in the shared region, inside and on the host
+BOOT_SOCKET, HOST_SOCKET = "boot.sock", "boot-host.sock"
+#: how long the bench waits between two questions to a program not answering yet (both sides)
+ASK_EVERY_S = 0.001
+#: how long a boot may take to answer before the run is refused
+ANSWER_WITHIN_S = 30.0
 #: the smallest counts a judged run accepts (below them a ratio is noise)
 MIN_LOOPS, MIN_ROUNDS = 100, 3
 #: the most MiB a run writes (one file at a time: the region holds it and a page to spare)
@@ -92,6 +114,119 @@ finally:
 st = os.statvfs(os.path.dirname(path))
 print(json.dumps({"write": write, "mmap": mapped, "fs_bytes": st.f_blocks * st.f_frsize}))
 """
+
+
+#: the boot program: listens on a unix socket, answers the first question with its host name
+SERVER = """
+import os, socket, sys
+path, cpu = sys.argv[1], int(sys.argv[2])
+os.sched_setaffinity(0, [cpu])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+s.listen(1)
+c, _ = s.accept()
+c.recv(64)
+c.sendall(socket.gethostname().encode() + b"\\n")
+c.close()
+"""
+
+
+def server_argv(path: str, cpu: int) -> list[str]:
+    """The boot program, the same on both sides (``-I``: nothing of either's environment)."""
+    return [PYTHON, "-I", "-c", SERVER, path, str(cpu)]
+
+
+def ask(path: str) -> str | None:
+    """One question to the program listening at ``path``: its answer, or None while nothing
+    listens there yet."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with s:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        s.settimeout(ANSWER_WITHIN_S)
+        s.sendall(b"who\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode("utf-8", "replace").strip()
+
+
+def first_answer(path: str, step: Callable[[], object], since: float) -> tuple[str, float]:
+    """Ask at ``path`` until answered, ``step`` between two questions; the answer and the ms
+    from ``since`` (perf_counter) to it."""
+    while (answer := ask(path)) is None:
+        if time.perf_counter() - since > ANSWER_WITHIN_S:
+            raise RuntimeError(f"nothing answered at {path} within {ANSWER_WITHIN_S:g} s")
+        step()
+    return answer, (time.perf_counter() - since) * 1000
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def host_boot(path: str, cpu: int) -> float:
+    """ms from a raw fork+exec of the boot program on the host to its first answer."""
+    _unlink(path)
+    since = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(PYTHON, server_argv(path, cpu))
+        finally:
+            os._exit(127)
+    try:
+        answer, ms = first_answer(path, lambda: time.sleep(ASK_EVERY_S), since)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        _unlink(path)
+    _, status = os.waitpid(pid, 0)          # it ends once it answered
+    if answer != socket.gethostname() or status != 0:
+        raise RuntimeError(f"the host's boot program answered {answer!r}, status {status}")
+    return ms
+
+
+def instance_boot(m: Machine, name: str, path: str) -> float:
+    """ms from ``start`` of instance ``name`` (halted first if it runs) to its boot program's
+    first answer at ``path`` (the host's path of its socket), the machine driven meanwhile."""
+    if m.get(name).state.value == "active":
+        m.kill(name, force=True)
+    _unlink(path)
+    since = time.perf_counter()
+    m.start(name)
+    answer, ms = first_answer(path, lambda: m.poll(ASK_EVERY_S), since)
+    _unlink(path)
+    if answer != name:
+        raise RuntimeError(f"the boot program of {name!r} answered {answer!r}, not its "
+                           "instance's host name: not the instance's")
+    return ms
+
+
+def measure_boot(m: Machine, name: str, region_path: str, cpu: int, rounds: int,
+                 progress: bool = False) -> dict[str, dict[str, list[float]]]:
+    """The boot figure: ``rounds`` alternating boots, one on the host, one of the instance
+    (loaded with ``server_argv`` as its boot program, its socket in ``region_path``)."""
+    got: dict[str, list[float]] = {"host": [], "userland": []}
+    for i in range(rounds):
+        got["host"].append(host_boot(os.path.join(region_path, HOST_SOCKET), cpu))
+        got["userland"].append(instance_boot(m, name, os.path.join(region_path, BOOT_SOCKET)))
+        if progress:
+            print(f"\rbench userland: boot {i + 1}/{rounds}", end="", file=sys.stderr,
+                  flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return {"boot": got}
 
 
 def on_host(script: str, args: list[str]) -> str:
@@ -157,23 +292,34 @@ def compare(identity: userland.Identity, n: int = 300, rounds: int = 5) -> dict[
 
 
 def judge(got: dict[str, dict[str, list[float]]], quick: bool) -> dict[str, Any]:
-    """Medians, ratios (userland / host) and, unless ``quick``, each against the target."""
+    """Medians, ratios (userland / host) and, unless ``quick``, each figure measured against
+    its target: a rate (FIGURES) at least TARGET_RATIO, a time (TIMES) at most
+    BOOT_TARGET_RATIO."""
     figures: dict[str, Any] = {}
-    for k in FIGURES:
+    for k in (*FIGURES, *TIMES):
+        if k not in got:
+            continue
         h, u = statistics.median(got[k]["host"]), statistics.median(got[k]["userland"])
         ratio = u / h if h > 0 else 0.0
-        figures[k] = {"host": h, "userland": u, "ratio": ratio,
-                      "met": None if quick else ratio >= TARGET_RATIO}
-    met = None if quick else all(f["met"] for f in figures.values())
-    return {"figures": figures, "target_ratio": TARGET_RATIO, "judged": not quick,
-            "meets_target": met}
+        if k in FIGURES:
+            target, better, met = TARGET_RATIO, "higher", ratio >= TARGET_RATIO
+        else:
+            target, better, met = BOOT_TARGET_RATIO, "lower", 0 < ratio <= BOOT_TARGET_RATIO
+        figures[k] = {"host": h, "userland": u, "ratio": ratio, "target": target,
+                      "better": better, "met": None if quick else met}
+    met_all = None if quick else all(f["met"] for f in figures.values())
+    return {"figures": figures, "target_ratio": TARGET_RATIO,
+            "boot_target_ratio": BOOT_TARGET_RATIO, "judged": not quick,
+            "meets_target": met_all}
 
 
 def run(loops: int = 300, rounds: int = 5, write_mib: int = 32, cpu: int | None = None,
         quick: bool = False, progress: bool = False,
         run_dir: str | None = None) -> dict[str, Any]:
-    """A machine with one running instance (in ``run_dir``, a fresh one by default), the
-    figures measured in it and beside it; the machine is gone on return."""
+    """A machine with one instance (in ``run_dir``, a fresh one by default) whose boot
+    program answers on a unix socket: booted ``rounds`` times against the same program on
+    the host, then, running, the other figures measured in it and beside it; the machine is
+    gone on return."""
     if loops < 1 or rounds < 1 or not 1 <= write_mib <= MAX_WRITE_MIB:
         raise ValueError(f"loops and rounds must be >= 1, write size 1..{MAX_WRITE_MIB} MiB")
     affinity = sorted(os.sched_getaffinity(0))
@@ -185,18 +331,23 @@ def run(loops: int = 300, rounds: int = 5, write_mib: int = 32, cpu: int | None 
     with Machine(cpus=[cpu], memory=memory + (32 << 20), host_cpus=None if shared else "0",
                  oversubscribe=shared, run_dir=run_dir, shared={REGION: str(region)}) as m:
         m.create("bench", cpus=[cpu], memory=memory, shared=[REGION])
-        m.load("bench", "kernels.idle:IdleKernel")
-        m.start("bench")
-        inst = m.get("bench")
+        inside_socket = f"{userland.SHARED_MOUNTS}/{REGION}/{BOOT_SOCKET}"
+        m.load("bench", "kernels.idle:IdleKernel", programs=[server_argv(inside_socket, cpu)])
+        got = measure_boot(m, "bench", m.shared.mounts([REGION])[REGION], cpu, rounds,
+                           progress)
+        inst = m.get("bench")                             # running, from the last boot
         identity = userland.Identity(name="bench", cpus=[cpu],
                                      cgroup_procs=m.cgroups.procs_files(inst.id),
                                      kernel_pid=inst.pid,
                                      shared=m.shared.mounts(inst.shared))
-        got = measure(identity, cpu, loops, write_mib, progress, rounds, region)
+        got.update(measure(identity, cpu, loops, write_mib, progress, rounds, region))
     res = {"benchmark": "userland", "cpu": cpu, "loops": loops, "rounds": rounds,
            "write_mib": write_mib, "region_bytes": region, "environment": environment(),
            "files": f"inside, in the machine's shared region {REGION!r} ({INSIDE_FILE}); on "
-                    "the host, in /dev/shm (both tmpfs)"}
+                    "the host, in /dev/shm (both tmpfs)",
+           "boot": f"start of the instance, against a raw fork+exec on the host, to the "
+                   f"first answer of the same program on a unix socket in the region "
+                   f"({inside_socket} inside)"}
     res.update(judge(got, quick))
     return res
 
@@ -207,13 +358,20 @@ def render(res: dict[str, Any]) -> str:
              f"{res['loops']} fork+exec and {res['write_mib']} MiB written per run",
              f"machine: {environment_line(res['environment'])}",
              row.format("", "host", "userland", "ratio", "")]
-    for k, (label, unit) in FIGURES.items():
-        f = res["figures"][k]
+    for k, (label, unit) in {**FIGURES, **TIMES}.items():
+        f = res["figures"].get(k)
+        if f is None:
+            continue
+        sign = ">=" if k in FIGURES else "<="
         verdict = ("not judged (--quick)" if f["met"] is None else
-                   f"target >= {res['target_ratio']:g}x: {'met' if f['met'] else 'MISSED'}")
-        lines.append(row.format(label, f"{f['host']:.0f}{unit}", f"{f['userland']:.0f}{unit}",
-                                f"{f['ratio']:.2f}x", verdict))
+                   f"target {sign} {f['target']:g}x: {'met' if f['met'] else 'MISSED'}")
+        digits = 0 if k in FIGURES else 1
+        lines.append(row.format(label, f"{f['host']:.{digits}f}{unit}",
+                                f"{f['userland']:.{digits}f}{unit}", f"{f['ratio']:.2f}x",
+                                verdict))
     lines.append(f"files: {res['files']}")
+    if "boot" in res:
+        lines.append(f"boot: {res['boot']}")
     return "\n".join(line.rstrip() for line in lines)
 
 

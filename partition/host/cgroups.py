@@ -18,6 +18,13 @@ supported; a machine with neither runs its instances uncontained and says so
 Limits: ``cpuset.cpus`` = the instance's CPUs; memory = the partition + the kernel's heap limit
 (``mk_heap``, 256M by default) + ``ALLOWANCE`` for the interpreter and its mappings; ``pids`` =
 the instance's process limit (``create --pids-max``; ``PIDS_MAX`` by default).
+
+The instance's userland (host/userlands.py, ``mkctl exec``) lives in the same cgroups but for
+one nested directory, ``i<id>/userland``, in the freezer (v1) or the one hierarchy (v2): its
+limits are still the instance's (hierarchical), and a kill of the instance still takes it, but
+it can be frozen alone while the kernel runs on (a ``hang-spin``: a kernel spinning in its loop
+schedules nothing else on its CPUs, so its programs stop; the kernel itself must go on spinning
+for the watchdog to see it make no progress).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from partition.host.userspec import PIDS_MAX_DEFAULT
 ALLOWANCE = 96 << 20       # the interpreter, its libraries and page tables, beyond the heap
 PIDS_MAX = PIDS_MAX_DEFAULT  # processes and threads of one instance, unless create says
 V1_CONTROLLERS = ("cpuset", "memory", "pids", "freezer")
+#: the nested directory of an instance's cgroup its userland joins (freezable on its own)
+USERLAND = "userland"
 _MOUNT = "/sys/fs/cgroup"
 
 
@@ -138,6 +147,7 @@ class Cgroups:
                 self._cpus(d, cpulist, "")
                 _write(os.path.join(d, "memory.max"), str(memory_limit))
                 _write(os.path.join(d, "pids.max"), str(pids_max))
+        self._userland_dir(instance_id)
         return [os.path.join(d, "cgroup.procs") for d in dirs.values()]
 
     @staticmethod
@@ -149,13 +159,35 @@ class Cgroups:
         except OSError:
             _write(os.path.join(d, "cpuset.cpus"), fallback)
 
+    def _userland_dir(self, instance_id: int) -> str | None:
+        """``i<id>/userland`` in the freezer (v1) or the one hierarchy (v2), made if missing
+        (an instance prepared by an older host); None without cgroups or the instance's."""
+        if self.mode is None:
+            return None
+        parent = self._dirs(instance_id).get("freezer" if self.mode == "v1" else "")
+        if parent is None or not os.path.isdir(parent):
+            return None
+        d = os.path.join(parent, USERLAND)
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        return d
+
     def procs_files(self, instance_id: int) -> list[str]:
-        """The ``cgroup.procs`` files of an instance's cgroups (a process that writes itself
-        there is under the instance: mkctl exec NAME -- CMD)."""
+        """The ``cgroup.procs`` files a process of the instance's userland writes itself into
+        (its init, mkctl exec's relay): the instance's cgroups, but the freezer's (v1) or the
+        hierarchy's (v2) nested ``userland`` last, which it so ends in. The instance's own
+        directory comes first in v2 too: a check that the kernel is still in them
+        (``userland.in_cgroups_of``) finds it there."""
         if self.mode is None:
             return []
-        return [os.path.join(d, "cgroup.procs") for d in self._dirs(instance_id).values()
-                if os.path.isdir(d)]
+        out = [os.path.join(d, "cgroup.procs") for c, d in self._dirs(instance_id).items()
+               if os.path.isdir(d) and c != "freezer"]
+        nested = self._userland_dir(instance_id)
+        if nested is not None:
+            out.append(os.path.join(nested, "cgroup.procs"))
+        return out
 
     def set_cpus(self, instance_id: int, cpus: list[int]) -> None:
         """A runtime CPU change (host/resize.py): the cpuset follows; in v1 the kernel moves
@@ -168,14 +200,18 @@ class Cgroups:
             _write(os.path.join(d, "cpuset.cpus"), ",".join(str(c) for c in cpus))
 
     def members(self, instance_id: int) -> list[int]:
-        """Every process in the instance's cgroup (its kernel and whatever it forked)."""
+        """Every process in the instance's cgroup (its kernel and whatever it forked, its
+        userland's nested directory included: v1's pids hierarchy has none)."""
         if self.mode is None:
             return []
         d = self._dirs(instance_id)["pids" if self.mode == "v1" else ""]
-        try:
-            return [int(p) for p in _read(os.path.join(d, "cgroup.procs")).split()]
-        except (OSError, ValueError):
-            return []
+        out: list[int] = []
+        for where in (d, os.path.join(d, USERLAND)):
+            try:
+                out += [int(p) for p in _read(os.path.join(where, "cgroup.procs")).split()]
+            except (OSError, ValueError):
+                pass
+        return out
 
     def oom_kills(self, instance_id: int) -> int:
         """How many processes the instance's memory limit has killed (its OOM killer)."""
@@ -192,13 +228,15 @@ class Cgroups:
             pass
         return 0
 
-    def _freeze_file(self, instance_id: int) -> str | None:
-        """The file that freezes the instance's cgroup (v1's freezer, v2's ``cgroup.freeze``);
-        None without cgroups."""
+    def _freeze_file(self, instance_id: int, userland: bool = False) -> str | None:
+        """The file that freezes the instance's cgroup (v1's freezer, v2's ``cgroup.freeze``),
+        or with ``userland`` its userland's nested one; None without them."""
         if self.mode is None:
             return None
         dirs = self._dirs(instance_id)
         d = dirs.get("freezer") if self.mode == "v1" else dirs.get("")
+        if d is not None and userland:
+            d = os.path.join(d, USERLAND)
         if d is None or not os.path.isdir(d):
             return None
         return os.path.join(d, "freezer.state" if self.mode == "v1" else "cgroup.freeze")
@@ -213,20 +251,37 @@ class Cgroups:
         _write(path, "FROZEN" if self.mode == "v1" else "1")
         return True
 
-    def frozen(self, instance_id: int) -> bool:
-        """The instance's cgroup is frozen, or freezing (``freeze``)."""
-        path = self._freeze_file(instance_id)
-        try:
-            state = _read(path) if path else ""
-        except OSError:
+    def freeze_userland(self, instance_id: int) -> bool:
+        """Stop every process of the instance's userland where it stands, the kernel running
+        on (a hang-spin: the kernel spins, so nothing else runs on its CPUs); False where there
+        is no freezer. As ``freeze``, only a kill or ``thaw`` lets them run again."""
+        path = self._freeze_file(instance_id, userland=True)
+        if path is None:
             return False
-        return state in ("FROZEN", "FREEZING", "1")
+        _write(path, "FROZEN" if self.mode == "v1" else "1")
+        return True
+
+    def frozen(self, instance_id: int) -> bool:
+        """The instance's cgroup, or its userland's alone, is frozen or freezing (``freeze``,
+        ``freeze_userland``)."""
+        for userland in (False, True):
+            path = self._freeze_file(instance_id, userland)
+            try:
+                state = _read(path) if path else ""
+            except OSError:
+                continue
+            if state in ("FROZEN", "FREEZING", "1"):
+                return True
+        return False
 
     def thaw(self, instance_id: int) -> None:
-        """Let the instance's processes run again: those SIGKILLed meanwhile die now."""
-        path = self._freeze_file(instance_id)
-        if path is not None:
-            _write(path, "THAWED" if self.mode == "v1" else "0")
+        """Let the instance's processes run again, its userland's too: those SIGKILLed
+        meanwhile die now. (The userland's first: while the instance's is still frozen,
+        nothing of it runs in between.)"""
+        for userland in (True, False):
+            path = self._freeze_file(instance_id, userland)
+            if path is not None:
+                _write(path, "THAWED" if self.mode == "v1" else "0")
 
     def kill(self, instance_id: int, keep: int | None = None, reap: bool = False) -> int:
         """SIGKILL every process of the instance (but ``keep``: a live update's loaded
@@ -254,7 +309,7 @@ class Cgroups:
                 except ProcessLookupError:
                     pass
         finally:
-            _write(freezer, "THAWED")
+            self.thaw(instance_id)     # the userland's too (a hang-spin froze it alone)
         if reap:                # those that are this process's children (a host in-process)
             for pid in pids:
                 try:
@@ -269,29 +324,25 @@ class Cgroups:
             return
         self.kill(instance_id)
         for d in self._dirs(instance_id).values():
-            _rmdir(d)
+            _rmdir_tree(d)
 
     def close(self) -> None:
         for base in self.bases.values():
             if not os.path.isdir(base):
                 continue
-            for entry in os.listdir(base):
-                sub = os.path.join(base, entry)
-                if os.path.isdir(sub):
-                    _rmdir(sub)
-            _rmdir(base)
+            _rmdir_tree(base)
         self.bases = {}
 
 
-def _reap_stale_in(parent: str) -> int:
-    """Remove the cgroups of machines whose host died (``multikernel-<pid>-...`` with no
-    such process), killing what still runs in them: a kernel's children outlive a host
-    that was SIGKILLed, and this is where they end."""
-    reaped = 0
+def _stale_in(parent: str) -> list[str]:
+    """The cgroups under ``parent`` of machines whose host died (``multikernel-<pid>-...``
+    with no such process): a kernel's children outlive a host that was SIGKILLed, and
+    ``reap_stale`` is where they end."""
     try:
         entries = os.listdir(parent)
     except OSError:
-        return 0
+        return []
+    out = []
     for entry in entries:
         if not entry.startswith("multikernel-"):
             continue
@@ -301,8 +352,8 @@ def _reap_stale_in(parent: str) -> int:
             continue
         if owner == os.getpid() or os.path.exists(f"/proc/{owner}"):
             continue
-        reaped += kill_and_remove([os.path.join(parent, entry)])
-    return reaped
+        out.append(os.path.join(parent, entry))
+    return out
 
 
 def survivable_dirs(run_name: str) -> list[tuple[str, str]]:
@@ -325,49 +376,90 @@ def survivable_dirs(run_name: str) -> list[tuple[str, str]]:
     return out
 
 
-def kill_and_remove_one(path: str) -> int:
-    """Kill what runs in one instance cgroup directory and remove it."""
+def _kill_in(path: str) -> int:
+    """SIGKILL what runs in one instance cgroup directory and its nested userland's."""
     killed = 0
-    try:
-        for pid in _read(os.path.join(path, "cgroup.procs")).split():
+    for where in (path, os.path.join(path, USERLAND)):
+        try:
+            for pid in _read(os.path.join(where, "cgroup.procs")).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        except OSError:
+            pass
+    return killed
+
+
+def _thaw_in(path: str) -> None:
+    """Thaw one instance cgroup directory and its nested userland's, whichever froze them (a
+    hang-stop, a hang-spin), so that the processes killed there die."""
+    for where in (os.path.join(path, USERLAND), path):
+        for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
             try:
-                os.kill(int(pid), signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
+                _write(os.path.join(where, name), value)
+            except OSError:
                 pass
-    except OSError:
-        pass
-    _rmdir(path)
+
+
+def kill_and_remove_one(path: str) -> int:
+    """Kill what runs in one instance cgroup directory (its nested userland's too) and remove
+    it. A frozen one is thawed after the kill, or its processes would never die."""
+    killed = _kill_in(path)
+    _thaw_in(path)
+    _rmdir_tree(path)
     return killed
 
 
 def kill_and_remove(bases: list[str]) -> int:
     """Kill every process in the instance cgroups under ``bases`` and remove them (an abandoned
-    survivable machine's, at mkctl shutdown); returns how many were killed."""
-    killed = 0
+    survivable machine's, at mkctl shutdown); returns how many were killed. Every hierarchy's
+    processes are killed, then every freezer thawed, then the directories removed: a frozen
+    process dies only once thawed, and no directory of another hierarchy that holds it can be
+    removed before."""
+    subs = []
     for base in bases:
-        if not os.path.isdir(base):
+        try:
+            entries = os.listdir(base)
+        except OSError:
             continue
-        for sub in os.listdir(base):
-            path = os.path.join(base, sub)
-            if os.path.isdir(path):
-                killed += kill_and_remove_one(path)
-        _rmdir(base)
+        subs += [os.path.join(base, e) for e in entries if os.path.isdir(os.path.join(base, e))]
+    killed = sum(_kill_in(path) for path in subs)
+    for path in subs:
+        _thaw_in(path)
+    for path in subs:
+        _rmdir_tree(path)
+    for base in bases:
+        if os.path.isdir(base):
+            _rmdir(base)
     return killed
 
 
 def reap_stale() -> int:
     """Clear every hierarchy of the cgroups that dead hosts left; returns the processes killed
     (``mkctl shutdown`` of a stale machine, and every new machine, call this)."""
-    reaped = 0
     own = _own_paths()
     if os.path.exists(os.path.join(_MOUNT, "cgroup.controllers")):
         parents = [os.path.join(_MOUNT, own.get("", "/").lstrip("/"))]
     else:
         parents = [os.path.join(_MOUNT, c, own.get(c, "/").lstrip("/")) for c in V1_CONTROLLERS]
-    for parent in parents:
-        reaped += _reap_stale_in(parent)
-    return reaped
+    # every hierarchy's at once: a frozen process dies only when its freezer is thawed
+    return kill_and_remove([base for parent in parents for base in _stale_in(parent)])
+
+
+def _rmdir_tree(path: str) -> None:
+    """rmdir a cgroup and the cgroups nested in it, deepest first (a cgroup directory holds
+    only its control files, which go with it)."""
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        entries = []
+    for entry in entries:
+        sub = os.path.join(path, entry)
+        if os.path.isdir(sub) and not os.path.islink(sub):
+            _rmdir_tree(sub)
+    _rmdir(path)
 
 
 def _rmdir(path: str, patience: float = 2.0) -> None:

@@ -7,7 +7,9 @@ Inside faults are asked of the kernel through its ring (message ``MK_EMU_FAULT``
 invention) and carried out by the kernel's own code, in its own process:
 
 - ``panic``: the kernel panics (console oops, HALTED to the host);
-- ``hang-spin``: the kernel spins without making progress (its progress counter stops);
+- ``hang-spin``: the kernel spins without making progress (its progress counter stops); the
+  host freezes the instance's userland alone (its nested cgroup, host/cgroups.py), as a kernel
+  spinning on its CPUs schedules none of its programs, until a kill thaws it;
 - ``wild-write``: the kernel writes to a physical address outside its partition. With
   protection on it never had that memory mapped: the access faults inside the offender (a
   kernel oops: "unable to handle page fault"); with protection off the whole arena is mapped and
@@ -75,10 +77,13 @@ def inject(inst: Instance, kind: str, opts: dict[str, Any],
            clock: Clock = SYSTEM_CLOCK, port: OSPort = SYSTEM_OS,
            freeze: Callable[[int], bool] | None = None,
            unfreeze: Callable[[Instance], None] | None = None,
-           frozen: Callable[[int], bool] | None = None) -> dict[str, Any]:
+           frozen: Callable[[int], bool] | None = None,
+           freeze_userland: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Inject a checked fault (``validate``) into an active instance; returns what ``describe``
     said of it just before (nothing slow between the fault and its detection). ``freeze``: the
     instance's cgroup freezer (Cgroups.freeze), which a hang-stop puts its userland in;
+    ``freeze_userland`` (Cgroups.freeze_userland) freezes the userland alone, for a hang-spin
+    (the kernel must go on spinning, its progress counter still, for the watchdog to see);
     ``unfreeze`` (Lifecycle.unfreeze) lets a kill fault end a hung-stopped instance, which
     ``frozen`` (Cgroups.frozen) tells before the kill (without it, unfreeze looks after)."""
     if inst.state != State.ACTIVE or inst.pid is None:
@@ -114,6 +119,8 @@ def inject(inst: Instance, kind: str, opts: dict[str, Any],
             raise ResourceBusy(f"fault {kind!r} could not be sent to {inst.name!r}: "
                                f"{exc.strerror}", "its IPI ring is full or it is not "
                                "answering; retry, or inject kill or hang-stop") from None
+        if kind == "hang-spin" and freeze_userland is not None:
+            freeze_userland(inst.id)   # sent: nothing runs beside a spinning kernel
     inst.run.inject_fault(kind, injected)     # the failure it causes is timed from then
     _said(inst, kind, opts, events)
     return out

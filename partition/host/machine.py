@@ -288,7 +288,8 @@ class Machine:
         opts = faults.validate(kind, options)
         return faults.inject(self.get(name), kind, opts, self.by_id, self.describe, self.writes,
                              self.ipc.command, self.events, freeze=self.cgroups.freeze,
-                             unfreeze=self.lifecycle.unfreeze, frozen=self.cgroups.frozen)
+                             unfreeze=self.lifecycle.unfreeze, frozen=self.cgroups.frozen,
+                             freeze_userland=self.cgroups.freeze_userland)
 
     def checksum(self, name: str) -> int:
         """CRC32 of an instance's whole partition, as the host reads it."""

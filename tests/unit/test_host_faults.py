@@ -1,10 +1,15 @@
 """A kill fault's order (issue 20): everything the host says and looks at comes before the
-signal, whose exit's notice is timed from just before it; a frozen instance is thawed after."""
+signal, whose exit's notice is timed from just before it; a frozen instance is thawed after.
+A hang-spin (issue 22): the fault sent, then the userland alone frozen; nothing if not sent."""
 
+import errno
 from typing import Any
 
+import pytest
 from host_fakes import FakeClock, FakeEvents, FakeOS, instance
 
+from partition.abi.ring import RingError
+from partition.errors import ResourceBusy
 from partition.host import faults
 from partition.host.instance import Instance, State
 
@@ -67,3 +72,45 @@ def test_other_faults_are_timed_then_said():
     r.inject(inst, "hang-stop")
     assert r.order == ["kill 19", "fault_injected"]
     assert inst.pending_fault == ("hang-stop", 1000.0)
+
+
+def spin(command, order: list[str]) -> Instance:
+    """A hang-spin injected through ``command``; the calls in ``order``."""
+    r = Recorded(frozen=False)
+    r.order = order
+    inst = instance(1, "v", pid=4242, state=State.ACTIVE)
+
+    def freeze_userland(instance_id: int) -> bool:
+        order.append(f"freeze userland {instance_id}")
+        return True
+
+    def freeze(instance_id: int) -> bool:
+        order.append(f"freeze {instance_id}")
+        return True
+
+    def send(*args: Any, **kw: Any) -> Any:
+        order.append("command")
+        return command()
+
+    faults.inject(inst, "hang-spin", {}, lambda i: None, lambda i: {"name": i.name}, None,
+                  send, r.events, clock=r.clock, port=r.port, freeze=freeze,
+                  unfreeze=r.unfreeze, frozen=r.frozen, freeze_userland=freeze_userland)
+    return inst
+
+
+def test_a_hang_spin_freezes_the_userland_alone_once_sent():
+    """The kernel is sent its fault and left running (no signal, no whole-instance freeze:
+    it must spin for the watchdog to see it); its userland alone is frozen, then it is said."""
+    order: list[str] = []
+    inst = spin(lambda: None, order)
+    assert order == ["command", "freeze userland 1", "fault_injected"]
+    assert inst.pending_fault == ("hang-spin", 1000.0)
+
+
+def test_a_hang_spin_that_could_not_be_sent_freezes_nothing():
+    def full() -> None:
+        raise RingError(errno.ENOSPC, "full")
+    order: list[str] = []
+    with pytest.raises(ResourceBusy):
+        spin(full, order)
+    assert order == ["command"]
