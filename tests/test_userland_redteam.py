@@ -69,9 +69,13 @@ def test_a_console_head_beyond_reason_is_healed_and_the_host_lives_on(run_dir):
 
 @pytest.fixture
 def visible_run_dir():
-    """A second machine's run directory where a userland can see it (beside the checkout,
-    which stays visible inside, read-only); shut down and removed afterwards."""
-    base = tempfile.mkdtemp(prefix=".mkt-peer-", dir=os.path.dirname(HERE))
+    """A second machine's run directory where a userland can see it (a host directory no
+    userland covers: beside the checkout, unless that is under /tmp, as a CI clone is, whose
+    own tmpfs hides it inside; then /var/lib); shut down and removed afterwards."""
+    covered = ("/tmp/", "/var/tmp/", "/run/", "/dev/shm/")
+    beside = os.path.dirname(HERE)
+    where = beside if not (os.path.realpath(beside) + "/").startswith(covered) else "/var/lib"
+    base = tempfile.mkdtemp(prefix=".mkt-peer-", dir=where)
     path = os.path.join(base, "run")
     try:
         yield path
