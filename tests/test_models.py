@@ -59,12 +59,12 @@ def test_a_mutant_that_is_not_refuted_fails_the_run() -> None:
     """The runner's verdict, on real searches: the hand-over model run as if it were a mutant
     (a -D switch the model does not know: no error) is a failure; its real mutant passes."""
     inert = verify_models.Check("inert", "liveupdate.pml", ("NOT_A_SWITCH",), "mutant", "nothing")
-    result = verify_models.verify(inert)
-    assert result.errors == 0 and result.states > 0 and not result.ok
+    unrefuted = verify_models.verify(inert)
+    assert unrefuted.errors == 0 and unrefuted.states > 0 and not unrefuted.ok
     mutant = next(c for c in verify_models.CHECKS if c.name == "liveupdate/reset-on-handover")
     result = verify_models.verify(mutant)
     assert result.errors == 1 and result.ok and "assertion violated" in result.detail
-    assert "NOT REFUTED" in verify_models.table([verify_models.verify(inert)])
+    assert "NOT REFUTED" in verify_models.table([unrefuted])      # the same search's verdict
 
 
 # -- counterexamples replayed against the real code ----------------------------------------
