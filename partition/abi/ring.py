@@ -96,6 +96,19 @@ def _now_ms() -> int:
     return (time.monotonic_ns() // 1_000_000) & 0xFFFFFFFF
 
 
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    """``n`` zero bytes, made once per size: a fresh ``bytes(n)`` of a ring's size is a new
+    mapping whose every page faults when read, on the boot's clock (``reset``); a kept one's
+    pages stay mapped (the zero page: no memory), in the host and in its forks."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
+
+
 class Ring:
     """One instance's receive ring, seen from any process that maps the ring area."""
 
@@ -154,7 +167,7 @@ class Ring:
 
     def reset(self) -> None:
         """Host, before the owner (re)boots: stale messages and dead claims are dropped."""
-        self.buf[:] = bytes(len(self.buf))
+        self.buf[:] = _zeros(len(self.buf))
         self._pending_since.clear()
         self._suspects.clear()
 
