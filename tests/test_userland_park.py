@@ -64,4 +64,5 @@ def test_the_next_boots_init_waits_parked_for_its_kernel(run_dir):
     until(lambda: inits() and inits() != parked, "a fresh parked init after the halt")
     assert len(starts(run_dir)) == 1
     mk(run_dir, "unload", NAME)
+    mk(run_dir, "delete", NAME)              # at once: its cgroups go with the init let go
     until(lambda: inits() == [], "no init left after the unload")

@@ -6,7 +6,10 @@ its pid from its own fork, never from anything the instance wrote, and holds a p
 the reactor, whose readiness says it died. It is started the first time it is needed: when the
 instance becomes active if it has boot programs (``load --program``, a scenario's
 ``programs``), else at the first ``mkctl exec`` (``ensure``), which then joins it
-(guest/userjoin.py). It ends with its kernel: every exit of the kernel (panic, kill, halt, a
+(guest/userjoin.py). With boot programs its init is made ahead, while the kernel is loaded
+(``park``): set up and waiting for its go, written when the kernel is active, so that the
+boot to the programs' first answer does not wait for the init's fork and setup; no program
+starts before the kernel is active. It ends with its kernel: every exit of the kernel (panic, kill, halt, a
 live update's handover) kills the init through its pidfd, and the PID namespace with it (the
 instance's cgroup kill does too, where the machine has cgroups); a restart brings up a fresh
 one. The init reports over a pipe (``userinit.parse`` checks every record): ready, and each
