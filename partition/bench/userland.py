@@ -61,6 +61,8 @@ BOOT_TARGET_RATIO = 1.5
 BOOT_SOCKET, HOST_SOCKET = "boot.sock", "boot-host.sock"
 #: how long the bench waits between two questions to a program not answering yet (both sides)
 ASK_EVERY_S = 0.001
+#: how long the machine is driven after a halt before a boot is timed (``settle``)
+SETTLE_S = 0.15
 #: how long a boot may take to answer before the run is refused
 ANSWER_WITHIN_S = 30.0
 #: the smallest counts a judged run accepts (below them a ratio is noise)
@@ -213,12 +215,25 @@ def instance_boot(m: Machine, name: str, path: str) -> float:
     return ms
 
 
+def settle(m: Machine, name: str) -> None:
+    """Halt ``name`` if it runs, then drive the machine a moment (SETTLE_S): what a halt sets
+    going (its next incarnation's load, its next userland's parked init) is done before either
+    side's boot is timed, so that a start is a start, not the tail of a kill, and the host's
+    boot does not share the CPUs with it."""
+    if m.get(name).state.value == "active":
+        m.kill(name, force=True)
+    until = time.monotonic() + SETTLE_S
+    while (left := until - time.monotonic()) > 0:
+        m.poll(left)
+
+
 def measure_boot(m: Machine, name: str, region_path: str, cpu: int, rounds: int,
                  progress: bool = False) -> dict[str, dict[str, list[float]]]:
     """The boot figure: ``rounds`` alternating boots, one on the host, one of the instance
     (loaded with ``server_argv`` as its boot program, its socket in ``region_path``)."""
     got: dict[str, list[float]] = {"host": [], "userland": []}
     for i in range(rounds):
+        settle(m, name)
         got["host"].append(host_boot(os.path.join(region_path, HOST_SOCKET), cpu))
         got["userland"].append(instance_boot(m, name, os.path.join(region_path, BOOT_SOCKET)))
         if progress:

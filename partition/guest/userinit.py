@@ -64,6 +64,8 @@ PROGRAMS_MAX = 64
 #: a status is an exit code (0..255) or 128 + a signal number (up to 128 + 64)
 STATUS_MAX = 128 + 64
 EXIT_CANNOT_START = 127
+#: what the host writes on a parked init's go pipe when its kernel is active
+GO = b"g"
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,15 @@ def parse(buf: bytearray, programs: int) -> list[Record | BadRecord]:
 
 
 def run(identity: userland.Identity, console: int, report: int, programs: list[list[str]],
-        die_with_host: bool) -> None:
+        die_with_host: bool, go: int = -1) -> None:
     """pid 1 of the instance's userland, in the host's child: join the instance's cgroups, make
     the userland (guest/userland.py), say ready, start the boot programs, reap for good.
-    Never returns; an error before ready is reported as an UNSET record and exits 127."""
+    Never returns; an error before ready is reported as an UNSET record and exits 127.
+
+    With ``go`` (a pipe's read end) the init is made ahead of its kernel's boot (parked, as
+    host/userlands.py's ``park``): everything set up, then it waits there for one byte, sent
+    when the kernel is active, before it says anything or starts any program; end-of-file
+    without it (the host let it go) ends it quietly."""
     try:
         if die_with_host:
             linux.set_parent_death_signal(signal.SIGKILL)
@@ -136,7 +143,10 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN,
                     signal.SIGTTOU, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
-        userland.seal(report, console)
+        userland.seal(report, console, go)
+        if go == 3:                                 # 3 becomes the pipe to the host below
+            go = os.dup(go)
+            os.close(3)
         # (no look at the kernel here: a process of the new PID namespace cannot see it in
         # the cgroup; a kernel that ends meanwhile ends this too, host/userlands.py's stop)
         join_cgroups(identity.cgroup_procs)
@@ -165,6 +175,8 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
     except BaseException as exc:                    # report, then die
         _send(report, encode(UNSET, 0, EXIT_CANNOT_START, userland.describe_error(exc)))
         os._exit(EXIT_CANNOT_START)
+    if go >= 0 and not _await_go(go):
+        os._exit(0)
     signal.signal(signal.SIGTERM, lambda *_: _stop(signal.SIGTERM))
     # an orphan's exit wakes the poll below (through the wakeup pipe)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -197,6 +209,22 @@ def run(identity: userland.Identity, console: int, report: int, programs: list[l
                 poller.unregister(fd)
                 foreign.discard(fd)
                 os.close(fd)
+
+
+def _await_go(go: int) -> bool:
+    """A parked init's wait for its kernel to be active: True at the host's byte, False at
+    end-of-file (its kernel never came up, or the init is not the one wanted)."""
+    try:
+        while True:
+            try:
+                got = os.read(go, 1)
+            except InterruptedError:
+                continue
+            return got == GO
+    except OSError:
+        return False
+    finally:
+        os.close(go)
 
 
 def _take_listeners(inbox: socket.socket, foreign: set[int], poller: select.poll) -> None:

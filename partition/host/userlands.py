@@ -6,7 +6,10 @@ its pid from its own fork, never from anything the instance wrote, and holds a p
 the reactor, whose readiness says it died. It is started the first time it is needed: when the
 instance becomes active if it has boot programs (``load --program``, a scenario's
 ``programs``), else at the first ``mkctl exec`` (``ensure``), which then joins it
-(guest/userjoin.py). It ends with its kernel: every exit of the kernel (panic, kill, halt, a
+(guest/userjoin.py). With boot programs its init is made ahead, while the kernel is loaded
+(``park``): set up and waiting for its go, written when the kernel is active, so that the
+boot to the programs' first answer does not wait for the init's fork and setup; no program
+starts before the kernel is active. It ends with its kernel: every exit of the kernel (panic, kill, halt, a
 live update's handover) kills the init through its pidfd, and the PID namespace with it (the
 instance's cgroup kill does too, where the machine has cgroups); a restart brings up a fresh
 one. The init reports over a pipe (``userinit.parse`` checks every record): ready, and each
@@ -91,6 +94,11 @@ class Run:
     failure: str = ""
     pending: bytearray = field(default_factory=bytearray)
     line: bytearray = field(default_factory=bytearray)
+    #: made ahead of its kernel's boot (``park``): the write end of its go pipe, and what it
+    #: was made for (identity, programs), compared when the kernel is active; -1 once it runs
+    go: int = -1
+    made_for: tuple[Any, ...] = ()
+    ahead: bool = False           # parked, not (yet) the instance's run: ends unrecorded
 
 
 def check_programs(programs: Any) -> list[list[str]]:
@@ -144,6 +152,9 @@ class Userlands:
         self.programs: dict[int, list[list[str]]] = {}     # instance id -> its boot programs
         self.boots: dict[int, list[list[Program]]] = {}    # instance id -> latest boots'
         self._due: set[int] = set()
+        self._park_due: set[int] = set()
+        #: instance id -> its next userland's init, made while its kernel is loaded (``park``)
+        self.parked: dict[int, Run] = {}
         self._bell = -1          # an eventfd in the reactor, made when first rung
         self.closed = False
         events.subscribe(self._on_event)
@@ -152,6 +163,7 @@ class Userlands:
     def set_programs(self, inst: Instance, programs: list[list[str]]) -> None:
         """The boot programs of ``inst`` from its next boot on (a load's)."""
         self.programs[inst.id] = [list(p) for p in programs]
+        self.unpark(inst.id)
 
     def _on_event(self, event: str, fields: dict[str, Any], _now: float) -> None:
         """The kernel's runs, as the event log tells them: an instance that became active
@@ -161,10 +173,17 @@ class Userlands:
         if not isinstance(inst_id, int):
             return
         if event == "state_change":
+            if fields.get("new") != "loaded" or fields.get("old") == "loaded":
+                self._park_due.discard(inst_id)
             if fields.get("new") == "active":
                 if self.programs.get(inst_id):
                     self._due.add(inst_id)
                     self._ring()
+            else:
+                self.unpark(inst_id)
+            if fields.get("new") == "loaded" and self.programs.get(inst_id):
+                self._park_due.add(inst_id)           # its next boot's init, made meanwhile
+                self._ring()
             elif fields.get("old") == "active":
                 self.stop(inst_id, "its kernel halted")
             elif fields.get("new") == "empty":     # deleted: its id may be another's next
@@ -172,8 +191,10 @@ class Userlands:
                 self.boots.pop(inst_id, None)
         elif event in ("instance_exit", "handover_exit"):
             self.stop(inst_id, "its kernel halted")
-        elif event == "resources_changed" and str(fields.get("op", "")).startswith("cpu"):
-            self._repin(inst_id)
+        elif event == "resources_changed":
+            self.unpark(inst_id)          # (made for what it had: the next boot makes its own)
+            if str(fields.get("op", "")).startswith("cpu"):
+                self._repin(inst_id)
 
     def _repin(self, inst_id: int) -> None:
         """A CPU resize (host/resize.py pins the kernel): every thread of the userland to the
@@ -231,6 +252,16 @@ class Userlands:
                     or self.reboot is None or self.closed:
                 continue
             self.reboot(inst)
+        parks, self._park_due = self._park_due, set()
+        for inst_id in sorted(parks):
+            inst = self.table.by_id(inst_id)
+            if inst is None or inst.state.value != "loaded" or inst.pid is not None \
+                    or inst_id in self.parked or not self.programs.get(inst_id) or self.closed:
+                continue
+            try:
+                self.park(inst)
+            except (OSError, MKError):          # its boot makes one then, and says why
+                pass
         due, self._due = self._due, set()
         for inst_id in sorted(due):
             inst = self.table.by_id(inst_id)
@@ -242,7 +273,8 @@ class Userlands:
                     self._due.add(inst_id)      # the last run's, killed, not reaped yet:
                 continue                        # this one starts when it is (``_exited``)
             try:
-                self.start(inst)
+                if not self._unpark_into_run(inst):
+                    self.start(inst)
             except (OSError, MKError) as exc:
                 self.events.warning("userland_start_failed", instance=inst.id, name=inst.name,
                                     error=str(exc)[:300])
@@ -276,12 +308,77 @@ class Userlands:
         """Fork the init of a fresh userland of ``inst`` (pid 1 of a new PID namespace: the
         host's own pid namespace for children is set back right after the fork)."""
         assert inst.pid is not None
+        run = self._fork(inst, self._identity(inst), self.programs.get(inst.id, []))
+        self._begin(inst, run)
+        return run
+
+    def park(self, inst: Instance) -> Run:
+        """Make the init of ``inst``'s next userland while its kernel is loaded, off the boot's
+        path: set up (cgroups, namespaces, mounts, filter), it waits for its go, written when
+        the kernel is active (``_unpark_into_run``); so no program starts before the kernel
+        does. Until then it says nothing and is no run of the instance's: any other change of
+        the instance (a load, a resize, a halt, a delete) lets it go (``unpark``)."""
+        identity, programs = self._identity(inst), self.programs.get(inst.id, [])
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            run = self._fork(inst, identity, programs, go=r)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        run.go, run.made_for, run.ahead = w, (identity, [list(p) for p in programs]), True
+        self.parked[inst.id] = run
+        return run
+
+    def unpark(self, inst_id: int) -> None:
+        """Let the parked init of ``inst_id`` go (if any): its go pipe closed, it exits
+        quietly; killed too, and reaped by its pidfd's turn."""
+        run = self.parked.pop(inst_id, None)
+        if run is None:
+            return
+        if run.go >= 0:
+            os.close(run.go)
+            run.go = -1
+        if not run.ended:
+            try:
+                signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _unpark_into_run(self, inst: Instance) -> bool:
+        """Active ``inst``'s parked init, if it is still alive and made for what the instance
+        is now, becomes its run: told to go. False (it let go) otherwise."""
+        run = self.parked.get(inst.id)
+        if run is None:
+            return False
+        if run.ended or run.made_for != (self._identity(inst), self.programs.get(inst.id, [])):
+            self.unpark(inst.id)
+            return False
+        del self.parked[inst.id]
+        try:
+            os.write(run.go, userinit.GO)
+        except OSError:                 # it died meanwhile: its pidfd's turn reaps it
+            self.parked[inst.id] = run
+            self.unpark(inst.id)
+            return False
+        os.close(run.go)
+        run.go, run.ahead = -1, False
+        run.generation = inst.generation
+        self._begin(inst, run)
+        self._read_report(run)          # what it said while parked (nothing, or its failure)
+        return True
+
+    def _identity(self, inst: Instance) -> userland.Identity:
         identity = userland.Identity(
             name=inst.name, cpus=list(inst.cpus), cgroup_procs=self.cgroups.procs_files(inst.id),
             rootfs=inst.rootfs, hide=[self.run_dir],
             shared=self.shared_mounts(inst.shared), joinable=True)
         userland.check(identity)
-        programs = self.programs.get(inst.id, [])
+        return identity
+
+    def _fork(self, inst: Instance, identity: userland.Identity, programs: list[list[str]],
+              go: int = -1) -> Run:
         master, slave = os.openpty()
         r = w = own_ns = pidfd = -1
         pid = 0
@@ -300,7 +397,7 @@ class Userlands:
                     try:
                         for address, length in arenas:     # every instance's memory, gone
                             linux.munmap(address, length)  # (nothing here touches it)
-                        userinit.run(identity, slave, w, programs, die_with_host=True)
+                        userinit.run(identity, slave, w, programs, die_with_host=True, go=go)
                     finally:
                         os._exit(userinit.EXIT_CANNOT_START)
                 pidfd = os.pidfd_open(pid)      # held from the start: whatever fails next,
@@ -329,14 +426,20 @@ class Userlands:
             if own_ns >= 0:
                 os.close(own_ns)
         run.programs = [Program(i, argv, inst.generation) for i, argv in enumerate(programs)]
+        return run
+
+    def _begin(self, inst: Instance, run: Run) -> None:
+        """``run`` is ``inst``'s userland from now on: kept, its boot's programs recorded."""
+        programs = run.programs
+        for p in programs:
+            p.generation = inst.generation
         if programs:
             kept = self.boots.setdefault(inst.id, [])
-            kept.append(run.programs)
+            kept.append(programs)
             del kept[:-BOOTS_KEPT]
         self.runs[inst.id] = run
-        self.events.info("userland_start", instance=inst.id, name=inst.name, pid=pid,
+        self.events.info("userland_start", instance=inst.id, name=inst.name, pid=run.pid,
                          generation=inst.generation, programs=len(programs))
-        return run
 
     # -- ending ------------------------------------------------------------------------------
     def stop(self, inst_id: int, why: str) -> None:
@@ -361,6 +464,11 @@ class Userlands:
             code: int | None = userland.exit_code(status)
         except ChildProcessError:
             code = None
+        if run.ahead:                            # a parked init let go (or dead): no run
+            if self.parked.get(run.inst_id) is run:
+                self.unpark(run.inst_id)
+            self._forget(run)
+            return
         self._read_report(run, everything=True)
         self._read_console(run, everything=True)
         self._forget(run)
@@ -395,10 +503,15 @@ class Userlands:
         if self.closed:
             return
         self.closed = True
+        ahead = list(self.parked.values())
+        for inst_id in list(self.parked):
+            self.unpark(inst_id)
         for run in list(self.runs.values()):
             self.stop(run.inst_id, "the machine shut down")
         deadline = time.monotonic() + 5.0
-        for run in list(self.runs.values()):
+        for run in list(self.runs.values()) + ahead:
+            if run.ended:
+                continue
             while time.monotonic() < deadline and not linux.wait_readable(run.pidfd, 0.05):
                 pass
             if linux.wait_readable(run.pidfd, 0):
@@ -417,8 +530,8 @@ class Userlands:
         """Read (at most READ_PER_TURN unless ``everything``) of the init's pipe and apply each
         checked record; a bad one is refused with an event and the pipe dropped. Nothing once
         the run is over (its pipe closed: the number may be another descriptor's)."""
-        if run.report < 0 or run.ended:
-            return
+        if run.report < 0 or run.ended or run.go >= 0:
+            return                      # (a parked init's records wait for its go)
         eof = False
         while True:
             try:
