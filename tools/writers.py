@@ -55,7 +55,8 @@ NOT_INSTANCE: dict[tuple[str, str], str] = {
     ("host/pool.py", "self.config"): "the pool's PoolConfig",
     ("control/cliverbs.py", "a"): "the command line's argparse namespace",
     ("guest/commands.py", "ctx"): "the kernel's own context (guest side)",
-    ("host/userlands.py", "run"): "a userland's own record (userlands.Run), not an instance's",
+    ("host/userlands.py", "run"): "a userland's own record (userrun.Run), not an instance's",
+    ("host/userlands.py", "p"): "a boot program's record (userrun.Program), not an instance",
 }
 
 

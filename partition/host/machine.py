@@ -35,7 +35,7 @@ from partition.host.kimage import check_spec
 from partition.host.resize import update_op
 from partition.host.shared import release_left
 from partition.host.sweep import COUNTERS_BATCH, SWEEP_BATCH, SWEEP_IDLE_MAX_S, SWEEP_PERIOD_S
-from partition.host.userlands import check_programs
+from partition.host.userrun import check_programs
 from partition.host.verbs import owned as _owned
 from partition.host.verbs import verb
 from partition.units import seconds

@@ -26,7 +26,7 @@ from partition.guest.probes import KINDS as PROBE_KINDS
 from partition.guest.probes import MAX_PAYLOAD
 from partition.host.faults import KINDS as FAULT_KINDS
 from partition.host.llc import parse_mask
-from partition.host.userlands import check_programs
+from partition.host.userrun import check_programs
 from partition.host.userspec import PIDS_MAX_DEFAULT, check_pids_max
 from partition.scenario import draws, runstep
 from partition.scenario import expr as E
