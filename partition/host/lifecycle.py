@@ -90,6 +90,9 @@ class Lifecycle:
         self.successors_due: list[tuple[float, Instance]] = []    # (when, instance)
         self.namespaces: dict[int, int] = {}        # running pid -> its mount namespace's fd
         self.releases: list[tuple[float, int]] = []    # (when, namespace fd to let go)
+        #: instance id -> the host pid of its next userland's parked init (host/userlands.py,
+        #: wired by assembly.py): in the instance's cgroups, but none of its kernel's orphans
+        self.parked_userland: Callable[[int], int | None] = lambda _inst_id: None
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self, inst: Instance, wait_boot: bool = False, handover: bool = False) -> None:
@@ -369,7 +372,12 @@ class Lifecycle:
         if self.ipc.pending():
             self.ipc.drain()
         # whatever it forked goes with it; not a successor parked while it ran (a restart's)
+        # (its next userland's parked init is killed too, the instance's boot over, but is no
+        # orphan of this run's: the host forked it, and knows its pid from its own fork)
+        init = self.parked_userland(inst.id)
+        spared = init is not None and init in self.cgroups.members(inst.id)
         orphans = self.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
+        orphans -= min(orphans, int(spared))
         if orphans:
             self.events.warning("orphans_killed", instance=inst.id, name=inst.name, count=orphans)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
