@@ -13,6 +13,8 @@ from helpers import mk
 from partition.errors import BootFailed, BootTimeout
 from partition.host.machine import Machine
 
+pytestmark = pytest.mark.system   # runs real processes (a machine, its inits)
+
 CPUS = sorted(os.sched_getaffinity(0))
 NAME = "ulpark"
 PROGRAM = "/bin/sh -c 'echo park-booted'"

@@ -356,6 +356,9 @@ class Lifecycle:
                                 "the new host's child)", how, time=time.time())
         else:
             record = classify_exit(status, inst.halt_requested, own.reason)
+        # (the count is the instance's memory cgroup's, its userland's too: a parked init's
+        # OOM kill while the kernel is SIGKILLed for another reason would be credited here; the
+        # init is set up and waiting, allocating next to nothing, so it is not told apart)
         oom = ooms > inst.oom_kills and record.signal == signal.SIGKILL and record.how == "killed"
         if oom:
             record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
