@@ -85,7 +85,7 @@ class Userlands:
         #: instance id -> its next userland's init, made while its kernel is loaded (``park``)
         self.parked: dict[int, Run] = {}
         #: parked inits let go (``unpark``), killed, until their pidfd's turn reaps them
-        self._letting_go: list[Run] = []
+        self._letting_go: dict[int, Run] = {}            # host pid -> its run
         self._bell = -1          # an eventfd in the reactor, made when first rung
         self.closed = False
         events.subscribe(self._on_event)
@@ -271,7 +271,7 @@ class Userlands:
         if run is None:
             return
         if not run.ended:
-            self._letting_go.append(run)      # until reaped (``_exited``, or ``close``)
+            self._letting_go[run.pid] = run   # until reaped (``_exited``, or ``close``)
         if run.go >= 0:
             os.close(run.go)
             run.go = -1
@@ -371,7 +371,8 @@ class Userlands:
 
     def _begin(self, inst: Instance, run: Run) -> None:
         """``run`` is ``inst``'s userland from now on: kept, its boot's programs recorded."""
-        if self.parked.get(inst.id) not in (None, run):
+        parked = self.parked.get(inst.id)
+        if parked is not None and parked is not run:
             self.unpark(inst.id)                # a start beside a parked init: it goes
         programs = run.programs
         for p in programs:
@@ -410,8 +411,8 @@ class Userlands:
         if run.ahead:                            # a parked init let go (or dead): no run
             if self.parked.get(run.inst_id) is run:
                 self.unpark(run.inst_id)
-            if run in self._letting_go:
-                self._letting_go.remove(run)
+            if self._letting_go.get(run.pid) is run:
+                del self._letting_go[run.pid]
             self._forget(run)
             return
         self._read_report(run, everything=True)
@@ -444,13 +445,14 @@ class Userlands:
 
     def close(self) -> None:
         """The machine closes (or is abandoned: its userlands die with their host): every
-        userland killed and reaped now (bounded), every descriptor closed."""
+        userland killed and reaped now (bounded), every descriptor closed; parked inits let
+        go and not reaped yet too (no zombie, no descriptor left for a turn that never comes)."""
         if self.closed:
             return
         self.closed = True
         for inst_id in list(self.parked):
             self.unpark(inst_id)
-        ahead = list(self._letting_go)          # those let go before too, not reaped yet
+        ahead = list(self._letting_go.values())          # those let go before too, not reaped yet
         for run in list(self.runs.values()):
             self.stop(run.inst_id, "the machine shut down")
         deadline = time.monotonic() + 5.0
