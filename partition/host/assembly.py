@@ -261,6 +261,7 @@ def assemble(s: Settings, run_dir: str, resctrl: llc.Resctrl, hooks: Hooks) -> H
     userlands = Userlands(table, reactor, events, cgroups, shared.mounts, console_write,
                           hooks.wait, run_dir,
                           lambda inst: supervisor.reboot(inst, lifecycle.force))
+    lifecycle.parked_userland = userlands.parked_pid
     return House(pool, lay, arena, table, reactor, events, views, console, ipc, bells, cgroups,
                  check_signature, looks, state, publisher, provision, loading, supervisor, writes,
                  lifecycle, liveupdate, resources, overlays, sweeper, turn, shared, userlands)

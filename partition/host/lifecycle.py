@@ -90,6 +90,9 @@ class Lifecycle:
         self.successors_due: list[tuple[float, Instance]] = []    # (when, instance)
         self.namespaces: dict[int, int] = {}        # running pid -> its mount namespace's fd
         self.releases: list[tuple[float, int]] = []    # (when, namespace fd to let go)
+        #: instance id -> the host pid of its next userland's parked init (host/userlands.py,
+        #: wired by assembly.py): in the instance's cgroups, but none of its kernel's orphans
+        self.parked_userland: Callable[[int], int | None] = lambda _inst_id: None
 
     # -- boot ------------------------------------------------------------------------------
     def boot(self, inst: Instance, wait_boot: bool = False, handover: bool = False) -> None:
@@ -353,6 +356,9 @@ class Lifecycle:
                                 "the new host's child)", how, time=time.time())
         else:
             record = classify_exit(status, inst.halt_requested, own.reason)
+        # (the count is the instance's memory cgroup's, its userland's too: a parked init's
+        # OOM kill while the kernel is SIGKILLed for another reason would be credited here; the
+        # init is set up and waiting, allocating next to nothing, so it is not told apart)
         oom = ooms > inst.oom_kills and record.signal == signal.SIGKILL and record.how == "killed"
         if oom:
             record.reason = ("killed by its memory limit (cgroup OOM killer): it used more than "
@@ -369,7 +375,12 @@ class Lifecycle:
         if self.ipc.pending():
             self.ipc.drain()
         # whatever it forked goes with it; not a successor parked while it ran (a restart's)
+        # (its next userland's parked init is killed too, the instance's boot over, but is no
+        # orphan of this run's: the host forked it, and knows its pid from its own fork)
+        init = self.parked_userland(inst.id)
+        spared = init is not None and init in self.cgroups.members(inst.id)
         orphans = self.cgroups.kill(inst.id, keep=inst.parked.pid if inst.parked else None)
+        orphans -= min(orphans, int(spared))
         if orphans:
             self.events.warning("orphans_killed", instance=inst.id, name=inst.name, count=orphans)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:

@@ -84,6 +84,8 @@ class Userlands:
         self._park_due: set[int] = set()
         #: instance id -> its next userland's init, made while its kernel is loaded (``park``)
         self.parked: dict[int, Run] = {}
+        #: parked inits let go (``unpark``), killed, until their pidfd's turn reaps them
+        self._letting_go: dict[int, Run] = {}            # host pid -> its run
         self._bell = -1          # an eventfd in the reactor, made when first rung
         self.closed = False
         events.subscribe(self._on_event)
@@ -113,7 +115,7 @@ class Userlands:
             if fields.get("new") == "loaded" and self.programs.get(inst_id):
                 self._park_due.add(inst_id)           # its next boot's init, made meanwhile
                 self._ring()
-            elif fields.get("old") == "active":
+            if fields.get("old") == "active":         # (whether or not a park follows)
                 self.stop(inst_id, "its kernel halted")
             elif fields.get("new") == "empty":     # deleted: its id may be another's next
                 self.programs.pop(inst_id, None)
@@ -221,7 +223,9 @@ class Userlands:
             run = None
         if run is None:
             try:
-                run = self.start(inst)
+                if not self._unpark_into_run(inst):     # (never a second init beside it)
+                    self.start(inst)
+                run = self.runs[inst.id]
             except OSError as exc:           # (a refusal, an MKError, goes as it is)
                 raise UserlandFailed(f"the userland of {inst.name!r} could not be started: "
                                      f"{exc.strerror or exc}", "mkctl show; try again") from None
@@ -266,6 +270,8 @@ class Userlands:
         run = self.parked.pop(inst_id, None)
         if run is None:
             return
+        if not run.ended:
+            self._letting_go[run.pid] = run   # until reaped (``_exited``, or ``close``)
         if run.go >= 0:
             os.close(run.go)
             run.go = -1
@@ -274,6 +280,12 @@ class Userlands:
                 signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def parked_pid(self, inst_id: int) -> int | None:
+        """The host pid of ``inst_id``'s parked init (its own fork's), if one is parked: it
+        lives in the instance's cgroups but is none of its kernel's orphans (lifecycle.py)."""
+        run = self.parked.get(inst_id)
+        return None if run is None or run.ended else run.pid
 
     def _unpark_into_run(self, inst: Instance) -> bool:
         """Active ``inst``'s parked init, if it is still alive and made for what the instance
@@ -359,6 +371,9 @@ class Userlands:
 
     def _begin(self, inst: Instance, run: Run) -> None:
         """``run`` is ``inst``'s userland from now on: kept, its boot's programs recorded."""
+        parked = self.parked.get(inst.id)
+        if parked is not None and parked is not run:
+            self.unpark(inst.id)                # a start beside a parked init: it goes
         programs = run.programs
         for p in programs:
             p.generation = inst.generation
@@ -396,6 +411,8 @@ class Userlands:
         if run.ahead:                            # a parked init let go (or dead): no run
             if self.parked.get(run.inst_id) is run:
                 self.unpark(run.inst_id)
+            if self._letting_go.get(run.pid) is run:
+                del self._letting_go[run.pid]
             self._forget(run)
             return
         self._read_report(run, everything=True)
@@ -428,13 +445,14 @@ class Userlands:
 
     def close(self) -> None:
         """The machine closes (or is abandoned: its userlands die with their host): every
-        userland killed and reaped now (bounded), every descriptor closed."""
+        userland killed and reaped now (bounded), every descriptor closed; parked inits let
+        go and not reaped yet too (no zombie, no descriptor left for a turn that never comes)."""
         if self.closed:
             return
         self.closed = True
-        ahead = list(self.parked.values())
         for inst_id in list(self.parked):
             self.unpark(inst_id)
+        ahead = list(self._letting_go.values())          # those let go before too, not reaped yet
         for run in list(self.runs.values()):
             self.stop(run.inst_id, "the machine shut down")
         deadline = time.monotonic() + 5.0
@@ -449,6 +467,7 @@ class Userlands:
                 self.events.warning("userland_not_reaped", instance=run.inst_id, name=run.name,
                                     pid=run.pid)
                 self._forget(run)
+        self._letting_go.clear()
         if self._bell >= 0:
             self.reactor.unwatch(self._bell)
             os.close(self._bell)

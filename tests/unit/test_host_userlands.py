@@ -2,6 +2,10 @@
 run's descriptors once the run is over. No process: the run's descriptors are pipes."""
 
 import os
+import signal
+import subprocess
+
+import pytest
 
 from partition.host.reactor import Reactor
 from partition.host.table import InstanceTable
@@ -88,3 +92,29 @@ def test_a_resize_never_pins_a_pid_that_left_the_instance(tmp_path):
     finally:
         os.sched_setaffinity(0, mine)
         ul.reactor.close()
+
+
+@pytest.mark.system     # (a real process stands for the init: its pidfd is killed)
+def test_a_kernel_halted_with_boot_programs_stops_its_userland():
+    """fix2 item 4: active -> loaded of an instance with boot programs parks its next init
+    and, independently, stops the running userland (not left to ``instance_exit`` alone)."""
+    reactor = Reactor()
+    ul = Userlands(InstanceTable(), reactor, Events(), None, lambda _s: {},
+                   lambda _i, _t: None, lambda _d, _t: True, "/nonexistent")
+    proc = subprocess.Popen(["sleep", "30"])
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        ul.programs[1] = [["/bin/true"]]
+        ul.runs[1] = run = Run(1, "a", 1, pid=proc.pid, pidfd=pidfd, start=0, report=-1,
+                               console=-1, slave=-1)
+        ul._on_event("state_change", {"instance": 1, "old": "active", "new": "loaded"}, 0.0)
+        assert 1 in ul._park_due
+        assert run.failure == "its kernel halted"
+        assert proc.wait(5) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(pidfd)
+        ul.closed = True
+        reactor.close()
