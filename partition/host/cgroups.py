@@ -73,6 +73,10 @@ class Cgroups:
         self.mode: str | None = None
         self.bases: dict[str, str] = {}         # controller -> the machine's directory
         self.reaped = 0                          # processes left by dead machines, killed here
+        #: instances whose freezers were last seen thawed, or thawed here: only this host
+        #: freezes them (freeze, freeze_userland), so ``frozen`` need not read the files again
+        #: until it does (two reads of a v1 freezer.state on every kill took 0.25 ms)
+        self._thawed: set[int] = set()
         own = _own_paths()
         # a dead owner's directories are recognisable by its pid, and reaped by the next
         # machine; a survivable machine's ("s<pid>") are left for a host to adopt, or for
@@ -248,6 +252,7 @@ class Cgroups:
         path = self._freeze_file(instance_id)
         if path is None:
             return False
+        self._thawed.discard(instance_id)
         _write(path, "FROZEN" if self.mode == "v1" else "1")
         return True
 
@@ -258,12 +263,16 @@ class Cgroups:
         path = self._freeze_file(instance_id, userland=True)
         if path is None:
             return False
+        self._thawed.discard(instance_id)
         _write(path, "FROZEN" if self.mode == "v1" else "1")
         return True
 
     def frozen(self, instance_id: int) -> bool:
         """The instance's cgroup, or its userland's alone, is frozen or freezing (``freeze``,
-        ``freeze_userland``)."""
+        ``freeze_userland``). Read from the files once, then known until this host freezes it
+        again (a thawed one stays thawed: nothing else freezes an instance)."""
+        if instance_id in self._thawed:
+            return False
         for userland in (False, True):
             path = self._freeze_file(instance_id, userland)
             try:
@@ -272,6 +281,7 @@ class Cgroups:
                 continue
             if state in ("FROZEN", "FREEZING", "1"):
                 return True
+        self._thawed.add(instance_id)
         return False
 
     def thaw(self, instance_id: int) -> None:
@@ -282,6 +292,7 @@ class Cgroups:
             path = self._freeze_file(instance_id, userland)
             if path is not None:
                 _write(path, "THAWED" if self.mode == "v1" else "0")
+        self._thawed.add(instance_id)
 
     def kill(self, instance_id: int, keep: int | None = None, reap: bool = False) -> int:
         """SIGKILL every process of the instance (but ``keep``: a live update's loaded
@@ -325,6 +336,7 @@ class Cgroups:
         self.kill(instance_id)
         for d in self._dirs(instance_id).values():
             _rmdir_tree(d)
+        self._thawed.discard(instance_id)     # (its id may be another's next, made anew)
 
     def close(self) -> None:
         for base in self.bases.values():
