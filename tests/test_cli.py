@@ -59,7 +59,12 @@ def test_full_session(run_dir):
         time.sleep(0.005)
     exit_ev = [e for e in events(run_dir) if e["event"] == "instance_exit"]
     assert exit_ev and exit_ev[0]["how"] == "killed" and exit_ev[0]["signal"] == 9
-    assert open(os.path.join(run_dir, "sys/fs/multikernel/instances/a/status")).read() == "loaded\n"
+    # the views follow at the end of the daemon's turn (the event is logged as it happens)
+    status = os.path.join(run_dir, "sys/fs/multikernel/instances/a/status")
+    deadline = time.monotonic() + 5
+    while open(status).read() != "loaded\n" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert open(status).read() == "loaded\n"
     a2 = show(run_dir, "a")
     assert a2["state"] == "loaded" and a2["pid"] is None
     assert a2["last_exit"]["signal_name"] == "SIGKILL"
