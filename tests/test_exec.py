@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from helpers import host_pids
 
 pytestmark = pytest.mark.system      # real machines: pytest -m "not system" skips them
 
@@ -152,20 +153,6 @@ class Terminal:
         os.close(self.master)
 
 
-def sleeping_in(name_bytes):
-    """Host pids of processes whose cmdline is ``name_bytes``."""
-    found = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if f.read() == name_bytes:
-                        found.append(int(p))
-            except OSError:
-                pass
-    return found
-
-
 def test_exec_it_is_a_terminal_with_job_control(running):
     t = Terminal(running, "-it", "a", "--", "/bin/sh", rows=33, cols=101)
     try:
@@ -181,26 +168,26 @@ def test_exec_it_is_a_terminal_with_job_control(running):
         # shell is back
         t.type("sleep 100\n")
         deadline = time.monotonic() + 10
-        while not sleeping_in(b"sleep\x00100\x00"):
+        while not host_pids(b"sleep\x00100\x00"):
             assert time.monotonic() < deadline, "the sleep never started"
             time.sleep(0.05)
         t.type(b"\x03")
         t.expect(rb"mk\$ ")
         deadline = time.monotonic() + 10
-        while sleeping_in(b"sleep\x00100\x00"):
+        while host_pids(b"sleep\x00100\x00"):
             assert time.monotonic() < deadline, "Ctrl-C did not reach the sleep"
             time.sleep(0.05)
         assert t.proc.poll() is None, "Ctrl-C reached mkctl"
         # job control: Ctrl-Z stops the foreground job, fg brings it back
         t.type("sleep 101\n")
         deadline = time.monotonic() + 10
-        while not sleeping_in(b"sleep\x00101\x00"):
+        while not host_pids(b"sleep\x00101\x00"):
             assert time.monotonic() < deadline, "the sleep never started"
             time.sleep(0.05)
         t.type(b"\x1a")
         t.expect(rb"[Ss]topped")
         t.expect(rb"mk\$ ")
-        (pid,) = sleeping_in(b"sleep\x00101\x00")
+        (pid,) = host_pids(b"sleep\x00101\x00")
         with open(f"/proc/{pid}/stat") as f:
             assert f.read().rpartition(")")[2].split()[0] == "T"
         t.type("fg\n")
@@ -228,7 +215,7 @@ def test_exec_it_is_a_terminal_with_job_control(running):
         assert lflag & termios.ECHO and lflag & termios.ICANON and lflag & termios.ISIG
     finally:
         t.close()
-    assert not sleeping_in(b"sleep\x00101\x00")
+    assert not host_pids(b"sleep\x00101\x00")
 
 
 def test_exec_t_needs_a_terminal(running):
@@ -265,7 +252,7 @@ def test_exec_it_restores_the_terminal_when_mkctl_is_terminated(running):
         assert not termios.tcgetattr(t.master)[3] & termios.ECHO      # raw while it runs
         t.type("sleep 102\n")
         deadline = time.monotonic() + 10
-        while not sleeping_in(b"sleep\x00102\x00"):
+        while not host_pids(b"sleep\x00102\x00"):
             assert time.monotonic() < deadline, "the sleep never started"
             time.sleep(0.05)
         t.proc.send_signal(signal.SIGTERM)
@@ -274,7 +261,7 @@ def test_exec_it_restores_the_terminal_when_mkctl_is_terminated(running):
         assert lflag & termios.ECHO and lflag & termios.ICANON and lflag & termios.ISIG
         # and the userland went with it
         deadline = time.monotonic() + 10
-        while sleeping_in(b"sleep\x00102\x00"):
+        while host_pids(b"sleep\x00102\x00"):
             assert time.monotonic() < deadline, "the userland outlived mkctl"
             time.sleep(0.05)
     finally:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from partition import linux
 from partition.guest import filters, userinit
-from partition.guest.containment import drop_privileges, join_cgroups
+from partition.guest.containment import drop_privileges
 from partition.guest.userland import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
@@ -35,10 +35,9 @@ from partition.guest.userland import (
     Userland,
     attach_mount,
     clone_mount,
+    enter_relay,
     exec_program,
     exit_code,
-    in_cgroups_of,
-    seal,
     tell,
 )
 
@@ -109,17 +108,8 @@ def _join_relay(target: Target, pidfd: int, tree: tuple[str, int] | None, argv: 
                 terminal: int | None) -> None:
     """The caller-side child of ``join``: it ends with the caller (a SIGHUP it forwards, as a
     hung-up terminal would), joins, forks the program inside and relays its status."""
-    linux.set_parent_death_signal(signal.SIGHUP)
-    if os.getppid() != caller:                        # it died before the line above
-        os._exit(128 + signal.SIGHUP)
-    seal(why, stdout, terminal, pidfd, tree[1] if tree else None)
-    for sig in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_IGN)
-    join_cgroups(target.cgroup_procs)
-    if target.kernel_pid is not None and not in_cgroups_of(target.kernel_pid,
-                                                            target.cgroup_procs):
-        raise ProcessLookupError(f"instance {target.name!r} halted while the command was "
-                                 "being set up")
+    enter_relay(caller, signal.SIGHUP, target.name, target.cgroup_procs, target.kernel_pid,
+                why, stdout, terminal, pidfd, tree[1] if tree else None)
     linux.setns(pidfd, CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC
                 | CLONE_NEWNET | CLONE_NEWCGROUP)
     os.close(pidfd)

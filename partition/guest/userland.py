@@ -219,18 +219,9 @@ def _relay(identity: Identity, argv: list[str], env: dict[str, str] | None, why:
     """The caller-side child: dies with the caller, joins the instance's cgroups (so that it,
     the init and every program are killed with the instance), makes the PID namespace,
     relays."""
-    linux.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != caller:                        # it died before the line above
-        os._exit(128 + signal.SIGKILL)
-    seal(why, stdout, terminal)
-    for sig in (signal.SIGINT, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_IGN)
-    # joined here, outside the new PID namespace, where the kernel's pid reads as the host's
-    join_cgroups(identity.cgroup_procs)
-    if identity.kernel_pid is not None and not in_cgroups_of(identity.kernel_pid,
-                                                       identity.cgroup_procs):
-        raise ProcessLookupError(f"instance {identity.name!r} halted while the command was "
-                                 "being set up")
+    # joined outside the new PID namespace, where the kernel's pid reads as the host's
+    enter_relay(caller, signal.SIGKILL, identity.name, identity.cgroup_procs,
+                identity.kernel_pid, why, stdout, terminal)
     linux.unshare(CLONE_NEWPID)
     init = os.fork()
     if init == 0:
@@ -299,6 +290,24 @@ def enter(identity: Identity, terminal: int | None = None, console: int | None =
     _mounts(identity, terminal, console)
     socket.sethostname(identity.name)
     _loopback_up()
+
+
+def enter_relay(caller: int, death: signal.Signals, name: str, cgroup_procs: list[str],
+                kernel_pid: int | None, *keep: int | None) -> None:
+    """The first steps of a caller-side relay (this module's and guest/userjoin.py's): it dies
+    with ``caller`` (by ``death``), is sealed keeping ``keep``, ignores the terminal's SIGINT
+    and SIGQUIT as a shell does for its job, and joins the instance's cgroups; an instance
+    whose kernel left them meanwhile is a ProcessLookupError."""
+    linux.set_parent_death_signal(death)
+    if os.getppid() != caller:                        # it died before the line above
+        os._exit(128 + death)
+    seal(*keep)
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    join_cgroups(cgroup_procs)
+    if kernel_pid is not None and not in_cgroups_of(kernel_pid, cgroup_procs):
+        raise ProcessLookupError(f"instance {name!r} halted while the command was being set "
+                                 "up")
 
 
 def seal(*keep: int | None) -> None:

@@ -249,18 +249,16 @@ class Cgroups:
         """Stop every process of the instance where it stands (a hang-stop: the kernel and its
         whole userland, as a hung machine stops everything on it); False where there is no
         freezer. Only a kill (``kill``, which thaws) or ``thaw`` lets them run again."""
-        path = self._freeze_file(instance_id)
-        if path is None:
-            return False
-        self._thawed.discard(instance_id)
-        _write(path, "FROZEN" if self.mode == "v1" else "1")
-        return True
+        return self._freeze(instance_id, userland=False)
 
     def freeze_userland(self, instance_id: int) -> bool:
         """Stop every process of the instance's userland where it stands, the kernel running
         on (a hang-spin: the kernel spins, so nothing else runs on its CPUs); False where there
         is no freezer. As ``freeze``, only a kill or ``thaw`` lets them run again."""
-        path = self._freeze_file(instance_id, userland=True)
+        return self._freeze(instance_id, userland=True)
+
+    def _freeze(self, instance_id: int, userland: bool) -> bool:
+        path = self._freeze_file(instance_id, userland=userland)
         if path is None:
             return False
         self._thawed.discard(instance_id)
